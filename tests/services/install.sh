@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs, on Debian 12, every package the test suite and the benchmarks use.
+# Idempotent: does nothing when everything is already there.
+set -euo pipefail
+
+packages=(
+  skopeo podman buildah          # real registry clients
+  docker-registry apache2-utils  # CNCF distribution 2.8.2, the peer for layout and speed
+  busybox-static                 # image content made without pulling anything
+  curl ca-certificates
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=300 update -q
+  apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${missing[@]}"
+fi
