@@ -1,0 +1,409 @@
+//! The filesystem driver: objects are files under a root directory.
+//!
+//! Atomic writes are temp file + `fsync` + `rename` (+ `fsync` of the directory);
+//! create-if-absent is a hard link of the synced temp file, which fails if the name exists.
+//! Appends to an upload take an exclusive `flock` on the file, so two storage processes on
+//! one root cannot interleave chunks, and hash + write on a blocking thread fed by a small
+//! bounded channel, so memory stays flat whatever the blob size.
+
+use super::{AppendError, AppendOptions, Appended, ByteStream, Driver, ObjectMeta};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{StreamExt, TryStreamExt};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::task::spawn_blocking;
+
+/// Chunks in flight between the request body and the writer thread.
+const WRITE_QUEUE: usize = 16;
+/// Write buffer of the writer thread.
+const WRITE_BUFFER: usize = 1 << 20;
+/// Read size when streaming a blob out.
+const READ_CHUNK: usize = 256 * 1024;
+
+pub struct FsDriver {
+    root: PathBuf,
+}
+
+impl FsDriver {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        FsDriver { root: root.into() }
+    }
+
+    fn full(&self, path: &str) -> PathBuf {
+        self.root.join(path)
+    }
+}
+
+fn not_found_as_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    spawn_blocking(f).await.map_err(io::Error::other)?
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `data` to a synced temp file next to `target` and returns its path.
+fn write_temp(target: &Path, data: &[u8]) -> io::Result<PathBuf> {
+    let dir = target
+        .parent()
+        .ok_or_else(|| io::Error::other("path has no parent"))?;
+    fs::create_dir_all(dir)?;
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("object");
+    let tmp = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
+    let mut f = File::create(&tmp)?;
+    let res = f.write_all(data).and_then(|()| f.sync_data());
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+enum Msg {
+    Data(Bytes),
+    /// Everything arrived: keep it.
+    Commit,
+}
+
+impl Driver for FsDriver {
+    fn get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<Option<Bytes>>> {
+        Box::pin(async move {
+            not_found_as_none(tokio::fs::read(self.full(path)).await).map(|o| o.map(Bytes::from))
+        })
+    }
+
+    fn stat<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<Option<ObjectMeta>>> {
+        Box::pin(async move {
+            let meta = not_found_as_none(tokio::fs::metadata(self.full(path)).await)?;
+            Ok(meta.filter(|m| m.is_file()).map(|m| ObjectMeta {
+                size: m.len(),
+                modified: m.modified().unwrap_or(std::time::UNIX_EPOCH),
+            }))
+        })
+    }
+
+    fn reader<'a>(
+        &'a self,
+        path: &'a str,
+        start: u64,
+        len: u64,
+    ) -> BoxFuture<'a, io::Result<Option<ByteStream>>> {
+        Box::pin(async move {
+            let Some(mut file) = not_found_as_none(tokio::fs::File::open(self.full(path)).await)?
+            else {
+                return Ok(None);
+            };
+            if start > 0 {
+                file.seek(SeekFrom::Start(start)).await?;
+            }
+            let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), READ_CHUNK);
+            Ok(Some(stream.boxed()))
+        })
+    }
+
+    fn put<'a>(&'a self, path: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<()>> {
+        let target = self.full(path);
+        Box::pin(blocking(move || {
+            let tmp = write_temp(&target, &data)?;
+            if let Err(e) = fs::rename(&tmp, &target) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+            sync_dir(target.parent().expect("write_temp checked the parent"))
+        }))
+    }
+
+    fn put_if_absent<'a>(&'a self, path: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<bool>> {
+        let target = self.full(path);
+        Box::pin(blocking(move || {
+            let tmp = write_temp(&target, &data)?;
+            let linked = fs::hard_link(&tmp, &target);
+            let _ = fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {
+                    sync_dir(target.parent().expect("write_temp checked the parent"))?;
+                    Ok(true)
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        }))
+    }
+
+    fn append<'a>(
+        &'a self,
+        path: &'a str,
+        mut body: ByteStream,
+        opts: AppendOptions,
+    ) -> BoxFuture<'a, Result<Appended, AppendError>> {
+        let full = self.full(path);
+        Box::pin(async move {
+            let offset = opts.offset;
+            let file = spawn_blocking(move || -> Result<File, AppendError> {
+                let mut f = match OpenOptions::new().write(true).open(&full) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(AppendError::NotFound);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                // Serialises writers across threads and processes; released on drop.
+                f.lock()?;
+                let current = f.metadata()?.len();
+                if current != offset {
+                    return Err(AppendError::Offset {
+                        current,
+                        expected: offset,
+                    });
+                }
+                f.seek(SeekFrom::Start(offset))?;
+                Ok(f)
+            })
+            .await
+            .map_err(io::Error::other)??;
+
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(WRITE_QUEUE);
+            let mut hasher = opts.hasher;
+            let writer = spawn_blocking(move || -> io::Result<(u64, Option<oci::Verifier>)> {
+                let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+                let mut written = 0u64;
+                let mut committed = false;
+                let mut result = Ok(());
+                while let Some(msg) = rx.blocking_recv() {
+                    match msg {
+                        Msg::Data(chunk) => {
+                            if let Some(h) = hasher.as_mut() {
+                                h.update(&chunk);
+                            }
+                            if let Err(e) = out.write_all(&chunk) {
+                                result = Err(e);
+                                break;
+                            }
+                            written += chunk.len() as u64;
+                        }
+                        Msg::Commit => {
+                            committed = true;
+                            break;
+                        }
+                    }
+                }
+                let flushed = out.flush();
+                let file = out.into_inner().map_err(|e| e.into_error())?;
+                if committed && result.is_ok() && flushed.is_ok() {
+                    file.sync_data()?;
+                    return Ok((written, hasher));
+                }
+                // Aborted (body error, wrong length, dropped request) or failed: cut back.
+                file.set_len(offset)?;
+                file.sync_data()?;
+                result.and(flushed)?;
+                Err(io::Error::new(io::ErrorKind::Interrupted, "append aborted"))
+            });
+
+            let mut received = 0u64;
+            let mut failure = None;
+            while let Some(item) = body.next().await {
+                match item {
+                    Ok(chunk) => {
+                        received += chunk.len() as u64;
+                        if opts.expected_len.is_some_and(|n| received > n) {
+                            break;
+                        }
+                        if tx.send(Msg::Data(chunk)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        failure = Some(AppendError::Body(e));
+                        break;
+                    }
+                }
+            }
+            if failure.is_none() {
+                match opts.expected_len {
+                    Some(n) if n != received => {
+                        failure = Some(AppendError::Length {
+                            expected: n,
+                            received,
+                        })
+                    }
+                    _ => {
+                        let _ = tx.send(Msg::Commit).await;
+                    }
+                }
+            }
+            drop(tx);
+            let outcome = writer.await.map_err(io::Error::other)?;
+            if let Some(f) = failure {
+                return Err(f);
+            }
+            let (written, hasher) = outcome?;
+            Ok(Appended { written, hasher })
+        })
+    }
+
+    fn promote<'a>(&'a self, from: &'a str, to: &'a str) -> BoxFuture<'a, io::Result<()>> {
+        let (from, to) = (self.full(from), self.full(to));
+        Box::pin(blocking(move || {
+            let dir = to
+                .parent()
+                .ok_or_else(|| io::Error::other("path has no parent"))?;
+            fs::create_dir_all(dir)?;
+            fs::rename(&from, &to)?;
+            sync_dir(dir)
+        }))
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<Vec<String>>> {
+        let dir = self.full(prefix);
+        Box::pin(blocking(move || {
+            let Some(entries) = not_found_as_none(fs::read_dir(&dir))? else {
+                return Ok(Vec::new());
+            };
+            let mut names = Vec::new();
+            for e in entries {
+                let e = e?;
+                if let Some(n) = e.file_name().to_str()
+                    && !n.starts_with('.')
+                {
+                    names.push(n.to_owned());
+                }
+            }
+            Ok(names)
+        }))
+    }
+
+    fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<bool>> {
+        let p = self.full(path);
+        Box::pin(blocking(move || {
+            let Some(meta) = not_found_as_none(fs::symlink_metadata(&p))? else {
+                return Ok(false);
+            };
+            let r = if meta.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            not_found_as_none(r).map(|o| o.is_some())
+        }))
+    }
+}
+
+/// Reads a whole stream into memory; for tests.
+pub async fn collect(stream: ByteStream) -> io::Result<Vec<u8>> {
+    stream
+        .try_fold(Vec::new(), |mut acc, b| async move {
+            acc.extend_from_slice(&b);
+            Ok(acc)
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+
+    fn body(parts: Vec<io::Result<&'static [u8]>>) -> ByteStream {
+        stream::iter(parts.into_iter().map(|p| p.map(Bytes::from_static))).boxed()
+    }
+
+    fn opts(offset: u64, expected_len: Option<u64>) -> AppendOptions {
+        AppendOptions {
+            offset,
+            expected_len,
+            hasher: Some(oci::Verifier::new(oci::Algorithm::Sha256)),
+        }
+    }
+
+    #[tokio::test]
+    async fn put_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = FsDriver::new(dir.path());
+        assert_eq!(d.get("a/b").await.unwrap(), None);
+        d.put("a/b", Bytes::from_static(b"one")).await.unwrap();
+        d.put("a/b", Bytes::from_static(b"two")).await.unwrap();
+        assert_eq!(d.get("a/b").await.unwrap().unwrap(), "two");
+        assert_eq!(d.list("a").await.unwrap(), vec!["b".to_string()]);
+        assert!(
+            !d.put_if_absent("a/b", Bytes::from_static(b"x"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            d.put_if_absent("a/c", Bytes::from_static(b"x"))
+                .await
+                .unwrap()
+        );
+        assert_eq!(d.get("a/b").await.unwrap().unwrap(), "two");
+        assert!(d.delete("a").await.unwrap());
+        assert!(!d.delete("a").await.unwrap());
+        assert!(d.list("a").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn append_checks_offset_length_and_rolls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = FsDriver::new(dir.path());
+        assert!(matches!(
+            d.append("u", body(vec![]), opts(0, None)).await,
+            Err(AppendError::NotFound)
+        ));
+        d.put("u", Bytes::new()).await.unwrap();
+        let a = d
+            .append("u", body(vec![Ok(b"hello ")]), opts(0, Some(6)))
+            .await
+            .unwrap();
+        assert_eq!(a.written, 6);
+        assert!(matches!(
+            d.append("u", body(vec![Ok(b"x")]), opts(0, None)).await,
+            Err(AppendError::Offset {
+                current: 6,
+                expected: 0
+            })
+        ));
+        let broken = body(vec![Ok(b"wor"), Err(io::Error::other("client went away"))]);
+        assert!(matches!(
+            d.append("u", broken, opts(6, None)).await,
+            Err(AppendError::Body(_))
+        ));
+        assert!(matches!(
+            d.append("u", body(vec![Ok(b"world!!")]), opts(6, Some(5)))
+                .await,
+            Err(AppendError::Length { .. })
+        ));
+        assert!(matches!(
+            d.append("u", body(vec![Ok(b"wor")]), opts(6, Some(5)))
+                .await,
+            Err(AppendError::Length { .. })
+        ));
+        assert_eq!(d.stat("u").await.unwrap().unwrap().size, 6);
+        d.append("u", body(vec![Ok(b"wor"), Ok(b"ld")]), opts(6, Some(5)))
+            .await
+            .unwrap();
+        let all = collect(d.reader("u", 0, 11).await.unwrap().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(all, b"hello world");
+        let part = collect(d.reader("u", 6, 3).await.unwrap().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(part, b"wor");
+    }
+}

@@ -1,0 +1,110 @@
+//! The dumb object layer: backends only move bytes; registry rules live in [`crate::registry`].
+//!
+//! Paths are the relative, `/`-separated strings made by [`crate::layout::Key::path`]; a
+//! driver never interprets them beyond mapping them onto its medium.
+//!
+//! Contract, for every implementation:
+//! - Writes are atomic: a reader sees the old object or the new one, never a partial one,
+//!   whatever moment the process dies at ([`Driver::put`], [`Driver::put_if_absent`],
+//!   [`Driver::promote`]).
+//! - [`Driver::append`] writes an upload object in place; if it fails the object is cut back
+//!   to the offset it started at, so a failed chunk leaves nothing behind.
+//! - "Not found" is `Ok(None)` / `Ok(false)`, never an error.
+
+pub mod fs;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use oci::Verifier;
+use std::io;
+use std::time::SystemTime;
+
+/// A stream of bytes read from or written to a driver.
+pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
+
+/// What [`Driver::stat`] knows of an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+/// Why [`Driver::append`] wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("upload object does not exist")]
+    NotFound,
+    /// The object's size is not the offset the caller expected (someone else wrote first).
+    #[error("upload is at offset {current}, not {expected}")]
+    Offset { current: u64, expected: u64 },
+    /// Reading the body failed (client went away, truncated body); nothing was kept.
+    #[error("reading the request body failed: {0}")]
+    Body(io::Error),
+    /// The body was not the announced length; nothing was kept.
+    #[error("body has {received} bytes, {expected} were announced")]
+    Length { expected: u64, received: u64 },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// What [`Driver::append`] did.
+pub struct Appended {
+    /// Bytes written by this call.
+    pub written: u64,
+    /// The hasher passed in, having seen every byte written.
+    pub hasher: Option<Verifier>,
+}
+
+/// Options for [`Driver::append`].
+pub struct AppendOptions {
+    /// The size the object must have before the write.
+    pub offset: u64,
+    /// The exact number of bytes the body must have; otherwise nothing is kept.
+    pub expected_len: Option<u64>,
+    /// Fed every byte written, in order.
+    pub hasher: Option<Verifier>,
+}
+
+pub trait Driver: Send + Sync + 'static {
+    /// Reads a small object whole (links, manifests, metadata).
+    fn get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<Option<Bytes>>>;
+
+    /// Size and modification time of an object.
+    fn stat<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<Option<ObjectMeta>>>;
+
+    /// Streams `len` bytes from `start`. The caller checked the range against [`Driver::stat`].
+    fn reader<'a>(
+        &'a self,
+        path: &'a str,
+        start: u64,
+        len: u64,
+    ) -> BoxFuture<'a, io::Result<Option<ByteStream>>>;
+
+    /// Creates or replaces an object atomically.
+    fn put<'a>(&'a self, path: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<()>>;
+
+    /// Creates an object only if none exists; `Ok(false)` (and nothing written) if one does.
+    /// Exactly one of several concurrent callers wins.
+    fn put_if_absent<'a>(&'a self, path: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<bool>>;
+
+    /// Appends `body` to an existing upload object whose size must be `opts.offset`.
+    /// Concurrent appends to one object (from this or another process) are serialised.
+    /// On any error the object keeps its previous size.
+    fn append<'a>(
+        &'a self,
+        path: &'a str,
+        body: ByteStream,
+        opts: AppendOptions,
+    ) -> BoxFuture<'a, Result<Appended, AppendError>>;
+
+    /// Moves a finished upload object to its final path atomically, replacing any object
+    /// there (the caller only promotes content whose digest names the destination).
+    fn promote<'a>(&'a self, from: &'a str, to: &'a str) -> BoxFuture<'a, io::Result<()>>;
+
+    /// Names of the direct children of a prefix, unsorted; empty if there is none.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<Vec<String>>>;
+
+    /// Deletes an object or everything under a prefix; `Ok(false)` if there was nothing.
+    fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<bool>>;
+}

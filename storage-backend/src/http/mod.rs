@@ -1,0 +1,126 @@
+//! The HTTP API: `/v2/*` (every endpoint of the distribution spec), `/healthz`, `/readyz`,
+//! `/metrics`. [`router`] builds it without a socket, so handler tests need no listener.
+
+mod error;
+mod handlers;
+pub mod metrics;
+
+pub use error::ApiError;
+
+use crate::config::Secret;
+use crate::registry::Registry;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics::{EndpointLabel, Metrics};
+use oci::{ErrorCode, OciError};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Header carrying the internal secret on the gateway → storage hop.
+pub const INTERNAL_SECRET_HEADER: &str = "portcullis-internal-secret";
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub delete_enabled: bool,
+    pub secret: Option<Secret>,
+    pub metrics: Metrics,
+}
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `/v2/*` and the admin routes.
+    Combined,
+    /// `/v2/*` only.
+    Api,
+    /// `/metrics`, `/healthz`, `/readyz` only.
+    Admin,
+}
+
+pub fn router(state: Arc<AppState>, listener: Listener) -> Router {
+    let mut r = Router::new();
+    if listener != Listener::Api {
+        r = r
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_text));
+    }
+    if listener != Listener::Admin {
+        r = r.fallback(handlers::dispatch);
+    }
+    r.layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    match st.registry.check().await {
+        Ok(()) => "ready\n".into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable\n").into_response()
+        }
+    }
+}
+
+async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    let mut resp = st.metrics.render().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+/// Checks the internal secret, records metrics, adds the API version header.
+async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().as_str().to_owned();
+    if let Some(secret) = &st.secret {
+        let given = req
+            .headers()
+            .get(INTERNAL_SECRET_HEADER)
+            .map(|v| v.as_bytes());
+        if req.uri().path() != "/healthz" && !given.is_some_and(|g| secret.matches(g)) {
+            return error::oci_response(&OciError::new(
+                ErrorCode::Unauthorized,
+                "this service only answers the gateway",
+            ));
+        }
+    }
+    let received = content_length(req.headers());
+    let mut resp = next.run(req).await;
+    let label = resp
+        .extensions()
+        .get::<EndpointLabel>()
+        .map_or("other", |l| l.0);
+    let m = &st.metrics;
+    m.requests
+        .with_label_values(&[label, &method, resp.status().as_str()])
+        .inc();
+    m.duration
+        .with_label_values(&[label])
+        .observe(started.elapsed().as_secs_f64());
+    m.bytes_received
+        .with_label_values(&[label])
+        .inc_by(received);
+    m.bytes_sent
+        .with_label_values(&[label])
+        .inc_by(content_length(resp.headers()));
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    resp
+}
+
+pub(crate) fn content_length(h: &axum::http::HeaderMap) -> u64 {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

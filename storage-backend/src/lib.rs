@@ -1,0 +1,41 @@
+//! Portcullis storage service: the OCI Distribution Spec v1.1 API over a content-addressable
+//! store, trusting only the gateway.
+//!
+//! - [`layout`]: the closed set of storage keys and their paths (distribution's layout).
+//! - [`driver`]: the dumb object layer ([`driver::Driver`]) and its filesystem implementation.
+//! - [`registry`]: registry semantics over a driver: blobs, uploads, manifests, tags,
+//!   referrers, catalog.
+//! - [`http`]: the axum router; [`http::router`] builds it without a socket.
+//! - [`config`]: the TOML configuration (`conf/storage-backend.toml`).
+//!
+//! The binary (`src/main.rs`) wires these together; `tests/tests/storage.rs` drives the real
+//! binary over sockets.
+
+pub mod config;
+pub mod driver;
+pub mod http;
+pub mod layout;
+pub mod registry;
+
+use std::sync::Arc;
+
+/// Builds the shared state from a loaded configuration.
+pub fn build_state(config: &config::Config, secret: Option<config::Secret>) -> Arc<http::AppState> {
+    let driver: Arc<dyn driver::Driver> = match &config.storage {
+        config::StorageConfig::Filesystem { root } => {
+            Arc::new(driver::fs::FsDriver::new(root.clone()))
+        }
+    };
+    let registry = registry::Registry::new(
+        driver,
+        registry::RegistryOptions {
+            max_manifest_bytes: config.api.max_manifest_bytes,
+        },
+    );
+    Arc::new(http::AppState {
+        registry: Arc::new(registry),
+        delete_enabled: config.api.delete_enabled,
+        secret,
+        metrics: http::metrics::Metrics::new(),
+    })
+}

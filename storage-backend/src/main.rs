@@ -1,0 +1,136 @@
+//! `storage-backend [--config <file>] [--listen <addr:port>] [--root <dir>]`
+
+use anyhow::Context;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use storage_backend::config::{Config, LogFormat, StorageConfig};
+use storage_backend::http::{Listener, router};
+use tokio::net::TcpListener;
+
+/// Portcullis storage service (OCI Distribution v1.1).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Config file (TOML); see conf/storage-backend.toml.
+    #[arg(long, env = "PORTCULLIS_STORAGE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address, overriding the config (port 0 picks a free port, printed on stdout).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Filesystem storage root, overriding the config.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("storage-backend: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(root) = args.root {
+        config.storage = StorageConfig::Filesystem { root };
+    }
+    let secret = config.secret()?;
+    config.validate(secret.as_ref())?;
+    if args.check_config {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    init_logging(config.log.format);
+
+    let StorageConfig::Filesystem { root } = &config.storage;
+    std::fs::create_dir_all(root)
+        .with_context(|| format!("creating storage root {}", root.display()))?;
+
+    let state = storage_backend::build_state(&config, secret);
+    let api = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let api_addr = api.local_addr()?;
+    // Tests and scripts read this line to learn the port when binding port 0.
+    println!("listening on {api_addr}");
+    tracing::info!(%api_addr, root = %root.display(), "storage-backend listening");
+
+    let shutdown = shutdown_signal();
+    let mut servers = tokio::task::JoinSet::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let api_kind = if config.admin_listen.is_some() {
+        Listener::Api
+    } else {
+        Listener::Combined
+    };
+    servers.spawn(serve(api, router(state.clone(), api_kind), stop_rx.clone()));
+    if let Some(admin) = config.admin_listen {
+        let l = TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("binding admin {admin}"))?;
+        println!("admin listening on {}", l.local_addr()?);
+        servers.spawn(serve(l, router(state, Listener::Admin), stop_rx));
+    }
+    shutdown.await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    while let Some(r) = servers.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+        .context("serving")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

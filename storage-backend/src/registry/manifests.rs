@@ -1,0 +1,208 @@
+//! Manifests: validated, stored as blobs, linked as revisions, tagged by links.
+//!
+//! Write order (each step atomic): content blob → revision link → referrer link → tag index
+//! link → tag current link. A crash between steps leaves at worst an untagged manifest, which
+//! is a consistent state (and garbage for GC).
+
+use super::{Error, Registry, Result};
+use crate::layout::Key;
+use bytes::Bytes;
+use oci::media_type::{self, ParsedManifest};
+use oci::{Digest, ErrorCode, OciError, Reference, RepositoryName, Tag};
+
+/// A manifest PUT.
+pub struct ManifestPut<'a> {
+    pub name: &'a RepositoryName,
+    pub reference: &'a Reference,
+    pub content_type: Option<&'a str>,
+    pub body: Bytes,
+    /// `If-None-Match: *`: create the tag only if it does not exist (412 otherwise).
+    pub create_tag_only: bool,
+}
+
+/// A manifest as stored.
+pub struct StoredManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub body: Bytes,
+}
+
+fn manifest_unknown(reference: &dyn std::fmt::Display) -> Error {
+    Error::oci(
+        ErrorCode::ManifestUnknown,
+        format!("manifest {reference} is not in this repository"),
+    )
+}
+
+impl Registry {
+    /// Validates and stores a manifest; returns its digest and parsed form.
+    pub async fn put_manifest(&self, put: ManifestPut<'_>) -> Result<(Digest, ParsedManifest)> {
+        let ManifestPut {
+            name,
+            reference,
+            content_type,
+            body,
+            create_tag_only,
+        } = put;
+        let parsed = media_type::parse_manifest(content_type, &body)
+            .map_err(|e| Error::oci(ErrorCode::ManifestInvalid, e.to_string()))?;
+        let digest = match reference {
+            Reference::Digest(d) => {
+                let actual = Digest::of(d.algorithm(), &body);
+                if &actual != d {
+                    return Err(Error::Protocol(
+                        OciError::new(
+                            ErrorCode::DigestInvalid,
+                            format!("manifest content has digest {actual}, not {d}"),
+                        )
+                        .with_detail(serde_json::json!({ "digest": d.to_string() })),
+                    ));
+                }
+                actual
+            }
+            Reference::Tag(_) => Digest::of(oci::Algorithm::Sha256, &body),
+        };
+        for blob in parsed.blob_references() {
+            if self.blob_meta(name, &blob.digest).await.is_err() {
+                return Err(manifest_blob_unknown(&blob.digest, "blob"));
+            }
+        }
+        for child in &parsed.manifests {
+            if self
+                .read_link(Key::RevisionLink(name, &child.digest))
+                .await?
+                .is_none()
+            {
+                return Err(manifest_blob_unknown(&child.digest, "manifest"));
+            }
+        }
+        if let (Reference::Tag(tag), true) = (reference, create_tag_only)
+            && self.tag_target(name, tag).await?.is_some()
+        {
+            return Err(tag_exists(tag));
+        }
+
+        if !self.blob_exists(&digest).await? {
+            self.driver.put(&Key::Blob(&digest).path(), body).await?;
+        }
+        self.write_link(Key::RevisionLink(name, &digest), &digest)
+            .await?;
+        if let Some(subject) = &parsed.subject {
+            self.write_link(Key::ReferrerLink(name, &subject.digest, &digest), &digest)
+                .await?;
+        }
+        if let Reference::Tag(tag) = reference {
+            self.write_link(Key::TagIndexLink(name, tag, &digest), &digest)
+                .await?;
+            let current = Key::TagCurrentLink(name, tag).path();
+            if create_tag_only {
+                if !self
+                    .driver
+                    .put_if_absent(&current, digest.to_string().into())
+                    .await?
+                {
+                    return Err(tag_exists(tag));
+                }
+            } else {
+                self.driver.put(&current, digest.to_string().into()).await?;
+            }
+        }
+        Ok((digest, parsed))
+    }
+
+    /// What a tag points to, if the tag exists.
+    pub async fn tag_target(&self, name: &RepositoryName, tag: &Tag) -> Result<Option<Digest>> {
+        self.read_link(Key::TagCurrentLink(name, tag)).await
+    }
+
+    /// Resolves a reference to the digest of a manifest in the repository.
+    pub async fn resolve(&self, name: &RepositoryName, reference: &Reference) -> Result<Digest> {
+        let digest = match reference {
+            Reference::Tag(tag) => self
+                .tag_target(name, tag)
+                .await?
+                .ok_or_else(|| manifest_unknown(tag))?,
+            Reference::Digest(d) => d.clone(),
+        };
+        if self
+            .read_link(Key::RevisionLink(name, &digest))
+            .await?
+            .is_none()
+        {
+            return Err(manifest_unknown(reference));
+        }
+        Ok(digest)
+    }
+
+    /// The exact bytes pushed for a manifest.
+    pub async fn get_manifest(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+    ) -> Result<StoredManifest> {
+        let digest = self.resolve(name, reference).await?;
+        let body = self
+            .driver
+            .get(&Key::Blob(&digest).path())
+            .await?
+            .ok_or_else(|| manifest_unknown(reference))?;
+        Ok(StoredManifest {
+            media_type: media_type::detect_media_type(&body),
+            digest,
+            body,
+        })
+    }
+
+    /// Deletes by digest (the manifest and every tag pointing to it) or by tag (the tag
+    /// alone; the manifest stays).
+    pub async fn delete_manifest(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+    ) -> Result<()> {
+        match reference {
+            Reference::Tag(tag) => {
+                if self.tag_target(name, tag).await?.is_none() {
+                    return Err(manifest_unknown(tag));
+                }
+                self.driver.delete(&Key::Tag(name, tag).path()).await?;
+            }
+            Reference::Digest(digest) => {
+                let stored = self.get_manifest(name, reference).await?;
+                // Tags first: a crash half-way leaves a manifest with fewer tags, never a tag
+                // pointing to a deleted manifest.
+                for tag in self.tags(name).await? {
+                    if self.tag_target(name, &tag).await?.as_ref() == Some(digest) {
+                        self.driver.delete(&Key::Tag(name, &tag).path()).await?;
+                    }
+                }
+                if let Ok(parsed) = media_type::parse_manifest(None, &stored.body)
+                    && let Some(subject) = parsed.subject
+                {
+                    let link = Key::ReferrerLink(name, &subject.digest, digest).path();
+                    self.driver.delete(link.trim_end_matches("/link")).await?;
+                }
+                let link = Key::RevisionLink(name, digest).path();
+                self.driver.delete(link.trim_end_matches("/link")).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn manifest_blob_unknown(digest: &Digest, what: &str) -> Error {
+    Error::Protocol(
+        OciError::new(
+            ErrorCode::ManifestBlobUnknown,
+            format!("manifest references {what} {digest}, which is not in this repository"),
+        )
+        .with_detail(serde_json::json!({ "digest": digest.to_string() })),
+    )
+}
+
+fn tag_exists(tag: &Tag) -> Error {
+    Error::oci(
+        ErrorCode::TagExists,
+        format!("tag {tag} already exists and the request asked to create it only if absent"),
+    )
+}

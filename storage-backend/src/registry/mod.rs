@@ -1,0 +1,110 @@
+//! Registry semantics, written once over the dumb [`Driver`]: repositories hold links to
+//! content-addressed blobs; manifests are blobs with revision links; tags are links to
+//! manifests; upload sessions live in the store so any process on the same root can go on
+//! with them.
+
+mod blobs;
+mod catalog;
+mod manifests;
+mod referrers;
+mod uploads;
+
+pub use catalog::{Page, paginate};
+pub use manifests::{ManifestPut, StoredManifest};
+pub use uploads::UploadState;
+
+use crate::driver::Driver;
+use crate::layout::Key;
+use oci::{Digest, ErrorCode, OciError, Verifier};
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+/// A registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client's mistake or a protocol outcome: answered with the OCI error.
+    #[error(transparent)]
+    Protocol(#[from] OciError),
+    /// A chunk did not start where the upload is: 416 with the upload's current range.
+    #[error("chunk starts at {expected}, the upload is at {current}")]
+    UploadOffset { current: u64, expected: u64 },
+    /// The store failed: logged, answered 500 without details.
+    #[error("storage: {0}")]
+    Storage(#[from] io::Error),
+}
+
+impl Error {
+    pub(crate) fn oci(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error::Protocol(OciError::new(code, message))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Tunables of registry behaviour.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Largest manifest accepted, in bytes.
+    pub max_manifest_bytes: usize,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            max_manifest_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// The registry over one store.
+pub struct Registry {
+    driver: Arc<dyn Driver>,
+    options: RegistryOptions,
+    /// Running hash of upload sessions this process has written, by id: `(offset, hasher)`.
+    /// Only a cache: when it is missing or behind (another process wrote a chunk), the
+    /// content is hashed again from the store when the upload finishes.
+    hashers: Mutex<HashMap<String, (u64, Verifier)>>,
+}
+
+impl Registry {
+    pub fn new(driver: Arc<dyn Driver>, options: RegistryOptions) -> Self {
+        Registry {
+            driver,
+            options,
+            hashers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn options(&self) -> &RegistryOptions {
+        &self.options
+    }
+
+    /// Reads a link file: a digest written as text.
+    async fn read_link(&self, key: Key<'_>) -> Result<Option<Digest>> {
+        let Some(bytes) = self.driver.get(&key.path()).await? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        match Digest::parse(text.trim()) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) => {
+                tracing::warn!(path = %key.path(), error = %e, "ignoring corrupt link");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn write_link(&self, key: Key<'_>, digest: &Digest) -> Result<()> {
+        self.driver
+            .put(&key.path(), digest.to_string().into())
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the store answers at all (for readiness).
+    pub async fn check(&self) -> Result<()> {
+        self.driver.list(&Key::Repositories.path()).await?;
+        Ok(())
+    }
+}
