@@ -458,23 +458,28 @@ async fn put_manifest(
         .into()
     };
     if declared_length(h).is_some_and(|n| n > max as u64) {
+        drain(body).await;
         return Err(too_large());
     }
-    let bytes = match axum::body::to_bytes(body, max).await {
-        Ok(b) => b,
-        Err(e) => {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if over {
+    let mut body = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) if bytes.len() + c.len() > max => {
+                drain(Body::from_stream(body)).await;
                 return Err(too_large());
             }
-            return Err(OciError::new(
-                ErrorCode::ManifestInvalid,
-                format!("request body ended early: {e}"),
-            )
-            .into());
+            Ok(c) => bytes.extend_from_slice(&c),
+            Err(e) => {
+                return Err(OciError::new(
+                    ErrorCode::ManifestInvalid,
+                    format!("request body ended early: {e}"),
+                )
+                .into());
+            }
         }
-    };
+    }
+    let bytes = bytes::Bytes::from(bytes);
     let create_tag_only = h
         .get(header::IF_NONE_MATCH)
         .is_some_and(|v| v.as_bytes().trim_ascii() == b"*");
@@ -499,6 +504,20 @@ async fn put_manifest(
         hm.insert("oci-subject", hv(&subject.digest.to_string()));
     }
     Ok(r)
+}
+
+/// Reads and discards what is left of a refused body, up to a bound, so the client reads
+/// our error instead of a reset connection; beyond the bound the connection is closed.
+async fn drain(body: Body) {
+    const DRAIN_LIMIT: usize = 16 << 20;
+    let mut left = DRAIN_LIMIT;
+    let mut s = body.into_data_stream();
+    while let Some(Ok(c)) = s.next().await {
+        if c.len() >= left {
+            return;
+        }
+        left -= c.len();
+    }
 }
 
 fn next_link(path: &str, n: Option<usize>, last: Option<&String>) -> Option<HeaderValue> {

@@ -1,0 +1,247 @@
+//! A small registry client for tests: raw requests plus push helpers.
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use oci::{Algorithm, Digest};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::{Value, json};
+
+pub const OCI_MANIFEST: &str = oci::media_type::OCI_MANIFEST;
+pub const OCI_INDEX: &str = oci::media_type::OCI_INDEX;
+pub const DOCKER_MANIFEST: &str = oci::media_type::DOCKER_MANIFEST;
+pub const DOCKER_LIST: &str = oci::media_type::DOCKER_MANIFEST_LIST;
+
+/// A client of one registry base URL.
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    pub http: reqwest::Client,
+    /// Headers added to every request (e.g. the internal secret).
+    pub headers: Vec<(String, String)>,
+}
+
+pub fn sha256(data: &[u8]) -> Digest {
+    Digest::of(Algorithm::Sha256, data)
+}
+
+impl Client {
+    pub fn new(base: &str) -> Self {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(64)
+                .build()
+                .expect("http client"),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A request to `path` (absolute path like `/v2/...`, or a `Location` value).
+    pub fn req(&self, method: Method, path: &str) -> RequestBuilder {
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        };
+        let mut r = self.http.request(method, url);
+        for (k, v) in &self.headers {
+            r = r.header(k, v);
+        }
+        r
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Response> {
+        Ok(self.req(Method::GET, path).send().await?)
+    }
+
+    /// Monolithic push (`POST ?digest=`); returns the digest.
+    pub async fn push_blob(&self, repo: &str, data: impl Into<Bytes>) -> anyhow::Result<Digest> {
+        let data = data.into();
+        let d = sha256(&data);
+        let r = self
+            .req(
+                Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
+            )
+            .header("content-type", "application/octet-stream")
+            .body(data)
+            .send()
+            .await?;
+        ensure!(
+            r.status() == StatusCode::CREATED,
+            "push blob: {}",
+            describe(r).await
+        );
+        Ok(d)
+    }
+
+    /// Starts a session; returns its `Location`.
+    pub async fn start_upload(&self, repo: &str) -> anyhow::Result<String> {
+        let r = self
+            .req(Method::POST, &format!("/v2/{repo}/blobs/uploads/"))
+            .send()
+            .await?;
+        ensure!(
+            r.status() == StatusCode::ACCEPTED,
+            "start upload: {}",
+            describe(r).await
+        );
+        location(&r)
+    }
+
+    /// Chunked push: POST, PATCH with `Content-Range` per chunk, PUT `?digest=`.
+    pub async fn push_blob_chunked(
+        &self,
+        repo: &str,
+        data: &[u8],
+        chunk: usize,
+    ) -> anyhow::Result<Digest> {
+        let d = sha256(data);
+        let mut loc = self.start_upload(repo).await?;
+        let mut offset = 0;
+        for part in data.chunks(chunk.max(1)) {
+            let r = self
+                .req(Method::PATCH, &loc)
+                .header("content-type", "application/octet-stream")
+                .header(
+                    "content-range",
+                    format!("{}-{}", offset, offset + part.len() - 1),
+                )
+                .body(part.to_vec())
+                .send()
+                .await?;
+            ensure!(
+                r.status() == StatusCode::ACCEPTED,
+                "patch: {}",
+                describe(r).await
+            );
+            loc = location(&r)?;
+            offset += part.len();
+        }
+        let r = self
+            .req(Method::PUT, &with_query(&loc, &format!("digest={d}")))
+            .send()
+            .await?;
+        ensure!(
+            r.status() == StatusCode::CREATED,
+            "finish: {}",
+            describe(r).await
+        );
+        Ok(d)
+    }
+
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<Response> {
+        Ok(self
+            .req(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
+            .header("content-type", media_type)
+            .body(body.to_vec())
+            .send()
+            .await?)
+    }
+
+    /// Pushes a config and layers, then an OCI manifest tagged `tag`; returns (manifest, digest).
+    pub async fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[&[u8]],
+    ) -> anyhow::Result<(Vec<u8>, Digest)> {
+        let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}")
+            .into_bytes();
+        let manifest = self.image_manifest(repo, &config, layers, None).await?;
+        let r = self
+            .put_manifest(repo, tag, OCI_MANIFEST, &manifest)
+            .await?;
+        ensure!(
+            r.status() == StatusCode::CREATED,
+            "put manifest: {}",
+            describe(r).await
+        );
+        Ok((manifest.clone(), sha256(&manifest)))
+    }
+
+    /// Pushes config and layers and returns an OCI manifest's bytes (not pushed).
+    pub async fn image_manifest(
+        &self,
+        repo: &str,
+        config: &[u8],
+        layers: &[&[u8]],
+        extra: Option<Value>,
+    ) -> anyhow::Result<Vec<u8>> {
+        let cd = self.push_blob(repo, config.to_vec()).await?;
+        let mut descs = Vec::new();
+        for l in layers {
+            let ld = self.push_blob(repo, l.to_vec()).await?;
+            descs.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld.to_string(), "size": l.len()}));
+        }
+        let mut m = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": config.len()},
+            "layers": descs,
+        });
+        if let Some(Value::Object(extra)) = extra {
+            for (k, v) in extra {
+                m[k] = v;
+            }
+        }
+        Ok(serde_json::to_vec(&m)?)
+    }
+}
+
+/// The `Location` header of a response.
+pub fn location(r: &Response) -> anyhow::Result<String> {
+    Ok(r.headers()
+        .get("location")
+        .context("no Location header")?
+        .to_str()?
+        .to_string())
+}
+
+pub fn with_query(url: &str, q: &str) -> String {
+    if url.contains('?') {
+        format!("{url}&{q}")
+    } else {
+        format!("{url}?{q}")
+    }
+}
+
+/// Status and body of a response, for assertion messages.
+pub async fn describe(r: Response) -> String {
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    format!("{status} {}", body.chars().take(400).collect::<String>())
+}
+
+/// The OCI error code of an error response body.
+pub async fn error_code(r: Response) -> anyhow::Result<(StatusCode, String)> {
+    let status = r.status();
+    let text = r.text().await?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("error body is not JSON: {text:?}"))?;
+    let code = v["errors"][0]["code"]
+        .as_str()
+        .with_context(|| format!("no error code in {text}"))?;
+    ensure!(
+        v["errors"][0]["message"].is_string(),
+        "no message in {text}"
+    );
+    Ok((status, code.to_string()))
+}
+
+/// Asserts a response is the expected OCI error.
+pub async fn expect_error(r: Response, status: u16, code: &str) -> anyhow::Result<()> {
+    let (s, c) = error_code(r).await?;
+    ensure!(
+        s.as_u16() == status && c == code,
+        "expected {status} {code}, got {s} {c}"
+    );
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! End-to-end test support: start the real binaries on free ports, talk to them over real
+//! sockets, check the store on disk.
+//!
+//! - [`server`]: start and stop `storage-backend` (and later the gateway) processes.
+//! - [`client`]: a small registry client over `reqwest` for pushing and pulling in tests.
+//! - [`protocol`]: the protocol suite, driven only by a base URL, so it runs against
+//!   storage-backend directly and through the gateway.
+//! - [`fsck`]: an offline consistency check of a storage root.
+//! - [`tools`]: running real clients (skopeo, podman, buildah) and distribution.
+
+pub mod client;
+pub mod fsck;
+pub mod protocol;
+pub mod server;
+pub mod tools;

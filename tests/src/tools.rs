@@ -1,0 +1,152 @@
+//! Real clients and the peer registry: skopeo, podman, buildah with private storage and auth
+//! files, and Debian's `docker-registry` (CNCF distribution 2.8.2).
+
+use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A private containers storage + auth file for podman/buildah/skopeo.
+pub struct Containers {
+    pub dir: tempfile::TempDir,
+}
+
+impl Containers {
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let conf = format!(
+            "[storage]\ndriver = \"vfs\"\nrunroot = \"{0}/run\"\ngraphroot = \"{0}/graph\"\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("storage.conf"), conf)?;
+        std::fs::write(dir.path().join("auth.json"), "{}")?;
+        Ok(Containers { dir })
+    }
+
+    /// A command for `tool` with the private storage and auth file.
+    pub fn cmd(&self, tool: &str) -> Command {
+        let mut c = Command::new(tool);
+        c.env(
+            "CONTAINERS_STORAGE_CONF",
+            self.dir.path().join("storage.conf"),
+        )
+        .env("REGISTRY_AUTH_FILE", self.dir.path().join("auth.json"))
+        .env("TMPDIR", self.dir.path())
+        .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a tool; fails with its output if it fails. Returns stdout.
+    pub fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<String> {
+        run(self.cmd(tool).args(args))
+    }
+
+    /// Builds an image from scratch holding `file` at `/bin/busybox`; returns its local name.
+    pub fn build_scratch_image(&self, name: &str, file: &Path) -> anyhow::Result<()> {
+        let ctr = self
+            .run("buildah", &["from", "scratch"])?
+            .trim()
+            .to_string();
+        self.run(
+            "buildah",
+            &["copy", &ctr, &file.display().to_string(), "/bin/busybox"],
+        )?;
+        self.run("buildah", &["config", "--cmd", "/bin/busybox", &ctr])?;
+        self.run("buildah", &["commit", "-q", &ctr, name])?;
+        self.run("buildah", &["rm", &ctr])?;
+        Ok(())
+    }
+}
+
+/// Runs a command, returning stdout or an error with both outputs.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Every regular file of a directory, relative path → content (for byte-identical checks).
+pub fn dir_files(dir: &Path) -> anyhow::Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            out.insert(
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path())?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// A running `docker-registry` (distribution 2.8.2) on a free port, killed on drop.
+pub struct Distribution {
+    child: Child,
+    pub base: String,
+    pub addr: String,
+    _config: tempfile::TempDir,
+}
+
+impl Distribution {
+    pub fn start(root: &Path) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let config = tempfile::tempdir()?;
+        let path = config.path().join("config.yml");
+        std::fs::write(
+            &path,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n",
+                root.display()
+            ),
+        )?;
+        // It reads every REGISTRY_* variable as an override: give it a clean environment.
+        let child = Command::new(distribution_binary())
+            .args(["serve", &path.display().to_string()])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting docker-registry")?;
+        let base = format!("http://{addr}");
+        let d = Distribution {
+            child,
+            base: base.clone(),
+            addr,
+            _config: config,
+        };
+        crate::server::wait_healthy(&format!("{base}/v2/"))?;
+        Ok(d)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn distribution_binary() -> PathBuf {
+    PathBuf::from("/usr/bin/docker-registry")
+}
+
+/// A free loopback port (for programs that cannot bind port 0 and report it).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

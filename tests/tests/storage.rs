@@ -1,0 +1,682 @@
+//! End-to-end tests of storage-backend: the real binary on free ports, real sockets, real
+//! clients (skopeo, podman, buildah) and the real peer (distribution 2.8.2).
+//!
+//! `cargo test --release --test storage` runs exactly these.
+
+use anyhow::{Context, ensure};
+use portcullis_tests::client::{Client, OCI_MANIFEST, describe, expect_error, sha256, with_query};
+use portcullis_tests::server::{StorageOptions, StorageServer, binary};
+use portcullis_tests::tools::{Containers, Distribution, dir_files};
+use portcullis_tests::{fsck, protocol};
+use reqwest::Method;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+fn assert_consistent(root: &Path) {
+    let report = fsck::check(root);
+    assert!(
+        report.errors.is_empty(),
+        "store is inconsistent: {:#?}",
+        report.errors
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn protocol_suite_passes_against_storage_backend() {
+    let root = tempfile::tempdir().unwrap();
+    let server = StorageServer::start(root.path()).unwrap();
+    let failures = protocol::run_all(&Client::new(&server.base), "suite").await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} protocol cases failed:\n{}",
+        failures.len(),
+        protocol::cases().len(),
+        failures
+            .iter()
+            .map(|(n, e)| format!("- {n}: {e}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_consistent(root.path());
+}
+
+#[tokio::test]
+async fn deletes_can_be_disabled() {
+    let root = tempfile::tempdir().unwrap();
+    let conf = root.path().join("conf.toml");
+    std::fs::write(&conf, "[api]\ndelete_enabled = false\n").unwrap();
+    let server = StorageServer::start_with(
+        &root.path().join("data"),
+        StorageOptions {
+            config: Some(conf),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let c = Client::new(&server.base);
+    let (_, d) = c.push_image("r", "t", &[b"l"]).await.unwrap();
+    for path in [
+        "/v2/r/manifests/t".to_string(),
+        format!("/v2/r/manifests/{d}"),
+        format!("/v2/r/blobs/{}", sha256(b"l")),
+    ] {
+        let r = c.req(Method::DELETE, &path).send().await.unwrap();
+        expect_error(r, 405, "UNSUPPORTED").await.unwrap();
+    }
+    assert_eq!(c.get("/v2/r/manifests/t").await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn internal_secret_is_required_when_configured() {
+    let root = tempfile::tempdir().unwrap();
+    let server = StorageServer::start_with(
+        root.path(),
+        StorageOptions {
+            env: vec![("PORTCULLIS_INTERNAL_SECRET".into(), "s3cret-value".into())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut c = Client::new(&server.base);
+    expect_error(c.get("/v2/").await.unwrap(), 401, "UNAUTHORIZED")
+        .await
+        .unwrap();
+    c.headers = vec![("portcullis-internal-secret".into(), "wrong".into())];
+    expect_error(c.get("/v2/").await.unwrap(), 401, "UNAUTHORIZED")
+        .await
+        .unwrap();
+    let r = c.get("/metrics").await.unwrap();
+    assert_eq!(r.status(), 401);
+    c.headers = vec![("portcullis-internal-secret".into(), "s3cret-value".into())];
+    assert_eq!(c.get("/v2/").await.unwrap().status(), 200);
+    let body = c
+        .get("/v2/nope/tags/list")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!body.contains("s3cret"), "secret leaked: {body}");
+}
+
+#[test]
+fn refuses_a_public_listener_without_a_secret() {
+    let root = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(binary("storage-backend"))
+        .args(["--listen", "0.0.0.0:0", "--root"])
+        .arg(root.path())
+        .env_remove("PORTCULLIS_INTERNAL_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("non-loopback") && err.contains("secret"),
+        "{err}"
+    );
+}
+
+#[test]
+fn literal_dot_dot_in_a_path_is_name_invalid() {
+    use std::io::{Read, Write};
+    let root = tempfile::tempdir().unwrap();
+    let server = StorageServer::start(root.path()).unwrap();
+    let addr = server.base.trim_start_matches("http://").to_string();
+    for path in [
+        "/v2/../tags/list",
+        "/v2/a/../b/tags/list",
+        "/v2/a/../../etc/manifests/passwd",
+        "/v2/%2e%2e/tags/list",
+        "/v2/a/%2e%2e/%2e%2e/manifests/latest",
+        "/v2/a/%2E%2E/tags/list",
+    ] {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 400") && out.contains("NAME_INVALID"),
+            "{path}: {out}"
+        );
+    }
+}
+
+#[test]
+fn check_config_validates_the_shipped_example() {
+    let conf = portcullis_tests::server::workspace_root().join("conf/storage-backend.toml");
+    let out = std::process::Command::new(binary("storage-backend"))
+        .arg("--config")
+        .arg(&conf)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(bad.path(), "[api]\nmax_manifest_bytez = 1\n").unwrap();
+    let out = std::process::Command::new(binary("storage-backend"))
+        .arg("--config")
+        .arg(bad.path())
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_manifest_bytez"));
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let root = tempfile::tempdir().unwrap();
+    let server = StorageServer::start(root.path()).unwrap();
+    let c = Client::new(&server.base);
+    assert_eq!(c.get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(c.get("/readyz").await.unwrap().status(), 200);
+    c.push_image("m", "t", &[b"x"]).await.unwrap();
+    let text = c.get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(
+        text.contains(
+            "storage_http_requests_total{endpoint=\"manifest_put\",method=\"PUT\",status=\"201\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("storage_http_request_duration_seconds_bucket"));
+}
+
+/// Deterministic content: byte `i` of the stream, for any offset.
+fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    (offset..offset + len as u64)
+        .map(|i| ((i * 2654435761) >> 13) as u8)
+        .collect()
+}
+
+#[tokio::test]
+async fn uploads_survive_restart_and_continue_on_another_process() {
+    let root = tempfile::tempdir().unwrap();
+    let mut a = StorageServer::start(root.path()).unwrap();
+    let ca = Client::new(&a.base);
+    let loc = ca.start_upload("up").await.unwrap();
+    let data = pattern(0, 3_000_000);
+    let patch = |c: &Client, from: usize, to: usize| {
+        c.req(Method::PATCH, &loc)
+            .header("content-range", format!("{}-{}", from, to - 1))
+            .body(data[from..to].to_vec())
+            .send()
+    };
+    assert_eq!(patch(&ca, 0, 1_000_000).await.unwrap().status(), 202);
+    // A second process on the same root continues the session.
+    let b = StorageServer::start(root.path()).unwrap();
+    let cb = Client::new(&b.base);
+    assert_eq!(
+        patch(&cb, 1_000_000, 2_000_000).await.unwrap().status(),
+        202
+    );
+    // The first process is killed and restarted; it continues too.
+    a.crash_and_restart().unwrap();
+    let ca = Client::new(&a.base);
+    let r = ca.get(&loc).await.unwrap();
+    assert_eq!(r.headers()["range"], "0-1999999");
+    assert_eq!(
+        patch(&ca, 2_000_000, 3_000_000).await.unwrap().status(),
+        202
+    );
+    let d = sha256(&data);
+    let r = cb
+        .req(Method::PUT, &with_query(&loc, &format!("digest={d}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", describe(r).await);
+    let got = ca
+        .get(&format!("/v2/up/blobs/{d}"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(got[..] == data[..]);
+    assert_consistent(root.path());
+}
+
+/// Streams `total` bytes of [`pattern`] from `offset`, counting what has been produced.
+fn pattern_body(offset: u64, total: u64, sent: Arc<AtomicU64>) -> reqwest::Body {
+    const CHUNK: u64 = 1 << 20;
+    let stream = futures_util::stream::unfold(0u64, move |done| {
+        let sent = sent.clone();
+        async move {
+            if done >= total {
+                return None;
+            }
+            let n = CHUNK.min(total - done);
+            let chunk = pattern(offset + done, n as usize);
+            sent.fetch_add(n, Ordering::SeqCst);
+            Some((Ok::<_, std::io::Error>(chunk), done + n))
+        }
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
+/// Sends `body` and `kill -9`s the server once `kill_after` bytes have been produced.
+async fn send_and_kill(
+    req: reqwest::RequestBuilder,
+    sent: Arc<AtomicU64>,
+    kill_after: u64,
+    pid: u32,
+) {
+    let killer = tokio::spawn(async move {
+        while sent.load(Ordering::SeqCst) < kill_after {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+    });
+    let result = req.send().await;
+    killer.await.unwrap();
+    assert!(
+        result.is_err() || !result.unwrap().status().is_success(),
+        "the request finished before the kill"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_512_mib_upload_leaves_a_consistent_store() {
+    const TOTAL: u64 = 512 << 20;
+    let root = tempfile::tempdir().unwrap();
+    let mut server = StorageServer::start(root.path()).unwrap();
+    let c = Client::new(&server.base);
+    // The digest of the full content, computed without holding it.
+    let mut v = oci::Verifier::new(oci::Algorithm::Sha256);
+    for off in (0..TOTAL).step_by(1 << 20) {
+        v.update(&pattern(off, 1 << 20));
+    }
+    let digest = v.finish();
+
+    // Monolithic push killed at ~200 MiB: nothing under the digest after restart.
+    let sent = Arc::new(AtomicU64::new(0));
+    let req = c
+        .req(
+            Method::POST,
+            &format!("/v2/big/blobs/uploads/?digest={digest}"),
+        )
+        .header("content-length", TOTAL.to_string())
+        .body(pattern_body(0, TOTAL, sent.clone()));
+    send_and_kill(req, sent, 200 << 20, server.pid().unwrap()).await;
+    server.crash_and_restart().unwrap();
+    assert_consistent(root.path());
+    let r = c
+        .req(Method::HEAD, &format!("/v2/big/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "a partial blob is visible under its digest"
+    );
+
+    // Chunked session killed in its second chunk: resumable from what the store reports.
+    let loc = c.start_upload("big").await.unwrap();
+    let first = 100u64 << 20;
+    let r = c
+        .req(Method::PATCH, &loc)
+        .header("content-range", format!("0-{}", first - 1))
+        .body(pattern_body(0, first, Arc::new(AtomicU64::new(0))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let sent = Arc::new(AtomicU64::new(0));
+    let req = c
+        .req(Method::PATCH, &loc)
+        .header("content-range", format!("{first}-{}", TOTAL - 1))
+        .header("content-length", (TOTAL - first).to_string())
+        .body(pattern_body(first, TOTAL - first, sent.clone()));
+    send_and_kill(req, sent, 150 << 20, server.pid().unwrap()).await;
+    server.crash_and_restart().unwrap();
+    assert_consistent(root.path());
+    let r = c.get(&loc).await.unwrap();
+    match r.status().as_u16() {
+        204 => {
+            let range = r.headers()["range"].to_str().unwrap().to_string();
+            let end: u64 = range.trim_start_matches("0-").parse().unwrap();
+            let at = end + 1;
+            assert!(at >= first && at <= TOTAL, "resume point {at}");
+            let r = c
+                .req(Method::PATCH, &loc)
+                .header("content-range", format!("{at}-{}", TOTAL - 1))
+                .body(pattern_body(at, TOTAL - at, Arc::new(AtomicU64::new(0))))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202, "{}", describe(r).await);
+            let r = c
+                .req(Method::PUT, &with_query(&loc, &format!("digest={digest}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201, "{}", describe(r).await);
+            let r = c
+                .req(Method::HEAD, &format!("/v2/big/blobs/{digest}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.headers()["content-length"], TOTAL.to_string().as_str());
+        }
+        404 => expect_error(r, 404, "BLOB_UPLOAD_UNKNOWN").await.unwrap(),
+        s => panic!("upload status after crash: {s}"),
+    }
+    assert_consistent(root.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_manifest_writes_leaves_a_consistent_store() {
+    let root = tempfile::tempdir().unwrap();
+    let mut server = StorageServer::start(root.path()).unwrap();
+    let c = Client::new(&server.base);
+    let mut manifests = Vec::new();
+    for i in 0..40 {
+        let m = c
+            .image_manifest(
+                "crash",
+                format!("{{\"n\":{i}}}").as_bytes(),
+                &[&pattern(i, 1000)],
+                None,
+            )
+            .await
+            .unwrap();
+        manifests.push(m);
+    }
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (c, manifests, acked, count) =
+            (c.clone(), manifests.clone(), acked.clone(), count.clone());
+        writers.push(tokio::spawn(async move {
+            for round in 0.. {
+                let m = &manifests[(round * 7 + w) % manifests.len()];
+                let tag = format!("w{w}-{}", round % 10);
+                match c.put_manifest("crash", &tag, OCI_MANIFEST, m).await {
+                    Ok(r) if r.status() == 201 => {
+                        acked.lock().unwrap().push((tag, sha256(m).to_string()));
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    while count.load(Ordering::SeqCst) < 150 {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    server.kill9();
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_consistent(root.path());
+    server.crash_and_restart().unwrap();
+    // Every tag resolves to a manifest whose bytes match its digest.
+    let tags: serde_json::Value = c
+        .get("/v2/crash/tags/list")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tags = tags["tags"].as_array().unwrap();
+    assert!(!tags.is_empty());
+    for t in tags {
+        let r = c
+            .get(&format!("/v2/crash/manifests/{}", t.as_str().unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let d = r.headers()["docker-content-digest"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(sha256(&r.bytes().await.unwrap()).to_string(), d);
+    }
+    // Every acknowledged write of a tag is there, or a later write of the same tag is.
+    let acked = acked.lock().unwrap();
+    for (tag, _) in acked.iter() {
+        assert!(
+            tags.iter().any(|t| t == tag.as_str()),
+            "acknowledged tag {tag} lost"
+        );
+    }
+}
+
+fn busybox() -> &'static Path {
+    Path::new("/bin/busybox")
+}
+
+/// A `dir:` copy of a fresh scratch image, the reference for byte-identical checks.
+fn source_image(ctr: &Containers, name: &str) -> anyhow::Result<std::path::PathBuf> {
+    ctr.build_scratch_image(name, busybox())?;
+    let dir = ctr
+        .dir
+        .path()
+        .join(format!("src-{}", name.replace([':', '/'], "-")));
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            &format!("containers-storage:localhost/{name}"),
+            &format!("dir:{}", dir.display()),
+        ],
+    )?;
+    Ok(dir)
+}
+
+fn skopeo_push(ctr: &Containers, src: &Path, dest: &str) -> anyhow::Result<()> {
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            &format!("dir:{}", src.display()),
+            &format!("docker://{dest}"),
+        ],
+    )?;
+    Ok(())
+}
+
+fn skopeo_pull(ctr: &Containers, src: &str, dest: &Path) -> anyhow::Result<()> {
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            &format!("docker://{src}"),
+            &format!("dir:{}", dest.display()),
+        ],
+    )?;
+    Ok(())
+}
+
+fn same_files(a: &Path, b: &Path) -> anyhow::Result<()> {
+    let (fa, fb) = (dir_files(a)?, dir_files(b)?);
+    ensure!(
+        fa.keys().eq(fb.keys()),
+        "different files: {:?} vs {:?}",
+        fa.keys(),
+        fb.keys()
+    );
+    for (k, v) in &fa {
+        ensure!(fb[k] == *v, "{k} differs");
+    }
+    Ok(())
+}
+
+fn manifest_digest(dir: &Path) -> anyhow::Result<String> {
+    Ok(sha256(&std::fs::read(dir.join("manifest.json"))?).to_string())
+}
+
+#[test]
+fn skopeo_copy_round_trip_is_byte_identical_by_tag_and_digest() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = StorageServer::start(root.path())?;
+    let host = server.base.trim_start_matches("http://").to_string();
+    let ctr = Containers::new()?;
+    let src = source_image(&ctr, "skopeo-src:1")?;
+    skopeo_push(&ctr, &src, &format!("{host}/team/app:v1"))?;
+    let by_tag = ctr.dir.path().join("by-tag");
+    skopeo_pull(&ctr, &format!("{host}/team/app:v1"), &by_tag)?;
+    same_files(&src, &by_tag).context("pull by tag")?;
+    let by_digest = ctr.dir.path().join("by-digest");
+    skopeo_pull(
+        &ctr,
+        &format!("{host}/team/app@{}", manifest_digest(&src)?),
+        &by_digest,
+    )?;
+    same_files(&src, &by_digest).context("pull by digest")?;
+    let tags = ctr.run(
+        "skopeo",
+        &[
+            "list-tags",
+            "--tls-verify=false",
+            &format!("docker://{host}/team/app"),
+        ],
+    )?;
+    ensure!(tags.contains("\"v1\""), "{tags}");
+    ctr.run(
+        "skopeo",
+        &[
+            "delete",
+            "--tls-verify=false",
+            &format!("docker://{host}/team/app@{}", manifest_digest(&src)?),
+        ],
+    )?;
+    ensure!(
+        skopeo_pull(
+            &ctr,
+            &format!("{host}/team/app:v1"),
+            &ctr.dir.path().join("gone")
+        )
+        .is_err()
+    );
+    assert_consistent(root.path());
+    Ok(())
+}
+
+#[test]
+fn podman_push_and_pull() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = StorageServer::start(root.path())?;
+    let host = server.base.trim_start_matches("http://").to_string();
+    let ctr = Containers::new()?;
+    ctr.build_scratch_image("podman-src:1", busybox())?;
+    let id = ctr.run(
+        "podman",
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Id}}",
+            "localhost/podman-src:1",
+        ],
+    )?;
+    let dest = format!("{host}/team/podman:v1");
+    ctr.run(
+        "podman",
+        &[
+            "push",
+            "-q",
+            "--tls-verify=false",
+            "localhost/podman-src:1",
+            &dest,
+        ],
+    )?;
+    // Pull into a separate, empty storage.
+    let other = Containers::new()?;
+    other.run("podman", &["pull", "-q", "--tls-verify=false", &dest])?;
+    let pulled = other.run(
+        "podman",
+        &["image", "inspect", "--format", "{{.Id}}", &dest],
+    )?;
+    ensure!(pulled.trim() == id.trim(), "image id {pulled} != {id}");
+    let out = ctr.dir.path().join("pulled");
+    skopeo_pull(&ctr, &dest, &out)?;
+    let digest = manifest_digest(&out)?;
+    let by_digest = format!("{host}/team/podman@{digest}");
+    let third = Containers::new()?;
+    third.run("podman", &["pull", "-q", "--tls-verify=false", &by_digest])?;
+    assert_consistent(root.path());
+    Ok(())
+}
+
+#[test]
+fn distribution_and_storage_backend_read_each_others_roots() -> anyhow::Result<()> {
+    let ctr = Containers::new()?;
+    let src = source_image(&ctr, "compat-src:1")?;
+
+    // Pushed into distribution 2.8.2, pulled from storage-backend on the same root.
+    let root_a = tempfile::tempdir()?;
+    {
+        let dist = Distribution::start(root_a.path())?;
+        skopeo_push(&ctr, &src, &format!("{}/compat/app:v1", dist.addr))?;
+    }
+    assert_consistent(root_a.path());
+    {
+        let server = StorageServer::start(root_a.path())?;
+        let host = server.base.trim_start_matches("http://").to_string();
+        let out = ctr.dir.path().join("from-ours");
+        skopeo_pull(&ctr, &format!("{host}/compat/app:v1"), &out)?;
+        same_files(&src, &out).context("distribution → storage-backend")?;
+        let tags = ctr.run(
+            "skopeo",
+            &[
+                "list-tags",
+                "--tls-verify=false",
+                &format!("docker://{host}/compat/app"),
+            ],
+        )?;
+        ensure!(tags.contains("\"v1\""), "{tags}");
+        // And we can add to it.
+        skopeo_push(&ctr, &src, &format!("{host}/compat/app:v2"))?;
+    }
+
+    // Pushed into storage-backend, pulled from distribution on the same root.
+    let root_b = tempfile::tempdir()?;
+    {
+        let server = StorageServer::start(root_b.path())?;
+        skopeo_push(
+            &ctr,
+            &src,
+            &format!("{}/ours/app:v1", server.base.trim_start_matches("http://")),
+        )?;
+    }
+    {
+        let dist = Distribution::start(root_b.path())?;
+        let out = ctr.dir.path().join("from-distribution");
+        skopeo_pull(&ctr, &format!("{}/ours/app:v1", dist.addr), &out)?;
+        same_files(&src, &out).context("storage-backend → distribution")?;
+        let digest = manifest_digest(&src)?;
+        let out = ctr.dir.path().join("from-distribution-by-digest");
+        skopeo_pull(&ctr, &format!("{}/ours/app@{digest}", dist.addr), &out)?;
+        same_files(&src, &out)?;
+        // distribution's catalog sees the repository.
+        let cat = ctr.run("curl", &["-sf", &format!("{}/v2/_catalog", dist.base)])?;
+        ensure!(cat.contains("ours/app"), "{cat}");
+    }
+    // The root that both wrote to is served by distribution too.
+    let dist = Distribution::start(root_a.path())?;
+    let out = ctr.dir.path().join("v2-from-distribution");
+    skopeo_pull(&ctr, &format!("{}/compat/app:v2", dist.addr), &out)?;
+    same_files(&src, &out)?;
+    Ok(())
+}
