@@ -21,6 +21,9 @@ pub struct UploadState {
     pub size: u64,
 }
 
+/// Sessions whose running hash is kept in memory at most.
+const MAX_CACHED_HASHERS: usize = 4096;
+
 fn upload_unknown(id: &str) -> Error {
     Error::oci(
         ErrorCode::BlobUploadUnknown,
@@ -98,10 +101,12 @@ impl Registry {
             Ok(a) => {
                 let size = offset + a.written;
                 if let Some(h) = a.hasher {
-                    self.hashers
-                        .lock()
-                        .expect("hasher cache")
-                        .insert(id.to_owned(), (size, h));
+                    let mut cache = self.hashers.lock().expect("hasher cache");
+                    // Only a cache: abandoned sessions must not grow it without bound.
+                    if cache.len() >= MAX_CACHED_HASHERS {
+                        cache.clear();
+                    }
+                    cache.insert(id.to_owned(), (size, h));
                 }
                 Ok(UploadState { size })
             }

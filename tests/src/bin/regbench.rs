@@ -1,0 +1,354 @@
+//! `regbench`: push and pull blobs and GET manifests against registries, verifying every
+//! digest, and print figures with the ratio against a reference measured in the same run.
+//!
+//! With no `--target`, it starts `storage-backend` (target/release) and Debian's
+//! `docker-registry` (distribution 2.8.2) on fresh roots side by side and compares them,
+//! also reporting storage-backend's peak RSS. With `--target name=url` (repeatable) it
+//! measures the given registries; the first is the reference for ratios.
+//!
+//! ```sh
+//! cargo run --release -p portcullis-tests --bin regbench
+//! cargo run --release -p portcullis-tests --bin regbench -- --target mine=http://127.0.0.1:5000
+//! ```
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use clap::Parser;
+use futures_util::{StreamExt, TryStreamExt, stream};
+use oci::{Algorithm, Digest, Verifier};
+use portcullis_tests::client::{Client, OCI_MANIFEST, describe, location, with_query};
+use portcullis_tests::server::StorageServer;
+use portcullis_tests::tools::Distribution;
+use reqwest::Method;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(about = "Registry push/pull/manifest benchmark")]
+struct Args {
+    /// A registry to measure, `name=http://host:port` (repeatable). Default: start
+    /// storage-backend and distribution 2.8.2 and compare them.
+    #[arg(long)]
+    target: Vec<String>,
+    /// Number of small blobs.
+    #[arg(long, default_value_t = 64)]
+    blobs: usize,
+    /// Size of each small blob, MiB.
+    #[arg(long, default_value_t = 1)]
+    blob_mib: usize,
+    /// Concurrency for small blobs.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Size of the big blob, MiB.
+    #[arg(long, default_value_t = 1024)]
+    big_mib: usize,
+    /// Manifest GETs.
+    #[arg(long, default_value_t = 20000)]
+    manifest_gets: usize,
+    /// Concurrency for manifest GETs.
+    #[arg(long, default_value_t = 32)]
+    manifest_concurrency: usize,
+    /// Rounds of each measurement; the best is kept.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    small_push_mib_s: f64,
+    small_pull_mib_s: f64,
+    big_push_mib_s: f64,
+    big_pull_mib_s: f64,
+    manifest_get_per_s: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+/// A reproducible pseudo-random buffer.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The big blob: one random MiB repeated, streamed without holding it.
+struct BigBlob {
+    unit: Bytes,
+    mib: usize,
+    digest: Digest,
+}
+
+impl BigBlob {
+    fn new(mib: usize, seed: u64) -> Self {
+        let unit = Bytes::from(noise(1 << 20, seed));
+        let mut v = Verifier::new(Algorithm::Sha256);
+        for _ in 0..mib {
+            v.update(&unit);
+        }
+        BigBlob {
+            unit,
+            mib,
+            digest: v.finish(),
+        }
+    }
+
+    fn body(&self) -> reqwest::Body {
+        let unit = self.unit.clone();
+        reqwest::Body::wrap_stream(stream::iter(
+            (0..self.mib).map(move |_| Ok::<_, std::io::Error>(unit.clone())),
+        ))
+    }
+}
+
+/// Push as docker does: POST, one streamed PATCH, PUT ?digest.
+async fn push(
+    c: &Client,
+    repo: &str,
+    body: reqwest::Body,
+    len: u64,
+    digest: &Digest,
+) -> anyhow::Result<()> {
+    let loc = c.start_upload(repo).await?;
+    let r = c
+        .req(Method::PATCH, &loc)
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len.to_string())
+        .body(body)
+        .send()
+        .await?;
+    ensure!(r.status() == 202, "PATCH: {}", describe(r).await);
+    let loc = location(&r)?;
+    let r = c
+        .req(Method::PUT, &with_query(&loc, &format!("digest={digest}")))
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "PUT: {}", describe(r).await);
+    Ok(())
+}
+
+/// GET a blob, hashing it as it arrives; fails unless it matches.
+async fn pull(c: &Client, repo: &str, digest: &Digest) -> anyhow::Result<u64> {
+    let r = c.get(&format!("/v2/{repo}/blobs/{digest}")).await?;
+    ensure!(r.status() == 200, "GET blob: {}", r.status());
+    let mut v = Verifier::new(digest.algorithm());
+    let mut n = 0u64;
+    let mut s = r.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk?;
+        n += chunk.len() as u64;
+        v.update(&chunk);
+    }
+    ensure!(
+        &v.finish() == digest,
+        "pulled content does not match {digest}"
+    );
+    Ok(n)
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
+}
+
+async fn measure(
+    name: &str,
+    c: &Client,
+    args: &Args,
+    pid: Option<u32>,
+    round: usize,
+) -> anyhow::Result<Figures> {
+    let repo = format!("bench/{name}/r{round}");
+    let mut f = Figures::default();
+    // Small blobs.
+    let blobs: Vec<(Bytes, Digest)> = (0..args.blobs)
+        .map(|i| {
+            let b = Bytes::from(noise(args.blob_mib << 20, (round * 1000 + i) as u64 + 1));
+            let d = Digest::of(Algorithm::Sha256, &b);
+            (b, d)
+        })
+        .collect();
+    let total: u64 = blobs.iter().map(|(b, _)| b.len() as u64).sum();
+    let t = Instant::now();
+    stream::iter(blobs.iter())
+        .map(|(b, d)| push(c, &repo, reqwest::Body::from(b.clone()), b.len() as u64, d))
+        .buffer_unordered(args.concurrency)
+        .try_collect::<Vec<_>>()
+        .await?;
+    f.small_push_mib_s = mib_s(total, t.elapsed());
+    let t = Instant::now();
+    let got: Vec<u64> = stream::iter(blobs.iter())
+        .map(|(_, d)| pull(c, &repo, d))
+        .buffer_unordered(args.concurrency)
+        .try_collect()
+        .await?;
+    ensure!(got.iter().sum::<u64>() == total);
+    f.small_pull_mib_s = mib_s(total, t.elapsed());
+
+    // One big blob.
+    let big = BigBlob::new(args.big_mib, round as u64 + 7);
+    let big_len = (args.big_mib as u64) << 20;
+    reset_peak_rss(pid);
+    let t = Instant::now();
+    push(c, &repo, big.body(), big_len, &big.digest).await?;
+    f.big_push_mib_s = mib_s(big_len, t.elapsed());
+    let t = Instant::now();
+    ensure!(pull(c, &repo, &big.digest).await? == big_len);
+    f.big_pull_mib_s = mib_s(big_len, t.elapsed());
+    f.peak_rss_mib = peak_rss_mib(pid);
+
+    // Manifest GETs by tag.
+    let (config, _) = &blobs[0];
+    let (layer, _) = &blobs[1];
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blobs[0].1.to_string(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": blobs[1].1.to_string(), "size": layer.len()}],
+    }))?;
+    let md = Digest::of(Algorithm::Sha256, &manifest);
+    let r = c
+        .put_manifest(&repo, "latest", OCI_MANIFEST, &manifest)
+        .await?;
+    ensure!(r.status() == 201, "manifest PUT: {}", describe(r).await);
+    let path = format!("/v2/{repo}/manifests/latest");
+    let t = Instant::now();
+    stream::iter(0..args.manifest_gets)
+        .map(|_| async {
+            let r = c
+                .req(Method::GET, &path)
+                .header("accept", OCI_MANIFEST)
+                .send()
+                .await?;
+            ensure!(r.status() == 200, "manifest GET: {}", r.status());
+            let body = r.bytes().await?;
+            ensure!(
+                Digest::of(Algorithm::Sha256, &body) == md,
+                "manifest digest mismatch"
+            );
+            Ok(())
+        })
+        .buffer_unordered(args.manifest_concurrency)
+        .try_collect::<Vec<()>>()
+        .await?;
+    f.manifest_get_per_s = args.manifest_gets as f64 / t.elapsed().as_secs_f64();
+    Ok(f)
+}
+
+fn reset_peak_rss(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    }
+}
+
+fn peak_rss_mib(pid: Option<u32>) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn best(runs: &[Figures]) -> Figures {
+    let max = |f: fn(&Figures) -> f64| runs.iter().map(f).fold(0.0, f64::max);
+    Figures {
+        small_push_mib_s: max(|f| f.small_push_mib_s),
+        small_pull_mib_s: max(|f| f.small_pull_mib_s),
+        big_push_mib_s: max(|f| f.big_push_mib_s),
+        big_pull_mib_s: max(|f| f.big_pull_mib_s),
+        manifest_get_per_s: max(|f| f.manifest_get_per_s),
+        peak_rss_mib: runs.iter().filter_map(|f| f.peak_rss_mib).reduce(f64::max),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // Keep the servers alive for the whole run.
+    let mut _keep_storage = None;
+    let mut _keep_dist = None;
+    let mut targets: Vec<(String, String, Option<u32>)> = Vec::new();
+    let scratch = tempfile::Builder::new()
+        .prefix("regbench-")
+        .tempdir_in(portcullis_tests::server::workspace_root().join("target"))?;
+    if args.target.is_empty() {
+        let dist = Distribution::start(&scratch.path().join("distribution"))
+            .context("starting docker-registry")?;
+        targets.push((
+            "distribution-2.8.2".into(),
+            dist.base.clone(),
+            Some(dist.pid()),
+        ));
+        let ours = StorageServer::start(&scratch.path().join("storage-backend"))?;
+        targets.push(("storage-backend".into(), ours.base.clone(), ours.pid()));
+        _keep_dist = Some(dist);
+        _keep_storage = Some(ours);
+    } else {
+        for t in &args.target {
+            let (name, url) = t.split_once('=').context("--target is name=url")?;
+            targets.push((name.into(), url.into(), None));
+        }
+    }
+    println!(
+        "regbench: {} × {} MiB at concurrency {}, 1 × {} MiB, {} manifest GETs at concurrency {}, best of {}",
+        args.blobs,
+        args.blob_mib,
+        args.concurrency,
+        args.big_mib,
+        args.manifest_gets,
+        args.manifest_concurrency,
+        args.rounds
+    );
+    let mut results: Vec<(String, Figures)> = Vec::new();
+    for (name, url, pid) in &targets {
+        let c = Client::new(url);
+        let mut runs = Vec::new();
+        for round in 0..args.rounds {
+            runs.push(
+                measure(name, &c, &args, *pid, round)
+                    .await
+                    .with_context(|| format!("measuring {name}"))?,
+            );
+        }
+        results.push((name.clone(), best(&runs)));
+    }
+    let reference = results[0].1.clone();
+    println!(
+        "\n{:<20} {:>14} {:>14} {:>14} {:>14} {:>16} {:>12}",
+        "registry",
+        "push 1MiB×N",
+        "pull 1MiB×N",
+        "push big",
+        "pull big",
+        "manifest GET",
+        "peak RSS"
+    );
+    for (name, f) in &results {
+        println!(
+            "{:<20} {:>9.0} MiB/s {:>9.0} MiB/s {:>9.0} MiB/s {:>9.0} MiB/s {:>14.0}/s {:>12}",
+            name,
+            f.small_push_mib_s,
+            f.small_pull_mib_s,
+            f.big_push_mib_s,
+            f.big_pull_mib_s,
+            f.manifest_get_per_s,
+            f.peak_rss_mib.map_or("-".into(), |m| format!("{m:.1} MiB"))
+        );
+    }
+    for (name, f) in results.iter().skip(1) {
+        println!(
+            "{:<20} {:>13.2}× {:>13.2}× {:>13.2}× {:>13.2}× {:>15.2}×   (ratio to {})",
+            name,
+            f.small_push_mib_s / reference.small_push_mib_s,
+            f.small_pull_mib_s / reference.small_pull_mib_s,
+            f.big_push_mib_s / reference.big_push_mib_s,
+            f.big_pull_mib_s / reference.big_pull_mib_s,
+            f.manifest_get_per_s / reference.manifest_get_per_s,
+            results[0].0
+        );
+    }
+    Ok(())
+}
