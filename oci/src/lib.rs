@@ -26,6 +26,7 @@ pub mod name;
 pub mod range;
 pub mod reference;
 pub mod route;
+pub mod scope;
 
 pub use digest::{Algorithm, Digest, Verifier};
 pub use error::{ErrorCode, OciError};

@@ -1,0 +1,195 @@
+//! Retention: which manifests of a repository to delete, and why.
+//!
+//! The most specific rule whose pattern matches the repository applies (ties: the first in
+//! the file); with none, everything is kept. A tag is kept if it is immutable, matches a
+//! `keep_tags` glob, is among the `keep_last` most recently pushed, or was pushed within
+//! `keep_days`; with neither `keep_last` nor `keep_days` no tag is deleted. Untagged
+//! manifests are kept unless `untagged = "delete"`, and then still kept within `keep_days`.
+//! [`Policy::retention`] is the dry run: executing it means deleting what it lists.
+
+use crate::config::{RetentionConfig, Untagged};
+use crate::pattern::{RepoPattern, TagPattern};
+use crate::{Lines, Policy, PolicyError};
+use serde::Serialize;
+use toml::Spanned;
+
+#[derive(Debug)]
+pub(crate) struct Rule {
+    line: usize,
+    repositories: Vec<RepoPattern>,
+    keep_last: Option<usize>,
+    keep_days: Option<u64>,
+    keep_tags: Vec<TagPattern>,
+    untagged: Untagged,
+}
+
+pub(crate) fn compile(
+    rules: &[Spanned<RetentionConfig>],
+    lines: &Lines<'_>,
+) -> Result<Vec<Rule>, PolicyError> {
+    let mut out = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        let field = format!("retention[{i}]");
+        let c = r.get_ref();
+        if c.repositories.is_empty() {
+            return Err(lines.err(r, &field, "repositories is empty"));
+        }
+        if c.keep_last.is_none() && c.keep_days.is_none() && c.untagged == Untagged::Keep {
+            return Err(lines.err(
+                r,
+                &field,
+                "keeps everything: set keep_last, keep_days or untagged = \"delete\"",
+            ));
+        }
+        out.push(Rule {
+            line: lines.line(r.span().start),
+            repositories: c
+                .repositories
+                .iter()
+                .map(|p| lines.repo_pattern(p, &format!("{field}.repositories")))
+                .collect::<Result<_, _>>()?,
+            keep_last: c.keep_last,
+            keep_days: c.keep_days,
+            keep_tags: c
+                .keep_tags
+                .iter()
+                .map(|t| lines.tag_glob(t, &format!("{field}.keep_tags")))
+                .collect::<Result<_, _>>()?,
+            untagged: c.untagged,
+        });
+    }
+    Ok(out)
+}
+
+/// One manifest of a repository: a tag pointing to a digest, or an untagged manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ManifestRecord {
+    pub tag: Option<String>,
+    pub digest: String,
+    /// Unix seconds.
+    pub pushed_at: i64,
+}
+
+/// A record and why it is kept or deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    #[serde(flatten)]
+    pub record: ManifestRecord,
+    pub reason: String,
+}
+
+/// The outcome of retention for one repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct RetentionPlan {
+    /// Line of the rule that applied, if any.
+    pub rule_line: Option<usize>,
+    pub delete: Vec<Verdict>,
+    pub keep: Vec<Verdict>,
+}
+
+impl Policy {
+    /// What retention deletes in `repository` at `now` (unix seconds), and why.
+    pub fn retention(
+        &self,
+        repository: &str,
+        records: &[ManifestRecord],
+        now: i64,
+    ) -> RetentionPlan {
+        let rule = self
+            .retention
+            .iter()
+            .filter(|r| r.repositories.iter().any(|p| p.matches(repository, None)))
+            .max_by(|a, b| {
+                let spec = |r: &Rule| {
+                    r.repositories
+                        .iter()
+                        .filter(|p| p.matches(repository, None))
+                        .map(|p| p.specificity())
+                        .max()
+                };
+                // Ties go to the first rule: max_by keeps the last maximum, so reverse lines.
+                spec(a).cmp(&spec(b)).then(b.line.cmp(&a.line))
+            });
+        let mut plan = RetentionPlan::default();
+        let Some(rule) = rule else {
+            plan.keep = records
+                .iter()
+                .map(|r| Verdict {
+                    record: r.clone(),
+                    reason: "no retention rule applies".into(),
+                })
+                .collect();
+            return plan;
+        };
+        plan.rule_line = Some(rule.line);
+        let young = |r: &ManifestRecord| {
+            rule.keep_days
+                .is_some_and(|d| now - r.pushed_at < (d as i64) * 86_400)
+        };
+        let mut tagged: Vec<&ManifestRecord> = records.iter().filter(|r| r.tag.is_some()).collect();
+        tagged.sort_by(|a, b| {
+            b.pushed_at
+                .cmp(&a.pushed_at)
+                .then_with(|| a.tag.cmp(&b.tag))
+        });
+        for (rank, r) in tagged.into_iter().enumerate() {
+            let tag = r.tag.as_deref().unwrap_or_default();
+            let keep_reason = if let Some(by) = self.immutable(repository, tag) {
+                Some(format!(
+                    "immutable (rule at line {}, tag pattern {})",
+                    by.line, by.pattern
+                ))
+            } else if let Some(p) = rule.keep_tags.iter().find(|p| p.matches(tag)) {
+                Some(format!("matches keep_tags {p}"))
+            } else if rule.keep_last.is_some_and(|n| rank < n) {
+                Some(format!(
+                    "among the {} most recently pushed",
+                    rule.keep_last.unwrap_or(0)
+                ))
+            } else if young(r) {
+                Some(format!(
+                    "pushed within {} days",
+                    rule.keep_days.unwrap_or(0)
+                ))
+            } else if rule.keep_last.is_none() && rule.keep_days.is_none() {
+                Some("the rule sets no count or age limit for tags".into())
+            } else {
+                None
+            };
+            let verdict = |reason| Verdict {
+                record: r.clone(),
+                reason,
+            };
+            match keep_reason {
+                Some(reason) => plan.keep.push(verdict(reason)),
+                None => plan
+                    .delete
+                    .push(verdict(match (rule.keep_last, rule.keep_days) {
+                        (Some(n), Some(d)) => {
+                            format!("not among the {n} most recent and older than {d} days")
+                        }
+                        (Some(n), None) => format!("not among the {n} most recent"),
+                        (None, Some(d)) => format!("older than {d} days"),
+                        (None, None) => "not kept by any rule".into(),
+                    })),
+            }
+        }
+        for r in records.iter().filter(|r| r.tag.is_none()) {
+            let verdict = |reason: String| Verdict {
+                record: r.clone(),
+                reason,
+            };
+            match rule.untagged {
+                Untagged::Keep => plan
+                    .keep
+                    .push(verdict("untagged manifests are kept".into())),
+                Untagged::Delete if young(r) => plan.keep.push(verdict(format!(
+                    "untagged, but pushed within {} days",
+                    rule.keep_days.unwrap_or(0)
+                ))),
+                Untagged::Delete => plan.delete.push(verdict("untagged".into())),
+            }
+        }
+        plan
+    }
+}
