@@ -8,6 +8,8 @@ packages=(
   docker-registry apache2-utils  # CNCF distribution 2.8.2, the peer for layout and speed
   busybox-static                 # image content made without pulling anything
   curl ca-certificates
+  cmake pkg-config libssl-dev   # build dependencies of pingora (zlib-ng, openssl)
+  openssl                       # TLS protocol checks (s_client)
 )
 
 missing=()

@@ -18,6 +18,60 @@ pub struct Client {
     pub http: reqwest::Client,
     /// Headers added to every request (e.g. the internal secret).
     pub headers: Vec<(String, String)>,
+    /// Bearer tokens fetched from the token endpoint for each request's scope.
+    pub auth: Option<TokenAuth>,
+}
+
+/// Credentials and a token cache, for registries behind the token service.
+#[derive(Clone)]
+pub struct TokenAuth {
+    pub token_url: String,
+    pub service: String,
+    /// `None`: anonymous.
+    pub credentials: Option<(String, String)>,
+    cache: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+}
+
+impl TokenAuth {
+    pub fn new(token_url: &str, service: &str, credentials: Option<(&str, &str)>) -> Self {
+        TokenAuth {
+            token_url: token_url.to_string(),
+            service: service.to_string(),
+            credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
+            cache: Default::default(),
+        }
+    }
+}
+
+/// The scopes a test client asks for a request: everything on the route's repository (and
+/// pull on a mount's source), so one token per repository serves the whole suite.
+pub fn scopes_for(method: &str, path_and_query: &str) -> Vec<String> {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let mut out = Vec::new();
+    match oci::parse_route(method, path) {
+        Ok(oci::Endpoint::Catalog) => out.push("registry:catalog:*".to_string()),
+        Ok(ep) => {
+            if let Some(name) = ep.repository() {
+                out.push(format!("repository:{name}:pull,push,delete"));
+            }
+        }
+        Err(_) => {}
+    }
+    for (k, v) in form_urlencoded_pairs(query) {
+        if k == "from" {
+            out.push(format!("repository:{v}:pull"));
+        }
+    }
+    out
+}
+
+fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("%2F", "/").replace("%2f", "/")))
+        .collect()
 }
 
 pub fn sha256(data: &[u8]) -> Digest {
@@ -34,7 +88,62 @@ impl Client {
                 .build()
                 .expect("http client"),
             headers: Vec::new(),
+            auth: None,
         }
+    }
+
+    /// A client of an HTTPS registry whose certificate is signed by the CA in `ca_pem`.
+    pub fn with_ca(base: &str, ca_pem: &[u8]) -> Self {
+        let ca = reqwest::Certificate::from_pem(ca_pem).expect("CA certificate");
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(64)
+                .add_root_certificate(ca)
+                .build()
+                .expect("http client"),
+            headers: Vec::new(),
+            auth: None,
+        }
+    }
+
+    /// Fetches (and caches) a token for `scopes` with `GET /token`.
+    pub async fn token(&self, scopes: &[String]) -> anyhow::Result<String> {
+        let auth = self.auth.as_ref().context("no token auth configured")?;
+        let key = scopes.join(" ");
+        if let Some(t) = auth.cache.lock().expect("token cache").get(&key) {
+            return Ok(t.clone());
+        }
+        let mut url = format!("{}?service={}", auth.token_url, auth.service);
+        for s in scopes {
+            url.push_str(&format!(
+                "&scope={}",
+                s.replace(':', "%3A")
+                    .replace(',', "%2C")
+                    .replace('/', "%2F")
+            ));
+        }
+        let mut r = self.http.get(&url);
+        if let Some((u, p)) = &auth.credentials {
+            r = r.basic_auth(u, Some(p));
+        }
+        let resp = r.send().await?;
+        ensure!(
+            resp.status() == StatusCode::OK,
+            "token request: {}",
+            describe(resp).await
+        );
+        let v: Value = resp.json().await?;
+        let t = v["token"]
+            .as_str()
+            .context("no token in the response")?
+            .to_string();
+        auth.cache
+            .lock()
+            .expect("token cache")
+            .insert(key, t.clone());
+        Ok(t)
     }
 
     /// A request to `path` (absolute path like `/v2/...`, or a `Location` value).
@@ -44,9 +153,24 @@ impl Client {
         } else {
             format!("{}{path}", self.base)
         };
+        let path_and_query = url
+            .splitn(4, '/')
+            .nth(3)
+            .map(|p| format!("/{p}"))
+            .unwrap_or_default();
+        let bearer = self.auth.as_ref().map(|_| {
+            let scopes = scopes_for(method.as_str(), &path_and_query);
+            // The suite builds requests synchronously; fetch the token on this thread.
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(self.token(&scopes))
+            })
+        });
         let mut r = self.http.request(method, url);
         for (k, v) in &self.headers {
             r = r.header(k, v);
+        }
+        if let Some(Ok(t)) = bearer {
+            r = r.bearer_auth(t);
         }
         r
     }

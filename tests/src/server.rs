@@ -174,3 +174,121 @@ fn raw_get(addr: &str, path: &str) -> std::io::Result<String> {
     s.read_to_string(&mut out)?;
     Ok(out)
 }
+
+/// A running gateway (`gateway dev` or `gateway serve`), killed on drop.
+pub struct GatewayServer {
+    child: Option<Child>,
+    /// `https://127.0.0.1:<port>`
+    pub base: String,
+    /// `127.0.0.1:<port>`
+    pub host: String,
+    /// `http://127.0.0.1:<admin port>`
+    pub admin: String,
+    /// The CA that signed the server certificate (PEM).
+    pub ca_pem: Vec<u8>,
+    /// Everything the process printed on stdout before it was ready.
+    pub banner: String,
+}
+
+impl GatewayServer {
+    /// `gateway dev` on free ports with `data` as its data directory.
+    pub fn start_dev(data: &Path, admin_password: Option<&str>) -> anyhow::Result<Self> {
+        let port = crate::tools::free_port()?;
+        let mut cmd = Command::new(binary("gateway"));
+        cmd.args([
+            "dev",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(data);
+        match admin_password {
+            Some(p) => cmd.env("PORTCULLIS_ADMIN_PASSWORD", p),
+            None => cmd.env_remove("PORTCULLIS_ADMIN_PASSWORD"),
+        };
+        let ca = data.join("tls/ca.crt");
+        Self::spawn(cmd, port, move || std::fs::read(&ca).map_err(Into::into))
+    }
+
+    /// `gateway serve --config <config>`; the TLS listener must be `127.0.0.1:<port>`.
+    pub fn start_config(
+        config: &Path,
+        port: u16,
+        ca_pem: Vec<u8>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(binary("gateway"));
+        cmd.arg("serve").arg("--config").arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd, port, move || Ok(ca_pem.clone()))
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        port: u16,
+        ca: impl Fn() -> anyhow::Result<Vec<u8>>,
+    ) -> anyhow::Result<Self> {
+        cmd.env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("spawning gateway")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut reader = BufReader::new(stdout);
+        let mut banner = String::new();
+        let admin = loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                let _ = child.kill();
+                let status = child.wait()?;
+                bail!("gateway exited ({status}) before it was ready:\n{banner}");
+            }
+            banner.push_str(&line);
+            if let Some(a) = line.trim().strip_prefix("admin listening on ") {
+                break format!("http://{a}");
+            }
+        };
+        // Keep draining stdout so the process never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        let mut g = GatewayServer {
+            child: Some(child),
+            base: format!("https://127.0.0.1:{port}"),
+            host: format!("127.0.0.1:{port}"),
+            admin,
+            ca_pem: Vec::new(),
+            banner,
+        };
+        wait_healthy(&format!("{}/readyz", g.admin))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&g.host).is_err() {
+            if Instant::now() > deadline {
+                bail!("the gateway's TLS listener {} never opened", g.host);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        g.ca_pem = ca()?;
+        Ok(g)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for GatewayServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

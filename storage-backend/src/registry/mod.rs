@@ -11,7 +11,7 @@ mod uploads;
 
 pub use catalog::{Page, paginate};
 pub use manifests::{ManifestPut, StoredManifest};
-pub use uploads::UploadState;
+pub use uploads::{UploadState, rfc3339};
 
 use crate::driver::Driver;
 use crate::layout::Key;

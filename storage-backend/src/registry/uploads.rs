@@ -222,7 +222,7 @@ impl Registry {
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, as distribution writes `startedat`.
-pub(crate) fn rfc3339(t: SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -1,0 +1,167 @@
+//! Gateway configuration (`conf/gateway.toml`). Secrets come from files or the environment,
+//! never from this file.
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Client listener (TLS; HTTP/2 by ALPN and HTTP/1.1).
+    pub listen: SocketAddr,
+    /// Admin listener (plain HTTP): `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
+    pub tls: TlsConfig,
+    pub token: TokenConfig,
+    pub upstream: UpstreamConfig,
+    pub auth: AuthConfig,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// `iss` of issued tokens, and the only issuer accepted.
+    pub issuer: String,
+    /// `service` clients name in token requests; the `aud` of issued tokens.
+    pub service: String,
+    /// The token endpoint URL sent in `WWW-Authenticate`. Unset: `https://<Host>/token`.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// Lifetime of access tokens.
+    #[serde(default = "default_expires")]
+    pub expires_in_seconds: u64,
+    /// PEM files of EC P-256 private keys (PKCS#8). The first signs; all verify, so keys
+    /// rotate by adding the new key first and removing the old one after `expires_in_seconds`.
+    pub signing_keys: Vec<PathBuf>,
+    /// Absolute lifetime of refresh tokens.
+    #[serde(default = "default_refresh_absolute")]
+    pub refresh_absolute_hours: u64,
+    /// A refresh token unused for this long expires.
+    #[serde(default = "default_refresh_idle")]
+    pub refresh_idle_hours: u64,
+}
+
+fn default_expires() -> u64 {
+    300
+}
+fn default_refresh_absolute() -> u64 {
+    24 * 30
+}
+fn default_refresh_idle() -> u64 {
+    24 * 7
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Storage nodes, `host:port`.
+    pub nodes: Vec<String>,
+    /// Active health check (`GET /healthz`) interval.
+    #[serde(default = "default_health_ms")]
+    pub health_check_interval_ms: u64,
+    /// Idle timeout of upstream reads and writes (not a total timeout: big blobs stream on).
+    #[serde(default = "default_idle_s")]
+    pub idle_timeout_seconds: u64,
+    /// File with the internal secret; `PORTCULLIS_INTERNAL_SECRET` when unset.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+fn default_health_ms() -> u64 {
+    1000
+}
+fn default_idle_s() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// bcrypt htpasswd file of static users.
+    pub htpasswd_file: PathBuf,
+    /// Groups of static users: group name → user names.
+    #[serde(default)]
+    pub groups: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub file: PathBuf,
+}
+
+/// Name of the environment variable with the internal secret.
+pub const SECRET_ENV: &str = "PORTCULLIS_INTERNAL_SECRET";
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: Config =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.upstream.nodes.is_empty() {
+            bail!("upstream.nodes is empty");
+        }
+        if self.token.signing_keys.is_empty() {
+            bail!("token.signing_keys is empty");
+        }
+        if self.token.expires_in_seconds == 0 {
+            bail!("token.expires_in_seconds must be positive");
+        }
+        Ok(())
+    }
+
+    /// The internal secret from `upstream.secret_file` or the environment.
+    pub fn secret(&self) -> anyhow::Result<String> {
+        if let Some(f) = &self.upstream.secret_file {
+            let s =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let s = s.trim_end_matches(['\n', '\r']).to_string();
+            if s.is_empty() {
+                bail!("{} is empty", f.display());
+            }
+            return Ok(s);
+        }
+        std::env::var(SECRET_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .with_context(|| {
+                format!("no internal secret: set upstream.secret_file or {SECRET_ENV}")
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_parses_and_validates() {
+        let c: Config = toml::from_str(include_str!("../../conf/gateway.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.upstream.nodes.len(), 2);
+        assert_eq!(c.auth.groups["team-a"], ["bob"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = include_str!("../../conf/gateway.toml")
+            .replace("expires_in_seconds", "expires_in_secs");
+        assert!(toml::from_str::<Config>(&text).is_err());
+    }
+}

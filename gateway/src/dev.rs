@@ -1,0 +1,159 @@
+//! `gateway dev`: a working registry on one machine with nothing else running — gateway and
+//! storage in one process, data under `./data`, a generated CA and server certificate, an
+//! `admin` user with a generated password, the shipped policy.
+
+use crate::auth::htpasswd::Htpasswd;
+use crate::token::jwt::Tokens;
+use crate::token::keys::{SigningKey, generate_pem};
+use crate::token::refresh::RefreshStore;
+use crate::{Settings, authz, tls, token};
+use anyhow::Context;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The policy the embedded default uses: the shipped `conf/policy.toml`.
+pub const SHIPPED_POLICY: &str = include_str!("../../conf/policy.toml");
+/// Environment variable that sets (or resets) the admin password.
+pub const ADMIN_PASSWORD_ENV: &str = "PORTCULLIS_ADMIN_PASSWORD";
+/// bcrypt cost of generated password hashes.
+pub const BCRYPT_COST: u32 = 10;
+
+pub struct DevOptions {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub data: PathBuf,
+}
+
+fn random_token(bytes: usize) -> anyhow::Result<String> {
+    use base64::Engine;
+    let mut raw = vec![0u8; bytes];
+    openssl::rand::rand_bytes(&mut raw)?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw))
+}
+
+/// The admin password: from the environment, else generated once (printed) and kept as a
+/// bcrypt hash in `<data>/htpasswd`.
+fn ensure_admin(path: &Path) -> anyhow::Result<Option<String>> {
+    let from_env = std::env::var(ADMIN_PASSWORD_ENV)
+        .ok()
+        .filter(|p| !p.is_empty());
+    if path.exists() && from_env.is_none() {
+        return Ok(None);
+    }
+    let (password, show) = match from_env {
+        Some(p) => (p, false),
+        None => (random_token(18)?, true),
+    };
+    let hash = bcrypt::hash(&password, BCRYPT_COST)?;
+    tls::write_private(path, format!("admin:{hash}\n").as_bytes())?;
+    Ok(show.then_some(password))
+}
+
+/// Builds the settings of the embedded default and prints how to use it.
+pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
+    let data = &opts.data;
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let tls_files = tls::ensure_dev_certificates(&data.join("tls"))?;
+
+    let key_path = data.join("token-key.pem");
+    if !key_path.exists() {
+        tls::write_private(&key_path, &generate_pem()?)?;
+    }
+    let keys = vec![SigningKey::load(&key_path)?];
+
+    let htpasswd_path = data.join("htpasswd");
+    let generated = ensure_admin(&htpasswd_path)?;
+    let mut groups = BTreeMap::new();
+    groups.insert("registry-admins".to_string(), vec!["admin".to_string()]);
+    let users = Htpasswd::load(&htpasswd_path, &groups)?;
+
+    let policy = Arc::new(policy::Policy::compile(
+        "conf/policy.toml (built in)",
+        SHIPPED_POLICY,
+    )?);
+    let service = "portcullis".to_string();
+    let tokens = Arc::new(Tokens::new(keys, "portcullis-dev", &service));
+
+    // The storage service, in this process, on a loopback port, behind a fresh secret.
+    let secret = random_token(32)?;
+    let storage_root = data.join("storage");
+    std::fs::create_dir_all(&storage_root)?;
+    let storage_listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("binding the embedded storage")?;
+    storage_listener.set_nonblocking(true)?;
+    let storage_addr = storage_listener.local_addr()?;
+    let storage_config = storage_backend::config::Config {
+        storage: storage_backend::config::StorageConfig::Filesystem { root: storage_root },
+        ..Default::default()
+    };
+    let state = storage_backend::build_state(
+        &storage_config,
+        Some(storage_backend::config::Secret::new(secret.clone())),
+    );
+    let app = storage_backend::http::router(state, storage_backend::http::Listener::Combined);
+    let storage_task = Box::pin(async move {
+        match tokio::net::TcpListener::from_std(storage_listener) {
+            Ok(l) => {
+                if let Err(e) = axum::serve(l, app).await {
+                    eprintln!("gateway: embedded storage failed: {e}");
+                    std::process::exit(2);
+                }
+            }
+            Err(e) => {
+                eprintln!("gateway: embedded storage failed: {e}");
+                std::process::exit(2);
+            }
+        }
+    });
+
+    let admin = std::net::TcpListener::bind(opts.admin_listen)
+        .with_context(|| format!("binding the admin listener {}", opts.admin_listen))?;
+    let admin_addr = admin.local_addr()?;
+
+    println!("Portcullis registry (embedded default)");
+    println!("  registry:     https://{}", opts.listen);
+    println!("  admin:        http://{admin_addr} (/metrics /healthz /readyz)");
+    println!("  data:         {}", data.display());
+    println!("  CA:           {}", tls_files.ca_cert.display());
+    println!(
+        "                trust it: podman/skopeo --cert-dir <dir with ca.crt>; docker: copy it to /etc/docker/certs.d/{}/ca.crt",
+        opts.listen
+    );
+    match &generated {
+        Some(p) => println!(
+            "  admin user:   admin / {p}   (shown once; set {ADMIN_PASSWORD_ENV} to choose another)"
+        ),
+        None => {
+            println!("  admin user:   admin (password as set before, or from {ADMIN_PASSWORD_ENV})")
+        }
+    }
+    println!("admin listening on {admin_addr}");
+
+    Ok(Settings {
+        listen: opts.listen,
+        admin,
+        cert_file: tls_files.cert,
+        key_file: tls_files.key,
+        nodes: vec![storage_addr.to_string()],
+        secret,
+        health_check_interval: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(60),
+        authz: authz::Authz {
+            tokens: tokens.clone(),
+            policy: policy.clone(),
+            service,
+            realm: None,
+        },
+        token: token::TokenService {
+            tokens,
+            auth: Arc::new(users),
+            policy,
+            refresh: RefreshStore::new(30 * 86_400, 7 * 86_400),
+            expires_in_seconds: 300,
+        },
+        side_tasks: vec![storage_task],
+    })
+}

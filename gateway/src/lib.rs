@@ -1,0 +1,151 @@
+//! Portcullis gateway: the Pingora TLS edge.
+//!
+//! - [`token`]: the Docker token service (`/token`, JWKS) and registry JWTs.
+//! - [`auth`]: the [`auth::Authenticator`] trait and static users (bcrypt htpasswd).
+//! - [`authz`]: the bearer check of `/v2/` requests and tag immutability.
+//! - [`proxy`]: the `ProxyHttp` that calls them and streams to a storage node.
+//! - [`dev`]: the embedded default (`gateway dev`), with storage in the same process.
+//!
+//! [`run`] wires a [`Settings`] into a Pingora server with a TLS listener (h2 by ALPN and
+//! HTTP/1.1), a load balancer over the storage nodes with active `/healthz` checks, and an
+//! admin listener (`/metrics`, `/healthz`, `/readyz`).
+
+pub mod admin;
+pub mod auth;
+pub mod authz;
+pub mod config;
+pub mod dev;
+pub mod metrics;
+pub mod proxy;
+pub mod tls;
+pub mod token;
+
+use anyhow::Context;
+use pingora::lb::LoadBalancer;
+use pingora::lb::selection::RoundRobin;
+use pingora::server::Server;
+use pingora::server::configuration::ServerConf;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything [`run`] needs, loaded and checked.
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin: std::net::TcpListener,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub nodes: Vec<String>,
+    pub secret: String,
+    pub health_check_interval: Duration,
+    pub idle_timeout: Duration,
+    pub token: token::TokenService,
+    pub authz: authz::Authz,
+    /// Work to run on the side runtime before serving (the embedded storage service).
+    pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+fn storage_health_check() -> Box<pingora::lb::health_check::HttpHealthCheck> {
+    let mut hc = pingora::lb::health_check::HttpHealthCheck::new("storage", false);
+    if let Ok(req) = pingora::http::RequestHeader::build("GET", b"/healthz", None) {
+        let mut req = req;
+        let _ = req.insert_header("host", "storage");
+        hc.req = req;
+    }
+    hc.consecutive_failure = 1;
+    hc.consecutive_success = 1;
+    hc.peer_template.options.connection_timeout = Some(Duration::from_millis(500));
+    hc.peer_template.options.read_timeout = Some(Duration::from_secs(1));
+    Box::new(hc)
+}
+
+/// Runs the gateway until the process is stopped.
+pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
+    let Settings {
+        listen,
+        admin,
+        cert_file,
+        key_file,
+        nodes,
+        secret,
+        health_check_interval,
+        idle_timeout,
+        token,
+        authz,
+        side_tasks,
+    } = settings;
+    let metrics = Arc::new(metrics::Metrics::new());
+
+    let conf = ServerConf {
+        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut upstreams = LoadBalancer::<RoundRobin>::try_from_iter(nodes.iter().map(String::as_str))
+        .with_context(|| format!("upstream nodes {nodes:?}"))?;
+    upstreams.set_health_check(storage_health_check());
+    upstreams.health_check_frequency = Some(health_check_interval);
+    let health =
+        pingora::services::background::background_service("storage health check", upstreams);
+    let upstreams: Arc<LoadBalancer<RoundRobin>> = health.task();
+
+    let gateway = proxy::Gateway {
+        tokens: Arc::new(token),
+        authz,
+        upstreams: upstreams.clone(),
+        secret,
+        idle_timeout,
+        metrics: metrics.clone(),
+    };
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+    let mut tls = pingora::listeners::tls::TlsSettings::intermediate(
+        &cert_file.display().to_string(),
+        &key_file.display().to_string(),
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "loading TLS certificate {} / key {}: {e}",
+            cert_file.display(),
+            key_file.display()
+        )
+    })?;
+    tls.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))?;
+    tls.enable_h2();
+    service.add_tls_with_settings(&listen.to_string(), None, tls);
+    server.add_service(service);
+    server.add_service(health);
+
+    // The side runtime: admin listener and, in dev mode, the embedded storage service.
+    admin.set_nonblocking(true)?;
+    let admin_state = Arc::new(admin::AdminState { metrics, upstreams });
+    std::thread::Builder::new()
+        .name("portcullis-side".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("gateway: cannot start the side runtime: {e}");
+                    std::process::exit(2);
+                }
+            };
+            rt.block_on(async move {
+                for t in side_tasks {
+                    tokio::spawn(t);
+                }
+                if let Err(e) = admin::serve(admin, admin_state).await {
+                    eprintln!("gateway: admin listener failed: {e:#}");
+                    std::process::exit(2);
+                }
+            });
+        })?;
+    server.run_forever()
+}

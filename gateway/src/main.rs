@@ -1,0 +1,152 @@
+//! `gateway dev | serve --config <file> | check-config --config <file> | hash-password`
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gateway::auth::htpasswd::Htpasswd;
+use gateway::token::jwt::Tokens;
+use gateway::token::keys::SigningKey;
+use gateway::token::refresh::RefreshStore;
+use gateway::{Settings, authz, config, dev, token};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Portcullis gateway: TLS edge, token service, policy enforcement"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The embedded default: gateway + storage in one process, no external services.
+    Dev {
+        #[arg(long, default_value = "127.0.0.1:5443")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:5444")]
+        admin_listen: SocketAddr,
+        #[arg(long, default_value = "./data")]
+        data: PathBuf,
+    },
+    /// Production: storage nodes, keys, users and policy from a config file.
+    Serve {
+        #[arg(long, env = "PORTCULLIS_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Load and check a config file (and everything it names) without starting.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print a bcrypt hash of a password read from stdin, for the htpasswd file.
+    HashPassword {
+        #[arg(long, default_value_t = dev::BCRYPT_COST)]
+        cost: u32,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
+    let c = config::Config::load(path)?;
+    let secret = c.secret()?;
+    let keys = c
+        .token
+        .signing_keys
+        .iter()
+        .map(|p| SigningKey::load(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let users = Htpasswd::load(&c.auth.htpasswd_file, &c.auth.groups)?;
+    let policy_text = std::fs::read_to_string(&c.policy.file)
+        .with_context(|| format!("reading {}", c.policy.file.display()))?;
+    let policy = Arc::new(policy::Policy::compile(
+        &c.policy.file.display().to_string(),
+        &policy_text,
+    )?);
+    let tokens = Arc::new(Tokens::new(keys, &c.token.issuer, &c.token.service));
+    let admin = std::net::TcpListener::bind(c.admin_listen)
+        .with_context(|| format!("binding the admin listener {}", c.admin_listen))?;
+    println!("admin listening on {}", admin.local_addr()?);
+    Ok(Settings {
+        listen: c.listen,
+        admin,
+        cert_file: c.tls.cert_file.clone(),
+        key_file: c.tls.key_file.clone(),
+        nodes: c.upstream.nodes.clone(),
+        secret,
+        health_check_interval: Duration::from_millis(c.upstream.health_check_interval_ms),
+        idle_timeout: Duration::from_secs(c.upstream.idle_timeout_seconds),
+        authz: authz::Authz {
+            tokens: tokens.clone(),
+            policy: policy.clone(),
+            service: c.token.service.clone(),
+            realm: c.token.realm.clone(),
+        },
+        token: token::TokenService {
+            tokens,
+            auth: Arc::new(users),
+            policy,
+            refresh: RefreshStore::new(
+                (c.token.refresh_absolute_hours * 3600) as i64,
+                (c.token.refresh_idle_hours * 3600) as i64,
+            ),
+            expires_in_seconds: c.token.expires_in_seconds,
+        },
+        side_tasks: Vec::new(),
+    })
+}
+
+fn run() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Dev {
+            listen,
+            admin_listen,
+            data,
+        } => {
+            let s = dev::settings(dev::DevOptions {
+                listen,
+                admin_listen,
+                data,
+            })?;
+            gateway::run(s)?;
+            Ok(())
+        }
+        Command::Serve { config } => {
+            gateway::run(from_config(&config)?)?;
+            Ok(())
+        }
+        Command::CheckConfig { config } => {
+            let s = from_config(&config)?;
+            drop(s);
+            println!("configuration is valid");
+            Ok(())
+        }
+        Command::HashPassword { cost } => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let pw = line.trim_end_matches(['\n', '\r']);
+            anyhow::ensure!(!pw.is_empty(), "empty password");
+            println!("{}", bcrypt::hash(pw, cost)?);
+            Ok(())
+        }
+    }
+}

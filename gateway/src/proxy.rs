@@ -1,0 +1,316 @@
+//! The Pingora `ProxyHttp`: a thin sequence of calls into the token service, the bearer
+//! check (`authz`), and the upstream selection. Per-request state lives in [`RequestCtx`].
+
+use crate::authz::{self, Verdict};
+use crate::metrics::Metrics;
+use crate::token::{self, TokenService};
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::lb::LoadBalancer;
+use pingora::lb::selection::RoundRobin;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Header carrying the internal secret to storage (clients' copies are stripped).
+pub const INTERNAL_SECRET_HEADER: &str = storage_backend::http::INTERNAL_SECRET_HEADER;
+/// Largest token request body read.
+const MAX_TOKEN_BODY: usize = 64 * 1024;
+
+pub struct Gateway {
+    pub tokens: Arc<TokenService>,
+    pub authz: authz::Authz,
+    pub upstreams: Arc<LoadBalancer<RoundRobin>>,
+    pub secret: String,
+    pub idle_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What a request carries from one phase to the next.
+pub struct RequestCtx {
+    started: Instant,
+    pub request_id: String,
+    route: &'static str,
+    /// Upstream modifications decided by the bearer check.
+    forward: authz::Forward,
+    /// A replacement body for the response (e.g. 412 → 403 for immutable tags).
+    replace_body: Option<Bytes>,
+}
+
+async fn respond(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    body: Bytes,
+    extra: &[(&str, String)],
+) -> Result<bool> {
+    let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    h.insert_header("content-type", content_type)?;
+    h.insert_header("content-length", body.len().to_string())?;
+    h.insert_header("docker-distribution-api-version", "registry/2.0")?;
+    for (k, v) in extra {
+        h.insert_header(k.to_string(), v.as_str())?;
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(h), head_only || body.is_empty())
+        .await?;
+    if !head_only && !body.is_empty() {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(true)
+}
+
+impl Gateway {
+    async fn token_endpoint(&self, session: &mut Session) -> Result<bool> {
+        let req = session.req_header();
+        let method = req.method.as_str().to_owned();
+        let query = req.uri.query().map(str::to_owned);
+        let authorization = req
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut body = Vec::new();
+        if method == "POST" {
+            while let Some(chunk) = session.read_request_body().await? {
+                if body.len() + chunk.len() > MAX_TOKEN_BODY {
+                    return respond(session, 413, "application/json", Bytes::from_static(br#"{"error":"invalid_request","error_description":"request body too large"}"#), &[]).await;
+                }
+                body.extend_from_slice(&chunk);
+            }
+        }
+        let reply = self
+            .tokens
+            .handle(&token::Request {
+                method: &method,
+                query: query.as_deref(),
+                authorization: authorization.as_deref(),
+                body: &body,
+            })
+            .await;
+        self.metrics
+            .token_requests
+            .with_label_values(&[&reply.status.to_string()])
+            .inc();
+        let mut extra = vec![("cache-control", "no-store".to_string())];
+        if let Some(w) = reply.www_authenticate {
+            extra.push(("www-authenticate", w));
+        }
+        respond(
+            session,
+            reply.status,
+            "application/json",
+            Bytes::from(reply.body),
+            &extra,
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            route: "other",
+            forward: authz::Forward::default(),
+            replace_body: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let path = session.req_header().uri.path().to_owned();
+        if path == token::TOKEN_PATH {
+            ctx.route = "token";
+            return self.token_endpoint(session).await;
+        }
+        if path == token::JWKS_PATH {
+            ctx.route = "jwks";
+            let body = self.tokens.tokens.jwks().to_string();
+            return respond(session, 200, "application/json", Bytes::from(body), &[]).await;
+        }
+        if path != "/v2" && !path.starts_with("/v2/") {
+            ctx.route = "unknown";
+            let e = oci::OciError::new(oci::ErrorCode::Unsupported, "no such endpoint")
+                .with_status(404);
+            return respond(session, 404, "application/json", Bytes::from(e.body()), &[]).await;
+        }
+        match self.authz.check(session.req_header()) {
+            Verdict::Forward { route, forward } => {
+                ctx.route = route;
+                ctx.forward = forward;
+                Ok(false)
+            }
+            Verdict::Respond {
+                route,
+                status,
+                body,
+                headers,
+            } => {
+                ctx.route = route;
+                let extra: Vec<(&str, String)> =
+                    headers.iter().map(|(k, v)| (*k, v.clone())).collect();
+                respond(
+                    session,
+                    status,
+                    "application/json",
+                    Bytes::from(body),
+                    &extra,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let Some(backend) = self.upstreams.select(b"", 256) else {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "no healthy storage node",
+            ));
+        };
+        let mut peer = HttpPeer::new(backend.addr.clone(), false, String::new());
+        peer.options.connection_timeout = Some(Duration::from_secs(2));
+        peer.options.read_timeout = Some(self.idle_timeout);
+        peer.options.write_timeout = Some(self.idle_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream.remove_header(INTERNAL_SECRET_HEADER);
+        upstream.insert_header(INTERNAL_SECRET_HEADER, self.secret.as_str())?;
+        // A client's own `If-None-Match: *` passes through (it only restricts).
+        if ctx.forward.create_tag_only {
+            upstream.insert_header("if-none-match", "*")?;
+        }
+        if let Some(uri) = ctx.forward.rewrite_uri.take() {
+            upstream.set_uri(uri);
+        }
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        if let Some(ip) = client {
+            let xff = match upstream
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.forward.create_tag_only && resp.status.as_u16() == 412 {
+            let tag = ctx.forward.tag.clone().unwrap_or_default();
+            let body = oci::OciError::new(
+                oci::ErrorCode::Denied,
+                format!("tag {tag} is immutable and already exists; push a new tag instead"),
+            )
+            .body();
+            resp.set_status(403)?;
+            resp.insert_header("content-length", body.len().to_string())?;
+            resp.insert_header("content-type", "application/json")?;
+            ctx.replace_body = Some(Bytes::from(body));
+        }
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(replacement) = &ctx.replace_body {
+            *body = end_of_stream.then(|| replacement.clone());
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(c) => *c,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                _ => 500,
+            },
+        };
+        if code > 0 {
+            let msg = match code {
+                502 | 503 => "storage is unavailable, try again",
+                400 => "bad request",
+                _ => "internal error",
+            };
+            let e = oci::OciError::new(oci::ErrorCode::Unknown, msg).with_status(code);
+            let _ = respond(
+                session,
+                code,
+                "application/json",
+                Bytes::from(e.body()),
+                &[],
+            )
+            .await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let method = session.req_header().method.as_str().to_owned();
+        self.metrics
+            .requests
+            .with_label_values(&[ctx.route, &method, &status.to_string()])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[ctx.route])
+            .observe(ctx.started.elapsed().as_secs_f64());
+        if let Some(e) = e {
+            tracing::warn!(request_id = %ctx.request_id, route = ctx.route, status, error = %e, "request failed");
+        } else {
+            tracing::debug!(request_id = %ctx.request_id, route = ctx.route, status, "request");
+        }
+    }
+}

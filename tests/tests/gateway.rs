@@ -1,0 +1,693 @@
+//! End-to-end tests of the gateway: the real binary over TLS with token auth, in front of
+//! the real storage service. `cargo test --release --test gateway` runs exactly these.
+
+use anyhow::ensure;
+use gateway::token::jwt::{Access, Claims, TokenSubject, Tokens};
+use gateway::token::keys::{SigningKey, generate_pem};
+use portcullis_tests::client::{Client, OCI_MANIFEST, TokenAuth, describe, expect_error};
+use portcullis_tests::protocol;
+use portcullis_tests::server::{GatewayServer, StorageOptions, StorageServer};
+use reqwest::Method;
+use serde_json::Value;
+use std::path::Path;
+
+const ADMIN_PASSWORD: &str = "test-admin-password";
+
+fn dev() -> (tempfile::TempDir, GatewayServer) {
+    let data = tempfile::tempdir().unwrap();
+    let g = GatewayServer::start_dev(data.path(), Some(ADMIN_PASSWORD)).unwrap();
+    (data, g)
+}
+
+fn client(g: &GatewayServer, credentials: Option<(&str, &str)>) -> Client {
+    let mut c = Client::with_ca(&g.base, &g.ca_pem);
+    c.auth = Some(TokenAuth::new(
+        &format!("{}/token", g.base),
+        "portcullis",
+        credentials,
+    ));
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn protocol_suite_passes_through_the_gateway_over_tls_with_tokens() {
+    let (_data, g) = dev();
+    let c = client(&g, Some(("admin", ADMIN_PASSWORD)));
+    let failures = protocol::run_all(&c, "gw").await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} protocol cases failed through the gateway:\n{}",
+        failures.len(),
+        protocol::cases().len(),
+        failures
+            .iter()
+            .map(|(n, e)| format!("- {n}: {e}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_prints_how_to_use_it_and_serves_health_and_metrics() {
+    let data = tempfile::tempdir().unwrap();
+    let g = GatewayServer::start_dev(data.path(), None).unwrap();
+    assert!(g.banner.contains("admin user:   admin / "), "{}", g.banner);
+    assert!(
+        g.banner
+            .contains(&format!("{}", data.path().join("tls/ca.crt").display())),
+        "{}",
+        g.banner
+    );
+    let password = g
+        .banner
+        .split("admin / ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let c = client(&g, Some(("admin", &password)));
+    assert_eq!(c.get("/v2/").await.unwrap().status(), 200);
+    let plain = reqwest::Client::new();
+    assert_eq!(
+        plain
+            .get(format!("{}/healthz", g.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        plain
+            .get(format!("{}/readyz", g.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let m = plain
+        .get(format!("{}/metrics", g.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("gateway_http_requests_total"), "{m}");
+    // Restarted on the same data: the password is not shown again and still works.
+    drop(g);
+    let g = GatewayServer::start_dev(data.path(), None).unwrap();
+    assert!(!g.banner.contains(&password));
+    let c = client(&g, Some(("admin", &password)));
+    assert_eq!(c.get("/v2/").await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_without_a_token_is_challenged_with_the_scope_it_needs() {
+    let (_data, g) = dev();
+    let c = Client::with_ca(&g.base, &g.ca_pem);
+    let r = c.get("/v2/").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let w = r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        w.starts_with(&format!(
+            "Bearer realm=\"https://{}/token\",service=\"portcullis\"",
+            g.host
+        )),
+        "{w}"
+    );
+    let r = c
+        .req(Method::PUT, "/v2/team-a/app/manifests/v1")
+        .send()
+        .await
+        .unwrap();
+    let w = r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        w.contains("scope=\"repository:team-a/app:pull,push\""),
+        "{w}"
+    );
+    expect_error(r, 401, "UNAUTHORIZED").await.unwrap();
+}
+
+async fn token_reply(
+    c: &Client,
+    g: &GatewayServer,
+    query: &str,
+    basic: Option<(&str, &str)>,
+) -> (u16, Value) {
+    let mut r = c.http.get(format!("{}/token?{query}", g.base));
+    if let Some((u, p)) = basic {
+        r = r.basic_auth(u, Some(p));
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn claims_of(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_grants_the_intersection_and_refuses_bad_credentials() {
+    let (_data, g) = dev();
+    let c = Client::with_ca(&g.base, &g.ca_pem);
+    // Anonymous: only what policy gives anonymous (public/** pull).
+    let (s, v) = token_reply(&c, &g, "service=portcullis&scope=repository:public/base:pull,push&scope=repository:team-a/app:pull", None).await;
+    assert_eq!(s, 200, "{v}");
+    let claims = claims_of(v["token"].as_str().unwrap());
+    assert_eq!(
+        claims["access"],
+        serde_json::json!([{"type": "repository", "name": "public/base", "actions": ["pull"]}])
+    );
+    // Admin, several scopes in one request, a name with host:port, catalog.
+    let (s, v) = token_reply(
+        &c,
+        &g,
+        "service=portcullis&scope=repository:a/b:pull,push&scope=registry:catalog:*&scope=repository:localhost:5000/x:pull&offline_token=true&client_id=docker",
+        Some(("admin", ADMIN_PASSWORD)),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let claims = claims_of(v["token"].as_str().unwrap());
+    assert_eq!(
+        claims["access"][0]["actions"],
+        serde_json::json!(["pull", "push"])
+    );
+    assert_eq!(claims["access"][1]["type"], "registry");
+    assert_eq!(claims["sub"], "admin");
+    assert!(
+        v["refresh_token"].is_string(),
+        "offline_token=true returns a refresh token"
+    );
+    for k in ["iss", "aud", "exp", "nbf", "iat", "jti"] {
+        assert!(!claims[k].is_null(), "claim {k} missing");
+    }
+    // Wrong password, malformed header, unknown service, malformed scope.
+    let (s, v) = token_reply(&c, &g, "service=portcullis", Some(("admin", "wrong"))).await;
+    assert_eq!(s, 401, "{v}");
+    assert!(
+        !v.to_string().contains("wrong"),
+        "the password is echoed: {v}"
+    );
+    let r = c
+        .http
+        .get(format!("{}/token", g.base))
+        .header("authorization", "Basic !!!")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let (s, v) = token_reply(&c, &g, "service=elsewhere", None).await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_request")));
+    let (s, v) = token_reply(&c, &g, "service=portcullis&scope=repository", None).await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_scope")));
+    // JWKS publishes the signing key under its kid.
+    let jwks: Value = c
+        .http
+        .get(format!("{}/auth/jwks.json", g.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let header: Value = {
+        use base64::Engine;
+        let h = v_token_header(&c, &g).await;
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(h)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(header["alg"], "ES256");
+    assert!(
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["kid"] == header["kid"])
+    );
+}
+
+async fn v_token_header(c: &Client, g: &GatewayServer) -> String {
+    let (_, v) = token_reply(c, g, "service=portcullis", None).await;
+    v["token"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_post_password_and_refresh_token_grants() {
+    let (_data, g) = dev();
+    let c = Client::with_ca(&g.base, &g.ca_pem);
+    let post = |form: Vec<(&'static str, String)>| {
+        c.http.post(format!("{}/token", g.base)).form(&form).send()
+    };
+    let r = post(vec![
+        ("grant_type", "password".into()),
+        ("username", "admin".into()),
+        ("password", ADMIN_PASSWORD.into()),
+        ("service", "portcullis".into()),
+        ("client_id", "test".into()),
+        ("access_type", "offline".into()),
+        ("scope", "repository:x/y:pull repository:x/z:push".into()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["scope"], "repository:x/y:pull repository:x/z:push");
+    let refresh = v["refresh_token"].as_str().unwrap().to_string();
+    let r = post(vec![
+        ("grant_type", "refresh_token".into()),
+        ("refresh_token", refresh.clone()),
+        ("service", "portcullis".into()),
+        ("client_id", "test".into()),
+        ("scope", "repository:x/y:pull".into()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["access_token"].is_string());
+    for (form, error) in [
+        (
+            vec![
+                ("grant_type", "password".to_string()),
+                ("username", "admin".into()),
+                ("password", "nope".into()),
+                ("client_id", "t".into()),
+            ],
+            "invalid_grant",
+        ),
+        (
+            vec![
+                ("grant_type", "refresh_token".to_string()),
+                ("refresh_token", "forged".into()),
+                ("client_id", "t".into()),
+            ],
+            "invalid_grant",
+        ),
+        (
+            vec![
+                ("grant_type", "client_credentials".to_string()),
+                ("client_id", "t".into()),
+            ],
+            "unsupported_grant_type",
+        ),
+        (
+            vec![
+                ("grant_type", "password".to_string()),
+                ("username", "admin".into()),
+                ("password", ADMIN_PASSWORD.into()),
+            ],
+            "invalid_request",
+        ),
+    ] {
+        let r = post(form).await.unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], error, "{v}");
+    }
+}
+
+/// Signs claims with a key: the gateway's own (from its data dir) or a stranger's.
+fn forge(key_pem: &[u8], claims: &Claims) -> String {
+    let tokens = Tokens::new(vec![SigningKey::from_pem(key_pem).unwrap()], "x", "x");
+    tokens.sign(claims).unwrap()
+}
+
+fn claims(sub: &str, repo: &str, now: i64) -> Claims {
+    Claims {
+        iss: "portcullis-dev".into(),
+        sub: sub.into(),
+        aud: "portcullis".into(),
+        exp: now + 300,
+        nbf: now,
+        iat: now,
+        jti: "t".into(),
+        access: vec![Access {
+            resource_type: "repository".into(),
+            name: repo.into(),
+            actions: vec!["pull".into(), "push".into()],
+        }],
+        subject: TokenSubject {
+            kind: "user".into(),
+            groups: vec![],
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_expired_and_misdirected_tokens_are_refused() {
+    use base64::Engine;
+    let (data, g) = dev();
+    let key = std::fs::read(data.path().join("token-key.pem")).unwrap();
+    let now = gateway::token::unix_now();
+    let c = Client::with_ca(&g.base, &g.ca_pem);
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let good = claims("admin", "a/b", now);
+    let valid = forge(&key, &good);
+    let get = |token: String, path: &'static str| {
+        c.http
+            .get(format!("{}{path}", g.base))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(
+        get(valid.clone(), "/v2/a/b/tags/list")
+            .await
+            .unwrap()
+            .status(),
+        404,
+        "a valid token reaches storage"
+    );
+
+    let payload = valid.split('.').nth(1).unwrap().to_string();
+    let none = format!(
+        "{}.{payload}.",
+        b64(&serde_json::json!({"alg": "none", "typ": "JWT"}))
+    );
+    let hs256 = {
+        use openssl::hash::MessageDigest;
+        use openssl::pkey::PKey;
+        use openssl::sign::Signer;
+        let pubkey = openssl::pkey::PKey::private_key_from_pem(&key)
+            .unwrap()
+            .public_key_to_pem()
+            .unwrap();
+        let head = b64(&serde_json::json!({"alg": "HS256", "typ": "JWT"}));
+        let signing_input = format!("{head}.{payload}");
+        let hmac = PKey::hmac(&pubkey).unwrap();
+        let mut s = Signer::new(MessageDigest::sha256(), &hmac).unwrap();
+        s.update(signing_input.as_bytes()).unwrap();
+        format!(
+            "{signing_input}.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s.sign_to_vec().unwrap())
+        )
+    };
+    let stranger = forge(&generate_pem().unwrap(), &good);
+    let expired = forge(
+        &key,
+        &Claims {
+            exp: now - 3600,
+            nbf: now - 7200,
+            iat: now - 7200,
+            ..good.clone()
+        },
+    );
+    let future = forge(
+        &key,
+        &Claims {
+            nbf: now + 3600,
+            exp: now + 7200,
+            ..good.clone()
+        },
+    );
+    let wrong_aud = forge(
+        &key,
+        &Claims {
+            aud: "other".into(),
+            ..good.clone()
+        },
+    );
+    let wrong_iss = forge(
+        &key,
+        &Claims {
+            iss: "other".into(),
+            ..good.clone()
+        },
+    );
+    let tampered = {
+        let mut parts: Vec<String> = valid.split('.').map(String::from).collect();
+        let mut c2 = good.clone();
+        c2.access[0].name = "c/d".into();
+        parts[1] = b64(&serde_json::to_value(&c2).unwrap());
+        parts.join(".")
+    };
+    for (what, token) in [
+        ("alg=none", none),
+        ("HS256 with the public key", hs256),
+        ("unknown kid", stranger),
+        ("expired", expired),
+        ("not yet valid", future),
+        ("wrong aud", wrong_aud),
+        ("wrong iss", wrong_iss),
+        ("tampered payload", tampered),
+        ("garbage", "not.a.jwt".into()),
+    ] {
+        let r = get(token, "/v2/a/b/tags/list").await.unwrap();
+        assert_eq!(r.status(), 401, "{what}");
+        assert!(
+            r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("invalid_token"),
+            "{what}"
+        );
+        expect_error(r, 401, "UNAUTHORIZED").await.unwrap();
+    }
+    // A token for a/b used on c/d: insufficient scope.
+    let r = get(valid.clone(), "/v2/c/d/tags/list").await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("error=\"insufficient_scope\"")
+    );
+    expect_error(r, 401, "DENIED").await.unwrap();
+    // Malformed Authorization headers.
+    for h in ["Bearer", "Basic YWRtaW46eA==", "Bearer a b c", "\u{7f}"] {
+        let r = c
+            .http
+            .get(format!("{}/v2/a/b/tags/list", g.base))
+            .header("authorization", h)
+            .send()
+            .await;
+        if let Ok(r) = r {
+            assert_eq!(r.status(), 401, "{h:?}");
+        }
+    }
+}
+
+/// A gateway in production shape: config file, separate storage-backend, htpasswd users with
+/// groups, the shipped policy.
+struct Deployment {
+    _dir: tempfile::TempDir,
+    _storage: StorageServer,
+    gateway: GatewayServer,
+}
+
+fn deployment(users: &[(&str, &str)]) -> Deployment {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let secret = "deployment-internal-secret";
+    let storage = StorageServer::start_with(
+        &d.join("storage"),
+        StorageOptions {
+            env: vec![("PORTCULLIS_INTERNAL_SECRET".into(), secret.into())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let tls = gateway::tls::ensure_dev_certificates(&d.join("tls")).unwrap();
+    std::fs::write(d.join("key.pem"), generate_pem().unwrap()).unwrap();
+    let htpasswd: String = users
+        .iter()
+        .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 4).unwrap()))
+        .collect();
+    std::fs::write(d.join("htpasswd"), htpasswd).unwrap();
+    let port = portcullis_tests::tools::free_port().unwrap();
+    let policy = portcullis_tests::server::workspace_root().join("conf/policy.toml");
+    let config = format!(
+        r#"listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:0"
+[tls]
+cert_file = "{cert}"
+key_file = "{key}"
+[token]
+issuer = "test-issuer"
+service = "registry.test"
+signing_keys = ["{d}/key.pem"]
+[upstream]
+nodes = ["{storage}"]
+health_check_interval_ms = 200
+[auth]
+htpasswd_file = "{d}/htpasswd"
+[auth.groups]
+team-a = ["bob"]
+registry-admins = ["alice"]
+[policy]
+file = "{policy}"
+"#,
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        d = d.display(),
+        storage = storage.base.trim_start_matches("http://"),
+        policy = policy.display(),
+    );
+    let conf = d.join("gateway.toml");
+    std::fs::write(&conf, config).unwrap();
+    let ca = std::fs::read(&tls.ca_cert).unwrap();
+    let gateway =
+        GatewayServer::start_config(&conf, port, ca, &[("PORTCULLIS_INTERNAL_SECRET", secret)])
+            .unwrap();
+    Deployment {
+        _dir: dir,
+        _storage: storage,
+        gateway,
+    }
+}
+
+fn user_client(g: &GatewayServer, user: &str, password: &str) -> Client {
+    let mut c = Client::with_ca(&g.base, &g.ca_pem);
+    c.auth = Some(TokenAuth::new(
+        &format!("{}/token", g.base),
+        "registry.test",
+        Some((user, password)),
+    ));
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_is_enforced_end_to_end() {
+    let dep = deployment(&[
+        ("bob", "bob-pw"),
+        ("alice", "alice-pw"),
+        ("carol", "carol-pw"),
+    ]);
+    let g = &dep.gateway;
+    let bob = user_client(g, "bob", "bob-pw");
+    let carol = user_client(g, "carol", "carol-pw");
+    let alice = user_client(g, "alice", "alice-pw");
+
+    // bob (team-a) pushes to team-a; carol has no push there: denied.
+    bob.push_image("team-a/app", "latest", &[b"layer"])
+        .await
+        .unwrap();
+    let r = carol
+        .req(Method::POST, "/v2/team-a/app/blobs/uploads/")
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 401, "DENIED").await.unwrap();
+    // bob reads but cannot push under team-a/prod.
+    let r = bob
+        .req(Method::POST, "/v2/team-a/prod/api/blobs/uploads/")
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 401, "DENIED").await.unwrap();
+
+    // Immutable tags: created once, never re-pushed or deleted; mutable tags move freely.
+    let m1 = bob
+        .image_manifest("team-a/app", b"{\"v\":1}", &[], None)
+        .await
+        .unwrap();
+    let m2 = bob
+        .image_manifest("team-a/app", b"{\"v\":2}", &[], None)
+        .await
+        .unwrap();
+    let r = bob
+        .put_manifest("team-a/app", "v1.0.0", OCI_MANIFEST, &m1)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", describe(r).await);
+    let r = bob
+        .put_manifest("team-a/app", "v1.0.0", OCI_MANIFEST, &m2)
+        .await
+        .unwrap();
+    expect_error(r, 403, "DENIED").await.unwrap();
+    let got = bob
+        .get("/v2/team-a/app/manifests/v1.0.0")
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(got[..] == m1[..], "the immutable tag moved");
+    let r = bob
+        .req(Method::DELETE, "/v2/team-a/app/manifests/v1.0.0")
+        .send()
+        .await
+        .unwrap();
+    // bob is a developer: no delete scope at all.
+    assert_eq!(r.status(), 401);
+    let r = alice
+        .req(Method::DELETE, "/v2/team-a/app/manifests/v1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "an admin may override, audited");
+    for m in [&m1, &m2, &m1] {
+        let r = bob
+            .put_manifest("team-a/app", "latest", OCI_MANIFEST, m)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "mutable tags move");
+    }
+
+    // Two concurrent first pushes of one immutable tag: exactly one wins.
+    let mut handles = Vec::new();
+    for m in [m1.clone(), m2.clone()] {
+        let bob = bob.clone();
+        handles.push(tokio::spawn(async move {
+            bob.put_manifest("team-a/app", "v2.0.0", OCI_MANIFEST, &m)
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    let mut statuses = Vec::new();
+    for h in handles {
+        statuses.push(h.await.unwrap().unwrap());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [201, 403], "exactly one first push wins");
+}
+
+#[test]
+fn tls_below_1_2_is_refused() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let g = GatewayServer::start_dev(data.path(), Some(ADMIN_PASSWORD))?;
+    for (flag, ok) in [
+        ("-tls1", false),
+        ("-tls1_1", false),
+        ("-tls1_2", true),
+        ("-tls1_3", true),
+    ] {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", flag, "-connect", &g.host, "-CAfile"])
+            .arg(Path::new(&data.path().join("tls/ca.crt")))
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        let connected = text.contains("Server certificate") && !text.contains("Cipher is (NONE)");
+        ensure!(connected == ok, "{flag}: connected={connected}\n{text}");
+    }
+    Ok(())
+}
