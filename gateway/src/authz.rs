@@ -35,6 +35,11 @@ pub struct Forward {
     /// Replace the request URI (e.g. a mount the token may not read from is dropped).
     pub rewrite_uri: Option<http::Uri>,
     pub subject: String,
+    /// A manifest DELETE by digest in a repository with immutability rules: the proxy must
+    /// find the tags pointing to the digest and ask [`Authz::check_digest_delete`].
+    pub digest_delete: Option<(String, String)>,
+    /// The token's subject, for later policy questions.
+    pub policy_subject: Option<policy::Subject>,
 }
 
 pub struct Authz {
@@ -252,6 +257,13 @@ impl Authz {
             }
             Endpoint::DeleteManifest {
                 name,
+                reference: Reference::Digest(d),
+            } if self.policy.has_immutability_for(name.as_str()) => {
+                forward.digest_delete = Some((name.to_string(), d.to_string()));
+                forward.policy_subject = Some(subject.clone());
+            }
+            Endpoint::DeleteManifest {
+                name,
                 reference: Reference::Tag(tag),
             } => {
                 match self
@@ -284,6 +296,38 @@ impl Authz {
         Verdict::Forward {
             route: label,
             forward,
+        }
+    }
+
+    /// A DELETE of the manifest that `tags` point to: `Err((status, body))` if refused.
+    pub fn check_digest_delete(
+        &self,
+        subject: &policy::Subject,
+        repository: &str,
+        tags: &[String],
+    ) -> Result<bool, (u16, String)> {
+        let refs: Vec<&str> = tags.iter().map(String::as_str).collect();
+        match self.policy.check_manifest_delete(
+            subject,
+            repository,
+            &refs,
+            crate::token::unix_now(),
+        ) {
+            TagChange::Denied(by) => Err((
+                403,
+                error_body(
+                    ErrorCode::Denied,
+                    &format!(
+                        "the manifest is tagged with an immutable tag (policy line {}, pattern {}) and cannot be deleted",
+                        by.line, by.pattern
+                    ),
+                ),
+            )),
+            TagChange::Override(by) => {
+                tracing::warn!(subject = %subject.name, repository, rule_line = by.line, "override-immutable used to delete a manifest");
+                Ok(true)
+            }
+            TagChange::Allowed | TagChange::CreateOnly(_) => Ok(false),
         }
     }
 

@@ -101,6 +101,10 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         secret,
         idle_timeout,
         metrics: metrics.clone(),
+        storage_client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("building the storage client")?,
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     let mut tls = pingora::listeners::tls::TlsSettings::intermediate(

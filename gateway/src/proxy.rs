@@ -27,6 +27,8 @@ pub struct Gateway {
     pub secret: String,
     pub idle_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// For the gateway's own questions to storage (tags of a digest).
+    pub storage_client: reqwest::Client,
 }
 
 /// What a request carries from one phase to the next.
@@ -65,6 +67,45 @@ async fn respond(
 }
 
 impl Gateway {
+    /// Tags of `name` that point to `digest`, asked of a healthy storage node.
+    async fn tags_pointing_to(&self, name: &str, digest: &str) -> anyhow::Result<Vec<String>> {
+        let backend = self
+            .upstreams
+            .select(b"", 256)
+            .ok_or_else(|| anyhow::anyhow!("no healthy storage node"))?;
+        let base = format!("http://{}", backend.addr);
+        let list: serde_json::Value = self
+            .storage_client
+            .get(format!("{base}/v2/{name}/tags/list"))
+            .header(INTERNAL_SECRET_HEADER, &self.secret)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let mut out = Vec::new();
+        for tag in list["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str())
+        {
+            let r = self
+                .storage_client
+                .head(format!("{base}/v2/{name}/manifests/{tag}"))
+                .header(INTERNAL_SECRET_HEADER, &self.secret)
+                .send()
+                .await?;
+            let d = r
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok());
+            if d == Some(digest) {
+                out.push(tag.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     async fn token_endpoint(&self, session: &mut Session) -> Result<bool> {
         let req = session.req_header();
         let method = req.method.as_str().to_owned();
@@ -131,6 +172,25 @@ impl ProxyHttp for Gateway {
             ctx.route = "token";
             return self.token_endpoint(session).await;
         }
+        if path == token::REVOKE_PATH && session.req_header().method == http::Method::POST {
+            ctx.route = "revoke";
+            let mut body = Vec::new();
+            while let Some(chunk) = session.read_request_body().await? {
+                if body.len() + chunk.len() > MAX_TOKEN_BODY {
+                    break;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            let reply = self.tokens.revoke(&body);
+            return respond(
+                session,
+                reply.status,
+                "application/json",
+                Bytes::from(reply.body),
+                &[],
+            )
+            .await;
+        }
         if path == token::JWKS_PATH {
             ctx.route = "jwks";
             let body = self.tokens.tokens.jwks().to_string();
@@ -146,6 +206,43 @@ impl ProxyHttp for Gateway {
             Verdict::Forward { route, forward } => {
                 ctx.route = route;
                 ctx.forward = forward;
+                if let (Some((name, digest)), Some(subject)) = (
+                    ctx.forward.digest_delete.take(),
+                    ctx.forward.policy_subject.take(),
+                ) {
+                    let tags = match self.tags_pointing_to(&name, &digest).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "looking up tags for an immutability check failed");
+                            let e = oci::OciError::new(
+                                oci::ErrorCode::Unknown,
+                                "storage is unavailable, try again",
+                            )
+                            .with_status(503);
+                            return respond(
+                                session,
+                                503,
+                                "application/json",
+                                Bytes::from(e.body()),
+                                &[],
+                            )
+                            .await;
+                        }
+                    };
+                    match self.authz.check_digest_delete(&subject, &name, &tags) {
+                        Ok(over) => ctx.forward.override_immutable = over,
+                        Err((status, body)) => {
+                            return respond(
+                                session,
+                                status,
+                                "application/json",
+                                Bytes::from(body),
+                                &[],
+                            )
+                            .await;
+                        }
+                    }
+                }
                 Ok(false)
             }
             Verdict::Respond {
@@ -255,6 +352,19 @@ impl ProxyHttp for Gateway {
             *body = end_of_stream.then(|| replacement.clone());
         }
         Ok(None)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        _ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent yet: another node can take the request (a dead node is skipped
+        // by the next pick, and by every pick once its health check fails).
+        e.set_retry(true);
+        e
     }
 
     async fn fail_to_proxy(

@@ -127,6 +127,14 @@ impl Policy {
         None
     }
 
+    /// Whether any immutability rule covers `repository` (so digest deletes need a look at
+    /// the tags).
+    pub fn has_immutability_for(&self, repository: &str) -> bool {
+        self.immutability
+            .iter()
+            .any(|r| r.repositories.iter().any(|p| p.matches(repository, None)))
+    }
+
     fn may_override(&self, subject: &Subject, repository: &str, now: i64) -> bool {
         self.authorize(subject, Action::OverrideImmutable, repository, now)
             .allowed

@@ -691,3 +691,473 @@ fn tls_below_1_2_is_refused() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+// --- real clients --------------------------------------------------------------------------
+
+use portcullis_tests::tools::{Containers, dir_files};
+
+fn cert_dir(ctr: &Containers, g: &GatewayServer) -> String {
+    let d = ctr.dir.path().join("certs");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("ca.crt"), &g.ca_pem).unwrap();
+    d.display().to_string()
+}
+
+fn same_dirs(a: &Path, b: &Path) -> anyhow::Result<()> {
+    let (fa, fb) = (dir_files(a)?, dir_files(b)?);
+    ensure!(fa == fb, "{} and {} differ", a.display(), b.display());
+    Ok(())
+}
+
+#[test]
+fn skopeo_podman_and_buildah_through_the_gateway() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let g = GatewayServer::start_dev(data.path(), Some(ADMIN_PASSWORD))?;
+    let ctr = Containers::new()?;
+    let certs = cert_dir(&ctr, &g);
+    let h = &g.host;
+    // Logins store credentials; the clients then fetch tokens themselves.
+    ctr.run(
+        "skopeo",
+        &[
+            "login",
+            "--cert-dir",
+            &certs,
+            "-u",
+            "admin",
+            "-p",
+            ADMIN_PASSWORD,
+            h,
+        ],
+    )?;
+    ctr.run(
+        "podman",
+        &[
+            "login",
+            "--cert-dir",
+            &certs,
+            "-u",
+            "admin",
+            "-p",
+            ADMIN_PASSWORD,
+            h,
+        ],
+    )?;
+    let wrong = ctr.run(
+        "podman",
+        &[
+            "login",
+            "--cert-dir",
+            &certs,
+            "-u",
+            "admin",
+            "-p",
+            "wrong",
+            h,
+        ],
+    );
+    ensure!(wrong.is_err(), "a wrong password logged in");
+
+    ctr.build_scratch_image("gw-src:1", Path::new("/bin/busybox"))?;
+    let src = ctr.dir.path().join("src");
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "containers-storage:localhost/gw-src:1",
+            &format!("dir:{}", src.display()),
+        ],
+    )?;
+    // skopeo: push, pull back byte-identical, copy across repositories (one token request
+    // with several scopes, and cross-repository mounts).
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--preserve-digests",
+            "--dest-cert-dir",
+            &certs,
+            &format!("dir:{}", src.display()),
+            &format!("docker://{h}/team-a/app:v1"),
+        ],
+    )?;
+    let back = ctr.dir.path().join("back");
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--src-cert-dir",
+            &certs,
+            &format!("docker://{h}/team-a/app:v1"),
+            &format!("dir:{}", back.display()),
+        ],
+    )?;
+    same_dirs(&src, &back)?;
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--src-cert-dir",
+            &certs,
+            "--dest-cert-dir",
+            &certs,
+            &format!("docker://{h}/team-a/app:v1"),
+            &format!("docker://{h}/team-b/copy:v1"),
+        ],
+    )?;
+    let tags = ctr.run(
+        "skopeo",
+        &[
+            "list-tags",
+            "--cert-dir",
+            &certs,
+            &format!("docker://{h}/team-b/copy"),
+        ],
+    )?;
+    ensure!(tags.contains("\"v1\""), "{tags}");
+    // podman push/pull into a separate storage.
+    ctr.run(
+        "podman",
+        &[
+            "push",
+            "-q",
+            "--cert-dir",
+            &certs,
+            "localhost/gw-src:1",
+            &format!("{h}/team-a/podman:v1"),
+        ],
+    )?;
+    let other = Containers::new()?;
+    let certs2 = cert_dir(&other, &g);
+    other.run(
+        "podman",
+        &[
+            "login",
+            "--cert-dir",
+            &certs2,
+            "-u",
+            "admin",
+            "-p",
+            ADMIN_PASSWORD,
+            h,
+        ],
+    )?;
+    other.run(
+        "podman",
+        &[
+            "pull",
+            "-q",
+            "--cert-dir",
+            &certs2,
+            &format!("{h}/team-a/podman:v1"),
+        ],
+    )?;
+    let id1 = ctr.run(
+        "podman",
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Id}}",
+            "localhost/gw-src:1",
+        ],
+    )?;
+    let id2 = other.run(
+        "podman",
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Id}}",
+            &format!("{h}/team-a/podman:v1"),
+        ],
+    )?;
+    ensure!(id1.trim() == id2.trim(), "image ids differ: {id1} {id2}");
+    // buildah push.
+    ctr.run(
+        "buildah",
+        &[
+            "push",
+            "-q",
+            "--cert-dir",
+            &certs,
+            "localhost/gw-src:1",
+            &format!("docker://{h}/team-a/buildah:v1"),
+        ],
+    )?;
+    let out = ctr.dir.path().join("buildah-back");
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--src-cert-dir",
+            &certs,
+            &format!("docker://{h}/team-a/buildah:v1"),
+            &format!("dir:{}", out.display()),
+        ],
+    )?;
+    // Anonymous pulls of a non-public repository are refused.
+    let anon = Containers::new()?;
+    let certs3 = cert_dir(&anon, &g);
+    let r = anon.run(
+        "skopeo",
+        &[
+            "inspect",
+            "--cert-dir",
+            &certs3,
+            &format!("docker://{h}/team-a/app:v1"),
+        ],
+    );
+    ensure!(r.is_err(), "anonymous inspect of team-a/app succeeded");
+    Ok(())
+}
+
+#[test]
+fn docker_login_stores_an_identity_token() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let g = GatewayServer::start_dev(data.path(), Some(ADMIN_PASSWORD))?;
+    // The docker CLI trusts a registry's CA from /etc/docker/certs.d/<host:port>/ca.crt.
+    let certs = Path::new("/etc/docker/certs.d").join(&g.host);
+    std::fs::create_dir_all(&certs)?;
+    std::fs::write(certs.join("ca.crt"), &g.ca_pem)?;
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(certs);
+    let config = tempfile::tempdir()?;
+    let out = std::process::Command::new("docker")
+        .args([
+            "--config",
+            &config.path().display().to_string(),
+            "login",
+            &g.host,
+            "-u",
+            "admin",
+            "--password-stdin",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(ADMIN_PASSWORD.as_bytes())?;
+            c.wait_with_output()
+        })?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && text.contains("Login Succeeded"),
+        "{text}"
+    );
+    let stored = std::fs::read_to_string(config.path().join("config.json"))?;
+    let v: Value = serde_json::from_str(&stored)?;
+    let entry = &v["auths"][g.host.as_str()];
+    ensure!(
+        entry["identitytoken"].is_string(),
+        "docker stored no identity token: {stored}"
+    );
+    ensure!(
+        !stored.contains(ADMIN_PASSWORD),
+        "docker stored the password"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_storage_node_is_skipped_after_the_health_check_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let secret = "failover-secret";
+    let opts = || StorageOptions {
+        env: vec![("PORTCULLIS_INTERNAL_SECRET".into(), secret.into())],
+        ..Default::default()
+    };
+    let root = d.join("storage");
+    let mut a = StorageServer::start_with(&root, opts()).unwrap();
+    let b = StorageServer::start_with(&root, opts()).unwrap();
+    let tls = gateway::tls::ensure_dev_certificates(&d.join("tls")).unwrap();
+    std::fs::write(d.join("key.pem"), generate_pem().unwrap()).unwrap();
+    std::fs::write(
+        d.join("htpasswd"),
+        format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()),
+    )
+    .unwrap();
+    let port = portcullis_tests::tools::free_port().unwrap();
+    let policy = portcullis_tests::server::workspace_root().join("conf/policy.toml");
+    let conf = d.join("gateway.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+             [token]\nissuer = \"t\"\nservice = \"registry.test\"\nsigning_keys = [\"{}/key.pem\"]\n\
+             [upstream]\nnodes = [\"{}\", \"{}\"]\nhealth_check_interval_ms = 200\n\
+             [auth]\nhtpasswd_file = \"{}/htpasswd\"\n[auth.groups]\nregistry-admins = [\"alice\"]\n[policy]\nfile = \"{}\"\n",
+            tls.cert.display(),
+            tls.key.display(),
+            d.display(),
+            a.base.trim_start_matches("http://"),
+            b.base.trim_start_matches("http://"),
+            d.display(),
+            policy.display()
+        ),
+    )
+    .unwrap();
+    let g = GatewayServer::start_config(
+        &conf,
+        port,
+        std::fs::read(&tls.ca_cert).unwrap(),
+        &[("PORTCULLIS_INTERNAL_SECRET", secret)],
+    )
+    .unwrap();
+    let c = user_client(&g, "alice", "pw");
+    let blob = vec![9u8; 64 * 1024];
+    let digest = c.push_blob("ha/app", blob.clone()).await.unwrap();
+    let path = format!("/v2/ha/app/blobs/{digest}");
+    c.get(&path).await.unwrap(); // token cached
+
+    let started = std::time::Instant::now();
+    let mut killed_at = None;
+    let mut late_failures = Vec::new();
+    let mut ok = 0;
+    while started.elapsed() < std::time::Duration::from_secs(4) {
+        if killed_at.is_none() && started.elapsed() > std::time::Duration::from_secs(1) {
+            a.kill9();
+            killed_at = Some(std::time::Instant::now());
+        }
+        let sent = std::time::Instant::now();
+        let outcome = match c.get(&path).await {
+            Ok(r) if r.status() == 200 => r
+                .bytes()
+                .await
+                .map(|b| b.len() == blob.len())
+                .unwrap_or(false),
+            _ => false,
+        };
+        if outcome {
+            ok += 1;
+        } else if killed_at.is_some_and(|k| sent > k + std::time::Duration::from_millis(400)) {
+            late_failures.push(sent.duration_since(killed_at.unwrap()));
+        }
+    }
+    assert!(ok > 50, "only {ok} pulls succeeded");
+    assert!(
+        late_failures.is_empty(),
+        "pulls failed after the health-check interval: {late_failures:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manifest_an_immutable_tag_points_to_cannot_be_deleted_by_digest() {
+    let dep = deployment(&[("m", "m-pw"), ("alice", "alice-pw")]);
+    let g = &dep.gateway;
+    // Every user is a maintainer (pull, push, delete) of users/<name>/**; none may override.
+    let m = user_client(g, "m", "m-pw");
+    let repo = "users/m/app";
+    let release = m
+        .image_manifest(repo, b"{\"x\":1}", &[], None)
+        .await
+        .unwrap();
+    let scratch = m
+        .image_manifest(repo, b"{\"x\":2}", &[], None)
+        .await
+        .unwrap();
+    let (rd, sd) = (
+        portcullis_tests::client::sha256(&release),
+        portcullis_tests::client::sha256(&scratch),
+    );
+    assert_eq!(
+        m.put_manifest(repo, "v3.0.0", OCI_MANIFEST, &release)
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    assert_eq!(
+        m.put_manifest(repo, "scratch", OCI_MANIFEST, &scratch)
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let r = m
+        .req(Method::DELETE, &format!("/v2/{repo}/manifests/{rd}"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 403, "DENIED").await.unwrap();
+    let r = m
+        .req(Method::DELETE, &format!("/v2/{repo}/manifests/v3.0.0"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 403, "DENIED").await.unwrap();
+    assert_eq!(
+        m.get(&format!("/v2/{repo}/manifests/v3.0.0"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // A manifest only mutable tags point to can go.
+    let r = m
+        .req(Method::DELETE, &format!("/v2/{repo}/manifests/{sd}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // The admin may override (audited).
+    let alice = user_client(g, "alice", "alice-pw");
+    let r = alice
+        .req(Method::DELETE, &format!("/v2/{repo}/manifests/{rd}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_and_unknown_paths_get_client_errors() {
+    let (_data, g) = dev();
+    let c = Client::with_ca(&g.base, &g.ca_pem);
+    let huge = "x".repeat(256 * 1024);
+    // A refused connection is also fine, as long as the gateway lives on.
+    if let Ok(r) = c
+        .http
+        .get(format!("{}/v2/", g.base))
+        .header("x-big", huge)
+        .send()
+        .await
+    {
+        assert!(
+            r.status().is_client_error(),
+            "oversized header: {}",
+            r.status()
+        );
+    }
+    let r = c.get("/nothing/here").await.unwrap();
+    expect_error(r, 404, "UNSUPPORTED").await.unwrap();
+    let r = c
+        .http
+        .delete(format!("{}/token", g.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        c.get("/v2/").await.unwrap().status(),
+        401,
+        "the gateway still serves"
+    );
+}

@@ -23,6 +23,8 @@ use std::sync::Arc;
 pub const TOKEN_PATH: &str = "/token";
 /// Where the public keys are published.
 pub const JWKS_PATH: &str = "/auth/jwks.json";
+/// RFC 7009 revocation of a refresh token by whoever holds it (`POST`, form `token=`).
+pub const REVOKE_PATH: &str = "/auth/revoke";
 
 /// An HTTP answer of the token service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +108,22 @@ impl TokenService {
             "GET" => self.get(req).await,
             "POST" => self.post(req).await,
             _ => Reply::oauth_error(405, "invalid_request", "use GET or POST"),
+        }
+    }
+
+    /// RFC 7009: revokes the refresh token in the form; always 200, whether it existed or not.
+    pub fn revoke(&self, body: &[u8]) -> Reply {
+        let token = form_urlencoded::parse(body)
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned());
+        match token {
+            Some(t) => {
+                if self.refresh.revoke(&t) {
+                    tracing::info!("refresh token revoked by its holder");
+                }
+                Reply::json(200, json!({}))
+            }
+            None => Reply::oauth_error(400, "invalid_request", "token is required"),
         }
     }
 
