@@ -10,6 +10,7 @@ packages=(
   curl ca-certificates
   cmake pkg-config libssl-dev   # build dependencies of pingora (zlib-ng, openssl)
   openssl                       # TLS protocol checks (s_client)
+  docker.io                     # dockerd for docker push/pull tests (the docker CLI is on the machine)
 )
 
 missing=()

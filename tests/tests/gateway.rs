@@ -1161,3 +1161,146 @@ async fn oversized_headers_and_unknown_paths_get_client_errors() {
         "the gateway still serves"
     );
 }
+
+/// A private dockerd (Debian's docker.io), stopped on drop.
+struct Dockerd {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().display().to_string();
+        let child = std::process::Command::new("dockerd")
+            .args([
+                "--data-root",
+                &format!("{d}/data"),
+                "--exec-root",
+                &format!("{d}/exec"),
+                "-H",
+                &format!("unix://{d}/docker.sock"),
+                "--pidfile",
+                &format!("{d}/pid"),
+                "--storage-driver",
+                "overlay2",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("log"))?)
+            .spawn()?;
+        let dk = Dockerd { child, dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !dk
+            .docker(&["version"])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "dockerd did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(dk)
+    }
+
+    fn docker(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        std::process::Command::new("docker")
+            .env(
+                "DOCKER_HOST",
+                format!("unix://{}/docker.sock", self.dir.path().display()),
+            )
+            .env("DOCKER_CONFIG", self.dir.path().join("client"))
+            .env("DOCKER_BUILDKIT", "0")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+    }
+
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.docker(args)?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(out.status.success(), "docker {args:?} failed:\n{text}");
+        Ok(text)
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn docker_push_and_pull_through_the_gateway() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let g = GatewayServer::start_dev(data.path(), Some(ADMIN_PASSWORD))?;
+    let certs = Path::new("/etc/docker/certs.d").join(&g.host);
+    std::fs::create_dir_all(&certs)?;
+    std::fs::write(certs.join("ca.crt"), &g.ca_pem)?;
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(certs);
+    let dk = Dockerd::start()?;
+    // An image built from scratch: busybox and nothing else.
+    let ctx = tempfile::tempdir()?;
+    std::fs::copy("/bin/busybox", ctx.path().join("busybox"))?;
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nCMD [\"/bin/busybox\"]\n",
+    )?;
+    let image = format!("{}/team-a/docker:v1", g.host);
+    dk.run(&[
+        "build",
+        "-q",
+        "-t",
+        &image,
+        &ctx.path().display().to_string(),
+    ])?;
+    let id = dk.run(&["image", "inspect", "--format", "{{.Id}}", &image])?;
+    let login = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf %s '{ADMIN_PASSWORD}' | docker login {} -u admin --password-stdin",
+            g.host
+        ))
+        .env(
+            "DOCKER_HOST",
+            format!("unix://{}/docker.sock", dk.dir.path().display()),
+        )
+        .env("DOCKER_CONFIG", dk.dir.path().join("client"))
+        .output()?;
+    ensure!(
+        login.status.success(),
+        "docker login: {}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    let pushed = dk.run(&["push", &image])?;
+    ensure!(pushed.contains("digest: sha256:"), "{pushed}");
+    dk.run(&["rmi", &image])?;
+    dk.run(&["pull", &image])?;
+    let pulled = dk.run(&["image", "inspect", "--format", "{{.Id}}", &image])?;
+    ensure!(
+        pulled.trim() == id.trim(),
+        "pulled image {pulled} differs from pushed {id}"
+    );
+    Ok(())
+}
