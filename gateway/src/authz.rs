@@ -50,25 +50,6 @@ pub struct Authz {
     pub realm: Option<String>,
 }
 
-fn label(ep: &Endpoint) -> &'static str {
-    match ep {
-        Endpoint::Base => "base",
-        Endpoint::Catalog => "catalog",
-        Endpoint::ListTags { .. } => "tags_list",
-        Endpoint::GetManifest { .. } => "manifest_get",
-        Endpoint::PutManifest { .. } => "manifest_put",
-        Endpoint::DeleteManifest { .. } => "manifest_delete",
-        Endpoint::GetBlob { .. } => "blob_get",
-        Endpoint::DeleteBlob { .. } => "blob_delete",
-        Endpoint::StartUpload { .. } => "upload_start",
-        Endpoint::UploadStatus { .. } => "upload_status",
-        Endpoint::PatchUpload { .. } => "upload_patch",
-        Endpoint::FinishUpload { .. } => "upload_finish",
-        Endpoint::CancelUpload { .. } => "upload_cancel",
-        Endpoint::Referrers { .. } => "referrers",
-    }
-}
-
 /// The scope an endpoint needs, as (type, name, action, challenge scope string).
 fn needed(ep: &Endpoint) -> Option<(&'static str, String, &'static str, String)> {
     use oci::route::Action;
@@ -169,7 +150,7 @@ impl Authz {
 
     pub fn check(&self, req: &RequestHeader) -> Verdict {
         let route = oci::parse_route(req.method.as_str(), req.uri.path());
-        let label = route.as_ref().map_or("invalid", label);
+        let label = route.as_ref().map_or("invalid", Endpoint::label);
         let scope = route.as_ref().ok().and_then(needed);
         let claims = match self.bearer(req) {
             None => {

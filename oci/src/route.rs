@@ -77,6 +77,26 @@ pub enum Action {
 }
 
 impl Endpoint {
+    /// A short, stable name of the endpoint, for metric labels and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Endpoint::Base => "base",
+            Endpoint::Catalog => "catalog",
+            Endpoint::ListTags { .. } => "tags_list",
+            Endpoint::GetManifest { .. } => "manifest_get",
+            Endpoint::PutManifest { .. } => "manifest_put",
+            Endpoint::DeleteManifest { .. } => "manifest_delete",
+            Endpoint::GetBlob { .. } => "blob_get",
+            Endpoint::DeleteBlob { .. } => "blob_delete",
+            Endpoint::StartUpload { .. } => "upload_start",
+            Endpoint::UploadStatus { .. } => "upload_status",
+            Endpoint::PatchUpload { .. } => "upload_patch",
+            Endpoint::FinishUpload { .. } => "upload_finish",
+            Endpoint::CancelUpload { .. } => "upload_cancel",
+            Endpoint::Referrers { .. } => "referrers",
+        }
+    }
+
     /// The repository the endpoint works on, if any.
     pub fn repository(&self) -> Option<&RepositoryName> {
         match self {

@@ -502,18 +502,25 @@ struct Deployment {
     gateway: GatewayServer,
 }
 
-fn deployment(users: &[(&str, &str)]) -> Deployment {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let secret = "deployment-internal-secret";
-    let storage = StorageServer::start_with(
-        &d.join("storage"),
+const DEPLOYMENT_SECRET: &str = "deployment-internal-secret";
+
+fn storage_node(root: &Path) -> StorageServer {
+    StorageServer::start_with(
+        root,
         StorageOptions {
-            env: vec![("PORTCULLIS_INTERNAL_SECRET".into(), secret.into())],
+            env: vec![(
+                "PORTCULLIS_INTERNAL_SECRET".into(),
+                DEPLOYMENT_SECRET.into(),
+            )],
             ..Default::default()
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// `gateway serve` with a config in `d` naming `nodes`, htpasswd `users` (bob in team-a,
+/// alice in registry-admins), a fresh signing key, the shipped policy.
+fn start_gateway(d: &Path, nodes: &[&StorageServer], users: &[(&str, &str)]) -> GatewayServer {
     let tls = gateway::tls::ensure_dev_certificates(&d.join("tls")).unwrap();
     std::fs::write(d.join("key.pem"), generate_pem().unwrap()).unwrap();
     let htpasswd: String = users
@@ -523,6 +530,10 @@ fn deployment(users: &[(&str, &str)]) -> Deployment {
     std::fs::write(d.join("htpasswd"), htpasswd).unwrap();
     let port = portcullis_tests::tools::free_port().unwrap();
     let policy = portcullis_tests::server::workspace_root().join("conf/policy.toml");
+    let nodes: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("\"{}\"", n.base.trim_start_matches("http://")))
+        .collect();
     let config = format!(
         r#"listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:0"
@@ -534,7 +545,7 @@ issuer = "test-issuer"
 service = "registry.test"
 signing_keys = ["{d}/key.pem"]
 [upstream]
-nodes = ["{storage}"]
+nodes = [{nodes}]
 health_check_interval_ms = 200
 [auth]
 htpasswd_file = "{d}/htpasswd"
@@ -547,15 +558,25 @@ file = "{policy}"
         cert = tls.cert.display(),
         key = tls.key.display(),
         d = d.display(),
-        storage = storage.base.trim_start_matches("http://"),
+        nodes = nodes.join(", "),
         policy = policy.display(),
     );
     let conf = d.join("gateway.toml");
     std::fs::write(&conf, config).unwrap();
     let ca = std::fs::read(&tls.ca_cert).unwrap();
-    let gateway =
-        GatewayServer::start_config(&conf, port, ca, &[("PORTCULLIS_INTERNAL_SECRET", secret)])
-            .unwrap();
+    GatewayServer::start_config(
+        &conf,
+        port,
+        ca,
+        &[("PORTCULLIS_INTERNAL_SECRET", DEPLOYMENT_SECRET)],
+    )
+    .unwrap()
+}
+
+fn deployment(users: &[(&str, &str)]) -> Deployment {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = storage_node(&dir.path().join("storage"));
+    let gateway = start_gateway(dir.path(), &[&storage], users);
     Deployment {
         _dir: dir,
         _storage: storage,
@@ -917,21 +938,30 @@ fn skopeo_podman_and_buildah_through_the_gateway() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The gateway's CA in /etc/docker/certs.d/<host:port>/ca.crt, where the docker CLI and
+/// dockerd look for a registry's CA; removed on drop.
+struct DockerTrust(std::path::PathBuf);
+
+impl DockerTrust {
+    fn install(g: &GatewayServer) -> anyhow::Result<Self> {
+        let certs = Path::new("/etc/docker/certs.d").join(&g.host);
+        std::fs::create_dir_all(&certs)?;
+        std::fs::write(certs.join("ca.crt"), &g.ca_pem)?;
+        Ok(DockerTrust(certs))
+    }
+}
+
+impl Drop for DockerTrust {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn docker_login_stores_an_identity_token() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let g = GatewayServer::start_dev(data.path(), Some(ADMIN_PASSWORD))?;
-    // The docker CLI trusts a registry's CA from /etc/docker/certs.d/<host:port>/ca.crt.
-    let certs = Path::new("/etc/docker/certs.d").join(&g.host);
-    std::fs::create_dir_all(&certs)?;
-    std::fs::write(certs.join("ca.crt"), &g.ca_pem)?;
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(certs);
+    let _trust = DockerTrust::install(&g)?;
     let config = tempfile::tempdir()?;
     let out = std::process::Command::new("docker")
         .args([
@@ -978,49 +1008,10 @@ fn docker_login_stores_an_identity_token() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_storage_node_is_skipped_after_the_health_check_interval() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let secret = "failover-secret";
-    let opts = || StorageOptions {
-        env: vec![("PORTCULLIS_INTERNAL_SECRET".into(), secret.into())],
-        ..Default::default()
-    };
-    let root = d.join("storage");
-    let mut a = StorageServer::start_with(&root, opts()).unwrap();
-    let b = StorageServer::start_with(&root, opts()).unwrap();
-    let tls = gateway::tls::ensure_dev_certificates(&d.join("tls")).unwrap();
-    std::fs::write(d.join("key.pem"), generate_pem().unwrap()).unwrap();
-    std::fs::write(
-        d.join("htpasswd"),
-        format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()),
-    )
-    .unwrap();
-    let port = portcullis_tests::tools::free_port().unwrap();
-    let policy = portcullis_tests::server::workspace_root().join("conf/policy.toml");
-    let conf = d.join("gateway.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
-             [token]\nissuer = \"t\"\nservice = \"registry.test\"\nsigning_keys = [\"{}/key.pem\"]\n\
-             [upstream]\nnodes = [\"{}\", \"{}\"]\nhealth_check_interval_ms = 200\n\
-             [auth]\nhtpasswd_file = \"{}/htpasswd\"\n[auth.groups]\nregistry-admins = [\"alice\"]\n[policy]\nfile = \"{}\"\n",
-            tls.cert.display(),
-            tls.key.display(),
-            d.display(),
-            a.base.trim_start_matches("http://"),
-            b.base.trim_start_matches("http://"),
-            d.display(),
-            policy.display()
-        ),
-    )
-    .unwrap();
-    let g = GatewayServer::start_config(
-        &conf,
-        port,
-        std::fs::read(&tls.ca_cert).unwrap(),
-        &[("PORTCULLIS_INTERNAL_SECRET", secret)],
-    )
-    .unwrap();
+    let root = dir.path().join("storage");
+    let mut a = storage_node(&root);
+    let b = storage_node(&root);
+    let g = start_gateway(dir.path(), &[&a, &b], &[("alice", "pw")]);
     let c = user_client(&g, "alice", "pw");
     let blob = vec![9u8; 64 * 1024];
     let digest = c.push_blob("ha/app", blob.clone()).await.unwrap();
@@ -1249,16 +1240,7 @@ impl Drop for Dockerd {
 fn docker_push_and_pull_through_the_gateway() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let g = GatewayServer::start_dev(data.path(), Some(ADMIN_PASSWORD))?;
-    let certs = Path::new("/etc/docker/certs.d").join(&g.host);
-    std::fs::create_dir_all(&certs)?;
-    std::fs::write(certs.join("ca.crt"), &g.ca_pem)?;
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(certs);
+    let _trust = DockerTrust::install(&g)?;
     let dk = Dockerd::start()?;
     // An image built from scratch: busybox and nothing else.
     let ctx = tempfile::tempdir()?;

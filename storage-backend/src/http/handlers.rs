@@ -25,31 +25,12 @@ pub(super) async fn dispatch(State(st): State<Arc<AppState>>, req: Request) -> R
         Ok(ep) => ep,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let label = label(&endpoint);
+    let label = endpoint.label();
     let mut resp = handle(&st, endpoint, &parts, body)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     resp.extensions_mut().insert(EndpointLabel(label));
     resp
-}
-
-fn label(ep: &Endpoint) -> &'static str {
-    match ep {
-        Endpoint::Base => "base",
-        Endpoint::Catalog => "catalog",
-        Endpoint::ListTags { .. } => "tags_list",
-        Endpoint::GetManifest { .. } => "manifest_get",
-        Endpoint::PutManifest { .. } => "manifest_put",
-        Endpoint::DeleteManifest { .. } => "manifest_delete",
-        Endpoint::GetBlob { .. } => "blob_get",
-        Endpoint::DeleteBlob { .. } => "blob_delete",
-        Endpoint::StartUpload { .. } => "upload_start",
-        Endpoint::UploadStatus { .. } => "upload_status",
-        Endpoint::PatchUpload { .. } => "upload_patch",
-        Endpoint::FinishUpload { .. } => "upload_finish",
-        Endpoint::CancelUpload { .. } => "upload_cancel",
-        Endpoint::Referrers { .. } => "referrers",
-    }
 }
 
 async fn handle(st: &AppState, ep: Endpoint, parts: &Parts, body: Body) -> Result {
