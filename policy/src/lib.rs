@@ -499,6 +499,32 @@ impl Policy {
         self.bindings.len()
     }
 
+    /// Calls `f` with every binding entry that may apply to the subject (by name, group, or
+    /// `authenticated`), without building an iterator chain on the hot path.
+    fn for_each_candidate(&self, s: &Subject, f: &mut impl FnMut(usize)) {
+        let named = match s.kind {
+            SubjectKind::User => self.by_user.get(&s.name),
+            SubjectKind::Robot => self.by_robot.get(&s.name),
+            SubjectKind::Ci => self.by_ci.get(&s.name),
+            SubjectKind::Anonymous => None,
+        };
+        for &i in named.into_iter().flatten() {
+            f(i);
+        }
+        for g in &s.groups {
+            if let Some(list) = self.by_group.get(g) {
+                for &i in list {
+                    f(i);
+                }
+            }
+        }
+        if !s.is_anonymous() {
+            for &i in &self.authenticated {
+                f(i);
+            }
+        }
+    }
+
     fn candidates<'a>(&'a self, s: &'a Subject) -> impl Iterator<Item = usize> + 'a {
         let named = match s.kind {
             SubjectKind::User => self.by_user.get(&s.name),
@@ -546,14 +572,15 @@ impl Policy {
         let mut allow: Option<usize> = None;
         let mut deny: Option<usize> = None;
         let mut any_at_best: Option<usize> = None;
-        for i in self.candidates(subject) {
+        let mut consider = |i: usize| {
             let b = &self.bindings[i];
-            if b.expires.is_some_and(|e| now >= e) || !b.pattern.matches(repository, username) {
-                continue;
-            }
             let spec = b.pattern.specificity();
+            // Less specific than what already matched: cannot decide, skip the match.
             if best.is_some_and(|s| spec < s) {
-                continue;
+                return;
+            }
+            if b.expires.is_some_and(|e| now >= e) || !b.pattern.matches(repository, username) {
+                return;
             }
             if best != Some(spec) {
                 best = Some(spec);
@@ -572,7 +599,8 @@ impl Policy {
                     }
                 }
             }
-        }
+        };
+        self.for_each_candidate(subject, &mut consider);
         let binding_reason = |i: usize| {
             let b = &self.bindings[i];
             Reason::Binding {
