@@ -66,6 +66,30 @@ async fn respond(
     Ok(true)
 }
 
+/// The body of a token-service request; `None` if it exceeds [`MAX_TOKEN_BODY`].
+async fn read_small_body(session: &mut Session) -> Result<Option<Vec<u8>>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > MAX_TOKEN_BODY {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+async fn body_too_large(session: &mut Session) -> Result<bool> {
+    let body = br#"{"error":"invalid_request","error_description":"request body too large"}"#;
+    respond(
+        session,
+        413,
+        "application/json",
+        Bytes::from_static(body),
+        &[],
+    )
+    .await
+}
+
 impl Gateway {
     /// Tags of `name` that point to `digest`, asked of a healthy storage node.
     async fn tags_pointing_to(&self, name: &str, digest: &str) -> anyhow::Result<Vec<String>> {
@@ -117,11 +141,9 @@ impl Gateway {
             .map(str::to_owned);
         let mut body = Vec::new();
         if method == "POST" {
-            while let Some(chunk) = session.read_request_body().await? {
-                if body.len() + chunk.len() > MAX_TOKEN_BODY {
-                    return respond(session, 413, "application/json", Bytes::from_static(br#"{"error":"invalid_request","error_description":"request body too large"}"#), &[]).await;
-                }
-                body.extend_from_slice(&chunk);
+            match read_small_body(session).await? {
+                Some(b) => body = b,
+                None => return body_too_large(session).await,
             }
         }
         let reply = self
@@ -174,13 +196,9 @@ impl ProxyHttp for Gateway {
         }
         if path == token::REVOKE_PATH && session.req_header().method == http::Method::POST {
             ctx.route = "revoke";
-            let mut body = Vec::new();
-            while let Some(chunk) = session.read_request_body().await? {
-                if body.len() + chunk.len() > MAX_TOKEN_BODY {
-                    break;
-                }
-                body.extend_from_slice(&chunk);
-            }
+            let Some(body) = read_small_body(session).await? else {
+                return body_too_large(session).await;
+            };
             let reply = self.tokens.revoke(&body);
             return respond(
                 session,

@@ -525,23 +525,6 @@ impl Policy {
         }
     }
 
-    fn candidates<'a>(&'a self, s: &'a Subject) -> impl Iterator<Item = usize> + 'a {
-        let named = match s.kind {
-            SubjectKind::User => self.by_user.get(&s.name),
-            SubjectKind::Robot => self.by_robot.get(&s.name),
-            SubjectKind::Ci => self.by_ci.get(&s.name),
-            SubjectKind::Anonymous => None,
-        };
-        let groups = s.groups.iter().filter_map(|g| self.by_group.get(g));
-        let auth = (!s.is_anonymous()).then_some(&self.authenticated);
-        named
-            .into_iter()
-            .chain(groups)
-            .chain(auth)
-            .flatten()
-            .copied()
-    }
-
     fn admin_group<'a>(&'a self, s: &'a Subject) -> Option<&'a String> {
         s.groups
             .iter()
@@ -654,22 +637,28 @@ impl Policy {
     }
 
     fn authorize_catalog(&self, subject: &Subject, now: i64) -> Decision {
-        for i in self.candidates(subject) {
+        let mut found = None;
+        self.for_each_candidate(subject, &mut |i| {
             let b = &self.bindings[i];
-            if b.effect == Effect::Allow
+            if found.is_none()
+                && b.effect == Effect::Allow
                 && b.actions.contains(Action::Catalog)
                 && b.expires.is_none_or(|e| now < e)
             {
-                return Decision {
-                    allowed: true,
-                    reason: Reason::Binding {
-                        line: b.line,
-                        pattern: b.pattern_src.clone(),
-                        role: b.role.clone(),
-                        effect: b.effect,
-                    },
-                };
+                found = Some(i);
             }
+        });
+        if let Some(i) = found {
+            let b = &self.bindings[i];
+            return Decision {
+                allowed: true,
+                reason: Reason::Binding {
+                    line: b.line,
+                    pattern: b.pattern_src.clone(),
+                    role: b.role.clone(),
+                    effect: b.effect,
+                },
+            };
         }
         if let Some(a) = self
             .anonymous
