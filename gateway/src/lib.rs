@@ -107,6 +107,9 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             .context("building the storage client")?,
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+    if let Some(app) = service.app_logic_mut() {
+        app.h2_options = Some(h2_options());
+    }
     let mut tls = pingora::listeners::tls::TlsSettings::intermediate(
         &cert_file.display().to_string(),
         &key_file.display().to_string(),
@@ -152,4 +155,17 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             });
         })?;
     server.run_forever()
+}
+
+/// HTTP/2 settings for clients. h2's default receive window (64 KiB per stream and per
+/// connection) makes a pushing client wait for a `WINDOW_UPDATE` every 64 KiB; docker and
+/// podman push over HTTP/2, so uploads get a 1 MiB stream and 4 MiB connection window.
+/// That is also what one connection may make the gateway hold before storage takes it.
+fn h2_options() -> pingora::protocols::http::v2::server::H2Options {
+    let mut o = pingora::protocols::http::v2::server::default_h2_options();
+    o.initial_window_size(1 << 20);
+    o.initial_connection_window_size(4 << 20);
+    // Bigger DATA frames from clients: fewer, larger chunks to forward upstream.
+    o.max_frame_size(256 << 10);
+    o
 }

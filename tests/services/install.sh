@@ -11,6 +11,7 @@ packages=(
   cmake pkg-config libssl-dev   # build dependencies of pingora (zlib-ng, openssl)
   openssl                       # TLS protocol checks (s_client)
   docker.io                     # dockerd for docker push/pull tests (the docker CLI is on the machine)
+  nginx                         # regbench --gateway: the reference for serving a file over TLS
 )
 
 missing=()

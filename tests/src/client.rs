@@ -74,35 +74,44 @@ fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// An HTTPS client trusting the CA in `ca_pem`; `http1_only` turns HTTP/2 off.
+pub fn https(ca_pem: &[u8], http1_only: bool) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(ca_pem).expect("CA certificate");
+    let mut b = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(64)
+        .add_root_certificate(ca);
+    if http1_only {
+        b = b.http1_only();
+    }
+    b.build().expect("http client")
+}
+
 pub fn sha256(data: &[u8]) -> Digest {
     Digest::of(Algorithm::Sha256, data)
 }
 
 impl Client {
     pub fn new(base: &str) -> Self {
-        Client {
-            base: base.trim_end_matches('/').to_string(),
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .pool_max_idle_per_host(64)
-                .build()
-                .expect("http client"),
-            headers: Vec::new(),
-            auth: None,
-        }
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("http client");
+        Self::with_http(base, http)
     }
 
-    /// A client of an HTTPS registry whose certificate is signed by the CA in `ca_pem`.
+    /// A client of an HTTPS registry whose certificate is signed by the CA in `ca_pem`
+    /// (HTTP/2 when the server offers it by ALPN).
     pub fn with_ca(base: &str, ca_pem: &[u8]) -> Self {
-        let ca = reqwest::Certificate::from_pem(ca_pem).expect("CA certificate");
+        Self::with_http(base, https(ca_pem, false))
+    }
+
+    /// A client of `base` over a given `reqwest` client.
+    pub fn with_http(base: &str, http: reqwest::Client) -> Self {
         Client {
             base: base.trim_end_matches('/').to_string(),
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .pool_max_idle_per_host(64)
-                .add_root_certificate(ca)
-                .build()
-                .expect("http client"),
+            http,
             headers: Vec::new(),
             auth: None,
         }
@@ -158,8 +167,16 @@ impl Client {
             .nth(3)
             .map(|p| format!("/{p}"))
             .unwrap_or_default();
-        let bearer = self.auth.as_ref().map(|_| {
+        let bearer = self.auth.as_ref().map(|auth| {
             let scopes = scopes_for(method.as_str(), &path_and_query);
+            if let Some(t) = auth
+                .cache
+                .lock()
+                .expect("token cache")
+                .get(&scopes.join(" "))
+            {
+                return Ok(t.clone());
+            }
             // The suite builds requests synchronously; fetch the token on this thread.
             tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(self.token(&scopes))

@@ -5,10 +5,12 @@
 //! - [`client`]: a small registry client over `reqwest` for pushing and pulling in tests.
 //! - [`protocol`]: the protocol suite, driven only by a base URL, so it runs against
 //!   storage-backend directly and through the gateway.
+//! - [`deployment`]: a gateway in production shape in front of a storage node.
 //! - [`fsck`]: an offline consistency check of a storage root.
 //! - [`tools`]: running real clients (skopeo, podman, buildah) and distribution.
 
 pub mod client;
+pub mod deployment;
 pub mod fsck;
 pub mod protocol;
 pub mod server;

@@ -150,3 +150,81 @@ pub fn free_port() -> anyhow::Result<u16> {
         .local_addr()?
         .port())
 }
+
+/// Debian's `nginx` serving the files of a directory over TLS (HTTP/2 by ALPN and HTTP/1.1)
+/// on a free port, with default-like settings: the reference for serving a file.
+/// Stopped with SIGTERM on drop (its workers go with the master).
+pub struct Nginx {
+    child: Child,
+    /// `https://127.0.0.1:<port>`
+    pub base: String,
+}
+
+impl Nginx {
+    /// Serves `root` from `dir` (config, pid and logs), with the certificate and key files.
+    pub fn start(dir: &Path, root: &Path, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let port = free_port()?;
+        // Run as root, workers included, when we are root: the files are ours, mode 0700.
+        let user = if std::fs::metadata("/proc/self")?.uid() == 0 {
+            "user root;\n"
+        } else {
+            ""
+        };
+        let d = dir.display();
+        let config = format!(
+            "{user}daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  default_type application/octet-stream;\n\
+             client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
+             fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
+             server {{\n    listen 127.0.0.1:{port} ssl http2;\n    ssl_certificate {cert};\n\
+             ssl_certificate_key {key};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    root {root};\n  }}\n}}\n",
+            cert = cert.display(),
+            key = key.display(),
+            root = root.display(),
+        );
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, config)?;
+        let child = Command::new("/usr/sbin/nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting nginx (apt-get install nginx)")?;
+        let mut n = Nginx {
+            child,
+            base: format!("https://127.0.0.1:{port}"),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = n.child.try_wait()? {
+                anyhow::bail!("nginx exited ({status}); see {d}/error.log");
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "nginx never listened on {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(n)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}

@@ -5,8 +5,9 @@ use anyhow::ensure;
 use gateway::token::jwt::{Access, Claims, TokenSubject, Tokens};
 use gateway::token::keys::{SigningKey, generate_pem};
 use portcullis_tests::client::{Client, OCI_MANIFEST, TokenAuth, describe, expect_error};
+use portcullis_tests::deployment::{self, Deployment, user_client};
 use portcullis_tests::protocol;
-use portcullis_tests::server::{GatewayServer, StorageOptions, StorageServer};
+use portcullis_tests::server::{GatewayServer, StorageServer};
 use reqwest::Method;
 use serde_json::Value;
 use std::path::Path;
@@ -494,104 +495,17 @@ async fn forged_expired_and_misdirected_tokens_are_refused() {
     }
 }
 
-/// A gateway in production shape: config file, separate storage-backend, htpasswd users with
-/// groups, the shipped policy.
-struct Deployment {
-    _dir: tempfile::TempDir,
-    _storage: StorageServer,
-    gateway: GatewayServer,
+/// A deployment in production shape with cheap password hashes.
+fn deployment(users: &[(&str, &str)]) -> Deployment {
+    Deployment::start_in(&std::env::temp_dir(), users, 4).unwrap()
 }
-
-const DEPLOYMENT_SECRET: &str = "deployment-internal-secret";
 
 fn storage_node(root: &Path) -> StorageServer {
-    StorageServer::start_with(
-        root,
-        StorageOptions {
-            env: vec![(
-                "PORTCULLIS_INTERNAL_SECRET".into(),
-                DEPLOYMENT_SECRET.into(),
-            )],
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    deployment::storage_node(root).unwrap()
 }
 
-/// `gateway serve` with a config in `d` naming `nodes`, htpasswd `users` (bob in team-a,
-/// alice in registry-admins), a fresh signing key, the shipped policy.
 fn start_gateway(d: &Path, nodes: &[&StorageServer], users: &[(&str, &str)]) -> GatewayServer {
-    let tls = gateway::tls::ensure_dev_certificates(&d.join("tls")).unwrap();
-    std::fs::write(d.join("key.pem"), generate_pem().unwrap()).unwrap();
-    let htpasswd: String = users
-        .iter()
-        .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 4).unwrap()))
-        .collect();
-    std::fs::write(d.join("htpasswd"), htpasswd).unwrap();
-    let port = portcullis_tests::tools::free_port().unwrap();
-    let policy = portcullis_tests::server::workspace_root().join("conf/policy.toml");
-    let nodes: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("\"{}\"", n.base.trim_start_matches("http://")))
-        .collect();
-    let config = format!(
-        r#"listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:0"
-[tls]
-cert_file = "{cert}"
-key_file = "{key}"
-[token]
-issuer = "test-issuer"
-service = "registry.test"
-signing_keys = ["{d}/key.pem"]
-[upstream]
-nodes = [{nodes}]
-health_check_interval_ms = 200
-[auth]
-htpasswd_file = "{d}/htpasswd"
-[auth.groups]
-team-a = ["bob"]
-registry-admins = ["alice"]
-[policy]
-file = "{policy}"
-"#,
-        cert = tls.cert.display(),
-        key = tls.key.display(),
-        d = d.display(),
-        nodes = nodes.join(", "),
-        policy = policy.display(),
-    );
-    let conf = d.join("gateway.toml");
-    std::fs::write(&conf, config).unwrap();
-    let ca = std::fs::read(&tls.ca_cert).unwrap();
-    GatewayServer::start_config(
-        &conf,
-        port,
-        ca,
-        &[("PORTCULLIS_INTERNAL_SECRET", DEPLOYMENT_SECRET)],
-    )
-    .unwrap()
-}
-
-fn deployment(users: &[(&str, &str)]) -> Deployment {
-    let dir = tempfile::tempdir().unwrap();
-    let storage = storage_node(&dir.path().join("storage"));
-    let gateway = start_gateway(dir.path(), &[&storage], users);
-    Deployment {
-        _dir: dir,
-        _storage: storage,
-        gateway,
-    }
-}
-
-fn user_client(g: &GatewayServer, user: &str, password: &str) -> Client {
-    let mut c = Client::with_ca(&g.base, &g.ca_pem);
-    c.auth = Some(TokenAuth::new(
-        &format!("{}/token", g.base),
-        "registry.test",
-        Some((user, password)),
-    ));
-    c
+    deployment::start_gateway(d, nodes, users, 4).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

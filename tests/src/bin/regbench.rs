@@ -9,17 +9,25 @@
 //! ```sh
 //! cargo run --release -p portcullis-tests --bin regbench
 //! cargo run --release -p portcullis-tests --bin regbench -- --target mine=http://127.0.0.1:5000
+//! cargo run --release -p portcullis-tests --bin regbench -- --gateway
 //! ```
+//!
+//! With `--gateway` it measures the gateway over TLS with bearer tokens in production shape
+//! (`gateway serve` in front of one storage-backend): a blob pull against nginx serving the
+//! same file over TLS, the push/pull/manifest workload against distribution 2.8.2, the
+//! gateway's peak RSS, and token issuance.
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
 use clap::Parser;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use oci::{Algorithm, Digest, Verifier};
-use portcullis_tests::client::{Client, OCI_MANIFEST, describe, location, with_query};
-use portcullis_tests::server::StorageServer;
-use portcullis_tests::tools::Distribution;
+use portcullis_tests::client::{Client, OCI_MANIFEST, describe, https, location, with_query};
+use portcullis_tests::deployment::{Deployment, SERVICE, user_client};
+use portcullis_tests::server::{GatewayServer, StorageServer};
+use portcullis_tests::tools::{Distribution, Nginx};
 use reqwest::Method;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
@@ -50,6 +58,19 @@ struct Args {
     /// Rounds of each measurement; the best is kept.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Measure the gateway over TLS with tokens (`gateway serve` + storage-backend) against
+    /// nginx (blob pull) and distribution 2.8.2, then token issuance.
+    #[arg(long)]
+    gateway: bool,
+    /// `--gateway`: size of the blob pulled from the gateway and from nginx, MiB.
+    #[arg(long, default_value_t = 256)]
+    pull_mib: usize,
+    /// `--gateway`: token requests per kind.
+    #[arg(long, default_value_t = 200)]
+    tokens: usize,
+    /// `--gateway`: concurrency of token requests.
+    #[arg(long, default_value_t = 8)]
+    token_concurrency: usize,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -60,6 +81,8 @@ struct Figures {
     big_pull_mib_s: f64,
     big_pull_warm_mib_s: f64,
     manifest_get_per_s: f64,
+    manifest_p50_ms: f64,
+    manifest_p99_ms: f64,
     peak_rss_mib: Option<f64>,
 }
 
@@ -136,8 +159,13 @@ async fn push(
 
 /// GET a blob, hashing it as it arrives; fails unless it matches.
 async fn pull(c: &Client, repo: &str, digest: &Digest) -> anyhow::Result<u64> {
-    let r = c.get(&format!("/v2/{repo}/blobs/{digest}")).await?;
-    ensure!(r.status() == 200, "GET blob: {}", r.status());
+    fetch(c, &format!("/v2/{repo}/blobs/{digest}"), digest).await
+}
+
+/// GET `path`, hashing the body as it arrives; fails unless it matches `digest`.
+async fn fetch(c: &Client, path: &str, digest: &Digest) -> anyhow::Result<u64> {
+    let r = c.get(path).await?;
+    ensure!(r.status() == 200, "GET {path}: {}", r.status());
     let mut v = Verifier::new(digest.algorithm());
     let mut n = 0u64;
     let mut s = r.bytes_stream();
@@ -151,6 +179,15 @@ async fn pull(c: &Client, repo: &str, digest: &Digest) -> anyhow::Result<u64> {
         "pulled content does not match {digest}"
     );
     Ok(n)
+}
+
+/// Milliseconds at quantile `q` of sorted latencies.
+fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1e3
 }
 
 fn mib_s(bytes: u64, d: Duration) -> f64 {
@@ -228,8 +265,9 @@ async fn measure(
     ensure!(r.status() == 201, "manifest PUT: {}", describe(r).await);
     let path = format!("/v2/{repo}/manifests/latest");
     let t = Instant::now();
-    stream::iter(0..args.manifest_gets)
+    let mut latencies: Vec<Duration> = stream::iter(0..args.manifest_gets)
         .map(|_| async {
+            let sent = Instant::now();
             let r = c
                 .req(Method::GET, &path)
                 .header("accept", OCI_MANIFEST)
@@ -241,12 +279,15 @@ async fn measure(
                 Digest::of(Algorithm::Sha256, &body) == md,
                 "manifest digest mismatch"
             );
-            Ok(())
+            Ok(sent.elapsed())
         })
         .buffer_unordered(args.manifest_concurrency)
-        .try_collect::<Vec<()>>()
+        .try_collect()
         .await?;
     f.manifest_get_per_s = args.manifest_gets as f64 / t.elapsed().as_secs_f64();
+    latencies.sort();
+    f.manifest_p50_ms = quantile_ms(&latencies, 0.5);
+    f.manifest_p99_ms = quantile_ms(&latencies, 0.99);
     Ok(f)
 }
 
@@ -272,36 +313,276 @@ fn best(runs: &[Figures]) -> Figures {
         big_pull_mib_s: max(|f| f.big_pull_mib_s),
         big_pull_warm_mib_s: max(|f| f.big_pull_warm_mib_s),
         manifest_get_per_s: max(|f| f.manifest_get_per_s),
+        // Latencies of the round with the best throughput.
+        manifest_p50_ms: runs
+            .iter()
+            .max_by(|a, b| a.manifest_get_per_s.total_cmp(&b.manifest_get_per_s))
+            .map_or(0.0, |f| f.manifest_p50_ms),
+        manifest_p99_ms: runs
+            .iter()
+            .max_by(|a, b| a.manifest_get_per_s.total_cmp(&b.manifest_get_per_s))
+            .map_or(0.0, |f| f.manifest_p99_ms),
         peak_rss_mib: runs.iter().filter_map(|f| f.peak_rss_mib).reduce(f64::max),
     }
+}
+
+/// Measures each target in turn, best of `args.rounds`.
+async fn measure_all(
+    targets: &[(String, Client, Option<u32>)],
+    args: &Args,
+) -> anyhow::Result<Vec<(String, Figures)>> {
+    let mut results = Vec::new();
+    for (name, c, pid) in targets {
+        let mut runs = Vec::new();
+        for round in 0..args.rounds {
+            runs.push(
+                measure(name, c, args, *pid, round)
+                    .await
+                    .with_context(|| format!("measuring {name}"))?,
+            );
+        }
+        results.push((name.clone(), best(&runs)));
+    }
+    Ok(results)
+}
+
+/// Prints the figures, then each target's ratio to the first.
+fn report(results: &[(String, Figures)]) {
+    let reference = &results[0];
+    println!(
+        "\n{:<20} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16} {:>12}",
+        "registry",
+        "push 1MiB×N",
+        "pull 1MiB×N",
+        "push big",
+        "pull big cold",
+        "pull big warm",
+        "manifest GET",
+        "GET p50/p99",
+        "peak RSS"
+    );
+    for (name, f) in results {
+        println!(
+            "{:<20} {:>9.0} MiB/s {:>9.0} MiB/s {:>9.0} MiB/s {:>9.0} MiB/s {:>9.0} MiB/s {:>12.0}/s {:>8.2}/{:.2} ms {:>12}",
+            name,
+            f.small_push_mib_s,
+            f.small_pull_mib_s,
+            f.big_push_mib_s,
+            f.big_pull_mib_s,
+            f.big_pull_warm_mib_s,
+            f.manifest_get_per_s,
+            f.manifest_p50_ms,
+            f.manifest_p99_ms,
+            f.peak_rss_mib.map_or("-".into(), |m| format!("{m:.1} MiB"))
+        );
+    }
+    let r = &reference.1;
+    for (name, f) in results.iter().skip(1) {
+        println!(
+            "{:<20} {:>13.2}× {:>13.2}× {:>13.2}× {:>13.2}× {:>13.2}× {:>13.2}×   (ratio to {})",
+            name,
+            f.small_push_mib_s / r.small_push_mib_s,
+            f.small_pull_mib_s / r.small_pull_mib_s,
+            f.big_push_mib_s / r.big_push_mib_s,
+            f.big_pull_mib_s / r.big_pull_mib_s,
+            f.big_pull_warm_mib_s / r.big_pull_warm_mib_s,
+            f.manifest_get_per_s / r.manifest_get_per_s,
+            reference.0
+        );
+    }
+}
+
+/// The gateway's user for `--gateway` (in registry-admins: may do everything).
+const USER: &str = "alice";
+const PASSWORD: &str = "regbench-password";
+
+/// `--gateway`: the gateway over TLS with tokens (production shape: `gateway serve` in front
+/// of one storage-backend) against Debian's nginx serving the same file over TLS and against
+/// distribution 2.8.2 (plain HTTP, no auth); then token issuance.
+async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
+    let dist =
+        Distribution::start(&scratch.join("distribution")).context("starting docker-registry")?;
+    let dep = Deployment::start_in(scratch, &[(USER, PASSWORD)], gateway::dev::BCRYPT_COST)
+        .context("starting the gateway and its storage node")?;
+    let g = &dep.gateway;
+    let gw = user_client(g, USER, PASSWORD);
+
+    // One blob pulled from the gateway and from nginx: same bytes, same client, warm.
+    let blob = BigBlob::new(args.pull_mib, 4242);
+    let len = (args.pull_mib as u64) << 20;
+    push(&gw, "bench/pull", blob.body(), len, &blob.digest).await?;
+    let www = scratch.join("www");
+    std::fs::create_dir_all(&www)?;
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(www.join("blob"))?);
+        for _ in 0..args.pull_mib {
+            f.write_all(&blob.unit)?;
+        }
+        f.flush()?;
+    }
+    let tls = gateway::tls::ensure_dev_certificates(&dep.dir.path().join("tls"))?;
+    let nginx = Nginx::start(&scratch.join("nginx"), &www, &tls.cert, &tls.key)?;
+    println!(
+        "regbench --gateway: {} MiB blob pull vs nginx, best of {}",
+        args.pull_mib, args.rounds
+    );
+    for http1 in [false, true] {
+        let proto = if http1 { "HTTP/1.1" } else { "HTTP/2" };
+        let mut gwc = Client::with_http(&g.base, https(&g.ca_pem, http1));
+        gwc.auth = gw.auth.clone();
+        let nc = Client::with_http(&nginx.base, https(&g.ca_pem, http1));
+        let gw_path = format!("/v2/bench/pull/blobs/{}", blob.digest);
+        fetch(&gwc, &gw_path, &blob.digest).await?;
+        fetch(&nc, "/blob", &blob.digest).await?;
+        let (mut best_gw, mut best_nginx) = (0f64, 0f64);
+        for _ in 0..args.rounds {
+            let t = Instant::now();
+            fetch(&nc, "/blob", &blob.digest).await?;
+            best_nginx = best_nginx.max(mib_s(len, t.elapsed()));
+            let t = Instant::now();
+            fetch(&gwc, &gw_path, &blob.digest).await?;
+            best_gw = best_gw.max(mib_s(len, t.elapsed()));
+        }
+        println!(
+            "pull {} MiB over TLS, {proto:<8}  nginx {best_nginx:>6.0} MiB/s   gateway {best_gw:>6.0} MiB/s   ratio {:.2}×",
+            args.pull_mib,
+            best_gw / best_nginx
+        );
+    }
+    drop(nginx);
+
+    println!(
+        "\nregbench --gateway: {} × {} MiB at concurrency {}, 1 × {} MiB, {} manifest GETs at concurrency {}, best of {}; peak RSS is the gateway's",
+        args.blobs,
+        args.blob_mib,
+        args.concurrency,
+        args.big_mib,
+        args.manifest_gets,
+        args.manifest_concurrency,
+        args.rounds
+    );
+    let targets = vec![
+        (
+            "distribution-2.8.2".to_string(),
+            Client::new(&dist.base),
+            Some(dist.pid()),
+        ),
+        ("gateway-tls-token".to_string(), gw.clone(), g.pid()),
+    ];
+    report(&measure_all(&targets, args).await?);
+    if let Some(rss) = peak_rss_mib(dep.storage.pid()) {
+        println!("storage-backend behind the gateway: peak RSS {rss:.1} MiB");
+    }
+
+    token_issuance(g, args).await
+}
+
+/// Tokens per second at `GET /token` with Basic credentials (bcrypt at the shipped cost)
+/// and at `POST /token` with a refresh token, with latency quantiles.
+async fn token_issuance(g: &GatewayServer, args: &Args) -> anyhow::Result<()> {
+    let http = https(&g.ca_pem, false);
+    let scope = "repository%3Abench%2Ftok%3Apull%2Cpush";
+    let basic_url = format!("{}/token?service={SERVICE}&scope={scope}", g.base);
+    let r = http
+        .post(format!("{}/token", g.base))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", USER),
+            ("password", PASSWORD),
+            ("access_type", "offline"),
+            ("client_id", "regbench"),
+            ("service", SERVICE),
+        ])
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "password grant: {}", describe(r).await);
+    let v: serde_json::Value = r.json().await?;
+    let refresh = v["refresh_token"]
+        .as_str()
+        .context("no refresh token")?
+        .to_string();
+    println!(
+        "\ntoken issuance, {} requests at concurrency {}:",
+        args.tokens, args.token_concurrency
+    );
+    for kind in ["GET /token, Basic (bcrypt)", "POST /token, refresh_token"] {
+        let t = Instant::now();
+        let mut lat: Vec<Duration> = stream::iter(0..args.tokens)
+            .map(|_| async {
+                let sent = Instant::now();
+                let r = if kind.starts_with("GET") {
+                    http.get(&basic_url)
+                        .basic_auth(USER, Some(PASSWORD))
+                        .send()
+                        .await?
+                } else {
+                    http.post(format!("{}/token", g.base))
+                        .form(&[
+                            ("grant_type", "refresh_token"),
+                            ("refresh_token", refresh.as_str()),
+                            ("client_id", "regbench"),
+                            ("service", SERVICE),
+                            ("scope", "repository:bench/tok:pull,push"),
+                        ])
+                        .send()
+                        .await?
+                };
+                ensure!(r.status() == 200, "{kind}: {}", describe(r).await);
+                let v: serde_json::Value = r.json().await?;
+                ensure!(
+                    v["access_token"].is_string() || v["token"].is_string(),
+                    "{kind}: no token"
+                );
+                Ok(sent.elapsed())
+            })
+            .buffer_unordered(args.token_concurrency)
+            .try_collect()
+            .await?;
+        let rate = args.tokens as f64 / t.elapsed().as_secs_f64();
+        lat.sort();
+        println!(
+            "  {kind:<28} {rate:>8.0} tokens/s   p50 {:.2} ms   p99 {:.2} ms",
+            quantile_ms(&lat, 0.5),
+            quantile_ms(&lat, 0.99)
+        );
+    }
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // Keep the servers alive for the whole run.
-    let mut _keep_storage = None;
-    let mut _keep_dist = None;
-    let mut targets: Vec<(String, String, Option<u32>)> = Vec::new();
     let scratch = tempfile::Builder::new()
         .prefix("regbench-")
         .tempdir_in(portcullis_tests::server::workspace_root().join("target"))?;
+    if args.gateway {
+        return gateway_suite(&args, scratch.path()).await;
+    }
+    // Keep the servers alive for the whole run.
+    let mut _keep_storage = None;
+    let mut _keep_dist = None;
+    let mut targets: Vec<(String, Client, Option<u32>)> = Vec::new();
     if args.target.is_empty() {
         let dist = Distribution::start(&scratch.path().join("distribution"))
             .context("starting docker-registry")?;
         targets.push((
             "distribution-2.8.2".into(),
-            dist.base.clone(),
+            Client::new(&dist.base),
             Some(dist.pid()),
         ));
         let ours = StorageServer::start(&scratch.path().join("storage-backend"))?;
-        targets.push(("storage-backend".into(), ours.base.clone(), ours.pid()));
+        targets.push((
+            "storage-backend".into(),
+            Client::new(&ours.base),
+            ours.pid(),
+        ));
         _keep_dist = Some(dist);
         _keep_storage = Some(ours);
     } else {
         for t in &args.target {
             let (name, url) = t.split_once('=').context("--target is name=url")?;
-            targets.push((name.into(), url.into(), None));
+            targets.push((name.into(), Client::new(url), None));
         }
     }
     println!(
@@ -314,56 +595,6 @@ async fn main() -> anyhow::Result<()> {
         args.manifest_concurrency,
         args.rounds
     );
-    let mut results: Vec<(String, Figures)> = Vec::new();
-    for (name, url, pid) in &targets {
-        let c = Client::new(url);
-        let mut runs = Vec::new();
-        for round in 0..args.rounds {
-            runs.push(
-                measure(name, &c, &args, *pid, round)
-                    .await
-                    .with_context(|| format!("measuring {name}"))?,
-            );
-        }
-        results.push((name.clone(), best(&runs)));
-    }
-    let reference = results[0].1.clone();
-    println!(
-        "\n{:<20} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16} {:>12}",
-        "registry",
-        "push 1MiB×N",
-        "pull 1MiB×N",
-        "push big",
-        "pull big cold",
-        "pull big warm",
-        "manifest GET",
-        "peak RSS"
-    );
-    for (name, f) in &results {
-        println!(
-            "{:<20} {:>9.0} MiB/s {:>9.0} MiB/s {:>9.0} MiB/s {:>9.0} MiB/s {:>9.0} MiB/s {:>14.0}/s {:>12}",
-            name,
-            f.small_push_mib_s,
-            f.small_pull_mib_s,
-            f.big_push_mib_s,
-            f.big_pull_mib_s,
-            f.big_pull_warm_mib_s,
-            f.manifest_get_per_s,
-            f.peak_rss_mib.map_or("-".into(), |m| format!("{m:.1} MiB"))
-        );
-    }
-    for (name, f) in results.iter().skip(1) {
-        println!(
-            "{:<20} {:>13.2}× {:>13.2}× {:>13.2}× {:>13.2}× {:>13.2}× {:>15.2}×   (ratio to {})",
-            name,
-            f.small_push_mib_s / reference.small_push_mib_s,
-            f.small_pull_mib_s / reference.small_pull_mib_s,
-            f.big_push_mib_s / reference.big_push_mib_s,
-            f.big_pull_mib_s / reference.big_pull_mib_s,
-            f.big_pull_warm_mib_s / reference.big_pull_warm_mib_s,
-            f.manifest_get_per_s / reference.manifest_get_per_s,
-            results[0].0
-        );
-    }
+    report(&measure_all(&targets, &args).await?);
     Ok(())
 }

@@ -1,0 +1,113 @@
+//! A deployment in production shape: `gateway serve` from a config file in front of separate
+//! `storage-backend` processes sharing an internal secret, htpasswd users with groups, a fresh
+//! signing key and the shipped policy. Used by the gateway tests and by `regbench --gateway`.
+
+use crate::client::{Client, TokenAuth};
+use crate::server::{GatewayServer, StorageOptions, StorageServer, workspace_root};
+use anyhow::Context;
+use std::path::Path;
+
+/// The internal secret shared by the gateway and the storage nodes of a deployment.
+pub const SECRET: &str = "deployment-internal-secret";
+
+/// The `service` the deployment's token service names.
+pub const SERVICE: &str = "registry.test";
+
+/// A storage node on `root` that requires [`SECRET`].
+pub fn storage_node(root: &Path) -> anyhow::Result<StorageServer> {
+    StorageServer::start_with(
+        root,
+        StorageOptions {
+            env: vec![("PORTCULLIS_INTERNAL_SECRET".into(), SECRET.into())],
+            ..Default::default()
+        },
+    )
+}
+
+/// `gateway serve` with a config in `d` naming `nodes`, htpasswd `users` hashed with bcrypt
+/// `cost` (bob in team-a, alice in registry-admins), a fresh signing key, the shipped policy.
+pub fn start_gateway(
+    d: &Path,
+    nodes: &[&StorageServer],
+    users: &[(&str, &str)],
+    cost: u32,
+) -> anyhow::Result<GatewayServer> {
+    let tls = gateway::tls::ensure_dev_certificates(&d.join("tls"))?;
+    std::fs::write(d.join("key.pem"), gateway::token::keys::generate_pem()?)?;
+    let mut htpasswd = String::new();
+    for (u, p) in users {
+        htpasswd.push_str(&format!("{u}:{}\n", bcrypt::hash(p, cost)?));
+    }
+    std::fs::write(d.join("htpasswd"), htpasswd)?;
+    let port = crate::tools::free_port()?;
+    let policy = workspace_root().join("conf/policy.toml");
+    let nodes: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("\"{}\"", n.base.trim_start_matches("http://")))
+        .collect();
+    let config = format!(
+        r#"listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:0"
+[tls]
+cert_file = "{cert}"
+key_file = "{key}"
+[token]
+issuer = "test-issuer"
+service = "{SERVICE}"
+signing_keys = ["{d}/key.pem"]
+[upstream]
+nodes = [{nodes}]
+health_check_interval_ms = 200
+[auth]
+htpasswd_file = "{d}/htpasswd"
+[auth.groups]
+team-a = ["bob"]
+registry-admins = ["alice"]
+[policy]
+file = "{policy}"
+"#,
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        d = d.display(),
+        nodes = nodes.join(", "),
+        policy = policy.display(),
+    );
+    let conf = d.join("gateway.toml");
+    std::fs::write(&conf, config)?;
+    let ca = std::fs::read(&tls.ca_cert).context("reading the generated CA")?;
+    GatewayServer::start_config(&conf, port, ca, &[("PORTCULLIS_INTERNAL_SECRET", SECRET)])
+}
+
+/// One storage node and one gateway in a temporary directory, removed on drop.
+pub struct Deployment {
+    pub storage: StorageServer,
+    pub gateway: GatewayServer,
+    // Last, so the processes stop before their files go.
+    pub dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    /// A deployment under `parent` (a fresh temporary directory in it) with htpasswd `users`
+    /// hashed at bcrypt `cost`.
+    pub fn start_in(parent: &Path, users: &[(&str, &str)], cost: u32) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir_in(parent)?;
+        let storage = storage_node(&dir.path().join("storage"))?;
+        let gateway = start_gateway(dir.path(), &[&storage], users, cost)?;
+        Ok(Deployment {
+            storage,
+            gateway,
+            dir,
+        })
+    }
+}
+
+/// A client of `g` that fetches tokens with `user`'s password.
+pub fn user_client(g: &GatewayServer, user: &str, password: &str) -> Client {
+    let mut c = Client::with_ca(&g.base, &g.ca_pem);
+    c.auth = Some(TokenAuth::new(
+        &format!("{}/token", g.base),
+        SERVICE,
+        Some((user, password)),
+    ));
+    c
+}
