@@ -87,11 +87,13 @@ fn default_idle_s() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// bcrypt htpasswd file of static users.
-    pub htpasswd_file: PathBuf,
+    /// bcrypt htpasswd file of static users (asked first when LDAP is configured too).
+    pub htpasswd_file: Option<PathBuf>,
     /// Groups of static users: group name → user names.
     #[serde(default)]
     pub groups: std::collections::BTreeMap<String, Vec<String>>,
+    /// LDAP / Active Directory users (asked after the static users).
+    pub ldap: Option<crate::auth::ldap::LdapConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +124,12 @@ impl Config {
         }
         if self.token.expires_in_seconds == 0 {
             bail!("token.expires_in_seconds must be positive");
+        }
+        if self.auth.htpasswd_file.is_none() && self.auth.ldap.is_none() {
+            bail!("[auth] needs htpasswd_file, [auth.ldap], or both");
+        }
+        if let Some(l) = &self.auth.ldap {
+            l.validate()?;
         }
         Ok(())
     }

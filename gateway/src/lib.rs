@@ -1,7 +1,9 @@
 //! Portcullis gateway: the Pingora TLS edge.
 //!
 //! - [`token`]: the Docker token service (`/token`, JWKS) and registry JWTs.
-//! - [`auth`]: the [`auth::Authenticator`] trait and static users (bcrypt htpasswd).
+//! - [`auth`]: the [`auth::Authenticator`] trait, static users (bcrypt htpasswd), LDAP, and
+//!   the [`auth::Chain`] that asks them in order.
+//! - [`state`]: the shared state store (in memory; Redis later).
 //! - [`authz`]: the bearer check of `/v2/` requests and tag immutability.
 //! - [`proxy`]: the `ProxyHttp` that calls them and streams to a storage node.
 //! - [`dev`]: the embedded default (`gateway dev`), with storage in the same process.
@@ -17,6 +19,7 @@ pub mod config;
 pub mod dev;
 pub mod metrics;
 pub mod proxy;
+pub mod state;
 pub mod tls;
 pub mod token;
 

@@ -66,6 +66,32 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Static users first, then LDAP (see [`gateway::auth::Chain`] for the order's rules).
+/// `pepper` (the internal secret) is mixed into cached password hashes.
+fn authenticator(
+    c: &config::AuthConfig,
+    pepper: &[u8],
+) -> anyhow::Result<Arc<dyn gateway::auth::Authenticator>> {
+    let mut chain: Vec<Arc<dyn gateway::auth::Authenticator>> = Vec::new();
+    if let Some(f) = &c.htpasswd_file {
+        let mut users = Htpasswd::load(f, &c.groups)?;
+        users.fall_through = c.ldap.is_some();
+        chain.push(Arc::new(users));
+    }
+    if let Some(l) = &c.ldap {
+        let store = Arc::new(gateway::state::MemoryStore::default());
+        chain.push(Arc::new(gateway::auth::ldap::LdapAuthenticator::new(
+            l.clone(),
+            store,
+            pepper,
+        )?));
+    }
+    Ok(match chain.len() {
+        1 => chain.remove(0),
+        _ => Arc::new(gateway::auth::Chain(chain)),
+    })
+}
+
 fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
     let c = config::Config::load(path)?;
     let secret = c.secret()?;
@@ -75,7 +101,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         .iter()
         .map(|p| SigningKey::load(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let users = Htpasswd::load(&c.auth.htpasswd_file, &c.auth.groups)?;
+    let auth = authenticator(&c.auth, secret.as_bytes())?;
     let policy_text = std::fs::read_to_string(&c.policy.file)
         .with_context(|| format!("reading {}", c.policy.file.display()))?;
     let policy = Arc::new(policy::Policy::compile(
@@ -103,7 +129,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         },
         token: token::TokenService {
             tokens,
-            auth: Arc::new(users),
+            auth,
             policy,
             refresh: RefreshStore::new(
                 (c.token.refresh_absolute_hours * 3600) as i64,

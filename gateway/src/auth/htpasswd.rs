@@ -11,6 +11,9 @@ pub struct Htpasswd {
     groups: HashMap<String, Vec<String>>,
     /// A valid hash compared when the user is unknown, so timing does not tell.
     dummy_hash: String,
+    /// Another backend follows in a [`super::Chain`]: unknown users are passed on at once
+    /// ([`AuthError::UnknownUser`]) instead of being refused after a dummy comparison.
+    pub fall_through: bool,
 }
 
 impl Htpasswd {
@@ -54,6 +57,7 @@ impl Htpasswd {
             users,
             groups: by_user,
             dummy_hash: bcrypt::hash("portcullis-dummy", cost).context("hashing")?,
+            fall_through: false,
         })
     }
 }
@@ -66,6 +70,9 @@ impl Authenticator for Htpasswd {
 
     async fn authenticate(&self, username: &str, password: &str) -> Result<Identity, AuthError> {
         let known = self.users.get(username);
+        if known.is_none() && self.fall_through {
+            return Err(AuthError::UnknownUser);
+        }
         let hash = known.unwrap_or(&self.dummy_hash).clone();
         let password = password.to_string();
         // bcrypt is slow on purpose: keep it off the proxy's event loop.

@@ -193,7 +193,7 @@ impl TokenService {
         }
         match self.auth.authenticate(user, password).await {
             Ok(id) => Ok(id),
-            Err(AuthError::InvalidCredentials) => Err(unauthorized()),
+            Err(AuthError::InvalidCredentials | AuthError::UnknownUser) => Err(unauthorized()),
             Err(AuthError::Unavailable(e)) => {
                 tracing::warn!(backend = self.auth.name(), error = %e, "authentication backend unavailable");
                 Err(Reply::oauth_error(
