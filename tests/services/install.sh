@@ -12,6 +12,7 @@ packages=(
   openssl                       # TLS protocol checks (s_client)
   docker.io                     # dockerd for docker push/pull tests (the docker CLI is on the machine)
   nginx                         # regbench --gateway: the reference for serving a file over TLS
+  slapd ldap-utils              # OpenLDAP for the LDAP login tests
 )
 
 missing=()

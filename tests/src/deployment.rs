@@ -32,6 +32,19 @@ pub fn start_gateway(
     users: &[(&str, &str)],
     cost: u32,
 ) -> anyhow::Result<GatewayServer> {
+    start_gateway_with(d, nodes, users, cost, "", &[])
+}
+
+/// [`start_gateway`] with `extra` appended to the config (more tables, e.g. `[auth.ldap]`)
+/// and `env` added to the gateway's environment.
+pub fn start_gateway_with(
+    d: &Path,
+    nodes: &[&StorageServer],
+    users: &[(&str, &str)],
+    cost: u32,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<GatewayServer> {
     let tls = gateway::tls::ensure_dev_certificates(&d.join("tls"))?;
     std::fs::write(d.join("key.pem"), gateway::token::keys::generate_pem()?)?;
     let mut htpasswd = String::new();
@@ -73,9 +86,11 @@ file = "{policy}"
         policy = policy.display(),
     );
     let conf = d.join("gateway.toml");
-    std::fs::write(&conf, config)?;
+    std::fs::write(&conf, config + extra)?;
     let ca = std::fs::read(&tls.ca_cert).context("reading the generated CA")?;
-    GatewayServer::start_config(&conf, port, ca, &[("PORTCULLIS_INTERNAL_SECRET", SECRET)])
+    let mut env = env.to_vec();
+    env.push(("PORTCULLIS_INTERNAL_SECRET", SECRET));
+    GatewayServer::start_config(&conf, port, ca, &env)
 }
 
 /// One storage node and one gateway in a temporary directory, removed on drop.

@@ -6,12 +6,14 @@
 //! - [`protocol`]: the protocol suite, driven only by a base URL, so it runs against
 //!   storage-backend directly and through the gateway.
 //! - [`deployment`]: a gateway in production shape in front of a storage node.
+//! - [`ldap`]: a real slapd with a seeded directory.
 //! - [`fsck`]: an offline consistency check of a storage root.
 //! - [`tools`]: running real clients (skopeo, podman, buildah) and distribution.
 
 pub mod client;
 pub mod deployment;
 pub mod fsck;
+pub mod ldap;
 pub mod protocol;
 pub mod server;
 pub mod tools;

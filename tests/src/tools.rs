@@ -228,3 +228,61 @@ impl Drop for Nginx {
         let _ = self.child.wait();
     }
 }
+
+/// `<ctr dir>/certs/ca.crt` holding `ca_pem`, for `--cert-dir` of podman, skopeo and buildah.
+pub fn cert_dir(ctr: &Containers, ca_pem: &[u8]) -> anyhow::Result<String> {
+    let d = ctr.dir.path().join("certs");
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("ca.crt"), ca_pem)?;
+    Ok(d.display().to_string())
+}
+
+/// A registry's CA in /etc/docker/certs.d/<host:port>/ca.crt, where the docker CLI and
+/// dockerd look for it; removed on drop.
+pub struct DockerTrust(PathBuf);
+
+impl DockerTrust {
+    pub fn install(host: &str, ca_pem: &[u8]) -> anyhow::Result<Self> {
+        let certs = Path::new("/etc/docker/certs.d").join(host);
+        std::fs::create_dir_all(&certs)?;
+        std::fs::write(certs.join("ca.crt"), ca_pem)?;
+        Ok(DockerTrust(certs))
+    }
+}
+
+impl Drop for DockerTrust {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `docker --config <config> login <host> -u <user> --password-stdin`: whether it succeeded
+/// and what it printed.
+pub fn docker_login(
+    config: &Path,
+    host: &str,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<(bool, String)> {
+    use std::io::Write;
+    let mut c = Command::new("docker")
+        .arg("--config")
+        .arg(config)
+        .args(["login", host, "-u", user, "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running docker login")?;
+    c.stdin
+        .take()
+        .context("no stdin")?
+        .write_all(password.as_bytes())?;
+    let out = c.wait_with_output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    Ok((
+        out.status.success() && text.contains("Login Succeeded"),
+        text,
+    ))
+}

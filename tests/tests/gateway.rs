@@ -629,13 +629,10 @@ fn tls_below_1_2_is_refused() -> anyhow::Result<()> {
 
 // --- real clients --------------------------------------------------------------------------
 
-use portcullis_tests::tools::{Containers, dir_files};
+use portcullis_tests::tools::{Containers, DockerTrust, dir_files, docker_login};
 
 fn cert_dir(ctr: &Containers, g: &GatewayServer) -> String {
-    let d = ctr.dir.path().join("certs");
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("ca.crt"), &g.ca_pem).unwrap();
-    d.display().to_string()
+    portcullis_tests::tools::cert_dir(ctr, &g.ca_pem).unwrap()
 }
 
 fn same_dirs(a: &Path, b: &Path) -> anyhow::Result<()> {
@@ -852,59 +849,14 @@ fn skopeo_podman_and_buildah_through_the_gateway() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The gateway's CA in /etc/docker/certs.d/<host:port>/ca.crt, where the docker CLI and
-/// dockerd look for a registry's CA; removed on drop.
-struct DockerTrust(std::path::PathBuf);
-
-impl DockerTrust {
-    fn install(g: &GatewayServer) -> anyhow::Result<Self> {
-        let certs = Path::new("/etc/docker/certs.d").join(&g.host);
-        std::fs::create_dir_all(&certs)?;
-        std::fs::write(certs.join("ca.crt"), &g.ca_pem)?;
-        Ok(DockerTrust(certs))
-    }
-}
-
-impl Drop for DockerTrust {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn docker_login_stores_an_identity_token() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let g = GatewayServer::start_dev(data.path(), Some(ADMIN_PASSWORD))?;
-    let _trust = DockerTrust::install(&g)?;
+    let _trust = DockerTrust::install(&g.host, &g.ca_pem)?;
     let config = tempfile::tempdir()?;
-    let out = std::process::Command::new("docker")
-        .args([
-            "--config",
-            &config.path().display().to_string(),
-            "login",
-            &g.host,
-            "-u",
-            "admin",
-            "--password-stdin",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin
-                .take()
-                .unwrap()
-                .write_all(ADMIN_PASSWORD.as_bytes())?;
-            c.wait_with_output()
-        })?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success() && text.contains("Login Succeeded"),
-        "{text}"
-    );
+    let (ok, text) = docker_login(config.path(), &g.host, "admin", ADMIN_PASSWORD)?;
+    ensure!(ok, "{text}");
     let stored = std::fs::read_to_string(config.path().join("config.json"))?;
     let v: Value = serde_json::from_str(&stored)?;
     let entry = &v["auths"][g.host.as_str()];
@@ -1154,7 +1106,7 @@ impl Drop for Dockerd {
 fn docker_push_and_pull_through_the_gateway() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let g = GatewayServer::start_dev(data.path(), Some(ADMIN_PASSWORD))?;
-    let _trust = DockerTrust::install(&g)?;
+    let _trust = DockerTrust::install(&g.host, &g.ca_pem)?;
     let dk = Dockerd::start()?;
     // An image built from scratch: busybox and nothing else.
     let ctx = tempfile::tempdir()?;

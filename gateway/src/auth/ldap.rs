@@ -30,6 +30,8 @@ pub const BIND_PASSWORD_ENV: &str = "PORTCULLIS_LDAP_BIND_PASSWORD";
 
 /// LDAP result code for a wrong DN or password.
 const INVALID_CREDENTIALS: u32 = 49;
+const NO_SUCH_OBJECT: u32 = 32;
+const INVALID_DN_SYNTAX: u32 = 34;
 
 /// Longest username looked up (longer ones cannot be valid and are refused early).
 const MAX_USERNAME: usize = 256;
@@ -434,7 +436,8 @@ impl LdapAuthenticator {
         };
         match r.rc {
             0 => Ok(Some(ldap)),
-            INVALID_CREDENTIALS => {
+            // Wrong password, or (direct bind) a DN that does not exist or cannot be one.
+            INVALID_CREDENTIALS | NO_SUCH_OBJECT | INVALID_DN_SYNTAX => {
                 self.release(ldap);
                 Ok(None)
             }
