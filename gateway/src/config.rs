@@ -164,6 +164,9 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.upstream.nodes.len(), 2);
         assert_eq!(c.auth.groups["team-a"], ["bob"]);
+        let ldap = c.auth.ldap.as_ref().expect("the example configures LDAP");
+        assert_eq!(ldap.urls.len(), 2);
+        assert_eq!(ldap.cache_ttl_seconds, 60);
     }
 
     #[test]
