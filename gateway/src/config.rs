@@ -18,6 +18,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub auth: AuthConfig,
     pub policy: PolicyConfig,
+    /// OIDC single sign-on in the browser (`/auth/oidc/login`).
+    pub oidc: Option<crate::oidc::OidcConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

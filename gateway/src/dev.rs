@@ -154,6 +154,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             refresh: RefreshStore::new(30 * 86_400, 7 * 86_400),
             expires_in_seconds: 300,
         },
+        oidc: None,
         side_tasks: vec![storage_task],
     })
 }

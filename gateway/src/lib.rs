@@ -18,6 +18,7 @@ pub mod authz;
 pub mod config;
 pub mod dev;
 pub mod metrics;
+pub mod oidc;
 pub mod proxy;
 pub mod state;
 pub mod tls;
@@ -45,6 +46,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub token: token::TokenService,
     pub authz: authz::Authz,
+    /// OIDC browser login, when configured.
+    pub oidc: Option<Arc<oidc::Oidc>>,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -77,6 +80,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         token,
         authz,
         side_tasks,
+        oidc,
     } = settings;
     let metrics = Arc::new(metrics::Metrics::new());
 
@@ -104,6 +108,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         secret,
         idle_timeout,
         metrics: metrics.clone(),
+        oidc,
         storage_client: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()

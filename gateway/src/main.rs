@@ -71,6 +71,7 @@ fn main() -> std::process::ExitCode {
 fn authenticator(
     c: &config::AuthConfig,
     pepper: &[u8],
+    store: Arc<dyn gateway::state::StateStore>,
 ) -> anyhow::Result<Arc<dyn gateway::auth::Authenticator>> {
     let mut chain: Vec<Arc<dyn gateway::auth::Authenticator>> = Vec::new();
     if let Some(f) = &c.htpasswd_file {
@@ -79,7 +80,6 @@ fn authenticator(
         chain.push(Arc::new(users));
     }
     if let Some(l) = &c.ldap {
-        let store = Arc::new(gateway::state::MemoryStore::default());
         chain.push(Arc::new(gateway::auth::ldap::LdapAuthenticator::new(
             l.clone(),
             store,
@@ -101,7 +101,14 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         .iter()
         .map(|p| SigningKey::load(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let auth = authenticator(&c.auth, secret.as_bytes())?;
+    // One shared state store for login caches and OIDC flows.
+    let store: Arc<dyn gateway::state::StateStore> =
+        Arc::new(gateway::state::MemoryStore::default());
+    let auth = authenticator(&c.auth, secret.as_bytes(), store.clone())?;
+    let oidc = match &c.oidc {
+        Some(o) => Some(Arc::new(gateway::oidc::Oidc::new(o.clone(), store)?)),
+        None => None,
+    };
     let policy_text = std::fs::read_to_string(&c.policy.file)
         .with_context(|| format!("reading {}", c.policy.file.display()))?;
     let policy = Arc::new(policy::Policy::compile(
@@ -137,6 +144,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
             ),
             expires_in_seconds: c.token.expires_in_seconds,
         },
+        oidc,
         side_tasks: Vec::new(),
     })
 }

@@ -27,6 +27,7 @@ pub struct Gateway {
     pub secret: String,
     pub idle_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    pub oidc: Option<Arc<crate::oidc::Oidc>>,
     /// For the gateway's own questions to storage (tags of a digest).
     pub storage_client: reqwest::Client,
 }
@@ -130,6 +131,87 @@ impl Gateway {
         Ok(out)
     }
 
+    /// `/auth/oidc/login` and `/auth/oidc/callback`.
+    async fn oidc_endpoint(&self, session: &mut Session, path: &str) -> Result<bool> {
+        let html = "text/html; charset=utf-8";
+        let Some(oidc) = self.oidc.clone() else {
+            let body = Bytes::from_static(b"single sign-on is not configured on this registry");
+            return respond(session, 404, "text/plain", body, &[]).await;
+        };
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("localhost")
+            .to_string();
+        let query = req.uri.query().unwrap_or("").to_string();
+        let cookies = req
+            .headers
+            .get("cookie")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if path == crate::oidc::LOGIN_PATH {
+            let device = form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "device")
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            return match oidc.start(&host, &device).await {
+                Ok((location, cookie)) => {
+                    let extra = [
+                        ("location", location),
+                        ("set-cookie", cookie),
+                        ("cache-control", "no-store".to_string()),
+                    ];
+                    respond(session, 302, html, Bytes::new(), &extra).await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "starting an OIDC login failed");
+                    let body = Bytes::from_static(
+                        b"the identity provider is unavailable, try again later",
+                    );
+                    respond(session, 503, "text/plain", body, &[]).await
+                }
+            };
+        }
+        match oidc.finish(&query, cookies.as_deref()).await {
+            crate::oidc::Outcome::LoggedIn(id, device) => {
+                let client = format!("oidc:{device}");
+                let refresh = self
+                    .tokens
+                    .refresh
+                    .issue(id.clone(), &client, token::unix_now());
+                let page = crate::oidc::success_page(&host, &id, &device, &refresh);
+                respond(
+                    session,
+                    200,
+                    html,
+                    Bytes::from(page),
+                    &[("cache-control", "no-store".to_string())],
+                )
+                .await
+            }
+            crate::oidc::Outcome::Refused(status, msg) => {
+                tracing::info!(reason = %msg, "OIDC login refused");
+                respond(
+                    session,
+                    status,
+                    "text/plain; charset=utf-8",
+                    Bytes::from(msg),
+                    &[],
+                )
+                .await
+            }
+            crate::oidc::Outcome::Unavailable(e) => {
+                tracing::warn!(error = %e, "OIDC login failed: the identity provider is unavailable");
+                let body =
+                    Bytes::from_static(b"the identity provider is unavailable, try again later");
+                respond(session, 503, "text/plain", body, &[]).await
+            }
+        }
+    }
+
     async fn token_endpoint(&self, session: &mut Session) -> Result<bool> {
         let req = session.req_header();
         let method = req.method.as_str().to_owned();
@@ -208,6 +290,10 @@ impl ProxyHttp for Gateway {
                 &[],
             )
             .await;
+        }
+        if path == crate::oidc::LOGIN_PATH || path == crate::oidc::CALLBACK_PATH {
+            ctx.route = "oidc";
+            return self.oidc_endpoint(session, &path).await;
         }
         if path == token::JWKS_PATH {
             ctx.route = "jwks";

@@ -25,3 +25,11 @@ if ((${#missing[@]})); then
   apt-get -o DPkg::Lock::Timeout=300 update -q
   apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${missing[@]}"
 fi
+
+# The OpenID provider of the SSO tests: oidc-provider pinned by package-lock.json, on the
+# machine's Node.js.
+oidc_dir="$(cd "$(dirname "$0")" && pwd)/oidc"
+if [ ! -d "$oidc_dir/node_modules/oidc-provider" ]; then
+  echo "installing the test OpenID provider (npm ci)"
+  (cd "$oidc_dir" && npm ci --no-audit --no-fund)
+fi

@@ -7,6 +7,7 @@
 //!   storage-backend directly and through the gateway.
 //! - [`deployment`]: a gateway in production shape in front of a storage node.
 //! - [`ldap`]: a real slapd with a seeded directory.
+//! - [`oidc`]: a real OpenID provider and a headless browser login.
 //! - [`fsck`]: an offline consistency check of a storage root.
 //! - [`tools`]: running real clients (skopeo, podman, buildah) and distribution.
 
@@ -14,6 +15,7 @@ pub mod client;
 pub mod deployment;
 pub mod fsck;
 pub mod ldap;
+pub mod oidc;
 pub mod protocol;
 pub mod server;
 pub mod tools;

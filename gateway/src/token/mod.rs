@@ -68,6 +68,10 @@ pub struct TokenService {
     pub expires_in_seconds: u64,
 }
 
+/// The username that says "the password is a registry refresh token" (Docker's convention
+/// for identity tokens, used by credential helpers and `docker login -u '<token>'`).
+pub const IDENTITY_TOKEN_USER: &str = "<token>";
+
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -190,6 +194,13 @@ impl TokenService {
     async fn login(&self, user: &str, password: &str) -> Result<Identity, Reply> {
         if user.is_empty() || password.is_empty() {
             return Err(unauthorized());
+        }
+        // Docker's identity-token convention: the password is a registry refresh token.
+        if user == IDENTITY_TOKEN_USER {
+            return self
+                .refresh
+                .redeem(password, unix_now())
+                .ok_or_else(unauthorized);
         }
         match self.auth.authenticate(user, password).await {
             Ok(id) => Ok(id),

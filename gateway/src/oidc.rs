@@ -1,0 +1,520 @@
+//! OIDC single sign-on in the browser (authorization code + PKCE S256, `state`, `nonce`):
+//! `GET /auth/oidc/login` sends the browser to the IdP; `GET /auth/oidc/callback` verifies the
+//! ID token and shows a registry refresh token for the device, to use as a Docker identity
+//! token (`docker login -u '<token>' -p <refresh token>`, or a credential helper).
+//!
+//! The flow's state (PKCE verifier, nonce, a hash of the browser-binding cookie) lives in the
+//! shared state store under the SHA-256 of `state`, is single-use and expires, so a flow
+//! started on one gateway replica finishes on another. Configured by `[oidc]`; see `docs/sso.md`.
+
+use crate::auth::Identity;
+use crate::state::StateStore;
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use policy::SubjectKind;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const LOGIN_PATH: &str = "/auth/oidc/login";
+pub const CALLBACK_PATH: &str = "/auth/oidc/callback";
+/// Environment variable with the client secret (when no file is named).
+pub const CLIENT_SECRET_ENV: &str = "PORTCULLIS_OIDC_CLIENT_SECRET";
+const COOKIE: &str = "portcullis_oidc";
+
+/// `[oidc]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The IdP's issuer URL (discovery at `<issuer>/.well-known/openid-configuration`).
+    pub issuer: String,
+    pub client_id: String,
+    /// File with the client secret (else `PORTCULLIS_OIDC_CLIENT_SECRET`; none: public client).
+    pub client_secret_file: Option<PathBuf>,
+    /// The callback URL registered at the IdP; `https://<Host>/auth/oidc/callback` when unset.
+    pub redirect_url: Option<String>,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    #[serde(default = "default_username_claim")]
+    pub username_claim: String,
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Only groups matching this regular expression are kept (all when unset).
+    pub groups_filter: Option<String>,
+    /// ID token algorithms accepted (asymmetric only).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// How long a started login may take to come back.
+    #[serde(default = "default_flow_ttl")]
+    pub flow_ttl_seconds: u64,
+}
+
+fn default_scopes() -> Vec<String> {
+    ["openid", "profile", "email", "groups"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_username_claim() -> String {
+    "preferred_username".into()
+}
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_algorithms() -> Vec<String> {
+    ["RS256", "ES256", "PS256", "EdDSA"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_flow_ttl() -> u64 {
+    600
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Discovery {
+    issuer: String,
+    authorization_endpoint: String,
+    token_endpoint: String,
+    jwks_uri: String,
+}
+
+/// One login in progress.
+#[derive(Serialize, Deserialize)]
+struct Flow {
+    verifier: String,
+    nonce: String,
+    /// SHA-256 of the browser-binding cookie.
+    binding: String,
+    redirect_uri: String,
+    device: String,
+}
+
+/// What the callback produced.
+pub enum Outcome {
+    /// The user, and the device name they asked for.
+    LoggedIn(Identity, String),
+    /// A client mistake or a refused login: status and message for the page.
+    Refused(u16, String),
+    /// The IdP could not be reached.
+    Unavailable(String),
+}
+
+pub struct Oidc {
+    cfg: OidcConfig,
+    secret: Option<String>,
+    algorithms: Vec<Algorithm>,
+    groups_filter: Option<regex::Regex>,
+    http: reqwest::Client,
+    state: Arc<dyn StateStore>,
+    discovery: tokio::sync::Mutex<Option<(Discovery, JwkSet)>>,
+}
+
+fn random_b64(n: usize) -> String {
+    let mut raw = vec![0u8; n];
+    openssl::rand::rand_bytes(&mut raw).expect("the OS random generator works");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn sha256_b64(s: &str) -> String {
+    use sha2::Digest as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// The value of cookie `name` in a `Cookie` header.
+pub fn cookie<'a>(header: Option<&'a str>, name: &str) -> Option<&'a str> {
+    header?
+        .split(';')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+impl Oidc {
+    pub fn new(cfg: OidcConfig, state: Arc<dyn StateStore>) -> anyhow::Result<Self> {
+        let secret = match &cfg.client_secret_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            None => std::env::var(CLIENT_SECRET_ENV)
+                .ok()
+                .filter(|s| !s.is_empty()),
+        };
+        let mut algorithms = Vec::new();
+        for a in &cfg.algorithms {
+            let alg: Algorithm = a
+                .parse()
+                .map_err(|_| anyhow::anyhow!("oidc.algorithms: unknown algorithm {a:?}"))?;
+            if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+                bail!(
+                    "oidc.algorithms: {a} is symmetric; only asymmetric ID token signatures are accepted"
+                );
+            }
+            algorithms.push(alg);
+        }
+        if algorithms.is_empty() {
+            bail!("oidc.algorithms is empty");
+        }
+        if !cfg.scopes.iter().any(|s| s == "openid") {
+            bail!("oidc.scopes must include openid");
+        }
+        let groups_filter = cfg
+            .groups_filter
+            .as_deref()
+            .map(regex::Regex::new)
+            .transpose()
+            .context("oidc.groups_filter")?;
+        Ok(Oidc {
+            cfg,
+            secret,
+            algorithms,
+            groups_filter,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .context("building the OIDC client")?,
+            state,
+            discovery: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Discovery and JWKS, fetched on first use; `refresh` fetches the JWKS again (an
+    /// unknown `kid` means the IdP rotated its keys).
+    async fn provider(&self, refresh: bool) -> anyhow::Result<(Discovery, JwkSet)> {
+        let mut slot = self.discovery.lock().await;
+        if let (Some(d), false) = (slot.as_ref(), refresh) {
+            return Ok(d.clone());
+        }
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            self.cfg.issuer.trim_end_matches('/')
+        );
+        let d: Discovery = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("fetching {url}"))?
+            .error_for_status()?
+            .json()
+            .await
+            .context("reading the discovery document")?;
+        if d.issuer != self.cfg.issuer {
+            bail!(
+                "the IdP calls itself {:?}, not the configured issuer {:?}",
+                d.issuer,
+                self.cfg.issuer
+            );
+        }
+        let jwks: JwkSet = self
+            .http
+            .get(&d.jwks_uri)
+            .send()
+            .await
+            .context("fetching the IdP's JWKS")?
+            .error_for_status()?
+            .json()
+            .await
+            .context("reading the IdP's JWKS")?;
+        *slot = Some((d.clone(), jwks.clone()));
+        Ok((d, jwks))
+    }
+
+    fn redirect_uri(&self, host: &str) -> String {
+        self.cfg
+            .redirect_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{host}{CALLBACK_PATH}"))
+    }
+
+    /// Starts a login: the IdP URL to send the browser to and the `Set-Cookie` value binding
+    /// the flow to this browser.
+    pub async fn start(&self, host: &str, device: &str) -> anyhow::Result<(String, String)> {
+        let (d, _) = self.provider(false).await?;
+        let (state, nonce, verifier, binding) = (
+            random_b64(32),
+            random_b64(32),
+            random_b64(48),
+            random_b64(32),
+        );
+        let redirect_uri = self.redirect_uri(host);
+        let flow = Flow {
+            verifier: verifier.clone(),
+            nonce: nonce.clone(),
+            binding: sha256_b64(&binding),
+            redirect_uri: redirect_uri.clone(),
+            device: device
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect(),
+        };
+        let ttl = Duration::from_secs(self.cfg.flow_ttl_seconds);
+        self.state
+            .set(
+                &format!("oidc:flow:{}", sha256_b64(&state)),
+                serde_json::to_vec(&flow)?,
+                ttl,
+            )
+            .await?;
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("response_type", "code")
+            .append_pair("client_id", &self.cfg.client_id)
+            .append_pair("redirect_uri", &redirect_uri)
+            .append_pair("scope", &self.cfg.scopes.join(" "))
+            .append_pair("state", &state)
+            .append_pair("nonce", &nonce)
+            .append_pair("code_challenge", &sha256_b64(&verifier))
+            .append_pair("code_challenge_method", "S256")
+            .finish();
+        let sep = if d.authorization_endpoint.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let cookie = format!(
+            "{COOKIE}={binding}; Path=/auth/oidc; Max-Age={}; HttpOnly; Secure; SameSite=Lax",
+            self.cfg.flow_ttl_seconds
+        );
+        Ok((format!("{}{sep}{query}", d.authorization_endpoint), cookie))
+    }
+
+    /// Finishes a login from the callback's query and `Cookie` header.
+    pub async fn finish(&self, query: &str, cookies: Option<&str>) -> Outcome {
+        let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        if let Some(e) = param("error") {
+            return Outcome::Refused(
+                400,
+                format!(
+                    "the identity provider refused the login: {e} {}",
+                    param("error_description").unwrap_or("")
+                ),
+            );
+        }
+        let (Some(code), Some(state)) = (param("code"), param("state")) else {
+            return Outcome::Refused(400, "code and state are required".into());
+        };
+        // Single use: taken out of the store before anything else.
+        let key = format!("oidc:flow:{}", sha256_b64(state));
+        let flow = match self.state.get(&key).await {
+            Ok(Some(raw)) => {
+                let _ = self.state.delete(&key).await;
+                match serde_json::from_slice::<Flow>(&raw) {
+                    Ok(f) => f,
+                    Err(_) => return Outcome::Refused(400, "unknown or expired login".into()),
+                }
+            }
+            Ok(None) => {
+                return Outcome::Refused(400, "unknown, used or expired login state".into());
+            }
+            Err(e) => return Outcome::Unavailable(e.to_string()),
+        };
+        let bound = cookie(cookies, COOKIE)
+            .map(sha256_b64)
+            .is_some_and(|h| openssl::memcmp::eq(h.as_bytes(), flow.binding.as_bytes()));
+        if !bound {
+            return Outcome::Refused(
+                400,
+                "this login was started in another browser (the login cookie is missing)".into(),
+            );
+        }
+        match self.exchange(code, &flow).await {
+            Ok(Ok(id)) => Outcome::LoggedIn(id, flow.device),
+            Ok(Err(msg)) => Outcome::Refused(400, msg),
+            Err(e) => Outcome::Unavailable(format!("{e:#}")),
+        }
+    }
+
+    /// Trades the code for tokens and verifies the ID token. Outer error: the IdP could not
+    /// be reached; inner: the login is refused.
+    async fn exchange(&self, code: &str, flow: &Flow) -> anyhow::Result<Result<Identity, String>> {
+        let (d, _) = self.provider(false).await?;
+        let mut form = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", flow.redirect_uri.as_str()),
+            ("code_verifier", flow.verifier.as_str()),
+        ];
+        let mut req = self.http.post(&d.token_endpoint);
+        match &self.secret {
+            Some(s) => req = req.basic_auth(&self.cfg.client_id, Some(s)),
+            None => form.push(("client_id", self.cfg.client_id.as_str())),
+        }
+        let r = req
+            .form(&form)
+            .send()
+            .await
+            .context("calling the IdP's token endpoint")?;
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        if status.is_server_error() {
+            bail!("the IdP's token endpoint answered {status}");
+        }
+        if !status.is_success() {
+            return Ok(Err(format!(
+                "the identity provider refused the code: {} {}",
+                body["error"].as_str().unwrap_or("error"),
+                body["error_description"].as_str().unwrap_or("")
+            )));
+        }
+        let Some(id_token) = body["id_token"].as_str() else {
+            return Ok(Err("the identity provider returned no ID token".into()));
+        };
+        self.verify_id_token(id_token, &flow.nonce).await
+    }
+
+    /// Signature (allowed asymmetric algorithms, key by `kid` from the IdP's JWKS), `iss`,
+    /// `aud`, `exp`/`iat`/`nbf` with 30 s leeway, `nonce`; then the username and groups.
+    pub async fn verify_id_token(
+        &self,
+        token: &str,
+        nonce: &str,
+    ) -> anyhow::Result<Result<Identity, String>> {
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return Ok(Err("the ID token is malformed".into()));
+        };
+        if !self.algorithms.contains(&header.alg) {
+            return Ok(Err(format!(
+                "the ID token's algorithm {:?} is not accepted",
+                header.alg
+            )));
+        }
+        let (_, mut jwks) = self.provider(false).await?;
+        let find = |set: &JwkSet| match &header.kid {
+            Some(k) => set.find(k).cloned(),
+            None if set.keys.len() == 1 => set.keys.first().cloned(),
+            None => None,
+        };
+        let jwk = match find(&jwks) {
+            Some(k) => k,
+            None => {
+                jwks = self.provider(true).await?.1;
+                match find(&jwks) {
+                    Some(k) => k,
+                    None => return Ok(Err("the ID token is signed with an unknown key".into())),
+                }
+            }
+        };
+        let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+            return Ok(Err("the IdP's key cannot be used".into()));
+        };
+        let mut v = Validation::new(header.alg);
+        v.leeway = 30;
+        v.validate_nbf = true;
+        v.set_issuer(&[&self.cfg.issuer]);
+        v.set_audience(&[&self.cfg.client_id]);
+        v.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
+        let claims = match jsonwebtoken::decode::<serde_json::Value>(token, &key, &v) {
+            Ok(d) => d.claims,
+            Err(e) => return Ok(Err(format!("the ID token is not valid: {e}"))),
+        };
+        let iat = claims["iat"].as_i64().unwrap_or(0);
+        if iat > crate::token::unix_now() + 30 {
+            return Ok(Err("the ID token is issued in the future".into()));
+        }
+        if claims["nonce"].as_str() != Some(nonce) {
+            return Ok(Err("the ID token's nonce does not match this login".into()));
+        }
+        Ok(self.identity(&claims))
+    }
+
+    fn identity(&self, claims: &serde_json::Value) -> Result<Identity, String> {
+        let Some(subject) = claims[&self.cfg.username_claim]
+            .as_str()
+            .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
+        else {
+            return Err(format!(
+                "the ID token has no {} claim",
+                self.cfg.username_claim
+            ));
+        };
+        let groups = claims[&self.cfg.groups_claim]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g.as_str())
+            .filter(|g| self.groups_filter.as_ref().is_none_or(|r| r.is_match(g)))
+            .map(str::to_string)
+            .collect();
+        Ok(Identity {
+            subject: subject.to_string(),
+            groups,
+            kind: SubjectKind::User,
+        })
+    }
+}
+
+/// The page shown after a login: how to use the refresh token from the CLI.
+pub fn success_page(host: &str, id: &Identity, device: &str, refresh: &str) -> String {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    format!(
+        r#"<!doctype html><meta charset="utf-8"><title>Portcullis: signed in</title>
+<h1>Signed in as {user}</h1>
+<p>Groups: {groups}</p>
+<p>A registry token for <b>{device}</b> (shown once; revoke it at <code>/auth/revoke</code>):</p>
+<pre id="refresh-token">{refresh}</pre>
+<p>Log in from the command line with it:</p>
+<pre>docker login {host} -u '&lt;token&gt;' -p {refresh}
+podman login {host} -u '&lt;token&gt;' -p {refresh}</pre>
+"#,
+        user = esc(&id.subject),
+        groups = esc(&id.groups.join(", ")),
+        device = esc(if device.is_empty() {
+            "this device"
+        } else {
+            device
+        }),
+        host = esc(host),
+        refresh = esc(refresh),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_found_by_name() {
+        let h = Some("a=1; portcullis_oidc=xyz; b=2");
+        assert_eq!(cookie(h, COOKIE), Some("xyz"));
+        assert_eq!(cookie(Some("portcullis_oidcx=1"), COOKIE), None);
+        assert_eq!(cookie(None, COOKIE), None);
+    }
+
+    #[test]
+    fn symmetric_and_unknown_algorithms_are_refused() {
+        let base = r#"issuer = "http://127.0.0.1:1"
+client_id = "c""#;
+        let store: Arc<dyn StateStore> = Arc::new(crate::state::MemoryStore::default());
+        for algs in [r#"["HS256"]"#, r#"["none"]"#, "[]"] {
+            let cfg: OidcConfig = toml::from_str(&format!("{base}\nalgorithms = {algs}")).unwrap();
+            assert!(Oidc::new(cfg, store.clone()).is_err(), "{algs}");
+        }
+        let cfg: OidcConfig = toml::from_str(base).unwrap();
+        Oidc::new(cfg, store).unwrap();
+    }
+
+    #[test]
+    fn the_page_escapes_what_it_shows() {
+        let id = Identity {
+            subject: "<b>".into(),
+            groups: vec!["a&b".into()],
+            kind: SubjectKind::User,
+        };
+        let p = success_page("h", &id, "<script>", "tok");
+        assert!(!p.contains("<script>") && !p.contains("<b>") && p.contains("a&amp;b"));
+    }
+}

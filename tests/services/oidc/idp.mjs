@@ -1,0 +1,117 @@
+// A real OpenID provider (oidc-provider 9.13.3) for Portcullis' SSO tests, with a plain
+// username/password form instead of the development login screen so tests can drive it
+// headlessly, and consent granted on login.
+//
+//   IDP_PORT=<port> IDP_CLIENTS='[...]' IDP_USERS='{"bob":{"password":"…","groups":["team-a"]}}' node idp.mjs
+//
+// Prints "idp listening on http://127.0.0.1:<port>" once it accepts connections.
+import http from 'node:http';
+import { Provider } from 'oidc-provider';
+
+const port = Number(process.env.IDP_PORT);
+if (!port) {
+  console.error('IDP_PORT is required');
+  process.exit(2);
+}
+const clients = JSON.parse(process.env.IDP_CLIENTS || '[]');
+const users = JSON.parse(process.env.IDP_USERS || '{}');
+const issuer = `http://127.0.0.1:${port}`;
+
+const provider = new Provider(issuer, {
+  clients,
+  pkce: { required: () => true },
+  scopes: ['openid', 'profile', 'email', 'groups', 'offline_access'],
+  claims: {
+    openid: ['sub'],
+    profile: ['name', 'preferred_username'],
+    email: ['email'],
+    groups: ['groups'],
+  },
+  conformIdTokenClaims: false,
+  cookies: { keys: ['portcullis-test-idp-cookies'] },
+  features: {
+    devInteractions: { enabled: false },
+    deviceFlow: { enabled: true },
+    clientCredentials: { enabled: true },
+    introspection: { enabled: true },
+    revocation: { enabled: true },
+  },
+  interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
+  async findAccount(ctx, id) {
+    const u = users[id];
+    if (!u) return undefined;
+    return {
+      accountId: id,
+      async claims() {
+        return {
+          sub: id,
+          name: id,
+          preferred_username: id,
+          email: u.email || `${id}@example.org`,
+          groups: u.groups || [],
+        };
+      },
+    };
+  },
+});
+provider.proxy = false;
+
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    let data = '';
+    req.on('data', (c) => { data += c; });
+    req.on('end', () => resolve(new URLSearchParams(data)));
+    req.on('error', reject);
+  });
+}
+
+function page(res, status, body) {
+  res.writeHead(status, { 'content-type': 'text/html; charset=utf-8' });
+  res.end(`<!doctype html><title>Test IdP</title>${body}`);
+}
+
+async function interaction(req, res, uid, action) {
+  const details = await provider.interactionDetails(req, res);
+  if (details.uid !== uid) return page(res, 400, 'wrong interaction');
+  if (req.method === 'GET') {
+    return page(res, 200, `<form method="post" action="/interaction/${uid}/login">
+      <input name="username"><input name="password" type="password"><button>Sign in</button></form>`);
+  }
+  if (req.method === 'POST' && action === 'login') {
+    const form = await readBody(req);
+    const username = form.get('username') || '';
+    const u = users[username];
+    if (!u || u.password !== form.get('password')) {
+      return page(res, 401, 'wrong username or password');
+    }
+    const { Grant } = provider;
+    const grant = details.grantId
+      ? await Grant.find(details.grantId)
+      : new Grant({ accountId: username, clientId: details.params.client_id });
+    grant.addOIDCScope(String(details.params.scope || 'openid'));
+    grant.addOIDCClaims(['sub', 'name', 'preferred_username', 'email', 'groups']);
+    const grantId = await grant.save();
+    return provider.interactionFinished(req, res, {
+      login: { accountId: username },
+      consent: { grantId },
+    }, { mergeWithLastSubmission: false });
+  }
+  return page(res, 404, 'not found');
+}
+
+const callback = provider.callback();
+const server = http.createServer(async (req, res) => {
+  const m = req.url.match(/^\/interaction\/([^/?]+)(?:\/([a-z]+))?/);
+  if (m) {
+    try {
+      await interaction(req, res, m[1], m[2]);
+    } catch (e) {
+      page(res, 400, `interaction failed: ${e.message}`);
+    }
+    return;
+  }
+  callback(req, res);
+});
+server.listen(port, '127.0.0.1', () => {
+  console.log(`idp listening on ${issuer}`);
+});

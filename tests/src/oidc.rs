@@ -1,0 +1,175 @@
+//! A real OpenID provider for tests: `oidc-provider` 9.13.3 on Node
+//! (`tests/services/oidc/idp.mjs`, installed by `tests/services/install.sh`) with a plain
+//! login form, on a free loopback port; killed on drop. [`browser_login`] drives the
+//! authorization-code flow through the gateway the way a browser would.
+
+use anyhow::{Context, bail, ensure};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+pub struct Idp {
+    child: Child,
+    /// `http://127.0.0.1:<port>`: the issuer.
+    pub issuer: String,
+}
+
+impl Idp {
+    /// Starts the IdP on `port` with `clients` (oidc-provider client metadata) and `users`
+    /// (`{"bob": {"password": "...", "groups": ["team-a"]}}`).
+    pub fn start(
+        port: u16,
+        clients: &serde_json::Value,
+        users: &serde_json::Value,
+    ) -> anyhow::Result<Self> {
+        let dir = crate::server::workspace_root().join("tests/services/oidc");
+        ensure!(
+            dir.join("node_modules/oidc-provider").exists(),
+            "oidc-provider is not installed: run tests/services/install.sh"
+        );
+        let mut child = Command::new("node")
+            .arg("idp.mjs")
+            .current_dir(&dir)
+            .env("IDP_PORT", port.to_string())
+            .env("IDP_CLIENTS", clients.to_string())
+            .env("IDP_USERS", users.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting node idp.mjs")?;
+        let mut out = BufReader::new(child.stdout.take().context("no stdout")?);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if out.read_line(&mut line)? == 0 {
+                let _ = child.kill();
+                bail!("the IdP exited before it listened");
+            }
+            if let Some(url) = line.trim().strip_prefix("idp listening on ") {
+                let issuer = url.to_string();
+                std::thread::spawn(move || {
+                    let mut sink = String::new();
+                    while out.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                        sink.clear();
+                    }
+                });
+                return Ok(Idp { child, issuer });
+            }
+        }
+    }
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Cookies of one site, as a browser keeps them (name → value; attributes ignored).
+#[derive(Default)]
+pub struct Jar(Vec<(String, String)>);
+
+impl Jar {
+    pub fn take(&mut self, r: &reqwest::Response) {
+        for v in r.headers().get_all("set-cookie") {
+            if let Some((kv, _)) = v
+                .to_str()
+                .ok()
+                .map(|s| s.split_once(';').unwrap_or((s, "")))
+                && let Some((k, v)) = kv.split_once('=')
+            {
+                self.0.retain(|(n, _)| n != k.trim());
+                self.0.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+    }
+
+    pub fn header(&self) -> String {
+        self.0
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+fn location(r: &reqwest::Response, base: &str) -> anyhow::Result<String> {
+    let l = r
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .with_context(|| format!("no Location in a {} answer", r.status()))?;
+    Ok(if l.starts_with('/') {
+        format!("{base}{l}")
+    } else {
+        l.to_string()
+    })
+}
+
+/// What a browser login through the gateway ended with.
+pub struct Login {
+    /// The gateway's callback URL the IdP sent the browser to.
+    pub callback: String,
+    /// The gateway's cookies (the flow binding).
+    pub gateway_cookies: Jar,
+}
+
+/// Drives `/auth/oidc/login?device=<device>` → IdP → login form → back to the gateway's
+/// callback, without calling it. `http` must trust the gateway and not follow redirects.
+pub async fn browser_login(
+    http: &reqwest::Client,
+    gateway: &str,
+    idp: &Idp,
+    user: &str,
+    password: &str,
+    device: &str,
+) -> anyhow::Result<Login> {
+    let mut gw = Jar::default();
+    let mut site = Jar::default();
+    let r = http
+        .get(format!("{gateway}/auth/oidc/login"))
+        .query(&[("device", device)])
+        .send()
+        .await?;
+    ensure!(r.status() == 302, "login: {}", r.status());
+    gw.take(&r);
+    let mut url = location(&r, gateway)?;
+    // IdP: /auth → /interaction/<uid>
+    let r = http.get(&url).send().await?;
+    site.take(&r);
+    ensure!(r.status().is_redirection(), "IdP /auth: {}", r.status());
+    url = location(&r, &idp.issuer)?;
+    let interaction = url.clone();
+    let r = http
+        .post(format!("{interaction}/login"))
+        .header("cookie", site.header())
+        .form(&[("username", user), ("password", password)])
+        .send()
+        .await?;
+    site.take(&r);
+    ensure!(
+        r.status().is_redirection(),
+        "IdP login: {} {}",
+        r.status(),
+        r.text().await.unwrap_or_default()
+    );
+    url = location(&r, &idp.issuer)?;
+    // Resume the authorization, which sends the browser back to the gateway.
+    let r = http
+        .get(&url)
+        .header("cookie", site.header())
+        .send()
+        .await?;
+    site.take(&r);
+    ensure!(r.status().is_redirection(), "IdP resume: {}", r.status());
+    let callback = location(&r, &idp.issuer)?;
+    ensure!(
+        callback.starts_with(gateway),
+        "the IdP sent the browser to {callback}"
+    );
+    Ok(Login {
+        callback,
+        gateway_cookies: gw,
+    })
+}
