@@ -169,6 +169,8 @@ mod tests {
         let ldap = c.auth.ldap.as_ref().expect("the example configures LDAP");
         assert_eq!(ldap.urls.len(), 2);
         assert_eq!(ldap.cache_ttl_seconds, 60);
+        let oidc = c.oidc.as_ref().expect("the example configures OIDC");
+        assert_eq!(oidc.client_id, "portcullis");
     }
 
     #[test]
