@@ -87,6 +87,16 @@ pub fn https(ca_pem: &[u8], http1_only: bool) -> reqwest::Client {
     b.build().expect("http client")
 }
 
+/// The claims of a JWT, decoded without checking anything (tests look at what was issued).
+pub fn jwt_claims(token: &str) -> Option<Value> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 pub fn sha256(data: &[u8]) -> Digest {
     Digest::of(Algorithm::Sha256, data)
 }
@@ -190,6 +200,16 @@ impl Client {
             r = r.bearer_auth(t);
         }
         r
+    }
+
+    /// Starting an upload to `repo` is refused as the token does not allow push
+    /// (401 `DENIED`, `insufficient_scope`).
+    pub async fn push_is_denied(&self, repo: &str) -> anyhow::Result<()> {
+        let r = self
+            .req(Method::POST, &format!("/v2/{repo}/blobs/uploads/"))
+            .send()
+            .await?;
+        expect_error(r, 401, "DENIED").await
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Response> {

@@ -155,14 +155,7 @@ async fn token_reply(
 }
 
 fn claims_of(token: &str) -> Value {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).unwrap();
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .unwrap(),
-    )
-    .unwrap()
+    portcullis_tests::client::jwt_claims(token).expect("a JWT")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,19 +517,9 @@ async fn policy_is_enforced_end_to_end() {
     bob.push_image("team-a/app", "latest", &[b"layer"])
         .await
         .unwrap();
-    let r = carol
-        .req(Method::POST, "/v2/team-a/app/blobs/uploads/")
-        .send()
-        .await
-        .unwrap();
-    expect_error(r, 401, "DENIED").await.unwrap();
+    carol.push_is_denied("team-a/app").await.unwrap();
     // bob reads but cannot push under team-a/prod.
-    let r = bob
-        .req(Method::POST, "/v2/team-a/prod/api/blobs/uploads/")
-        .send()
-        .await
-        .unwrap();
-    expect_error(r, 401, "DENIED").await.unwrap();
+    bob.push_is_denied("team-a/prod/api").await.unwrap();
 
     // Immutable tags: created once, never re-pushed or deleted; mutable tags move freely.
     let m1 = bob

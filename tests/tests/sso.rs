@@ -2,13 +2,11 @@
 //! started here) and the real gateway over TLS. `cargo test --release --test sso` runs
 //! exactly these.
 
-use base64::Engine as _;
-use portcullis_tests::client::{Client, TokenAuth, expect_error, https};
+use portcullis_tests::client::{Client, TokenAuth, https};
 use portcullis_tests::deployment::{self, SERVICE, storage_node};
-use portcullis_tests::oidc::{Idp, browser_login};
+use portcullis_tests::oidc::{Idp, Login, browser_login};
 use portcullis_tests::server::{GatewayServer, StorageServer};
 use portcullis_tests::tools::{Containers, cert_dir, free_port};
-use reqwest::Method;
 use serde_json::{Value, json};
 
 const CLIENT_SECRET: &str = "gateway-client-secret";
@@ -76,12 +74,7 @@ async fn sign_in(s: &Sso, user: &str, pw: &str) -> String {
     let login = browser_login(&http, &s.gateway.base, &s.idp, user, pw, "laptop")
         .await
         .unwrap();
-    let r = http
-        .get(&login.callback)
-        .header("cookie", login.gateway_cookies.header())
-        .send()
-        .await
-        .unwrap();
+    let r = callback(&http, &login, true).await;
     assert_eq!(r.status(), 200);
     let page = r.text().await.unwrap();
     let start = page
@@ -92,14 +85,34 @@ async fn sign_in(s: &Sso, user: &str, pw: &str) -> String {
     page[start..end].to_string()
 }
 
+/// The browser arriving at the gateway's callback, with the gateway's cookies or not.
+async fn callback(http: &reqwest::Client, login: &Login, with_cookie: bool) -> reqwest::Response {
+    let mut r = http.get(&login.callback);
+    if with_cookie {
+        r = r.header("cookie", login.gateway_cookies.header());
+    }
+    r.send().await.unwrap()
+}
+
 fn claims(token: &str) -> Value {
-    let payload = token.split('.').nth(1).unwrap();
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .unwrap(),
-    )
-    .unwrap()
+    portcullis_tests::client::jwt_claims(token).expect("a JWT")
+}
+
+/// `POST /token` with `grant_type=refresh_token`: the status and the body.
+async fn refresh_grant(g: &GatewayServer, refresh: &str, scope: &str) -> (u16, Value) {
+    let r = browser(g)
+        .post(format!("{}/token", g.base))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh),
+            ("client_id", "test"),
+            ("service", SERVICE),
+            ("scope", scope),
+        ])
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -110,20 +123,8 @@ async fn a_browser_login_gives_a_refresh_token_whose_groups_drive_policy() {
 
     // The OAuth2 refresh grant, as docker uses an identity token.
     let http = browser(g);
-    let r = http
-        .post(format!("{}/token", g.base))
-        .form(&[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh.as_str()),
-            ("client_id", "test"),
-            ("service", SERVICE),
-            ("scope", "repository:team-a/app:pull,push"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
+    let (status, v) = refresh_grant(g, &refresh, "repository:team-a/app:pull,push").await;
+    assert_eq!(status, 200, "{v}");
     let c = claims(v["access_token"].as_str().unwrap());
     assert_eq!(c["sub"], "bob");
     // Groups from the ID token, filtered by `groups_filter`.
@@ -140,28 +141,12 @@ async fn a_browser_login_gives_a_refresh_token_whose_groups_drive_policy() {
     bob.push_image("team-a/app", "sso", &[b"layer"])
         .await
         .unwrap();
-    let r = bob
-        .req(Method::POST, "/v2/team-b/app/blobs/uploads/")
-        .send()
-        .await
-        .unwrap();
-    expect_error(r, 401, "DENIED").await.unwrap();
+    bob.push_is_denied("team-b/app").await.unwrap();
 
     // carol's token carries no group.
     let carol = sign_in(&s, "carol", "carol-idp-pw").await;
-    let r = http
-        .post(format!("{}/token", g.base))
-        .form(&[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", carol.as_str()),
-            ("client_id", "test"),
-            ("service", SERVICE),
-            ("scope", "repository:team-a/app:push"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    let v: Value = r.json().await.unwrap();
+    let (status, v) = refresh_grant(g, &carol, "repository:team-a/app:push").await;
+    assert_eq!(status, 200, "{v}");
     let c = claims(v["access_token"].as_str().unwrap());
     assert_eq!(c["portcullis"]["groups"], json!([]));
     assert_eq!(c["access"], json!([]));
@@ -174,19 +159,8 @@ async fn a_browser_login_gives_a_refresh_token_whose_groups_drive_policy() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = http
-        .post(format!("{}/token", g.base))
-        .form(&[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", carol.as_str()),
-            ("client_id", "test"),
-            ("service", SERVICE),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
+    let (status, v) = refresh_grant(g, &carol, "").await;
+    assert_eq!(status, 400);
     assert_eq!(v["error"], "invalid_grant");
 }
 
@@ -246,19 +220,9 @@ async fn replayed_forged_and_unbound_callbacks_are_refused() {
     let login = browser_login(&http, &g.base, &s.idp, "bob", "bob-idp-pw", "a")
         .await
         .unwrap();
-    let first = http
-        .get(&login.callback)
-        .header("cookie", login.gateway_cookies.header())
-        .send()
-        .await
-        .unwrap();
+    let first = callback(&http, &login, true).await;
     assert_eq!(first.status(), 200);
-    let again = http
-        .get(&login.callback)
-        .header("cookie", login.gateway_cookies.header())
-        .send()
-        .await
-        .unwrap();
+    let again = callback(&http, &login, true).await;
     assert_eq!(again.status(), 400);
 
     // A callback arriving in another browser (no binding cookie) is refused, and the state
@@ -266,15 +230,10 @@ async fn replayed_forged_and_unbound_callbacks_are_refused() {
     let login = browser_login(&http, &g.base, &s.idp, "bob", "bob-idp-pw", "b")
         .await
         .unwrap();
-    let r = http.get(&login.callback).send().await.unwrap();
+    let r = callback(&http, &login, false).await;
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("another browser"));
-    let r = http
-        .get(&login.callback)
-        .header("cookie", login.gateway_cookies.header())
-        .send()
-        .await
-        .unwrap();
+    let r = callback(&http, &login, true).await;
     assert_eq!(r.status(), 400);
 
     // A made-up state, a wrong cookie, an IdP error, nothing at all.

@@ -336,6 +336,20 @@ fn best(runs: &[Figures]) -> Figures {
     }
 }
 
+/// The push/pull/manifest workload in words.
+fn workload(args: &Args) -> String {
+    format!(
+        "{} × {} MiB at concurrency {}, 1 × {} MiB, {} manifest GETs at concurrency {}, best of {}",
+        args.blobs,
+        args.blob_mib,
+        args.concurrency,
+        args.big_mib,
+        args.manifest_gets,
+        args.manifest_concurrency,
+        args.rounds
+    )
+}
+
 /// Measures each target in turn, best of `args.rounds`.
 async fn measure_all(
     targets: &[(String, Client, Option<u32>)],
@@ -463,14 +477,8 @@ async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
     drop(nginx);
 
     println!(
-        "\nregbench --gateway: {} × {} MiB at concurrency {}, 1 × {} MiB, {} manifest GETs at concurrency {}, best of {}; peak RSS is the gateway's",
-        args.blobs,
-        args.blob_mib,
-        args.concurrency,
-        args.big_mib,
-        args.manifest_gets,
-        args.manifest_concurrency,
-        args.rounds
+        "\nregbench --gateway: {}; peak RSS is the gateway's",
+        workload(args)
     );
     let targets = vec![
         (
@@ -732,16 +740,7 @@ async fn main() -> anyhow::Result<()> {
             targets.push((name.into(), Client::new(url), None));
         }
     }
-    println!(
-        "regbench: {} × {} MiB at concurrency {}, 1 × {} MiB, {} manifest GETs at concurrency {}, best of {}",
-        args.blobs,
-        args.blob_mib,
-        args.concurrency,
-        args.big_mib,
-        args.manifest_gets,
-        args.manifest_concurrency,
-        args.rounds
-    );
+    println!("regbench: {}", workload(&args));
     report(&measure_all(&targets, &args).await?);
     Ok(())
 }
