@@ -5,7 +5,7 @@ use portcullis_tests::client::{Client, describe};
 use portcullis_tests::deployment::{self, SERVICE, storage_node, user_client};
 use portcullis_tests::ldap::{self, READER_DN, READER_PW, Slapd};
 use portcullis_tests::server::{GatewayServer, StorageServer};
-use portcullis_tests::tools::{Containers, DockerTrust, cert_dir, docker_login};
+use portcullis_tests::tools::{Containers, DockerTrust, cert_dir, docker_login, free_port};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -18,7 +18,8 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-/// `[auth.ldap]` for `slapd`: search-then-bind with the reader account, `extra` lines added.
+/// `[auth.ldap]` for `slapd` at `url` (the inside of the `urls` array): search-then-bind with
+/// the reader account, `extra` lines added.
 fn ldap_table(slapd: &Slapd, url: &str, extra: &str) -> String {
     format!(
         r#"
@@ -341,9 +342,12 @@ async fn ldaps_and_starttls_with_the_ca_and_a_wrong_ca_fails_clearly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stopped_directory_gives_503_and_recovers_without_a_restart() {
+async fn a_stopped_directory_gives_503_and_recovers_without_a_restart_and_urls_fail_over() {
     let mut slapd = Slapd::start().unwrap();
-    let s = start(&ldap_table(&slapd, &slapd.url, "cache_ttl_seconds = 0"));
+    // The first server is never there: every login fails over to the second.
+    let dead = format!("ldap://127.0.0.1:{}", free_port().unwrap());
+    let urls = format!("{dead}\", \"{}", slapd.url);
+    let s = start(&ldap_table(&slapd, &urls, "cache_ttl_seconds = 0"));
     let g = &s.gateway;
     let bob = user_client(g, "bob", &ldap::password("bob"));
     bob.push_image("team-a/app", "v-before", &[b"x"])
