@@ -277,3 +277,75 @@ async fn without_oidc_configured_the_login_path_is_not_found() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[test]
+fn the_credential_helper_stores_the_token_and_podman_pushes_with_it() -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let rt = tokio::runtime::Runtime::new()?;
+    let s = start();
+    let refresh = rt.block_on(sign_in(&s, "bob", "bob-idp-pw"));
+    let g = &s.gateway;
+    let ctr = Containers::new()?;
+    let creds = ctr.dir.path().join("creds/credentials.json");
+    let helper = portcullis_tests::server::binary("docker-credential-portcullis");
+    let call = |action: &str, input: &str| -> anyhow::Result<(bool, String)> {
+        let mut c = std::process::Command::new(&helper)
+            .arg(action)
+            .env("PORTCULLIS_CREDENTIALS", &creds)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        c.stdin.take().unwrap().write_all(input.as_bytes())?;
+        let out = c.wait_with_output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        ))
+    };
+    let stored = json!({"ServerURL": format!("https://{}", g.host), "Username": "<token>", "Secret": refresh});
+    assert!(call("store", &stored.to_string())?.0);
+    let mode = std::fs::metadata(&creds)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the credentials file is readable by others");
+    let (ok, got) = call("get", &g.host)?;
+    assert!(ok, "{got}");
+    let got: Value = serde_json::from_str(&got)?;
+    assert_eq!(got["Username"], "<token>");
+    assert_eq!(got["Secret"], refresh.as_str());
+    let (_, list) = call("list", "")?;
+    assert_eq!(
+        serde_json::from_str::<Value>(&list)?,
+        json!({ g.host.clone(): "<token>" })
+    );
+
+    // podman with `credential-helpers = ["portcullis"]` and no login: the helper answers.
+    let conf = ctr.dir.path().join("registries.conf");
+    std::fs::write(&conf, "credential-helpers = [\"portcullis\"]\n")?;
+    let certs = cert_dir(&ctr, &g.ca_pem)?;
+    let path = format!(
+        "{}:{}",
+        helper.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    ctr.build_scratch_image("helper-src:1", std::path::Path::new("/bin/busybox"))?;
+    portcullis_tests::tools::run(
+        ctr.cmd("podman")
+            .env("CONTAINERS_REGISTRIES_CONF", &conf)
+            .env("PORTCULLIS_CREDENTIALS", &creds)
+            .env("PATH", &path)
+            .args([
+                "push",
+                "--cert-dir",
+                &certs,
+                "helper-src:1",
+                &format!("{}/team-a/helper:v1", g.host),
+            ]),
+    )?;
+
+    // Erased: the protocol's "not found", and nothing left in the file.
+    assert!(call("erase", &g.host)?.0);
+    let (ok, msg) = call("get", &g.host)?;
+    assert!(!ok && msg.contains("credentials not found"), "{msg}");
+    assert!(!std::fs::read_to_string(&creds)?.contains(&refresh));
+    Ok(())
+}
