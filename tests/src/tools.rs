@@ -40,6 +40,31 @@ impl Containers {
         run(self.cmd(tool).args(args))
     }
 
+    /// `<tool> login --cert-dir <certs> -u <user> -p <password> <host>` (podman, skopeo,
+    /// buildah); fails with the tool's output if the login fails.
+    pub fn login(
+        &self,
+        tool: &str,
+        certs: &str,
+        host: &str,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<String> {
+        self.run(
+            tool,
+            &[
+                "login",
+                "--cert-dir",
+                certs,
+                "-u",
+                user,
+                "-p",
+                password,
+                host,
+            ],
+        )
+    }
+
     /// Builds an image from scratch holding `file` at `/bin/busybox`; returns its local name.
     pub fn build_scratch_image(&self, name: &str, file: &Path) -> anyhow::Result<()> {
         let ctr = self

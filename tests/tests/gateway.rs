@@ -632,45 +632,9 @@ fn skopeo_podman_and_buildah_through_the_gateway() -> anyhow::Result<()> {
     let certs = cert_dir(&ctr, &g);
     let h = &g.host;
     // Logins store credentials; the clients then fetch tokens themselves.
-    ctr.run(
-        "skopeo",
-        &[
-            "login",
-            "--cert-dir",
-            &certs,
-            "-u",
-            "admin",
-            "-p",
-            ADMIN_PASSWORD,
-            h,
-        ],
-    )?;
-    ctr.run(
-        "podman",
-        &[
-            "login",
-            "--cert-dir",
-            &certs,
-            "-u",
-            "admin",
-            "-p",
-            ADMIN_PASSWORD,
-            h,
-        ],
-    )?;
-    let wrong = ctr.run(
-        "podman",
-        &[
-            "login",
-            "--cert-dir",
-            &certs,
-            "-u",
-            "admin",
-            "-p",
-            "wrong",
-            h,
-        ],
-    );
+    ctr.login("skopeo", &certs, h, "admin", ADMIN_PASSWORD)?;
+    ctr.login("podman", &certs, h, "admin", ADMIN_PASSWORD)?;
+    let wrong = ctr.login("podman", &certs, h, "admin", "wrong");
     ensure!(wrong.is_err(), "a wrong password logged in");
 
     ctr.build_scratch_image("gw-src:1", Path::new("/bin/busybox"))?;
@@ -748,19 +712,7 @@ fn skopeo_podman_and_buildah_through_the_gateway() -> anyhow::Result<()> {
     )?;
     let other = Containers::new()?;
     let certs2 = cert_dir(&other, &g);
-    other.run(
-        "podman",
-        &[
-            "login",
-            "--cert-dir",
-            &certs2,
-            "-u",
-            "admin",
-            "-p",
-            ADMIN_PASSWORD,
-            h,
-        ],
-    )?;
+    other.login("podman", &certs2, h, "admin", ADMIN_PASSWORD)?;
     other.run(
         "podman",
         &[

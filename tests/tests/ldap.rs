@@ -404,32 +404,8 @@ fn podman_skopeo_and_docker_log_in_as_a_directory_user() -> anyhow::Result<()> {
     let ctr = Containers::new()?;
     let certs = cert_dir(&ctr, &g.ca_pem)?;
     for tool in ["podman", "skopeo"] {
-        ctr.run(
-            tool,
-            &[
-                "login",
-                "--cert-dir",
-                &certs,
-                "-u",
-                "bob",
-                "-p",
-                &pw,
-                &g.host,
-            ],
-        )?;
-        let wrong = ctr.run(
-            tool,
-            &[
-                "login",
-                "--cert-dir",
-                &certs,
-                "-u",
-                "bob",
-                "-p",
-                "wrong",
-                &g.host,
-            ],
-        );
+        ctr.login(tool, &certs, &g.host, "bob", &pw)?;
+        let wrong = ctr.login(tool, &certs, &g.host, "bob", "wrong");
         anyhow::ensure!(wrong.is_err(), "{tool} logged in with a wrong password");
     }
     let _trust = DockerTrust::install(&g.host, &g.ca_pem)?;

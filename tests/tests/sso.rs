@@ -172,19 +172,7 @@ fn podman_logs_in_and_pushes_with_the_refresh_token() -> anyhow::Result<()> {
     let g = &s.gateway;
     let ctr = Containers::new()?;
     let certs = cert_dir(&ctr, &g.ca_pem)?;
-    ctr.run(
-        "podman",
-        &[
-            "login",
-            "--cert-dir",
-            &certs,
-            "-u",
-            "<token>",
-            "-p",
-            &refresh,
-            &g.host,
-        ],
-    )?;
+    ctr.login("podman", &certs, &g.host, "<token>", &refresh)?;
     ctr.build_scratch_image("sso-src:1", std::path::Path::new("/bin/busybox"))?;
     ctr.run(
         "podman",

@@ -366,6 +366,36 @@ impl LdapAuthenticator {
         *self.service.lock().await = None;
     }
 
+    /// One search on `ldap` with the operation timeout and the group cap. The outer error is
+    /// the connection's; the inner one a result code that means the directory failed: all
+    /// but success, 32 noSuchObject (an empty answer) and 4 sizeLimitExceeded (what came is
+    /// kept).
+    async fn search_on(
+        &self,
+        ldap: &mut Ldap,
+        base: &str,
+        scope: Scope,
+        filter: &str,
+        attrs: &[&str],
+    ) -> Result<Result<Vec<SearchEntry>, AuthError>, LdapError> {
+        let res = ldap
+            .with_timeout(self.op_timeout())
+            .with_search_options(SearchOptions::new().sizelimit(MAX_GROUPS as i32))
+            .search(base, scope, filter, attrs.to_vec())
+            .await?;
+        let (entries, result) = (res.0, res.1);
+        if result.rc != 0 && result.rc != 32 && result.rc != 4 {
+            return Ok(Err(AuthError::Unavailable(format!(
+                "LDAP search under {base} failed (result code {}: {})",
+                result.rc, result.text
+            ))));
+        }
+        Ok(Ok(entries
+            .into_iter()
+            .map(SearchEntry::construct)
+            .collect()))
+    }
+
     /// A search on the service connection (reconnecting once if it had died).
     async fn search(
         &self,
@@ -376,23 +406,8 @@ impl LdapAuthenticator {
     ) -> Result<Vec<SearchEntry>, AuthError> {
         for attempt in 0..2 {
             let mut ldap = self.service().await?;
-            let r = ldap
-                .with_timeout(self.op_timeout())
-                .with_search_options(SearchOptions::new().sizelimit(MAX_GROUPS as i32))
-                .search(base, scope, filter, attrs.to_vec())
-                .await;
-            match r {
-                Ok(res) => {
-                    let (entries, result) = (res.0, res.1);
-                    // 32 noSuchObject: an empty answer; 4 sizeLimitExceeded: what came is kept.
-                    if result.rc != 0 && result.rc != 32 && result.rc != 4 {
-                        return Err(AuthError::Unavailable(format!(
-                            "LDAP search under {base} failed (result code {}: {})",
-                            result.rc, result.text
-                        )));
-                    }
-                    return Ok(entries.into_iter().map(SearchEntry::construct).collect());
-                }
+            match self.search_on(&mut ldap, base, scope, filter, attrs).await {
+                Ok(answer) => return answer,
                 Err(e) => {
                     self.drop_service().await;
                     if attempt == 1
@@ -544,19 +559,9 @@ impl LdapAuthenticator {
         if self.cfg.bind_dn.is_some() {
             return self.search(base, scope, filter, attrs).await;
         }
-        let res = bound
-            .with_timeout(self.op_timeout())
-            .with_search_options(SearchOptions::new().sizelimit(MAX_GROUPS as i32))
-            .search(base, scope, filter, attrs.to_vec())
+        self.search_on(bound, base, scope, filter, attrs)
             .await
-            .map_err(|e| unavailable("LDAP search", e))?;
-        if res.1.rc != 0 && res.1.rc != 32 && res.1.rc != 4 {
-            return Err(AuthError::Unavailable(format!(
-                "LDAP search under {base} failed (result code {}: {})",
-                res.1.rc, res.1.text
-            )));
-        }
-        Ok(res.0.into_iter().map(SearchEntry::construct).collect())
+            .map_err(|e| unavailable("LDAP search", e))?
     }
 
     async fn group_search(
