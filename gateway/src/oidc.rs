@@ -111,12 +111,6 @@ pub struct Oidc {
     discovery: tokio::sync::Mutex<Option<(Discovery, JwkSet)>>,
 }
 
-fn random_b64(n: usize) -> String {
-    let mut raw = vec![0u8; n];
-    openssl::rand::rand_bytes(&mut raw).expect("the OS random generator works");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-}
-
 fn sha256_b64(s: &str) -> String {
     use sha2::Digest as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(s.as_bytes()))
@@ -237,10 +231,10 @@ impl Oidc {
     pub async fn start(&self, host: &str, device: &str) -> anyhow::Result<(String, String)> {
         let (d, _) = self.provider(false).await?;
         let (state, nonce, verifier, binding) = (
-            random_b64(32),
-            random_b64(32),
-            random_b64(48),
-            random_b64(32),
+            crate::token::random_token(32),
+            crate::token::random_token(32),
+            crate::token::random_token(48),
+            crate::token::random_token(32),
         );
         let redirect_uri = self.redirect_uri(host);
         let flow = Flow {

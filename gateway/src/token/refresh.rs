@@ -2,7 +2,6 @@
 //! idle lifetime. In memory for now (the shared state store comes with the Redis issue).
 
 use crate::auth::Identity;
-use base64::Engine;
 use sha2::Digest;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -35,9 +34,7 @@ impl RefreshStore {
 
     /// A new refresh token for `identity`; only its hash is kept.
     pub fn issue(&self, identity: Identity, client_id: &str, now: i64) -> String {
-        let mut raw = [0u8; 32];
-        openssl::rand::rand_bytes(&mut raw).expect("the OS random generator works");
-        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        let token = super::random_token(32);
         let mut entries = self.entries.lock().expect("refresh store");
         entries.retain(|_, e| self.alive(e, now));
         entries.insert(
