@@ -5,7 +5,7 @@
 use crate::auth::htpasswd::Htpasswd;
 use crate::token::jwt::Tokens;
 use crate::token::keys::{SigningKey, generate_pem};
-use crate::token::refresh::RefreshStore;
+use crate::token::refresh::Sessions;
 use crate::{Settings, authz, tls, token};
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -151,7 +151,13 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             tokens,
             auth: Arc::new(users),
             policy,
-            refresh: RefreshStore::new(30 * 86_400, 7 * 86_400),
+            sessions: Sessions::new(
+                Arc::new(crate::state::MemoryStore::default()),
+                30 * 86_400,
+                7 * 86_400,
+            ),
+            oidc: None,
+            reread_lock: Default::default(),
             expires_in_seconds: 300,
         },
         oidc: None,

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use gateway::auth::htpasswd::Htpasswd;
 use gateway::token::jwt::Tokens;
 use gateway::token::keys::SigningKey;
-use gateway::token::refresh::RefreshStore;
+use gateway::token::refresh::Sessions;
 use gateway::{Settings, authz, config, dev, token};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -101,12 +101,15 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         .iter()
         .map(|p| SigningKey::load(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    // One shared state store for login caches and OIDC flows.
+    // One shared state store for sessions, login caches and OIDC flows.
     let store: Arc<dyn gateway::state::StateStore> =
         Arc::new(gateway::state::MemoryStore::default());
     let auth = authenticator(&c.auth, secret.as_bytes(), store.clone())?;
     let oidc = match &c.oidc {
-        Some(o) => Some(Arc::new(gateway::oidc::Oidc::new(o.clone(), store)?)),
+        Some(o) => Some(Arc::new(gateway::oidc::Oidc::new(
+            o.clone(),
+            store.clone(),
+        )?)),
         None => None,
     };
     let policy_text = std::fs::read_to_string(&c.policy.file)
@@ -138,11 +141,14 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
             tokens,
             auth,
             policy,
-            refresh: RefreshStore::new(
+            sessions: Sessions::new(
+                store,
                 (c.token.refresh_absolute_hours * 3600) as i64,
                 (c.token.refresh_idle_hours * 3600) as i64,
             ),
             expires_in_seconds: c.token.expires_in_seconds,
+            oidc: oidc.clone(),
+            reread_lock: Default::default(),
         },
         oidc,
         side_tasks: Vec::new(),

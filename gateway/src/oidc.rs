@@ -21,6 +21,10 @@ use std::time::Duration;
 
 pub const LOGIN_PATH: &str = "/auth/oidc/login";
 pub const CALLBACK_PATH: &str = "/auth/oidc/callback";
+/// RFC 8628 device authorization endpoint (`POST`, form `client_id`, optional `device`).
+pub const DEVICE_PATH: &str = "/auth/oidc/device";
+/// The device-code grant polled at `POST /token`.
+pub const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// Environment variable with the client secret (when no file is named).
 pub const CLIENT_SECRET_ENV: &str = "PORTCULLIS_OIDC_CLIENT_SECRET";
 const COOKIE: &str = "portcullis_oidc";
@@ -47,9 +51,24 @@ pub struct OidcConfig {
     /// ID token algorithms accepted (asymmetric only).
     #[serde(default = "default_algorithms")]
     pub algorithms: Vec<String>,
-    /// How long a started login may take to come back.
+    /// How long a started login (browser or device) may take to come back.
     #[serde(default = "default_flow_ttl")]
     pub flow_ttl_seconds: u64,
+    /// Groups are read again from the IdP (with its refresh token, so `offline_access`
+    /// must be among `scopes`) when a session's are older than this at a refresh grant.
+    #[serde(default = "default_groups_refresh")]
+    pub groups_refresh_seconds: u64,
+    /// End the registry session when the IdP refuses its refresh token (the user was
+    /// disabled or signed out there); otherwise keep the groups last read.
+    #[serde(default = "default_true")]
+    pub revoke_on_refresh_failure: bool,
+}
+
+fn default_groups_refresh() -> u64 {
+    300
+}
+fn default_true() -> bool {
+    true
 }
 
 fn default_scopes() -> Vec<String> {
@@ -78,6 +97,8 @@ struct Discovery {
     authorization_endpoint: String,
     token_endpoint: String,
     jwks_uri: String,
+    #[serde(default)]
+    device_authorization_endpoint: Option<String>,
 }
 
 /// One login in progress.
@@ -91,10 +112,45 @@ struct Flow {
     device: String,
 }
 
+/// A device flow in progress: our device code (hashed, as the key) stands for the IdP's.
+#[derive(Serialize, Deserialize)]
+struct DeviceFlow {
+    idp_device_code: String,
+    device: String,
+    expires_at: i64,
+}
+
+/// What polling a device code produced (RFC 8628 §3.5).
+pub enum DevicePoll {
+    /// `authorization_pending` or `slow_down`: ask again later.
+    Pending(String),
+    Expired,
+    Denied(String),
+    /// Never issued, or already used.
+    Unknown,
+    Done(SignedIn, String),
+    Unavailable(String),
+}
+
+/// A verified sign-in at the IdP.
+pub struct SignedIn {
+    pub identity: Identity,
+    /// The IdP's refresh token (when `offline_access` was granted).
+    pub idp_refresh: Option<String>,
+}
+
+/// What reading a session's groups again produced.
+pub enum Reread {
+    Fresh(SignedIn),
+    /// The IdP refused the refresh token (user disabled, signed out, token revoked).
+    Refused(String),
+    Unavailable(String),
+}
+
 /// What the callback produced.
 pub enum Outcome {
     /// The user, and the device name they asked for.
-    LoggedIn(Identity, String),
+    LoggedIn(SignedIn, String),
     /// A client mistake or a refused login: status and message for the page.
     Refused(u16, String),
     /// The IdP could not be reached.
@@ -114,6 +170,15 @@ pub struct Oidc {
 fn sha256_b64(s: &str) -> String {
     use sha2::Digest as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// A device name as kept: no control characters, at most 64 characters.
+fn clean_device(device: &str) -> String {
+    device
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect()
 }
 
 /// The value of cookie `name` in a `Cookie` header.
@@ -242,11 +307,7 @@ impl Oidc {
             nonce: nonce.clone(),
             binding: sha256_b64(&binding),
             redirect_uri: redirect_uri.clone(),
-            device: device
-                .chars()
-                .filter(|c| !c.is_control())
-                .take(64)
-                .collect(),
+            device: clean_device(device),
         };
         let ttl = Duration::from_secs(self.cfg.flow_ttl_seconds);
         self.state
@@ -256,7 +317,8 @@ impl Oidc {
                 ttl,
             )
             .await?;
-        let query = form_urlencoded::Serializer::new(String::new())
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query
             .append_pair("response_type", "code")
             .append_pair("client_id", &self.cfg.client_id)
             .append_pair("redirect_uri", &redirect_uri)
@@ -264,8 +326,12 @@ impl Oidc {
             .append_pair("state", &state)
             .append_pair("nonce", &nonce)
             .append_pair("code_challenge", &sha256_b64(&verifier))
-            .append_pair("code_challenge_method", "S256")
-            .finish();
+            .append_pair("code_challenge_method", "S256");
+        // OpenID Connect Core §11: offline access is asked for with a consent prompt.
+        if self.cfg.scopes.iter().any(|s| s == "offline_access") {
+            query.append_pair("prompt", "consent");
+        }
+        let query = query.finish();
         let sep = if d.authorization_endpoint.contains('?') {
             '&'
         } else {
@@ -276,6 +342,110 @@ impl Oidc {
             self.cfg.flow_ttl_seconds
         );
         Ok((format!("{}{sep}{query}", d.authorization_endpoint), cookie))
+    }
+
+    /// Starts a device flow at the IdP's device authorization endpoint; the answer for the
+    /// client (RFC 8628 §3.2) carries our own device code, so the IdP's never leaves the
+    /// gateway. `Ok(None)`: the IdP has no device endpoint.
+    pub async fn device_start(&self, device: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        let (d, _) = self.provider(false).await?;
+        let Some(endpoint) = d.device_authorization_endpoint else {
+            return Ok(None);
+        };
+        let scope = self.cfg.scopes.join(" ");
+        let mut form = vec![("scope", scope.as_str())];
+        let mut req = self.http.post(&endpoint);
+        match &self.secret {
+            Some(s) => req = req.basic_auth(&self.cfg.client_id, Some(s)),
+            None => form.push(("client_id", self.cfg.client_id.as_str())),
+        }
+        let r = req
+            .form(&form)
+            .send()
+            .await
+            .context("calling the IdP's device authorization endpoint")?;
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        let (Some(idp_code), Some(user_code), Some(uri), true) = (
+            body["device_code"].as_str(),
+            body["user_code"].as_str(),
+            body["verification_uri"].as_str(),
+            status.is_success(),
+        ) else {
+            bail!(
+                "the IdP's device authorization endpoint answered {status}: {}",
+                body["error"].as_str().unwrap_or("no device code")
+            );
+        };
+        let expires_in = body["expires_in"]
+            .as_u64()
+            .unwrap_or(600)
+            .min(self.cfg.flow_ttl_seconds)
+            .max(1);
+        let ours = crate::token::random_token(32);
+        let flow = DeviceFlow {
+            idp_device_code: idp_code.to_string(),
+            device: clean_device(device),
+            expires_at: crate::token::unix_now() + expires_in as i64,
+        };
+        // Kept an hour past expiry, so a late poll hears `expired_token`, not "unknown".
+        self.state
+            .set(
+                &format!("oidc:device:{}", sha256_b64(&ours)),
+                serde_json::to_vec(&flow)?,
+                Duration::from_secs(expires_in + 3600),
+            )
+            .await?;
+        let mut answer = serde_json::json!({
+            "device_code": ours,
+            "user_code": user_code,
+            "verification_uri": uri,
+            "expires_in": expires_in,
+            "interval": body["interval"].as_u64().unwrap_or(5),
+        });
+        if let Some(complete) = body["verification_uri_complete"].as_str() {
+            answer["verification_uri_complete"] = complete.into();
+        }
+        Ok(Some(answer))
+    }
+
+    /// One poll of a device code: asks the IdP whether the user has finished.
+    pub async fn device_poll(&self, device_code: &str) -> DevicePoll {
+        let key = format!("oidc:device:{}", sha256_b64(device_code));
+        let flow = match self.state.get(&key).await {
+            Ok(Some(raw)) => match serde_json::from_slice::<DeviceFlow>(&raw) {
+                Ok(f) => f,
+                Err(_) => return DevicePoll::Unknown,
+            },
+            Ok(None) => return DevicePoll::Unknown,
+            Err(e) => return DevicePoll::Unavailable(e.to_string()),
+        };
+        if crate::token::unix_now() >= flow.expires_at {
+            return DevicePoll::Expired;
+        }
+        let form = [
+            ("grant_type", DEVICE_GRANT),
+            ("device_code", flow.idp_device_code.as_str()),
+        ];
+        match self.token_call(&form).await {
+            Ok(Ok(body)) => {
+                // Single use, whatever the ID token says.
+                if let Err(e) = self.state.delete(&key).await {
+                    return DevicePoll::Unavailable(e.to_string());
+                }
+                match self.signed_in(&body, None).await {
+                    Ok(Ok(s)) => DevicePoll::Done(s, flow.device),
+                    Ok(Err(msg)) => DevicePoll::Denied(msg),
+                    Err(e) => DevicePoll::Unavailable(format!("{e:#}")),
+                }
+            }
+            Ok(Err((e, _))) if e == "authorization_pending" || e == "slow_down" => {
+                DevicePoll::Pending(e)
+            }
+            Ok(Err((e, _))) if e == "expired_token" => DevicePoll::Expired,
+            Ok(Err((e, d))) => DevicePoll::Denied(format!("{e} {d}")),
+            Err(e) => DevicePoll::Unavailable(format!("{e:#}")),
+        }
     }
 
     /// Finishes a login from the callback's query and `Cookie` header.
@@ -321,22 +491,20 @@ impl Oidc {
             );
         }
         match self.exchange(code, &flow).await {
-            Ok(Ok(id)) => Outcome::LoggedIn(id, flow.device),
+            Ok(Ok(signed_in)) => Outcome::LoggedIn(signed_in, flow.device),
             Ok(Err(msg)) => Outcome::Refused(400, msg),
             Err(e) => Outcome::Unavailable(format!("{e:#}")),
         }
     }
 
-    /// Trades the code for tokens and verifies the ID token. Outer error: the IdP could not
-    /// be reached; inner: the login is refused.
-    async fn exchange(&self, code: &str, flow: &Flow) -> anyhow::Result<Result<Identity, String>> {
+    /// A call to the IdP's token endpoint with this client's credentials. Outer error: the
+    /// IdP could not be reached or failed; inner: its OAuth error code and description.
+    async fn token_call(
+        &self,
+        form: &[(&str, &str)],
+    ) -> anyhow::Result<Result<serde_json::Value, (String, String)>> {
         let (d, _) = self.provider(false).await?;
-        let mut form = vec![
-            ("grant_type", "authorization_code"),
-            ("code", code),
-            ("redirect_uri", flow.redirect_uri.as_str()),
-            ("code_verifier", flow.verifier.as_str()),
-        ];
+        let mut form = form.to_vec();
         let mut req = self.http.post(&d.token_endpoint);
         match &self.secret {
             Some(s) => req = req.basic_auth(&self.cfg.client_id, Some(s)),
@@ -353,24 +521,89 @@ impl Oidc {
             bail!("the IdP's token endpoint answered {status}");
         }
         if !status.is_success() {
-            return Ok(Err(format!(
-                "the identity provider refused the code: {} {}",
-                body["error"].as_str().unwrap_or("error"),
-                body["error_description"].as_str().unwrap_or("")
+            return Ok(Err((
+                body["error"].as_str().unwrap_or("error").to_string(),
+                body["error_description"].as_str().unwrap_or("").to_string(),
             )));
         }
+        Ok(Ok(body))
+    }
+
+    /// The verified ID token of a token-endpoint answer, with the IdP's refresh token.
+    async fn signed_in(
+        &self,
+        body: &serde_json::Value,
+        nonce: Option<&str>,
+    ) -> anyhow::Result<Result<SignedIn, String>> {
         let Some(id_token) = body["id_token"].as_str() else {
             return Ok(Err("the identity provider returned no ID token".into()));
         };
-        self.verify_id_token(id_token, &flow.nonce).await
+        Ok(self
+            .verify_id_token(id_token, nonce)
+            .await?
+            .map(|identity| SignedIn {
+                identity,
+                idp_refresh: body["refresh_token"].as_str().map(str::to_string),
+            }))
+    }
+
+    /// Trades the code for tokens and verifies the ID token. Outer error: the IdP could not
+    /// be reached; inner: the login is refused.
+    async fn exchange(&self, code: &str, flow: &Flow) -> anyhow::Result<Result<SignedIn, String>> {
+        let form = [
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", flow.redirect_uri.as_str()),
+            ("code_verifier", flow.verifier.as_str()),
+        ];
+        match self.token_call(&form).await? {
+            Ok(body) => self.signed_in(&body, Some(&flow.nonce)).await,
+            Err((e, d)) => Ok(Err(format!(
+                "the identity provider refused the code: {e} {d}"
+            ))),
+        }
+    }
+
+    /// How often a session's groups are read again, if this IdP gave a refresh token.
+    pub fn groups_refresh_seconds(&self) -> i64 {
+        self.cfg.groups_refresh_seconds as i64
+    }
+
+    pub fn revoke_on_refresh_failure(&self) -> bool {
+        self.cfg.revoke_on_refresh_failure
+    }
+
+    /// Reads the user's groups again with the IdP's refresh token (and gets the rotated
+    /// token, if the IdP rotates). `subject` must stay the same user.
+    pub async fn reread(&self, idp_refresh: &str, subject: &str) -> Reread {
+        let form = [
+            ("grant_type", "refresh_token"),
+            ("refresh_token", idp_refresh),
+        ];
+        let body = match self.token_call(&form).await {
+            Ok(Ok(body)) => body,
+            Ok(Err((e, d))) => return Reread::Refused(format!("{e} {d}")),
+            Err(e) => return Reread::Unavailable(format!("{e:#}")),
+        };
+        match self.signed_in(&body, None).await {
+            Ok(Ok(s)) if s.identity.subject == subject => Reread::Fresh(SignedIn {
+                idp_refresh: s.idp_refresh.or_else(|| Some(idp_refresh.to_string())),
+                ..s
+            }),
+            Ok(Ok(_)) => Reread::Refused("the IdP answered for another user".into()),
+            Ok(Err(msg)) => Reread::Refused(msg),
+            Err(e) => Reread::Unavailable(format!("{e:#}")),
+        }
     }
 
     /// Signature (allowed asymmetric algorithms, key by `kid` from the IdP's JWKS), `iss`,
     /// `aud`, `exp`/`iat`/`nbf` with 30 s leeway, `nonce`; then the username and groups.
+    /// `nonce` is `None` for ID tokens from a refresh or a device grant, which have none
+    /// of ours to carry.
     pub async fn verify_id_token(
         &self,
         token: &str,
-        nonce: &str,
+        nonce: Option<&str>,
     ) -> anyhow::Result<Result<Identity, String>> {
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return Ok(Err("the ID token is malformed".into()));
@@ -414,7 +647,9 @@ impl Oidc {
         if iat > crate::token::unix_now() + 30 {
             return Ok(Err("the ID token is issued in the future".into()));
         }
-        if claims["nonce"].as_str() != Some(nonce) {
+        if let Some(nonce) = nonce
+            && claims["nonce"].as_str() != Some(nonce)
+        {
             return Ok(Err("the ID token's nonce does not match this login".into()));
         }
         Ok(self.identity(&claims))
@@ -566,7 +801,7 @@ client_id = "c""#;
             jsonwebtoken::encode(&h, claims, &key.encoding).unwrap()
         };
         let id = oidc
-            .verify_id_token(&sign(&good, &key.kid), "n1")
+            .verify_id_token(&sign(&good, &key.kid), Some("n1"))
             .await
             .unwrap()
             .unwrap();
@@ -650,7 +885,7 @@ client_id = "c""#;
             ("garbage", "a.b.c".into(), "n1"),
         ];
         for (what, token, nonce) in cases {
-            let r = oidc.verify_id_token(&token, nonce).await.unwrap();
+            let r = oidc.verify_id_token(&token, Some(nonce)).await.unwrap();
             assert!(r.is_err(), "{what}: accepted");
         }
     }

@@ -176,12 +176,14 @@ impl Gateway {
             };
         }
         match oidc.finish(&query, cookies.as_deref()).await {
-            crate::oidc::Outcome::LoggedIn(id, device) => {
-                let client = format!("oidc:{device}");
-                let refresh = self
-                    .tokens
-                    .refresh
-                    .issue(id.clone(), &client, token::unix_now());
+            crate::oidc::Outcome::LoggedIn(signed_in, device) => {
+                let id = signed_in.identity;
+                let mut s = token::refresh::Session::new(&id, "oidc", &device, token::unix_now());
+                s.idp_refresh = signed_in.idp_refresh;
+                let refresh = match self.tokens.open_session(&s).await {
+                    Ok(t) => t,
+                    Err(r) => return send_reply(session, r).await,
+                };
                 let page = crate::oidc::success_page(&host, &id, &device, &refresh);
                 respond(
                     session,
@@ -210,6 +212,49 @@ impl Gateway {
                 respond(session, 503, "text/plain", body, &[]).await
             }
         }
+    }
+
+    /// `POST /auth/oidc/device`: RFC 8628 device authorization, backed by the IdP's.
+    async fn device_endpoint(&self, session: &mut Session) -> Result<bool> {
+        if session.req_header().method != http::Method::POST {
+            let r = token::Reply::oauth_error(405, "invalid_request", "use POST");
+            return send_reply(session, r).await;
+        }
+        let Some(body) = read_small_body(session).await? else {
+            return body_too_large(session).await;
+        };
+        let field = |k: &str| {
+            form_urlencoded::parse(&body)
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.into_owned())
+        };
+        let device = field("device")
+            .or_else(|| field("client_id"))
+            .unwrap_or_default();
+        let reply = match &self.oidc {
+            None => token::Reply::oauth_error(
+                404,
+                "unsupported_grant_type",
+                "single sign-on is not configured on this registry",
+            ),
+            Some(oidc) => match oidc.device_start(&device).await {
+                Ok(Some(v)) => token::Reply::json(200, v),
+                Ok(None) => token::Reply::oauth_error(
+                    400,
+                    "unsupported_grant_type",
+                    "the identity provider offers no device authorization",
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "starting a device flow failed");
+                    token::Reply::oauth_error(
+                        503,
+                        "temporarily_unavailable",
+                        "the identity provider is unavailable, try again later",
+                    )
+                }
+            },
+        };
+        send_reply(session, reply).await
     }
 
     async fn token_endpoint(&self, session: &mut Session) -> Result<bool> {
@@ -241,19 +286,24 @@ impl Gateway {
             .token_requests
             .with_label_values(&[&reply.status.to_string()])
             .inc();
-        let mut extra = vec![("cache-control", "no-store".to_string())];
-        if let Some(w) = reply.www_authenticate {
-            extra.push(("www-authenticate", w));
-        }
-        respond(
-            session,
-            reply.status,
-            "application/json",
-            Bytes::from(reply.body),
-            &extra,
-        )
-        .await
+        send_reply(session, reply).await
     }
+}
+
+/// A token-service answer: JSON, never cached.
+async fn send_reply(session: &mut Session, reply: token::Reply) -> Result<bool> {
+    let mut extra = vec![("cache-control", "no-store".to_string())];
+    if let Some(w) = reply.www_authenticate {
+        extra.push(("www-authenticate", w));
+    }
+    respond(
+        session,
+        reply.status,
+        "application/json",
+        Bytes::from(reply.body),
+        &extra,
+    )
+    .await
 }
 
 #[async_trait]
@@ -281,15 +331,36 @@ impl ProxyHttp for Gateway {
             let Some(body) = read_small_body(session).await? else {
                 return body_too_large(session).await;
             };
-            let reply = self.tokens.revoke(&body);
-            return respond(
-                session,
-                reply.status,
-                "application/json",
-                Bytes::from(reply.body),
-                &[],
-            )
-            .await;
+            let reply = self.tokens.revoke(&body).await;
+            return send_reply(session, reply).await;
+        }
+        if path == token::SESSIONS_PATH || path.starts_with("/auth/sessions/") {
+            ctx.route = "sessions";
+            let req = session.req_header();
+            let method = req.method.as_str().to_owned();
+            let query = req.uri.query().map(str::to_owned);
+            let authorization = req
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let reply = self
+                .tokens
+                .sessions_api(
+                    &token::Request {
+                        method: &method,
+                        query: query.as_deref(),
+                        authorization: authorization.as_deref(),
+                        body: &[],
+                    },
+                    &path,
+                )
+                .await;
+            return send_reply(session, reply).await;
+        }
+        if path == crate::oidc::DEVICE_PATH {
+            ctx.route = "oidc";
+            return self.device_endpoint(session).await;
         }
         if path == crate::oidc::LOGIN_PATH || path == crate::oidc::CALLBACK_PATH {
             ctx.route = "oidc";

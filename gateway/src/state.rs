@@ -18,6 +18,8 @@ pub trait StateStore: Send + Sync {
     /// Stores `value` under `key` for `ttl`.
     async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StateError>;
     async fn delete(&self, key: &str) -> Result<(), StateError>;
+    /// Every live entry whose key starts with `prefix` (for admin listings, not hot paths).
+    async fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError>;
 }
 
 type Entries = HashMap<String, (Vec<u8>, Instant)>;
@@ -81,6 +83,16 @@ impl StateStore for MemoryStore {
         self.lock()?.remove(key);
         Ok(())
     }
+
+    async fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let now = Instant::now();
+        Ok(self
+            .lock()?
+            .iter()
+            .filter(|(k, (_, until))| k.starts_with(prefix) && *until > now)
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -104,6 +116,11 @@ mod tests {
             .unwrap();
         assert!(s.map.lock().unwrap().len() <= 2);
         assert_eq!(s.get("c").await.unwrap().as_deref(), Some(&b"3"[..]));
+        assert_eq!(
+            s.scan("c").await.unwrap(),
+            vec![("c".into(), b"3".to_vec())]
+        );
+        assert!(s.scan("zz").await.unwrap().is_empty());
         s.delete("c").await.unwrap();
         assert_eq!(s.get("c").await.unwrap(), None);
     }

@@ -525,6 +525,12 @@ impl Policy {
         }
     }
 
+    /// Whether `s` is in an `admin_groups` group (registry administrators: every
+    /// repository, and the admin operations of the gateway such as revoking others' sessions).
+    pub fn is_admin(&self, s: &Subject) -> bool {
+        !s.is_anonymous() && self.admin_group(s).is_some()
+    }
+
     fn admin_group<'a>(&'a self, s: &'a Subject) -> Option<&'a String> {
         s.groups
             .iter()

@@ -173,3 +173,90 @@ pub async fn browser_login(
         gateway_cookies: gw,
     })
 }
+
+impl Idp {
+    /// Changes users while the IdP runs (`null` removes one): `{"bob": {"password": …, "groups": […]}}`.
+    pub async fn set_users(&self, users: &serde_json::Value) -> anyhow::Result<()> {
+        let r = reqwest::Client::new()
+            .post(format!("{}/test/users", self.issuer))
+            .body(users.to_string())
+            .send()
+            .await?;
+        ensure!(r.status() == 204, "changing IdP users: {}", r.status());
+        Ok(())
+    }
+}
+
+/// The value of the hidden `xsrf` field of one of the IdP's device forms.
+fn xsrf(page: &str) -> anyhow::Result<String> {
+    const FIELD: &str = "name=\"xsrf\" value=\"";
+    let at = page
+        .find(FIELD)
+        .context("no xsrf field on the device page")?
+        + FIELD.len();
+    let end = at + page[at..].find('"').context("unterminated xsrf value")?;
+    Ok(page[at..end].to_string())
+}
+
+/// The user's side of a device flow at the IdP, as a person at a browser does it: the
+/// code-entry page, the confirmation, the login form, and the resumed authorization.
+pub async fn device_login(
+    http: &reqwest::Client,
+    idp: &Idp,
+    user_code: &str,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<()> {
+    let mut site = Jar::default();
+    let device = format!("{}/device", idp.issuer);
+    let r = http.get(&device).send().await?;
+    site.take(&r);
+    ensure!(r.status() == 200, "IdP /device: {}", r.status());
+    let token = xsrf(&r.text().await?)?;
+    let r = http
+        .post(&device)
+        .header("cookie", site.header())
+        .form(&[("xsrf", token.as_str()), ("user_code", user_code)])
+        .send()
+        .await?;
+    site.take(&r);
+    let page = r.text().await?;
+    let token = xsrf(&page).with_context(|| format!("after the code: {page}"))?;
+    let r = http
+        .post(&device)
+        .header("cookie", site.header())
+        .form(&[
+            ("xsrf", token.as_str()),
+            ("user_code", user_code),
+            ("confirm", "yes"),
+        ])
+        .send()
+        .await?;
+    site.take(&r);
+    if !r.status().is_redirection() {
+        let status = r.status();
+        bail!(
+            "IdP confirm: {status} {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+    let interaction = location(&r, &idp.issuer)?;
+    let r = http
+        .post(format!("{interaction}/login"))
+        .header("cookie", site.header())
+        .form(&[("username", user), ("password", password)])
+        .send()
+        .await?;
+    site.take(&r);
+    ensure!(r.status().is_redirection(), "IdP login: {}", r.status());
+    let resume = location(&r, &idp.issuer)?;
+    let r = http
+        .get(&resume)
+        .header("cookie", site.header())
+        .send()
+        .await?;
+    let status = r.status();
+    let page = r.text().await.unwrap_or_default();
+    ensure!(status == 200, "IdP resume: {status} {page}");
+    Ok(())
+}

@@ -311,3 +311,123 @@ pub fn docker_login(
         text,
     ))
 }
+
+/// A private dockerd (Debian's docker.io), stopped on drop.
+pub struct Dockerd {
+    child: std::process::Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().display().to_string();
+        let child = std::process::Command::new("dockerd")
+            .args([
+                "--data-root",
+                &format!("{d}/data"),
+                "--exec-root",
+                &format!("{d}/exec"),
+                "-H",
+                &format!("unix://{d}/docker.sock"),
+                "--pidfile",
+                &format!("{d}/pid"),
+                "--storage-driver",
+                "overlay2",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("log"))?)
+            .spawn()?;
+        let dk = Dockerd { child, dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !dk
+            .docker(&["version"])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "dockerd did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(dk)
+    }
+
+    /// The docker CLI talking to this daemon, its config in [`Dockerd::client_config`].
+    pub fn cmd(&self) -> std::process::Command {
+        let mut c = std::process::Command::new("docker");
+        c.env(
+            "DOCKER_HOST",
+            format!("unix://{}/docker.sock", self.dir.path().display()),
+        )
+        .env("DOCKER_CONFIG", self.client_config())
+        .env("DOCKER_BUILDKIT", "0")
+        .stdin(std::process::Stdio::null());
+        c
+    }
+
+    /// The CLI's `DOCKER_CONFIG` directory.
+    pub fn client_config(&self) -> PathBuf {
+        self.dir.path().join("client")
+    }
+
+    fn docker(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        self.cmd().args(args).output()
+    }
+
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        Self::output(args, self.docker(args)?)
+    }
+
+    /// `cmd` (a [`Dockerd::cmd`] with more set) run to success; its output.
+    pub fn run_cmd(&self, cmd: &mut std::process::Command) -> anyhow::Result<String> {
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::output(&args, cmd.output()?)
+    }
+
+    fn output(args: &[&str], out: std::process::Output) -> anyhow::Result<String> {
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(out.status.success(), "docker {args:?} failed:\n{text}");
+        Ok(text)
+    }
+
+    /// Builds `tag` from scratch with busybox and nothing else; the image id.
+    pub fn build_busybox(&self, tag: &str) -> anyhow::Result<String> {
+        let ctx = tempfile::tempdir()?;
+        std::fs::copy("/bin/busybox", ctx.path().join("busybox"))?;
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            "FROM scratch\nCOPY busybox /bin/busybox\nCMD [\"/bin/busybox\"]\n",
+        )?;
+        self.run(&["build", "-q", "-t", tag, &ctx.path().display().to_string()])?;
+        Ok(self
+            .run(&["image", "inspect", "--format", "{{.Id}}", tag])?
+            .trim()
+            .to_string())
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

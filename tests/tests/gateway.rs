@@ -612,7 +612,7 @@ fn tls_below_1_2_is_refused() -> anyhow::Result<()> {
 
 // --- real clients --------------------------------------------------------------------------
 
-use portcullis_tests::tools::{Containers, DockerTrust, dir_files, docker_login};
+use portcullis_tests::tools::{Containers, DockerTrust, Dockerd, dir_files, docker_login};
 
 fn cert_dir(ctr: &Containers, g: &GatewayServer) -> String {
     portcullis_tests::tools::cert_dir(ctr, &g.ca_pem).unwrap()
@@ -954,111 +954,14 @@ async fn oversized_headers_and_unknown_paths_get_client_errors() {
     );
 }
 
-/// A private dockerd (Debian's docker.io), stopped on drop.
-struct Dockerd {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-}
-
-impl Dockerd {
-    fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let d = dir.path().display().to_string();
-        let child = std::process::Command::new("dockerd")
-            .args([
-                "--data-root",
-                &format!("{d}/data"),
-                "--exec-root",
-                &format!("{d}/exec"),
-                "-H",
-                &format!("unix://{d}/docker.sock"),
-                "--pidfile",
-                &format!("{d}/pid"),
-                "--storage-driver",
-                "overlay2",
-                "--iptables=false",
-                "--ip6tables=false",
-                "--bridge=none",
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("log"))?)
-            .spawn()?;
-        let dk = Dockerd { child, dir };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !dk
-            .docker(&["version"])
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-        {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "dockerd did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        Ok(dk)
-    }
-
-    fn docker(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
-        std::process::Command::new("docker")
-            .env(
-                "DOCKER_HOST",
-                format!("unix://{}/docker.sock", self.dir.path().display()),
-            )
-            .env("DOCKER_CONFIG", self.dir.path().join("client"))
-            .env("DOCKER_BUILDKIT", "0")
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()
-    }
-
-    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self.docker(args)?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        anyhow::ensure!(out.status.success(), "docker {args:?} failed:\n{text}");
-        Ok(text)
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn docker_push_and_pull_through_the_gateway() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let g = GatewayServer::start_dev(data.path(), Some(ADMIN_PASSWORD))?;
     let _trust = DockerTrust::install(&g.host, &g.ca_pem)?;
     let dk = Dockerd::start()?;
-    // An image built from scratch: busybox and nothing else.
-    let ctx = tempfile::tempdir()?;
-    std::fs::copy("/bin/busybox", ctx.path().join("busybox"))?;
-    std::fs::write(
-        ctx.path().join("Dockerfile"),
-        "FROM scratch\nCOPY busybox /bin/busybox\nCMD [\"/bin/busybox\"]\n",
-    )?;
     let image = format!("{}/team-a/docker:v1", g.host);
-    dk.run(&[
-        "build",
-        "-q",
-        "-t",
-        &image,
-        &ctx.path().display().to_string(),
-    ])?;
-    let id = dk.run(&["image", "inspect", "--format", "{{.Id}}", &image])?;
+    let id = dk.build_busybox(&image)?;
     let login = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(

@@ -10,6 +10,7 @@ use portcullis_tests::tools::{Containers, cert_dir, free_port};
 use serde_json::{Value, json};
 
 const CLIENT_SECRET: &str = "gateway-client-secret";
+const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 struct Sso {
     gateway: GatewayServer,
@@ -19,8 +20,13 @@ struct Sso {
 }
 
 /// A gateway with `[oidc]` pointing at a fresh IdP whose users are bob (team-a, plus a group
-/// the filter drops) and carol (no groups).
+/// the filter drops), carol (no groups) and alice (registry-admins).
 fn start() -> Sso {
+    start_with("")
+}
+
+/// [`start`] with more lines in the gateway's `[oidc]` table.
+fn start_with(extra_oidc: &str) -> Sso {
     let dir = tempfile::tempdir().unwrap();
     let storage = storage_node(&dir.path().join("storage")).unwrap();
     let idp_port = free_port().unwrap();
@@ -30,8 +36,9 @@ fn start() -> Sso {
 [oidc]
 issuer = "{issuer}"
 client_id = "portcullis"
-scopes = ["openid", "profile", "groups"]
-groups_filter = "^team-"
+scopes = ["openid", "profile", "groups", "offline_access"]
+groups_filter = "^(team-|registry-)"
+{extra_oidc}
 "#
     );
     let gateway = deployment::start_gateway_with(
@@ -47,12 +54,13 @@ groups_filter = "^team-"
         "client_id": "portcullis",
         "client_secret": CLIENT_SECRET,
         "redirect_uris": [format!("{}/auth/oidc/callback", gateway.base)],
-        "grant_types": ["authorization_code", "refresh_token"],
+        "grant_types": ["authorization_code", "refresh_token", DEVICE_GRANT],
         "response_types": ["code"],
     }]);
     let users = json!({
         "bob": {"password": "bob-idp-pw", "groups": ["team-a", "all-staff"]},
         "carol": {"password": "carol-idp-pw", "groups": []},
+        "alice": {"password": "alice-idp-pw", "groups": ["registry-admins"]},
     });
     let idp = Idp::start(idp_port, &clients, &users).unwrap();
     Sso {
@@ -70,8 +78,13 @@ fn browser(g: &GatewayServer) -> reqwest::Client {
 
 /// Completes a browser login and returns the refresh token shown on the page.
 async fn sign_in(s: &Sso, user: &str, pw: &str) -> String {
+    sign_in_device(s, user, pw, "laptop").await
+}
+
+/// [`sign_in`] naming the device.
+async fn sign_in_device(s: &Sso, user: &str, pw: &str, device: &str) -> String {
     let http = browser(&s.gateway);
-    let login = browser_login(&http, &s.gateway.base, &s.idp, user, pw, "laptop")
+    let login = browser_login(&http, &s.gateway.base, &s.idp, user, pw, device)
         .await
         .unwrap();
     let r = callback(&http, &login, true).await;
@@ -100,15 +113,78 @@ fn claims(token: &str) -> Value {
 
 /// `POST /token` with `grant_type=refresh_token`: the status and the body.
 async fn refresh_grant(g: &GatewayServer, refresh: &str, scope: &str) -> (u16, Value) {
-    let r = browser(g)
-        .post(format!("{}/token", g.base))
-        .form(&[
+    token_form(
+        g,
+        &[
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh),
             ("client_id", "test"),
             ("service", SERVICE),
             ("scope", scope),
-        ])
+        ],
+    )
+    .await
+}
+
+/// `POST /token` with `form`: the status and the body.
+async fn token_form(g: &GatewayServer, form: &[(&str, &str)]) -> (u16, Value) {
+    let r = browser(g)
+        .post(format!("{}/token", g.base))
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// One poll of a device code.
+async fn device_poll(g: &GatewayServer, code: &str) -> (u16, Value) {
+    token_form(
+        g,
+        &[
+            ("grant_type", DEVICE_GRANT),
+            ("device_code", code),
+            ("client_id", "test"),
+        ],
+    )
+    .await
+}
+
+/// Polls a device code while the answer is `authorization_pending` or `slow_down`.
+async fn device_poll_until_settled(g: &GatewayServer, code: &str) -> (u16, Value) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, v) = device_poll(g, code).await;
+        let waiting = v["error"] == "authorization_pending" || v["error"] == "slow_down";
+        if !waiting || std::time::Instant::now() > deadline {
+            return (status, v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// `POST /auth/oidc/device`: the gateway's device authorization answer.
+async fn device_start(g: &GatewayServer) -> Value {
+    let r = browser(g)
+        .post(format!("{}/auth/oidc/device", g.base))
+        .form(&[("client_id", "test"), ("device", "build-box")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// `/auth/sessions[/<id>]` with Basic `<token>:<refresh>`: status and body.
+async fn sessions_call(
+    g: &GatewayServer,
+    method: reqwest::Method,
+    path: &str,
+    refresh: &str,
+) -> (u16, Value) {
+    let r = browser(g)
+        .request(method, format!("{}{path}", g.base))
+        .basic_auth("<token>", Some(refresh))
         .send()
         .await
         .unwrap();
@@ -276,11 +352,15 @@ fn the_credential_helper_stores_the_token_and_podman_pushes_with_it() -> anyhow:
     let g = &s.gateway;
     let ctr = Containers::new()?;
     let creds = ctr.dir.path().join("creds/credentials.json");
+    let ca = ctr.dir.path().join("registry-ca.pem");
+    std::fs::write(&ca, &g.ca_pem)?;
     let helper = portcullis_tests::server::binary("docker-credential-portcullis");
     let call = |action: &str, input: &str| -> anyhow::Result<(bool, String)> {
         let mut c = std::process::Command::new(&helper)
             .arg(action)
             .env("PORTCULLIS_CREDENTIALS", &creds)
+            .env("PORTCULLIS_CA_FILE", &ca)
+            .env("PORTCULLIS_NO_DEVICE_FLOW", "1")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()?;
@@ -335,5 +415,409 @@ fn the_credential_helper_stores_the_token_and_podman_pushes_with_it() -> anyhow:
     let (ok, msg) = call("get", &g.host)?;
     assert!(!ok && msg.contains("credentials not found"), "{msg}");
     assert!(!std::fs::read_to_string(&creds)?.contains(&refresh));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_are_listed_and_revoked_by_their_user_and_by_admins() {
+    use reqwest::Method;
+    let s = start();
+    let g = &s.gateway;
+    let laptop = sign_in_device(&s, "bob", "bob-idp-pw", "laptop").await;
+    let desktop = sign_in_device(&s, "bob", "bob-idp-pw", "desktop").await;
+    let admin = sign_in_device(&s, "alice", "alice-idp-pw", "admin-box").await;
+    let carol = sign_in(&s, "carol", "carol-idp-pw").await;
+
+    // bob sees his two sessions by device name, and never a token.
+    let (status, v) = sessions_call(g, Method::GET, "/auth/sessions", &laptop).await;
+    assert_eq!(status, 200, "{v}");
+    let mut devices: Vec<&str> = v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["device"].as_str().unwrap())
+        .collect();
+    devices.sort();
+    assert_eq!(devices, ["desktop", "laptop"]);
+    assert!(
+        v["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["user"] == "bob")
+    );
+    assert!(!v.to_string().contains(&laptop) && !v.to_string().contains(&desktop));
+
+    // Only admins see others' sessions or revoke them.
+    let (status, _) = sessions_call(g, Method::GET, "/auth/sessions?user=carol", &laptop).await;
+    assert_eq!(status, 403);
+    let (status, v) = sessions_call(g, Method::GET, "/auth/sessions?user=*", &admin).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["sessions"].as_array().unwrap().len(), 4);
+    let id_of = |v: &Value, device: &str| {
+        v["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["device"] == device)
+            .map(|x| x["id"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let (_, cv) = sessions_call(g, Method::GET, "/auth/sessions?user=carol", &admin).await;
+    assert_eq!(cv["sessions"].as_array().unwrap().len(), 1, "{cv}");
+    let carols = id_of(&cv, "laptop");
+    let (status, _) = sessions_call(
+        g,
+        Method::DELETE,
+        &format!("/auth/sessions/{carols}"),
+        &laptop,
+    )
+    .await;
+    assert_eq!(status, 404, "bob revoked carol's session");
+    assert_eq!(refresh_grant(g, &carol, "").await.0, 200);
+
+    // bob pushes with his laptop session; an admin revokes it; the next trade and the
+    // next push fail, the desktop session goes on.
+    let client = |refresh: &str| {
+        let mut c = Client::with_ca(&g.base, &g.ca_pem);
+        c.auth = Some(TokenAuth::new(
+            &format!("{}/token", g.base),
+            SERVICE,
+            Some(("<token>", refresh)),
+        ));
+        c
+    };
+    client(&laptop)
+        .push_image("team-a/app", "v1", &[b"one"])
+        .await
+        .unwrap();
+    let (_, bobs) = sessions_call(g, Method::GET, "/auth/sessions?user=bob", &admin).await;
+    let laptop_id = id_of(&bobs, "laptop");
+    let (status, v) = sessions_call(
+        g,
+        Method::DELETE,
+        &format!("/auth/sessions/{laptop_id}"),
+        &admin,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = refresh_grant(g, &laptop, "repository:team-a/app:push").await;
+    assert_eq!((status, v["error"].as_str()), (400, Some("invalid_grant")));
+    assert!(
+        client(&laptop)
+            .push_image("team-a/app", "v2", &[b"two"])
+            .await
+            .is_err(),
+        "a push with a revoked session succeeded"
+    );
+    client(&desktop)
+        .push_image("team-a/app", "v3", &[b"three"])
+        .await
+        .unwrap();
+
+    // bob ends his own desktop session by id.
+    let desktop_id = id_of(&bobs, "desktop");
+    let (status, _) = sessions_call(
+        g,
+        Method::DELETE,
+        &format!("/auth/sessions/{desktop_id}"),
+        &desktop,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        refresh_grant(g, &desktop, "").await.1["error"],
+        "invalid_grant"
+    );
+
+    // Without credentials: 401.
+    let r = browser(g)
+        .get(format!("{}/auth/sessions", g.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groups_are_read_again_from_the_idp_and_a_removed_user_loses_the_session() {
+    let s = start_with("groups_refresh_seconds = 0");
+    let g = &s.gateway;
+    let refresh = sign_in(&s, "bob", "bob-idp-pw").await;
+    let (status, v) = refresh_grant(g, &refresh, "repository:team-a/app:push").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        claims(v["access_token"].as_str().unwrap())["access"][0]["actions"],
+        json!(["push"])
+    );
+
+    // Moved from team-a to team-b at the IdP: the next refresh says so.
+    s.idp
+        .set_users(&json!({"bob": {"password": "bob-idp-pw", "groups": ["team-b"]}}))
+        .await
+        .unwrap();
+    let (status, v) = refresh_grant(g, &refresh, "repository:team-a/app:push").await;
+    assert_eq!(status, 200, "{v}");
+    let c = claims(v["access_token"].as_str().unwrap());
+    assert_eq!(c["portcullis"]["groups"], json!(["team-b"]));
+    assert_eq!(
+        c["access"],
+        json!([]),
+        "team-a still granted after the IdP removed it"
+    );
+
+    // Removed at the IdP: its refresh fails, and so does the registry session.
+    s.idp.set_users(&json!({"bob": null})).await.unwrap();
+    let (status, v) = refresh_grant(g, &refresh, "").await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_code_gives_one_session_and_bad_device_and_refresh_grants_are_refused() {
+    let s = start();
+    let g = &s.gateway;
+    let start = device_start(g).await;
+    for field in [
+        "device_code",
+        "user_code",
+        "verification_uri",
+        "expires_in",
+        "interval",
+    ] {
+        assert!(!start[field].is_null(), "no {field} in {start}");
+    }
+    let code = start["device_code"].as_str().unwrap();
+    let (status, v) = device_poll(g, code).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{v}"
+    );
+
+    portcullis_tests::oidc::device_login(
+        &browser(g),
+        &s.idp,
+        start["user_code"].as_str().unwrap(),
+        "bob",
+        "bob-idp-pw",
+    )
+    .await
+    .unwrap();
+    let (status, v) = device_poll_until_settled(g, code).await;
+    assert_eq!(status, 200, "{v}");
+    let refresh = v["refresh_token"].as_str().unwrap().to_string();
+    assert_eq!(claims(v["access_token"].as_str().unwrap())["sub"], "bob");
+    let (status, v) = sessions_call(g, reqwest::Method::GET, "/auth/sessions", &refresh).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["sessions"][0]["device"], "build-box");
+    assert_eq!(v["sessions"][0]["source"], "device");
+
+    // The code is spent; made-up codes and a missing one are refused.
+    assert_eq!(device_poll(g, code).await.1["error"], "invalid_grant");
+    assert_eq!(device_poll(g, "made-up").await.1["error"], "invalid_grant");
+    let (status, v) = token_form(g, &[("grant_type", DEVICE_GRANT), ("client_id", "t")]).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    let r = browser(g)
+        .get(format!("{}/auth/oidc/device", g.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+
+    // The refresh token is for this service only: asked for another, or shown to another
+    // registry, it is refused.
+    let (status, v) = token_form(
+        g,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &refresh),
+            ("client_id", "test"),
+            ("service", "other-registry.example"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let dir = tempfile::tempdir().unwrap();
+    let other_storage = storage_node(&dir.path().join("storage")).unwrap();
+    let other = deployment::start_gateway(dir.path(), &[&other_storage], &[("u", "p")], 4).unwrap();
+    let (status, v) = refresh_grant(&other, &refresh, "").await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_device_code_is_refused() {
+    let s = start_with("flow_ttl_seconds = 2");
+    let g = &s.gateway;
+    let start = device_start(g).await;
+    assert_eq!(start["expires_in"], 2);
+    // The user never comes: once the code's time is up, polls hear expired_token.
+    let (status, v) = device_poll_until_settled(g, start["device_code"].as_str().unwrap()).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("expired_token")),
+        "{v}"
+    );
+    // Nor can the user finish it late at the IdP and have it count.
+    let _ = portcullis_tests::oidc::device_login(
+        &browser(g),
+        &s.idp,
+        start["user_code"].as_str().unwrap(),
+        "bob",
+        "bob-idp-pw",
+    )
+    .await;
+    let (_, v) = device_poll(g, start["device_code"].as_str().unwrap()).await;
+    assert_eq!(v["error"], "expired_token");
+}
+
+/// Runs `docker-credential-portcullis get` for `host` with nothing stored: it starts the
+/// device flow and prints the code; the test signs in as `user` at the IdP; the helper's
+/// answer is returned.
+fn helper_device_login(
+    s: &Sso,
+    env: &[(&str, &std::path::Path)],
+    user: &str,
+    pw: &str,
+) -> anyhow::Result<Value> {
+    use std::io::{BufRead, Write};
+    let helper = portcullis_tests::server::binary("docker-credential-portcullis");
+    let mut cmd = std::process::Command::new(&helper);
+    cmd.arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn()?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(s.gateway.host.as_bytes())?;
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    let code = loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line)? == 0 {
+            let out = child.wait_with_output()?;
+            anyhow::bail!(
+                "the helper ended without a code: {said} {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        said.push_str(&line);
+        if let Some(at) = line.find("enter the code ") {
+            break line[at + 15..].trim().to_string();
+        }
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(portcullis_tests::oidc::device_login(
+        &browser(&s.gateway),
+        &s.idp,
+        &code,
+        user,
+        pw,
+    ))?;
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+    });
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    anyhow::ensure!(out.status.success(), "helper get failed: {text}");
+    Ok(serde_json::from_str(&text)?)
+}
+
+#[test]
+fn the_helper_runs_the_device_flow_then_podman_and_docker_push_without_a_password()
+-> anyhow::Result<()> {
+    use portcullis_tests::tools::{DockerTrust, Dockerd};
+    let s = start();
+    let g = &s.gateway;
+    let ctr = Containers::new()?;
+    let creds = ctr.dir.path().join("creds/credentials.json");
+    let ca = ctr.dir.path().join("registry-ca.pem");
+    std::fs::write(&ca, &g.ca_pem)?;
+    let env = [
+        ("PORTCULLIS_CREDENTIALS", creds.as_path()),
+        ("PORTCULLIS_CA_FILE", ca.as_path()),
+    ];
+    let got = helper_device_login(&s, &env, "bob", "bob-idp-pw")?;
+    assert_eq!(got["Username"], "<token>");
+    let refresh = got["Secret"].as_str().unwrap().to_string();
+    assert!(std::fs::read_to_string(&creds)?.contains(&refresh));
+
+    // podman with `credential-helpers = ["portcullis"]`, nothing on the command line.
+    let helper = portcullis_tests::server::binary("docker-credential-portcullis");
+    let path = format!(
+        "{}:{}",
+        helper.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let conf = ctr.dir.path().join("registries.conf");
+    std::fs::write(&conf, "credential-helpers = [\"portcullis\"]\n")?;
+    let certs = cert_dir(&ctr, &g.ca_pem)?;
+    ctr.build_scratch_image("device-src:1", std::path::Path::new("/bin/busybox"))?;
+    portcullis_tests::tools::run(
+        ctr.cmd("podman")
+            .env("CONTAINERS_REGISTRIES_CONF", &conf)
+            .env("PORTCULLIS_CREDENTIALS", &creds)
+            .env("PORTCULLIS_CA_FILE", &ca)
+            .env("PORTCULLIS_NO_DEVICE_FLOW", "1")
+            .env("PATH", &path)
+            .args([
+                "push",
+                "--cert-dir",
+                &certs,
+                "device-src:1",
+                &format!("{}/team-a/device:podman", g.host),
+            ]),
+    )?;
+
+    // docker with `credHelpers`: the CLI asks the helper, dockerd trades the identity token.
+    let _trust = DockerTrust::install(&g.host, &g.ca_pem)?;
+    let dk = Dockerd::start()?;
+    std::fs::create_dir_all(dk.client_config())?;
+    std::fs::write(
+        dk.client_config().join("config.json"),
+        json!({"credHelpers": { g.host.clone(): "portcullis" }}).to_string(),
+    )?;
+    let image = format!("{}/team-a/device:docker", g.host);
+    let id = dk.build_busybox(&image)?;
+    let with_helper = |args: &[&str]| -> anyhow::Result<String> {
+        dk.run_cmd(
+            dk.cmd()
+                .env("PATH", &path)
+                .env("PORTCULLIS_CREDENTIALS", &creds)
+                .env("PORTCULLIS_CA_FILE", &ca)
+                .env("PORTCULLIS_NO_DEVICE_FLOW", "1")
+                .args(args),
+        )
+    };
+    let pushed = with_helper(&["push", &image])?;
+    anyhow::ensure!(pushed.contains("digest: sha256:"), "{pushed}");
+    dk.run(&["rmi", &image])?;
+    with_helper(&["pull", &image])?;
+    let pulled = dk.run(&["image", "inspect", "--format", "{{.Id}}", &image])?;
+    anyhow::ensure!(pulled.trim() == id, "pulled {pulled}, pushed {id}");
+    // team-b is not bob's: denied through the helper too.
+    let other = format!("{}/team-b/device:docker", g.host);
+    dk.run(&["tag", &image, &other])?;
+    anyhow::ensure!(
+        with_helper(&["push", &other]).is_err(),
+        "bob pushed to team-b"
+    );
     Ok(())
 }

@@ -6,8 +6,14 @@
 //! The file is `$PORTCULLIS_CREDENTIALS`, else `$XDG_CONFIG_HOME/portcullis/credentials.json`,
 //! else `~/.config/portcullis/credentials.json`.
 //!
-//! Not yet: on `get` with nothing stored, running the device flow (issue 6); today it answers
-//! the protocol's "credentials not found" so the client falls back to asking for a login.
+//! On `get`, a stored token is checked with one refresh grant at `https://<server>/token`;
+//! when none is stored or the registry says it is no longer valid (`invalid_grant`), the
+//! helper runs the registry's device flow (`POST /auth/oidc/device`, RFC 8628): it prints
+//! the address and the code to stderr (and the terminal), opens a browser when there is a
+//! display, polls `POST /token` with the device-code grant until the user has signed in,
+//! stores the refresh token it gets and answers with it. `PORTCULLIS_NO_DEVICE_FLOW=1`
+//! turns that off (then: the protocol's "credentials not found"); `PORTCULLIS_CA_FILE`
+//! names an extra CA certificate (PEM) to trust for the registry.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -81,6 +87,149 @@ fn save(all: &BTreeMap<String, Entry>) -> Result<(), String> {
     std::fs::rename(&tmp, &path).map_err(|e| format!("replacing {}: {e}", path.display()))
 }
 
+/// Docker's identity-token user name.
+const IDENTITY_TOKEN_USER: &str = "<token>";
+const CLIENT_ID: &str = "docker-credential-portcullis";
+
+fn http() -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .user_agent(concat!(
+            "docker-credential-portcullis/",
+            env!("CARGO_PKG_VERSION")
+        ));
+    if let Some(ca) = std::env::var_os("PORTCULLIS_CA_FILE") {
+        let pem = std::fs::read(&ca)
+            .map_err(|e| format!("reading {}: {e}", PathBuf::from(&ca).display()))?;
+        let cert =
+            reqwest::Certificate::from_pem(&pem).map_err(|e| format!("PORTCULLIS_CA_FILE: {e}"))?;
+        b = b.add_root_certificate(cert);
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+/// Whether the registry still accepts `refresh`. Only a definite `invalid_grant` says no:
+/// an unreachable registry keeps the stored token.
+async fn still_valid(server: &str, refresh: &str) -> bool {
+    let Ok(client) = http() else { return true };
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh),
+        ("client_id", CLIENT_ID),
+    ];
+    let Ok(r) = client
+        .post(format!("https://{server}/token"))
+        .form(&form)
+        .send()
+        .await
+    else {
+        return true;
+    };
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    body["error"] != "invalid_grant"
+}
+
+/// Says something to the person at the keyboard: on stderr, and on the terminal when there
+/// is one (docker does not show a helper's stderr).
+fn tell(msg: &str) {
+    eprintln!("{msg}");
+    if let Ok(mut tty) = std::fs::OpenOptions::new().write(true).open("/dev/tty") {
+        let _ = writeln!(tty, "{msg}");
+    }
+}
+
+fn device_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| CLIENT_ID.to_string())
+}
+
+/// RFC 8628 against the registry: the refresh token once the user has signed in.
+async fn device_flow(server: &str) -> Result<String, String> {
+    let client = http()?;
+    let device = device_name();
+    let r = client
+        .post(format!("https://{server}/auth/oidc/device"))
+        .form(&[("client_id", CLIENT_ID), ("device", device.as_str())])
+        .send()
+        .await
+        .map_err(|e| format!("{server}: {e}"))?;
+    let status = r.status();
+    let start: serde_json::Value = r.json().await.unwrap_or_default();
+    if status == reqwest::StatusCode::NOT_FOUND || start["error"] == "unsupported_grant_type" {
+        // No single sign-on there: the client asks for a login as usual.
+        return Err(NOT_FOUND.into());
+    }
+    let (Some(code), Some(user_code), Some(uri)) = (
+        start["device_code"].as_str(),
+        start["user_code"].as_str(),
+        start["verification_uri"].as_str(),
+    ) else {
+        return Err(format!(
+            "{server}: the device sign-in could not start ({status}): {}",
+            start["error_description"].as_str().unwrap_or("")
+        ));
+    };
+    let complete = start["verification_uri_complete"].as_str();
+    tell(&format!(
+        "To sign in to {server}, open {uri} and enter the code {user_code}{}",
+        complete.map_or(String::new(), |c| format!("\n(or open {c})"))
+    ));
+    if std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some() {
+        let _ = std::process::Command::new("xdg-open")
+            .arg(complete.unwrap_or(uri))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+    let mut interval = start["interval"].as_u64().unwrap_or(5).max(1);
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_secs(start["expires_in"].as_u64().unwrap_or(600));
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(interval)).await;
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{server}: the sign-in code expired; try again"));
+        }
+        let form = [
+            ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+            ("device_code", code),
+            ("client_id", CLIENT_ID),
+        ];
+        let r = match client
+            .post(format!("https://{server}/token"))
+            .form(&form)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => continue, // a blip: poll again
+        };
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        if let Some(t) = body["refresh_token"].as_str() {
+            tell(&format!("Signed in to {server}."));
+            return Ok(t.to_string());
+        }
+        match body["error"].as_str() {
+            Some("authorization_pending") | Some("temporarily_unavailable") => {}
+            Some("slow_down") => interval += 5,
+            Some(e) => {
+                return Err(format!(
+                    "{server}: sign-in failed: {e} {}",
+                    body["error_description"].as_str().unwrap_or("")
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "{server}: unexpected answer from the token endpoint"
+                ));
+            }
+        }
+    }
+}
+
 fn run(action: &str, input: &str) -> Result<String, String> {
     match action {
         "store" => {
@@ -108,9 +257,34 @@ fn run(action: &str, input: &str) -> Result<String, String> {
         }
         "get" => {
             let key = server_key(input);
-            let all = load()?;
-            let e = all.get(&key).ok_or_else(|| NOT_FOUND.to_string())?;
-            Ok(serde_json::json!({"ServerURL": input.trim(), "Username": e.username, "Secret": e.secret}).to_string())
+            let mut all = load()?;
+            let answer = |e: &Entry| {
+                serde_json::json!({"ServerURL": input.trim(), "Username": e.username, "Secret": e.secret})
+                    .to_string()
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            if let Some(e) = all.get(&key) {
+                if e.username != IDENTITY_TOKEN_USER || rt.block_on(still_valid(&key, &e.secret)) {
+                    return Ok(answer(e));
+                }
+                eprintln!("the stored token for {key} is no longer valid");
+                all.remove(&key);
+                save(&all)?;
+            }
+            if std::env::var_os("PORTCULLIS_NO_DEVICE_FLOW").is_some() {
+                return Err(NOT_FOUND.into());
+            }
+            let secret = rt.block_on(device_flow(&key))?;
+            let e = Entry {
+                username: IDENTITY_TOKEN_USER.into(),
+                secret,
+            };
+            all.insert(key, e.clone());
+            save(&all)?;
+            Ok(answer(&e))
         }
         "erase" => {
             let mut all = load()?;

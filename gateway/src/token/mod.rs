@@ -15,7 +15,7 @@ use base64::Engine;
 use jwt::{Access, Claims, TokenSubject, Tokens};
 use oci::scope::Scope;
 use policy::{Policy, SubjectKind};
-use refresh::RefreshStore;
+use refresh::{Redeemed, Session, Sessions};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -25,6 +25,9 @@ pub const TOKEN_PATH: &str = "/token";
 pub const JWKS_PATH: &str = "/auth/jwks.json";
 /// RFC 7009 revocation of a refresh token by whoever holds it (`POST`, form `token=`).
 pub const REVOKE_PATH: &str = "/auth/revoke";
+/// A user's sessions (`GET`), one revoked (`DELETE /auth/sessions/<id>`); admins see and
+/// revoke everyone's (`?user=<name>` or `?user=*`).
+pub const SESSIONS_PATH: &str = "/auth/sessions";
 
 /// An HTTP answer of the token service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +38,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn json(status: u16, v: serde_json::Value) -> Self {
+    pub fn json(status: u16, v: serde_json::Value) -> Self {
         Reply {
             status,
             body: v.to_string(),
@@ -44,7 +47,7 @@ impl Reply {
     }
 
     /// An OAuth 2 error (RFC 6749 §5.2).
-    fn oauth_error(status: u16, error: &str, description: &str) -> Self {
+    pub fn oauth_error(status: u16, error: &str, description: &str) -> Self {
         Reply::json(
             status,
             json!({"error": error, "error_description": description}),
@@ -64,8 +67,13 @@ pub struct TokenService {
     pub tokens: Arc<Tokens>,
     pub auth: Arc<dyn Authenticator>,
     pub policy: Arc<Policy>,
-    pub refresh: RefreshStore,
+    pub sessions: Sessions,
     pub expires_in_seconds: u64,
+    /// Single sign-on: device grants, and groups read again for sessions it created.
+    pub oidc: Option<Arc<crate::oidc::Oidc>>,
+    /// One IdP refresh at a time per gateway (an IdP that rotates refresh tokens must not
+    /// see the same one twice).
+    pub reread_lock: tokio::sync::Mutex<()>,
 }
 
 /// The username that says "the password is a registry refresh token" (Docker's convention
@@ -125,19 +133,152 @@ impl TokenService {
     }
 
     /// RFC 7009: revokes the refresh token in the form; always 200, whether it existed or not.
-    pub fn revoke(&self, body: &[u8]) -> Reply {
+    pub async fn revoke(&self, body: &[u8]) -> Reply {
         let token = form_urlencoded::parse(body)
             .find(|(k, _)| k == "token")
             .map(|(_, v)| v.into_owned());
         match token {
-            Some(t) => {
-                if self.refresh.revoke(&t) {
-                    tracing::info!("refresh token revoked by its holder");
+            Some(t) => match self.sessions.revoke(&t).await {
+                Ok(existed) => {
+                    if existed {
+                        tracing::info!("refresh token revoked by its holder");
+                    }
+                    Reply::json(200, json!({}))
                 }
-                Reply::json(200, json!({}))
-            }
+                Err(e) => store_unavailable(&e),
+            },
             None => Reply::oauth_error(400, "invalid_request", "token is required"),
         }
+    }
+
+    /// [`SESSIONS_PATH`]: list (`GET`) or revoke (`DELETE …/<id>`) sessions, authenticated
+    /// with Basic credentials like the token endpoint.
+    pub async fn sessions_api(&self, req: &Request<'_>, path: &str) -> Reply {
+        let Some((user, password)) = req.authorization.and_then(parse_basic) else {
+            return unauthorized();
+        };
+        let id = match self.login(&user, &password).await {
+            Ok(id) => id,
+            Err(r) => return r,
+        };
+        let admin = self.policy.is_admin(&id.to_subject());
+        let rest = path[SESSIONS_PATH.len()..].trim_start_matches('/');
+        match (req.method, rest) {
+            ("GET", "") => {
+                let asked = form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
+                    .find(|(k, _)| k == "user")
+                    .map(|(_, v)| v.into_owned());
+                let filter = match asked.as_deref() {
+                    None => Some(id.subject.as_str()),
+                    Some(u) if u == id.subject => Some(u),
+                    Some(_) if !admin => {
+                        return Reply::oauth_error(
+                            403,
+                            "access_denied",
+                            "only registry administrators see other users' sessions",
+                        );
+                    }
+                    Some("*") => None,
+                    Some(u) => Some(u),
+                };
+                match self.sessions.list(filter).await {
+                    Ok(list) => Reply::json(200, json!({ "sessions": list })),
+                    Err(e) => store_unavailable(&e),
+                }
+            }
+            ("DELETE", sid) if !sid.is_empty() => {
+                let owner = (!admin).then_some(id.subject.as_str());
+                match self.sessions.revoke_id(sid, owner).await {
+                    Ok(true) => {
+                        tracing::info!(by = %id.subject, admin, session = %sid, "session revoked");
+                        Reply::json(200, json!({ "revoked": sid }))
+                    }
+                    Ok(false) => Reply::oauth_error(
+                        404,
+                        "not_found",
+                        "no such session (among the ones you may revoke)",
+                    ),
+                    Err(e) => store_unavailable(&e),
+                }
+            }
+            _ => Reply::oauth_error(
+                405,
+                "invalid_request",
+                "GET /auth/sessions or DELETE /auth/sessions/<id>",
+            ),
+        }
+    }
+
+    /// The identity a refresh token stands for, its groups read again from the IdP when the
+    /// session came from single sign-on and they are older than `groups_refresh_seconds`.
+    /// `Ok(None)`: invalid, expired, revoked, or refused by the IdP.
+    async fn redeem(&self, token: &str) -> Result<Option<Identity>, Reply> {
+        let now = unix_now();
+        let mut r = match self.sessions.redeem(token, now).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(store_unavailable(&e)),
+        };
+        if let (Some(oidc), Some(_)) = (&self.oidc, &r.session.idp_refresh)
+            && now - r.session.groups_checked_at >= oidc.groups_refresh_seconds()
+        {
+            let _one = self.reread_lock.lock().await;
+            // Another request may have read them while this one waited.
+            r = match self.sessions.redeem(token, now).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(store_unavailable(&e)),
+            };
+            if now - r.session.groups_checked_at >= oidc.groups_refresh_seconds() {
+                return self.reread(oidc, r, now).await;
+            }
+        }
+        Ok(Some(r.session.identity()))
+    }
+
+    async fn reread(
+        &self,
+        oidc: &crate::oidc::Oidc,
+        mut r: Redeemed,
+        now: i64,
+    ) -> Result<Option<Identity>, Reply> {
+        let idp_refresh = r.session.idp_refresh.clone().unwrap_or_default();
+        match oidc.reread(&idp_refresh, &r.session.subject).await {
+            crate::oidc::Reread::Fresh(s) => {
+                if s.identity.groups != r.session.groups {
+                    tracing::info!(subject = %r.session.subject, groups = ?s.identity.groups, "groups changed at the IdP");
+                }
+                r.session.groups = s.identity.groups;
+                r.session.idp_refresh = s.idp_refresh;
+                r.session.groups_checked_at = now;
+                self.sessions
+                    .update(&r, now)
+                    .await
+                    .map_err(|e| store_unavailable(&e))?;
+                Ok(Some(r.session.identity()))
+            }
+            crate::oidc::Reread::Refused(why) if oidc.revoke_on_refresh_failure() => {
+                tracing::info!(subject = %r.session.subject, reason = %why, "the IdP refused the session's refresh: session ended");
+                self.sessions
+                    .end(&r)
+                    .await
+                    .map_err(|e| store_unavailable(&e))?;
+                Ok(None)
+            }
+            crate::oidc::Reread::Refused(why) | crate::oidc::Reread::Unavailable(why) => {
+                // Keep the groups last read; try again at the next refresh.
+                tracing::warn!(subject = %r.session.subject, reason = %why, "could not read groups again from the IdP");
+                Ok(Some(r.session.identity()))
+            }
+        }
+    }
+
+    /// Opens a session for `session` and returns its refresh token.
+    pub async fn open_session(&self, session: &Session) -> Result<String, Reply> {
+        self.sessions
+            .issue(session)
+            .await
+            .map_err(|e| store_unavailable(&e))
     }
 
     fn check_service(&self, service: Option<&str>) -> Result<(), Reply> {
@@ -191,13 +332,10 @@ impl TokenService {
         };
         let offline = param("offline_token") == Some("true");
         let client_id = param("client_id").unwrap_or("unknown");
-        self.issue(
-            &identity,
-            &scopes,
-            offline && identity.kind != SubjectKind::Anonymous,
-            client_id,
-            false,
-        )
+        let offline = offline && identity.kind != SubjectKind::Anonymous;
+        let session = offline.then(|| Session::new(&identity, "password", client_id, unix_now()));
+        self.issue(&identity, &scopes, session.as_ref(), false)
+            .await
     }
 
     async fn login(&self, user: &str, password: &str) -> Result<Identity, Reply> {
@@ -206,10 +344,7 @@ impl TokenService {
         }
         // Docker's identity-token convention: the password is a registry refresh token.
         if user == IDENTITY_TOKEN_USER {
-            return self
-                .refresh
-                .redeem(password, unix_now())
-                .ok_or_else(unauthorized);
+            return self.redeem(password).await?.ok_or_else(unauthorized);
         }
         match self.auth.authenticate(user, password).await {
             Ok(id) => Ok(id),
@@ -251,7 +386,11 @@ impl TokenService {
                     );
                 };
                 match self.login(u, p).await {
-                    Ok(id) => self.issue(&id, &scopes, offline, client_id, true),
+                    Ok(id) => {
+                        let session =
+                            offline.then(|| Session::new(&id, "password", client_id, unix_now()));
+                        self.issue(&id, &scopes, session.as_ref(), true).await
+                    }
                     Err(r) if r.status == 401 => {
                         Reply::oauth_error(400, "invalid_grant", "invalid username or password")
                     }
@@ -262,9 +401,9 @@ impl TokenService {
                 let Some(rt) = field("refresh_token") else {
                     return Reply::oauth_error(400, "invalid_request", "refresh_token is required");
                 };
-                match self.refresh.redeem(rt, unix_now()) {
-                    Some(id) => {
-                        let mut r = self.issue(&id, &scopes, false, client_id, true);
+                match self.redeem(rt).await {
+                    Ok(Some(id)) => {
+                        let mut r = self.issue(&id, &scopes, None, true).await;
                         // The same refresh token stays valid; say so, as clients store it.
                         if r.status == 200
                             && let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&r.body)
@@ -274,12 +413,19 @@ impl TokenService {
                         }
                         r
                     }
-                    None => Reply::oauth_error(
+                    Ok(None) => Reply::oauth_error(
                         400,
                         "invalid_grant",
                         "the refresh token is invalid, expired or revoked",
                     ),
+                    Err(r) => r,
                 }
+            }
+            Some(crate::oidc::DEVICE_GRANT) => {
+                let Some(code) = field("device_code") else {
+                    return Reply::oauth_error(400, "invalid_request", "device_code is required");
+                };
+                self.device_grant(code, &scopes).await
             }
             Some(other) => Reply::oauth_error(
                 400,
@@ -293,12 +439,56 @@ impl TokenService {
         }
     }
 
-    fn issue(
+    /// RFC 8628 §3.4: one poll of a device code.
+    async fn device_grant(&self, code: &str, scopes: &[Scope]) -> Reply {
+        use crate::oidc::DevicePoll;
+        let Some(oidc) = &self.oidc else {
+            return Reply::oauth_error(
+                400,
+                "unsupported_grant_type",
+                "single sign-on is not configured on this registry",
+            );
+        };
+        match oidc.device_poll(code).await {
+            DevicePoll::Done(signed_in, device) => {
+                let now = unix_now();
+                let mut session = Session::new(&signed_in.identity, "device", &device, now);
+                session.idp_refresh = signed_in.idp_refresh;
+                tracing::info!(subject = %signed_in.identity.subject, device = %session.device, "device signed in");
+                self.issue(&signed_in.identity, scopes, Some(&session), true)
+                    .await
+            }
+            DevicePoll::Pending(e) => Reply::oauth_error(
+                400,
+                &e,
+                "the user has not finished signing in yet; poll again after the interval",
+            ),
+            DevicePoll::Expired => Reply::oauth_error(
+                400,
+                "expired_token",
+                "the device code has expired; start again",
+            ),
+            DevicePoll::Denied(why) => Reply::oauth_error(400, "access_denied", &why),
+            DevicePoll::Unknown => {
+                Reply::oauth_error(400, "invalid_grant", "unknown or already used device code")
+            }
+            DevicePoll::Unavailable(e) => {
+                tracing::warn!(error = %e, "device grant: the identity provider is unavailable");
+                Reply::oauth_error(
+                    503,
+                    "temporarily_unavailable",
+                    "the identity provider is unavailable, try again later",
+                )
+            }
+        }
+    }
+
+    /// An access token for `id` and `scopes`; with `session`, a refresh token opening it.
+    async fn issue(
         &self,
         id: &Identity,
         scopes: &[Scope],
-        offline: bool,
-        client_id: &str,
+        session: Option<&Session>,
         oauth: bool,
     ) -> Reply {
         let now = unix_now();
@@ -347,11 +537,23 @@ impl TokenService {
         } else {
             body["token"] = json!(token);
         }
-        if offline {
-            body["refresh_token"] = json!(self.refresh.issue(id.clone(), client_id, now));
+        if let Some(session) = session {
+            match self.open_session(session).await {
+                Ok(t) => body["refresh_token"] = json!(t),
+                Err(r) => return r,
+            }
         }
         Reply::json(200, body)
     }
+}
+
+fn store_unavailable(e: &crate::state::StateError) -> Reply {
+    tracing::warn!(error = %e, "the state store is unavailable");
+    Reply::oauth_error(
+        503,
+        "temporarily_unavailable",
+        "session storage is unavailable, try again later",
+    )
 }
 
 fn unauthorized() -> Reply {

@@ -1,98 +1,214 @@
-//! Refresh tokens: opaque, stored only as a SHA-256 hash, revocable, with an absolute and an
-//! idle lifetime. In memory for now (the shared state store comes with the Redis issue).
+//! Sessions: the registry refresh tokens (Docker identity tokens) people and devices hold.
+//!
+//! A token is opaque and random; the shared state store keeps only its SHA-256 under
+//! `session:<hex>`, so every gateway replica redeems it and a leaked store does not leak
+//! tokens. A session has a public id (the first 16 hex digits of that hash), a device name,
+//! an idle and an absolute lifetime (the store's TTL follows the earlier of the two), and,
+//! when it came from single sign-on, the IdP's refresh token so groups can be read again.
 
 use crate::auth::Identity;
+use crate::state::{StateError, StateStore};
+use serde::{Deserialize, Serialize};
 use sha2::Digest;
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
 
-struct Entry {
-    identity: Identity,
-    client_id: String,
-    created_at: i64,
-    last_used: i64,
+const PREFIX: &str = "session:";
+/// Length of a session's public id (hex digits of the token's hash).
+pub const ID_LEN: usize = 16;
+
+/// One session as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    pub subject: String,
+    pub groups: Vec<String>,
+    pub kind: String,
+    /// How it was created: `password`, `oidc` (browser) or `device` (device flow).
+    pub source: String,
+    /// The name the user gave the device, or the OAuth `client_id`.
+    pub device: String,
+    pub created_at: i64,
+    pub last_used: i64,
+    /// The IdP's refresh token, for sessions that re-read groups from the IdP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idp_refresh: Option<String>,
+    /// When the groups were last read from the IdP.
+    #[serde(default)]
+    pub groups_checked_at: i64,
 }
 
-pub struct RefreshStore {
-    entries: Mutex<HashMap<String, Entry>>,
+impl Session {
+    pub fn new(identity: &Identity, source: &str, device: &str, now: i64) -> Self {
+        Session {
+            subject: identity.subject.clone(),
+            groups: identity.groups.clone(),
+            kind: crate::token::jwt::kind_name(identity.kind).to_string(),
+            source: source.to_string(),
+            device: device
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(100)
+                .collect(),
+            created_at: now,
+            last_used: now,
+            idp_refresh: None,
+            groups_checked_at: now,
+        }
+    }
+
+    pub fn identity(&self) -> Identity {
+        Identity {
+            subject: self.subject.clone(),
+            groups: self.groups.clone(),
+            kind: crate::token::jwt::kind_from_name(&self.kind),
+        }
+    }
+}
+
+/// What a listing shows of a session (never the token or the IdP's token).
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub user: String,
+    pub device: String,
+    pub source: String,
+    pub groups: Vec<String>,
+    pub created_at: i64,
+    pub last_used_at: i64,
+    pub expires_at: i64,
+}
+
+/// A redeemed session and the key it lives under (to update it).
+pub struct Redeemed {
+    pub key: String,
+    pub session: Session,
+}
+
+pub struct Sessions {
+    store: Arc<dyn StateStore>,
     absolute_seconds: i64,
     idle_seconds: i64,
 }
 
-fn hash(token: &str) -> String {
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+fn key_of(token: &str) -> String {
+    format!(
+        "{PREFIX}{}",
+        hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    )
 }
 
-impl RefreshStore {
-    pub fn new(absolute_seconds: i64, idle_seconds: i64) -> Self {
-        RefreshStore {
-            entries: Mutex::new(HashMap::new()),
-            absolute_seconds,
-            idle_seconds,
+impl Sessions {
+    pub fn new(store: Arc<dyn StateStore>, absolute_seconds: i64, idle_seconds: i64) -> Self {
+        Sessions {
+            store,
+            absolute_seconds: absolute_seconds.max(1),
+            idle_seconds: idle_seconds.max(1),
         }
     }
 
-    /// A new refresh token for `identity`; only its hash is kept.
-    pub fn issue(&self, identity: Identity, client_id: &str, now: i64) -> String {
+    fn expires_at(&self, s: &Session) -> i64 {
+        (s.created_at + self.absolute_seconds).min(s.last_used + self.idle_seconds)
+    }
+
+    async fn put(&self, key: &str, s: &Session, now: i64) -> Result<(), StateError> {
+        let ttl = (self.expires_at(s) - now).max(1) as u64;
+        let value = serde_json::to_vec(s).map_err(|e| StateError(e.to_string()))?;
+        self.store.set(key, value, Duration::from_secs(ttl)).await
+    }
+
+    /// A new refresh token for `session`; only its hash is kept.
+    pub async fn issue(&self, session: &Session) -> Result<String, StateError> {
         let token = super::random_token(32);
-        let mut entries = self.entries.lock().expect("refresh store");
-        entries.retain(|_, e| self.alive(e, now));
-        entries.insert(
-            hash(&token),
-            Entry {
-                identity,
-                client_id: client_id.chars().take(100).collect(),
-                created_at: now,
-                last_used: now,
-            },
-        );
-        token
+        self.put(&key_of(&token), session, session.created_at)
+            .await?;
+        Ok(token)
     }
 
-    fn alive(&self, e: &Entry, now: i64) -> bool {
-        now - e.created_at < self.absolute_seconds && now - e.last_used < self.idle_seconds
-    }
-
-    /// The identity a valid refresh token stands for; marks it used.
-    pub fn redeem(&self, token: &str, now: i64) -> Option<Identity> {
-        let mut entries = self.entries.lock().expect("refresh store");
-        let key = hash(token);
-        let alive = entries.get(&key).is_some_and(|e| self.alive(e, now));
-        if !alive {
-            entries.remove(&key);
-            return None;
+    /// The session a valid refresh token stands for; marks it used (written back at most
+    /// once a minute, or a tenth of the idle lifetime, to spare the store).
+    pub async fn redeem(&self, token: &str, now: i64) -> Result<Option<Redeemed>, StateError> {
+        let key = key_of(token);
+        let Some(raw) = self.store.get(&key).await? else {
+            return Ok(None);
+        };
+        let Ok(mut session) = serde_json::from_slice::<Session>(&raw) else {
+            self.store.delete(&key).await?;
+            return Ok(None);
+        };
+        if now >= self.expires_at(&session) {
+            self.store.delete(&key).await?;
+            return Ok(None);
         }
-        let e = entries.get_mut(&key)?;
-        e.last_used = now;
-        Some(e.identity.clone())
+        if now - session.last_used >= (self.idle_seconds / 10).clamp(1, 60) {
+            session.last_used = now;
+            self.put(&key, &session, now).await?;
+        }
+        Ok(Some(Redeemed { key, session }))
+    }
+
+    /// Writes back a redeemed session that changed (groups read again, a rotated IdP token).
+    pub async fn update(&self, r: &Redeemed, now: i64) -> Result<(), StateError> {
+        self.put(&r.key, &r.session, now).await
+    }
+
+    /// Ends the session under a redeemed key.
+    pub async fn end(&self, r: &Redeemed) -> Result<(), StateError> {
+        self.store.delete(&r.key).await
     }
 
     /// Revokes one token; whether it existed.
-    pub fn revoke(&self, token: &str) -> bool {
-        self.entries
-            .lock()
-            .expect("refresh store")
-            .remove(&hash(token))
-            .is_some()
+    pub async fn revoke(&self, token: &str) -> Result<bool, StateError> {
+        let key = key_of(token);
+        let existed = self.store.get(&key).await?.is_some();
+        self.store.delete(&key).await?;
+        Ok(existed)
     }
 
-    /// Revokes every token of a subject; how many.
-    pub fn revoke_subject(&self, subject: &str) -> usize {
-        let mut entries = self.entries.lock().expect("refresh store");
-        let before = entries.len();
-        entries.retain(|_, e| e.identity.subject != subject);
-        before - entries.len()
+    /// Sessions, all or one user's, oldest first.
+    pub async fn list(&self, user: Option<&str>) -> Result<Vec<SessionInfo>, StateError> {
+        let mut out: Vec<SessionInfo> = self
+            .store
+            .scan(PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let s: Session = serde_json::from_slice(&v).ok()?;
+                (user.is_none_or(|u| u == s.subject)).then(|| SessionInfo {
+                    id: k[PREFIX.len()..].chars().take(ID_LEN).collect(),
+                    user: s.subject.clone(),
+                    device: s.device.clone(),
+                    source: s.source.clone(),
+                    groups: s.groups.clone(),
+                    created_at: s.created_at,
+                    last_used_at: s.last_used,
+                    expires_at: self.expires_at(&s),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
     }
 
-    /// Client ids of a subject's live tokens (for an admin listing).
-    pub fn sessions(&self, subject: &str) -> Vec<String> {
-        self.entries
-            .lock()
-            .expect("refresh store")
-            .values()
-            .filter(|e| e.identity.subject == subject)
-            .map(|e| e.client_id.clone())
-            .collect()
+    /// Revokes the session with public id `id` — only if it belongs to `owner`, when given.
+    /// Whether one was revoked.
+    pub async fn revoke_id(&self, id: &str, owner: Option<&str>) -> Result<bool, StateError> {
+        if id.len() != ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(false);
+        }
+        let mut revoked = false;
+        for (k, v) in self
+            .store
+            .scan(&format!("{PREFIX}{}", id.to_ascii_lowercase()))
+            .await?
+        {
+            let mine = serde_json::from_slice::<Session>(&v)
+                .is_ok_and(|s| owner.is_none_or(|o| o == s.subject));
+            if mine {
+                self.store.delete(&k).await?;
+                revoked = true;
+            }
+        }
+        Ok(revoked)
     }
 }
 
@@ -101,29 +217,85 @@ mod tests {
     use super::*;
     use policy::SubjectKind;
 
-    fn id() -> Identity {
+    fn id(name: &str) -> Identity {
         Identity {
-            subject: "bob".into(),
-            groups: vec![],
+            subject: name.into(),
+            groups: vec!["g".into()],
             kind: SubjectKind::User,
         }
     }
 
-    #[test]
-    fn refresh_tokens_expire_idle_and_absolute_and_revoke() {
-        let s = RefreshStore::new(100, 10);
-        let t = s.issue(id(), "docker", 0);
-        assert!(s.redeem(&t, 5).is_some());
-        assert!(s.redeem(&t, 14).is_some(), "use renews the idle lifetime");
-        assert!(s.redeem(&t, 30).is_none(), "idle for 16 s");
-        let t = s.issue(id(), "docker", 0);
+    fn sessions(absolute: i64, idle: i64) -> Sessions {
+        Sessions::new(
+            Arc::new(crate::state::MemoryStore::default()),
+            absolute,
+            idle,
+        )
+    }
+
+    #[tokio::test]
+    async fn refresh_tokens_expire_idle_and_absolute_and_revoke() {
+        let s = sessions(100, 10);
+        let t = s
+            .issue(&Session::new(&id("bob"), "password", "docker", 0))
+            .await
+            .unwrap();
+        assert!(s.redeem(&t, 5).await.unwrap().is_some());
+        assert!(
+            s.redeem(&t, 14).await.unwrap().is_some(),
+            "use renews the idle lifetime"
+        );
+        assert!(s.redeem(&t, 30).await.unwrap().is_none(), "idle for 16 s");
+        let t = s
+            .issue(&Session::new(&id("bob"), "password", "docker", 0))
+            .await
+            .unwrap();
         for now in (9..100).step_by(9) {
-            assert!(s.redeem(&t, now).is_some());
+            assert!(s.redeem(&t, now).await.unwrap().is_some(), "{now}");
         }
-        assert!(s.redeem(&t, 100).is_none(), "absolute lifetime");
-        let t = s.issue(id(), "docker", 0);
-        assert!(s.revoke(&t));
-        assert!(s.redeem(&t, 1).is_none());
-        assert!(s.redeem("not-a-token", 1).is_none());
+        assert!(
+            s.redeem(&t, 100).await.unwrap().is_none(),
+            "absolute lifetime"
+        );
+        let t = s
+            .issue(&Session::new(&id("bob"), "password", "docker", 0))
+            .await
+            .unwrap();
+        assert!(s.revoke(&t).await.unwrap());
+        assert!(s.redeem(&t, 1).await.unwrap().is_none());
+        assert!(s.redeem("not-a-token", 1).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn sessions_are_listed_by_user_and_revoked_by_id_only_by_their_owner() {
+        let s = sessions(1000, 1000);
+        let bob = s
+            .issue(&Session::new(&id("bob"), "oidc", "laptop", 1))
+            .await
+            .unwrap();
+        let carol = s
+            .issue(&Session::new(&id("carol"), "device", "ci\u{7}box", 2))
+            .await
+            .unwrap();
+        let all = s.list(None).await.unwrap();
+        assert_eq!(all.len(), 2);
+        let mine = s.list(Some("bob")).await.unwrap();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].device, "laptop");
+        assert_eq!(mine[0].id.len(), ID_LEN);
+        let listed = serde_json::to_string(&all).unwrap();
+        assert!(
+            !listed.contains(&bob) && !listed.contains(&carol),
+            "{listed}"
+        );
+        assert!(listed.contains("cibox"), "control characters are dropped");
+
+        let carols = &s.list(Some("carol")).await.unwrap()[0].id;
+        assert!(!s.revoke_id(carols, Some("bob")).await.unwrap());
+        assert!(s.redeem(&carol, 3).await.unwrap().is_some());
+        assert!(!s.revoke_id("nothex!", None).await.unwrap());
+        assert!(s.revoke_id(carols, None).await.unwrap());
+        assert!(s.redeem(&carol, 3).await.unwrap().is_none());
+        assert!(s.redeem(&bob, 3).await.unwrap().is_some());
     }
 }

@@ -4,6 +4,9 @@
 //
 //   IDP_PORT=<port> IDP_CLIENTS='[...]' IDP_USERS='{"bob":{"password":"…","groups":["team-a"]}}' node idp.mjs
 //
+// `POST /test/users` with a JSON object changes users while it runs (a value replaces the
+// user, `null` removes them): how the tests move someone out of a group or disable them.
+//
 // Prints "idp listening on http://127.0.0.1:<port>" once it accepts connections.
 import http from 'node:http';
 import { Provider } from 'oidc-provider';
@@ -31,7 +34,20 @@ const provider = new Provider(issuer, {
   cookies: { keys: ['portcullis-test-idp-cookies'] },
   features: {
     devInteractions: { enabled: false },
-    deviceFlow: { enabled: true },
+    deviceFlow: {
+      enabled: true,
+      // Plain pages that say what went wrong (the defaults hide it).
+      async userCodeInputSource(ctx, form, out, err) {
+        const why = err ? `<p id="error">${err.error || err.name}: ${err.error_description || err.message}</p>` : '';
+        ctx.body = `<!doctype html><title>Test IdP</title>${why}${form}`;
+      },
+      async userCodeConfirmSource(ctx, form, client, deviceInfo, userCode) {
+        ctx.body = `<!doctype html><title>Test IdP</title><p>Sign in ${client.clientId} with ${userCode}?</p>${form}`;
+      },
+      async successSource(ctx) {
+        ctx.body = '<!doctype html><title>Test IdP</title><p id="done">Signed in; return to your device.</p>';
+      },
+    },
     clientCredentials: { enabled: true },
     introspection: { enabled: true },
     revocation: { enabled: true },
@@ -99,8 +115,27 @@ async function interaction(req, res, uid, action) {
   return page(res, 404, 'not found');
 }
 
+async function changeUsers(req, res) {
+  let data = '';
+  for await (const c of req) data += c;
+  for (const [name, u] of Object.entries(JSON.parse(data))) {
+    if (u === null) delete users[name];
+    else users[name] = u;
+  }
+  res.writeHead(204);
+  res.end();
+}
+
 const callback = provider.callback();
 const server = http.createServer(async (req, res) => {
+  if (req.method === 'POST' && req.url === '/test/users') {
+    try {
+      await changeUsers(req, res);
+    } catch (e) {
+      page(res, 400, `bad users: ${e.message}`);
+    }
+    return;
+  }
   const m = req.url.match(/^\/interaction\/([^/?]+)(?:\/([a-z]+))?/);
   if (m) {
     try {
