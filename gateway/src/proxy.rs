@@ -516,6 +516,24 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// An HTTP/2 client may end its body with an empty DATA frame. Pingora 0.9 writes that
+    /// last empty piece to a chunked HTTP/1.1 upstream as a chunk of size 0 — the terminator —
+    /// and then terminates the body again; the five stray bytes reached storage as the start
+    /// of the next request on the pooled connection, which then failed with a bare 400. An
+    /// empty last piece is dropped here so only the one terminator is written.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if end_of_stream && body.as_ref().is_some_and(Bytes::is_empty) {
+            *body = None;
+        }
+        Ok(())
+    }
+
     fn response_body_filter(
         &self,
         _session: &mut Session,
