@@ -260,3 +260,76 @@ pub async fn device_login(
     ensure!(status == 200, "IdP resume: {status} {page}");
     Ok(())
 }
+
+/// The gateway's client secret at the test IdP.
+pub const CLIENT_SECRET: &str = "gateway-client-secret";
+
+/// A storage node, a gateway whose `[oidc]` (plus `extra_oidc` lines) points at a fresh IdP
+/// with `users`, and that IdP (client `portcullis` allowed the code, refresh and device
+/// grants). Groups kept: `^(team-|registry-)`.
+pub fn start_sso(
+    dir: &std::path::Path,
+    extra_oidc: &str,
+    users: &serde_json::Value,
+) -> anyhow::Result<(
+    crate::server::StorageServer,
+    crate::server::GatewayServer,
+    Idp,
+)> {
+    let storage = crate::deployment::storage_node(&dir.join("storage"))?;
+    let idp_port = crate::tools::free_port()?;
+    let table = format!(
+        r#"
+[oidc]
+issuer = "http://127.0.0.1:{idp_port}"
+client_id = "portcullis"
+scopes = ["openid", "profile", "groups", "offline_access"]
+groups_filter = "^(team-|registry-)"
+{extra_oidc}
+"#
+    );
+    let gateway = crate::deployment::start_gateway_with(
+        dir,
+        &[&storage],
+        &[],
+        4,
+        &table,
+        &[("PORTCULLIS_OIDC_CLIENT_SECRET", CLIENT_SECRET)],
+    )?;
+    let clients = serde_json::json!([{
+        "client_id": "portcullis",
+        "client_secret": CLIENT_SECRET,
+        "redirect_uris": [format!("{}/auth/oidc/callback", gateway.base)],
+        "grant_types": [
+            "authorization_code",
+            "refresh_token",
+            "urn:ietf:params:oauth:grant-type:device_code"
+        ],
+        "response_types": ["code"],
+    }]);
+    let idp = Idp::start(idp_port, &clients, users)?;
+    Ok((storage, gateway, idp))
+}
+
+/// A whole browser sign-in through the gateway: the refresh token shown on the last page.
+pub async fn sign_in(
+    http: &reqwest::Client,
+    gateway: &str,
+    idp: &Idp,
+    user: &str,
+    password: &str,
+    device: &str,
+) -> anyhow::Result<String> {
+    let login = browser_login(http, gateway, idp, user, password, device).await?;
+    let r = http
+        .get(&login.callback)
+        .header("cookie", login.gateway_cookies.header())
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "callback: {}", r.status());
+    let page = r.text().await?;
+    const PRE: &str = "<pre id=\"refresh-token\">";
+    let start = page.find(PRE).context("no token on the page")? + PRE.len();
+    let end = start + page[start..].find("</pre>").context("unterminated token")?;
+    Ok(page[start..end].to_string())
+}

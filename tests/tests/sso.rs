@@ -6,10 +6,9 @@ use portcullis_tests::client::{Client, TokenAuth, https};
 use portcullis_tests::deployment::{self, SERVICE, storage_node};
 use portcullis_tests::oidc::{Idp, Login, browser_login};
 use portcullis_tests::server::{GatewayServer, StorageServer};
-use portcullis_tests::tools::{Containers, cert_dir, free_port};
+use portcullis_tests::tools::{Containers, cert_dir};
 use serde_json::{Value, json};
 
-const CLIENT_SECRET: &str = "gateway-client-secret";
 const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 struct Sso {
@@ -28,41 +27,13 @@ fn start() -> Sso {
 /// [`start`] with more lines in the gateway's `[oidc]` table.
 fn start_with(extra_oidc: &str) -> Sso {
     let dir = tempfile::tempdir().unwrap();
-    let storage = storage_node(&dir.path().join("storage")).unwrap();
-    let idp_port = free_port().unwrap();
-    let issuer = format!("http://127.0.0.1:{idp_port}");
-    let table = format!(
-        r#"
-[oidc]
-issuer = "{issuer}"
-client_id = "portcullis"
-scopes = ["openid", "profile", "groups", "offline_access"]
-groups_filter = "^(team-|registry-)"
-{extra_oidc}
-"#
-    );
-    let gateway = deployment::start_gateway_with(
-        dir.path(),
-        &[&storage],
-        &[],
-        4,
-        &table,
-        &[("PORTCULLIS_OIDC_CLIENT_SECRET", CLIENT_SECRET)],
-    )
-    .unwrap();
-    let clients = json!([{
-        "client_id": "portcullis",
-        "client_secret": CLIENT_SECRET,
-        "redirect_uris": [format!("{}/auth/oidc/callback", gateway.base)],
-        "grant_types": ["authorization_code", "refresh_token", DEVICE_GRANT],
-        "response_types": ["code"],
-    }]);
     let users = json!({
         "bob": {"password": "bob-idp-pw", "groups": ["team-a", "all-staff"]},
         "carol": {"password": "carol-idp-pw", "groups": []},
         "alice": {"password": "alice-idp-pw", "groups": ["registry-admins"]},
     });
-    let idp = Idp::start(idp_port, &clients, &users).unwrap();
+    let (storage, gateway, idp) =
+        portcullis_tests::oidc::start_sso(dir.path(), extra_oidc, &users).unwrap();
     Sso {
         gateway,
         idp,
@@ -83,19 +54,16 @@ async fn sign_in(s: &Sso, user: &str, pw: &str) -> String {
 
 /// [`sign_in`] naming the device.
 async fn sign_in_device(s: &Sso, user: &str, pw: &str, device: &str) -> String {
-    let http = browser(&s.gateway);
-    let login = browser_login(&http, &s.gateway.base, &s.idp, user, pw, device)
-        .await
-        .unwrap();
-    let r = callback(&http, &login, true).await;
-    assert_eq!(r.status(), 200);
-    let page = r.text().await.unwrap();
-    let start = page
-        .find("<pre id=\"refresh-token\">")
-        .expect("token on the page")
-        + 24;
-    let end = start + page[start..].find("</pre>").unwrap();
-    page[start..end].to_string()
+    portcullis_tests::oidc::sign_in(
+        &browser(&s.gateway),
+        &s.gateway.base,
+        &s.idp,
+        user,
+        pw,
+        device,
+    )
+    .await
+    .unwrap()
 }
 
 /// The browser arriving at the gateway's callback, with the gateway's cookies or not.

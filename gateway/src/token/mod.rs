@@ -334,7 +334,7 @@ impl TokenService {
         let client_id = param("client_id").unwrap_or("unknown");
         let offline = offline && identity.kind != SubjectKind::Anonymous;
         let session = offline.then(|| Session::new(&identity, "password", client_id, unix_now()));
-        self.issue(&identity, &scopes, session.as_ref(), false)
+        self.issue(&identity, &scopes, Refresh::open(session.as_ref()), false)
             .await
     }
 
@@ -389,7 +389,8 @@ impl TokenService {
                     Ok(id) => {
                         let session =
                             offline.then(|| Session::new(&id, "password", client_id, unix_now()));
-                        self.issue(&id, &scopes, session.as_ref(), true).await
+                        self.issue(&id, &scopes, Refresh::open(session.as_ref()), true)
+                            .await
                     }
                     Err(r) if r.status == 401 => {
                         Reply::oauth_error(400, "invalid_grant", "invalid username or password")
@@ -402,17 +403,8 @@ impl TokenService {
                     return Reply::oauth_error(400, "invalid_request", "refresh_token is required");
                 };
                 match self.redeem(rt).await {
-                    Ok(Some(id)) => {
-                        let mut r = self.issue(&id, &scopes, None, true).await;
-                        // The same refresh token stays valid; say so, as clients store it.
-                        if r.status == 200
-                            && let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&r.body)
-                        {
-                            v["refresh_token"] = json!(rt);
-                            r.body = v.to_string();
-                        }
-                        r
-                    }
+                    // The same refresh token stays valid; say so, as clients store it.
+                    Ok(Some(id)) => self.issue(&id, &scopes, Refresh::Keep(rt), true).await,
                     Ok(None) => Reply::oauth_error(
                         400,
                         "invalid_grant",
@@ -455,7 +447,7 @@ impl TokenService {
                 let mut session = Session::new(&signed_in.identity, "device", &device, now);
                 session.idp_refresh = signed_in.idp_refresh;
                 tracing::info!(subject = %signed_in.identity.subject, device = %session.device, "device signed in");
-                self.issue(&signed_in.identity, scopes, Some(&session), true)
+                self.issue(&signed_in.identity, scopes, Refresh::Open(&session), true)
                     .await
             }
             DevicePoll::Pending(e) => Reply::oauth_error(
@@ -483,12 +475,12 @@ impl TokenService {
         }
     }
 
-    /// An access token for `id` and `scopes`; with `session`, a refresh token opening it.
+    /// An access token for `id` and `scopes`, and the refresh token `refresh` says.
     async fn issue(
         &self,
         id: &Identity,
         scopes: &[Scope],
-        session: Option<&Session>,
+        refresh: Refresh<'_>,
         oauth: bool,
     ) -> Reply {
         let now = unix_now();
@@ -537,13 +529,30 @@ impl TokenService {
         } else {
             body["token"] = json!(token);
         }
-        if let Some(session) = session {
-            match self.open_session(session).await {
+        match refresh {
+            Refresh::None => {}
+            Refresh::Keep(t) => body["refresh_token"] = json!(t),
+            Refresh::Open(session) => match self.open_session(session).await {
                 Ok(t) => body["refresh_token"] = json!(t),
                 Err(r) => return r,
-            }
+            },
         }
         Reply::json(200, body)
+    }
+}
+
+/// The refresh token of a token answer.
+enum Refresh<'a> {
+    None,
+    /// The one the client traded (it stays valid).
+    Keep(&'a str),
+    /// A new one, opening this session.
+    Open(&'a Session),
+}
+
+impl<'a> Refresh<'a> {
+    fn open(session: Option<&'a Session>) -> Self {
+        session.map_or(Refresh::None, Refresh::Open)
     }
 }
 
