@@ -23,6 +23,8 @@ pub const LOGIN_PATH: &str = "/auth/oidc/login";
 pub const CALLBACK_PATH: &str = "/auth/oidc/callback";
 /// RFC 8628 device authorization endpoint (`POST`, form `client_id`, optional `device`).
 pub const DEVICE_PATH: &str = "/auth/oidc/device";
+/// Where the user enters a device's code when the IdP has no device flow of its own.
+pub const VERIFY_PATH: &str = "/auth/oidc/device/verify";
 /// The device-code grant polled at `POST /token`.
 pub const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// Environment variable with the client secret (when no file is named).
@@ -110,15 +112,92 @@ struct Flow {
     binding: String,
     redirect_uri: String,
     device: String,
+    /// Set when this login approves a device flow of the gateway's own (key of its record).
+    #[serde(default)]
+    device_key: Option<String>,
 }
 
-/// A device flow in progress: our device code (hashed, as the key) stands for the IdP's.
+/// A device flow in progress, under the SHA-256 of our device code. Backed by the IdP's
+/// (`idp_device_code`), or by the gateway's own browser login when the IdP has no device
+/// endpoint: then the user enters `user_code` at [`VERIFY_PATH`] and the login's callback
+/// fills in `approved`.
 #[derive(Serialize, Deserialize)]
 struct DeviceFlow {
-    idp_device_code: String,
+    #[serde(default)]
+    idp_device_code: Option<String>,
     device: String,
     expires_at: i64,
+    #[serde(default)]
+    approved: Option<Approved>,
 }
+
+/// Who approved a device flow of the gateway's own.
+#[derive(Serialize, Deserialize)]
+struct Approved {
+    subject: String,
+    groups: Vec<String>,
+    idp_refresh: Option<String>,
+}
+
+/// RFC 8628 §6.1: letters without vowels (no words), no look-alikes.
+const USER_CODE_ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
+
+/// A user code `XXXX-XXXX` (20⁸ ≈ 2.6·10¹⁰ of them).
+fn user_code() -> String {
+    let mut out = String::new();
+    while out.len() < 9 {
+        let mut b = [0u8; 16];
+        openssl::rand::rand_bytes(&mut b).expect("the OS random generator works");
+        // Rejection sampling: 240 = 12 × 20, so every letter is equally likely.
+        for x in b.into_iter().filter(|x| *x < 240) {
+            if out.len() == 4 {
+                out.push('-');
+            }
+            if out.len() < 9 {
+                out.push(USER_CODE_ALPHABET[(x % 20) as usize] as char);
+            }
+        }
+    }
+    out
+}
+
+/// What a user typed, as stored: letters of the alphabet only, upper case.
+fn normalize_user_code(s: &str) -> String {
+    s.chars()
+        .map(|c| c.to_ascii_uppercase())
+        .filter(|c| c.is_ascii() && USER_CODE_ALPHABET.contains(&(*c as u8)))
+        .take(16)
+        .collect()
+}
+
+/// An HTML page for the browser: status, body, extra headers.
+pub struct Page {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Page {
+    fn html(status: u16, title: &str, body: &str) -> Self {
+        Page {
+            status,
+            body: format!(
+                "<!doctype html><meta charset=\"utf-8\"><title>Portcullis: {}</title>\n{body}\n",
+                esc(title)
+            ),
+            headers: vec![("cache-control", "no-store".into())],
+        }
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const DEVICE_COOKIE: &str = "portcullis_device";
 
 /// What polling a device code produced (RFC 8628 §3.5).
 pub enum DevicePoll {
@@ -149,6 +228,8 @@ pub enum Reread {
 
 /// What the callback produced.
 pub enum Outcome {
+    /// A device flow was approved (the device's name): the device gets the session.
+    DeviceApproved(String),
     /// The user, and the device name they asked for.
     LoggedIn(SignedIn, String),
     /// A client mistake or a refused login: status and message for the page.
@@ -170,6 +251,15 @@ pub struct Oidc {
 fn sha256_b64(s: &str) -> String {
     use sha2::Digest as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+fn unavailable(e: &anyhow::Error) -> Page {
+    tracing::warn!(error = %format!("{e:#}"), "device sign-in: the identity provider or the state store is unavailable");
+    Page::html(
+        503,
+        "unavailable",
+        "<p>The identity provider is unavailable, try again later.</p>",
+    )
 }
 
 /// A device name as kept: no control characters, at most 64 characters.
@@ -294,6 +384,16 @@ impl Oidc {
     /// Starts a login: the IdP URL to send the browser to and the `Set-Cookie` value binding
     /// the flow to this browser.
     pub async fn start(&self, host: &str, device: &str) -> anyhow::Result<(String, String)> {
+        self.start_login(host, device, None).await
+    }
+
+    /// [`Oidc::start`], approving the device flow under `device_key` when it succeeds.
+    async fn start_login(
+        &self,
+        host: &str,
+        device: &str,
+        device_key: Option<String>,
+    ) -> anyhow::Result<(String, String)> {
         let (d, _) = self.provider(false).await?;
         let (state, nonce, verifier, binding) = (
             crate::token::random_token(32),
@@ -308,6 +408,7 @@ impl Oidc {
             binding: sha256_b64(&binding),
             redirect_uri: redirect_uri.clone(),
             device: clean_device(device),
+            device_key,
         };
         let ttl = Duration::from_secs(self.cfg.flow_ttl_seconds);
         self.state
@@ -347,10 +448,14 @@ impl Oidc {
     /// Starts a device flow at the IdP's device authorization endpoint; the answer for the
     /// client (RFC 8628 §3.2) carries our own device code, so the IdP's never leaves the
     /// gateway. `Ok(None)`: the IdP has no device endpoint.
-    pub async fn device_start(&self, device: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    pub async fn device_start(
+        &self,
+        host: &str,
+        device: &str,
+    ) -> anyhow::Result<serde_json::Value> {
         let (d, _) = self.provider(false).await?;
         let Some(endpoint) = d.device_authorization_endpoint else {
-            return Ok(None);
+            return self.device_start_here(host, device).await;
         };
         let scope = self.cfg.scopes.join(" ");
         let mut form = vec![("scope", scope.as_str())];
@@ -384,18 +489,12 @@ impl Oidc {
             .max(1);
         let ours = crate::token::random_token(32);
         let flow = DeviceFlow {
-            idp_device_code: idp_code.to_string(),
+            idp_device_code: Some(idp_code.to_string()),
             device: clean_device(device),
             expires_at: crate::token::unix_now() + expires_in as i64,
+            approved: None,
         };
-        // Kept an hour past expiry, so a late poll hears `expired_token`, not "unknown".
-        self.state
-            .set(
-                &format!("oidc:device:{}", sha256_b64(&ours)),
-                serde_json::to_vec(&flow)?,
-                Duration::from_secs(expires_in + 3600),
-            )
-            .await?;
+        self.save_device_flow(&sha256_b64(&ours), &flow).await?;
         let mut answer = serde_json::json!({
             "device_code": ours,
             "user_code": user_code,
@@ -406,7 +505,221 @@ impl Oidc {
         if let Some(complete) = body["verification_uri_complete"].as_str() {
             answer["verification_uri_complete"] = complete.into();
         }
-        Ok(Some(answer))
+        Ok(answer)
+    }
+
+    /// Kept an hour past expiry, so a late poll hears `expired_token`, not "unknown".
+    async fn save_device_flow(&self, key: &str, flow: &DeviceFlow) -> anyhow::Result<()> {
+        let ttl = (flow.expires_at - crate::token::unix_now()).max(0) as u64 + 3600;
+        self.state
+            .set(
+                &format!("oidc:device:{key}"),
+                serde_json::to_vec(flow)?,
+                Duration::from_secs(ttl),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A device flow of the gateway's own, for an IdP without one: the user enters the code
+    /// at [`VERIFY_PATH`] on this registry and signs in there with the browser login.
+    async fn device_start_here(
+        &self,
+        host: &str,
+        device: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let ours = crate::token::random_token(32);
+        let code = user_code();
+        let expires_in = self.cfg.flow_ttl_seconds.max(1);
+        let key = sha256_b64(&ours);
+        let flow = DeviceFlow {
+            idp_device_code: None,
+            device: clean_device(device),
+            expires_at: crate::token::unix_now() + expires_in as i64,
+            approved: None,
+        };
+        self.save_device_flow(&key, &flow).await?;
+        self.state
+            .set(
+                &format!("oidc:user-code:{}", normalize_user_code(&code)),
+                key.into_bytes(),
+                Duration::from_secs(expires_in),
+            )
+            .await?;
+        let uri = format!("https://{host}{VERIFY_PATH}");
+        Ok(serde_json::json!({
+            "device_code": ours,
+            "user_code": code,
+            "verification_uri": uri,
+            "verification_uri_complete": format!("{uri}?user_code={code}"),
+            "expires_in": expires_in,
+            "interval": 5,
+        }))
+    }
+
+    /// The device flow a user code names, if it is current: its key and record.
+    async fn by_user_code(&self, code: &str) -> anyhow::Result<Option<(String, DeviceFlow)>> {
+        let code = normalize_user_code(code);
+        if code.len() != 8 {
+            return Ok(None);
+        }
+        let Some(key) = self.state.get(&format!("oidc:user-code:{code}")).await? else {
+            return Ok(None);
+        };
+        let key = String::from_utf8(key).unwrap_or_default();
+        let Some(raw) = self.state.get(&format!("oidc:device:{key}")).await? else {
+            return Ok(None);
+        };
+        let flow: DeviceFlow = serde_json::from_slice(&raw)?;
+        if flow.approved.is_some() || crate::token::unix_now() >= flow.expires_at {
+            return Ok(None);
+        }
+        Ok(Some((key, flow)))
+    }
+
+    /// [`VERIFY_PATH`]: `GET` asks for the code; `GET ?user_code=` shows which device is
+    /// asking and a confirmation form bound to this browser by a `SameSite=Strict` cookie
+    /// (RFC 8628 §5.4: the user confirms, and no other site can confirm for them); `POST`
+    /// starts the browser login that approves it.
+    pub async fn verify_page(
+        &self,
+        host: &str,
+        method: &str,
+        query: &str,
+        body: &[u8],
+        cookies: Option<&str>,
+    ) -> Page {
+        let field = |src: &[u8], k: &str| {
+            form_urlencoded::parse(src)
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.into_owned())
+        };
+        let unknown = || {
+            Page::html(
+                400,
+                "unknown code",
+                "<p>That code is unknown, used or expired. Start again on the device.</p>",
+            )
+        };
+        match method {
+            "GET" => {
+                let Some(code) = field(query.as_bytes(), "user_code") else {
+                    return Page::html(
+                        200,
+                        "sign in a device",
+                        &format!(
+                            "<h1>Sign in a device</h1><form method=\"get\" action=\"{VERIFY_PATH}\">\
+                             <label>Code shown on the device <input name=\"user_code\" autofocus></label>\
+                             <button>Next</button></form>"
+                        ),
+                    );
+                };
+                let flow = match self.by_user_code(&code).await {
+                    Ok(Some((_, flow))) => flow,
+                    Ok(None) => return unknown(),
+                    Err(e) => return unavailable(&e),
+                };
+                let csrf = crate::token::random_token(24);
+                let mut page = Page::html(
+                    200,
+                    "sign in a device",
+                    &format!(
+                        "<h1>Sign in {device} to {host}?</h1>\
+                         <p>Only continue if you started this on a device of yours and it shows the code <b>{code}</b>.</p>\
+                         <form method=\"post\" action=\"{VERIFY_PATH}\">\
+                         <input type=\"hidden\" name=\"user_code\" value=\"{code}\">\
+                         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                         <button>Sign in</button></form>",
+                        device = esc(if flow.device.is_empty() {
+                            "a device"
+                        } else {
+                            &flow.device
+                        }),
+                        host = esc(host),
+                        code = esc(&code),
+                    ),
+                );
+                page.headers.push((
+                    "set-cookie",
+                    format!(
+                        "{DEVICE_COOKIE}={csrf}; Path={VERIFY_PATH}; Max-Age={}; HttpOnly; Secure; SameSite=Strict",
+                        self.cfg.flow_ttl_seconds
+                    ),
+                ));
+                page
+            }
+            "POST" => {
+                let (Some(code), Some(csrf)) = (field(body, "user_code"), field(body, "csrf"))
+                else {
+                    return Page::html(
+                        400,
+                        "bad request",
+                        "<p>user_code and csrf are required.</p>",
+                    );
+                };
+                let bound = cookie(cookies, DEVICE_COOKIE).is_some_and(|c| {
+                    c.len() == csrf.len() && openssl::memcmp::eq(c.as_bytes(), csrf.as_bytes())
+                });
+                if !bound {
+                    return Page::html(
+                        400,
+                        "not confirmed here",
+                        "<p>This confirmation did not come from the page this browser was shown. Open the address the device shows and try again.</p>",
+                    );
+                }
+                let (key, flow) = match self.by_user_code(&code).await {
+                    Ok(Some(found)) => found,
+                    Ok(None) => return unknown(),
+                    Err(e) => return unavailable(&e),
+                };
+                match self.start_login(host, &flow.device, Some(key)).await {
+                    Ok((location, login_cookie)) => Page {
+                        status: 302,
+                        body: String::new(),
+                        headers: vec![
+                            ("location", location),
+                            ("set-cookie", login_cookie),
+                            ("cache-control", "no-store".into()),
+                        ],
+                    },
+                    Err(e) => unavailable(&e),
+                }
+            }
+            _ => Page::html(405, "method not allowed", "<p>Use GET or POST.</p>"),
+        }
+    }
+
+    /// The callback of a login that approves a device flow: records who signed in, so the
+    /// device's next poll gets the session; the user code is spent.
+    async fn approve(&self, key: &str, signed_in: SignedIn, device: String) -> Outcome {
+        let raw = match self.state.get(&format!("oidc:device:{key}")).await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return Outcome::Refused(400, "the device sign-in has expired".into()),
+            Err(e) => return Outcome::Unavailable(e.to_string()),
+        };
+        let Ok(mut flow) = serde_json::from_slice::<DeviceFlow>(&raw) else {
+            return Outcome::Refused(400, "unknown device sign-in".into());
+        };
+        if flow.approved.is_some() || crate::token::unix_now() >= flow.expires_at {
+            return Outcome::Refused(400, "the device sign-in has expired or is done".into());
+        }
+        flow.approved = Some(Approved {
+            subject: signed_in.identity.subject,
+            groups: signed_in.identity.groups,
+            idp_refresh: signed_in.idp_refresh,
+        });
+        if let Err(e) = self.save_device_flow(key, &flow).await {
+            return Outcome::Unavailable(format!("{e:#}"));
+        }
+        // Spend the user code (its flow is approved either way).
+        if let Ok(list) = self.state.scan("oidc:user-code:").await {
+            for (k, v) in list {
+                if v == key.as_bytes() {
+                    let _ = self.state.delete(&k).await;
+                }
+            }
+        }
+        Outcome::DeviceApproved(device)
     }
 
     /// One poll of a device code: asks the IdP whether the user has finished.
@@ -423,10 +736,26 @@ impl Oidc {
         if crate::token::unix_now() >= flow.expires_at {
             return DevicePoll::Expired;
         }
-        let form = [
-            ("grant_type", DEVICE_GRANT),
-            ("device_code", flow.idp_device_code.as_str()),
-        ];
+        let Some(idp_code) = flow.idp_device_code.as_deref() else {
+            // The gateway's own flow: approved by a browser login, or not yet.
+            let Some(a) = flow.approved else {
+                return DevicePoll::Pending("authorization_pending".into());
+            };
+            if let Err(e) = self.state.delete(&key).await {
+                return DevicePoll::Unavailable(e.to_string());
+            }
+            let identity = Identity {
+                subject: a.subject,
+                groups: a.groups,
+                kind: SubjectKind::User,
+            };
+            let signed_in = SignedIn {
+                identity,
+                idp_refresh: a.idp_refresh,
+            };
+            return DevicePoll::Done(signed_in, flow.device);
+        };
+        let form = [("grant_type", DEVICE_GRANT), ("device_code", idp_code)];
         match self.token_call(&form).await {
             Ok(Ok(body)) => {
                 // Single use, whatever the ID token says.
@@ -491,6 +820,14 @@ impl Oidc {
             );
         }
         match self.exchange(code, &flow).await {
+            Ok(Ok(signed_in)) if flow.device_key.is_some() => {
+                self.approve(
+                    flow.device_key.as_deref().unwrap_or(""),
+                    signed_in,
+                    flow.device,
+                )
+                .await
+            }
             Ok(Ok(signed_in)) => Outcome::LoggedIn(signed_in, flow.device),
             Ok(Err(msg)) => Outcome::Refused(400, msg),
             Err(e) => Outcome::Unavailable(format!("{e:#}")),
@@ -681,14 +1018,21 @@ impl Oidc {
     }
 }
 
+/// The page shown when a login approved a device flow.
+pub fn device_approved_page(device: &str) -> String {
+    format!(
+        "<!doctype html><meta charset=\"utf-8\"><title>Portcullis: device signed in</title>\n\
+         <h1 id=\"device-approved\">{} is signed in</h1><p>You can close this page and return to it.</p>\n",
+        esc(if device.is_empty() {
+            "The device"
+        } else {
+            device
+        })
+    )
+}
+
 /// The page shown after a login: how to use the refresh token from the CLI.
 pub fn success_page(host: &str, id: &Identity, device: &str, refresh: &str) -> String {
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('"', "&quot;")
-    };
     format!(
         r#"<!doctype html><meta charset="utf-8"><title>Portcullis: signed in</title>
 <h1>Signed in as {user}</h1>
@@ -714,6 +1058,18 @@ podman login {host} -u '&lt;token&gt;' -p {refresh}</pre>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_codes_are_eight_letters_without_vowels() {
+        for _ in 0..100 {
+            let c = user_code();
+            assert_eq!(c.len(), 9, "{c}");
+            assert_eq!(&c[4..5], "-");
+            assert_eq!(normalize_user_code(&c).len(), 8);
+        }
+        assert_eq!(normalize_user_code(" bcdf-ghjk\n"), "BCDFGHJK");
+        assert_eq!(normalize_user_code("AEIOU"), "");
+    }
 
     #[test]
     fn cookies_are_found_by_name() {

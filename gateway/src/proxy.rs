@@ -138,14 +138,8 @@ impl Gateway {
             let body = Bytes::from_static(b"single sign-on is not configured on this registry");
             return respond(session, 404, "text/plain", body, &[]).await;
         };
+        let host = host_of(session);
         let req = session.req_header();
-        let host = req
-            .headers
-            .get("host")
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("localhost")
-            .to_string();
         let query = req.uri.query().unwrap_or("").to_string();
         let cookies = req
             .headers
@@ -175,7 +169,39 @@ impl Gateway {
                 }
             };
         }
+        if path == crate::oidc::VERIFY_PATH {
+            let method = req.method.as_str().to_owned();
+            let mut body = Vec::new();
+            if method == "POST" {
+                match read_small_body(session).await? {
+                    Some(b) => body = b,
+                    None => return body_too_large(session).await,
+                }
+            }
+            let page = oidc
+                .verify_page(&host, &method, &query, &body, cookies.as_deref())
+                .await;
+            return respond(
+                session,
+                page.status,
+                html,
+                Bytes::from(page.body),
+                &page.headers,
+            )
+            .await;
+        }
         match oidc.finish(&query, cookies.as_deref()).await {
+            crate::oidc::Outcome::DeviceApproved(device) => {
+                let page = crate::oidc::device_approved_page(&device);
+                respond(
+                    session,
+                    200,
+                    html,
+                    Bytes::from(page),
+                    &[("cache-control", "no-store".to_string())],
+                )
+                .await
+            }
             crate::oidc::Outcome::LoggedIn(signed_in, device) => {
                 let id = signed_in.identity;
                 let mut s = token::refresh::Session::new(&id, "oidc", &device, token::unix_now());
@@ -237,13 +263,8 @@ impl Gateway {
                 "unsupported_grant_type",
                 "single sign-on is not configured on this registry",
             ),
-            Some(oidc) => match oidc.device_start(&device).await {
-                Ok(Some(v)) => token::Reply::json(200, v),
-                Ok(None) => token::Reply::oauth_error(
-                    400,
-                    "unsupported_grant_type",
-                    "the identity provider offers no device authorization",
-                ),
+            Some(oidc) => match oidc.device_start(&host_of(session), &device).await {
+                Ok(v) => token::Reply::json(200, v),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "starting a device flow failed");
                     token::Reply::oauth_error(
@@ -288,6 +309,17 @@ impl Gateway {
             .inc();
         send_reply(session, reply).await
     }
+}
+
+/// The `Host` the client used (for URLs shown back to it).
+fn host_of(session: &Session) -> String {
+    let req = session.req_header();
+    req.headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("localhost")
+        .to_string()
 }
 
 /// A token-service answer: JSON, never cached.
@@ -362,7 +394,10 @@ impl ProxyHttp for Gateway {
             ctx.route = "oidc";
             return self.device_endpoint(session).await;
         }
-        if path == crate::oidc::LOGIN_PATH || path == crate::oidc::CALLBACK_PATH {
+        if path == crate::oidc::LOGIN_PATH
+            || path == crate::oidc::CALLBACK_PATH
+            || path == crate::oidc::VERIFY_PATH
+        {
             ctx.route = "oidc";
             return self.oidc_endpoint(session, &path).await;
         }

@@ -21,6 +21,16 @@ impl Idp {
         clients: &serde_json::Value,
         users: &serde_json::Value,
     ) -> anyhow::Result<Self> {
+        Self::start_with_env(port, clients, users, &[])
+    }
+
+    /// [`Idp::start`] with more environment for `idp.mjs` (e.g. `IDP_NO_DEVICE_FLOW=1`).
+    pub fn start_with_env(
+        port: u16,
+        clients: &serde_json::Value,
+        users: &serde_json::Value,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = crate::server::workspace_root().join("tests/services/oidc");
         ensure!(
             dir.join("node_modules/oidc-provider").exists(),
@@ -32,6 +42,7 @@ impl Idp {
             .env("IDP_PORT", port.to_string())
             .env("IDP_CLIENTS", clients.to_string())
             .env("IDP_USERS", users.to_string())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -126,7 +137,6 @@ pub async fn browser_login(
     device: &str,
 ) -> anyhow::Result<Login> {
     let mut gw = Jar::default();
-    let mut site = Jar::default();
     let r = http
         .get(format!("{gateway}/auth/oidc/login"))
         .query(&[("device", device)])
@@ -134,7 +144,23 @@ pub async fn browser_login(
         .await?;
     ensure!(r.status() == 302, "login: {}", r.status());
     gw.take(&r);
-    let mut url = location(&r, gateway)?;
+    through_idp(http, gateway, idp, &r, gw, user, password).await
+}
+
+/// The rest of a browser login from the gateway's redirect `r` to the IdP: the IdP's login
+/// form, and back to the gateway's callback (not called). `gw`: the gateway's cookies so far.
+pub async fn through_idp(
+    http: &reqwest::Client,
+    gateway: &str,
+    idp: &Idp,
+    r: &reqwest::Response,
+    mut gw: Jar,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<Login> {
+    let mut site = Jar::default();
+    gw.take(r);
+    let mut url = location(r, gateway)?;
     // IdP: /auth → /interaction/<uid>
     let r = http.get(&url).send().await?;
     site.take(&r);
@@ -276,6 +302,20 @@ pub fn start_sso(
     crate::server::GatewayServer,
     Idp,
 )> {
+    start_sso_with(dir, extra_oidc, users, &[])
+}
+
+/// [`start_sso`] with more environment for the IdP.
+pub fn start_sso_with(
+    dir: &std::path::Path,
+    extra_oidc: &str,
+    users: &serde_json::Value,
+    idp_env: &[(&str, &str)],
+) -> anyhow::Result<(
+    crate::server::StorageServer,
+    crate::server::GatewayServer,
+    Idp,
+)> {
     let storage = crate::deployment::storage_node(&dir.join("storage"))?;
     let idp_port = crate::tools::free_port()?;
     let table = format!(
@@ -296,18 +336,18 @@ groups_filter = "^(team-|registry-)"
         &table,
         &[("PORTCULLIS_OIDC_CLIENT_SECRET", CLIENT_SECRET)],
     )?;
+    let mut grants = vec!["authorization_code", "refresh_token"];
+    if !idp_env.iter().any(|(k, _)| *k == "IDP_NO_DEVICE_FLOW") {
+        grants.push("urn:ietf:params:oauth:grant-type:device_code");
+    }
     let clients = serde_json::json!([{
         "client_id": "portcullis",
         "client_secret": CLIENT_SECRET,
         "redirect_uris": [format!("{}/auth/oidc/callback", gateway.base)],
-        "grant_types": [
-            "authorization_code",
-            "refresh_token",
-            "urn:ietf:params:oauth:grant-type:device_code"
-        ],
+        "grant_types": grants,
         "response_types": ["code"],
     }]);
-    let idp = Idp::start(idp_port, &clients, users)?;
+    let idp = Idp::start_with_env(idp_port, &clients, users, idp_env)?;
     Ok((storage, gateway, idp))
 }
 

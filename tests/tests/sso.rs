@@ -789,3 +789,106 @@ fn the_helper_runs_the_device_flow_then_podman_and_docker_push_without_a_passwor
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_device_flow_at_the_idp_the_gateway_runs_its_own_with_the_browser_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = json!({"bob": {"password": "bob-idp-pw", "groups": ["team-a"]}});
+    let (_storage, g, idp) = portcullis_tests::oidc::start_sso_with(
+        dir.path(),
+        "",
+        &users,
+        &[("IDP_NO_DEVICE_FLOW", "1")],
+    )
+    .unwrap();
+    let http = browser(&g);
+    let start = device_start(&g).await;
+    let verify = format!("{}/auth/oidc/device/verify", g.base);
+    assert_eq!(start["verification_uri"], verify.as_str(), "{start}");
+    let code = start["user_code"].as_str().unwrap().to_string();
+    assert_eq!(code.len(), 9, "{code}");
+    let device_code = start["device_code"].as_str().unwrap().to_string();
+    assert_eq!(
+        device_poll(&g, &device_code).await.1["error"],
+        "authorization_pending"
+    );
+
+    // The page names the device and binds its confirmation to this browser.
+    let r = http
+        .get(start["verification_uri_complete"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut jar = portcullis_tests::oidc::Jar::default();
+    jar.take(&r);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("build-box"), "{page}");
+    let at = page.find("name=\"csrf\" value=\"").unwrap() + 19;
+    let csrf = page[at..at + page[at..].find('"').unwrap()].to_string();
+
+    // A confirmation from elsewhere (no cookie: another site's form) is refused; so is a
+    // code nobody was given.
+    let r = http
+        .post(&verify)
+        .form(&[("user_code", code.as_str()), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .get(format!("{verify}?user_code=BCDF-GHJK"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // Confirmed here: the browser login at the IdP, whose callback approves the device.
+    let r = http
+        .post(&verify)
+        .header("cookie", jar.header())
+        .form(&[("user_code", code.as_str()), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let login = portcullis_tests::oidc::through_idp(
+        &http,
+        &g.base,
+        &idp,
+        &r,
+        Default::default(),
+        "bob",
+        "bob-idp-pw",
+    )
+    .await
+    .unwrap();
+    let r = callback(&http, &login, true).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("device-approved"));
+
+    let (status, v) = device_poll(&g, &device_code).await;
+    assert_eq!(status, 200, "{v}");
+    let refresh = v["refresh_token"].as_str().unwrap();
+    let (status, v) = refresh_grant(&g, refresh, "repository:team-a/app:push").await;
+    assert_eq!(status, 200, "{v}");
+    let c = claims(v["access_token"].as_str().unwrap());
+    assert_eq!(
+        (c["sub"].as_str(), c["portcullis"]["groups"].clone()),
+        (Some("bob"), json!(["team-a"]))
+    );
+    let (_, v) = sessions_call(&g, reqwest::Method::GET, "/auth/sessions", refresh).await;
+    assert_eq!(v["sessions"][0]["source"], "device");
+
+    // Everything is spent: the device code, and the user code.
+    assert_eq!(
+        device_poll(&g, &device_code).await.1["error"],
+        "invalid_grant"
+    );
+    let r = http
+        .get(start["verification_uri_complete"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}

@@ -35,7 +35,8 @@ const provider = new Provider(issuer, {
   features: {
     devInteractions: { enabled: false },
     deviceFlow: {
-      enabled: true,
+      // IDP_NO_DEVICE_FLOW=1: an IdP without RFC 8628 (the gateway then runs its own).
+      enabled: !process.env.IDP_NO_DEVICE_FLOW,
       // Plain pages that say what went wrong (the defaults hide it).
       async userCodeInputSource(ctx, form, out, err) {
         const why = err ? `<p id="error">${err.error || err.name}: ${err.error_description || err.message}</p>` : '';
