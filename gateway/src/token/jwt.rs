@@ -166,7 +166,17 @@ impl Tokens {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(key.kid.clone());
         header.typ = Some("JWT".into());
-        Ok(jsonwebtoken::encode(&header, claims, &key.encoding)?)
+        let b64 = |b: &[u8]| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+        };
+        let message = format!(
+            "{}.{}",
+            b64(&serde_json::to_vec(&header)?),
+            b64(&serde_json::to_vec(claims)?)
+        );
+        let signature = key.sign_es256(message.as_bytes())?;
+        Ok(format!("{message}.{}", b64(&signature)))
     }
 
     /// Verifies signature (ES256 only, key by `kid`), `exp`/`nbf` with leeway, `iss`, `aud`.

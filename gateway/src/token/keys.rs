@@ -15,6 +15,8 @@ use std::path::Path;
 /// One key: signs (if first) and verifies.
 pub struct SigningKey {
     pub kid: String,
+    /// The key pair, parsed once, for [`SigningKey::sign_es256`].
+    signer: ring::signature::EcdsaKeyPair,
     pub encoding: EncodingKey,
     pub decoding: DecodingKey,
     /// The public JWK, as published.
@@ -39,13 +41,29 @@ impl SigningKey {
         let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
         let kid = URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(canonical.as_bytes()));
         let pkcs8 = pkey.private_key_to_pem_pkcs8()?;
+        let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &pkey.private_key_to_pkcs8()?,
+            &ring::rand::SystemRandom::new(),
+        )
+        .map_err(|e| anyhow::anyhow!("loading the signing key: {e}"))?;
         Ok(SigningKey {
+            signer,
             encoding: EncodingKey::from_ec_pem(&pkcs8).context("loading the signing key")?,
             decoding: DecodingKey::from_ec_components(&x, &y)
                 .context("loading the verifying key")?,
             jwk: json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "use": "sig", "alg": "ES256"}),
             kid,
         })
+    }
+
+    /// The JWS ES256 signature of `message` (r ‖ s, 64 bytes, RFC 7518 §3.4).
+    pub fn sign_es256(&self, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let sig = self
+            .signer
+            .sign(&ring::rand::SystemRandom::new(), message)
+            .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+        Ok(sig.as_ref().to_vec())
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
