@@ -458,19 +458,10 @@ impl Oidc {
             return self.device_start_here(host, device).await;
         };
         let scope = self.cfg.scopes.join(" ");
-        let mut form = vec![("scope", scope.as_str())];
-        let mut req = self.http.post(&endpoint);
-        match &self.secret {
-            Some(s) => req = req.basic_auth(&self.cfg.client_id, Some(s)),
-            None => form.push(("client_id", self.cfg.client_id.as_str())),
-        }
-        let r = req
-            .form(&form)
-            .send()
+        let (status, body) = self
+            .client_post(&endpoint, &[("scope", scope.as_str())])
             .await
             .context("calling the IdP's device authorization endpoint")?;
-        let status = r.status();
-        let body: serde_json::Value = r.json().await.unwrap_or_default();
         let (Some(idp_code), Some(user_code), Some(uri), true) = (
             body["device_code"].as_str(),
             body["user_code"].as_str(),
@@ -834,6 +825,24 @@ impl Oidc {
         }
     }
 
+    /// A form POST to the IdP authenticated as this client (`client_secret_basic`, or
+    /// `client_id` in the form for a public client): status and JSON body (`null` if none).
+    async fn client_post(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+    ) -> reqwest::Result<(reqwest::StatusCode, serde_json::Value)> {
+        let mut form = form.to_vec();
+        let mut req = self.http.post(url);
+        match &self.secret {
+            Some(s) => req = req.basic_auth(&self.cfg.client_id, Some(s)),
+            None => form.push(("client_id", self.cfg.client_id.as_str())),
+        }
+        let r = req.form(&form).send().await?;
+        let status = r.status();
+        Ok((status, r.json().await.unwrap_or_default()))
+    }
+
     /// A call to the IdP's token endpoint with this client's credentials. Outer error: the
     /// IdP could not be reached or failed; inner: its OAuth error code and description.
     async fn token_call(
@@ -841,19 +850,10 @@ impl Oidc {
         form: &[(&str, &str)],
     ) -> anyhow::Result<Result<serde_json::Value, (String, String)>> {
         let (d, _) = self.provider(false).await?;
-        let mut form = form.to_vec();
-        let mut req = self.http.post(&d.token_endpoint);
-        match &self.secret {
-            Some(s) => req = req.basic_auth(&self.cfg.client_id, Some(s)),
-            None => form.push(("client_id", self.cfg.client_id.as_str())),
-        }
-        let r = req
-            .form(&form)
-            .send()
+        let (status, body) = self
+            .client_post(&d.token_endpoint, form)
             .await
             .context("calling the IdP's token endpoint")?;
-        let status = r.status();
-        let body: serde_json::Value = r.json().await.unwrap_or_default();
         if status.is_server_error() {
             bail!("the IdP's token endpoint answered {status}");
         }

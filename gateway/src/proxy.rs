@@ -79,6 +79,14 @@ async fn read_small_body(session: &mut Session) -> Result<Option<Vec<u8>>> {
     Ok(Some(body))
 }
 
+/// The body of a `POST` (empty for other methods); `None` if it exceeds [`MAX_TOKEN_BODY`].
+async fn post_body(session: &mut Session) -> Result<Option<Vec<u8>>> {
+    if session.req_header().method != http::Method::POST {
+        return Ok(Some(Vec::new()));
+    }
+    read_small_body(session).await
+}
+
 async fn body_too_large(session: &mut Session) -> Result<bool> {
     let body = br#"{"error":"invalid_request","error_description":"request body too large"}"#;
     respond(
@@ -171,13 +179,9 @@ impl Gateway {
         }
         if path == crate::oidc::VERIFY_PATH {
             let method = req.method.as_str().to_owned();
-            let mut body = Vec::new();
-            if method == "POST" {
-                match read_small_body(session).await? {
-                    Some(b) => body = b,
-                    None => return body_too_large(session).await,
-                }
-            }
+            let Some(body) = post_body(session).await? else {
+                return body_too_large(session).await;
+            };
             let page = oidc
                 .verify_page(&host, &method, &query, &body, cookies.as_deref())
                 .await;
@@ -192,15 +196,7 @@ impl Gateway {
         }
         match oidc.finish(&query, cookies.as_deref()).await {
             crate::oidc::Outcome::DeviceApproved(device) => {
-                let page = crate::oidc::device_approved_page(&device);
-                respond(
-                    session,
-                    200,
-                    html,
-                    Bytes::from(page),
-                    &[("cache-control", "no-store".to_string())],
-                )
-                .await
+                respond_page(session, crate::oidc::device_approved_page(&device)).await
             }
             crate::oidc::Outcome::LoggedIn(signed_in, device) => {
                 let id = signed_in.identity;
@@ -210,13 +206,9 @@ impl Gateway {
                     Ok(t) => t,
                     Err(r) => return send_reply(session, r).await,
                 };
-                let page = crate::oidc::success_page(&host, &id, &device, &refresh);
-                respond(
+                respond_page(
                     session,
-                    200,
-                    html,
-                    Bytes::from(page),
-                    &[("cache-control", "no-store".to_string())],
+                    crate::oidc::success_page(&host, &id, &device, &refresh),
                 )
                 .await
             }
@@ -287,13 +279,9 @@ impl Gateway {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let mut body = Vec::new();
-        if method == "POST" {
-            match read_small_body(session).await? {
-                Some(b) => body = b,
-                None => return body_too_large(session).await,
-            }
-        }
+        let Some(body) = post_body(session).await? else {
+            return body_too_large(session).await;
+        };
         let reply = self
             .tokens
             .handle(&token::Request {
@@ -309,6 +297,13 @@ impl Gateway {
             .inc();
         send_reply(session, reply).await
     }
+}
+
+/// A 200 HTML page that must not be cached (it may hold a token).
+async fn respond_page(session: &mut Session, page: String) -> Result<bool> {
+    let html = "text/html; charset=utf-8";
+    let no_store = [("cache-control", "no-store".to_string())];
+    respond(session, 200, html, Bytes::from(page), &no_store).await
 }
 
 /// The `Host` the client used (for URLs shown back to it).

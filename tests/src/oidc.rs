@@ -118,6 +118,39 @@ fn location(r: &reqwest::Response, base: &str) -> anyhow::Result<String> {
     })
 }
 
+/// The IdP's login form at `interaction` filled in, then the resumed authorization it
+/// redirects to: that last answer (its cookies taken into `site`).
+async fn login_form(
+    http: &reqwest::Client,
+    idp: &Idp,
+    interaction: &str,
+    site: &mut Jar,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<reqwest::Response> {
+    let r = http
+        .post(format!("{interaction}/login"))
+        .header("cookie", site.header())
+        .form(&[("username", user), ("password", password)])
+        .send()
+        .await?;
+    site.take(&r);
+    ensure!(
+        r.status().is_redirection(),
+        "IdP login: {} {}",
+        r.status(),
+        r.text().await.unwrap_or_default()
+    );
+    let resume = location(&r, &idp.issuer)?;
+    let r = http
+        .get(&resume)
+        .header("cookie", site.header())
+        .send()
+        .await?;
+    site.take(&r);
+    Ok(r)
+}
+
 /// What a browser login through the gateway ended with.
 pub struct Login {
     /// The gateway's callback URL the IdP sent the browser to.
@@ -160,34 +193,14 @@ pub async fn through_idp(
 ) -> anyhow::Result<Login> {
     let mut site = Jar::default();
     gw.take(r);
-    let mut url = location(r, gateway)?;
+    let url = location(r, gateway)?;
     // IdP: /auth → /interaction/<uid>
     let r = http.get(&url).send().await?;
     site.take(&r);
     ensure!(r.status().is_redirection(), "IdP /auth: {}", r.status());
-    url = location(&r, &idp.issuer)?;
-    let interaction = url.clone();
-    let r = http
-        .post(format!("{interaction}/login"))
-        .header("cookie", site.header())
-        .form(&[("username", user), ("password", password)])
-        .send()
-        .await?;
-    site.take(&r);
-    ensure!(
-        r.status().is_redirection(),
-        "IdP login: {} {}",
-        r.status(),
-        r.text().await.unwrap_or_default()
-    );
-    url = location(&r, &idp.issuer)?;
-    // Resume the authorization, which sends the browser back to the gateway.
-    let r = http
-        .get(&url)
-        .header("cookie", site.header())
-        .send()
-        .await?;
-    site.take(&r);
+    let url = location(&r, &idp.issuer)?;
+    // Resuming the authorization sends the browser back to the gateway.
+    let r = login_form(http, idp, &url, &mut site, user, password).await?;
     ensure!(r.status().is_redirection(), "IdP resume: {}", r.status());
     let callback = location(&r, &idp.issuer)?;
     ensure!(
@@ -213,14 +226,14 @@ impl Idp {
     }
 }
 
-/// The value of the hidden `xsrf` field of one of the IdP's device forms.
-fn xsrf(page: &str) -> anyhow::Result<String> {
-    const FIELD: &str = "name=\"xsrf\" value=\"";
+/// The value of the form field `name` (`name="…" value="…"`) on an HTML page.
+pub fn field_value(page: &str, name: &str) -> anyhow::Result<String> {
+    let needle = format!("name=\"{name}\" value=\"");
     let at = page
-        .find(FIELD)
-        .context("no xsrf field on the device page")?
-        + FIELD.len();
-    let end = at + page[at..].find('"').context("unterminated xsrf value")?;
+        .find(&needle)
+        .with_context(|| format!("no {name} field on the page"))?
+        + needle.len();
+    let end = at + page[at..].find('"').context("unterminated value")?;
     Ok(page[at..end].to_string())
 }
 
@@ -238,7 +251,7 @@ pub async fn device_login(
     let r = http.get(&device).send().await?;
     site.take(&r);
     ensure!(r.status() == 200, "IdP /device: {}", r.status());
-    let token = xsrf(&r.text().await?)?;
+    let token = field_value(&r.text().await?, "xsrf")?;
     let r = http
         .post(&device)
         .header("cookie", site.header())
@@ -247,7 +260,7 @@ pub async fn device_login(
         .await?;
     site.take(&r);
     let page = r.text().await?;
-    let token = xsrf(&page).with_context(|| format!("after the code: {page}"))?;
+    let token = field_value(&page, "xsrf").with_context(|| format!("after the code: {page}"))?;
     let r = http
         .post(&device)
         .header("cookie", site.header())
@@ -267,20 +280,7 @@ pub async fn device_login(
         );
     }
     let interaction = location(&r, &idp.issuer)?;
-    let r = http
-        .post(format!("{interaction}/login"))
-        .header("cookie", site.header())
-        .form(&[("username", user), ("password", password)])
-        .send()
-        .await?;
-    site.take(&r);
-    ensure!(r.status().is_redirection(), "IdP login: {}", r.status());
-    let resume = location(&r, &idp.issuer)?;
-    let r = http
-        .get(&resume)
-        .header("cookie", site.header())
-        .send()
-        .await?;
+    let r = login_form(http, idp, &interaction, &mut site, user, password).await?;
     let status = r.status();
     let page = r.text().await.unwrap_or_default();
     ensure!(status == 200, "IdP resume: {status} {page}");

@@ -824,8 +824,7 @@ async fn without_a_device_flow_at_the_idp_the_gateway_runs_its_own_with_the_brow
     jar.take(&r);
     let page = r.text().await.unwrap();
     assert!(page.contains("build-box"), "{page}");
-    let at = page.find("name=\"csrf\" value=\"").unwrap() + 19;
-    let csrf = page[at..at + page[at..].find('"').unwrap()].to_string();
+    let csrf = portcullis_tests::oidc::field_value(&page, "csrf").unwrap();
 
     // A confirmation from elsewhere (no cookie: another site's form) is refused; so is a
     // code nobody was given.
