@@ -209,7 +209,7 @@ async fn a_browser_login_gives_a_refresh_token_whose_groups_drive_policy() {
 }
 
 #[test]
-fn podman_logs_in_and_pushes_with_the_refresh_token() -> anyhow::Result<()> {
+fn podman_skopeo_and_docker_log_in_and_push_with_the_refresh_token() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let s = start();
     let refresh = rt.block_on(sign_in(&s, "bob", "bob-idp-pw"));
@@ -239,6 +239,43 @@ fn podman_logs_in_and_pushes_with_the_refresh_token() -> anyhow::Result<()> {
         ],
     );
     anyhow::ensure!(pushed_elsewhere.is_err(), "bob pushed to team-b");
+    // skopeo uses the same stored login.
+    let inspected = ctr.run(
+        "skopeo",
+        &[
+            "inspect",
+            "--cert-dir",
+            &certs,
+            &format!("docker://{}/team-a/sso:v1", g.host),
+        ],
+    )?;
+    anyhow::ensure!(inspected.contains("\"Digest\""), "{inspected}");
+
+    // docker login -u '<token>' with the same token, then docker push (dockerd).
+    let _trust = portcullis_tests::tools::DockerTrust::install(&g.host, &g.ca_pem)?;
+    let dk = portcullis_tests::tools::Dockerd::start()?;
+    let image = format!("{}/team-a/sso:docker", g.host);
+    let id = dk.build_busybox(&image)?;
+    let mut login = dk.cmd();
+    login
+        .args(["login", &g.host, "-u", "<token>", "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = login.spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), refresh.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "docker login: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pushed = dk.run(&["push", &image])?;
+    anyhow::ensure!(pushed.contains("digest: sha256:"), "{pushed}");
+    dk.run(&["rmi", &image])?;
+    dk.run(&["pull", &image])?;
+    let pulled = dk.run(&["image", "inspect", "--format", "{{.Id}}", &image])?;
+    anyhow::ensure!(pulled.trim() == id, "pulled {pulled}, pushed {id}");
     Ok(())
 }
 
