@@ -129,6 +129,14 @@ struct DeviceFlow {
     expires_at: i64,
     #[serde(default)]
     approved: Option<Approved>,
+    /// The gateway's own flow: the key of its user code, spent when the flow is approved.
+    #[serde(default)]
+    user_code_key: Option<String>,
+}
+
+/// Where a user code of the gateway's own device flow points to its flow.
+fn user_code_key(code: &str) -> String {
+    format!("oidc:user-code:{}", normalize_user_code(code))
 }
 
 /// Who approved a device flow of the gateway's own.
@@ -484,6 +492,7 @@ impl Oidc {
             device: clean_device(device),
             expires_at: crate::token::unix_now() + expires_in as i64,
             approved: None,
+            user_code_key: None,
         };
         self.save_device_flow(&sha256_b64(&ours), &flow).await?;
         let mut answer = serde_json::json!({
@@ -528,11 +537,12 @@ impl Oidc {
             device: clean_device(device),
             expires_at: crate::token::unix_now() + expires_in as i64,
             approved: None,
+            user_code_key: Some(user_code_key(&code)),
         };
         self.save_device_flow(&key, &flow).await?;
         self.state
             .set(
-                &format!("oidc:user-code:{}", normalize_user_code(&code)),
+                &user_code_key(&code),
                 key.into_bytes(),
                 Duration::from_secs(expires_in),
             )
@@ -554,7 +564,7 @@ impl Oidc {
         if code.len() != 8 {
             return Ok(None);
         }
-        let Some(key) = self.state.get(&format!("oidc:user-code:{code}")).await? else {
+        let Some(key) = self.state.get(&user_code_key(&code)).await? else {
             return Ok(None);
         };
         let key = String::from_utf8(key).unwrap_or_default();
@@ -703,12 +713,8 @@ impl Oidc {
             return Outcome::Unavailable(format!("{e:#}"));
         }
         // Spend the user code (its flow is approved either way).
-        if let Ok(list) = self.state.scan("oidc:user-code:").await {
-            for (k, v) in list {
-                if v == key.as_bytes() {
-                    let _ = self.state.delete(&k).await;
-                }
-            }
+        if let Some(k) = &flow.user_code_key {
+            let _ = self.state.delete(k).await;
         }
         Outcome::DeviceApproved(device)
     }

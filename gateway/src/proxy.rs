@@ -79,6 +79,40 @@ async fn read_small_body(session: &mut Session) -> Result<Option<Vec<u8>>> {
     Ok(Some(body))
 }
 
+/// The parts of a request the token service reads, owned, so the body can be read after.
+struct RequestParts {
+    method: String,
+    query: Option<String>,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+impl RequestParts {
+    /// Method, query and `Authorization` of the request; no body yet.
+    fn of(session: &Session) -> Self {
+        let req = session.req_header();
+        RequestParts {
+            method: req.method.as_str().to_owned(),
+            query: req.uri.query().map(str::to_owned),
+            authorization: req
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body: Vec::new(),
+        }
+    }
+
+    fn as_request(&self) -> token::Request<'_> {
+        token::Request {
+            method: &self.method,
+            query: self.query.as_deref(),
+            authorization: self.authorization.as_deref(),
+            body: &self.body,
+        }
+    }
+}
+
 /// The body of a `POST` (empty for other methods); `None` if it exceeds [`MAX_TOKEN_BODY`].
 async fn post_body(session: &mut Session) -> Result<Option<Vec<u8>>> {
     if session.req_header().method != http::Method::POST {
@@ -271,26 +305,12 @@ impl Gateway {
     }
 
     async fn token_endpoint(&self, session: &mut Session) -> Result<bool> {
-        let req = session.req_header();
-        let method = req.method.as_str().to_owned();
-        let query = req.uri.query().map(str::to_owned);
-        let authorization = req
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let mut req = RequestParts::of(session);
         let Some(body) = post_body(session).await? else {
             return body_too_large(session).await;
         };
-        let reply = self
-            .tokens
-            .handle(&token::Request {
-                method: &method,
-                query: query.as_deref(),
-                authorization: authorization.as_deref(),
-                body: &body,
-            })
-            .await;
+        req.body = body;
+        let reply = self.tokens.handle(&req.as_request()).await;
         self.metrics
             .token_requests
             .with_label_values(&[&reply.status.to_string()])
@@ -361,28 +381,13 @@ impl ProxyHttp for Gateway {
             let reply = self.tokens.revoke(&body).await;
             return send_reply(session, reply).await;
         }
-        if path == token::SESSIONS_PATH || path.starts_with("/auth/sessions/") {
+        if path
+            .strip_prefix(token::SESSIONS_PATH)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        {
             ctx.route = "sessions";
-            let req = session.req_header();
-            let method = req.method.as_str().to_owned();
-            let query = req.uri.query().map(str::to_owned);
-            let authorization = req
-                .headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let reply = self
-                .tokens
-                .sessions_api(
-                    &token::Request {
-                        method: &method,
-                        query: query.as_deref(),
-                        authorization: authorization.as_deref(),
-                        body: &[],
-                    },
-                    &path,
-                )
-                .await;
+            let req = RequestParts::of(session);
+            let reply = self.tokens.sessions_api(&req.as_request(), &path).await;
             return send_reply(session, reply).await;
         }
         if path == crate::oidc::DEVICE_PATH {

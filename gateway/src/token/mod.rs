@@ -214,21 +214,24 @@ impl TokenService {
     /// `Ok(None)`: invalid, expired, revoked, or refused by the IdP.
     async fn redeem(&self, token: &str) -> Result<Option<Identity>, Reply> {
         let now = unix_now();
-        let mut r = match self.sessions.redeem(token, now).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Ok(None),
-            Err(e) => return Err(store_unavailable(&e)),
+        let redeem = || async {
+            self.sessions
+                .redeem(token, now)
+                .await
+                .map_err(|e| store_unavailable(&e))
+        };
+        let Some(mut r) = redeem().await? else {
+            return Ok(None);
         };
         if let (Some(oidc), Some(_)) = (&self.oidc, &r.session.idp_refresh)
             && now - r.session.groups_checked_at >= oidc.groups_refresh_seconds()
         {
             let _one = self.reread_lock.lock().await;
             // Another request may have read them while this one waited.
-            r = match self.sessions.redeem(token, now).await {
-                Ok(Some(r)) => r,
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(store_unavailable(&e)),
+            let Some(again) = redeem().await? else {
+                return Ok(None);
             };
+            r = again;
             if now - r.session.groups_checked_at >= oidc.groups_refresh_seconds() {
                 return self.reread(oidc, r, now).await;
             }
