@@ -20,6 +20,23 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// OIDC single sign-on in the browser (`/auth/oidc/login`).
     pub oidc: Option<crate::oidc::OidcConfig>,
+    /// Robot accounts (always on; this table changes their limits).
+    #[serde(default)]
+    pub robots: crate::robots::RobotsConfig,
+    /// CI workload-identity federation: trusted CI token issuers.
+    pub federation: Option<crate::federation::FederationConfig>,
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// The shared state store.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// The in-memory store's file for what must outlive a restart (robot accounts). Unset:
+    /// robots are lost when the gateway stops (a warning says so).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -109,6 +109,16 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         }
     });
 
+    // Robot accounts outlive restarts: the store's durable entries live in the data directory.
+    let store: Arc<dyn crate::state::StateStore> = Arc::new(crate::state::MemoryStore::with_file(
+        &data.join("gateway-state.json"),
+    )?);
+    let robots = Arc::new(crate::robots::Robots::new(
+        store.clone(),
+        secret.as_bytes(),
+        crate::robots::RobotsConfig::default(),
+    )?);
+
     let admin = std::net::TcpListener::bind(opts.admin_listen)
         .with_context(|| format!("binding the admin listener {}", opts.admin_listen))?;
     let admin_addr = admin.local_addr()?;
@@ -149,16 +159,14 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         },
         token: token::TokenService {
             tokens,
-            auth: Arc::new(users),
+            auth: Arc::new(crate::auth::Chain(vec![robots.clone(), Arc::new(users)])),
             policy,
-            sessions: Sessions::new(
-                Arc::new(crate::state::MemoryStore::default()),
-                30 * 86_400,
-                7 * 86_400,
-            ),
+            sessions: Sessions::new(store, 30 * 86_400, 7 * 86_400),
             oidc: None,
             reread_lock: Default::default(),
             expires_in_seconds: 300,
+            robots: Some(robots),
+            federation: None,
         },
         oidc: None,
         side_tasks: vec![storage_task],

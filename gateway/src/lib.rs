@@ -13,13 +13,16 @@
 //! admin listener (`/metrics`, `/healthz`, `/readyz`).
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod authz;
 pub mod config;
 pub mod dev;
+pub mod federation;
 pub mod metrics;
 pub mod oidc;
 pub mod proxy;
+pub mod robots;
 pub mod state;
 pub mod tls;
 pub mod token;

@@ -68,12 +68,15 @@ fn main() -> std::process::ExitCode {
 
 /// Static users first, then LDAP (see [`gateway::auth::Chain`] for the order's rules).
 /// `pepper` (the internal secret) is mixed into cached password hashes.
+/// CI tokens (JWT passwords) and robots (`robot$…` names) go first: each decides only
+/// what is its own.
 fn authenticator(
     c: &config::AuthConfig,
     pepper: &[u8],
     store: Arc<dyn gateway::state::StateStore>,
+    machines: Vec<Arc<dyn gateway::auth::Authenticator>>,
 ) -> anyhow::Result<Arc<dyn gateway::auth::Authenticator>> {
-    let mut chain: Vec<Arc<dyn gateway::auth::Authenticator>> = Vec::new();
+    let mut chain: Vec<Arc<dyn gateway::auth::Authenticator>> = machines;
     if let Some(f) = &c.htpasswd_file {
         let mut users = Htpasswd::load(f, &c.groups)?;
         users.fall_through = c.ldap.is_some();
@@ -102,9 +105,28 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         .map(|p| SigningKey::load(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     // One shared state store for sessions, login caches and OIDC flows.
-    let store: Arc<dyn gateway::state::StateStore> =
-        Arc::new(gateway::state::MemoryStore::default());
-    let auth = authenticator(&c.auth, secret.as_bytes(), store.clone())?;
+    let store: Arc<dyn gateway::state::StateStore> = match &c.state.file {
+        Some(f) => Arc::new(gateway::state::MemoryStore::with_file(f)?),
+        None => {
+            tracing::warn!("state.file is unset: robot accounts are lost when the gateway stops");
+            Arc::new(gateway::state::MemoryStore::default())
+        }
+    };
+    let robots = Arc::new(gateway::robots::Robots::new(
+        store.clone(),
+        secret.as_bytes(),
+        c.robots.clone(),
+    )?);
+    let federation = match &c.federation {
+        Some(f) => Some(Arc::new(gateway::federation::Federation::new(f.clone())?)),
+        None => None,
+    };
+    let mut machines: Vec<Arc<dyn gateway::auth::Authenticator>> = Vec::new();
+    if let Some(f) = &federation {
+        machines.push(f.clone());
+    }
+    machines.push(robots.clone());
+    let auth = authenticator(&c.auth, secret.as_bytes(), store.clone(), machines)?;
     let oidc = match &c.oidc {
         Some(o) => Some(Arc::new(gateway::oidc::Oidc::new(
             o.clone(),
@@ -149,6 +171,8 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
             expires_in_seconds: c.token.expires_in_seconds,
             oidc: oidc.clone(),
             reread_lock: Default::default(),
+            robots: Some(robots),
+            federation,
         },
         oidc,
         side_tasks: Vec::new(),

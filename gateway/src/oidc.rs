@@ -745,6 +745,7 @@ impl Oidc {
                 subject: a.subject,
                 groups: a.groups,
                 kind: SubjectKind::User,
+                machine: None,
             };
             let signed_in = SignedIn {
                 identity,
@@ -1020,6 +1021,7 @@ impl Oidc {
             subject: subject.to_string(),
             groups,
             kind: SubjectKind::User,
+            machine: None,
         })
     }
 }
@@ -1104,6 +1106,7 @@ client_id = "c""#;
             subject: "<b>".into(),
             groups: vec!["a&b".into()],
             kind: SubjectKind::User,
+            machine: None,
         };
         let p = success_page("h", &id, "<script>", "tok");
         assert!(!p.contains("<script>"), "{p}");

@@ -390,6 +390,21 @@ impl ProxyHttp for Gateway {
             let reply = self.tokens.sessions_api(&req.as_request(), &path).await;
             return send_reply(session, reply).await;
         }
+        if path
+            .strip_prefix(crate::robots::ROBOTS_PATH)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        {
+            ctx.route = "robots";
+            let mut req = RequestParts::of(session);
+            if matches!(req.method.as_str(), "POST" | "PATCH") {
+                let Some(body) = read_small_body(session).await? else {
+                    return body_too_large(session).await;
+                };
+                req.body = body;
+            }
+            let reply = self.tokens.robots_api(&req.as_request(), &path).await;
+            return send_reply(session, reply).await;
+        }
         if path == crate::oidc::DEVICE_PATH {
             ctx.route = "oidc";
             return self.device_endpoint(session).await;

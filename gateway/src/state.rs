@@ -17,6 +17,9 @@ pub trait StateStore: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateError>;
     /// Stores `value` under `key` for `ttl`.
     async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StateError>;
+    /// Stores `value` under `key` with no expiry, never evicted (robot accounts): state that
+    /// is not a cache. The in-memory store keeps these in its file, when it has one.
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StateError>;
     async fn delete(&self, key: &str) -> Result<(), StateError>;
     /// Every live entry whose key starts with `prefix` (for admin listings, not hot paths).
     async fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError>;
@@ -24,11 +27,15 @@ pub trait StateStore: Send + Sync {
 
 type Entries = HashMap<String, (Vec<u8>, Instant)>;
 
-/// In-process store, bounded: when full, expired entries go first, then everything (a cache
-/// that forgets is slower, never wrong).
+/// In-process store. Entries with a time to live are bounded: when full, expired ones go
+/// first, then all of them (a cache that forgets is slower, never wrong; sessions and flows
+/// start again). Entries [`StateStore::put`] without one are kept apart, never evicted, and
+/// written to the store's file (if any) on every change, so they survive a restart.
 pub struct MemoryStore {
     map: Mutex<Entries>,
     max_entries: usize,
+    durable: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+    file: Option<std::path::PathBuf>,
 }
 
 impl MemoryStore {
@@ -36,7 +43,78 @@ impl MemoryStore {
         MemoryStore {
             map: Mutex::new(HashMap::new()),
             max_entries: max_entries.max(1),
+            durable: Mutex::new(Default::default()),
+            file: None,
         }
+    }
+
+    /// A store whose durable entries live in `file` (JSON, mode 0600; read now if present).
+    pub fn with_file(file: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use base64::Engine;
+        let mut store = Self::default();
+        match std::fs::read(file) {
+            Ok(raw) => {
+                let saved: std::collections::BTreeMap<String, String> =
+                    serde_json::from_slice(&raw)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                let mut durable = store.durable.lock().expect("not shared yet");
+                for (k, v) in saved {
+                    let v = base64::engine::general_purpose::STANDARD
+                        .decode(v)
+                        .with_context(|| format!("{}: entry {k:?}", file.display()))?;
+                    durable.insert(k, v);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+        }
+        store.file = Some(file.to_path_buf());
+        Ok(store)
+    }
+
+    /// Writes the durable entries to the file: a temporary file, synced, renamed over it.
+    fn save(
+        &self,
+        durable: &std::collections::BTreeMap<String, Vec<u8>>,
+    ) -> Result<(), StateError> {
+        use base64::Engine;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let text: std::collections::BTreeMap<&str, String> = durable
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    base64::engine::general_purpose::STANDARD.encode(v),
+                )
+            })
+            .collect();
+        let tmp = file.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&serde_json::to_vec(&text).map_err(std::io::Error::other)?)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, file)
+        };
+        write().map_err(|e| StateError(format!("writing {}: {e}", file.display())))
+    }
+
+    fn durable(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Vec<u8>>>, StateError>
+    {
+        self.durable
+            .lock()
+            .map_err(|_| StateError("memory store lock poisoned".into()))
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Entries>, StateError> {
@@ -55,6 +133,9 @@ impl Default for MemoryStore {
 #[async_trait::async_trait]
 impl StateStore for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        if let Some(v) = self.durable()?.get(key) {
+            return Ok(Some(v.clone()));
+        }
         let mut map = self.lock()?;
         match map.get(key) {
             Some((v, until)) if *until > Instant::now() => Ok(Some(v.clone())),
@@ -79,19 +160,45 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StateError> {
+        self.lock()?.remove(key);
+        let mut durable = self.durable()?;
+        let old = durable.insert(key.to_string(), value);
+        self.save(&durable).inspect_err(|_| {
+            // Not saved: not stored either.
+            match old {
+                Some(v) => durable.insert(key.to_string(), v),
+                None => durable.remove(key),
+            };
+        })
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StateError> {
         self.lock()?.remove(key);
+        let mut durable = self.durable()?;
+        if let Some(old) = durable.remove(key) {
+            self.save(&durable).inspect_err(|_| {
+                durable.insert(key.to_string(), old);
+            })?;
+        }
         Ok(())
     }
 
     async fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
         let now = Instant::now();
-        Ok(self
+        let mut out: Vec<(String, Vec<u8>)> = self
             .lock()?
             .iter()
             .filter(|(k, (_, until))| k.starts_with(prefix) && *until > now)
             .map(|(k, (v, _))| (k.clone(), v.clone()))
-            .collect())
+            .collect();
+        out.extend(
+            self.durable()?
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        Ok(out)
     }
 }
 
@@ -123,5 +230,32 @@ mod tests {
         assert!(s.scan("zz").await.unwrap().is_empty());
         s.delete("c").await.unwrap();
         assert_eq!(s.get("c").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn durable_entries_are_never_evicted_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state.json");
+        let mut s = MemoryStore::with_file(&file).unwrap();
+        s.max_entries = 1;
+        s.put("robot:a", b"secret-hash".to_vec()).await.unwrap();
+        s.put("robot:b", vec![0, 255]).await.unwrap();
+        for i in 0..5 {
+            s.set(
+                &format!("cache:{i}"),
+                b"x".to_vec(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(s.scan("robot:").await.unwrap().len(), 2);
+        s.delete("robot:a").await.unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata().unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        let again = MemoryStore::with_file(&file).unwrap();
+        assert_eq!(again.get("robot:a").await.unwrap(), None);
+        assert_eq!(again.get("robot:b").await.unwrap(), Some(vec![0, 255]));
+        assert_eq!(again.get("cache:4").await.unwrap(), None);
     }
 }

@@ -690,6 +690,18 @@ impl Policy {
     /// allows (the Docker token spec's partial grant). Scopes left with no action, unknown
     /// resource types and invalid names are dropped.
     pub fn grant(&self, subject: &Subject, requested: &[Scope], now: i64) -> Vec<Scope> {
+        self.grant_with(subject, requested, now, |_, _| false)
+    }
+
+    /// [`Policy::grant`] where `also(action, repository)` allows more: a robot account's
+    /// own scope, granted when it was created, on top of what bindings give it.
+    pub fn grant_with(
+        &self,
+        subject: &Subject,
+        requested: &[Scope],
+        now: i64,
+        also: impl Fn(Action, &str) -> bool,
+    ) -> Vec<Scope> {
         let mut out: Vec<Scope> = Vec::new();
         for s in requested {
             let actions: Vec<String> = match s.resource_type.as_str() {
@@ -707,9 +719,10 @@ impl Policy {
                             _ => &[],
                         };
                         if !wanted.is_empty()
-                            && wanted
-                                .iter()
-                                .all(|w| self.authorize(subject, *w, &s.name, now).allowed)
+                            && wanted.iter().all(|w| {
+                                also(*w, &s.name)
+                                    || self.authorize(subject, *w, &s.name, now).allowed
+                            })
                         {
                             acts.push(a.clone());
                         }

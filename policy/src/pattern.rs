@@ -178,6 +178,80 @@ impl RepoPattern {
     }
 }
 
+impl RepoPattern {
+    /// Whether every repository `narrower` matches is matched by `self` (for any user name):
+    /// how a delegated grant is kept within its creator's. Sound, not complete: `false` may
+    /// mean "cannot tell" for odd wildcard mixes, never "wider" wrongly called "covered".
+    pub fn covers(&self, narrower: &RepoPattern) -> bool {
+        let wide: Vec<Vec<Tok>> = self.segments.iter().map(tokens).collect();
+        let narrow: Vec<Vec<Tok>> = narrower.segments.iter().map(tokens).collect();
+        // covered[i][j]: wide[i..] covers narrow[j..]; filled from the ends.
+        let (w, n) = (wide.len(), narrow.len());
+        let mut covered = vec![vec![false; n + 1]; w + 1];
+        covered[w][n] = true;
+        for i in (0..w).rev() {
+            for j in (0..=n).rev() {
+                covered[i][j] = if wide[i] == [Tok::AnySegments] {
+                    // `**` matches nothing more, or swallows one more narrow segment.
+                    covered[i + 1][j] || (j < n && covered[i][j + 1])
+                } else {
+                    j < n
+                        && narrow[j] != [Tok::AnySegments]
+                        && covers_tokens(&wide[i], &narrow[j])
+                        && covered[i + 1][j + 1]
+                };
+            }
+        }
+        covered[0][0]
+    }
+}
+
+/// A segment as characters and wildcards (`**` as its own token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tok {
+    Char(char),
+    Star,
+    One,
+    Username,
+    AnySegments,
+}
+
+fn tokens(seg: &Segment) -> Vec<Tok> {
+    match seg {
+        Segment::Any => vec![Tok::AnySegments],
+        Segment::Glob(pieces) => pieces
+            .iter()
+            .flat_map(|p| match p {
+                Piece::Lit(l) => l.chars().map(Tok::Char).collect(),
+                Piece::Star => vec![Tok::Star],
+                Piece::One => vec![Tok::One],
+                Piece::Username => vec![Tok::Username],
+            })
+            .collect(),
+    }
+}
+
+/// Whether the segment glob `wide` matches every text the segment glob `narrow` matches.
+fn covers_tokens(wide: &[Tok], narrow: &[Tok]) -> bool {
+    let (w, n) = (wide.len(), narrow.len());
+    let mut covered = vec![vec![false; n + 1]; w + 1];
+    covered[w][n] = true;
+    for i in (0..w).rev() {
+        for j in (0..=n).rev() {
+            let next = j < n && covered[i + 1][j + 1];
+            covered[i][j] = match (wide[i], narrow.get(j)) {
+                // `*` (never `/`) stands for any run of narrow's tokens, wildcards included.
+                (Tok::Star, _) => covered[i + 1][j] || (j < n && covered[i][j + 1]),
+                (Tok::One, Some(Tok::Char(_) | Tok::One)) => next,
+                (Tok::Char(a), Some(&Tok::Char(b))) => a == b && next,
+                (Tok::Username, Some(Tok::Username)) => next,
+                _ => false,
+            };
+        }
+    }
+    covered[0][0]
+}
+
 impl fmt::Display for RepoPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.source)
@@ -357,6 +431,43 @@ mod tests {
         for (pat, repo, user, want) in cases {
             let p = RepoPattern::compile(pat).unwrap();
             assert_eq!(p.matches(repo, *user), *want, "{pat} vs {repo} as {user:?}");
+        }
+    }
+
+    #[test]
+    fn covering_patterns() {
+        let covers = |wide: &str, narrow: &str| {
+            RepoPattern::compile(wide)
+                .unwrap()
+                .covers(&RepoPattern::compile(narrow).unwrap())
+        };
+        for (wide, narrow) in [
+            ("**", "team-a/**"),
+            ("team-a/**", "team-a/**"),
+            ("team-a/**", "team-a/app"),
+            ("team-a/**", "team-a"),
+            ("team-a/**", "team-a/*/x/**"),
+            ("team-a/*", "team-a/app-*"),
+            ("team-a/app-*", "team-a/app-?x*"),
+            ("team-?/x", "team-a/x"),
+            ("*/**", "team-a/b"),
+            ("users/{username}/**", "users/{username}/x"),
+        ] {
+            assert!(covers(wide, narrow), "{wide} should cover {narrow}");
+        }
+        for (wide, narrow) in [
+            ("team-a/**", "**"),
+            ("team-a/**", "team-b/app"),
+            ("team-a/**", "team-ab/x"),
+            ("team-a/*", "team-a/**"),
+            ("team-a/*", "team-a/x/y"),
+            ("team-a/app-*", "team-a/*"),
+            ("team-?/x", "team-*/x"),
+            ("team-a", "team-a/**"),
+            ("users/{username}/**", "users/bob/x"),
+            ("users/*/**", "users/**"),
+        ] {
+            assert!(!covers(wide, narrow), "{wide} must not cover {narrow}");
         }
     }
 

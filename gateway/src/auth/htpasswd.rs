@@ -87,6 +87,7 @@ impl Authenticator for Htpasswd {
             subject: username.to_string(),
             groups: self.groups.get(username).cloned().unwrap_or_default(),
             kind: SubjectKind::User,
+            machine: None,
         })
     }
 }

@@ -663,6 +663,7 @@ impl LdapAuthenticator {
             subject: c.subject,
             groups: c.groups,
             kind: SubjectKind::User,
+            machine: None,
         })
     }
 
@@ -730,6 +731,7 @@ impl LdapAuthenticator {
                 subject,
                 groups,
                 kind: SubjectKind::User,
+                machine: None,
             })
         }
         .await;

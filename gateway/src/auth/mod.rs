@@ -1,6 +1,6 @@
-//! Authentication: who is this? One trait, several backends (static users, LDAP; OIDC,
-//! robots and CI federation behind the same trait later), asked in a documented order by
-//! [`Chain`].
+//! Authentication: who is this? One trait, several backends (CI federation, robot accounts,
+//! static users, LDAP), asked in a documented order by [`Chain`]. OIDC single sign-on makes
+//! identities too, through its own flows (`crate::oidc`).
 
 pub mod htpasswd;
 pub mod ldap;
@@ -13,6 +13,23 @@ pub struct Identity {
     pub subject: String,
     pub groups: Vec<String>,
     pub kind: SubjectKind,
+    /// Robot accounts and CI identities: what else the token service needs.
+    pub machine: Option<std::sync::Arc<Machine>>,
+}
+
+/// What a robot account or a federated CI identity brings beyond a name and groups.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Machine {
+    /// A robot's own grants, given when it was created (on top of policy bindings).
+    pub scope: Option<crate::robots::Scope>,
+    /// Who vouched: `robot`, or `federation:<issuer name>`.
+    pub authenticator: String,
+    /// The CI token's issuer URL.
+    pub issuer: Option<String>,
+    /// The CI token's claims that a rule matched, and its `sub` (for the audit trail).
+    pub claims: std::collections::BTreeMap<String, String>,
+    /// Registry tokens for it expire no later than this (unix seconds).
+    pub not_after: Option<i64>,
 }
 
 impl Identity {
@@ -34,6 +51,10 @@ pub enum AuthError {
     /// This backend does not know the user: the next one in the [`Chain`] may.
     #[error("unknown user")]
     UnknownUser,
+    /// Refused for a reason the client may be told (a CI token from an untrusted issuer, an
+    /// expired one…): never about a password.
+    #[error("refused: {0}")]
+    Refused(String),
     /// The backend could not be asked (directory down, …): the client should retry later.
     #[error("authentication backend unavailable: {0}")]
     Unavailable(String),

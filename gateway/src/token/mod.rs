@@ -74,6 +74,10 @@ pub struct TokenService {
     /// One IdP refresh at a time per gateway (an IdP that rotates refresh tokens must not
     /// see the same one twice).
     pub reread_lock: tokio::sync::Mutex<()>,
+    /// Robot accounts' admin API (their logins go through `auth`).
+    pub robots: Option<Arc<crate::robots::Robots>>,
+    /// CI federation: the jwt-bearer grant (passwords that are CI JWTs go through `auth`).
+    pub federation: Option<Arc<crate::federation::Federation>>,
 }
 
 /// The username that says "the password is a registry refresh token" (Docker's convention
@@ -120,6 +124,7 @@ fn anonymous() -> Identity {
         subject: String::new(),
         groups: Vec::new(),
         kind: SubjectKind::Anonymous,
+        machine: None,
     }
 }
 
@@ -207,6 +212,46 @@ impl TokenService {
                 "GET /auth/sessions or DELETE /auth/sessions/<id>",
             ),
         }
+    }
+
+    /// [`crate::robots::ROBOTS_PATH`]: the robot accounts' admin API, authenticated with the
+    /// admin token (`Bearer`) or Basic credentials (administrators; robots that may create
+    /// robots).
+    pub async fn robots_api(&self, req: &Request<'_>, path: &str) -> Reply {
+        use crate::robots::{Caller, ROBOTS_PATH};
+        let Some(robots) = &self.robots else {
+            return Reply::oauth_error(404, "not_found", "robot accounts are not configured");
+        };
+        let auth = req.authorization.unwrap_or("");
+        let caller = match auth.split_once(' ') {
+            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => {
+                if !robots.is_admin_token(t.trim()) {
+                    crate::audit::record(
+                        "robot-admin",
+                        "failure",
+                        json!({"event.reason": "wrong admin token"}),
+                    );
+                    return Reply {
+                        www_authenticate: Some("Bearer realm=\"portcullis-admin\"".into()),
+                        ..Reply::oauth_error(401, "invalid_token", "wrong admin token")
+                    };
+                }
+                Caller::Token
+            }
+            _ => {
+                let Some((user, password)) = parse_basic(auth) else {
+                    return unauthorized();
+                };
+                match self.login(&user, &password).await {
+                    Ok(id) if self.policy.is_admin(&id.to_subject()) => Caller::Admin(id.subject),
+                    Ok(id) => Caller::Other(id),
+                    Err(r) => return r,
+                }
+            }
+        };
+        robots
+            .api(req.method, &path[ROBOTS_PATH.len()..], req.body, &caller)
+            .await
     }
 
     /// The identity a refresh token stands for, its groups read again from the IdP when the
@@ -335,7 +380,8 @@ impl TokenService {
         };
         let offline = param("offline_token") == Some("true");
         let client_id = param("client_id").unwrap_or("unknown");
-        let offline = offline && identity.kind != SubjectKind::Anonymous;
+        // Robots and CI identities log in again every time, so disabling one takes effect.
+        let offline = offline && identity.kind == SubjectKind::User;
         let session = offline.then(|| Session::new(&identity, "password", client_id, unix_now()));
         self.issue(&identity, &scopes, Refresh::open(session.as_ref()), false)
             .await
@@ -352,6 +398,7 @@ impl TokenService {
         match self.auth.authenticate(user, password).await {
             Ok(id) => Ok(id),
             Err(AuthError::InvalidCredentials | AuthError::UnknownUser) => Err(unauthorized()),
+            Err(AuthError::Refused(why)) => Err(refused(&why)),
             Err(AuthError::Unavailable(e)) => {
                 tracing::warn!(backend = self.auth.name(), error = %e, "authentication backend unavailable");
                 Err(Reply::oauth_error(
@@ -390,6 +437,7 @@ impl TokenService {
                 };
                 match self.login(u, p).await {
                     Ok(id) => {
+                        let offline = offline && id.kind == SubjectKind::User;
                         let session =
                             offline.then(|| Session::new(&id, "password", client_id, unix_now()));
                         self.issue(&id, &scopes, Refresh::open(session.as_ref()), true)
@@ -414,6 +462,40 @@ impl TokenService {
                         "the refresh token is invalid, expired or revoked",
                     ),
                     Err(r) => r,
+                }
+            }
+            Some(crate::federation::JWT_BEARER_GRANT) => {
+                let Some(assertion) = field("assertion") else {
+                    return Reply::oauth_error(400, "invalid_request", "assertion is required");
+                };
+                let Some(federation) = &self.federation else {
+                    return Reply::oauth_error(
+                        400,
+                        "unsupported_grant_type",
+                        "CI federation is not configured on this registry",
+                    );
+                };
+                match federation.verify(assertion).await {
+                    Ok(id) => self.issue(&id, &scopes, Refresh::None, true).await,
+                    Err(AuthError::Unavailable(e)) => {
+                        tracing::warn!(error = %e, "jwt-bearer grant: issuer keys unavailable");
+                        Reply::oauth_error(
+                            503,
+                            "temporarily_unavailable",
+                            "the CI issuer's keys cannot be fetched, try again later",
+                        )
+                    }
+                    Err(AuthError::Refused(why)) => {
+                        crate::audit::record(
+                            "token",
+                            "failure",
+                            json!({"identity.kind": "ci", "event.reason": why, "authenticator": "federation"}),
+                        );
+                        Reply::oauth_error(400, "invalid_grant", &why)
+                    }
+                    Err(_) => {
+                        Reply::oauth_error(400, "invalid_grant", "the assertion is not valid")
+                    }
                 }
             }
             Some(crate::oidc::DEVICE_GRANT) => {
@@ -488,12 +570,23 @@ impl TokenService {
     ) -> Reply {
         let now = unix_now();
         let subject = id.to_subject();
-        let granted = self.policy.grant(&subject, scopes, now);
+        let machine = id.machine.as_deref();
+        let granted = match machine.and_then(|m| m.scope.as_ref()) {
+            Some(own) => self
+                .policy
+                .grant_with(&subject, scopes, now, |a, r| own.allows(a, r)),
+            None => self.policy.grant(&subject, scopes, now),
+        };
+        let exp = (now + self.expires_in_seconds as i64)
+            .min(machine.and_then(|m| m.not_after).unwrap_or(i64::MAX));
+        if exp <= now {
+            return Reply::oauth_error(400, "invalid_grant", "the credentials have expired");
+        }
         let claims = Claims {
             iss: self.tokens.issuer().to_string(),
             sub: id.subject.clone(),
             aud: self.tokens.audience().to_string(),
-            exp: now + self.expires_in_seconds as i64,
+            exp,
             nbf: now,
             iat: now,
             jti: uuid::Uuid::new_v4().simple().to_string(),
@@ -516,9 +609,25 @@ impl TokenService {
             granted = %granted.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
             "token issued"
         );
+        if let Some(m) = machine {
+            crate::audit::record(
+                "token",
+                "success",
+                json!({
+                    "user.name": id.subject,
+                    "identity.kind": jwt::kind_name(id.kind),
+                    "authenticator": m.authenticator,
+                    "identity.issuer": m.issuer,
+                    "ci.claims": m.claims,
+                    "token.requested": scopes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "token.granted": granted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "token.jti": claims.jti,
+                }),
+            );
+        }
         let mut body = json!({
             "access_token": token,
-            "expires_in": self.expires_in_seconds,
+            "expires_in": exp - now,
             "issued_at": rfc3339(now),
         });
         if oauth {
@@ -566,6 +675,15 @@ fn store_unavailable(e: &crate::state::StateError) -> Reply {
         "temporarily_unavailable",
         "session storage is unavailable, try again later",
     )
+}
+
+/// A 401 that says why (a CI token refused: expired, wrong audience…).
+fn refused(why: &str) -> Reply {
+    Reply {
+        status: 401,
+        body: json!({"errors": [{"code": "UNAUTHORIZED", "message": why}]}).to_string(),
+        www_authenticate: Some("Basic realm=\"portcullis\"".into()),
+    }
 }
 
 fn unauthorized() -> Reply {

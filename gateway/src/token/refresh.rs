@@ -61,6 +61,7 @@ impl Session {
             subject: self.subject.clone(),
             groups: self.groups.clone(),
             kind: crate::token::jwt::kind_from_name(&self.kind),
+            machine: None,
         }
     }
 }
@@ -222,6 +223,7 @@ mod tests {
             subject: name.into(),
             groups: vec!["g".into()],
             kind: SubjectKind::User,
+            machine: None,
         }
     }
 

@@ -7,8 +7,15 @@
 // `POST /test/users` with a JSON object changes users while it runs (a value replaces the
 // user, `null` removes them): how the tests move someone out of a group or disable them.
 //
+// CI tokens (a stand-in for a CI system's OIDC JWT): a client_credentials request with
+// `resource=urn:…` gets a JWT access token (`typ: at+jwt`, RS256) whose `aud` is that resource
+// and which carries the claims IDP_CI_CLAIMS gives its client:
+//   IDP_CI_CLAIMS='{"ci-team-a": {"claims": {"repository": "corp/app"}, "ttl": 600}}'
+// The signing key is generated at every start (a new `kid`): restarting is a key rotation.
+//
 // Prints "idp listening on http://127.0.0.1:<port>" once it accepts connections.
 import http from 'node:http';
+import crypto from 'node:crypto';
 import { Provider } from 'oidc-provider';
 
 const port = Number(process.env.IDP_PORT);
@@ -18,10 +25,16 @@ if (!port) {
 }
 const clients = JSON.parse(process.env.IDP_CLIENTS || '[]');
 const users = JSON.parse(process.env.IDP_USERS || '{}');
+const ci = JSON.parse(process.env.IDP_CI_CLAIMS || '{}');
 const issuer = `http://127.0.0.1:${port}`;
+const signing = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
+signing.kid = crypto.randomUUID();
+signing.use = 'sig';
+signing.alg = 'RS256';
 
 const provider = new Provider(issuer, {
   clients,
+  jwks: { keys: [signing] },
   pkce: { required: () => true },
   scopes: ['openid', 'profile', 'email', 'groups', 'offline_access'],
   claims: {
@@ -50,8 +63,25 @@ const provider = new Provider(issuer, {
       },
     },
     clientCredentials: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: () => undefined,
+      useGrantedResource: () => true,
+      getResourceServerInfo(ctx, resource, client) {
+        return {
+          scope: 'registry',
+          audience: resource,
+          accessTokenTTL: ci[client.clientId]?.ttl ?? 600,
+          accessTokenFormat: 'jwt',
+          jwt: { sign: { alg: 'RS256' } },
+        };
+      },
+    },
     introspection: { enabled: true },
     revocation: { enabled: true },
+  },
+  async extraTokenClaims(ctx, token) {
+    return token.kind === 'ClientCredentials' ? ci[token.clientId]?.claims : undefined;
   },
   interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
   async findAccount(ctx, id) {

@@ -1,0 +1,798 @@
+//! Robot accounts: named machine identities for CI and automation, with their own scope
+//! (repository patterns × actions), an expiry, secrets shown once and stored hashed, rotation
+//! with an overlap, disable and delete. Kept in the shared [`StateStore`] under
+//! `robot:<name>` (durable entries), so every gateway replica sees the same robots.
+//!
+//! Names are `robot$<project>+<name>` (Harbor's scheme). A robot logs in like a user
+//! (`docker login -u 'robot$team-a+ci' -p <secret>`, Basic credentials at `/token`); it never
+//! gets a refresh token, so disabling, deleting or expiring it takes effect at its next token
+//! request (registry tokens already issued live out their few minutes).
+//!
+//! Who may create: registry administrators (policy `admin_groups`, or the configured admin
+//! token) anything the configuration allows; a robot created with `may_create_robots` only
+//! robots of its own project whose scope its own covers ([`RepoPattern::covers`]) and which
+//! expire no later than itself. Nobody else.
+
+use crate::auth::{AuthError, Authenticator, Identity, Machine};
+use crate::state::{StateError, StateStore};
+use crate::token::{Reply, unix_now};
+use policy::pattern::RepoPattern;
+use policy::{Action, ActionSet, SubjectKind};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::Digest;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where the admin API is (on the client TLS listener).
+pub const ROBOTS_PATH: &str = "/admin/robots";
+/// Robot names start with this.
+pub const PREFIX: &str = "robot$";
+/// The environment variable with the admin token (when `robots.admin_token_file` is unset).
+pub const ADMIN_TOKEN_ENV: &str = "PORTCULLIS_ADMIN_TOKEN";
+const KEY_PREFIX: &str = "robot:";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RobotsConfig {
+    /// Lifetime of a robot created without one.
+    #[serde(default = "default_lifetime")]
+    pub default_lifetime_days: u64,
+    /// The longest lifetime anyone may give.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime_days: u64,
+    /// Whether administrators may create robots that never expire.
+    #[serde(default)]
+    pub allow_never_expire: bool,
+    /// After a rotation the previous secret keeps working this long (at most).
+    #[serde(default = "default_overlap")]
+    pub rotation_overlap_seconds: u64,
+    /// A bearer token for the admin API (automation, bootstrap); `PORTCULLIS_ADMIN_TOKEN`
+    /// when unset; none: only administrators' own credentials.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+fn default_lifetime() -> u64 {
+    90
+}
+fn default_max_lifetime() -> u64 {
+    365
+}
+fn default_overlap() -> u64 {
+    3600
+}
+
+impl Default for RobotsConfig {
+    fn default() -> Self {
+        RobotsConfig {
+            default_lifetime_days: default_lifetime(),
+            max_lifetime_days: default_max_lifetime(),
+            allow_never_expire: false,
+            rotation_overlap_seconds: default_overlap(),
+            admin_token_file: None,
+        }
+    }
+}
+
+/// One line of a robot's scope, as written in the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeEntry {
+    pub repositories: Vec<String>,
+    pub actions: Vec<String>,
+}
+
+/// A robot's scope, compiled.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    entries: Vec<(RepoPattern, ActionSet)>,
+    source: Vec<ScopeEntry>,
+}
+
+impl PartialEq for Scope {
+    fn eq(&self, o: &Self) -> bool {
+        self.source == o.source
+    }
+}
+impl Eq for Scope {}
+
+/// The actions a robot may hold.
+const ROBOT_ACTIONS: [Action; 3] = [Action::Pull, Action::Push, Action::Delete];
+
+impl Scope {
+    pub fn compile(source: &[ScopeEntry]) -> Result<Scope, String> {
+        if source.is_empty() {
+            return Err("scope is empty: give at least one {repositories, actions}".into());
+        }
+        let mut entries = Vec::new();
+        for e in source {
+            let mut actions = Vec::new();
+            for a in &e.actions {
+                match Action::parse(a).filter(|a| ROBOT_ACTIONS.contains(a)) {
+                    Some(a) => actions.push(a),
+                    None => {
+                        return Err(format!(
+                            "action {a:?} is not one a robot may hold (pull, push, delete)"
+                        ));
+                    }
+                }
+            }
+            if actions.is_empty() || e.repositories.is_empty() {
+                return Err("every scope entry needs repositories and actions".into());
+            }
+            for r in &e.repositories {
+                if r.contains('{') {
+                    return Err(format!("{r:?}: placeholders are for policy bindings"));
+                }
+                let p = RepoPattern::compile(r).map_err(|err| format!("{r:?}: {err}"))?;
+                entries.push((p, ActionSet::of(&actions)));
+            }
+        }
+        Ok(Scope {
+            entries,
+            source: source.to_vec(),
+        })
+    }
+
+    pub fn allows(&self, action: Action, repository: &str) -> bool {
+        self.entries
+            .iter()
+            .any(|(p, a)| a.contains(action) && p.matches(repository, None))
+    }
+
+    /// Whether everything `narrower` allows, this allows too.
+    pub fn covers(&self, narrower: &Scope) -> bool {
+        narrower.entries.iter().all(|(np, na)| {
+            na.iter().all(|action| {
+                self.entries
+                    .iter()
+                    .any(|(p, a)| a.contains(action) && p.covers(np))
+            })
+        })
+    }
+
+    pub fn source(&self) -> &[ScopeEntry] {
+        &self.source
+    }
+}
+
+/// A secret's hash (never the secret) and how long it stays valid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Secret {
+    hash: String,
+    created_at: i64,
+    /// Set when a rotation replaced it.
+    valid_until: Option<i64>,
+}
+
+/// A robot as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Robot {
+    name: String,
+    description: String,
+    scope: Vec<ScopeEntry>,
+    /// `None`: never.
+    expires_at: Option<i64>,
+    disabled: bool,
+    may_create_robots: bool,
+    created_by: String,
+    created_at: i64,
+    secrets: Vec<Secret>,
+}
+
+impl Robot {
+    fn view(&self, now: i64) -> serde_json::Value {
+        json!({
+            "name": self.name,
+            "description": self.description,
+            "scope": self.scope,
+            "expires_at": self.expires_at,
+            "expired": self.expires_at.is_some_and(|e| now >= e),
+            "disabled": self.disabled,
+            "may_create_robots": self.may_create_robots,
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "secrets": self.secrets.iter().map(|s| json!({
+                "created_at": s.created_at,
+                "valid_until": s.valid_until,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    fn live(&self, now: i64) -> bool {
+        !self.disabled && self.expires_at.is_none_or(|e| now < e)
+    }
+}
+
+/// The create request of the admin API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    project: String,
+    name: String,
+    #[serde(default)]
+    description: String,
+    scope: Vec<ScopeEntry>,
+    #[serde(default)]
+    expires_in_seconds: Option<u64>,
+    #[serde(default)]
+    never_expires: bool,
+    #[serde(default)]
+    may_create_robots: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchRequest {
+    #[serde(default)]
+    disabled: Option<bool>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateRequest {
+    #[serde(default)]
+    overlap_seconds: Option<u64>,
+}
+
+/// Who calls the admin API.
+pub enum Caller {
+    /// The configured admin token.
+    Token,
+    /// A registry administrator (policy `admin_groups`).
+    Admin(String),
+    /// Anyone else who logged in.
+    Other(Identity),
+}
+
+impl Caller {
+    fn name(&self) -> &str {
+        match self {
+            Caller::Token => "admin-token",
+            Caller::Admin(n) => n,
+            Caller::Other(id) => &id.subject,
+        }
+    }
+
+    /// A robot that may create robots: its scope and expiry bound what it creates.
+    fn delegating_robot(&self) -> Option<(&Scope, Option<i64>)> {
+        match self {
+            Caller::Other(id) if id.kind == SubjectKind::Robot => {
+                let m = id.machine.as_deref()?;
+                m.scope.as_ref().map(|s| (s, m.not_after))
+            }
+            _ => None,
+        }
+    }
+}
+
+pub struct Robots {
+    store: Arc<dyn StateStore>,
+    pepper: Vec<u8>,
+    cfg: RobotsConfig,
+    admin_token: Option<String>,
+}
+
+fn valid_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// The project of a robot name (`robot$<project>+<name>`).
+fn project_of(name: &str) -> Option<&str> {
+    name.strip_prefix(PREFIX)?.split_once('+').map(|(p, _)| p)
+}
+
+/// Decodes `%XX` in a path segment (clients may send `$` and `+` encoded).
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn error(status: u16, code: &str, message: &str) -> Reply {
+    Reply::oauth_error(status, code, message)
+}
+
+fn store_error(e: &StateError) -> Reply {
+    tracing::warn!(error = %e, "robot store unavailable");
+    error(
+        503,
+        "temporarily_unavailable",
+        "robot storage is unavailable, try again later",
+    )
+}
+
+impl Robots {
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        pepper: &[u8],
+        cfg: RobotsConfig,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let admin_token = match &cfg.admin_token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            None => std::env::var(ADMIN_TOKEN_ENV).ok(),
+        }
+        .filter(|t| !t.is_empty());
+        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            anyhow::bail!("the admin token is too short (16 characters at least)");
+        }
+        anyhow::ensure!(
+            cfg.default_lifetime_days <= cfg.max_lifetime_days,
+            "robots.default_lifetime_days is above robots.max_lifetime_days"
+        );
+        Ok(Robots {
+            store,
+            pepper: pepper.to_vec(),
+            cfg,
+            admin_token,
+        })
+    }
+
+    /// Whether `token` is the configured admin token (compared in constant time).
+    pub fn is_admin_token(&self, token: &str) -> bool {
+        self.admin_token.as_ref().is_some_and(|t| {
+            t.len() == token.len() && openssl::memcmp::eq(t.as_bytes(), token.as_bytes())
+        })
+    }
+
+    fn hash(&self, name: &str, secret: &str) -> String {
+        let mut h = sha2::Sha256::new();
+        h.update(&self.pepper);
+        h.update([0]);
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(secret.as_bytes());
+        hex::encode(h.finalize())
+    }
+
+    async fn load(&self, name: &str) -> Result<Option<Robot>, StateError> {
+        match self.store.get(&format!("{KEY_PREFIX}{name}")).await? {
+            None => Ok(None),
+            Some(raw) => match serde_json::from_slice(&raw) {
+                Ok(r) => Ok(Some(r)),
+                Err(e) => {
+                    tracing::error!(robot = %name, error = %e, "unreadable robot record");
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    async fn save(&self, r: &Robot) -> Result<(), StateError> {
+        let raw = serde_json::to_vec(r).map_err(|e| StateError(e.to_string()))?;
+        self.store
+            .put(&format!("{KEY_PREFIX}{}", r.name), raw)
+            .await
+    }
+
+    /// The admin API: `GET|POST /admin/robots`, `GET|PATCH|DELETE /admin/robots/<name>`,
+    /// `POST /admin/robots/<name>/rotate`. `rest` is the path after [`ROBOTS_PATH`].
+    pub async fn api(&self, method: &str, rest: &str, body: &[u8], caller: &Caller) -> Reply {
+        let now = unix_now();
+        let rest = rest.trim_matches('/');
+        let (name, verb) = match rest.split_once('/') {
+            Some((n, v)) => (n, v),
+            None => (rest, ""),
+        };
+        let Some(name) = percent_decode(name) else {
+            return error(
+                400,
+                "invalid_request",
+                "bad percent-encoding in the robot name",
+            );
+        };
+        match (method, name.as_str(), verb) {
+            ("GET", "", "") => self.list(caller, now).await,
+            ("POST", "", "") => self.create(body, caller, now).await,
+            (_, "", _) => error(405, "invalid_request", "GET or POST /admin/robots"),
+            (method, name, verb) => {
+                let robot = match self.load(name).await {
+                    Ok(Some(r)) if self.may_manage(caller, &r) => r,
+                    Ok(_) => {
+                        return error(
+                            404,
+                            "not_found",
+                            "no such robot (among the ones you may manage)",
+                        );
+                    }
+                    Err(e) => return store_error(&e),
+                };
+                match (method, verb) {
+                    ("GET", "") => Reply::json(200, robot.view(now)),
+                    ("PATCH", "") => self.patch(robot, body, caller, now).await,
+                    ("DELETE", "") => self.delete(robot, caller).await,
+                    ("POST", "rotate") => self.rotate(robot, body, caller, now).await,
+                    _ => error(
+                        405,
+                        "invalid_request",
+                        "GET, PATCH or DELETE /admin/robots/<name>, POST /admin/robots/<name>/rotate",
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Administrators manage every robot; a delegating robot the ones it created.
+    fn may_manage(&self, caller: &Caller, r: &Robot) -> bool {
+        match caller {
+            Caller::Token | Caller::Admin(_) => true,
+            Caller::Other(id) => caller.delegating_robot().is_some() && r.created_by == id.subject,
+        }
+    }
+
+    fn refuse_others(caller: &Caller) -> Option<Reply> {
+        match caller {
+            Caller::Other(id) if caller.delegating_robot().is_none() => {
+                crate::audit::record(
+                    "robot-admin",
+                    "failure",
+                    json!({"user.name": id.subject, "event.reason": "not an administrator"}),
+                );
+                Some(error(
+                    403,
+                    "access_denied",
+                    "only registry administrators (and robots allowed to) manage robot accounts",
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    async fn list(&self, caller: &Caller, now: i64) -> Reply {
+        if let Some(r) = Self::refuse_others(caller) {
+            return r;
+        }
+        match self.store.scan(KEY_PREFIX).await {
+            Ok(entries) => {
+                let mut robots: Vec<Robot> = entries
+                    .iter()
+                    .filter_map(|(_, v)| serde_json::from_slice(v).ok())
+                    .filter(|r| self.may_manage(caller, r))
+                    .collect();
+                robots.sort_by(|a, b| a.name.cmp(&b.name));
+                Reply::json(
+                    200,
+                    json!({"robots": robots.iter().map(|r| r.view(now)).collect::<Vec<_>>()}),
+                )
+            }
+            Err(e) => store_error(&e),
+        }
+    }
+
+    async fn create(&self, body: &[u8], caller: &Caller, now: i64) -> Reply {
+        if let Some(r) = Self::refuse_others(caller) {
+            return r;
+        }
+        let req: CreateRequest = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return error(400, "invalid_request", &format!("bad robot request: {e}")),
+        };
+        if !valid_part(&req.project) || !valid_part(&req.name) {
+            return error(
+                400,
+                "invalid_request",
+                "project and name: 1 to 64 of a-z 0-9 . _ -, starting with a letter or digit",
+            );
+        }
+        let name = format!("{PREFIX}{}+{}", req.project, req.name);
+        let scope = match Scope::compile(&req.scope) {
+            Ok(s) => s,
+            Err(e) => return error(400, "invalid_scope", &e),
+        };
+        let max = (self.cfg.max_lifetime_days * 86_400) as i64;
+        let expires_at = match (req.never_expires, req.expires_in_seconds) {
+            (true, Some(_)) => {
+                return error(
+                    400,
+                    "invalid_request",
+                    "give expires_in_seconds or never_expires, not both",
+                );
+            }
+            (true, None) if !self.cfg.allow_never_expire => {
+                return error(
+                    400,
+                    "invalid_request",
+                    "this registry does not allow robots that never expire",
+                );
+            }
+            (true, None) => None,
+            (false, Some(s)) if s == 0 || s as i64 > max => {
+                return error(
+                    400,
+                    "invalid_request",
+                    &format!("expires_in_seconds must be between 1 and {max}"),
+                );
+            }
+            (false, Some(s)) => Some(now + s as i64),
+            (false, None) => Some(now + (self.cfg.default_lifetime_days * 86_400) as i64),
+        };
+        if let Some((own, own_expiry)) = caller.delegating_robot() {
+            let denied = |why: &str| {
+                crate::audit::record(
+                    "robot-create",
+                    "failure",
+                    json!({"user.name": caller.name(), "robot": name, "event.reason": why}),
+                );
+                error(403, "access_denied", why)
+            };
+            if project_of(caller.name()) != Some(req.project.as_str()) {
+                return denied("a robot creates robots of its own project only");
+            }
+            if !own.covers(&scope) {
+                return denied("the requested scope is wider than the creating robot's own");
+            }
+            if let Some(limit) = own_expiry
+                && expires_at.is_none_or(|e| e > limit)
+            {
+                return denied("a robot's robots must expire no later than itself");
+            }
+        }
+        match self.load(&name).await {
+            Ok(Some(_)) => return error(409, "conflict", &format!("{name} already exists")),
+            Ok(None) => {}
+            Err(e) => return store_error(&e),
+        }
+        let secret = crate::token::random_token(32);
+        let robot = Robot {
+            name: name.clone(),
+            description: req.description.chars().take(500).collect(),
+            scope: req.scope,
+            expires_at,
+            disabled: false,
+            may_create_robots: req.may_create_robots,
+            created_by: caller.name().to_string(),
+            created_at: now,
+            secrets: vec![Secret {
+                hash: self.hash(&name, &secret),
+                created_at: now,
+                valid_until: None,
+            }],
+        };
+        if let Err(e) = self.save(&robot).await {
+            return store_error(&e);
+        }
+        crate::audit::record(
+            "robot-create",
+            "success",
+            json!({"user.name": caller.name(), "robot": name, "scope": robot.scope, "expires_at": expires_at}),
+        );
+        let mut view = robot.view(now);
+        view["secret"] = json!(secret);
+        Reply::json(201, view)
+    }
+
+    async fn patch(&self, mut robot: Robot, body: &[u8], caller: &Caller, now: i64) -> Reply {
+        let req: PatchRequest = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return error(400, "invalid_request", &format!("bad robot change: {e}")),
+        };
+        if let Some(d) = req.disabled {
+            robot.disabled = d;
+        }
+        if let Some(d) = req.description {
+            robot.description = d.chars().take(500).collect();
+        }
+        if let Err(e) = self.save(&robot).await {
+            return store_error(&e);
+        }
+        crate::audit::record(
+            if robot.disabled {
+                "robot-disable"
+            } else {
+                "robot-update"
+            },
+            "success",
+            json!({"user.name": caller.name(), "robot": robot.name}),
+        );
+        Reply::json(200, robot.view(now))
+    }
+
+    async fn delete(&self, robot: Robot, caller: &Caller) -> Reply {
+        if let Err(e) = self
+            .store
+            .delete(&format!("{KEY_PREFIX}{}", robot.name))
+            .await
+        {
+            return store_error(&e);
+        }
+        crate::audit::record(
+            "robot-delete",
+            "success",
+            json!({"user.name": caller.name(), "robot": robot.name}),
+        );
+        Reply::json(200, json!({"deleted": robot.name}))
+    }
+
+    async fn rotate(&self, mut robot: Robot, body: &[u8], caller: &Caller, now: i64) -> Reply {
+        let req: RotateRequest = if body.is_empty() {
+            RotateRequest::default()
+        } else {
+            match serde_json::from_slice(body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(400, "invalid_request", &format!("bad rotate request: {e}"));
+                }
+            }
+        };
+        let overlap = req
+            .overlap_seconds
+            .unwrap_or(self.cfg.rotation_overlap_seconds)
+            .min(self.cfg.rotation_overlap_seconds) as i64;
+        // Earlier secrets end at the overlap's end at the latest; ended ones go.
+        for s in &mut robot.secrets {
+            s.valid_until = Some(
+                s.valid_until
+                    .map_or(now + overlap, |u| u.min(now + overlap)),
+            );
+        }
+        robot
+            .secrets
+            .retain(|s| s.valid_until.is_none_or(|u| u > now));
+        let secret = crate::token::random_token(32);
+        robot.secrets.push(Secret {
+            hash: self.hash(&robot.name, &secret),
+            created_at: now,
+            valid_until: None,
+        });
+        if let Err(e) = self.save(&robot).await {
+            return store_error(&e);
+        }
+        crate::audit::record(
+            "robot-rotate",
+            "success",
+            json!({"user.name": caller.name(), "robot": robot.name, "overlap_seconds": overlap}),
+        );
+        let mut view = robot.view(now);
+        view["secret"] = json!(secret);
+        Reply::json(200, view)
+    }
+}
+
+#[async_trait::async_trait]
+impl Authenticator for Robots {
+    fn name(&self) -> &'static str {
+        "robot"
+    }
+
+    /// Decides every `robot$…` name; passes every other on.
+    async fn authenticate(&self, username: &str, password: &str) -> Result<Identity, AuthError> {
+        if !username.starts_with(PREFIX) {
+            return Err(AuthError::UnknownUser);
+        }
+        let now = unix_now();
+        let robot = self
+            .load(username)
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let refuse = |why: &str| {
+            crate::audit::record(
+                "login",
+                "failure",
+                json!({"user.name": username, "identity.kind": "robot", "event.reason": why}),
+            );
+            Err(AuthError::InvalidCredentials)
+        };
+        let Some(robot) = robot else {
+            return refuse("no such robot");
+        };
+        let hash = self.hash(username, password);
+        let matches = robot.secrets.iter().any(|s| {
+            s.valid_until.is_none_or(|u| now < u)
+                && openssl::memcmp::eq(s.hash.as_bytes(), hash.as_bytes())
+        });
+        if !matches {
+            return refuse("wrong or retired secret");
+        }
+        if robot.disabled {
+            return refuse("robot disabled");
+        }
+        if !robot.live(now) {
+            return refuse("robot expired");
+        }
+        let scope = match Scope::compile(&robot.scope) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(robot = %username, error = %e, "stored robot scope does not compile");
+                return refuse("stored scope is invalid");
+            }
+        };
+        Ok(Identity {
+            subject: robot.name.clone(),
+            groups: Vec::new(),
+            kind: SubjectKind::Robot,
+            machine: Some(Arc::new(Machine {
+                scope: Some(scope),
+                authenticator: "robot".into(),
+                issuer: None,
+                claims: Default::default(),
+                not_after: robot.expires_at,
+            })),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(entries: &[(&[&str], &[&str])]) -> Scope {
+        let src: Vec<ScopeEntry> = entries
+            .iter()
+            .map(|(r, a)| ScopeEntry {
+                repositories: r.iter().map(|s| s.to_string()).collect(),
+                actions: a.iter().map(|s| s.to_string()).collect(),
+            })
+            .collect();
+        Scope::compile(&src).unwrap()
+    }
+
+    #[test]
+    fn scopes_cover_narrower_ones_only() {
+        let own = scope(&[
+            (&["team-a/**"], &["pull", "push"]),
+            (&["base/*"], &["pull"]),
+        ]);
+        assert!(own.covers(&scope(&[(&["team-a/app"], &["push"])])));
+        assert!(own.covers(&scope(&[(&["team-a/x/**", "base/os"], &["pull"])])));
+        assert!(!own.covers(&scope(&[(&["team-a/app"], &["delete"])])));
+        assert!(!own.covers(&scope(&[(&["base/os"], &["push"])])));
+        assert!(!own.covers(&scope(&[(&["**"], &["pull"])])));
+        assert!(own.allows(Action::Push, "team-a/x/y"));
+        assert!(!own.allows(Action::Push, "team-b/x"));
+    }
+
+    #[test]
+    fn bad_scopes_are_refused() {
+        for (r, a) in [
+            (vec!["team-a/**"], vec!["catalog"]),
+            (vec!["team-a/**"], vec![]),
+            (vec!["Team"], vec!["pull"]),
+            (vec!["users/{username}"], vec!["pull"]),
+        ] {
+            let src = [ScopeEntry {
+                repositories: r.iter().map(|s| s.to_string()).collect(),
+                actions: a.iter().map(|s| s.to_string()).collect(),
+            }];
+            assert!(Scope::compile(&src).is_err(), "{r:?} {a:?}");
+        }
+        assert!(Scope::compile(&[]).is_err());
+    }
+
+    #[test]
+    fn names_and_paths() {
+        assert_eq!(project_of("robot$team-a+ci"), Some("team-a"));
+        assert_eq!(project_of("bob"), None);
+        assert_eq!(
+            percent_decode("robot%24a%2Bb").as_deref(),
+            Some("robot$a+b")
+        );
+        assert_eq!(percent_decode("%zz"), None);
+        assert!(valid_part("team-a"));
+        assert!(!valid_part("-x"));
+        assert!(!valid_part("a+b"));
+    }
+}
