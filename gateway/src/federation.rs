@@ -378,6 +378,7 @@ impl Federation {
                 issuer: Some(issuer.cfg.issuer.clone()),
                 claims: matched,
                 not_after: Some(not_after),
+                may_create_robots: false,
             })),
         })
     }

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod proxy;
 pub mod robots;
+pub mod robots_cli;
 pub mod state;
 pub mod tls;
 pub mod token;

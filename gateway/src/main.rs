@@ -1,4 +1,4 @@
-//! `gateway dev | serve --config <file> | check-config --config <file> | hash-password`
+//! `gateway dev | serve --config <file> | check-config --config <file> | robot … | hash-password`
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -43,6 +43,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Manage robot accounts through a gateway's admin API.
+    Robot(gateway::robots_cli::RobotArgs),
     /// Print a bcrypt hash of a password read from stdin, for the htpasswd file.
     HashPassword {
         #[arg(long, default_value_t = dev::BCRYPT_COST)]
@@ -204,6 +206,10 @@ fn run() -> anyhow::Result<()> {
             println!("configuration is valid");
             Ok(())
         }
+        Command::Robot(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(gateway::robots_cli::run(args)),
         Command::HashPassword { cost } => {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;

@@ -261,7 +261,7 @@ impl Caller {
     fn delegating_robot(&self) -> Option<(&Scope, Option<i64>)> {
         match self {
             Caller::Other(id) if id.kind == SubjectKind::Robot => {
-                let m = id.machine.as_deref()?;
+                let m = id.machine.as_deref().filter(|m| m.may_create_robots)?;
                 m.scope.as_ref().map(|s| (s, m.not_after))
             }
             _ => None,
@@ -730,6 +730,7 @@ impl Authenticator for Robots {
                 issuer: None,
                 claims: Default::default(),
                 not_after: robot.expires_at,
+                may_create_robots: robot.may_create_robots,
             })),
         })
     }

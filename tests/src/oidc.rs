@@ -11,6 +11,9 @@ pub struct Idp {
     child: Child,
     /// `http://127.0.0.1:<port>`: the issuer.
     pub issuer: String,
+    /// How it was started, for [`Idp::restart`].
+    port: u16,
+    env: Vec<(String, String)>,
 }
 
 impl Idp {
@@ -31,6 +34,34 @@ impl Idp {
         users: &serde_json::Value,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.push(("IDP_CLIENTS".into(), clients.to_string()));
+        env.push(("IDP_USERS".into(), users.to_string()));
+        let (child, issuer) = Self::spawn(port, &env)?;
+        Ok(Idp {
+            child,
+            issuer,
+            port,
+            env,
+        })
+    }
+
+    /// Stops the IdP and starts it again on the same port with the same clients and users:
+    /// it signs with a newly generated key from then on (a key rotation), and forgets its
+    /// sessions and users changed with [`Idp::set_users`].
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, issuer) = Self::spawn(self.port, &self.env)?;
+        self.child = child;
+        self.issuer = issuer;
+        Ok(())
+    }
+
+    fn spawn(port: u16, env: &[(String, String)]) -> anyhow::Result<(Child, String)> {
         let dir = crate::server::workspace_root().join("tests/services/oidc");
         ensure!(
             dir.join("node_modules/oidc-provider").exists(),
@@ -40,9 +71,7 @@ impl Idp {
             .arg("idp.mjs")
             .current_dir(&dir)
             .env("IDP_PORT", port.to_string())
-            .env("IDP_CLIENTS", clients.to_string())
-            .env("IDP_USERS", users.to_string())
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -64,7 +93,7 @@ impl Idp {
                         sink.clear();
                     }
                 });
-                return Ok(Idp { child, issuer });
+                return Ok((child, issuer));
             }
         }
     }
@@ -372,4 +401,54 @@ pub async fn sign_in(
     let start = page.find(PRE).context("no token on the page")? + PRE.len();
     let end = start + page[start..].find("</pre>").context("unterminated token")?;
     Ok(page[start..end].to_string())
+}
+
+/// A CI job's OIDC token from the test IdP: client credentials for `resource` (a JWT access
+/// token whose `aud` is `resource` and which carries the client's `IDP_CI_CLAIMS`).
+pub async fn ci_token(
+    issuer: &str,
+    client_id: &str,
+    secret: &str,
+    resource: &str,
+) -> anyhow::Result<String> {
+    let r = reqwest::Client::new()
+        .post(format!("{issuer}/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", secret),
+            ("resource", resource),
+            ("scope", "registry"),
+        ])
+        .send()
+        .await?;
+    let status = r.status();
+    let body: serde_json::Value = r.json().await?;
+    ensure!(
+        status == 200,
+        "client credentials for {client_id}: {status} {body}"
+    );
+    body["access_token"]
+        .as_str()
+        .map(str::to_string)
+        .context("no access_token")
+}
+
+/// A compact JWS of `header` and `claims` signed RS256 with `key` (for tokens an IdP would
+/// never issue: unknown keys, forged signatures).
+pub fn sign_rs256(
+    header: &serde_json::Value,
+    claims: &serde_json::Value,
+    key: &openssl::pkey::PKey<openssl::pkey::Private>,
+) -> anyhow::Result<String> {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let mut signer = openssl::sign::Signer::new(openssl::hash::MessageDigest::sha256(), key)?;
+    signer.update(input.as_bytes())?;
+    Ok(format!("{input}.{}", b64(&signer.sign_to_vec()?)))
 }

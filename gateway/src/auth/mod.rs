@@ -30,6 +30,8 @@ pub struct Machine {
     pub claims: std::collections::BTreeMap<String, String>,
     /// Registry tokens for it expire no later than this (unix seconds).
     pub not_after: Option<i64>,
+    /// A robot that may create robots within its own scope.
+    pub may_create_robots: bool,
 }
 
 impl Identity {
