@@ -19,6 +19,7 @@ pub mod authz;
 pub mod config;
 pub mod dev;
 pub mod federation;
+pub mod jws;
 pub mod metrics;
 pub mod oidc;
 pub mod proxy;

@@ -452,3 +452,68 @@ pub fn sign_rs256(
     signer.update(input.as_bytes())?;
     Ok(format!("{input}.{}", b64(&signer.sign_to_vec()?)))
 }
+
+/// The client secret of the test IdP's CI clients.
+pub const CI_SECRET: &str = "ci-client-secret";
+
+/// The test IdP's CI clients and their claims (`IDP_CI_CLAIMS`): `ci-team-a` (what
+/// [`federation_table`]'s rule wants), `ci-feature` (a branch the rule does not allow),
+/// `ci-short` (matching, 1 s lifetime).
+pub fn ci_clients() -> (serde_json::Value, serde_json::Value) {
+    use serde_json::json;
+    let client = |id: &str| {
+        json!({
+            "client_id": id, "client_secret": CI_SECRET,
+            "grant_types": ["client_credentials"], "response_types": [], "redirect_uris": [],
+            "token_endpoint_auth_method": "client_secret_post",
+        })
+    };
+    let main =
+        json!({"repository": "corp/team-a-app", "ref": "refs/heads/main", "environment": "prod"});
+    let claims = json!({
+        "ci-team-a": {"claims": main},
+        "ci-feature": {"claims": {"repository": "corp/team-a-app", "ref": "refs/heads/feature", "environment": "prod"}},
+        "ci-short": {"claims": main, "ttl": 1},
+    });
+    (
+        json!([
+            client("ci-team-a"),
+            client("ci-feature"),
+            client("ci-short")
+        ]),
+        claims,
+    )
+}
+
+/// A gateway's `[federation]` trusting `issuer` for audience `urn:registry`, one rule
+/// (team A's repositories, main branch, prod environment) naming the subject
+/// `github:{repository}` — the shipped policy's `ci = ["github:corp/team-a-app"]`.
+pub fn federation_table(issuer: &str) -> String {
+    format!(
+        r#"
+[federation]
+token_seconds = 120
+clock_skew_seconds = 0
+jwks_min_refresh_seconds = 0
+[[federation.issuers]]
+name = "test-ci"
+issuer = "{issuer}"
+audiences = ["urn:registry"]
+algorithms = ["RS256", "ES256"]
+[[federation.issuers.rules]]
+claims = {{ repository = "corp/team-a-*", ref = "refs/heads/main", environment = "prod" }}
+subject = "github:{{repository}}"
+"#
+    )
+}
+
+/// The test IdP started with [`ci_clients`] on `port`.
+pub fn start_ci_idp(port: u16) -> anyhow::Result<Idp> {
+    let (clients, claims) = ci_clients();
+    Idp::start_with_env(
+        port,
+        &clients,
+        &serde_json::json!({}),
+        &[("IDP_CI_CLAIMS", &claims.to_string())],
+    )
+}

@@ -6,7 +6,9 @@
 use anyhow::{Context, ensure};
 use portcullis_tests::client::{Client, TokenAuth, https, jwt_claims};
 use portcullis_tests::deployment::{self, SERVICE, storage_node};
-use portcullis_tests::oidc::{Idp, ci_token, sign_rs256};
+use portcullis_tests::oidc::{
+    CI_SECRET, Idp, ci_token, federation_table, sign_rs256, start_ci_idp,
+};
 use portcullis_tests::server::{GatewayServer, StorageServer, binary};
 use portcullis_tests::tools::{Containers, cert_dir, free_port, run};
 use serde_json::{Value, json};
@@ -19,7 +21,6 @@ const ADMIN: (&str, &str) = ("alice", "alice-pw");
 const USER: (&str, &str) = ("bob", "bob-pw");
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-const CI_SECRET: &str = "ci-client-secret";
 
 struct Registry {
     gateway: GatewayServer,
@@ -561,60 +562,10 @@ struct Federated {
     idp: Idp,
 }
 
-/// The test IdP's CI clients: `ci-team-a` (the claims the rule wants), `ci-feature` (a
-/// branch the rule does not allow), `ci-short` (matching, 1 s lifetime).
-fn ci_clients() -> (Value, Value) {
-    let client = |id: &str| {
-        json!({
-            "client_id": id, "client_secret": CI_SECRET,
-            "grant_types": ["client_credentials"], "response_types": [], "redirect_uris": [],
-            "token_endpoint_auth_method": "client_secret_post",
-        })
-    };
-    let main =
-        json!({"repository": "corp/team-a-app", "ref": "refs/heads/main", "environment": "prod"});
-    let claims = json!({
-        "ci-team-a": {"claims": main},
-        "ci-feature": {"claims": {"repository": "corp/team-a-app", "ref": "refs/heads/feature", "environment": "prod"}},
-        "ci-short": {"claims": main, "ttl": 1},
-    });
-    (
-        json!([
-            client("ci-team-a"),
-            client("ci-feature"),
-            client("ci-short")
-        ]),
-        claims,
-    )
-}
-
 fn start_federated() -> anyhow::Result<Federated> {
     let port = free_port()?;
-    let issuer = format!("http://127.0.0.1:{port}");
-    // The subject names the shipped policy's `ci = ["github:corp/team-a-app"]` binding.
-    let registry = start(&format!(
-        r#"
-[federation]
-token_seconds = 120
-clock_skew_seconds = 0
-jwks_min_refresh_seconds = 0
-[[federation.issuers]]
-name = "test-ci"
-issuer = "{issuer}"
-audiences = ["urn:registry"]
-algorithms = ["RS256", "ES256"]
-[[federation.issuers.rules]]
-claims = {{ repository = "corp/team-a-*", ref = "refs/heads/main", environment = "prod" }}
-subject = "github:{{repository}}"
-"#
-    ))?;
-    let (clients, claims) = ci_clients();
-    let idp = Idp::start_with_env(
-        port,
-        &clients,
-        &json!({}),
-        &[("IDP_CI_CLAIMS", &claims.to_string())],
-    )?;
+    let registry = start(&federation_table(&format!("http://127.0.0.1:{port}")))?;
+    let idp = start_ci_idp(port)?;
     Ok(Federated { registry, idp })
 }
 
@@ -711,13 +662,7 @@ async fn ci_tokens_are_traded_for_short_lived_registry_tokens() -> anyhow::Resul
     ensure!(s == 401 && b.to_string().contains("expired"), "{s} {b}");
 
     // Another (real) issuer nobody trusts.
-    let (clients, claims) = ci_clients();
-    let stranger = Idp::start_with_env(
-        free_port()?,
-        &clients,
-        &json!({}),
-        &[("IDP_CI_CLAIMS", &claims.to_string())],
-    )?;
+    let stranger = start_ci_idp(free_port()?)?;
     let foreign = ci_token(&stranger.issuer, "ci-team-a", CI_SECRET, "urn:registry").await?;
     let why = refusal(r, &foreign).await?;
     ensure!(why.contains("not trusted"), "{why}");

@@ -18,7 +18,8 @@
 //! gateway's peak RSS, and token issuance.
 //!
 //! With `--ldap` it measures LDAP logins at the token endpoint; with `--sso`, the refresh
-//! grant of a session made by single sign-on, next to the gateway's cheapest TLS request.
+//! grant of a session made by single sign-on, next to the gateway's cheapest TLS request; with
+//! `--federation`, CI token exchange (jwt-bearer grant and JWT password) with warm keys.
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
@@ -91,6 +92,11 @@ struct Args {
     /// `--sso`: refresh grants (and reference requests) per measurement.
     #[arg(long, default_value_t = 20000)]
     sso_grants: usize,
+    /// Measure CI federation: a CI job's OIDC token (from a real OpenID provider) traded at
+    /// `POST /token` (jwt-bearer) and as a Basic password, with the issuer's keys cached,
+    /// against the gateway's JWKS GET as reference.
+    #[arg(long)]
+    federation: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -737,18 +743,7 @@ async fn sso_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
         let (_storage, g, idp) = oidc::start_sso(&dir, extra, &users)?;
         let http = https(&g.ca_pem, false);
         let refresh = oidc::sign_in(&http, &g.base, &idp, "bob", "bob-idp-pw", "bench").await?;
-        let jwks = {
-            let (http, url) = (http.clone(), format!("{}/auth/jwks.json", g.base));
-            move || {
-                let (http, url) = (http.clone(), url.clone());
-                async move {
-                    let r = http.get(&url).send().await?;
-                    ensure!(r.status() == 200, "jwks: {}", describe(r).await);
-                    r.bytes().await?;
-                    Ok(())
-                }
-            }
-        };
+        let jwks = jwks_get(&http, &g.base);
         let grant = {
             let (http, url) = (http.clone(), format!("{}/token", g.base));
             let refresh = refresh.clone();
@@ -783,6 +778,112 @@ async fn sso_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A GET of the gateway's JWKS: the same TLS and HTTP path as a token request, no work.
+fn jwks_get(
+    http: &reqwest::Client,
+    base: &str,
+) -> impl Fn() -> futures_util::future::BoxFuture<'static, anyhow::Result<()>> + use<> {
+    let (http, url) = (http.clone(), format!("{base}/auth/jwks.json"));
+    move || {
+        let (http, url) = (http.clone(), url.clone());
+        Box::pin(async move {
+            let r = http.get(&url).send().await?;
+            ensure!(r.status() == 200, "jwks: {}", describe(r).await);
+            r.bytes().await?;
+            Ok(())
+        })
+    }
+}
+
+/// `--federation`: a real IdP issues a CI token (RS256 JWT access token); a gateway in
+/// production shape trusts it. After one exchange (keys fetched), `POST /token` with the
+/// jwt-bearer grant and `GET /token` with the JWT as Basic password, against the JWKS GET.
+async fn federation_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
+    use portcullis_tests::oidc;
+    let n = args.sso_grants;
+    let conc = args.token_concurrency;
+    println!("regbench --federation: {n} requests per measurement at concurrency {conc}");
+    let storage = portcullis_tests::deployment::storage_node(&scratch.join("storage"))?;
+    let port = portcullis_tests::tools::free_port()?;
+    let g = portcullis_tests::deployment::start_gateway_with(
+        scratch,
+        &[&storage],
+        &[],
+        4,
+        &oidc::federation_table(&format!("http://127.0.0.1:{port}")),
+        &[],
+    )?;
+    let idp = oidc::start_ci_idp(port)?;
+    let ci = oidc::ci_token(&idp.issuer, "ci-team-a", oidc::CI_SECRET, "urn:registry").await?;
+    let http = https(&g.ca_pem, false);
+    let grant = {
+        let (http, url, ci) = (http.clone(), format!("{}/token", g.base), ci.clone());
+        move || {
+            let (http, url, ci) = (http.clone(), url.clone(), ci.clone());
+            async move {
+                let r = http
+                    .post(&url)
+                    .form(&[
+                        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                        ("assertion", ci.as_str()),
+                        ("client_id", "regbench"),
+                        ("service", SERVICE),
+                        ("scope", "repository:team-a/app:pull,push"),
+                    ])
+                    .send()
+                    .await?;
+                ensure!(r.status() == 200, "jwt-bearer grant: {}", describe(r).await);
+                let v: serde_json::Value = r.json().await?;
+                ensure!(v["access_token"].is_string(), "no access token");
+                Ok(())
+            }
+        }
+    };
+    let password = {
+        let url = format!(
+            "{}/token?service={SERVICE}&scope=repository:team-a/app:pull,push",
+            g.base
+        );
+        let (http, ci) = (http.clone(), ci.clone());
+        move || {
+            let (http, url, ci) = (http.clone(), url.clone(), ci.clone());
+            async move {
+                let r = http.get(&url).basic_auth("ci", Some(&ci)).send().await?;
+                ensure!(r.status() == 200, "JWT password: {}", describe(r).await);
+                r.bytes().await?;
+                Ok(())
+            }
+        }
+    };
+    grant()
+        .await
+        .context("the first exchange (fetches the keys)")?;
+    // Rounds interleave the three, so noise from other work on the machine hits them alike;
+    // each keeps its best round.
+    let reference = jwks_get(&http, &g.base);
+    let mut best = [(0.0, Vec::new()), (0.0, Vec::new()), (0.0, Vec::new())];
+    for _ in 0..args.rounds.max(1) {
+        let round = [
+            rate(n, conc, &reference).await?,
+            rate(n, conc, &grant).await?,
+            rate(n, conc, &password).await?,
+        ];
+        for (b, r) in best.iter_mut().zip(round) {
+            if r.0 > b.0 {
+                *b = r;
+            }
+        }
+    }
+    let [(j, jl), (r, rl), (p, pl)] = best;
+    println!("best of {} rounds:", args.rounds.max(1));
+    print_rate("GET /auth/jwks.json (reference)", j, &jl);
+    print_rate("POST /token, jwt-bearer (CI token, keys cached)", r, &rl);
+    print_rate("GET /token, CI token as Basic password", p, &pl);
+    println!("  ratio jwt-bearer / reference: {:.2}×", r / j);
+    println!("  ratio JWT password / reference: {:.2}×", p / j);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -797,6 +898,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.sso {
         return sso_suite(&args, scratch.path()).await;
+    }
+    if args.federation {
+        return federation_suite(&args, scratch.path()).await;
     }
     // Keep the servers alive for the whole run.
     let mut _keep_storage = None;
