@@ -188,6 +188,18 @@ mod tests {
         assert_eq!(ldap.cache_ttl_seconds, 60);
         let oidc = c.oidc.as_ref().expect("the example configures OIDC");
         assert_eq!(oidc.client_id, "portcullis");
+        assert_eq!(c.robots.rotation_overlap_seconds, 3600);
+        assert!(c.state.file.is_some());
+        let f = c
+            .federation
+            .clone()
+            .expect("the example configures federation");
+        assert_eq!(f.issuers.len(), 2);
+        assert_eq!(
+            f.issuers[0].issuer,
+            "https://token.actions.githubusercontent.com"
+        );
+        crate::federation::Federation::new(f).expect("the example federation compiles");
     }
 
     #[test]

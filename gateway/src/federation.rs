@@ -219,6 +219,20 @@ impl Federation {
     /// (safe to show: it is about the presented token); `Unavailable` when the issuer's keys
     /// cannot be fetched.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let out = self.check(token).await;
+        if let Err(e @ (AuthError::Refused(_) | AuthError::Unavailable(_))) = &out {
+            let iss = parts(token).map(|(_, c)| claim_text(&c["iss"]));
+            crate::audit::record(
+                "login",
+                "failure",
+                json!({"identity.kind": "ci", "authenticator": "federation",
+                       "identity.issuer": iss, "event.reason": e.to_string()}),
+            );
+        }
+        out
+    }
+
+    async fn check(&self, token: &str) -> Result<Identity, AuthError> {
         let refused = |why: String| AuthError::Refused(why);
         let mut split = token.split('.');
         let (Some(h64), Some(p64), Some(s64), None) =
@@ -336,12 +350,6 @@ impl Federation {
                     )
                 })
                 .collect();
-            crate::audit::record(
-                "login",
-                "failure",
-                json!({"identity.kind": "ci", "identity.issuer": issuer.cfg.issuer,
-                       "event.reason": "no claim rule matched", "ci.claims": seen}),
-            );
             return Err(AuthError::Refused(format!(
                 "no rule of issuer {} matches the token ({})",
                 issuer.cfg.name,

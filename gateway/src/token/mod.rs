@@ -485,14 +485,7 @@ impl TokenService {
                             "the CI issuer's keys cannot be fetched, try again later",
                         )
                     }
-                    Err(AuthError::Refused(why)) => {
-                        crate::audit::record(
-                            "token",
-                            "failure",
-                            json!({"identity.kind": "ci", "event.reason": why, "authenticator": "federation"}),
-                        );
-                        Reply::oauth_error(400, "invalid_grant", &why)
-                    }
+                    Err(AuthError::Refused(why)) => Reply::oauth_error(400, "invalid_grant", &why),
                     Err(_) => {
                         Reply::oauth_error(400, "invalid_grant", "the assertion is not valid")
                     }
