@@ -501,39 +501,13 @@ async fn fetch_keys(issuer: &Issuer) -> anyhow::Result<KeySet> {
         None => {
             #[derive(Deserialize)]
             struct Discovery {
-                issuer: String,
                 jwks_uri: String,
             }
-            let url = format!(
-                "{}/.well-known/openid-configuration",
-                issuer.cfg.issuer.trim_end_matches('/')
-            );
-            let d: Discovery = issuer
-                .http
-                .get(&url)
-                .send()
-                .await
-                .with_context(|| format!("fetching {url}"))?
-                .error_for_status()?
-                .json()
-                .await
-                .context("reading the discovery document")?;
-            if d.issuer != issuer.cfg.issuer {
-                bail!("the discovery document names issuer {:?}", d.issuer);
-            }
+            let d: Discovery = crate::jws::discover(&issuer.http, &issuer.cfg.issuer).await?;
             d.jwks_uri
         }
     };
-    let set: JwkSet = issuer
-        .http
-        .get(&jwks_uri)
-        .send()
-        .await
-        .with_context(|| format!("fetching {jwks_uri}"))?
-        .error_for_status()?
-        .json()
-        .await
-        .context("reading the JWKS")?;
+    let set: JwkSet = crate::jws::fetch_json(&issuer.http, &jwks_uri).await?;
     let mut by_kid = HashMap::new();
     let mut all = Vec::new();
     for jwk in &set.keys {

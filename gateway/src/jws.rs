@@ -153,6 +153,46 @@ impl PublicKey {
     }
 }
 
+/// A JSON document over HTTP (discovery documents and JWKS of identity providers).
+pub async fn fetch_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<T> {
+    http.get(url)
+        .send()
+        .await
+        .with_context(|| format!("fetching {url}"))?
+        .error_for_status()?
+        .json()
+        .await
+        .with_context(|| format!("reading {url}"))
+}
+
+/// The `jwks_uri` of `issuer`'s OpenID discovery document, which must name `issuer` itself;
+/// with the whole document.
+pub async fn discover<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    issuer: &str,
+) -> anyhow::Result<T> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        issuer: String,
+    }
+    let url = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    );
+    let doc: serde_json::Value = fetch_json(http, &url).await?;
+    let named: Named = serde_json::from_value(doc.clone()).context("the discovery document")?;
+    if named.issuer != issuer {
+        bail!(
+            "the discovery document names issuer {:?}, not {issuer:?}",
+            named.issuer
+        );
+    }
+    serde_json::from_value(doc).context("the discovery document")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,7 +95,6 @@ fn default_flow_ttl() -> u64 {
 
 #[derive(Debug, Clone, Deserialize)]
 struct Discovery {
-    issuer: String,
     authorization_endpoint: String,
     token_endpoint: String,
     jwks_uri: String,
@@ -347,37 +346,8 @@ impl Oidc {
         if let (Some(d), false) = (slot.as_ref(), refresh) {
             return Ok(d.clone());
         }
-        let url = format!(
-            "{}/.well-known/openid-configuration",
-            self.cfg.issuer.trim_end_matches('/')
-        );
-        let d: Discovery = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .with_context(|| format!("fetching {url}"))?
-            .error_for_status()?
-            .json()
-            .await
-            .context("reading the discovery document")?;
-        if d.issuer != self.cfg.issuer {
-            bail!(
-                "the IdP calls itself {:?}, not the configured issuer {:?}",
-                d.issuer,
-                self.cfg.issuer
-            );
-        }
-        let jwks: JwkSet = self
-            .http
-            .get(&d.jwks_uri)
-            .send()
-            .await
-            .context("fetching the IdP's JWKS")?
-            .error_for_status()?
-            .json()
-            .await
-            .context("reading the IdP's JWKS")?;
+        let d: Discovery = crate::jws::discover(&self.http, &self.cfg.issuer).await?;
+        let jwks: JwkSet = crate::jws::fetch_json(&self.http, &d.jwks_uri).await?;
         *slot = Some((d.clone(), jwks.clone()));
         Ok((d, jwks))
     }

@@ -166,6 +166,23 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// `robot$team-a+ci` (push and pull on `team-a/**`, an hour) made with the CLI.
+    fn cli_create_team_a_ci(&self) -> anyhow::Result<Value> {
+        self.cli(&[
+            "create",
+            "--project",
+            "team-a",
+            "--name",
+            "ci",
+            "--scope",
+            "team-a/**=pull,push",
+            "--expires-in-seconds",
+            "3600",
+        ])
+    }
+}
+
 fn secret(v: &Value) -> anyhow::Result<String> {
     v["secret"]
         .as_str()
@@ -414,17 +431,7 @@ async fn robots_expire_rotate_disable_and_delete() -> anyhow::Result<()> {
     ensure!(expired, "the expired robot still logs in");
 
     // Rotation with an overlap: both secrets work, then only the new one.
-    let ci = r.cli(&[
-        "create",
-        "--project",
-        "team-a",
-        "--name",
-        "ci",
-        "--scope",
-        "team-a/**=pull,push",
-        "--expires-in-seconds",
-        "3600",
-    ])?;
+    let ci = r.cli_create_team_a_ci()?;
     let old = secret(&ci)?;
     let rotated = r.cli(&["rotate", "robot$team-a+ci", "--overlap-seconds", "2"])?;
     let new = secret(&rotated)?;
@@ -474,17 +481,7 @@ fn source_image(ctr: &Containers) -> anyhow::Result<()> {
 #[test]
 fn a_robot_pushes_with_skopeo_and_podman_within_its_scope_only() -> anyhow::Result<()> {
     let r = start("[state]\nfile = \"{dir}/state.json\"\n")?;
-    let ci = r.cli(&[
-        "create",
-        "--project",
-        "team-a",
-        "--name",
-        "ci",
-        "--scope",
-        "team-a/**=pull,push",
-        "--expires-in-seconds",
-        "3600",
-    ])?;
+    let ci = r.cli_create_team_a_ci()?;
     let creds = format!("robot$team-a+ci:{}", secret(&ci)?);
     let ctr = Containers::new()?;
     let certs = cert_dir(&ctr, &r.gateway.ca_pem)?;
