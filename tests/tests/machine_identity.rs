@@ -478,6 +478,29 @@ fn source_image(ctr: &Containers) -> anyhow::Result<()> {
     ctr.build_scratch_image("mi-src:1", Path::new("/bin/busybox"))
 }
 
+/// `skopeo copy` of the source image to `<host>/<dest>` with `creds` (`user:password`).
+fn skopeo_push(
+    ctr: &Containers,
+    certs: &str,
+    host: &str,
+    creds: &str,
+    dest: &str,
+) -> anyhow::Result<String> {
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--dest-cert-dir",
+            certs,
+            "--dest-creds",
+            creds,
+            "containers-storage:localhost/mi-src:1",
+            &format!("docker://{host}/{dest}"),
+        ],
+    )
+}
+
 #[test]
 fn a_robot_pushes_with_skopeo_and_podman_within_its_scope_only() -> anyhow::Result<()> {
     let r = start("[state]\nfile = \"{dir}/state.json\"\n")?;
@@ -487,23 +510,8 @@ fn a_robot_pushes_with_skopeo_and_podman_within_its_scope_only() -> anyhow::Resu
     let certs = cert_dir(&ctr, &r.gateway.ca_pem)?;
     let h = &r.gateway.host;
     source_image(&ctr)?;
-    let skopeo_push = |dest: &str| {
-        ctr.run(
-            "skopeo",
-            &[
-                "copy",
-                "-q",
-                "--dest-cert-dir",
-                &certs,
-                "--dest-creds",
-                &creds,
-                "containers-storage:localhost/mi-src:1",
-                &format!("docker://{h}/{dest}"),
-            ],
-        )
-    };
-    skopeo_push("team-a/app:v1")?;
-    let denied = skopeo_push("team-b/app:v1");
+    skopeo_push(&ctr, &certs, h, &creds, "team-a/app:v1")?;
+    let denied = skopeo_push(&ctr, &certs, h, &creds, "team-b/app:v1");
     ensure!(denied.is_err(), "a robot pushed outside its scope");
     // podman logs in as the robot (what `docker login -u 'robot$…'` does) and pushes.
     let (user, pass) = creds.split_once(':').context("creds")?;
@@ -747,32 +755,9 @@ fn a_ci_token_pushes_with_skopeo_and_podman() -> anyhow::Result<()> {
             &format!("{h}/team-a/from-ci:v1"),
         ],
     )?;
-    ctr.run(
-        "skopeo",
-        &[
-            "copy",
-            "-q",
-            "--dest-cert-dir",
-            &certs,
-            "--dest-creds",
-            &format!("ci:{token}"),
-            "containers-storage:localhost/mi-src:1",
-            &format!("docker://{h}/team-a/from-ci:v2"),
-        ],
-    )?;
-    let denied = ctr.run(
-        "skopeo",
-        &[
-            "copy",
-            "-q",
-            "--dest-cert-dir",
-            &certs,
-            "--dest-creds",
-            &format!("ci:{token}"),
-            "containers-storage:localhost/mi-src:1",
-            &format!("docker://{h}/team-b/from-ci:v1"),
-        ],
-    );
+    let creds = format!("ci:{token}");
+    skopeo_push(&ctr, &certs, h, &creds, "team-a/from-ci:v2")?;
+    let denied = skopeo_push(&ctr, &certs, h, &creds, "team-b/from-ci:v1");
     ensure!(denied.is_err(), "a CI identity pushed outside its grants");
     let tags = ctr.run(
         "skopeo",
@@ -781,7 +766,7 @@ fn a_ci_token_pushes_with_skopeo_and_podman() -> anyhow::Result<()> {
             "--cert-dir",
             &certs,
             "--creds",
-            &format!("ci:{token}"),
+            &creds,
             &format!("docker://{h}/team-a/from-ci"),
         ],
     )?;
