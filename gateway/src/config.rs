@@ -27,6 +27,18 @@ pub struct Config {
     pub federation: Option<crate::federation::FederationConfig>,
     #[serde(default)]
     pub state: StateConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// The audit trail.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// JSON lines with a hash chain (`gateway audit verify <file>`). Unset: events go to the
+    /// log under the `audit` target.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
 }
 
 /// The shared state store.
@@ -190,6 +202,7 @@ mod tests {
         assert_eq!(oidc.client_id, "portcullis");
         assert_eq!(c.robots.rotation_overlap_seconds, 3600);
         assert!(c.state.file.is_some());
+        assert!(c.audit.file.is_some());
         let f = c
             .federation
             .clone()

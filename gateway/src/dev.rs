@@ -109,6 +109,8 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         }
     });
 
+    let audit_file = data.join("audit/audit.jsonl");
+    crate::audit::install(&audit_file)?;
     // Robot accounts outlive restarts: the store's durable entries live in the data directory.
     let store: Arc<dyn crate::state::StateStore> = Arc::new(crate::state::MemoryStore::with_file(
         &data.join("gateway-state.json"),
@@ -127,6 +129,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     println!("  registry:     https://{}", opts.listen);
     println!("  admin:        http://{admin_addr} (/metrics /healthz /readyz)");
     println!("  data:         {}", data.display());
+    println!("  audit trail:  {}", audit_file.display());
     println!("  CA:           {}", tls_files.ca_cert.display());
     println!(
         "                trust it: podman/skopeo --cert-dir <dir with ca.crt>; docker: copy it to /etc/docker/certs.d/{}/ca.crt",

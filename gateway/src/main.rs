@@ -45,11 +45,23 @@ enum Command {
     },
     /// Manage robot accounts through a gateway's admin API.
     Robot(gateway::robots_cli::RobotArgs),
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print a bcrypt hash of a password read from stdin, for the htpasswd file.
     HashPassword {
         #[arg(long, default_value_t = dev::BCRYPT_COST)]
         cost: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check a trail's hash chain and sequence; names the first edited, missing or
+    /// reordered line (exit status 1).
+    Verify { file: PathBuf },
 }
 
 fn main() -> std::process::ExitCode {
@@ -114,6 +126,9 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
             Arc::new(gateway::state::MemoryStore::default())
         }
     };
+    if let Some(f) = &c.audit.file {
+        gateway::audit::install(f)?;
+    }
     let robots = Arc::new(gateway::robots::Robots::new(
         store.clone(),
         secret.as_bytes(),
@@ -210,6 +225,28 @@ fn run() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(gateway::robots_cli::run(args)),
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => {
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            match gateway::audit::verify(std::io::BufReader::new(f))? {
+                gateway::audit::Verdict::Intact {
+                    events,
+                    first,
+                    last,
+                } => {
+                    println!(
+                        "{}: intact, {events} events (sequence {first}..{last})",
+                        file.display()
+                    );
+                    Ok(())
+                }
+                gateway::audit::Verdict::Broken { line, why } => {
+                    anyhow::bail!("{}: line {line}: {why}", file.display())
+                }
+            }
+        }
         Command::HashPassword { cost } => {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;

@@ -395,11 +395,22 @@ impl TokenService {
         if user == IDENTITY_TOKEN_USER {
             return self.redeem(password).await?.ok_or_else(unauthorized);
         }
+        let failed = |reason: &str| {
+            crate::audit::record(
+                "login",
+                "failure",
+                json!({"user.name": user, "event.reason": reason, "authenticator": self.auth.name()}),
+            );
+        };
         match self.auth.authenticate(user, password).await {
             Ok(id) => Ok(id),
-            Err(AuthError::InvalidCredentials | AuthError::UnknownUser) => Err(unauthorized()),
+            Err(AuthError::InvalidCredentials | AuthError::UnknownUser) => {
+                failed("invalid credentials");
+                Err(unauthorized())
+            }
             Err(AuthError::Refused(why)) => Err(refused(&why)),
             Err(AuthError::Unavailable(e)) => {
+                failed("authentication backend unavailable");
                 tracing::warn!(backend = self.auth.name(), error = %e, "authentication backend unavailable");
                 Err(Reply::oauth_error(
                     503,
@@ -602,22 +613,20 @@ impl TokenService {
             granted = %granted.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
             "token issued"
         );
+        let mut event = json!({
+            "user.name": id.subject,
+            "user.roles": id.groups,
+            "identity.kind": jwt::kind_name(id.kind),
+            "token.requested": scopes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "token.granted": granted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "token.jti": claims.jti,
+        });
         if let Some(m) = machine {
-            crate::audit::record(
-                "token",
-                "success",
-                json!({
-                    "user.name": id.subject,
-                    "identity.kind": jwt::kind_name(id.kind),
-                    "authenticator": m.authenticator,
-                    "identity.issuer": m.issuer,
-                    "ci.claims": m.claims,
-                    "token.requested": scopes.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    "token.granted": granted.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    "token.jti": claims.jti,
-                }),
-            );
+            event["authenticator"] = json!(m.authenticator);
+            event["identity.issuer"] = json!(m.issuer);
+            event["ci.claims"] = json!(m.claims);
         }
+        crate::audit::record("token", "success", event);
         let mut body = json!({
             "access_token": token,
             "expires_in": exp - now,
