@@ -2,6 +2,7 @@
 //! needs, checked against the token's `access`; tag immutability asked of policy at manifest
 //! PUT and DELETE. Pure over the request head, so it is tested without a socket.
 
+use crate::audit::request::{Operation, User};
 use crate::token::jwt::{Claims, Tokens};
 use oci::{Endpoint, ErrorCode, OciError, Reference};
 use pingora::http::RequestHeader;
@@ -148,7 +149,9 @@ impl Authz {
         Some(self.tokens.verify(&token).map_err(|e| e.to_string()))
     }
 
-    pub fn check(&self, req: &RequestHeader) -> Verdict {
+    /// Checks a `/v2/` request; what the audit event needs goes into `op` (nothing for a
+    /// request without credentials, which only gets the challenge).
+    pub fn check(&self, req: &RequestHeader, op: &mut Operation) -> Verdict {
         let route = oci::parse_route(req.method.as_str(), req.uri.path());
         let label = route.as_ref().map_or("invalid", Endpoint::label);
         let scope = route.as_ref().ok().and_then(needed);
@@ -164,6 +167,8 @@ impl Authz {
                 );
             }
             Some(Err(e)) => {
+                op.endpoint = route.as_ref().ok().cloned();
+                op.reason = Some(format!("invalid_token: {e}"));
                 return self.unauthorized(
                     req,
                     label,
@@ -175,6 +180,13 @@ impl Authz {
             }
             Some(Ok(c)) => c,
         };
+        op.endpoint = route.as_ref().ok().cloned();
+        op.query = req.uri.query().map(str::to_owned);
+        op.user = Some(User {
+            name: claims.sub.clone(),
+            kind: claims.subject.kind.clone(),
+            groups: claims.subject.groups.clone(),
+        });
         let endpoint = match route {
             Ok(ep) => ep,
             Err(e) => {
@@ -198,6 +210,9 @@ impl Authz {
             }; // GET /v2/
         };
         if !claims.allows(rtype, &name, action) {
+            op.reason = Some(format!(
+                "insufficient_scope: the token does not grant {rtype}:{name}:{action}"
+            ));
             return self.unauthorized(
                 req,
                 label,
@@ -252,6 +267,9 @@ impl Authz {
                     .check_tag_delete(&subject, name.as_str(), tag.as_str(), now)
                 {
                     TagChange::Denied(by) => {
+                        op.immutable_denied = true;
+                        op.reason =
+                            Some(format!("tag {tag} is immutable (policy line {})", by.line));
                         return Verdict::Respond {
                             route: label,
                             status: 403,

@@ -28,17 +28,10 @@ pub struct Config {
     #[serde(default)]
     pub state: StateConfig,
     #[serde(default)]
-    pub audit: AuditConfig,
-}
-
-/// The audit trail.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct AuditConfig {
-    /// JSON lines with a hash chain (`gateway audit verify <file>`). Unset: events go to the
-    /// log under the `audit` target.
+    pub audit: crate::audit::AuditConfig,
+    /// `[log] format = "pretty" | "json"` (stderr; `--log-format` overrides it).
     #[serde(default)]
-    pub file: Option<PathBuf>,
+    pub log: storage_backend::config::LogConfig,
 }
 
 /// The shared state store.

@@ -25,6 +25,16 @@ pub struct DevOptions {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub data: PathBuf,
+    /// A TOML file with `[audit]` settings (syslog sinks, stdout…); the trail's file stays
+    /// `<data>/audit/audit.jsonl` unless it names another.
+    pub audit_config: Option<PathBuf>,
+}
+
+/// The `[audit]` table of a dev `--audit-config` file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditFile {
+    audit: crate::audit::AuditConfig,
 }
 
 fn random_token(bytes: usize) -> anyhow::Result<String> {
@@ -110,7 +120,21 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     });
 
     let audit_file = data.join("audit/audit.jsonl");
-    crate::audit::install(&audit_file)?;
+    let mut audit = match &opts.audit_config {
+        Some(f) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            toml::from_str::<AuditFile>(&text)
+                .with_context(|| format!("parsing {}", f.display()))?
+                .audit
+        }
+        None => crate::audit::AuditConfig::default(),
+    };
+    let audit_file = audit.file.get_or_insert(audit_file).clone();
+    crate::audit::install(
+        &audit,
+        &format!("{}:{}", crate::audit::hostname(), opts.listen.port()),
+    )?;
     // Robot accounts outlive restarts: the store's durable entries live in the data directory.
     let store: Arc<dyn crate::state::StateStore> = Arc::new(crate::state::MemoryStore::with_file(
         &data.join("gateway-state.json"),

@@ -161,6 +161,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                 for t in side_tasks {
                     tokio::spawn(t);
                 }
+                tokio::spawn(audit::reopen_on_sighup());
                 if let Err(e) = admin::serve(admin, admin_state).await {
                     eprintln!("gateway: admin listener failed: {e:#}");
                     std::process::exit(2);

@@ -18,6 +18,9 @@ use std::time::Duration;
     about = "Portcullis gateway: TLS edge, token service, policy enforcement"
 )]
 struct Cli {
+    /// Log format on stderr (default: the config's `[log] format`, else pretty).
+    #[arg(long, global = true, env = "PORTCULLIS_LOG_FORMAT", value_parser = ["pretty", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,6 +35,9 @@ enum Command {
         admin_listen: SocketAddr,
         #[arg(long, default_value = "./data")]
         data: PathBuf,
+        /// A TOML file with an `[audit]` table: more audit sinks (syslog, stdout).
+        #[arg(long)]
+        audit_config: Option<PathBuf>,
     },
     /// Production: storage nodes, keys, users and policy from a config file.
     Serve {
@@ -64,14 +70,34 @@ enum AuditCommand {
     Verify { file: PathBuf },
 }
 
-fn main() -> std::process::ExitCode {
+/// Logs on stderr: `--log-format`, else the config's `[log] format`, else pretty.
+fn init_logging(cli: &Cli) {
+    let json = match cli.log_format.as_deref() {
+        Some(f) => f == "json",
+        None => match &cli.command {
+            Command::Serve { config } | Command::CheckConfig { config } => {
+                config::Config::load(config)
+                    .is_ok_and(|c| c.log.format == storage_backend::config::LogFormat::Json)
+            }
+            _ => false,
+        },
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    match run() {
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gateway: {e:#}");
@@ -126,9 +152,10 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
             Arc::new(gateway::state::MemoryStore::default())
         }
     };
-    if let Some(f) = &c.audit.file {
-        gateway::audit::install(f)?;
-    }
+    gateway::audit::install(
+        &c.audit,
+        &format!("{}:{}", gateway::audit::hostname(), c.listen.port()),
+    )?;
     let robots = Arc::new(gateway::robots::Robots::new(
         store.clone(),
         secret.as_bytes(),
@@ -196,17 +223,19 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
     })
 }
 
-fn run() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Dev {
             listen,
             admin_listen,
             data,
+            audit_config,
         } => {
             let s = dev::settings(dev::DevOptions {
                 listen,
                 admin_listen,
                 data,
+                audit_config,
             })?;
             gateway::run(s)?;
             Ok(())

@@ -49,6 +49,7 @@ impl Metrics {
         registry
             .register(Box::new(token_requests.clone()))
             .expect("unique");
+        crate::audit::register_metrics(&registry).expect("unique");
         Metrics {
             registry,
             requests,

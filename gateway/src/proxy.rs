@@ -1,6 +1,7 @@
 //! The Pingora `ProxyHttp`: a thin sequence of calls into the token service, the bearer
 //! check (`authz`), and the upstream selection. Per-request state lives in [`RequestCtx`].
 
+use crate::audit::request::{Operation, RequestInfo};
 use crate::authz::{self, Verdict};
 use crate::metrics::Metrics;
 use crate::token::{self, TokenService};
@@ -14,9 +15,14 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// Header carrying the internal secret to storage (clients' copies are stripped).
 pub const INTERNAL_SECRET_HEADER: &str = storage_backend::http::INTERNAL_SECRET_HEADER;
+/// The request id, returned to the client and sent to storage.
+const REQUEST_ID_HEADER: &str = "x-request-id";
+/// What a tag pointed to before a manifest PUT (storage → gateway only; stripped).
+const PREVIOUS_DIGEST_HEADER: &str = storage_backend::http::PREVIOUS_DIGEST_HEADER;
 /// Largest token request body read.
 const MAX_TOKEN_BODY: usize = 64 * 1024;
 
@@ -36,6 +42,10 @@ pub struct Gateway {
 pub struct RequestCtx {
     started: Instant,
     pub request_id: String,
+    /// The request's fields for audit events (set at the start of `request_filter`).
+    info: Arc<RequestInfo>,
+    /// What the audit event of a `/v2/` request needs.
+    op: Operation,
     route: &'static str,
     /// Upstream modifications decided by the bearer check.
     forward: authz::Forward,
@@ -54,6 +64,9 @@ async fn respond(
     h.insert_header("content-type", content_type)?;
     h.insert_header("content-length", body.len().to_string())?;
     h.insert_header("docker-distribution-api-version", "registry/2.0")?;
+    if let Some(id) = session.req_header().headers.get(REQUEST_ID_HEADER) {
+        h.insert_header(REQUEST_ID_HEADER, id.clone())?;
+    }
     for (k, v) in extra {
         h.insert_header(k.to_string(), v.as_str())?;
     }
@@ -304,70 +317,8 @@ impl Gateway {
         send_reply(session, reply).await
     }
 
-    async fn token_endpoint(&self, session: &mut Session) -> Result<bool> {
-        let mut req = RequestParts::of(session);
-        let Some(body) = post_body(session).await? else {
-            return body_too_large(session).await;
-        };
-        req.body = body;
-        let reply = self.tokens.handle(&req.as_request()).await;
-        self.metrics
-            .token_requests
-            .with_label_values(&[&reply.status.to_string()])
-            .inc();
-        send_reply(session, reply).await
-    }
-}
-
-/// A 200 HTML page that must not be cached (it may hold a token).
-async fn respond_page(session: &mut Session, page: String) -> Result<bool> {
-    let html = "text/html; charset=utf-8";
-    let no_store = [("cache-control", "no-store".to_string())];
-    respond(session, 200, html, Bytes::from(page), &no_store).await
-}
-
-/// The `Host` the client used (for URLs shown back to it).
-fn host_of(session: &Session) -> String {
-    let req = session.req_header();
-    req.headers
-        .get("host")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("localhost")
-        .to_string()
-}
-
-/// A token-service answer: JSON, never cached.
-async fn send_reply(session: &mut Session, reply: token::Reply) -> Result<bool> {
-    let mut extra = vec![("cache-control", "no-store".to_string())];
-    if let Some(w) = reply.www_authenticate {
-        extra.push(("www-authenticate", w));
-    }
-    respond(
-        session,
-        reply.status,
-        "application/json",
-        Bytes::from(reply.body),
-        &extra,
-    )
-    .await
-}
-
-#[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            started: Instant::now(),
-            request_id: uuid::Uuid::new_v4().simple().to_string(),
-            route: "other",
-            forward: authz::Forward::default(),
-            replace_body: None,
-        }
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    /// Everything `request_filter` does, inside the request's audit context and span.
+    async fn route_request(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let path = session.req_header().uri.path().to_owned();
         if path == token::TOKEN_PATH {
             ctx.route = "token";
@@ -427,10 +378,25 @@ impl ProxyHttp for Gateway {
                 .with_status(404);
             return respond(session, 404, "application/json", Bytes::from(e.body()), &[]).await;
         }
-        match self.authz.check(session.req_header()) {
+        if crate::audit::refusing_writes()
+            && !matches!(
+                session.req_header().method,
+                http::Method::GET | http::Method::HEAD
+            )
+        {
+            ctx.route = "refused";
+            let e = oci::OciError::new(
+                oci::ErrorCode::Unknown,
+                "the audit trail cannot be delivered; writes are refused until it recovers",
+            )
+            .with_status(503);
+            return respond(session, 503, "application/json", Bytes::from(e.body()), &[]).await;
+        }
+        match self.authz.check(session.req_header(), &mut ctx.op) {
             Verdict::Forward { route, forward } => {
                 ctx.route = route;
                 ctx.forward = forward;
+                ctx.op.break_glass = ctx.forward.override_immutable;
                 if let (Some((name, digest)), Some(subject)) = (
                     ctx.forward.digest_delete.take(),
                     ctx.forward.policy_subject.take(),
@@ -455,8 +421,16 @@ impl ProxyHttp for Gateway {
                         }
                     };
                     match self.authz.check_digest_delete(&subject, &name, &tags) {
-                        Ok(over) => ctx.forward.override_immutable = over,
+                        Ok(over) => {
+                            ctx.forward.override_immutable = over;
+                            ctx.op.break_glass = over;
+                        }
                         Err((status, body)) => {
+                            ctx.op.immutable_denied = true;
+                            ctx.op.reason = Some(format!(
+                                "the manifest is tagged immutable ({})",
+                                tags.join(", ")
+                            ));
                             return respond(
                                 session,
                                 status,
@@ -489,6 +463,119 @@ impl ProxyHttp for Gateway {
                 .await
             }
         }
+    }
+
+    async fn token_endpoint(&self, session: &mut Session) -> Result<bool> {
+        let mut req = RequestParts::of(session);
+        let Some(body) = post_body(session).await? else {
+            return body_too_large(session).await;
+        };
+        req.body = body;
+        let reply = self.tokens.handle(&req.as_request()).await;
+        self.metrics
+            .token_requests
+            .with_label_values(&[&reply.status.to_string()])
+            .inc();
+        send_reply(session, reply).await
+    }
+}
+
+/// Gives the request its id (the client's `X-Request-Id` if it is a plain token of at most
+/// 64 characters, a new one otherwise), set on the request so storage and every answer get
+/// it, and its audit fields.
+fn start_request(session: &mut Session, ctx: &mut RequestCtx) -> Result<Arc<RequestInfo>> {
+    let req = session.req_header();
+    let id = req
+        .headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let info = Arc::new(RequestInfo {
+        request_id: id.clone(),
+        source_ip: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string()),
+        user_agent: req
+            .headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(512).collect()),
+        method: req.method.as_str().to_owned(),
+        path: req.uri.path().chars().take(2048).collect(),
+    });
+    session
+        .req_header_mut()
+        .insert_header(REQUEST_ID_HEADER, id.as_str())?;
+    ctx.request_id = id;
+    ctx.info = info.clone();
+    Ok(info)
+}
+
+/// A 200 HTML page that must not be cached (it may hold a token).
+async fn respond_page(session: &mut Session, page: String) -> Result<bool> {
+    let html = "text/html; charset=utf-8";
+    let no_store = [("cache-control", "no-store".to_string())];
+    respond(session, 200, html, Bytes::from(page), &no_store).await
+}
+
+/// The `Host` the client used (for URLs shown back to it).
+fn host_of(session: &Session) -> String {
+    let req = session.req_header();
+    req.headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("localhost")
+        .to_string()
+}
+
+/// A token-service answer: JSON, never cached.
+async fn send_reply(session: &mut Session, reply: token::Reply) -> Result<bool> {
+    let mut extra = vec![("cache-control", "no-store".to_string())];
+    if let Some(w) = reply.www_authenticate {
+        extra.push(("www-authenticate", w));
+    }
+    respond(
+        session,
+        reply.status,
+        "application/json",
+        Bytes::from(reply.body),
+        &extra,
+    )
+    .await
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            request_id: String::new(),
+            info: Arc::default(),
+            op: Operation::default(),
+            route: "other",
+            forward: authz::Forward::default(),
+            replace_body: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let info = start_request(session, ctx)?;
+        let span = tracing::info_span!("request", id = %ctx.request_id);
+        crate::audit::CONTEXT
+            .scope(info, self.route_request(session, ctx))
+            .instrument(span)
+            .await
     }
 
     async fn upstream_peer(
@@ -540,7 +627,6 @@ impl ProxyHttp for Gateway {
             };
             upstream.insert_header("x-forwarded-for", xff)?;
         }
-        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
         Ok(())
     }
 
@@ -550,8 +636,21 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.op.previous_digest = resp
+            .headers
+            .get(PREVIOUS_DIGEST_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        resp.remove_header(PREVIOUS_DIGEST_HEADER);
+        ctx.op.digest = resp
+            .headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         if ctx.forward.create_tag_only && resp.status.as_u16() == 412 {
             let tag = ctx.forward.tag.clone().unwrap_or_default();
+            ctx.op.immutable_denied = true;
+            ctx.op.reason = Some(format!("tag {tag} is immutable and already exists"));
             let body = oci::OciError::new(
                 oci::ErrorCode::Denied,
                 format!("tag {tag} is immutable and already exists; push a new tag instead"),
@@ -562,7 +661,7 @@ impl ProxyHttp for Gateway {
             resp.insert_header("content-type", "application/json")?;
             ctx.replace_body = Some(Bytes::from(body));
         }
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
         Ok(())
     }
 
@@ -576,11 +675,12 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         if end_of_stream && body.as_ref().is_some_and(Bytes::is_empty) {
             *body = None;
         }
+        ctx.op.bytes_in += body.as_ref().map_or(0, |b| b.len() as u64);
         Ok(())
     }
 
@@ -594,6 +694,7 @@ impl ProxyHttp for Gateway {
         if let Some(replacement) = &ctx.replace_body {
             *body = end_of_stream.then(|| replacement.clone());
         }
+        ctx.op.bytes_out += body.as_ref().map_or(0, |b| b.len() as u64);
         Ok(None)
     }
 
@@ -656,10 +757,12 @@ impl ProxyHttp for Gateway {
             .requests
             .with_label_values(&[ctx.route, &method, &status.to_string()])
             .inc();
+        let elapsed = ctx.started.elapsed();
         self.metrics
             .duration
             .with_label_values(&[ctx.route])
-            .observe(ctx.started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
+        ctx.op.finish(&ctx.info, status, elapsed);
         if let Some(e) = e {
             tracing::warn!(request_id = %ctx.request_id, route = ctx.route, status, error = %e, "request failed");
         } else {

@@ -13,6 +13,8 @@ packages=(
   docker.io                     # dockerd for docker push/pull tests (the docker CLI is on the machine)
   nginx                         # regbench --gateway: the reference for serving a file over TLS
   slapd ldap-utils              # OpenLDAP for the LDAP login tests
+  rsyslog rsyslog-openssl rsyslog-relp  # syslog receiver of the audit tests (UDP, TCP, TLS, RELP)
+  prometheus                    # promtool check metrics
 )
 
 missing=()

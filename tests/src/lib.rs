@@ -9,6 +9,7 @@
 //! - [`ldap`]: a real slapd with a seeded directory.
 //! - [`oidc`]: a real OpenID provider and a headless browser login.
 //! - [`fsck`]: an offline consistency check of a storage root.
+//! - [`syslog`]: a real rsyslogd receiving RFC 5424 over UDP, TCP and TLS.
 //! - [`tools`]: running real clients (skopeo, podman, buildah) and distribution.
 
 pub mod client;
@@ -18,4 +19,5 @@ pub mod ldap;
 pub mod oidc;
 pub mod protocol;
 pub mod server;
+pub mod syslog;
 pub mod tools;

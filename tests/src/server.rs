@@ -12,11 +12,29 @@ use std::time::{Duration, Instant};
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--bins", "--quiet"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("running cargo build");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--release", "--bins", "--quiet"])
+            .current_dir(workspace_root());
+        // What `cargo test` sets for the test process (CARGO_MANIFEST_DIR, CARGO_PKG_NAME…)
+        // is not set in a shell; build scripts that watch it (ring's) would rebuild
+        // everything above them on every test binary's first call.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+                "CARGO_TARGET_TMPDIR",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
+            {
+                cmd.env_remove(k.as_ref());
+            }
+        }
+        let status = cmd.status().expect("running cargo build");
         assert!(status.success(), "cargo build --release --bins failed");
     });
     let path = workspace_root().join("target/release").join(name);
@@ -193,6 +211,15 @@ pub struct GatewayServer {
 impl GatewayServer {
     /// `gateway dev` on free ports with `data` as its data directory.
     pub fn start_dev(data: &Path, admin_password: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_dev_with(data, admin_password, &[])
+    }
+
+    /// `gateway dev` with more arguments (e.g. `--audit-config <file>`).
+    pub fn start_dev_with(
+        data: &Path,
+        admin_password: Option<&str>,
+        args: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
         let port = crate::tools::free_port()?;
         let mut cmd = Command::new(binary("gateway"));
         cmd.args([
@@ -203,7 +230,8 @@ impl GatewayServer {
             "127.0.0.1:0",
             "--data",
         ])
-        .arg(data);
+        .arg(data)
+        .args(args);
         match admin_password {
             Some(p) => cmd.env("PORTCULLIS_ADMIN_PASSWORD", p),
             None => cmd.env_remove("PORTCULLIS_ADMIN_PASSWORD"),

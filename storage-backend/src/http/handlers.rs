@@ -464,7 +464,7 @@ async fn put_manifest(
     let create_tag_only = h
         .get(header::IF_NONE_MATCH)
         .is_some_and(|v| v.as_bytes().trim_ascii() == b"*");
-    let (digest, parsed) = st
+    let (digest, parsed, previous) = st
         .registry
         .put_manifest(ManifestPut {
             name,
@@ -483,6 +483,9 @@ async fn put_manifest(
     hm.insert("docker-content-digest", hv(&digest.to_string()));
     if let Some(subject) = parsed.subject {
         hm.insert("oci-subject", hv(&subject.digest.to_string()));
+    }
+    if let Some(p) = previous {
+        hm.insert(super::PREVIOUS_DIGEST_HEADER, hv(&p.to_string()));
     }
     Ok(r)
 }

@@ -22,6 +22,9 @@ use std::time::Instant;
 
 /// Header carrying the internal secret on the gateway → storage hop.
 pub const INTERNAL_SECRET_HEADER: &str = "portcullis-internal-secret";
+/// On a manifest PUT that moved an existing tag: the digest the tag pointed to before (for
+/// the gateway's audit event; the gateway strips it).
+pub const PREVIOUS_DIGEST_HEADER: &str = "portcullis-previous-digest";
 
 /// Everything the handlers share.
 pub struct AppState {

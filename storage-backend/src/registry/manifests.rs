@@ -35,8 +35,12 @@ fn manifest_unknown(reference: &dyn std::fmt::Display) -> Error {
 }
 
 impl Registry {
-    /// Validates and stores a manifest; returns its digest and parsed form.
-    pub async fn put_manifest(&self, put: ManifestPut<'_>) -> Result<(Digest, ParsedManifest)> {
+    /// Validates and stores a manifest; returns its digest, parsed form, and (for a tag that
+    /// existed) the digest the tag pointed to before.
+    pub async fn put_manifest(
+        &self,
+        put: ManifestPut<'_>,
+    ) -> Result<(Digest, ParsedManifest, Option<Digest>)> {
         let ManifestPut {
             name,
             reference,
@@ -91,7 +95,11 @@ impl Registry {
             self.write_link(Key::ReferrerLink(name, &subject.digest, &digest), &digest)
                 .await?;
         }
+        let mut previous = None;
         if let Reference::Tag(tag) = reference {
+            if !create_tag_only {
+                previous = self.tag_target(name, tag).await.ok().flatten();
+            }
             self.write_link(Key::TagIndexLink(name, tag, &digest), &digest)
                 .await?;
             let current = Key::TagCurrentLink(name, tag).path();
@@ -107,7 +115,7 @@ impl Registry {
                 self.driver.put(&current, digest.to_string().into()).await?;
             }
         }
-        Ok((digest, parsed))
+        Ok((digest, parsed, previous))
     }
 
     /// What a tag points to, if the tag exists.
