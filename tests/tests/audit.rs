@@ -394,3 +394,204 @@ transport = "relp"
     );
     Ok(())
 }
+
+/// The next `n` registry events (`event.category: registry`) after the first `*seen`
+/// lines; they are written as requests finish, so this waits for them. A request that
+/// should make none is checked by the next one's event coming first.
+fn registry_events(file: &Path, seen: &mut usize, n: usize) -> anyhow::Result<Vec<Value>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = events(file)?;
+        let new: Vec<Value> = all[*seen..]
+            .iter()
+            .filter(|e| e["event.category"] == "registry")
+            .cloned()
+            .collect();
+        if new.len() >= n {
+            *seen = all.len();
+            ensure!(new.len() == n, "{} events, {n} expected: {new:?}", new.len());
+            return Ok(new);
+        }
+        ensure!(Instant::now() < deadline, "{} events, {n} expected: {new:?}", new.len());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Checks `fields` of `event` (`null` expects the field to be absent).
+fn expect(event: &Value, fields: Value) -> anyhow::Result<()> {
+    for (k, v) in fields.as_object().context("fields")? {
+        let got = event.get(k).unwrap_or(&Value::Null);
+        ensure!(got == v, "{k} is {got}, expected {v}, in {event}");
+    }
+    Ok(())
+}
+
+/// The single event the last step made.
+fn one(file: &Path, seen: &mut usize) -> anyhow::Result<Value> {
+    Ok(registry_events(file, seen, 1)?.remove(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_registry_operation_and_refusal_is_an_exact_event() -> anyhow::Result<()> {
+    use portcullis_tests::client::{OCI_MANIFEST, sha256};
+    use portcullis_tests::deployment::{self, user_client};
+    use reqwest::Method;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let storage = deployment::storage_node(&d.join("storage"))?;
+    let file = d.join("audit/audit.jsonl");
+    let g = deployment::start_gateway_with(
+        d,
+        &[&storage],
+        &[("bob", "bob-pw"), ("alice", "alice-pw"), ("carol", "carol-pw")],
+        4,
+        &format!(
+            "[audit]\nfile = \"{}\"\ninstance = \"gw-test-1\"\n",
+            file.display()
+        ),
+        &[],
+    )?;
+    let ua = "audit-test/1.0";
+    let with_ua = |mut c: portcullis_tests::client::Client| {
+        c.headers.push(("user-agent".into(), ua.into()));
+        c
+    };
+    let bob = with_ua(user_client(&g, "bob", "bob-pw"));
+    let alice = with_ua(user_client(&g, "alice", "alice-pw"));
+    let carol = with_ua(user_client(&g, "carol", "carol-pw"));
+    let mut seen = 0;
+    let bob_is = json!({"user.name": "bob", "user.roles": ["team-a"], "identity.kind": "user",
+        "source.ip": "127.0.0.1", "user_agent.original": ua, "service.node.name": "gw-test-1",
+        "repository": "team-a/app", "event.category": "registry"});
+
+    // A push: the config and layer blobs (monolithic POSTs), then the tag, created.
+    let (m1, d1) = bob.push_image("team-a/app", "latest", &[b"layer-one"]).await?;
+    let e = registry_events(&file, &mut seen, 3)?;
+    for b in &e[..2] {
+        expect(b, bob_is.clone())?;
+        expect(b, json!({"event.action": "blob-push", "event.outcome": "success",
+            "http.request.method": "POST", "http.response.status_code": 201}))?;
+    }
+    expect(&e[1], json!({"digest": sha256(b"layer-one").to_string(),
+        "http.request.body.bytes": 9}))?;
+    expect(&e[2], bob_is.clone())?;
+    expect(&e[2], json!({"event.action": "tag-create", "event.outcome": "success",
+        "tag": "latest", "digest": d1.to_string(), "http.request.method": "PUT",
+        "url.path": "/v2/team-a/app/manifests/latest", "http.response.status_code": 201,
+        "http.request.body.bytes": m1.len(), "event.reason": null, "previous_digest": null}))?;
+    let id = e[2]["http.request.id"].as_str().context("request id")?;
+    ensure!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    ensure!(e[2]["event.duration"].as_u64().is_some_and(|n| n > 0), "duration");
+
+    // Pulls, with the client's request id kept and returned.
+    let r = bob
+        .req(Method::GET, "/v2/team-a/app/manifests/latest")
+        .header("x-request-id", "pull-1")
+        .send()
+        .await?;
+    ensure!(r.headers()["x-request-id"] == "pull-1", "{:?}", r.headers());
+    let body = r.bytes().await?;
+    expect(&one(&file, &mut seen)?, json!({"event.action": "manifest-pull",
+        "event.outcome": "success", "tag": "latest", "digest": d1.to_string(),
+        "http.request.id": "pull-1", "http.response.body.bytes": body.len(),
+        "user.name": "bob"}))?;
+    let layer = sha256(b"layer-one");
+    let r = bob.get(&format!("/v2/team-a/app/blobs/{layer}")).await?;
+    ensure!(r.headers().contains_key("x-request-id"), "no request id");
+    ensure!(r.bytes().await?.len() == 9, "layer");
+    expect(&one(&file, &mut seen)?, json!({"event.action": "blob-pull",
+        "digest": layer.to_string(), "http.response.body.bytes": 9,
+        "http.response.status_code": 200}))?;
+    // HEAD probes are not audited (the next event is the tags list's).
+    let r = bob
+        .req(Method::HEAD, &format!("/v2/team-a/app/blobs/{layer}"))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    ensure!(bob.get("/v2/team-a/app/tags/list").await?.status() == 200, "tags");
+    expect(&one(&file, &mut seen)?, json!({"event.action": "tags-list",
+        "event.outcome": "success"}))?;
+
+    // A mutable tag moved: overwrite, with the digest it had.
+    let m2 = bob
+        .image_manifest("team-a/app", b"{\"v\":2}", &[], None)
+        .await?;
+    let d2 = sha256(&m2);
+    registry_events(&file, &mut seen, 1)?; // the config blob
+    let r = bob.put_manifest("team-a/app", "latest", OCI_MANIFEST, &m2).await?;
+    ensure!(r.status() == 201, "{}", r.status());
+    ensure!(!r.headers().contains_key("portcullis-previous-digest"), "internal header leaked");
+    expect(&one(&file, &mut seen)?, json!({"event.action": "tag-overwrite",
+        "event.outcome": "success", "digest": d2.to_string(),
+        "previous_digest": d1.to_string()}))?;
+    // The same manifest again: the tag does not move.
+    bob.put_manifest("team-a/app", "latest", OCI_MANIFEST, &m2).await?;
+    expect(&one(&file, &mut seen)?, json!({"event.action": "manifest-push",
+        "previous_digest": d2.to_string()}))?;
+
+    // An immutable tag (v1.0.0, conf/policy.toml): created, then a re-push refused.
+    let r = bob.put_manifest("team-a/app", "v1.0.0", OCI_MANIFEST, &m1).await?;
+    ensure!(r.status() == 201, "{}", r.status());
+    expect(&one(&file, &mut seen)?, json!({"event.action": "tag-create", "tag": "v1.0.0"}))?;
+    let r = bob.put_manifest("team-a/app", "v1.0.0", OCI_MANIFEST, &m2).await?;
+    ensure!(r.status() == 403, "{}", r.status());
+    expect(&one(&file, &mut seen)?, json!({"event.action": "tag-overwrite",
+        "event.outcome": "failure", "http.response.status_code": 403,
+        "event.reason": "tag v1.0.0 is immutable and already exists", "tag": "v1.0.0"}))?;
+
+    // Break-glass: an admin deletes the immutable tag; two events.
+    let r = alice
+        .req(Method::DELETE, "/v2/team-a/app/manifests/v1.0.0")
+        .send()
+        .await?;
+    ensure!(r.status() == 202, "{}", r.status());
+    let e = registry_events(&file, &mut seen, 2)?;
+    for (ev, action) in e.iter().zip(["break-glass", "tag-delete"]) {
+        expect(ev, json!({"event.action": action, "event.outcome": "success",
+            "user.name": "alice", "user.roles": ["registry-admins"], "break_glass": true,
+            "tag": "v1.0.0", "http.request.method": "DELETE"}))?;
+    }
+
+    // A mount from a repository bob can read.
+    let r = bob
+        .req(
+            Method::POST,
+            &format!("/v2/team-a/other/blobs/uploads/?mount={layer}&from=team-a/app"),
+        )
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "mount: {}", r.status());
+    expect(&one(&file, &mut seen)?, json!({"event.action": "blob-mount",
+        "event.outcome": "success", "repository": "team-a/other",
+        "digest": layer.to_string(), "mount_from": "team-a/app"}))?;
+
+    // Refusals: a token without push, a bad token; no event for the bare challenge.
+    carol.push_is_denied("team-a/app").await?;
+    expect(&one(&file, &mut seen)?, json!({"event.action": "blob-push",
+        "event.outcome": "failure", "user.name": "carol", "user.roles": [],
+        "http.response.status_code": 401,
+        "event.reason": "insufficient_scope: the token does not grant repository:team-a/app:push"}))?;
+    let http = https(&g.ca_pem, false);
+    let url = format!("{}/v2/team-a/app/manifests/latest", g.base);
+    let r = http.get(&url).bearer_auth("not.a.token").send().await?;
+    ensure!(r.status() == 401, "{}", r.status());
+    let e = one(&file, &mut seen)?;
+    expect(&e, json!({"event.action": "manifest-pull", "event.outcome": "failure",
+        "identity.kind": "none", "user.name": null, "http.response.status_code": 401}))?;
+    ensure!(
+        e["event.reason"].as_str().is_some_and(|r| r.starts_with("invalid_token")),
+        "{e}"
+    );
+    ensure!(http.get(&url).send().await?.status() == 401, "challenge");
+    // An unknown manifest: a failed pull, storage's status (and no event for the challenge
+    // before it).
+    ensure!(bob.get("/v2/team-a/app/manifests/nope").await?.status() == 404, "404");
+    expect(&one(&file, &mut seen)?, json!({"event.action": "manifest-pull",
+        "event.outcome": "failure", "http.response.status_code": 404,
+        "event.reason": "not found", "tag": "nope"}))?;
+
+    // The whole trail, token events included, is intact.
+    let (ok, out) = verify(&file)?;
+    ensure!(ok, "{out}");
+    Ok(())
+}
