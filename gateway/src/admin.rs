@@ -33,6 +33,13 @@ async fn readyz(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
+    let backends = st.upstreams.backends();
+    for b in backends.get_backend().iter() {
+        st.metrics
+            .upstream_healthy
+            .with_label_values(&[&b.addr.to_string()])
+            .set(i64::from(backends.ready(b)));
+    }
     (
         [("content-type", "text/plain; version=0.0.4")],
         st.metrics.render(),

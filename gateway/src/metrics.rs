@@ -1,12 +1,67 @@
 //! Gateway metrics, served on the admin listener.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+/// How many repositories get their own `gateway_repository_bytes_total` series; the rest
+/// are counted under `repository="_other"`.
+pub const REPOSITORY_LABEL_CAP: usize = 100;
 
 pub struct Metrics {
     pub registry: Registry,
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
     pub token_requests: IntCounterVec,
+    pub request_bytes: IntCounterVec,
+    pub response_bytes: IntCounterVec,
+    repository_bytes: IntCounterVec,
+    repositories: Mutex<HashSet<String>>,
+    pub upstream_errors: IntCounterVec,
+    pub upstream_healthy: IntGaugeVec,
+}
+
+/// Metrics of the token service and the authenticators (process-wide: they are counted
+/// where no [`Metrics`] is at hand; [`Metrics::new`] registers them).
+pub struct AuthMetrics {
+    /// Time of one authenticator's answer, by authenticator.
+    pub duration: HistogramVec,
+    /// Answers by authenticator and outcome.
+    pub outcomes: IntCounterVec,
+    /// Token decisions by authenticator and outcome (`granted`, `partial`, `denied`).
+    pub token_decisions: IntCounterVec,
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+/// The process's [`AuthMetrics`].
+pub fn auth() -> &'static AuthMetrics {
+    static M: OnceLock<AuthMetrics> = OnceLock::new();
+    M.get_or_init(|| AuthMetrics {
+        duration: HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_authenticator_duration_seconds",
+                "Time an authenticator (htpasswd, ldap, robot, federation) took to answer",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+            &["authenticator"],
+        )
+        .expect("valid metric"),
+        outcomes: counter(
+            "gateway_authenticator_answers_total",
+            "Authenticator answers by outcome (success, invalid_credentials, unknown_user, refused, unavailable)",
+            &["authenticator", "outcome"],
+        ),
+        token_decisions: counter(
+            "gateway_token_decisions_total",
+            "Token decisions by authenticator and outcome (granted, partial, denied)",
+            &["authenticator", "outcome"],
+        ),
+    })
 }
 
 impl Metrics {
@@ -50,11 +105,89 @@ impl Metrics {
             .register(Box::new(token_requests.clone()))
             .expect("unique");
         crate::audit::register_metrics(&registry).expect("unique");
+        let a = auth();
+        registry
+            .register(Box::new(a.duration.clone()))
+            .expect("unique");
+        let request_bytes = counter(
+            "gateway_http_request_bytes_total",
+            "Request body bytes from clients, by route",
+            &["route"],
+        );
+        let response_bytes = counter(
+            "gateway_http_response_bytes_total",
+            "Response body bytes to clients, by route",
+            &["route"],
+        );
+        let repository_bytes = counter(
+            "gateway_repository_bytes_total",
+            "Body bytes by repository (the first 100 seen; the rest as _other) and direction (in, out)",
+            &["repository", "direction"],
+        );
+        let upstream_errors = counter(
+            "gateway_upstream_errors_total",
+            "Failures talking to a storage node, by node and kind (connect, proxy)",
+            &["node", "kind"],
+        );
+        let upstream_healthy = IntGaugeVec::new(
+            Opts::new(
+                "gateway_upstream_healthy",
+                "1 when the storage node passes its health check, 0 when not",
+            ),
+            &["node"],
+        )
+        .expect("valid metric");
+        for c in [
+            &a.outcomes,
+            &a.token_decisions,
+            &request_bytes,
+            &response_bytes,
+            &repository_bytes,
+            &upstream_errors,
+        ] {
+            registry.register(Box::new(c.clone())).expect("unique");
+        }
+        registry
+            .register(Box::new(upstream_healthy.clone()))
+            .expect("unique");
         Metrics {
             registry,
             requests,
             duration,
             token_requests,
+            request_bytes,
+            response_bytes,
+            repository_bytes,
+            repositories: Mutex::new(HashSet::new()),
+            upstream_errors,
+            upstream_healthy,
+        }
+    }
+
+    /// Counts body bytes of a request to `repository`.
+    pub fn repository_bytes(&self, repository: &str, bytes_in: u64, bytes_out: u64) {
+        let label = match self.repositories.lock() {
+            Ok(mut seen) => {
+                if seen.contains(repository) {
+                    repository
+                } else if seen.len() < REPOSITORY_LABEL_CAP {
+                    seen.insert(repository.to_string());
+                    repository
+                } else {
+                    "_other"
+                }
+            }
+            Err(_) => "_other",
+        };
+        if bytes_in > 0 {
+            self.repository_bytes
+                .with_label_values(&[label, "in"])
+                .inc_by(bytes_in);
+        }
+        if bytes_out > 0 {
+            self.repository_bytes
+                .with_label_values(&[label, "out"])
+                .inc_by(bytes_out);
         }
     }
 

@@ -46,6 +46,8 @@ pub struct RequestCtx {
     info: Arc<RequestInfo>,
     /// What the audit event of a `/v2/` request needs.
     op: Operation,
+    /// The storage node chosen for the request.
+    node: Option<String>,
     route: &'static str,
     /// Upstream modifications decided by the bearer check.
     forward: authz::Forward,
@@ -563,6 +565,7 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             info: Arc::default(),
             op: Operation::default(),
+            node: None,
             route: "other",
             forward: authz::Forward::default(),
             replace_body: None,
@@ -581,7 +584,7 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let Some(backend) = self.upstreams.select(b"", 256) else {
             return Err(Error::explain(
@@ -589,6 +592,7 @@ impl ProxyHttp for Gateway {
                 "no healthy storage node",
             ));
         };
+        ctx.node = Some(backend.addr.to_string());
         let mut peer = HttpPeer::new(backend.addr.clone(), false, String::new());
         peer.options.connection_timeout = Some(Duration::from_secs(2));
         peer.options.read_timeout = Some(self.idle_timeout);
@@ -701,10 +705,14 @@ impl ProxyHttp for Gateway {
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         _ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[&peer._address.to_string(), "connect"])
+            .inc();
         // Nothing was sent yet: another node can take the request (a dead node is skipped
         // by the next pick, and by every pick once its health check fails).
         e.set_retry(true);
@@ -715,8 +723,14 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if let (ErrorSource::Upstream, Some(node)) = (e.esource(), &ctx.node) {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[node, "proxy"])
+                .inc();
+        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(c) => *c,
             _ => match e.esource() {
@@ -758,6 +772,19 @@ impl ProxyHttp for Gateway {
             .with_label_values(&[ctx.route, &method, &status.to_string()])
             .inc();
         let elapsed = ctx.started.elapsed();
+        let (bytes_in, bytes_out) = (ctx.op.bytes_in, ctx.op.bytes_out);
+        self.metrics
+            .request_bytes
+            .with_label_values(&[ctx.route])
+            .inc_by(bytes_in);
+        self.metrics
+            .response_bytes
+            .with_label_values(&[ctx.route])
+            .inc_by(bytes_out);
+        if let Some(repo) = ctx.op.endpoint.as_ref().and_then(|e| e.repository()) {
+            self.metrics
+                .repository_bytes(repo.as_str(), bytes_in, bytes_out);
+        }
         self.metrics
             .duration
             .with_label_values(&[ctx.route])

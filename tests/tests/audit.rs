@@ -409,10 +409,18 @@ fn registry_events(file: &Path, seen: &mut usize, n: usize) -> anyhow::Result<Ve
             .collect();
         if new.len() >= n {
             *seen = all.len();
-            ensure!(new.len() == n, "{} events, {n} expected: {new:?}", new.len());
+            ensure!(
+                new.len() == n,
+                "{} events, {n} expected: {new:?}",
+                new.len()
+            );
             return Ok(new);
         }
-        ensure!(Instant::now() < deadline, "{} events, {n} expected: {new:?}", new.len());
+        ensure!(
+            Instant::now() < deadline,
+            "{} events, {n} expected: {new:?}",
+            new.len()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -443,7 +451,11 @@ async fn every_registry_operation_and_refusal_is_an_exact_event() -> anyhow::Res
     let g = deployment::start_gateway_with(
         d,
         &[&storage],
-        &[("bob", "bob-pw"), ("alice", "alice-pw"), ("carol", "carol-pw")],
+        &[
+            ("bob", "bob-pw"),
+            ("alice", "alice-pw"),
+            ("carol", "carol-pw"),
+        ],
         4,
         &format!(
             "[audit]\nfile = \"{}\"\ninstance = \"gw-test-1\"\n",
@@ -465,23 +477,40 @@ async fn every_registry_operation_and_refusal_is_an_exact_event() -> anyhow::Res
         "repository": "team-a/app", "event.category": "registry"});
 
     // A push: the config and layer blobs (monolithic POSTs), then the tag, created.
-    let (m1, d1) = bob.push_image("team-a/app", "latest", &[b"layer-one"]).await?;
+    let (m1, d1) = bob
+        .push_image("team-a/app", "latest", &[b"layer-one"])
+        .await?;
     let e = registry_events(&file, &mut seen, 3)?;
     for b in &e[..2] {
         expect(b, bob_is.clone())?;
-        expect(b, json!({"event.action": "blob-push", "event.outcome": "success",
-            "http.request.method": "POST", "http.response.status_code": 201}))?;
+        expect(
+            b,
+            json!({"event.action": "blob-push", "event.outcome": "success",
+            "http.request.method": "POST", "http.response.status_code": 201}),
+        )?;
     }
-    expect(&e[1], json!({"digest": sha256(b"layer-one").to_string(),
-        "http.request.body.bytes": 9}))?;
+    expect(
+        &e[1],
+        json!({"digest": sha256(b"layer-one").to_string(),
+        "http.request.body.bytes": 9}),
+    )?;
     expect(&e[2], bob_is.clone())?;
-    expect(&e[2], json!({"event.action": "tag-create", "event.outcome": "success",
+    expect(
+        &e[2],
+        json!({"event.action": "tag-create", "event.outcome": "success",
         "tag": "latest", "digest": d1.to_string(), "http.request.method": "PUT",
         "url.path": "/v2/team-a/app/manifests/latest", "http.response.status_code": 201,
-        "http.request.body.bytes": m1.len(), "event.reason": null, "previous_digest": null}))?;
+        "http.request.body.bytes": m1.len(), "event.reason": null, "previous_digest": null}),
+    )?;
     let id = e[2]["http.request.id"].as_str().context("request id")?;
-    ensure!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
-    ensure!(e[2]["event.duration"].as_u64().is_some_and(|n| n > 0), "duration");
+    ensure!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    ensure!(
+        e[2]["event.duration"].as_u64().is_some_and(|n| n > 0),
+        "duration"
+    );
 
     // Pulls, with the client's request id kept and returned.
     let r = bob
@@ -491,26 +520,38 @@ async fn every_registry_operation_and_refusal_is_an_exact_event() -> anyhow::Res
         .await?;
     ensure!(r.headers()["x-request-id"] == "pull-1", "{:?}", r.headers());
     let body = r.bytes().await?;
-    expect(&one(&file, &mut seen)?, json!({"event.action": "manifest-pull",
+    expect(
+        &one(&file, &mut seen)?,
+        json!({"event.action": "manifest-pull",
         "event.outcome": "success", "tag": "latest", "digest": d1.to_string(),
         "http.request.id": "pull-1", "http.response.body.bytes": body.len(),
-        "user.name": "bob"}))?;
+        "user.name": "bob"}),
+    )?;
     let layer = sha256(b"layer-one");
     let r = bob.get(&format!("/v2/team-a/app/blobs/{layer}")).await?;
     ensure!(r.headers().contains_key("x-request-id"), "no request id");
     ensure!(r.bytes().await?.len() == 9, "layer");
-    expect(&one(&file, &mut seen)?, json!({"event.action": "blob-pull",
+    expect(
+        &one(&file, &mut seen)?,
+        json!({"event.action": "blob-pull",
         "digest": layer.to_string(), "http.response.body.bytes": 9,
-        "http.response.status_code": 200}))?;
+        "http.response.status_code": 200}),
+    )?;
     // HEAD probes are not audited (the next event is the tags list's).
     let r = bob
         .req(Method::HEAD, &format!("/v2/team-a/app/blobs/{layer}"))
         .send()
         .await?;
     ensure!(r.status() == 200, "{}", r.status());
-    ensure!(bob.get("/v2/team-a/app/tags/list").await?.status() == 200, "tags");
-    expect(&one(&file, &mut seen)?, json!({"event.action": "tags-list",
-        "event.outcome": "success"}))?;
+    ensure!(
+        bob.get("/v2/team-a/app/tags/list").await?.status() == 200,
+        "tags"
+    );
+    expect(
+        &one(&file, &mut seen)?,
+        json!({"event.action": "tags-list",
+        "event.outcome": "success"}),
+    )?;
 
     // A mutable tag moved: overwrite, with the digest it had.
     let m2 = bob
@@ -518,26 +559,48 @@ async fn every_registry_operation_and_refusal_is_an_exact_event() -> anyhow::Res
         .await?;
     let d2 = sha256(&m2);
     registry_events(&file, &mut seen, 1)?; // the config blob
-    let r = bob.put_manifest("team-a/app", "latest", OCI_MANIFEST, &m2).await?;
+    let r = bob
+        .put_manifest("team-a/app", "latest", OCI_MANIFEST, &m2)
+        .await?;
     ensure!(r.status() == 201, "{}", r.status());
-    ensure!(!r.headers().contains_key("portcullis-previous-digest"), "internal header leaked");
-    expect(&one(&file, &mut seen)?, json!({"event.action": "tag-overwrite",
+    ensure!(
+        !r.headers().contains_key("portcullis-previous-digest"),
+        "internal header leaked"
+    );
+    expect(
+        &one(&file, &mut seen)?,
+        json!({"event.action": "tag-overwrite",
         "event.outcome": "success", "digest": d2.to_string(),
-        "previous_digest": d1.to_string()}))?;
+        "previous_digest": d1.to_string()}),
+    )?;
     // The same manifest again: the tag does not move.
-    bob.put_manifest("team-a/app", "latest", OCI_MANIFEST, &m2).await?;
-    expect(&one(&file, &mut seen)?, json!({"event.action": "manifest-push",
-        "previous_digest": d2.to_string()}))?;
+    bob.put_manifest("team-a/app", "latest", OCI_MANIFEST, &m2)
+        .await?;
+    expect(
+        &one(&file, &mut seen)?,
+        json!({"event.action": "manifest-push",
+        "previous_digest": d2.to_string()}),
+    )?;
 
     // An immutable tag (v1.0.0, conf/policy.toml): created, then a re-push refused.
-    let r = bob.put_manifest("team-a/app", "v1.0.0", OCI_MANIFEST, &m1).await?;
+    let r = bob
+        .put_manifest("team-a/app", "v1.0.0", OCI_MANIFEST, &m1)
+        .await?;
     ensure!(r.status() == 201, "{}", r.status());
-    expect(&one(&file, &mut seen)?, json!({"event.action": "tag-create", "tag": "v1.0.0"}))?;
-    let r = bob.put_manifest("team-a/app", "v1.0.0", OCI_MANIFEST, &m2).await?;
+    expect(
+        &one(&file, &mut seen)?,
+        json!({"event.action": "tag-create", "tag": "v1.0.0"}),
+    )?;
+    let r = bob
+        .put_manifest("team-a/app", "v1.0.0", OCI_MANIFEST, &m2)
+        .await?;
     ensure!(r.status() == 403, "{}", r.status());
-    expect(&one(&file, &mut seen)?, json!({"event.action": "tag-overwrite",
+    expect(
+        &one(&file, &mut seen)?,
+        json!({"event.action": "tag-overwrite",
         "event.outcome": "failure", "http.response.status_code": 403,
-        "event.reason": "tag v1.0.0 is immutable and already exists", "tag": "v1.0.0"}))?;
+        "event.reason": "tag v1.0.0 is immutable and already exists", "tag": "v1.0.0"}),
+    )?;
 
     // Break-glass: an admin deletes the immutable tag; two events.
     let r = alice
@@ -547,9 +610,12 @@ async fn every_registry_operation_and_refusal_is_an_exact_event() -> anyhow::Res
     ensure!(r.status() == 202, "{}", r.status());
     let e = registry_events(&file, &mut seen, 2)?;
     for (ev, action) in e.iter().zip(["break-glass", "tag-delete"]) {
-        expect(ev, json!({"event.action": action, "event.outcome": "success",
+        expect(
+            ev,
+            json!({"event.action": action, "event.outcome": "success",
             "user.name": "alice", "user.roles": ["registry-admins"], "break_glass": true,
-            "tag": "v1.0.0", "http.request.method": "DELETE"}))?;
+            "tag": "v1.0.0", "http.request.method": "DELETE"}),
+        )?;
     }
 
     // A mount from a repository bob can read.
@@ -561,37 +627,184 @@ async fn every_registry_operation_and_refusal_is_an_exact_event() -> anyhow::Res
         .send()
         .await?;
     ensure!(r.status() == 201, "mount: {}", r.status());
-    expect(&one(&file, &mut seen)?, json!({"event.action": "blob-mount",
+    expect(
+        &one(&file, &mut seen)?,
+        json!({"event.action": "blob-mount",
         "event.outcome": "success", "repository": "team-a/other",
-        "digest": layer.to_string(), "mount_from": "team-a/app"}))?;
+        "digest": layer.to_string(), "mount_from": "team-a/app"}),
+    )?;
 
     // Refusals: a token without push, a bad token; no event for the bare challenge.
     carol.push_is_denied("team-a/app").await?;
-    expect(&one(&file, &mut seen)?, json!({"event.action": "blob-push",
+    expect(
+        &one(&file, &mut seen)?,
+        json!({"event.action": "blob-push",
         "event.outcome": "failure", "user.name": "carol", "user.roles": [],
         "http.response.status_code": 401,
-        "event.reason": "insufficient_scope: the token does not grant repository:team-a/app:push"}))?;
+        "event.reason": "insufficient_scope: the token does not grant repository:team-a/app:push"}),
+    )?;
     let http = https(&g.ca_pem, false);
     let url = format!("{}/v2/team-a/app/manifests/latest", g.base);
     let r = http.get(&url).bearer_auth("not.a.token").send().await?;
     ensure!(r.status() == 401, "{}", r.status());
     let e = one(&file, &mut seen)?;
-    expect(&e, json!({"event.action": "manifest-pull", "event.outcome": "failure",
-        "identity.kind": "none", "user.name": null, "http.response.status_code": 401}))?;
+    expect(
+        &e,
+        json!({"event.action": "manifest-pull", "event.outcome": "failure",
+        "identity.kind": "none", "user.name": null, "http.response.status_code": 401}),
+    )?;
     ensure!(
-        e["event.reason"].as_str().is_some_and(|r| r.starts_with("invalid_token")),
+        e["event.reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("invalid_token")),
         "{e}"
     );
     ensure!(http.get(&url).send().await?.status() == 401, "challenge");
     // An unknown manifest: a failed pull, storage's status (and no event for the challenge
     // before it).
-    ensure!(bob.get("/v2/team-a/app/manifests/nope").await?.status() == 404, "404");
-    expect(&one(&file, &mut seen)?, json!({"event.action": "manifest-pull",
+    ensure!(
+        bob.get("/v2/team-a/app/manifests/nope").await?.status() == 404,
+        "404"
+    );
+    expect(
+        &one(&file, &mut seen)?,
+        json!({"event.action": "manifest-pull",
         "event.outcome": "failure", "http.response.status_code": 404,
-        "event.reason": "not found", "tag": "nope"}))?;
+        "event.reason": "not found", "tag": "nope"}),
+    )?;
 
     // The whole trail, token events included, is intact.
     let (ok, out) = verify(&file)?;
     ensure!(ok, "{out}");
+    Ok(())
+}
+
+/// `promtool check metrics` on a `/metrics` text: its complaints, if any.
+fn promtool(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("promtool (apt-get install prometheus)")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The value of the series `series` (name and labels, exactly as exposed).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_both_services_pass_promtool_and_count_what_happened() -> anyhow::Result<()> {
+    use portcullis_tests::client::sha256;
+    use portcullis_tests::deployment::{self, user_client};
+    let dir = tempfile::tempdir()?;
+    let storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let g = deployment::start_gateway(dir.path(), &[&storage], &[("bob", "bob-pw")], 4)?;
+    let http = https(&g.ca_pem, false);
+    let bob = user_client(&g, "bob", "bob-pw");
+    let layer = vec![7u8; 5000];
+    bob.push_image("team-a/app", "v1", &[&layer]).await?;
+    let r = bob
+        .get(&format!("/v2/team-a/app/blobs/{}", sha256(&layer)))
+        .await?;
+    ensure!(r.bytes().await?.len() == 5000, "pull");
+    let r = http
+        .get(format!("{}/token?service={}", g.base, deployment::SERVICE))
+        .basic_auth("bob", Some("wrong"))
+        .send()
+        .await?;
+    ensure!(r.status() == 401, "{}", r.status());
+    let r = http
+        .get(format!(
+            "{}/token?service={}&scope=repository:team-a/app:pull",
+            g.base,
+            deployment::SERVICE
+        ))
+        .basic_auth("bob", Some("bob-pw"))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+
+    let gw = http
+        .get(format!("{}/metrics", g.admin))
+        .send()
+        .await?
+        .text()
+        .await?;
+    promtool(&gw).context("gateway")?;
+    let st = reqwest::get(format!("{}/metrics", storage.base))
+        .await?
+        .text()
+        .await?;
+    promtool(&st).context("storage")?;
+
+    let node = storage.base.trim_start_matches("http://");
+    let want = [
+        (format!("gateway_upstream_healthy{{node=\"{node}\"}}"), 1.0),
+        (
+            "gateway_authenticator_answers_total{authenticator=\"htpasswd\",outcome=\"invalid_credentials\"}".into(),
+            1.0,
+        ),
+        (
+            "gateway_token_decisions_total{authenticator=\"password\",outcome=\"denied\"}".into(),
+            1.0,
+        ),
+        (
+            "gateway_repository_bytes_total{direction=\"out\",repository=\"team-a/app\"}".into(),
+            5000.0,
+        ),
+        (
+            "gateway_audit_events_total{action=\"blob-pull\",outcome=\"success\"}".into(),
+            1.0,
+        ),
+        ("storage_blobs".into(), 3.0),
+    ];
+    for (series, value) in &want {
+        let text = if series.starts_with("storage") {
+            &st
+        } else {
+            &gw
+        };
+        ensure!(
+            sample(text, series) == Some(*value),
+            "{series} is {:?}, expected {value}",
+            sample(text, series)
+        );
+    }
+    // Pushed bytes: the layer, the config and the manifest went in.
+    let pushed = sample(
+        &gw,
+        "gateway_repository_bytes_total{direction=\"in\",repository=\"team-a/app\"}",
+    )
+    .context("bytes in")?;
+    ensure!(pushed > 5000.0, "{pushed}");
+    // The test client asks for pull,push,delete: bob (a developer) gets less.
+    for (outcome, n) in [("partial", 1.0), ("granted", 1.0)] {
+        let series = format!(
+            "gateway_token_decisions_total{{authenticator=\"user\",outcome=\"{outcome}\"}}"
+        );
+        ensure!(sample(&gw, &series) == Some(n), "{series}: {gw}");
+    }
+    ensure!(
+        gw.contains("gateway_authenticator_duration_seconds_bucket{authenticator=\"htpasswd\""),
+        "authenticator latency"
+    );
     Ok(())
 }

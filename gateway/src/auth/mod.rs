@@ -84,8 +84,23 @@ impl Authenticator for Chain {
     }
 
     async fn authenticate(&self, username: &str, password: &str) -> Result<Identity, AuthError> {
+        let m = crate::metrics::auth();
         for backend in &self.0 {
-            match backend.authenticate(username, password).await {
+            let started = std::time::Instant::now();
+            let answer = backend.authenticate(username, password).await;
+            let name = backend.name();
+            m.duration
+                .with_label_values(&[name])
+                .observe(started.elapsed().as_secs_f64());
+            let outcome = match &answer {
+                Ok(_) => "success",
+                Err(AuthError::InvalidCredentials) => "invalid_credentials",
+                Err(AuthError::UnknownUser) => "unknown_user",
+                Err(AuthError::Refused(_)) => "refused",
+                Err(AuthError::Unavailable(_)) => "unavailable",
+            };
+            m.outcomes.with_label_values(&[name, outcome]).inc();
+            match answer {
                 Err(AuthError::UnknownUser) => continue,
                 other => return other,
             }

@@ -396,6 +396,10 @@ impl TokenService {
             return self.redeem(password).await?.ok_or_else(unauthorized);
         }
         let failed = |reason: &str| {
+            crate::metrics::auth()
+                .token_decisions
+                .with_label_values(&["password", "denied"])
+                .inc();
             crate::audit::record(
                 "login",
                 "failure",
@@ -621,6 +625,30 @@ impl TokenService {
             "token.granted": granted.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "token.jti": claims.jti,
         });
+        let authenticator = match machine {
+            Some(m) => m.authenticator.as_str(),
+            None => jwt::kind_name(id.kind),
+        };
+        // Each (resource, action) asked for, and each given.
+        let each = |v: &[String]| -> std::collections::BTreeSet<String> {
+            v.iter()
+                .flat_map(|s| {
+                    let (res, actions) = s.rsplit_once(':').unwrap_or((s, ""));
+                    actions.split(',').map(move |a| format!("{res}:{a}"))
+                })
+                .collect()
+        };
+        let requested: Vec<String> = scopes.iter().map(ToString::to_string).collect();
+        let given: Vec<String> = granted.iter().map(ToString::to_string).collect();
+        let decision = if each(&given) == each(&requested) {
+            "granted"
+        } else {
+            "partial"
+        };
+        crate::metrics::auth()
+            .token_decisions
+            .with_label_values(&[authenticator, decision])
+            .inc();
         if let Some(m) = machine {
             event["authenticator"] = json!(m.authenticator);
             event["identity.issuer"] = json!(m.issuer);

@@ -1,8 +1,9 @@
 //! Prometheus metrics of the API.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The endpoint a response answered, for metric labels.
 #[derive(Debug, Clone, Copy)]
@@ -14,7 +15,17 @@ pub struct Metrics {
     pub duration: HistogramVec,
     pub bytes_sent: IntCounterVec,
     pub bytes_received: IntCounterVec,
+    /// Upload sessions started here and not yet finished or cancelled here (sessions move
+    /// between nodes: sum over the nodes).
+    pub uploads_in_progress: IntGauge,
+    pub blobs: IntGauge,
+    pub blob_bytes: IntGauge,
+    /// When `blobs`/`blob_bytes` were last measured (ms since the epoch).
+    usage_at: AtomicU64,
 }
+
+/// How often a scrape may walk the store to measure its usage.
+const USAGE_EVERY_MS: u64 = 30_000;
 
 impl Metrics {
     pub fn new() -> Self {
@@ -63,13 +74,49 @@ impl Metrics {
         registry
             .register(Box::new(duration.clone()))
             .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let uploads_in_progress = gauge(
+            "storage_uploads_in_progress",
+            "Upload sessions started on this node minus those finished or cancelled on it (sum over nodes)",
+        );
+        let blobs = gauge(
+            "storage_blobs",
+            "Blobs in the store (measured at most every 30 s)",
+        );
+        let blob_bytes = gauge(
+            "storage_blob_bytes",
+            "Bytes of the blobs in the store (measured at most every 30 s)",
+        );
         Metrics {
             registry,
             requests,
             duration,
             bytes_sent,
             bytes_received,
+            uploads_in_progress,
+            blobs,
+            blob_bytes,
+            usage_at: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the usage gauges are due for a new measurement (and claims it).
+    pub fn usage_due(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let last = self.usage_at.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= USAGE_EVERY_MS
+            && self
+                .usage_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// The text exposition format.

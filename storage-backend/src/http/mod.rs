@@ -71,6 +71,15 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    if st.metrics.usage_due() {
+        match st.registry.usage().await {
+            Ok((blobs, bytes)) => {
+                st.metrics.blobs.set(blobs as i64);
+                st.metrics.blob_bytes.set(bytes as i64);
+            }
+            Err(e) => tracing::warn!(error = %e, "measuring storage usage failed"),
+        }
+    }
     let mut resp = st.metrics.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -88,7 +97,10 @@ async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
             .headers()
             .get(INTERNAL_SECRET_HEADER)
             .map(|v| v.as_bytes());
-        if req.uri().path() != "/healthz" && !given.is_some_and(|g| secret.matches(g)) {
+        // Health and metrics are read-only and hold nothing secret: Prometheus and load
+        // balancers ask without the secret.
+        let open = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
+        if !open && !given.is_some_and(|g| secret.matches(g)) {
             return error::oci_response(&OciError::new(
                 ErrorCode::Unauthorized,
                 "this service only answers the gateway",
@@ -114,6 +126,11 @@ async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
     m.bytes_sent
         .with_label_values(&[label])
         .inc_by(content_length(resp.headers()));
+    match (label, resp.status().as_u16()) {
+        ("upload_start", 202) => m.uploads_in_progress.inc(),
+        ("upload_finish", 201) | ("upload_cancel", 204) => m.uploads_in_progress.dec(),
+        _ => {}
+    }
     resp.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
