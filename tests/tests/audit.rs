@@ -808,3 +808,56 @@ async fn metrics_of_both_services_pass_promtool_and_count_what_happened() -> any
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn sighup_reopens_the_trail_for_logrotate_and_the_chain_goes_on() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let file = data.path().join("audit/audit.jsonl");
+    let g = GatewayServer::start_dev(data.path(), Some(PASSWORD))?;
+    let http = https(&g.ca_pem, false);
+    let fail = || {
+        http.get(format!("{}/token?service=portcullis", g.base))
+            .basic_auth("admin", Some("wrong-password"))
+            .send()
+    };
+    ensure!(fail().await?.status() == 401, "login");
+    let before = wait_for(&file, 1)?;
+    // logrotate's default: move the file away, then signal.
+    let rotated = data.path().join("audit/audit.jsonl.1");
+    std::fs::rename(&file, &rotated)?;
+    let pid = g.pid().context("pid")?;
+    portcullis_tests::tools::run(
+        std::process::Command::new("kill").args(["-HUP", &pid.to_string()]),
+    )?;
+    // The signal is handled on the side runtime; the next event after it opens the new file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        ensure!(Instant::now() < deadline, "no new file after SIGHUP");
+        ensure!(fail().await?.status() == 401, "login");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = wait_for(&file, 1)?;
+    let old = events(&rotated)?;
+    ensure!(
+        old.len() >= before.len(),
+        "events lost from the rotated file"
+    );
+    let last = old.last().context("rotated file empty")?;
+    ensure!(
+        after[0]["event.sequence"] == json!(last["event.sequence"].as_u64().unwrap_or(0) + 1)
+            && after[0]["audit.prev"] == last["audit.hash"],
+        "the new file does not continue the chain: {} after {}",
+        after[0],
+        last
+    );
+    for f in [&rotated, &file] {
+        let (ok, out) = verify(f)?;
+        ensure!(ok, "{out}");
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata()?.permissions());
+    ensure!(
+        mode & 0o077 == 0,
+        "the new trail is readable by others: {mode:o}"
+    );
+    Ok(())
+}

@@ -323,7 +323,8 @@ pub fn record(action: &str, outcome: &str, fields: serde_json::Value) {
             m
         }
     };
-    event.insert("@timestamp".into(), timestamp().into());
+    let ts = timestamp();
+    event.insert("@timestamp".into(), ts.clone().into());
     event.insert("event.action".into(), action.into());
     event.insert("event.outcome".into(), outcome.into());
     event.insert("audit.schema".into(), SCHEMA_VERSION.into());
@@ -369,6 +370,7 @@ pub fn record(action: &str, outcome: &str, fields: serde_json::Value) {
     }
     if !trail.sinks.is_empty() {
         let entry = Arc::new(sink::Entry {
+            timestamp: ts,
             line,
             action: action.to_string(),
             failure: outcome != "success",

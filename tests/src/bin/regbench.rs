@@ -97,6 +97,10 @@ struct Args {
     /// against the gateway's JWKS GET as reference.
     #[arg(long)]
     federation: bool,
+    /// Measure the audit trail's cost: manifest GETs through a gateway with audit on (file
+    /// and syslog over TCP to a real rsyslogd) against one with audit off, same storage node.
+    #[arg(long)]
+    audit: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -884,6 +888,117 @@ async fn federation_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--audit`: one storage node, two gateways in production shape: audit off (no `[audit]`
+/// table) and audit on (the hash-chained file and syslog over TCP to a real rsyslogd).
+/// Manifest GETs with a bearer token through each, rounds interleaved, best round kept.
+async fn audit_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
+    let n = args.manifest_gets;
+    let conc = args.manifest_concurrency;
+    println!("regbench --audit: {n} manifest GETs per measurement at concurrency {conc}");
+    let rs = portcullis_tests::syslog::Rsyslog::start()?;
+    let storage = portcullis_tests::deployment::storage_node(&scratch.join("storage"))?;
+    let (off_dir, on_dir, file_dir) = (
+        scratch.join("off"),
+        scratch.join("on"),
+        scratch.join("file"),
+    );
+    for d in [&off_dir, &on_dir, &file_dir] {
+        std::fs::create_dir_all(d)?;
+    }
+    let users = [(USER, PASSWORD)];
+    let off = portcullis_tests::deployment::start_gateway(&off_dir, &[&storage], &users, 4)?;
+    let audit = format!(
+        "[audit]\nfile = \"{}/audit.jsonl\"\n[[audit.syslog]]\naddress = \"127.0.0.1:{}\"\ntransport = \"tcp\"\n",
+        on_dir.display(),
+        rs.tcp
+    );
+    let on = portcullis_tests::deployment::start_gateway_with(
+        &on_dir,
+        &[&storage],
+        &users,
+        4,
+        &audit,
+        &[],
+    )?;
+    let file_only = portcullis_tests::deployment::start_gateway_with(
+        &file_dir,
+        &[&storage],
+        &users,
+        4,
+        &format!("[audit]\nfile = \"{}/audit.jsonl\"\n", file_dir.display()),
+        &[],
+    )?;
+    let client = portcullis_tests::deployment::user_client(&off, USER, PASSWORD);
+    client.push_image("bench/audit", "v1", &[b"layer"]).await?;
+    let get = |g: &GatewayServer| {
+        let http = https(&g.ca_pem, false);
+        let base = g.base.clone();
+        async move {
+            let r = http
+                .get(format!(
+                    "{base}/token?service={SERVICE}&scope=repository:bench/audit:pull"
+                ))
+                .basic_auth(USER, Some(PASSWORD))
+                .send()
+                .await?;
+            let token = r.json::<serde_json::Value>().await?["token"]
+                .as_str()
+                .context("no token")?
+                .to_string();
+            let url = format!("{base}/v2/bench/audit/manifests/v1");
+            Ok::<_, anyhow::Error>(move || {
+                let (http, url, token) = (http.clone(), url.clone(), token.clone());
+                async move {
+                    let r = http
+                        .get(&url)
+                        .bearer_auth(&token)
+                        .header("accept", portcullis_tests::client::OCI_MANIFEST)
+                        .send()
+                        .await?;
+                    ensure!(r.status() == 200, "manifest GET: {}", r.status());
+                    r.bytes().await?;
+                    Ok(())
+                }
+            })
+        }
+    };
+    let (get_off, get_on, get_file) = (get(&off).await?, get(&on).await?, get(&file_only).await?);
+    let mut best = [(0.0, Vec::new()), (0.0, Vec::new()), (0.0, Vec::new())];
+    for _ in 0..args.rounds.max(1) {
+        let round = [
+            rate(n, conc, &get_off).await?,
+            rate(n, conc, &get_on).await?,
+            rate(n, conc, &get_file).await?,
+        ];
+        for (b, r) in best.iter_mut().zip(round) {
+            if r.0 > b.0 {
+                *b = r;
+            }
+        }
+    }
+    let [(a, al), (b, bl), (f, fl)] = best;
+    println!("best of {} rounds:", args.rounds.max(1));
+    print_rate("manifest GET, audit off (reference)", a, &al);
+    print_rate("manifest GET, audit on (file + syslog TCP)", b, &bl);
+    print_rate("manifest GET, audit file only", f, &fl);
+    println!(
+        "  ratio audit on / off: {:.3}× (cost {:.1}%)",
+        b / a,
+        (1.0 - b / a) * 100.0
+    );
+    println!(
+        "  ratio file only / off: {:.3}× (cost {:.1}%)",
+        f / a,
+        (1.0 - f / a) * 100.0
+    );
+    let received = rs.received("tcp").len();
+    let recorded = std::fs::read_to_string(on_dir.join("audit.jsonl"))?
+        .lines()
+        .count();
+    println!("  events recorded {recorded}, received by rsyslogd over TCP {received}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -901,6 +1016,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.federation {
         return federation_suite(&args, scratch.path()).await;
+    }
+    if args.audit {
+        return audit_suite(&args, scratch.path()).await;
     }
     // Keep the servers alive for the whole run.
     let mut _keep_storage = None;
