@@ -18,21 +18,27 @@ fn events(file: &Path) -> anyhow::Result<Vec<Value>> {
         .collect()
 }
 
-/// Polls the trail until it has `n` events (they are written as requests finish).
-fn wait_for(file: &Path, n: usize) -> anyhow::Result<Vec<Value>> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Polls `get` until it returns at least `n` items (events and messages are written as
+/// requests finish and as sinks deliver).
+fn poll<T>(what: &str, n: usize, get: impl Fn() -> Vec<T>) -> anyhow::Result<Vec<T>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let e = events(file).unwrap_or_default();
-        if e.len() >= n {
-            return Ok(e);
+        let items = get();
+        if items.len() >= n {
+            return Ok(items);
         }
         ensure!(
             Instant::now() < deadline,
-            "{} events, {n} expected",
-            e.len()
+            "{what}: {} of {n} arrived",
+            items.len()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Polls the trail until it has `n` events.
+fn wait_for(file: &Path, n: usize) -> anyhow::Result<Vec<Value>> {
+    poll("events", n, || events(file).unwrap_or_default())
 }
 
 /// `gateway audit verify <file>`: (success, its output).
@@ -204,27 +210,6 @@ async fn admin_token(g: &GatewayServer, scope: &str) -> anyhow::Result<String> {
         .to_string())
 }
 
-/// Polls until `received()` has `n` lines.
-fn wait_lines(
-    received: impl Fn() -> Vec<String>,
-    n: usize,
-    what: &str,
-) -> anyhow::Result<Vec<String>> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let lines = received();
-        if lines.len() >= n {
-            return Ok(lines);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{what}: {} of {n} lines arrived",
-            lines.len()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 // Two workers: the requests go on while the test waits for rsyslogd to stop or start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syslog_over_udp_tcp_tls_and_relp_while_the_receiver_restarts() -> anyhow::Result<()> {
@@ -276,7 +261,7 @@ transport = "relp"
     ensure!(r.status() == 401, "{}", r.status());
     let trail = wait_for(&file, 2)?;
     for t in ["udp", "tcp", "tls", "relp"] {
-        let lines = wait_lines(|| rs.received(t), trail.len(), t)?;
+        let lines = poll(t, trail.len(), || rs.received(t))?;
         for (line, event) in lines.iter().zip(&trail) {
             let m = parse(line).with_context(|| format!("{t}: {line}"))?;
             ensure!(&m.event == event, "{t}: {} is not {event}", m.event);
@@ -327,7 +312,7 @@ transport = "relp"
             .collect()
     };
     // RELP (acknowledged): every event exactly once, in order.
-    wait_lines(|| rs.received("relp"), trail.len(), "relp")?;
+    poll("relp", trail.len(), || rs.received("relp"))?;
     let got = received("relp")?;
     ensure!(
         got.len() == trail.len(),

@@ -964,15 +964,17 @@ async fn audit_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
     };
     let (get_off, get_on, get_file) = (get(&off).await?, get(&on).await?, get(&file_only).await?);
     let mut best = [(0.0, Vec::new()), (0.0, Vec::new()), (0.0, Vec::new())];
-    for _ in 0..args.rounds.max(1) {
-        let round = [
-            rate(n, conc, &get_off).await?,
-            rate(n, conc, &get_on).await?,
-            rate(n, conc, &get_file).await?,
-        ];
-        for (b, r) in best.iter_mut().zip(round) {
-            if r.0 > b.0 {
-                *b = r;
+    for round in 0..args.rounds.max(1) {
+        // Each round starts with another of the three, so none always goes first.
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            let r = match i {
+                0 => rate(n, conc, &get_off).await?,
+                1 => rate(n, conc, &get_on).await?,
+                _ => rate(n, conc, &get_file).await?,
+            };
+            if r.0 > best[i].0 {
+                best[i] = r;
             }
         }
     }
