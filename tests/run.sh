@@ -11,8 +11,11 @@ cargo build --release --workspace --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
+rm -rf target/leak-check
 cargo test --workspace --release 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# Nothing the tests produced may hold a password, secret, refresh token or JWT.
+tests/secrets-check.sh "$log" || status=1
 exit "$status"

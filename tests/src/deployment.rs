@@ -86,7 +86,14 @@ file = "{policy}"
         policy = policy.display(),
     );
     let conf = d.join("gateway.toml");
-    std::fs::write(&conf, config + extra)?;
+    // Audit events on stdout too (kept for the suite's leak check) unless the test has its
+    // own `[audit]` table.
+    let audit = if extra.contains("[audit]") {
+        ""
+    } else {
+        "[audit]\nstdout = true\n"
+    };
+    std::fs::write(&conf, config + audit + extra)?;
     let ca = std::fs::read(&tls.ca_cert).context("reading the generated CA")?;
     let mut env = env.to_vec();
     env.push(("PORTCULLIS_INTERNAL_SECRET", SECRET));

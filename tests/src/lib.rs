@@ -21,3 +21,25 @@ pub mod protocol;
 pub mod server;
 pub mod syslog;
 pub mod tools;
+
+/// Where the suite keeps what the leak check reads (`tests/secrets-check.sh`, run by
+/// `tests/run.sh` after every test): `ledger.txt`, the random secrets tests were given (robot
+/// secrets, refresh tokens), and `logs/`, the audit events of every gateway the tests start.
+pub fn leak_check_dir() -> std::path::PathBuf {
+    server::workspace_root().join("target/leak-check")
+}
+
+/// Notes a secret a test was given, so the leak check can look for it in every log and audit
+/// event the suite produced.
+pub fn remember_secret(secret: &str) {
+    use std::io::Write;
+    let dir = leak_check_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("ledger.txt"))
+    {
+        let _ = writeln!(f, "{secret}");
+    }
+}

@@ -400,6 +400,7 @@ pub async fn sign_in(
     const PRE: &str = "<pre id=\"refresh-token\">";
     let start = page.find(PRE).context("no token on the page")? + PRE.len();
     let end = start + page[start..].find("</pre>").context("unterminated token")?;
+    crate::remember_secret(&page[start..end]);
     Ok(page[start..end].to_string())
 }
 

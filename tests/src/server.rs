@@ -222,6 +222,13 @@ impl GatewayServer {
     ) -> anyhow::Result<Self> {
         let port = crate::tools::free_port()?;
         let mut cmd = Command::new(binary("gateway"));
+        // Audit events also on stdout, kept for the leak check, unless the test sets its own.
+        let own = args.iter().any(|a| *a == "--audit-config");
+        let stdout_audit = data.join("test-audit-stdout.toml");
+        if !own {
+            std::fs::create_dir_all(data)?;
+            std::fs::write(&stdout_audit, "[audit]\nstdout = true\n")?;
+        }
         cmd.args([
             "dev",
             "--listen",
@@ -232,6 +239,9 @@ impl GatewayServer {
         ])
         .arg(data)
         .args(args);
+        if !own {
+            cmd.arg("--audit-config").arg(&stdout_audit);
+        }
         match admin_password {
             Some(p) => cmd.env("PORTCULLIS_ADMIN_PASSWORD", p),
             None => cmd.env_remove("PORTCULLIS_ADMIN_PASSWORD"),
@@ -280,11 +290,23 @@ impl GatewayServer {
                 break format!("http://{a}");
             }
         };
-        // Keep draining stdout so the process never blocks on a full pipe.
+        // Keep draining stdout so the process never blocks on a full pipe; the audit events
+        // on it (test gateways have the stdout sink) are kept for the suite's leak check.
+        let kept = crate::leak_check_dir()
+            .join("logs")
+            .join(format!("gateway-{}.audit.jsonl", child.id()));
         std::thread::spawn(move || {
-            let mut sink = String::new();
-            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
+            use std::io::Write;
+            let _ = std::fs::create_dir_all(kept.parent().unwrap_or(Path::new(".")));
+            let mut out = std::fs::File::create(&kept).ok();
+            let mut line = String::new();
+            while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if line.starts_with("{\"@timestamp\"")
+                    && let Some(f) = out.as_mut()
+                {
+                    let _ = f.write_all(line.as_bytes());
+                }
+                line.clear();
             }
         });
         let mut g = GatewayServer {

@@ -86,6 +86,7 @@ async fn traffic(g: &GatewayServer) -> anyhow::Result<String> {
         .as_str()
         .context("no secret")?
         .to_string();
+    portcullis_tests::remember_secret(&secret);
     ensure!(
         token("robot$team-a+ci", &secret).await?.status() == 200,
         "robot token"
@@ -844,5 +845,72 @@ async fn sighup_reopens_the_trail_for_logrotate_and_the_chain_goes_on() -> anyho
         mode & 0o077 == 0,
         "the new trail is readable by others: {mode:o}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn session_revocations_are_audited() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let file = data.path().join("audit/audit.jsonl");
+    let g = GatewayServer::start_dev(data.path(), Some(PASSWORD))?;
+    let http = https(&g.ca_pem, false);
+    let r = http
+        .get(format!(
+            "{}/token?service=portcullis&offline_token=true&client_id=laptop",
+            g.base
+        ))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let refresh = r.json::<Value>().await?["refresh_token"]
+        .as_str()
+        .context("no refresh token")?
+        .to_string();
+    portcullis_tests::remember_secret(&refresh);
+    let list: Value = http
+        .get(format!("{}/auth/sessions", g.base))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let sid = list["sessions"][0]["id"]
+        .as_str()
+        .context("session id")?
+        .to_string();
+    for (id, status) in [(sid.as_str(), 200), ("0123456789abcdef", 404)] {
+        let r = http
+            .delete(format!("{}/auth/sessions/{id}", g.base))
+            .basic_auth("admin", Some(PASSWORD))
+            .send()
+            .await?;
+        ensure!(r.status() == status, "{id}: {}", r.status());
+    }
+    let all = wait_for(&file, 3)?;
+    let revokes: Vec<&Value> = all
+        .iter()
+        .filter(|e| e["event.action"] == "session-revoke")
+        .collect();
+    ensure!(revokes.len() == 2, "{revokes:?}");
+    ensure!(
+        revokes[0]["event.outcome"] == "success"
+            && revokes[0]["session"] == sid.as_str()
+            && revokes[0]["user.name"] == "admin"
+            && revokes[0]["admin"] == true
+            && revokes[0]["http.request.method"] == "DELETE",
+        "{}",
+        revokes[0]
+    );
+    ensure!(
+        revokes[1]["event.outcome"] == "failure"
+            && revokes[1]["event.reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("no such session")),
+        "{}",
+        revokes[1]
+    );
+    let text = std::fs::read_to_string(&file)?;
+    ensure!(!text.contains(&refresh), "the refresh token in the trail");
     Ok(())
 }

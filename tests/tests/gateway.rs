@@ -275,6 +275,7 @@ async fn oauth_post_password_and_refresh_token_grants() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["scope"], "repository:x/y:pull repository:x/z:push");
     let refresh = v["refresh_token"].as_str().unwrap().to_string();
+    portcullis_tests::remember_secret(&refresh);
     let r = post(vec![
         ("grant_type", "refresh_token".into()),
         ("refresh_token", refresh.clone()),

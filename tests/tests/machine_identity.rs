@@ -184,10 +184,12 @@ impl Registry {
 }
 
 fn secret(v: &Value) -> anyhow::Result<String> {
-    v["secret"]
+    let s = v["secret"]
         .as_str()
         .map(str::to_string)
-        .with_context(|| format!("no secret in {v}"))
+        .with_context(|| format!("no secret in {v}"))?;
+    portcullis_tests::remember_secret(&s);
+    Ok(s)
 }
 
 /// Polls `cond` every 100 ms until it holds or `limit` passes (for lifetimes measured in

@@ -615,6 +615,7 @@ async fn a_device_code_gives_one_session_and_bad_device_and_refresh_grants_are_r
     let (status, v) = device_poll_until_settled(g, code).await;
     assert_eq!(status, 200, "{v}");
     let refresh = v["refresh_token"].as_str().unwrap().to_string();
+    portcullis_tests::remember_secret(&refresh);
     assert_eq!(claims(v["access_token"].as_str().unwrap())["sub"], "bob");
     let (status, v) = sessions_call(g, reqwest::Method::GET, "/auth/sessions", &refresh).await;
     assert_eq!(status, 200);
@@ -906,6 +907,7 @@ async fn without_a_device_flow_at_the_idp_the_gateway_runs_its_own_with_the_brow
     let (status, v) = device_poll(&g, &device_code).await;
     assert_eq!(status, 200, "{v}");
     let refresh = v["refresh_token"].as_str().unwrap();
+    portcullis_tests::remember_secret(refresh);
     let (status, v) = refresh_grant(&g, refresh, "repository:team-a/app:push").await;
     assert_eq!(status, 200, "{v}");
     let c = claims(v["access_token"].as_str().unwrap());

@@ -147,6 +147,11 @@ impl TokenService {
                 Ok(existed) => {
                     if existed {
                         tracing::info!("refresh token revoked by its holder");
+                        crate::audit::record(
+                            "session-revoke",
+                            "success",
+                            json!({"revoked_by": "holder (RFC 7009)"}),
+                        );
                     }
                     Reply::json(200, json!({}))
                 }
@@ -196,13 +201,27 @@ impl TokenService {
                 match self.sessions.revoke_id(sid, owner).await {
                     Ok(true) => {
                         tracing::info!(by = %id.subject, admin, session = %sid, "session revoked");
+                        crate::audit::record(
+                            "session-revoke",
+                            "success",
+                            json!({"user.name": id.subject, "session": sid, "admin": admin}),
+                        );
                         Reply::json(200, json!({ "revoked": sid }))
                     }
-                    Ok(false) => Reply::oauth_error(
-                        404,
-                        "not_found",
-                        "no such session (among the ones you may revoke)",
-                    ),
+                    Ok(false) => {
+                        crate::audit::record(
+                            "session-revoke",
+                            "failure",
+                            json!({"user.name": id.subject, "admin": admin,
+                                   "session": sid.chars().take(64).collect::<String>(),
+                                   "event.reason": "no such session among the ones this user may revoke"}),
+                        );
+                        Reply::oauth_error(
+                            404,
+                            "not_found",
+                            "no such session (among the ones you may revoke)",
+                        )
+                    }
                     Err(e) => store_unavailable(&e),
                 }
             }
