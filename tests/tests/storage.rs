@@ -86,8 +86,20 @@ async fn internal_secret_is_required_when_configured() {
     expect_error(c.get("/v2/").await.unwrap(), 401, "UNAUTHORIZED")
         .await
         .unwrap();
-    let r = c.get("/metrics").await.unwrap();
-    assert_eq!(r.status(), 401);
+    // Health and metrics are open (Prometheus and load balancers ask without the secret),
+    // and never show it.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = c.get(path).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(!r.text().await.unwrap().contains("s3cret"), "{path}");
+    }
+    expect_error(
+        c.get("/v2/nope/tags/list").await.unwrap(),
+        401,
+        "UNAUTHORIZED",
+    )
+    .await
+    .unwrap();
     c.headers = vec![("portcullis-internal-secret".into(), "s3cret-value".into())];
     assert_eq!(c.get("/v2/").await.unwrap().status(), 200);
     let body = c
