@@ -13,6 +13,7 @@ use std::sync::Arc;
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub upstreams: Arc<LoadBalancer<RoundRobin>>,
+    pub store: Arc<dyn crate::state::StateStore>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -24,11 +25,18 @@ pub fn router(state: Arc<AdminState>) -> Router {
 }
 
 async fn readyz(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
-    // Ready when a storage node passes its health check.
-    if st.upstreams.select(b"", 256).is_some() {
-        (StatusCode::OK, "ready\n")
+    // Ready when a storage node passes its health check and the state store answers.
+    let mut not = Vec::new();
+    if st.upstreams.select(b"", 256).is_none() {
+        not.push("no healthy storage node".to_string());
+    }
+    if let Err(e) = st.store.ping().await {
+        not.push(e.to_string());
+    }
+    if not.is_empty() {
+        (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no healthy storage node\n")
+        (StatusCode::SERVICE_UNAVAILABLE, not.join("\n") + "\n")
     }
 }
 
@@ -40,6 +48,9 @@ async fn metrics(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
             .with_label_values(&[&b.addr.to_string()])
             .set(i64::from(backends.ready(b)));
     }
+    st.metrics
+        .state_store_up
+        .set(i64::from(st.store.ping().await.is_ok()));
     (
         [("content-type", "text/plain; version=0.0.4")],
         st.metrics.render(),

@@ -26,22 +26,15 @@ pub struct Config {
     /// CI workload-identity federation: trusted CI token issuers.
     pub federation: Option<crate::federation::FederationConfig>,
     #[serde(default)]
-    pub state: StateConfig,
+    pub state: crate::state::StateConfig,
     #[serde(default)]
     pub audit: crate::audit::AuditConfig,
+    /// Lockouts after failed logins and rate limits (`[limits]`).
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
     /// `[log] format = "pretty" | "json"` (stderr; `--log-format` overrides it).
     #[serde(default)]
     pub log: storage_backend::config::LogConfig,
-}
-
-/// The shared state store.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct StateConfig {
-    /// The in-memory store's file for what must outlive a restart (robot accounts). Unset:
-    /// robots are lost when the gateway stops (a warning says so).
-    #[serde(default)]
-    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -188,14 +188,19 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             tokens,
             auth: Arc::new(crate::auth::Chain(vec![robots.clone(), Arc::new(users)])),
             policy,
-            sessions: Sessions::new(store, 30 * 86_400, 7 * 86_400),
+            sessions: Sessions::new(store.clone(), 30 * 86_400, 7 * 86_400),
             oidc: None,
             reread_lock: Default::default(),
             expires_in_seconds: 300,
             robots: Some(robots),
+            limits: Arc::new(crate::limits::Limits::new(
+                Default::default(),
+                store.clone(),
+            )),
             federation: None,
         },
         oidc: None,
         side_tasks: vec![storage_task],
+        store,
     })
 }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod dev;
 pub mod federation;
 pub mod jws;
+pub mod limits;
 pub mod metrics;
 pub mod oidc;
 pub mod proxy;
@@ -53,6 +54,8 @@ pub struct Settings {
     pub authz: authz::Authz,
     /// OIDC browser login, when configured.
     pub oidc: Option<Arc<oidc::Oidc>>,
+    /// The shared state store (its health is part of readiness).
+    pub store: Arc<dyn state::StateStore>,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -86,6 +89,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         authz,
         side_tasks,
         oidc,
+        store,
     } = settings;
     let metrics = Arc::new(metrics::Metrics::new());
 
@@ -142,7 +146,11 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
 
     // The side runtime: admin listener and, in dev mode, the embedded storage service.
     admin.set_nonblocking(true)?;
-    let admin_state = Arc::new(admin::AdminState { metrics, upstreams });
+    let admin_state = Arc::new(admin::AdminState {
+        metrics,
+        upstreams,
+        store,
+    });
     std::thread::Builder::new()
         .name("portcullis-side".into())
         .spawn(move || {

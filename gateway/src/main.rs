@@ -145,13 +145,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         .map(|p| SigningKey::load(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     // One shared state store for sessions, login caches and OIDC flows.
-    let store: Arc<dyn gateway::state::StateStore> = match &c.state.file {
-        Some(f) => Arc::new(gateway::state::MemoryStore::with_file(f)?),
-        None => {
-            tracing::warn!("state.file is unset: robot accounts are lost when the gateway stops");
-            Arc::new(gateway::state::MemoryStore::default())
-        }
-    };
+    let store = c.state.open()?;
     gateway::audit::install(
         &c.audit,
         &format!("{}:{}", gateway::audit::hostname(), c.listen.port()),
@@ -208,7 +202,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
             auth,
             policy,
             sessions: Sessions::new(
-                store,
+                store.clone(),
                 (c.token.refresh_absolute_hours * 3600) as i64,
                 (c.token.refresh_idle_hours * 3600) as i64,
             ),
@@ -217,9 +211,14 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
             reread_lock: Default::default(),
             robots: Some(robots),
             federation,
+            limits: Arc::new(gateway::limits::Limits::new(
+                c.limits.clone(),
+                store.clone(),
+            )),
         },
         oidc,
         side_tasks: Vec::new(),
+        store,
     })
 }
 

@@ -19,6 +19,8 @@ pub struct Metrics {
     repositories: Mutex<HashSet<String>>,
     pub upstream_errors: IntCounterVec,
     pub upstream_healthy: IntGaugeVec,
+    /// 1 when the shared state store answered at the last scrape.
+    pub state_store_up: prometheus::IntGauge,
 }
 
 /// Metrics of the token service and the authenticators (process-wide: they are counted
@@ -30,6 +32,12 @@ pub struct AuthMetrics {
     pub outcomes: IntCounterVec,
     /// Token decisions by authenticator and outcome (`granted`, `partial`, `denied`).
     pub token_decisions: IntCounterVec,
+    /// Requests refused by a rate limit, by endpoint (`token`, `registry`) and `by`.
+    pub rate_limited: IntCounterVec,
+    /// Lockouts started, by `user` or `source`.
+    pub lockouts: IntCounterVec,
+    /// Lockout or rate-limit checks the state store could not answer, by check.
+    pub limits_unavailable: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -60,6 +68,21 @@ pub fn auth() -> &'static AuthMetrics {
             "gateway_token_decisions_total",
             "Token decisions by authenticator and outcome (granted, partial, denied)",
             &["authenticator", "outcome"],
+        ),
+        rate_limited: counter(
+            "gateway_rate_limited_total",
+            "Requests refused by a rate limit, by endpoint (token, registry) and by (user, source)",
+            &["endpoint", "by"],
+        ),
+        lockouts: counter(
+            "gateway_login_lockouts_total",
+            "Lockouts started after failed logins, by user name or source address",
+            &["by"],
+        ),
+        limits_unavailable: counter(
+            "gateway_limits_unavailable_total",
+            "Lockout or rate-limit checks the state store could not answer (lockout, rate)",
+            &["check"],
         ),
     })
 }
@@ -140,6 +163,9 @@ impl Metrics {
         for c in [
             &a.outcomes,
             &a.token_decisions,
+            &a.rate_limited,
+            &a.lockouts,
+            &a.limits_unavailable,
             &request_bytes,
             &response_bytes,
             &repository_bytes,
@@ -149,6 +175,14 @@ impl Metrics {
         }
         registry
             .register(Box::new(upstream_healthy.clone()))
+            .expect("unique");
+        let state_store_up = prometheus::IntGauge::new(
+            "gateway_state_store_up",
+            "1 when the shared state store (memory or Redis) answered at the last scrape",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(state_store_up.clone()))
             .expect("unique");
         Metrics {
             registry,
@@ -161,6 +195,7 @@ impl Metrics {
             repositories: Mutex::new(HashSet::new()),
             upstream_errors,
             upstream_healthy,
+            state_store_up,
         }
     }
 

@@ -708,8 +708,11 @@ impl Oidc {
             let Some(a) = flow.approved else {
                 return DevicePoll::Pending("authorization_pending".into());
             };
-            if let Err(e) = self.state.delete(&key).await {
-                return DevicePoll::Unavailable(e.to_string());
+            // Single use: of two polls racing (on any replicas), one gets the session.
+            match self.state.take(&key).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return DevicePoll::Unknown,
+                Err(e) => return DevicePoll::Unavailable(e.to_string()),
             }
             let identity = Identity {
                 subject: a.subject,
@@ -726,9 +729,12 @@ impl Oidc {
         let form = [("grant_type", DEVICE_GRANT), ("device_code", idp_code)];
         match self.token_call(&form).await {
             Ok(Ok(body)) => {
-                // Single use, whatever the ID token says.
-                if let Err(e) = self.state.delete(&key).await {
-                    return DevicePoll::Unavailable(e.to_string());
+                // Single use, whatever the ID token says; a racing poll that took it first
+                // has the session.
+                match self.state.take(&key).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return DevicePoll::Unknown,
+                    Err(e) => return DevicePoll::Unavailable(e.to_string()),
                 }
                 match self.signed_in(&body, None).await {
                     Ok(Ok(s)) => DevicePoll::Done(s, flow.device),
@@ -765,14 +771,11 @@ impl Oidc {
         };
         // Single use: taken out of the store before anything else.
         let key = format!("oidc:flow:{}", sha256_b64(state));
-        let flow = match self.state.get(&key).await {
-            Ok(Some(raw)) => {
-                let _ = self.state.delete(&key).await;
-                match serde_json::from_slice::<Flow>(&raw) {
-                    Ok(f) => f,
-                    Err(_) => return Outcome::Refused(400, "unknown or expired login".into()),
-                }
-            }
+        let flow = match self.state.take(&key).await {
+            Ok(Some(raw)) => match serde_json::from_slice::<Flow>(&raw) {
+                Ok(f) => f,
+                Err(_) => return Outcome::Refused(400, "unknown or expired login".into()),
+            },
             Ok(None) => {
                 return Outcome::Refused(400, "unknown, used or expired login state".into());
             }

@@ -100,6 +100,7 @@ struct RequestParts {
     query: Option<String>,
     authorization: Option<String>,
     body: Vec<u8>,
+    source: Option<String>,
 }
 
 impl RequestParts {
@@ -115,6 +116,7 @@ impl RequestParts {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             body: Vec::new(),
+            source: client_ip(session),
         }
     }
 
@@ -124,6 +126,7 @@ impl RequestParts {
             query: self.query.as_deref(),
             authorization: self.authorization.as_deref(),
             body: &self.body,
+            source: self.source.as_deref(),
         }
     }
 }
@@ -394,7 +397,26 @@ impl Gateway {
             .with_status(503);
             return respond(session, 503, "application/json", Bytes::from(e.body()), &[]).await;
         }
-        match self.authz.check(session.req_header(), &mut ctx.op) {
+        let verdict = self.authz.check(session.req_header(), &mut ctx.op);
+        if let Some(l) = self.registry_rate_limited(ctx).await {
+            ctx.route = "limited";
+            ctx.op.reason = Some(format!("rate limited ({})", l.by.name()));
+            let e = oci::OciError::new(
+                oci::ErrorCode::TooManyRequests,
+                "too many requests, try again later",
+            )
+            .with_status(429);
+            let retry = [("retry-after", l.retry_after.to_string())];
+            return respond(
+                session,
+                429,
+                "application/json",
+                Bytes::from(e.body()),
+                &retry,
+            )
+            .await;
+        }
+        match verdict {
             Verdict::Forward { route, forward } => {
                 ctx.route = route;
                 ctx.forward = forward;
@@ -467,6 +489,42 @@ impl Gateway {
         }
     }
 
+    /// The `/v2/` rate limits, per source and per identity (none by default). A limit the
+    /// state store cannot count lets the request through.
+    async fn registry_rate_limited(&self, ctx: &RequestCtx) -> Option<crate::limits::Limited> {
+        let limits = &self.tokens.limits;
+        let cfg = limits.config();
+        if cfg.registry_per_minute_per_source == 0 && cfg.registry_per_minute_per_user == 0 {
+            return None;
+        }
+        let user = ctx.op.user.as_ref().map(|u| u.name.as_str());
+        match limits
+            .rate(
+                crate::limits::Endpoint::Registry,
+                ctx.info.source_ip.as_deref(),
+                user,
+            )
+            .await
+        {
+            Ok(Some(l)) => {
+                crate::metrics::auth()
+                    .rate_limited
+                    .with_label_values(&["registry", l.by.name()])
+                    .inc();
+                Some(l)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                crate::metrics::auth()
+                    .limits_unavailable
+                    .with_label_values(&["rate"])
+                    .inc();
+                tracing::warn!(error = %e, "rate limit not checked: the state store is unavailable");
+                None
+            }
+        }
+    }
+
     async fn token_endpoint(&self, session: &mut Session) -> Result<bool> {
         let mut req = RequestParts::of(session);
         let Some(body) = post_body(session).await? else {
@@ -480,6 +538,14 @@ impl Gateway {
             .inc();
         send_reply(session, reply).await
     }
+}
+
+/// The client's address.
+fn client_ip(session: &Session) -> Option<String> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
 }
 
 /// Gives the request its id (the client's `X-Request-Id` if it is a plain token of at most
@@ -501,10 +567,7 @@ fn start_request(session: &mut Session, ctx: &mut RequestCtx) -> Result<Arc<Requ
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let info = Arc::new(RequestInfo {
         request_id: id.clone(),
-        source_ip: session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string()),
+        source_ip: client_ip(session),
         user_agent: req
             .headers
             .get("user-agent")
@@ -544,6 +607,9 @@ async fn send_reply(session: &mut Session, reply: token::Reply) -> Result<bool> 
     let mut extra = vec![("cache-control", "no-store".to_string())];
     if let Some(w) = reply.www_authenticate {
         extra.push(("www-authenticate", w));
+    }
+    if let Some(s) = reply.retry_after {
+        extra.push(("retry-after", s.to_string()));
     }
     respond(
         session,
@@ -616,11 +682,7 @@ impl ProxyHttp for Gateway {
         if let Some(uri) = ctx.forward.rewrite_uri.take() {
             upstream.set_uri(uri);
         }
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
-        if let Some(ip) = client {
+        if let Some(ip) = client_ip(session) {
             let xff = match upstream
                 .headers
                 .get("x-forwarded-for")

@@ -25,7 +25,8 @@ pub fn storage_node(root: &Path) -> anyhow::Result<StorageServer> {
 }
 
 /// `gateway serve` with a config in `d` naming `nodes`, htpasswd `users` hashed with bcrypt
-/// `cost` (bob in team-a, alice in registry-admins), a fresh signing key, the shipped policy.
+/// `cost` (bob in team-a, alice in registry-admins), the signing key `d/key.pem` (made if
+/// missing), the shipped policy.
 pub fn start_gateway(
     d: &Path,
     nodes: &[&StorageServer],
@@ -46,7 +47,10 @@ pub fn start_gateway_with(
     env: &[(&str, &str)],
 ) -> anyhow::Result<GatewayServer> {
     let tls = gateway::tls::ensure_dev_certificates(&d.join("tls"))?;
-    std::fs::write(d.join("key.pem"), gateway::token::keys::generate_pem()?)?;
+    // Replicas of one deployment share the signing key: one placed in `d` is kept.
+    if !d.join("key.pem").exists() {
+        std::fs::write(d.join("key.pem"), gateway::token::keys::generate_pem()?)?;
+    }
     let mut htpasswd = String::new();
     for (u, p) in users {
         htpasswd.push_str(&format!("{u}:{}\n", bcrypt::hash(p, cost)?));

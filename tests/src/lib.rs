@@ -9,6 +9,7 @@
 //! - [`ldap`]: a real slapd with a seeded directory.
 //! - [`oidc`]: a real OpenID provider and a headless browser login.
 //! - [`fsck`]: an offline consistency check of a storage root.
+//! - [`redis`]: a real redis-server, stopped and started again at will.
 //! - [`syslog`]: a real rsyslogd receiving RFC 5424 over UDP, TCP and TLS.
 //! - [`tools`]: running real clients (skopeo, podman, buildah) and distribution.
 
@@ -18,6 +19,7 @@ pub mod fsck;
 pub mod ldap;
 pub mod oidc;
 pub mod protocol;
+pub mod redis;
 pub mod server;
 pub mod syslog;
 pub mod tools;

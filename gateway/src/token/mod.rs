@@ -35,6 +35,8 @@ pub struct Reply {
     pub status: u16,
     pub body: String,
     pub www_authenticate: Option<String>,
+    /// Seconds for `Retry-After` (429 answers).
+    pub retry_after: Option<u64>,
 }
 
 impl Reply {
@@ -43,6 +45,17 @@ impl Reply {
             status,
             body: v.to_string(),
             www_authenticate: None,
+            retry_after: None,
+        }
+    }
+
+    /// 429 with `Retry-After`, in the registry's error format (Docker clients show it).
+    pub fn too_many(retry_after: u64, message: &str) -> Self {
+        Reply {
+            status: 429,
+            body: json!({"errors": [{"code": "TOOMANYREQUESTS", "message": message}]}).to_string(),
+            www_authenticate: None,
+            retry_after: Some(retry_after.max(1)),
         }
     }
 
@@ -61,6 +74,8 @@ pub struct Request<'a> {
     pub query: Option<&'a str>,
     pub authorization: Option<&'a str>,
     pub body: &'a [u8],
+    /// The client's address (for lockouts and rate limits).
+    pub source: Option<&'a str>,
 }
 
 pub struct TokenService {
@@ -78,6 +93,8 @@ pub struct TokenService {
     pub robots: Option<Arc<crate::robots::Robots>>,
     /// CI federation: the jwt-bearer grant (passwords that are CI JWTs go through `auth`).
     pub federation: Option<Arc<crate::federation::Federation>>,
+    /// Lockouts and the token endpoint's rate limits.
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 /// The username that says "the password is a registry refresh token" (Docker's convention
@@ -130,10 +147,60 @@ fn anonymous() -> Identity {
 
 impl TokenService {
     pub async fn handle(&self, req: &Request<'_>) -> Reply {
+        if let Some(r) = self.rate_limited(req).await {
+            return r;
+        }
         match req.method {
             "GET" => self.get(req).await,
             "POST" => self.post(req).await,
             _ => Reply::oauth_error(405, "invalid_request", "use GET or POST"),
+        }
+    }
+
+    /// The token endpoint's rate limits, per source and per the user name the request gives.
+    async fn rate_limited(&self, req: &Request<'_>) -> Option<Reply> {
+        let user = match req.authorization.and_then(parse_basic) {
+            Some((u, _)) => Some(u),
+            None if req.method == "POST" => form_urlencoded::parse(req.body)
+                .find(|(k, _)| k == "username")
+                .map(|(_, v)| v.into_owned()),
+            None => None,
+        };
+        let user = user.filter(|u| u != IDENTITY_TOKEN_USER);
+        match self
+            .limits
+            .rate(crate::limits::Endpoint::Token, req.source, user.as_deref())
+            .await
+        {
+            Ok(None) => None,
+            Ok(Some(l)) => {
+                crate::metrics::auth()
+                    .rate_limited
+                    .with_label_values(&["token", l.by.name()])
+                    .inc();
+                if l.first {
+                    crate::audit::record(
+                        "rate-limit",
+                        "failure",
+                        json!({"user.name": user.unwrap_or_default(), "limit.by": l.by.name(),
+                               "limit.endpoint": "token",
+                               "event.reason": "too many token requests in this minute"}),
+                    );
+                }
+                Some(Reply::too_many(
+                    l.retry_after,
+                    "too many token requests, try again later",
+                ))
+            }
+            Err(e) => {
+                // A limit that cannot be counted lets the request through.
+                crate::metrics::auth()
+                    .limits_unavailable
+                    .with_label_values(&["rate"])
+                    .inc();
+                tracing::warn!(error = %e, "rate limit not checked: the state store is unavailable");
+                None
+            }
         }
     }
 
@@ -167,7 +234,7 @@ impl TokenService {
         let Some((user, password)) = req.authorization.and_then(parse_basic) else {
             return unauthorized();
         };
-        let id = match self.login(&user, &password).await {
+        let id = match self.login(&user, &password, req.source).await {
             Ok(id) => id,
             Err(r) => return r,
         };
@@ -261,7 +328,7 @@ impl TokenService {
                 let Some((user, password)) = parse_basic(auth) else {
                     return unauthorized();
                 };
-                match self.login(&user, &password).await {
+                match self.login(&user, &password, req.source).await {
                     Ok(id) if self.policy.is_admin(&id.to_subject()) => Caller::Admin(id.subject),
                     Ok(id) => Caller::Other(id),
                     Err(r) => return r,
@@ -391,7 +458,7 @@ impl TokenService {
                         )
                     };
                 }
-                Some((user, password)) => match self.login(&user, &password).await {
+                Some((user, password)) => match self.login(&user, &password, req.source).await {
                     Ok(id) => id,
                     Err(r) => return r,
                 },
@@ -406,7 +473,12 @@ impl TokenService {
             .await
     }
 
-    async fn login(&self, user: &str, password: &str) -> Result<Identity, Reply> {
+    async fn login(
+        &self,
+        user: &str,
+        password: &str,
+        source: Option<&str>,
+    ) -> Result<Identity, Reply> {
         if user.is_empty() || password.is_empty() {
             return Err(unauthorized());
         }
@@ -425,10 +497,37 @@ impl TokenService {
                 json!({"user.name": user, "event.reason": reason, "authenticator": self.auth.name()}),
             );
         };
+        match self.limits.login_gate(user, source).await {
+            Ok(None) => {}
+            Ok(Some(locked)) => {
+                failed(&format!("locked out ({})", locked.by.name()));
+                return Err(Reply::too_many(
+                    locked.retry_after,
+                    &format!(
+                        "too many failed logins, try again in {} s",
+                        locked.retry_after
+                    ),
+                ));
+            }
+            Err(e) => {
+                crate::metrics::auth()
+                    .limits_unavailable
+                    .with_label_values(&["lockout"])
+                    .inc();
+                failed("login protection state unavailable");
+                return Err(store_unavailable(&e));
+            }
+        }
         match self.auth.authenticate(user, password).await {
-            Ok(id) => Ok(id),
+            Ok(id) => {
+                if let Err(e) = self.limits.login_succeeded(user).await {
+                    tracing::warn!(error = %e, "could not clear failed logins: the state store is unavailable");
+                }
+                Ok(id)
+            }
             Err(AuthError::InvalidCredentials | AuthError::UnknownUser) => {
                 failed("invalid credentials");
+                self.count_failure(user, source).await;
                 Err(unauthorized())
             }
             Err(AuthError::Refused(why)) => Err(refused(&why)),
@@ -440,6 +539,33 @@ impl TokenService {
                     "temporarily_unavailable",
                     "the authentication backend is unavailable, try again later",
                 ))
+            }
+        }
+    }
+
+    /// Counts a failed login; audits the lockout it starts.
+    async fn count_failure(&self, user: &str, source: Option<&str>) {
+        match self.limits.login_failed(user, source).await {
+            Ok(None) => {}
+            Ok(Some(l)) => {
+                crate::metrics::auth()
+                    .lockouts
+                    .with_label_values(&[l.by.name()])
+                    .inc();
+                crate::audit::record(
+                    "login-lockout",
+                    "success",
+                    json!({"user.name": user, "lockout.by": l.by.name(),
+                           "lockout.seconds": l.seconds, "lockout.failures": l.failures,
+                           "event.reason": format!("{} failed logins", l.failures)}),
+                );
+            }
+            Err(e) => {
+                crate::metrics::auth()
+                    .limits_unavailable
+                    .with_label_values(&["lockout"])
+                    .inc();
+                tracing::warn!(error = %e, "failed login not counted: the state store is unavailable");
             }
         }
     }
@@ -469,7 +595,7 @@ impl TokenService {
                         "username and password are required",
                     );
                 };
-                match self.login(u, p).await {
+                match self.login(u, p, req.source).await {
                     Ok(id) => {
                         let offline = offline && id.kind == SubjectKind::User;
                         let session =
@@ -732,6 +858,7 @@ fn refused(why: &str) -> Reply {
         status: 401,
         body: json!({"errors": [{"code": "UNAUTHORIZED", "message": why}]}).to_string(),
         www_authenticate: Some("Basic realm=\"portcullis\"".into()),
+        retry_after: None,
     }
 }
 
@@ -742,5 +869,6 @@ fn unauthorized() -> Reply {
             json!({"errors": [{"code": "UNAUTHORIZED", "message": "invalid username or password"}]})
                 .to_string(),
         www_authenticate: Some("Basic realm=\"portcullis\"".into()),
+        retry_after: None,
     }
 }

@@ -111,17 +111,25 @@ impl Sessions {
         (s.created_at + self.absolute_seconds).min(s.last_used + self.idle_seconds)
     }
 
-    async fn put(&self, key: &str, s: &Session, now: i64) -> Result<(), StateError> {
+    /// The stored form of `s` and how long the store keeps it.
+    fn entry(&self, s: &Session, now: i64) -> Result<(Vec<u8>, Duration), StateError> {
         let ttl = (self.expires_at(s) - now).max(1) as u64;
         let value = serde_json::to_vec(s).map_err(|e| StateError(e.to_string()))?;
-        self.store.set(key, value, Duration::from_secs(ttl)).await
+        Ok((value, Duration::from_secs(ttl)))
+    }
+
+    /// Writes a used session back, only if it still exists: a session revoked (on any
+    /// replica) while it was being redeemed stays revoked.
+    async fn write_back(&self, key: &str, s: &Session, now: i64) -> Result<(), StateError> {
+        let (value, ttl) = self.entry(s, now)?;
+        self.store.replace(key, value, ttl).await.map(|_| ())
     }
 
     /// A new refresh token for `session`; only its hash is kept.
     pub async fn issue(&self, session: &Session) -> Result<String, StateError> {
         let token = super::random_token(32);
-        self.put(&key_of(&token), session, session.created_at)
-            .await?;
+        let (value, ttl) = self.entry(session, session.created_at)?;
+        self.store.set(&key_of(&token), value, ttl).await?;
         Ok(token)
     }
 
@@ -142,14 +150,14 @@ impl Sessions {
         }
         if now - session.last_used >= (self.idle_seconds / 10).clamp(1, 60) {
             session.last_used = now;
-            self.put(&key, &session, now).await?;
+            self.write_back(&key, &session, now).await?;
         }
         Ok(Some(Redeemed { key, session }))
     }
 
     /// Writes back a redeemed session that changed (groups read again, a rotated IdP token).
     pub async fn update(&self, r: &Redeemed, now: i64) -> Result<(), StateError> {
-        self.put(&r.key, &r.session, now).await
+        self.write_back(&r.key, &r.session, now).await
     }
 
     /// Ends the session under a redeemed key.
@@ -159,10 +167,7 @@ impl Sessions {
 
     /// Revokes one token; whether it existed.
     pub async fn revoke(&self, token: &str) -> Result<bool, StateError> {
-        let key = key_of(token);
-        let existed = self.store.get(&key).await?.is_some();
-        self.store.delete(&key).await?;
-        Ok(existed)
+        Ok(self.store.take(&key_of(token)).await?.is_some())
     }
 
     /// Sessions, all or one user's, oldest first.

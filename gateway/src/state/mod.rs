@@ -1,6 +1,11 @@
-//! The shared state store: small values with a time to live that every gateway replica must
-//! see (login caches now; refresh tokens, sessions, robots and counters as they move here).
-//! [`MemoryStore`] is the embedded default; a Redis store comes behind the same trait.
+//! The shared state store: small values, most with a time to live, that every gateway replica
+//! must see — sessions (refresh tokens), OIDC flow state, robot accounts, the LDAP login cache,
+//! failed-login counters and rate-limit windows. [`MemoryStore`] is the embedded default (one
+//! gateway); [`redis::RedisStore`] is shared by several. Both pass the same suite
+//! (`tests/tests/ha.rs`), and the operations that race between replicas are single atomic
+//! steps in both: [`StateStore::take`], [`StateStore::replace`], [`StateStore::incr`].
+
+pub mod redis;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,9 +28,72 @@ pub trait StateStore: Send + Sync {
     async fn delete(&self, key: &str) -> Result<(), StateError>;
     /// Every live entry whose key starts with `prefix` (for admin listings, not hot paths).
     async fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError>;
+    /// Removes and returns the value under `key` in one step: of several callers racing for
+    /// a single-use value (a login's state, an approved device code) exactly one gets it.
+    async fn take(&self, key: &str) -> Result<Option<Vec<u8>>, StateError>;
+    /// Replaces the value under `key` only if it is still there, with a new `ttl`; whether it
+    /// was. A write-back never brings back an entry that was revoked or expired meanwhile.
+    async fn replace(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<bool, StateError>;
+    /// Adds one to the counter under `key` and returns the new count. A missing counter starts
+    /// at 1 and lives for `ttl` from then (counting does not extend it): a fixed window.
+    async fn incr(&self, key: &str, ttl: Duration) -> Result<u64, StateError>;
+    /// Whether the store answers now (readiness).
+    async fn ping(&self) -> Result<(), StateError>;
 }
 
 type Entries = HashMap<String, (Vec<u8>, Instant)>;
+
+/// How the shared state is kept: `[state] type = "memory" | "redis"`.
+#[derive(Debug, Clone, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `memory` (the default; one gateway) or `redis` (shared by several gateways).
+    #[serde(default, rename = "type")]
+    pub kind: StoreKind,
+    /// The in-memory store's file for what must outlive a restart (robot accounts). Unset:
+    /// robots are lost when the gateway stops (a warning says so).
+    #[serde(default)]
+    pub file: Option<std::path::PathBuf>,
+    /// The Redis store's settings (`[state.redis]`), required with `type = "redis"`.
+    #[serde(default)]
+    pub redis: Option<redis::RedisConfig>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+impl StateConfig {
+    /// Opens the configured store. A Redis store connects lazily: the gateway starts while
+    /// Redis is down, reports not ready, and connects when Redis is back.
+    pub fn open(&self) -> anyhow::Result<std::sync::Arc<dyn StateStore>> {
+        Ok(match self.kind {
+            StoreKind::Redis => {
+                let cfg = self
+                    .redis
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("state.type = \"redis\" needs [state.redis]"))?;
+                if self.file.is_some() {
+                    anyhow::bail!("state.file is for the memory store; Redis keeps its own data");
+                }
+                std::sync::Arc::new(redis::RedisStore::open(cfg)?)
+            }
+            StoreKind::Memory => match &self.file {
+                Some(f) => std::sync::Arc::new(MemoryStore::with_file(f)?),
+                None => {
+                    tracing::warn!(
+                        "state.file is unset: robot accounts are lost when the gateway stops"
+                    );
+                    std::sync::Arc::new(MemoryStore::default())
+                }
+            },
+        })
+    }
+}
 
 /// In-process store. Entries with a time to live are bounded: when full, expired ones go
 /// first, then all of them (a cache that forgets is slower, never wrong; sessions and flows
@@ -117,6 +185,18 @@ impl MemoryStore {
             .map_err(|_| StateError("memory store lock poisoned".into()))
     }
 
+    /// Inserts under the lock, making room first when full.
+    fn insert(&self, map: &mut Entries, key: &str, value: Vec<u8>, ttl: Duration) {
+        let now = Instant::now();
+        if map.len() >= self.max_entries && !map.contains_key(key) {
+            map.retain(|_, (_, until)| *until > now);
+            if map.len() >= self.max_entries {
+                map.clear();
+            }
+        }
+        map.insert(key.to_string(), (value, now + ttl));
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Entries>, StateError> {
         self.map
             .lock()
@@ -149,14 +229,7 @@ impl StateStore for MemoryStore {
 
     async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StateError> {
         let mut map = self.lock()?;
-        let now = Instant::now();
-        if map.len() >= self.max_entries && !map.contains_key(key) {
-            map.retain(|_, (_, until)| *until > now);
-            if map.len() >= self.max_entries {
-                map.clear();
-            }
-        }
-        map.insert(key.to_string(), (value, now + ttl));
+        self.insert(&mut map, key, value, ttl);
         Ok(())
     }
 
@@ -199,6 +272,59 @@ impl StateStore for MemoryStore {
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
         Ok(out)
+    }
+
+    async fn take(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let taken = self.lock()?.remove(key);
+        match taken {
+            Some((v, until)) if until > Instant::now() => Ok(Some(v)),
+            Some(_) => Ok(None),
+            None => {
+                let mut durable = self.durable()?;
+                let Some(v) = durable.remove(key) else {
+                    return Ok(None);
+                };
+                match self.save(&durable) {
+                    Ok(()) => Ok(Some(v)),
+                    Err(e) => {
+                        durable.insert(key.to_string(), v);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn replace(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<bool, StateError> {
+        let mut map = self.lock()?;
+        let now = Instant::now();
+        match map.get_mut(key) {
+            Some(entry) if entry.1 > now => {
+                *entry = (value, now + ttl);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn incr(&self, key: &str, ttl: Duration) -> Result<u64, StateError> {
+        let mut map = self.lock()?;
+        let now = Instant::now();
+        if let Some((v, _)) = map.get_mut(key).filter(|(_, until)| *until > now) {
+            let n = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+                .saturating_add(1);
+            *v = n.to_string().into_bytes();
+            return Ok(n);
+        }
+        self.insert(&mut map, key, b"1".to_vec(), ttl);
+        Ok(1)
+    }
+
+    async fn ping(&self) -> Result<(), StateError> {
+        self.lock().map(|_| ())
     }
 }
 

@@ -1,0 +1,378 @@
+//! Brute-force protection and rate limits, shared by every gateway replica through the state
+//! store (Redis when there are several).
+//!
+//! - **Lockout**: failed password logins are counted per user name (case-folded) and per
+//!   source address in a fixed window. Reaching the limit locks that name (or address) out:
+//!   the first lockout lasts `lockout_seconds`, each further one within a day twice as long,
+//!   up to `max_lockout_seconds`. A locked login is refused before its password is checked
+//!   (429 and `Retry-After`), so guessing stops even for a right guess. A good login clears
+//!   the name's failure count, not its lockout history. Lockouts are audited
+//!   (`login-lockout`), and so is every login refused while locked.
+//! - **Rate limits**: requests per minute per source address and per identity, on the token
+//!   endpoint and on `/v2/`, counted in one-minute windows (`0` = no limit).
+//!
+//! When the store does not answer, password logins fail with 503 (a lockout that cannot be
+//! checked is not skipped) while rate limits let requests through (already issued access
+//! tokens keep working); either way a warning is logged and a metric counts it.
+
+use crate::state::{StateError, StateStore};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `[limits]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Failed logins of one user name within the window that lock it out (`0`: never).
+    pub user_failures: u64,
+    /// Failed logins from one source address (any names) that lock it out (`0`: never).
+    pub source_failures: u64,
+    pub failure_window_seconds: u64,
+    /// The first lockout; each further one within a day lasts twice as long.
+    pub lockout_seconds: u64,
+    pub max_lockout_seconds: u64,
+    /// Token-endpoint requests per minute from one source address (`0`: no limit, the
+    /// default: one NAT can hide a whole CI farm; lockouts already stop password guessing).
+    pub token_per_minute_per_source: u64,
+    /// Token-endpoint requests per minute for one user name (`0`: no limit, the default).
+    pub token_per_minute_per_user: u64,
+    /// `/v2/` requests per minute from one source address (`0`: no limit, the default).
+    pub registry_per_minute_per_source: u64,
+    /// `/v2/` requests per minute of one authenticated identity (`0`: no limit, the default).
+    pub registry_per_minute_per_user: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            user_failures: 10,
+            source_failures: 100,
+            failure_window_seconds: 900,
+            lockout_seconds: 60,
+            max_lockout_seconds: 3600,
+            token_per_minute_per_source: 0,
+            token_per_minute_per_user: 0,
+            registry_per_minute_per_source: 0,
+            registry_per_minute_per_user: 0,
+        }
+    }
+}
+
+/// Whom a lockout or a limit applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum By {
+    User,
+    Source,
+}
+
+impl By {
+    pub fn name(self) -> &'static str {
+        match self {
+            By::User => "user",
+            By::Source => "source",
+        }
+    }
+}
+
+/// A login refused before its password was checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locked {
+    pub by: By,
+    pub retry_after: u64,
+}
+
+/// A lockout that a failed login just started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lockout {
+    pub by: By,
+    pub seconds: u64,
+    pub failures: u64,
+}
+
+/// A request over a rate limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limited {
+    pub by: By,
+    pub retry_after: u64,
+    /// The first refusal of its window (audited once, not per request).
+    pub first: bool,
+}
+
+/// Which rate limits to apply.
+#[derive(Debug, Clone, Copy)]
+pub enum Endpoint {
+    Token,
+    Registry,
+}
+
+pub struct Limits {
+    cfg: LimitsConfig,
+    store: Arc<dyn StateStore>,
+}
+
+/// A store key part for a user name: case-folded; long or odd names hashed.
+fn user_key(name: &str) -> String {
+    let folded = name.to_lowercase();
+    if folded.len() <= 128 && !folded.contains(['*', '?', '[', ']', '\\']) {
+        folded
+    } else {
+        use sha2::Digest;
+        format!("#{}", hex::encode(sha2::Sha256::digest(folded.as_bytes())))
+    }
+}
+
+fn now() -> u64 {
+    crate::token::unix_now().max(0) as u64
+}
+
+impl Limits {
+    pub fn new(cfg: LimitsConfig, store: Arc<dyn StateStore>) -> Self {
+        Limits { cfg, store }
+    }
+
+    pub fn config(&self) -> &LimitsConfig {
+        &self.cfg
+    }
+
+    fn subjects<'a>(user: &'a str, source: Option<&'a str>) -> Vec<(By, String)> {
+        let mut v = vec![(By::User, user_key(user))];
+        if let Some(s) = source {
+            v.push((By::Source, s.to_string()));
+        }
+        v
+    }
+
+    /// Whether a login of `user` from `source` must be refused now (locked out).
+    pub async fn login_gate(
+        &self,
+        user: &str,
+        source: Option<&str>,
+    ) -> Result<Option<Locked>, StateError> {
+        let now = now();
+        for (by, who) in Self::subjects(user, source) {
+            let Some(raw) = self.store.get(&format!("lock:{}:{who}", by.name())).await? else {
+                continue;
+            };
+            let until = std::str::from_utf8(&raw)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(now + 1);
+            if until > now {
+                return Ok(Some(Locked {
+                    by,
+                    retry_after: until - now,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Counts a failed login; the lockout it starts, if any.
+    pub async fn login_failed(
+        &self,
+        user: &str,
+        source: Option<&str>,
+    ) -> Result<Option<Lockout>, StateError> {
+        let window = Duration::from_secs(self.cfg.failure_window_seconds.max(1));
+        let mut started = None;
+        for (by, who) in Self::subjects(user, source) {
+            let limit = match by {
+                By::User => self.cfg.user_failures,
+                By::Source => self.cfg.source_failures,
+            };
+            if limit == 0 {
+                continue;
+            }
+            let fails = format!("fail:{}:{who}", by.name());
+            let n = self.store.incr(&fails, window).await?;
+            if n < limit || started.is_some() {
+                continue;
+            }
+            // Each lockout within a day doubles the next one.
+            let k = self
+                .store
+                .incr(
+                    &format!("lockouts:{}:{who}", by.name()),
+                    Duration::from_secs(86_400),
+                )
+                .await?;
+            let seconds = self
+                .cfg
+                .lockout_seconds
+                .max(1)
+                .saturating_mul(1u64 << (k - 1).min(20))
+                .min(self.cfg.max_lockout_seconds.max(1));
+            self.store
+                .set(
+                    &format!("lock:{}:{who}", by.name()),
+                    (now() + seconds).to_string().into_bytes(),
+                    Duration::from_secs(seconds),
+                )
+                .await?;
+            self.store.delete(&fails).await?;
+            started = Some(Lockout {
+                by,
+                seconds,
+                failures: n,
+            });
+        }
+        Ok(started)
+    }
+
+    /// A good login: the name's failures start again from zero.
+    pub async fn login_succeeded(&self, user: &str) -> Result<(), StateError> {
+        if self.cfg.user_failures == 0 {
+            return Ok(());
+        }
+        self.store
+            .delete(&format!("fail:user:{}", user_key(user)))
+            .await
+    }
+
+    /// Counts a request against the endpoint's per-minute limits; the limit it exceeds, if
+    /// any. `user` is the identity (or the user name a token request gives).
+    pub async fn rate(
+        &self,
+        endpoint: Endpoint,
+        source: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<Option<Limited>, StateError> {
+        let (per_source, per_user, name) = match endpoint {
+            Endpoint::Token => (
+                self.cfg.token_per_minute_per_source,
+                self.cfg.token_per_minute_per_user,
+                "token",
+            ),
+            Endpoint::Registry => (
+                self.cfg.registry_per_minute_per_source,
+                self.cfg.registry_per_minute_per_user,
+                "registry",
+            ),
+        };
+        let now = now();
+        let minute = now / 60;
+        let retry_after = 60 - now % 60;
+        let checks = [
+            (By::Source, per_source, source.map(str::to_string)),
+            (
+                By::User,
+                per_user,
+                user.filter(|u| !u.is_empty()).map(user_key),
+            ),
+        ];
+        for (by, limit, who) in checks {
+            let (Some(who), true) = (who, limit > 0) else {
+                continue;
+            };
+            let key = format!("rate:{name}:{}:{who}:{minute}", by.name());
+            let n = self.store.incr(&key, Duration::from_secs(61)).await?;
+            if n > limit {
+                return Ok(Some(Limited {
+                    by,
+                    retry_after,
+                    first: n == limit + 1,
+                }));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(cfg: LimitsConfig) -> Limits {
+        Limits::new(cfg, Arc::new(crate::state::MemoryStore::default()))
+    }
+
+    #[tokio::test]
+    async fn failures_lock_the_name_out_with_growing_lockouts() {
+        let l = limits(LimitsConfig {
+            user_failures: 3,
+            source_failures: 0,
+            lockout_seconds: 10,
+            max_lockout_seconds: 25,
+            ..Default::default()
+        });
+        for _ in 0..2 {
+            assert_eq!(l.login_failed("Bob", Some("10.0.0.1")).await.unwrap(), None);
+        }
+        assert_eq!(l.login_gate("bob", None).await.unwrap(), None);
+        let first = l.login_failed("BOB", None).await.unwrap().unwrap();
+        assert_eq!((first.by, first.seconds, first.failures), (By::User, 10, 3));
+        let gate = l
+            .login_gate("bob", Some("10.9.9.9"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(gate.by, By::User);
+        assert!((9..=10).contains(&gate.retry_after), "{gate:?}");
+        assert_eq!(l.login_gate("alice", None).await.unwrap(), None);
+        // The count starts again after a lockout; the next lockout is longer, then capped.
+        for _ in 0..2 {
+            assert_eq!(l.login_failed("bob", None).await.unwrap(), None);
+        }
+        assert_eq!(
+            l.login_failed("bob", None).await.unwrap().unwrap().seconds,
+            20
+        );
+        for _ in 0..2 {
+            l.login_failed("bob", None).await.unwrap();
+        }
+        assert_eq!(
+            l.login_failed("bob", None).await.unwrap().unwrap().seconds,
+            25
+        );
+        // A good login clears the failure count.
+        l.login_failed("carol", None).await.unwrap();
+        l.login_failed("carol", None).await.unwrap();
+        l.login_succeeded("Carol").await.unwrap();
+        assert_eq!(l.login_failed("carol", None).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_source_is_locked_out_across_names() {
+        let l = limits(LimitsConfig {
+            user_failures: 0,
+            source_failures: 2,
+            ..Default::default()
+        });
+        assert_eq!(l.login_failed("a", Some("::1")).await.unwrap(), None);
+        let lock = l.login_failed("b", Some("::1")).await.unwrap().unwrap();
+        assert_eq!(lock.by, By::Source);
+        assert_eq!(
+            l.login_gate("c", Some("::1")).await.unwrap().map(|g| g.by),
+            Some(By::Source)
+        );
+        assert_eq!(l.login_gate("c", Some("::2")).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn rate_limits_count_per_source_and_per_user() {
+        let l = limits(LimitsConfig {
+            registry_per_minute_per_source: 3,
+            registry_per_minute_per_user: 2,
+            ..Default::default()
+        });
+        let r = |src, user| l.rate(Endpoint::Registry, src, user);
+        assert_eq!(r(Some("1.1.1.1"), Some("u")).await.unwrap(), None);
+        assert_eq!(r(Some("2.2.2.2"), Some("U")).await.unwrap(), None);
+        let over = r(Some("3.3.3.3"), Some("u")).await.unwrap().unwrap();
+        assert_eq!((over.by, over.first), (By::User, true));
+        assert!(!r(None, Some("u")).await.unwrap().unwrap().first);
+        assert_eq!(r(Some("1.1.1.1"), None).await.unwrap(), None);
+        assert_eq!(r(Some("1.1.1.1"), None).await.unwrap(), None);
+        assert_eq!(
+            r(Some("1.1.1.1"), None).await.unwrap().map(|l| l.by),
+            Some(By::Source)
+        );
+        // The token endpoint's limits are apart.
+        assert_eq!(
+            l.rate(Endpoint::Token, Some("1.1.1.1"), Some("u"))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+}
