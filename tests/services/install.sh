@@ -15,6 +15,8 @@ packages=(
   slapd ldap-utils              # OpenLDAP for the LDAP login tests
   rsyslog rsyslog-openssl rsyslog-relp  # syslog receiver of the audit tests (UDP, TCP, TLS, RELP)
   prometheus                    # promtool check metrics
+  redis-server                  # the shared state store of the HA tests
+  haproxy                       # the load balancer in front of several gateways (HA tests)
 )
 
 missing=()

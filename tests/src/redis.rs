@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 pub struct Redis {
     child: Option<Child>,
+    /// Append-only file synced on every write: a restart keeps the data.
+    persistent: bool,
     pub port: u16,
     /// `redis://127.0.0.1:<port>/0`
     pub url: String,
@@ -16,10 +18,22 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// A server that forgets everything when it stops.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// A server that keeps its data across [`Redis::stop`] and [`Redis::start_again`]
+    /// (append-only file, fsync on every write), as production runs it.
+    pub fn start_persistent() -> anyhow::Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> anyhow::Result<Self> {
         let port = crate::tools::free_port()?;
         let mut r = Redis {
             child: None,
+            persistent,
             port,
             url: format!("redis://127.0.0.1:{port}/0"),
             dir: tempfile::tempdir()?,
@@ -36,7 +50,13 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
-            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .args(["--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "no"]
+            })
+            .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -58,7 +78,7 @@ impl Redis {
         Ok(())
     }
 
-    /// Kills the server (its data is gone: no persistence).
+    /// Kills the server (`kill -9`; unless persistent, its data is gone).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

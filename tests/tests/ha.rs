@@ -175,8 +175,8 @@ async fn the_state_store_suite_passes_on_memory_and_on_redis() {
     store.put("back", b"1".to_vec()).await.unwrap();
 }
 
-/// Gateways sharing one Redis (and one signing key, one storage node), each with its own
-/// audit file.
+/// Gateways sharing one Redis (and one signing key, one certificate, one storage node), each
+/// with its own audit file.
 struct Replicas {
     gateways: Vec<GatewayServer>,
     redis: Redis,
@@ -186,20 +186,29 @@ struct Replicas {
 
 impl Replicas {
     fn start(n: usize, redis: Redis, extra: &str) -> Self {
+        Self::start_env(n, redis, extra, &[])
+    }
+
+    fn start_env(n: usize, redis: Redis, extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let storage = storage_node(&dir.path().join("storage")).unwrap();
         let key = gateway::token::keys::generate_pem().unwrap();
+        // One certificate (and CA) and one signing key for all, as behind one name.
+        let tls = gateway::tls::ensure_dev_certificates(&dir.path().join("tls")).unwrap();
         let gateways = (0..n)
             .map(|i| {
                 let d = dir.path().join(format!("gw{i}"));
-                std::fs::create_dir_all(&d).unwrap();
+                std::fs::create_dir_all(d.join("tls")).unwrap();
+                for f in [&tls.ca_cert, &tls.cert, &tls.key] {
+                    std::fs::copy(f, d.join("tls").join(f.file_name().unwrap())).unwrap();
+                }
                 std::fs::write(d.join("key.pem"), &key).unwrap();
                 let table = format!(
                     "{}[audit]\nfile = \"{}/audit.jsonl\"\nstdout = true\n{extra}",
                     redis.state_table("ha:"),
                     d.display()
                 );
-                start_gateway_with(&d, &[&storage], &[BOB, ALICE], 4, &table, &[]).unwrap()
+                start_gateway_with(&d, &[&storage], &[BOB, ALICE], 4, &table, env).unwrap()
             })
             .collect();
         Replicas {
@@ -400,4 +409,330 @@ async fn refresh_tokens_robots_and_lockouts_are_shared_by_gateways_on_redis() {
     let ttl = r.redis.command("TTL ha:lock:user:bob").unwrap();
     let ttl: i64 = ttl.trim().trim_start_matches(':').parse().unwrap();
     assert!((100..=120).contains(&ttl), "{ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_flow_started_on_one_gateway_finishes_on_the_other() {
+    let idp_port = portcullis_tests::tools::free_port().unwrap();
+    let oidc = format!(
+        "[oidc]\nissuer = \"http://127.0.0.1:{idp_port}\"\nclient_id = \"portcullis\"\n\
+         scopes = [\"openid\", \"profile\", \"groups\", \"offline_access\"]\n\
+         groups_filter = \"^(team-|registry-)\"\n"
+    );
+    let r = Replicas::start_env(
+        2,
+        Redis::start().unwrap(),
+        &oidc,
+        &[(
+            "PORTCULLIS_OIDC_CLIENT_SECRET",
+            portcullis_tests::oidc::CLIENT_SECRET,
+        )],
+    );
+    let (a, b) = (&r.gateways[0], &r.gateways[1]);
+    let clients = json!([{
+        "client_id": "portcullis",
+        "client_secret": portcullis_tests::oidc::CLIENT_SECRET,
+        "redirect_uris": [format!("{}/auth/oidc/callback", a.base),
+                          format!("{}/auth/oidc/callback", b.base)],
+        "grant_types": ["authorization_code", "refresh_token",
+                        "urn:ietf:params:oauth:grant-type:device_code"],
+        "response_types": ["code"],
+    }]);
+    let users = json!({"bob": {"password": "bob-idp-pw", "groups": ["team-a"]}});
+    let idp = portcullis_tests::oidc::Idp::start(idp_port, &clients, &users).unwrap();
+
+    let resp = https(&a.ca_pem, false)
+        .post(format!("{}/auth/oidc/device", a.base))
+        .form(&[("client_id", "ha-test"), ("device", "build-box")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let start: Value = resp.json().await.unwrap();
+    let code = start["device_code"].as_str().unwrap().to_string();
+    let poll = |g: &GatewayServer| {
+        let g_base = g.base.clone();
+        let ca = g.ca_pem.clone();
+        let code = code.clone();
+        async move {
+            let r = https(&ca, false)
+                .post(format!("{g_base}/token"))
+                .form(&[
+                    ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+                    ("device_code", code.as_str()),
+                    ("client_id", "ha-test"),
+                ])
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    // Pending on B before the user signs in (B knows the flow A started).
+    let (status, v) = poll(b).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("authorization_pending"))
+    );
+    portcullis_tests::oidc::device_login(
+        &https(&a.ca_pem, false),
+        &idp,
+        start["user_code"].as_str().unwrap(),
+        "bob",
+        "bob-idp-pw",
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (status, v) = loop {
+        let (status, v) = poll(b).await;
+        let waiting = v["error"] == "authorization_pending" || v["error"] == "slow_down";
+        if !waiting {
+            break (status, v);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the device flow never completed: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(status, 200, "{v}");
+    portcullis_tests::remember_secret(v["refresh_token"].as_str().unwrap());
+    let claims = portcullis_tests::client::jwt_claims(v["access_token"].as_str().unwrap()).unwrap();
+    assert_eq!(claims["sub"], "bob");
+    // Spent everywhere: A does not hand out a second session.
+    let (status, v) = poll(a).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_going_away_fails_logins_clearly_while_issued_tokens_keep_working() {
+    let mut r = Replicas::start(2, Redis::start_persistent().unwrap(), "");
+    let (a, b) = (r.gateways[0].base.clone(), r.gateways[1].base.clone());
+    let ca = r.gateways[0].ca_pem.clone();
+    client(&r.gateways[1], BOB.0, BOB.1)
+        .push_image("team-a/app", "v1", &[b"layer one"])
+        .await
+        .unwrap();
+    let (status, v) = token_form(
+        &r.gateways[0],
+        &[
+            ("grant_type", "password"),
+            ("username", BOB.0),
+            ("password", BOB.1),
+            ("client_id", "ha-test"),
+            ("access_type", "offline"),
+            ("service", SERVICE),
+            ("scope", "repository:team-a/app:pull"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let refresh = v["refresh_token"].as_str().unwrap().to_string();
+    portcullis_tests::remember_secret(&refresh);
+    let access = v["access_token"].as_str().unwrap().to_string();
+
+    // Pulls with the access token, alternating gateways, all along.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, ca, access) = (stop.clone(), ca.clone(), access.clone());
+        let bases = [a.clone(), b.clone()];
+        tokio::spawn(async move {
+            let http = https(&ca, false);
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let resp = http
+                    .get(format!("{}/v2/team-a/app/manifests/v1", bases[i % 2]))
+                    .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                    .bearer_auth(&access)
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+            }
+            (ok, failed)
+        })
+    };
+
+    r.redis.stop();
+    let http = https(&ca, false);
+    for g in &r.gateways {
+        let admin = g.admin.clone();
+        eventually(10, "readiness reports Redis down", || {
+            let admin = admin.clone();
+            async move {
+                let resp = reqwest::get(format!("{admin}/readyz")).await.unwrap();
+                resp.status() == 503 && resp.text().await.unwrap().contains("redis")
+            }
+        })
+        .await;
+        let metrics = reqwest::get(format!("{}/metrics", g.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(metrics.contains("gateway_state_store_up 0"), "{metrics}");
+    }
+    // Logins that need Redis: a clear 503, soon.
+    let t = Instant::now();
+    let (status, _, v) = basic_token(&r.gateways[0], BOB.0, BOB.1, "").await;
+    assert_eq!(status, 503, "{v}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let grant = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh.as_str()),
+        ("client_id", "ha-test"),
+        ("service", SERVICE),
+        ("scope", "repository:team-a/app:pull"),
+    ];
+    let (status, v) = token_form(&r.gateways[1], &grant).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (503, Some("temporarily_unavailable"))
+    );
+    let resp = http
+        .get(format!("{b}/token?service={SERVICE}"))
+        .basic_auth("<token>", Some(&refresh))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+
+    // Back: the gateways reconnect by themselves; the session survived (Redis persists).
+    r.redis.start_again().unwrap();
+    for g in &r.gateways {
+        let admin = g.admin.clone();
+        eventually(15, "readiness after Redis is back", || {
+            let admin = admin.clone();
+            async move {
+                reqwest::get(format!("{admin}/readyz"))
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+            }
+        })
+        .await;
+        assert_eq!(basic_token(g, BOB.0, BOB.1, "").await.0, 200);
+        let (status, v) = token_form(g, &grant).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "pulls failed while Redis was away: {failed:?}"
+    );
+    assert!(ok > 10, "{ok} pulls");
+}
+
+/// Waits until at least `margin` seconds are left in the current minute (rate-limit windows
+/// are calendar minutes), so a count is not split across two windows.
+async fn inside_one_minute(margin: u64) {
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        if 60 - now % 60 >= margin {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_count_requests_on_every_gateway() {
+    let r = Replicas::start(
+        2,
+        Redis::start().unwrap(),
+        "[limits]\nregistry_per_minute_per_user = 20\ntoken_per_minute_per_user = 5\n",
+    );
+    let (a, b) = (&r.gateways[0], &r.gateways[1]);
+    client(a, BOB.0, BOB.1)
+        .push_image("team-a/app", "v1", &[b"layer"])
+        .await
+        .unwrap();
+    let (status, _, v) = basic_token(b, BOB.0, BOB.1, "repository:team-a/app:pull").await;
+    assert_eq!(status, 200);
+    let token = v["token"].as_str().unwrap().to_string();
+
+    inside_one_minute(30).await;
+    // The window may hold the push's requests: count up to the first refusal from here.
+    let http = https(&a.ca_pem, false);
+    let mut served = 0;
+    let refused = loop {
+        let g = &r.gateways[served % 2];
+        let resp = http
+            .get(format!("{}/v2/team-a/app/tags/list", g.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() != 200 {
+            break resp;
+        }
+        served += 1;
+        assert!(served <= 20, "no limit after {served} requests");
+    };
+    assert_eq!(refused.status(), 429);
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS", "{body}");
+    // The other gateway refuses too; another identity is not limited.
+    let resp = http
+        .get(format!("{}/v2/team-a/app/tags/list", b.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let (status, _, v) = basic_token(a, ALICE.0, ALICE.1, "repository:team-a/app:pull").await;
+    assert_eq!(status, 200);
+    let resp = http
+        .get(format!("{}/v2/team-a/app/tags/list", b.base))
+        .bearer_auth(v["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // The token endpoint: 5 a minute for alice (one used above), spread over both gateways.
+    let mut granted = 1;
+    let (status, retry) = loop {
+        let (status, retry, _) = basic_token(&r.gateways[granted % 2], ALICE.0, ALICE.1, "").await;
+        if status != 200 {
+            break (status, retry);
+        }
+        granted += 1;
+        assert!(granted <= 5, "no token limit after {granted}");
+    };
+    assert_eq!((status, granted), (429, 5));
+    assert!(retry.is_some());
+    let events: Vec<Value> = (0..2).flat_map(|i| r.audit(i)).collect();
+    let limited: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event.action"] == "rate-limit")
+        .collect();
+    assert_eq!(limited.len(), 1, "audited once per window: {limited:?}");
+    assert_eq!(limited[0]["user.name"], "alice");
+    assert_eq!(limited[0]["limit.endpoint"], "token");
+    let registry_refusals = events
+        .iter()
+        .filter(|e| e["event.reason"] == "rate limited (user)")
+        .count();
+    assert!(registry_refusals >= 2, "{registry_refusals}");
 }
