@@ -57,6 +57,9 @@ pub fn start_gateway_with(
     }
     std::fs::write(d.join("htpasswd"), htpasswd)?;
     let port = crate::tools::free_port()?;
+    // A fixed admin port (not 0), so a restarted gateway answers health checks where a load
+    // balancer expects it.
+    let admin_port = crate::tools::free_port()?;
     let policy = workspace_root().join("conf/policy.toml");
     let nodes: Vec<String> = nodes
         .iter()
@@ -64,7 +67,7 @@ pub fn start_gateway_with(
         .collect();
     let config = format!(
         r#"listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:{admin_port}"
 [tls]
 cert_file = "{cert}"
 key_file = "{key}"

@@ -6,6 +6,7 @@
 //! - [`protocol`]: the protocol suite, driven only by a base URL, so it runs against
 //!   storage-backend directly and through the gateway.
 //! - [`deployment`]: a gateway in production shape in front of a storage node.
+//! - [`haproxy`]: a real HAProxy in front of several gateways.
 //! - [`ldap`]: a real slapd with a seeded directory.
 //! - [`oidc`]: a real OpenID provider and a headless browser login.
 //! - [`fsck`]: an offline consistency check of a storage root.
@@ -16,6 +17,7 @@
 pub mod client;
 pub mod deployment;
 pub mod fsck;
+pub mod haproxy;
 pub mod ldap;
 pub mod oidc;
 pub mod protocol;

@@ -5,6 +5,7 @@
 use gateway::state::{MemoryStore, StateStore};
 use portcullis_tests::client::{Client, TokenAuth, https};
 use portcullis_tests::deployment::{SERVICE, start_gateway_with, storage_node};
+use portcullis_tests::haproxy::{Backend, Haproxy};
 use portcullis_tests::redis::Redis;
 use portcullis_tests::server::{GatewayServer, StorageServer};
 use serde_json::{Value, json};
@@ -175,23 +176,43 @@ async fn the_state_store_suite_passes_on_memory_and_on_redis() {
     store.put("back", b"1".to_vec()).await.unwrap();
 }
 
-/// Gateways sharing one Redis (and one signing key, one certificate, one storage node), each
-/// with its own audit file.
+/// Gateways sharing one Redis (and one signing key, one certificate) in front of storage
+/// nodes on one data root, each gateway with its own audit file.
 struct Replicas {
     gateways: Vec<GatewayServer>,
+    storages: Vec<StorageServer>,
     redis: Redis,
-    _storage: StorageServer,
+    env: Vec<(&'static str, &'static str)>,
     dir: tempfile::TempDir,
 }
 
 impl Replicas {
     fn start(n: usize, redis: Redis, extra: &str) -> Self {
-        Self::start_env(n, redis, extra, &[])
+        Self::start_full(n, 1, redis, extra, &[])
     }
 
-    fn start_env(n: usize, redis: Redis, extra: &str, env: &[(&str, &str)]) -> Self {
+    fn start_env(
+        n: usize,
+        redis: Redis,
+        extra: &str,
+        env: &[(&'static str, &'static str)],
+    ) -> Self {
+        Self::start_full(n, 1, redis, extra, env)
+    }
+
+    /// `n` gateways listing `m` storage nodes that share `<dir>/storage`.
+    fn start_full(
+        n: usize,
+        m: usize,
+        redis: Redis,
+        extra: &str,
+        env: &[(&'static str, &'static str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let storage = storage_node(&dir.path().join("storage")).unwrap();
+        let storages: Vec<StorageServer> = (0..m)
+            .map(|_| storage_node(&dir.path().join("storage")).unwrap())
+            .collect();
+        let nodes: Vec<&StorageServer> = storages.iter().collect();
         let key = gateway::token::keys::generate_pem().unwrap();
         // One certificate (and CA) and one signing key for all, as behind one name.
         let tls = gateway::tls::ensure_dev_certificates(&dir.path().join("tls")).unwrap();
@@ -208,15 +229,40 @@ impl Replicas {
                     redis.state_table("ha:"),
                     d.display()
                 );
-                start_gateway_with(&d, &[&storage], &[BOB, ALICE], 4, &table, env).unwrap()
+                start_gateway_with(&d, &nodes, &[BOB, ALICE], 4, &table, env).unwrap()
             })
             .collect();
         Replicas {
             gateways,
+            storages,
             redis,
-            _storage: storage,
+            env: env.to_vec(),
             dir,
         }
+    }
+
+    /// `kill -9` of gateway `i` (its process only; [`Replicas::start_gateway_again`] brings
+    /// it back on the same ports).
+    fn kill_gateway(&self, i: usize) {
+        let pid = self.gateways[i].pid().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn start_gateway_again(&mut self, i: usize) {
+        let g = &self.gateways[i];
+        let port: u16 = g.host.rsplit(':').next().unwrap().parse().unwrap();
+        let mut env = self.env.clone();
+        env.push((
+            "PORTCULLIS_INTERNAL_SECRET",
+            portcullis_tests::deployment::SECRET,
+        ));
+        let conf = self.dir.path().join(format!("gw{i}/gateway.toml"));
+        self.gateways[i] =
+            GatewayServer::start_config(&conf, port, g.ca_pem.clone(), &env).unwrap();
     }
 
     fn audit(&self, i: usize) -> Vec<Value> {
@@ -735,4 +781,373 @@ async fn rate_limits_count_requests_on_every_gateway() {
         .filter(|e| e["event.reason"] == "rate limited (user)")
         .count();
     assert!(registry_refusals >= 2, "{registry_refusals}");
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// A one-layer image in skopeo's `dir:` format with a layer unique to `n`; the manifest's
+/// digest.
+fn dir_image(dir: &std::path::Path, n: usize) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut layer = vec![0u8; 64 * 1024];
+    for (i, b) in layer.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(31) ^ n.wrapping_mul(7919)) as u8;
+    }
+    layer[..8].copy_from_slice(&(n as u64).to_le_bytes());
+    let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"n\":{n}}}").into_bytes();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": format!("sha256:{}", sha256_hex(&layer)), "size": layer.len()}],
+    })
+    .to_string()
+    .into_bytes();
+    std::fs::write(dir.join(sha256_hex(&config)), &config).unwrap();
+    std::fs::write(dir.join(sha256_hex(&layer)), &layer).unwrap();
+    std::fs::write(dir.join("manifest.json"), &manifest).unwrap();
+    std::fs::write(dir.join("version"), "Directory Transport Version: 1.1\n").unwrap();
+    format!("sha256:{}", sha256_hex(&manifest))
+}
+
+/// Pulls `repo:v1` through `base` and checks every digest; `Err` says what went wrong.
+async fn pull_and_verify(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    repo: &str,
+    digest: &str,
+) -> Result<(), String> {
+    let get = |path: String| {
+        http.get(format!("{base}{path}"))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .bearer_auth(token)
+            .send()
+    };
+    let r = get(format!("/v2/{repo}/manifests/v1"))
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != 200 {
+        return Err(format!("manifest: {}", r.status()));
+    }
+    let body = r.bytes().await.map_err(|e| e.to_string())?;
+    if format!("sha256:{}", sha256_hex(&body)) != digest {
+        return Err(format!("{repo}: the manifest's digest is wrong"));
+    }
+    let m: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let blobs = m["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once(&m["config"]));
+    for b in blobs {
+        let d = b["digest"].as_str().unwrap_or_default();
+        let r = get(format!("/v2/{repo}/blobs/{d}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status() != 200 {
+            return Err(format!("blob {d}: {}", r.status()));
+        }
+        let data = r.bytes().await.map_err(|e| e.to_string())?;
+        if format!("sha256:{}", sha256_hex(&data)) != d {
+            return Err(format!("blob {d}: wrong content"));
+        }
+    }
+    Ok(())
+}
+
+/// Requests with `method` counted by a storage node's metrics.
+async fn storage_requests(node: &StorageServer, method: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", node.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("storage_http_requests_total{")
+                && l.contains(&format!("method=\"{method}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn behind_haproxy_uploads_move_between_nodes_and_kill_9_loses_nothing() {
+    let mut r = Replicas::start_full(2, 2, Redis::start().unwrap(), "", &[]);
+    let backends: Vec<Backend> = r
+        .gateways
+        .iter()
+        .map(|g| Backend {
+            tls: g.host.clone(),
+            admin_port: g.admin.rsplit(':').next().unwrap().parse().unwrap(),
+        })
+        .collect();
+    let lb = Haproxy::start(&backends, 200).unwrap();
+    let base = format!("https://{}", lb.host);
+    let ca = r.gateways[0].ca_pem.clone();
+    // A new connection (so a new pick of gateway by HAProxy) for every request.
+    let fresh = || {
+        let cert = reqwest::Certificate::from_pem(&ca).unwrap();
+        reqwest::Client::builder()
+            .add_root_certificate(cert)
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+
+    // A chunked upload whose PATCHes alternate between the two storage nodes.
+    let secret = (
+        "portcullis-internal-secret",
+        portcullis_tests::deployment::SECRET,
+    );
+    let nodes = [r.storages[0].base.clone(), r.storages[1].base.clone()];
+    let plain = reqwest::Client::new();
+    let data: Vec<u8> = (0..(3 * 1024 * 1024 + 777))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let digest = format!("sha256:{}", sha256_hex(&data));
+    let resp = plain
+        .post(format!("{}/v2/team-a/chunked/blobs/uploads/", nodes[0]))
+        .header(secret.0, secret.1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let mut loc = resp.headers()["location"].to_str().unwrap().to_string();
+    let mut offset = 0;
+    for (i, part) in data.chunks(1024 * 1024).enumerate() {
+        let resp = plain
+            .patch(format!("{}{loc}", nodes[(i + 1) % 2]))
+            .header(secret.0, secret.1)
+            .header("content-type", "application/octet-stream")
+            .header(
+                "content-range",
+                format!("{offset}-{}", offset + part.len() - 1),
+            )
+            .body(part.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202, "PATCH {i} on node {}", (i + 1) % 2);
+        loc = resp.headers()["location"].to_str().unwrap().to_string();
+        offset += part.len();
+    }
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let resp = plain
+        .put(format!("{}{loc}{sep}digest={digest}", nodes[0]))
+        .header(secret.0, secret.1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    for n in &nodes {
+        let body = plain
+            .get(format!("{n}/v2/team-a/chunked/blobs/{digest}"))
+            .header(secret.0, secret.1)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(body == data, "the blob from {n}");
+    }
+
+    // The same through HAProxy, every request on a new connection: the gateways pass the
+    // PATCHes to both nodes in turn.
+    let patches = [
+        storage_requests(&r.storages[0], "PATCH").await,
+        storage_requests(&r.storages[1], "PATCH").await,
+    ];
+    let mut c = Client::with_http(&base, fresh());
+    c.auth = Some(TokenAuth::new(&format!("{base}/token"), SERVICE, Some(BOB)));
+    let pushed = c
+        .push_blob_chunked("team-a/via-lb", &data, 512 * 1024)
+        .await
+        .unwrap();
+    assert_eq!(pushed.to_string(), digest);
+    for (i, before) in patches.iter().enumerate() {
+        let after = storage_requests(&r.storages[i], "PATCH").await;
+        assert!(
+            after >= before + 2,
+            "node {i} served {} PATCHes",
+            after - before
+        );
+    }
+
+    // Pushes (skopeo) and pulls (verified) through HAProxy while a storage node and then a
+    // gateway are killed with -9 and restarted.
+    let ctr = portcullis_tests::tools::Containers::new().unwrap();
+    let certs = portcullis_tests::tools::cert_dir(&ctr, &ca).unwrap();
+    ctr.login("skopeo", &certs, &lb.host, BOB.0, BOB.1).unwrap();
+    let ctr = Arc::new(ctr);
+    let acknowledged: Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let push_one = {
+        let (ctr, certs, host) = (ctr.clone(), certs.clone(), lb.host.clone());
+        move |n: usize| -> Result<(String, String), String> {
+            let src = ctr.dir.path().join(format!("img{n}"));
+            let digest = dir_image(&src, n);
+            let repo = format!("team-a/ha-{n}");
+            ctr.run(
+                "skopeo",
+                &[
+                    "copy",
+                    "-q",
+                    "--preserve-digests",
+                    "--retry-times",
+                    "0",
+                    "--dest-cert-dir",
+                    &certs,
+                    &format!("dir:{}", src.display()),
+                    &format!("docker://{host}/{repo}:v1"),
+                ],
+            )
+            .map_err(|e| e.to_string())?;
+            Ok((repo, digest))
+        }
+    };
+    for n in 0..3 {
+        let done = push_one(n).unwrap();
+        acknowledged.lock().unwrap().push(done);
+    }
+    let (status, _, v) =
+        basic_token(&r.gateways[0], BOB.0, BOB.1, "repository:team-a/*:pull").await;
+    assert_eq!(status, 200, "{v}");
+    // Pull tokens per repository (the scope names each one), through HAProxy too.
+    let token_for = {
+        let (base, http) = (base.clone(), fresh());
+        move |repo: String| {
+            let (base, http) = (base.clone(), http.clone());
+            async move {
+                let r = http
+                    .get(format!(
+                        "{base}/token?service={SERVICE}&scope=repository:{repo}:pull"
+                    ))
+                    .basic_auth(BOB.0, Some(BOB.1))
+                    .send()
+                    .await
+                    .map_err(|e| format!("token: {e}"))?;
+                let v: Value = r.json().await.map_err(|e| format!("token: {e}"))?;
+                v["token"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("token: {v}"))
+            }
+        }
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pulls = {
+        let (stop, acknowledged, base) = (stop.clone(), acknowledged.clone(), base.clone());
+        let http = fresh();
+        let token_for = token_for.clone();
+        tokio::spawn(async move {
+            let mut tokens = std::collections::HashMap::new();
+            let mut log: Vec<(Instant, Result<(), String>)> = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (repo, digest) = {
+                    let a = acknowledged.lock().unwrap();
+                    a[i % a.len()].clone()
+                };
+                if !tokens.contains_key(&repo) {
+                    match token_for(repo.clone()).await {
+                        Ok(t) => {
+                            tokens.insert(repo.clone(), t);
+                        }
+                        Err(e) => {
+                            log.push((Instant::now(), Err(e)));
+                            continue;
+                        }
+                    }
+                }
+                let res = pull_and_verify(&http, &base, &tokens[&repo], &repo, &digest).await;
+                log.push((Instant::now(), res));
+                i += 1;
+            }
+            log
+        })
+    };
+    let pushes = {
+        let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+        std::thread::spawn(move || {
+            let mut failed = Vec::new();
+            let mut n = 3;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match push_one(n) {
+                    Ok(done) => acknowledged.lock().unwrap().push(done),
+                    Err(e) => failed.push((Instant::now(), e)),
+                }
+                n += 1;
+            }
+            (n - 3, failed)
+        })
+    };
+    let settle = |n: usize| {
+        let acknowledged = acknowledged.clone();
+        async move {
+            let target = acknowledged.lock().unwrap().len() + n;
+            eventually(60, "pushes go on", || async {
+                acknowledged.lock().unwrap().len() >= target
+            })
+            .await;
+        }
+    };
+    settle(3).await;
+    let storage_killed = Instant::now();
+    r.storages[0].kill9();
+    settle(2).await;
+    r.storages[0].crash_and_restart().unwrap();
+    settle(2).await;
+    let gateway_killed = Instant::now();
+    r.kill_gateway(0);
+    settle(2).await;
+    r.start_gateway_again(0);
+    settle(2).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = pulls.await.unwrap();
+    let (attempted, push_failures) = pushes.join().unwrap();
+
+    // A failure is allowed only in the health-check interval after a kill (with margin for
+    // this shared machine): in-flight requests and the first picks of the dead process.
+    let grace = Duration::from_millis(1500);
+    let excused = |t: Instant| {
+        [storage_killed, gateway_killed]
+            .iter()
+            .any(|k| t >= *k && t <= *k + grace)
+    };
+    let late: Vec<_> = log
+        .iter()
+        .filter(|(t, res)| res.is_err() && !excused(*t))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "pulls failed after the health-check interval: {late:?}"
+    );
+    assert!(log.len() > 20, "only {} pulls", log.len());
+    let failed_pulls: Vec<&String> = log.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    // Every acknowledged push is there, digests verified, on every gateway and both nodes.
+    let all = acknowledged.lock().unwrap().clone();
+    for (repo, digest) in &all {
+        let token = token_for(repo.clone()).await.unwrap();
+        for via in [&base, &r.gateways[0].base, &r.gateways[1].base] {
+            pull_and_verify(&fresh(), via, &token, repo, digest)
+                .await
+                .unwrap_or_else(|e| panic!("{repo} via {via}: {e}"));
+        }
+    }
+    println!(
+        "{} pulls ({} failed inside a kill's interval: {failed_pulls:?}), {attempted} pushes \
+         attempted, {} acknowledged and verified, {} failed: {push_failures:?}",
+        log.len(),
+        failed_pulls.len(),
+        all.len() - 3,
+        push_failures.len()
+    );
 }
