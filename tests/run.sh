@@ -16,6 +16,8 @@ cargo test --workspace --release 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# docker-compose.yml: images built here, the stack up, login/push/pull through its load balancer.
+tests/compose.sh || status=1
 # Nothing the tests produced may hold a password, secret, refresh token or JWT.
 tests/secrets-check.sh "$log" || status=1
 exit "$status"

@@ -107,6 +107,11 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     let storage_task = Box::pin(async move {
         match tokio::net::TcpListener::from_std(storage_listener) {
             Ok(l) => {
+                use axum::serve::ListenerExt;
+                // As storage-backend does: no Nagle delay on small responses.
+                let l = l.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 if let Err(e) = axum::serve(l, app).await {
                     eprintln!("gateway: embedded storage failed: {e}");
                     std::process::exit(2);

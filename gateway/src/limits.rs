@@ -81,6 +81,15 @@ pub struct Locked {
     pub retry_after: u64,
 }
 
+/// What [`Limits::login_gate`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gate {
+    /// Refuse the login: locked out.
+    pub locked: Option<Locked>,
+    /// The name has failed logins in the current window (a good login clears them).
+    pub failures: bool,
+}
+
 /// A lockout that a failed login just started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lockout {
@@ -103,6 +112,15 @@ pub struct Limited {
 pub enum Endpoint {
     Token,
     Registry,
+}
+
+impl Endpoint {
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Token => "token",
+            Endpoint::Registry => "registry",
+        }
+    }
 }
 
 pub struct Limits {
@@ -142,15 +160,20 @@ impl Limits {
         v
     }
 
-    /// Whether a login of `user` from `source` must be refused now (locked out).
-    pub async fn login_gate(
-        &self,
-        user: &str,
-        source: Option<&str>,
-    ) -> Result<Option<Locked>, StateError> {
+    /// Whether a login of `user` from `source` must be refused now (locked out); one read of
+    /// the store.
+    pub async fn login_gate(&self, user: &str, source: Option<&str>) -> Result<Gate, StateError> {
         let now = now();
-        for (by, who) in Self::subjects(user, source) {
-            let Some(raw) = self.store.get(&format!("lock:{}:{who}", by.name())).await? else {
+        let subjects = Self::subjects(user, source);
+        let mut keys: Vec<String> = subjects
+            .iter()
+            .map(|(by, who)| format!("lock:{}:{who}", by.name()))
+            .collect();
+        keys.push(format!("fail:user:{}", user_key(user)));
+        let mut values = self.store.get_many(&keys).await?;
+        let failures = values.pop().flatten().is_some();
+        for ((by, _), raw) in subjects.into_iter().zip(values) {
+            let Some(raw) = raw else {
                 continue;
             };
             let until = std::str::from_utf8(&raw)
@@ -158,13 +181,19 @@ impl Limits {
                 .and_then(|s| s.parse::<u64>().ok())
                 .unwrap_or(now + 1);
             if until > now {
-                return Ok(Some(Locked {
-                    by,
-                    retry_after: until - now,
-                }));
+                return Ok(Gate {
+                    locked: Some(Locked {
+                        by,
+                        retry_after: until - now,
+                    }),
+                    failures,
+                });
             }
         }
-        Ok(None)
+        Ok(Gate {
+            locked: None,
+            failures,
+        })
     }
 
     /// Counts a failed login; the lockout it starts, if any.
@@ -219,14 +248,43 @@ impl Limits {
         Ok(started)
     }
 
-    /// A good login: the name's failures start again from zero.
-    pub async fn login_succeeded(&self, user: &str) -> Result<(), StateError> {
-        if self.cfg.user_failures == 0 {
+    /// A good login: the name's failures start again from zero (`gate` from
+    /// [`Limits::login_gate`]: nothing to clear, no write).
+    pub async fn login_succeeded(&self, user: &str, gate: &Gate) -> Result<(), StateError> {
+        if self.cfg.user_failures == 0 || !gate.failures {
             return Ok(());
         }
         self.store
             .delete(&format!("fail:user:{}", user_key(user)))
             .await
+    }
+
+    /// [`Limits::rate`], counted in the metrics. A store that cannot count lets the request
+    /// through (a warning and `gateway_limits_unavailable_total{check="rate"}` say so).
+    pub async fn over_rate(
+        &self,
+        endpoint: Endpoint,
+        source: Option<&str>,
+        user: Option<&str>,
+    ) -> Option<Limited> {
+        match self.rate(endpoint, source, user).await {
+            Ok(Some(l)) => {
+                crate::metrics::auth()
+                    .rate_limited
+                    .with_label_values(&[endpoint.name(), l.by.name()])
+                    .inc();
+                Some(l)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                crate::metrics::auth()
+                    .limits_unavailable
+                    .with_label_values(&["rate"])
+                    .inc();
+                tracing::warn!(error = %e, "rate limit not checked: the state store is unavailable");
+                None
+            }
+        }
     }
 
     /// Counts a request against the endpoint's per-minute limits; the limit it exceeds, if
@@ -237,18 +295,17 @@ impl Limits {
         source: Option<&str>,
         user: Option<&str>,
     ) -> Result<Option<Limited>, StateError> {
-        let (per_source, per_user, name) = match endpoint {
+        let (per_source, per_user) = match endpoint {
             Endpoint::Token => (
                 self.cfg.token_per_minute_per_source,
                 self.cfg.token_per_minute_per_user,
-                "token",
             ),
             Endpoint::Registry => (
                 self.cfg.registry_per_minute_per_source,
                 self.cfg.registry_per_minute_per_user,
-                "registry",
             ),
         };
+        let name = endpoint.name();
         let now = now();
         let minute = now / 60;
         let retry_after = 60 - now % 60;
@@ -298,17 +355,20 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(l.login_failed("Bob", Some("10.0.0.1")).await.unwrap(), None);
         }
-        assert_eq!(l.login_gate("bob", None).await.unwrap(), None);
+        let gate = l.login_gate("bob", None).await.unwrap();
+        assert_eq!((gate.locked, gate.failures), (None, true));
         let first = l.login_failed("BOB", None).await.unwrap().unwrap();
         assert_eq!((first.by, first.seconds, first.failures), (By::User, 10, 3));
         let gate = l
             .login_gate("bob", Some("10.9.9.9"))
             .await
             .unwrap()
+            .locked
             .unwrap();
         assert_eq!(gate.by, By::User);
         assert!((9..=10).contains(&gate.retry_after), "{gate:?}");
-        assert_eq!(l.login_gate("alice", None).await.unwrap(), None);
+        let alice = l.login_gate("alice", None).await.unwrap();
+        assert_eq!((alice.locked, alice.failures), (None, false));
         // The count starts again after a lockout; the next lockout is longer, then capped.
         for _ in 0..2 {
             assert_eq!(l.login_failed("bob", None).await.unwrap(), None);
@@ -327,7 +387,8 @@ mod tests {
         // A good login clears the failure count.
         l.login_failed("carol", None).await.unwrap();
         l.login_failed("carol", None).await.unwrap();
-        l.login_succeeded("Carol").await.unwrap();
+        let gate = l.login_gate("Carol", None).await.unwrap();
+        l.login_succeeded("Carol", &gate).await.unwrap();
         assert_eq!(l.login_failed("carol", None).await.unwrap(), None);
     }
 
@@ -342,10 +403,14 @@ mod tests {
         let lock = l.login_failed("b", Some("::1")).await.unwrap().unwrap();
         assert_eq!(lock.by, By::Source);
         assert_eq!(
-            l.login_gate("c", Some("::1")).await.unwrap().map(|g| g.by),
+            l.login_gate("c", Some("::1"))
+                .await
+                .unwrap()
+                .locked
+                .map(|g| g.by),
             Some(By::Source)
         );
-        assert_eq!(l.login_gate("c", Some("::2")).await.unwrap(), None);
+        assert_eq!(l.login_gate("c", Some("::2")).await.unwrap().locked, None);
     }
 
     #[tokio::test]

@@ -498,31 +498,13 @@ impl Gateway {
             return None;
         }
         let user = ctx.op.user.as_ref().map(|u| u.name.as_str());
-        match limits
-            .rate(
+        limits
+            .over_rate(
                 crate::limits::Endpoint::Registry,
                 ctx.info.source_ip.as_deref(),
                 user,
             )
             .await
-        {
-            Ok(Some(l)) => {
-                crate::metrics::auth()
-                    .rate_limited
-                    .with_label_values(&["registry", l.by.name()])
-                    .inc();
-                Some(l)
-            }
-            Ok(None) => None,
-            Err(e) => {
-                crate::metrics::auth()
-                    .limits_unavailable
-                    .with_label_values(&["rate"])
-                    .inc();
-                tracing::warn!(error = %e, "rate limit not checked: the state store is unavailable");
-                None
-            }
-        }
     }
 
     async fn token_endpoint(&self, session: &mut Session) -> Result<bool> {

@@ -17,6 +17,7 @@ packages=(
   prometheus                    # promtool check metrics
   redis-server                  # the shared state store of the HA tests
   haproxy                       # the load balancer in front of several gateways (HA tests)
+  docker-compose debootstrap    # tests/compose.sh: the compose stack, images from a local Debian base
 )
 
 missing=()

@@ -823,22 +823,25 @@ async fn pull_and_verify(
     repo: &str,
     digest: &str,
 ) -> Result<(), String> {
-    let get = |path: String| {
-        http.get(format!("{base}{path}"))
+    // GETs `path` and checks its body against `digest`.
+    let fetch = |path: String, digest: String| async move {
+        let r = http
+            .get(format!("{base}{path}"))
             .header("accept", "application/vnd.oci.image.manifest.v1+json")
             .bearer_auth(token)
             .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status() != 200 {
+            return Err(format!("{path}: {}", r.status()));
+        }
+        let body = r.bytes().await.map_err(|e| e.to_string())?;
+        if format!("sha256:{}", sha256_hex(&body)) != digest {
+            return Err(format!("{path}: the content does not match its digest"));
+        }
+        Ok(body)
     };
-    let r = get(format!("/v2/{repo}/manifests/v1"))
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status() != 200 {
-        return Err(format!("manifest: {}", r.status()));
-    }
-    let body = r.bytes().await.map_err(|e| e.to_string())?;
-    if format!("sha256:{}", sha256_hex(&body)) != digest {
-        return Err(format!("{repo}: the manifest's digest is wrong"));
-    }
+    let body = fetch(format!("/v2/{repo}/manifests/v1"), digest.to_string()).await?;
     let m: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     let blobs = m["layers"]
         .as_array()
@@ -847,16 +850,7 @@ async fn pull_and_verify(
         .chain(std::iter::once(&m["config"]));
     for b in blobs {
         let d = b["digest"].as_str().unwrap_or_default();
-        let r = get(format!("/v2/{repo}/blobs/{d}"))
-            .await
-            .map_err(|e| e.to_string())?;
-        if r.status() != 200 {
-            return Err(format!("blob {d}: {}", r.status()));
-        }
-        let data = r.bytes().await.map_err(|e| e.to_string())?;
-        if format!("sha256:{}", sha256_hex(&data)) != d {
-            return Err(format!("blob {d}: wrong content"));
-        }
+        fetch(format!("/v2/{repo}/blobs/{d}"), d.to_string()).await?;
     }
     Ok(())
 }

@@ -39,6 +39,14 @@ pub trait StateStore: Send + Sync {
     async fn incr(&self, key: &str, ttl: Duration) -> Result<u64, StateError>;
     /// Whether the store answers now (readiness).
     async fn ping(&self) -> Result<(), StateError>;
+    /// The values under `keys`, in order (one round trip where the store can).
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(self.get(k).await?);
+        }
+        Ok(out)
+    }
 }
 
 type Entries = HashMap<String, (Vec<u8>, Instant)>;

@@ -10,9 +10,9 @@
 //! a Redis restart. The racing steps are single commands: `GETDEL` (take), `SET … XX` (replace)
 //! and one Lua script that increments and sets the window's expiry on the first count (incr).
 //!
-//! Commands run on the store's own small runtime, whatever runtime (or none) the caller is on:
-//! the connection's driver task then never depends on a busy proxy worker, and a command that
-//! does not answer within `timeout_ms` fails with [`StateError`] instead of holding a request.
+//! Commands run on the caller's runtime through the multiplexed connection; one that gets no
+//! answer (or no connection) within `timeout_ms` fails with [`StateError`] instead of holding
+//! a request.
 
 use super::{StateError, StateStore};
 use redis::IntoConnectionInfo;
@@ -62,9 +62,9 @@ return n
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
-    timeout: Duration,
     incr: redis::Script,
-    /// Runs the commands and the connection's driver; shut down without waiting on drop.
+    /// Where the connection manager was made (it spawns a task when made, and the gateway
+    /// opens the store before any runtime runs); shut down without waiting on drop.
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -116,7 +116,6 @@ impl RedisStore {
         Ok(RedisStore {
             conn,
             prefix: cfg.prefix.clone(),
-            timeout,
             incr: redis::Script::new(INCR_SCRIPT),
             runtime: Some(runtime),
         })
@@ -126,32 +125,21 @@ impl RedisStore {
         format!("{}{key}", self.prefix)
     }
 
-    /// Runs `f` with a connection on the store's runtime, bounded by twice the timeout (a
-    /// reconnect and the command).
+    /// Runs `f` with a connection, on the caller's runtime (the manager's connection and
+    /// response timeouts bound it).
     async fn exec<T, F, Fut>(&self, f: F) -> Result<T, StateError>
     where
-        T: Send + 'static,
-        F: FnOnce(ConnectionManager) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = redis::RedisResult<T>> + Send,
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.conn.clone();
-        let limit = self.timeout * 2;
-        let runtime = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| StateError("the Redis store is closed".into()))?;
-        let task = runtime.spawn(async move { tokio::time::timeout(limit, f(conn)).await });
-        match task.await {
-            Ok(Ok(Ok(v))) => Ok(v),
-            Ok(Ok(Err(e))) => Err(StateError(format!("redis: {e}"))),
-            Ok(Err(_)) => Err(StateError(format!("redis: no answer within {limit:?}"))),
-            Err(e) => Err(StateError(format!("redis: {e}"))),
-        }
+        f(self.conn.clone())
+            .await
+            .map_err(|e| StateError(format!("redis: {e}")))
     }
 
     async fn cmd<T>(&self, cmd: redis::Cmd) -> Result<T, StateError>
     where
-        T: redis::FromRedisValue + Send + 'static,
+        T: redis::FromRedisValue,
     {
         self.exec(move |mut c| async move { cmd.query_async::<T>(&mut c).await })
             .await
@@ -268,6 +256,17 @@ impl StateStore for RedisStore {
             move |mut c| async move { script.key(key).arg(ms).invoke_async::<u64>(&mut c).await },
         )
         .await
+    }
+
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = redis::cmd("MGET");
+        for k in keys {
+            c.arg(self.key(k));
+        }
+        self.cmd(c).await
     }
 
     async fn ping(&self) -> Result<(), StateError> {

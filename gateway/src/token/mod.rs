@@ -167,41 +167,23 @@ impl TokenService {
             None => None,
         };
         let user = user.filter(|u| u != IDENTITY_TOKEN_USER);
-        match self
+        let l = self
             .limits
-            .rate(crate::limits::Endpoint::Token, req.source, user.as_deref())
-            .await
-        {
-            Ok(None) => None,
-            Ok(Some(l)) => {
-                crate::metrics::auth()
-                    .rate_limited
-                    .with_label_values(&["token", l.by.name()])
-                    .inc();
-                if l.first {
-                    crate::audit::record(
-                        "rate-limit",
-                        "failure",
-                        json!({"user.name": user.unwrap_or_default(), "limit.by": l.by.name(),
-                               "limit.endpoint": "token",
-                               "event.reason": "too many token requests in this minute"}),
-                    );
-                }
-                Some(Reply::too_many(
-                    l.retry_after,
-                    "too many token requests, try again later",
-                ))
-            }
-            Err(e) => {
-                // A limit that cannot be counted lets the request through.
-                crate::metrics::auth()
-                    .limits_unavailable
-                    .with_label_values(&["rate"])
-                    .inc();
-                tracing::warn!(error = %e, "rate limit not checked: the state store is unavailable");
-                None
-            }
+            .over_rate(crate::limits::Endpoint::Token, req.source, user.as_deref())
+            .await?;
+        if l.first {
+            crate::audit::record(
+                "rate-limit",
+                "failure",
+                json!({"user.name": user.unwrap_or_default(), "limit.by": l.by.name(),
+                       "limit.endpoint": "token",
+                       "event.reason": "too many token requests in this minute"}),
+            );
         }
+        Some(Reply::too_many(
+            l.retry_after,
+            "too many token requests, try again later",
+        ))
     }
 
     /// RFC 7009: revokes the refresh token in the form; always 200, whether it existed or not.
@@ -497,18 +479,8 @@ impl TokenService {
                 json!({"user.name": user, "event.reason": reason, "authenticator": self.auth.name()}),
             );
         };
-        match self.limits.login_gate(user, source).await {
-            Ok(None) => {}
-            Ok(Some(locked)) => {
-                failed(&format!("locked out ({})", locked.by.name()));
-                return Err(Reply::too_many(
-                    locked.retry_after,
-                    &format!(
-                        "too many failed logins, try again in {} s",
-                        locked.retry_after
-                    ),
-                ));
-            }
+        let gate = match self.limits.login_gate(user, source).await {
+            Ok(gate) => gate,
             Err(e) => {
                 crate::metrics::auth()
                     .limits_unavailable
@@ -517,10 +489,20 @@ impl TokenService {
                 failed("login protection state unavailable");
                 return Err(store_unavailable(&e));
             }
+        };
+        if let Some(locked) = &gate.locked {
+            failed(&format!("locked out ({})", locked.by.name()));
+            return Err(Reply::too_many(
+                locked.retry_after,
+                &format!(
+                    "too many failed logins, try again in {} s",
+                    locked.retry_after
+                ),
+            ));
         }
         match self.auth.authenticate(user, password).await {
             Ok(id) => {
-                if let Err(e) = self.limits.login_succeeded(user).await {
+                if let Err(e) = self.limits.login_succeeded(user, &gate).await {
                     tracing::warn!(error = %e, "could not clear failed logins: the state store is unavailable");
                 }
                 Ok(id)

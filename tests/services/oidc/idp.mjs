@@ -26,7 +26,9 @@ if (!port) {
 const clients = JSON.parse(process.env.IDP_CLIENTS || '[]');
 const users = JSON.parse(process.env.IDP_USERS || '{}');
 const ci = JSON.parse(process.env.IDP_CI_CLAIMS || '{}');
-const issuer = `http://127.0.0.1:${port}`;
+// IDP_ISSUER and IDP_LISTEN_HOST let docker-compose run it under a name other containers and
+// the user's browser both reach (conf/compose/README.md).
+const issuer = process.env.IDP_ISSUER || `http://127.0.0.1:${port}`;
 const signing = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
 signing.kid = crypto.randomUUID();
 signing.use = 'sig';
@@ -178,6 +180,6 @@ const server = http.createServer(async (req, res) => {
   }
   callback(req, res);
 });
-server.listen(port, '127.0.0.1', () => {
+server.listen(port, process.env.IDP_LISTEN_HOST || '127.0.0.1', () => {
   console.log(`idp listening on ${issuer}`);
 });
