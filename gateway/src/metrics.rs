@@ -40,7 +40,8 @@ pub struct AuthMetrics {
     pub limits_unavailable: IntCounterVec,
 }
 
-fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+/// A counter vector with `labels` (the names are this crate's own: valid).
+pub fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 

@@ -41,8 +41,7 @@ pub struct Gateway {
 /// What a request carries from one phase to the next.
 pub struct RequestCtx {
     started: Instant,
-    pub request_id: String,
-    /// The request's fields for audit events (set at the start of `request_filter`).
+    /// The request's fields (its id too) for audit events (set at the start of `request_filter`).
     info: Arc<RequestInfo>,
     /// What the audit event of a `/v2/` request needs.
     op: Operation,
@@ -548,7 +547,7 @@ fn start_request(session: &mut Session, ctx: &mut RequestCtx) -> Result<Arc<Requ
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let info = Arc::new(RequestInfo {
-        request_id: id.clone(),
+        request_id: id,
         source_ip: client_ip(session),
         user_agent: req
             .headers
@@ -560,8 +559,7 @@ fn start_request(session: &mut Session, ctx: &mut RequestCtx) -> Result<Arc<Requ
     });
     session
         .req_header_mut()
-        .insert_header(REQUEST_ID_HEADER, id.as_str())?;
-    ctx.request_id = id;
+        .insert_header(REQUEST_ID_HEADER, info.request_id.as_str())?;
     ctx.info = info.clone();
     Ok(info)
 }
@@ -610,7 +608,6 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
-            request_id: String::new(),
             info: Arc::default(),
             op: Operation::default(),
             node: None,
@@ -622,7 +619,7 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let info = start_request(session, ctx)?;
-        let span = tracing::info_span!("request", id = %ctx.request_id);
+        let span = tracing::info_span!("request", id = %ctx.info.request_id);
         crate::audit::CONTEXT
             .scope(info, self.route_request(session, ctx))
             .instrument(span)
@@ -709,7 +706,7 @@ impl ProxyHttp for Gateway {
             resp.insert_header("content-type", "application/json")?;
             ctx.replace_body = Some(Bytes::from(body));
         }
-        resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        resp.insert_header(REQUEST_ID_HEADER, ctx.info.request_id.as_str())?;
         Ok(())
     }
 
@@ -835,9 +832,9 @@ impl ProxyHttp for Gateway {
             .observe(elapsed.as_secs_f64());
         ctx.op.finish(&ctx.info, status, elapsed);
         if let Some(e) = e {
-            tracing::warn!(request_id = %ctx.request_id, route = ctx.route, status, error = %e, "request failed");
+            tracing::warn!(request_id = %ctx.info.request_id, route = ctx.route, status, error = %e, "request failed");
         } else {
-            tracing::debug!(request_id = %ctx.request_id, route = ctx.route, status, "request");
+            tracing::debug!(request_id = %ctx.info.request_id, route = ctx.route, status, "request");
         }
     }
 }

@@ -117,40 +117,31 @@ pub struct AuditMetrics {
 pub fn metrics() -> &'static AuditMetrics {
     static M: OnceLock<AuditMetrics> = OnceLock::new();
     M.get_or_init(|| {
-        use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+        use crate::metrics::counter;
         AuditMetrics {
-            events: IntCounterVec::new(
-                Opts::new(
-                    "gateway_audit_events_total",
-                    "Audit events recorded, by action and outcome",
-                ),
+            events: counter(
+                "gateway_audit_events_total",
+                "Audit events recorded, by action and outcome",
                 &["action", "outcome"],
-            )
-            .expect("valid metric"),
-            spool_bytes: IntGaugeVec::new(
-                Opts::new(
+            ),
+            spool_bytes: prometheus::IntGaugeVec::new(
+                prometheus::Opts::new(
                     "gateway_audit_spool_bytes",
                     "Unsent audit events waiting in a syslog sink's spool, in bytes",
                 ),
                 &["sink"],
             )
             .expect("valid metric"),
-            sent: IntCounterVec::new(
-                Opts::new(
-                    "gateway_audit_sent_events_total",
-                    "Audit events sent to a syslog sink",
-                ),
+            sent: counter(
+                "gateway_audit_sent_events_total",
+                "Audit events sent to a syslog sink",
                 &["sink"],
-            )
-            .expect("valid metric"),
-            dropped: IntCounterVec::new(
-                Opts::new(
-                    "gateway_audit_dropped_events_total",
-                    "Audit events a syslog sink dropped because its spool was full or unwritable",
-                ),
+            ),
+            dropped: counter(
+                "gateway_audit_dropped_events_total",
+                "Audit events a syslog sink dropped because its spool was full or unwritable",
                 &["sink"],
-            )
-            .expect("valid metric"),
+            ),
         }
     })
 }
@@ -355,9 +346,11 @@ pub fn record(action: &str, outcome: &str, fields: serde_json::Value) {
     let body = serde_json::Value::Object(event).to_string();
     let hash = sha256_hex(&body);
     // The same object with `audit.hash` last: `…}` → `…,"audit.hash":"…"}`.
-    let line = format!("{},\"audit.hash\":\"{hash}\"}}", &body[..body.len() - 1]);
+    // One allocation: the line with its newline for the file and stdout; sinks frame it
+    // without.
+    let mut line = format!("{},\"audit.hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
     if let (Some(file), Some(path)) = (chain.file.as_mut(), &trail.path)
-        && let Err(e) = file.write_all(format!("{line}\n").as_bytes())
+        && let Err(e) = file.write_all(line.as_bytes())
     {
         chain.sequence -= 1;
         tracing::error!(file = %path.display(), error = %e, "writing the audit trail failed; event lost");
@@ -365,9 +358,9 @@ pub fn record(action: &str, outcome: &str, fields: serde_json::Value) {
     }
     chain.prev = hash;
     if trail.stdout {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
+        let _ = std::io::stdout().lock().write_all(line.as_bytes());
     }
+    line.pop();
     if !trail.sinks.is_empty() {
         let entry = Arc::new(sink::Entry {
             timestamp: ts,

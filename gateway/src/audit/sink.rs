@@ -145,6 +145,18 @@ struct Relp {
 const RELP_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Relp {
+    /// One `syslog` command, answered `200` by the receiver.
+    fn syslog(&mut self, msg: &str) -> std::io::Result<()> {
+        let answer = self.command("syslog", msg)?;
+        if answer.starts_with("200") {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "the RELP receiver refused a message: {answer}"
+            )))
+        }
+    }
+
     fn open(address: &str) -> anyhow::Result<Relp> {
         let stream = tcp(address)?;
         stream.set_read_timeout(Some(RELP_ANSWER_TIMEOUT))?;
@@ -347,14 +359,8 @@ impl Conn {
         match self {
             Conn::Tcp(s) => all(s.write_all(&framed(msgs))),
             Conn::Tls(s) => all(s.write_all(&framed(msgs))),
-            Conn::Udp(_) | Conn::Relp(_) => {
-                for (i, m) in msgs.iter().enumerate() {
-                    if let Err(e) = self.send(m) {
-                        return (i, Some(e));
-                    }
-                }
-                (msgs.len(), None)
-            }
+            Conn::Udp(s) => one_by_one(msgs, |m| s.send(m.as_bytes()).map(|_| ())),
+            Conn::Relp(r) => one_by_one(msgs, |m| r.syslog(m)),
         }
     }
 
@@ -363,24 +369,20 @@ impl Conn {
     fn needs_close_check(&self) -> bool {
         matches!(self, Conn::Tcp(_) | Conn::Tls(_))
     }
+}
 
-    fn send(&mut self, msg: &str) -> std::io::Result<()> {
-        match self {
-            Conn::Udp(s) => s.send(msg.as_bytes()).map(|_| ()),
-            Conn::Tcp(s) => s.write_all(format!("{} {msg}", msg.len()).as_bytes()),
-            Conn::Tls(s) => s.write_all(format!("{} {msg}", msg.len()).as_bytes()),
-            Conn::Relp(r) => {
-                let answer = r.command("syslog", msg)?;
-                if answer.starts_with("200") {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other(format!(
-                        "the RELP receiver refused a message: {answer}"
-                    )))
-                }
-            }
+/// Sends `msgs` one at a time with `send`: how many were sent, and the error that stopped the
+/// rest.
+fn one_by_one(
+    msgs: &[String],
+    mut send: impl FnMut(&str) -> std::io::Result<()>,
+) -> (usize, Option<std::io::Error>) {
+    for (i, m) in msgs.iter().enumerate() {
+        if let Err(e) = send(m) {
+            return (i, Some(e));
         }
     }
+    (msgs.len(), None)
 }
 
 /// The on-disk queue of unsent messages.
