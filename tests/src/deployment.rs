@@ -107,6 +107,22 @@ file = "{policy}"
     GatewayServer::start_config(&conf, port, ca, &env)
 }
 
+/// Readies `d` for one of several gateways of a deployment: the same certificate (and CA) as
+/// the others, as behind one name, and the same signing key (PEM), so a token from one is good
+/// on all. [`start_gateway_with`] then keeps both.
+pub fn share_identity(
+    d: &Path,
+    tls: &gateway::tls::TlsFiles,
+    signing_key: &[u8],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(d.join("tls"))?;
+    for f in [&tls.ca_cert, &tls.cert, &tls.key] {
+        std::fs::copy(f, d.join("tls").join(f.file_name().context("a file name")?))?;
+    }
+    std::fs::write(d.join("key.pem"), signing_key)?;
+    Ok(())
+}
+
 /// One storage node and one gateway in a temporary directory, removed on drop.
 pub struct Deployment {
     pub storage: StorageServer,

@@ -21,6 +21,21 @@ pub struct Backend {
     pub admin_port: u16,
 }
 
+impl Backend {
+    /// A running gateway as a backend.
+    pub fn of(g: &crate::server::GatewayServer) -> anyhow::Result<Self> {
+        Ok(Backend {
+            tls: g.host.clone(),
+            admin_port: g
+                .admin
+                .rsplit(':')
+                .next()
+                .context("no admin port")?
+                .parse()?,
+        })
+    }
+}
+
 impl Haproxy {
     /// Starts HAProxy over `backends`, checking each every `check_ms`; a failed connection is
     /// retried on another gateway.

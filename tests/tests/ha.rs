@@ -4,7 +4,9 @@
 
 use gateway::state::{MemoryStore, StateStore};
 use portcullis_tests::client::{Client, TokenAuth, https};
-use portcullis_tests::deployment::{SERVICE, start_gateway_with, storage_node};
+use portcullis_tests::deployment::{
+    SERVICE, share_identity, start_gateway_with, storage_node, user_client,
+};
 use portcullis_tests::haproxy::{Backend, Haproxy};
 use portcullis_tests::redis::Redis;
 use portcullis_tests::server::{GatewayServer, StorageServer};
@@ -219,11 +221,7 @@ impl Replicas {
         let gateways = (0..n)
             .map(|i| {
                 let d = dir.path().join(format!("gw{i}"));
-                std::fs::create_dir_all(d.join("tls")).unwrap();
-                for f in [&tls.ca_cert, &tls.cert, &tls.key] {
-                    std::fs::copy(f, d.join("tls").join(f.file_name().unwrap())).unwrap();
-                }
-                std::fs::write(d.join("key.pem"), &key).unwrap();
+                share_identity(&d, &tls, &key).unwrap();
                 let table = format!(
                     "{}[audit]\nfile = \"{}/audit.jsonl\"\nstdout = true\n{extra}",
                     redis.state_table("ha:"),
@@ -309,16 +307,6 @@ async fn basic_token(
     )
 }
 
-fn client(g: &GatewayServer, user: &str, password: &str) -> Client {
-    let mut c = Client::with_ca(&g.base, &g.ca_pem);
-    c.auth = Some(TokenAuth::new(
-        &format!("{}/token", g.base),
-        SERVICE,
-        Some((user, password)),
-    ));
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refresh_tokens_robots_and_lockouts_are_shared_by_gateways_on_redis() {
     let r = Replicas::start(
@@ -391,7 +379,7 @@ async fn refresh_tokens_robots_and_lockouts_are_shared_by_gateways_on_redis() {
     let (status, _, v) =
         basic_token(b, "robot$team-a+ci", &secret, "repository:team-a/x:push").await;
     assert_eq!(status, 200, "{v}");
-    client(a, "robot$team-a+ci", &secret)
+    user_client(a, "robot$team-a+ci", &secret)
         .push_image("team-a/x", "v1", &[b"layer"])
         .await
         .unwrap();
@@ -560,7 +548,7 @@ async fn redis_going_away_fails_logins_clearly_while_issued_tokens_keep_working(
     let mut r = Replicas::start(2, Redis::start_persistent().unwrap(), "");
     let (a, b) = (r.gateways[0].base.clone(), r.gateways[1].base.clone());
     let ca = r.gateways[0].ca_pem.clone();
-    client(&r.gateways[1], BOB.0, BOB.1)
+    user_client(&r.gateways[1], BOB.0, BOB.1)
         .push_image("team-a/app", "v1", &[b"layer one"])
         .await
         .unwrap();
@@ -703,7 +691,7 @@ async fn rate_limits_count_requests_on_every_gateway() {
         "[limits]\nregistry_per_minute_per_user = 20\ntoken_per_minute_per_user = 5\n",
     );
     let (a, b) = (&r.gateways[0], &r.gateways[1]);
-    client(a, BOB.0, BOB.1)
+    user_client(a, BOB.0, BOB.1)
         .push_image("team-a/app", "v1", &[b"layer"])
         .await
         .unwrap();
@@ -875,14 +863,7 @@ async fn storage_requests(node: &StorageServer, method: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn behind_haproxy_uploads_move_between_nodes_and_kill_9_loses_nothing() {
     let mut r = Replicas::start_full(2, 2, Redis::start().unwrap(), "", &[]);
-    let backends: Vec<Backend> = r
-        .gateways
-        .iter()
-        .map(|g| Backend {
-            tls: g.host.clone(),
-            admin_port: g.admin.rsplit(':').next().unwrap().parse().unwrap(),
-        })
-        .collect();
+    let backends: Vec<Backend> = r.gateways.iter().map(|g| Backend::of(g).unwrap()).collect();
     let lb = Haproxy::start(&backends, 200).unwrap();
     let base = format!("https://{}", lb.host);
     let ca = r.gateways[0].ca_pem.clone();

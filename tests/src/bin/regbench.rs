@@ -1084,11 +1084,7 @@ async fn ha_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
     let mut gws = Vec::new();
     for i in 0..2 {
         let d = scratch.join(format!("gw{i}"));
-        std::fs::create_dir_all(d.join("tls"))?;
-        for f in [&tls.ca_cert, &tls.cert, &tls.key] {
-            std::fs::copy(f, d.join("tls").join(f.file_name().context("file")?))?;
-        }
-        std::fs::write(d.join("key.pem"), &key)?;
+        portcullis_tests::deployment::share_identity(&d, &tls, &key)?;
         gws.push(start_gateway_with(
             &d,
             &[&nodes[0], &nodes[1]],
@@ -1098,15 +1094,10 @@ async fn ha_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
             &[],
         )?);
     }
-    let backends: Vec<portcullis_tests::haproxy::Backend> = gws
+    let backends = gws
         .iter()
-        .map(|g| {
-            Ok(portcullis_tests::haproxy::Backend {
-                tls: g.host.clone(),
-                admin_port: g.admin.rsplit(':').next().context("admin")?.parse()?,
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
+        .map(portcullis_tests::haproxy::Backend::of)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let lb = portcullis_tests::haproxy::Haproxy::start(&backends, 1000)?;
     let lb_base = format!("https://{}", lb.host);
     let ca = gws[0].ca_pem.clone();
