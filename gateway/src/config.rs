@@ -66,6 +66,10 @@ pub struct TokenConfig {
     /// A refresh token unused for this long expires.
     #[serde(default = "default_refresh_idle")]
     pub refresh_idle_hours: u64,
+    /// How often each gateway reloads the shared list of revoked access tokens: a token
+    /// revoked on another replica is refused here within this time.
+    #[serde(default = "default_revocation_sync")]
+    pub revocation_sync_ms: u64,
 }
 
 fn default_expires() -> u64 {
@@ -73,6 +77,9 @@ fn default_expires() -> u64 {
 }
 fn default_refresh_absolute() -> u64 {
     24 * 30
+}
+fn default_revocation_sync() -> u64 {
+    1000
 }
 fn default_refresh_idle() -> u64 {
     24 * 7

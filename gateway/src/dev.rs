@@ -85,7 +85,6 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         SHIPPED_POLICY,
     )?);
     let service = "portcullis".to_string();
-    let tokens = Arc::new(Tokens::new(keys, "portcullis-dev", &service));
 
     // The storage service, in this process, on a loopback port, behind a fresh secret.
     let secret = random_token(32)?;
@@ -149,6 +148,13 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         secret.as_bytes(),
         crate::robots::RobotsConfig::default(),
     )?);
+    let revocations = Arc::new(crate::token::revoked::Revocations::new(
+        store.clone(),
+        Duration::from_secs(1),
+        300,
+    ));
+    let tokens =
+        Arc::new(Tokens::new(keys, "portcullis-dev", &service).with_revocations(revocations));
 
     let admin = std::net::TcpListener::bind(opts.admin_listen)
         .with_context(|| format!("binding the admin listener {}", opts.admin_listen))?;

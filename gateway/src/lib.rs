@@ -92,6 +92,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         store,
     } = settings;
     let metrics = Arc::new(metrics::Metrics::new());
+    let revocations = authz.tokens.revocations().cloned();
 
     let conf = ServerConf {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -170,6 +171,9 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                     tokio::spawn(t);
                 }
                 tokio::spawn(audit::reopen_on_sighup());
+                if let Some(r) = revocations {
+                    tokio::spawn(r.run());
+                }
                 if let Err(e) = admin::serve(admin, admin_state).await {
                     eprintln!("gateway: admin listener failed: {e:#}");
                     std::process::exit(2);

@@ -178,7 +178,14 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         &c.policy.file.display().to_string(),
         &policy_text,
     )?);
-    let tokens = Arc::new(Tokens::new(keys, &c.token.issuer, &c.token.service));
+    let revocations = Arc::new(gateway::token::revoked::Revocations::new(
+        store.clone(),
+        Duration::from_millis(c.token.revocation_sync_ms.max(100)),
+        c.token.expires_in_seconds,
+    ));
+    let tokens = Arc::new(
+        Tokens::new(keys, &c.token.issuer, &c.token.service).with_revocations(revocations),
+    );
     let admin = std::net::TcpListener::bind(c.admin_listen)
         .with_context(|| format!("binding the admin listener {}", c.admin_listen))?;
     println!("admin listening on {}", admin.local_addr()?);

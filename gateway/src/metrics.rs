@@ -38,6 +38,12 @@ pub struct AuthMetrics {
     pub lockouts: IntCounterVec,
     /// Lockout or rate-limit checks the state store could not answer, by check.
     pub limits_unavailable: IntCounterVec,
+    /// Entries in this gateway's copy of the revocation list.
+    pub revocations: prometheus::IntGauge,
+    /// Requests that came with a revoked access token.
+    pub revoked_presented: prometheus::IntCounter,
+    /// Reloads of the revocation list, by outcome (`ok`, `failed`).
+    pub revocation_reloads: IntCounterVec,
 }
 
 /// A counter vector with `labels` (the names are this crate's own: valid).
@@ -85,6 +91,21 @@ pub fn auth() -> &'static AuthMetrics {
             "Lockout or rate-limit checks the state store could not answer (lockout, rate)",
             &["check"],
         ),
+        revocations: prometheus::IntGauge::new(
+            "gateway_token_revocations",
+            "Revoked access tokens and subjects in this gateway's copy of the revocation list",
+        )
+        .expect("valid metric"),
+        revocation_reloads: counter(
+            "gateway_revocation_reloads_total",
+            "Reloads of the revocation list from the state store, by outcome (ok, failed)",
+            &["outcome"],
+        ),
+        revoked_presented: prometheus::IntCounter::new(
+            "gateway_revoked_tokens_presented_total",
+            "Registry requests refused because their access token was revoked",
+        )
+        .expect("valid metric"),
     })
 }
 
@@ -167,6 +188,7 @@ impl Metrics {
             &a.rate_limited,
             &a.lockouts,
             &a.limits_unavailable,
+            &a.revocation_reloads,
             &request_bytes,
             &response_bytes,
             &repository_bytes,
@@ -176,6 +198,12 @@ impl Metrics {
         }
         registry
             .register(Box::new(upstream_healthy.clone()))
+            .expect("unique");
+        registry
+            .register(Box::new(a.revocations.clone()))
+            .expect("unique");
+        registry
+            .register(Box::new(a.revoked_presented.clone()))
             .expect("unique");
         let state_store_up = prometheus::IntGauge::new(
             "gateway_state_store_up",

@@ -346,6 +346,15 @@ impl Gateway {
             return send_reply(session, reply).await;
         }
         if path
+            .strip_prefix(token::TOKENS_PATH)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        {
+            ctx.route = "tokens";
+            let req = RequestParts::of(session);
+            let reply = self.tokens.tokens_api(&req.as_request(), &path).await;
+            return send_reply(session, reply).await;
+        }
+        if path
             .strip_prefix(crate::robots::ROBOTS_PATH)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
         {

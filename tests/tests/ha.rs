@@ -445,6 +445,156 @@ async fn refresh_tokens_robots_and_lockouts_are_shared_by_gateways_on_redis() {
     assert!((100..=120).contains(&ttl), "{ttl}");
 }
 
+/// `GET /v2/team-a/app/tags/list` with `token`: 404 (authorized, no such repository) or
+/// 401 (refused), and the error message.
+async fn tags_with(g: &GatewayServer, token: &str) -> (u16, String) {
+    let r = https(&g.ca_pem, false)
+        .get(format!("{}/v2/team-a/app/tags/list", g.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+async fn bearer_of(g: &GatewayServer, user: &str, password: &str) -> String {
+    let (status, _, v) = basic_token(g, user, password, "repository:team-a/app:pull").await;
+    assert_eq!(status, 200, "{v}");
+    let t = v["token"].as_str().unwrap().to_string();
+    portcullis_tests::remember_secret(&t);
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn access_tokens_revoked_on_one_gateway_are_refused_by_every_gateway() {
+    let r = Replicas::start(2, Redis::start().unwrap(), "");
+    let (a, b) = (&r.gateways[0], &r.gateways[1]);
+    let t1 = bearer_of(a, BOB.0, BOB.1).await;
+    let t2 = bearer_of(a, BOB.0, BOB.1).await;
+    assert_eq!(tags_with(b, &t1).await.0, 404);
+
+    // Its holder revokes t1 on B (RFC 7009): B refuses it at once, A within a sync interval.
+    let resp = https(&b.ca_pem, false)
+        .post(format!("{}/auth/revoke", b.base))
+        .form(&[("token", t1.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, body) = tags_with(b, &t1).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    eventually(10, "A refuses the revoked token", || async {
+        tags_with(a, &t1).await.0 == 401
+    })
+    .await;
+    assert_eq!(tags_with(a, &t2).await.0, 404, "only that token is revoked");
+    assert_eq!(tags_with(b, &t2).await.0, 404);
+
+    // Only administrators revoke other people's tokens.
+    let revoke_all = |g: &GatewayServer, who: (&str, &str), query: &str| {
+        https(&g.ca_pem, false)
+            .delete(format!("{}/auth/tokens?{query}", g.base))
+            .basic_auth(who.0, Some(who.1))
+            .send()
+    };
+    let resp = revoke_all(a, BOB, "user=alice").await.unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = revoke_all(a, ALICE, "user=bob&kind=nobody").await.unwrap();
+    assert_eq!(resp.status(), 400);
+    // An administrator revokes all of bob's tokens on A; B refuses t2 soon after, and a
+    // token bob fetches right away works everywhere.
+    let resp = revoke_all(a, ALICE, "user=bob").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(tags_with(a, &t2).await.0, 401);
+    eventually(10, "B refuses bob's earlier token", || async {
+        tags_with(b, &t2).await.0 == 401
+    })
+    .await;
+    let t3 = bearer_of(a, BOB.0, BOB.1).await;
+    assert_eq!(tags_with(a, &t3).await.0, 404);
+    assert_eq!(tags_with(b, &t3).await.0, 404);
+    // One token by its jti (from the audit trail), by an administrator.
+    let jti = r
+        .audit(0)
+        .into_iter()
+        .rev()
+        .find(|e| e["event.action"] == "token" && e["user.name"] == "bob")
+        .and_then(|e| e["token.jti"].as_str().map(str::to_owned))
+        .expect("the token event of t3");
+    let resp = https(&b.ca_pem, false)
+        .delete(format!("{}/auth/tokens/{jti}", b.base))
+        .basic_auth(ALICE.0, Some(ALICE.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    eventually(10, "A refuses the token revoked by jti", || async {
+        tags_with(a, &t3).await.0 == 401
+    })
+    .await;
+
+    // A deleted robot's token stops working on every gateway.
+    let resp = https(&a.ca_pem, false)
+        .post(format!("{}/admin/robots", a.base))
+        .basic_auth(ALICE.0, Some(ALICE.1))
+        .json(&json!({
+            "project": "team-a", "name": "gone",
+            "scope": [{"repositories": ["team-a/**"], "actions": ["pull"]}],
+            "expires_in_seconds": 3600,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let robot: Value = resp.json().await.unwrap();
+    let secret = robot["secret"].as_str().unwrap().to_string();
+    portcullis_tests::remember_secret(&secret);
+    let rt = bearer_of(b, "robot$team-a+gone", &secret).await;
+    assert_eq!(tags_with(a, &rt).await.0, 404);
+    let resp = https(&a.ca_pem, false)
+        .delete(format!("{}/admin/robots/robot$team-a+gone", a.base))
+        .basic_auth(ALICE.0, Some(ALICE.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(tags_with(a, &rt).await.0, 401);
+    eventually(10, "B refuses the deleted robot's token", || async {
+        tags_with(b, &rt).await.0 == 401
+    })
+    .await;
+
+    // Audited, without the tokens themselves.
+    let events: Vec<Value> = (0..2).flat_map(|i| r.audit(i)).collect();
+    let revokes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event.action"] == "token-revoke")
+        .collect();
+    let by = |outcome: &str, revoked_by: &str| {
+        revokes
+            .iter()
+            .filter(|e| e["event.outcome"] == outcome && e["revoked_by"] == revoked_by)
+            .count()
+    };
+    assert_eq!(by("success", "holder (RFC 7009)"), 1, "{revokes:?}");
+    assert_eq!(by("success", "admin"), 2, "{revokes:?}");
+    assert!(
+        revokes
+            .iter()
+            .any(|e| e["event.outcome"] == "failure" && e["user.name"] == "bob"),
+        "{revokes:?}"
+    );
+    let all = serde_json::to_string(&events).unwrap();
+    for t in [&t1, &t2, &t3, &rt] {
+        assert!(!all.contains(t.as_str()), "a token in the audit trail");
+    }
+    // Shared through Redis under the prefix, with a time to live.
+    let ttl = r.redis.command("TTL ha:revoked:sub:user:bob").unwrap();
+    let ttl: i64 = ttl.trim().trim_start_matches(':').parse().unwrap();
+    assert!((300..=360).contains(&ttl), "{ttl}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_device_flow_started_on_one_gateway_finishes_on_the_other() {
     let idp_port = portcullis_tests::tools::free_port().unwrap();
@@ -569,6 +719,26 @@ async fn redis_going_away_fails_logins_clearly_while_issued_tokens_keep_working(
     let refresh = v["refresh_token"].as_str().unwrap().to_string();
     portcullis_tests::remember_secret(&refresh);
     let access = v["access_token"].as_str().unwrap().to_string();
+    // A token revoked before the outage.
+    let doomed = bearer_of(&r.gateways[0], BOB.0, BOB.1).await;
+    let revoke = |base: String, token: String| {
+        let http = https(&ca, false);
+        async move {
+            http.post(format!("{base}/auth/revoke"))
+                .form(&[("token", token.as_str())])
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(revoke(b.clone(), doomed.clone()).await, 200);
+    for g in &r.gateways {
+        eventually(10, "the revoked token refused", || async {
+            tags_with(g, &doomed).await.0 == 401
+        })
+        .await;
+    }
 
     // Pulls with the access token, alternating gateways, all along.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -641,6 +811,29 @@ async fn redis_going_away_fails_logins_clearly_while_issued_tokens_keep_working(
         .await
         .unwrap();
     assert_eq!(resp.status(), 503);
+    // Revocations: the ones made before stay in force (several failed reloads later); a new
+    // one cannot be shared, so it is refused clearly.
+    for g in &r.gateways {
+        let failed_reloads = || async {
+            let m = reqwest::get(format!("{}/metrics", g.admin))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            m.lines()
+                .find_map(|l| {
+                    l.strip_prefix("gateway_revocation_reloads_total{outcome=\"failed\"} ")
+                })
+                .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+        };
+        eventually(10, "two failed reloads of the revocation list", || async {
+            failed_reloads().await >= 2
+        })
+        .await;
+        assert_eq!(tags_with(g, &doomed).await.0, 401);
+    }
+    assert_eq!(revoke(a.clone(), access.clone()).await, 503);
 
     // Back: the gateways reconnect by themselves; the session survived (Redis persists).
     r.redis.start_again().unwrap();

@@ -1,10 +1,12 @@
 //! Registry tokens (distribution `docs/spec/auth/jwt.md`): issue and verify.
 
 use super::keys::SigningKey;
+use super::revoked::Revocations;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use oci::scope::Scope;
 use policy::SubjectKind;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// One `access` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +96,8 @@ pub enum TokenError {
     UnknownKey,
     #[error("token rejected: {0}")]
     Invalid(String),
+    #[error("the token has been revoked")]
+    Revoked,
 }
 
 /// Keys and the checks every token must pass.
@@ -103,6 +107,7 @@ pub struct Tokens {
     audience: String,
     leeway_seconds: u64,
     verified: Verified,
+    revocations: Option<Arc<Revocations>>,
 }
 
 /// How many verified tokens [`Verified`] remembers.
@@ -146,7 +151,18 @@ impl Tokens {
             audience: audience.to_string(),
             leeway_seconds: 30,
             verified: Verified::default(),
+            revocations: None,
         }
+    }
+
+    /// Tokens on the shared revocation list are refused.
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
+        self.revocations = Some(revocations);
+        self
+    }
+
+    pub fn revocations(&self) -> Option<&Arc<Revocations>> {
+        self.revocations.as_ref()
     }
 
     pub fn issuer(&self) -> &str {
@@ -179,8 +195,22 @@ impl Tokens {
         Ok(format!("{message}.{}", b64(&signature)))
     }
 
-    /// Verifies signature (ES256 only, key by `kid`), `exp`/`nbf` with leeway, `iss`, `aud`.
+    /// Verifies signature (ES256 only, key by `kid`), `exp`/`nbf` with leeway, `iss`, `aud`,
+    /// and that the token is not on the revocation list.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let claims = self.verify_unrevoked(token)?;
+        if self
+            .revocations
+            .as_ref()
+            .is_some_and(|r| r.is_revoked(&claims))
+        {
+            crate::metrics::auth().revoked_presented.inc();
+            return Err(TokenError::Revoked);
+        }
+        Ok(claims)
+    }
+
+    fn verify_unrevoked(&self, token: &str) -> Result<Claims, TokenError> {
         let now = super::unix_now();
         let key = Verified::key(token);
         if let Some(claims) = self.verified.get(&key) {

@@ -9,6 +9,7 @@
 pub mod jwt;
 pub mod keys;
 pub mod refresh;
+pub mod revoked;
 
 use crate::auth::{AuthError, Authenticator, Identity};
 use base64::Engine;
@@ -23,8 +24,12 @@ use std::sync::Arc;
 pub const TOKEN_PATH: &str = "/token";
 /// Where the public keys are published.
 pub const JWKS_PATH: &str = "/auth/jwks.json";
-/// RFC 7009 revocation of a refresh token by whoever holds it (`POST`, form `token=`).
+/// RFC 7009 revocation of a refresh or access token by whoever holds it (`POST`, form
+/// `token=`).
 pub const REVOKE_PATH: &str = "/auth/revoke";
+/// Administrators revoke access tokens: one (`DELETE /auth/tokens/<jti>`, the `token.jti` of
+/// its audit event) or all of a subject's (`DELETE /auth/tokens?user=<name>[&kind=robot|ci]`).
+pub const TOKENS_PATH: &str = "/auth/tokens";
 /// A user's sessions (`GET`), one revoked (`DELETE /auth/sessions/<id>`); admins see and
 /// revoke everyone's (`?user=<name>` or `?user=*`).
 pub const SESSIONS_PATH: &str = "/auth/sessions";
@@ -122,6 +127,14 @@ fn rfc3339(secs: i64) -> String {
     )
 }
 
+/// A `jti` as this service makes them (and nothing that could be a glob or a path).
+fn valid_jti(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Decodes `Basic base64(user:password)`.
 pub fn parse_basic(header: &str) -> Option<(String, String)> {
     let (scheme, rest) = header.trim().split_once(' ')?;
@@ -186,27 +199,125 @@ impl TokenService {
         ))
     }
 
-    /// RFC 7009: revokes the refresh token in the form; always 200, whether it existed or not.
+    /// RFC 7009: revokes the refresh or access token in the form; always 200, whether it
+    /// existed or not. An access token goes on the shared revocation list until it expires.
     pub async fn revoke(&self, body: &[u8]) -> Reply {
-        let token = form_urlencoded::parse(body)
+        let Some(token) = form_urlencoded::parse(body)
             .find(|(k, _)| k == "token")
-            .map(|(_, v)| v.into_owned());
-        match token {
-            Some(t) => match self.sessions.revoke(&t).await {
-                Ok(existed) => {
-                    if existed {
-                        tracing::info!("refresh token revoked by its holder");
-                        crate::audit::record(
-                            "session-revoke",
-                            "success",
-                            json!({"revoked_by": "holder (RFC 7009)"}),
-                        );
-                    }
+            .map(|(_, v)| v.into_owned())
+        else {
+            return Reply::oauth_error(400, "invalid_request", "token is required");
+        };
+        if let (Some(revocations), Ok(claims)) =
+            (self.tokens.revocations(), self.tokens.verify(&token))
+        {
+            return match revocations
+                .revoke_token(&claims.jti, Some(claims.exp))
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(subject = %claims.sub, jti = %claims.jti, "access token revoked by its holder");
+                    crate::audit::record(
+                        "token-revoke",
+                        "success",
+                        json!({"user.name": claims.sub, "identity.kind": claims.subject.kind,
+                               "token.jti": claims.jti, "revoked_by": "holder (RFC 7009)"}),
+                    );
                     Reply::json(200, json!({}))
                 }
                 Err(e) => store_unavailable(&e),
-            },
-            None => Reply::oauth_error(400, "invalid_request", "token is required"),
+            };
+        }
+        match self.sessions.revoke(&token).await {
+            Ok(existed) => {
+                if existed {
+                    tracing::info!("refresh token revoked by its holder");
+                    crate::audit::record(
+                        "session-revoke",
+                        "success",
+                        json!({"revoked_by": "holder (RFC 7009)"}),
+                    );
+                }
+                Reply::json(200, json!({}))
+            }
+            Err(e) => store_unavailable(&e),
+        }
+    }
+
+    /// [`TOKENS_PATH`]: administrators revoke access tokens, authenticated with Basic
+    /// credentials like the token endpoint.
+    pub async fn tokens_api(&self, req: &Request<'_>, path: &str) -> Reply {
+        let Some((user, password)) = req.authorization.and_then(parse_basic) else {
+            return unauthorized();
+        };
+        let id = match self.login(&user, &password, req.source).await {
+            Ok(id) => id,
+            Err(r) => return r,
+        };
+        if !self.policy.is_admin(&id.to_subject()) {
+            crate::audit::record(
+                "token-revoke",
+                "failure",
+                json!({"user.name": id.subject, "event.reason": "not an administrator"}),
+            );
+            return Reply::oauth_error(
+                403,
+                "access_denied",
+                "only registry administrators revoke access tokens",
+            );
+        }
+        let Some(revocations) = self.tokens.revocations() else {
+            return Reply::oauth_error(404, "not_found", "token revocation is not configured");
+        };
+        let jti = path[TOKENS_PATH.len()..].trim_start_matches('/');
+        let query: std::collections::HashMap<String, String> =
+            form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
+                .into_owned()
+                .collect();
+        let (result, revoked) = match (req.method, jti, query.get("user")) {
+            ("DELETE", jti, None) if valid_jti(jti) => (
+                revocations.revoke_token(jti, None).await,
+                json!({"token.jti": jti}),
+            ),
+            ("DELETE", "", Some(name)) if !name.is_empty() && name.len() <= 256 => {
+                let kind = query.get("kind").map_or("user", String::as_str);
+                if !matches!(kind, "user" | "robot" | "ci") {
+                    return Reply::oauth_error(
+                        400,
+                        "invalid_request",
+                        "kind must be user, robot or ci",
+                    );
+                }
+                (
+                    revocations.revoke_subject(kind, name).await,
+                    json!({"revoked.user": name, "revoked.kind": kind}),
+                )
+            }
+            ("DELETE", _, _) => {
+                return Reply::oauth_error(
+                    400,
+                    "invalid_request",
+                    "DELETE /auth/tokens/<jti> (letters, digits, - and _) or DELETE /auth/tokens?user=<name>[&kind=user|robot|ci]",
+                );
+            }
+            _ => {
+                return Reply::oauth_error(
+                    405,
+                    "invalid_request",
+                    "DELETE /auth/tokens/<jti> or DELETE /auth/tokens?user=<name>",
+                );
+            }
+        };
+        match result {
+            Ok(()) => {
+                let mut event = revoked.clone();
+                event["user.name"] = json!(id.subject);
+                event["revoked_by"] = json!("admin");
+                tracing::info!(by = %id.subject, what = %revoked, "access tokens revoked");
+                crate::audit::record("token-revoke", "success", event);
+                Reply::json(200, json!({ "revoked": revoked }))
+            }
+            Err(e) => store_unavailable(&e),
         }
     }
 
@@ -317,9 +428,21 @@ impl TokenService {
                 }
             }
         };
-        robots
+        let reply = robots
             .api(req.method, &path[ROBOTS_PATH.len()..], req.body, &caller)
-            .await
+            .await;
+        // A deleted robot's access tokens die with it, on every replica.
+        if req.method == "DELETE" && reply.status == 200 {
+            let deleted = serde_json::from_str::<serde_json::Value>(&reply.body)
+                .ok()
+                .and_then(|v| v["deleted"].as_str().map(str::to_owned));
+            if let (Some(name), Some(revocations)) = (deleted, self.tokens.revocations())
+                && let Err(e) = revocations.revoke_subject("robot", &name).await
+            {
+                tracing::warn!(error = %e, robot = %name, "the deleted robot's access tokens could not be revoked; they expire by themselves");
+            }
+        }
+        reply
     }
 
     /// The identity a refresh token stands for, its groups read again from the IdP when the
@@ -717,13 +840,16 @@ impl TokenService {
         if exp <= now {
             return Reply::oauth_error(400, "invalid_grant", "the credentials have expired");
         }
+        let iat = self.tokens.revocations().map_or(now, |r| {
+            r.issue_time(jwt::kind_name(id.kind), &id.subject, now)
+        });
         let claims = Claims {
             iss: self.tokens.issuer().to_string(),
             sub: id.subject.clone(),
             aud: self.tokens.audience().to_string(),
             exp,
             nbf: now,
-            iat: now,
+            iat,
             jti: uuid::Uuid::new_v4().simple().to_string(),
             access: granted.iter().map(Access::from).collect(),
             subject: TokenSubject {
