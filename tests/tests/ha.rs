@@ -8,7 +8,7 @@ use portcullis_tests::deployment::{
     SERVICE, share_identity, start_gateway_with, storage_node, user_client,
 };
 use portcullis_tests::haproxy::{Backend, Haproxy};
-use portcullis_tests::redis::Redis;
+use portcullis_tests::redis::{Redis, SentinelSet};
 use portcullis_tests::server::{GatewayServer, StorageServer};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -135,20 +135,26 @@ async fn state_store_suite(s: Arc<dyn StateStore>, name: &str) {
     assert_eq!(s.incr("window", Duration::from_secs(60)).await.unwrap(), 1);
 }
 
+/// A Redis store as the gateway opens it from its `[state]` table.
+fn store_of(state_table: &str) -> Arc<dyn StateStore> {
+    #[derive(serde::Deserialize)]
+    struct Conf {
+        state: gateway::state::StateConfig,
+    }
+    let c: Conf = toml::from_str(state_table).unwrap();
+    Arc::new(gateway::state::redis::RedisStore::open(&c.state.redis.unwrap()).unwrap())
+}
+
 fn redis_store(redis: &Redis, prefix: &str) -> Arc<dyn StateStore> {
-    let cfg = gateway::state::redis::RedisConfig {
-        url: redis.url.clone(),
-        username: None,
-        password_file: None,
-        prefix: prefix.into(),
-        timeout_ms: 1000,
-    };
-    Arc::new(gateway::state::redis::RedisStore::open(&cfg).unwrap())
+    store_of(&redis.state_table(prefix))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_state_store_suite_passes_on_memory_and_on_redis() {
     state_store_suite(Arc::new(MemoryStore::default()), "memory").await;
+    let sentinel = SentinelSet::start().unwrap();
+    state_store_suite(store_of(&sentinel.state_table("suite:")), "redis sentinel").await;
+    drop(sentinel);
     let redis = Redis::start().unwrap();
     state_store_suite(redis_store(&redis, "suite:"), "redis").await;
     // Keys live under the prefix: another prefix sees none of them.
@@ -176,6 +182,37 @@ async fn the_state_store_suite_passes_on_memory_and_on_redis() {
     })
     .await;
     store.put("back", b"1".to_vec()).await.unwrap();
+}
+
+/// `n` gateways with the `state` table, listing `m` storage nodes that share
+/// `<dir>/storage`, with one signing key and one certificate (as behind one name), each with
+/// its own audit file `<dir>/gw<i>/audit.jsonl`.
+fn start_gateways(
+    dir: &std::path::Path,
+    n: usize,
+    m: usize,
+    state: &str,
+    extra: &str,
+    env: &[(&'static str, &'static str)],
+) -> (Vec<GatewayServer>, Vec<StorageServer>) {
+    let storages: Vec<StorageServer> = (0..m)
+        .map(|_| storage_node(&dir.join("storage")).unwrap())
+        .collect();
+    let nodes: Vec<&StorageServer> = storages.iter().collect();
+    let key = gateway::token::keys::generate_pem().unwrap();
+    let tls = gateway::tls::ensure_dev_certificates(&dir.join("tls")).unwrap();
+    let gateways = (0..n)
+        .map(|i| {
+            let d = dir.join(format!("gw{i}"));
+            share_identity(&d, &tls, &key).unwrap();
+            let table = format!(
+                "{state}[audit]\nfile = \"{}/audit.jsonl\"\nstdout = true\n{extra}",
+                d.display()
+            );
+            start_gateway_with(&d, &nodes, &[BOB, ALICE], 4, &table, env).unwrap()
+        })
+        .collect();
+    (gateways, storages)
 }
 
 /// Gateways sharing one Redis (and one signing key, one certificate) in front of storage
@@ -211,25 +248,8 @@ impl Replicas {
         env: &[(&'static str, &'static str)],
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let storages: Vec<StorageServer> = (0..m)
-            .map(|_| storage_node(&dir.path().join("storage")).unwrap())
-            .collect();
-        let nodes: Vec<&StorageServer> = storages.iter().collect();
-        let key = gateway::token::keys::generate_pem().unwrap();
-        // One certificate (and CA) and one signing key for all, as behind one name.
-        let tls = gateway::tls::ensure_dev_certificates(&dir.path().join("tls")).unwrap();
-        let gateways = (0..n)
-            .map(|i| {
-                let d = dir.path().join(format!("gw{i}"));
-                share_identity(&d, &tls, &key).unwrap();
-                let table = format!(
-                    "{}[audit]\nfile = \"{}/audit.jsonl\"\nstdout = true\n{extra}",
-                    redis.state_table("ha:"),
-                    d.display()
-                );
-                start_gateway_with(&d, &nodes, &[BOB, ALICE], 4, &table, env).unwrap()
-            })
-            .collect();
+        let (gateways, storages) =
+            start_gateways(dir.path(), n, m, &redis.state_table("ha:"), extra, env);
         Replicas {
             gateways,
             storages,
@@ -859,6 +879,112 @@ async fn redis_going_away_fails_logins_clearly_while_issued_tokens_keep_working(
         "pulls failed while Redis was away: {failed:?}"
     );
     assert!(ok > 10, "{ok} pulls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_sentinel_the_gateways_follow_the_master_through_failovers() {
+    let mut set = SentinelSet::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (gateways, _storages) = start_gateways(dir.path(), 2, 1, &set.state_table("ha:"), "", &[]);
+    let offline = [
+        ("grant_type", "password"),
+        ("username", BOB.0),
+        ("password", BOB.1),
+        ("client_id", "ha-test"),
+        ("access_type", "offline"),
+        ("service", SERVICE),
+    ];
+    let (status, v) = token_form(&gateways[0], &offline).await;
+    assert_eq!(status, 200, "{v}");
+    let refresh = v["refresh_token"].as_str().unwrap().to_string();
+    portcullis_tests::remember_secret(&refresh);
+    // On the replica before the master goes (replication is asynchronous).
+    let acked = set.master.command("WAIT 1 5000").unwrap();
+    assert_eq!(acked.trim(), ":1", "{acked}");
+
+    // Refresh-token grants (a read and a write in Redis each) on both gateways, all along.
+    let grant = |g: usize| {
+        let g = &gateways[g];
+        let refresh = refresh.clone();
+        async move {
+            let form = [
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh.as_str()),
+                ("client_id", "ha-test"),
+                ("service", SERVICE),
+            ];
+            token_form(g, &form).await.0
+        }
+    };
+    for g in 0..2 {
+        assert_eq!(grant(g).await, 200);
+    }
+
+    // kill -9 of the master: the sentinel promotes the replica; both gateways move to it by
+    // themselves, and the session written before is there.
+    let first = set.master.port;
+    set.master.stop();
+    let killed = Instant::now();
+    eventually(30, "the sentinel promotes the replica", || async {
+        set.master_port() == Some(set.replica.port)
+    })
+    .await;
+    let promoted = killed.elapsed();
+    for g in 0..2 {
+        eventually(15, "grants work again after the failover", || async {
+            grant(g).await == 200
+        })
+        .await;
+    }
+    let recovered = killed.elapsed();
+    eprintln!("failover: promoted after {promoted:?}, both gateways serving after {recovered:?}");
+
+    // The old master comes back and is made a replica; then a manual failover makes it the
+    // master again while the gateways hold connections to the other (READONLY or dropped).
+    set.master.start_again().unwrap();
+    eventually(30, "the old master rejoins as a replica", || async {
+        set.master.role().is_ok_and(|r| r == "slave")
+            && set
+                .master
+                .command("INFO replication")
+                .is_ok_and(|i| i.contains("master_link_status:up"))
+    })
+    .await;
+    for g in 0..2 {
+        assert_eq!(
+            grant(g).await,
+            200,
+            "writes go to the master, not the replica"
+        );
+    }
+    let failover = set
+        .sentinel(&format!(
+            "SENTINEL FAILOVER {}",
+            portcullis_tests::redis::SENTINEL_MASTER
+        ))
+        .unwrap();
+    assert!(failover.starts_with("+OK"), "{failover}");
+    eventually(30, "the manual failover", || async {
+        set.master_port() == Some(first) && set.master.role().is_ok_and(|r| r == "master")
+    })
+    .await;
+    let switched = Instant::now();
+    for g in 0..2 {
+        eventually(15, "grants work on the new master", || async {
+            grant(g).await == 200
+        })
+        .await;
+    }
+    eprintln!(
+        "manual failover: both gateways serving after {:?}",
+        switched.elapsed()
+    );
+    // Every gateway wrote through the new master: the session's last use is there.
+    for g in 0..2 {
+        assert_eq!(grant(g).await, 200);
+    }
+    let on_master = set.master.command("DBSIZE").unwrap();
+    assert_ne!(on_master.trim(), ":0", "{on_master}");
 }
 
 /// Waits until at least `margin` seconds are left in the current minute (rate-limit windows

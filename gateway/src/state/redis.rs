@@ -1,9 +1,13 @@
 //! The Redis state store, shared by several gateway replicas.
 //!
-//! One standalone Redis (or a managed endpoint that fails over behind one address) reached
-//! through the `redis` crate's connection manager, which reconnects by itself. Sentinel and
-//! Cluster are not supported: the crate's Sentinel client has no reconnecting manager, and
-//! Cluster would need every multi-key step (`scan`) to be redone per shard.
+//! One Redis master reached through the `redis` crate's connection manager, which reconnects
+//! by itself: either at a fixed address (`url`: a standalone Redis, or a managed endpoint that
+//! fails over behind one address) or found through Redis Sentinel (`sentinels`). With
+//! Sentinel, a command that loses its connection or meets `READONLY` (the old master came back
+//! as a replica) asks the sentinels for the master again, switches to a new manager and is
+//! sent once more; one task at a time asks, at most every [`RESOLVE_EVERY`], and the others
+//! take its answer. Cluster is not supported: every multi-key step (`scan`) would have to be
+//! redone per shard.
 //!
 //! Every key is `prefix + key`. Entries with a time to live use `SET … PX`; durable entries
 //! (robot accounts) have none, so Redis must persist its data (AOF or RDB) for them to outlive
@@ -17,7 +21,8 @@
 use super::{StateError, StateStore};
 use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 /// The environment variable with Redis's password when `password_file` is unset.
 pub const PASSWORD_ENV: &str = "PORTCULLIS_REDIS_PASSWORD";
@@ -27,8 +32,21 @@ pub const PASSWORD_ENV: &str = "PORTCULLIS_REDIS_PASSWORD";
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port/db`. Put the password in `password_file` (or the environment),
-    /// not here, so that the configuration is not a secret.
-    pub url: String,
+    /// not here, so that the configuration is not a secret. Either this or `sentinels`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Redis Sentinel addresses (`host:port`), asked for the master of `sentinel_master`.
+    #[serde(default)]
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the master under.
+    #[serde(default = "default_master")]
+    pub sentinel_master: String,
+    /// A file with the sentinels' own password (`requirepass` of the sentinels), if any.
+    #[serde(default)]
+    pub sentinel_password_file: Option<std::path::PathBuf>,
+    /// The database number with `sentinels` (with `url` it is the URL's path).
+    #[serde(default)]
+    pub db: i64,
     /// The ACL user, if not `default`.
     #[serde(default)]
     pub username: Option<String>,
@@ -42,6 +60,10 @@ pub struct RedisConfig {
     /// How long one command (or one connection attempt) may take before it fails.
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
+}
+
+fn default_master() -> String {
+    "portcullis".into()
 }
 
 fn default_prefix() -> String {
@@ -59,42 +81,62 @@ if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n
 ";
 
+/// How often, at most, the sentinels are asked for the master.
+pub const RESOLVE_EVERY: Duration = Duration::from_millis(200);
+
+/// The connection in use, and how many times it was replaced (so that of the tasks that saw
+/// it fail, only the first asks the sentinels).
+struct Current {
+    generation: u64,
+    conn: Option<ConnectionManager>,
+}
+
+/// Finds the master through the sentinels.
+struct Resolver {
+    client: redis::sentinel::SentinelClient,
+    asked_at: Option<Instant>,
+}
+
 pub struct RedisStore {
-    conn: ConnectionManager,
+    current: RwLock<Current>,
+    sentinel: Option<Arc<tokio::sync::Mutex<Resolver>>>,
+    config: ConnectionManagerConfig,
+    timeout: Duration,
     prefix: String,
     incr: redis::Script,
-    /// Where the connection manager was made (it spawns a task when made, and the gateway
-    /// opens the store before any runtime runs); shut down without waiting on drop.
+    /// Where connection managers are made and sentinels asked (the manager spawns a task when
+    /// made, and the gateway opens the store before any runtime runs); shut down without
+    /// waiting on drop.
     runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn read_secret(f: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    Ok(std::fs::read_to_string(f)
+        .with_context(|| format!("reading {}", f.display()))?
+        .trim_end_matches(['\n', '\r'])
+        .to_string())
+}
+
+/// Whether `e` means the master is gone or is no longer the master: worth asking the
+/// sentinels again. Other server errors are the command's own.
+fn master_lost(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match e.kind() {
+        ErrorKind::Server(ServerErrorKind::ReadOnly) => true,
+        ErrorKind::Server(_) | ErrorKind::UnexpectedReturnType | ErrorKind::Parse => false,
+        _ => true,
+    }
 }
 
 impl RedisStore {
     /// A store that connects on first use (and again whenever the connection drops).
     pub fn open(cfg: &RedisConfig) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let mut info = cfg
-            .url
-            .as_str()
-            .into_connection_info()
-            .context("state.redis.url is not a Redis URL")?;
-        let mut settings = info.redis_settings().clone();
-        if let Some(user) = &cfg.username {
-            settings = settings.set_username(user);
-        }
         let password = match &cfg.password_file {
-            Some(f) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("reading {}", f.display()))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
-            ),
+            Some(f) => Some(read_secret(f)?),
             None => std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty()),
         };
-        if let Some(p) = password {
-            settings = settings.set_password(p);
-        }
-        info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).context("state.redis")?;
         let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -109,12 +151,73 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(200));
-        let conn = {
-            let _in = runtime.enter();
-            ConnectionManager::new_lazy_with_config(client, config).context("state.redis")?
+        let (conn, sentinel) = match (&cfg.url, cfg.sentinels.is_empty()) {
+            (Some(url), true) => {
+                let mut info = url
+                    .as_str()
+                    .into_connection_info()
+                    .context("state.redis.url is not a Redis URL")?;
+                let mut settings = info.redis_settings().clone();
+                if let Some(user) = &cfg.username {
+                    settings = settings.set_username(user);
+                }
+                if let Some(p) = password {
+                    settings = settings.set_password(p);
+                }
+                info = info.set_redis_settings(settings);
+                let client = redis::Client::open(info).context("state.redis")?;
+                let _in = runtime.enter();
+                let conn = ConnectionManager::new_lazy_with_config(client, config.clone())
+                    .context("state.redis")?;
+                (Some(conn), None)
+            }
+            (None, false) => {
+                let mut addrs = Vec::new();
+                for s in &cfg.sentinels {
+                    let (host, port) = s
+                        .rsplit_once(':')
+                        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                        .with_context(|| {
+                            format!("state.redis.sentinels: {s:?} is not host:port")
+                        })?;
+                    addrs.push(redis::ConnectionAddr::Tcp(
+                        host.trim_matches(['[', ']']).to_string(),
+                        port,
+                    ));
+                }
+                let mut b = redis::sentinel::SentinelClientBuilder::new(
+                    addrs,
+                    &cfg.sentinel_master,
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .context("state.redis.sentinels")?
+                .set_client_to_redis_db(cfg.db);
+                if let Some(user) = &cfg.username {
+                    b = b.set_client_to_redis_username(user);
+                }
+                if let Some(p) = password {
+                    b = b.set_client_to_redis_password(p);
+                }
+                if let Some(f) = &cfg.sentinel_password_file {
+                    b = b.set_client_to_sentinel_password(read_secret(f)?);
+                }
+                let client = b.build().context("state.redis.sentinels")?;
+                let resolver = Resolver {
+                    client,
+                    asked_at: None,
+                };
+                (None, Some(Arc::new(tokio::sync::Mutex::new(resolver))))
+            }
+            _ => anyhow::bail!("[state.redis] needs either url or sentinels, not both"),
         };
         Ok(RedisStore {
-            conn,
+            current: RwLock::new(Current {
+                generation: 0,
+                conn,
+            }),
+            sentinel,
+            config,
+            timeout,
             prefix: cfg.prefix.clone(),
             incr: redis::Script::new(INCR_SCRIPT),
             runtime: Some(runtime),
@@ -125,24 +228,95 @@ impl RedisStore {
         format!("{}{key}", self.prefix)
     }
 
+    fn current(&self) -> (u64, Option<ConnectionManager>) {
+        match self.current.read() {
+            Ok(c) => (c.generation, c.conn.clone()),
+            Err(_) => (0, None),
+        }
+    }
+
+    /// A connection to the master the sentinels name now, unless another task replaced the
+    /// one of `seen` generation already (then that one). Bounded by three command timeouts,
+    /// waiting included.
+    async fn resolve(&self, seen: u64) -> Result<ConnectionManager, StateError> {
+        match tokio::time::timeout(self.timeout * 3, self.ask_sentinels(seen)).await {
+            Ok(r) => r,
+            Err(_) => Err(StateError("redis sentinel: no master found in time".into())),
+        }
+    }
+
+    async fn ask_sentinels(&self, seen: u64) -> Result<ConnectionManager, StateError> {
+        let (Some(sentinel), Some(runtime)) = (&self.sentinel, &self.runtime) else {
+            return Err(StateError("redis: no connection".into()));
+        };
+        let mut resolver = sentinel.clone().lock_owned().await;
+        if let (generation, Some(conn)) = self.current()
+            && generation != seen
+        {
+            return Ok(conn);
+        }
+        if resolver
+            .asked_at
+            .is_some_and(|t| t.elapsed() < RESOLVE_EVERY)
+        {
+            return Err(StateError(
+                "redis: the master is unreachable (the sentinels were asked a moment ago)".into(),
+            ));
+        }
+        resolver.asked_at = Some(Instant::now());
+        // Asked and connected on the store's runtime, where the connections' tasks live on;
+        // the lock goes with the task, so a task given up on still keeps others waiting.
+        let config = self.config.clone();
+        let conn = runtime
+            .spawn(async move {
+                let master = resolver.client.async_get_client().await?;
+                ConnectionManager::new_with_config(master, config).await
+            })
+            .await
+            .map_err(|e| StateError(format!("redis sentinel: {e}")))?
+            .map_err(|e| StateError(format!("redis sentinel: {e}")))?;
+        if let Ok(mut c) = self.current.write() {
+            c.generation += 1;
+            c.conn = Some(conn.clone());
+        }
+        tracing::info!("redis: connected to the master the sentinels name");
+        Ok(conn)
+    }
+
     /// Runs `f` with a connection, on the caller's runtime (the manager's connection and
-    /// response timeouts bound it).
+    /// response timeouts bound it). With Sentinel, a lost master is looked up again and `f`
+    /// runs once more on the new one.
     async fn exec<T, F, Fut>(&self, f: F) -> Result<T, StateError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: Fn(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        f(self.conn.clone())
-            .await
-            .map_err(|e| StateError(format!("redis: {e}")))
+        let fail = |e: redis::RedisError| StateError(format!("redis: {e}"));
+        let (seen, conn) = self.current();
+        let conn = match conn {
+            Some(c) => c,
+            None => self.resolve(seen).await?,
+        };
+        match f(conn).await {
+            Err(e) if self.sentinel.is_some() && master_lost(&e) => {
+                let conn = self.resolve(seen).await.map_err(|r| {
+                    StateError(format!("redis: {e}; looking up the master: {}", r.0))
+                })?;
+                f(conn).await.map_err(fail)
+            }
+            r => r.map_err(fail),
+        }
     }
 
     async fn cmd<T>(&self, cmd: redis::Cmd) -> Result<T, StateError>
     where
         T: redis::FromRedisValue,
     {
-        self.exec(move |mut c| async move { cmd.query_async::<T>(&mut c).await })
-            .await
+        self.exec(|mut c| {
+            let cmd = cmd.clone();
+            async move { cmd.query_async::<T>(&mut c).await }
+        })
+        .await
     }
 }
 
@@ -197,37 +371,40 @@ impl StateStore for RedisStore {
     async fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
         let pattern = glob(&self.key(prefix));
         let strip = self.prefix.len();
-        self.exec(move |mut c| async move {
-            let mut out = Vec::new();
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await?;
-                if !keys.is_empty() {
-                    let values: Vec<Option<Vec<u8>>> =
-                        redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
-                    // A key that expired between SCAN and MGET is simply not listed.
-                    out.extend(
-                        keys.into_iter()
-                            .zip(values)
-                            .filter_map(|(k, v)| Some((k[strip..].to_string(), v?))),
-                    );
+        self.exec(|mut c| {
+            let pattern = pattern.clone();
+            async move {
+                let mut out = Vec::new();
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut c)
+                        .await?;
+                    if !keys.is_empty() {
+                        let values: Vec<Option<Vec<u8>>> =
+                            redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
+                        // A key that expired between SCAN and MGET is simply not listed.
+                        out.extend(
+                            keys.into_iter()
+                                .zip(values)
+                                .filter_map(|(k, v)| Some((k[strip..].to_string(), v?))),
+                        );
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
                 }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
+                // SCAN may return a key twice.
+                out.sort_by(|a, b| a.0.cmp(&b.0));
+                out.dedup_by(|a, b| a.0 == b.0);
+                Ok(out)
             }
-            // SCAN may return a key twice.
-            out.sort_by(|a, b| a.0.cmp(&b.0));
-            out.dedup_by(|a, b| a.0 == b.0);
-            Ok(out)
         })
         .await
     }
@@ -252,9 +429,10 @@ impl StateStore for RedisStore {
         let script = self.incr.clone();
         let key = self.key(key);
         let ms = millis(ttl);
-        self.exec(
-            move |mut c| async move { script.key(key).arg(ms).invoke_async::<u64>(&mut c).await },
-        )
+        self.exec(|mut c| {
+            let (script, key) = (script.clone(), key.clone());
+            async move { script.key(key).arg(ms).invoke_async::<u64>(&mut c).await }
+        })
         .await
     }
 
@@ -295,10 +473,21 @@ mod tests {
         assert_eq!(cfg.prefix, "portcullis:");
         assert!(RedisStore::open(&cfg).is_ok());
         let bad = RedisConfig {
-            url: "http://user:hunter2@x".into(),
-            ..cfg
+            url: Some("http://user:hunter2@x".into()),
+            ..cfg.clone()
         };
         let err = format!("{:#}", RedisStore::open(&bad).err().unwrap());
         assert!(!err.contains("hunter2"), "{err}");
+        let both = RedisConfig {
+            sentinels: vec!["127.0.0.1:26379".into()],
+            ..cfg.clone()
+        };
+        assert!(RedisStore::open(&both).is_err(), "url and sentinels");
+        let sentinel: RedisConfig =
+            toml::from_str("sentinels = [\"127.0.0.1:1\", \"[::1]:2\"]").unwrap();
+        assert_eq!(sentinel.sentinel_master, "portcullis");
+        assert!(RedisStore::open(&sentinel).is_ok());
+        let bad: RedisConfig = toml::from_str("sentinels = [\"127.0.0.1\"]").unwrap();
+        assert!(RedisStore::open(&bad).is_err(), "no port");
     }
 }
