@@ -129,4 +129,9 @@ for g in gateway-1 gateway-2; do
       | awk '/^gateway_token_requests_total/ { s += $2 } END { print s + 0 }')
   [ "$n" -gt 0 ] || { echo "$g served no token request"; exit 1; }
 done
-phase "both gateways served; done"
+# The gateways saw the clients' address (PROXY protocol), never the load balancer's.
+events=$(docker-compose -p "$project" logs --no-color gateway-1 gateway-2 | { grep -o '"source.ip":"[^"]*"' || true; } | sort | uniq -c)
+echo "$events"
+if echo "$events" | grep -q '172.31.250.2'; then echo "a gateway saw the load balancer as the client"; exit 1; fi
+echo "$events" | grep -q '"source.ip"' || { echo "no audit event with source.ip"; exit 1; }
+phase "both gateways served, each client's own address audited; done"

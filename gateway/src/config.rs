@@ -35,6 +35,10 @@ pub struct Config {
     /// `[log] format = "pretty" | "json"` (stderr; `--log-format` overrides it).
     #[serde(default)]
     pub log: storage_backend::config::LogConfig,
+    /// The PROXY protocol from trusted load balancers on the TLS listener
+    /// (`[proxy_protocol]`).
+    #[serde(default)]
+    pub proxy_protocol: Option<crate::proxy_protocol::ProxyProtocolConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

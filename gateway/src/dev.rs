@@ -213,5 +213,6 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         oidc: None,
         side_tasks: vec![storage_task],
         store,
+        proxy_protocol: None,
     })
 }

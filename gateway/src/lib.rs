@@ -24,6 +24,7 @@ pub mod limits;
 pub mod metrics;
 pub mod oidc;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod robots;
 pub mod robots_cli;
 pub mod state;
@@ -56,6 +57,8 @@ pub struct Settings {
     pub oidc: Option<Arc<oidc::Oidc>>,
     /// The shared state store (its health is part of readiness).
     pub store: Arc<dyn state::StateStore>,
+    /// Client addresses from trusted load balancers' PROXY headers.
+    pub proxy_protocol: Option<Arc<proxy_protocol::ProxyProtocol>>,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -90,6 +93,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         side_tasks,
         oidc,
         store,
+        proxy_protocol,
     } = settings;
     let metrics = Arc::new(metrics::Metrics::new());
     let revocations = authz.tokens.revocations().cloned();
@@ -142,6 +146,9 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     tls.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))?;
     tls.enable_h2();
     service.add_tls_with_settings(&listen.to_string(), None, tls);
+    if let Some(p) = proxy_protocol {
+        service.endpoints().set_pre_tls_callback(p);
+    }
     server.add_service(service);
     server.add_service(health);
 

@@ -226,6 +226,10 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         oidc,
         side_tasks: Vec::new(),
         store,
+        proxy_protocol: match &c.proxy_protocol {
+            Some(p) => Some(Arc::new(gateway::proxy_protocol::ProxyProtocol::new(p)?)),
+            None => None,
+        },
     })
 }
 

@@ -1,10 +1,16 @@
 //! A real HAProxy (Debian's) in front of several gateways, as a company's load balancer: TCP
-//! mode (TLS passes through to the gateways), round robin per connection, each gateway
-//! health-checked on its admin listener's `/readyz`; on a free loopback port, stopped on drop.
+//! mode (TLS passes through to the gateways), a PROXY v2 header naming the client on every
+//! connection, round robin per connection, each gateway health-checked on its admin
+//! listener's `/readyz`; on a free loopback port, stopped on drop. The gateways behind it
+//! trust its headers with [`TRUST_PROXY`] in their configuration.
 
 use anyhow::{Context, bail};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The gateway configuration table that trusts this load balancer's PROXY headers (it
+/// connects from 127.0.0.1).
+pub const TRUST_PROXY: &str = "[proxy_protocol]\ntrusted_proxies = [\"127.0.0.1\"]\n";
 
 pub struct Haproxy {
     child: Child,
@@ -53,7 +59,7 @@ impl Haproxy {
         );
         for (i, b) in backends.iter().enumerate() {
             cfg.push_str(&format!(
-                "  server gw{i} {} check port {}\n",
+                "  server gw{i} {} send-proxy-v2 check port {}\n",
                 b.tls, b.admin_port
             ));
         }

@@ -7,7 +7,7 @@ use portcullis_tests::client::{Client, TokenAuth, https};
 use portcullis_tests::deployment::{
     SERVICE, share_identity, start_gateway_with, storage_node, user_client,
 };
-use portcullis_tests::haproxy::{Backend, Haproxy};
+use portcullis_tests::haproxy::{Backend, Haproxy, TRUST_PROXY};
 use portcullis_tests::redis::{Redis, SentinelSet};
 use portcullis_tests::server::{GatewayServer, StorageServer};
 use serde_json::{Value, json};
@@ -1179,9 +1179,116 @@ async fn storage_requests(node: &StorageServer, method: &str) -> u64 {
         .sum()
 }
 
+/// A client of the gateway at `base` whose connections come from `source` (any 127/8
+/// address is this machine).
+fn client_from(source: &str, ca: &[u8]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca).unwrap())
+        .local_address(source.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn token_via(http: &reqwest::Client, base: &str, user: &str, password: &str) -> u16 {
+    http.get(format!("{base}/token?service={SERVICE}"))
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn behind_haproxy_the_client_address_comes_from_the_proxy_protocol() {
+    let r = Replicas::start(
+        2,
+        Redis::start().unwrap(),
+        &format!("{TRUST_PROXY}[limits]\nsource_failures = 3\nuser_failures = 0\n"),
+    );
+    let backends: Vec<Backend> = r.gateways.iter().map(|g| Backend::of(g).unwrap()).collect();
+    let lb = Haproxy::start(&backends, 200).unwrap();
+    let lb_base = format!("https://{}", lb.host);
+    let ca = r.gateways[0].ca_pem.clone();
+    let (alice_pc, attacker) = (client_from("127.0.0.2", &ca), client_from("127.0.0.3", &ca));
+
+    // Through the load balancer, each gateway sees the client's own address.
+    for _ in 0..2 {
+        assert_eq!(token_via(&alice_pc, &lb_base, ALICE.0, ALICE.1).await, 200);
+    }
+    // Failed logins from one address behind the load balancer lock out that address, on
+    // both gateways, and no one else behind the same load balancer.
+    for i in 0..3 {
+        let status = token_via(&attacker, &lb_base, &format!("user{i}"), "guess").await;
+        assert_eq!(status, 401);
+    }
+    for _ in 0..2 {
+        assert_eq!(token_via(&attacker, &lb_base, BOB.0, BOB.1).await, 429);
+        assert_eq!(token_via(&alice_pc, &lb_base, ALICE.0, ALICE.1).await, 200);
+    }
+
+    // A direct client that is not a trusted proxy cannot claim an address: its header is
+    // not read, so its TLS handshake fails.
+    let gw = &r.gateways[0];
+    let addr: std::net::SocketAddr = gw.host.parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.4:0".parse().unwrap()).unwrap();
+    let mut forged = socket.connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    forged
+        .write_all(b"PROXY TCP4 203.0.113.66 127.0.0.1 1234 443\r\nnot a TLS hello")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), forged.read(&mut buf))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap_or(0);
+    assert!(
+        n == 0 || buf[0] == 0x15,
+        "a TLS alert or nothing: {:?}",
+        &buf[..n]
+    );
+    // Directly, that client is itself; so is the trusted proxy's host without a header.
+    let direct = client_from("127.0.0.4", &ca);
+    assert_eq!(token_via(&direct, &gw.base, ALICE.0, ALICE.1).await, 200);
+    assert_eq!(
+        token_via(&https(&ca, false), &gw.base, ALICE.0, ALICE.1).await,
+        200
+    );
+
+    let events: Vec<Value> = (0..2).flat_map(|i| r.audit(i)).collect();
+    let logins_from = |ip: &str, outcome: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                matches!(e["event.action"].as_str(), Some("login" | "token"))
+                    && e["source.ip"] == ip
+                    && e["event.outcome"] == outcome
+            })
+            .count()
+    };
+    assert!(logins_from("127.0.0.2", "success") >= 4, "{events:?}");
+    assert_eq!(logins_from("127.0.0.2", "failure"), 0);
+    assert!(logins_from("127.0.0.3", "failure") >= 5, "{events:?}");
+    assert!(logins_from("127.0.0.4", "success") >= 1);
+    assert!(logins_from("127.0.0.1", "success") >= 1);
+    let lockout = events
+        .iter()
+        .find(|e| e["event.action"] == "login-lockout")
+        .expect("a lockout event");
+    assert_eq!(lockout["lockout.by"], "source");
+    assert_eq!(lockout["source.ip"], "127.0.0.3");
+    assert!(
+        !serde_json::to_string(&events)
+            .unwrap()
+            .contains("203.0.113.66")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn behind_haproxy_uploads_move_between_nodes_and_kill_9_loses_nothing() {
-    let mut r = Replicas::start_full(2, 2, Redis::start().unwrap(), "", &[]);
+    let mut r = Replicas::start_full(2, 2, Redis::start().unwrap(), TRUST_PROXY, &[]);
     let backends: Vec<Backend> = r.gateways.iter().map(|g| Backend::of(g).unwrap()).collect();
     let lb = Haproxy::start(&backends, 200).unwrap();
     let base = format!("https://{}", lb.host);

@@ -1090,7 +1090,11 @@ async fn ha_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
             &[&nodes[0], &nodes[1]],
             &users,
             4,
-            &redis.state_table("bench:"),
+            &format!(
+                "{}{}",
+                redis.state_table("bench:"),
+                portcullis_tests::haproxy::TRUST_PROXY
+            ),
             &[],
         )?);
     }
