@@ -6,7 +6,7 @@ use crate::audit::request::{Operation, User};
 use crate::token::jwt::{Claims, Tokens};
 use oci::{Endpoint, ErrorCode, OciError, Reference};
 use pingora::http::RequestHeader;
-use policy::{Policy, TagChange, TagState};
+use policy::{TagChange, TagState};
 use std::sync::Arc;
 
 /// What the proxy does with a request.
@@ -45,7 +45,7 @@ pub struct Forward {
 
 pub struct Authz {
     pub tokens: Arc<Tokens>,
-    pub policy: Arc<Policy>,
+    pub policy: Arc<crate::live_policy::LivePolicy>,
     pub service: String,
     /// Token endpoint URL for challenges; derived from the request's host when unset.
     pub realm: Option<String>,
@@ -232,7 +232,7 @@ impl Authz {
                 name,
                 reference: Reference::Tag(tag),
             } => {
-                match self.policy.check_tag_write(
+                match self.policy.current().check_tag_write(
                     &subject,
                     name.as_str(),
                     tag.as_str(),
@@ -254,7 +254,7 @@ impl Authz {
             Endpoint::DeleteManifest {
                 name,
                 reference: Reference::Digest(d),
-            } if self.policy.has_immutability_for(name.as_str()) => {
+            } if self.policy.current().has_immutability_for(name.as_str()) => {
                 forward.digest_delete = Some((name.to_string(), d.to_string()));
                 forward.policy_subject = Some(subject.clone());
             }
@@ -262,10 +262,12 @@ impl Authz {
                 name,
                 reference: Reference::Tag(tag),
             } => {
-                match self
-                    .policy
-                    .check_tag_delete(&subject, name.as_str(), tag.as_str(), now)
-                {
+                match self.policy.current().check_tag_delete(
+                    &subject,
+                    name.as_str(),
+                    tag.as_str(),
+                    now,
+                ) {
                     TagChange::Denied(by) => {
                         op.immutable_denied = true;
                         op.reason =
@@ -306,7 +308,7 @@ impl Authz {
         tags: &[String],
     ) -> Result<bool, (u16, String)> {
         let refs: Vec<&str> = tags.iter().map(String::as_str).collect();
-        match self.policy.check_manifest_delete(
+        match self.policy.current().check_manifest_delete(
             subject,
             repository,
             &refs,

@@ -80,10 +80,9 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     groups.insert("registry-admins".to_string(), vec!["admin".to_string()]);
     let users = Htpasswd::load(&htpasswd_path, &groups)?;
 
-    let policy = Arc::new(policy::Policy::compile(
-        "conf/policy.toml (built in)",
-        SHIPPED_POLICY,
-    )?);
+    let policy = Arc::new(crate::live_policy::LivePolicy::fixed(
+        policy::Policy::compile("conf/policy.toml (built in)", SHIPPED_POLICY)?,
+    ));
     let service = "portcullis".to_string();
 
     // The storage service, in this process, on a loopback port, behind a fresh secret.

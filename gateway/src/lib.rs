@@ -21,6 +21,7 @@ pub mod dev;
 pub mod federation;
 pub mod jws;
 pub mod limits;
+pub mod live_policy;
 pub mod metrics;
 pub mod oidc;
 pub mod proxy;
@@ -97,6 +98,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     } = settings;
     let metrics = Arc::new(metrics::Metrics::new());
     let revocations = authz.tokens.revocations().cloned();
+    let live_policy = authz.policy.clone();
 
     let conf = ServerConf {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -178,6 +180,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                     tokio::spawn(t);
                 }
                 tokio::spawn(audit::reopen_on_sighup());
+                tokio::spawn(live_policy.reload_on_sighup());
                 if let Some(r) = revocations {
                     tokio::spawn(r.run());
                 }

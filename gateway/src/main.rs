@@ -172,11 +172,8 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         )?)),
         None => None,
     };
-    let policy_text = std::fs::read_to_string(&c.policy.file)
-        .with_context(|| format!("reading {}", c.policy.file.display()))?;
-    let policy = Arc::new(policy::Policy::compile(
-        &c.policy.file.display().to_string(),
-        &policy_text,
+    let policy = Arc::new(gateway::live_policy::LivePolicy::from_file(
+        c.policy.file.clone(),
     )?);
     let revocations = Arc::new(gateway::token::revoked::Revocations::new(
         store.clone(),

@@ -26,7 +26,7 @@ pub fn storage_node(root: &Path) -> anyhow::Result<StorageServer> {
 
 /// `gateway serve` with a config in `d` naming `nodes`, htpasswd `users` hashed with bcrypt
 /// `cost` (bob in team-a, alice in registry-admins), the signing key `d/key.pem` (made if
-/// missing), the shipped policy.
+/// missing), the shipped policy copied to `d/policy.toml` (if missing; tests may edit it).
 pub fn start_gateway(
     d: &Path,
     nodes: &[&StorageServer],
@@ -60,7 +60,10 @@ pub fn start_gateway_with(
     // A fixed admin port (not 0), so a restarted gateway answers health checks where a load
     // balancer expects it.
     let admin_port = crate::tools::free_port()?;
-    let policy = workspace_root().join("conf/policy.toml");
+    let policy = d.join("policy.toml");
+    if !policy.exists() {
+        std::fs::copy(workspace_root().join("conf/policy.toml"), &policy)?;
+    }
     let nodes: Vec<String> = nodes
         .iter()
         .map(|n| format!("\"{}\"", n.base.trim_start_matches("http://")))

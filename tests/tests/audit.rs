@@ -914,3 +914,109 @@ async fn session_revocations_are_audited() -> anyhow::Result<()> {
     ensure!(!text.contains(&refresh), "the refresh token in the trail");
     Ok(())
 }
+
+/// The actions of the token's first access entry.
+fn granted_actions(token: &str) -> Vec<String> {
+    portcullis_tests::client::jwt_claims(token)
+        .and_then(|c| {
+            c["access"][0]["actions"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_policy_reload_on_sighup_takes_effect_and_a_broken_file_changes_nothing()
+-> anyhow::Result<()> {
+    use portcullis_tests::deployment::{start_gateway_with, storage_node};
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let storage = storage_node(&d.join("storage"))?;
+    let trail = d.join("audit.jsonl");
+    let g = start_gateway_with(
+        d,
+        &[&storage],
+        &[("bob", "bob-password")],
+        4,
+        &format!("[audit]\nfile = \"{}\"\n", trail.display()),
+        &[],
+    )?;
+    let http = https(&g.ca_pem, false);
+    let bobs_actions = || async {
+        let r = http
+            .get(format!(
+                "{}/token?service={}&scope=repository:team-a/app:pull,push",
+                g.base,
+                portcullis_tests::deployment::SERVICE
+            ))
+            .basic_auth("bob", Some("bob-password"))
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "{}", r.status());
+        let token = r.json::<Value>().await?["token"]
+            .as_str()
+            .context("no token")?
+            .to_string();
+        portcullis_tests::remember_secret(&token);
+        let mut a = granted_actions(&token);
+        a.sort();
+        Ok::<_, anyhow::Error>(a)
+    };
+    ensure!(bobs_actions().await? == ["pull", "push"]);
+    let hup = || {
+        portcullis_tests::tools::run(
+            std::process::Command::new("kill").args(["-HUP", &g.pid().unwrap_or(0).to_string()]),
+        )
+    };
+    let reloads = || -> Vec<Value> {
+        events(&trail)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["event.action"] == "policy-reload")
+            .collect()
+    };
+
+    // team-a becomes read-only: after SIGHUP bob's new tokens carry pull only.
+    let file = d.join("policy.toml");
+    let shipped = std::fs::read_to_string(&file)?;
+    let read_only = shipped.replacen(
+        "groups = [\"team-a\"]\nrole = \"developer\"",
+        "groups = [\"team-a\"]\nrole = \"reader\"",
+        1,
+    );
+    ensure!(read_only != shipped, "the shipped policy changed shape");
+    std::fs::write(&file, &read_only)?;
+    hup()?;
+    let seen = poll("the reload event", 1, reloads)?;
+    ensure!(bobs_actions().await? == ["pull"]);
+    use sha2::Digest as _;
+    let sha = hex::encode(sha2::Sha256::digest(read_only.as_bytes()));
+    expect(
+        &seen[0],
+        json!({"event.outcome": "success", "policy.file": file.display().to_string(),
+               "policy.sha256": sha}),
+    )?;
+
+    // A file that does not compile: audited as a failure, the policy in force stays.
+    std::fs::write(
+        &file,
+        "[[bindings]]\nrepositories = [\"team-a/**\"]\nrole = \"no-such-role\"\n",
+    )?;
+    hup()?;
+    let seen = poll("the failed reload event", 2, reloads)?;
+    ensure!(seen[1]["event.outcome"] == "failure", "{}", seen[1]);
+    ensure!(
+        seen[1]["event.reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no-such-role")),
+        "{}",
+        seen[1]
+    );
+    ensure!(bobs_actions().await? == ["pull"]);
+    let (ok, out) = verify(&trail)?;
+    ensure!(ok, "{out}");
+    Ok(())
+}

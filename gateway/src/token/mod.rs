@@ -15,7 +15,7 @@ use crate::auth::{AuthError, Authenticator, Identity};
 use base64::Engine;
 use jwt::{Access, Claims, TokenSubject, Tokens};
 use oci::scope::Scope;
-use policy::{Policy, SubjectKind};
+use policy::SubjectKind;
 use refresh::{Redeemed, Session, Sessions};
 use serde_json::json;
 use std::sync::Arc;
@@ -86,7 +86,7 @@ pub struct Request<'a> {
 pub struct TokenService {
     pub tokens: Arc<Tokens>,
     pub auth: Arc<dyn Authenticator>,
-    pub policy: Arc<Policy>,
+    pub policy: Arc<crate::live_policy::LivePolicy>,
     pub sessions: Sessions,
     pub expires_in_seconds: u64,
     /// Single sign-on: device grants, and groups read again for sessions it created.
@@ -254,7 +254,7 @@ impl TokenService {
             Ok(id) => id,
             Err(r) => return r,
         };
-        if !self.policy.is_admin(&id.to_subject()) {
+        if !self.policy.current().is_admin(&id.to_subject()) {
             crate::audit::record(
                 "token-revoke",
                 "failure",
@@ -331,7 +331,7 @@ impl TokenService {
             Ok(id) => id,
             Err(r) => return r,
         };
-        let admin = self.policy.is_admin(&id.to_subject());
+        let admin = self.policy.current().is_admin(&id.to_subject());
         let rest = path[SESSIONS_PATH.len()..].trim_start_matches('/');
         match (req.method, rest) {
             ("GET", "") => {
@@ -422,7 +422,9 @@ impl TokenService {
                     return unauthorized();
                 };
                 match self.login(&user, &password, req.source).await {
-                    Ok(id) if self.policy.is_admin(&id.to_subject()) => Caller::Admin(id.subject),
+                    Ok(id) if self.policy.current().is_admin(&id.to_subject()) => {
+                        Caller::Admin(id.subject)
+                    }
                     Ok(id) => Caller::Other(id),
                     Err(r) => return r,
                 }
@@ -832,8 +834,9 @@ impl TokenService {
         let granted = match machine.and_then(|m| m.scope.as_ref()) {
             Some(own) => self
                 .policy
+                .current()
                 .grant_with(&subject, scopes, now, |a, r| own.allows(a, r)),
-            None => self.policy.grant(&subject, scopes, now),
+            None => self.policy.current().grant(&subject, scopes, now),
         };
         let exp = (now + self.expires_in_seconds as i64)
             .min(machine.and_then(|m| m.not_after).unwrap_or(i64::MAX));

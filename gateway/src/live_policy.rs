@@ -1,0 +1,129 @@
+//! The policy in force, replaced as a whole when its file is read again (`SIGHUP`).
+//!
+//! A reload compiles the new file first: a file that does not compile (or cannot be read)
+//! leaves the policy in force untouched, and the failure is logged and audited. Every
+//! decision after a successful reload uses the new policy — token grants, tag immutability,
+//! administrators — while access tokens already issued keep the grants they carry until they
+//! expire (`[token] expires_in_seconds`; revoke them to cut that short, docs/ha.md).
+
+use policy::Policy;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+pub struct LivePolicy {
+    current: RwLock<Arc<Policy>>,
+    /// Where it is read from (none: built in, never reloaded).
+    file: Option<PathBuf>,
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+impl LivePolicy {
+    /// A policy that never changes (the embedded default's built-in one).
+    pub fn fixed(policy: Policy) -> Self {
+        LivePolicy {
+            current: RwLock::new(Arc::new(policy)),
+            file: None,
+        }
+    }
+
+    /// The policy in `file`, which [`LivePolicy::reload`] reads again.
+    pub fn from_file(file: PathBuf) -> anyhow::Result<Self> {
+        let (policy, _) = Self::compile(&file).map_err(anyhow::Error::msg)?;
+        Ok(LivePolicy {
+            current: RwLock::new(Arc::new(policy)),
+            file: Some(file),
+        })
+    }
+
+    fn compile(file: &std::path::Path) -> Result<(Policy, String), String> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("reading {}: {e}", file.display()))?;
+        let policy =
+            Policy::compile(&file.display().to_string(), &text).map_err(|e| format!("{e:#}"))?;
+        Ok((policy, sha256_hex(&text)))
+    }
+
+    /// The policy for one decision (a later reload does not change it under the caller).
+    pub fn current(&self) -> Arc<Policy> {
+        match self.current.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Reads the file again and puts the new policy in force if it compiles; audited either
+    /// way (`policy-reload`, with the file's SHA-256).
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(file) = &self.file else {
+            return Err("the built-in policy is not reloaded".into());
+        };
+        match Self::compile(file) {
+            Ok((policy, sha)) => {
+                match self.current.write() {
+                    Ok(mut p) => *p = Arc::new(policy),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
+                }
+                tracing::info!(file = %file.display(), sha256 = %sha, "policy reloaded");
+                crate::audit::record(
+                    "policy-reload",
+                    "success",
+                    serde_json::json!({"policy.file": file.display().to_string(), "policy.sha256": sha}),
+                );
+                Ok(())
+            }
+            Err(why) => {
+                tracing::error!(file = %file.display(), error = %why, "policy reload failed; the previous policy stays in force");
+                crate::audit::record(
+                    "policy-reload",
+                    "failure",
+                    serde_json::json!({"policy.file": file.display().to_string(), "event.reason": why}),
+                );
+                Err(why)
+            }
+        }
+    }
+
+    /// Reloads on every `SIGHUP`, forever (on the side runtime).
+    pub async fn reload_on_sighup(self: Arc<Self>) {
+        use tokio::signal::unix::{SignalKind, signal};
+        if self.file.is_none() {
+            return;
+        }
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; the policy is never reloaded");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            let _ = self.reload();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_replaces_the_policy_only_when_the_new_file_compiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, crate::dev::SHIPPED_POLICY).unwrap();
+        let live = LivePolicy::from_file(file.clone()).unwrap();
+        let before = live.current();
+        std::fs::write(&file, "this is [not a policy").unwrap();
+        assert!(live.reload().is_err());
+        assert!(Arc::ptr_eq(&before, &live.current()), "kept");
+        std::fs::write(&file, crate::dev::SHIPPED_POLICY).unwrap();
+        live.reload().unwrap();
+        assert!(!Arc::ptr_eq(&before, &live.current()), "replaced");
+        let fixed = LivePolicy::fixed(Policy::compile("x", crate::dev::SHIPPED_POLICY).unwrap());
+        assert!(fixed.reload().is_err());
+    }
+}
