@@ -132,6 +132,6 @@ done
 # The gateways saw the clients' address (PROXY protocol), never the load balancer's.
 events=$(docker-compose -p "$project" logs --no-color gateway-1 gateway-2 | { grep -o '"source.ip":"[^"]*"' || true; } | sort | uniq -c)
 echo "$events"
-if echo "$events" | grep -q '172.31.250.2'; then echo "a gateway saw the load balancer as the client"; exit 1; fi
+if echo "$events" | grep -q '172.31.250.200'; then echo "a gateway saw the load balancer as the client"; exit 1; fi
 echo "$events" | grep -q '"source.ip"' || { echo "no audit event with source.ip"; exit 1; }
 phase "both gateways served, each client's own address audited; done"

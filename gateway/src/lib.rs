@@ -31,6 +31,7 @@ pub mod robots_cli;
 pub mod state;
 pub mod tls;
 pub mod token;
+pub mod upstream;
 
 use anyhow::Context;
 use pingora::lb::LoadBalancer;
@@ -109,10 +110,16 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut upstreams = LoadBalancer::<RoundRobin>::try_from_iter(nodes.iter().map(String::as_str))
-        .with_context(|| format!("upstream nodes {nodes:?}"))?;
+    let discovery = upstream::Dns::new(&nodes)?;
+    let mut upstreams =
+        LoadBalancer::<RoundRobin>::from_backends(pingora::lb::Backends::new(Box::new(discovery)));
+    // The first discovery answers from what was resolved just now, without waiting.
+    futures_util::FutureExt::now_or_never(upstreams.update())
+        .context("resolving the upstream nodes")?
+        .map_err(|e| anyhow::anyhow!("upstream nodes {nodes:?}: {e}"))?;
     upstreams.set_health_check(storage_health_check());
     upstreams.health_check_frequency = Some(health_check_interval);
+    upstreams.update_frequency = Some(upstream::RESOLVE_EVERY);
     let health =
         pingora::services::background::background_service("storage health check", upstreams);
     let upstreams: Arc<LoadBalancer<RoundRobin>> = health.task();
