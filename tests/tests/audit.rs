@@ -1020,3 +1020,99 @@ async fn a_policy_reload_on_sighup_takes_effect_and_a_broken_file_changes_nothin
     ensure!(ok, "{out}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_fail_closed_spool_refuses_writes_until_the_receiver_is_back() -> anyhow::Result<()>
+{
+    use portcullis_tests::syslog::{Rsyslog, parse};
+    let mut rs = Rsyslog::start()?;
+    rs.stop()?;
+    let data = tempfile::tempdir()?;
+    let conf = data.path().join("audit.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[audit]\nspool_max_bytes = 8192\non_spool_full = \"fail-closed\"\n\
+             [[audit.syslog]]\naddress = \"127.0.0.1:{}\"\ntransport = \"tcp\"\n",
+            rs.tcp
+        ),
+    )?;
+    let g = GatewayServer::start_dev_with(
+        data.path(),
+        Some(PASSWORD),
+        &["--audit-config".as_ref(), conf.as_os_str()],
+    )?;
+    let token = admin_token(&g, "repository:team-a/app:pull,push").await?;
+    let http = https(&g.ca_pem, false);
+    let start_upload = || {
+        http.post(format!("{}/v2/team-a/app/blobs/uploads/", g.base))
+            .bearer_auth(&token)
+            .send()
+    };
+    // A read: 404 (no tags yet) or 200 (uploads started make the repository known).
+    let read = || async {
+        let s = http
+            .get(format!("{}/v2/team-a/app/tags/list", g.base))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .status();
+        Ok::<_, anyhow::Error>(s == 200 || s == 404)
+    };
+    ensure!(start_upload().await?.status() == 202, "a write before");
+
+    // The receiver is down: events spool until 8 KiB, then writes are refused; reads go on.
+    let mut refused = None;
+    for _ in 0..200 {
+        ensure!(read().await?, "a read while the spool fills");
+        let r = start_upload().await?;
+        if r.status() == 503 {
+            refused = Some(r.json::<Value>().await?);
+            break;
+        }
+        ensure!(r.status() == 202, "{}", r.status());
+    }
+    let body = refused.context("writes were never refused")?;
+    ensure!(
+        body["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("audit")),
+        "{body}"
+    );
+    ensure!(read().await?, "reads while writes are refused");
+    let metrics = reqwest::get(format!("{}/metrics", g.admin))
+        .await?
+        .text()
+        .await?;
+    let dropped: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("gateway_audit_dropped_events_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    ensure!(dropped >= 1.0, "no drop counted");
+
+    // The receiver is back: the spool drains in order and writes are accepted again.
+    rs.run()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = start_upload().await?.status();
+        if status == 202 {
+            break;
+        }
+        ensure!(status == 503, "{status}");
+        ensure!(Instant::now() < deadline, "writes still refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = poll("spooled events", 10, || rs.received("tcp"))?;
+    let sequences: Vec<u64> = received
+        .iter()
+        .map(|l| Ok(parse(l)?.event["event.sequence"].as_u64().unwrap_or(0)))
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {sequences:?}"
+    );
+    let (ok, out) = verify(&data.path().join("audit/audit.jsonl"))?;
+    ensure!(ok, "{out}");
+    Ok(())
+}

@@ -327,6 +327,48 @@ async fn basic_token(
     )
 }
 
+/// Bob's password grant with `access_type=offline` on `g`: the refresh token (remembered
+/// for the leak check) and the whole answer.
+async fn bobs_session(g: &GatewayServer, scope: Option<&str>) -> (String, Value) {
+    let mut form = vec![
+        ("grant_type", "password"),
+        ("username", BOB.0),
+        ("password", BOB.1),
+        ("client_id", "ha-test"),
+        ("access_type", "offline"),
+        ("service", SERVICE),
+    ];
+    if let Some(s) = scope {
+        form.push(("scope", s));
+    }
+    let (status, v) = token_form(g, &form).await;
+    assert_eq!(status, 200, "{v}");
+    let refresh = v["refresh_token"].as_str().unwrap().to_string();
+    portcullis_tests::remember_secret(&refresh);
+    (refresh, v)
+}
+
+/// Alice (an administrator) creates `robot$team-a+<name>` on `g` with `actions` on
+/// `team-a/**` for an hour; its secret.
+async fn create_robot(g: &GatewayServer, name: &str, actions: &[&str]) -> String {
+    let resp = https(&g.ca_pem, false)
+        .post(format!("{}/admin/robots", g.base))
+        .basic_auth(ALICE.0, Some(ALICE.1))
+        .json(&json!({
+            "project": "team-a", "name": name,
+            "scope": [{"repositories": ["team-a/**"], "actions": actions}],
+            "expires_in_seconds": 3600,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let robot: Value = resp.json().await.unwrap();
+    let secret = robot["secret"].as_str().unwrap().to_string();
+    portcullis_tests::remember_secret(&secret);
+    secret
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refresh_tokens_robots_and_lockouts_are_shared_by_gateways_on_redis() {
     let r = Replicas::start(
@@ -337,21 +379,7 @@ async fn refresh_tokens_robots_and_lockouts_are_shared_by_gateways_on_redis() {
     let (a, b) = (&r.gateways[0], &r.gateways[1]);
 
     // A refresh token from A is redeemed on B; revoked on B, it is dead on A.
-    let (status, v) = token_form(
-        a,
-        &[
-            ("grant_type", "password"),
-            ("username", BOB.0),
-            ("password", BOB.1),
-            ("client_id", "ha-test"),
-            ("access_type", "offline"),
-            ("service", SERVICE),
-        ],
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
-    let refresh = v["refresh_token"].as_str().unwrap().to_string();
-    portcullis_tests::remember_secret(&refresh);
+    let (refresh, _) = bobs_session(a, None).await;
     let grant = [
         ("grant_type", "refresh_token"),
         ("refresh_token", refresh.as_str()),
@@ -381,21 +409,7 @@ async fn refresh_tokens_robots_and_lockouts_are_shared_by_gateways_on_redis() {
     assert_eq!((status, v["error"].as_str()), (400, Some("invalid_grant")));
 
     // A robot created on A logs in on B and pushes through A.
-    let resp = https(&a.ca_pem, false)
-        .post(format!("{}/admin/robots", a.base))
-        .basic_auth(ALICE.0, Some(ALICE.1))
-        .json(&json!({
-            "project": "team-a", "name": "ci",
-            "scope": [{"repositories": ["team-a/**"], "actions": ["pull", "push"]}],
-            "expires_in_seconds": 3600,
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let robot: Value = resp.json().await.unwrap();
-    let secret = robot["secret"].as_str().unwrap().to_string();
-    portcullis_tests::remember_secret(&secret);
+    let secret = create_robot(a, "ci", &["pull", "push"]).await;
     let (status, _, v) =
         basic_token(b, "robot$team-a+ci", &secret, "repository:team-a/x:push").await;
     assert_eq!(status, 200, "{v}");
@@ -555,21 +569,7 @@ async fn access_tokens_revoked_on_one_gateway_are_refused_by_every_gateway() {
     .await;
 
     // A deleted robot's token stops working on every gateway.
-    let resp = https(&a.ca_pem, false)
-        .post(format!("{}/admin/robots", a.base))
-        .basic_auth(ALICE.0, Some(ALICE.1))
-        .json(&json!({
-            "project": "team-a", "name": "gone",
-            "scope": [{"repositories": ["team-a/**"], "actions": ["pull"]}],
-            "expires_in_seconds": 3600,
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let robot: Value = resp.json().await.unwrap();
-    let secret = robot["secret"].as_str().unwrap().to_string();
-    portcullis_tests::remember_secret(&secret);
+    let secret = create_robot(a, "gone", &["pull"]).await;
     let rt = bearer_of(b, "robot$team-a+gone", &secret).await;
     assert_eq!(tags_with(a, &rt).await.0, 404);
     let resp = https(&a.ca_pem, false)
@@ -722,22 +722,7 @@ async fn redis_going_away_fails_logins_clearly_while_issued_tokens_keep_working(
         .push_image("team-a/app", "v1", &[b"layer one"])
         .await
         .unwrap();
-    let (status, v) = token_form(
-        &r.gateways[0],
-        &[
-            ("grant_type", "password"),
-            ("username", BOB.0),
-            ("password", BOB.1),
-            ("client_id", "ha-test"),
-            ("access_type", "offline"),
-            ("service", SERVICE),
-            ("scope", "repository:team-a/app:pull"),
-        ],
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
-    let refresh = v["refresh_token"].as_str().unwrap().to_string();
-    portcullis_tests::remember_secret(&refresh);
+    let (refresh, v) = bobs_session(&r.gateways[0], Some("repository:team-a/app:pull")).await;
     let access = v["access_token"].as_str().unwrap().to_string();
     // A token revoked before the outage.
     let doomed = bearer_of(&r.gateways[0], BOB.0, BOB.1).await;
@@ -886,18 +871,7 @@ async fn with_sentinel_the_gateways_follow_the_master_through_failovers() {
     let mut set = SentinelSet::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (gateways, _storages) = start_gateways(dir.path(), 2, 1, &set.state_table("ha:"), "", &[]);
-    let offline = [
-        ("grant_type", "password"),
-        ("username", BOB.0),
-        ("password", BOB.1),
-        ("client_id", "ha-test"),
-        ("access_type", "offline"),
-        ("service", SERVICE),
-    ];
-    let (status, v) = token_form(&gateways[0], &offline).await;
-    assert_eq!(status, 200, "{v}");
-    let refresh = v["refresh_token"].as_str().unwrap().to_string();
-    portcullis_tests::remember_secret(&refresh);
+    let (refresh, _) = bobs_session(&gateways[0], None).await;
     // On the replica before the master goes (replication is asynchronous).
     let acked = set.master.command("WAIT 1 5000").unwrap();
     assert_eq!(acked.trim(), ":1", "{acked}");
