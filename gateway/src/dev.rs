@@ -100,7 +100,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     let state = storage_backend::build_state(
         &storage_config,
         Some(storage_backend::config::Secret::new(secret.clone())),
-    );
+    )?;
     let app = storage_backend::http::router(state, storage_backend::http::Listener::Combined);
     let storage_task = Box::pin(async move {
         match tokio::net::TcpListener::from_std(storage_listener) {

@@ -40,6 +40,8 @@ impl Default for Config {
 pub enum StorageConfig {
     /// A directory in distribution's (registry:2) filesystem layout.
     Filesystem { root: PathBuf },
+    /// An S3 bucket (or an S3-compatible store), distribution's layout under a prefix.
+    S3(crate::driver::s3::S3Config),
 }
 
 impl Default for StorageConfig {

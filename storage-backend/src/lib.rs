@@ -20,11 +20,15 @@ pub mod registry;
 use std::sync::Arc;
 
 /// Builds the shared state from a loaded configuration.
-pub fn build_state(config: &config::Config, secret: Option<config::Secret>) -> Arc<http::AppState> {
+pub fn build_state(
+    config: &config::Config,
+    secret: Option<config::Secret>,
+) -> anyhow::Result<Arc<http::AppState>> {
     let driver: Arc<dyn driver::Driver> = match &config.storage {
         config::StorageConfig::Filesystem { root } => {
             Arc::new(driver::fs::FsDriver::new(root.clone()))
         }
+        config::StorageConfig::S3(s3) => Arc::new(driver::s3::S3Driver::new(s3)?),
     };
     let registry = registry::Registry::new(
         driver,
@@ -32,10 +36,10 @@ pub fn build_state(config: &config::Config, secret: Option<config::Secret>) -> A
             max_manifest_bytes: config.api.max_manifest_bytes,
         },
     );
-    Arc::new(http::AppState {
+    Ok(Arc::new(http::AppState {
         registry: Arc::new(registry),
         delete_enabled: config.api.delete_enabled,
         secret,
         metrics: http::metrics::Metrics::new(),
-    })
+    }))
 }

@@ -57,18 +57,23 @@ async fn run() -> anyhow::Result<()> {
     }
     init_logging(config.log.format);
 
-    let StorageConfig::Filesystem { root } = &config.storage;
-    std::fs::create_dir_all(root)
-        .with_context(|| format!("creating storage root {}", root.display()))?;
+    let store = match &config.storage {
+        StorageConfig::Filesystem { root } => {
+            std::fs::create_dir_all(root)
+                .with_context(|| format!("creating storage root {}", root.display()))?;
+            root.display().to_string()
+        }
+        StorageConfig::S3(s3) => format!("s3://{}/{}", s3.bucket, s3.prefix),
+    };
 
-    let state = storage_backend::build_state(&config, secret);
+    let state = storage_backend::build_state(&config, secret)?;
     let api = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let api_addr = api.local_addr()?;
     // Tests and scripts read this line to learn the port when binding port 0.
     println!("listening on {api_addr}");
-    tracing::info!(%api_addr, root = %root.display(), "storage-backend listening");
+    tracing::info!(%api_addr, %store, "storage-backend listening");
 
     let shutdown = shutdown_signal();
     let mut servers = tokio::task::JoinSet::new();

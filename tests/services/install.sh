@@ -18,6 +18,7 @@ packages=(
   redis-server                  # the shared state store of the HA tests
   haproxy                       # the load balancer in front of several gateways (HA tests)
   docker-compose debootstrap    # tests/compose.sh: the compose stack, images from a local Debian base
+  python3-venv                  # the venv of moto (the S3-compatible server of the object-storage tests)
 )
 
 missing=()
@@ -37,4 +38,12 @@ oidc_dir="$(cd "$(dirname "$0")" && pwd)/oidc"
 if [ ! -d "$oidc_dir/node_modules/oidc-provider" ]; then
   echo "installing the test OpenID provider (npm ci)"
   (cd "$oidc_dir" && npm ci --no-audit --no-fund)
+fi
+
+# The S3-compatible server of the object-storage tests: moto, pinned, in its own venv.
+moto_dir="$(cd "$(dirname "$0")" && pwd)/moto"
+if [ ! -x "$moto_dir/venv/bin/moto_server" ]; then
+  echo "installing moto (S3-compatible server) in $moto_dir/venv"
+  python3 -m venv "$moto_dir/venv"
+  "$moto_dir/venv/bin/pip" install -q --disable-pip-version-check "moto[s3]==5.2.5" flask flask-cors
 fi

@@ -19,6 +19,7 @@ pub mod deployment;
 pub mod fsck;
 pub mod haproxy;
 pub mod ldap;
+pub mod moto;
 pub mod oidc;
 pub mod protocol;
 pub mod redis;

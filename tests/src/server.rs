@@ -68,6 +68,8 @@ pub struct StorageOptions {
     pub env: Vec<(String, String)>,
     /// Listen address (default `127.0.0.1:0`).
     pub listen: Option<String>,
+    /// Do not pass `--root` (the config's `[storage]` is another medium, e.g. S3).
+    pub no_root: bool,
 }
 
 impl StorageServer {
@@ -80,9 +82,11 @@ impl StorageServer {
         let mut args = vec![
             "--listen".to_string(),
             opts.listen.unwrap_or_else(|| "127.0.0.1:0".into()),
-            "--root".to_string(),
-            root.display().to_string(),
         ];
+        if !opts.no_root {
+            args.push("--root".into());
+            args.push(root.display().to_string());
+        }
         if let Some(c) = &opts.config {
             args.push("--config".into());
             args.push(c.display().to_string());

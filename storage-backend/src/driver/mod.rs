@@ -12,6 +12,7 @@
 //! - "Not found" is `Ok(None)` / `Ok(false)`, never an error.
 
 pub mod fs;
+pub mod s3;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -87,6 +88,22 @@ pub trait Driver: Send + Sync + 'static {
     /// Creates an object only if none exists; `Ok(false)` (and nothing written) if one does.
     /// Exactly one of several concurrent callers wins.
     fn put_if_absent<'a>(&'a self, path: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<bool>>;
+
+    /// The size of an upload object (what [`Driver::append`] has added to it); `None` if
+    /// there is none. A driver whose medium cannot append keeps upload objects its own way.
+    fn upload_size<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<Option<u64>>> {
+        Box::pin(async move { Ok(self.stat(path).await?.map(|m| m.size)) })
+    }
+
+    /// Streams `len` bytes from `start` of an upload object.
+    fn upload_reader<'a>(
+        &'a self,
+        path: &'a str,
+        start: u64,
+        len: u64,
+    ) -> BoxFuture<'a, io::Result<Option<ByteStream>>> {
+        self.reader(path, start, len)
+    }
 
     /// Appends `body` to an existing upload object whose size must be `opts.offset`.
     /// Concurrent appends to one object (from this or another process) are serialised.

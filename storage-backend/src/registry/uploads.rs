@@ -48,12 +48,12 @@ impl Registry {
     }
 
     pub async fn upload_state(&self, name: &RepositoryName, id: &str) -> Result<UploadState> {
-        let meta = self
+        let size = self
             .driver
-            .stat(&Key::UploadData(name, id).path())
+            .upload_size(&Key::UploadData(name, id).path())
             .await?
             .ok_or_else(|| upload_unknown(id))?;
-        Ok(UploadState { size: meta.size })
+        Ok(UploadState { size })
     }
 
     /// Appends a chunk. With `range` (from `Content-Range`, inclusive) the chunk must start at
@@ -201,7 +201,7 @@ impl Registry {
     ) -> Result<Digest> {
         let mut stream = self
             .driver
-            .reader(&Key::UploadData(name, id).path(), 0, size)
+            .upload_reader(&Key::UploadData(name, id).path(), 0, size)
             .await?
             .ok_or_else(|| upload_unknown(id))?;
         let mut v = Verifier::new(alg);
