@@ -179,3 +179,172 @@ async fn a_failed_digest_check_leaves_nothing_under_the_digest() {
         .unwrap();
     assert_eq!(resp.status(), 404);
 }
+
+/// A monolithic blob upload (`POST ?digest=`) on `node`.
+async fn put_blob(http: &reqwest::Client, node: &StorageServer, repo: &str, data: &[u8]) -> String {
+    let digest = sha256(data).to_string();
+    let resp = http
+        .post(format!(
+            "{}/v2/{repo}/blobs/uploads/?digest={digest}",
+            node.base
+        ))
+        .header("content-type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    digest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_16_concurrent_first_pushes_of_an_immutable_tag_exactly_one_wins() {
+    let moto = Moto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = [
+        moto.storage_node(dir.path(), "tags", "").unwrap(),
+        moto.storage_node(dir.path(), "tags", "").unwrap(),
+    ];
+    let http = reqwest::Client::new();
+    let config = put_blob(&http, &nodes[0], "team-a/app", b"{}").await;
+    let mut pushes = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let layer = put_blob(
+            &http,
+            &nodes[i % 2],
+            "team-a/app",
+            format!("layer {i}").as_bytes(),
+        )
+        .await;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer,
+                        "size": format!("layer {i}").len()}],
+        })
+        .to_string();
+        let (http, base) = (http.clone(), nodes[i % 2].base.clone());
+        pushes.spawn(async move {
+            let resp = http
+                .put(format!("{base}/v2/team-a/app/manifests/v1.0.0"))
+                .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                .header("if-none-match", "*")
+                .body(manifest.clone())
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), manifest)
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(r) = pushes.join_next().await {
+        let (status, manifest) = r.unwrap();
+        match status {
+            201 => winners.push(manifest),
+            412 => {}
+            other => panic!("a push answered {other}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one creator");
+    for n in &nodes {
+        let got = http
+            .get(format!("{}/v2/team-a/app/manifests/v1.0.0", n.base))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            got, winners[0],
+            "the tag names the winner's manifest on {}",
+            n.base
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_going_away_gives_503s_and_not_ready_and_a_retried_upload_succeeds() {
+    let mut moto = Moto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = moto.storage_node(dir.path(), "faults", "").unwrap();
+    // A new connection per request: a refused chunk's body is not read, so the service
+    // closes that connection.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let data: Vec<u8> = (0..(2 << 20)).map(|i| (i % 253) as u8).collect();
+    let loc = start_upload(&http, &node, "team-a/app").await;
+    let patch = |loc: String, from: usize, to: usize| {
+        let (http, base, body) = (http.clone(), node.base.clone(), data[from..to].to_vec());
+        async move {
+            http.patch(format!("{base}{loc}"))
+                .header("content-type", "application/octet-stream")
+                .header("content-range", format!("{from}-{}", to - 1))
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let resp = patch(loc, 0, 1 << 20).await;
+    assert_eq!(resp.status(), 202);
+    let loc = resp.headers()["location"].to_str().unwrap().to_string();
+
+    // The store stops mid-upload: the next chunk is a clear 503, readiness says so.
+    moto.stop();
+    let resp = patch(loc.clone(), 1 << 20, 2 << 20).await;
+    assert_eq!(resp.status(), 503);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("unavailable"), "{body}");
+    let ready = http
+        .get(format!("{}/readyz", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let resp = http
+        .get(format!("{}/v2/team-a/app/tags/list", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+
+    // Back (moto keeps nothing: an empty bucket): ready again; the old session is unknown,
+    // not half there; the client's retry of the whole upload succeeds.
+    moto.start_again().unwrap();
+    moto.create_bucket("faults").unwrap();
+    let ready = http
+        .get(format!("{}/readyz", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let resp = patch(loc, 1 << 20, 2 << 20).await;
+    assert_eq!(resp.status(), 404);
+    assert!(resp.text().await.unwrap().contains("BLOB_UPLOAD_UNKNOWN"));
+    let digest = sha256(&data);
+    let loc = start_upload(&http, &node, "team-a/app").await;
+    let resp = patch(loc, 0, 2 << 20).await;
+    assert_eq!(resp.status(), 202);
+    let loc = resp.headers()["location"].to_str().unwrap().to_string();
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let resp = http
+        .put(format!("{}{loc}{sep}digest={digest}", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let got = http
+        .get(format!("{}/v2/team-a/app/blobs/{digest}", node.base))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(got == data);
+}

@@ -49,6 +49,25 @@ pub struct S3Config {
     /// Plain-HTTP endpoints (a store on the same host or network only).
     #[serde(default)]
     pub allow_http: bool,
+    /// A PEM file of CA certificates to trust for the endpoint (a private CA), besides the
+    /// system's.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Retries of a request that failed transiently (throttling such as `503 SlowDown`,
+    /// `5xx`, connection errors), with jittered exponential back-off from 100 ms to 2 s.
+    #[serde(default = "default_retries")]
+    pub max_retries: usize,
+    /// How long one request may keep being retried.
+    #[serde(default = "default_retry_timeout")]
+    pub retry_timeout_seconds: u64,
+}
+
+fn default_retries() -> usize {
+    4
+}
+
+fn default_retry_timeout() -> u64 {
+    15
 }
 
 fn default_region() -> String {
@@ -80,7 +99,20 @@ pub struct S3Driver {
 fn io_err(e: object_store::Error) -> io::Error {
     match e {
         object_store::Error::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, e),
-        other => io::Error::other(other),
+        other => {
+            // A store that cannot be reached keeps the kind of the socket error under the
+            // retries (the service answers 503 for those, not 500).
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&other);
+            let mut kind = io::ErrorKind::Other;
+            while let Some(c) = cause {
+                if let Some(ioe) = c.downcast_ref::<io::Error>() {
+                    kind = ioe.kind();
+                    break;
+                }
+                cause = c.source();
+            }
+            io::Error::new(kind, other)
+        }
     }
 }
 
@@ -97,11 +129,36 @@ impl S3Driver {
     /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, web identity,
     /// instance metadata).
     pub fn new(cfg: &S3Config) -> anyhow::Result<Self> {
+        use std::time::Duration;
+        let mut client = object_store::ClientOptions::new()
+            .with_allow_http(cfg.allow_http)
+            .with_connect_timeout(Duration::from_secs(5))
+            // Blob bodies stream for as long as the client reads: no total time limit.
+            .with_timeout_disabled();
+        if let Some(f) = &cfg.ca_file {
+            let pem = std::fs::read(f)
+                .map_err(|e| anyhow::anyhow!("storage s3: reading {}: {e}", f.display()))?;
+            for c in object_store::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| anyhow::anyhow!("storage s3: {}: {e}", f.display()))?
+            {
+                client = client.with_root_certificate(c);
+            }
+        }
+        let retry = object_store::RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: cfg.max_retries,
+            retry_timeout: Duration::from_secs(cfg.retry_timeout_seconds),
+        };
         let mut b = object_store::aws::AmazonS3Builder::from_env()
             .with_bucket_name(&cfg.bucket)
             .with_region(&cfg.region)
             .with_virtual_hosted_style_request(!cfg.path_style)
-            .with_allow_http(cfg.allow_http);
+            .with_client_options(client)
+            .with_retry(retry);
         if let Some(e) = &cfg.endpoint {
             b = b.with_endpoint(e);
         }

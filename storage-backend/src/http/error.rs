@@ -20,6 +20,23 @@ impl From<oci::route::RouteError> for Error {
     }
 }
 
+/// Whether the store could not be reached at all (an object store down, a timeout): the
+/// request may succeed later.
+fn unreachable(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | NotConnected
+            | TimedOut
+            | BrokenPipe
+            | HostUnreachable
+            | NetworkUnreachable
+    )
+}
+
 /// The OCI error body with its status.
 pub(super) fn oci_response(e: &OciError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -41,6 +58,13 @@ impl IntoResponse for ApiError {
                     "chunk starts at {expected} but the upload is at {current}; nothing was stored"
                 ),
             )),
+            Error::Storage(e) if unreachable(&e) => {
+                tracing::error!(error = %e, "the store is unreachable");
+                oci_response(
+                    &OciError::new(ErrorCode::Unknown, "storage is unavailable, try again")
+                        .with_status(503),
+                )
+            }
             Error::Storage(e) => {
                 tracing::error!(error = %e, "storage failure");
                 oci_response(&OciError::new(ErrorCode::Unknown, "internal storage error"))

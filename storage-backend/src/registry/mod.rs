@@ -123,7 +123,22 @@ impl Registry {
 
     /// Whether the store answers at all (for readiness).
     pub async fn check(&self) -> Result<()> {
-        self.driver.list(&Key::Repositories.path()).await?;
-        Ok(())
+        // A store that does not answer (an object store retrying, a hung mount) is not ready.
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            self.driver.list(&Key::Repositories.path()),
+        )
+        .await
+        {
+            Ok(r) => {
+                r?;
+                Ok(())
+            }
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the store did not answer within 5 s",
+            )
+            .into()),
+        }
     }
 }
