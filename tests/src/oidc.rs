@@ -61,7 +61,28 @@ impl Idp {
         Ok(())
     }
 
+    /// Starts `idp.mjs` and waits for its ready line. Node has been seen (once in many CI
+    /// runs) to hang at start-up before listening, every thread in a futex wait; a start that
+    /// is not ready within 20 s is killed and made again, at most twice more, so a test gets
+    /// an IdP or a clear error instead of waiting forever.
     fn spawn(port: u16, env: &[(String, String)]) -> anyhow::Result<(Child, String)> {
+        let mut last = None;
+        for attempt in 0..3 {
+            match Self::spawn_once(port, env) {
+                Ok(started) => return Ok(started),
+                Err(e) => {
+                    eprintln!(
+                        "the test IdP did not start (attempt {}): {e:#}",
+                        attempt + 1
+                    );
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("the test IdP did not start")))
+    }
+
+    fn spawn_once(port: u16, env: &[(String, String)]) -> anyhow::Result<(Child, String)> {
         let dir = crate::server::workspace_root().join("tests/services/oidc");
         ensure!(
             dir.join("node_modules/oidc-provider").exists(),
@@ -77,23 +98,39 @@ impl Idp {
             .stderr(Stdio::null())
             .spawn()
             .context("starting node idp.mjs")?;
+        // Its output is read on a thread (for the whole run: a full pipe would block it), and
+        // the ready line comes back over a channel with a deadline.
         let mut out = BufReader::new(child.stdout.take().context("no stdout")?);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if out.read_line(&mut line)? == 0 {
-                let _ = child.kill();
-                bail!("the IdP exited before it listened");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let mut ready = Some(tx);
+            loop {
+                line.clear();
+                match out.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if let Some(url) = line.trim().strip_prefix("idp listening on ")
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(url.to_string());
+                }
             }
-            if let Some(url) = line.trim().strip_prefix("idp listening on ") {
-                let issuer = url.to_string();
-                std::thread::spawn(move || {
-                    let mut sink = String::new();
-                    while out.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                        sink.clear();
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(issuer) => Ok((child, issuer)),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                match e {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => {
+                        bail!("the IdP was not listening after 20 s")
                     }
-                });
-                return Ok((child, issuer));
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                        bail!("the IdP exited before it listened")
+                    }
+                }
             }
         }
     }
