@@ -71,6 +71,23 @@ pub async fn run_all(client: &Client, prefix: &str) -> Vec<(String, String)> {
     failures
 }
 
+/// Runs every case against `client` (`where_` names the setup in the message) and fails with
+/// the list of failures, if any.
+pub async fn assert_all_pass(client: &Client, prefix: &str, where_: &str) {
+    let failures = run_all(client, prefix).await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} protocol cases failed {where_}:\n{}",
+        failures.len(),
+        cases().len(),
+        failures
+            .iter()
+            .map(|(n, e)| format!("- {n}: {e}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 fn header(r: &reqwest::Response, name: &str) -> Option<String> {
     r.headers()
         .get(name)

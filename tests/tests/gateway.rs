@@ -34,18 +34,7 @@ fn client(g: &GatewayServer, credentials: Option<(&str, &str)>) -> Client {
 async fn protocol_suite_passes_through_the_gateway_over_tls_with_tokens() {
     let (_data, g) = dev();
     let c = client(&g, Some(("admin", ADMIN_PASSWORD)));
-    let failures = protocol::run_all(&c, "gw").await;
-    assert!(
-        failures.is_empty(),
-        "{} of {} protocol cases failed through the gateway:\n{}",
-        failures.len(),
-        protocol::cases().len(),
-        failures
-            .iter()
-            .map(|(n, e)| format!("- {n}: {e}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    protocol::assert_all_pass(&c, "gw", "through the gateway").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,18 +26,7 @@ fn assert_consistent(root: &Path) {
 async fn protocol_suite_passes_against_storage_backend() {
     let root = tempfile::tempdir().unwrap();
     let server = StorageServer::start(root.path()).unwrap();
-    let failures = protocol::run_all(&Client::new(&server.base), "suite").await;
-    assert!(
-        failures.is_empty(),
-        "{} of {} protocol cases failed:\n{}",
-        failures.len(),
-        protocol::cases().len(),
-        failures
-            .iter()
-            .map(|(n, e)| format!("- {n}: {e}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    protocol::assert_all_pass(&Client::new(&server.base), "suite", "on the filesystem").await;
     assert_consistent(root.path());
 }
 
