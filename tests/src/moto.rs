@@ -159,6 +159,17 @@ impl Moto {
         bucket: &str,
         prefix: &str,
     ) -> anyhow::Result<StorageServer> {
+        self.storage_node_with(dir, bucket, prefix, &[])
+    }
+
+    /// [`Moto::storage_node`] with more environment (e.g. the deployment's internal secret).
+    pub fn storage_node_with(
+        &self,
+        dir: &std::path::Path,
+        bucket: &str,
+        prefix: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<StorageServer> {
         let _ = self.create_bucket(bucket);
         std::fs::create_dir_all(dir)?;
         let conf = dir.join(format!("storage-{}.toml", crate::tools::free_port()?));
@@ -169,6 +180,7 @@ impl Moto {
                 config: Some(conf),
                 env: CREDENTIALS
                     .iter()
+                    .chain(env)
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 no_root: true,

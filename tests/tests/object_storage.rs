@@ -320,3 +320,106 @@ async fn the_store_going_away_gives_503s_and_not_ready_and_a_retried_upload_succ
         .unwrap();
     assert!(got == data);
 }
+
+/// `n` pseudo-random bytes (xorshift; incompressible enough for a layer).
+fn noise(n: usize, mut x: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+#[test]
+fn skopeo_pushes_and_pulls_a_64_mib_layer_through_the_gateway_onto_two_s3_nodes()
+-> anyhow::Result<()> {
+    use portcullis_tests::deployment::{SECRET, start_gateway};
+    use portcullis_tests::tools::{Containers, cert_dir, dir_files};
+    let moto = Moto::start()?;
+    let dir = tempfile::tempdir()?;
+    let secret = [("PORTCULLIS_INTERNAL_SECRET", SECRET)];
+    let nodes = [
+        moto.storage_node_with(dir.path(), "images", "registry", &secret)?,
+        moto.storage_node_with(dir.path(), "images", "registry", &secret)?,
+    ];
+    let g = start_gateway(
+        &dir.path().join("gw"),
+        &[&nodes[0], &nodes[1]],
+        &[("bob", "bob-password")],
+        4,
+    )?;
+    let ctr = Containers::new()?;
+    let certs = cert_dir(&ctr, &g.ca_pem)?;
+    ctr.login("skopeo", &certs, &g.host, "bob", "bob-password")?;
+
+    // An image in skopeo's dir: layout, with one 64 MiB layer.
+    let img = ctr.dir.path().join("img");
+    std::fs::create_dir_all(&img)?;
+    let layer = noise(64 << 20, 0x9e37_79b9_7f4a_7c15);
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let (ld, cd) = (sha256(&layer).to_string(), sha256(config).to_string());
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+    std::fs::write(img.join(hex(&ld)), &layer)?;
+    std::fs::write(img.join(hex(&cd)), config)?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": layer.len()}],
+    });
+    std::fs::write(img.join("manifest.json"), manifest.to_string())?;
+    std::fs::write(img.join("version"), "Directory Transport Version: 1.1\n")?;
+
+    let reference = format!("docker://{}/team-a/big:v1", g.host);
+    let dir_ref = |p: &std::path::Path| format!("dir:{}", p.display());
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--preserve-digests",
+            "--dest-cert-dir",
+            &certs,
+            &dir_ref(&img),
+            &reference,
+        ],
+    )?;
+    let back = ctr.dir.path().join("back");
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--src-cert-dir",
+            &certs,
+            &reference,
+            &dir_ref(&back),
+        ],
+    )?;
+    let (sent, got) = (dir_files(&img)?, dir_files(&back)?);
+    anyhow::ensure!(
+        got.get(&hex(&ld)) == Some(&layer),
+        "the layer came back different"
+    );
+    anyhow::ensure!(
+        got.get("manifest.json") == sent.get("manifest.json"),
+        "the manifest differs"
+    );
+    // Stored once, under the prefix, in distribution's layout; no upload left open.
+    let key = format!(
+        "registry/docker/registry/v2/blobs/sha256/{}/{}/data",
+        &hex(&ld)[..2],
+        hex(&ld)
+    );
+    let keys = moto.keys("images", &key)?;
+    anyhow::ensure!(keys == [key.clone()], "{keys:?}");
+    anyhow::ensure!(
+        moto.open_multipart_uploads("images")? == 0,
+        "an open multipart upload"
+    );
+    Ok(())
+}
