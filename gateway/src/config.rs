@@ -165,9 +165,7 @@ impl Config {
     /// The internal secret from `upstream.secret_file` or the environment.
     pub fn secret(&self) -> anyhow::Result<String> {
         if let Some(f) = &self.upstream.secret_file {
-            let s =
-                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            let s = s.trim_end_matches(['\n', '\r']).to_string();
+            let s = read_secret_file(f)?;
             if s.is_empty() {
                 bail!("{} is empty", f.display());
             }
@@ -180,6 +178,15 @@ impl Config {
                 format!("no internal secret: set upstream.secret_file or {SECRET_ENV}")
             })
     }
+}
+
+/// A secret kept in a file (mounted from a secrets store): its content without the trailing
+/// newline an editor or `echo` leaves.
+pub fn read_secret_file(f: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(f)
+        .with_context(|| format!("reading {}", f.display()))?
+        .trim_end_matches(['\n', '\r'])
+        .to_string())
 }
 
 #[cfg(test)]

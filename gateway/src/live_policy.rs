@@ -16,11 +16,6 @@ pub struct LivePolicy {
     file: Option<PathBuf>,
 }
 
-fn sha256_hex(text: &str) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(text.as_bytes()))
-}
-
 impl LivePolicy {
     /// A policy that never changes (the embedded default's built-in one).
     pub fn fixed(policy: Policy) -> Self {
@@ -44,7 +39,7 @@ impl LivePolicy {
             .map_err(|e| format!("reading {}: {e}", file.display()))?;
         let policy =
             Policy::compile(&file.display().to_string(), &text).map_err(|e| format!("{e:#}"))?;
-        Ok((policy, sha256_hex(&text)))
+        Ok((policy, crate::audit::sha256_hex(&text)))
     }
 
     /// The policy for one decision (a later reload does not change it under the caller).

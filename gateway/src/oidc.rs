@@ -290,12 +290,7 @@ pub fn cookie<'a>(header: Option<&'a str>, name: &str) -> Option<&'a str> {
 impl Oidc {
     pub fn new(cfg: OidcConfig, state: Arc<dyn StateStore>) -> anyhow::Result<Self> {
         let secret = match &cfg.client_secret_file {
-            Some(f) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("reading {}", f.display()))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
-            ),
+            Some(f) => Some(crate::config::read_secret_file(f)?),
             None => std::env::var(CLIENT_SECRET_ENV)
                 .ok()
                 .filter(|s| !s.is_empty()),

@@ -326,14 +326,8 @@ impl Robots {
         pepper: &[u8],
         cfg: RobotsConfig,
     ) -> anyhow::Result<Self> {
-        use anyhow::Context;
         let admin_token = match &cfg.admin_token_file {
-            Some(f) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("reading {}", f.display()))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
-            ),
+            Some(f) => Some(crate::config::read_secret_file(f)?),
             None => std::env::var(ADMIN_TOKEN_ENV).ok(),
         }
         .filter(|t| !t.is_empty());

@@ -244,10 +244,7 @@ impl LdapAuthenticator {
         cfg.validate()?;
         let bind_password = if cfg.bind_dn.is_some() {
             let p = match &cfg.bind_password_file {
-                Some(f) => std::fs::read_to_string(f)
-                    .with_context(|| format!("reading {}", f.display()))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
+                Some(f) => crate::config::read_secret_file(f)?,
                 None => std::env::var(BIND_PASSWORD_ENV).with_context(|| {
                     format!(
                         "auth.ldap.bind_dn is set: give bind_password_file or {BIND_PASSWORD_ENV}"

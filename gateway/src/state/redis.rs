@@ -110,14 +110,6 @@ pub struct RedisStore {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-fn read_secret(f: &std::path::Path) -> anyhow::Result<String> {
-    use anyhow::Context;
-    Ok(std::fs::read_to_string(f)
-        .with_context(|| format!("reading {}", f.display()))?
-        .trim_end_matches(['\n', '\r'])
-        .to_string())
-}
-
 /// Whether `e` means the master is gone or is no longer the master: worth asking the
 /// sentinels again. Other server errors are the command's own.
 fn master_lost(e: &redis::RedisError) -> bool {
@@ -134,7 +126,7 @@ impl RedisStore {
     pub fn open(cfg: &RedisConfig) -> anyhow::Result<Self> {
         use anyhow::Context;
         let password = match &cfg.password_file {
-            Some(f) => Some(read_secret(f)?),
+            Some(f) => Some(crate::config::read_secret_file(f)?),
             None => std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty()),
         };
         let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
@@ -199,7 +191,7 @@ impl RedisStore {
                     b = b.set_client_to_redis_password(p);
                 }
                 if let Some(f) = &cfg.sentinel_password_file {
-                    b = b.set_client_to_sentinel_password(read_secret(f)?);
+                    b = b.set_client_to_sentinel_password(crate::config::read_secret_file(f)?);
                 }
                 let client = b.build().context("state.redis.sentinels")?;
                 let resolver = Resolver {

@@ -244,13 +244,19 @@ impl TokenService {
         }
     }
 
+    /// The identity of a request with Basic credentials (the admin APIs on the TLS listener),
+    /// or the answer refusing it.
+    async fn basic_login(&self, req: &Request<'_>) -> Result<Identity, Reply> {
+        let Some((user, password)) = req.authorization.and_then(parse_basic) else {
+            return Err(unauthorized());
+        };
+        self.login(&user, &password, req.source).await
+    }
+
     /// [`TOKENS_PATH`]: administrators revoke access tokens, authenticated with Basic
     /// credentials like the token endpoint.
     pub async fn tokens_api(&self, req: &Request<'_>, path: &str) -> Reply {
-        let Some((user, password)) = req.authorization.and_then(parse_basic) else {
-            return unauthorized();
-        };
-        let id = match self.login(&user, &password, req.source).await {
+        let id = match self.basic_login(req).await {
             Ok(id) => id,
             Err(r) => return r,
         };
@@ -324,10 +330,7 @@ impl TokenService {
     /// [`SESSIONS_PATH`]: list (`GET`) or revoke (`DELETE …/<id>`) sessions, authenticated
     /// with Basic credentials like the token endpoint.
     pub async fn sessions_api(&self, req: &Request<'_>, path: &str) -> Reply {
-        let Some((user, password)) = req.authorization.and_then(parse_basic) else {
-            return unauthorized();
-        };
-        let id = match self.login(&user, &password, req.source).await {
+        let id = match self.basic_login(req).await {
             Ok(id) => id,
             Err(r) => return r,
         };

@@ -502,37 +502,18 @@ impl Driver for S3Driver {
                 return Err(io::Error::new(io::ErrorKind::NotFound, "no such upload"));
             };
             let size = parts.size();
-            let target = self.key(to)?;
-            let mut stream = self.parts_reader(parts, 0, size);
-            if size as usize <= PART_SIZE {
-                let mut all = Vec::with_capacity(size as usize);
-                while let Some(chunk) = stream.next().await {
-                    all.extend_from_slice(&chunk?);
-                }
-                self.store
-                    .put(&target, PutPayload::from(all))
-                    .await
-                    .map_err(io_err)?;
-            } else {
-                let up = self.store.put_multipart(&target).await.map_err(io_err)?;
-                let mut w = WriteMultipart::new_with_chunk_size(up, PART_SIZE);
-                let copied: io::Result<()> = async {
-                    while let Some(chunk) = stream.next().await {
-                        w.wait_for_capacity(CONCURRENCY).await.map_err(io_err)?;
-                        w.put(chunk?);
-                    }
-                    Ok(())
-                }
-                .await;
-                match copied {
-                    Ok(()) => {
-                        w.finish().await.map_err(io_err)?;
-                    }
-                    Err(e) => {
-                        let _ = w.abort().await;
-                        return Err(e);
-                    }
-                }
+            // The same streaming write as a chunk's: one put or a multipart upload, visible
+            // only once complete, nothing left at `to` if it fails.
+            let mut opts = AppendOptions {
+                offset: 0,
+                expected_len: Some(size),
+                hasher: None,
+            };
+            let body = self.parts_reader(parts, 0, size);
+            match self.write_stream(&self.key(to)?, body, &mut opts).await {
+                Ok(_) => {}
+                Err(AppendError::Io(e) | AppendError::Body(e)) => return Err(e),
+                Err(e) => return Err(io::Error::other(e)),
             }
             self.delete_under(&self.parts_prefix(from)?).await?;
             let _ = self.store.delete(&self.key(from)?).await;
