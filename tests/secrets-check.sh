@@ -24,8 +24,9 @@ if grep -F -n -f "$patterns" "${files[@]}" | cut -c1-300; then
   echo "leak check: a robot secret or refresh token appears above" >&2
   found=1
 fi
-# Passwords of the test users (htpasswd, LDAP, the OpenID provider) and the fixed secrets.
-if grep -E -n -e '[A-Za-z0-9]-(ldap-|idp-)?pw\b' -e 'admin-password|reader-secret|ci-client-secret|deployment-internal-secret' "${files[@]}" | cut -c1-300; then
+# Passwords of the test users (htpasswd, LDAP, the OpenID provider) and the fixed secrets
+# (the object stores' secret keys among them: moto's and Azurite's account key).
+if grep -E -n -e '[A-Za-z0-9]-(ldap-|idp-)?pw\b' -e 'admin-password|reader-secret|ci-client-secret|deployment-internal-secret|portcullis-test-secret|Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50' "${files[@]}" | cut -c1-300; then
   echo "leak check: a password appears above" >&2
   found=1
 fi

@@ -41,7 +41,9 @@ pub enum StorageConfig {
     /// A directory in distribution's (registry:2) filesystem layout.
     Filesystem { root: PathBuf },
     /// An S3 bucket (or an S3-compatible store), distribution's layout under a prefix.
-    S3(crate::driver::s3::S3Config),
+    S3(crate::driver::object::S3Config),
+    /// A container of an Azure Blob Storage account (or Azurite), the same layout.
+    Azure(crate::driver::object::AzureConfig),
 }
 
 impl Default for StorageConfig {

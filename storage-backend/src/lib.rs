@@ -28,7 +28,8 @@ pub fn build_state(
         config::StorageConfig::Filesystem { root } => {
             Arc::new(driver::fs::FsDriver::new(root.clone()))
         }
-        config::StorageConfig::S3(s3) => Arc::new(driver::s3::S3Driver::new(s3)?),
+        config::StorageConfig::S3(s3) => Arc::new(driver::object::ObjectDriver::s3(s3)?),
+        config::StorageConfig::Azure(az) => Arc::new(driver::object::ObjectDriver::azure(az)?),
     };
     let registry = registry::Registry::new(
         driver,

@@ -64,6 +64,9 @@ async fn run() -> anyhow::Result<()> {
             root.display().to_string()
         }
         StorageConfig::S3(s3) => format!("s3://{}/{}", s3.bucket, s3.prefix),
+        StorageConfig::Azure(az) => {
+            format!("azure://{}/{}/{}", az.account, az.container, az.prefix)
+        }
     };
 
     let state = storage_backend::build_state(&config, secret)?;

@@ -40,6 +40,14 @@ if [ ! -d "$oidc_dir/node_modules/oidc-provider" ]; then
   (cd "$oidc_dir" && npm ci --no-audit --no-fund)
 fi
 
+# The Azure Blob Storage emulator of the object-storage tests: Microsoft's Azurite, pinned by
+# package-lock.json.
+azurite_dir="$(cd "$(dirname "$0")" && pwd)/azurite"
+if [ ! -x "$azurite_dir/node_modules/.bin/azurite-blob" ]; then
+  echo "installing azurite (Azure Blob Storage emulator; npm ci)"
+  (cd "$azurite_dir" && npm ci --no-audit --no-fund)
+fi
+
 # The S3-compatible server of the object-storage tests: moto, pinned, in its own venv.
 moto_dir="$(cd "$(dirname "$0")" && pwd)/moto"
 if [ ! -x "$moto_dir/venv/bin/moto_server" ]; then

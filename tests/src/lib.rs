@@ -14,8 +14,10 @@
 //! - [`syslog`]: a real rsyslogd receiving RFC 5424 over UDP, TCP and TLS.
 //! - [`tools`]: running real clients (skopeo, podman, buildah) and distribution.
 
+pub mod azurite;
 pub mod client;
 pub mod deployment;
+pub mod driver_contract;
 pub mod fsck;
 pub mod haproxy;
 pub mod ldap;

@@ -1,8 +1,11 @@
-//! The storage service on an S3-compatible store (a real `moto_server`): the base-URL protocol
-//! suite, uploads continued by another node on the same bucket with chunks of every size, and
-//! a failed digest check that leaves nothing behind. `cargo test --release --test
-//! object_storage` runs exactly these.
+//! The storage service on an S3-compatible store (a real `moto_server`): the driver contract
+//! on the filesystem, the in-memory store and S3; the base-URL protocol suite on S3 directly
+//! and through the gateway; uploads continued by another node on the same bucket with chunks
+//! of every size; a failed digest check that leaves nothing behind; racing pushes of
+//! immutable and mutable tags; the store going away; skopeo with a 64 MiB layer.
+//! `cargo test --release --test object_storage` runs exactly these.
 
+use portcullis_tests::azurite::Azurite;
 use portcullis_tests::client::{Client, sha256};
 use portcullis_tests::moto::Moto;
 use portcullis_tests::protocol;
@@ -182,6 +185,67 @@ async fn put_blob(http: &reqwest::Client, node: &StorageServer, repo: &str, data
     digest
 }
 
+/// 16 different manifests of `repo` pushed at once to `tag`, over `nodes` in turn (with
+/// `If-None-Match: *` when `create_only`): each push's status, manifest and the digest its
+/// response says the tag named before.
+async fn racing_pushes(
+    http: &reqwest::Client,
+    nodes: &[&StorageServer],
+    repo: &str,
+    tag: &str,
+    create_only: bool,
+) -> Vec<(u16, String, Option<String>)> {
+    let config = put_blob(http, nodes[0], repo, b"{}").await;
+    let mut pushes = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let content = format!("{tag} layer {i}");
+        let layer = put_blob(http, nodes[i % nodes.len()], repo, content.as_bytes()).await;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer,
+                        "size": content.len()}],
+        })
+        .to_string();
+        let mut req = http
+            .put(format!(
+                "{}/v2/{repo}/manifests/{tag}",
+                nodes[i % nodes.len()].base
+            ))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(manifest.clone());
+        if create_only {
+            req = req.header("if-none-match", "*");
+        }
+        pushes.spawn(async move {
+            let resp = req.send().await.unwrap();
+            let previous = resp
+                .headers()
+                .get(storage_backend::http::PREVIOUS_DIGEST_HEADER)
+                .map(|v| v.to_str().unwrap().to_string());
+            (resp.status().as_u16(), manifest, previous)
+        });
+    }
+    pushes.join_all().await
+}
+
+async fn tag_content(
+    http: &reqwest::Client,
+    node: &StorageServer,
+    repo: &str,
+    tag: &str,
+) -> String {
+    http.get(format!("{}/v2/{repo}/manifests/{tag}", node.base))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn of_16_concurrent_first_pushes_of_an_immutable_tag_exactly_one_wins() {
     let moto = Moto::start().unwrap();
@@ -191,40 +255,10 @@ async fn of_16_concurrent_first_pushes_of_an_immutable_tag_exactly_one_wins() {
         moto.storage_node(dir.path(), "tags", "").unwrap(),
     ];
     let http = reqwest::Client::new();
-    let config = put_blob(&http, &nodes[0], "team-a/app", b"{}").await;
-    let mut pushes = tokio::task::JoinSet::new();
-    for i in 0..16 {
-        let layer = put_blob(
-            &http,
-            &nodes[i % 2],
-            "team-a/app",
-            format!("layer {i}").as_bytes(),
-        )
-        .await;
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer,
-                        "size": format!("layer {i}").len()}],
-        })
-        .to_string();
-        let (http, base) = (http.clone(), nodes[i % 2].base.clone());
-        pushes.spawn(async move {
-            let resp = http
-                .put(format!("{base}/v2/team-a/app/manifests/v1.0.0"))
-                .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-                .header("if-none-match", "*")
-                .body(manifest.clone())
-                .send()
-                .await
-                .unwrap();
-            (resp.status().as_u16(), manifest)
-        });
-    }
     let mut winners = Vec::new();
-    while let Some(r) = pushes.join_next().await {
-        let (status, manifest) = r.unwrap();
+    for (status, manifest, _) in
+        racing_pushes(&http, &[&nodes[0], &nodes[1]], "team-a/app", "v1.0.0", true).await
+    {
         match status {
             201 => winners.push(manifest),
             412 => {}
@@ -233,21 +267,133 @@ async fn of_16_concurrent_first_pushes_of_an_immutable_tag_exactly_one_wins() {
     }
     assert_eq!(winners.len(), 1, "exactly one creator");
     for n in &nodes {
-        let got = http
-            .get(format!("{}/v2/team-a/app/manifests/v1.0.0", n.base))
-            .header("accept", "application/vnd.oci.image.manifest.v1+json")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
         assert_eq!(
-            got, winners[0],
+            tag_content(&http, n, "team-a/app", "v1.0.0").await,
+            winners[0],
             "the tag names the winner's manifest on {}",
             n.base
         );
     }
+}
+
+/// Racing overwrites of a mutable tag on `nodes`: every push lands, and each reports as the
+/// tag's previous manifest a different one — the pushes form one chain from the first
+/// manifest to the last, none lost or replaced twice.
+async fn overwrites_form_one_chain(nodes: &[&StorageServer], where_: &str) {
+    let http = reqwest::Client::new();
+    let first = racing_pushes(&http, &nodes[..1], "team-a/web", "seed", true).await;
+    let seed = first.iter().find(|p| p.0 == 201).unwrap().1.clone();
+    let seed_digest = sha256(seed.as_bytes()).to_string();
+    let put = http
+        .put(format!("{}/v2/team-a/web/manifests/latest", nodes[0].base))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(seed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201, "{where_}");
+    let pushes = racing_pushes(&http, nodes, "team-a/web", "latest", false).await;
+    let mut replaced = Vec::new();
+    let mut pushed = vec![seed_digest];
+    for (status, manifest, previous) in pushes {
+        assert_eq!(status, 201, "{where_}: every overwrite lands");
+        replaced.push(previous.expect("an overwrite names what it replaced"));
+        pushed.push(sha256(manifest.as_bytes()).to_string());
+    }
+    let last = tag_content(&http, nodes[0], "team-a/web", "latest").await;
+    replaced.push(sha256(last.as_bytes()).to_string());
+    replaced.sort();
+    pushed.sort();
+    assert_eq!(replaced, pushed, "{where_}: one chain of overwrites");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_overwrites_of_a_mutable_tag_form_one_chain_on_s3_and_the_filesystem() {
+    let moto = Moto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = [
+        moto.storage_node(dir.path(), "mutable", "").unwrap(),
+        moto.storage_node(dir.path(), "mutable", "").unwrap(),
+    ];
+    overwrites_form_one_chain(&[&s3[0], &s3[1]], "on S3").await;
+    let root = dir.path().join("fs");
+    let fs = [
+        StorageServer::start(&root).unwrap(),
+        StorageServer::start(&root).unwrap(),
+    ];
+    overwrites_form_one_chain(&[&fs[0], &fs[1]], "on the filesystem").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_driver_contract_holds_on_the_filesystem_in_memory_on_s3_and_on_azure() {
+    use portcullis_tests::driver_contract::check;
+    use std::sync::Arc;
+    use storage_backend::driver::{fs::FsDriver, object::ObjectDriver};
+    let dir = tempfile::tempdir().unwrap();
+    check(
+        "filesystem",
+        Arc::new(FsDriver::new(dir.path())),
+        "contract",
+    )
+    .await;
+    let memory = Arc::new(object_store::memory::InMemory::new());
+    check(
+        "in-memory",
+        Arc::new(ObjectDriver::with_store(memory, "p")),
+        "contract",
+    )
+    .await;
+    let moto = Moto::start().unwrap();
+    let s3 = moto.driver(dir.path(), "contract", "p").unwrap();
+    check("s3", Arc::new(s3), "contract").await;
+    assert!(
+        moto.keys("contract", "").unwrap().is_empty(),
+        "the contract run left objects in the bucket"
+    );
+    let azurite = Azurite::start().unwrap();
+    let azure = azurite.driver(dir.path(), "contract", "p").unwrap();
+    check("azure", Arc::new(azure), "contract").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_azure_blob_storage_the_protocol_suite_passes_and_tag_overwrites_form_one_chain() {
+    let azurite = Azurite::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = [
+        azurite.storage_node(dir.path(), "registry", "p").unwrap(),
+        azurite.storage_node(dir.path(), "registry", "p").unwrap(),
+    ];
+    protocol::assert_all_pass(&Client::new(&nodes[0].base), "suite", "on Azure").await;
+    overwrites_form_one_chain(&[&nodes[0], &nodes[1]], "on Azure").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn protocol_suite_passes_through_the_gateway_on_s3() {
+    use portcullis_tests::client::TokenAuth;
+    use portcullis_tests::deployment::{SECRET, start_gateway};
+    let moto = Moto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = [("PORTCULLIS_INTERNAL_SECRET", SECRET)];
+    let nodes = [
+        moto.storage_node_with(dir.path(), "gateway-suite", "registry", &secret)
+            .unwrap(),
+        moto.storage_node_with(dir.path(), "gateway-suite", "registry", &secret)
+            .unwrap(),
+    ];
+    let g = start_gateway(
+        &dir.path().join("gw"),
+        &[&nodes[0], &nodes[1]],
+        &[("alice", "alice-password")],
+        4,
+    )
+    .unwrap();
+    let mut c = Client::with_ca(&g.base, &g.ca_pem);
+    c.auth = Some(TokenAuth::new(
+        &format!("{}/token", g.base),
+        portcullis_tests::deployment::SERVICE,
+        Some(("alice", "alice-password")),
+    ));
+    protocol::assert_all_pass(&c, "gw", "through the gateway on S3").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,6 +2,9 @@
 //!
 //! Atomic writes are temp file + `fsync` + `rename` (+ `fsync` of the directory);
 //! create-if-absent is a hard link of the synced temp file, which fails if the name exists.
+//! Compare-and-swap ([`Driver::put_if_current`]) locks the current file with `flock`, checks
+//! that it is still the one at the path (a replaced file is a new inode), compares, then
+//! renames the new content over it; every replacement of such an object goes through it.
 //! Appends to an upload take an exclusive `flock` on the file, so two storage processes on
 //! one root cannot interleave chunks, and hash + write on a blocking thread fed by a small
 //! bounded channel, so memory stays flat whatever the blob size.
@@ -278,6 +281,48 @@ impl Driver for FsDriver {
         }))
     }
 
+    fn put_if_current<'a>(
+        &'a self,
+        path: &'a str,
+        data: Bytes,
+        expected: Option<Bytes>,
+    ) -> BoxFuture<'a, io::Result<bool>> {
+        let Some(expected) = expected else {
+            return self.put_if_absent(path, data);
+        };
+        let target = self.full(path);
+        Box::pin(blocking(move || {
+            use std::io::Read;
+            use std::os::unix::fs::MetadataExt;
+            loop {
+                let Some(mut file) = not_found_as_none(File::open(&target))? else {
+                    return Ok(false);
+                };
+                // Serialises swappers across threads and processes; released on drop.
+                file.lock()?;
+                let held = file.metadata()?;
+                match not_found_as_none(fs::metadata(&target))? {
+                    None => return Ok(false),
+                    // Replaced between our open and our lock: lock the new one.
+                    Some(now) if (now.dev(), now.ino()) != (held.dev(), held.ino()) => continue,
+                    Some(_) => {}
+                }
+                let mut current = Vec::new();
+                file.read_to_end(&mut current)?;
+                if current != expected {
+                    return Ok(false);
+                }
+                let tmp = write_temp(&target, &data)?;
+                if let Err(e) = fs::rename(&tmp, &target) {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                sync_dir(target.parent().expect("write_temp checked the parent"))?;
+                return Ok(true);
+            }
+        }))
+    }
+
     fn append<'a>(
         &'a self,
         path: &'a str,
@@ -450,11 +495,6 @@ pub async fn collect(stream: ByteStream) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures_util::stream;
-
-    fn body(parts: Vec<io::Result<&'static [u8]>>) -> ByteStream {
-        stream::iter(parts.into_iter().map(|p| p.map(Bytes::from_static))).boxed()
-    }
 
     fn opts(offset: u64, expected_len: Option<u64>) -> AppendOptions {
         AppendOptions {
@@ -462,81 +502,6 @@ mod tests {
             expected_len,
             hasher: Some(oci::Verifier::new(oci::Algorithm::Sha256)),
         }
-    }
-
-    #[tokio::test]
-    async fn put_get_list_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = FsDriver::new(dir.path());
-        assert_eq!(d.get("a/b").await.unwrap(), None);
-        d.put("a/b", Bytes::from_static(b"one")).await.unwrap();
-        d.put("a/b", Bytes::from_static(b"two")).await.unwrap();
-        assert_eq!(d.get("a/b").await.unwrap().unwrap(), "two");
-        assert_eq!(d.list("a").await.unwrap(), vec!["b".to_string()]);
-        assert!(
-            !d.put_if_absent("a/b", Bytes::from_static(b"x"))
-                .await
-                .unwrap()
-        );
-        assert!(
-            d.put_if_absent("a/c", Bytes::from_static(b"x"))
-                .await
-                .unwrap()
-        );
-        assert_eq!(d.get("a/b").await.unwrap().unwrap(), "two");
-        assert!(d.delete("a").await.unwrap());
-        assert!(!d.delete("a").await.unwrap());
-        assert!(d.list("a").await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn append_checks_offset_length_and_rolls_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = FsDriver::new(dir.path());
-        assert!(matches!(
-            d.append("u", body(vec![]), opts(0, None)).await,
-            Err(AppendError::NotFound)
-        ));
-        d.put("u", Bytes::new()).await.unwrap();
-        let a = d
-            .append("u", body(vec![Ok(b"hello ")]), opts(0, Some(6)))
-            .await
-            .unwrap();
-        assert_eq!(a.written, 6);
-        assert!(matches!(
-            d.append("u", body(vec![Ok(b"x")]), opts(0, None)).await,
-            Err(AppendError::Offset {
-                current: 6,
-                expected: 0
-            })
-        ));
-        let broken = body(vec![Ok(b"wor"), Err(io::Error::other("client went away"))]);
-        assert!(matches!(
-            d.append("u", broken, opts(6, None)).await,
-            Err(AppendError::Body(_))
-        ));
-        assert!(matches!(
-            d.append("u", body(vec![Ok(b"world!!")]), opts(6, Some(5)))
-                .await,
-            Err(AppendError::Length { .. })
-        ));
-        assert!(matches!(
-            d.append("u", body(vec![Ok(b"wor")]), opts(6, Some(5)))
-                .await,
-            Err(AppendError::Length { .. })
-        ));
-        assert_eq!(d.stat("u").await.unwrap().unwrap().size, 6);
-        d.append("u", body(vec![Ok(b"wor"), Ok(b"ld")]), opts(6, Some(5)))
-            .await
-            .unwrap();
-        let all = collect(d.reader("u", 0, 11).await.unwrap().unwrap())
-            .await
-            .unwrap();
-        assert_eq!(all, b"hello world");
-        let part = collect(d.reader("u", 6, 3).await.unwrap().unwrap())
-            .await
-            .unwrap();
-        assert_eq!(part, b"wor");
     }
 
     #[tokio::test]

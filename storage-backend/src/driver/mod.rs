@@ -9,10 +9,12 @@
 //!   [`Driver::promote`]).
 //! - [`Driver::append`] writes an upload object in place; if it fails the object is cut back
 //!   to the offset it started at, so a failed chunk leaves nothing behind.
+//! - [`Driver::put_if_absent`] and [`Driver::put_if_current`] are race-free across
+//!   processes sharing the store: exactly one of several racers wins.
 //! - "Not found" is `Ok(None)` / `Ok(false)`, never an error.
 
 pub mod fs;
-pub mod s3;
+pub mod object;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -88,6 +90,16 @@ pub trait Driver: Send + Sync + 'static {
     /// Creates an object only if none exists; `Ok(false)` (and nothing written) if one does.
     /// Exactly one of several concurrent callers wins.
     fn put_if_absent<'a>(&'a self, path: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<bool>>;
+
+    /// Replaces an object only if its content is still `expected` (`None`: only if there is
+    /// none); `Ok(false)` and nothing written otherwise. Of several callers that read the
+    /// same `expected` and race, exactly one wins (compare-and-swap).
+    fn put_if_current<'a>(
+        &'a self,
+        path: &'a str,
+        data: Bytes,
+        expected: Option<Bytes>,
+    ) -> BoxFuture<'a, io::Result<bool>>;
 
     /// The size of an upload object (what [`Driver::append`] has added to it); `None` if
     /// there is none. A driver whose medium cannot append keeps upload objects its own way.

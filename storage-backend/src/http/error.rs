@@ -34,6 +34,8 @@ fn unreachable(e: &std::io::Error) -> bool {
             | BrokenPipe
             | HostUnreachable
             | NetworkUnreachable
+            // Contention that did not settle (a tag pushed by very many at once).
+            | ResourceBusy
     )
 }
 

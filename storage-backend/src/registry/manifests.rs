@@ -10,6 +10,10 @@ use bytes::Bytes;
 use oci::media_type::{self, ParsedManifest};
 use oci::{Digest, ErrorCode, OciError, Reference, RepositoryName, Tag};
 
+/// Rounds of compare-and-swap a tag push tries before answering 503 (each round one of the
+/// racing pushes wins, so this many pushes to one tag at the same moment all get through).
+const TAG_SWAP_ATTEMPTS: usize = 256;
+
 /// A manifest PUT.
 pub struct ManifestPut<'a> {
     pub name: &'a RepositoryName,
@@ -95,27 +99,48 @@ impl Registry {
             self.write_link(Key::ReferrerLink(name, &subject.digest, &digest), &digest)
                 .await?;
         }
-        let mut previous = None;
-        if let Reference::Tag(tag) = reference {
-            if !create_tag_only {
-                previous = self.tag_target(name, tag).await.ok().flatten();
+        let previous = match reference {
+            Reference::Tag(tag) => {
+                self.write_link(Key::TagIndexLink(name, tag, &digest), &digest)
+                    .await?;
+                self.point_tag(name, tag, &digest, create_tag_only).await?
             }
-            self.write_link(Key::TagIndexLink(name, tag, &digest), &digest)
-                .await?;
-            let current = Key::TagCurrentLink(name, tag).path();
-            if create_tag_only {
-                if !self
-                    .driver
-                    .put_if_absent(&current, digest.to_string().into())
-                    .await?
-                {
-                    return Err(tag_exists(tag));
-                }
-            } else {
-                self.driver.put(&current, digest.to_string().into()).await?;
+            Reference::Digest(_) => None,
+        };
+        Ok((digest, parsed, previous))
+    }
+
+    /// Points a tag at `digest`; returns what it pointed to before. An overwrite is a
+    /// compare-and-swap on the tag's current link, so of concurrent pushes to one tag each
+    /// reports the manifest it really replaced (no update is lost or reported twice), and a
+    /// create-only push fails if the tag appeared meanwhile.
+    async fn point_tag(
+        &self,
+        name: &RepositoryName,
+        tag: &Tag,
+        digest: &Digest,
+        create_only: bool,
+    ) -> Result<Option<Digest>> {
+        let current = Key::TagCurrentLink(name, tag).path();
+        for _ in 0..TAG_SWAP_ATTEMPTS {
+            let before = self.driver.get(&current).await?;
+            if create_only && before.is_some() {
+                return Err(tag_exists(tag));
+            }
+            if self
+                .driver
+                .put_if_current(&current, digest.to_string().into(), before.clone())
+                .await?
+            {
+                return Ok(
+                    before.and_then(|b| Digest::parse(String::from_utf8_lossy(&b).trim()).ok())
+                );
             }
         }
-        Ok((digest, parsed, previous))
+        Err(Error::Storage(std::io::Error::new(
+            std::io::ErrorKind::ResourceBusy,
+            format!("tag {tag} is being pushed too often at once, try again"),
+        )))
     }
 
     /// What a tag points to, if the tag exists.

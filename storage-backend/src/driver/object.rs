@@ -1,14 +1,20 @@
-//! The object-store driver: S3 and S3-compatible stores (Ceph RGW, MinIO) through the
-//! `object_store` crate, with distribution's key layout under an optional prefix, so a
-//! bucket written by distribution's S3 driver is readable.
+//! The object-store driver: S3 and S3-compatible stores (Ceph RGW, MinIO) and Azure Blob
+//! Storage through the `object_store` crate, with distribution's key layout under an
+//! optional prefix, so a bucket written by distribution's S3 driver is readable. The driver
+//! only needs what every such store offers (put, ranged get, list, delete, multipart upload,
+//! conditional put on absence and on ETag), so it is one implementation over
+//! `dyn ObjectStore`.
 //!
-//! Objects map one to one onto keys, except upload data, which S3 cannot append to. An
+//! Objects map one to one onto keys, except upload data, which objects cannot be appended
+//! to. An
 //! upload object is a small **part list** (JSON) at its key; each appended chunk is its own
 //! object next to it (`<key>.parts/<offset>-<uuid>`), written in one put (or a multipart
 //! upload for chunks over [`PART_SIZE`], so a chunk of any size streams through bounded
 //! memory). A chunk is added to the list with a conditional put on the list's ETag, so of two
 //! nodes appending at the same offset exactly one wins and the other's chunk is deleted; any
-//! storage node can continue a session because all of it is in the bucket. [`Driver::promote`]
+//! storage node can continue a session because all of it is in the bucket. Tag overwrites
+//! ([`Driver::put_if_current`]) are conditional puts on the ETag read with the old content.
+//! [`Driver::promote`]
 //! (called only after the registry verified the digest) copies the parts, in order, into the
 //! blob's key with one multipart upload, which becomes visible only when it completes — an
 //! unverified or half-copied blob is never visible — then deletes the session's objects.
@@ -29,6 +35,9 @@ use std::sync::Arc;
 pub const PART_SIZE: usize = 8 << 20;
 /// Parts of one multipart upload in flight at once.
 const CONCURRENCY: usize = 2;
+/// The largest object S3 copies in one request (`CopyObject`); a bigger one-part session is
+/// promoted by streaming.
+const MAX_SERVER_COPY: u64 = 5 << 30;
 
 /// `[storage] type = "s3"`.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -60,6 +69,13 @@ pub struct S3Config {
     /// How long one request may keep being retried.
     #[serde(default = "default_retry_timeout")]
     pub retry_timeout_seconds: u64,
+    /// A static access key, with its secret in `secret_access_key_file`; unset: the
+    /// environment and instance metadata, as the AWS tools look for them.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// File holding the secret access key (trailing newline ignored).
+    #[serde(default)]
+    pub secret_access_key_file: Option<std::path::PathBuf>,
 }
 
 fn default_retries() -> usize {
@@ -78,6 +94,78 @@ fn default_true() -> bool {
     true
 }
 
+/// `[storage] type = "azure"`: a container of an Azure Blob Storage account (or Azurite).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
+    pub account: String,
+    pub container: String,
+    /// Keys are `<prefix>/docker/registry/v2/…`.
+    #[serde(default)]
+    pub prefix: String,
+    /// The blob service's URL (`http://127.0.0.1:10000/devstoreaccount1` for Azurite);
+    /// unset: `https://<account>.blob.core.windows.net`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// File holding the account's access key (trailing newline ignored); unset: the
+    /// environment as the Azure tools read it (`AZURE_STORAGE_ACCOUNT_KEY`, a service
+    /// principal, workload or managed identity).
+    #[serde(default)]
+    pub access_key_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub allow_http: bool,
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    #[serde(default = "default_retries")]
+    pub max_retries: usize,
+    #[serde(default = "default_retry_timeout")]
+    pub retry_timeout_seconds: u64,
+}
+
+/// HTTP client options of a store: a 5 s connect timeout, no total time limit (blob bodies
+/// stream for as long as the client reads), extra CA certificates from `ca_file`.
+fn client_options(
+    what: &str,
+    allow_http: bool,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<object_store::ClientOptions> {
+    let mut client = object_store::ClientOptions::new()
+        .with_allow_http(allow_http)
+        .with_connect_timeout(std::time::Duration::from_secs(5))
+        .with_timeout_disabled();
+    if let Some(f) = ca_file {
+        let pem = std::fs::read(f)
+            .map_err(|e| anyhow::anyhow!("storage {what}: reading {}: {e}", f.display()))?;
+        for c in object_store::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| anyhow::anyhow!("storage {what}: {}: {e}", f.display()))?
+        {
+            client = client.with_root_certificate(c);
+        }
+    }
+    Ok(client)
+}
+
+/// Retries of transient failures with jittered exponential back-off from 100 ms to 2 s.
+fn retry_config(max_retries: usize, retry_timeout_seconds: u64) -> object_store::RetryConfig {
+    use std::time::Duration;
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries,
+        retry_timeout: Duration::from_secs(retry_timeout_seconds),
+    }
+}
+
+/// A secret read from a file, without its trailing newline.
+fn secret_from(what: &str, file: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("storage {what}: reading {}: {e}", file.display()))?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
 /// The part list of an upload object.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Parts {
@@ -91,7 +179,7 @@ impl Parts {
     }
 }
 
-pub struct S3Driver {
+pub struct ObjectDriver {
     store: Arc<dyn ObjectStore>,
     prefix: String,
 }
@@ -124,51 +212,64 @@ fn not_found_as_none<T>(r: object_store::Result<T>) -> io::Result<Option<T>> {
     }
 }
 
-impl S3Driver {
-    /// Credentials come from the environment as the AWS tools read them
-    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, web identity,
-    /// instance metadata).
-    pub fn new(cfg: &S3Config) -> anyhow::Result<Self> {
-        use std::time::Duration;
-        let mut client = object_store::ClientOptions::new()
-            .with_allow_http(cfg.allow_http)
-            .with_connect_timeout(Duration::from_secs(5))
-            // Blob bodies stream for as long as the client reads: no total time limit.
-            .with_timeout_disabled();
-        if let Some(f) = &cfg.ca_file {
-            let pem = std::fs::read(f)
-                .map_err(|e| anyhow::anyhow!("storage s3: reading {}: {e}", f.display()))?;
-            for c in object_store::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow::anyhow!("storage s3: {}: {e}", f.display()))?
-            {
-                client = client.with_root_certificate(c);
-            }
-        }
-        let retry = object_store::RetryConfig {
-            backoff: object_store::BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(2),
-                base: 2.0,
-            },
-            max_retries: cfg.max_retries,
-            retry_timeout: Duration::from_secs(cfg.retry_timeout_seconds),
-        };
+impl ObjectDriver {
+    /// Credentials: `access_key_id` with `secret_access_key_file` if set, else the
+    /// environment as the AWS tools read it (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_SESSION_TOKEN`, web identity, instance metadata).
+    pub fn s3(cfg: &S3Config) -> anyhow::Result<Self> {
         let mut b = object_store::aws::AmazonS3Builder::from_env()
             .with_bucket_name(&cfg.bucket)
             .with_region(&cfg.region)
             .with_virtual_hosted_style_request(!cfg.path_style)
-            .with_client_options(client)
-            .with_retry(retry);
+            .with_client_options(client_options(
+                "s3",
+                cfg.allow_http,
+                cfg.ca_file.as_deref(),
+            )?)
+            .with_retry(retry_config(cfg.max_retries, cfg.retry_timeout_seconds));
         if let Some(e) = &cfg.endpoint {
             b = b.with_endpoint(e);
+        }
+        match (&cfg.access_key_id, &cfg.secret_access_key_file) {
+            (Some(id), Some(file)) => {
+                b = b
+                    .with_access_key_id(id)
+                    .with_secret_access_key(secret_from("s3", file)?);
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("storage s3: access_key_id and secret_access_key_file go together"),
         }
         let store = b.build().map_err(|e| anyhow::anyhow!("storage s3: {e}"))?;
         Ok(Self::with_store(Arc::new(store), &cfg.prefix))
     }
 
+    /// Credentials: the account key in `access_key_file` if set, else the environment as
+    /// the Azure tools read it.
+    pub fn azure(cfg: &AzureConfig) -> anyhow::Result<Self> {
+        let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+            .with_account(&cfg.account)
+            .with_container_name(&cfg.container)
+            .with_client_options(client_options(
+                "azure",
+                cfg.allow_http,
+                cfg.ca_file.as_deref(),
+            )?)
+            .with_retry(retry_config(cfg.max_retries, cfg.retry_timeout_seconds));
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e.clone());
+        }
+        if let Some(file) = &cfg.access_key_file {
+            b = b.with_access_key(secret_from("azure", file)?);
+        }
+        let store = b
+            .build()
+            .map_err(|e| anyhow::anyhow!("storage azure: {e}"))?;
+        Ok(Self::with_store(Arc::new(store), &cfg.prefix))
+    }
+
     /// Over any object store (tests use the in-memory one too).
     pub fn with_store(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
-        S3Driver {
+        ObjectDriver {
             store,
             prefix: prefix.trim_matches('/').to_string(),
         }
@@ -215,7 +316,10 @@ impl S3Driver {
         mut body: ByteStream,
         opts: &mut AppendOptions,
     ) -> Result<u64, AppendError> {
-        let mut first = Vec::new();
+        // Chunks before the store is asked for anything: kept as they came (no copy), sent as
+        // one put if the body ends within a part, else as the multipart upload's start.
+        let mut first: Vec<Bytes> = Vec::new();
+        let mut first_len = 0usize;
         let mut written = 0u64;
         let mut upload: Option<WriteMultipart> = None;
         let limit = opts.expected_len;
@@ -240,11 +344,14 @@ impl S3Driver {
                         w.put(chunk);
                     }
                     None => {
-                        first.extend_from_slice(&chunk);
-                        if first.len() > PART_SIZE {
+                        first_len += chunk.len();
+                        first.push(chunk);
+                        if first_len > PART_SIZE {
                             let up = self.store.put_multipart(key).await.map_err(io_err)?;
                             let mut w = WriteMultipart::new_with_chunk_size(up, PART_SIZE);
-                            w.put(Bytes::from(std::mem::take(&mut first)));
+                            for c in first.drain(..) {
+                                w.put(c);
+                            }
                             upload = Some(w);
                         }
                     }
@@ -267,7 +374,7 @@ impl S3Driver {
             }
             (Ok(()), None) => {
                 self.store
-                    .put(key, PutPayload::from(Bytes::from(first)))
+                    .put(key, first.into_iter().collect::<PutPayload>())
                     .await
                     .map_err(io_err)?;
             }
@@ -335,7 +442,7 @@ impl S3Driver {
     }
 }
 
-impl Driver for S3Driver {
+impl Driver for ObjectDriver {
     fn get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<Option<Bytes>>> {
         Box::pin(async move {
             match not_found_as_none(self.store.get(&self.key(path)?).await)? {
@@ -404,6 +511,46 @@ impl Driver for S3Driver {
             {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(io_err(e)),
+            }
+        })
+    }
+
+    fn put_if_current<'a>(
+        &'a self,
+        path: &'a str,
+        data: Bytes,
+        expected: Option<Bytes>,
+    ) -> BoxFuture<'a, io::Result<bool>> {
+        let Some(expected) = expected else {
+            return self.put_if_absent(path, data);
+        };
+        Box::pin(async move {
+            let key = self.key(path)?;
+            let Some(got) = not_found_as_none(self.store.get(&key).await)? else {
+                return Ok(false);
+            };
+            let version = UpdateVersion {
+                e_tag: got.meta.e_tag.clone(),
+                version: got.meta.version.clone(),
+            };
+            if got.bytes().await.map_err(io_err)? != expected {
+                return Ok(false);
+            }
+            // Conditional on the version read: `If-Match` on the ETag.
+            let opts = PutOptions {
+                mode: PutMode::Update(version),
+                ..Default::default()
+            };
+            match self
+                .store
+                .put_opts(&key, PutPayload::from(data), opts)
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(
+                    object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+                ) => Ok(false),
                 Err(e) => Err(io_err(e)),
             }
         })
@@ -502,18 +649,30 @@ impl Driver for S3Driver {
                 return Err(io::Error::new(io::ErrorKind::NotFound, "no such upload"));
             };
             let size = parts.size();
-            // The same streaming write as a chunk's: one put or a multipart upload, visible
-            // only once complete, nothing left at `to` if it fails.
-            let mut opts = AppendOptions {
-                offset: 0,
-                expected_len: Some(size),
-                hasher: None,
-            };
-            let body = self.parts_reader(parts, 0, size);
-            match self.write_stream(&self.key(to)?, body, &mut opts).await {
-                Ok(_) => {}
-                Err(AppendError::Io(e) | AppendError::Body(e)) => return Err(e),
-                Err(e) => return Err(io::Error::other(e)),
+            let to = self.key(to)?;
+            match parts.parts.as_slice() {
+                // One part (a push in one PATCH, as docker and skopeo send it): the store
+                // copies it server-side, no byte passes through this process again.
+                [(part, _)] if size <= MAX_SERVER_COPY => {
+                    let part = Path::parse(part)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    self.store.copy(&part, &to).await.map_err(io_err)?;
+                }
+                // Several: the same streaming write as a chunk's, one put or a multipart
+                // upload, visible only once complete, nothing left at `to` if it fails.
+                _ => {
+                    let mut opts = AppendOptions {
+                        offset: 0,
+                        expected_len: Some(size),
+                        hasher: None,
+                    };
+                    let body = self.parts_reader(parts, 0, size);
+                    match self.write_stream(&to, body, &mut opts).await {
+                        Ok(_) => {}
+                        Err(AppendError::Io(e) | AppendError::Body(e)) => return Err(e),
+                        Err(e) => return Err(io::Error::other(e)),
+                    }
+                }
             }
             self.delete_under(&self.parts_prefix(from)?).await?;
             let _ = self.store.delete(&self.key(from)?).await;
@@ -551,117 +710,5 @@ impl Driver for S3Driver {
             let under = self.delete_under(&key).await?;
             Ok(object || under > 0)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::driver::fs::collect;
-
-    fn driver() -> S3Driver {
-        S3Driver::with_store(Arc::new(object_store::memory::InMemory::new()), "root")
-    }
-
-    fn body(chunks: Vec<io::Result<&'static [u8]>>) -> ByteStream {
-        futures_util::stream::iter(chunks.into_iter().map(|c| c.map(Bytes::from_static))).boxed()
-    }
-
-    fn opts(offset: u64, expected_len: Option<u64>) -> AppendOptions {
-        AppendOptions {
-            offset,
-            expected_len,
-            hasher: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn objects_and_listing() {
-        let d = driver();
-        assert!(d.get("a/b").await.unwrap().is_none());
-        d.put("a/b", Bytes::from_static(b"one")).await.unwrap();
-        d.put("a/c/d", Bytes::from_static(b"two")).await.unwrap();
-        assert_eq!(d.get("a/b").await.unwrap().unwrap(), "one");
-        assert_eq!(d.stat("a/b").await.unwrap().unwrap().size, 3);
-        let mut names = d.list("a").await.unwrap();
-        names.sort();
-        assert_eq!(names, ["b", "c"]);
-        assert!(
-            !d.put_if_absent("a/b", Bytes::from_static(b"x"))
-                .await
-                .unwrap()
-        );
-        assert!(
-            d.put_if_absent("a/e", Bytes::from_static(b"x"))
-                .await
-                .unwrap()
-        );
-        let r = d.reader("a/c/d", 1, 2).await.unwrap().unwrap();
-        assert_eq!(collect(r).await.unwrap(), b"wo");
-        assert!(d.delete("a/c").await.unwrap(), "a prefix");
-        assert!(d.get("a/c/d").await.unwrap().is_none());
-        assert!(d.delete("a/b").await.unwrap());
-        assert!(!d.delete("a/b").await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn appends_check_offsets_and_lengths_and_one_racer_wins() {
-        let d = driver();
-        let u = "up/data";
-        assert!(matches!(
-            d.append(u, body(vec![Ok(b"x")]), opts(0, None)).await,
-            Err(AppendError::NotFound)
-        ));
-        d.put(u, Bytes::new()).await.unwrap();
-        assert_eq!(d.upload_size(u).await.unwrap(), Some(0));
-        d.append(u, body(vec![Ok(b"hel"), Ok(b"lo")]), opts(0, Some(5)))
-            .await
-            .unwrap();
-        assert!(matches!(
-            d.append(u, body(vec![Ok(b"!")]), opts(4, None)).await,
-            Err(AppendError::Offset {
-                current: 5,
-                expected: 4
-            })
-        ));
-        assert!(matches!(
-            d.append(u, body(vec![Ok(b"abc")]), opts(5, Some(2))).await,
-            Err(AppendError::Length { .. })
-        ));
-        assert!(matches!(
-            d.append(
-                u,
-                body(vec![Ok(b"a"), Err(io::Error::other("gone"))]),
-                opts(5, None)
-            )
-            .await,
-            Err(AppendError::Body(_))
-        ));
-        assert_eq!(
-            d.upload_size(u).await.unwrap(),
-            Some(5),
-            "failed chunks kept nothing"
-        );
-        // Two appends at one offset: exactly one is kept.
-        let (a, b) = tokio::join!(
-            d.append(u, body(vec![Ok(b" world")]), opts(5, None)),
-            d.append(u, body(vec![Ok(b" there")]), opts(5, None)),
-        );
-        assert_eq!(a.is_ok() as u8 + b.is_ok() as u8, 1);
-        let size = d.upload_size(u).await.unwrap().unwrap();
-        assert_eq!(size, 11);
-        let all = collect(d.upload_reader(u, 0, size).await.unwrap().unwrap())
-            .await
-            .unwrap();
-        assert!(all == b"hello world" || all == b"hello there", "{all:?}");
-        let mid = collect(d.upload_reader(u, 3, 4).await.unwrap().unwrap())
-            .await
-            .unwrap();
-        assert_eq!(&mid, &all[3..7]);
-        // Promoted: one object with the content; the session's objects are gone.
-        d.promote(u, "blob/data").await.unwrap();
-        assert_eq!(d.get("blob/data").await.unwrap().unwrap(), all);
-        assert!(d.upload_size(u).await.unwrap().is_none());
-        assert!(d.list("up").await.unwrap().is_empty());
     }
 }
