@@ -19,6 +19,82 @@ pub struct Config {
     pub api: ApiConfig,
     pub internal: InternalConfig,
     pub log: LogConfig,
+    pub gc: GcConfig,
+}
+
+/// `[gc]`: online garbage collection (`registry::gc`), scheduled here or run by hand
+/// (`storage-backend gc`, `POST /gc` on the admin listener).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Run on a schedule.
+    pub enabled: bool,
+    /// Seconds between scheduled runs.
+    pub interval_seconds: u64,
+    /// Only start scheduled runs inside this UTC window, `"HH:MM-HH:MM"` (may wrap midnight).
+    pub window: Option<String>,
+    /// Blobs and layer links younger than this are kept (pushes in progress).
+    pub grace_seconds: u64,
+    /// Delete manifests nothing tagged refers to.
+    pub delete_untagged: bool,
+    pub untagged_grace_seconds: u64,
+    /// Upload sessions older than this are purged.
+    pub upload_max_age_seconds: u64,
+    /// Wait between condemning and re-checking (longer than any request takes).
+    pub fence_seconds: f64,
+    /// How long the one-run-at-a-time lease holds without renewal.
+    pub lease_seconds: u64,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            enabled: false,
+            interval_seconds: 86_400,
+            window: None,
+            grace_seconds: 3600,
+            delete_untagged: false,
+            untagged_grace_seconds: 86_400,
+            upload_max_age_seconds: 86_400,
+            fence_seconds: 30.0,
+            lease_seconds: 600,
+        }
+    }
+}
+
+impl GcConfig {
+    pub fn options(&self, dry_run: bool, holder: &str) -> crate::registry::GcOptions {
+        use std::time::Duration;
+        crate::registry::GcOptions {
+            dry_run,
+            grace: Duration::from_secs(self.grace_seconds),
+            delete_untagged: self.delete_untagged,
+            untagged_grace: Duration::from_secs(self.untagged_grace_seconds),
+            upload_max_age: Duration::from_secs(self.upload_max_age_seconds),
+            fence: Duration::from_secs_f64(self.fence_seconds.max(0.0)),
+            lease: Duration::from_secs(self.lease_seconds.max(1)),
+            holder: holder.to_string(),
+        }
+    }
+
+    /// The window as minutes after midnight UTC, `(start, end)`.
+    pub fn window_minutes(&self) -> anyhow::Result<Option<(u32, u32)>> {
+        let Some(w) = &self.window else {
+            return Ok(None);
+        };
+        let parse = |t: &str| -> Option<u32> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        match w
+            .split_once('-')
+            .and_then(|(a, b)| Some((parse(a)?, parse(b)?)))
+        {
+            Some(pair) => Ok(Some(pair)),
+            None => bail!("gc.window {w:?} is not \"HH:MM-HH:MM\""),
+        }
+    }
 }
 
 impl Default for Config {
@@ -30,6 +106,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             internal: InternalConfig::default(),
             log: LogConfig::default(),
+            gc: GcConfig::default(),
         }
     }
 }
@@ -160,6 +237,10 @@ impl Config {
     pub fn validate(&self, secret: Option<&Secret>) -> anyhow::Result<()> {
         if self.api.max_manifest_bytes == 0 {
             bail!("api.max_manifest_bytes must be positive");
+        }
+        self.gc.window_minutes()?;
+        if self.gc.enabled && self.gc.interval_seconds == 0 {
+            bail!("gc.interval_seconds must be positive");
         }
         if secret.is_none() {
             for addr in std::iter::once(self.listen).chain(self.admin_listen) {

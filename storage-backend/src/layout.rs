@@ -17,6 +17,10 @@
 //!                                                         `subject` is <subject>
 //! ```
 //!
+//! Garbage collection adds `<root>/docker/registry/v2/_gc/lease` (one run at a time) and,
+//! while it sweeps, a marker `gc` next to the `data` or `link` of what it condemned
+//! (`registry::gc`); distribution ignores both.
+//!
 //! Directories starting with `_` are never repository name components (the name grammar
 //! forbids a leading `_`), which is what lets names contain slashes.
 
@@ -48,6 +52,17 @@ pub enum Key<'a> {
     /// Manifests referring to a subject (a prefix).
     Referrers(&'a RepositoryName, &'a Digest),
     ReferrerLink(&'a RepositoryName, &'a Digest, &'a Digest),
+    /// The garbage collector's lease: one run at a time across the nodes on a store.
+    GcLease,
+}
+
+/// The garbage collector's marker of an object (`…/data` or `…/link`): `…/gc`, next to it,
+/// deleted with it.
+pub fn gc_marker(object: &str) -> String {
+    match object.rsplit_once('/') {
+        Some((dir, _)) => format!("{dir}/gc"),
+        None => "gc".into(),
+    }
 }
 
 const V2: &str = "docker/registry/v2";
@@ -86,6 +101,7 @@ impl Key<'_> {
             Key::ReferrerLink(n, s, r) => {
                 format!("{}/_referrers/{}/{}/link", repo(n), ah(s), ah(r))
             }
+            Key::GcLease => format!("{V2}/_gc/lease"),
         }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod driver;
+pub mod gc;
 pub mod http;
 pub mod layout;
 pub mod registry;
@@ -31,14 +32,15 @@ pub fn build_state(
         config::StorageConfig::S3(s3) => Arc::new(driver::object::ObjectDriver::s3(s3)?),
         config::StorageConfig::Azure(az) => Arc::new(driver::object::ObjectDriver::azure(az)?),
     };
-    let registry = registry::Registry::new(
+    let registry = Arc::new(registry::Registry::new(
         driver,
         registry::RegistryOptions {
             max_manifest_bytes: config.api.max_manifest_bytes,
         },
-    );
+    ));
     Ok(Arc::new(http::AppState {
-        registry: Arc::new(registry),
+        gc: Arc::new(gc::GcService::new(registry.clone(), config.gc.clone())),
+        registry,
         delete_enabled: config.api.delete_enabled,
         secret,
         metrics: http::metrics::Metrics::new(),

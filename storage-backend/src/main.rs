@@ -1,4 +1,4 @@
-//! `storage-backend [--config <file>] [--listen <addr:port>] [--root <dir>]`
+//! `storage-backend [--config <file>] [--listen <addr:port>] [--root <dir>] [gc [--dry-run]]`
 
 use anyhow::Context;
 use clap::Parser;
@@ -24,6 +24,19 @@ struct Args {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Run garbage collection once on the configured store (with `[gc]`'s settings, while
+    /// other nodes keep serving) and print its report as JSON.
+    Gc {
+        /// Report what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[tokio::main]
@@ -70,6 +83,14 @@ async fn run() -> anyhow::Result<()> {
     };
 
     let state = storage_backend::build_state(&config, secret)?;
+    if let Some(Command::Gc { dry_run }) = args.command {
+        let report = state.gc.run(dry_run, &state.metrics).await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if config.gc.enabled {
+        tokio::spawn(storage_backend::gc::schedule(state.clone()));
+    }
     let api = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

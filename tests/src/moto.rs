@@ -210,10 +210,25 @@ impl Moto {
         prefix: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<StorageServer> {
+        self.storage_node_config(dir, bucket, prefix, "", env)
+    }
+
+    /// [`Moto::storage_node_with`] with more configuration (e.g. a `[gc]` table).
+    pub fn storage_node_config(
+        &self,
+        dir: &std::path::Path,
+        bucket: &str,
+        prefix: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<StorageServer> {
         self.create_bucket(bucket)?;
         std::fs::create_dir_all(dir)?;
         let conf = dir.join(format!("storage-{}.toml", crate::tools::free_port()?));
-        std::fs::write(&conf, self.storage_table(bucket, prefix))?;
+        std::fs::write(
+            &conf,
+            format!("{}{extra}", self.storage_table(bucket, prefix)),
+        )?;
         StorageServer::start_with(
             dir,
             StorageOptions {

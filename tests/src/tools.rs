@@ -170,10 +170,37 @@ pub fn distribution_binary() -> PathBuf {
 }
 
 /// A free loopback port (for programs that cannot bind port 0 and report it).
+///
+/// Chosen below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`, 32768–60999 on
+/// Debian), so that a server another test binds to port 0 meanwhile — the kernel picks those
+/// from the ephemeral range — cannot take it before its program binds it; and never the same
+/// twice in one test process.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.max(10_001));
+    let mut given = GIVEN.lock().expect("port registry");
+    // Start anywhere (test binaries run one after another, each with its own registry).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos()) as usize
+        ^ std::process::id() as usize;
+    let span = usize::from(to - from);
+    for i in 0..span {
+        let port = from + ((seed + i * 7919) % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port between {from} and {to}")
 }
 
 /// Debian's `nginx` serving the files of a directory over TLS (HTTP/2 by ALPN and HTTP/1.1)

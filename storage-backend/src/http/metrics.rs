@@ -1,7 +1,8 @@
 //! Prometheus metrics of the API.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,6 +23,18 @@ pub struct Metrics {
     pub blob_bytes: IntGauge,
     /// When `blobs`/`blob_bytes` were last measured (ms since the epoch).
     usage_at: AtomicU64,
+    /// Garbage collection runs by outcome (`ok`, `dry_run`, `busy`, `error`).
+    pub gc_runs: IntCounterVec,
+    pub gc_running: IntGauge,
+    pub gc_last_duration: Gauge,
+    pub gc_last_marked: IntGauge,
+    pub gc_swept_blobs: IntCounter,
+    pub gc_swept_links: IntCounter,
+    pub gc_swept_manifests: IntCounter,
+    pub gc_purged_uploads: IntCounter,
+    pub gc_reclaimed_bytes: IntCounter,
+    pub gc_rescued: IntCounter,
+    pub gc_errors: IntCounter,
 }
 
 /// How often a scrape may walk the store to measure its usage.
@@ -93,6 +106,65 @@ impl Metrics {
             "storage_blob_bytes",
             "Bytes of the blobs in the store (measured at most every 30 s)",
         );
+        let gc_runs = IntCounterVec::new(
+            Opts::new(
+                "storage_gc_runs_total",
+                "Garbage collection runs by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(gc_runs.clone()))
+            .expect("unique metric");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gc_last_duration = Gauge::new(
+            "storage_gc_last_duration_seconds",
+            "Duration of the last GC run",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(gc_last_duration.clone()))
+            .expect("unique metric");
+        let gc_running = gauge(
+            "storage_gc_running",
+            "1 while a GC run of this node is going on",
+        );
+        let gc_last_marked = gauge(
+            "storage_gc_last_marked_blobs",
+            "Blobs the last GC run found live",
+        );
+        let gc_swept_blobs = counter("storage_gc_swept_blobs_total", "Blobs deleted by GC");
+        let gc_swept_links = counter(
+            "storage_gc_swept_layer_links_total",
+            "Unreferenced repository layer links deleted by GC",
+        );
+        let gc_swept_manifests = counter(
+            "storage_gc_swept_manifests_total",
+            "Untagged manifests deleted by GC",
+        );
+        let gc_purged_uploads = counter(
+            "storage_gc_purged_uploads_total",
+            "Abandoned upload sessions purged by GC",
+        );
+        let gc_reclaimed_bytes = counter(
+            "storage_gc_reclaimed_bytes_total",
+            "Bytes of the blobs deleted by GC",
+        );
+        let gc_rescued = counter(
+            "storage_gc_rescued_total",
+            "GC candidates referenced again by a push before their deletion",
+        );
+        let gc_errors = counter(
+            "storage_gc_errors_total",
+            "Unreadable or corrupt objects GC reported, and failed runs",
+        );
         Metrics {
             registry,
             requests,
@@ -103,6 +175,17 @@ impl Metrics {
             blobs,
             blob_bytes,
             usage_at: AtomicU64::new(0),
+            gc_runs,
+            gc_running,
+            gc_last_duration,
+            gc_last_marked,
+            gc_swept_blobs,
+            gc_swept_links,
+            gc_swept_manifests,
+            gc_purged_uploads,
+            gc_reclaimed_bytes,
+            gc_rescued,
+            gc_errors,
         }
     }
 

@@ -29,6 +29,7 @@ pub const PREVIOUS_DIGEST_HEADER: &str = "portcullis-previous-digest";
 /// Everything the handlers share.
 pub struct AppState {
     pub registry: Arc<Registry>,
+    pub gc: Arc<crate::gc::GcService>,
     pub delete_enabled: bool,
     pub secret: Option<Secret>,
     pub metrics: Metrics,
@@ -51,7 +52,8 @@ pub fn router(state: Arc<AppState>, listener: Listener) -> Router {
         r = r
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics_text));
+            .route("/metrics", get(metrics_text))
+            .route("/gc", get(gc_history).post(gc_run));
     }
     if listener != Listener::Admin {
         r = r.fallback(handlers::dispatch);
@@ -68,6 +70,32 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable\n").into_response()
         }
     }
+}
+
+fn json_response<T: serde::Serialize>(value: &T) -> Response {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => ApiError::from(std::io::Error::other(e)).into_response(),
+    }
+}
+
+/// `POST /gc[?dry_run=true]`: one run now; its report as JSON (`busy` set if another node's
+/// run held the lease).
+async fn gc_run(State(st): State<Arc<AppState>>, uri: axum::http::Uri) -> Response {
+    let dry_run = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .any(|p| matches!(p, "dry_run" | "dry_run=true" | "dry_run=1"));
+    match st.gc.run(dry_run, &st.metrics).await {
+        Ok(report) => json_response(&report),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// `GET /gc`: the reports of this node's recent runs, oldest first.
+async fn gc_history(State(st): State<Arc<AppState>>) -> Response {
+    json_response(&st.gc.history())
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {

@@ -43,6 +43,14 @@ impl Registry {
         from: &RepositoryName,
         digest: &Digest,
     ) -> Result<bool> {
+        let referenced = [
+            Key::Blob(digest).path(),
+            Key::LayerLink(name, digest).path(),
+        ];
+        if !self.protect(&referenced).await? {
+            // Being garbage-collected: the client uploads it instead.
+            return Ok(false);
+        }
         match self.blob_meta(from, digest).await {
             Ok(_) => {
                 self.write_link(Key::LayerLink(name, digest), digest)

@@ -72,31 +72,7 @@ impl Registry {
 
     /// A page of the repositories that hold manifests.
     pub async fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page> {
-        let root = Key::Repositories.path();
-        let mut found = Vec::new();
-        // Depth-first walk; a directory holding `_manifests` is a repository. Components
-        // starting with `_` are registry data, never names.
-        let mut stack = vec![String::new()];
-        while let Some(rel) = stack.pop() {
-            let dir = if rel.is_empty() {
-                root.clone()
-            } else {
-                format!("{root}/{rel}")
-            };
-            for child in self.driver.list(&dir).await? {
-                if child == "_manifests" {
-                    if RepositoryName::parse(&rel).is_ok() {
-                        found.push(rel.clone());
-                    }
-                } else if !child.starts_with('_') {
-                    stack.push(if rel.is_empty() {
-                        child
-                    } else {
-                        format!("{rel}/{child}")
-                    });
-                }
-            }
-        }
+        let found = self.repository_names(true).await?;
         Ok(paginate(found, n, last))
     }
 }

@@ -70,6 +70,14 @@ impl Registry {
             }
             Reference::Tag(_) => Digest::of(oci::Algorithm::Sha256, &body),
         };
+        // Before checking that what it refers to exists: a sweeping GC must not delete it
+        // between the check and the write (see `gc`).
+        if !self.protect_manifest(name, &digest, &parsed).await? {
+            return Err(Error::oci(
+                ErrorCode::ManifestBlobUnknown,
+                "content this manifest refers to is being garbage-collected: push it again",
+            ));
+        }
         for blob in parsed.blob_references() {
             if self.blob_meta(name, &blob.digest).await.is_err() {
                 return Err(manifest_blob_unknown(&blob.digest, "blob"));

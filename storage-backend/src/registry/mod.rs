@@ -5,11 +5,13 @@
 
 mod blobs;
 mod catalog;
+mod gc;
 mod manifests;
 mod referrers;
 mod uploads;
 
 pub use catalog::{Page, paginate};
+pub use gc::{GcOptions, GcReport, SweptBlob};
 pub use manifests::{ManifestPut, StoredManifest};
 pub use uploads::{UploadState, rfc3339};
 

@@ -168,6 +168,23 @@ impl Registry {
                 .with_detail(serde_json::json!({ "digest": digest.to_string() })),
             ));
         }
+        // Keep the content and the link from a sweeping GC before looking at them; if it is
+        // deleting them right now, let it finish and store this upload's copy instead.
+        let referenced = [
+            Key::Blob(digest).path(),
+            Key::LayerLink(name, digest).path(),
+        ];
+        let mut tries = 0;
+        while !self.protect(&referenced).await? {
+            tries += 1;
+            if tries > 200 {
+                return Err(Error::Storage(std::io::Error::new(
+                    std::io::ErrorKind::ResourceBusy,
+                    "garbage collection is deleting this blob; try again",
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         if self.blob_exists(digest).await? {
             // Stored once across repositories: the existing copy has the same content.
             self.driver

@@ -1,0 +1,876 @@
+//! Online garbage collection: mark and sweep over the store while pushes and pulls go on, on
+//! any driver, with several storage nodes on one store.
+//!
+//! **What is live.** Per repository: every tagged manifest; every other manifest revision
+//! unless `delete_untagged` is set and its link is older than `untagged_grace`; the children
+//! of a live index and the referrers of a live manifest, transitively. A live manifest keeps
+//! its own blob, its config and layers, and the repository's links to them. A layer link
+//! younger than `grace` keeps its blob (a push in progress: blobs come before their
+//! manifest). A blob whose data is younger than `grace` is never deleted. Upload sessions are
+//! not blobs; those started more than `upload_max_age` ago are purged.
+//!
+//! **Fencing against concurrent pushes.** A run:
+//!
+//! 1. takes the GC lease (one object in the store, `_gc/lease`, created if absent or taken
+//!    over by compare-and-swap when expired, renewed by compare-and-swap): one GC at a time
+//!    across every node on the store;
+//! 2. marks (scan 1) and computes the candidates: unreferenced old blobs, unreferenced old
+//!    layer links, untagged old revisions;
+//! 3. sets the lease's phase to `sweep`, then writes a marker `condemned <run>` next to each
+//!    candidate (`…/gc`);
+//! 4. waits `fence`;
+//! 5. marks again (scan 2) and keeps only candidates still unreferenced;
+//! 6. deletes each remaining candidate only after winning a compare-and-swap of its marker
+//!    from `condemned <run>` to `deleting <run>`.
+//!
+//! A push that makes a new reference to existing content (a manifest PUT, an upload of a blob
+//! the store already has, a mount) first reads the lease; while a run sweeps, it swaps the
+//! markers of everything it references from `condemned <run>` to `rescued <run>` before it
+//! writes anything, and fails as if the content were unknown if one says `deleting <run>`
+//! (the client uploads it again). Either the push's swap or the GC's wins, never both. A push
+//! that read the lease before step 3 commits within `fence` (requests take seconds, the fence
+//! is 30 s by default), so scan 2 sees what it wrote. Markers of another run (a GC that died)
+//! are inert: only the live run's markers count, and a dead run's lease expires.
+//!
+//! A link or manifest that cannot be read or parsed is reported and skipped; a scan that could
+//! not read a whole repository is incomplete, and an incomplete run deletes no blob.
+
+use super::{Registry, Result};
+use crate::layout::{Key, gc_marker};
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use oci::media_type;
+use oci::{Digest, RepositoryName};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Markers written and candidates swept at once (each a few store requests; on the
+/// filesystem each an `fsync`).
+const PARALLEL: usize = 16;
+
+/// How a run is made.
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// Report what would go; delete nothing.
+    pub dry_run: bool,
+    /// Blobs and layer links younger than this are kept.
+    pub grace: Duration,
+    /// Delete manifests no tag (and no live index or subject) refers to.
+    pub delete_untagged: bool,
+    /// Untagged manifests younger than this are kept.
+    pub untagged_grace: Duration,
+    /// Upload sessions started longer ago than this are purged.
+    pub upload_max_age: Duration,
+    /// Wait between condemning and the second scan.
+    pub fence: Duration,
+    /// How long the lease holds without renewal.
+    pub lease: Duration,
+    /// Who runs it (in the lease and the report).
+    pub holder: String,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            dry_run: false,
+            grace: Duration::from_secs(3600),
+            delete_untagged: false,
+            untagged_grace: Duration::from_secs(86_400),
+            upload_max_age: Duration::from_secs(86_400),
+            fence: Duration::from_secs(30),
+            lease: Duration::from_secs(600),
+            holder: "storage-backend".into(),
+        }
+    }
+}
+
+/// A deleted (or, in a dry run, deletable) blob.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SweptBlob {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// What a run did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GcReport {
+    pub run: String,
+    pub holder: String,
+    pub dry_run: bool,
+    /// Another node's run held the lease: nothing was done.
+    pub busy: Option<String>,
+    pub started: String,
+    pub finished: String,
+    /// The same, in milliseconds since the epoch.
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub duration_seconds: f64,
+    pub repositories: usize,
+    pub manifests_marked: usize,
+    pub blobs_marked: usize,
+    pub blobs_seen: usize,
+    pub blobs_deleted: Vec<SweptBlob>,
+    pub bytes_reclaimed: u64,
+    /// `<repository>@<digest>`.
+    pub layer_links_deleted: Vec<String>,
+    /// `<repository>@<digest>`.
+    pub manifests_deleted: Vec<String>,
+    /// `<repository>/<session id>`.
+    pub uploads_purged: Vec<String>,
+    /// Candidates a push referenced again before they were deleted.
+    pub rescued: usize,
+    /// Unreadable or corrupt objects, and failures that did not stop the run.
+    pub errors: Vec<String>,
+    /// Every repository was read: blobs could be swept.
+    pub complete: bool,
+}
+
+/// The lease's content.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Lease {
+    run: String,
+    holder: String,
+    /// `mark` or `sweep`.
+    phase: String,
+    /// Seconds since the epoch.
+    expires: u64,
+}
+
+impl Lease {
+    fn live(&self) -> bool {
+        self.expires > unix(SystemTime::now())
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// One repository as a scan saw it.
+#[derive(Debug, Default)]
+struct RepoScan {
+    name: String,
+    /// Layer links nothing live refers to, older than the grace window.
+    dead_links: Vec<Digest>,
+    /// Untagged revisions to delete (only with `delete_untagged`).
+    dead_revisions: Vec<Digest>,
+    /// Upload sessions older than `upload_max_age`.
+    stale_uploads: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Scan {
+    live_blobs: HashSet<Digest>,
+    repos: Vec<RepoScan>,
+    manifests_marked: usize,
+    errors: Vec<String>,
+    complete: bool,
+}
+
+/// References a manifest makes: its blobs and its child manifests.
+#[derive(Debug, Clone, Default)]
+struct Refs {
+    blobs: Vec<Digest>,
+    children: Vec<Digest>,
+}
+
+fn digest_of(alg: &str, hex: &str) -> Option<Digest> {
+    Digest::parse(&format!("{alg}:{hex}")).ok()
+}
+
+impl Registry {
+    /// Every repository in the store: directories under `repositories/` holding registry
+    /// data (`_manifests`, `_layers`, `_uploads`, `_referrers`); with `manifests_only`, only
+    /// those holding manifests (the catalog).
+    pub(crate) async fn repository_names(&self, manifests_only: bool) -> Result<Vec<String>> {
+        let root = Key::Repositories.path();
+        let mut found = Vec::new();
+        // Depth-first; components starting with `_` are registry data, never names.
+        let mut stack = vec![String::new()];
+        while let Some(rel) = stack.pop() {
+            let dir = if rel.is_empty() {
+                root.clone()
+            } else {
+                format!("{root}/{rel}")
+            };
+            let mut is_repo = false;
+            for child in self.driver.list(&dir).await? {
+                if child.starts_with('_') {
+                    is_repo |= child == "_manifests"
+                        || (!manifests_only
+                            && matches!(child.as_str(), "_layers" | "_uploads" | "_referrers"));
+                } else {
+                    stack.push(if rel.is_empty() {
+                        child
+                    } else {
+                        format!("{rel}/{child}")
+                    });
+                }
+            }
+            if is_repo && RepositoryName::parse(&rel).is_ok() {
+                found.push(rel);
+            }
+        }
+        Ok(found)
+    }
+
+    /// `(digest, link modification time)` of every `<alg>/<hex>/link` under `prefix`.
+    async fn links_under(
+        &self,
+        prefix: &str,
+        errors: &mut Vec<String>,
+    ) -> Result<Vec<(Digest, SystemTime)>> {
+        let mut out = Vec::new();
+        for alg in self.driver.list(prefix).await? {
+            for hex in self.driver.list(&format!("{prefix}/{alg}")).await? {
+                let link = format!("{prefix}/{alg}/{hex}/link");
+                let Some(digest) = digest_of(&alg, &hex) else {
+                    errors.push(format!("{link}: not a digest path"));
+                    continue;
+                };
+                match self.driver.get(&link).await? {
+                    // A directory without its link: a half-deleted entry, nothing to keep.
+                    None => {}
+                    Some(text) if String::from_utf8_lossy(&text).trim() != digest.to_string() => {
+                        errors.push(format!("{link}: corrupt link (does not name {digest})"));
+                    }
+                    Some(_) => {
+                        let modified = self
+                            .driver
+                            .stat(&link)
+                            .await?
+                            .map_or(SystemTime::now(), |m| m.modified);
+                        out.push((digest, modified));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The references of a manifest blob (cached across repositories); `None` if it is
+    /// missing or not a manifest.
+    async fn manifest_refs(
+        &self,
+        digest: &Digest,
+        cache: &mut HashMap<Digest, Option<Refs>>,
+        errors: &mut Vec<String>,
+    ) -> Result<Option<Refs>> {
+        if let Some(r) = cache.get(digest) {
+            return Ok(r.clone());
+        }
+        let refs = match self.driver.get(&Key::Blob(digest).path()).await? {
+            None => {
+                errors.push(format!("manifest {digest}: content missing"));
+                None
+            }
+            Some(body) => match media_type::parse_manifest(None, &body) {
+                Ok(p) => Some(Refs {
+                    blobs: p.blob_references().map(|d| d.digest.clone()).collect(),
+                    children: p.manifests.iter().map(|d| d.digest.clone()).collect(),
+                }),
+                Err(e) => {
+                    errors.push(format!("manifest {digest}: unreadable ({e})"));
+                    None
+                }
+            },
+        };
+        cache.insert(digest.clone(), refs.clone());
+        Ok(refs)
+    }
+
+    /// One repository: what is live in it and what is dead.
+    async fn scan_repo(
+        &self,
+        name: &str,
+        t0: SystemTime,
+        opts: &GcOptions,
+        scan: &mut Scan,
+        cache: &mut HashMap<Digest, Option<Refs>>,
+    ) -> Result<RepoScan> {
+        let repo = format!("{}/{name}", Key::Repositories.path());
+        let mut out = RepoScan {
+            name: name.to_string(),
+            ..Default::default()
+        };
+        let errors = &mut scan.errors;
+        // Roots: tagged manifests, and untagged ones unless they are to go.
+        let mut kept: Vec<Digest> = Vec::new();
+        let tags = format!("{repo}/_manifests/tags");
+        for tag in self.driver.list(&tags).await? {
+            let link = format!("{tags}/{tag}/current/link");
+            if let Some(text) = self.driver.get(&link).await? {
+                match Digest::parse(String::from_utf8_lossy(&text).trim()) {
+                    Ok(d) => kept.push(d),
+                    Err(_) => errors.push(format!("{link}: corrupt tag link")),
+                }
+            }
+        }
+        let revisions = self
+            .links_under(&format!("{repo}/_manifests/revisions"), errors)
+            .await?;
+        let untagged_cutoff = t0.checked_sub(opts.untagged_grace).unwrap_or(UNIX_EPOCH);
+        for (d, modified) in &revisions {
+            if !opts.delete_untagged || *modified > untagged_cutoff {
+                kept.push(d.clone());
+            }
+        }
+        // Closure over index children and referrers.
+        let mut live: HashSet<Digest> = HashSet::new();
+        let mut referenced: HashSet<Digest> = HashSet::new();
+        while let Some(m) = kept.pop() {
+            if !live.insert(m.clone()) {
+                continue;
+            }
+            scan.live_blobs.insert(m.clone());
+            if let Some(refs) = self.manifest_refs(&m, cache, errors).await? {
+                for b in refs.blobs {
+                    scan.live_blobs.insert(b.clone());
+                    referenced.insert(b);
+                }
+                kept.extend(refs.children);
+            }
+            let referrers = format!("{repo}/_referrers/{}/{}", m.algorithm(), m.hex());
+            for (r, _) in self.links_under(&referrers, errors).await? {
+                kept.push(r);
+            }
+        }
+        scan.manifests_marked += live.len();
+        if opts.delete_untagged {
+            out.dead_revisions = revisions
+                .into_iter()
+                .filter(|(d, _)| !live.contains(d))
+                .map(|(d, _)| d)
+                .collect();
+        }
+        let cutoff = t0.checked_sub(opts.grace).unwrap_or(UNIX_EPOCH);
+        for (d, modified) in self.links_under(&format!("{repo}/_layers"), errors).await? {
+            if referenced.contains(&d) {
+                continue;
+            }
+            if modified > cutoff {
+                // A push in progress: its manifest has not come yet.
+                scan.live_blobs.insert(d);
+            } else {
+                out.dead_links.push(d);
+            }
+        }
+        let uploads = format!("{repo}/_uploads");
+        let upload_cutoff = t0.checked_sub(opts.upload_max_age).unwrap_or(UNIX_EPOCH);
+        for id in self.driver.list(&uploads).await? {
+            let started = self
+                .driver
+                .stat(&format!("{uploads}/{id}/startedat"))
+                .await?;
+            if started.is_none_or(|m| m.modified < upload_cutoff) {
+                out.stale_uploads.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks everything live in the store.
+    async fn scan(
+        &self,
+        t0: SystemTime,
+        opts: &GcOptions,
+        lease: Option<&mut Lease>,
+    ) -> Result<Scan> {
+        let mut scan = Scan {
+            complete: true,
+            ..Default::default()
+        };
+        let mut cache = HashMap::new();
+        let mut lease = lease;
+        let mut renewed = SystemTime::now();
+        for name in self.repository_names(false).await? {
+            match self.scan_repo(&name, t0, opts, &mut scan, &mut cache).await {
+                Ok(r) => scan.repos.push(r),
+                Err(e) => {
+                    scan.errors.push(format!("repository {name}: {e}"));
+                    scan.complete = false;
+                }
+            }
+            if let Some(l) = lease.as_deref_mut()
+                && renewed.elapsed().unwrap_or_default() > opts.lease / 3
+            {
+                self.renew_lease(l, opts, None).await?;
+                renewed = SystemTime::now();
+            }
+        }
+        Ok(scan)
+    }
+
+    /// Every blob: `(digest, size, modified)`.
+    async fn all_blobs(&self) -> Result<Vec<(Digest, u64, SystemTime)>> {
+        let root = "docker/registry/v2/blobs";
+        let mut out = Vec::new();
+        for alg in self.driver.list(root).await? {
+            for pre in self.driver.list(&format!("{root}/{alg}")).await? {
+                for hex in self.driver.list(&format!("{root}/{alg}/{pre}")).await? {
+                    let Some(d) = digest_of(&alg, &hex) else {
+                        continue;
+                    };
+                    if let Some(meta) = self.driver.stat(&Key::Blob(&d).path()).await? {
+                        out.push((d, meta.size, meta.modified));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_lease(&self) -> Result<Option<(Lease, Bytes)>> {
+        let Some(raw) = self.driver.get(&Key::GcLease.path()).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice::<Lease>(&raw).ok().map(|l| (l, raw)))
+    }
+
+    fn lease_bytes(l: &Lease) -> Bytes {
+        serde_json::to_vec(l).expect("a lease serialises").into()
+    }
+
+    /// Takes the lease for `run`; `Err(holder)` if a live run of another holds it.
+    async fn acquire_lease(
+        &self,
+        run: &str,
+        opts: &GcOptions,
+    ) -> Result<std::result::Result<Lease, String>> {
+        let lease = Lease {
+            run: run.into(),
+            holder: opts.holder.clone(),
+            phase: "mark".into(),
+            expires: unix(SystemTime::now() + opts.lease),
+        };
+        let key = Key::GcLease.path();
+        loop {
+            if self
+                .driver
+                .put_if_absent(&key, Self::lease_bytes(&lease))
+                .await?
+            {
+                return Ok(Ok(lease));
+            }
+            let Some(raw) = self.driver.get(&key).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<Lease>(&raw) {
+                Ok(held) if held.live() => return Ok(Err(held.holder)),
+                // Expired (its run died) or unreadable: take it over.
+                _ => {
+                    if self
+                        .driver
+                        .put_if_current(&key, Self::lease_bytes(&lease), Some(raw))
+                        .await?
+                    {
+                        return Ok(Ok(lease));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Extends the lease (and sets its phase); fails if it was lost.
+    async fn renew_lease(
+        &self,
+        l: &mut Lease,
+        opts: &GcOptions,
+        phase: Option<&str>,
+    ) -> Result<()> {
+        let old = Self::lease_bytes(l);
+        let mut next = l.clone();
+        next.expires = unix(SystemTime::now() + opts.lease);
+        if let Some(p) = phase {
+            next.phase = p.into();
+        }
+        if !self
+            .driver
+            .put_if_current(&Key::GcLease.path(), Self::lease_bytes(&next), Some(old))
+            .await?
+        {
+            return Err(super::Error::Storage(std::io::Error::other(
+                "the GC lease was lost (expired and taken over): run stopped",
+            )));
+        }
+        *l = next;
+        Ok(())
+    }
+
+    async fn release_lease(&self, l: &Lease) {
+        let key = Key::GcLease.path();
+        if let Ok(Some(raw)) = self.driver.get(&key).await
+            && raw == Self::lease_bytes(l)
+        {
+            let _ = self.driver.delete(&key).await;
+        }
+    }
+
+    /// The run now sweeping, if any (what a push checks before referencing content).
+    async fn sweeping_run(&self) -> Result<Option<String>> {
+        Ok(self
+            .read_lease()
+            .await?
+            .map(|(l, _)| l)
+            .filter(|l| l.phase == "sweep" && l.live())
+            .map(|l| l.run))
+    }
+
+    /// Keeps the objects at `paths` from the sweeping run, if there is one: `Ok(false)` if
+    /// one of them is already being deleted.
+    pub(crate) async fn protect(&self, paths: &[String]) -> Result<bool> {
+        match self.sweeping_run().await? {
+            Some(run) => self.protect_in(&run, paths).await,
+            None => Ok(true),
+        }
+    }
+
+    /// [`Registry::protect`] for a manifest about to be stored in `name`: its own content
+    /// and revision link, its blobs and their links, its children, transitively.
+    pub(crate) async fn protect_manifest(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        parsed: &media_type::ParsedManifest,
+    ) -> Result<bool> {
+        let Some(run) = self.sweeping_run().await? else {
+            return Ok(true);
+        };
+        let blobs: Vec<Digest> = parsed.blob_references().map(|d| d.digest.clone()).collect();
+        let children: Vec<Digest> = parsed.manifests.iter().map(|d| d.digest.clone()).collect();
+        let mut paths = self.referenced_paths(name, &blobs, &children).await?;
+        paths.push(Key::Blob(digest).path());
+        paths.push(Key::RevisionLink(name, digest).path());
+        self.protect_in(&run, &paths).await
+    }
+
+    async fn protect_in(&self, run: &str, paths: &[String]) -> Result<bool> {
+        for p in paths {
+            let marker = gc_marker(p);
+            loop {
+                let Some(raw) = self.driver.get(&marker).await? else {
+                    break;
+                };
+                let text = String::from_utf8_lossy(&raw).to_string();
+                match text.split_once(' ') {
+                    Some(("condemned", r)) if r == run => {
+                        let rescued = Bytes::from(format!("rescued {run}"));
+                        if self
+                            .driver
+                            .put_if_current(&marker, rescued, Some(raw))
+                            .await?
+                        {
+                            break;
+                        }
+                    }
+                    Some(("deleting", r)) if r == run => return Ok(false),
+                    // Rescued already, or a marker of another (dead) run.
+                    _ => break,
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// The objects a manifest references (its blobs and their links in `name`, its
+    /// children's revision links and, transitively, theirs), for [`Registry::protect`].
+    async fn referenced_paths(
+        &self,
+        name: &RepositoryName,
+        blobs: &[Digest],
+        children: &[Digest],
+    ) -> Result<Vec<String>> {
+        let mut paths = Vec::new();
+        let mut cache = HashMap::new();
+        let mut errors = Vec::new();
+        let mut blobs: Vec<Digest> = blobs.to_vec();
+        let mut children: Vec<Digest> = children.to_vec();
+        let mut seen = HashSet::new();
+        while let Some(c) = children.pop() {
+            if !seen.insert(c.clone()) {
+                continue;
+            }
+            paths.push(Key::RevisionLink(name, &c).path());
+            paths.push(Key::Blob(&c).path());
+            if let Some(r) = self.manifest_refs(&c, &mut cache, &mut errors).await? {
+                blobs.extend(r.blobs);
+                children.extend(r.children);
+            }
+        }
+        for b in &blobs {
+            paths.push(Key::LayerLink(name, b).path());
+            paths.push(Key::Blob(b).path());
+        }
+        Ok(paths)
+    }
+
+    /// Deletes a candidate (its directory: the object and its marker) if it is still dead
+    /// (`dead`, from scan 2) and this run wins its marker; `false` if it was rescued, and then
+    /// its marker goes.
+    async fn sweep_one(&self, object: &str, run: &str, dead: bool) -> Result<bool> {
+        let marker = gc_marker(object);
+        let condemned = Bytes::from(format!("condemned {run}"));
+        let deleting = Bytes::from(format!("deleting {run}"));
+        if !dead
+            || !self
+                .driver
+                .put_if_current(&marker, deleting, Some(condemned))
+                .await?
+        {
+            let _ = self.driver.delete(&marker).await;
+            return Ok(false);
+        }
+        let dir = object.rsplit_once('/').map_or(object, |(d, _)| d);
+        self.driver.delete(dir).await?;
+        Ok(true)
+    }
+
+    /// [`Registry::sweep_one`] over many candidates at once: which were deleted.
+    async fn sweep_all(&self, run: &str, candidates: Vec<(String, bool)>) -> Result<Vec<bool>> {
+        futures_util::stream::iter(candidates)
+            .map(|(object, dead)| async move { self.sweep_one(&object, run, dead).await })
+            .buffered(PARALLEL)
+            .try_collect()
+            .await
+    }
+
+    /// Runs garbage collection once (see the module docs).
+    pub async fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        let t0 = SystemTime::now();
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let mut report = GcReport {
+            run: run.clone(),
+            holder: opts.holder.clone(),
+            dry_run: opts.dry_run,
+            started: super::rfc3339(t0),
+            started_ms: unix_ms(t0),
+            ..Default::default()
+        };
+        let mut lease = if opts.dry_run {
+            None
+        } else {
+            match self.acquire_lease(&run, opts).await? {
+                Ok(l) => Some(l),
+                Err(holder) => {
+                    report.busy = Some(holder);
+                    report.finished = super::rfc3339(SystemTime::now());
+                    report.finished_ms = unix_ms(SystemTime::now());
+                    return Ok(report);
+                }
+            }
+        };
+        let result = self
+            .gc_held(opts, t0, &run, lease.as_mut(), &mut report)
+            .await;
+        if let Some(l) = &lease {
+            self.release_lease(l).await;
+        }
+        result?;
+        report.finished = super::rfc3339(SystemTime::now());
+        report.finished_ms = unix_ms(SystemTime::now());
+        report.duration_seconds = t0.elapsed().unwrap_or_default().as_secs_f64();
+        report.blobs_deleted.sort();
+        report.layer_links_deleted.sort();
+        report.manifests_deleted.sort();
+        report.uploads_purged.sort();
+        Ok(report)
+    }
+
+    async fn gc_held(
+        &self,
+        opts: &GcOptions,
+        t0: SystemTime,
+        run: &str,
+        mut lease: Option<&mut Lease>,
+        report: &mut GcReport,
+    ) -> Result<()> {
+        let first = self.scan(t0, opts, lease.as_deref_mut()).await?;
+        report.repositories = first.repos.len();
+        report.manifests_marked = first.manifests_marked;
+        report.blobs_marked = first.live_blobs.len();
+        report.errors = first.errors.clone();
+        report.complete = first.complete;
+        let blobs = self.all_blobs().await?;
+        report.blobs_seen = blobs.len();
+        let cutoff = t0.checked_sub(opts.grace).unwrap_or(UNIX_EPOCH);
+        let dead_blobs: Vec<(Digest, u64)> = if first.complete {
+            blobs
+                .into_iter()
+                .filter(|(d, _, modified)| !first.live_blobs.contains(d) && *modified < cutoff)
+                .map(|(d, size, _)| (d, size))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let link_path = |repo: &str, d: &Digest, kind: &str| {
+            format!(
+                "{}/{repo}/{kind}/{}/{}/link",
+                Key::Repositories.path(),
+                d.algorithm(),
+                d.hex()
+            )
+        };
+        if opts.dry_run {
+            for r in &first.repos {
+                for d in &r.dead_revisions {
+                    report.manifests_deleted.push(format!("{}@{d}", r.name));
+                }
+                for d in &r.dead_links {
+                    report.layer_links_deleted.push(format!("{}@{d}", r.name));
+                }
+                for id in &r.stale_uploads {
+                    report.uploads_purged.push(format!("{}/{id}", r.name));
+                }
+            }
+            for (d, size) in dead_blobs {
+                report.bytes_reclaimed += size;
+                report.blobs_deleted.push(SweptBlob {
+                    digest: d.to_string(),
+                    size,
+                });
+            }
+            return Ok(());
+        }
+        let lease = lease.expect("a real run holds the lease");
+        // Abandoned upload sessions: nothing refers to them.
+        for r in &first.repos {
+            for id in &r.stale_uploads {
+                let dir = format!("{}/{}/_uploads/{id}", Key::Repositories.path(), r.name);
+                self.driver.delete(&dir).await?;
+                report.uploads_purged.push(format!("{}/{id}", r.name));
+            }
+        }
+        // Condemn, under the sweep phase.
+        self.renew_lease(lease, opts, Some("sweep")).await?;
+        let condemned = Bytes::from(format!("condemned {run}"));
+        let mut objects: Vec<String> = Vec::new();
+        for r in &first.repos {
+            for d in &r.dead_revisions {
+                objects.push(link_path(&r.name, d, "_manifests/revisions"));
+            }
+            for d in &r.dead_links {
+                objects.push(link_path(&r.name, d, "_layers"));
+            }
+        }
+        for (d, _) in &dead_blobs {
+            objects.push(Key::Blob(d).path());
+        }
+        let markers: Vec<String> = objects.iter().map(|o| gc_marker(o)).collect();
+        futures_util::stream::iter(markers)
+            .map(|marker| {
+                let condemned = condemned.clone();
+                async move { self.driver.put(&marker, condemned).await }
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<()>>()
+            .await?;
+        tokio::time::sleep(opts.fence).await;
+        self.renew_lease(lease, opts, None).await?;
+        // Scan 2: what is still dead is deleted, if its marker is still ours.
+        let second = self.scan(t0, opts, Some(&mut *lease)).await?;
+        report.errors.extend(second.errors.iter().cloned());
+        let still: HashMap<&str, &RepoScan> =
+            second.repos.iter().map(|r| (r.name.as_str(), r)).collect();
+        let still_dead = |repo: &str, d: &Digest, revision: bool| {
+            still.get(repo).is_some_and(|n| {
+                if revision {
+                    n.dead_revisions.contains(d)
+                } else {
+                    n.dead_links.contains(d)
+                }
+            })
+        };
+        // Manifests first (their referrer links need their content), then links, then blobs.
+        let mut revisions = Vec::new();
+        let mut links = Vec::new();
+        for r in &first.repos {
+            for d in &r.dead_revisions {
+                revisions.push((r.name.as_str(), d));
+            }
+            for d in &r.dead_links {
+                links.push((r.name.as_str(), d));
+            }
+        }
+        let done = self
+            .sweep_all(
+                run,
+                revisions
+                    .iter()
+                    .map(|(repo, d)| {
+                        let object = link_path(repo, d, "_manifests/revisions");
+                        (object, still_dead(repo, d, true))
+                    })
+                    .collect(),
+            )
+            .await?;
+        for ((repo, d), deleted) in revisions.iter().zip(done) {
+            if deleted {
+                self.drop_referrer_link(repo, d).await;
+                report.manifests_deleted.push(format!("{repo}@{d}"));
+            } else {
+                report.rescued += 1;
+            }
+        }
+        let done = self
+            .sweep_all(
+                run,
+                links
+                    .iter()
+                    .map(|(repo, d)| (link_path(repo, d, "_layers"), still_dead(repo, d, false)))
+                    .collect(),
+            )
+            .await?;
+        for ((repo, d), deleted) in links.iter().zip(done) {
+            if deleted {
+                report.layer_links_deleted.push(format!("{repo}@{d}"));
+            } else {
+                report.rescued += 1;
+            }
+        }
+        let done = self
+            .sweep_all(
+                run,
+                dead_blobs
+                    .iter()
+                    .map(|(d, _)| {
+                        let dead = second.complete && !second.live_blobs.contains(d);
+                        (Key::Blob(d).path(), dead)
+                    })
+                    .collect(),
+            )
+            .await?;
+        for ((d, size), deleted) in dead_blobs.into_iter().zip(done) {
+            if deleted {
+                report.bytes_reclaimed += size;
+                report.blobs_deleted.push(SweptBlob {
+                    digest: d.to_string(),
+                    size,
+                });
+            } else {
+                report.rescued += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// A deleted manifest's entry in its subject's referrers, if it had a subject.
+    async fn drop_referrer_link(&self, repo: &str, manifest: &Digest) {
+        let Ok(name) = RepositoryName::parse(repo) else {
+            return;
+        };
+        let Ok(Some(body)) = self.driver.get(&Key::Blob(manifest).path()).await else {
+            return;
+        };
+        if let Ok(p) = media_type::parse_manifest(None, &body)
+            && let Some(s) = p.subject
+        {
+            let link = Key::ReferrerLink(&name, &s.digest, manifest).path();
+            let _ = self.driver.delete(link.trim_end_matches("/link")).await;
+        }
+    }
+}

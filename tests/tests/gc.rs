@@ -1,0 +1,609 @@
+//! Online garbage collection (`storage_backend::registry::gc`) against real storage nodes, on
+//! the filesystem and on S3 (a real `moto_server`): what it reclaims and keeps, dry run against
+//! the real run, GC in a loop while images are pushed, pulled and deleted, `kill -9` in the
+//! middle of a sweep, one run at a time across scheduled nodes, corrupt links.
+//! `cargo test --release --test gc` runs exactly these.
+
+use futures_util::StreamExt;
+use portcullis_tests::client::{Client, OCI_MANIFEST, sha256};
+use portcullis_tests::moto::Moto;
+use portcullis_tests::server::{StorageOptions, StorageServer};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const BUCKET: &str = "gc-test";
+
+/// Storage nodes on one store — a filesystem root or a moto bucket — with `[gc]` settings.
+struct Store {
+    nodes: Vec<StorageServer>,
+    moto: Option<Moto>,
+    dir: tempfile::TempDir,
+    what: &'static str,
+}
+
+impl Store {
+    fn filesystem(n: usize, gc: &str) -> Store {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("storage.toml");
+        std::fs::write(&conf, gc).unwrap();
+        let nodes = (0..n)
+            .map(|_| {
+                StorageServer::start_with(
+                    &dir.path().join("root"),
+                    StorageOptions {
+                        config: Some(conf.clone()),
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+            })
+            .collect();
+        Store {
+            nodes,
+            moto: None,
+            dir,
+            what: "filesystem",
+        }
+    }
+
+    fn s3(n: usize, gc: &str) -> Store {
+        let moto = Moto::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = (0..n)
+            .map(|_| {
+                moto.storage_node_config(dir.path(), BUCKET, "registry", gc, &[])
+                    .unwrap()
+            })
+            .collect();
+        Store {
+            nodes,
+            moto: Some(moto),
+            dir,
+            what: "S3",
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn client(&self, node: usize) -> Client {
+        Client::new(&self.nodes[node].base)
+    }
+
+    /// `POST /gc` on a node: its report.
+    async fn gc(&self, node: usize, dry_run: bool) -> Value {
+        let url = format!(
+            "{}/gc{}",
+            self.nodes[node].base,
+            if dry_run { "?dry_run=true" } else { "" }
+        );
+        let r = reqwest::Client::new().post(url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}: POST /gc", self.what);
+        r.json().await.unwrap()
+    }
+
+    /// Whether the store holds a blob's content.
+    fn holds(&self, digest: &str) -> bool {
+        let hex = digest.trim_start_matches("sha256:");
+        let key = format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]);
+        match &self.moto {
+            Some(m) => !m
+                .keys(BUCKET, &format!("registry/{key}"))
+                .unwrap()
+                .is_empty(),
+            None => self.root().join(key).exists(),
+        }
+    }
+}
+
+/// The strings of a report's list, as a set.
+fn set(report: &Value, field: &str) -> BTreeSet<String> {
+    report[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {field} in {report}"))
+        .iter()
+        .map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other["digest"].as_str().unwrap().to_string(),
+        })
+        .collect()
+}
+
+/// Pulls `repo:tag`, checks it is `manifest` and that every blob it names comes back with
+/// its digest.
+async fn pulls(c: &Client, repo: &str, tag: &str, manifest: &[u8]) -> anyhow::Result<()> {
+    let r = c
+        .req(reqwest::Method::GET, &format!("/v2/{repo}/manifests/{tag}"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 200, "{repo}:{tag}: manifest {}", r.status());
+    anyhow::ensure!(
+        r.bytes().await? == manifest,
+        "{repo}:{tag}: another manifest"
+    );
+    let m: Value = serde_json::from_slice(manifest)?;
+    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    for l in m["layers"].as_array().unwrap() {
+        blobs.push(l["digest"].as_str().unwrap().to_string());
+    }
+    for d in blobs {
+        let r = c.get(&format!("/v2/{repo}/blobs/{d}")).await?;
+        anyhow::ensure!(r.status() == 200, "{repo}:{tag}: blob {d} {}", r.status());
+        anyhow::ensure!(
+            sha256(&r.bytes().await?).to_string() == d,
+            "{repo}:{tag}: blob {d} came back different"
+        );
+    }
+    Ok(())
+}
+
+fn blobs_of(manifest: &[u8]) -> Vec<String> {
+    let m: Value = serde_json::from_slice(manifest).unwrap();
+    let mut out = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    for l in m["layers"].as_array().unwrap() {
+        out.push(l["digest"].as_str().unwrap().to_string());
+    }
+    out
+}
+
+const RECLAIM: &str = "[gc]\ngrace_seconds = 0\nfence_seconds = 0.2\ndelete_untagged = true\n\
+                       untagged_grace_seconds = 0\nupload_max_age_seconds = 0\n";
+
+async fn reclaims_the_unreferenced_and_keeps_the_rest(store: Store) {
+    let w = store.what;
+    let c = store.client(0);
+    let repo = "team-a/app";
+    let shared: &[u8] = b"a base layer both images share";
+    let (a, a_digest) = c
+        .push_image(repo, "a", &[shared, b"only in a"])
+        .await
+        .unwrap();
+    let (b, b_digest) = c
+        .push_image(repo, "b", &[shared, b"only in b"])
+        .await
+        .unwrap();
+    // A referrer of b (untagged, kept because its subject is), and an untagged image.
+    let sig = c
+        .image_manifest(
+            repo,
+            b"{\"signature\":true}",
+            &[b"a signature"],
+            Some(json!({"artifactType": "application/vnd.example.sig",
+                        "subject": {"mediaType": OCI_MANIFEST, "digest": b_digest.to_string(), "size": b.len()}})),
+        )
+        .await
+        .unwrap();
+    let sig_digest = sha256(&sig).to_string();
+    let r = c
+        .put_manifest(repo, &sig_digest, OCI_MANIFEST, &sig)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let untagged = c
+        .image_manifest(repo, b"{\"untagged\":true}", &[b"only untagged"], None)
+        .await
+        .unwrap();
+    let untagged_digest = sha256(&untagged).to_string();
+    let r = c
+        .put_manifest(repo, &untagged_digest, OCI_MANIFEST, &untagged)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // An abandoned upload.
+    let loc = c.start_upload(repo).await.unwrap();
+    let r = c
+        .req(reqwest::Method::PATCH, &loc)
+        .header("content-type", "application/octet-stream")
+        .body(&b"never finished"[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Delete a.
+    let r = c
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/v2/{repo}/manifests/{a_digest}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    let mut gone: BTreeSet<String> = [a_digest.to_string(), untagged_digest.clone()].into();
+    for m in [&a, &untagged] {
+        for d in blobs_of(m) {
+            if !blobs_of(&b).contains(&d) {
+                gone.insert(d);
+            }
+        }
+    }
+    let dry = store.gc(0, true).await;
+    assert_eq!(set(&dry, "blobs_deleted"), gone, "{w}: dry run {dry:#}");
+    assert_eq!(
+        set(&dry, "manifests_deleted"),
+        [format!("{repo}@{untagged_digest}")].into(),
+        "{w}"
+    );
+    assert_eq!(set(&dry, "uploads_purged").len(), 1, "{w}");
+    for d in &gone {
+        assert!(store.holds(d), "{w}: the dry run deleted {d}");
+    }
+    let real = store.gc(1 % store.nodes.len(), false).await;
+    assert!(real["complete"].as_bool().unwrap(), "{w}: {real:#}");
+    for field in [
+        "blobs_deleted",
+        "layer_links_deleted",
+        "manifests_deleted",
+        "uploads_purged",
+    ] {
+        assert_eq!(
+            set(&real, field),
+            set(&dry, field),
+            "{w}: {field}: dry run ≠ run"
+        );
+    }
+    assert_eq!(real["bytes_reclaimed"], dry["bytes_reclaimed"], "{w}");
+    for d in &gone {
+        assert!(!store.holds(d), "{w}: {d} was not reclaimed");
+    }
+    for d in blobs_of(&b)
+        .iter()
+        .chain([&b_digest.to_string(), &sig_digest])
+    {
+        assert!(store.holds(d), "{w}: {d} is live and was deleted");
+    }
+    for node in 0..store.nodes.len() {
+        let c = store.client(node);
+        pulls(&c, repo, "b", &b).await.unwrap();
+        let refs: Value = c
+            .get(&format!("/v2/{repo}/referrers/{b_digest}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(refs["manifests"][0]["digest"], sig_digest.as_str(), "{w}");
+        let r = c.get(&format!("/v2/{repo}/manifests/a")).await.unwrap();
+        assert_eq!(r.status(), 404, "{w}");
+    }
+    let again = store.gc(0, false).await;
+    assert!(set(&again, "blobs_deleted").is_empty(), "{w}: {again:#}");
+    if store.moto.is_none() {
+        let report = portcullis_tests::fsck::check(&store.root());
+        assert!(report.errors.is_empty(), "{w}: {:?}", report.errors);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_the_filesystem_gc_reclaims_deleted_images_keeps_shared_blobs_and_matches_its_dry_run() {
+    reclaims_the_unreferenced_and_keeps_the_rest(Store::filesystem(2, RECLAIM)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_s3_gc_reclaims_deleted_images_keeps_shared_blobs_and_matches_its_dry_run() {
+    reclaims_the_unreferenced_and_keeps_the_rest(Store::s3(2, RECLAIM)).await;
+}
+
+/// An image of the loop test: pushed (retried as a client would if GC took a blob it
+/// relied on), then maybe deleted.
+struct Pushed {
+    repo: String,
+    tag: String,
+    manifest: Vec<u8>,
+    deleted: bool,
+}
+
+async fn push_retrying(c: &Client, repo: &str, tag: &str, layers: &[&[u8]]) -> Vec<u8> {
+    let mut last = String::new();
+    for _ in 0..20 {
+        match c.push_image(repo, tag, layers).await {
+            Ok((m, _)) => return m,
+            Err(e) => last = e.to_string(),
+        }
+    }
+    panic!("{repo}:{tag} could not be pushed: {last}");
+}
+
+async fn gc_in_a_loop_loses_nothing(store: Store, images: usize, grace: std::time::Duration) {
+    let w = store.what;
+    let store = Arc::new(store);
+    let stop = Arc::new(AtomicBool::new(false));
+    let looping = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut reports = Vec::new();
+            let mut node = 0;
+            while !stop.load(Ordering::Relaxed) {
+                reports.push(store.gc(node, false).await);
+                node = (node + 1) % store.nodes.len();
+            }
+            reports
+        })
+    };
+    let base = vec![7u8; 32 << 10];
+    let pushed: Vec<Pushed> = futures_util::stream::iter(0..images)
+        .map(|i| {
+            let (store, base) = (store.clone(), base.clone());
+            async move {
+                let c = store.client(i % store.nodes.len());
+                let repo = format!("loop/r{}", i % 5);
+                let tag = format!("v{i}");
+                let unique = format!("layer of image {i} ").repeat(100 + i * 37);
+                let manifest = push_retrying(&c, &repo, &tag, &[&base, unique.as_bytes()]).await;
+                // Pull it back at once from the other node, while GC runs.
+                let other = store.client((i + 1) % store.nodes.len());
+                pulls(&other, &repo, &tag, &manifest)
+                    .await
+                    .unwrap_or_else(|e| panic!("{w}: right after its push: {e}"));
+                let deleted = i % 5 == 4;
+                if deleted {
+                    let d = sha256(&manifest);
+                    let r = c
+                        .req(
+                            reqwest::Method::DELETE,
+                            &format!("/v2/{repo}/manifests/{d}"),
+                        )
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 202);
+                }
+                Pushed {
+                    repo,
+                    tag,
+                    manifest,
+                    deleted,
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    let reports = looping.await.unwrap();
+    assert!(reports.len() >= 2, "{w}: GC ran {} times", reports.len());
+    let during: usize = reports
+        .iter()
+        .map(|r| r["blobs_deleted"].as_array().map_or(0, Vec::len))
+        .sum();
+    let rescued: u64 = reports
+        .iter()
+        .map(|r| r["rescued"].as_u64().unwrap_or(0))
+        .sum();
+    eprintln!(
+        "{w}: {} GC runs during the pushes: {during} blobs deleted, {rescued} candidates rescued",
+        reports.len()
+    );
+    // Once everything is older than the grace window, one more run takes the deleted
+    // images' own blobs.
+    tokio::time::sleep(grace + std::time::Duration::from_millis(500)).await;
+    let last = store.gc(0, false).await;
+    for p in &pushed {
+        for node in 0..store.nodes.len() {
+            let c = store.client(node);
+            if !p.deleted {
+                pulls(&c, &p.repo, &p.tag, &p.manifest)
+                    .await
+                    .unwrap_or_else(|e| panic!("{w}: an acknowledged image was lost: {e}"));
+            }
+        }
+        let unique = blobs_of(&p.manifest).pop().unwrap();
+        assert_eq!(
+            store.holds(&unique),
+            !p.deleted,
+            "{w}: {}:{} (deleted: {}) and its own layer {unique}",
+            p.repo,
+            p.tag,
+            p.deleted
+        );
+    }
+    assert!(last["complete"].as_bool().unwrap(), "{w}: {last:#}");
+    let swept: usize = reports
+        .iter()
+        .chain([&last])
+        .map(|r| r["blobs_deleted"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert!(swept >= images / 5, "{w}: only {swept} blobs reclaimed");
+    if store.moto.is_none() {
+        let report = portcullis_tests::fsck::check(&store.root());
+        assert!(report.errors.is_empty(), "{w}: {:?}", report.errors);
+    }
+}
+
+const LOOP: &str = "[gc]\ngrace_seconds = 2\nfence_seconds = 0.3\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_the_filesystem_gc_in_a_loop_while_50_images_are_pushed_pulled_and_deleted_loses_nothing()
+ {
+    gc_in_a_loop_loses_nothing(Store::filesystem(2, LOOP), 50, Duration::from_secs(2)).await;
+}
+
+/// No grace at all: a pushed blob is garbage until its manifest comes, so GC condemns blobs
+/// that pushes are about to reference, and only the fencing (markers, the second scan, the
+/// compare-and-swap) keeps acknowledged images whole. Pushes that lose a blob are retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_no_grace_window_the_fencing_alone_keeps_every_acknowledged_image() {
+    let gc = "[gc]\ngrace_seconds = 0\nfence_seconds = 0.05\n";
+    gc_in_a_loop_loses_nothing(Store::filesystem(2, gc), 30, Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_s3_gc_in_a_loop_while_50_images_are_pushed_pulled_and_deleted_loses_nothing() {
+    gc_in_a_loop_loses_nothing(Store::s3(2, LOOP), 50, Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_in_the_middle_of_a_sweep_then_a_rerun_leaves_the_store_consistent() {
+    let gc = "[gc]\ngrace_seconds = 0\nfence_seconds = 2\nlease_seconds = 2\n";
+    let mut store = Store::filesystem(1, gc);
+    let c = store.client(0);
+    let (kept, _) = c
+        .push_image("team-a/kept", "v1", &[b"kept layer"])
+        .await
+        .unwrap();
+    // 300 unreferenced blobs: garbage.
+    let mut garbage = Vec::new();
+    for i in 0..300 {
+        garbage.push(
+            c.push_blob("team-a/junk", format!("junk {i}").into_bytes())
+                .await
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let base = store.nodes[0].base.clone();
+    let run = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{base}/gc"))
+            .send()
+            .await
+    });
+    // Kill as soon as the sweep has begun: the first condemned marker is on disk.
+    let blobs = store.root().join("docker/registry/v2/blobs/sha256");
+    let marked = |hex: &str| blobs.join(&hex[..2]).join(hex).join("gc").exists();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !garbage
+        .iter()
+        .any(|d| marked(d.trim_start_matches("sha256:")))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep never began"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    store.nodes[0].crash_and_restart().unwrap();
+    assert!(run.await.unwrap().is_err(), "the killed run answered");
+    let report = portcullis_tests::fsck::check(&store.root());
+    assert!(
+        report.errors.is_empty(),
+        "after the kill: {:?}",
+        report.errors
+    );
+    pulls(&store.client(0), "team-a/kept", "v1", &kept)
+        .await
+        .unwrap();
+    // The dead run's lease expires; a new run then takes everything.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let rerun = loop {
+        let r = store.gc(0, false).await;
+        if r["busy"].is_null() {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead run's lease never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(rerun["complete"].as_bool().unwrap(), "{rerun:#}");
+    for d in &garbage {
+        assert!(!store.holds(d), "{d} survived the rerun");
+    }
+    pulls(&store.client(0), "team-a/kept", "v1", &kept)
+        .await
+        .unwrap();
+    let report = portcullis_tests::fsck::check(&store.root());
+    assert!(
+        report.errors.is_empty(),
+        "after the rerun: {:?}",
+        report.errors
+    );
+    assert!(
+        !store.root().join("docker/registry/v2/_gc/lease").exists(),
+        "the lease outlived the run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_scheduled_nodes_never_collect_at_the_same_time() {
+    let gc = "[gc]\nenabled = true\ninterval_seconds = 1\ngrace_seconds = 0\n\
+              fence_seconds = 0.8\nlease_seconds = 10\n";
+    let store = Store::filesystem(2, gc);
+    store
+        .client(0)
+        .push_blob("team-a/junk", b"something to collect".to_vec())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+    let mut runs = Vec::new();
+    let mut busy = 0;
+    for (i, node) in store.nodes.iter().enumerate() {
+        let history: Vec<Value> = reqwest::get(format!("{}/gc", node.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for r in history {
+            if r["busy"].is_null() {
+                runs.push((
+                    i,
+                    r["started_ms"].as_u64().unwrap(),
+                    r["finished_ms"].as_u64().unwrap(),
+                ));
+            } else {
+                busy += 1;
+            }
+        }
+    }
+    assert!(runs.len() >= 2, "{runs:?}");
+    assert!(busy >= 1, "the nodes never met: {runs:?}");
+    for a in &runs {
+        for b in &runs {
+            if a.0 != b.0 {
+                assert!(
+                    a.2 <= b.1 || b.2 <= a.1,
+                    "runs of both nodes overlapped: {a:?} {b:?}"
+                );
+            }
+        }
+    }
+    let metrics = reqwest::get(format!("{}/metrics", store.nodes[0].base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("storage_gc_runs_total{outcome=\"ok\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_link_is_reported_and_the_run_goes_on() {
+    let store = Store::filesystem(1, RECLAIM);
+    let c = store.client(0);
+    let (kept, _) = c.push_image("team-a/app", "v1", &[b"kept"]).await.unwrap();
+    let junk = c
+        .push_blob("team-a/junk", b"junk".to_vec())
+        .await
+        .unwrap()
+        .to_string();
+    let other = c
+        .push_blob("team-a/other", b"other".to_vec())
+        .await
+        .unwrap();
+    let repos = store.root().join("docker/registry/v2/repositories");
+    let link = repos.join(format!("team-a/other/_layers/sha256/{}/link", other.hex()));
+    std::fs::write(&link, "not a digest").unwrap();
+    let tag = repos.join("team-a/other/_manifests/tags/broken/current");
+    std::fs::create_dir_all(&tag).unwrap();
+    std::fs::write(tag.join("link"), "garbage").unwrap();
+    let report = store.gc(0, false).await;
+    let errors = report["errors"].to_string();
+    assert!(
+        errors.contains("corrupt link") && errors.contains("corrupt tag link"),
+        "{report:#}"
+    );
+    assert!(set(&report, "blobs_deleted").contains(&junk), "{report:#}");
+    pulls(&c, "team-a/app", "v1", &kept).await.unwrap();
+}
