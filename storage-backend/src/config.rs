@@ -44,6 +44,9 @@ pub struct GcConfig {
     pub fence_seconds: f64,
     /// How long the one-run-at-a-time lease holds without renewal.
     pub lease_seconds: u64,
+    /// A policy file (`conf/policy.toml`) whose `[[retention]]` rules every run applies
+    /// first; unset: no retention.
+    pub retention_policy: Option<PathBuf>,
 }
 
 impl Default for GcConfig {
@@ -58,12 +61,30 @@ impl Default for GcConfig {
             upload_max_age_seconds: 86_400,
             fence_seconds: 30.0,
             lease_seconds: 600,
+            retention_policy: None,
         }
     }
 }
 
 impl GcConfig {
-    pub fn options(&self, dry_run: bool, holder: &str) -> crate::registry::GcOptions {
+    /// The retention policy, compiled (errors name file:line).
+    pub fn load_retention(&self) -> anyhow::Result<Option<std::sync::Arc<policy::Policy>>> {
+        let Some(file) = &self.retention_policy else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading gc.retention_policy {}", file.display()))?;
+        let p = policy::Policy::compile(&file.display().to_string(), &text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Some(std::sync::Arc::new(p)))
+    }
+
+    pub fn options(
+        &self,
+        dry_run: bool,
+        holder: &str,
+        retention: Option<std::sync::Arc<policy::Policy>>,
+    ) -> crate::registry::GcOptions {
         use std::time::Duration;
         crate::registry::GcOptions {
             dry_run,
@@ -74,6 +95,7 @@ impl GcConfig {
             fence: Duration::from_secs_f64(self.fence_seconds.max(0.0)),
             lease: Duration::from_secs(self.lease_seconds.max(1)),
             holder: holder.to_string(),
+            retention,
         }
     }
 

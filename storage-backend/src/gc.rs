@@ -18,22 +18,26 @@ pub struct GcService {
     /// This node's name in the lease and reports.
     holder: String,
     history: Mutex<VecDeque<GcReport>>,
+    retention: Option<Arc<policy::Policy>>,
     /// One run of this node at a time (the lease keeps other nodes out).
     running: tokio::sync::Mutex<()>,
 }
 
 impl GcService {
-    pub fn new(registry: Arc<Registry>, config: GcConfig) -> Self {
+    /// Fails if the retention policy does not load.
+    pub fn new(registry: Arc<Registry>, config: GcConfig) -> anyhow::Result<Self> {
+        let retention = config.load_retention()?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "node".into());
-        GcService {
+        Ok(GcService {
             registry,
             config,
             holder: format!("{host}:{}", std::process::id()),
             history: Mutex::new(VecDeque::new()),
+            retention,
             running: tokio::sync::Mutex::new(()),
-        }
+        })
     }
 
     /// One run; its report is kept and its figures counted.
@@ -42,7 +46,9 @@ impl GcService {
         metrics.gc_running.set(1);
         let result = self
             .registry
-            .gc(&self.config.options(dry_run, &self.holder))
+            .gc(&self
+                .config
+                .options(dry_run, &self.holder, self.retention.clone()))
             .await;
         metrics.gc_running.set(0);
         match &result {

@@ -39,7 +39,7 @@ pub fn build_state(
         },
     ));
     Ok(Arc::new(http::AppState {
-        gc: Arc::new(gc::GcService::new(registry.clone(), config.gc.clone())),
+        gc: Arc::new(gc::GcService::new(registry.clone(), config.gc.clone())?),
         registry,
         delete_enabled: config.api.delete_enabled,
         secret,

@@ -87,6 +87,19 @@ impl Store {
         r.json().await.unwrap()
     }
 
+    /// On the filesystem: the offline checker finds nothing wrong (`when` names the moment).
+    fn assert_consistent(&self, when: &str) {
+        if self.moto.is_none() {
+            let report = portcullis_tests::fsck::check(&self.root());
+            assert!(
+                report.errors.is_empty(),
+                "{} {when}: {:?}",
+                self.what,
+                report.errors
+            );
+        }
+    }
+
     /// Whether the store holds a blob's content.
     fn holds(&self, digest: &str) -> bool {
         let hex = digest.trim_start_matches("sha256:");
@@ -275,10 +288,7 @@ async fn reclaims_the_unreferenced_and_keeps_the_rest(store: Store) {
     }
     let again = store.gc(0, false).await;
     assert!(set(&again, "blobs_deleted").is_empty(), "{w}: {again:#}");
-    if store.moto.is_none() {
-        let report = portcullis_tests::fsck::check(&store.root());
-        assert!(report.errors.is_empty(), "{w}: {:?}", report.errors);
-    }
+    store.assert_consistent("at the end");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -411,10 +421,7 @@ async fn gc_in_a_loop_loses_nothing(store: Store, images: usize, grace: std::tim
         .map(|r| r["blobs_deleted"].as_array().map_or(0, Vec::len))
         .sum();
     assert!(swept >= images / 5, "{w}: only {swept} blobs reclaimed");
-    if store.moto.is_none() {
-        let report = portcullis_tests::fsck::check(&store.root());
-        assert!(report.errors.is_empty(), "{w}: {:?}", report.errors);
-    }
+    store.assert_consistent("at the end");
 }
 
 const LOOP: &str = "[gc]\ngrace_seconds = 2\nfence_seconds = 0.3\n";
@@ -481,12 +488,7 @@ async fn kill_9_in_the_middle_of_a_sweep_then_a_rerun_leaves_the_store_consisten
     }
     store.nodes[0].crash_and_restart().unwrap();
     assert!(run.await.unwrap().is_err(), "the killed run answered");
-    let report = portcullis_tests::fsck::check(&store.root());
-    assert!(
-        report.errors.is_empty(),
-        "after the kill: {:?}",
-        report.errors
-    );
+    store.assert_consistent("after the kill");
     pulls(&store.client(0), "team-a/kept", "v1", &kept)
         .await
         .unwrap();
@@ -510,12 +512,7 @@ async fn kill_9_in_the_middle_of_a_sweep_then_a_rerun_leaves_the_store_consisten
     pulls(&store.client(0), "team-a/kept", "v1", &kept)
         .await
         .unwrap();
-    let report = portcullis_tests::fsck::check(&store.root());
-    assert!(
-        report.errors.is_empty(),
-        "after the rerun: {:?}",
-        report.errors
-    );
+    store.assert_consistent("after the rerun");
     assert!(
         !store.root().join("docker/registry/v2/_gc/lease").exists(),
         "the lease outlived the run"
@@ -606,4 +603,196 @@ async fn a_corrupt_link_is_reported_and_the_run_goes_on() {
     );
     assert!(set(&report, "blobs_deleted").contains(&junk), "{report:#}");
     pulls(&c, "team-a/app", "v1", &kept).await.unwrap();
+}
+
+const RETENTION_POLICY: &str = r#"
+[[immutability]]
+repositories = ["**"]
+tags = ["v*.*.*"]
+
+[[retention]]
+repositories = ["team-a/**"]
+keep_last = 2
+keep_tags = ["stable"]
+untagged = "delete"
+
+[[retention]]
+repositories = ["team-b/**"]
+keep_days = 7
+"#;
+
+/// Tags of a repository, sorted.
+async fn tags_of(c: &Client, repo: &str) -> Vec<String> {
+    let v: Value = c
+        .get(&format!("/v2/{repo}/tags/list"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut tags: Vec<String> = v["tags"]
+        .as_array()
+        .map(|a| a.iter().map(|t| t.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    tags.sort();
+    tags
+}
+
+/// keep-N, keep-recent and pattern rules on real pushes; immutable tags kept; the dry run
+/// reports exactly what the run then deletes. `tick` separates pushes (retention ranks by
+/// push time in seconds); `age` makes a tag old (the filesystem only).
+async fn retention_applies_the_policy(store: Store, tick: Duration, age: Option<&dyn Fn(&str)>) {
+    let w = store.what;
+    let c = store.client(0);
+    let mut pushed = std::collections::HashMap::new();
+    for tag in ["v1.0.0", "stable", "t1", "t2", "t3", "t4"] {
+        let (m, _) = c
+            .push_image("team-a/app", tag, &[format!("layer of {tag}").as_bytes()])
+            .await
+            .unwrap();
+        pushed.insert(tag, m);
+        tokio::time::sleep(tick).await;
+    }
+    let untagged = c
+        .image_manifest(
+            "team-a/app",
+            b"{\"untagged\":1}",
+            &[b"untagged layer"],
+            None,
+        )
+        .await
+        .unwrap();
+    let ud = sha256(&untagged).to_string();
+    assert_eq!(
+        c.put_manifest("team-a/app", &ud, OCI_MANIFEST, &untagged)
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    for tag in ["old", "new"] {
+        let (m, _) = c
+            .push_image("team-b/app", tag, &[format!("b {tag}").as_bytes()])
+            .await
+            .unwrap();
+        pushed.insert(tag, m);
+    }
+    let (other, _) = c
+        .push_image("team-c/app", "x", &[b"no rule"])
+        .await
+        .unwrap();
+    if let Some(age) = age {
+        age("team-b/app/_manifests/tags/old/current/link");
+    }
+
+    let dry = store.gc(0, true).await;
+    let mut expected: BTreeSet<String> = ["t1", "t2"]
+        .iter()
+        .map(|t| format!("team-a/app:{t}"))
+        .collect();
+    expected.insert(format!("team-a/app@{ud}"));
+    if age.is_some() {
+        expected.insert("team-b/app:old".into());
+    }
+    let planned: BTreeSet<String> = dry["retention"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| match d["tag"].as_str() {
+            Some(t) => format!("{}:{t}", d["repository"].as_str().unwrap()),
+            None => format!(
+                "{}@{}",
+                d["repository"].as_str().unwrap(),
+                d["digest"].as_str().unwrap()
+            ),
+        })
+        .collect();
+    assert_eq!(planned, expected, "{w}: {dry:#}");
+    assert_eq!(
+        tags_of(&c, "team-a/app").await.len(),
+        6,
+        "{w}: the dry run deleted tags"
+    );
+    let real = store.gc(0, false).await;
+    for field in [
+        "retention",
+        "manifests_deleted",
+        "blobs_deleted",
+        "layer_links_deleted",
+    ] {
+        assert_eq!(real[field], dry[field], "{w}: {field}: dry run ≠ run");
+    }
+    assert_eq!(
+        tags_of(&c, "team-a/app").await,
+        ["stable", "t3", "t4", "v1.0.0"],
+        "{w}"
+    );
+    let b_tags = tags_of(&c, "team-b/app").await;
+    assert_eq!(
+        b_tags,
+        if age.is_some() {
+            vec!["new"]
+        } else {
+            vec!["new", "old"]
+        },
+        "{w}"
+    );
+    for tag in ["stable", "t3", "t4", "v1.0.0"] {
+        pulls(&c, "team-a/app", tag, &pushed[tag]).await.unwrap();
+    }
+    pulls(&c, "team-c/app", "x", &other).await.unwrap();
+    for tag in ["t1", "t2"] {
+        let r = c
+            .get(&format!("/v2/team-a/app/manifests/{tag}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{w}: {tag}");
+        let d = sha256(&pushed[tag]).to_string();
+        assert!(!store.holds(&d), "{w}: {tag}'s manifest was not swept");
+        assert!(
+            !store.holds(&blobs_of(&pushed[tag])[1]),
+            "{w}: {tag}'s layer"
+        );
+    }
+    assert!(!store.holds(&ud), "{w}: the untagged manifest");
+    // A deleted tag can be pushed again.
+    let (again, _) = c
+        .push_image("team-a/app", "t1", &[b"t1 again"])
+        .await
+        .unwrap();
+    pulls(&c, "team-a/app", "t1", &again).await.unwrap();
+    store.assert_consistent("at the end");
+}
+
+fn retention_config(dir: &std::path::Path) -> String {
+    let policy = dir.join("retention-policy.toml");
+    std::fs::write(&policy, RETENTION_POLICY).unwrap();
+    format!(
+        "[gc]\ngrace_seconds = 0\nfence_seconds = 0.2\nretention_policy = \"{}\"\n",
+        policy.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_the_filesystem_retention_keeps_n_recent_and_matching_tags_and_never_an_immutable_one() {
+    let policy_dir = tempfile::tempdir().unwrap();
+    let store = Store::filesystem(1, &retention_config(policy_dir.path()));
+    let repos = store.root().join("docker/registry/v2/repositories");
+    let age = move |rel: &str| {
+        let ok = std::process::Command::new("touch")
+            .args(["-m", "-d", "10 days ago"])
+            .arg(repos.join(rel))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "touch {rel}");
+    };
+    retention_applies_the_policy(store, Duration::from_millis(1100), Some(&age)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_s3_retention_keeps_n_recent_and_matching_tags_and_never_an_immutable_one() {
+    let policy_dir = tempfile::tempdir().unwrap();
+    let store = Store::s3(1, &retention_config(policy_dir.path()));
+    retention_applies_the_policy(store, Duration::from_millis(1100), None).await;
 }

@@ -26,17 +26,12 @@ pub fn paginate(mut all: Vec<String>, n: Option<usize>, last: Option<&str>) -> P
 }
 
 impl Registry {
-    /// Every tag of a repository (tags whose current link exists), unsorted.
+    /// Every tag of a repository (tags whose current link names a manifest), unsorted.
     pub async fn tags(&self, name: &RepositoryName) -> Result<Vec<Tag>> {
         let mut out = Vec::new();
         for t in self.driver.list(&Key::Tags(name).path()).await? {
             let Ok(tag) = Tag::parse(&t) else { continue };
-            if self
-                .driver
-                .stat(&Key::TagCurrentLink(name, &tag).path())
-                .await?
-                .is_some()
-            {
+            if self.tag_target(name, &tag).await?.is_some() {
                 out.push(tag);
             }
         }

@@ -67,6 +67,10 @@ pub struct GcOptions {
     pub lease: Duration,
     /// Who runs it (in the lease and the report).
     pub holder: String,
+    /// Apply the policy's retention rules first: the tags they delete are deleted (a
+    /// compare-and-swap to a tombstone, never an immutable tag), and the manifests they
+    /// delete, or left without a tag, are swept with the rest.
+    pub retention: Option<std::sync::Arc<policy::Policy>>,
 }
 
 impl Default for GcOptions {
@@ -80,6 +84,7 @@ impl Default for GcOptions {
             fence: Duration::from_secs(30),
             lease: Duration::from_secs(600),
             holder: "storage-backend".into(),
+            retention: None,
         }
     }
 }
@@ -89,6 +94,26 @@ impl Default for GcOptions {
 pub struct SweptBlob {
     pub digest: String,
     pub size: u64,
+}
+
+/// A tag or an untagged manifest retention deletes.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RetentionDeletion {
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: String,
+    pub reason: String,
+}
+
+/// Retention's decisions for one repository, made once per run (scan 1) and held for scan 2.
+#[derive(Debug, Clone, Default)]
+struct RepoRetention {
+    /// Tags to delete: (tag, what it pointed to, why).
+    tags: Vec<(String, Digest, String)>,
+    /// Untagged manifests to delete: (digest, why).
+    untagged: Vec<(Digest, String)>,
+    /// Manifests that stop being roots: the untagged ones, and those all of whose tags go.
+    manifests: HashSet<Digest>,
 }
 
 /// What a run did (or, in a dry run, would do).
@@ -117,6 +142,8 @@ pub struct GcReport {
     pub manifests_deleted: Vec<String>,
     /// `<repository>/<session id>`.
     pub uploads_purged: Vec<String>,
+    /// What retention deleted (or, in a dry run, would delete), and why.
+    pub retention: Vec<RetentionDeletion>,
     /// Candidates a push referenced again before they were deleted.
     pub rescued: usize,
     /// Unreadable or corrupt objects, and failures that did not stop the run.
@@ -155,6 +182,8 @@ fn unix(t: SystemTime) -> u64 {
 #[derive(Debug, Default)]
 struct RepoScan {
     name: String,
+    /// Retention's decisions (with a retention policy).
+    retention: Option<RepoRetention>,
     /// Layer links nothing live refers to, older than the grace window.
     dead_links: Vec<Digest>,
     /// Untagged revisions to delete (only with `delete_untagged`).
@@ -292,6 +321,7 @@ impl Registry {
         opts: &GcOptions,
         scan: &mut Scan,
         cache: &mut HashMap<Digest, Option<Refs>>,
+        fixed: Option<&RepoRetention>,
     ) -> Result<RepoScan> {
         let repo = format!("{}/{name}", Key::Repositories.path());
         let mut out = RepoScan {
@@ -300,13 +330,21 @@ impl Registry {
         };
         let errors = &mut scan.errors;
         // Roots: tagged manifests, and untagged ones unless they are to go.
-        let mut kept: Vec<Digest> = Vec::new();
+        let mut tagged: Vec<(String, Digest, SystemTime)> = Vec::new();
         let tags = format!("{repo}/_manifests/tags");
         for tag in self.driver.list(&tags).await? {
             let link = format!("{tags}/{tag}/current/link");
             if let Some(text) = self.driver.get(&link).await? {
-                match Digest::parse(String::from_utf8_lossy(&text).trim()) {
-                    Ok(d) => kept.push(d),
+                let text = String::from_utf8_lossy(&text);
+                match Digest::parse(text.trim()) {
+                    Ok(d) => {
+                        let modified = match fixed.is_none() && opts.retention.is_some() {
+                            true => self.driver.stat(&link).await?.map_or(t0, |m| m.modified),
+                            false => t0,
+                        };
+                        tagged.push((tag, d, modified));
+                    }
+                    Err(_) if text.starts_with(super::TAG_TOMBSTONE) => {}
                     Err(_) => errors.push(format!("{link}: corrupt tag link")),
                 }
             }
@@ -314,9 +352,29 @@ impl Registry {
         let revisions = self
             .links_under(&format!("{repo}/_manifests/revisions"), errors)
             .await?;
+        out.retention = match (fixed, &opts.retention) {
+            (Some(r), _) => Some(r.clone()),
+            (None, Some(policy)) => Some(plan_retention(policy, name, &tagged, &revisions, t0)),
+            (None, None) => None,
+        };
+        let dropped = out.retention.as_ref().map(|r| &r.manifests);
+        let deleted_tag = |tag: &str, d: &Digest| {
+            out.retention
+                .as_ref()
+                .is_some_and(|r| r.tags.iter().any(|(t, td, _)| t == tag && td == d))
+        };
+        let mut kept: Vec<Digest> = tagged
+            .iter()
+            .filter(|(t, d, _)| !deleted_tag(t, d))
+            .map(|(_, d, _)| d.clone())
+            .collect();
         let untagged_cutoff = t0.checked_sub(opts.untagged_grace).unwrap_or(UNIX_EPOCH);
+        // Retention's manifests stop being roots, unless pushed again since the run began.
+        let retained = |d: &Digest, modified: &SystemTime| {
+            !(dropped.is_some_and(|m| m.contains(d)) && *modified <= t0)
+        };
         for (d, modified) in &revisions {
-            if !opts.delete_untagged || *modified > untagged_cutoff {
+            if (!opts.delete_untagged || *modified > untagged_cutoff) && retained(d, modified) {
                 kept.push(d.clone());
             }
         }
@@ -341,13 +399,14 @@ impl Registry {
             }
         }
         scan.manifests_marked += live.len();
-        if opts.delete_untagged {
-            out.dead_revisions = revisions
-                .into_iter()
-                .filter(|(d, _)| !live.contains(d))
-                .map(|(d, _)| d)
-                .collect();
-        }
+        out.dead_revisions = revisions
+            .into_iter()
+            .filter(|(d, _)| {
+                !live.contains(d)
+                    && (opts.delete_untagged || dropped.is_some_and(|m| m.contains(d)))
+            })
+            .map(|(d, _)| d)
+            .collect();
         let cutoff = t0.checked_sub(opts.grace).unwrap_or(UNIX_EPOCH);
         for (d, modified) in self.links_under(&format!("{repo}/_layers"), errors).await? {
             if referenced.contains(&d) {
@@ -374,12 +433,14 @@ impl Registry {
         Ok(out)
     }
 
-    /// Marks everything live in the store.
+    /// Marks everything live in the store; retention decides anew unless `plans` (scan 1's
+    /// decisions, by repository) are given.
     async fn scan(
         &self,
         t0: SystemTime,
         opts: &GcOptions,
         lease: Option<&mut Lease>,
+        plans: Option<&HashMap<String, RepoRetention>>,
     ) -> Result<Scan> {
         let mut scan = Scan {
             complete: true,
@@ -389,7 +450,11 @@ impl Registry {
         let mut lease = lease;
         let mut renewed = SystemTime::now();
         for name in self.repository_names(false).await? {
-            match self.scan_repo(&name, t0, opts, &mut scan, &mut cache).await {
+            let fixed = plans.map(|p| p.get(&name).cloned().unwrap_or_default());
+            match self
+                .scan_repo(&name, t0, opts, &mut scan, &mut cache, fixed.as_ref())
+                .await
+            {
                 Ok(r) => scan.repos.push(r),
                 Err(e) => {
                     scan.errors.push(format!("repository {name}: {e}"));
@@ -664,20 +729,26 @@ impl Registry {
                 }
             }
         };
+        // The run's times are those it held the lease (runs of two nodes never overlap).
+        let t0 = SystemTime::now();
+        report.started = super::rfc3339(t0);
+        report.started_ms = unix_ms(t0);
         let result = self
             .gc_held(opts, t0, &run, lease.as_mut(), &mut report)
             .await;
+        let finished = SystemTime::now();
         if let Some(l) = &lease {
             self.release_lease(l).await;
         }
         result?;
-        report.finished = super::rfc3339(SystemTime::now());
-        report.finished_ms = unix_ms(SystemTime::now());
+        report.finished = super::rfc3339(finished);
+        report.finished_ms = unix_ms(finished);
         report.duration_seconds = t0.elapsed().unwrap_or_default().as_secs_f64();
         report.blobs_deleted.sort();
         report.layer_links_deleted.sort();
         report.manifests_deleted.sort();
         report.uploads_purged.sort();
+        report.retention.sort();
         Ok(report)
     }
 
@@ -689,7 +760,7 @@ impl Registry {
         mut lease: Option<&mut Lease>,
         report: &mut GcReport,
     ) -> Result<()> {
-        let first = self.scan(t0, opts, lease.as_deref_mut()).await?;
+        let first = self.scan(t0, opts, lease.as_deref_mut(), None).await?;
         report.repositories = first.repos.len();
         report.manifests_marked = first.manifests_marked;
         report.blobs_marked = first.live_blobs.len();
@@ -715,6 +786,51 @@ impl Registry {
                 d.hex()
             )
         };
+        // Retention's tag deletions: swapped to a tombstone (a tag moved meanwhile stays).
+        for r in &first.repos {
+            let Some(plan) = &r.retention else { continue };
+            for (tag, d, reason) in &plan.tags {
+                if !opts.dry_run {
+                    let link = format!(
+                        "{}/{}/_manifests/tags/{tag}/current/link",
+                        Key::Repositories.path(),
+                        r.name
+                    );
+                    let tombstone = Bytes::from(format!("{}{d}", super::TAG_TOMBSTONE));
+                    if !self
+                        .driver
+                        .put_if_current(&link, tombstone, Some(Bytes::from(d.to_string())))
+                        .await?
+                    {
+                        continue;
+                    }
+                    tracing::info!(
+                        target: "audit",
+                        action = "retention-delete-tag",
+                        repository = %r.name,
+                        tag = %tag,
+                        digest = %d,
+                        reason = %reason,
+                        run = %run,
+                        "retention deleted a tag"
+                    );
+                }
+                report.retention.push(RetentionDeletion {
+                    repository: r.name.clone(),
+                    tag: Some(tag.clone()),
+                    digest: d.to_string(),
+                    reason: reason.clone(),
+                });
+            }
+            for (d, reason) in &plan.untagged {
+                report.retention.push(RetentionDeletion {
+                    repository: r.name.clone(),
+                    tag: None,
+                    digest: d.to_string(),
+                    reason: reason.clone(),
+                });
+            }
+        }
         if opts.dry_run {
             for r in &first.repos {
                 for d in &r.dead_revisions {
@@ -772,7 +888,19 @@ impl Registry {
         tokio::time::sleep(opts.fence).await;
         self.renew_lease(lease, opts, None).await?;
         // Scan 2: what is still dead is deleted, if its marker is still ours.
-        let second = self.scan(t0, opts, Some(&mut *lease)).await?;
+        let plans: HashMap<String, RepoRetention> = first
+            .repos
+            .iter()
+            .filter_map(|r| Some((r.name.clone(), r.retention.clone()?)))
+            .collect();
+        let second = self
+            .scan(
+                t0,
+                opts,
+                Some(&mut *lease),
+                opts.retention.as_ref().map(|_| &plans),
+            )
+            .await?;
         report.errors.extend(second.errors.iter().cloned());
         let still: HashMap<&str, &RepoScan> =
             second.repos.iter().map(|r| (r.name.as_str(), r)).collect();
@@ -811,6 +939,7 @@ impl Registry {
         for ((repo, d), deleted) in revisions.iter().zip(done) {
             if deleted {
                 self.drop_referrer_link(repo, d).await;
+                tracing::info!(target: "audit", action = "gc-delete-manifest", repository = %repo, digest = %d, run = %run, "garbage collection deleted a manifest");
                 report.manifests_deleted.push(format!("{repo}@{d}"));
             } else {
                 report.rescued += 1;
@@ -827,6 +956,7 @@ impl Registry {
             .await?;
         for ((repo, d), deleted) in links.iter().zip(done) {
             if deleted {
+                tracing::info!(target: "audit", action = "gc-delete-layer-link", repository = %repo, digest = %d, run = %run, "garbage collection deleted a layer link");
                 report.layer_links_deleted.push(format!("{repo}@{d}"));
             } else {
                 report.rescued += 1;
@@ -846,6 +976,7 @@ impl Registry {
             .await?;
         for ((d, size), deleted) in dead_blobs.into_iter().zip(done) {
             if deleted {
+                tracing::info!(target: "audit", action = "gc-delete-blob", digest = %d, size, run = %run, "garbage collection deleted a blob");
                 report.bytes_reclaimed += size;
                 report.blobs_deleted.push(SweptBlob {
                     digest: d.to_string(),
@@ -873,4 +1004,62 @@ impl Registry {
             let _ = self.driver.delete(link.trim_end_matches("/link")).await;
         }
     }
+}
+
+/// Retention's decisions for one repository: the policy's plan over its tags (pushed at their
+/// link's time) and untagged manifests.
+fn plan_retention(
+    policy: &policy::Policy,
+    repo: &str,
+    tagged: &[(String, Digest, SystemTime)],
+    revisions: &[(Digest, SystemTime)],
+    t0: SystemTime,
+) -> RepoRetention {
+    let tagged_digests: HashSet<&Digest> = tagged.iter().map(|(_, d, _)| d).collect();
+    let secs = |t: &SystemTime| unix(*t) as i64;
+    let records: Vec<policy::ManifestRecord> = tagged
+        .iter()
+        .map(|(t, d, at)| policy::ManifestRecord {
+            tag: Some(t.clone()),
+            digest: d.to_string(),
+            pushed_at: secs(at),
+        })
+        .chain(
+            revisions
+                .iter()
+                .filter(|(d, _)| !tagged_digests.contains(d))
+                .map(|(d, at)| policy::ManifestRecord {
+                    tag: None,
+                    digest: d.to_string(),
+                    pushed_at: secs(at),
+                }),
+        )
+        .collect();
+    let plan = policy.retention(repo, &records, secs(&t0));
+    let mut out = RepoRetention::default();
+    for v in plan.delete {
+        let Ok(d) = Digest::parse(&v.record.digest) else {
+            continue;
+        };
+        match v.record.tag {
+            Some(t) => out.tags.push((t, d, v.reason)),
+            None => {
+                out.manifests.insert(d.clone());
+                out.untagged.push((d, v.reason));
+            }
+        }
+    }
+    // A manifest all of whose tags go goes too.
+    let still_tagged: HashSet<String> = plan
+        .keep
+        .iter()
+        .filter(|v| v.record.tag.is_some())
+        .map(|v| v.record.digest.clone())
+        .collect();
+    for (_, d, _) in &out.tags {
+        if !still_tagged.contains(&d.to_string()) {
+            out.manifests.insert(d.clone());
+        }
+    }
+    out
 }

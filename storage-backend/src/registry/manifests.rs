@@ -132,17 +132,19 @@ impl Registry {
         let current = Key::TagCurrentLink(name, tag).path();
         for _ in 0..TAG_SWAP_ATTEMPTS {
             let before = self.driver.get(&current).await?;
-            if create_only && before.is_some() {
+            // A tombstone (a tag retention deleted) is no tag, but the swap replaces it.
+            let pointed = before
+                .as_ref()
+                .and_then(|b| Digest::parse(String::from_utf8_lossy(b).trim()).ok());
+            if create_only && pointed.is_some() {
                 return Err(tag_exists(tag));
             }
             if self
                 .driver
-                .put_if_current(&current, digest.to_string().into(), before.clone())
+                .put_if_current(&current, digest.to_string().into(), before)
                 .await?
             {
-                return Ok(
-                    before.and_then(|b| Digest::parse(String::from_utf8_lossy(&b).trim()).ok())
-                );
+                return Ok(pointed);
             }
         }
         Err(Error::Storage(std::io::Error::new(

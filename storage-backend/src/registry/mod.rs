@@ -22,6 +22,11 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
+/// What a tag's current link holds once retention deleted the tag (followed by the digest it
+/// pointed to): the tag is absent. Deleting the tag this way is a compare-and-swap, so a push
+/// that moved the tag meanwhile keeps its tag, and a new push of the tag swaps it back.
+pub const TAG_TOMBSTONE: &str = "deleted ";
+
 /// A registry operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -88,6 +93,9 @@ impl Registry {
             return Ok(None);
         };
         let text = String::from_utf8_lossy(&bytes);
+        if text.starts_with(TAG_TOMBSTONE) {
+            return Ok(None);
+        }
         match Digest::parse(text.trim()) {
             Ok(d) => Ok(Some(d)),
             Err(e) => {
