@@ -321,7 +321,95 @@ async fn push_retrying(c: &Client, repo: &str, tag: &str, layers: &[&[u8]]) -> V
     panic!("{repo}:{tag} could not be pushed: {last}");
 }
 
-async fn gc_in_a_loop_loses_nothing(store: Store, images: usize, grace: std::time::Duration) {
+/// A `dir:` image for skopeo: a config and one layer of `size` bytes made from `seed`.
+fn dir_image(root: &std::path::Path, seed: usize, size: usize) -> PathBuf {
+    let img = root.join(format!("img-{seed}"));
+    std::fs::create_dir_all(&img).unwrap();
+    let layer: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(31).wrapping_add(seed * 7919) % 251) as u8)
+        .collect();
+    let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}");
+    let (ld, cd) = (
+        sha256(&layer).to_string(),
+        sha256(config.as_bytes()).to_string(),
+    );
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+    std::fs::write(img.join(hex(&ld)), &layer).unwrap();
+    std::fs::write(img.join(hex(&cd)), &config).unwrap();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": layer.len()}],
+    });
+    std::fs::write(img.join("manifest.json"), manifest.to_string()).unwrap();
+    std::fs::write(img.join("version"), "Directory Transport Version: 1.1\n").unwrap();
+    img
+}
+
+/// skopeo pushes `n` images to the first node and pulls each back from the last, comparing
+/// the files (a push that fails is retried, as a user would); the images pushed.
+fn skopeo_round_trips(store: &Store, n: usize) -> Vec<Pushed> {
+    use portcullis_tests::tools::{Containers, dir_files};
+    let ctr = Containers::new().unwrap();
+    let host = |node: &StorageServer| node.base.trim_start_matches("http://").to_string();
+    let (first, last) = (host(&store.nodes[0]), host(store.nodes.last().unwrap()));
+    let mut out = Vec::new();
+    for i in 0..n {
+        let img = dir_image(ctr.dir.path(), i, 256 << 10);
+        let tag = format!("s{i}");
+        let push = [
+            "copy",
+            "-q",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            &format!("dir:{}", img.display()),
+            &format!("docker://{first}/loop/skopeo:{tag}"),
+        ];
+        let mut tries = 0;
+        while let Err(e) = ctr.run("skopeo", &push) {
+            tries += 1;
+            assert!(tries < 5, "{}: skopeo push: {e}", store.what);
+        }
+        let back = ctr.dir.path().join(format!("back-{i}"));
+        ctr.run(
+            "skopeo",
+            &[
+                "copy",
+                "-q",
+                "--src-tls-verify=false",
+                &format!("docker://{last}/loop/skopeo:{tag}"),
+                &format!("dir:{}", back.display()),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{}: skopeo pull: {e}", store.what));
+        let (sent, got) = (dir_files(&img).unwrap(), dir_files(&back).unwrap());
+        for (name, bytes) in &sent {
+            if name != "version" {
+                assert_eq!(
+                    got.get(name),
+                    Some(bytes),
+                    "{}: skopeo {tag}: {name}",
+                    store.what
+                );
+            }
+        }
+        out.push(Pushed {
+            repo: "loop/skopeo".into(),
+            tag,
+            manifest: sent["manifest.json"].clone(),
+            deleted: false,
+        });
+    }
+    out
+}
+
+async fn gc_in_a_loop_loses_nothing(
+    store: Store,
+    images: usize,
+    skopeo_images: usize,
+    grace: std::time::Duration,
+) {
     let w = store.what;
     let store = Arc::new(store);
     let stop = Arc::new(AtomicBool::new(false));
@@ -338,7 +426,12 @@ async fn gc_in_a_loop_loses_nothing(store: Store, images: usize, grace: std::tim
         })
     };
     let base = vec![7u8; 32 << 10];
-    let pushed: Vec<Pushed> = futures_util::stream::iter(0..images)
+    // Real clients too, while GC runs: skopeo pushes and pulls back a few images.
+    let skopeo = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || skopeo_round_trips(&store, skopeo_images))
+    };
+    let mut pushed: Vec<Pushed> = futures_util::stream::iter(0..images)
         .map(|i| {
             let (store, base) = (store.clone(), base.clone());
             async move {
@@ -376,6 +469,7 @@ async fn gc_in_a_loop_loses_nothing(store: Store, images: usize, grace: std::tim
         .buffer_unordered(8)
         .collect()
         .await;
+    pushed.extend(skopeo.await.unwrap());
     stop.store(true, Ordering::Relaxed);
     let reports = looping.await.unwrap();
     assert!(reports.len() >= 2, "{w}: GC ran {} times", reports.len());
@@ -427,9 +521,9 @@ async fn gc_in_a_loop_loses_nothing(store: Store, images: usize, grace: std::tim
 const LOOP: &str = "[gc]\ngrace_seconds = 2\nfence_seconds = 0.3\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn on_the_filesystem_gc_in_a_loop_while_50_images_are_pushed_pulled_and_deleted_loses_nothing()
+async fn on_the_filesystem_gc_in_a_loop_while_55_images_are_pushed_pulled_and_deleted_loses_nothing()
  {
-    gc_in_a_loop_loses_nothing(Store::filesystem(2, LOOP), 50, Duration::from_secs(2)).await;
+    gc_in_a_loop_loses_nothing(Store::filesystem(2, LOOP), 50, 5, Duration::from_secs(2)).await;
 }
 
 /// No grace at all: a pushed blob is garbage until its manifest comes, so GC condemns blobs
@@ -438,12 +532,12 @@ async fn on_the_filesystem_gc_in_a_loop_while_50_images_are_pushed_pulled_and_de
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_no_grace_window_the_fencing_alone_keeps_every_acknowledged_image() {
     let gc = "[gc]\ngrace_seconds = 0\nfence_seconds = 0.05\n";
-    gc_in_a_loop_loses_nothing(Store::filesystem(2, gc), 30, Duration::ZERO).await;
+    gc_in_a_loop_loses_nothing(Store::filesystem(2, gc), 30, 0, Duration::ZERO).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn on_s3_gc_in_a_loop_while_50_images_are_pushed_pulled_and_deleted_loses_nothing() {
-    gc_in_a_loop_loses_nothing(Store::s3(2, LOOP), 50, Duration::from_secs(2)).await;
+async fn on_s3_gc_in_a_loop_while_55_images_are_pushed_pulled_and_deleted_loses_nothing() {
+    gc_in_a_loop_loses_nothing(Store::s3(2, LOOP), 50, 5, Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
