@@ -100,16 +100,43 @@ impl Store {
         }
     }
 
-    /// Whether the store holds a blob's content.
-    fn holds(&self, digest: &str) -> bool {
-        let hex = digest.trim_start_matches("sha256:");
-        let key = format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]);
+    /// Whether the store has an object (a key under the storage root).
+    fn has(&self, key: &str) -> bool {
         match &self.moto {
             Some(m) => !m
                 .keys(BUCKET, &format!("registry/{key}"))
                 .unwrap()
                 .is_empty(),
             None => self.root().join(key).exists(),
+        }
+    }
+
+    /// Whether the store holds a blob's content.
+    fn holds(&self, digest: &str) -> bool {
+        let hex = digest.trim_start_matches("sha256:");
+        self.has(&format!(
+            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
+    }
+
+    /// Whether one of these blobs carries a GC marker (a sweep has begun).
+    fn any_marked(&self, digests: &[String]) -> bool {
+        let marker = |d: &String| {
+            let hex = d.trim_start_matches("sha256:");
+            format!("docker/registry/v2/blobs/sha256/{}/{hex}/gc", &hex[..2])
+        };
+        match &self.moto {
+            // One listing instead of a request per blob.
+            Some(m) => {
+                let keys = m
+                    .keys(BUCKET, "registry/docker/registry/v2/blobs/")
+                    .unwrap();
+                digests
+                    .iter()
+                    .any(|d| keys.contains(&format!("registry/{}", marker(d))))
+            }
+            None => digests.iter().any(|d| self.root().join(marker(d)).exists()),
         }
     }
 }
@@ -540,18 +567,18 @@ async fn on_s3_gc_in_a_loop_while_55_images_are_pushed_pulled_and_deleted_loses_
     gc_in_a_loop_loses_nothing(Store::s3(2, LOOP), 50, 5, Duration::from_secs(2)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_in_the_middle_of_a_sweep_then_a_rerun_leaves_the_store_consistent() {
-    let gc = "[gc]\ngrace_seconds = 0\nfence_seconds = 2\nlease_seconds = 2\n";
-    let mut store = Store::filesystem(1, gc);
+const KILLED: &str = "[gc]\ngrace_seconds = 0\nfence_seconds = 2\nlease_seconds = 2\n";
+
+async fn killed_mid_sweep_then_rerun(mut store: Store, junk: usize) {
+    let w = store.what;
     let c = store.client(0);
     let (kept, _) = c
         .push_image("team-a/kept", "v1", &[b"kept layer"])
         .await
         .unwrap();
-    // 300 unreferenced blobs: garbage.
+    // Unreferenced blobs: garbage.
     let mut garbage = Vec::new();
-    for i in 0..300 {
+    for i in 0..junk {
         garbage.push(
             c.push_blob("team-a/junk", format!("junk {i}").into_bytes())
                 .await
@@ -566,22 +593,17 @@ async fn kill_9_in_the_middle_of_a_sweep_then_a_rerun_leaves_the_store_consisten
             .send()
             .await
     });
-    // Kill as soon as the sweep has begun: the first condemned marker is on disk.
-    let blobs = store.root().join("docker/registry/v2/blobs/sha256");
-    let marked = |hex: &str| blobs.join(&hex[..2]).join(hex).join("gc").exists();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !garbage
-        .iter()
-        .any(|d| marked(d.trim_start_matches("sha256:")))
-    {
+    // Kill as soon as the sweep has begun: the first condemned marker is in the store.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !store.any_marked(&garbage) {
         assert!(
             std::time::Instant::now() < deadline,
-            "the sweep never began"
+            "{w}: the sweep never began"
         );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     store.nodes[0].crash_and_restart().unwrap();
-    assert!(run.await.unwrap().is_err(), "the killed run answered");
+    assert!(run.await.unwrap().is_err(), "{w}: the killed run answered");
     store.assert_consistent("after the kill");
     pulls(&store.client(0), "team-a/kept", "v1", &kept)
         .await
@@ -595,29 +617,39 @@ async fn kill_9_in_the_middle_of_a_sweep_then_a_rerun_leaves_the_store_consisten
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the dead run's lease never expired"
+            "{w}: the dead run's lease never expired"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
     assert!(rerun["complete"].as_bool().unwrap(), "{rerun:#}");
     for d in &garbage {
-        assert!(!store.holds(d), "{d} survived the rerun");
+        assert!(!store.holds(d), "{w}: {d} survived the rerun");
     }
     pulls(&store.client(0), "team-a/kept", "v1", &kept)
         .await
         .unwrap();
     store.assert_consistent("after the rerun");
     assert!(
-        !store.root().join("docker/registry/v2/_gc/lease").exists(),
-        "the lease outlived the run"
+        !store.has("docker/registry/v2/_gc/lease"),
+        "{w}: the lease outlived the run"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_scheduled_nodes_never_collect_at_the_same_time() {
-    let gc = "[gc]\nenabled = true\ninterval_seconds = 1\ngrace_seconds = 0\n\
-              fence_seconds = 0.8\nlease_seconds = 10\n";
-    let store = Store::filesystem(2, gc);
+async fn on_the_filesystem_kill_9_mid_sweep_then_a_rerun_leaves_the_store_consistent() {
+    killed_mid_sweep_then_rerun(Store::filesystem(1, KILLED), 300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_s3_kill_9_mid_sweep_then_a_rerun_leaves_the_store_consistent() {
+    killed_mid_sweep_then_rerun(Store::s3(1, KILLED), 100).await;
+}
+
+const SCHEDULED: &str = "[gc]\nenabled = true\ninterval_seconds = 1\ngrace_seconds = 0\n\
+                         fence_seconds = 0.8\nlease_seconds = 10\n";
+
+async fn scheduled_nodes_take_turns(store: Store) {
+    let w = store.what;
     store
         .client(0)
         .push_blob("team-a/junk", b"something to collect".to_vec())
@@ -645,14 +677,14 @@ async fn two_scheduled_nodes_never_collect_at_the_same_time() {
             }
         }
     }
-    assert!(runs.len() >= 2, "{runs:?}");
-    assert!(busy >= 1, "the nodes never met: {runs:?}");
+    assert!(runs.len() >= 2, "{w}: {runs:?}");
+    assert!(busy >= 1, "{w}: the nodes never met: {runs:?}");
     for a in &runs {
         for b in &runs {
             if a.0 != b.0 {
                 assert!(
                     a.2 <= b.1 || b.2 <= a.1,
-                    "runs of both nodes overlapped: {a:?} {b:?}"
+                    "{w}: runs of both nodes overlapped: {a:?} {b:?}"
                 );
             }
         }
@@ -667,6 +699,16 @@ async fn two_scheduled_nodes_never_collect_at_the_same_time() {
         metrics.contains("storage_gc_runs_total{outcome=\"ok\"}"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_the_filesystem_two_scheduled_nodes_never_collect_at_the_same_time() {
+    scheduled_nodes_take_turns(Store::filesystem(2, SCHEDULED)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_s3_two_scheduled_nodes_never_collect_at_the_same_time() {
+    scheduled_nodes_take_turns(Store::s3(2, SCHEDULED)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
