@@ -46,6 +46,14 @@ pub struct Config {
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// A connection must send its first byte (the TLS hello, or a PROXY header) within this
+    /// time or it is closed (`edge`).
+    #[serde(default = "default_hello_ms")]
+    pub hello_timeout_ms: u64,
+}
+
+fn default_hello_ms() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -213,5 +213,6 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         side_tasks: vec![storage_task],
         store,
         proxy_protocol: None,
+        hello_timeout: std::time::Duration::from_secs(10),
     })
 }

@@ -18,6 +18,7 @@ pub mod auth;
 pub mod authz;
 pub mod config;
 pub mod dev;
+pub mod edge;
 pub mod federation;
 pub mod jws;
 pub mod limits;
@@ -61,6 +62,8 @@ pub struct Settings {
     pub store: Arc<dyn state::StateStore>,
     /// Client addresses from trusted load balancers' PROXY headers.
     pub proxy_protocol: Option<Arc<proxy_protocol::ProxyProtocol>>,
+    /// How long a new connection has to send its first byte.
+    pub hello_timeout: Duration,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -96,6 +99,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         oidc,
         store,
         proxy_protocol,
+        hello_timeout,
     } = settings;
     let metrics = Arc::new(metrics::Metrics::new());
     let revocations = authz.tokens.revocations().cloned();
@@ -155,9 +159,12 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     tls.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))?;
     tls.enable_h2();
     service.add_tls_with_settings(&listen.to_string(), None, tls);
-    if let Some(p) = proxy_protocol {
-        service.endpoints().set_pre_tls_callback(p);
-    }
+    service
+        .endpoints()
+        .set_pre_tls_callback(Arc::new(edge::Edge {
+            hello_timeout,
+            proxy_protocol,
+        }));
     server.add_service(service);
     server.add_service(health);
 

@@ -223,6 +223,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         oidc,
         side_tasks: Vec::new(),
         store,
+        hello_timeout: std::time::Duration::from_millis(c.tls.hello_timeout_ms.max(1)),
         proxy_protocol: match &c.proxy_protocol {
             Some(p) => Some(Arc::new(gateway::proxy_protocol::ProxyProtocol::new(p)?)),
             None => None,
@@ -264,24 +265,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => {
-            let f = std::fs::File::open(&file)
-                .with_context(|| format!("opening {}", file.display()))?;
-            match gateway::audit::verify(std::io::BufReader::new(f))? {
-                gateway::audit::Verdict::Intact {
-                    events,
-                    first,
-                    last,
-                } => {
-                    println!(
-                        "{}: intact, {events} events (sequence {first}..{last})",
-                        file.display()
-                    );
-                    Ok(())
-                }
-                gateway::audit::Verdict::Broken { line, why } => {
-                    anyhow::bail!("{}: line {line}: {why}", file.display())
-                }
-            }
+            println!("{}", gateway::audit::verify_file(&file)?);
+            Ok(())
         }
         Command::HashPassword { cost } => {
             let mut line = String::new();

@@ -20,6 +20,9 @@ pub struct Config {
     pub internal: InternalConfig,
     pub log: LogConfig,
     pub gc: GcConfig,
+    /// The audit trail of deletions by GC and retention (docs/audit.md); without a file,
+    /// stdout or syslog sink they are logged on the `audit` target.
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// `[gc]`: online garbage collection (`registry::gc`), scheduled here or run by hand
@@ -129,6 +132,7 @@ impl Default for Config {
             internal: InternalConfig::default(),
             log: LogConfig::default(),
             gc: GcConfig::default(),
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! The binary (`src/main.rs`) wires these together; `tests/tests/storage.rs` drives the real
 //! binary over sockets.
 
+pub mod audit;
 pub mod config;
 pub mod driver;
 pub mod gc;

@@ -1,4 +1,5 @@
-//! `storage-backend [--config <file>] [--listen <addr:port>] [--root <dir>] [gc [--dry-run]]`
+//! `storage-backend [--config <file>] [--listen <addr:port>] [--root <dir>]
+//! [gc [--dry-run] | audit verify <file>]`
 
 use anyhow::Context;
 use clap::Parser;
@@ -37,6 +38,17 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AuditCommand {
+    /// Check an audit file's hash chain; name the first edited, missing or reordered line.
+    Verify { file: PathBuf },
 }
 
 #[tokio::main]
@@ -52,6 +64,13 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Audit {
+        command: AuditCommand::Verify { file },
+    }) = &args.command
+    {
+        println!("{}", storage_backend::audit::verify_file(file)?);
+        return Ok(());
+    }
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -84,12 +103,11 @@ async fn run() -> anyhow::Result<()> {
 
     let state = storage_backend::build_state(&config, secret)?;
     if let Some(Command::Gc { dry_run }) = args.command {
+        // A run by hand logs its deletions on the `audit` target (stderr) and in the report;
+        // it does not append to the node's trail, which the running node writes.
         let report = state.gc.run(dry_run, &state.metrics).await?;
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
-    }
-    if config.gc.enabled {
-        tokio::spawn(storage_backend::gc::schedule(state.clone()));
     }
     let api = TcpListener::bind(config.listen)
         .await
@@ -98,6 +116,15 @@ async fn run() -> anyhow::Result<()> {
     // Tests and scripts read this line to learn the port when binding port 0.
     println!("listening on {api_addr}");
     tracing::info!(%api_addr, %store, "storage-backend listening");
+    storage_backend::audit::register_metrics(state.metrics.registry(), "storage")?;
+    if config.audit.has_sinks() {
+        let instance = format!("{}:{}", storage_backend::audit::hostname(), api_addr.port());
+        storage_backend::audit::install(&config.audit, &instance, "storage")?;
+        tokio::spawn(storage_backend::audit::reopen_on_sighup());
+    }
+    if config.gc.enabled {
+        tokio::spawn(storage_backend::gc::schedule(state.clone()));
+    }
 
     let shutdown = shutdown_signal();
     let mut servers = tokio::task::JoinSet::new();

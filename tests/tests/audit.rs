@@ -13,7 +13,10 @@ const PASSWORD: &str = "audit-admin-password";
 
 fn events(file: &Path) -> anyhow::Result<Vec<Value>> {
     let text = std::fs::read_to_string(file)?;
-    text.lines()
+    // The gateway may be half-way through writing the last line: only complete lines count.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
         .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
         .collect()
 }
@@ -43,7 +46,12 @@ fn wait_for(file: &Path, n: usize) -> anyhow::Result<Vec<Value>> {
 
 /// `gateway audit verify <file>`: (success, its output).
 fn verify(file: &Path) -> anyhow::Result<(bool, String)> {
-    let out = std::process::Command::new(binary("gateway"))
+    verify_with("gateway", file)
+}
+
+/// `<service binary> audit verify <file>`: (success, its output).
+fn verify_with(service: &str, file: &Path) -> anyhow::Result<(bool, String)> {
+    let out = std::process::Command::new(binary(service))
         .args(["audit", "verify"])
         .arg(file)
         .output()?;
@@ -1114,5 +1122,217 @@ async fn a_full_fail_closed_spool_refuses_writes_until_the_receiver_is_back() ->
     );
     let (ok, out) = verify(&data.path().join("audit/audit.jsonl"))?;
     ensure!(ok, "{out}");
+    Ok(())
+}
+
+/// The storage service's trail: one exact event per tag retention deleted and per manifest,
+/// layer link and blob garbage collection deleted — the same as the run's report — chained
+/// (`storage-backend audit verify`, which also finds an edit), counted in
+/// `storage_audit_events_total`; a dry run records nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_and_retention_deletions_are_exact_events_in_the_storage_trail() -> anyhow::Result<()> {
+    use portcullis_tests::client::{Client, sha256};
+    use portcullis_tests::server::{StorageOptions, StorageServer};
+    use std::collections::BTreeSet;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let file = d.join("storage-audit/audit.jsonl");
+    let policy = d.join("retention.toml");
+    std::fs::write(
+        &policy,
+        "[[retention]]\nrepositories = [\"team-a/**\"]\nkeep_last = 1\n",
+    )?;
+    let conf = d.join("storage.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[gc]\ngrace_seconds = 0\nfence_seconds = 0.1\nretention_policy = \"{}\"\n\n\
+             [audit]\nfile = \"{}\"\ninstance = \"storage-test-1\"\n",
+            policy.display(),
+            file.display()
+        ),
+    )?;
+    let node = StorageServer::start_with(
+        &d.join("root"),
+        StorageOptions {
+            config: Some(conf),
+            ..Default::default()
+        },
+    )?;
+    let c = Client::new(&node.base);
+    // The config `push_image` writes for a tag.
+    let config_json =
+        |tag: &str| format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}");
+    let config_of = |tag: &str| sha256(config_json(tag).as_bytes()).to_string();
+    // keep_last = 1: the older of team-a/app's two tags goes, and with it its image.
+    let (_, old) = c.push_image("team-a/app", "old", &[b"old layer"]).await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    c.push_image("team-a/app", "new", &[b"new layer"]).await?;
+    // An image whose manifest is deleted by hand: its blobs and layer links go at GC.
+    let (_, gone) = c.push_image("team-b/app", "x", &[b"gone layer!"]).await?;
+    let r = c
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/v2/team-b/app/manifests/{gone}"),
+        )
+        .send()
+        .await?;
+    ensure!(r.status() == 202, "delete: {}", r.status());
+
+    let http = reqwest::Client::new();
+    let dry: Value = http
+        .post(format!("{}/gc?dry_run=true", node.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        dry["blobs_deleted"]
+            .as_array()
+            .is_some_and(|b| b.len() == 6),
+        "{dry}"
+    );
+    ensure!(
+        events(&file).unwrap_or_default().is_empty(),
+        "a dry run recorded events"
+    );
+    let report: Value = http
+        .post(format!("{}/gc", node.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let run = report["run"].as_str().context("run")?;
+
+    // What was deleted, as the events must say it, in the order of the run.
+    let storage = json!({"event.outcome": "success", "event.category": "storage",
+        "gc.run": run, "service.node.name": "storage-test-1", "service.type": "storage",
+        "audit.schema": "1.1", "user.name": null});
+    let mut expected = vec![json!({"event.action": "retention-delete-tag",
+        "repository": "team-a/app", "tag": "old", "digest": old.to_string(),
+        "event.reason": report["retention"][0]["reason"].clone()})];
+    ensure!(
+        report["retention"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{report}"
+    );
+    expected.push(
+        json!({"event.action": "gc-delete-manifest", "repository": "team-a/app",
+        "digest": old.to_string()}),
+    );
+    let links: BTreeSet<(&str, String)> = [
+        ("team-a/app", config_of("old")),
+        ("team-a/app", sha256(b"old layer").to_string()),
+        ("team-b/app", config_of("x")),
+        ("team-b/app", sha256(b"gone layer!").to_string()),
+    ]
+    .into();
+    for (repo, digest) in &links {
+        expected.push(
+            json!({"event.action": "gc-delete-layer-link", "repository": repo,
+            "digest": digest}),
+        );
+    }
+    let mut blobs: BTreeSet<(String, u64)> = [
+        (config_of("old"), config_json("old").len() as u64),
+        (sha256(b"old layer").to_string(), 9),
+        (config_of("x"), config_json("x").len() as u64),
+        (sha256(b"gone layer!").to_string(), 11),
+    ]
+    .into();
+    for m in report["manifests_deleted"]
+        .as_array()
+        .context("manifests_deleted")?
+    {
+        ensure!(m == &json!(format!("team-a/app@{old}")), "{report}");
+    }
+    // The two manifests' own blobs (sizes from the report, checked against the content below).
+    let sizes: std::collections::HashMap<String, u64> = report["blobs_deleted"]
+        .as_array()
+        .context("blobs_deleted")?
+        .iter()
+        .map(|b| {
+            (
+                b["digest"].as_str().unwrap_or("").to_string(),
+                b["size"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    for m in [&old, &gone] {
+        let size = *sizes
+            .get(&m.to_string())
+            .context("a manifest's blob not reclaimed")?;
+        blobs.insert((m.to_string(), size));
+    }
+    for (digest, size) in &blobs {
+        expected.push(json!({"event.action": "gc-delete-blob", "digest": digest,
+            "file.size": size}));
+    }
+
+    let got = wait_for(&file, expected.len())?;
+    ensure!(got.len() == expected.len(), "{} events: {got:?}", got.len());
+    // Links and blobs may be swept in any order within their kind: match each kind as a set.
+    for kind in [
+        "retention-delete-tag",
+        "gc-delete-manifest",
+        "gc-delete-layer-link",
+        "gc-delete-blob",
+    ] {
+        let mut want: Vec<&Value> = expected
+            .iter()
+            .filter(|e| e["event.action"] == kind)
+            .collect();
+        let have: Vec<&Value> = got.iter().filter(|e| e["event.action"] == kind).collect();
+        ensure!(have.len() == want.len(), "{kind}: {have:?}");
+        for e in have {
+            expect(e, storage.clone())?;
+            let i = want
+                .iter()
+                .position(|w| expect(e, (*w).clone()).is_ok())
+                .with_context(|| format!("unexpected {e}"))?;
+            want.remove(i);
+        }
+    }
+    let kinds: Vec<&str> = got
+        .iter()
+        .filter_map(|e| e["event.action"].as_str())
+        .collect();
+    let mut sorted = kinds.clone();
+    sorted.sort_by_key(|k| {
+        [
+            "retention-delete-tag",
+            "gc-delete-manifest",
+            "gc-delete-layer-link",
+            "gc-delete-blob",
+        ]
+        .iter()
+        .position(|x| x == k)
+    });
+    ensure!(kinds == sorted, "events out of the run's order: {kinds:?}");
+    ensure!(
+        report["bytes_reclaimed"].as_u64() == Some(blobs.iter().map(|(_, s)| s).sum()),
+        "{report}"
+    );
+
+    let (ok, out) = verify_with("storage-backend", &file)?;
+    ensure!(ok && out.contains("intact, 12 events"), "{out}");
+    let metrics = http
+        .get(format!("{}/metrics", node.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        sample(
+            &metrics,
+            "storage_audit_events_total{action=\"gc-delete-blob\",outcome=\"success\"}"
+        ) == Some(6.0),
+        "{metrics}"
+    );
+    let text = std::fs::read_to_string(&file)?;
+    std::fs::write(&file, text.replacen("team-b/app", "team-c/app", 1))?;
+    let (ok, out) = verify_with("storage-backend", &file)?;
+    ensure!(!ok && out.contains("edited"), "{out}");
     Ok(())
 }

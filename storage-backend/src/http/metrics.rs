@@ -41,6 +41,11 @@ pub struct Metrics {
 const USAGE_EVERY_MS: u64 = 30_000;
 
 impl Metrics {
+    /// The registry `/metrics` renders, for collectors kept elsewhere (the audit trail's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(

@@ -804,15 +804,11 @@ impl Registry {
                     {
                         continue;
                     }
-                    tracing::info!(
-                        target: "audit",
-                        action = "retention-delete-tag",
-                        repository = %r.name,
-                        tag = %tag,
-                        digest = %d,
-                        reason = %reason,
-                        run = %run,
-                        "retention deleted a tag"
+                    audit_deletion(
+                        "retention-delete-tag",
+                        run,
+                        serde_json::json!({"repository": r.name.to_string(), "tag": tag,
+                            "digest": d.to_string(), "event.reason": reason}),
                     );
                 }
                 report.retention.push(RetentionDeletion {
@@ -939,7 +935,11 @@ impl Registry {
         for ((repo, d), deleted) in revisions.iter().zip(done) {
             if deleted {
                 self.drop_referrer_link(repo, d).await;
-                tracing::info!(target: "audit", action = "gc-delete-manifest", repository = %repo, digest = %d, run = %run, "garbage collection deleted a manifest");
+                audit_deletion(
+                    "gc-delete-manifest",
+                    run,
+                    serde_json::json!({"repository": repo.to_string(), "digest": d.to_string()}),
+                );
                 report.manifests_deleted.push(format!("{repo}@{d}"));
             } else {
                 report.rescued += 1;
@@ -956,7 +956,11 @@ impl Registry {
             .await?;
         for ((repo, d), deleted) in links.iter().zip(done) {
             if deleted {
-                tracing::info!(target: "audit", action = "gc-delete-layer-link", repository = %repo, digest = %d, run = %run, "garbage collection deleted a layer link");
+                audit_deletion(
+                    "gc-delete-layer-link",
+                    run,
+                    serde_json::json!({"repository": repo.to_string(), "digest": d.to_string()}),
+                );
                 report.layer_links_deleted.push(format!("{repo}@{d}"));
             } else {
                 report.rescued += 1;
@@ -976,7 +980,11 @@ impl Registry {
             .await?;
         for ((d, size), deleted) in dead_blobs.into_iter().zip(done) {
             if deleted {
-                tracing::info!(target: "audit", action = "gc-delete-blob", digest = %d, size, run = %run, "garbage collection deleted a blob");
+                audit_deletion(
+                    "gc-delete-blob",
+                    run,
+                    serde_json::json!({"digest": d.to_string(), "file.size": size}),
+                );
                 report.bytes_reclaimed += size;
                 report.blobs_deleted.push(SweptBlob {
                     digest: d.to_string(),
@@ -1062,4 +1070,13 @@ fn plan_retention(
         }
     }
     out
+}
+
+/// Records one deletion by a GC run in the audit trail (`crate::audit`; docs/audit.md):
+/// `event.category: storage`, `gc.run`, and what was deleted.
+fn audit_deletion(action: &str, run: &str, fields: serde_json::Value) {
+    let mut event = crate::audit::event_fields(fields);
+    event.insert("event.category".into(), "storage".into());
+    event.insert("gc.run".into(), run.into());
+    crate::audit::record(action, "success", serde_json::Value::Object(event));
 }

@@ -8,7 +8,7 @@
 //! (`<spool_dir>/<sink>/spool`, one formatted message per line) until the receiver is back;
 //! then the spool is sent from its cursor (`cursor`, the byte offset of the first unsent
 //! line, saved after every send) in order, and new events keep going behind it until it is
-//! empty. A spool left by a stopped gateway is sent when it starts again.
+//! empty. A spool left by a stopped process is sent when it starts again.
 //!
 //! Only RELP delivers with acknowledgements: an event is spooled unless the receiver said
 //! `200 OK` for it, so a receiver that stops or crashes loses nothing (at worst an event
@@ -22,7 +22,7 @@
 //!
 //! The spool's bound is `spool_max_bytes` of unsent messages. When an event would pass it,
 //! `drop-oldest` drops the oldest unsent messages (counted in
-//! `gateway_audit_dropped_events_total`, logged), and `fail-closed` keeps the spool,
+//! `<service>_audit_dropped_events_total`, logged), and `fail-closed` keeps the spool,
 //! drops the new event (counted) and sets [`super::refusing_writes`] until the spool drains
 //! below the bound.
 
@@ -49,16 +49,13 @@ pub struct SyslogConfig {
     /// Name the receiver's certificate must have (TLS; default: the host of `address`).
     #[serde(default)]
     pub server_name: Option<String>,
-    /// RFC 5424 APP-NAME.
-    #[serde(default = "default_app_name")]
-    pub app_name: String,
+    /// RFC 5424 APP-NAME. Default: `portcullis-<service>` (`portcullis-gateway`,
+    /// `portcullis-storage`).
+    #[serde(default)]
+    pub app_name: Option<String>,
     /// The sink's name in metrics and its spool directory. Default: `<transport>-<address>`.
     #[serde(default)]
     pub name: Option<String>,
-}
-
-fn default_app_name() -> String {
-    "portcullis-gateway".into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -72,6 +69,12 @@ pub enum Transport {
 }
 
 impl SyslogConfig {
+    pub fn app_name(&self) -> String {
+        self.app_name
+            .clone()
+            .unwrap_or_else(|| format!("portcullis-{}", super::service()))
+    }
+
     pub fn sink_name(&self) -> String {
         self.name.clone().unwrap_or_else(|| {
             let t = match self.transport {
@@ -526,6 +529,8 @@ struct Worker {
     spool: Spool,
     policy: SpoolFull,
     host: String,
+    /// RFC 5424 APP-NAME.
+    app_name: String,
     pid: u32,
     retry_at: Instant,
     backoff: Duration,
@@ -585,6 +590,7 @@ pub fn start(
         spool,
         policy,
         host: host.to_string(),
+        app_name: cfg.app_name(),
         pid: std::process::id(),
         retry_at: Instant::now(),
         backoff: MIN_BACKOFF,
@@ -616,11 +622,11 @@ impl Worker {
             match next {
                 Ok(e) => {
                     // This event and what else is waiting, in one batch.
-                    let mut batch = vec![format(&e, &self.host, &self.cfg.app_name, self.pid)];
+                    let mut batch = vec![format(&e, &self.host, &self.app_name, self.pid)];
                     while batch.len() < BATCH
                         && let Ok(e) = rx.try_recv()
                     {
-                        batch.push(format(&e, &self.host, &self.cfg.app_name, self.pid));
+                        batch.push(format(&e, &self.host, &self.app_name, self.pid));
                     }
                     let full = batch.len() == BATCH;
                     self.deliver(batch);

@@ -1,0 +1,645 @@
+//! Hostile clients at the gateway's TLS edge (issue 12), each against a running gateway in
+//! front of a storage node while a legitimate client keeps pulling an image — every pull must
+//! succeed while the attack runs: silent and half-open connections, very many connections,
+//! slowloris headers and bodies, oversized headers and URLs, request smuggling, path tricks,
+//! HTTP/2 rapid reset and stream floods. `cargo test --release --test hostile` runs exactly
+//! these. The attacks and what answers them: docs/security.md.
+
+use anyhow::{Context, ensure};
+use openssl::ssl::{SslConnector, SslMethod, SslStream, SslVerifyMode};
+use portcullis_tests::client::{Client, sha256};
+use portcullis_tests::deployment::{Deployment, user_client};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const LAYER: &[u8] = b"the layer every legitimate pull fetches";
+
+/// A deployment with an image in team-a/app (bob's) and one in team-b/app (alice's; bob may
+/// not read it).
+struct Edge {
+    d: Deployment,
+    _parent: tempfile::TempDir,
+}
+
+impl Edge {
+    async fn start() -> anyhow::Result<Edge> {
+        let parent = tempfile::tempdir()?;
+        let d = Deployment::start_in(
+            parent.path(),
+            &[("bob", "bob-pw"), ("alice", "alice-pw")],
+            4,
+        )?;
+        let e = Edge { d, _parent: parent };
+        e.bob().push_image("team-a/app", "v1", &[LAYER]).await?;
+        user_client(&e.d.gateway, "alice", "alice-pw")
+            .push_image("team-b/app", "secret", &[b"team-b's layer"])
+            .await?;
+        Ok(e)
+    }
+
+    fn bob(&self) -> Client {
+        user_client(&self.d.gateway, "bob", "bob-pw")
+    }
+
+    /// `host:port` of the TLS listener.
+    fn host(&self) -> &str {
+        &self.d.gateway.host
+    }
+
+    /// Open descriptors of the gateway process.
+    fn open_fds(&self) -> anyhow::Result<usize> {
+        let pid = self.d.gateway.pid().context("gateway pid")?;
+        Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+    }
+
+    /// A TLS connection speaking HTTP/1.1 (ALPN), trusting the deployment's CA.
+    fn tls(&self) -> anyhow::Result<SslStream<TcpStream>> {
+        let mut b = SslConnector::builder(SslMethod::tls_client())?;
+        let ca = openssl::x509::X509::from_pem(&self.d.gateway.ca_pem)?;
+        b.cert_store_mut().add_cert(ca)?;
+        b.set_verify(SslVerifyMode::PEER);
+        b.set_alpn_protos(b"\x08http/1.1")?;
+        let tcp = TcpStream::connect(self.host())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(b.build().connect("localhost", tcp)?)
+    }
+
+    /// Sends `raw` on a fresh HTTP/1.1 connection and reads until the gateway closes it or
+    /// goes quiet for 2 s: everything it answered.
+    fn raw(&self, raw: &[u8]) -> anyhow::Result<String> {
+        let mut s = self.tls()?;
+        s.get_ref().set_read_timeout(Some(Duration::from_secs(2)))?;
+        // A refused request may be answered and the connection closed before all was sent.
+        let _ = s.write_all(raw);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 16384];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => break,
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Starts the legitimate client: pulls the image again and again, each time on a fresh
+    /// client (new connections, a new token), until [`Pulls::finish`].
+    fn pulls(&self) -> Pulls {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let g = &self.d.gateway;
+        let (base, ca) = (g.base.clone(), g.ca_pem.clone());
+        let (stop2, ok2) = (stop.clone(), ok.clone());
+        let task = tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                let mut c = Client::with_ca(&base, &ca);
+                c.auth = Some(portcullis_tests::client::TokenAuth::new(
+                    &format!("{base}/token"),
+                    portcullis_tests::deployment::SERVICE,
+                    Some(("bob", "bob-pw")),
+                ));
+                let started = Instant::now();
+                match tokio::time::timeout(Duration::from_secs(20), pull_once(&c)).await {
+                    Ok(Ok(())) => {
+                        ok2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Err(e)) => failures.push(format!("{e:#}")),
+                    Err(_) => failures.push(format!("a pull hung for {:?}", started.elapsed())),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            failures
+        });
+        Pulls { stop, ok, task }
+    }
+}
+
+/// One legitimate pull: the manifest, then the layer, checked against its digest.
+async fn pull_once(c: &Client) -> anyhow::Result<()> {
+    let r = c.get("/v2/team-a/app/manifests/v1").await?;
+    ensure!(r.status() == 200, "manifest: {}", r.status());
+    r.bytes().await?;
+    let r = c
+        .get(&format!("/v2/team-a/app/blobs/{}", sha256(LAYER)))
+        .await?;
+    ensure!(r.status() == 200, "blob: {}", r.status());
+    ensure!(r.bytes().await? == LAYER, "blob content");
+    Ok(())
+}
+
+struct Pulls {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Pulls {
+    fn count(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further pulls have succeeded (the legitimate client gets through
+    /// while the attack holds), within `within`.
+    async fn wait_more(&self, more: u64, within: Duration) -> anyhow::Result<()> {
+        let target = self.count() + more;
+        let deadline = Instant::now() + within;
+        while self.count() < target {
+            ensure!(
+                Instant::now() < deadline && !self.task.is_finished(),
+                "only {} of {more} pulls succeeded in {within:?} during the attack",
+                more + self.count() - target
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the client: every pull it made must have succeeded.
+    async fn finish(self) -> anyhow::Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let failures = self.task.await?;
+        ensure!(failures.is_empty(), "legitimate pulls failed: {failures:?}");
+        Ok(self.ok.load(Ordering::Relaxed))
+    }
+}
+
+/// Whether the gateway closed `s` (end of stream or reset) within `within`.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .is_err()
+        {
+            return true;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_and_half_open_connections_are_closed_after_the_hello_timeout() -> anyhow::Result<()>
+{
+    let e = Edge::start().await?;
+    let pulls = e.pulls();
+    pulls.wait_more(1, Duration::from_secs(30)).await?;
+    let before = e.open_fds()?;
+    // 1,500 connections that never send a byte (a TCP handshake and nothing else).
+    let mut silent: Vec<TcpStream> = (0..1500)
+        .map(|_| TcpStream::connect(e.host()))
+        .collect::<std::io::Result<_>>()?;
+    let opened = Instant::now();
+    pulls.wait_more(5, Duration::from_secs(30)).await?;
+    let during = e.open_fds()?;
+    ensure!(
+        during >= before + 1000,
+        "the gateway held {during} descriptors with 1,500 silent connections (before: {before})"
+    );
+    // Every one is closed by the gateway after the 10 s hello timeout (not Pingora's 60 s).
+    let mut open = 0;
+    for s in &mut silent {
+        let left = Duration::from_secs(20).saturating_sub(opened.elapsed());
+        if !closed_within(s, left) {
+            open += 1;
+        }
+    }
+    ensure!(
+        open == 0,
+        "{open} silent connections still open after {:?}",
+        opened.elapsed()
+    );
+    let took = opened.elapsed();
+    ensure!(
+        took >= Duration::from_secs(9),
+        "closed after {took:?}, before the hello timeout"
+    );
+    drop(silent);
+    // Their descriptors are released.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.open_fds()? > before + 20 {
+        ensure!(
+            Instant::now() < deadline,
+            "the gateway still holds {} descriptors (before: {before})",
+            e.open_fds()?
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pulls.wait_more(3, Duration::from_secs(30)).await?;
+    pulls.finish().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slowloris_headers_and_bodies_do_not_starve_pulls_and_are_closed_when_idle()
+-> anyhow::Result<()> {
+    let e = Arc::new(Edge::start().await?);
+    let pulls = e.pulls();
+    pulls.wait_more(1, Duration::from_secs(30)).await?;
+    let token = e
+        .bob()
+        .token(&["repository:team-a/app:pull,push".to_string()])
+        .await?;
+    // 150 connections trickle a request's headers, 50 an upload's body, a byte every 200 ms.
+    let trickle = Arc::new(AtomicBool::new(true));
+    let mut attackers = Vec::new();
+    for i in 0..200 {
+        let (e, trickle, token) = (e.clone(), trickle.clone(), token.clone());
+        attackers.push(std::thread::spawn(move || -> anyhow::Result<SslStream<TcpStream>> {
+            let mut s = e.tls()?;
+            let head = if i < 150 {
+                "GET /v2/team-a/app/manifests/v1 HTTP/1.1\r\nHost: localhost\r\nX-Slow: ".to_string()
+            } else {
+                format!(
+                    "POST /v2/team-a/app/blobs/uploads/?digest={} HTTP/1.1\r\nHost: localhost\r\n\
+                     Authorization: Bearer {token}\r\nContent-Length: 1000000\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n",
+                    sha256(&[0u8; 1_000_000])
+                )
+            };
+            s.write_all(head.as_bytes())?;
+            while trickle.load(Ordering::Relaxed) {
+                s.write_all(b"a")?;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok(s)
+        }));
+    }
+    // Pulls go on while all 200 trickle.
+    pulls.wait_more(10, Duration::from_secs(60)).await?;
+    trickle.store(false, Ordering::Relaxed);
+    let mut conns = Vec::new();
+    for a in attackers {
+        conns.push(
+            a.join()
+                .map_err(|_| anyhow::anyhow!("attacker panicked"))??,
+        );
+    }
+    // Gone quiet, each is closed by the gateway's read timeout (60 s), never answered 200.
+    let quiet = Instant::now();
+    let mut still_open = 0;
+    for s in &mut conns {
+        let left = Duration::from_secs(90).saturating_sub(quiet.elapsed());
+        s.get_ref()
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        let mut out = Vec::new();
+        match s.read_to_end(&mut out) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                still_open += 1
+            }
+            Err(_) => {}
+        }
+        let answer = String::from_utf8_lossy(&out);
+        ensure!(
+            !answer.starts_with("HTTP/1.1 2"),
+            "a slow request was served: {answer}"
+        );
+    }
+    ensure!(
+        still_open == 0,
+        "{still_open} idle slowloris connections still open after {:?}",
+        quiet.elapsed()
+    );
+    pulls.wait_more(2, Duration::from_secs(30)).await?;
+    pulls.finish().await?;
+    Ok(())
+}
+
+/// The status line of a raw answer, or `closed` when the gateway closed without one.
+fn status_of(answer: &str) -> &str {
+    answer
+        .lines()
+        .next()
+        .filter(|l| !l.is_empty())
+        .unwrap_or("closed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_headers_urls_and_header_counts_are_refused() -> anyhow::Result<()> {
+    let e = Edge::start().await?;
+    let pulls = e.pulls();
+    let long_url = format!(
+        "GET /v2/team-a/{}/manifests/v1 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let big_header = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(2 << 20)
+    );
+    let mut many = String::from("GET /v2/ HTTP/1.1\r\nHost: localhost\r\n");
+    for i in 0..1000 {
+        many.push_str(&format!("X-H{i}: {i}\r\n"));
+    }
+    many.push_str("\r\n");
+    for (what, raw) in [
+        ("a 70 KB URL", &long_url),
+        ("a 2 MiB header", &big_header),
+        ("1,000 headers", &many),
+    ] {
+        let answer = e.raw(raw.as_bytes())?;
+        let status = status_of(&answer);
+        println!("{what}: {status}");
+        ensure!(
+            !status.starts_with("HTTP/1.1 2") && !status.starts_with("HTTP/1.1 5"),
+            "{what}: {status}"
+        );
+    }
+    pulls.wait_more(3, Duration::from_secs(30)).await?;
+    pulls.finish().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_smuggling_attempts_are_refused_whole() -> anyhow::Result<()> {
+    let e = Edge::start().await?;
+    let pulls = e.pulls();
+    // Each carries a second request in its body; only ever one answer, and never a 2xx.
+    let smuggled = "GET /v2/_catalog HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let cases = [
+        (
+            "Content-Length with Transfer-Encoding",
+            format!(
+                "POST /v2/team-a/app/blobs/uploads/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "two different Content-Lengths",
+            format!(
+                "POST /v2/team-a/app/blobs/uploads/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\
+                 Content-Length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+        ),
+        (
+            "an obfuscated Transfer-Encoding",
+            format!(
+                "POST /v2/team-a/app/blobs/uploads/ HTTP/1.1\r\nHost: localhost\r\n\
+                 Transfer-Encoding: xchunked\r\nContent-Length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+        ),
+        (
+            "a header folded over two lines",
+            format!(
+                "POST /v2/team-a/app/blobs/uploads/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\
+                 X-Folded: a\r\n Transfer-Encoding: chunked\r\n\r\n{smuggled}"
+            ),
+        ),
+    ];
+    for (what, raw) in cases {
+        let answer = e.raw(raw.as_bytes())?;
+        let answers = answer.matches("HTTP/1.1 ").count();
+        println!("{what}: {} ({answers} answers)", status_of(&answer));
+        ensure!(answers <= 1, "{what}: {answers} answers: {answer}");
+        ensure!(
+            !status_of(&answer).starts_with("HTTP/1.1 2"),
+            "{what}: {answer}"
+        );
+        ensure!(
+            !status_of(&answer).starts_with("HTTP/1.1 5"),
+            "{what}: {answer}"
+        );
+    }
+    pulls.wait_more(3, Duration::from_secs(30)).await?;
+    pulls.finish().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn path_tricks_never_reach_another_repository() -> anyhow::Result<()> {
+    let e = Edge::start().await?;
+    let pulls = e.pulls();
+    let tricks = [
+        "/v2/team-a/app/../../team-b/app/manifests/secret",
+        "/v2/team-a/%2e%2e/team-b/app/manifests/secret",
+        "/v2/team-a/app/%2E%2E/%2E%2E/team-b/app/manifests/secret",
+        "/v2/team-a/..%2fteam-b/app/manifests/secret",
+        "/v2/team-a%2F..%2Fteam-b/app/manifests/secret",
+        "/v2//team-b/app/manifests/secret",
+        "/v2/team-a//../team-b/app/manifests/secret",
+        "/v2/team-b%2Fapp/manifests/secret",
+        "/v2/team-a/app/manifests/..%2F..%2Fteam-b%2Fapp%2Fmanifests%2Fsecret",
+        "/v2/./team-b/app/manifests/secret",
+        "/v2/team-a/app%00/../../team-b/app/manifests/secret",
+    ];
+    // bob may pull team-a/app, not team-b/app: no spelling gets him team-b's manifest. His
+    // token names both; only team-a/app is granted.
+    let token = e
+        .bob()
+        .token(&[
+            "repository:team-a/app:pull".to_string(),
+            "repository:team-b/app:pull".to_string(),
+        ])
+        .await?;
+    let http = portcullis_tests::client::https(&e.d.gateway.ca_pem, false);
+    let secret = user_client(&e.d.gateway, "alice", "alice-pw")
+        .get("/v2/team-b/app/manifests/secret")
+        .await?
+        .bytes()
+        .await?;
+    let r = http
+        .get(format!(
+            "{}/v2/team-b/app/manifests/secret",
+            e.d.gateway.base
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    ensure!(r.status() == 401, "team-b straight: {}", r.status());
+    for path in tricks {
+        // reqwest keeps percent-escapes and `..` as given (no normalisation of the path).
+        let r = http
+            .get(format!("{}{path}", e.d.gateway.base))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        let status = r.status();
+        let body = r.bytes().await?;
+        println!("{path}: {status} {}", String::from_utf8_lossy(&body));
+        ensure!(
+            status != 200 && body != secret,
+            "{path}: {status} served team-b's manifest"
+        );
+        ensure!(status.is_client_error(), "{path}: {status}");
+    }
+    // A token for a path-trick name grants nothing.
+    for name in [
+        "team-a/../team-b/app",
+        "team-a/%2e%2e/team-b/app",
+        "team-a//app",
+    ] {
+        let claims = portcullis_tests::client::jwt_claims(
+            &e.bob().token(&[format!("repository:{name}:pull")]).await?,
+        )
+        .context("claims")?;
+        println!("token for {name}: access {}", claims["access"]);
+        ensure!(
+            claims["access"].as_array().is_none_or(|a| a.is_empty()),
+            "{name}: {}",
+            claims["access"]
+        );
+    }
+    // Raw, as sent (reqwest resolves `..` and `%2e%2e` itself before sending): no path with a
+    // dot segment, an empty one, an encoded slash or a NUL names a repository.
+    for path in tricks {
+        let answer = e.raw(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+                 Connection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )?;
+        let status = status_of(&answer);
+        println!("raw {path}: {status}");
+        ensure!(
+            status.starts_with("HTTP/1.1 400") || status.starts_with("HTTP/1.1 401"),
+            "raw {path}: {answer}"
+        );
+        ensure!(
+            answer.contains("NAME_INVALID")
+                || answer.contains("TAG_INVALID")
+                || answer.contains("DENIED"),
+            "raw {path}: {answer}"
+        );
+    }
+    pulls.wait_more(3, Duration::from_secs(30)).await?;
+    pulls.finish().await?;
+    Ok(())
+}
+
+/// A TLS connection negotiating HTTP/2, as an `h2` client.
+async fn h2_client(e: &Edge) -> anyhow::Result<h2::client::SendRequest<bytes::Bytes>> {
+    let mut b = SslConnector::builder(SslMethod::tls_client())?;
+    b.cert_store_mut()
+        .add_cert(openssl::x509::X509::from_pem(&e.d.gateway.ca_pem)?)?;
+    b.set_alpn_protos(b"\x02h2")?;
+    let ssl = b.build().configure()?.into_ssl("localhost")?;
+    let tcp = tokio::net::TcpStream::connect(e.host()).await?;
+    let mut tls = tokio_openssl::SslStream::new(ssl, tcp)?;
+    std::pin::Pin::new(&mut tls).connect().await?;
+    ensure!(
+        tls.ssl().selected_alpn_protocol() == Some(b"h2"),
+        "no h2 by ALPN"
+    );
+    let (send, conn) = h2::client::handshake(tls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+fn h2_get(path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("GET")
+        .uri(format!("https://localhost{path}"))
+        .body(())
+        .expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_rapid_reset_stream_floods_and_huge_headers_leave_the_gateway_serving()
+-> anyhow::Result<()> {
+    let e = Edge::start().await?;
+    let pulls = e.pulls();
+    pulls.wait_more(1, Duration::from_secs(30)).await?;
+    // Rapid reset (CVE-2023-44487): open streams and cancel them at once, 20,000 times.
+    let mut resets = 0u64;
+    let mut cut_off = None;
+    let mut send = h2_client(&e).await?;
+    for _ in 0..20_000 {
+        match send.clone().ready().await {
+            Ok(mut s) => match s.send_request(h2_get("/v2/team-a/app/manifests/v1"), true) {
+                Ok((response, _)) => {
+                    drop(response); // RST_STREAM(CANCEL)
+                    resets += 1;
+                }
+                Err(err) => {
+                    cut_off = Some(err.to_string());
+                    break;
+                }
+            },
+            Err(err) => {
+                cut_off = Some(err.to_string());
+                break;
+            }
+        }
+        send = send.clone();
+    }
+    println!("rapid reset: {resets} streams reset; connection: {cut_off:?}");
+    ensure!(
+        cut_off.is_some() && resets < 20_000,
+        "20,000 reset streams and the connection still open"
+    );
+    pulls.wait_more(3, Duration::from_secs(30)).await?;
+
+    // A stream flood: as many concurrent streams as the gateway allows, on 4 connections.
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let send = h2_client(&e).await?;
+        for _ in 0..500 {
+            let send = send.clone();
+            flood.spawn(async move {
+                let mut s = send.ready().await.ok()?;
+                let (resp, _) = s.send_request(h2_get("/v2/"), true).ok()?;
+                Some(resp.await.ok()?.status().as_u16())
+            });
+        }
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    while let Some(r) = flood.join_next().await {
+        *statuses.entry(r?).or_insert(0) += 1;
+    }
+    println!("stream flood: {statuses:?}");
+    let answered = statuses.get(&Some(401)).copied().unwrap_or(0);
+    ensure!(
+        answered >= 1000,
+        "only {answered} of 2,000 flood streams answered: {statuses:?}"
+    );
+    ensure!(
+        !statuses.keys().any(|s| s.is_some_and(|s| s >= 500)),
+        "5xx in the flood: {statuses:?}"
+    );
+    pulls.wait_more(3, Duration::from_secs(30)).await?;
+
+    // A header list far past the limit: the stream (or connection) is refused, not served.
+    let mut send = h2_client(&e).await?.ready().await?;
+    let req = http::Request::builder()
+        .method("GET")
+        .uri("https://localhost/v2/")
+        .header("x-huge", "h".repeat(1 << 20))
+        .body(())?;
+    let outcome = match send.send_request(req, true) {
+        Ok((resp, _)) => match resp.await {
+            Ok(r) => format!("status {}", r.status()),
+            Err(err) => format!("refused: {err}"),
+        },
+        Err(err) => format!("refused: {err}"),
+    };
+    println!("1 MiB header over h2: {outcome}");
+    ensure!(
+        outcome.starts_with("refused") || outcome.starts_with("status 4"),
+        "1 MiB header over h2: {outcome}"
+    );
+    pulls.wait_more(3, Duration::from_secs(30)).await?;
+    pulls.finish().await?;
+    Ok(())
+}
