@@ -188,14 +188,7 @@ impl Config {
     }
 }
 
-/// A secret kept in a file (mounted from a secrets store): its content without the trailing
-/// newline an editor or `echo` leaves.
-pub fn read_secret_file(f: &std::path::Path) -> anyhow::Result<String> {
-    Ok(std::fs::read_to_string(f)
-        .with_context(|| format!("reading {}", f.display()))?
-        .trim_end_matches(['\n', '\r'])
-        .to_string())
-}
+pub use storage_backend::config::{read_secret_file, warn_if_exposed};
 
 #[cfg(test)]
 mod tests {

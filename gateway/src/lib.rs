@@ -145,6 +145,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     if let Some(app) = service.app_logic_mut() {
         app.h2_options = Some(h2_options());
     }
+    config::warn_if_exposed(&key_file);
     let mut tls = pingora::listeners::tls::TlsSettings::intermediate(
         &cert_file.display().to_string(),
         &key_file.display().to_string(),

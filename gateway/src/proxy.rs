@@ -21,6 +21,9 @@ use tracing::Instrument;
 pub const INTERNAL_SECRET_HEADER: &str = storage_backend::http::INTERNAL_SECRET_HEADER;
 /// The request id, returned to the client and sent to storage.
 const REQUEST_ID_HEADER: &str = "x-request-id";
+/// HTTP Strict Transport Security on every answer: browsers (the OIDC sign-in pages) never
+/// come back over plain HTTP.
+const HSTS: (&str, &str) = ("strict-transport-security", "max-age=31536000");
 /// What a tag pointed to before a manifest PUT (storage → gateway only; stripped).
 const PREVIOUS_DIGEST_HEADER: &str = storage_backend::http::PREVIOUS_DIGEST_HEADER;
 /// Largest token request body read.
@@ -61,10 +64,11 @@ async fn respond(
     body: Bytes,
     extra: &[(&str, String)],
 ) -> Result<bool> {
-    let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    let mut h = ResponseHeader::build(status, Some(5 + extra.len()))?;
     h.insert_header("content-type", content_type)?;
     h.insert_header("content-length", body.len().to_string())?;
     h.insert_header("docker-distribution-api-version", "registry/2.0")?;
+    h.insert_header(HSTS.0, HSTS.1)?;
     if let Some(id) = session.req_header().headers.get(REQUEST_ID_HEADER) {
         h.insert_header(REQUEST_ID_HEADER, id.clone())?;
     }
@@ -716,6 +720,7 @@ impl ProxyHttp for Gateway {
             ctx.replace_body = Some(Bytes::from(body));
         }
         resp.insert_header(REQUEST_ID_HEADER, ctx.info.request_id.as_str())?;
+        resp.insert_header(HSTS.0, HSTS.1)?;
         Ok(())
     }
 

@@ -198,13 +198,44 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// A secret that never prints.
+/// A secret kept in a file (mounted from a secrets store): its content without the trailing
+/// newline an editor or `echo` leaves. A file others may read gets a warning
+/// ([`warn_if_exposed`]); the content is never logged.
+pub fn read_secret_file(f: &Path) -> anyhow::Result<String> {
+    warn_if_exposed(f);
+    Ok(std::fs::read_to_string(f)
+        .with_context(|| format!("reading {}", f.display()))?
+        .trim_end_matches(['\n', '\r'])
+        .to_string())
+}
+
+/// Logs a warning when a file holding a secret or a private key can be read or written by
+/// its group or by others (mode bits `0o077`): it should be `0600` (or `0400`), owned by the
+/// service's user. Returns whether it warned.
+pub fn warn_if_exposed(f: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(f) else {
+        return false;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return false;
+    }
+    tracing::warn!(
+        file = %f.display(),
+        mode = %format!("{mode:04o}"),
+        "a secret file is readable by other users; make it 0600 (chmod 600)"
+    );
+    true
+}
+
+/// A secret that never prints, and whose memory is wiped when it is dropped.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct Secret(zeroize::Zeroizing<String>);
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
+        Secret(zeroize::Zeroizing::new(s.into()))
     }
 
     pub fn expose(&self) -> &str {
@@ -244,9 +275,7 @@ impl Config {
     /// The internal secret, from `internal.secret_file` or the environment.
     pub fn secret(&self) -> anyhow::Result<Option<Secret>> {
         if let Some(file) = &self.internal.secret_file {
-            let s = std::fs::read_to_string(file)
-                .with_context(|| format!("reading internal secret file {}", file.display()))?;
-            let s = s.trim_end_matches(['\n', '\r']);
+            let s = read_secret_file(file).context("the internal secret file")?;
             if s.is_empty() {
                 bail!("internal secret file {} is empty", file.display());
             }
@@ -285,6 +314,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_files_others_can_read_are_flagged_and_read_without_their_newline() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("secret");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        for (mode, exposed) in [
+            (0o600, false),
+            (0o400, false),
+            (0o640, true),
+            (0o644, true),
+            (0o602, true),
+        ] {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(warn_if_exposed(&f), exposed, "{mode:o}");
+        }
+        assert_eq!(read_secret_file(&f).unwrap(), "s3cret");
+        assert!(!warn_if_exposed(&dir.path().join("missing")));
+    }
 
     #[test]
     fn shipped_example_parses() {

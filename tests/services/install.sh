@@ -10,6 +10,7 @@ packages=(
   curl ca-certificates
   cmake pkg-config libssl-dev   # build dependencies of pingora (zlib-ng, openssl)
   openssl                       # TLS protocol checks (s_client)
+  sslscan testssl.sh            # TLS review of the gateway (hostile test, docs/security.md)
   docker.io                     # dockerd for docker push/pull tests (the docker CLI is on the machine)
   nginx                         # regbench --gateway: the reference for serving a file over TLS
   slapd ldap-utils              # OpenLDAP for the LDAP login tests

@@ -643,3 +643,106 @@ async fn http2_rapid_reset_stream_floods_and_huge_headers_leave_the_gateway_serv
     pulls.finish().await?;
     Ok(())
 }
+
+/// `sslscan` (Debian) against the gateway: nothing below TLS 1.2, only AEAD ciphers with
+/// forward secrecy of at least 128 bits, no renegotiation by clients, no Heartbleed; the
+/// chain verifies against the deployment's CA; every answer carries HSTS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_offers_only_1_2_and_up_with_aead_ciphers_and_a_chain_that_verifies()
+-> anyhow::Result<()> {
+    let e = Edge::start().await?;
+    let pulls = e.pulls();
+    let out = std::process::Command::new("sslscan")
+        .args(["--no-colour", e.host()])
+        .output()
+        .context("running sslscan (tests/services/install.sh installs it)")?;
+    let scan = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success(), "sslscan: {scan}");
+    println!("{scan}");
+    for (protocol, state) in [
+        ("SSLv2", "disabled"),
+        ("SSLv3", "disabled"),
+        ("TLSv1.0", "disabled"),
+        ("TLSv1.1", "disabled"),
+        ("TLSv1.2", "enabled"),
+        ("TLSv1.3", "enabled"),
+    ] {
+        ensure!(
+            scan.lines().any(|l| {
+                let mut w = l.split_whitespace();
+                w.next() == Some(protocol) && w.next() == Some(state)
+            }),
+            "{protocol} is not {state}:\n{scan}"
+        );
+    }
+    let ciphers: Vec<&str> = scan
+        .lines()
+        .filter(|l| l.starts_with("Accepted") || l.starts_with("Preferred"))
+        .collect();
+    ensure!(ciphers.len() >= 3, "no ciphers listed:\n{scan}");
+    for c in &ciphers {
+        let w: Vec<&str> = c.split_whitespace().collect();
+        let (bits, name) = (w[2].parse::<u32>()?, w[4]);
+        let aead = ["GCM", "CHACHA20", "CCM"].iter().any(|a| name.contains(a));
+        let forward_secret = name.starts_with("TLS_") || name.starts_with("ECDHE-");
+        ensure!(
+            bits >= 128 && aead && forward_secret,
+            "a weak cipher is accepted: {c}"
+        );
+    }
+    ensure!(
+        scan.contains("Session renegotiation not supported")
+            || scan.contains("Secure session renegotiation supported"),
+        "insecure renegotiation:\n{scan}"
+    );
+    let heartbleed: Vec<&str> = scan.lines().filter(|l| l.contains("heartbleed")).collect();
+    ensure!(
+        !heartbleed.is_empty() && heartbleed.iter().all(|l| l.contains("not vulnerable")),
+        "heartbleed:\n{scan}"
+    );
+    // The chain: verified by openssl against the deployment's CA, for the name clients use.
+    let ca = tempfile::NamedTempFile::new()?;
+    std::fs::write(ca.path(), &e.d.gateway.ca_pem)?;
+    let mut s_client = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", e.host(), "-servername", "localhost"])
+        .args([
+            "-verify_hostname",
+            "localhost",
+            "-verify_return_error",
+            "-CAfile",
+        ])
+        .arg(ca.path())
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let verify = String::from_utf8_lossy(&s_client.stdout).into_owned();
+    ensure!(
+        s_client.status.success() && verify.contains("Verify return code: 0 (ok)"),
+        "chain: {verify}{}",
+        String::from_utf8_lossy(&s_client.stderr)
+    );
+    // And TLS 1.1 is refused outright.
+    s_client = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", e.host(), "-tls1_1"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    ensure!(!s_client.status.success(), "a TLS 1.1 handshake succeeded");
+    // HSTS on the gateway's own answers and on proxied ones.
+    let http = portcullis_tests::client::https(&e.d.gateway.ca_pem, false);
+    let r = http.get(format!("{}/v2/", e.d.gateway.base)).send().await?;
+    ensure!(
+        r.headers()
+            .get("strict-transport-security")
+            .is_some_and(|v| v == "max-age=31536000"),
+        "no HSTS on /v2/: {:?}",
+        r.headers()
+    );
+    let r = e.bob().get("/v2/team-a/app/manifests/v1").await?;
+    ensure!(
+        r.status() == 200 && r.headers().contains_key("strict-transport-security"),
+        "no HSTS on a pull: {:?}",
+        r.headers()
+    );
+    pulls.wait_more(2, Duration::from_secs(30)).await?;
+    pulls.finish().await?;
+    Ok(())
+}

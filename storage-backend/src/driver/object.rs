@@ -161,9 +161,7 @@ fn retry_config(max_retries: usize, retry_timeout_seconds: u64) -> object_store:
 
 /// A secret read from a file, without its trailing newline.
 fn secret_from(what: &str, file: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| anyhow::anyhow!("storage {what}: reading {}: {e}", file.display()))?;
-    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+    crate::config::read_secret_file(file).map_err(|e| anyhow::anyhow!("storage {what}: {e:#}"))
 }
 
 /// The part list of an upload object.
