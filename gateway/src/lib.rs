@@ -145,18 +145,19 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     if let Some(app) = service.app_logic_mut() {
         app.h2_options = Some(h2_options());
     }
-    config::warn_if_exposed(&key_file);
-    let mut tls = pingora::listeners::tls::TlsSettings::intermediate(
-        &cert_file.display().to_string(),
-        &key_file.display().to_string(),
-    )
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "loading TLS certificate {} / key {}: {e}",
-            cert_file.display(),
-            key_file.display()
-        )
-    })?;
+    let certificate = Arc::new(tls::ServerCertificate::load(&cert_file, &key_file).map_err(
+        |e| {
+            anyhow::anyhow!(
+                "loading TLS certificate {} / key {}: {e:#}",
+                cert_file.display(),
+                key_file.display()
+            )
+        },
+    )?);
+    let mut tls = pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(tls::Presenter(
+        certificate.clone(),
+    )))
+    .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
     tls.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))?;
     tls.enable_h2();
     service.add_tls_with_settings(&listen.to_string(), None, tls);
@@ -195,6 +196,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                     tokio::spawn(t);
                 }
                 tokio::spawn(audit::reopen_on_sighup());
+                tokio::spawn(certificate.reload_on_sighup());
                 tokio::spawn(live_policy.reload_on_sighup());
                 if let Some(r) = revocations {
                     tokio::spawn(r.run());

@@ -83,7 +83,18 @@ pub fn ensure_dev_certificates(dir: &Path) -> anyhow::Result<TlsFiles> {
     ca.append_extension(ski)?;
     ca.sign(&ca_key, MessageDigest::sha256())?;
     let ca = ca.build();
+    std::fs::write(&files.ca_cert, ca.to_pem()?)?;
+    write_private(&dir.join("ca.key"), &ca_key.private_key_to_pem_pkcs8()?)?;
+    issue_server_certificate(dir)?;
+    Ok(files)
+}
 
+/// Issues a new server certificate and key for localhost / 127.0.0.1 / ::1 from the CA in
+/// `dir` (`ca.crt`, `ca.key`), replacing `server.crt` and `server.key` (renewal; a running
+/// gateway takes them on `SIGHUP`).
+pub fn issue_server_certificate(dir: &Path) -> anyhow::Result<()> {
+    let ca = X509::from_pem(&std::fs::read(dir.join("ca.crt"))?)?;
+    let ca_key = PKey::private_key_from_pem(&std::fs::read(dir.join("ca.key"))?)?;
     let srv_key = key()?;
     let mut name = X509NameBuilder::new()?;
     name.append_entry_by_nid(Nid::COMMONNAME, "localhost")?;
@@ -116,12 +127,119 @@ pub fn ensure_dev_certificates(dir: &Path) -> anyhow::Result<TlsFiles> {
     srv.sign(&ca_key, MessageDigest::sha256())?;
     let srv = srv.build();
 
-    std::fs::write(&files.ca_cert, ca.to_pem()?)?;
-    write_private(&dir.join("ca.key"), &ca_key.private_key_to_pem_pkcs8()?)?;
-    // The full chain, so clients that only know the CA can verify.
+    // The full chain, so clients that only know the CA can verify. Key first: a reload
+    // between the two writes finds a certificate that does not match and keeps the old pair.
     let mut chain = srv.to_pem()?;
     chain.extend_from_slice(&ca.to_pem()?);
-    std::fs::write(&files.cert, chain)?;
-    write_private(&files.key, &srv_key.private_key_to_pem_pkcs8()?)?;
-    Ok(files)
+    write_private(
+        &dir.join("server.key"),
+        &srv_key.private_key_to_pem_pkcs8()?,
+    )?;
+    std::fs::write(dir.join("server.crt"), chain)?;
+    Ok(())
+}
+
+/// The server certificate chain and key the TLS listener presents, read from their files at
+/// start and again on every `SIGHUP`: each handshake takes the current pair
+/// ([`pingora::listeners::TlsAccept`]), so a renewed certificate is served to new
+/// connections while open ones go on. A pair that does not load, or whose key does not match
+/// the certificate, is refused and the previous one kept.
+pub struct ServerCertificate {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: std::sync::RwLock<std::sync::Arc<Pair>>,
+}
+
+struct Pair {
+    chain: Vec<X509>,
+    key: PKey<Private>,
+}
+
+impl ServerCertificate {
+    pub fn load(cert_file: &Path, key_file: &Path) -> anyhow::Result<Self> {
+        let pair = Self::read(cert_file, key_file)?;
+        Ok(ServerCertificate {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            current: std::sync::RwLock::new(std::sync::Arc::new(pair)),
+        })
+    }
+
+    fn read(cert_file: &Path, key_file: &Path) -> anyhow::Result<Pair> {
+        crate::config::warn_if_exposed(key_file);
+        let pem =
+            std::fs::read(cert_file).with_context(|| format!("reading {}", cert_file.display()))?;
+        let chain = X509::stack_from_pem(&pem)
+            .with_context(|| format!("{}: not PEM certificates", cert_file.display()))?;
+        let leaf = chain
+            .first()
+            .with_context(|| format!("{}: no certificate", cert_file.display()))?;
+        let pem =
+            std::fs::read(key_file).with_context(|| format!("reading {}", key_file.display()))?;
+        let key = PKey::private_key_from_pem(&pem)
+            .with_context(|| format!("{}: not a PEM private key", key_file.display()))?;
+        anyhow::ensure!(
+            leaf.public_key()?.public_eq(&key),
+            "{} does not hold the key of {}",
+            key_file.display(),
+            cert_file.display()
+        );
+        Ok(Pair { chain, key })
+    }
+
+    /// Reads the files again; on failure the current pair stays.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let pair = Self::read(&self.cert_file, &self.key_file)?;
+        let mut current = self
+            .current
+            .write()
+            .map_err(|_| anyhow::anyhow!("certificate lock poisoned"))?;
+        *current = std::sync::Arc::new(pair);
+        Ok(())
+    }
+
+    fn current(&self) -> Option<std::sync::Arc<Pair>> {
+        self.current.read().ok().map(|p| p.clone())
+    }
+
+    /// Reloads on every `SIGHUP` (run on a tokio runtime).
+    pub async fn reload_on_sighup(self: std::sync::Arc<Self>) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot listen for SIGHUP; the certificate is never reloaded");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match self.reload() {
+                Ok(()) => {
+                    tracing::info!(cert = %self.cert_file.display(), "SIGHUP: TLS certificate reloaded")
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: TLS certificate not reloaded; keeping the previous one")
+                }
+            }
+        }
+    }
+}
+
+/// Hands the current pair to each TLS handshake.
+pub struct Presenter(pub std::sync::Arc<ServerCertificate>);
+
+#[async_trait::async_trait]
+impl pingora::listeners::TlsAccept for Presenter {
+    async fn certificate_callback(&self, ssl: &mut pingora::protocols::tls::TlsRef) {
+        use pingora::tls::ext;
+        let Some(pair) = self.0.current() else {
+            return;
+        };
+        let Some((leaf, rest)) = pair.chain.split_first() else {
+            return;
+        };
+        let ok = ext::ssl_use_certificate(ssl, leaf).is_ok()
+            && ext::ssl_use_private_key(ssl, &pair.key).is_ok()
+            && rest.iter().all(|c| ext::ssl_add_chain_cert(ssl, c).is_ok());
+        if !ok {
+            tracing::error!("could not present the TLS certificate");
+        }
+    }
 }

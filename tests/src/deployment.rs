@@ -49,13 +49,14 @@ pub fn start_gateway_with(
     let tls = gateway::tls::ensure_dev_certificates(&d.join("tls"))?;
     // Replicas of one deployment share the signing key: one placed in `d` is kept.
     if !d.join("key.pem").exists() {
-        std::fs::write(d.join("key.pem"), gateway::token::keys::generate_pem()?)?;
+        gateway::tls::write_private(&d.join("key.pem"), &gateway::token::keys::generate_pem()?)?;
     }
     let mut htpasswd = String::new();
     for (u, p) in users {
         htpasswd.push_str(&format!("{u}:{}\n", bcrypt::hash(p, cost)?));
     }
-    std::fs::write(d.join("htpasswd"), htpasswd)?;
+    // Secrets and password hashes: 0600, as the gateway expects (it warns otherwise).
+    gateway::tls::write_private(&d.join("htpasswd"), htpasswd.as_bytes())?;
     let port = crate::tools::free_port()?;
     // A fixed admin port (not 0), so a restarted gateway answers health checks where a load
     // balancer expects it.
@@ -122,7 +123,7 @@ pub fn share_identity(
     for f in [&tls.ca_cert, &tls.cert, &tls.key] {
         std::fs::copy(f, d.join("tls").join(f.file_name().context("a file name")?))?;
     }
-    std::fs::write(d.join("key.pem"), signing_key)?;
+    gateway::tls::write_private(&d.join("key.pem"), signing_key)?;
     Ok(())
 }
 

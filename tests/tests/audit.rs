@@ -376,12 +376,7 @@ transport = "relp"
         "burst events: {}",
         burst[0]
     );
-    let metrics = http
-        .get(format!("{}/metrics", g.admin))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&g.admin).await?;
     ensure!(
         metrics.contains("gateway_audit_spool_bytes{sink=\"tcp-127.0.0.1:"),
         "{metrics}"
@@ -699,6 +694,14 @@ fn promtool(text: &str) -> anyhow::Result<()> {
 }
 
 /// The value of the series `series` (name and labels, exactly as exposed).
+/// `GET <base>/metrics` (an admin listener, plain HTTP): the exposition text.
+async fn metrics_text(base: &str) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("{base}/metrics"))
+        .await?
+        .text()
+        .await?)
+}
+
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
@@ -736,17 +739,9 @@ async fn metrics_of_both_services_pass_promtool_and_count_what_happened() -> any
         .await?;
     ensure!(r.status() == 200, "{}", r.status());
 
-    let gw = http
-        .get(format!("{}/metrics", g.admin))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let gw = metrics_text(&g.admin).await?;
     promtool(&gw).context("gateway")?;
-    let st = reqwest::get(format!("{}/metrics", storage.base))
-        .await?
-        .text()
-        .await?;
+    let st = metrics_text(&storage.base).await?;
     promtool(&st).context("storage")?;
 
     let node = storage.base.trim_start_matches("http://");
@@ -1088,10 +1083,7 @@ async fn a_full_fail_closed_spool_refuses_writes_until_the_receiver_is_back() ->
         "{body}"
     );
     ensure!(read().await?, "reads while writes are refused");
-    let metrics = reqwest::get(format!("{}/metrics", g.admin))
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&g.admin).await?;
     let dropped: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("gateway_audit_dropped_events_total{"))
@@ -1317,12 +1309,7 @@ async fn gc_and_retention_deletions_are_exact_events_in_the_storage_trail() -> a
 
     let (ok, out) = verify_with("storage-backend", &file)?;
     ensure!(ok && out.contains("intact, 12 events"), "{out}");
-    let metrics = http
-        .get(format!("{}/metrics", node.base))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&node.base).await?;
     ensure!(
         sample(
             &metrics,

@@ -332,6 +332,17 @@ fn status_of(answer: &str) -> &str {
         .unwrap_or("closed")
 }
 
+/// A hostile request was refused: no success, and no server error (a client mistake is
+/// never a 5xx).
+fn ensure_refused(what: &str, answer: &str) -> anyhow::Result<()> {
+    let status = status_of(answer);
+    ensure!(
+        !status.starts_with("HTTP/1.1 2") && !status.starts_with("HTTP/1.1 5"),
+        "{what}: {answer}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_headers_urls_and_header_counts_are_refused() -> anyhow::Result<()> {
     let e = Edge::start().await?;
@@ -355,12 +366,8 @@ async fn oversized_headers_urls_and_header_counts_are_refused() -> anyhow::Resul
         ("1,000 headers", &many),
     ] {
         let answer = e.raw(raw.as_bytes())?;
-        let status = status_of(&answer);
-        println!("{what}: {status}");
-        ensure!(
-            !status.starts_with("HTTP/1.1 2") && !status.starts_with("HTTP/1.1 5"),
-            "{what}: {status}"
-        );
+        println!("{what}: {}", status_of(&answer));
+        ensure_refused(what, &answer)?;
     }
     pulls.wait_more(3, Duration::from_secs(30)).await?;
     pulls.finish().await?;
@@ -410,14 +417,7 @@ async fn request_smuggling_attempts_are_refused_whole() -> anyhow::Result<()> {
         let answers = answer.matches("HTTP/1.1 ").count();
         println!("{what}: {} ({answers} answers)", status_of(&answer));
         ensure!(answers <= 1, "{what}: {answers} answers: {answer}");
-        ensure!(
-            !status_of(&answer).starts_with("HTTP/1.1 2"),
-            "{what}: {answer}"
-        );
-        ensure!(
-            !status_of(&answer).starts_with("HTTP/1.1 5"),
-            "{what}: {answer}"
-        );
+        ensure_refused(what, &answer)?;
     }
     pulls.wait_more(3, Duration::from_secs(30)).await?;
     pulls.finish().await?;
@@ -743,6 +743,102 @@ async fn tls_offers_only_1_2_and_up_with_aead_ciphers_and_a_chain_that_verifies(
         r.headers()
     );
     pulls.wait_more(2, Duration::from_secs(30)).await?;
+    pulls.finish().await?;
+    Ok(())
+}
+
+/// Reads one HTTP/1.1 answer (head and `Content-Length` body) from `s`: its status line.
+fn read_answer(s: &mut SslStream<TcpStream>) -> anyhow::Result<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ensure!(s.read(&mut byte)? == 1, "closed in the middle of an answer");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body)?;
+    Ok(head.lines().next().unwrap_or_default().to_string())
+}
+
+/// The serial number of the certificate the gateway presented on `s`.
+fn serial_of(s: &SslStream<TcpStream>) -> anyhow::Result<String> {
+    let cert = s.ssl().peer_certificate().context("no certificate")?;
+    Ok(cert.serial_number().to_bn()?.to_hex_str()?.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connections()
+-> anyhow::Result<()> {
+    let e = Edge::start().await?;
+    let pulls = e.pulls();
+    let tls_dir = e.d.dir.path().join("tls");
+    let ask = b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut open = e.tls()?;
+    open.write_all(ask)?;
+    ensure!(
+        read_answer(&mut open)? == "HTTP/1.1 401 Unauthorized",
+        "first answer"
+    );
+    let old = serial_of(&open)?;
+    let hup = || -> anyhow::Result<()> {
+        let pid = e.d.gateway.pid().context("pid")?;
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()?
+            .success();
+        ensure!(ok, "kill -HUP");
+        Ok(())
+    };
+
+    // Renewed (same CA, new key and serial), then SIGHUP: new connections get it.
+    gateway::tls::issue_server_certificate(&tls_dir)?;
+    hup()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new = loop {
+        let s = serial_of(&e.tls()?)?;
+        if s != old {
+            break s;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "still the old certificate after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The connection opened before goes on.
+    open.write_all(ask)?;
+    ensure!(
+        read_answer(&mut open)? == "HTTP/1.1 401 Unauthorized",
+        "the open connection after the reload"
+    );
+
+    // A broken pair (a certificate whose key is elsewhere) is refused: the renewed one stays.
+    let renewed = std::fs::read(tls_dir.join("server.crt"))?;
+    let other = tempfile::tempdir()?;
+    std::fs::copy(tls_dir.join("ca.crt"), other.path().join("ca.crt"))?;
+    std::fs::copy(tls_dir.join("ca.key"), other.path().join("ca.key"))?;
+    gateway::tls::issue_server_certificate(other.path())?;
+    std::fs::copy(other.path().join("server.crt"), tls_dir.join("server.crt"))?;
+    hup()?;
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(2) {
+        ensure!(
+            serial_of(&e.tls()?)? == new,
+            "a certificate without its key was taken"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(tls_dir.join("server.crt"), renewed)?;
+    pulls.wait_more(3, Duration::from_secs(30)).await?;
     pulls.finish().await?;
     Ok(())
 }
