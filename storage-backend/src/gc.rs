@@ -27,9 +27,7 @@ impl GcService {
     /// Fails if the retention policy does not load.
     pub fn new(registry: Arc<Registry>, config: GcConfig) -> anyhow::Result<Self> {
         let retention = config.load_retention()?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "node".into());
+        let host = crate::audit::hostname();
         Ok(GcService {
             registry,
             config,

@@ -74,6 +74,11 @@ fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The image config [`Client::push_image`] pushes for `tag`.
+pub fn image_config(tag: &str) -> Vec<u8> {
+    format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}").into_bytes()
+}
+
 /// An HTTPS client trusting the CA in `ca_pem`; `http1_only` turns HTTP/2 off.
 pub fn https(ca_pem: &[u8], http1_only: bool) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(ca_pem).expect("CA certificate");
@@ -314,8 +319,7 @@ impl Client {
         tag: &str,
         layers: &[&[u8]],
     ) -> anyhow::Result<(Vec<u8>, Digest)> {
-        let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}")
-            .into_bytes();
+        let config = image_config(tag);
         let manifest = self.image_manifest(repo, &config, layers, None).await?;
         let r = self
             .put_manifest(repo, tag, OCI_MANIFEST, &manifest)

@@ -1152,10 +1152,8 @@ async fn gc_and_retention_deletions_are_exact_events_in_the_storage_trail() -> a
         },
     )?;
     let c = Client::new(&node.base);
-    // The config `push_image` writes for a tag.
-    let config_json =
-        |tag: &str| format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}");
-    let config_of = |tag: &str| sha256(config_json(tag).as_bytes()).to_string();
+    let config_json = portcullis_tests::client::image_config;
+    let config_of = |tag: &str| sha256(&config_json(tag)).to_string();
     // keep_last = 1: the older of team-a/app's two tags goes, and with it its image.
     let (_, old) = c.push_image("team-a/app", "old", &[b"old layer"]).await?;
     tokio::time::sleep(Duration::from_millis(1100)).await;
