@@ -214,5 +214,6 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         store,
         proxy_protocol: None,
         hello_timeout: std::time::Duration::from_secs(10),
+        connections_per_source: crate::limits::LimitsConfig::default().connections_per_source,
     })
 }

@@ -17,6 +17,7 @@ pub mod audit;
 pub mod auth;
 pub mod authz;
 pub mod config;
+pub mod credential_helper;
 pub mod dev;
 pub mod edge;
 pub mod federation;
@@ -64,6 +65,8 @@ pub struct Settings {
     pub proxy_protocol: Option<Arc<proxy_protocol::ProxyProtocol>>,
     /// How long a new connection has to send its first byte.
     pub hello_timeout: Duration,
+    /// Open connections allowed from one source (`0`: no cap).
+    pub connections_per_source: usize,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -100,6 +103,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         store,
         proxy_protocol,
         hello_timeout,
+        connections_per_source,
     } = settings;
     let metrics = Arc::new(metrics::Metrics::new());
     let revocations = authz.tokens.revocations().cloned();
@@ -166,6 +170,11 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         .set_pre_tls_callback(Arc::new(edge::Edge {
             hello_timeout,
             proxy_protocol,
+            slots: edge::ConnectionSlots::new(
+                connections_per_source,
+                metrics.connections_open.clone(),
+            ),
+            refused: metrics.connections_refused.clone(),
         }));
     server.add_service(service);
     server.add_service(health);

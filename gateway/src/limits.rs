@@ -40,6 +40,11 @@ pub struct LimitsConfig {
     pub registry_per_minute_per_source: u64,
     /// `/v2/` requests per minute of one authenticated identity (`0`: no limit, the default).
     pub registry_per_minute_per_user: u64,
+    /// Connections open at once from one source address (an IPv6 /64) on the TLS listener
+    /// (`0`: no cap); more are closed before their TLS handshake (`edge`). Keep it well under
+    /// the process's descriptor limit (`ulimit -n`), and above what one NAT'd office or CI
+    /// farm holds open (Docker and containerd use one HTTP/2 connection per registry).
+    pub connections_per_source: usize,
 }
 
 impl Default for LimitsConfig {
@@ -54,6 +59,7 @@ impl Default for LimitsConfig {
             token_per_minute_per_user: 0,
             registry_per_minute_per_source: 0,
             registry_per_minute_per_user: 0,
+            connections_per_source: 512,
         }
     }
 }

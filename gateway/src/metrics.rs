@@ -21,6 +21,11 @@ pub struct Metrics {
     pub upstream_healthy: IntGaugeVec,
     /// 1 when the shared state store answered at the last scrape.
     pub state_store_up: prometheus::IntGauge,
+    /// Client connections open on the TLS listener that count against a source's cap.
+    pub connections_open: prometheus::IntGauge,
+    /// Connections closed before their TLS handshake, by reason (`per_source_cap`,
+    /// `hello_timeout`).
+    pub connections_refused: IntCounterVec,
 }
 
 /// Metrics of the token service and the authenticators (process-wide: they are counted
@@ -182,7 +187,21 @@ impl Metrics {
             &["node"],
         )
         .expect("valid metric");
+        let connections_open = prometheus::IntGauge::new(
+            "gateway_connections_open",
+            "Client connections open on the TLS listener (those from trusted load balancers without a PROXY client address are not counted)",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(connections_open.clone()))
+            .expect("unique");
+        let connections_refused = counter(
+            "gateway_connections_refused_total",
+            "Connections closed before their TLS handshake, by reason (per_source_cap, hello_timeout)",
+            &["reason"],
+        );
         for c in [
+            &connections_refused,
             &a.outcomes,
             &a.token_decisions,
             &a.rate_limited,
@@ -225,6 +244,8 @@ impl Metrics {
             upstream_errors,
             upstream_healthy,
             state_store_up,
+            connections_open,
+            connections_refused,
         }
     }
 

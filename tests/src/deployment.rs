@@ -139,9 +139,19 @@ impl Deployment {
     /// A deployment under `parent` (a fresh temporary directory in it) with htpasswd `users`
     /// hashed at bcrypt `cost`.
     pub fn start_in(parent: &Path, users: &[(&str, &str)], cost: u32) -> anyhow::Result<Self> {
+        Self::start_in_with(parent, users, cost, "")
+    }
+
+    /// [`Deployment::start_in`] with `extra` appended to the gateway's config.
+    pub fn start_in_with(
+        parent: &Path,
+        users: &[(&str, &str)],
+        cost: u32,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir_in(parent)?;
         let storage = storage_node(&dir.path().join("storage"))?;
-        let gateway = start_gateway(dir.path(), &[&storage], users, cost)?;
+        let gateway = start_gateway_with(dir.path(), &[&storage], users, cost, extra, &[])?;
         Ok(Deployment {
             storage,
             gateway,

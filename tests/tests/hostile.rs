@@ -26,11 +26,17 @@ struct Edge {
 
 impl Edge {
     async fn start() -> anyhow::Result<Edge> {
+        Self::start_with("").await
+    }
+
+    /// With `extra` appended to the gateway's config.
+    async fn start_with(extra: &str) -> anyhow::Result<Edge> {
         let parent = tempfile::tempdir()?;
-        let d = Deployment::start_in(
+        let d = Deployment::start_in_with(
             parent.path(),
             &[("bob", "bob-pw"), ("alice", "alice-pw")],
             4,
+            extra,
         )?;
         let e = Edge { d, _parent: parent };
         e.bob().push_image("team-a/app", "v1", &[LAYER]).await?;
@@ -168,6 +174,17 @@ impl Pulls {
     }
 }
 
+/// A TCP connection to `host` from the loopback address `source` (Linux answers every
+/// 127.0.0.0/8 address on `lo`): attackers and the legitimate client count as different
+/// sources for the per-source connection cap.
+async fn connect_from(source: &str, host: &str) -> anyhow::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse()?)?;
+    let s = socket.connect(host.parse()?).await?.into_std()?;
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+
 /// Whether the gateway closed `s` (end of stream or reset) within `within`.
 fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     let deadline = Instant::now() + within;
@@ -197,10 +214,12 @@ async fn silent_and_half_open_connections_are_closed_after_the_hello_timeout() -
     let pulls = e.pulls();
     pulls.wait_more(1, Duration::from_secs(30)).await?;
     let before = e.open_fds()?;
-    // 1,500 connections that never send a byte (a TCP handshake and nothing else).
-    let mut silent: Vec<TcpStream> = (0..1500)
-        .map(|_| TcpStream::connect(e.host()))
-        .collect::<std::io::Result<_>>()?;
+    // 1,500 connections that never send a byte (a TCP handshake and nothing else), from
+    // four addresses (375 each: under the per-source cap, which has its own test).
+    let mut silent = Vec::new();
+    for i in 0..1500 {
+        silent.push(connect_from(&format!("127.0.0.{}", 2 + i % 4), e.host()).await?);
+    }
     let opened = Instant::now();
     pulls.wait_more(5, Duration::from_secs(30)).await?;
     let during = e.open_fds()?;
@@ -239,6 +258,100 @@ async fn silent_and_half_open_connections_are_closed_after_the_hello_timeout() -
     }
     pulls.wait_more(3, Duration::from_secs(30)).await?;
     pulls.finish().await?;
+    Ok(())
+}
+
+/// A sample of the gateway's `/metrics` (0 when the series is not there yet).
+async fn metric(e: &Edge, series: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{}/metrics", e.d.gateway.admin))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// Polls `series` until it is `want`, for up to 10 s.
+async fn wait_metric(e: &Edge, series: &str, want: f64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = metric(e, series).await?;
+        if got == want {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{series} is {got}, not {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A connection from `source` that has begun a TLS handshake (one byte of a hello): past the
+/// hello timeout, held by the gateway until the handshake times out (60 s).
+async fn half_hello_from(source: &str, host: &str) -> anyhow::Result<TcpStream> {
+    let mut s = connect_from(source, host).await?;
+    // A refused connection may be reset before the byte goes: that is for the caller to see.
+    let _ = s.write_all(&[0x16]);
+    Ok(s)
+}
+
+/// How many of `conns` the gateway has closed.
+fn count_closed(conns: &mut [TcpStream]) -> usize {
+    let mut closed = 0;
+    for s in conns {
+        if closed_within(s, Duration::from_millis(5)) {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_source_gets_at_most_its_cap_of_connections_and_slots_come_back() -> anyhow::Result<()>
+{
+    const CAP: usize = 40;
+    let refused = r#"gateway_connections_refused_total{reason="per_source_cap"}"#;
+    let e = Edge::start_with(&format!("[limits]\nconnections_per_source = {CAP}\n")).await?;
+    let pulls = e.pulls();
+    pulls.wait_more(1, Duration::from_secs(30)).await?;
+    // 100 connections from one address: 40 are held, 60 closed at once.
+    let opened = Instant::now();
+    let mut conns = Vec::new();
+    for _ in 0..100 {
+        conns.push(half_hello_from("127.0.0.7", e.host()).await?);
+    }
+    wait_metric(&e, refused, 60.0).await?;
+    let closed = count_closed(&mut conns);
+    ensure!(
+        closed == 60,
+        "{closed} of 100 connections closed (cap {CAP})"
+    );
+    // Others are not affected: the legitimate client (127.0.0.1) and another address.
+    pulls.wait_more(3, Duration::from_secs(30)).await?;
+    let mut other = vec![half_hello_from("127.0.0.8", e.host()).await?];
+    ensure!(count_closed(&mut other) == 0, "another address was refused");
+    pulls.finish().await?;
+    // With the legitimate client gone, the gauge holds the 40 and the other address's one.
+    wait_metric(&e, "gateway_connections_open", (CAP + 1) as f64).await?;
+    // Closing ten gives ten slots back: of eleven new ones, one is refused.
+    conns.retain_mut(|s| !closed_within(s, Duration::from_millis(1)));
+    ensure!(conns.len() == CAP, "{} held", conns.len());
+    conns.truncate(CAP - 10);
+    wait_metric(&e, "gateway_connections_open", (CAP - 10 + 1) as f64).await?;
+    for _ in 0..11 {
+        conns.push(half_hello_from("127.0.0.7", e.host()).await?);
+    }
+    wait_metric(&e, refused, 61.0).await?;
+    let closed = count_closed(&mut conns);
+    ensure!(closed == 1, "{closed} of the 41 connections closed, not 1");
+    // All of it within the 60 s TLS handshake timeout that ends half hellos.
+    ensure!(
+        opened.elapsed() < Duration::from_secs(50),
+        "took {:?}",
+        opened.elapsed()
+    );
+    drop((conns, other));
+    wait_metric(&e, "gateway_connections_open", 0.0).await?;
     Ok(())
 }
 

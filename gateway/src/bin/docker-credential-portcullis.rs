@@ -15,21 +15,14 @@
 //! turns that off (then: the protocol's "credentials not found"); `PORTCULLIS_CA_FILE`
 //! names an extra CA certificate (PEM) to trust for the registry.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 
-#[derive(serde::Serialize, serde::Deserialize, Clone)]
-struct Entry {
-    #[serde(rename = "Username")]
-    username: String,
-    #[serde(rename = "Secret")]
-    secret: String,
-}
-
-/// What the protocol says when a server has no credentials (clients match this text).
-const NOT_FOUND: &str = "credentials not found in native keychain";
+use gateway::credential_helper::{
+    Credentials, Entry, IDENTITY_TOKEN_USER, NOT_FOUND, Request, get_answer, parse_request,
+};
+use zeroize::Zeroize;
 
 fn store_path() -> PathBuf {
     if let Some(p) = std::env::var_os("PORTCULLIS_CREDENTIALS") {
@@ -42,28 +35,16 @@ fn store_path() -> PathBuf {
     base.join("portcullis/credentials.json")
 }
 
-/// `https://host:port/` and `host:port` name the same server.
-fn server_key(url: &str) -> String {
-    let u = url.trim();
-    let u = u
-        .strip_prefix("https://")
-        .or_else(|| u.strip_prefix("http://"))
-        .unwrap_or(u);
-    u.trim_end_matches('/').to_string()
-}
-
-fn load() -> Result<BTreeMap<String, Entry>, String> {
+fn load() -> Result<Credentials, String> {
     match std::fs::read(store_path()) {
-        Ok(b) => {
-            serde_json::from_slice(&b).map_err(|e| format!("reading the credentials file: {e}"))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Ok(b) => Credentials::from_json(&b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Credentials::default()),
         Err(e) => Err(format!("reading the credentials file: {e}")),
     }
 }
 
 /// Writes the file with mode 0600 (temp file + rename, so a crash leaves the old one).
-fn save(all: &BTreeMap<String, Entry>) -> Result<(), String> {
+fn save(all: &Credentials) -> Result<(), String> {
     let path = store_path();
     let dir = path
         .parent()
@@ -80,15 +61,15 @@ fn save(all: &BTreeMap<String, Entry>) -> Result<(), String> {
         .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .map_err(|e| e.to_string())?;
-    let body = serde_json::to_vec_pretty(all).map_err(|e| e.to_string())?;
-    f.write_all(&body)
+    let mut body = all.to_json();
+    let written = f.write_all(&body);
+    body.zeroize();
+    written
         .and_then(|_| f.sync_all())
         .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("replacing {}: {e}", path.display()))
 }
 
-/// Docker's identity-token user name.
-const IDENTITY_TOKEN_USER: &str = "<token>";
 const CLIENT_ID: &str = "docker-credential-portcullis";
 
 fn http() -> Result<reqwest::Client, String> {
@@ -231,44 +212,22 @@ async fn device_flow(server: &str) -> Result<String, String> {
 }
 
 fn run(action: &str, input: &str) -> Result<String, String> {
-    match action {
-        "store" => {
-            #[derive(serde::Deserialize)]
-            struct Store {
-                #[serde(rename = "ServerURL")]
-                server: String,
-                #[serde(rename = "Username")]
-                username: String,
-                #[serde(rename = "Secret")]
-                secret: String,
-            }
-            let s: Store =
-                serde_json::from_str(input).map_err(|e| format!("store: bad input: {e}"))?;
+    match parse_request(action, input)? {
+        Request::Store { key, entry } => {
             let mut all = load()?;
-            all.insert(
-                server_key(&s.server),
-                Entry {
-                    username: s.username,
-                    secret: s.secret,
-                },
-            );
+            all.insert(key, entry);
             save(&all)?;
             Ok(String::new())
         }
-        "get" => {
-            let key = server_key(input);
+        Request::Get { server, key } => {
             let mut all = load()?;
-            let answer = |e: &Entry| {
-                serde_json::json!({"ServerURL": input.trim(), "Username": e.username, "Secret": e.secret})
-                    .to_string()
-            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
             if let Some(e) = all.get(&key) {
                 if e.username != IDENTITY_TOKEN_USER || rt.block_on(still_valid(&key, &e.secret)) {
-                    return Ok(answer(e));
+                    return Ok(get_answer(&server, e));
                 }
                 eprintln!("the stored token for {key} is no longer valid");
                 all.remove(&key);
@@ -277,36 +236,25 @@ fn run(action: &str, input: &str) -> Result<String, String> {
             if std::env::var_os("PORTCULLIS_NO_DEVICE_FLOW").is_some() {
                 return Err(NOT_FOUND.into());
             }
-            let secret = rt.block_on(device_flow(&key))?;
             let e = Entry {
                 username: IDENTITY_TOKEN_USER.into(),
-                secret,
+                secret: rt.block_on(device_flow(&key))?,
             };
-            all.insert(key, e.clone());
+            let answer = get_answer(&server, &e);
+            all.insert(key, e);
             save(&all)?;
-            Ok(answer(&e))
+            Ok(answer)
         }
-        "erase" => {
+        Request::Erase { key } => {
             let mut all = load()?;
-            if all.remove(&server_key(input)).is_none() {
+            if !all.remove(&key) {
                 return Err(NOT_FOUND.into());
             }
             save(&all)?;
             Ok(String::new())
         }
-        "list" => {
-            let all = load()?;
-            let list: BTreeMap<&String, &String> =
-                all.iter().map(|(k, e)| (k, &e.username)).collect();
-            serde_json::to_string(&list).map_err(|e| e.to_string())
-        }
-        "version" => Ok(format!(
-            "docker-credential-portcullis {}",
-            env!("CARGO_PKG_VERSION")
-        )),
-        other => Err(format!(
-            "unknown action {other:?}: use store, get, erase, list or version"
-        )),
+        Request::List => Ok(load()?.list_json()),
+        Request::Version => Ok(gateway::credential_helper::version()),
     }
 }
 
@@ -316,18 +264,22 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(1);
     };
     let mut input = String::new();
-    if action != "list"
-        && action != "version"
-        && let Err(e) = std::io::stdin().read_to_string(&mut input)
+    if Request::reads_input(&action)
+        && let Err(e) = std::io::stdin()
+            .take(gateway::credential_helper::MAX_INPUT as u64 + 1)
+            .read_to_string(&mut input)
     {
         println!("reading stdin: {e}");
         return std::process::ExitCode::from(1);
     }
-    match run(&action, &input) {
-        Ok(out) => {
+    let result = run(&action, &input);
+    input.zeroize();
+    match result {
+        Ok(mut out) => {
             if !out.is_empty() {
                 println!("{out}");
             }
+            out.zeroize();
             std::process::ExitCode::SUCCESS
         }
         // The protocol reports errors on stdout.
