@@ -1,5 +1,7 @@
 //! What every connection to the TLS listener goes through before its TLS handshake.
 //!
+//! 0. At start ([`raise_descriptor_limit`]) the soft descriptor limit is raised to the hard
+//!    one, so the caps below, not the default 1,024 descriptors, decide who is refused.
 //! 1. A cap on open connections per source (`limits.connections_per_source`; an IPv6 source
 //!    is its /64, what one host is usually given): one address cannot take every descriptor.
 //!    Over the cap, the connection is closed at once, before TLS (the client sees a reset;
@@ -152,6 +154,36 @@ impl Drop for Slot {
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard limit (as Go programs do at start):
+/// the default soft limit, often 1,024, would let a few sources at their cap use up every
+/// descriptor. Returns the limit now in force; warns when one source's cap is a large share
+/// of it.
+pub fn raise_descriptor_limit(connections_per_source: usize) -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let cap = connections_per_source as u64;
+    if cap == 0 || cap.saturating_mul(4) > limit {
+        tracing::warn!(
+            descriptor_limit = limit,
+            connections_per_source,
+            "one source may hold a large share of the process's descriptors: raise the \
+             hard limit (ulimit -Hn, LimitNOFILE=) or lower limits.connections_per_source"
+        );
+    } else {
+        tracing::info!(
+            descriptor_limit = limit,
+            connections_per_source,
+            "connection limits"
+        );
+    }
+    Some(limit)
+}
+
 fn peer_ip(stream: &L4Stream) -> Option<IpAddr> {
     stream
         .get_socket_digest()
@@ -277,6 +309,16 @@ mod tests {
         let _y = s.take("2001:db8:1:3::1".parse().unwrap()).unwrap();
         let _z = s.take("::ffff:198.51.100.4".parse().unwrap()).unwrap();
         assert!(s.take("198.51.100.4".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, hard.min(1024), hard).unwrap();
+        let limit = raise_descriptor_limit(512).unwrap();
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!((soft, limit), (hard, hard));
     }
 
     #[test]

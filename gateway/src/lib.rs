@@ -105,6 +105,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         hello_timeout,
         connections_per_source,
     } = settings;
+    edge::raise_descriptor_limit(connections_per_source);
     let metrics = Arc::new(metrics::Metrics::new());
     let revocations = authz.tokens.revocations().cloned();
     let live_policy = authz.policy.clone();

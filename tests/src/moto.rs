@@ -1,7 +1,9 @@
 //! A real S3-compatible server for tests: `moto_server` (PyPI `moto[s3]`, installed in
 //! `tests/services/moto/venv` by `tests/services/install.sh`) on a free loopback port, in
 //! memory; stopped on drop. [`Moto::stop`] and [`Moto::start_again`] take it away and bring
-//! it back on the same port (empty: moto keeps nothing).
+//! it back on the same port (empty: moto keeps nothing). It runs through
+//! `tests/services/moto/serve.py`: moto's server with its writes applied one at a time, so
+//! conditional PUTs are atomic as on S3 (moto alone lets two racing ones both win).
 
 use crate::server::{StorageOptions, StorageServer, workspace_root};
 use anyhow::{Context, bail};
@@ -36,8 +38,10 @@ impl Moto {
 
     /// Starts the server (again) on its port and waits until it answers.
     pub fn start_again(&mut self) -> anyhow::Result<()> {
-        let bin = workspace_root().join("tests/services/moto/venv/bin/moto_server");
+        // moto_server with writes applied one at a time (serve.py says why).
+        let bin = workspace_root().join("tests/services/moto/venv/bin/python3");
         let child = Command::new(&bin)
+            .arg(workspace_root().join("tests/services/moto/serve.py"))
             .args(["-H", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .stdin(Stdio::null())

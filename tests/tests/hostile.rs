@@ -210,9 +210,34 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn silent_and_half_open_connections_are_closed_after_the_hello_timeout() -> anyhow::Result<()>
 {
+    // The gateway starts with a soft descriptor limit of 4,096 (its children inherit this
+    // process's), too few for what follows on a machine whose soft limit is 1,024 but
+    // whose hard limit is higher, and raises it to the hard one.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    ensure!(
+        hard >= 4096,
+        "the hard descriptor limit is {hard}: this test needs 4,096"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, 4096, hard)?;
     let e = Edge::start().await?;
     let pulls = e.pulls();
     pulls.wait_more(1, Duration::from_secs(30)).await?;
+    // The gateway raised its soft descriptor limit to the hard one at start.
+    let pid = e.d.gateway.pid().context("gateway pid")?;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no descriptor limit in /proc/<pid>/limits")?
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    ensure!(
+        files == [hard.to_string(), hard.to_string()],
+        "the gateway's descriptor limits (soft, hard) are {files:?}, not {hard}"
+    );
     let before = e.open_fds()?;
     // 1,500 connections that never send a byte (a TCP handshake and nothing else), from
     // four addresses (375 each: under the per-source cap, which has its own test).
