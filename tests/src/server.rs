@@ -42,6 +42,20 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// `GET <base>/metrics` (an admin listener, plain HTTP): the exposition text.
+pub async fn metrics_text(base: &str) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("{base}/metrics"))
+        .await?
+        .text()
+        .await?)
+}
+
+/// The value of the series `series` (name and labels, exactly as exposed) in `text`.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, ensure};
 use portcullis_tests::client::https;
-use portcullis_tests::server::{GatewayServer, binary};
+use portcullis_tests::server::{GatewayServer, binary, metric_sample, metrics_text};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -693,20 +693,6 @@ fn promtool(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The value of the series `series` (name and labels, exactly as exposed).
-/// `GET <base>/metrics` (an admin listener, plain HTTP): the exposition text.
-async fn metrics_text(base: &str) -> anyhow::Result<String> {
-    Ok(reqwest::get(format!("{base}/metrics"))
-        .await?
-        .text()
-        .await?)
-}
-
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_of_both_services_pass_promtool_and_count_what_happened() -> anyhow::Result<()> {
     use portcullis_tests::client::sha256;
@@ -772,13 +758,13 @@ async fn metrics_of_both_services_pass_promtool_and_count_what_happened() -> any
             &gw
         };
         ensure!(
-            sample(text, series) == Some(*value),
+            metric_sample(text, series) == Some(*value),
             "{series} is {:?}, expected {value}",
-            sample(text, series)
+            metric_sample(text, series)
         );
     }
     // Pushed bytes: the layer, the config and the manifest went in.
-    let pushed = sample(
+    let pushed = metric_sample(
         &gw,
         "gateway_repository_bytes_total{direction=\"in\",repository=\"team-a/app\"}",
     )
@@ -789,7 +775,7 @@ async fn metrics_of_both_services_pass_promtool_and_count_what_happened() -> any
         let series = format!(
             "gateway_token_decisions_total{{authenticator=\"user\",outcome=\"{outcome}\"}}"
         );
-        ensure!(sample(&gw, &series) == Some(n), "{series}: {gw}");
+        ensure!(metric_sample(&gw, &series) == Some(n), "{series}: {gw}");
     }
     ensure!(
         gw.contains("gateway_authenticator_duration_seconds_bucket{authenticator=\"htpasswd\""),
@@ -1309,7 +1295,7 @@ async fn gc_and_retention_deletions_are_exact_events_in_the_storage_trail() -> a
     ensure!(ok && out.contains("intact, 12 events"), "{out}");
     let metrics = metrics_text(&node.base).await?;
     ensure!(
-        sample(
+        metric_sample(
             &metrics,
             "storage_audit_events_total{action=\"gc-delete-blob\",outcome=\"success\"}"
         ) == Some(6.0),

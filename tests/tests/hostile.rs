@@ -9,6 +9,7 @@ use anyhow::{Context, ensure};
 use openssl::ssl::{SslConnector, SslMethod, SslStream, SslVerifyMode};
 use portcullis_tests::client::{Client, sha256};
 use portcullis_tests::deployment::{Deployment, user_client};
+use portcullis_tests::server::{metric_sample, metrics_text};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -288,14 +289,8 @@ async fn silent_and_half_open_connections_are_closed_after_the_hello_timeout() -
 
 /// A sample of the gateway's `/metrics` (0 when the series is not there yet).
 async fn metric(e: &Edge, series: &str) -> anyhow::Result<f64> {
-    let text = reqwest::get(format!("{}/metrics", e.d.gateway.admin))
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0))
+    let text = metrics_text(&e.d.gateway.admin).await?;
+    Ok(metric_sample(&text, series).unwrap_or(0.0))
 }
 
 /// Polls `series` until it is `want`, for up to 10 s.
