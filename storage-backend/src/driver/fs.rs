@@ -73,19 +73,34 @@ fn write_temp(target: &Path, data: &[u8]) -> io::Result<PathBuf> {
     let dir = target
         .parent()
         .ok_or_else(|| io::Error::other("path has no parent"))?;
-    fs::create_dir_all(dir)?;
     let name = target
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("object");
     let tmp = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
-    let mut f = File::create(&tmp)?;
+    let mut f = in_dir(dir, || File::create(&tmp))?;
     let res = f.write_all(data).and_then(|()| f.sync_data());
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
     Ok(tmp)
+}
+
+/// Creates `dir` and runs `make`, which creates an entry in it; again when `dir` went in
+/// between (garbage collection removes a directory it has just emptied, while a push may be
+/// about to write there). Once the entry exists the directory is not empty and stays.
+fn in_dir<T>(dir: &Path, mut make: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut tries = 0;
+    loop {
+        fs::create_dir_all(dir)?;
+        match make() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 8 && !dir.exists() => {
+                tries += 1;
+            }
+            made => return made,
+        }
+    }
 }
 
 /// Writes an upload's bytes from an offset on. Aligned 1 MiB blocks go through `O_DIRECT`
@@ -441,8 +456,7 @@ impl Driver for FsDriver {
             let dir = to
                 .parent()
                 .ok_or_else(|| io::Error::other("path has no parent"))?;
-            fs::create_dir_all(dir)?;
-            fs::rename(&from, &to)?;
+            in_dir(dir, || fs::rename(&from, &to))?;
             sync_dir(dir)
         }))
     }
@@ -480,6 +494,21 @@ impl Driver for FsDriver {
             not_found_as_none(r).map(|o| o.is_some())
         }))
     }
+
+    fn remove_if_empty<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<()>> {
+        let dir = self.full(prefix);
+        Box::pin(blocking(move || match fs::remove_dir(&dir) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                ) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }))
+    }
 }
 
 /// Reads a whole stream into memory; for tests.
@@ -502,6 +531,39 @@ mod tests {
             expected_len,
             hasher: Some(oci::Verifier::new(oci::Algorithm::Sha256)),
         }
+    }
+
+    #[tokio::test]
+    async fn removing_an_emptied_directory_never_takes_what_came_into_it() {
+        let root = tempfile::tempdir().unwrap();
+        let d = FsDriver::new(root.path());
+        d.put("a/b/data", Bytes::from_static(b"x")).await.unwrap();
+        d.remove_if_empty("a/b").await.unwrap();
+        assert_eq!(d.get("a/b/data").await.unwrap().as_deref(), Some(&b"x"[..]));
+        assert!(d.delete("a/b/data").await.unwrap());
+        d.remove_if_empty("a/b").await.unwrap();
+        assert!(!root.path().join("a/b").exists());
+        d.remove_if_empty("a/b").await.unwrap();
+        d.put("a/b/link", Bytes::from_static(b"y")).await.unwrap();
+        assert_eq!(d.get("a/b/link").await.unwrap().as_deref(), Some(&b"y"[..]));
+    }
+
+    #[test]
+    fn a_directory_removed_before_its_entry_is_made_is_made_again() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("x/y");
+        let mut calls = 0;
+        in_dir(&dir, || {
+            calls += 1;
+            if calls == 1 {
+                // What a collector pruning the directory at this moment does.
+                fs::remove_dir(&dir)?;
+            }
+            File::create(dir.join("data"))
+        })
+        .unwrap();
+        assert_eq!(calls, 2);
+        assert!(dir.join("data").exists());
     }
 
     #[tokio::test]

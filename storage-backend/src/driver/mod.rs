@@ -136,4 +136,12 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Deletes an object or everything under a prefix; `Ok(false)` if there was nothing.
     fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<bool>>;
+
+    /// Removes a prefix that holds nothing any more (a filesystem's directory); never an
+    /// object: if anything is under it (written since the caller emptied it), it stays.
+    /// Stores without directories have nothing to remove.
+    fn remove_if_empty<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<()>> {
+        let _ = prefix;
+        Box::pin(async { Ok(()) })
+    }
 }

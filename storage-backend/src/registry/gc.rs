@@ -21,7 +21,8 @@
 //! 4. waits `fence`;
 //! 5. marks again (scan 2) and keeps only candidates still unreferenced;
 //! 6. deletes each remaining candidate only after winning a compare-and-swap of its marker
-//!    from `condemned <run>` to `deleting <run>`.
+//!    from `condemned <run>` to `deleting <run>`: the object, then the marker, then the
+//!    directory if it is empty.
 //!
 //! A push that makes a new reference to existing content (a manifest PUT, an upload of a blob
 //! the store already has, a mount) first reads the lease; while a run sweeps, it swaps the
@@ -422,15 +423,28 @@ impl Registry {
         let uploads = format!("{repo}/_uploads");
         let upload_cutoff = t0.checked_sub(opts.upload_max_age).unwrap_or(UNIX_EPOCH);
         for id in self.driver.list(&uploads).await? {
-            let started = self
-                .driver
-                .stat(&format!("{uploads}/{id}/startedat"))
-                .await?;
-            if started.is_none_or(|m| m.modified < upload_cutoff) {
+            if self
+                .upload_age(&format!("{uploads}/{id}"))
+                .await?
+                .is_some_and(|started| started < upload_cutoff)
+            {
                 out.stale_uploads.push(id);
             }
         }
         Ok(out)
+    }
+
+    /// When an upload session (its directory, `session`) began: its `startedat`, else its
+    /// data's last write. `None` while it has neither: a session being created (the first
+    /// write under it has begun and `startedat` is not in place yet) or being removed, and
+    /// never stale then. Purging such a session would race its creation.
+    async fn upload_age(&self, session: &str) -> Result<Option<SystemTime>> {
+        for object in ["startedat", "data"] {
+            if let Some(m) = self.driver.stat(&format!("{session}/{object}")).await? {
+                return Ok(Some(m.modified));
+            }
+        }
+        Ok(None)
     }
 
     /// Marks everything live in the store; retention decides anew unless `plans` (scan 1's
@@ -674,9 +688,13 @@ impl Registry {
         Ok(paths)
     }
 
-    /// Deletes a candidate (its directory: the object and its marker) if it is still dead
-    /// (`dead`, from scan 2) and this run wins its marker; `false` if it was rescued, and then
-    /// its marker goes.
+    /// Deletes a candidate (the object, then its marker, then their directory if nothing
+    /// else came into it) if it is still dead (`dead`, from scan 2) and this run wins its
+    /// marker; `false` if it was rescued, and then its marker goes.
+    ///
+    /// The order matters: while the marker says `deleting`, a push that references the
+    /// object waits; once the marker is gone it may store the object again, into the same
+    /// place. So nothing here may delete anything after the marker but an empty directory.
     async fn sweep_one(&self, object: &str, run: &str, dead: bool) -> Result<bool> {
         let marker = gc_marker(object);
         let condemned = Bytes::from(format!("condemned {run}"));
@@ -690,8 +708,10 @@ impl Registry {
             let _ = self.driver.delete(&marker).await;
             return Ok(false);
         }
+        self.driver.delete(object).await?;
+        self.driver.delete(&marker).await?;
         let dir = object.rsplit_once('/').map_or(object, |(d, _)| d);
-        self.driver.delete(dir).await?;
+        self.driver.remove_if_empty(dir).await?;
         Ok(true)
     }
 
@@ -853,8 +873,15 @@ impl Registry {
         for r in &first.repos {
             for id in &r.stale_uploads {
                 let dir = format!("{}/{}/_uploads/{id}", Key::Repositories.path(), r.name);
-                self.driver.delete(&dir).await?;
-                report.uploads_purged.push(format!("{}/{id}", r.name));
+                // One session that will not go (its client is writing to it again) is no
+                // reason to stop collecting: the next run takes it.
+                match self.driver.delete(&dir).await {
+                    Ok(_) => report.uploads_purged.push(format!("{}/{id}", r.name)),
+                    Err(e) => tracing::warn!(
+                        repository = %r.name, upload = %id, error = %e,
+                        "stale upload session not purged; the next run tries again"
+                    ),
+                }
             }
         }
         // Condemn, under the sweep phase.
