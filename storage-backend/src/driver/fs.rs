@@ -103,6 +103,19 @@ fn in_dir<T>(dir: &Path, mut make: impl FnMut() -> io::Result<T>) -> io::Result<
     }
 }
 
+/// Removes a directory and everything in it, also what a concurrent writer puts there while
+/// it goes (`remove_dir_all` alone then fails with "directory not empty"): the caller asked
+/// for nothing to be left under it, and a write that raced the removal is ordered before it.
+fn remove_tree(dir: &Path) -> io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty && tries < 8 => tries += 1,
+            done => return done,
+        }
+    }
+}
+
 /// Writes an upload's bytes from an offset on. Aligned 1 MiB blocks go through `O_DIRECT`
 /// where the filesystem allows it: the data has to reach the disk before the chunk is
 /// acknowledged anyway, and page-cache writes of fresh pages are slow and erratic here
@@ -487,7 +500,7 @@ impl Driver for FsDriver {
                 return Ok(false);
             };
             let r = if meta.is_dir() {
-                fs::remove_dir_all(&p)
+                remove_tree(&p)
             } else {
                 fs::remove_file(&p)
             };
