@@ -29,6 +29,8 @@ use oci::{Digest, RepositoryName, Tag};
 /// Every object the registry stores.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key<'a> {
+    /// All blob content (a prefix: `<alg>/<hex[0..2]>/<hex>/data` under it).
+    Blobs,
     /// Content of a blob or manifest.
     Blob(&'a Digest),
     /// All repositories (a prefix).
@@ -83,6 +85,7 @@ impl Key<'_> {
                 &d.hex()[..2],
                 d.hex()
             ),
+            Key::Blobs => format!("{V2}/blobs"),
             Key::Repositories => format!("{V2}/repositories"),
             Key::Repository(n) => repo(n),
             Key::LayerLink(n, d) => format!("{}/_layers/{}/link", repo(n), ah(d)),
@@ -131,6 +134,7 @@ mod tests {
                 Key::Blob(&s),
                 format!("docker/registry/v2/blobs/sha512/ab/{sh}/data"),
             ),
+            (Key::Blobs, "docker/registry/v2/blobs".into()),
             (Key::Repositories, "docker/registry/v2/repositories".into()),
             (Key::Repository(&n), r.into()),
             (

@@ -486,10 +486,10 @@ impl Registry {
     }
 
     /// Every blob: `(digest, size, modified)`.
-    async fn all_blobs(&self) -> Result<Vec<(Digest, u64, SystemTime)>> {
-        let root = "docker/registry/v2/blobs";
+    pub(crate) async fn all_blobs(&self) -> Result<Vec<(Digest, u64, SystemTime)>> {
+        let root = Key::Blobs.path();
         let mut out = Vec::new();
-        for alg in self.driver.list(root).await? {
+        for alg in self.driver.list(&root).await? {
             for pre in self.driver.list(&format!("{root}/{alg}")).await? {
                 for hex in self.driver.list(&format!("{root}/{alg}/{pre}")).await? {
                     let Some(d) = digest_of(&alg, &hex) else {

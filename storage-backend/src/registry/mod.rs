@@ -115,20 +115,11 @@ impl Registry {
     /// How many blobs the store holds and their bytes (a walk of `blobs/`, one `stat` per
     /// blob: for metrics, not for every request).
     pub async fn usage(&self) -> Result<(u64, u64)> {
-        let root = "docker/registry/v2/blobs";
-        let (mut count, mut bytes) = (0u64, 0u64);
-        for alg in self.driver.list(root).await? {
-            for pre in self.driver.list(&format!("{root}/{alg}")).await? {
-                for hex in self.driver.list(&format!("{root}/{alg}/{pre}")).await? {
-                    let data = format!("{root}/{alg}/{pre}/{hex}/data");
-                    if let Some(meta) = self.driver.stat(&data).await? {
-                        count += 1;
-                        bytes += meta.size;
-                    }
-                }
-            }
-        }
-        Ok((count, bytes))
+        let blobs = self.all_blobs().await?;
+        Ok((
+            blobs.len() as u64,
+            blobs.iter().map(|(_, size, _)| size).sum(),
+        ))
     }
 
     /// Whether the store answers at all (for readiness).
