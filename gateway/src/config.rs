@@ -50,10 +50,17 @@ pub struct TlsConfig {
     /// time or it is closed (`edge`).
     #[serde(default = "default_hello_ms")]
     pub hello_timeout_ms: u64,
+    /// A connection between requests (HTTP/1.1 keep-alive, HTTP/2 with no stream open) is
+    /// closed after this long; whatever the client asks in `Keep-Alive: timeout=`.
+    #[serde(default = "default_client_idle_s")]
+    pub idle_timeout_seconds: u64,
 }
 
 fn default_hello_ms() -> u64 {
     10_000
+}
+fn default_client_idle_s() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -214,6 +214,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         store,
         proxy_protocol: None,
         hello_timeout: std::time::Duration::from_secs(10),
+        client_idle_timeout: Duration::from_secs(60),
         connections_per_source: crate::limits::LimitsConfig::default().connections_per_source,
     })
 }

@@ -65,6 +65,8 @@ pub struct Settings {
     pub proxy_protocol: Option<Arc<proxy_protocol::ProxyProtocol>>,
     /// How long a new connection has to send its first byte.
     pub hello_timeout: Duration,
+    /// How long a connection may wait between requests.
+    pub client_idle_timeout: Duration,
     /// Open connections allowed from one source (`0`: no cap).
     pub connections_per_source: usize,
     /// Work to run on the side runtime before serving (the embedded storage service).
@@ -103,6 +105,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         store,
         proxy_protocol,
         hello_timeout,
+        client_idle_timeout,
         connections_per_source,
     } = settings;
     edge::raise_descriptor_limit(connections_per_source);
@@ -139,6 +142,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         upstreams: upstreams.clone(),
         secret,
         idle_timeout,
+        client_idle_seconds: client_idle_timeout.as_secs().max(1),
         metrics: metrics.clone(),
         oidc,
         storage_client: reqwest::Client::builder()
@@ -149,6 +153,10 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     if let Some(app) = service.app_logic_mut() {
         app.h2_options = Some(h2_options());
+        // Without it an HTTP/2 connection with no stream open is kept for ever.
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2_idle_timeout = Some(client_idle_timeout);
+        app.server_options = Some(options);
     }
     let certificate = Arc::new(tls::ServerCertificate::load(&cert_file, &key_file).map_err(
         |e| {

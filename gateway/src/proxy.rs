@@ -35,6 +35,8 @@ pub struct Gateway {
     pub upstreams: Arc<LoadBalancer<RoundRobin>>,
     pub secret: String,
     pub idle_timeout: Duration,
+    /// Seconds a client connection may wait for its next request (HTTP/1.1 keep-alive).
+    pub client_idle_seconds: u64,
     pub metrics: Arc<Metrics>,
     pub oidc: Option<Arc<crate::oidc::Oidc>>,
     /// For the gateway's own questions to storage (tags of a digest).
@@ -631,6 +633,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Pingora waits for the next request on a keep-alive connection as long as the client
+        // asks (`Keep-Alive: timeout=`), by default for ever; ours bounds it. A connection the
+        // client (or HTTP/1.0) does not keep alive stays so.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.client_idle_seconds));
+        }
         let info = start_request(session, ctx)?;
         let span = tracing::info_span!("request", id = %ctx.info.request_id);
         crate::audit::CONTEXT

@@ -36,6 +36,20 @@ pub fn start_gateway(
     start_gateway_with(d, nodes, users, cost, "", &[])
 }
 
+/// Moves the keys of a `[tls]` table in `extra` into `config`'s own `[tls]` table (TOML
+/// allows a table once): what is left of `extra` is appended as it is.
+fn merge_tls_keys(config: &str, extra: &str) -> (String, String) {
+    let Some((before, rest)) = extra.split_once("[tls]\n") else {
+        return (config.to_string(), extra.to_string());
+    };
+    let end = rest.find("\n[").map_or(rest.len(), |i| i + 1);
+    let (keys, after) = rest.split_at(end);
+    (
+        config.replacen("[tls]\n", &format!("[tls]\n{keys}"), 1),
+        format!("{before}{after}"),
+    )
+}
+
 /// [`start_gateway`] with `extra` appended to the config (more tables, e.g. `[auth.ldap]`)
 /// and `env` added to the gateway's environment.
 pub fn start_gateway_with(
@@ -104,7 +118,8 @@ file = "{policy}"
     } else {
         "[audit]\nstdout = true\n"
     };
-    std::fs::write(&conf, config + audit + extra)?;
+    let (config, extra) = merge_tls_keys(&config, extra);
+    std::fs::write(&conf, config + audit + &extra)?;
     let ca = std::fs::read(&tls.ca_cert).context("reading the generated CA")?;
     let mut env = env.to_vec();
     env.push(("PORTCULLIS_INTERNAL_SECRET", SECRET));

@@ -661,6 +661,16 @@ async fn path_tricks_never_reach_another_repository() -> anyhow::Result<()> {
 
 /// A TLS connection negotiating HTTP/2, as an `h2` client.
 async fn h2_client(e: &Edge) -> anyhow::Result<h2::client::SendRequest<bytes::Bytes>> {
+    Ok(h2_connection(e).await?.0)
+}
+
+/// [`h2_client`], with the connection's task: it ends when the connection closes.
+async fn h2_connection(
+    e: &Edge,
+) -> anyhow::Result<(
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+)> {
     let mut b = SslConnector::builder(SslMethod::tls_client())?;
     b.cert_store_mut()
         .add_cert(openssl::x509::X509::from_pem(&e.d.gateway.ca_pem)?)?;
@@ -674,10 +684,95 @@ async fn h2_client(e: &Edge) -> anyhow::Result<h2::client::SendRequest<bytes::By
         "no h2 by ALPN"
     );
     let (send, conn) = h2::client::handshake(tls).await?;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok(send)
+    Ok((send, task))
+}
+
+/// The status of a GET on an `h2` connection.
+async fn h2_status(
+    send: &h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+) -> anyhow::Result<u16> {
+    let (answer, _) = send
+        .clone()
+        .ready()
+        .await?
+        .send_request(h2_get(path), true)?;
+    Ok(answer.await?.status().as_u16())
+}
+
+const IDLE: u64 = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_keep_alive_and_http2_connections_are_closed_between_requests() -> anyhow::Result<()> {
+    let e = Edge::start_with(&format!("[tls]\nidle_timeout_seconds = {IDLE}\n")).await?;
+    let pulls = e.pulls();
+    pulls.wait_more(1, Duration::from_secs(30)).await?;
+    // HTTP/1.1 asking to be kept for a day: answered, kept for a next request, then closed
+    // once idle for the gateway's time, not the client's.
+    let mut h1 = e.tls()?;
+    let ask = b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\
+                Keep-Alive: timeout=86400\r\n\r\n";
+    h1.write_all(ask)?;
+    ensure!(read_answer(&mut h1)?.contains(" 401 "), "first request");
+    std::thread::sleep(Duration::from_secs(1));
+    h1.write_all(ask)?;
+    ensure!(
+        read_answer(&mut h1)?.contains(" 401 "),
+        "a second request within the idle time"
+    );
+    // HTTP/2: the same.
+    let (h2, h2_task) = h2_connection(&e).await?;
+    ensure!(h2_status(&h2, "/v2/").await? == 401, "h2 request");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        h2_status(&h2, "/v2/").await? == 401,
+        "a second h2 request within the idle time"
+    );
+    let idle = Instant::now();
+    let h1_closed = tokio::task::spawn_blocking(move || {
+        h1.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(IDLE + 20)))?;
+        let mut rest = Vec::new();
+        match h1.read_to_end(&mut rest) {
+            Ok(_) => Ok(rest.is_empty()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                anyhow::bail!(
+                    "an idle HTTP/1.1 connection still open after {:?}",
+                    idle.elapsed()
+                )
+            }
+            // Closed without TLS close_notify: closed all the same.
+            Err(_) => Ok(true),
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(IDLE + 20), h2_task)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "an idle HTTP/2 connection still open after {:?}",
+                idle.elapsed()
+            )
+        })??;
+    ensure!(
+        h1_closed.await??,
+        "the idle HTTP/1.1 connection was sent more"
+    );
+    ensure!(
+        idle.elapsed() >= Duration::from_secs(IDLE - 1),
+        "closed after {:?}, before the idle time",
+        idle.elapsed()
+    );
+    pulls.wait_more(2, Duration::from_secs(30)).await?;
+    pulls.finish().await?;
+    Ok(())
 }
 
 fn h2_get(path: &str) -> http::Request<()> {
