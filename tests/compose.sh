@@ -28,6 +28,10 @@ cleanup() {
   rm -rf "/etc/docker/certs.d/localhost:${port:-0}"
   kill "$dockerd_pid" 2> /dev/null || true
   wait "$dockerd_pid" 2> /dev/null || true
+  # dockerd leaves its network namespace mounted under its exec root; the tree cannot be
+  # removed (target/ of a finished run included) until it is unmounted.
+  awk -v root="$work/exec/" 'index($2, root) == 1 { print $2 }' /proc/mounts |
+    xargs -r umount 2> /dev/null || true
 }
 trap cleanup EXIT
 for _ in $(seq 100); do docker info > /dev/null 2>&1 && break; sleep 0.2; done
