@@ -84,20 +84,13 @@ impl LivePolicy {
 
     /// Reloads on every `SIGHUP`, forever (on the side runtime).
     pub async fn reload_on_sighup(self: Arc<Self>) {
-        use tokio::signal::unix::{SignalKind, signal};
         if self.file.is_none() {
             return;
         }
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP; the policy is never reloaded");
-                return;
-            }
-        };
-        while hup.recv().await.is_some() {
+        storage_backend::signal::on_sighup("the policy is never reloaded", || {
             let _ = self.reload();
-        }
+        })
+        .await
     }
 }
 

@@ -204,12 +204,7 @@ impl ServerCertificate {
 
     /// Reloads on every `SIGHUP` (run on a tokio runtime).
     pub async fn reload_on_sighup(self: std::sync::Arc<Self>) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::error!("cannot listen for SIGHUP; the certificate is never reloaded");
-            return;
-        };
-        while hup.recv().await.is_some() {
+        storage_backend::signal::on_sighup("the certificate is never reloaded", || {
             match self.reload() {
                 Ok(()) => {
                     tracing::info!(cert = %self.cert_file.display(), "SIGHUP: TLS certificate reloaded")
@@ -218,7 +213,8 @@ impl ServerCertificate {
                     tracing::error!(error = %format!("{e:#}"), "SIGHUP: TLS certificate not reloaded; keeping the previous one")
                 }
             }
-        }
+        })
+        .await
     }
 }
 

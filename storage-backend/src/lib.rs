@@ -7,6 +7,7 @@
 //!   referrers, catalog.
 //! - [`http`]: the axum router; [`http::router`] builds it without a socket.
 //! - [`config`]: the TOML configuration (`conf/storage-backend.toml`).
+//! - [`audit`]: the tamper-evident audit trail both services write; [`signal`]: `SIGHUP`.
 //!
 //! The binary (`src/main.rs`) wires these together; `tests/tests/storage.rs` drives the real
 //! binary over sockets.
@@ -18,6 +19,7 @@ pub mod gc;
 pub mod http;
 pub mod layout;
 pub mod registry;
+pub mod signal;
 
 use std::sync::Arc;
 

@@ -296,18 +296,11 @@ pub fn reopen() {
 
 /// Reopens the audit file on every `SIGHUP` (run on a tokio runtime).
 pub async fn reopen_on_sighup() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGHUP; the audit file is never reopened");
-            return;
-        }
-    };
-    while hup.recv().await.is_some() {
+    crate::signal::on_sighup("the audit file is never reopened", || {
         tracing::info!("SIGHUP: reopening the audit file");
         reopen();
-    }
+    })
+    .await
 }
 
 pub fn sha256_hex(s: &str) -> String {
