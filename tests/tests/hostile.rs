@@ -703,7 +703,7 @@ async fn h2_status(
     Ok(answer.await?.status().as_u16())
 }
 
-const IDLE: u64 = 3;
+const IDLE: u64 = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_keep_alive_and_http2_connections_are_closed_between_requests() -> anyhow::Result<()> {
