@@ -65,7 +65,8 @@ pub struct Settings {
     pub proxy_protocol: Option<Arc<proxy_protocol::ProxyProtocol>>,
     /// How long a new connection has to send its first byte.
     pub hello_timeout: Duration,
-    /// How long a connection may wait between requests.
+    /// How long a connection may wait between requests (whole seconds, at least one: HTTP/1
+    /// keep-alive counts in seconds, and zero would mean for ever there).
     pub client_idle_timeout: Duration,
     /// Open connections allowed from one source (`0`: no cap).
     pub connections_per_source: usize,
@@ -108,6 +109,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         client_idle_timeout,
         connections_per_source,
     } = settings;
+    let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
     let metrics = Arc::new(metrics::Metrics::new());
     let revocations = authz.tokens.revocations().cloned();
@@ -142,7 +144,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         upstreams: upstreams.clone(),
         secret,
         idle_timeout,
-        client_idle_seconds: client_idle_timeout.as_secs().max(1),
+        client_idle_seconds: client_idle_timeout.as_secs(),
         metrics: metrics.clone(),
         oidc,
         storage_client: reqwest::Client::builder()

@@ -224,7 +224,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         side_tasks: Vec::new(),
         store,
         hello_timeout: std::time::Duration::from_millis(c.tls.hello_timeout_ms.max(1)),
-        client_idle_timeout: std::time::Duration::from_secs(c.tls.idle_timeout_seconds.max(1)),
+        client_idle_timeout: std::time::Duration::from_secs(c.tls.idle_timeout_seconds),
         connections_per_source: c.limits.connections_per_source,
         proxy_protocol: match &c.proxy_protocol {
             Some(p) => Some(Arc::new(gateway::proxy_protocol::ProxyProtocol::new(p)?)),
