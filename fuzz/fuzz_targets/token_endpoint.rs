@@ -35,7 +35,7 @@ fn service() -> &'static (tokio::runtime::Runtime, TokenService) {
         let policy = policy::Policy::compile("policy.toml", include_str!("../../conf/policy.toml"))
             .expect("the shipped policy");
         let store: Arc<dyn gateway::state::StateStore> =
-            Arc::new(gateway::state::MemoryStore::new(100_000));
+            Arc::new(gateway::state::MemoryStore::default());
         let service = TokenService {
             tokens,
             auth: Arc::new(users),

@@ -4,6 +4,7 @@
 
 use crate::audit::request::{Operation, User};
 use crate::token::jwt::{Claims, Tokens};
+use oci::request::Request;
 use oci::{Endpoint, ErrorCode, OciError, Reference};
 use pingora::http::RequestHeader;
 use policy::{TagChange, TagState};
@@ -33,14 +34,17 @@ pub struct Forward {
     pub tag: Option<String>,
     /// A break-glass use of `override-immutable` (to be audited).
     pub override_immutable: bool,
-    /// Replace the request URI (e.g. a mount the token may not read from is dropped).
-    pub rewrite_uri: Option<http::Uri>,
+    /// The URI storage gets: the authorized request written out again
+    /// ([`oci::request::Request::uri`]), never the client's own — so storage parses exactly
+    /// what was decided (a mount the token may not read from is already dropped from it).
+    pub uri: Option<http::Uri>,
     pub subject: String,
-    /// A manifest DELETE by digest in a repository with immutability rules: the proxy must
-    /// find the tags pointing to the digest and ask [`Authz::check_digest_delete`].
-    pub digest_delete: Option<(String, String)>,
-    /// The token's subject, for later policy questions.
-    pub policy_subject: Option<policy::Subject>,
+    /// A DELETE by digest (manifest or blob) in a repository with immutability rules: the
+    /// rules, as JSON, for storage to enforce where the data is
+    /// ([`policy::immutability::Protection`]).
+    pub protection: Option<String>,
+    /// Set once the rules went to storage (a 403 then is an immutability refusal).
+    pub protection_sent: bool,
 }
 
 pub struct Authz {
@@ -51,9 +55,12 @@ pub struct Authz {
     pub realm: Option<String>,
 }
 
-/// The scope an endpoint needs, as (type, name, action, challenge scope string).
-fn needed(ep: &Endpoint) -> Option<(&'static str, String, &'static str, String)> {
+/// The scope a request needs, as (type, name, action, challenge scope string). A mount's
+/// challenge asks for `pull` on `from` too (as distribution does), so a client that takes
+/// its scopes from the challenge gets a token that can mount.
+fn needed(request: &Request) -> Option<(&'static str, String, &'static str, String)> {
     use oci::route::Action;
+    let ep = &request.endpoint;
     let (act, challenge) = match ep.action()? {
         Action::Catalog => {
             return Some((
@@ -68,12 +75,13 @@ fn needed(ep: &Endpoint) -> Option<(&'static str, String, &'static str, String)>
         Action::Delete => ("delete", "delete"),
     };
     let name = ep.repository()?.to_string();
-    Some((
-        "repository",
-        name.clone(),
-        act,
-        format!("repository:{name}:{challenge}"),
-    ))
+    let mut scope = format!("repository:{name}:{challenge}");
+    if let Some(from) = request.params.mount.as_ref().and_then(|m| m.from.as_ref())
+        && from.as_str() != name
+    {
+        scope.push_str(&format!(" repository:{from}:pull"));
+    }
+    Some(("repository", name, act, scope))
 }
 
 fn error_body(code: ErrorCode, message: &str) -> String {
@@ -152,8 +160,8 @@ impl Authz {
     /// Checks a `/v2/` request; what the audit event needs goes into `op` (nothing for a
     /// request without credentials, which only gets the challenge).
     pub fn check(&self, req: &RequestHeader, op: &mut Operation) -> Verdict {
-        let route = oci::parse_route(req.method.as_str(), req.uri.path());
-        let label = route.as_ref().map_or("invalid", Endpoint::label);
+        let route = oci::request::parse(req.method.as_str(), req.uri.path(), req.uri.query());
+        let label = route.as_ref().map_or("invalid", |r| r.endpoint.label());
         let scope = route.as_ref().ok().and_then(needed);
         let claims = match self.bearer(req) {
             None => {
@@ -167,7 +175,7 @@ impl Authz {
                 );
             }
             Some(Err(e)) => {
-                op.endpoint = route.as_ref().ok().cloned();
+                op.endpoint = route.as_ref().ok().map(|r| r.endpoint.clone());
                 op.reason = Some(format!("invalid_token: {e}"));
                 return self.unauthorized(
                     req,
@@ -180,15 +188,15 @@ impl Authz {
             }
             Some(Ok(c)) => c,
         };
-        op.endpoint = route.as_ref().ok().cloned();
+        op.endpoint = route.as_ref().ok().map(|r| r.endpoint.clone());
         op.query = req.uri.query().map(str::to_owned);
         op.user = Some(User {
             name: claims.sub.clone(),
             kind: claims.subject.kind.clone(),
             groups: claims.subject.groups.clone(),
         });
-        let endpoint = match route {
-            Ok(ep) => ep,
+        let mut request = match route {
+            Ok(r) => r,
             Err(e) => {
                 let e: OciError = e.into();
                 return Verdict::Respond {
@@ -204,10 +212,8 @@ impl Authz {
             ..Forward::default()
         };
         let Some((rtype, name, action, challenge)) = scope else {
-            return Verdict::Forward {
-                route: label,
-                forward,
-            }; // GET /v2/
+            // GET /v2/
+            return self.forward(request, forward, label);
         };
         if !claims.allows(rtype, &name, action) {
             op.reason = Some(format!(
@@ -224,9 +230,19 @@ impl Authz {
         }
         let now = crate::token::unix_now();
         let subject = claims.subject();
+        let endpoint = request.endpoint.clone();
         match &endpoint {
             Endpoint::StartUpload { .. } => {
-                forward.rewrite_uri = self.unreadable_mount(req, &claims);
+                // A mount from a repository the token may not read is a plain upload start
+                // (as distribution does): the client uploads the blob instead.
+                if let Some(m) = &request.params.mount
+                    && !m
+                        .from
+                        .as_ref()
+                        .is_some_and(|from| claims.allows("repository", from.as_str(), "pull"))
+                {
+                    request.params.mount = None;
+                }
             }
             Endpoint::PutManifest {
                 name,
@@ -253,10 +269,28 @@ impl Authz {
             }
             Endpoint::DeleteManifest {
                 name,
-                reference: Reference::Digest(d),
-            } if self.policy.current().has_immutability_for(name.as_str()) => {
-                forward.digest_delete = Some((name.to_string(), d.to_string()));
-                forward.policy_subject = Some(subject.clone());
+                reference: Reference::Digest(_),
+            }
+            | Endpoint::DeleteBlob { name, .. } => {
+                if let Some(p) = self
+                    .policy
+                    .current()
+                    .protection(&subject, name.as_str(), now)
+                {
+                    match serde_json::to_string(&p) {
+                        Ok(json) => forward.protection = Some(json),
+                        Err(e) => {
+                            // Unreachable in practice; never forward unprotected.
+                            tracing::error!(error = %e, "writing immutability rules failed");
+                            return Verdict::Respond {
+                                route: label,
+                                status: 500,
+                                body: error_body(ErrorCode::Unknown, "internal error"),
+                                headers: Vec::new(),
+                            };
+                        }
+                    }
+                }
             }
             Endpoint::DeleteManifest {
                 name,
@@ -294,66 +328,345 @@ impl Authz {
             }
             _ => {}
         }
-        Verdict::Forward {
-            route: label,
-            forward,
-        }
+        self.forward(request, forward, label)
     }
 
-    /// A DELETE of the manifest that `tags` point to: `Err((status, body))` if refused.
-    pub fn check_digest_delete(
-        &self,
-        subject: &policy::Subject,
-        repository: &str,
-        tags: &[String],
-    ) -> Result<bool, (u16, String)> {
-        let refs: Vec<&str> = tags.iter().map(String::as_str).collect();
-        match self.policy.current().check_manifest_delete(
-            subject,
-            repository,
-            &refs,
-            crate::token::unix_now(),
-        ) {
-            TagChange::Denied(by) => Err((
-                403,
-                error_body(
-                    ErrorCode::Denied,
-                    &format!(
-                        "the manifest is tagged with an immutable tag (policy line {}, pattern {}) and cannot be deleted",
-                        by.line, by.pattern
-                    ),
-                ),
-            )),
-            TagChange::Override(by) => {
-                tracing::warn!(subject = %subject.name, repository, rule_line = by.line, "override-immutable used to delete a manifest");
-                Ok(true)
+    /// Forwards `request` as it was authorized: its URI written out again. A URI that cannot
+    /// be written (a huge `last=`) is refused, never replaced by the client's.
+    fn forward(&self, request: Request, mut forward: Forward, route: &'static str) -> Verdict {
+        match request.uri().parse::<http::Uri>() {
+            Ok(uri) => {
+                forward.uri = Some(uri);
+                Verdict::Forward { route, forward }
             }
-            TagChange::Allowed | TagChange::CreateOnly(_) => Ok(false),
+            Err(_) => Verdict::Respond {
+                route,
+                status: 414,
+                body: error_body(ErrorCode::Unsupported, "the request URI is too long"),
+                headers: Vec::new(),
+            },
+        }
+    }
+}
+
+/// Whether what storage does with a forwarded request is within what `claims` grant: the
+/// request's own repository for the endpoint's action, and `pull` on a mount's source. `uri`
+/// is the URI the gateway forwarded, parsed here as storage parses it. The property the
+/// proptest and the `authz` fuzz target hold the gateway to.
+pub fn forwarded_within_grant(
+    claims: &Claims,
+    method: &str,
+    uri: &http::Uri,
+) -> Result<(), String> {
+    use oci::route::Action;
+    let request = oci::request::parse(method, uri.path(), uri.query())
+        .map_err(|e| format!("storage cannot parse the forwarded {method} {uri}: {e}"))?;
+    let ep = &request.endpoint;
+    let own = match ep.action() {
+        None => return Ok(()),
+        Some(Action::Catalog) => ("registry", "catalog".to_string(), "*"),
+        Some(a) => {
+            let name = ep
+                .repository()
+                .ok_or_else(|| format!("{method} {uri}: an action without a repository"))?;
+            let act = match a {
+                Action::Pull => "pull",
+                Action::Push => "push",
+                _ => "delete",
+            };
+            ("repository", name.to_string(), act)
+        }
+    };
+    if !claims.allows(own.0, &own.1, own.2) {
+        return Err(format!(
+            "{method} {uri}: storage would do {}:{}:{} ungranted",
+            own.0, own.1, own.2
+        ));
+    }
+    if let Some(from) = request.params.mount.as_ref().and_then(|m| m.from.as_ref())
+        && !claims.allows("repository", from.as_str(), "pull")
+    {
+        return Err(format!(
+            "{method} {uri}: storage would mount from {from} without pull"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::jwt::{Access, TokenSubject};
+    use proptest::prelude::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn authz_and_bob() -> (Authz, Claims, String) {
+        let key =
+            crate::token::keys::SigningKey::from_pem(&crate::token::keys::generate_pem().unwrap())
+                .unwrap();
+        let tokens = Arc::new(Tokens::new(vec![key], "iss", "svc"));
+        let policy =
+            policy::Policy::compile("p.toml", include_str!("../../conf/policy.toml")).unwrap();
+        let now = crate::token::unix_now();
+        let claims = Claims {
+            iss: "iss".into(),
+            sub: "bob".into(),
+            aud: "svc".into(),
+            exp: now + 3600,
+            nbf: now,
+            iat: now,
+            jti: "j".into(),
+            access: vec![Access {
+                resource_type: "repository".into(),
+                name: "team-a/app".into(),
+                actions: vec!["pull".into(), "push".into(), "delete".into()],
+            }],
+            subject: TokenSubject {
+                kind: "user".into(),
+                groups: vec!["team-a".into()],
+            },
+        };
+        let jwt = tokens.sign(&claims).unwrap();
+        let authz = Authz {
+            tokens,
+            policy: Arc::new(crate::live_policy::LivePolicy::fixed(policy)),
+            service: "svc".into(),
+            realm: Some("https://registry/token".into()),
+        };
+        (authz, claims, jwt)
+    }
+
+    fn head(method: &str, uri: &str, jwt: Option<&str>) -> Option<RequestHeader> {
+        let mut h = RequestHeader::build(method, uri.as_bytes(), None).ok()?;
+        if let Some(t) = jwt {
+            h.insert_header("authorization", format!("Bearer {t}"))
+                .ok()?;
+        }
+        Some(h)
+    }
+
+    fn forwarded(v: &Verdict) -> Option<&http::Uri> {
+        match v {
+            Verdict::Forward { forward, .. } => Some(
+                forward
+                    .uri
+                    .as_ref()
+                    .expect("a forwarded request carries its URI"),
+            ),
+            Verdict::Respond { .. } => None,
         }
     }
 
-    /// For `POST …/blobs/uploads/?mount=&from=`: if the token cannot pull from `from`, the
-    /// mount is dropped and the request becomes a plain upload start (as distribution does).
-    fn unreadable_mount(&self, req: &RequestHeader, claims: &Claims) -> Option<http::Uri> {
-        let query = req.uri.query()?;
-        let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        let from = pairs
-            .iter()
-            .find(|(k, _)| k == "from")
-            .map(|(_, v)| v.clone())?;
-        if claims.allows("repository", &from, "pull") {
-            return None;
+    #[test]
+    fn a_mount_from_a_repository_the_token_cannot_read_is_a_plain_upload_whatever_the_query() {
+        let (authz, claims, jwt) = authz_and_bob();
+        let pad = "/".repeat(22_000);
+        for q in [
+            format!("mount={D}&from=team-b/secret"),
+            format!("mount={D}&from=team-b/secret&pad={pad}"),
+            format!("%6Dount={D}&fr%6Fm=team-b%2Fsecret"),
+            format!("mount={D}&from=team-b/secret&digest={D}"),
+        ] {
+            let req = head(
+                "POST",
+                &format!("/v2/team-a/app/blobs/uploads/?{q}"),
+                Some(&jwt),
+            )
+            .unwrap();
+            let v = authz.check(&req, &mut Operation::default());
+            let uri = forwarded(&v).unwrap_or_else(|| panic!("{q}: refused"));
+            assert!(!uri.to_string().contains("mount"), "{uri}");
+            forwarded_within_grant(&claims, "POST", uri).unwrap();
         }
-        let kept: String = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs.iter().filter(|(k, _)| k != "mount" && k != "from"))
-            .finish();
-        let pq = if kept.is_empty() {
-            req.uri.path().to_owned()
-        } else {
-            format!("{}?{kept}", req.uri.path())
+        // The property itself catches what the bypass forwarded.
+        let bypass: http::Uri =
+            format!("/v2/team-a/app/blobs/uploads/?mount={D}&from=team-b%2Fsecret")
+                .parse()
+                .unwrap();
+        assert!(forwarded_within_grant(&claims, "POST", &bypass).is_err());
+        // Repeated: refused, not guessed.
+        let q = format!("mount={D}&from=team-a/app&from=team-b/secret");
+        let req = head(
+            "POST",
+            &format!("/v2/team-a/app/blobs/uploads/?{q}"),
+            Some(&jwt),
+        )
+        .unwrap();
+        assert!(forwarded(&authz.check(&req, &mut Operation::default())).is_none());
+        // Readable: the mount goes through as it is.
+        let q = format!("mount={D}&from=team-a/app&pad=x");
+        let req = head(
+            "POST",
+            &format!("/v2/team-a/app/blobs/uploads/?{q}"),
+            Some(&jwt),
+        )
+        .unwrap();
+        let v = authz.check(&req, &mut Operation::default());
+        assert_eq!(
+            forwarded(&v).unwrap().to_string(),
+            format!(
+                "/v2/team-a/app/blobs/uploads/?mount={}&from=team-a%2Fapp",
+                D.replace(':', "%3A")
+            )
+        );
+    }
+
+    #[test]
+    fn a_mount_challenge_asks_for_pull_on_the_source_too() {
+        let (authz, _, _) = authz_and_bob();
+        let req = head(
+            "POST",
+            &format!("/v2/team-a/app/blobs/uploads/?mount={D}&from=team-b/x"),
+            None,
+        )
+        .unwrap();
+        let Verdict::Respond {
+            status, headers, ..
+        } = authz.check(&req, &mut Operation::default())
+        else {
+            panic!("an anonymous push was forwarded");
         };
-        pq.parse().ok()
+        assert_eq!(status, 401);
+        let (_, challenge) = headers
+            .iter()
+            .find(|(k, _)| *k == "www-authenticate")
+            .unwrap();
+        assert!(
+            challenge
+                .contains("scope=\"repository:team-a/app:pull,push repository:team-b/x:pull\""),
+            "{challenge}"
+        );
+    }
+
+    #[test]
+    fn deletes_by_digest_carry_the_repositorys_immutability_rules_to_storage() {
+        let (authz, _, jwt) = authz_and_bob();
+        for path in [
+            format!("/v2/team-a/app/manifests/{D}"),
+            format!("/v2/team-a/app/blobs/{D}"),
+        ] {
+            let req = head("DELETE", &path, Some(&jwt)).unwrap();
+            let Verdict::Forward { forward, .. } = authz.check(&req, &mut Operation::default())
+            else {
+                panic!("{path} refused");
+            };
+            let p: policy::immutability::Protection =
+                serde_json::from_str(forward.protection.as_deref().expect("rules sent")).unwrap();
+            assert!(!p.may_override);
+            let p = p.compile().unwrap();
+            assert!(p.immutable("v1.2.3").is_some() && p.immutable("latest").is_none());
+        }
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("team-a/app".to_string()),
+            Just("team-b/secret".to_string()),
+            Just("team-a/app/../../team-b/secret".to_string()),
+            Just("team-b%2Fsecret".to_string()),
+            Just("team-a/app/blobs/uploads/x/team-b/secret".to_string()),
+            Just("TEAM-B/secret".to_string()),
+            Just("team-a//app".to_string()),
+            "[a-z/%.-]{0,12}",
+        ]
+    }
+
+    fn suffix() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("/blobs/uploads/".to_string()),
+            Just("/blobs/uploads".to_string()),
+            Just("/manifests/v1".to_string()),
+            Just(format!("/manifests/{D}")),
+            Just(format!("/blobs/{D}")),
+            Just("/tags/list".to_string()),
+            Just(format!("/referrers/{D}")),
+            Just("/blobs/uploads/abc-1".to_string()),
+            Just(String::new()),
+        ]
+    }
+
+    fn pair() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("mount"),
+            Just("from"),
+            Just("digest"),
+            Just("n"),
+            Just("last"),
+            Just("artifactType"),
+            Just("pad"),
+            Just("fr%6Fm"),
+            Just("%6Dount"),
+            Just("from%00"),
+            Just("FROM"),
+            Just("from "),
+        ];
+        let value = prop_oneof![
+            Just(D.to_string()),
+            Just(D.replace(':', "%3A")),
+            Just("team-b/secret".to_string()),
+            Just("team-b%2Fsecret".to_string()),
+            Just("team-a/app".to_string()),
+            (1usize..3000).prop_map(|n| "/".repeat(n)),
+            "[ -~]{0,16}",
+        ];
+        (key, value).prop_map(|(k, v)| format!("{k}={v}"))
+    }
+
+    fn request() -> impl Strategy<Value = (String, String)> {
+        let method = prop_oneof![
+            Just("GET"),
+            Just("HEAD"),
+            Just("PUT"),
+            Just("POST"),
+            Just("PATCH"),
+            Just("DELETE"),
+            Just("OPTIONS"),
+        ];
+        let sep = prop_oneof![Just("&"), Just(";"), Just("&&")];
+        (
+            method,
+            prop_oneof![
+                Just("/v2/_catalog".to_string()),
+                (name(), suffix()).prop_map(|(n, s)| format!("/v2/{n}{s}"))
+            ],
+            proptest::collection::vec(pair(), 0..6),
+            sep,
+        )
+            .prop_map(|(m, path, pairs, sep)| {
+                let uri = if pairs.is_empty() {
+                    path
+                } else {
+                    format!("{path}?{}", pairs.join(sep))
+                };
+                (m.to_string(), uri)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+        /// Whatever bob (push on team-a/app only) sends, storage is asked only for what his
+        /// token grants: the forwarded URI parses on storage's side into an operation on
+        /// team-a/app, and a mount from anywhere else is gone.
+        #[test]
+        fn storage_only_ever_does_what_the_token_grants((method, uri) in request()) {
+            let (authz, claims, jwt) = AUTHZ.with(|a| a.clone());
+            let Some(req) = head(&method, &uri, Some(&jwt)) else { return Ok(()) };
+            let v = authz.check(&req, &mut Operation::default());
+            if let Some(fwd) = forwarded(&v) {
+                prop_assert!(
+                    forwarded_within_grant(&claims, &method, fwd).is_ok(),
+                    "{}", forwarded_within_grant(&claims, &method, fwd).unwrap_err()
+                );
+            }
+        }
+    }
+
+    thread_local! {
+        static AUTHZ: (Arc<Authz>, Claims, String) = {
+            let (a, c, j) = authz_and_bob();
+            (Arc::new(a), c, j)
+        };
     }
 }

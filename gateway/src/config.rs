@@ -35,6 +35,9 @@ pub struct Config {
     /// `[log] format = "pretty" | "json"` (stderr; `--log-format` overrides it).
     #[serde(default)]
     pub log: storage_backend::config::LogConfig,
+    /// The pepper of stored robot secrets and the LDAP login cache (`[pepper]`).
+    #[serde(default)]
+    pub pepper: crate::pepper::PepperConfig,
     /// The PROXY protocol from trusted load balancers on the TLS listener
     /// (`[proxy_protocol]`).
     #[serde(default)]
@@ -177,10 +180,11 @@ impl Config {
         Ok(())
     }
 
-    /// The internal secret from `upstream.secret_file` or the environment.
-    pub fn secret(&self) -> anyhow::Result<String> {
+    /// The internal secret from `upstream.secret_file` or the environment (wiped from memory
+    /// when dropped).
+    pub fn secret(&self) -> anyhow::Result<zeroize::Zeroizing<String>> {
         if let Some(f) = &self.upstream.secret_file {
-            let s = read_secret_file(f)?;
+            let s = zeroize::Zeroizing::new(read_secret_file(f)?);
             if s.is_empty() {
                 bail!("{} is empty", f.display());
             }
@@ -189,6 +193,7 @@ impl Config {
         std::env::var(SECRET_ENV)
             .ok()
             .filter(|s| !s.is_empty())
+            .map(zeroize::Zeroizing::new)
             .with_context(|| {
                 format!("no internal secret: set upstream.secret_file or {SECRET_ENV}")
             })

@@ -19,6 +19,22 @@ pub const NOT_FOUND: &str = "credentials not found in native keychain";
 /// Docker's identity-token user name: the secret is a registry refresh token.
 pub const IDENTITY_TOKEN_USER: &str = "<token>";
 
+/// The environment variable listing the registries the helper signs in to (device flow).
+pub const REGISTRIES_ENV: &str = "PORTCULLIS_REGISTRIES";
+
+/// Whether the helper may run the device flow for the server `key`: only for a registry the
+/// user named — in `$PORTCULLIS_REGISTRIES` or the `registries` file beside the credentials
+/// (`text`: both, server names separated by commas, spaces or new lines; `#` starts a
+/// comment). Docker calls a global `credsStore` for *every* server an image names, so without
+/// this `docker pull evil.example/x` would open a sign-in page that server chose.
+pub fn sign_in_allowed(text: &str, key: &str) -> bool {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .flat_map(|l| l.split([',', ' ', '\t']))
+        .filter(|s| !s.is_empty())
+        .any(|s| server_key(s) == key)
+}
+
 /// A request longer than this is refused (a server URL or a token is far shorter).
 pub const MAX_INPUT: usize = 64 * 1024;
 
@@ -229,6 +245,23 @@ mod tests {
             username: user.into(),
             secret: secret.into(),
         }
+    }
+
+    #[test]
+    fn the_device_flow_runs_only_for_registries_the_user_named() {
+        let named = "registry.corp:443, https://other.corp/\n# old.corp\nthird.corp";
+        for server in [
+            "registry.corp:443",
+            "https://registry.corp:443/",
+            "other.corp",
+            "third.corp",
+        ] {
+            assert!(sign_in_allowed(named, &server_key(server)), "{server}");
+        }
+        for server in ["evil.example", "old.corp", "registry.corp", "corp"] {
+            assert!(!sign_in_allowed(named, &server_key(server)), "{server}");
+        }
+        assert!(!sign_in_allowed("", &server_key("registry.corp")));
     }
 
     #[test]

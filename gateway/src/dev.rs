@@ -144,7 +144,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     )?);
     let robots = Arc::new(crate::robots::Robots::new(
         store.clone(),
-        secret.as_bytes(),
+        crate::pepper::dev_pepper(&data.join("pepper"))?,
         crate::robots::RobotsConfig::default(),
     )?);
     let revocations = Arc::new(crate::token::revoked::Revocations::new(
@@ -185,7 +185,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         cert_file: tls_files.cert,
         key_file: tls_files.key,
         nodes: vec![storage_addr.to_string()],
-        secret,
+        secret: secret.into(),
         health_check_interval: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(60),
         authz: authz::Authz {

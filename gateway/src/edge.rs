@@ -33,8 +33,9 @@ pub struct Edge {
     pub refused: prometheus::IntCounterVec,
 }
 
-/// Whom a connection counts against: an IPv4 address, or the /64 of an IPv6 address.
-fn source_of(ip: IpAddr) -> IpAddr {
+/// Whom a connection (or a failed login, or a rate window) counts against: an IPv4 address,
+/// or the /64 of an IPv6 address.
+pub fn source_of(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

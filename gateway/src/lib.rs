@@ -3,7 +3,7 @@
 //! - [`token`]: the Docker token service (`/token`, JWKS) and registry JWTs.
 //! - [`auth`]: the [`auth::Authenticator`] trait, static users (bcrypt htpasswd), LDAP, and
 //!   the [`auth::Chain`] that asks them in order.
-//! - [`state`]: the shared state store (in memory; Redis later).
+//! - [`state`]: the shared state store (in memory, or Redis for several gateways).
 //! - [`authz`]: the bearer check of `/v2/` requests and tag immutability.
 //! - [`proxy`]: the `ProxyHttp` that calls them and streams to a storage node.
 //! - [`dev`]: the embedded default (`gateway dev`), with storage in the same process.
@@ -26,6 +26,7 @@ pub mod limits;
 pub mod live_policy;
 pub mod metrics;
 pub mod oidc;
+pub mod pepper;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod robots;
@@ -52,7 +53,8 @@ pub struct Settings {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub nodes: Vec<String>,
-    pub secret: String,
+    /// The internal secret (wiped from memory when dropped).
+    pub secret: zeroize::Zeroizing<String>,
     pub health_check_interval: Duration,
     pub idle_timeout: Duration,
     pub token: token::TokenService,
@@ -147,10 +149,6 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         client_idle_seconds: client_idle_timeout.as_secs(),
         metrics: metrics.clone(),
         oidc,
-        storage_client: reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .context("building the storage client")?,
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     if let Some(app) = service.app_logic_mut() {

@@ -134,14 +134,32 @@ pub struct Limits {
     store: Arc<dyn StateStore>,
 }
 
-/// A store key part for a user name: case-folded; long or odd names hashed.
+/// A store key part for a user name, as directories compare names: compatibility-normalised
+/// (NFKC: full-width `ＢＯＢ` is `BOB`), outer spaces trimmed and inner runs of spaces made
+/// one (LDAP's insignificant-space handling), case-folded — so `bob`, ` bob `, `BOB` and
+/// `ｂｏｂ`, which all bind as one entry, count as one name. Long or odd names are hashed.
 fn user_key(name: &str) -> String {
-    let folded = name.to_lowercase();
+    use unicode_normalization::UnicodeNormalization;
+    let normal: String = name.nfkc().collect();
+    let folded = normal
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase();
     if folded.len() <= 128 && !folded.contains(['*', '?', '[', ']', '\\']) {
         folded
     } else {
         use sha2::Digest;
         format!("#{}", hex::encode(sha2::Sha256::digest(folded.as_bytes())))
+    }
+}
+
+/// A store key part for a source address: its /64 for IPv6 (one host's usual share), as the
+/// connection cap counts it; an address that does not parse as itself.
+fn source_key(source: &str) -> String {
+    match source.parse::<std::net::IpAddr>() {
+        Ok(ip) => crate::edge::source_of(ip).to_string(),
+        Err(_) => source.to_string(),
     }
 }
 
@@ -161,7 +179,7 @@ impl Limits {
     fn subjects<'a>(user: &'a str, source: Option<&'a str>) -> Vec<(By, String)> {
         let mut v = vec![(By::User, user_key(user))];
         if let Some(s) = source {
-            v.push((By::Source, s.to_string()));
+            v.push((By::Source, source_key(s)));
         }
         v
     }
@@ -316,7 +334,7 @@ impl Limits {
         let minute = now / 60;
         let retry_after = 60 - now % 60;
         let checks = [
-            (By::Source, per_source, source.map(str::to_string)),
+            (By::Source, per_source, source.map(source_key)),
             (
                 By::User,
                 per_user,
@@ -347,6 +365,47 @@ mod tests {
 
     fn limits(cfg: LimitsConfig) -> Limits {
         Limits::new(cfg, Arc::new(crate::state::MemoryStore::default()))
+    }
+
+    #[test]
+    fn names_a_directory_binds_as_one_entry_count_as_one_name() {
+        for variant in [
+            "bob",
+            "bob ",
+            " BOB",
+            "Bob",
+            "\u{ff42}\u{ff4f}\u{ff42}",
+            "\u{ff22}\u{ff2f}\u{ff22}\u{3000}",
+        ] {
+            assert_eq!(user_key(variant), "bob", "{variant:?}");
+        }
+        assert_eq!(user_key("bob  smith"), user_key(" Bob Smith "));
+        assert_ne!(user_key("bob"), user_key("bobby"));
+    }
+
+    #[test]
+    fn one_ipv6_64_is_one_source() {
+        assert_eq!(
+            source_key("2001:db8:1:2::1"),
+            source_key("2001:db8:1:2:ffff::9")
+        );
+        assert_ne!(source_key("2001:db8:1:2::1"), source_key("2001:db8:1:3::1"));
+        assert_eq!(source_key("::ffff:10.0.0.1"), "10.0.0.1");
+        assert_eq!(source_key("10.0.0.1"), "10.0.0.1");
+    }
+
+    #[tokio::test]
+    async fn variants_of_a_name_share_its_lockout() {
+        let l = limits(LimitsConfig {
+            user_failures: 3,
+            source_failures: 0,
+            ..LimitsConfig::default()
+        });
+        for name in ["bob", "BOB ", "\u{ff42}\u{ff4f}\u{ff42}"] {
+            l.login_failed(name, Some("10.0.0.1")).await.unwrap();
+        }
+        let gate = l.login_gate(" Bob", None).await.unwrap();
+        assert!(gate.locked.is_some(), "{gate:?}");
     }
 
     #[tokio::test]
@@ -416,7 +475,18 @@ mod tests {
                 .map(|g| g.by),
             Some(By::Source)
         );
-        assert_eq!(l.login_gate("c", Some("::2")).await.unwrap().locked, None);
+        // Another /64 is another source; the same /64 is the same one.
+        assert_eq!(
+            l.login_gate("c", Some("2001:db8::2")).await.unwrap().locked,
+            None
+        );
+        assert!(
+            l.login_gate("c", Some("::2"))
+                .await
+                .unwrap()
+                .locked
+                .is_some()
+        );
     }
 
     #[tokio::test]

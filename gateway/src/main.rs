@@ -107,7 +107,7 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Static users first, then LDAP (see [`gateway::auth::Chain`] for the order's rules).
-/// `pepper` (the internal secret) is mixed into cached password hashes.
+/// `pepper` (`[pepper]`, see [`gateway::pepper`]) is mixed into cached password hashes.
 /// CI tokens (JWT passwords) and robots (`robot$…` names) go first: each decides only
 /// what is its own.
 fn authenticator(
@@ -152,9 +152,10 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
     )?;
     let robots = Arc::new(gateway::robots::Robots::new(
         store.clone(),
-        secret.as_bytes(),
+        gateway::pepper::Peppers::load(&c.pepper, &secret)?,
         c.robots.clone(),
     )?);
+    let ldap_pepper = gateway::pepper::Peppers::load(&c.pepper, &secret)?;
     let federation = match &c.federation {
         Some(f) => Some(Arc::new(gateway::federation::Federation::new(f.clone())?)),
         None => None,
@@ -164,7 +165,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         machines.push(f.clone());
     }
     machines.push(robots.clone());
-    let auth = authenticator(&c.auth, secret.as_bytes(), store.clone(), machines)?;
+    let auth = authenticator(&c.auth, ldap_pepper.current(), store.clone(), machines)?;
     let oidc = match &c.oidc {
         Some(o) => Some(Arc::new(gateway::oidc::Oidc::new(
             o.clone(),

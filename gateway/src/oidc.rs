@@ -964,7 +964,53 @@ impl Oidc {
         {
             return Ok(Err("the ID token's nonce does not match this login".into()));
         }
-        Ok(self.identity(&claims))
+        // OpenID Connect Core §2: a token issued to another party is not ours to accept.
+        if let Some(azp) = claims.get("azp")
+            && azp.as_str() != Some(self.cfg.client_id.as_str())
+        {
+            return Ok(Err("the ID token was issued to another client (azp)".into()));
+        }
+        let identity = match self.identity(&claims) {
+            Ok(i) => i,
+            Err(e) => return Ok(Err(e)),
+        };
+        let sub = claims["sub"].as_str().unwrap_or_default();
+        Ok(self
+            .bind_name(&identity.subject, sub)
+            .await?
+            .map(|()| identity))
+    }
+
+    /// Binds a user name to the IdP account (issuer, `sub`) first seen with it: the name
+    /// claim (`preferred_username` by default) is not stable (OpenID Connect Core §5.7) — an
+    /// IdP that lets people rename themselves, or gives a freed name to someone new, would
+    /// hand one person another's grants. A different account under a bound name is refused
+    /// and audited. The binding is durable state (never evicted, never expires).
+    async fn bind_name(&self, name: &str, sub: &str) -> anyhow::Result<Result<(), String>> {
+        use sha2::Digest;
+        let key = format!(
+            "identity-binding:oidc:{}",
+            hex::encode(sha2::Sha256::digest(name.as_bytes()))
+        );
+        let account = serde_json::json!({ "iss": self.cfg.issuer, "sub": sub }).to_string();
+        match self.state.get(&key).await? {
+            None => {
+                self.state.put(&key, account.into_bytes()).await?;
+                Ok(Ok(()))
+            }
+            Some(bound) if bound == account.as_bytes() => Ok(Ok(())),
+            Some(_) => {
+                crate::audit::record(
+                    "login",
+                    "failure",
+                    serde_json::json!({"user.name": name, "authenticator": "oidc",
+                        "event.reason": "the name is bound to another account of the identity provider"}),
+                );
+                Ok(Err(format!(
+                    "the name {name} belongs to another account of the identity provider; ask an administrator"
+                )))
+            }
+        }
     }
 
     fn identity(&self, claims: &serde_json::Value) -> Result<Identity, String> {
@@ -1212,6 +1258,16 @@ client_id = "c""#;
                 "n1",
             ),
             ("no username", sign(&no_user, &key.kid), "n1"),
+            (
+                "issued to another client",
+                sign(&with("azp", "another-client".into()), &key.kid),
+                "n1",
+            ),
+            (
+                "the name of another account (a rename, or a freed name given again)",
+                sign(&with("sub", "u2".into()), &key.kid),
+                "n1",
+            ),
             ("alg none", unsigned, "n1"),
             ("HS256 with the public key", confused, "n1"),
             ("unknown key", foreign, "n1"),

@@ -26,6 +26,10 @@ const REQUEST_ID_HEADER: &str = "x-request-id";
 const HSTS: (&str, &str) = ("strict-transport-security", "max-age=31536000");
 /// What a tag pointed to before a manifest PUT (storage → gateway only; stripped).
 const PREVIOUS_DIGEST_HEADER: &str = storage_backend::http::PREVIOUS_DIGEST_HEADER;
+/// The immutability rules sent with a DELETE (gateway → storage only; a client's is dropped).
+const PROTECTION_HEADER: &str = storage_backend::http::PROTECTION_HEADER;
+/// Which immutable tag a delete overrode (storage → gateway only; stripped).
+const OVERRIDDEN_HEADER: &str = storage_backend::http::OVERRIDDEN_HEADER;
 /// Largest token request body read.
 const MAX_TOKEN_BODY: usize = 64 * 1024;
 
@@ -33,14 +37,13 @@ pub struct Gateway {
     pub tokens: Arc<TokenService>,
     pub authz: authz::Authz,
     pub upstreams: Arc<LoadBalancer<RoundRobin>>,
-    pub secret: String,
+    /// The internal secret (wiped from memory when dropped).
+    pub secret: zeroize::Zeroizing<String>,
     pub idle_timeout: Duration,
     /// Seconds a client connection may wait for its next request (HTTP/1.1 keep-alive).
     pub client_idle_seconds: u64,
     pub metrics: Arc<Metrics>,
     pub oidc: Option<Arc<crate::oidc::Oidc>>,
-    /// For the gateway's own questions to storage (tags of a digest).
-    pub storage_client: reqwest::Client,
 }
 
 /// What a request carries from one phase to the next.
@@ -157,45 +160,6 @@ async fn body_too_large(session: &mut Session) -> Result<bool> {
 }
 
 impl Gateway {
-    /// Tags of `name` that point to `digest`, asked of a healthy storage node.
-    async fn tags_pointing_to(&self, name: &str, digest: &str) -> anyhow::Result<Vec<String>> {
-        let backend = self
-            .upstreams
-            .select(b"", 256)
-            .ok_or_else(|| anyhow::anyhow!("no healthy storage node"))?;
-        let base = format!("http://{}", backend.addr);
-        let list: serde_json::Value = self
-            .storage_client
-            .get(format!("{base}/v2/{name}/tags/list"))
-            .header(INTERNAL_SECRET_HEADER, &self.secret)
-            .send()
-            .await?
-            .json()
-            .await?;
-        let mut out = Vec::new();
-        for tag in list["tags"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|t| t.as_str())
-        {
-            let r = self
-                .storage_client
-                .head(format!("{base}/v2/{name}/manifests/{tag}"))
-                .header(INTERNAL_SECRET_HEADER, &self.secret)
-                .send()
-                .await?;
-            let d = r
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok());
-            if d == Some(digest) {
-                out.push(tag.to_string());
-            }
-        }
-        Ok(out)
-    }
-
     /// `/auth/oidc/login` and `/auth/oidc/callback`.
     async fn oidc_endpoint(&self, session: &mut Session, path: &str) -> Result<bool> {
         let html = "text/html; charset=utf-8";
@@ -435,51 +399,6 @@ impl Gateway {
                 ctx.route = route;
                 ctx.forward = forward;
                 ctx.op.break_glass = ctx.forward.override_immutable;
-                if let (Some((name, digest)), Some(subject)) = (
-                    ctx.forward.digest_delete.take(),
-                    ctx.forward.policy_subject.take(),
-                ) {
-                    let tags = match self.tags_pointing_to(&name, &digest).await {
-                        Ok(t) => t,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "looking up tags for an immutability check failed");
-                            let e = oci::OciError::new(
-                                oci::ErrorCode::Unknown,
-                                "storage is unavailable, try again",
-                            )
-                            .with_status(503);
-                            return respond(
-                                session,
-                                503,
-                                "application/json",
-                                Bytes::from(e.body()),
-                                &[],
-                            )
-                            .await;
-                        }
-                    };
-                    match self.authz.check_digest_delete(&subject, &name, &tags) {
-                        Ok(over) => {
-                            ctx.forward.override_immutable = over;
-                            ctx.op.break_glass = over;
-                        }
-                        Err((status, body)) => {
-                            ctx.op.immutable_denied = true;
-                            ctx.op.reason = Some(format!(
-                                "the manifest is tagged immutable ({})",
-                                tags.join(", ")
-                            ));
-                            return respond(
-                                session,
-                                status,
-                                "application/json",
-                                Bytes::from(body),
-                                &[],
-                            )
-                            .await;
-                        }
-                    }
-                }
                 Ok(false)
             }
             Verdict::Respond {
@@ -675,13 +594,25 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         upstream.remove_header(INTERNAL_SECRET_HEADER);
         upstream.insert_header(INTERNAL_SECRET_HEADER, self.secret.as_str())?;
+        // Only the gateway speaks for policy: a client's copy never reaches storage.
+        upstream.remove_header(PROTECTION_HEADER);
+        if let Some(p) = ctx.forward.protection.take() {
+            upstream.insert_header(PROTECTION_HEADER, p)?;
+            ctx.forward.protection_sent = true;
+        }
         // A client's own `If-None-Match: *` passes through (it only restricts).
         if ctx.forward.create_tag_only {
             upstream.insert_header("if-none-match", "*")?;
         }
-        if let Some(uri) = ctx.forward.rewrite_uri.take() {
-            upstream.set_uri(uri);
-        }
+        // Storage gets the request as it was authorized, never the client's URI; a request
+        // that reached here without one was not authorized (fail closed).
+        let Some(uri) = ctx.forward.uri.take() else {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(403),
+                "request forwarded without an authorized URI",
+            ));
+        };
+        upstream.set_uri(uri);
         if let Some(ip) = client_ip(session) {
             let xff = match upstream
                 .headers
@@ -708,6 +639,16 @@ impl ProxyHttp for Gateway {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         resp.remove_header(PREVIOUS_DIGEST_HEADER);
+        if let Some(tag) = resp.remove_header(OVERRIDDEN_HEADER) {
+            let tag = tag.to_str().unwrap_or("?").to_owned();
+            tracing::warn!(subject = %ctx.forward.subject, tag = %tag, "override-immutable used to delete");
+            ctx.op.break_glass = true;
+            ctx.op.reason = Some(format!("override of the immutable tag {tag}"));
+        }
+        if ctx.forward.protection_sent && resp.status.as_u16() == 403 {
+            ctx.op.immutable_denied = true;
+            ctx.op.reason = Some("refused by tag immutability".into());
+        }
         ctx.op.digest = resp
             .headers
             .get("docker-content-digest")

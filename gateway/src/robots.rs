@@ -175,6 +175,10 @@ struct Robot {
     /// `None`: never.
     expires_at: Option<i64>,
     disabled: bool,
+    /// Disabled by an administrator: only an administrator enables it again (not the robot
+    /// that created it).
+    #[serde(default)]
+    disabled_by_admin: bool,
     may_create_robots: bool,
     created_by: String,
     created_at: i64,
@@ -271,7 +275,7 @@ impl Caller {
 
 pub struct Robots {
     store: Arc<dyn StateStore>,
-    pepper: Vec<u8>,
+    peppers: crate::pepper::Peppers,
     cfg: RobotsConfig,
     admin_token: Option<String>,
 }
@@ -320,10 +324,21 @@ fn store_error(e: &StateError) -> Reply {
     )
 }
 
+/// A robot secret's hash: SHA-256 of the pepper, the robot's name and the secret.
+fn hash_with(pepper: &[u8], name: &str, secret: &str) -> String {
+    let mut h = sha2::Sha256::new();
+    h.update(pepper);
+    h.update([0]);
+    h.update(name.as_bytes());
+    h.update([0]);
+    h.update(secret.as_bytes());
+    hex::encode(h.finalize())
+}
+
 impl Robots {
     pub fn new(
         store: Arc<dyn StateStore>,
-        pepper: &[u8],
+        peppers: crate::pepper::Peppers,
         cfg: RobotsConfig,
     ) -> anyhow::Result<Self> {
         let admin_token = match &cfg.admin_token_file {
@@ -340,7 +355,7 @@ impl Robots {
         );
         Ok(Robots {
             store,
-            pepper: pepper.to_vec(),
+            peppers,
             cfg,
             admin_token,
         })
@@ -353,14 +368,24 @@ impl Robots {
         })
     }
 
+    /// The stored form of a secret: its hash under the current pepper.
     fn hash(&self, name: &str, secret: &str) -> String {
-        let mut h = sha2::Sha256::new();
-        h.update(&self.pepper);
-        h.update([0]);
-        h.update(name.as_bytes());
-        h.update([0]);
-        h.update(secret.as_bytes());
-        hex::encode(h.finalize())
+        hash_with(self.peppers.current(), name, secret)
+    }
+
+    /// Which of the robot's live secrets `secret` is, and under which pepper (0: the current).
+    fn find_secret(&self, robot: &Robot, secret: &str, now: i64) -> Option<(usize, usize)> {
+        self.peppers.all().enumerate().find_map(|(p, pepper)| {
+            let hash = hash_with(pepper, &robot.name, secret);
+            robot
+                .secrets
+                .iter()
+                .position(|s| {
+                    s.valid_until.is_none_or(|u| now < u)
+                        && openssl::memcmp::eq(s.hash.as_bytes(), hash.as_bytes())
+                })
+                .map(|i| (i, p))
+        })
     }
 
     async fn load(&self, name: &str) -> Result<Option<Robot>, StateError> {
@@ -557,6 +582,7 @@ impl Robots {
             scope: req.scope,
             expires_at,
             disabled: false,
+            disabled_by_admin: false,
             may_create_robots: req.may_create_robots,
             created_by: caller.name().to_string(),
             created_at: now,
@@ -584,8 +610,23 @@ impl Robots {
             Ok(r) => r,
             Err(e) => return error(400, "invalid_request", &format!("bad robot change: {e}")),
         };
+        let admin = matches!(caller, Caller::Token | Caller::Admin(_));
         if let Some(d) = req.disabled {
+            if !d && robot.disabled_by_admin && !admin {
+                crate::audit::record(
+                    "robot-update",
+                    "failure",
+                    json!({"user.name": caller.name(), "robot": robot.name,
+                           "event.reason": "disabled by an administrator"}),
+                );
+                return error(
+                    403,
+                    "access_denied",
+                    "an administrator disabled this robot; only an administrator enables it again",
+                );
+            }
             robot.disabled = d;
+            robot.disabled_by_admin = d && (admin || robot.disabled_by_admin);
         }
         if let Some(d) = req.description {
             robot.description = d.chars().take(500).collect();
@@ -693,13 +734,16 @@ impl Authenticator for Robots {
         let Some(robot) = robot else {
             return refuse("no such robot");
         };
-        let hash = self.hash(username, password);
-        let matches = robot.secrets.iter().any(|s| {
-            s.valid_until.is_none_or(|u| now < u)
-                && openssl::memcmp::eq(s.hash.as_bytes(), hash.as_bytes())
-        });
-        if !matches {
+        let Some((index, pepper)) = self.find_secret(&robot, password, now) else {
             return refuse("wrong or retired secret");
+        };
+        if pepper > 0 {
+            // Hashed under an earlier pepper: hashed again under the current one.
+            let mut again = robot.clone();
+            again.secrets[index].hash = self.hash(username, password);
+            if let Err(e) = self.save(&again).await {
+                tracing::warn!(robot = %username, error = %e, "could not store the secret under the current pepper; it will be tried again at the next login");
+            }
         }
         if robot.disabled {
             return refuse("robot disabled");
@@ -789,5 +833,59 @@ mod tests {
         assert!(valid_part("team-a"));
         assert!(!valid_part("-x"));
         assert!(!valid_part("a+b"));
+    }
+}
+
+#[cfg(test)]
+mod pepper_tests {
+    use super::*;
+
+    fn robots(peppers: crate::pepper::Peppers, store: Arc<dyn StateStore>) -> Robots {
+        Robots::new(store, peppers, RobotsConfig::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_rotated_pepper_keeps_every_robot_and_moves_it_to_the_new_pepper() {
+        let store: Arc<dyn StateStore> = Arc::new(crate::state::MemoryStore::default());
+        let old = robots(
+            crate::pepper::Peppers::one(b"old-pepper-0123456789"),
+            store.clone(),
+        );
+        let created = old
+            .api(
+                "POST",
+                "",
+                br#"{"project":"team-a","name":"ci","scope":[{"repositories":["team-a/**"],"actions":["pull"]}]}"#,
+                &Caller::Token,
+            )
+            .await;
+        assert_eq!(created.status, 201, "{}", created.body);
+        let body: serde_json::Value = serde_json::from_str(&created.body).unwrap();
+        let secret = body["secret"].as_str().unwrap().to_string();
+        // A new pepper with the old one still listed: the robot logs in, and is hashed again.
+        let rotated = robots(
+            crate::pepper::Peppers::rotated(&[b"new-pepper-0123456789", b"old-pepper-0123456789"]),
+            store.clone(),
+        );
+        rotated
+            .authenticate("robot$team-a+ci", &secret)
+            .await
+            .unwrap();
+        let new_only = robots(
+            crate::pepper::Peppers::one(b"new-pepper-0123456789"),
+            store.clone(),
+        );
+        new_only
+            .authenticate("robot$team-a+ci", &secret)
+            .await
+            .unwrap();
+        // Without the pepper it was made with, a secret is nothing.
+        let other = robots(crate::pepper::Peppers::one(b"another-pepper-0123"), store);
+        assert!(
+            other
+                .authenticate("robot$team-a+ci", &secret)
+                .await
+                .is_err()
+        );
     }
 }

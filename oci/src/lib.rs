@@ -16,6 +16,7 @@
 //! - [`reference`]: tags and tag-or-digest references.
 //! - [`media_type`]: manifest media types and manifest validation.
 //! - [`route`]: `method + path` → typed [`route::Endpoint`].
+//! - [`request`]: `method + path + query` → the one [`request::Request`] both services act on.
 //! - [`range`]: `Range` and `Content-Range` headers.
 //! - [`error`]: OCI error codes, their HTTP status and the JSON error body.
 
@@ -25,6 +26,7 @@ pub mod media_type;
 pub mod name;
 pub mod range;
 pub mod reference;
+pub mod request;
 pub mod route;
 pub mod scope;
 

@@ -200,3 +200,121 @@ impl Policy {
         }
     }
 }
+
+/// The immutability rules of one repository as a value that travels with a DELETE from the
+/// gateway to storage (JSON in a header), so that storage — which knows what the tags point
+/// to, now — refuses a delete that would break an immutable image: the manifest an immutable
+/// tag points to, a child of such an index, a layer or config such an image needs. One step
+/// where the data is, instead of a look-up by the gateway and a delete later.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Protection {
+    pub rules: Vec<ProtectionRule>,
+    /// The subject holds `override-immutable` here: storage deletes anyway and says which
+    /// immutable tag it overrode (the gateway audits it as a break-glass use).
+    pub may_override: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectionRule {
+    /// Line of the rule in the policy file.
+    pub line: usize,
+    pub tags: Vec<WirePattern>,
+    pub exclude: Vec<WirePattern>,
+}
+
+/// A tag pattern as its source: a glob, or an (anchored) regular expression.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WirePattern {
+    Glob(String),
+    Regex(String),
+}
+
+impl From<&TagPattern> for WirePattern {
+    fn from(p: &TagPattern) -> Self {
+        match p {
+            TagPattern::Glob(s, _) => WirePattern::Glob(s.clone()),
+            // Its source, as the policy wrote it (compiling adds the anchors again).
+            TagPattern::Regex(r) => {
+                let anchored = r.as_str();
+                let source = anchored
+                    .strip_prefix("^(?:")
+                    .and_then(|s| s.strip_suffix(")$"))
+                    .unwrap_or(anchored);
+                WirePattern::Regex(source.to_owned())
+            }
+        }
+    }
+}
+
+impl WirePattern {
+    fn compile(&self) -> Result<TagPattern, crate::pattern::PatternError> {
+        match self {
+            WirePattern::Glob(s) => TagPattern::glob(s),
+            WirePattern::Regex(s) => TagPattern::regex(s),
+        }
+    }
+}
+
+/// A [`Protection`] ready to answer "is this tag immutable?".
+#[derive(Debug)]
+pub struct CompiledProtection {
+    rules: Vec<(usize, Vec<TagPattern>, Vec<TagPattern>)>,
+    pub may_override: bool,
+}
+
+impl Protection {
+    pub fn compile(&self) -> Result<CompiledProtection, crate::pattern::PatternError> {
+        let all = |v: &[WirePattern]| {
+            v.iter()
+                .map(WirePattern::compile)
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(CompiledProtection {
+            rules: self
+                .rules
+                .iter()
+                .map(|r| Ok((r.line, all(&r.tags)?, all(&r.exclude)?)))
+                .collect::<Result<_, crate::pattern::PatternError>>()?,
+            may_override: self.may_override,
+        })
+    }
+}
+
+impl CompiledProtection {
+    /// The rule that makes `tag` immutable, if any (as [`Policy::immutable`]).
+    pub fn immutable(&self, tag: &str) -> Option<ImmutableBy> {
+        self.rules.iter().find_map(|(line, tags, exclude)| {
+            if exclude.iter().any(|e| e.matches(tag)) {
+                return None;
+            }
+            tags.iter().find(|t| t.matches(tag)).map(|t| ImmutableBy {
+                line: *line,
+                pattern: t.to_string(),
+            })
+        })
+    }
+}
+
+impl Policy {
+    /// The immutability rules covering `repository`, for storage to enforce on a DELETE by
+    /// digest or of a blob; `None` when no rule covers it.
+    pub fn protection(&self, subject: &Subject, repository: &str, now: i64) -> Option<Protection> {
+        let rules: Vec<ProtectionRule> = self
+            .immutability
+            .iter()
+            .filter(|r| r.repositories.iter().any(|p| p.matches(repository, None)))
+            .map(|r| ProtectionRule {
+                line: r.line,
+                tags: r.tags.iter().map(WirePattern::from).collect(),
+                exclude: r.exclude.iter().map(WirePattern::from).collect(),
+            })
+            .collect();
+        (!rules.is_empty()).then(|| Protection {
+            rules,
+            may_override: self.may_override(subject, repository, now),
+        })
+    }
+}

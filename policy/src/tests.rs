@@ -761,3 +761,43 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn the_protection_sent_to_storage_says_what_the_policy_says_of_every_tag() {
+    let p = shipped();
+    let bob = Subject {
+        name: "bob".into(),
+        kind: SubjectKind::User,
+        groups: vec!["team-a".into()],
+    };
+    let wire = p
+        .protection(&bob, "team-a/app", 0)
+        .expect("rules cover team-a/app");
+    assert!(!wire.may_override);
+    let json = serde_json::to_string(&wire).unwrap();
+    let back: crate::immutability::Protection = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, wire);
+    let compiled = back.compile().unwrap();
+    for tag in [
+        "v1.2.3",
+        "v1.2.3-rc1",
+        "release-12",
+        "release-x",
+        "latest",
+        "v1",
+        "V1.2.3",
+    ] {
+        assert_eq!(
+            compiled.immutable(tag),
+            p.immutable("team-a/app", tag),
+            "{tag}"
+        );
+    }
+    let admin = Subject {
+        name: "alice".into(),
+        kind: SubjectKind::User,
+        groups: vec!["registry-admins".into()],
+    };
+    assert!(p.protection(&admin, "team-a/app", 0).unwrap().may_override);
+    assert!(compile("").protection(&bob, "team-a/app", 0).is_none());
+}

@@ -135,6 +135,63 @@ async fn state_store_suite(s: Arc<dyn StateStore>, name: &str) {
     assert_eq!(s.incr("window", Duration::from_secs(60)).await.unwrap(), 1);
 }
 
+/// 200 000 entries of the kinds unauthenticated clients make (OIDC login flows, rate windows),
+/// then sessions, revocations, lockouts and failed-login counts are all still there.
+async fn anonymous_flood_leaves_security_state(s: Arc<dyn StateStore>, name: &str) {
+    use futures_util::StreamExt;
+    let hour = Duration::from_secs(3600);
+    s.set("session:victim", b"s".to_vec(), hour).await.unwrap();
+    s.set("revoked:jti:stolen", b"r".to_vec(), hour)
+        .await
+        .unwrap();
+    s.set("lock:user:bob", b"9999999999".to_vec(), hour)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        s.incr("fail:user:carol", hour).await.unwrap();
+    }
+    futures_util::stream::iter(0..200_000u32)
+        .map(|i| {
+            let s = s.clone();
+            async move {
+                let key = if i % 2 == 0 {
+                    format!("oidc:flow:{i}")
+                } else {
+                    format!(
+                        "rate:token:source:10.{}.{}.{}:1",
+                        i >> 16,
+                        (i >> 8) & 255,
+                        i & 255
+                    )
+                };
+                s.set(&key, vec![7; 200], hour).await.unwrap();
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    assert!(s.get("session:victim").await.unwrap().is_some(), "{name}");
+    assert!(
+        s.get("revoked:jti:stolen").await.unwrap().is_some(),
+        "{name}"
+    );
+    assert!(s.get("lock:user:bob").await.unwrap().is_some(), "{name}");
+    assert_eq!(s.incr("fail:user:carol", hour).await.unwrap(), 4, "{name}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn anonymous_floods_never_push_out_sessions_revocations_or_lockouts() {
+    anonymous_flood_leaves_security_state(Arc::new(MemoryStore::default()), "memory").await;
+    let redis = Redis::start().unwrap();
+    // The gateway's own check: the test Redis does not evict (noeviction is Redis's default).
+    let store = gateway::state::redis::RedisStore::open(
+        &toml::from_str(&format!("url = \"{}\"", redis.url)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(store.eviction_policy().await.unwrap(), "noeviction");
+    anonymous_flood_leaves_security_state(redis_store(&redis, "flood:"), "redis").await;
+}
+
 /// A Redis store as the gateway opens it from its `[state]` table.
 fn store_of(state_table: &str) -> Arc<dyn StateStore> {
     #[derive(serde::Deserialize)]

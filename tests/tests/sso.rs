@@ -700,6 +700,7 @@ fn helper_device_login(
     let helper = portcullis_tests::server::binary("docker-credential-portcullis");
     let mut cmd = std::process::Command::new(&helper);
     cmd.arg("get")
+        .env("PORTCULLIS_REGISTRIES", &s.gateway.host)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());

@@ -13,7 +13,14 @@
 //! display, polls `POST /token` with the device-code grant until the user has signed in,
 //! stores the refresh token it gets and answers with it. `PORTCULLIS_NO_DEVICE_FLOW=1`
 //! turns that off (then: the protocol's "credentials not found"); `PORTCULLIS_CA_FILE`
-//! names an extra CA certificate (PEM) to trust for the registry.
+//! names an extra CA certificate (PEM) to trust for the registry. The device flow runs only
+//! for registries the user named, in `$PORTCULLIS_REGISTRIES` or in the file `registries`
+//! beside the credentials file ([`gateway::credential_helper::sign_in_allowed`]); for any
+//! other server `get` answers "credentials not found".
+//!
+//! Every action that reads and writes the file holds an exclusive lock on
+//! `credentials.json.lock` for the whole read-change-write (docker runs several helpers at
+//! once, one per image), and each process writes its own temporary file.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -35,6 +42,36 @@ fn store_path() -> PathBuf {
     base.join("portcullis/credentials.json")
 }
 
+/// An exclusive lock on the credentials file, held until dropped.
+fn lock() -> Result<std::fs::File, String> {
+    let path = store_path().with_extension("json.lock");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    f.lock()
+        .map_err(|e| format!("locking {}: {e}", path.display()))?;
+    Ok(f)
+}
+
+/// The registries the user named for sign-in: `$PORTCULLIS_REGISTRIES` and the file
+/// `registries` beside the credentials.
+fn named_registries() -> String {
+    let mut text = std::env::var(gateway::credential_helper::REGISTRIES_ENV).unwrap_or_default();
+    let file = store_path().with_file_name("registries");
+    if let Ok(t) = std::fs::read_to_string(file) {
+        text.push('\n');
+        text.push_str(&t);
+    }
+    text
+}
+
 fn load() -> Result<Credentials, String> {
     match std::fs::read(store_path()) {
         Ok(b) => Credentials::from_json(&b),
@@ -51,7 +88,7 @@ fn save(all: &Credentials) -> Result<(), String> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -212,7 +249,12 @@ async fn device_flow(server: &str) -> Result<String, String> {
 }
 
 fn run(action: &str, input: &str) -> Result<String, String> {
-    match parse_request(action, input)? {
+    let request = parse_request(action, input)?;
+    let _held = match request {
+        Request::Version => None,
+        _ => Some(lock()?),
+    };
+    match request {
         Request::Store { key, entry } => {
             let mut all = load()?;
             all.insert(key, entry);
@@ -234,6 +276,13 @@ fn run(action: &str, input: &str) -> Result<String, String> {
                 save(&all)?;
             }
             if std::env::var_os("PORTCULLIS_NO_DEVICE_FLOW").is_some() {
+                return Err(NOT_FOUND.into());
+            }
+            if !gateway::credential_helper::sign_in_allowed(&named_registries(), &key) {
+                eprintln!(
+                    "not signing in to {key}: it is not among the registries named in ${} or the registries file",
+                    gateway::credential_helper::REGISTRIES_ENV
+                );
                 return Err(NOT_FOUND.into());
             }
             let e = Entry {

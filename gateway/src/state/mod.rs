@@ -49,8 +49,6 @@ pub trait StateStore: Send + Sync {
     }
 }
 
-type Entries = HashMap<String, (Vec<u8>, Instant)>;
-
 /// How the shared state is kept: `[state] type = "memory" | "redis"`.
 #[derive(Debug, Clone, serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -103,22 +101,169 @@ impl StateConfig {
     }
 }
 
-/// In-process store. Entries with a time to live are bounded: when full, expired ones go
-/// first, then all of them (a cache that forgets is slower, never wrong; sessions and flows
-/// start again). Entries [`StateStore::put`] without one are kept apart, never evicted, and
-/// written to the store's file (if any) on every change, so they survive a restart.
+/// What kind of entry a key is, for the in-memory store's bounds. Anonymous clients can make
+/// [`Class::Visitor`] entries (an OIDC login started, a device code, a rate window) at will,
+/// so those are bounded on their own and the oldest go first when full; they can never push
+/// out [`Class::Protected`] entries (sessions, revocations, lockouts and failed-login
+/// counters), which are never evicted to make room: a full protected class refuses new
+/// entries (the caller fails closed) until some expire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Made by unauthenticated requests: bounded, oldest evicted first.
+    Visitor,
+    /// A cache of what can be asked again (the LDAP login cache): oldest evicted first.
+    Cache,
+    /// Security state: never evicted; refused when full.
+    Protected,
+}
+
+impl Class {
+    /// The class of `key`, by its prefix. Unknown prefixes are protected (fail closed).
+    pub fn of(key: &str) -> Class {
+        const VISITOR: [&str; 2] = ["oidc:", "rate:"];
+        if VISITOR.iter().any(|p| key.starts_with(p)) {
+            Class::Visitor
+        } else if key.starts_with("ldap:login:") {
+            Class::Cache
+        } else {
+            Class::Protected
+        }
+    }
+
+    const ALL: [Class; 3] = [Class::Visitor, Class::Cache, Class::Protected];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Entries of one class: values with their expiry and insertion number, and the insertion
+/// order (oldest first; numbers of entries replaced or removed since are skipped).
+struct Bounded {
+    entries: Entries,
+    order: std::collections::VecDeque<(String, u64)>,
+    next: u64,
+    cap: usize,
+    class: Class,
+    /// When expired entries were last purged (a full protected class purges at most once a
+    /// second, so a flood of refused writes does not walk it on every request).
+    purged: Option<Instant>,
+}
+
+impl Bounded {
+    fn new(class: Class, cap: usize) -> Self {
+        Bounded {
+            entries: HashMap::new(),
+            order: std::collections::VecDeque::new(),
+            next: 0,
+            cap: cap.max(1),
+            class,
+            purged: None,
+        }
+    }
+
+    fn live(&self, key: &str, now: Instant) -> Option<&Vec<u8>> {
+        self.entries
+            .get(key)
+            .filter(|e| e.1 > now)
+            .map(|(v, _, _)| v)
+    }
+
+    /// Stores `value` under `key` until `until`; `false` if the class is full of protected
+    /// entries (nothing is evicted for it).
+    fn insert(&mut self, key: &str, value: Vec<u8>, until: Instant) -> bool {
+        let now = Instant::now();
+        if let Some(e) = self.entries.get_mut(key) {
+            e.0 = value;
+            e.1 = until;
+            return true;
+        }
+        if self.entries.len() >= self.cap && !self.make_room(now) {
+            return false;
+        }
+        let n = self.next;
+        self.next += 1;
+        self.entries.insert(key.to_string(), (value, until, n));
+        self.order.push_back((key.to_string(), n));
+        if self.order.len() > 2 * self.entries.len() + 1024 {
+            self.compact();
+        }
+        true
+    }
+
+    /// Frees one place: the oldest entry (visitors, caches), or expired ones (protected).
+    fn make_room(&mut self, now: Instant) -> bool {
+        if self.class == Class::Protected {
+            if self
+                .purged
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                self.purged = Some(now);
+                self.entries.retain(|_, e| e.1 > now);
+                self.compact();
+            }
+            return self.entries.len() < self.cap;
+        }
+        while let Some((key, n)) = self.order.pop_front() {
+            if self.entries.get(&key).is_some_and(|e| e.2 == n) {
+                self.entries.remove(&key);
+                return true;
+            }
+        }
+        self.entries.len() < self.cap
+    }
+
+    /// Drops the order's records of entries no longer there.
+    fn compact(&mut self) {
+        let entries = &self.entries;
+        self.order
+            .retain(|(k, n)| entries.get(k).is_some_and(|e| e.2 == *n));
+    }
+}
+
+type Entries = HashMap<String, (Vec<u8>, Instant, u64)>;
+
+/// In-process store. Entries with a time to live are bounded per [`Class`]. Entries
+/// [`StateStore::put`] without one are kept apart, never evicted, and written to the store's
+/// file (if any) on every change, so they survive a restart.
 pub struct MemoryStore {
-    map: Mutex<Entries>,
-    max_entries: usize,
+    classes: [Mutex<Bounded>; 3],
     durable: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
     file: Option<std::path::PathBuf>,
 }
 
+/// How many entries of each class the in-memory store keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub visitor: usize,
+    pub cache: usize,
+    pub protected: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps {
+            visitor: 100_000,
+            cache: 100_000,
+            protected: 1_000_000,
+        }
+    }
+}
+
+fn full(class: Class) -> StateError {
+    StateError(format!(
+        "the memory store is full of {class:?} entries; refusing a new one until some expire"
+    ))
+}
+
 impl MemoryStore {
-    pub fn new(max_entries: usize) -> Self {
+    pub fn new(caps: Caps) -> Self {
         MemoryStore {
-            map: Mutex::new(HashMap::new()),
-            max_entries: max_entries.max(1),
+            classes: [
+                Mutex::new(Bounded::new(Class::Visitor, caps.visitor)),
+                Mutex::new(Bounded::new(Class::Cache, caps.cache)),
+                Mutex::new(Bounded::new(Class::Protected, caps.protected)),
+            ],
             durable: Mutex::new(Default::default()),
             file: None,
         }
@@ -193,20 +338,12 @@ impl MemoryStore {
             .map_err(|_| StateError("memory store lock poisoned".into()))
     }
 
-    /// Inserts under the lock, making room first when full.
-    fn insert(&self, map: &mut Entries, key: &str, value: Vec<u8>, ttl: Duration) {
-        let now = Instant::now();
-        if map.len() >= self.max_entries && !map.contains_key(key) {
-            map.retain(|_, (_, until)| *until > now);
-            if map.len() >= self.max_entries {
-                map.clear();
-            }
-        }
-        map.insert(key.to_string(), (value, now + ttl));
+    fn lock(&self, key: &str) -> Result<std::sync::MutexGuard<'_, Bounded>, StateError> {
+        self.class(Class::of(key))
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Entries>, StateError> {
-        self.map
+    fn class(&self, class: Class) -> Result<std::sync::MutexGuard<'_, Bounded>, StateError> {
+        self.classes[class.index()]
             .lock()
             .map_err(|_| StateError("memory store lock poisoned".into()))
     }
@@ -214,7 +351,7 @@ impl MemoryStore {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self::new(100_000)
+        Self::new(Caps::default())
     }
 }
 
@@ -224,25 +361,20 @@ impl StateStore for MemoryStore {
         if let Some(v) = self.durable()?.get(key) {
             return Ok(Some(v.clone()));
         }
-        let mut map = self.lock()?;
-        match map.get(key) {
-            Some((v, until)) if *until > Instant::now() => Ok(Some(v.clone())),
-            Some(_) => {
-                map.remove(key);
-                Ok(None)
-            }
-            None => Ok(None),
-        }
+        Ok(self.lock(key)?.live(key, Instant::now()).cloned())
     }
 
     async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StateError> {
-        let mut map = self.lock()?;
-        self.insert(&mut map, key, value, ttl);
-        Ok(())
+        let mut class = self.lock(key)?;
+        if class.insert(key, value, Instant::now() + ttl) {
+            Ok(())
+        } else {
+            Err(full(class.class))
+        }
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StateError> {
-        self.lock()?.remove(key);
+        self.lock(key)?.entries.remove(key);
         let mut durable = self.durable()?;
         let old = durable.insert(key.to_string(), value);
         self.save(&durable).inspect_err(|_| {
@@ -255,7 +387,7 @@ impl StateStore for MemoryStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StateError> {
-        self.lock()?.remove(key);
+        self.lock(key)?.entries.remove(key);
         let mut durable = self.durable()?;
         if let Some(old) = durable.remove(key) {
             self.save(&durable).inspect_err(|_| {
@@ -267,12 +399,16 @@ impl StateStore for MemoryStore {
 
     async fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
         let now = Instant::now();
-        let mut out: Vec<(String, Vec<u8>)> = self
-            .lock()?
-            .iter()
-            .filter(|(k, (_, until))| k.starts_with(prefix) && *until > now)
-            .map(|(k, (v, _))| (k.clone(), v.clone()))
-            .collect();
+        let mut out = Vec::new();
+        for class in Class::ALL {
+            out.extend(
+                self.class(class)?
+                    .entries
+                    .iter()
+                    .filter(|(k, e)| k.starts_with(prefix) && e.1 > now)
+                    .map(|(k, e)| (k.clone(), e.0.clone())),
+            );
+        }
         out.extend(
             self.durable()?
                 .range(prefix.to_string()..)
@@ -283,9 +419,9 @@ impl StateStore for MemoryStore {
     }
 
     async fn take(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
-        let taken = self.lock()?.remove(key);
+        let taken = self.lock(key)?.entries.remove(key);
         match taken {
-            Some((v, until)) if until > Instant::now() => Ok(Some(v)),
+            Some((v, until, _)) if until > Instant::now() => Ok(Some(v)),
             Some(_) => Ok(None),
             None => {
                 let mut durable = self.durable()?;
@@ -304,11 +440,12 @@ impl StateStore for MemoryStore {
     }
 
     async fn replace(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<bool, StateError> {
-        let mut map = self.lock()?;
+        let mut class = self.lock(key)?;
         let now = Instant::now();
-        match map.get_mut(key) {
+        match class.entries.get_mut(key) {
             Some(entry) if entry.1 > now => {
-                *entry = (value, now + ttl);
+                entry.0 = value;
+                entry.1 = now + ttl;
                 Ok(true)
             }
             _ => Ok(false),
@@ -316,23 +453,26 @@ impl StateStore for MemoryStore {
     }
 
     async fn incr(&self, key: &str, ttl: Duration) -> Result<u64, StateError> {
-        let mut map = self.lock()?;
+        let mut class = self.lock(key)?;
         let now = Instant::now();
-        if let Some((v, _)) = map.get_mut(key).filter(|(_, until)| *until > now) {
-            let n = std::str::from_utf8(v)
+        if let Some(e) = class.entries.get_mut(key).filter(|e| e.1 > now) {
+            let n = std::str::from_utf8(&e.0)
                 .ok()
                 .and_then(|s| s.parse::<u64>().ok())
                 .unwrap_or(0)
                 .saturating_add(1);
-            *v = n.to_string().into_bytes();
+            e.0 = n.to_string().into_bytes();
             return Ok(n);
         }
-        self.insert(&mut map, key, b"1".to_vec(), ttl);
-        Ok(1)
+        if class.insert(key, b"1".to_vec(), now + ttl) {
+            Ok(1)
+        } else {
+            Err(full(class.class))
+        }
     }
 
     async fn ping(&self) -> Result<(), StateError> {
-        self.lock().map(|_| ())
+        self.class(Class::Protected).map(|_| ())
     }
 }
 
@@ -340,43 +480,109 @@ impl StateStore for MemoryStore {
 mod tests {
     use super::*;
 
+    fn small() -> MemoryStore {
+        MemoryStore::new(Caps {
+            visitor: 2,
+            cache: 2,
+            protected: 2,
+        })
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
     #[tokio::test]
-    async fn values_expire_and_the_store_stays_bounded() {
-        let s = MemoryStore::new(2);
-        s.set("a", b"1".to_vec(), Duration::from_secs(60))
-            .await
-            .unwrap();
-        assert_eq!(s.get("a").await.unwrap().as_deref(), Some(&b"1"[..]));
-        s.set("gone", b"x".to_vec(), Duration::ZERO).await.unwrap();
-        assert_eq!(s.get("gone").await.unwrap(), None);
-        s.set("b", b"2".to_vec(), Duration::from_secs(60))
-            .await
-            .unwrap();
-        s.set("c", b"3".to_vec(), Duration::from_secs(60))
-            .await
-            .unwrap();
-        assert!(s.map.lock().unwrap().len() <= 2);
-        assert_eq!(s.get("c").await.unwrap().as_deref(), Some(&b"3"[..]));
+    async fn values_expire_and_visitors_make_room_oldest_first() {
+        let s = small();
+        s.set("oidc:flow:a", b"1".to_vec(), HOUR).await.unwrap();
         assert_eq!(
-            s.scan("c").await.unwrap(),
-            vec![("c".into(), b"3".to_vec())]
+            s.get("oidc:flow:a").await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        s.set("oidc:flow:gone", b"x".to_vec(), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(s.get("oidc:flow:gone").await.unwrap(), None);
+        s.set("oidc:flow:b", b"2".to_vec(), HOUR).await.unwrap();
+        s.set("oidc:flow:c", b"3".to_vec(), HOUR).await.unwrap();
+        assert!(s.class(Class::Visitor).unwrap().entries.len() <= 2);
+        assert_eq!(
+            s.get("oidc:flow:a").await.unwrap(),
+            None,
+            "the oldest went first"
+        );
+        assert_eq!(
+            s.get("oidc:flow:c").await.unwrap().as_deref(),
+            Some(&b"3"[..])
+        );
+        assert_eq!(
+            s.scan("oidc:flow:c").await.unwrap(),
+            vec![("oidc:flow:c".into(), b"3".to_vec())]
         );
         assert!(s.scan("zz").await.unwrap().is_empty());
-        s.delete("c").await.unwrap();
-        assert_eq!(s.get("c").await.unwrap(), None);
+        s.delete("oidc:flow:c").await.unwrap();
+        assert_eq!(s.get("oidc:flow:c").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_full_protected_class_refuses_new_entries_and_keeps_the_old() {
+        let s = small();
+        s.set("session:1", b"s".to_vec(), HOUR).await.unwrap();
+        s.set("revoked:jti:1", b"r".to_vec(), Duration::ZERO)
+            .await
+            .unwrap();
+        // The expired revocation makes room; then the class is full of live entries.
+        s.set("lock:user:bob", b"l".to_vec(), HOUR).await.unwrap();
+        assert!(s.set("session:2", b"s".to_vec(), HOUR).await.is_err());
+        assert!(s.incr("fail:user:eve", HOUR).await.is_err());
+        assert!(s.get("session:1").await.unwrap().is_some());
+        assert!(s.get("lock:user:bob").await.unwrap().is_some());
+        // Updating an entry that is there is no new entry.
+        s.set("session:1", b"t".to_vec(), HOUR).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn anonymous_floods_never_evict_security_state() {
+        let s = MemoryStore::default();
+        s.set("session:abc", b"s".to_vec(), HOUR).await.unwrap();
+        s.set("revoked:jti:x", b"r".to_vec(), HOUR).await.unwrap();
+        s.set("lock:user:bob", b"l".to_vec(), HOUR).await.unwrap();
+        s.incr("fail:source:10.0.0.1", HOUR).await.unwrap();
+        // 200 000 logins started and rate windows counted by unauthenticated clients: twice
+        // the visitor class's room.
+        for i in 0..200_000u32 {
+            let key = if i % 2 == 0 {
+                format!("oidc:flow:{i}")
+            } else {
+                format!("rate:token:source:{i}:1")
+            };
+            s.set(&key, vec![0; 64], HOUR).await.unwrap();
+        }
+        assert_eq!(
+            s.get("session:abc").await.unwrap().as_deref(),
+            Some(&b"s"[..])
+        );
+        assert!(s.get("revoked:jti:x").await.unwrap().is_some());
+        assert!(s.get("lock:user:bob").await.unwrap().is_some());
+        assert_eq!(s.incr("fail:source:10.0.0.1", HOUR).await.unwrap(), 2);
+        assert!(s.class(Class::Visitor).unwrap().entries.len() <= Caps::default().visitor);
+        // The newest flows are there (a login in progress survives a flood only by luck;
+        // it is started again, never wrongly finished).
+        assert!(s.get("oidc:flow:199998").await.unwrap().is_some());
+        assert_eq!(Class::of("session:x"), Class::Protected);
+        assert_eq!(Class::of("something-new:x"), Class::Protected);
     }
 
     #[tokio::test]
     async fn durable_entries_are_never_evicted_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("state.json");
-        let mut s = MemoryStore::with_file(&file).unwrap();
-        s.max_entries = 1;
+        let s = MemoryStore::with_file(&file).unwrap();
+        s.class(Class::Visitor).unwrap().cap = 1;
         s.put("robot:a", b"secret-hash".to_vec()).await.unwrap();
         s.put("robot:b", vec![0, 255]).await.unwrap();
         for i in 0..5 {
             s.set(
-                &format!("cache:{i}"),
+                &format!("oidc:flow:{i}"),
                 b"x".to_vec(),
                 Duration::from_secs(60),
             )
@@ -390,6 +596,6 @@ mod tests {
         let again = MemoryStore::with_file(&file).unwrap();
         assert_eq!(again.get("robot:a").await.unwrap(), None);
         assert_eq!(again.get("robot:b").await.unwrap(), Some(vec![0, 255]));
-        assert_eq!(again.get("cache:4").await.unwrap(), None);
+        assert_eq!(again.get("oidc:flow:4").await.unwrap(), None);
     }
 }

@@ -104,6 +104,8 @@ pub struct RedisStore {
     timeout: Duration,
     prefix: String,
     incr: redis::Script,
+    /// Whether Redis's eviction policy was looked at (once, at the first good `PING`).
+    policy_checked: std::sync::atomic::AtomicBool,
     /// Where connection managers are made and sentinels asked (the manager spawns a task when
     /// made, and the gateway opens the store before any runtime runs); shut down without
     /// waiting on drop.
@@ -212,6 +214,7 @@ impl RedisStore {
             timeout,
             prefix: cfg.prefix.clone(),
             incr: redis::Script::new(INCR_SCRIPT),
+            policy_checked: Default::default(),
             runtime: Some(runtime),
         })
     }
@@ -309,6 +312,42 @@ impl RedisStore {
             async move { cmd.query_async::<T>(&mut c).await }
         })
         .await
+    }
+}
+
+impl RedisStore {
+    /// Redis's `maxmemory-policy`, if it may be read (managed services often rename `CONFIG`).
+    pub async fn eviction_policy(&self) -> Result<String, StateError> {
+        let v: Vec<String> = self
+            .cmd(
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("maxmemory-policy")
+                    .clone(),
+            )
+            .await?;
+        v.get(1)
+            .cloned()
+            .ok_or_else(|| StateError("CONFIG GET maxmemory-policy answered nothing".into()))
+    }
+
+    /// Warns when Redis may evict keys to make room: every policy but `noeviction` may take
+    /// a session, a revocation or a lockout (they all have a time to live) to store a login
+    /// flow an anonymous client started. With `noeviction` a full Redis refuses writes, and
+    /// the gateway refuses what needed them.
+    async fn check_eviction_policy(&self) {
+        match self.eviction_policy().await {
+            Ok(p) if p == "noeviction" => {}
+            Ok(p) => tracing::warn!(
+                policy = %p,
+                "Redis may evict keys under memory pressure (maxmemory-policy {p}): sessions, \
+                 revocations and lockouts could go to make room for anonymous login flows; \
+                 set maxmemory-policy noeviction"
+            ),
+            Err(e) => {
+                tracing::info!(error = %e, "could not read Redis's maxmemory-policy; it must be noeviction")
+            }
+        }
     }
 }
 
@@ -442,6 +481,12 @@ impl StateStore for RedisStore {
     async fn ping(&self) -> Result<(), StateError> {
         let pong: String = self.cmd(redis::cmd("PING")).await?;
         if pong == "PONG" {
+            if !self
+                .policy_checked
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                self.check_eviction_policy().await;
+            }
             Ok(())
         } else {
             Err(StateError(format!("redis answered PING with {pong:?}")))

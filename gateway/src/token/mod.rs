@@ -555,8 +555,8 @@ impl TokenService {
                 Err(e) => return Reply::oauth_error(400, "invalid_scope", &e.to_string()),
             }
         }
-        let identity = match req.authorization {
-            None => anonymous(),
+        let (identity, refresh_token) = match req.authorization {
+            None => (anonymous(), None),
             Some(h) => match parse_basic(h) {
                 None => {
                     return Reply {
@@ -569,18 +569,16 @@ impl TokenService {
                     };
                 }
                 Some((user, password)) => match self.login(&user, &password, req.source).await {
-                    Ok(id) => id,
+                    Ok(id) => (id, (user == IDENTITY_TOKEN_USER).then_some(password)),
                     Err(r) => return r,
                 },
             },
         };
         let offline = param("offline_token") == Some("true");
         let client_id = param("client_id").unwrap_or("unknown");
-        // Robots and CI identities log in again every time, so disabling one takes effect.
-        let offline = offline && identity.kind == SubjectKind::User;
-        let session = offline.then(|| Session::new(&identity, "password", client_id, unix_now()));
-        self.issue(&identity, &scopes, Refresh::open(session.as_ref()), false)
-            .await
+        let session = offline_session(&identity, offline, client_id);
+        let refresh = Refresh::offline(refresh_token.as_deref(), session.as_ref());
+        self.issue(&identity, &scopes, refresh, false).await
     }
 
     async fn login(
@@ -707,11 +705,10 @@ impl TokenService {
                 };
                 match self.login(u, p, req.source).await {
                     Ok(id) => {
-                        let offline = offline && id.kind == SubjectKind::User;
-                        let session =
-                            offline.then(|| Session::new(&id, "password", client_id, unix_now()));
-                        self.issue(&id, &scopes, Refresh::open(session.as_ref()), true)
-                            .await
+                        let session = offline_session(&id, offline, client_id);
+                        let from_session = (u == IDENTITY_TOKEN_USER).then_some(p);
+                        let refresh = Refresh::offline(from_session, session.as_ref());
+                        self.issue(&id, &scopes, refresh, true).await
                     }
                     Err(r) if r.status == 401 => {
                         Reply::oauth_error(400, "invalid_grant", "invalid username or password")
@@ -952,9 +949,24 @@ enum Refresh<'a> {
 }
 
 impl<'a> Refresh<'a> {
-    fn open(session: Option<&'a Session>) -> Self {
-        session.map_or(Refresh::None, Refresh::Open)
+    /// The refresh token of an offline request (`session` is set when one was asked for).
+    /// Credentials that were themselves a refresh token never open a new session: what is
+    /// derived from a session stays that session (same end, revoked with it), so the client
+    /// gets the same token back.
+    fn offline(refresh_token: Option<&'a str>, session: Option<&'a Session>) -> Self {
+        match (session, refresh_token) {
+            (None, _) => Refresh::None,
+            (Some(_), Some(t)) => Refresh::Keep(t),
+            (Some(s), None) => Refresh::Open(s),
+        }
     }
+}
+
+/// The session an offline token request opens: people only — robots and CI identities log
+/// in again every time, so disabling one takes effect.
+fn offline_session(identity: &Identity, offline: bool, client_id: &str) -> Option<Session> {
+    (offline && identity.kind == SubjectKind::User)
+        .then(|| Session::new(identity, "password", client_id, unix_now()))
 }
 
 fn store_unavailable(e: &crate::state::StateError) -> Reply {

@@ -20,6 +20,12 @@ impl From<oci::route::RouteError> for Error {
     }
 }
 
+impl From<oci::request::RequestError> for Error {
+    fn from(e: oci::request::RequestError) -> Self {
+        Error::Protocol(e.into())
+    }
+}
+
 /// Whether the store could not be reached at all (an object store down, a timeout): the
 /// request may succeed later.
 fn unreachable(e: &std::io::Error) -> bool {

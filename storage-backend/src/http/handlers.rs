@@ -1,5 +1,5 @@
-//! One function per endpoint, reached through [`dispatch`], which parses the route with
-//! [`oci::parse_route`] so the protocol is parsed in one place.
+//! One function per endpoint, reached through [`dispatch`], which parses the request with
+//! [`oci::request::parse`] — the same parse the gateway authorized it with.
 
 use super::metrics::EndpointLabel;
 use super::{AppState, content_length};
@@ -7,36 +7,40 @@ use crate::driver::ByteStream;
 use crate::http::ApiError;
 use crate::registry::{Error, ManifestPut};
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use futures_util::{StreamExt, TryStreamExt};
 use oci::media_type::OCI_INDEX;
 use oci::range::{RangeRequest, parse_content_range, resolve_range};
+use oci::request::{Mount, Params, Request};
 use oci::{Digest, Endpoint, ErrorCode, OciError, Reference, RepositoryName};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 type Result<T = Response> = std::result::Result<T, ApiError>;
 
-pub(super) async fn dispatch(State(st): State<Arc<AppState>>, req: Request) -> Response {
+pub(super) async fn dispatch(
+    State(st): State<Arc<AppState>>,
+    req: axum::extract::Request,
+) -> Response {
     let (parts, body) = req.into_parts();
-    let endpoint = match oci::parse_route(parts.method.as_str(), parts.uri.path()) {
-        Ok(ep) => ep,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let label = endpoint.label();
-    let mut resp = handle(&st, endpoint, &parts, body)
+    let request =
+        match oci::request::parse(parts.method.as_str(), parts.uri.path(), parts.uri.query()) {
+            Ok(r) => r,
+            Err(e) => return ApiError::from(e).into_response(),
+        };
+    let label = request.endpoint.label();
+    let mut resp = handle(&st, request, &parts, body)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     resp.extensions_mut().insert(EndpointLabel(label));
     resp
 }
 
-async fn handle(st: &AppState, ep: Endpoint, parts: &Parts, body: Body) -> Result {
-    let query = Query::parse(parts.uri.query());
+async fn handle(st: &AppState, request: Request, parts: &Parts, body: Body) -> Result {
+    let query = request.params;
     let h = &parts.headers;
-    match ep {
+    match request.endpoint {
         Endpoint::Base => Ok(json_response(
             StatusCode::OK,
             "{}".into(),
@@ -54,14 +58,29 @@ async fn handle(st: &AppState, ep: Endpoint, parts: &Parts, body: Body) -> Resul
         }
         Endpoint::DeleteManifest { name, reference } => {
             deletes_allowed(st)?;
-            st.registry.delete_manifest(&name, &reference).await?;
-            Ok(empty(StatusCode::ACCEPTED))
+            let protection = protection(h)?;
+            let overridden = match &reference {
+                Reference::Digest(d) => {
+                    st.registry
+                        .delete_manifest_protected(&name, d, protection.as_ref())
+                        .await?
+                }
+                Reference::Tag(_) => {
+                    st.registry.delete_manifest(&name, &reference, None).await?;
+                    None
+                }
+            };
+            Ok(deleted(overridden))
         }
         Endpoint::GetBlob { name, digest, head } => get_blob(st, &name, &digest, h, head).await,
         Endpoint::DeleteBlob { name, digest } => {
             deletes_allowed(st)?;
-            st.registry.delete_blob(&name, &digest).await?;
-            Ok(empty(StatusCode::ACCEPTED))
+            let protection = protection(h)?;
+            let overridden = st
+                .registry
+                .delete_blob_protected(&name, &digest, protection.as_ref())
+                .await?;
+            Ok(deleted(overridden))
         }
         Endpoint::StartUpload { name } => start_upload(st, &name, &query, h, body).await,
         Endpoint::UploadStatus { name, id } => {
@@ -83,46 +102,34 @@ async fn handle(st: &AppState, ep: Endpoint, parts: &Parts, body: Body) -> Resul
     }
 }
 
-/// The query string, first value of each key.
-struct Query(HashMap<String, String>);
+/// The immutability rules the gateway sent with a DELETE ([`super::PROTECTION_HEADER`]). One
+/// that does not parse refuses the delete: storage never guesses there were none.
+fn protection(h: &HeaderMap) -> Result<Option<policy::immutability::CompiledProtection>> {
+    let Some(v) = h.get(super::PROTECTION_HEADER) else {
+        return Ok(None);
+    };
+    let invalid = |e: String| -> ApiError {
+        OciError::new(
+            ErrorCode::Unsupported,
+            format!("the immutability rules sent with the request are invalid: {e}"),
+        )
+        .into()
+    };
+    let p: policy::immutability::Protection =
+        serde_json::from_slice(v.as_bytes()).map_err(|e| invalid(e.to_string()))?;
+    p.compile().map(Some).map_err(|e| invalid(e.to_string()))
+}
 
-impl Query {
-    fn parse(q: Option<&str>) -> Self {
-        let mut m = HashMap::new();
-        for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
-            m.entry(k.into_owned()).or_insert_with(|| v.into_owned());
-        }
-        Query(m)
+/// 202 for a delete; says which immutable tag it overrode, if any (for the gateway's audit).
+fn deleted(overridden: crate::registry::Overridden) -> Response {
+    let mut r = empty(StatusCode::ACCEPTED);
+    if let Some(o) = overridden {
+        r.headers_mut().insert(
+            super::OVERRIDDEN_HEADER,
+            hv(&format!("{} (policy line {})", o.tag, o.by.line)),
+        );
     }
-
-    fn get(&self, k: &str) -> Option<&str> {
-        self.0.get(k).map(String::as_str)
-    }
-
-    fn digest(&self, k: &str) -> Result<Option<Digest>> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(s) => Digest::parse(s)
-                .map(Some)
-                .map_err(|e| OciError::new(ErrorCode::DigestInvalid, format!("{k}: {e}")).into()),
-        }
-    }
-
-    fn page_size(&self) -> Result<Option<usize>> {
-        match self.get("n") {
-            None | Some("") => Ok(None),
-            Some(s) => s.parse::<usize>().map(Some).map_err(|_| {
-                OciError::new(
-                    ErrorCode::PaginationNumberInvalid,
-                    format!(
-                        "n must be a non-negative integer, not {:?}",
-                        s.chars().take(32).collect::<String>()
-                    ),
-                )
-                .into()
-            }),
-        }
-    }
+    r
 }
 
 fn hv(s: &str) -> HeaderValue {
@@ -213,37 +220,35 @@ fn offset_error(e: ApiError, name: &RepositoryName, id: &str) -> Response {
 async fn start_upload(
     st: &AppState,
     name: &RepositoryName,
-    q: &Query,
+    q: &Params,
     h: &HeaderMap,
     body: Body,
 ) -> Result {
     let reg = &st.registry;
-    if let Some(digest) = q.digest("mount")? {
-        if let Some(from) = q.get("from") {
-            let from = RepositoryName::parse(from)
-                .map_err(|e| OciError::new(ErrorCode::NameInvalid, format!("from: {e}")))?;
-            if reg.mount_blob(name, &from, &digest).await? {
-                return Ok(blob_created(name, &digest));
-            }
+    if let Some(Mount { digest, from }) = &q.mount {
+        if let Some(from) = from
+            && reg.mount_blob(name, from, digest).await?
+        {
+            return Ok(blob_created(name, digest));
         }
         // Not mountable: an ordinary session, as the spec asks.
         let id = reg.start_upload(name).await?;
         return Ok(upload_response(StatusCode::ACCEPTED, name, &id, 0));
     }
-    if let Some(digest) = q.digest("digest")? {
+    if let Some(digest) = &q.digest {
         // Monolithic upload in one request.
         let id = reg.start_upload(name).await?;
         let stored = async {
             reg.append_upload(name, &id, body_stream(body), None, declared_length(h))
                 .await?;
-            reg.finish_upload(name, &id, &digest).await
+            reg.finish_upload(name, &id, digest).await
         }
         .await;
         if let Err(e) = stored {
             let _ = reg.cancel_upload(name, &id).await;
             return Err(e.into());
         }
-        return Ok(blob_created(name, &digest));
+        return Ok(blob_created(name, digest));
     }
     let id = reg.start_upload(name).await?;
     Ok(upload_response(StatusCode::ACCEPTED, name, &id, 0))
@@ -286,11 +291,11 @@ async fn finish_upload(
     st: &AppState,
     name: &RepositoryName,
     id: &str,
-    q: &Query,
+    q: &Params,
     h: &HeaderMap,
     body: Body,
 ) -> Result {
-    let digest = q.digest("digest")?.ok_or_else(|| {
+    let digest = q.digest.clone().ok_or_else(|| {
         OciError::new(
             ErrorCode::DigestInvalid,
             "the digest query parameter is required",
@@ -510,9 +515,9 @@ fn next_link(path: &str, n: Option<usize>, last: Option<&String>) -> Option<Head
     Some(hv(&format!("<{path}?n={n}&last={last}>; rel=\"next\"")))
 }
 
-async fn list_tags(st: &AppState, name: &RepositoryName, q: &Query) -> Result {
-    let n = q.page_size()?;
-    let page = st.registry.list_tags(name, n, q.get("last")).await?;
+async fn list_tags(st: &AppState, name: &RepositoryName, q: &Params) -> Result {
+    let n = q.n;
+    let page = st.registry.list_tags(name, n, q.last.as_deref()).await?;
     let body = serde_json::json!({ "name": name.as_str(), "tags": page.items }).to_string();
     let mut r = json_response(StatusCode::OK, body, "application/json");
     if page.more
@@ -523,9 +528,9 @@ async fn list_tags(st: &AppState, name: &RepositoryName, q: &Query) -> Result {
     Ok(r)
 }
 
-async fn catalog(st: &AppState, q: &Query) -> Result {
-    let n = q.page_size()?;
-    let page = st.registry.catalog(n, q.get("last")).await?;
+async fn catalog(st: &AppState, q: &Params) -> Result {
+    let n = q.n;
+    let page = st.registry.catalog(n, q.last.as_deref()).await?;
     let body = serde_json::json!({ "repositories": page.items }).to_string();
     let mut r = json_response(StatusCode::OK, body, "application/json");
     if page.more
@@ -536,8 +541,8 @@ async fn catalog(st: &AppState, q: &Query) -> Result {
     Ok(r)
 }
 
-async fn referrers(st: &AppState, name: &RepositoryName, subject: &Digest, q: &Query) -> Result {
-    let filter = q.get("artifactType").filter(|s| !s.is_empty());
+async fn referrers(st: &AppState, name: &RepositoryName, subject: &Digest, q: &Params) -> Result {
+    let filter = q.artifact_type.as_deref();
     let manifests = st.registry.referrers(name, subject, filter).await?;
     let body = serde_json::json!({
         "schemaVersion": 2,

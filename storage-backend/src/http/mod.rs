@@ -25,6 +25,13 @@ pub const INTERNAL_SECRET_HEADER: &str = "portcullis-internal-secret";
 /// On a manifest PUT that moved an existing tag: the digest the tag pointed to before (for
 /// the gateway's audit event; the gateway strips it).
 pub const PREVIOUS_DIGEST_HEADER: &str = "portcullis-previous-digest";
+/// On a DELETE by digest or of a blob: the repository's immutability rules as JSON
+/// ([`policy::immutability::Protection`]), which storage enforces against its tags (the gateway
+/// sets it, replacing any client's copy).
+pub const PROTECTION_HEADER: &str = "portcullis-protection";
+/// On a delete that went ahead over an immutable tag (break-glass): which tag (for the
+/// gateway's audit event; the gateway strips it).
+pub const OVERRIDDEN_HEADER: &str = "portcullis-immutable-overridden";
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -127,7 +134,8 @@ async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
             .map(|v| v.as_bytes());
         // Health and metrics are read-only and hold nothing secret: Prometheus and load
         // balancers ask without the secret.
-        let open = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
+        let open = matches!(req.method().as_str(), "GET" | "HEAD")
+            && matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
         if !open && !given.is_some_and(|g| secret.matches(g)) {
             return error::oci_response(&OciError::new(
                 ErrorCode::Unauthorized,

@@ -197,11 +197,13 @@ impl Registry {
     }
 
     /// Deletes by digest (the manifest and every tag pointing to it) or by tag (the tag
-    /// alone; the manifest stays).
+    /// alone; the manifest stays). With `protection`, a tag found pointing to the manifest
+    /// that a rule makes immutable stops the delete (DENIED) unless the subject may override.
     pub async fn delete_manifest(
         &self,
         name: &RepositoryName,
         reference: &Reference,
+        protection: Option<&policy::immutability::CompiledProtection>,
     ) -> Result<()> {
         match reference {
             Reference::Tag(tag) => {
@@ -213,11 +215,27 @@ impl Registry {
             Reference::Digest(digest) => {
                 let stored = self.get_manifest(name, reference).await?;
                 // Tags first: a crash half-way leaves a manifest with fewer tags, never a tag
-                // pointing to a deleted manifest.
+                // pointing to a deleted manifest. All are found before any goes, so an
+                // immutable one refuses the delete with nothing changed.
+                let mut tagged = Vec::new();
                 for tag in self.tags(name).await? {
                     if self.tag_target(name, &tag).await?.as_ref() == Some(digest) {
-                        self.driver.delete(&Key::Tag(name, &tag).path()).await?;
+                        if let Some(p) = protection.filter(|p| !p.may_override)
+                            && let Some(by) = p.immutable(tag.as_str())
+                        {
+                            return Err(Error::oci(
+                                ErrorCode::Denied,
+                                format!(
+                                    "manifest {digest} is tagged with the immutable tag {tag} (policy line {}, pattern {}) and cannot be deleted",
+                                    by.line, by.pattern
+                                ),
+                            ));
+                        }
+                        tagged.push(tag);
                     }
+                }
+                for tag in tagged {
+                    self.driver.delete(&Key::Tag(name, &tag).path()).await?;
                 }
                 if let Ok(parsed) = media_type::parse_manifest(None, &stored.body)
                     && let Some(subject) = parsed.subject

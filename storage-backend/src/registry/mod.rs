@@ -7,12 +7,14 @@ mod blobs;
 mod catalog;
 mod gc;
 mod manifests;
+mod protect;
 mod referrers;
 mod uploads;
 
 pub use catalog::{Page, paginate};
 pub use gc::{GcOptions, GcReport, SweptBlob};
 pub use manifests::{ManifestPut, StoredManifest};
+pub use protect::{Overridden, Protected};
 pub use uploads::{UploadState, rfc3339};
 
 use crate::driver::Driver;
