@@ -140,7 +140,13 @@ pub struct Limits {
 /// `ｂｏｂ`, which all bind as one entry, count as one name. Long or odd names are hashed.
 fn user_key(name: &str) -> String {
     use unicode_normalization::UnicodeNormalization;
-    let normal: String = name.nfkc().collect();
+    // RFC 4518 §2.2 maps these to nothing before comparing (soft hyphen, zero-width and
+    // joiner characters, variation selectors, the byte-order mark).
+    let mapped_to_nothing = |c: &char| {
+        matches!(c, '\u{00AD}' | '\u{034F}' | '\u{1806}' | '\u{180B}'..='\u{180E}'
+            | '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFFC}')
+    };
+    let normal: String = name.nfkc().filter(|c| !mapped_to_nothing(c)).collect();
     let folded = normal
         .split_whitespace()
         .collect::<Vec<_>>()
@@ -380,6 +386,7 @@ mod tests {
             assert_eq!(user_key(variant), "bob", "{variant:?}");
         }
         assert_eq!(user_key("bob  smith"), user_key(" Bob Smith "));
+        assert_eq!(user_key("b\u{00AD}o\u{200B}b\u{FEFF}"), "bob");
         assert_ne!(user_key("bob"), user_key("bobby"));
     }
 

@@ -150,12 +150,12 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         &c.audit,
         &format!("{}:{}", gateway::audit::hostname(), c.listen.port()),
     )?;
+    let peppers = gateway::pepper::Peppers::load(&c.pepper, &secret)?;
     let robots = Arc::new(gateway::robots::Robots::new(
         store.clone(),
-        gateway::pepper::Peppers::load(&c.pepper, &secret)?,
+        peppers.clone(),
         c.robots.clone(),
     )?);
-    let ldap_pepper = gateway::pepper::Peppers::load(&c.pepper, &secret)?;
     let federation = match &c.federation {
         Some(f) => Some(Arc::new(gateway::federation::Federation::new(f.clone())?)),
         None => None,
@@ -165,7 +165,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         machines.push(f.clone());
     }
     machines.push(robots.clone());
-    let auth = authenticator(&c.auth, ldap_pepper.current(), store.clone(), machines)?;
+    let auth = authenticator(&c.auth, peppers.current(), store.clone(), machines)?;
     let oidc = match &c.oidc {
         Some(o) => Some(Arc::new(gateway::oidc::Oidc::new(
             o.clone(),

@@ -974,7 +974,9 @@ impl Oidc {
             Ok(i) => i,
             Err(e) => return Ok(Err(e)),
         };
-        let sub = claims["sub"].as_str().unwrap_or_default();
+        let Some(sub) = claims["sub"].as_str().filter(|s| !s.is_empty()) else {
+            return Ok(Err("the ID token has no sub claim".into()));
+        };
         Ok(self
             .bind_name(&identity.subject, sub)
             .await?
@@ -1258,6 +1260,7 @@ client_id = "c""#;
                 "n1",
             ),
             ("no username", sign(&no_user, &key.kid), "n1"),
+            ("no sub", sign(&with("sub", "".into()), &key.kid), "n1"),
             (
                 "issued to another client",
                 sign(&with("azp", "another-client".into()), &key.kid),

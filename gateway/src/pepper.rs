@@ -26,7 +26,8 @@ pub struct PepperConfig {
     pub previous_files: Vec<PathBuf>,
 }
 
-/// The current pepper first, then the earlier ones.
+/// The current pepper first, then the earlier ones (wiped from memory when dropped).
+#[derive(Clone)]
 pub struct Peppers(Vec<Zeroizing<Vec<u8>>>);
 
 fn check(p: Zeroizing<Vec<u8>>, what: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {

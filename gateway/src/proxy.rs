@@ -594,11 +594,13 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         upstream.remove_header(INTERNAL_SECRET_HEADER);
         upstream.insert_header(INTERNAL_SECRET_HEADER, self.secret.as_str())?;
-        // Only the gateway speaks for policy: a client's copy never reaches storage.
+        // Only the gateway speaks for policy: a client's copy never reaches storage. Nor
+        // does the client's token: storage has no use for it. (Cloned, not taken: Pingora
+        // runs this filter again when it retries the request on another connection.)
         upstream.remove_header(PROTECTION_HEADER);
-        if let Some(p) = ctx.forward.protection.take() {
-            upstream.insert_header(PROTECTION_HEADER, p)?;
-            ctx.forward.protection_sent = true;
+        upstream.remove_header("authorization");
+        if let Some(p) = &ctx.forward.protection {
+            upstream.insert_header(PROTECTION_HEADER, p.as_str())?;
         }
         // A client's own `If-None-Match: *` passes through (it only restricts).
         if ctx.forward.create_tag_only {
@@ -606,9 +608,9 @@ impl ProxyHttp for Gateway {
         }
         // Storage gets the request as it was authorized, never the client's URI; a request
         // that reached here without one was not authorized (fail closed).
-        let Some(uri) = ctx.forward.uri.take() else {
+        let Some(uri) = ctx.forward.uri.clone() else {
             return Err(Error::explain(
-                ErrorType::HTTPStatus(403),
+                ErrorType::InternalError,
                 "request forwarded without an authorized URI",
             ));
         };
@@ -645,7 +647,7 @@ impl ProxyHttp for Gateway {
             ctx.op.break_glass = true;
             ctx.op.reason = Some(format!("override of the immutable tag {tag}"));
         }
-        if ctx.forward.protection_sent && resp.status.as_u16() == 403 {
+        if ctx.forward.protection.is_some() && resp.status.as_u16() == 403 {
             ctx.op.immutable_denied = true;
             ctx.op.reason = Some("refused by tag immutability".into());
         }

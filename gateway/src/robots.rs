@@ -388,6 +388,26 @@ impl Robots {
         })
     }
 
+    /// Stores a secret that matched under an earlier pepper hashed under the current one. The
+    /// record is read again just before: if the secret is no longer there as it was (rotated,
+    /// retired, the robot deleted meanwhile), nothing is written, so no change is undone.
+    async fn rehash(&self, name: &str, secret: &str, old_hash: &str) {
+        let result = async {
+            let Some(mut robot) = self.load(name).await? else {
+                return Ok(());
+            };
+            let Some(s) = robot.secrets.iter_mut().find(|s| s.hash == old_hash) else {
+                return Ok(());
+            };
+            s.hash = self.hash(name, secret);
+            self.save(&robot).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(robot = %name, error = %e, "could not store the secret under the current pepper; it will be tried again at the next login");
+        }
+    }
+
     async fn load(&self, name: &str) -> Result<Option<Robot>, StateError> {
         match self.store.get(&format!("{KEY_PREFIX}{name}")).await? {
             None => Ok(None),
@@ -647,6 +667,21 @@ impl Robots {
     }
 
     async fn delete(&self, robot: Robot, caller: &Caller) -> Reply {
+        // Deleting and creating it again would bring back, enabled, what an administrator
+        // disabled.
+        if robot.disabled_by_admin && !matches!(caller, Caller::Token | Caller::Admin(_)) {
+            crate::audit::record(
+                "robot-delete",
+                "failure",
+                json!({"user.name": caller.name(), "robot": robot.name,
+                       "event.reason": "disabled by an administrator"}),
+            );
+            return error(
+                403,
+                "access_denied",
+                "an administrator disabled this robot; only an administrator deletes it",
+            );
+        }
         if let Err(e) = self
             .store
             .delete(&format!("{KEY_PREFIX}{}", robot.name))
@@ -738,12 +773,8 @@ impl Authenticator for Robots {
             return refuse("wrong or retired secret");
         };
         if pepper > 0 {
-            // Hashed under an earlier pepper: hashed again under the current one.
-            let mut again = robot.clone();
-            again.secrets[index].hash = self.hash(username, password);
-            if let Err(e) = self.save(&again).await {
-                tracing::warn!(robot = %username, error = %e, "could not store the secret under the current pepper; it will be tried again at the next login");
-            }
+            self.rehash(username, password, &robot.secrets[index].hash)
+                .await;
         }
         if robot.disabled {
             return refuse("robot disabled");

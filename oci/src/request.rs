@@ -68,7 +68,9 @@ impl From<RequestError> for OciError {
         let msg = e.to_string();
         match e {
             RequestError::Route(r) => r.into(),
-            RequestError::Repeated(_) => OciError::new(ErrorCode::Unsupported, msg),
+            RequestError::Repeated(_) => {
+                OciError::new(ErrorCode::Unsupported, msg).with_status(400)
+            }
             RequestError::Digest { .. } => OciError::new(ErrorCode::DigestInvalid, msg),
             RequestError::From(_) => OciError::new(ErrorCode::NameInvalid, msg),
             RequestError::PageSize(_) => OciError::new(ErrorCode::PaginationNumberInvalid, msg),
@@ -152,33 +154,6 @@ pub fn parse(method: &str, path: &str, query: Option<&str>) -> Result<Request, R
     Ok(Request { endpoint, params })
 }
 
-impl Endpoint {
-    /// The path that names this endpoint (what [`parse_route`] reads back as it).
-    pub fn path(&self) -> String {
-        match self {
-            Endpoint::Base => "/v2/".into(),
-            Endpoint::Catalog => "/v2/_catalog".into(),
-            Endpoint::ListTags { name } => format!("/v2/{name}/tags/list"),
-            Endpoint::GetManifest {
-                name, reference, ..
-            }
-            | Endpoint::PutManifest { name, reference }
-            | Endpoint::DeleteManifest { name, reference } => {
-                format!("/v2/{name}/manifests/{reference}")
-            }
-            Endpoint::GetBlob { name, digest, .. } | Endpoint::DeleteBlob { name, digest } => {
-                format!("/v2/{name}/blobs/{digest}")
-            }
-            Endpoint::StartUpload { name } => format!("/v2/{name}/blobs/uploads/"),
-            Endpoint::UploadStatus { name, id }
-            | Endpoint::PatchUpload { name, id }
-            | Endpoint::FinishUpload { name, id }
-            | Endpoint::CancelUpload { name, id } => format!("/v2/{name}/blobs/uploads/{id}"),
-            Endpoint::Referrers { name, digest } => format!("/v2/{name}/referrers/{digest}"),
-        }
-    }
-}
-
 impl Request {
     /// The one URI (path and query) that stands for this request: what the gateway forwards.
     pub fn uri(&self) -> String {
@@ -258,6 +233,9 @@ mod tests {
             parse("POST", "/v2/a/blobs/uploads/", Some(&q)),
             Err(RequestError::Repeated("from"))
         );
+        let e = OciError::from(parse("POST", "/v2/a/blobs/uploads/", Some(&q)).unwrap_err());
+        assert_eq!((e.status, e.code), (400, ErrorCode::Unsupported));
+        // `from` is never ambiguous, even where no mount reads it.
         let q = "from=a&from=b";
         assert!(parse("POST", "/v2/a/blobs/uploads/", Some(q)).is_err());
         assert!(parse("GET", "/v2/_catalog", Some("n=1&n=2")).is_err());

@@ -137,6 +137,33 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// The path that names this endpoint (what [`parse_route`] reads back as it).
+    pub fn path(&self) -> String {
+        match self {
+            Endpoint::Base => "/v2/".into(),
+            Endpoint::Catalog => "/v2/_catalog".into(),
+            Endpoint::ListTags { name } => format!("/v2/{name}/tags/list"),
+            Endpoint::GetManifest {
+                name, reference, ..
+            }
+            | Endpoint::PutManifest { name, reference }
+            | Endpoint::DeleteManifest { name, reference } => {
+                format!("/v2/{name}/manifests/{reference}")
+            }
+            Endpoint::GetBlob { name, digest, .. } | Endpoint::DeleteBlob { name, digest } => {
+                format!("/v2/{name}/blobs/{digest}")
+            }
+            Endpoint::StartUpload { name } => format!("/v2/{name}/blobs/uploads/"),
+            Endpoint::UploadStatus { name, id }
+            | Endpoint::PatchUpload { name, id }
+            | Endpoint::FinishUpload { name, id }
+            | Endpoint::CancelUpload { name, id } => format!("/v2/{name}/blobs/uploads/{id}"),
+            Endpoint::Referrers { name, digest } => format!("/v2/{name}/referrers/{digest}"),
+        }
+    }
+}
+
 /// Why a request maps to no endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {

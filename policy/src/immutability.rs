@@ -107,6 +107,23 @@ impl TagChange {
     }
 }
 
+/// Whether a rule's tag patterns (minus its exclusions) take `tag`: the one matching rule,
+/// for [`Policy::immutable`] and [`CompiledProtection::immutable`] alike.
+fn rule_matches(
+    line: usize,
+    tags: &[TagPattern],
+    exclude: &[TagPattern],
+    tag: &str,
+) -> Option<ImmutableBy> {
+    if exclude.iter().any(|e| e.matches(tag)) {
+        return None;
+    }
+    tags.iter().find(|t| t.matches(tag)).map(|t| ImmutableBy {
+        line,
+        pattern: t.to_string(),
+    })
+}
+
 impl Policy {
     /// The rule that makes `tag` in `repository` immutable, if any.
     pub fn immutable(&self, repository: &str, tag: &str) -> Option<ImmutableBy> {
@@ -114,25 +131,11 @@ impl Policy {
             if !r.repositories.iter().any(|p| p.matches(repository, None)) {
                 continue;
             }
-            if r.exclude.iter().any(|e| e.matches(tag)) {
-                continue;
-            }
-            if let Some(t) = r.tags.iter().find(|t| t.matches(tag)) {
-                return Some(ImmutableBy {
-                    line: r.line,
-                    pattern: t.to_string(),
-                });
+            if let Some(by) = rule_matches(r.line, &r.tags, &r.exclude, tag) {
+                return Some(by);
             }
         }
         None
-    }
-
-    /// Whether any immutability rule covers `repository` (so digest deletes need a look at
-    /// the tags).
-    pub fn has_immutability_for(&self, repository: &str) -> bool {
-        self.immutability
-            .iter()
-            .any(|r| r.repositories.iter().any(|p| p.matches(repository, None)))
     }
 
     fn may_override(&self, subject: &Subject, repository: &str, now: i64) -> bool {
@@ -169,28 +172,7 @@ impl Policy {
         tag: &str,
         now: i64,
     ) -> TagChange {
-        self.check_deletes(subject, repository, std::iter::once(tag), now)
-    }
-
-    /// A DELETE of a manifest that the tags `tags` point to.
-    pub fn check_manifest_delete(
-        &self,
-        subject: &Subject,
-        repository: &str,
-        tags: &[&str],
-        now: i64,
-    ) -> TagChange {
-        self.check_deletes(subject, repository, tags.iter().copied(), now)
-    }
-
-    fn check_deletes<'a>(
-        &self,
-        subject: &Subject,
-        repository: &str,
-        mut tags: impl Iterator<Item = &'a str>,
-        now: i64,
-    ) -> TagChange {
-        let Some(rule) = tags.find_map(|t| self.immutable(repository, t)) else {
+        let Some(rule) = self.immutable(repository, tag) else {
             return TagChange::Allowed;
         };
         if self.may_override(subject, repository, now) {
@@ -286,15 +268,9 @@ impl Protection {
 impl CompiledProtection {
     /// The rule that makes `tag` immutable, if any (as [`Policy::immutable`]).
     pub fn immutable(&self, tag: &str) -> Option<ImmutableBy> {
-        self.rules.iter().find_map(|(line, tags, exclude)| {
-            if exclude.iter().any(|e| e.matches(tag)) {
-                return None;
-            }
-            tags.iter().find(|t| t.matches(tag)).map(|t| ImmutableBy {
-                line: *line,
-                pattern: t.to_string(),
-            })
-        })
+        self.rules
+            .iter()
+            .find_map(|(line, tags, exclude)| rule_matches(*line, tags, exclude, tag))
     }
 }
 

@@ -379,14 +379,15 @@ fn deleting_an_immutable_tag_or_its_manifest_is_denied() {
         p.check_tag_delete(&m, "team-a/app", "release-7", NOW),
         TagChange::Denied(_)
     ));
-    assert!(matches!(
-        p.check_manifest_delete(&m, "team-a/app", &["latest", "v2.0.0"], NOW),
-        TagChange::Denied(_)
-    ));
-    assert_eq!(
-        p.check_manifest_delete(&m, "team-a/app", &["latest"], NOW),
-        TagChange::Allowed
-    );
+    // A manifest's delete is decided by storage against its tags, with the rules
+    // `protection` gives it.
+    let rules = p
+        .protection(&m, "team-a/app", NOW)
+        .unwrap()
+        .compile()
+        .unwrap();
+    assert!(rules.immutable("v2.0.0").is_some() && !rules.may_override);
+    assert!(rules.immutable("latest").is_none());
 }
 
 #[test]

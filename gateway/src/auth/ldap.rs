@@ -194,7 +194,8 @@ pub struct LdapAuthenticator {
     bind_pool: std::sync::Mutex<Vec<Ldap>>,
     cache: Arc<dyn StateStore>,
     /// Mixed into cached password hashes: a cache dump alone cannot be brute-forced offline.
-    pepper: Vec<u8>,
+    /// Wiped from memory when dropped.
+    pepper: zeroize::Zeroizing<Vec<u8>>,
 }
 
 /// An LDAP error as an [`AuthError`]: wrong credentials stay that, everything else means the
@@ -286,7 +287,7 @@ impl LdapAuthenticator {
             service: tokio::sync::Mutex::new(None),
             bind_pool: std::sync::Mutex::new(Vec::new()),
             cache,
-            pepper: pepper.to_vec(),
+            pepper: zeroize::Zeroizing::new(pepper.to_vec()),
         })
     }
 

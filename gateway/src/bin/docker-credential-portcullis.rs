@@ -18,9 +18,9 @@
 //! beside the credentials file ([`gateway::credential_helper::sign_in_allowed`]); for any
 //! other server `get` answers "credentials not found".
 //!
-//! Every action that reads and writes the file holds an exclusive lock on
-//! `credentials.json.lock` for the whole read-change-write (docker runs several helpers at
-//! once, one per image), and each process writes its own temporary file.
+//! Every read-change-write of the file holds an exclusive lock on `credentials.json.lock`
+//! (docker runs several helpers at once, one per image) — never across a network call — and
+//! each process writes its own temporary file.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -248,32 +248,45 @@ async fn device_flow(server: &str) -> Result<String, String> {
     }
 }
 
+/// Runs `f` on the credentials file under its lock: read, change, written back if `f` says
+/// so. The lock is never held across a network call (a device sign-in takes minutes, and
+/// every other helper run would wait for it).
+fn locked<T>(f: impl FnOnce(&mut Credentials) -> Result<(T, bool), String>) -> Result<T, String> {
+    let _held = lock()?;
+    let mut all = load()?;
+    let (out, changed) = f(&mut all)?;
+    if changed {
+        save(&all)?;
+    }
+    Ok(out)
+}
+
 fn run(action: &str, input: &str) -> Result<String, String> {
-    let request = parse_request(action, input)?;
-    let _held = match request {
-        Request::Version => None,
-        _ => Some(lock()?),
-    };
-    match request {
-        Request::Store { key, entry } => {
-            let mut all = load()?;
+    match parse_request(action, input)? {
+        Request::Store { key, entry } => locked(|all| {
             all.insert(key, entry);
-            save(&all)?;
-            Ok(String::new())
-        }
+            Ok((String::new(), true))
+        }),
         Request::Get { server, key } => {
-            let mut all = load()?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
-            if let Some(e) = all.get(&key) {
+            let stored = locked(|all| Ok((all.get(&key).cloned(), false)))?;
+            if let Some(e) = stored {
                 if e.username != IDENTITY_TOKEN_USER || rt.block_on(still_valid(&key, &e.secret)) {
-                    return Ok(get_answer(&server, e));
+                    return Ok(get_answer(&server, &e));
                 }
                 eprintln!("the stored token for {key} is no longer valid");
-                all.remove(&key);
-                save(&all)?;
+                // Only if it is still the one found invalid (another run may have stored a
+                // fresh one meanwhile).
+                locked(|all| {
+                    let same = all.get(&key) == Some(&e);
+                    if same {
+                        all.remove(&key);
+                    }
+                    Ok(((), same))
+                })?;
             }
             if std::env::var_os("PORTCULLIS_NO_DEVICE_FLOW").is_some() {
                 return Err(NOT_FOUND.into());
@@ -290,19 +303,19 @@ fn run(action: &str, input: &str) -> Result<String, String> {
                 secret: rt.block_on(device_flow(&key))?,
             };
             let answer = get_answer(&server, &e);
-            all.insert(key, e);
-            save(&all)?;
+            locked(|all| {
+                all.insert(key, e);
+                Ok(((), true))
+            })?;
             Ok(answer)
         }
-        Request::Erase { key } => {
-            let mut all = load()?;
+        Request::Erase { key } => locked(|all| {
             if !all.remove(&key) {
                 return Err(NOT_FOUND.into());
             }
-            save(&all)?;
-            Ok(String::new())
-        }
-        Request::List => Ok(load()?.list_json()),
+            Ok((String::new(), true))
+        }),
+        Request::List => locked(|all| Ok((all.list_json(), false))),
         Request::Version => Ok(gateway::credential_helper::version()),
     }
 }

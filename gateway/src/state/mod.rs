@@ -101,36 +101,70 @@ impl StateConfig {
     }
 }
 
-/// What kind of entry a key is, for the in-memory store's bounds. Anonymous clients can make
-/// [`Class::Visitor`] entries (an OIDC login started, a device code, a rate window) at will,
-/// so those are bounded on their own and the oldest go first when full; they can never push
-/// out [`Class::Protected`] entries (sessions, revocations, lockouts and failed-login
-/// counters), which are never evicted to make room: a full protected class refuses new
-/// entries (the caller fails closed) until some expire.
+/// What kind of entry a key is, for the in-memory store's bounds: each kind is bounded on its
+/// own, so filling one never pushes out another.
+///
+/// Anonymous clients make some kinds at will — an OIDC login or device code started
+/// ([`Class::Flows`]), a rate window ([`Class::Rates`]), a failed-login counter under any name
+/// ([`Class::Failures`]) — so when one of those is full its oldest entries go. The kinds that
+/// are security state — sessions, revocations, lockouts, identity bindings ([`Class::Sessions`],
+/// [`Class::Revocations`], [`Class::Protected`]) — are never evicted: a full one refuses new
+/// entries (the caller fails closed) until some expire. Evicting a failed-login counter gives
+/// its name a fresh window; it takes the class's whole room of other failures to do it, and
+/// the source's own counter (and lockout) is there meanwhile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// Made by unauthenticated requests: bounded, oldest evicted first.
-    Visitor,
-    /// A cache of what can be asked again (the LDAP login cache): oldest evicted first.
+    /// OIDC browser logins and device codes in progress (`oidc:`): oldest evicted first.
+    Flows,
+    /// Rate-limit windows (`rate:`): oldest evicted first.
+    Rates,
+    /// Failed-login counters (`fail:`): oldest evicted first.
+    Failures,
+    /// The LDAP login cache (`ldap:login:`), asked again when missing: oldest evicted first.
     Cache,
-    /// Security state: never evicted; refused when full.
+    /// Sessions (`session:`): never evicted; refused when full.
+    Sessions,
+    /// Revocations (`revoked:`): never evicted; refused when full.
+    Revocations,
+    /// Everything else — lockouts, identity bindings, any kind not named here (fail closed):
+    /// never evicted; refused when full.
     Protected,
 }
 
 impl Class {
-    /// The class of `key`, by its prefix. Unknown prefixes are protected (fail closed).
+    /// The class of `key`, by its prefix.
     pub fn of(key: &str) -> Class {
-        const VISITOR: [&str; 2] = ["oidc:", "rate:"];
-        if VISITOR.iter().any(|p| key.starts_with(p)) {
-            Class::Visitor
-        } else if key.starts_with("ldap:login:") {
-            Class::Cache
-        } else {
-            Class::Protected
-        }
+        const PREFIXES: [(&str, Class); 6] = [
+            ("oidc:", Class::Flows),
+            ("rate:", Class::Rates),
+            ("fail:", Class::Failures),
+            ("ldap:login:", Class::Cache),
+            ("session:", Class::Sessions),
+            ("revoked:", Class::Revocations),
+        ];
+        PREFIXES
+            .iter()
+            .find(|(p, _)| key.starts_with(p))
+            .map_or(Class::Protected, |(_, c)| *c)
     }
 
-    const ALL: [Class; 3] = [Class::Visitor, Class::Cache, Class::Protected];
+    /// Whether the oldest entries go when the class is full (else new ones are refused).
+    fn evicts(self) -> bool {
+        matches!(
+            self,
+            Class::Flows | Class::Rates | Class::Failures | Class::Cache
+        )
+    }
+
+    const ALL: [Class; 7] = [
+        Class::Flows,
+        Class::Rates,
+        Class::Failures,
+        Class::Cache,
+        Class::Sessions,
+        Class::Revocations,
+        Class::Protected,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -191,9 +225,9 @@ impl Bounded {
         true
     }
 
-    /// Frees one place: the oldest entry (visitors, caches), or expired ones (protected).
+    /// Frees one place: the oldest entry (classes that evict), or expired ones (the others).
     fn make_room(&mut self, now: Instant) -> bool {
-        if self.class == Class::Protected {
+        if !self.class.evicts() {
             if self
                 .purged
                 .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
@@ -227,7 +261,7 @@ type Entries = HashMap<String, (Vec<u8>, Instant, u64)>;
 /// [`StateStore::put`] without one are kept apart, never evicted, and written to the store's
 /// file (if any) on every change, so they survive a restart.
 pub struct MemoryStore {
-    classes: [Mutex<Bounded>; 3],
+    classes: [Mutex<Bounded>; 7],
     durable: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
     file: Option<std::path::PathBuf>,
 }
@@ -235,17 +269,17 @@ pub struct MemoryStore {
 /// How many entries of each class the in-memory store keeps.
 #[derive(Debug, Clone, Copy)]
 pub struct Caps {
-    pub visitor: usize,
-    pub cache: usize,
-    pub protected: usize,
+    /// Each class whose oldest entries go when it is full.
+    pub evicted: usize,
+    /// Each class that refuses new entries when full.
+    pub kept: usize,
 }
 
 impl Default for Caps {
     fn default() -> Self {
         Caps {
-            visitor: 100_000,
-            cache: 100_000,
-            protected: 1_000_000,
+            evicted: 100_000,
+            kept: 1_000_000,
         }
     }
 }
@@ -259,11 +293,12 @@ fn full(class: Class) -> StateError {
 impl MemoryStore {
     pub fn new(caps: Caps) -> Self {
         MemoryStore {
-            classes: [
-                Mutex::new(Bounded::new(Class::Visitor, caps.visitor)),
-                Mutex::new(Bounded::new(Class::Cache, caps.cache)),
-                Mutex::new(Bounded::new(Class::Protected, caps.protected)),
-            ],
+            classes: Class::ALL.map(|c| {
+                Mutex::new(Bounded::new(
+                    c,
+                    if c.evicts() { caps.evicted } else { caps.kept },
+                ))
+            }),
             durable: Mutex::new(Default::default()),
             file: None,
         }
@@ -472,7 +507,7 @@ impl StateStore for MemoryStore {
     }
 
     async fn ping(&self) -> Result<(), StateError> {
-        self.class(Class::Protected).map(|_| ())
+        self.class(Class::Sessions).map(|_| ())
     }
 }
 
@@ -482,9 +517,8 @@ mod tests {
 
     fn small() -> MemoryStore {
         MemoryStore::new(Caps {
-            visitor: 2,
-            cache: 2,
-            protected: 2,
+            evicted: 2,
+            kept: 2,
         })
     }
 
@@ -504,7 +538,7 @@ mod tests {
         assert_eq!(s.get("oidc:flow:gone").await.unwrap(), None);
         s.set("oidc:flow:b", b"2".to_vec(), HOUR).await.unwrap();
         s.set("oidc:flow:c", b"3".to_vec(), HOUR).await.unwrap();
-        assert!(s.class(Class::Visitor).unwrap().entries.len() <= 2);
+        assert!(s.class(Class::Flows).unwrap().entries.len() <= 2);
         assert_eq!(
             s.get("oidc:flow:a").await.unwrap(),
             None,
@@ -524,20 +558,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_protected_class_refuses_new_entries_and_keeps_the_old() {
+    async fn a_full_kept_class_refuses_new_entries_and_keeps_the_old() {
         let s = small();
         s.set("session:1", b"s".to_vec(), HOUR).await.unwrap();
-        s.set("revoked:jti:1", b"r".to_vec(), Duration::ZERO)
+        s.set("session:gone", b"r".to_vec(), Duration::ZERO)
             .await
             .unwrap();
-        // The expired revocation makes room; then the class is full of live entries.
-        s.set("lock:user:bob", b"l".to_vec(), HOUR).await.unwrap();
-        assert!(s.set("session:2", b"s".to_vec(), HOUR).await.is_err());
-        assert!(s.incr("fail:user:eve", HOUR).await.is_err());
+        // The expired session makes room; then the class is full of live entries.
+        s.set("session:2", b"s".to_vec(), HOUR).await.unwrap();
+        assert!(s.set("session:3", b"s".to_vec(), HOUR).await.is_err());
         assert!(s.get("session:1").await.unwrap().is_some());
-        assert!(s.get("lock:user:bob").await.unwrap().is_some());
         // Updating an entry that is there is no new entry.
         s.set("session:1", b"t".to_vec(), HOUR).await.unwrap();
+        // Other kinds have their own room: a full session class takes none of it.
+        s.set("lock:user:bob", b"l".to_vec(), HOUR).await.unwrap();
+        s.set("revoked:jti:1", b"r".to_vec(), HOUR).await.unwrap();
+        // Failed-login counters make room for themselves.
+        for i in 0..5 {
+            s.incr(&format!("fail:user:eve{i}"), HOUR).await.unwrap();
+        }
+        assert!(s.get("lock:user:bob").await.unwrap().is_some());
     }
 
     #[tokio::test]
@@ -546,14 +586,13 @@ mod tests {
         s.set("session:abc", b"s".to_vec(), HOUR).await.unwrap();
         s.set("revoked:jti:x", b"r".to_vec(), HOUR).await.unwrap();
         s.set("lock:user:bob", b"l".to_vec(), HOUR).await.unwrap();
-        s.incr("fail:source:10.0.0.1", HOUR).await.unwrap();
-        // 200 000 logins started and rate windows counted by unauthenticated clients: twice
-        // the visitor class's room.
-        for i in 0..200_000u32 {
-            let key = if i % 2 == 0 {
-                format!("oidc:flow:{i}")
-            } else {
-                format!("rate:token:source:{i}:1")
+        // 300 000 logins started, rate windows counted and failed logins under fresh names, by
+        // unauthenticated clients: twice each class's room.
+        for i in 0..300_000u32 {
+            let key = match i % 3 {
+                0 => format!("oidc:flow:{i}"),
+                1 => format!("rate:token:source:{i}:1"),
+                _ => format!("fail:user:nobody-{i}"),
             };
             s.set(&key, vec![0; 64], HOUR).await.unwrap();
         }
@@ -563,12 +602,14 @@ mod tests {
         );
         assert!(s.get("revoked:jti:x").await.unwrap().is_some());
         assert!(s.get("lock:user:bob").await.unwrap().is_some());
-        assert_eq!(s.incr("fail:source:10.0.0.1", HOUR).await.unwrap(), 2);
-        assert!(s.class(Class::Visitor).unwrap().entries.len() <= Caps::default().visitor);
+        for class in [Class::Flows, Class::Rates, Class::Failures] {
+            assert!(s.class(class).unwrap().entries.len() <= Caps::default().evicted);
+        }
         // The newest flows are there (a login in progress survives a flood only by luck;
         // it is started again, never wrongly finished).
-        assert!(s.get("oidc:flow:199998").await.unwrap().is_some());
-        assert_eq!(Class::of("session:x"), Class::Protected);
+        assert!(s.get("oidc:flow:299997").await.unwrap().is_some());
+        assert_eq!(Class::of("session:x"), Class::Sessions);
+        assert_eq!(Class::of("lock:user:bob"), Class::Protected);
         assert_eq!(Class::of("something-new:x"), Class::Protected);
     }
 
@@ -577,7 +618,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("state.json");
         let s = MemoryStore::with_file(&file).unwrap();
-        s.class(Class::Visitor).unwrap().cap = 1;
+        s.class(Class::Flows).unwrap().cap = 1;
         s.put("robot:a", b"secret-hash".to_vec()).await.unwrap();
         s.put("robot:b", vec![0, 255]).await.unwrap();
         for i in 0..5 {

@@ -211,6 +211,11 @@ impl TokenService {
         if let (Some(revocations), Ok(claims)) =
             (self.tokens.revocations(), self.tokens.verify(&token))
         {
+            // Anyone gets an anonymous token for the asking: revoking one protects nothing,
+            // and storing it would let anonymous clients fill the revocation list.
+            if claims.subject.kind == jwt::kind_name(SubjectKind::Anonymous) {
+                return Reply::json(200, json!({}));
+            }
             return match revocations
                 .revoke_token(&claims.jti, Some(claims.exp))
                 .await

@@ -113,6 +113,7 @@ fn protection(h: &HeaderMap) -> Result<Option<policy::immutability::CompiledProt
             ErrorCode::Unsupported,
             format!("the immutability rules sent with the request are invalid: {e}"),
         )
+        .with_status(400)
         .into()
     };
     let p: policy::immutability::Protection =

@@ -220,17 +220,7 @@ impl Registry {
                 let mut tagged = Vec::new();
                 for tag in self.tags(name).await? {
                     if self.tag_target(name, &tag).await?.as_ref() == Some(digest) {
-                        if let Some(p) = protection.filter(|p| !p.may_override)
-                            && let Some(by) = p.immutable(tag.as_str())
-                        {
-                            return Err(Error::oci(
-                                ErrorCode::Denied,
-                                format!(
-                                    "manifest {digest} is tagged with the immutable tag {tag} (policy line {}, pattern {}) and cannot be deleted",
-                                    by.line, by.pattern
-                                ),
-                            ));
-                        }
+                        super::protect::refuse_tagged(protection, &tag, digest)?;
                         tagged.push(tag);
                     }
                 }

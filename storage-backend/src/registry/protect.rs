@@ -2,10 +2,13 @@
 //! immutability rules ([`policy::immutability::Protection`]) is refused here, against what
 //! the tags point to at that moment, if it would break an image an immutable tag names — the
 //! manifest itself, a child of an immutable index, or a blob (config, layer) such an image
-//! needs. A tag pushed while the delete runs is looked at again after it: if it is immutable
-//! and points to the deleted manifest, the manifest's revision link is written back (its
+//! needs. There is no lock (several storage nodes share one store): a delete by digest finds
+//! every tag of the manifest before it removes any (an immutable one stops it with nothing
+//! changed), and every delete looks again after it is done — an immutable image that came to
+//! need the object meanwhile (a tag pushed concurrently) gets its link written back (the
 //! content is still there: GC keeps fresh content for its grace window) and the delete is
-//! refused, so an acknowledged immutable tag never ends up naming nothing.
+//! refused, so an acknowledged immutable tag never ends up naming something missing. Such a
+//! late refusal may come after the manifest's mutable tags were removed.
 
 use super::{Registry, Result};
 use crate::layout::Key;
@@ -15,13 +18,32 @@ use policy::ImmutableBy;
 use policy::immutability::CompiledProtection;
 use std::collections::HashSet;
 
-/// Why a delete touches an immutable image: the tag and the rule.
+/// What a delete removes from a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Manifest,
+    Blob,
+}
+
+/// How the deleted object belongs to an immutable tag's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Belongs {
+    /// The tag points to it.
+    Tagged,
+    /// It is a child of the index the tag points to.
+    IndexChild,
+    /// It is a config or layer of the tag's image.
+    Content,
+    /// The tag was pushed to it while it was being deleted.
+    TaggedMeanwhile,
+}
+
+/// Why a delete touches an immutable image: the tag, the rule, and how.
 #[derive(Debug, Clone)]
 pub struct Protected {
     pub tag: Tag,
     pub by: ImmutableBy,
-    /// How the deleted object belongs to the tag's image.
-    pub how: &'static str,
+    pub belongs: Belongs,
 }
 
 /// What a protected delete did: `Some` when it went ahead over an immutable tag (the subject
@@ -29,14 +51,42 @@ pub struct Protected {
 pub type Overridden = Option<Protected>;
 
 impl Protected {
-    fn refusal(&self, what: &str) -> super::Error {
+    /// The 403 `DENIED` a client gets, naming the tag and the rule.
+    pub(super) fn refusal(&self, digest: &Digest) -> super::Error {
+        let how = match self.belongs {
+            Belongs::Tagged => "is tagged with",
+            Belongs::IndexChild => "is part of the index tagged with",
+            Belongs::Content => "is content of the image tagged with",
+            Belongs::TaggedMeanwhile => "was tagged, while being deleted, with",
+        };
         super::Error::Protocol(OciError::new(
             ErrorCode::Denied,
             format!(
-                "{what} {} immutable tag {} (policy line {}, pattern {}) and cannot be deleted",
-                self.how, self.tag, self.by.line, self.by.pattern
+                "{digest} {how} the immutable tag {} (policy line {}, pattern {}) and cannot be deleted",
+                self.tag, self.by.line, self.by.pattern
             ),
         ))
+    }
+}
+
+/// The refusal for deleting `digest`, which the immutable `tag` points to, if the subject may
+/// not override (used while a delete by digest collects its tags).
+pub(super) fn refuse_tagged(
+    p: Option<&CompiledProtection>,
+    tag: &Tag,
+    digest: &Digest,
+) -> Result<()> {
+    match p
+        .filter(|p| !p.may_override)
+        .and_then(|p| p.immutable(tag.as_str()))
+    {
+        None => Ok(()),
+        Some(by) => Err(Protected {
+            tag: tag.clone(),
+            by,
+            belongs: Belongs::Tagged,
+        }
+        .refusal(digest)),
     }
 }
 
@@ -61,20 +111,20 @@ impl Registry {
     }
 
     /// The immutable tag whose image `target` belongs to, if any: as the tagged manifest, a
-    /// child of a tagged index, or (`blob`) a config or layer of either.
+    /// child of a tagged index, or a config or layer of either.
     async fn protecting(
         &self,
         name: &RepositoryName,
         p: &CompiledProtection,
         target: &Digest,
-        blob: bool,
+        kind: Target,
     ) -> Result<Option<Protected>> {
         for (tag, digest, by) in self.immutable_tags(name, p).await? {
-            if !blob && &digest == target {
+            if kind == Target::Manifest && &digest == target {
                 return Ok(Some(Protected {
                     tag,
                     by,
-                    how: "is tagged with the",
+                    belongs: Belongs::Tagged,
                 }));
             }
             let mut seen = HashSet::new();
@@ -89,18 +139,17 @@ impl Registry {
                 let Ok(parsed) = media_type::parse_manifest(None, &body) else {
                     continue;
                 };
-                let hit = if blob {
-                    parsed.blob_references().any(|b| &b.digest == target)
-                } else {
-                    parsed.manifests.iter().any(|c| &c.digest == target)
+                let belongs = match kind {
+                    Target::Blob if parsed.blob_references().any(|b| &b.digest == target) => {
+                        Some(Belongs::Content)
+                    }
+                    Target::Manifest if parsed.manifests.iter().any(|c| &c.digest == target) => {
+                        Some(Belongs::IndexChild)
+                    }
+                    _ => None,
                 };
-                if hit {
-                    let how = if blob {
-                        "is content of the image named by the"
-                    } else {
-                        "is part of the index named by the"
-                    };
-                    return Ok(Some(Protected { tag, by, how }));
+                if let Some(belongs) = belongs {
+                    return Ok(Some(Protected { tag, by, belongs }));
                 }
                 next.extend(parsed.manifests.into_iter().map(|c| c.digest));
             }
@@ -115,14 +164,39 @@ impl Registry {
         name: &RepositoryName,
         p: Option<&CompiledProtection>,
         target: &Digest,
-        blob: bool,
+        kind: Target,
     ) -> Result<Overridden> {
         let Some(p) = p else { return Ok(None) };
-        match self.protecting(name, p, target, blob).await? {
+        match self.protecting(name, p, target, kind).await? {
             None => Ok(None),
             Some(hit) if p.may_override => Ok(Some(hit)),
-            Some(hit) => Err(hit.refusal(if blob { "blob" } else { "manifest" })),
+            Some(hit) => Err(hit.refusal(target)),
         }
+    }
+
+    /// Looks again after a delete: an immutable image that came to need `target` meanwhile
+    /// (a tag pushed to it, or to an image that uses it) gets `link` back, and the delete is
+    /// refused. (Content stays in the store until GC, which keeps fresh content for its
+    /// grace window.)
+    async fn recheck(
+        &self,
+        name: &RepositoryName,
+        p: Option<&CompiledProtection>,
+        target: &Digest,
+        kind: Target,
+        link: Key<'_>,
+    ) -> Result<()> {
+        let Some(p) = p.filter(|p| !p.may_override) else {
+            return Ok(());
+        };
+        if let Some(mut hit) = self.protecting(name, p, target, kind).await? {
+            self.write_link(link, target).await?;
+            if hit.belongs == Belongs::Tagged {
+                hit.belongs = Belongs::TaggedMeanwhile;
+            }
+            return Err(hit.refusal(target));
+        }
+        Ok(())
     }
 
     /// [`Registry::delete_manifest`] by digest under immutability rules.
@@ -132,27 +206,19 @@ impl Registry {
         digest: &Digest,
         p: Option<&CompiledProtection>,
     ) -> Result<Overridden> {
-        let overridden = self.check_protection(name, p, digest, false).await?;
+        let overridden = self
+            .check_protection(name, p, digest, Target::Manifest)
+            .await?;
         self.delete_manifest(name, &oci::Reference::Digest(digest.clone()), p)
             .await?;
-        // An immutable tag pushed to this manifest while it was being deleted keeps it.
-        if let (Some(p), None) = (p, &overridden)
-            && let Some(hit) = self
-                .immutable_tags(name, p)
-                .await?
-                .into_iter()
-                .find(|(_, d, _)| d == digest)
-        {
-            self.write_link(Key::RevisionLink(name, digest), digest)
-                .await?;
-            let (tag, _, by) = hit;
-            return Err(Protected {
-                tag,
-                by,
-                how: "was tagged meanwhile with the",
-            }
-            .refusal("manifest"));
-        }
+        self.recheck(
+            name,
+            p,
+            digest,
+            Target::Manifest,
+            Key::RevisionLink(name, digest),
+        )
+        .await?;
         Ok(overridden)
     }
 
@@ -163,8 +229,10 @@ impl Registry {
         digest: &Digest,
         p: Option<&CompiledProtection>,
     ) -> Result<Overridden> {
-        let overridden = self.check_protection(name, p, digest, true).await?;
+        let overridden = self.check_protection(name, p, digest, Target::Blob).await?;
         self.delete_blob(name, digest).await?;
+        self.recheck(name, p, digest, Target::Blob, Key::LayerLink(name, digest))
+            .await?;
         Ok(overridden)
     }
 }
