@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes the secrets docker-compose.yml mounts, as files in conf/compose/secrets/ (mode 0600,
-# never committed): the internal secret, Redis's password, the token signing key, a CA and the
+# never committed): the internal secret, the pepper of stored robot secrets, Redis's password, the token signing key, a CA and the
 # registry's TLS certificate (for localhost and 127.0.0.1), the local admin's htpasswd, the
 # LDAP service account's and example users' passwords, the OIDC client secret.
 # Existing files are kept. Prints where the generated passwords are.
@@ -10,7 +10,7 @@ umask 077
 mkdir -p secrets
 cd secrets
 rand() { openssl rand -base64 24 | tr -d '/+=\n' | cut -c1-24; }
-for f in internal-secret redis-password ldap-reader-password oidc-client-secret \
+for f in internal-secret pepper redis-password ldap-reader-password oidc-client-secret \
          admin-password alice-password bob-password carol-password; do
   [ -s "$f" ] || rand > "$f"
 done

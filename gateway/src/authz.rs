@@ -449,6 +449,15 @@ mod tests {
         Some(h)
     }
 
+    /// bob's `POST /v2/team-a/app/blobs/uploads/?<query>`, decided.
+    fn upload_start(authz: &Authz, jwt: &str, query: &str) -> Verdict {
+        let uri = format!("/v2/team-a/app/blobs/uploads/?{query}");
+        authz.check(
+            &head("POST", &uri, Some(jwt)).unwrap(),
+            &mut Operation::default(),
+        )
+    }
+
     fn forwarded(v: &Verdict) -> Option<&http::Uri> {
         match v {
             Verdict::Forward { forward, .. } => Some(
@@ -471,13 +480,7 @@ mod tests {
             format!("%6Dount={D}&fr%6Fm=team-b%2Fsecret"),
             format!("mount={D}&from=team-b/secret&digest={D}"),
         ] {
-            let req = head(
-                "POST",
-                &format!("/v2/team-a/app/blobs/uploads/?{q}"),
-                Some(&jwt),
-            )
-            .unwrap();
-            let v = authz.check(&req, &mut Operation::default());
+            let v = upload_start(&authz, &jwt, &q);
             let uri = forwarded(&v).unwrap_or_else(|| panic!("{q}: refused"));
             assert!(!uri.to_string().contains("mount"), "{uri}");
             forwarded_within_grant(&claims, "POST", uri).unwrap();
@@ -490,22 +493,9 @@ mod tests {
         assert!(forwarded_within_grant(&claims, "POST", &bypass).is_err());
         // Repeated: refused, not guessed.
         let q = format!("mount={D}&from=team-a/app&from=team-b/secret");
-        let req = head(
-            "POST",
-            &format!("/v2/team-a/app/blobs/uploads/?{q}"),
-            Some(&jwt),
-        )
-        .unwrap();
-        assert!(forwarded(&authz.check(&req, &mut Operation::default())).is_none());
+        assert!(forwarded(&upload_start(&authz, &jwt, &q)).is_none());
         // Readable: the mount goes through as it is.
-        let q = format!("mount={D}&from=team-a/app&pad=x");
-        let req = head(
-            "POST",
-            &format!("/v2/team-a/app/blobs/uploads/?{q}"),
-            Some(&jwt),
-        )
-        .unwrap();
-        let v = authz.check(&req, &mut Operation::default());
+        let v = upload_start(&authz, &jwt, &format!("mount={D}&from=team-a/app&pad=x"));
         assert_eq!(
             forwarded(&v).unwrap().to_string(),
             format!(

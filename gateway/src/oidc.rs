@@ -1163,7 +1163,7 @@ client_id = "c""#;
     }
 
     #[tokio::test]
-    async fn id_tokens_are_checked_for_signature_issuer_audience_time_and_nonce() {
+    async fn id_tokens_are_checked_and_a_name_stays_with_its_first_account() {
         let (issuer, key) = fake_issuer().await;
         let cfg: OidcConfig = toml::from_str(&format!(
             "issuer = \"{issuer}\"\nclient_id = \"portcullis\"\ngroups_filter = \"^team-\""

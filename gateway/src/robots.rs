@@ -633,17 +633,7 @@ impl Robots {
         let admin = matches!(caller, Caller::Token | Caller::Admin(_));
         if let Some(d) = req.disabled {
             if !d && robot.disabled_by_admin && !admin {
-                crate::audit::record(
-                    "robot-update",
-                    "failure",
-                    json!({"user.name": caller.name(), "robot": robot.name,
-                           "event.reason": "disabled by an administrator"}),
-                );
-                return error(
-                    403,
-                    "access_denied",
-                    "an administrator disabled this robot; only an administrator enables it again",
-                );
+                return Self::disabled_by_admin("robot-update", &robot, caller, "enables");
             }
             robot.disabled = d;
             robot.disabled_by_admin = d && (admin || robot.disabled_by_admin);
@@ -666,21 +656,27 @@ impl Robots {
         Reply::json(200, robot.view(now))
     }
 
+    /// The refusal (audited) of a change only an administrator may make to a robot an
+    /// administrator disabled.
+    fn disabled_by_admin(action: &str, robot: &Robot, caller: &Caller, verb: &str) -> Reply {
+        crate::audit::record(
+            action,
+            "failure",
+            json!({"user.name": caller.name(), "robot": robot.name,
+                   "event.reason": "disabled by an administrator"}),
+        );
+        error(
+            403,
+            "access_denied",
+            &format!("an administrator disabled this robot; only an administrator {verb} it"),
+        )
+    }
+
     async fn delete(&self, robot: Robot, caller: &Caller) -> Reply {
         // Deleting and creating it again would bring back, enabled, what an administrator
         // disabled.
         if robot.disabled_by_admin && !matches!(caller, Caller::Token | Caller::Admin(_)) {
-            crate::audit::record(
-                "robot-delete",
-                "failure",
-                json!({"user.name": caller.name(), "robot": robot.name,
-                       "event.reason": "disabled by an administrator"}),
-            );
-            return error(
-                403,
-                "access_denied",
-                "an administrator disabled this robot; only an administrator deletes it",
-            );
+            return Self::disabled_by_admin("robot-delete", &robot, caller, "deletes");
         }
         if let Err(e) = self
             .store
