@@ -9,6 +9,7 @@
 
 use anyhow::{Context, bail};
 use std::path::PathBuf;
+use storage_backend::config::read_secret_file;
 use zeroize::Zeroizing;
 
 /// The environment variable with the pepper when `[pepper] file` is unset.
@@ -42,7 +43,7 @@ impl Peppers {
     /// before there was a pepper of its own) and a warning says so.
     pub fn load(cfg: &PepperConfig, internal_secret: &str) -> anyhow::Result<Self> {
         let read = |f: &PathBuf| -> anyhow::Result<Zeroizing<Vec<u8>>> {
-            let s = Zeroizing::new(crate::config::read_secret_file(f)?);
+            let s = Zeroizing::new(read_secret_file(f)?);
             check(
                 Zeroizing::new(s.as_bytes().to_vec()),
                 &f.display().to_string(),
@@ -90,11 +91,21 @@ impl Peppers {
     }
 }
 
-/// The embedded default's pepper: `file`, made (random, 0600) the first time.
+/// The embedded default's pepper: `file`, made (32 random bytes, hex, mode 0600) the first
+/// time.
 pub fn dev_pepper(file: &std::path::Path) -> anyhow::Result<Peppers> {
     if !file.exists() {
-        let p = crate::token::random_token(32);
-        crate::tls::write_private(file, p.as_bytes())?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        openssl::rand::rand_bytes(bytes.as_mut())?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(file)
+            .and_then(|mut f| f.write_all(hex::encode(bytes.as_ref()).as_bytes()))
+            .with_context(|| format!("writing {}", file.display()))?;
     }
     let p =
         Zeroizing::new(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?);
