@@ -34,7 +34,7 @@ pub struct Config {
     pub limits: crate::limits::LimitsConfig,
     /// `[log] format = "pretty" | "json"` (stderr; `--log-format` overrides it).
     #[serde(default)]
-    pub log: storage_backend::config::LogConfig,
+    pub log: service::log::LogConfig,
     /// The pepper of stored robot secrets and the LDAP login cache (`[pepper]`).
     #[serde(default)]
     pub pepper: crate::pepper::PepperConfig,
@@ -200,7 +200,7 @@ impl Config {
     }
 }
 
-pub use storage_backend::config::{read_secret_file, warn_if_exposed};
+pub use service::secrets::{read_secret_file, warn_if_exposed};
 
 #[cfg(test)]
 mod tests {

@@ -87,7 +87,7 @@ impl LivePolicy {
         if self.file.is_none() {
             return;
         }
-        storage_backend::signal::on_sighup("the policy is never reloaded", || {
+        service::signal::on_sighup("the policy is never reloaded", || {
             let _ = self.reload();
         })
         .await

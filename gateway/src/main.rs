@@ -77,7 +77,7 @@ fn init_logging(cli: &Cli) {
         None => match &cli.command {
             Command::Serve { config } | Command::CheckConfig { config } => {
                 config::Config::load(config)
-                    .is_ok_and(|c| c.log.format == storage_backend::config::LogFormat::Json)
+                    .is_ok_and(|c| c.log.format == service::log::LogFormat::Json)
             }
             _ => false,
         },

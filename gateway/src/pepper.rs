@@ -8,8 +8,8 @@
 //! once every robot has logged in the old pepper can go.
 
 use anyhow::{Context, bail};
+use service::secrets::read_secret_file;
 use std::path::PathBuf;
-use storage_backend::config::read_secret_file;
 use zeroize::Zeroizing;
 
 /// The environment variable with the pepper when `[pepper] file` is unset.

@@ -18,18 +18,18 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 /// Header carrying the internal secret to storage (clients' copies are stripped).
-pub const INTERNAL_SECRET_HEADER: &str = storage_backend::http::INTERNAL_SECRET_HEADER;
+pub const INTERNAL_SECRET_HEADER: &str = service::hop::INTERNAL_SECRET_HEADER;
 /// The request id, returned to the client and sent to storage.
 const REQUEST_ID_HEADER: &str = "x-request-id";
 /// HTTP Strict Transport Security on every answer: browsers (the OIDC sign-in pages) never
 /// come back over plain HTTP.
 const HSTS: (&str, &str) = ("strict-transport-security", "max-age=31536000");
 /// What a tag pointed to before a manifest PUT (storage → gateway only; stripped).
-const PREVIOUS_DIGEST_HEADER: &str = storage_backend::http::PREVIOUS_DIGEST_HEADER;
+const PREVIOUS_DIGEST_HEADER: &str = service::hop::PREVIOUS_DIGEST_HEADER;
 /// The immutability rules sent with a DELETE (gateway → storage only; a client's is dropped).
-const PROTECTION_HEADER: &str = storage_backend::http::PROTECTION_HEADER;
+const PROTECTION_HEADER: &str = service::hop::PROTECTION_HEADER;
 /// Which immutable tag a delete overrode (storage → gateway only; stripped).
-const OVERRIDDEN_HEADER: &str = storage_backend::http::OVERRIDDEN_HEADER;
+const OVERRIDDEN_HEADER: &str = service::hop::OVERRIDDEN_HEADER;
 /// Largest token request body read.
 const MAX_TOKEN_BODY: usize = 64 * 1024;
 

@@ -204,7 +204,7 @@ impl ServerCertificate {
 
     /// Reloads on every `SIGHUP` (run on a tokio runtime).
     pub async fn reload_on_sighup(self: std::sync::Arc<Self>) {
-        storage_backend::signal::on_sighup("the certificate is never reloaded", || {
+        service::signal::on_sighup("the certificate is never reloaded", || {
             match self.reload() {
                 Ok(()) => {
                     tracing::info!(cert = %self.cert_file.display(), "SIGHUP: TLS certificate reloaded")

@@ -2,7 +2,6 @@
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -184,82 +183,8 @@ pub struct InternalConfig {
     pub secret_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Pretty,
-    Json,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-}
-
-/// A secret kept in a file (mounted from a secrets store): its content without the trailing
-/// newline an editor or `echo` leaves. A file others may read gets a warning
-/// ([`warn_if_exposed`]); the content is never logged.
-pub fn read_secret_file(f: &Path) -> anyhow::Result<String> {
-    warn_if_exposed(f);
-    Ok(std::fs::read_to_string(f)
-        .with_context(|| format!("reading {}", f.display()))?
-        .trim_end_matches(['\n', '\r'])
-        .to_string())
-}
-
-/// Logs a warning when a file holding a secret or a private key can be read or written by
-/// its group or by others (mode bits `0o077`): it should be `0600` (or `0400`), owned by the
-/// service's user. Returns whether it warned.
-pub fn warn_if_exposed(f: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::metadata(f) else {
-        return false;
-    };
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 == 0 {
-        return false;
-    }
-    tracing::warn!(
-        file = %f.display(),
-        mode = %format!("{mode:04o}"),
-        "a secret file is readable by other users; make it 0600 (chmod 600)"
-    );
-    true
-}
-
-/// A secret that never prints, and whose memory is wiped when it is dropped.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(zeroize::Zeroizing<String>);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(zeroize::Zeroizing::new(s.into()))
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Compares in time independent of where the inputs differ.
-    pub fn matches(&self, candidate: &[u8]) -> bool {
-        let a = self.0.as_bytes();
-        if a.len() != candidate.len() {
-            return false;
-        }
-        a.iter()
-            .zip(candidate)
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
+pub use service::log::{LogConfig, LogFormat};
+pub use service::secrets::{Secret, read_secret_file, warn_if_exposed};
 
 /// Name of the environment variable holding the internal secret.
 pub const SECRET_ENV: &str = "PORTCULLIS_INTERNAL_SECRET";

@@ -7,14 +7,13 @@ use crate::http::metrics::Metrics;
 use crate::registry::{GcReport, Registry};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// Reports kept for `GET /gc`.
 const HISTORY: usize = 32;
 
 pub struct GcService {
     registry: Arc<Registry>,
-    config: GcConfig,
+    pub(crate) config: GcConfig,
     /// This node's name in the lease and reports.
     holder: String,
     history: Mutex<VecDeque<GcReport>>,
@@ -120,22 +119,7 @@ impl GcService {
     }
 }
 
-/// Runs GC every `interval_seconds` (inside the window, if one is set), forever.
-pub async fn schedule(state: Arc<crate::http::AppState>) {
-    let interval = Duration::from_secs(state.gc.config.interval_seconds.max(1));
-    let window = state.gc.config.window_minutes().ok().flatten();
-    loop {
-        tokio::time::sleep(interval).await;
-        if let Some((start, end)) = window
-            && !in_window(start, end, minutes_now())
-        {
-            continue;
-        }
-        let _ = state.gc.run(false, &state.metrics).await;
-    }
-}
-
-fn minutes_now() -> u32 {
+pub(crate) fn minutes_now() -> u32 {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -143,7 +127,7 @@ fn minutes_now() -> u32 {
 }
 
 /// Whether `now` (minutes after midnight) is in `[start, end)`, which may wrap midnight.
-fn in_window(start: u32, end: u32, now: u32) -> bool {
+pub(crate) fn in_window(start: u32, end: u32, now: u32) -> bool {
     if start <= end {
         (start..end).contains(&now)
     } else {

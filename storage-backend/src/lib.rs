@@ -7,21 +7,39 @@
 //!   referrers, catalog.
 //! - [`http`]: the axum router; [`http::router`] builds it without a socket.
 //! - [`config`]: the TOML configuration (`conf/storage-backend.toml`).
-//! - [`audit`]: the tamper-evident audit trail both services write; [`signal`]: `SIGHUP`.
+//!
+//! The audit trail, `SIGHUP`, secret files and the hop's headers are the `service` crate's
+//! (shared with the gateway); `audit` and `signal` are re-exported here.
 //!
 //! The binary (`src/main.rs`) wires these together; `tests/tests/storage.rs` drives the real
 //! binary over sockets.
 
-pub mod audit;
+pub use service::{audit, signal};
+
 pub mod config;
 pub mod driver;
 pub mod gc;
 pub mod http;
 pub mod layout;
 pub mod registry;
-pub mod signal;
 
 use std::sync::Arc;
+
+/// Runs GC every `gc.interval_seconds` (inside the window, if one is set), forever. Here, in
+/// the wiring, because it needs both the GC service and the HTTP state's metrics.
+pub async fn schedule_gc(state: Arc<http::AppState>) {
+    let interval = std::time::Duration::from_secs(state.gc.config.interval_seconds.max(1));
+    let window = state.gc.config.window_minutes().ok().flatten();
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Some((start, end)) = window
+            && !gc::in_window(start, end, gc::minutes_now())
+        {
+            continue;
+        }
+        let _ = state.gc.run(false, &state.metrics).await;
+    }
+}
 
 /// Builds the shared state from a loaded configuration.
 pub fn build_state(

@@ -123,7 +123,7 @@ async fn run() -> anyhow::Result<()> {
         tokio::spawn(storage_backend::audit::reopen_on_sighup());
     }
     if config.gc.enabled {
-        tokio::spawn(storage_backend::gc::schedule(state.clone()));
+        tokio::spawn(storage_backend::schedule_gc(state.clone()));
     }
 
     let shutdown = shutdown_signal();

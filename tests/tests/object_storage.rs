@@ -222,7 +222,7 @@ async fn racing_pushes(
             let resp = req.send().await.unwrap();
             let previous = resp
                 .headers()
-                .get(storage_backend::http::PREVIOUS_DIGEST_HEADER)
+                .get(service::hop::PREVIOUS_DIGEST_HEADER)
                 .map(|v| v.to_str().unwrap().to_string());
             (resp.status().as_u16(), manifest, previous)
         });

@@ -122,7 +122,7 @@ pub fn unix_now() -> i64 {
 }
 
 fn rfc3339(secs: i64) -> String {
-    storage_backend::registry::rfc3339(
+    service::time::rfc3339(
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
     )
 }

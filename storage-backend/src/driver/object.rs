@@ -161,7 +161,7 @@ fn retry_config(max_retries: usize, retry_timeout_seconds: u64) -> object_store:
 
 /// A secret read from a file, without its trailing newline.
 fn secret_from(what: &str, file: &std::path::Path) -> anyhow::Result<String> {
-    crate::config::read_secret_file(file).map_err(|e| anyhow::anyhow!("storage {what}: {e:#}"))
+    service::secrets::read_secret_file(file).map_err(|e| anyhow::anyhow!("storage {what}: {e:#}"))
 }
 
 /// The part list of an upload object.

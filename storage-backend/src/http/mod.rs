@@ -20,18 +20,9 @@ use oci::{ErrorCode, OciError};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Header carrying the internal secret on the gateway → storage hop.
-pub const INTERNAL_SECRET_HEADER: &str = "portcullis-internal-secret";
-/// On a manifest PUT that moved an existing tag: the digest the tag pointed to before (for
-/// the gateway's audit event; the gateway strips it).
-pub const PREVIOUS_DIGEST_HEADER: &str = "portcullis-previous-digest";
-/// On a DELETE by digest or of a blob: the repository's immutability rules as JSON
-/// ([`policy::immutability::Protection`]), which storage enforces against its tags (the gateway
-/// sets it, replacing any client's copy).
-pub const PROTECTION_HEADER: &str = "portcullis-protection";
-/// On a delete that went ahead over an immutable tag (break-glass): which tag (for the
-/// gateway's audit event; the gateway strips it).
-pub const OVERRIDDEN_HEADER: &str = "portcullis-immutable-overridden";
+pub use service::hop::{
+    INTERNAL_SECRET_HEADER, OVERRIDDEN_HEADER, PREVIOUS_DIGEST_HEADER, PROTECTION_HEADER,
+};
 
 /// Everything the handlers share.
 pub struct AppState {

@@ -732,7 +732,7 @@ impl Registry {
             run: run.clone(),
             holder: opts.holder.clone(),
             dry_run: opts.dry_run,
-            started: super::rfc3339(t0),
+            started: service::time::rfc3339(t0),
             started_ms: unix_ms(t0),
             ..Default::default()
         };
@@ -743,7 +743,7 @@ impl Registry {
                 Ok(l) => Some(l),
                 Err(holder) => {
                     report.busy = Some(holder);
-                    report.finished = super::rfc3339(SystemTime::now());
+                    report.finished = service::time::rfc3339(SystemTime::now());
                     report.finished_ms = unix_ms(SystemTime::now());
                     return Ok(report);
                 }
@@ -751,7 +751,7 @@ impl Registry {
         };
         // The run's times are those it held the lease (runs of two nodes never overlap).
         let t0 = SystemTime::now();
-        report.started = super::rfc3339(t0);
+        report.started = service::time::rfc3339(t0);
         report.started_ms = unix_ms(t0);
         let result = self
             .gc_held(opts, t0, &run, lease.as_mut(), &mut report)
@@ -761,7 +761,7 @@ impl Registry {
             self.release_lease(l).await;
         }
         result?;
-        report.finished = super::rfc3339(finished);
+        report.finished = service::time::rfc3339(finished);
         report.finished_ms = unix_ms(finished);
         report.duration_seconds = t0.elapsed().unwrap_or_default().as_secs_f64();
         report.blobs_deleted.sort();

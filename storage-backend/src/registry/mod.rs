@@ -15,7 +15,7 @@ pub use catalog::{Page, paginate};
 pub use gc::{GcOptions, GcReport, SweptBlob};
 pub use manifests::{ManifestPut, StoredManifest};
 pub use protect::{Overridden, Protected};
-pub use uploads::{UploadState, rfc3339};
+pub use uploads::UploadState;
 
 use crate::driver::Driver;
 use crate::layout::Key;

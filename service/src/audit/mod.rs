@@ -309,7 +309,7 @@ pub fn sha256_hex(s: &str) -> String {
 
 fn timestamp() -> String {
     let now = std::time::SystemTime::now();
-    let secs = crate::registry::rfc3339(now);
+    let secs = crate::time::rfc3339(now);
     let millis = now
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_millis());
