@@ -184,7 +184,7 @@ impl Config {
     /// when dropped).
     pub fn secret(&self) -> anyhow::Result<zeroize::Zeroizing<String>> {
         if let Some(f) = &self.upstream.secret_file {
-            let s = zeroize::Zeroizing::new(read_secret_file(f)?);
+            let s = zeroize::Zeroizing::new(service::secrets::read_secret_file(f)?);
             if s.is_empty() {
                 bail!("{} is empty", f.display());
             }
@@ -199,8 +199,6 @@ impl Config {
             })
     }
 }
-
-pub use service::secrets::{read_secret_file, warn_if_exposed};
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,10 @@
 //! - [`state`]: the shared state store (in memory, or Redis for several gateways).
 //! - [`authz`]: the bearer check of `/v2/` requests and tag immutability.
 //! - [`proxy`]: the `ProxyHttp` that calls them and streams to a storage node.
-//! - [`dev`]: the embedded default (`gateway dev`), with storage in the same process.
+//! - [`audit`]: the request context and registry events of the audit trail (the trail itself
+//!   is `service::audit`, shared with storage).
+//! - [`dev`]: the embedded default (`gateway dev`), with storage in the same process — the
+//!   only user of the `storage_backend` crate.
 //!
 //! [`run`] wires a [`Settings`] into a Pingora server with a TLS listener (h2 by ALPN and
 //! HTTP/1.1), a load balancer over the storage nodes with active `/healthz` checks, and an

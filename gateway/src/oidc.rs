@@ -290,7 +290,7 @@ pub fn cookie<'a>(header: Option<&'a str>, name: &str) -> Option<&'a str> {
 impl Oidc {
     pub fn new(cfg: OidcConfig, state: Arc<dyn StateStore>) -> anyhow::Result<Self> {
         let secret = match &cfg.client_secret_file {
-            Some(f) => Some(crate::config::read_secret_file(f)?),
+            Some(f) => Some(service::secrets::read_secret_file(f)?),
             None => std::env::var(CLIENT_SECRET_ENV)
                 .ok()
                 .filter(|s| !s.is_empty()),

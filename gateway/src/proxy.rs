@@ -13,23 +13,18 @@ use pingora::lb::selection::RoundRobin;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use service::hop::{
+    INTERNAL_SECRET_HEADER, OVERRIDDEN_HEADER, PREVIOUS_DIGEST_HEADER, PROTECTION_HEADER,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
-/// Header carrying the internal secret to storage (clients' copies are stripped).
-pub const INTERNAL_SECRET_HEADER: &str = service::hop::INTERNAL_SECRET_HEADER;
 /// The request id, returned to the client and sent to storage.
 const REQUEST_ID_HEADER: &str = "x-request-id";
 /// HTTP Strict Transport Security on every answer: browsers (the OIDC sign-in pages) never
 /// come back over plain HTTP.
 const HSTS: (&str, &str) = ("strict-transport-security", "max-age=31536000");
-/// What a tag pointed to before a manifest PUT (storage → gateway only; stripped).
-const PREVIOUS_DIGEST_HEADER: &str = service::hop::PREVIOUS_DIGEST_HEADER;
-/// The immutability rules sent with a DELETE (gateway → storage only; a client's is dropped).
-const PROTECTION_HEADER: &str = service::hop::PROTECTION_HEADER;
-/// Which immutable tag a delete overrode (storage → gateway only; stripped).
-const OVERRIDDEN_HEADER: &str = service::hop::OVERRIDDEN_HEADER;
 /// Largest token request body read.
 const MAX_TOKEN_BODY: usize = 64 * 1024;
 

@@ -342,7 +342,7 @@ impl Robots {
         cfg: RobotsConfig,
     ) -> anyhow::Result<Self> {
         let admin_token = match &cfg.admin_token_file {
-            Some(f) => Some(crate::config::read_secret_file(f)?),
+            Some(f) => Some(service::secrets::read_secret_file(f)?),
             None => std::env::var(ADMIN_TOKEN_ENV).ok(),
         }
         .filter(|t| !t.is_empty());

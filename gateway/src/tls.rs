@@ -166,7 +166,7 @@ impl ServerCertificate {
     }
 
     fn read(cert_file: &Path, key_file: &Path) -> anyhow::Result<Pair> {
-        crate::config::warn_if_exposed(key_file);
+        service::secrets::warn_if_exposed(key_file);
         let pem =
             std::fs::read(cert_file).with_context(|| format!("reading {}", cert_file.display()))?;
         let chain = X509::stack_from_pem(&pem)

@@ -67,3 +67,37 @@ impl fmt::Debug for Secret {
         f.write_str("Secret(<redacted>)")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_files_others_can_read_are_flagged_and_read_without_their_newline() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("secret");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        for (mode, exposed) in [
+            (0o600, false),
+            (0o400, false),
+            (0o640, true),
+            (0o644, true),
+            (0o602, true),
+        ] {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(warn_if_exposed(&f), exposed, "{mode:o}");
+        }
+        assert_eq!(read_secret_file(&f).unwrap(), "s3cret");
+        assert!(!warn_if_exposed(&dir.path().join("missing")));
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(s.matches(b"hunter2"));
+        assert!(!s.matches(b"hunter3"));
+        assert!(!s.matches(b"hunter"));
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-/// `YYYY-MM-DDTHH:MM:SSZ`, as distribution writes `startedat`.
+/// `YYYY-MM-DDTHH:MM:SSZ`: UTC to the second (the form distribution's `startedat` has too).
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)

@@ -26,7 +26,7 @@ impl GcService {
     /// Fails if the retention policy does not load.
     pub fn new(registry: Arc<Registry>, config: GcConfig) -> anyhow::Result<Self> {
         let retention = config.load_retention()?;
-        let host = crate::audit::hostname();
+        let host = service::audit::hostname();
         Ok(GcService {
             registry,
             config,

@@ -7,14 +7,13 @@
 //!   referrers, catalog.
 //! - [`http`]: the axum router; [`http::router`] builds it without a socket.
 //! - [`config`]: the TOML configuration (`conf/storage-backend.toml`).
+//! - [`gc`]: online garbage collection and retention ([`schedule_gc`] runs it on a timer).
 //!
-//! The audit trail, `SIGHUP`, secret files and the hop's headers are the `service` crate's
-//! (shared with the gateway); `audit` and `signal` are re-exported here.
+//! The audit trail, `SIGHUP`, secret files, `[log]` and the hop's headers are the `service`
+//! crate's (shared with the gateway).
 //!
 //! The binary (`src/main.rs`) wires these together; `tests/tests/storage.rs` drives the real
 //! binary over sockets.
-
-pub use service::{audit, signal};
 
 pub mod config;
 pub mod driver;

@@ -5,7 +5,8 @@ use anyhow::Context;
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use storage_backend::config::{Config, LogFormat, StorageConfig};
+use service::log::LogFormat;
+use storage_backend::config::{Config, StorageConfig};
 use storage_backend::http::{Listener, router};
 use tokio::net::TcpListener;
 
@@ -68,7 +69,7 @@ async fn run() -> anyhow::Result<()> {
         command: AuditCommand::Verify { file },
     }) = &args.command
     {
-        println!("{}", storage_backend::audit::verify_file(file)?);
+        println!("{}", service::audit::verify_file(file)?);
         return Ok(());
     }
     let mut config = match &args.config {
@@ -116,11 +117,11 @@ async fn run() -> anyhow::Result<()> {
     // Tests and scripts read this line to learn the port when binding port 0.
     println!("listening on {api_addr}");
     tracing::info!(%api_addr, %store, "storage-backend listening");
-    storage_backend::audit::register_metrics(state.metrics.registry(), "storage")?;
+    service::audit::register_metrics(state.metrics.registry(), "storage")?;
     if config.audit.has_sinks() {
-        let instance = format!("{}:{}", storage_backend::audit::hostname(), api_addr.port());
-        storage_backend::audit::install(&config.audit, &instance, "storage")?;
-        tokio::spawn(storage_backend::audit::reopen_on_sighup());
+        let instance = format!("{}:{}", service::audit::hostname(), api_addr.port());
+        service::audit::install(&config.audit, &instance, "storage")?;
+        tokio::spawn(service::audit::reopen_on_sighup());
     }
     if config.gc.enabled {
         tokio::spawn(storage_backend::schedule_gc(state.clone()));

@@ -19,7 +19,7 @@ pub struct Htpasswd {
 impl Htpasswd {
     pub fn load(path: &Path, groups: &BTreeMap<String, Vec<String>>) -> anyhow::Result<Self> {
         // Password hashes: as private as a secret.
-        crate::config::warn_if_exposed(path);
+        service::secrets::warn_if_exposed(path);
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::parse(&text, groups).with_context(|| format!("in {}", path.display()))

@@ -245,7 +245,7 @@ impl LdapAuthenticator {
         cfg.validate()?;
         let bind_password = if cfg.bind_dn.is_some() {
             let p = match &cfg.bind_password_file {
-                Some(f) => crate::config::read_secret_file(f)?,
+                Some(f) => service::secrets::read_secret_file(f)?,
                 None => std::env::var(BIND_PASSWORD_ENV).with_context(|| {
                     format!(
                         "auth.ldap.bind_dn is set: give bind_password_file or {BIND_PASSWORD_ENV}"

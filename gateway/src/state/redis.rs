@@ -128,7 +128,7 @@ impl RedisStore {
     pub fn open(cfg: &RedisConfig) -> anyhow::Result<Self> {
         use anyhow::Context;
         let password = match &cfg.password_file {
-            Some(f) => Some(crate::config::read_secret_file(f)?),
+            Some(f) => Some(service::secrets::read_secret_file(f)?),
             None => std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty()),
         };
         let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
@@ -193,7 +193,7 @@ impl RedisStore {
                     b = b.set_client_to_redis_password(p);
                 }
                 if let Some(f) = &cfg.sentinel_password_file {
-                    b = b.set_client_to_sentinel_password(crate::config::read_secret_file(f)?);
+                    b = b.set_client_to_sentinel_password(service::secrets::read_secret_file(f)?);
                 }
                 let client = b.build().context("state.redis.sentinels")?;
                 let resolver = Resolver {

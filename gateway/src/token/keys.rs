@@ -67,7 +67,7 @@ impl SigningKey {
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        crate::config::warn_if_exposed(path);
+        service::secrets::warn_if_exposed(path);
         let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_pem(&pem).with_context(|| format!("in {}", path.display()))
     }

@@ -20,7 +20,7 @@ use oci::{ErrorCode, OciError};
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use service::hop::{
+use service::hop::{
     INTERNAL_SECRET_HEADER, OVERRIDDEN_HEADER, PREVIOUS_DIGEST_HEADER, PROTECTION_HEADER,
 };
 

@@ -1099,11 +1099,11 @@ fn plan_retention(
     out
 }
 
-/// Records one deletion by a GC run in the audit trail (`crate::audit`; docs/audit.md):
+/// Records one deletion by a GC run in the audit trail (`service::audit`; docs/audit.md):
 /// `event.category: storage`, `gc.run`, and what was deleted.
 fn audit_deletion(action: &str, run: &str, fields: serde_json::Value) {
-    let mut event = crate::audit::event_fields(fields);
+    let mut event = service::audit::event_fields(fields);
     event.insert("event.category".into(), "storage".into());
     event.insert("gc.run".into(), run.into());
-    crate::audit::record(action, "success", serde_json::Value::Object(event));
+    service::audit::record(action, "success", serde_json::Value::Object(event));
 }
