@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use service::log::LogConfig;
-use service::secrets::read_secret_file;
 /// The internal secret (a `service` type: never printed, wiped on drop).
 pub use service::secrets::Secret;
+use service::secrets::read_secret_file;
 
 /// The storage service's configuration.
 #[derive(Debug, Clone, Deserialize)]

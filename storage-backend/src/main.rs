@@ -3,9 +3,9 @@
 
 use anyhow::Context;
 use clap::Parser;
+use service::log::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use service::log::LogFormat;
 use storage_backend::config::{Config, StorageConfig};
 use storage_backend::http::{Listener, router};
 use tokio::net::TcpListener;
