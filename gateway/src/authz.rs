@@ -229,7 +229,7 @@ impl Authz {
                 "requested access to the resource is denied",
             );
         }
-        let now = crate::token::unix_now();
+        let now = crate::clock::unix_now();
         let subject = claims.subject();
         let endpoint = request.endpoint.clone();
         match &endpoint {
@@ -411,7 +411,7 @@ mod tests {
         let tokens = Arc::new(Tokens::new(vec![key], "iss", "svc"));
         let policy =
             policy::Policy::compile("p.toml", include_str!("../../conf/policy.toml")).unwrap();
-        let now = crate::token::unix_now();
+        let now = crate::clock::unix_now();
         let claims = Claims {
             iss: "iss".into(),
             sub: "bob".into(),

@@ -282,7 +282,7 @@ impl Federation {
             return Err(refused("the token's signature does not verify".into()));
         }
         // Signed by the issuer: now its claims count.
-        let now = crate::token::unix_now();
+        let now = crate::clock::unix_now();
         let skew = self.cfg.clock_skew_seconds as i64;
         let Some(exp) = claims["exp"].as_i64() else {
             return Err(refused("the token has no exp claim".into()));

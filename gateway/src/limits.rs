@@ -170,7 +170,7 @@ fn source_key(source: &str) -> String {
 }
 
 fn now() -> u64 {
-    crate::token::unix_now().max(0) as u64
+    crate::clock::unix_now().max(0) as u64
 }
 
 impl Limits {

@@ -102,16 +102,18 @@ mod tests {
     fn a_reload_replaces_the_policy_only_when_the_new_file_compiles() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("policy.toml");
-        std::fs::write(&file, crate::dev::SHIPPED_POLICY).unwrap();
+        std::fs::write(&file, include_str!("../../conf/policy.toml")).unwrap();
         let live = LivePolicy::from_file(file.clone()).unwrap();
         let before = live.current();
         std::fs::write(&file, "this is [not a policy").unwrap();
         assert!(live.reload().is_err());
         assert!(Arc::ptr_eq(&before, &live.current()), "kept");
-        std::fs::write(&file, crate::dev::SHIPPED_POLICY).unwrap();
+        std::fs::write(&file, include_str!("../../conf/policy.toml")).unwrap();
         live.reload().unwrap();
         assert!(!Arc::ptr_eq(&before, &live.current()), "replaced");
-        let fixed = LivePolicy::fixed(Policy::compile("x", crate::dev::SHIPPED_POLICY).unwrap());
+        let fixed = LivePolicy::fixed(
+            Policy::compile("x", include_str!("../../conf/policy.toml")).unwrap(),
+        );
         assert!(fixed.reload().is_err());
     }
 }

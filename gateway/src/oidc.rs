@@ -369,10 +369,10 @@ impl Oidc {
     ) -> anyhow::Result<(String, String)> {
         let (d, _) = self.provider(false).await?;
         let (state, nonce, verifier, binding) = (
-            crate::token::random_token(32),
-            crate::token::random_token(32),
-            crate::token::random_token(48),
-            crate::token::random_token(32),
+            crate::random::random_token(32),
+            crate::random::random_token(32),
+            crate::random::random_token(48),
+            crate::random::random_token(32),
         );
         let redirect_uri = self.redirect_uri(host);
         let flow = Flow {
@@ -451,11 +451,11 @@ impl Oidc {
             .unwrap_or(600)
             .min(self.cfg.flow_ttl_seconds)
             .max(1);
-        let ours = crate::token::random_token(32);
+        let ours = crate::random::random_token(32);
         let flow = DeviceFlow {
             idp_device_code: Some(idp_code.to_string()),
             device: clean_device(device),
-            expires_at: crate::token::unix_now() + expires_in as i64,
+            expires_at: crate::clock::unix_now() + expires_in as i64,
             approved: None,
             user_code_key: None,
         };
@@ -475,7 +475,7 @@ impl Oidc {
 
     /// Kept an hour past expiry, so a late poll hears `expired_token`, not "unknown".
     async fn save_device_flow(&self, key: &str, flow: &DeviceFlow) -> anyhow::Result<()> {
-        let ttl = (flow.expires_at - crate::token::unix_now()).max(0) as u64 + 3600;
+        let ttl = (flow.expires_at - crate::clock::unix_now()).max(0) as u64 + 3600;
         self.state
             .set(
                 &format!("oidc:device:{key}"),
@@ -493,14 +493,14 @@ impl Oidc {
         host: &str,
         device: &str,
     ) -> anyhow::Result<serde_json::Value> {
-        let ours = crate::token::random_token(32);
+        let ours = crate::random::random_token(32);
         let code = user_code();
         let expires_in = self.cfg.flow_ttl_seconds.max(1);
         let key = sha256_b64(&ours);
         let flow = DeviceFlow {
             idp_device_code: None,
             device: clean_device(device),
-            expires_at: crate::token::unix_now() + expires_in as i64,
+            expires_at: crate::clock::unix_now() + expires_in as i64,
             approved: None,
             user_code_key: Some(user_code_key(&code)),
         };
@@ -537,7 +537,7 @@ impl Oidc {
             return Ok(None);
         };
         let flow: DeviceFlow = serde_json::from_slice(&raw)?;
-        if flow.approved.is_some() || crate::token::unix_now() >= flow.expires_at {
+        if flow.approved.is_some() || crate::clock::unix_now() >= flow.expires_at {
             return Ok(None);
         }
         Ok(Some((key, flow)))
@@ -585,7 +585,7 @@ impl Oidc {
                     Ok(None) => return unknown(),
                     Err(e) => return unavailable(&e),
                 };
-                let csrf = crate::token::random_token(24);
+                let csrf = crate::random::random_token(24);
                 let mut page = Page::html(
                     200,
                     "sign in a device",
@@ -666,7 +666,7 @@ impl Oidc {
         let Ok(mut flow) = serde_json::from_slice::<DeviceFlow>(&raw) else {
             return Outcome::Refused(400, "unknown device sign-in".into());
         };
-        if flow.approved.is_some() || crate::token::unix_now() >= flow.expires_at {
+        if flow.approved.is_some() || crate::clock::unix_now() >= flow.expires_at {
             return Outcome::Refused(400, "the device sign-in has expired or is done".into());
         }
         flow.approved = Some(Approved {
@@ -695,7 +695,7 @@ impl Oidc {
             Ok(None) => return DevicePoll::Unknown,
             Err(e) => return DevicePoll::Unavailable(e.to_string()),
         };
-        if crate::token::unix_now() >= flow.expires_at {
+        if crate::clock::unix_now() >= flow.expires_at {
             return DevicePoll::Expired;
         }
         let Some(idp_code) = flow.idp_device_code.as_deref() else {
@@ -956,7 +956,7 @@ impl Oidc {
             Err(e) => return Ok(Err(format!("the ID token is not valid: {e}"))),
         };
         let iat = claims["iat"].as_i64().unwrap_or(0);
-        if iat > crate::token::unix_now() + 30 {
+        if iat > crate::clock::unix_now() + 30 {
             return Ok(Err("the ID token is issued in the future".into()));
         }
         if let Some(nonce) = nonce
@@ -1171,7 +1171,7 @@ client_id = "c""#;
         .unwrap();
         let store: Arc<dyn StateStore> = Arc::new(crate::state::MemoryStore::default());
         let oidc = Oidc::new(cfg, store).unwrap();
-        let now = crate::token::unix_now();
+        let now = crate::clock::unix_now();
         let good = serde_json::json!({
             "iss": issuer, "aud": "portcullis", "sub": "u1", "exp": now + 300, "iat": now,
             "nonce": "n1", "preferred_username": "bob", "groups": ["team-a", "staff"],

@@ -595,7 +595,7 @@ impl Robots {
             Ok(None) => {}
             Err(e) => return store_error(&e),
         }
-        let secret = crate::token::random_token(32);
+        let secret = crate::random::random_token(32);
         let robot = Robot {
             name: name.clone(),
             description: req.description.chars().take(500).collect(),
@@ -718,7 +718,7 @@ impl Robots {
         robot
             .secrets
             .retain(|s| s.valid_until.is_none_or(|u| u > now));
-        let secret = crate::token::random_token(32);
+        let secret = crate::random::random_token(32);
         robot.secrets.push(Secret {
             hash: self.hash(&robot.name, &secret),
             created_at: now,

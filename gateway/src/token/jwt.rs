@@ -270,7 +270,7 @@ mod tests {
     }
 
     fn claims(exp_in: i64) -> Claims {
-        let now = crate::token::unix_now();
+        let now = crate::clock::unix_now();
         Claims {
             iss: "iss".into(),
             sub: "bob".into(),
@@ -299,7 +299,7 @@ mod tests {
         let mut expired = c.clone();
         expired.exp -= 400;
         t.verified
-            .insert(Verified::key(&jwt), &expired, crate::token::unix_now());
+            .insert(Verified::key(&jwt), &expired, crate::clock::unix_now());
         let e = t.verify(&jwt).unwrap_err().to_string();
         assert!(e.contains("Expired"), "{e}");
     }

@@ -106,20 +106,8 @@ pub struct TokenService {
 /// for identity tokens, used by credential helpers and `docker login -u '<token>'`).
 pub const IDENTITY_TOKEN_USER: &str = "<token>";
 
-/// `n` bytes from the OS random generator, base64url without padding: refresh tokens, OIDC
-/// `state`, `nonce`, PKCE verifiers and cookies.
-pub fn random_token(n: usize) -> String {
-    use base64::Engine as _;
-    let mut raw = vec![0u8; n];
-    openssl::rand::rand_bytes(&mut raw).expect("the OS random generator works");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-}
-
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+pub use crate::clock::unix_now;
+pub use crate::random::random_token;
 
 fn rfc3339(secs: i64) -> String {
     service::time::rfc3339(

@@ -197,7 +197,7 @@ mod tests {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
         let a = Revocations::new(store.clone(), Duration::from_secs(1), 300);
         let b = Revocations::new(store, Duration::from_secs(1), 300);
-        let now = crate::token::unix_now();
+        let now = crate::clock::unix_now();
         let t1 = claims("one", "user", "alice", now);
         let t2 = claims("two", "user", "alice", now);
         a.revoke_token("one", Some(t1.exp)).await.unwrap();
