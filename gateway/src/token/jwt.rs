@@ -199,11 +199,14 @@ impl Tokens {
     /// and that the token is not on the revocation list.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         let claims = self.verify_unrevoked(token)?;
-        if self
-            .revocations
-            .as_ref()
-            .is_some_and(|r| r.is_revoked(&claims))
-        {
+        if self.revocations.as_ref().is_some_and(|r| {
+            r.is_revoked(&super::revoked::Issued {
+                jti: &claims.jti,
+                kind: &claims.subject.kind,
+                subject: &claims.sub,
+                iat: claims.iat,
+            })
+        }) {
             crate::metrics::auth().revoked_presented.inc();
             return Err(TokenError::Revoked);
         }

@@ -16,7 +16,6 @@
 //! the copy keeps what it had (already-issued tokens keep working, revocations made before
 //! the outage stay in force) and a warning says that the list is stale.
 
-use super::jwt::Claims;
 use crate::state::{StateError, StateStore};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -32,6 +31,17 @@ struct List {
     tokens: HashMap<String, i64>,
     /// `<kind>:<name>` → tokens issued at or before this time are revoked.
     subjects: HashMap<String, i64>,
+}
+
+/// What a revocation is checked against: a token's `jti`, who it was issued to (kind and
+/// name) and when (`iat`). (The registry JWT's claims carry them; this module does not need
+/// the JWT type, which holds the revocation list.)
+#[derive(Debug, Clone, Copy)]
+pub struct Issued<'a> {
+    pub jti: &'a str,
+    pub kind: &'a str,
+    pub subject: &'a str,
+    pub iat: i64,
 }
 
 pub struct Revocations {
@@ -56,19 +66,19 @@ impl Revocations {
         }
     }
 
-    /// Whether `claims` (already verified) belong to a revoked token.
-    pub fn is_revoked(&self, claims: &Claims) -> bool {
+    /// Whether a token (its claims already verified) is revoked.
+    pub fn is_revoked(&self, token: &Issued<'_>) -> bool {
         let Ok(list) = self.list.read() else {
             return false;
         };
         if list.tokens.is_empty() && list.subjects.is_empty() {
             return false;
         }
-        list.tokens.contains_key(&claims.jti)
+        list.tokens.contains_key(token.jti)
             || list
                 .subjects
-                .get(&subject_key(&claims.subject.kind, &claims.sub))
-                .is_some_and(|&cut| claims.iat <= cut)
+                .get(&subject_key(token.kind, token.subject))
+                .is_some_and(|&cut| token.iat <= cut)
     }
 
     /// The `iat` for a token issued to the subject now: after the subject's revocation time,
@@ -173,22 +183,13 @@ impl Revocations {
 mod tests {
     use super::*;
     use crate::state::MemoryStore;
-    use crate::token::jwt::TokenSubject;
 
-    fn claims(jti: &str, kind: &str, sub: &str, iat: i64) -> Claims {
-        Claims {
-            iss: "i".into(),
-            sub: sub.into(),
-            aud: "a".into(),
-            exp: iat + 300,
-            nbf: iat,
+    fn claims<'a>(jti: &'a str, kind: &'a str, subject: &'a str, iat: i64) -> Issued<'a> {
+        Issued {
+            jti,
+            kind,
+            subject,
             iat,
-            jti: jti.into(),
-            access: vec![],
-            subject: TokenSubject {
-                kind: kind.into(),
-                groups: vec![],
-            },
         }
     }
 
@@ -200,7 +201,7 @@ mod tests {
         let now = crate::clock::unix_now();
         let t1 = claims("one", "user", "alice", now);
         let t2 = claims("two", "user", "alice", now);
-        a.revoke_token("one", Some(t1.exp)).await.unwrap();
+        a.revoke_token("one", Some(t1.iat + 300)).await.unwrap();
         assert!(a.is_revoked(&t1), "at once where it was revoked");
         assert!(!a.is_revoked(&t2), "only that token");
         assert!(!b.is_revoked(&t1), "the other replica has not synced yet");
