@@ -361,29 +361,14 @@ pub fn forwarded_within_grant(
     method: &str,
     uri: &http::Uri,
 ) -> Result<(), String> {
-    use oci::route::Action;
     let request = oci::request::parse(method, uri.path(), uri.query())
         .map_err(|e| format!("storage cannot parse the forwarded {method} {uri}: {e}"))?;
-    let ep = &request.endpoint;
-    let own = match ep.action() {
-        None => return Ok(()),
-        Some(Action::Catalog) => ("registry", "catalog".to_string(), "*"),
-        Some(a) => {
-            let name = ep
-                .repository()
-                .ok_or_else(|| format!("{method} {uri}: an action without a repository"))?;
-            let act = match a {
-                Action::Pull => "pull",
-                Action::Push => "push",
-                _ => "delete",
-            };
-            ("repository", name.to_string(), act)
-        }
-    };
-    if !claims.allows(own.0, &own.1, own.2) {
+    // The scope storage's operation needs, by the same mapping the check uses.
+    if let Some((rtype, name, action, _)) = needed(&request)
+        && !claims.allows(rtype, &name, action)
+    {
         return Err(format!(
-            "{method} {uri}: storage would do {}:{}:{} ungranted",
-            own.0, own.1, own.2
+            "{method} {uri}: storage would do {rtype}:{name}:{action} ungranted"
         ));
     }
     if let Some(from) = request.params.mount.as_ref().and_then(|m| m.from.as_ref())

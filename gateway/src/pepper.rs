@@ -91,21 +91,11 @@ impl Peppers {
     }
 }
 
-/// The embedded default's pepper: `file`, made (32 random bytes, hex, mode 0600) the first
-/// time.
+/// The embedded default's pepper: `file`, made (32 random bytes, mode 0600) the first time.
 pub fn dev_pepper(file: &std::path::Path) -> anyhow::Result<Peppers> {
     if !file.exists() {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut bytes = Zeroizing::new([0u8; 32]);
-        openssl::rand::rand_bytes(bytes.as_mut())?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(file)
-            .and_then(|mut f| f.write_all(hex::encode(bytes.as_ref()).as_bytes()))
-            .with_context(|| format!("writing {}", file.display()))?;
+        let p = Zeroizing::new(crate::random::random_token(32));
+        crate::tls::write_private(file, p.as_bytes())?;
     }
     let p =
         Zeroizing::new(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?);
