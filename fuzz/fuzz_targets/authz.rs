@@ -6,7 +6,7 @@
 #![no_main]
 
 use gateway::audit::request::Operation;
-use gateway::authz::{Authz, Verdict, forwarded_within_grant};
+use gateway::registry::authz::{Authz, Verdict, forwarded_within_grant};
 use gateway::token::jwt::{Access, Claims, TokenSubject, Tokens};
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, OnceLock};

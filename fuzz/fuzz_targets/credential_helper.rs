@@ -6,7 +6,7 @@
 //! user name and never the secret, `erase` forgets it; an error never quotes a secret.
 #![no_main]
 
-use gateway::credential_helper::{Credentials, Request, get_answer, parse_request, server_key};
+use gateway::client::credential_helper::{Credentials, Request, get_answer, parse_request, server_key};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

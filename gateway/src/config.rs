@@ -19,12 +19,12 @@ pub struct Config {
     pub auth: AuthConfig,
     pub policy: PolicyConfig,
     /// OIDC single sign-on in the browser (`/auth/oidc/login`).
-    pub oidc: Option<crate::oidc::OidcConfig>,
+    pub oidc: Option<crate::auth::oidc::OidcConfig>,
     /// Robot accounts (always on; this table changes their limits).
     #[serde(default)]
-    pub robots: crate::robots::RobotsConfig,
+    pub robots: crate::auth::robots::RobotsConfig,
     /// CI workload-identity federation: trusted CI token issuers.
-    pub federation: Option<crate::federation::FederationConfig>,
+    pub federation: Option<crate::auth::federation::FederationConfig>,
     #[serde(default)]
     pub state: crate::state::StateConfig,
     #[serde(default)]
@@ -37,11 +37,11 @@ pub struct Config {
     pub log: service::log::LogConfig,
     /// The pepper of stored robot secrets and the LDAP login cache (`[pepper]`).
     #[serde(default)]
-    pub pepper: crate::pepper::PepperConfig,
+    pub pepper: crate::auth::pepper::PepperConfig,
     /// The PROXY protocol from trusted load balancers on the TLS listener
     /// (`[proxy_protocol]`).
     #[serde(default)]
-    pub proxy_protocol: Option<crate::proxy_protocol::ProxyProtocolConfig>,
+    pub proxy_protocol: Option<crate::edge::proxy_protocol::ProxyProtocolConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,7 +227,7 @@ mod tests {
             f.issuers[0].issuer,
             "https://token.actions.githubusercontent.com"
         );
-        crate::federation::Federation::new(f).expect("the example federation compiles");
+        crate::auth::federation::Federation::new(f).expect("the example federation compiles");
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! `admin` user with a generated password, the shipped policy.
 
 use crate::auth::htpasswd::Htpasswd;
+use crate::edge::tls;
+use crate::registry::authz;
 use crate::token::jwt::Tokens;
 use crate::token::keys::{SigningKey, generate_pem};
 use crate::token::refresh::Sessions;
-use crate::{Settings, authz, tls, token};
+use crate::{Settings, token};
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -142,10 +144,10 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     let store: Arc<dyn crate::state::StateStore> = Arc::new(crate::state::MemoryStore::with_file(
         &data.join("gateway-state.json"),
     )?);
-    let robots = Arc::new(crate::robots::Robots::new(
+    let robots = Arc::new(crate::auth::robots::Robots::new(
         store.clone(),
-        crate::pepper::dev_pepper(&data.join("pepper"))?,
-        crate::robots::RobotsConfig::default(),
+        crate::auth::pepper::dev_pepper(&data.join("pepper"))?,
+        crate::auth::robots::RobotsConfig::default(),
     )?);
     let revocations = Arc::new(crate::token::revoked::Revocations::new(
         store.clone(),

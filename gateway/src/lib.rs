@@ -18,28 +18,20 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
-pub mod authz;
+pub mod client;
 pub mod clock;
 pub mod config;
-pub mod credential_helper;
 pub mod dev;
 pub mod edge;
-pub mod federation;
-pub mod jws;
 pub mod limits;
 pub mod live_policy;
 pub mod metrics;
-pub mod oidc;
-pub mod pepper;
 pub mod proxy;
-pub mod proxy_protocol;
 pub mod random;
-pub mod robots;
-pub mod robots_cli;
+pub mod registry;
+pub mod reply;
 pub mod state;
-pub mod tls;
 pub mod token;
-pub mod upstream;
 
 use anyhow::Context;
 use pingora::lb::LoadBalancer;
@@ -63,13 +55,13 @@ pub struct Settings {
     pub health_check_interval: Duration,
     pub idle_timeout: Duration,
     pub token: token::TokenService,
-    pub authz: authz::Authz,
+    pub authz: registry::authz::Authz,
     /// OIDC browser login, when configured.
-    pub oidc: Option<Arc<oidc::Oidc>>,
+    pub oidc: Option<Arc<auth::oidc::Oidc>>,
     /// The shared state store (its health is part of readiness).
     pub store: Arc<dyn state::StateStore>,
     /// Client addresses from trusted load balancers' PROXY headers.
-    pub proxy_protocol: Option<Arc<proxy_protocol::ProxyProtocol>>,
+    pub proxy_protocol: Option<Arc<edge::proxy_protocol::ProxyProtocol>>,
     /// How long a new connection has to send its first byte.
     pub hello_timeout: Duration,
     /// How long a connection may wait between requests (whole seconds, at least one: HTTP/1
@@ -131,7 +123,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let discovery = upstream::Dns::new(&nodes)?;
+    let discovery = registry::upstream::Dns::new(&nodes)?;
     let mut upstreams =
         LoadBalancer::<RoundRobin>::from_backends(pingora::lb::Backends::new(Box::new(discovery)));
     // The first discovery answers from what was resolved just now, without waiting.
@@ -140,7 +132,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         .map_err(|e| anyhow::anyhow!("upstream nodes {nodes:?}: {e}"))?;
     upstreams.set_health_check(storage_health_check());
     upstreams.health_check_frequency = Some(health_check_interval);
-    upstreams.update_frequency = Some(upstream::RESOLVE_EVERY);
+    upstreams.update_frequency = Some(registry::upstream::RESOLVE_EVERY);
     let health =
         pingora::services::background::background_service("storage health check", upstreams);
     let upstreams: Arc<LoadBalancer<RoundRobin>> = health.task();
@@ -163,18 +155,18 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         options.h2_idle_timeout = Some(client_idle_timeout);
         app.server_options = Some(options);
     }
-    let certificate = Arc::new(tls::ServerCertificate::load(&cert_file, &key_file).map_err(
-        |e| {
+    let certificate = Arc::new(
+        edge::tls::ServerCertificate::load(&cert_file, &key_file).map_err(|e| {
             anyhow::anyhow!(
                 "loading TLS certificate {} / key {}: {e:#}",
                 cert_file.display(),
                 key_file.display()
             )
-        },
-    )?);
-    let mut tls = pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(tls::Presenter(
-        certificate.clone(),
-    )))
+        })?,
+    );
+    let mut tls = pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(
+        edge::tls::Presenter(certificate.clone()),
+    ))
     .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
     tls.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))?;
     tls.enable_h2();

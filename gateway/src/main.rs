@@ -3,10 +3,11 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gateway::auth::htpasswd::Htpasswd;
+use gateway::registry::authz;
 use gateway::token::jwt::Tokens;
 use gateway::token::keys::SigningKey;
 use gateway::token::refresh::Sessions;
-use gateway::{Settings, authz, config, dev, token};
+use gateway::{Settings, config, dev, token};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,7 +51,7 @@ enum Command {
         config: PathBuf,
     },
     /// Manage robot accounts through a gateway's admin API.
-    Robot(gateway::robots_cli::RobotArgs),
+    Robot(gateway::client::robots_cli::RobotArgs),
     /// The audit trail.
     Audit {
         #[command(subcommand)]
@@ -107,7 +108,7 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Static users first, then LDAP (see [`gateway::auth::Chain`] for the order's rules).
-/// `pepper` (`[pepper]`, see [`gateway::pepper`]) is mixed into cached password hashes.
+/// `pepper` (`[pepper]`, see [`gateway::auth::pepper`]) is mixed into cached password hashes.
 /// CI tokens (JWT passwords) and robots (`robot$…` names) go first: each decides only
 /// what is its own.
 fn authenticator(
@@ -150,14 +151,16 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         &c.audit,
         &format!("{}:{}", gateway::audit::hostname(), c.listen.port()),
     )?;
-    let peppers = gateway::pepper::Peppers::load(&c.pepper, &secret)?;
-    let robots = Arc::new(gateway::robots::Robots::new(
+    let peppers = gateway::auth::pepper::Peppers::load(&c.pepper, &secret)?;
+    let robots = Arc::new(gateway::auth::robots::Robots::new(
         store.clone(),
         peppers.clone(),
         c.robots.clone(),
     )?);
     let federation = match &c.federation {
-        Some(f) => Some(Arc::new(gateway::federation::Federation::new(f.clone())?)),
+        Some(f) => Some(Arc::new(gateway::auth::federation::Federation::new(
+            f.clone(),
+        )?)),
         None => None,
     };
     let mut machines: Vec<Arc<dyn gateway::auth::Authenticator>> = Vec::new();
@@ -167,7 +170,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
     machines.push(robots.clone());
     let auth = authenticator(&c.auth, peppers.current(), store.clone(), machines)?;
     let oidc = match &c.oidc {
-        Some(o) => Some(Arc::new(gateway::oidc::Oidc::new(
+        Some(o) => Some(Arc::new(gateway::auth::oidc::Oidc::new(
             o.clone(),
             store.clone(),
         )?)),
@@ -228,7 +231,9 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         client_idle_timeout: std::time::Duration::from_secs(c.tls.idle_timeout_seconds),
         connections_per_source: c.limits.connections_per_source,
         proxy_protocol: match &c.proxy_protocol {
-            Some(p) => Some(Arc::new(gateway::proxy_protocol::ProxyProtocol::new(p)?)),
+            Some(p) => Some(Arc::new(gateway::edge::proxy_protocol::ProxyProtocol::new(
+                p,
+            )?)),
             None => None,
         },
     })
@@ -264,7 +269,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Robot(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(gateway::robots_cli::run(args)),
+            .block_on(gateway::client::robots_cli::run(args)),
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => {

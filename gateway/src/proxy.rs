@@ -2,8 +2,8 @@
 //! check (`authz`), and the upstream selection. Per-request state lives in [`RequestCtx`].
 
 use crate::audit::request::{Operation, RequestInfo};
-use crate::authz::{self, Verdict};
 use crate::metrics::Metrics;
+use crate::registry::authz::{self, Verdict};
 use crate::token::{self, TokenService};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -38,7 +38,7 @@ pub struct Gateway {
     /// Seconds a client connection may wait for its next request (HTTP/1.1 keep-alive).
     pub client_idle_seconds: u64,
     pub metrics: Arc<Metrics>,
-    pub oidc: Option<Arc<crate::oidc::Oidc>>,
+    pub oidc: Option<Arc<crate::auth::oidc::Oidc>>,
 }
 
 /// What a request carries from one phase to the next.
@@ -170,7 +170,7 @@ impl Gateway {
             .get("cookie")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        if path == crate::oidc::LOGIN_PATH {
+        if path == crate::auth::oidc::LOGIN_PATH {
             let device = form_urlencoded::parse(query.as_bytes())
                 .find(|(k, _)| k == "device")
                 .map(|(_, v)| v.into_owned())
@@ -193,7 +193,7 @@ impl Gateway {
                 }
             };
         }
-        if path == crate::oidc::VERIFY_PATH {
+        if path == crate::auth::oidc::VERIFY_PATH {
             let method = req.method.as_str().to_owned();
             let Some(body) = post_body(session).await? else {
                 return body_too_large(session).await;
@@ -211,10 +211,10 @@ impl Gateway {
             .await;
         }
         match oidc.finish(&query, cookies.as_deref()).await {
-            crate::oidc::Outcome::DeviceApproved(device) => {
-                respond_page(session, crate::oidc::device_approved_page(&device)).await
+            crate::auth::oidc::Outcome::DeviceApproved(device) => {
+                respond_page(session, crate::auth::oidc::device_approved_page(&device)).await
             }
-            crate::oidc::Outcome::LoggedIn(signed_in, device) => {
+            crate::auth::oidc::Outcome::LoggedIn(signed_in, device) => {
                 let id = signed_in.identity;
                 let mut s = token::refresh::Session::new(&id, "oidc", &device, token::unix_now());
                 s.idp_refresh = signed_in.idp_refresh;
@@ -224,11 +224,11 @@ impl Gateway {
                 };
                 respond_page(
                     session,
-                    crate::oidc::success_page(&host, &id, &device, &refresh),
+                    crate::auth::oidc::success_page(&host, &id, &device, &refresh),
                 )
                 .await
             }
-            crate::oidc::Outcome::Refused(status, msg) => {
+            crate::auth::oidc::Outcome::Refused(status, msg) => {
                 tracing::info!(reason = %msg, "OIDC login refused");
                 respond(
                     session,
@@ -239,7 +239,7 @@ impl Gateway {
                 )
                 .await
             }
-            crate::oidc::Outcome::Unavailable(e) => {
+            crate::auth::oidc::Outcome::Unavailable(e) => {
                 tracing::warn!(error = %e, "OIDC login failed: the identity provider is unavailable");
                 let body =
                     Bytes::from_static(b"the identity provider is unavailable, try again later");
@@ -320,7 +320,7 @@ impl Gateway {
             return send_reply(session, reply).await;
         }
         if path
-            .strip_prefix(crate::robots::ROBOTS_PATH)
+            .strip_prefix(crate::auth::robots::ROBOTS_PATH)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
         {
             ctx.route = "robots";
@@ -334,13 +334,13 @@ impl Gateway {
             let reply = self.tokens.robots_api(&req.as_request(), &path).await;
             return send_reply(session, reply).await;
         }
-        if path == crate::oidc::DEVICE_PATH {
+        if path == crate::auth::oidc::DEVICE_PATH {
             ctx.route = "oidc";
             return self.device_endpoint(session).await;
         }
-        if path == crate::oidc::LOGIN_PATH
-            || path == crate::oidc::CALLBACK_PATH
-            || path == crate::oidc::VERIFY_PATH
+        if path == crate::auth::oidc::LOGIN_PATH
+            || path == crate::auth::oidc::CALLBACK_PATH
+            || path == crate::auth::oidc::VERIFY_PATH
         {
             ctx.route = "oidc";
             return self.oidc_endpoint(session, &path).await;

@@ -60,17 +60,20 @@ pub fn start_gateway_with(
     extra: &str,
     env: &[(&str, &str)],
 ) -> anyhow::Result<GatewayServer> {
-    let tls = gateway::tls::ensure_dev_certificates(&d.join("tls"))?;
+    let tls = gateway::edge::tls::ensure_dev_certificates(&d.join("tls"))?;
     // Replicas of one deployment share the signing key: one placed in `d` is kept.
     if !d.join("key.pem").exists() {
-        gateway::tls::write_private(&d.join("key.pem"), &gateway::token::keys::generate_pem()?)?;
+        gateway::edge::tls::write_private(
+            &d.join("key.pem"),
+            &gateway::token::keys::generate_pem()?,
+        )?;
     }
     let mut htpasswd = String::new();
     for (u, p) in users {
         htpasswd.push_str(&format!("{u}:{}\n", bcrypt::hash(p, cost)?));
     }
     // Secrets and password hashes: 0600, as the gateway expects (it warns otherwise).
-    gateway::tls::write_private(&d.join("htpasswd"), htpasswd.as_bytes())?;
+    gateway::edge::tls::write_private(&d.join("htpasswd"), htpasswd.as_bytes())?;
     let port = crate::tools::free_port()?;
     // A fixed admin port (not 0), so a restarted gateway answers health checks where a load
     // balancer expects it.
@@ -131,14 +134,14 @@ file = "{policy}"
 /// on all. [`start_gateway_with`] then keeps both.
 pub fn share_identity(
     d: &Path,
-    tls: &gateway::tls::TlsFiles,
+    tls: &gateway::edge::tls::TlsFiles,
     signing_key: &[u8],
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(d.join("tls"))?;
     for f in [&tls.ca_cert, &tls.cert, &tls.key] {
         std::fs::copy(f, d.join("tls").join(f.file_name().context("a file name")?))?;
     }
-    gateway::tls::write_private(&d.join("key.pem"), signing_key)?;
+    gateway::edge::tls::write_private(&d.join("key.pem"), signing_key)?;
     Ok(())
 }
 

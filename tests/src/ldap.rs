@@ -35,7 +35,7 @@ pub struct Slapd {
     pub ca_file: PathBuf,
 }
 
-fn config_ldif(dir: &Path, tls: &gateway::tls::TlsFiles) -> String {
+fn config_ldif(dir: &Path, tls: &gateway::edge::tls::TlsFiles) -> String {
     let d = dir.display();
     format!(
         "dn: cn=config
@@ -174,7 +174,7 @@ userPassword: {pw}
 impl Slapd {
     pub fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let tls = gateway::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
+        let tls = gateway::edge::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
         std::fs::create_dir_all(dir.path().join("db"))?;
         std::fs::create_dir_all(dir.path().join("slapd.d"))?;
         let ldif = dir.path().join("config.ldif");

@@ -21,7 +21,7 @@ pub struct Rsyslog {
 impl Rsyslog {
     pub fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let tls = gateway::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
+        let tls = gateway::edge::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
         std::fs::create_dir_all(dir.path().join("work"))?;
         let mut r = Rsyslog {
             child: None,

@@ -284,7 +284,7 @@ fn start_gateways(
         .collect();
     let nodes: Vec<&StorageServer> = storages.iter().collect();
     let key = gateway::token::keys::generate_pem().unwrap();
-    let tls = gateway::tls::ensure_dev_certificates(&dir.join("tls")).unwrap();
+    let tls = gateway::edge::tls::ensure_dev_certificates(&dir.join("tls")).unwrap();
     let gateways = (0..n)
         .map(|i| {
             let d = dir.join(format!("gw{i}"));

@@ -1028,7 +1028,7 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
     };
 
     // Renewed (same CA, new key and serial), then SIGHUP: new connections get it.
-    gateway::tls::issue_server_certificate(&tls_dir)?;
+    gateway::edge::tls::issue_server_certificate(&tls_dir)?;
     hup()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let new = loop {
@@ -1054,7 +1054,7 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
     let other = tempfile::tempdir()?;
     std::fs::copy(tls_dir.join("ca.crt"), other.path().join("ca.crt"))?;
     std::fs::copy(tls_dir.join("ca.key"), other.path().join("ca.key"))?;
-    gateway::tls::issue_server_certificate(other.path())?;
+    gateway::edge::tls::issue_server_certificate(other.path())?;
     std::fs::copy(other.path().join("server.crt"), tls_dir.join("server.crt"))?;
     hup()?;
     let watch = Instant::now();

@@ -330,7 +330,7 @@ async fn ldaps_and_starttls_with_the_ca_and_a_wrong_ca_fails_clearly() {
 
     // Another CA: the directory cannot be trusted, so it is unavailable (503), not a 401.
     let other = tempfile::tempdir().unwrap();
-    let wrong = gateway::tls::ensure_dev_certificates(other.path()).unwrap();
+    let wrong = gateway::edge::tls::ensure_dev_certificates(other.path()).unwrap();
     let table = ldap_table(&slapd, &slapd.ldaps_url, "cache_ttl_seconds = 0").replace(
         &slapd.ca_file.display().to_string(),
         &wrong.ca_cert.display().to_string(),

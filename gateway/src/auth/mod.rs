@@ -1,9 +1,15 @@
 //! Authentication: who is this? One trait, several backends (CI federation, robot accounts,
 //! static users, LDAP), asked in a documented order by [`Chain`]. OIDC single sign-on makes
-//! identities too, through its own flows (`crate::oidc`).
+//! identities too, through its own flows (`crate::auth::oidc`).
 
+pub mod federation;
 pub mod htpasswd;
+pub mod jws;
 pub mod ldap;
+pub mod oidc;
+pub mod pepper;
+pub mod robots;
+pub mod scope;
 
 use policy::{Subject, SubjectKind};
 
@@ -21,7 +27,7 @@ pub struct Identity {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Machine {
     /// A robot's own grants, given when it was created (on top of policy bindings).
-    pub scope: Option<crate::robots::Scope>,
+    pub scope: Option<crate::auth::scope::Scope>,
     /// Who vouched: `robot`, or `federation:<issuer name>`.
     pub authenticator: String,
     /// The CI token's issuer URL.

@@ -15,7 +15,7 @@
 //! turns that off (then: the protocol's "credentials not found"); `PORTCULLIS_CA_FILE`
 //! names an extra CA certificate (PEM) to trust for the registry. The device flow runs only
 //! for registries the user named, in `$PORTCULLIS_REGISTRIES` or in the file `registries`
-//! beside the credentials file ([`gateway::credential_helper::sign_in_allowed`]); for any
+//! beside the credentials file ([`gateway::client::credential_helper::sign_in_allowed`]); for any
 //! other server `get` answers "credentials not found".
 //!
 //! Every read-change-write of the file holds an exclusive lock on `credentials.json.lock`
@@ -26,7 +26,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 
-use gateway::credential_helper::{
+use gateway::client::credential_helper::{
     Credentials, Entry, IDENTITY_TOKEN_USER, NOT_FOUND, Request, get_answer, parse_request,
 };
 use zeroize::Zeroize;
@@ -63,7 +63,8 @@ fn lock() -> Result<std::fs::File, String> {
 /// The registries the user named for sign-in: `$PORTCULLIS_REGISTRIES` and the file
 /// `registries` beside the credentials.
 fn named_registries() -> String {
-    let mut text = std::env::var(gateway::credential_helper::REGISTRIES_ENV).unwrap_or_default();
+    let mut text =
+        std::env::var(gateway::client::credential_helper::REGISTRIES_ENV).unwrap_or_default();
     let file = store_path().with_file_name("registries");
     if let Ok(t) = std::fs::read_to_string(file) {
         text.push('\n');
@@ -291,10 +292,10 @@ fn run(action: &str, input: &str) -> Result<String, String> {
             if std::env::var_os("PORTCULLIS_NO_DEVICE_FLOW").is_some() {
                 return Err(NOT_FOUND.into());
             }
-            if !gateway::credential_helper::sign_in_allowed(&named_registries(), &key) {
+            if !gateway::client::credential_helper::sign_in_allowed(&named_registries(), &key) {
                 eprintln!(
                     "not signing in to {key}: it is not among the registries named in ${} or the registries file",
-                    gateway::credential_helper::REGISTRIES_ENV
+                    gateway::client::credential_helper::REGISTRIES_ENV
                 );
                 return Err(NOT_FOUND.into());
             }
@@ -316,7 +317,7 @@ fn run(action: &str, input: &str) -> Result<String, String> {
             Ok((String::new(), true))
         }),
         Request::List => locked(|all| Ok((all.list_json(), false))),
-        Request::Version => Ok(gateway::credential_helper::version()),
+        Request::Version => Ok(gateway::client::credential_helper::version()),
     }
 }
 
@@ -328,7 +329,7 @@ fn main() -> std::process::ExitCode {
     let mut input = String::new();
     if Request::reads_input(&action)
         && let Err(e) = std::io::stdin()
-            .take(gateway::credential_helper::MAX_INPUT as u64 + 1)
+            .take(gateway::client::credential_helper::MAX_INPUT as u64 + 1)
             .read_to_string(&mut input)
     {
         println!("reading stdin: {e}");

@@ -34,44 +34,7 @@ pub const TOKENS_PATH: &str = "/auth/tokens";
 /// revoke everyone's (`?user=<name>` or `?user=*`).
 pub const SESSIONS_PATH: &str = "/auth/sessions";
 
-/// An HTTP answer of the token service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub status: u16,
-    pub body: String,
-    pub www_authenticate: Option<String>,
-    /// Seconds for `Retry-After` (429 answers).
-    pub retry_after: Option<u64>,
-}
-
-impl Reply {
-    pub fn json(status: u16, v: serde_json::Value) -> Self {
-        Reply {
-            status,
-            body: v.to_string(),
-            www_authenticate: None,
-            retry_after: None,
-        }
-    }
-
-    /// 429 with `Retry-After`, in the registry's error format (Docker clients show it).
-    pub fn too_many(retry_after: u64, message: &str) -> Self {
-        Reply {
-            status: 429,
-            body: json!({"errors": [{"code": "TOOMANYREQUESTS", "message": message}]}).to_string(),
-            www_authenticate: None,
-            retry_after: Some(retry_after.max(1)),
-        }
-    }
-
-    /// An OAuth 2 error (RFC 6749 §5.2).
-    pub fn oauth_error(status: u16, error: &str, description: &str) -> Self {
-        Reply::json(
-            status,
-            json!({"error": error, "error_description": description}),
-        )
-    }
-}
+pub use crate::reply::Reply;
 
 /// The parts of a token request the service needs.
 pub struct Request<'a> {
@@ -90,14 +53,14 @@ pub struct TokenService {
     pub sessions: Sessions,
     pub expires_in_seconds: u64,
     /// Single sign-on: device grants, and groups read again for sessions it created.
-    pub oidc: Option<Arc<crate::oidc::Oidc>>,
+    pub oidc: Option<Arc<crate::auth::oidc::Oidc>>,
     /// One IdP refresh at a time per gateway (an IdP that rotates refresh tokens must not
     /// see the same one twice).
     pub reread_lock: tokio::sync::Mutex<()>,
     /// Robot accounts' admin API (their logins go through `auth`).
-    pub robots: Option<Arc<crate::robots::Robots>>,
+    pub robots: Option<Arc<crate::auth::robots::Robots>>,
     /// CI federation: the jwt-bearer grant (passwords that are CI JWTs go through `auth`).
-    pub federation: Option<Arc<crate::federation::Federation>>,
+    pub federation: Option<Arc<crate::auth::federation::Federation>>,
     /// Lockouts and the token endpoint's rate limits.
     pub limits: Arc<crate::limits::Limits>,
 }
@@ -389,11 +352,11 @@ impl TokenService {
         }
     }
 
-    /// [`crate::robots::ROBOTS_PATH`]: the robot accounts' admin API, authenticated with the
+    /// [`crate::auth::robots::ROBOTS_PATH`]: the robot accounts' admin API, authenticated with the
     /// admin token (`Bearer`) or Basic credentials (administrators; robots that may create
     /// robots).
     pub async fn robots_api(&self, req: &Request<'_>, path: &str) -> Reply {
-        use crate::robots::{Caller, ROBOTS_PATH};
+        use crate::auth::robots::{Caller, ROBOTS_PATH};
         let Some(robots) = &self.robots else {
             return Reply::oauth_error(404, "not_found", "robot accounts are not configured");
         };
@@ -475,13 +438,13 @@ impl TokenService {
 
     async fn reread(
         &self,
-        oidc: &crate::oidc::Oidc,
+        oidc: &crate::auth::oidc::Oidc,
         mut r: Redeemed,
         now: i64,
     ) -> Result<Option<Identity>, Reply> {
         let idp_refresh = r.session.idp_refresh.clone().unwrap_or_default();
         match oidc.reread(&idp_refresh, &r.session.subject).await {
-            crate::oidc::Reread::Fresh(s) => {
+            crate::auth::oidc::Reread::Fresh(s) => {
                 if s.identity.groups != r.session.groups {
                     tracing::info!(subject = %r.session.subject, groups = ?s.identity.groups, "groups changed at the IdP");
                 }
@@ -494,7 +457,7 @@ impl TokenService {
                     .map_err(|e| store_unavailable(&e))?;
                 Ok(Some(r.session.identity()))
             }
-            crate::oidc::Reread::Refused(why) if oidc.revoke_on_refresh_failure() => {
+            crate::auth::oidc::Reread::Refused(why) if oidc.revoke_on_refresh_failure() => {
                 tracing::info!(subject = %r.session.subject, reason = %why, "the IdP refused the session's refresh: session ended");
                 self.sessions
                     .end(&r)
@@ -502,7 +465,8 @@ impl TokenService {
                     .map_err(|e| store_unavailable(&e))?;
                 Ok(None)
             }
-            crate::oidc::Reread::Refused(why) | crate::oidc::Reread::Unavailable(why) => {
+            crate::auth::oidc::Reread::Refused(why)
+            | crate::auth::oidc::Reread::Unavailable(why) => {
                 // Keep the groups last read; try again at the next refresh.
                 tracing::warn!(subject = %r.session.subject, reason = %why, "could not read groups again from the IdP");
                 Ok(Some(r.session.identity()))
@@ -724,7 +688,7 @@ impl TokenService {
                     Err(r) => r,
                 }
             }
-            Some(crate::federation::JWT_BEARER_GRANT) => {
+            Some(crate::auth::federation::JWT_BEARER_GRANT) => {
                 let Some(assertion) = field("assertion") else {
                     return Reply::oauth_error(400, "invalid_request", "assertion is required");
                 };
@@ -751,7 +715,7 @@ impl TokenService {
                     }
                 }
             }
-            Some(crate::oidc::DEVICE_GRANT) => {
+            Some(crate::auth::oidc::DEVICE_GRANT) => {
                 let Some(code) = field("device_code") else {
                     return Reply::oauth_error(400, "invalid_request", "device_code is required");
                 };
@@ -771,7 +735,7 @@ impl TokenService {
 
     /// RFC 8628 §3.4: one poll of a device code.
     async fn device_grant(&self, code: &str, scopes: &[Scope]) -> Reply {
-        use crate::oidc::DevicePoll;
+        use crate::auth::oidc::DevicePoll;
         let Some(oidc) = &self.oidc else {
             return Reply::oauth_error(
                 400,

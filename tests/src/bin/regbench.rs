@@ -496,7 +496,7 @@ async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
         }
         f.flush()?;
     }
-    let tls = gateway::tls::ensure_dev_certificates(&dep.dir.path().join("tls"))?;
+    let tls = gateway::edge::tls::ensure_dev_certificates(&dep.dir.path().join("tls"))?;
     let nginx = Nginx::start(&scratch.join("nginx"), &www, &tls.cert, &tls.key)?;
     println!(
         "regbench --gateway: {} MiB blob pull vs nginx, best of {}",
@@ -1102,7 +1102,7 @@ async fn ha_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
     // Two of each: one root, one certificate, one signing key, Redis.
     let root = scratch.join("shared-storage");
     let nodes = [storage_node(&root)?, storage_node(&root)?];
-    let tls = gateway::tls::ensure_dev_certificates(&scratch.join("tls"))?;
+    let tls = gateway::edge::tls::ensure_dev_certificates(&scratch.join("tls"))?;
     let key = gateway::token::keys::generate_pem()?;
     let mut gws = Vec::new();
     for i in 0..2 {

@@ -11,8 +11,8 @@
 //! A job presents its JWT as the password of `docker login` (any username) or at
 //! `POST /token` with `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`.
 
+use crate::auth::jws::PublicKey;
 use crate::auth::{AuthError, Authenticator, Identity, Machine};
-use crate::jws::PublicKey;
 use anyhow::{Context, bail};
 use base64::Engine;
 use jsonwebtoken::Algorithm;
@@ -164,7 +164,7 @@ impl Federation {
                 let alg: Algorithm = a
                     .parse()
                     .map_err(|_| anyhow::anyhow!("{}: unknown algorithm {a:?}", ctx()))?;
-                if !crate::jws::SUPPORTED.contains(&alg) {
+                if !crate::auth::jws::SUPPORTED.contains(&alg) {
                     bail!(
                         "{}: {a} is not accepted (RS256/384/512, PS256/384/512, ES256/384; never symmetric)",
                         ctx()
@@ -503,11 +503,11 @@ async fn fetch_keys(issuer: &Issuer) -> anyhow::Result<KeySet> {
             struct Discovery {
                 jwks_uri: String,
             }
-            let d: Discovery = crate::jws::discover(&issuer.http, &issuer.cfg.issuer).await?;
+            let d: Discovery = crate::auth::jws::discover(&issuer.http, &issuer.cfg.issuer).await?;
             d.jwks_uri
         }
     };
-    let set: JwkSet = crate::jws::fetch_json(&issuer.http, &jwks_uri).await?;
+    let set: JwkSet = crate::auth::jws::fetch_json(&issuer.http, &jwks_uri).await?;
     let mut by_kid = HashMap::new();
     let mut all = Vec::new();
     for jwk in &set.keys {

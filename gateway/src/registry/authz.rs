@@ -395,7 +395,7 @@ mod tests {
                 .unwrap();
         let tokens = Arc::new(Tokens::new(vec![key], "iss", "svc"));
         let policy =
-            policy::Policy::compile("p.toml", include_str!("../../conf/policy.toml")).unwrap();
+            policy::Policy::compile("p.toml", include_str!("../../../conf/policy.toml")).unwrap();
         let now = crate::clock::unix_now();
         let claims = Claims {
             iss: "iss".into(),

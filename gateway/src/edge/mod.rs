@@ -14,7 +14,10 @@
 //!    the client address it names. A trusted load balancer's own connections without one
 //!    (health checks, `LOCAL`) are not counted.
 
-use crate::proxy_protocol::ProxyProtocol;
+pub mod proxy_protocol;
+pub mod tls;
+
+use crate::edge::proxy_protocol::ProxyProtocol;
 use pingora::listeners::PreTlsProcess;
 use pingora::protocols::GetSocketDigest;
 use pingora::protocols::l4::stream::Stream as L4Stream;

@@ -95,7 +95,7 @@ impl Peppers {
 pub fn dev_pepper(file: &std::path::Path) -> anyhow::Result<Peppers> {
     if !file.exists() {
         let p = Zeroizing::new(crate::random::random_token(32));
-        crate::tls::write_private(file, p.as_bytes())?;
+        crate::edge::tls::write_private(file, p.as_bytes())?;
     }
     let p =
         Zeroizing::new(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?);

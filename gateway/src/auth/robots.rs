@@ -10,14 +10,15 @@
 //!
 //! Who may create: registry administrators (policy `admin_groups`, or the configured admin
 //! token) anything the configuration allows; a robot created with `may_create_robots` only
-//! robots of its own project whose scope its own covers ([`RepoPattern::covers`]) and which
+//! robots of its own project whose scope its own covers ([`Scope::covers`]) and which
 //! expire no later than itself. Nobody else.
 
+pub use super::scope::{Scope, ScopeEntry};
 use crate::auth::{AuthError, Authenticator, Identity, Machine};
+use crate::clock::unix_now;
+use crate::reply::Reply;
 use crate::state::{StateError, StateStore};
-use crate::token::{Reply, unix_now};
-use policy::pattern::RepoPattern;
-use policy::{Action, ActionSet, SubjectKind};
+use policy::SubjectKind;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::Digest;
@@ -72,88 +73,6 @@ impl Default for RobotsConfig {
             rotation_overlap_seconds: default_overlap(),
             admin_token_file: None,
         }
-    }
-}
-
-/// One line of a robot's scope, as written in the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScopeEntry {
-    pub repositories: Vec<String>,
-    pub actions: Vec<String>,
-}
-
-/// A robot's scope, compiled.
-#[derive(Debug, Clone)]
-pub struct Scope {
-    entries: Vec<(RepoPattern, ActionSet)>,
-    source: Vec<ScopeEntry>,
-}
-
-impl PartialEq for Scope {
-    fn eq(&self, o: &Self) -> bool {
-        self.source == o.source
-    }
-}
-impl Eq for Scope {}
-
-/// The actions a robot may hold.
-const ROBOT_ACTIONS: [Action; 3] = [Action::Pull, Action::Push, Action::Delete];
-
-impl Scope {
-    pub fn compile(source: &[ScopeEntry]) -> Result<Scope, String> {
-        if source.is_empty() {
-            return Err("scope is empty: give at least one {repositories, actions}".into());
-        }
-        let mut entries = Vec::new();
-        for e in source {
-            let mut actions = Vec::new();
-            for a in &e.actions {
-                match Action::parse(a).filter(|a| ROBOT_ACTIONS.contains(a)) {
-                    Some(a) => actions.push(a),
-                    None => {
-                        return Err(format!(
-                            "action {a:?} is not one a robot may hold (pull, push, delete)"
-                        ));
-                    }
-                }
-            }
-            if actions.is_empty() || e.repositories.is_empty() {
-                return Err("every scope entry needs repositories and actions".into());
-            }
-            for r in &e.repositories {
-                if r.contains('{') {
-                    return Err(format!("{r:?}: placeholders are for policy bindings"));
-                }
-                let p = RepoPattern::compile(r).map_err(|err| format!("{r:?}: {err}"))?;
-                entries.push((p, ActionSet::of(&actions)));
-            }
-        }
-        Ok(Scope {
-            entries,
-            source: source.to_vec(),
-        })
-    }
-
-    pub fn allows(&self, action: Action, repository: &str) -> bool {
-        self.entries
-            .iter()
-            .any(|(p, a)| a.contains(action) && p.matches(repository, None))
-    }
-
-    /// Whether everything `narrower` allows, this allows too.
-    pub fn covers(&self, narrower: &Scope) -> bool {
-        narrower.entries.iter().all(|(np, na)| {
-            na.iter().all(|action| {
-                self.entries
-                    .iter()
-                    .any(|(p, a)| a.contains(action) && p.covers(np))
-            })
-        })
-    }
-
-    pub fn source(&self) -> &[ScopeEntry] {
-        &self.source
     }
 }
 
@@ -275,7 +194,7 @@ impl Caller {
 
 pub struct Robots {
     store: Arc<dyn StateStore>,
-    peppers: crate::pepper::Peppers,
+    peppers: crate::auth::pepper::Peppers,
     cfg: RobotsConfig,
     admin_token: Option<String>,
 }
@@ -338,7 +257,7 @@ fn hash_with(pepper: &[u8], name: &str, secret: &str) -> String {
 impl Robots {
     pub fn new(
         store: Arc<dyn StateStore>,
-        peppers: crate::pepper::Peppers,
+        peppers: crate::auth::pepper::Peppers,
         cfg: RobotsConfig,
     ) -> anyhow::Result<Self> {
         let admin_token = match &cfg.admin_token_file {
@@ -804,6 +723,7 @@ impl Authenticator for Robots {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use policy::Action;
 
     fn scope(entries: &[(&[&str], &[&str])]) -> Scope {
         let src: Vec<ScopeEntry> = entries
@@ -867,7 +787,7 @@ mod tests {
 mod pepper_tests {
     use super::*;
 
-    fn robots(peppers: crate::pepper::Peppers, store: Arc<dyn StateStore>) -> Robots {
+    fn robots(peppers: crate::auth::pepper::Peppers, store: Arc<dyn StateStore>) -> Robots {
         Robots::new(store, peppers, RobotsConfig::default()).unwrap()
     }
 
@@ -875,7 +795,7 @@ mod pepper_tests {
     async fn a_rotated_pepper_keeps_every_robot_and_moves_it_to_the_new_pepper() {
         let store: Arc<dyn StateStore> = Arc::new(crate::state::MemoryStore::default());
         let old = robots(
-            crate::pepper::Peppers::one(b"old-pepper-0123456789"),
+            crate::auth::pepper::Peppers::one(b"old-pepper-0123456789"),
             store.clone(),
         );
         let created = old
@@ -891,7 +811,10 @@ mod pepper_tests {
         let secret = body["secret"].as_str().unwrap().to_string();
         // A new pepper with the old one still listed: the robot logs in, and is hashed again.
         let rotated = robots(
-            crate::pepper::Peppers::rotated(&[b"new-pepper-0123456789", b"old-pepper-0123456789"]),
+            crate::auth::pepper::Peppers::rotated(&[
+                b"new-pepper-0123456789",
+                b"old-pepper-0123456789",
+            ]),
             store.clone(),
         );
         rotated
@@ -899,7 +822,7 @@ mod pepper_tests {
             .await
             .unwrap();
         let new_only = robots(
-            crate::pepper::Peppers::one(b"new-pepper-0123456789"),
+            crate::auth::pepper::Peppers::one(b"new-pepper-0123456789"),
             store.clone(),
         );
         new_only
@@ -907,7 +830,10 @@ mod pepper_tests {
             .await
             .unwrap();
         // Without the pepper it was made with, a secret is nothing.
-        let other = robots(crate::pepper::Peppers::one(b"another-pepper-0123"), store);
+        let other = robots(
+            crate::auth::pepper::Peppers::one(b"another-pepper-0123"),
+            store,
+        );
         assert!(
             other
                 .authenticate("robot$team-a+ci", &secret)

@@ -341,8 +341,8 @@ impl Oidc {
         if let (Some(d), false) = (slot.as_ref(), refresh) {
             return Ok(d.clone());
         }
-        let d: Discovery = crate::jws::discover(&self.http, &self.cfg.issuer).await?;
-        let jwks: JwkSet = crate::jws::fetch_json(&self.http, &d.jwks_uri).await?;
+        let d: Discovery = crate::auth::jws::discover(&self.http, &self.cfg.issuer).await?;
+        let jwks: JwkSet = crate::auth::jws::fetch_json(&self.http, &d.jwks_uri).await?;
         *slot = Some((d.clone(), jwks.clone()));
         Ok((d, jwks))
     }
