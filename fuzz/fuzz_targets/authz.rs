@@ -76,6 +76,6 @@ fuzz_target!(|data: &[u8]| {
                 panic!("{e}");
             }
         }
-        Verdict::Respond { status, .. } => assert!((400..500).contains(&status), "{status}"),
+        Verdict::Respond { failure, .. } => assert!((400..500).contains(&failure.status), "{}", failure.status),
     }
 });

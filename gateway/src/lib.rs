@@ -23,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod edge;
+pub mod endpoints;
 pub mod limits;
 pub mod live_policy;
 pub mod metrics;
@@ -30,6 +31,7 @@ pub mod proxy;
 pub mod random;
 pub mod registry;
 pub mod reply;
+pub mod route;
 pub mod state;
 pub mod token;
 
@@ -137,15 +139,22 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         pingora::services::background::background_service("storage health check", upstreams);
     let upstreams: Arc<LoadBalancer<RoundRobin>> = health.task();
 
+    let tokens = Arc::new(token);
     let gateway = proxy::Gateway {
-        tokens: Arc::new(token),
-        authz,
+        registry: registry::Registry {
+            authz,
+            limits: tokens.limits.clone(),
+        },
+        endpoints: endpoints::Endpoints {
+            tokens,
+            oidc,
+            metrics: metrics.clone(),
+        },
         upstreams: upstreams.clone(),
         secret,
         idle_timeout,
         client_idle_seconds: client_idle_timeout.as_secs(),
         metrics: metrics.clone(),
-        oidc,
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     if let Some(app) = service.app_logic_mut() {

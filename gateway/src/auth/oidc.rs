@@ -8,6 +8,8 @@
 //! started on one gateway replica finishes on another. Configured by `[oidc]`; see `docs/sso.md`.
 
 use crate::auth::Identity;
+use crate::reply::Reply;
+use crate::route::{CALLBACK_PATH, VERIFY_PATH};
 use crate::state::StateStore;
 use anyhow::{Context, bail};
 use base64::Engine as _;
@@ -19,12 +21,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const LOGIN_PATH: &str = "/auth/oidc/login";
-pub const CALLBACK_PATH: &str = "/auth/oidc/callback";
-/// RFC 8628 device authorization endpoint (`POST`, form `client_id`, optional `device`).
-pub const DEVICE_PATH: &str = "/auth/oidc/device";
-/// Where the user enters a device's code when the IdP has no device flow of its own.
-pub const VERIFY_PATH: &str = "/auth/oidc/device/verify";
 /// The device-code grant polled at `POST /token`.
 pub const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// Environment variable with the client secret (when no file is named).
@@ -177,24 +173,16 @@ fn normalize_user_code(s: &str) -> String {
         .collect()
 }
 
-/// An HTML page for the browser: status, body, extra headers.
-pub struct Page {
-    pub status: u16,
-    pub body: String,
-    pub headers: Vec<(&'static str, String)>,
-}
-
-impl Page {
-    fn html(status: u16, title: &str, body: &str) -> Self {
-        Page {
-            status,
-            body: format!(
-                "<!doctype html><meta charset=\"utf-8\"><title>Portcullis: {}</title>\n{body}\n",
-                esc(title)
-            ),
-            headers: vec![("cache-control", "no-store".into())],
-        }
-    }
+/// An HTML page for the browser, never cached.
+fn page(status: u16, title: &str, body: &str) -> Reply {
+    Reply::html(
+        status,
+        format!(
+            "<!doctype html><meta charset=\"utf-8\"><title>Portcullis: {}</title>\n{body}\n",
+            esc(title)
+        ),
+    )
+    .with_header("cache-control", "no-store")
 }
 
 fn esc(s: &str) -> String {
@@ -260,9 +248,9 @@ fn sha256_b64(s: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
-fn unavailable(e: &anyhow::Error) -> Page {
+fn unavailable(e: &anyhow::Error) -> Reply {
     tracing::warn!(error = %format!("{e:#}"), "device sign-in: the identity provider or the state store is unavailable");
-    Page::html(
+    page(
         503,
         "unavailable",
         "<p>The identity provider is unavailable, try again later.</p>",
@@ -554,14 +542,14 @@ impl Oidc {
         query: &str,
         body: &[u8],
         cookies: Option<&str>,
-    ) -> Page {
+    ) -> Reply {
         let field = |src: &[u8], k: &str| {
             form_urlencoded::parse(src)
                 .find(|(n, _)| n == k)
                 .map(|(_, v)| v.into_owned())
         };
         let unknown = || {
-            Page::html(
+            page(
                 400,
                 "unknown code",
                 "<p>That code is unknown, used or expired. Start again on the device.</p>",
@@ -570,7 +558,7 @@ impl Oidc {
         match method {
             "GET" => {
                 let Some(code) = field(query.as_bytes(), "user_code") else {
-                    return Page::html(
+                    return page(
                         200,
                         "sign in a device",
                         &format!(
@@ -586,7 +574,7 @@ impl Oidc {
                     Err(e) => return unavailable(&e),
                 };
                 let csrf = crate::random::random_token(24);
-                let mut page = Page::html(
+                let mut page = page(
                     200,
                     "sign in a device",
                     &format!(
@@ -617,7 +605,7 @@ impl Oidc {
             "POST" => {
                 let (Some(code), Some(csrf)) = (field(body, "user_code"), field(body, "csrf"))
                 else {
-                    return Page::html(
+                    return page(
                         400,
                         "bad request",
                         "<p>user_code and csrf are required.</p>",
@@ -627,7 +615,7 @@ impl Oidc {
                     c.len() == csrf.len() && openssl::memcmp::eq(c.as_bytes(), csrf.as_bytes())
                 });
                 if !bound {
-                    return Page::html(
+                    return page(
                         400,
                         "not confirmed here",
                         "<p>This confirmation did not come from the page this browser was shown. Open the address the device shows and try again.</p>",
@@ -639,8 +627,9 @@ impl Oidc {
                     Err(e) => return unavailable(&e),
                 };
                 match self.start_login(host, &flow.device, Some(key)).await {
-                    Ok((location, login_cookie)) => Page {
+                    Ok((location, login_cookie)) => Reply {
                         status: 302,
+                        content_type: crate::reply::HTML,
                         body: String::new(),
                         headers: vec![
                             ("location", location),
@@ -651,7 +640,7 @@ impl Oidc {
                     Err(e) => unavailable(&e),
                 }
             }
-            _ => Page::html(405, "method not allowed", "<p>Use GET or POST.</p>"),
+            _ => page(405, "method not allowed", "<p>Use GET or POST.</p>"),
         }
     }
 

@@ -25,8 +25,6 @@ use sha2::Digest;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Where the admin API is (on the client TLS listener).
-pub const ROBOTS_PATH: &str = "/admin/robots";
 /// Robot names start with this.
 pub const PREFIX: &str = "robot$";
 /// The environment variable with the admin token (when `robots.admin_token_file` is unset).
@@ -348,7 +346,7 @@ impl Robots {
     }
 
     /// The admin API: `GET|POST /admin/robots`, `GET|PATCH|DELETE /admin/robots/<name>`,
-    /// `POST /admin/robots/<name>/rotate`. `rest` is the path after [`ROBOTS_PATH`].
+    /// `POST /admin/robots/<name>/rotate`. `rest` is the path after [`crate::route::ROBOTS_PATH`].
     pub async fn api(&self, method: &str, rest: &str, body: &[u8], caller: &Caller) -> Reply {
         let now = unix_now();
         let rest = rest.trim_matches('/');

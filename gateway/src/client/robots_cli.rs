@@ -2,7 +2,9 @@
 //! admin token (`PORTCULLIS_ADMIN_TOKEN`) or, with `--user`, a password read from
 //! `PORTCULLIS_PASSWORD` or stdin. Prints the API's JSON; a refusal exits with status 1.
 
-use crate::auth::robots::{ADMIN_TOKEN_ENV, ROBOTS_PATH, ScopeEntry};
+use crate::auth::robots::ADMIN_TOKEN_ENV;
+use crate::auth::scope::ScopeEntry;
+use crate::route::ROBOTS_PATH;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;

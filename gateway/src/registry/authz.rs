@@ -6,9 +6,10 @@
 //! is tested without a socket.
 
 use crate::audit::request::{Operation, User};
+use crate::reply::{Failure, Kind};
 use crate::token::jwt::{Claims, Tokens};
 use oci::request::Request;
-use oci::{Endpoint, ErrorCode, OciError, Reference};
+use oci::{Endpoint, OciError, Reference};
 use pingora::http::RequestHeader;
 use policy::{TagChange, TagState};
 use std::sync::Arc;
@@ -20,12 +21,10 @@ pub enum Verdict {
         route: &'static str,
         forward: Forward,
     },
-    /// Answer it here.
+    /// Answer it here (an OCI error).
     Respond {
         route: &'static str,
-        status: u16,
-        body: String,
-        headers: Vec<(&'static str, String)>,
+        failure: Failure,
     },
 }
 
@@ -85,10 +84,6 @@ fn needed(request: &Request) -> Option<(&'static str, String, &'static str, Stri
     Some(("repository", name, act, scope))
 }
 
-fn error_body(code: ErrorCode, message: &str) -> String {
-    OciError::new(code, message).body()
-}
-
 impl Authz {
     fn realm(&self, req: &RequestHeader) -> String {
         if let Some(r) = &self.realm {
@@ -110,7 +105,7 @@ impl Authz {
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(*c))
             .collect();
-        format!("https://{host}{}", crate::token::TOKEN_PATH)
+        format!("https://{host}{}", crate::route::TOKEN_PATH)
     }
 
     fn challenge(&self, req: &RequestHeader, scope: Option<&str>, error: Option<&str>) -> String {
@@ -134,14 +129,13 @@ impl Authz {
         route: &'static str,
         scope: Option<&str>,
         error: Option<&str>,
-        code: ErrorCode,
+        kind: Kind,
         msg: &str,
     ) -> Verdict {
         Verdict::Respond {
             route,
-            status: 401,
-            body: error_body(code, msg),
-            headers: vec![("www-authenticate", self.challenge(req, scope, error))],
+            failure: Failure::new(401, kind, msg)
+                .with_header("www-authenticate", self.challenge(req, scope, error)),
         }
     }
 
@@ -171,7 +165,7 @@ impl Authz {
                     label,
                     scope.as_ref().map(|s| s.3.as_str()),
                     None,
-                    ErrorCode::Unauthorized,
+                    Kind::Unauthorized,
                     "authentication required",
                 );
             }
@@ -183,7 +177,7 @@ impl Authz {
                     label,
                     scope.as_ref().map(|s| s.3.as_str()),
                     Some("invalid_token"),
-                    ErrorCode::Unauthorized,
+                    Kind::Unauthorized,
                     &e,
                 );
             }
@@ -202,9 +196,7 @@ impl Authz {
                 let e: OciError = e.into();
                 return Verdict::Respond {
                     route: label,
-                    status: e.status,
-                    body: e.body(),
-                    headers: Vec::new(),
+                    failure: Failure::invalid(e),
                 };
             }
         };
@@ -225,7 +217,7 @@ impl Authz {
                 label,
                 Some(&challenge),
                 Some("insufficient_scope"),
-                ErrorCode::Denied,
+                Kind::Denied,
                 "requested access to the resource is denied",
             );
         }
@@ -285,9 +277,7 @@ impl Authz {
                             tracing::error!(error = %e, "writing immutability rules failed");
                             return Verdict::Respond {
                                 route: label,
-                                status: 500,
-                                body: error_body(ErrorCode::Unknown, "internal error"),
-                                headers: Vec::new(),
+                                failure: Failure::new(500, Kind::Internal, "internal error"),
                             };
                         }
                     }
@@ -309,15 +299,14 @@ impl Authz {
                             Some(format!("tag {tag} is immutable (policy line {})", by.line));
                         return Verdict::Respond {
                             route: label,
-                            status: 403,
-                            body: error_body(
-                                ErrorCode::Denied,
-                                &format!(
+                            failure: Failure::new(
+                                403,
+                                Kind::Denied,
+                                format!(
                                     "tag {tag} is immutable (policy line {}, pattern {}) and cannot be deleted",
                                     by.line, by.pattern
                                 ),
                             ),
-                            headers: Vec::new(),
                         };
                     }
                     TagChange::Override(by) => {
@@ -342,11 +331,7 @@ impl Authz {
             }
             Err(_) => Verdict::Respond {
                 route,
-                status: 414,
-                body: OciError::new(ErrorCode::Unsupported, "the request URI is too long")
-                    .with_status(414)
-                    .body(),
-                headers: Vec::new(),
+                failure: Failure::new(414, Kind::Unsupported, "the request URI is too long"),
             },
         }
     }
@@ -499,14 +484,12 @@ mod tests {
             None,
         )
         .unwrap();
-        let Verdict::Respond {
-            status, headers, ..
-        } = authz.check(&req, &mut Operation::default())
-        else {
+        let Verdict::Respond { failure, .. } = authz.check(&req, &mut Operation::default()) else {
             panic!("an anonymous push was forwarded");
         };
-        assert_eq!(status, 401);
-        let (_, challenge) = headers
+        assert_eq!(failure.status, 401);
+        let (_, challenge) = failure
+            .headers
             .iter()
             .find(|(k, _)| *k == "www-authenticate")
             .unwrap();

@@ -1,11 +1,12 @@
 //! The Docker token service (distribution `docs/spec/auth/{token,oauth,jwt,scope}.md`):
 //! `GET /token` with Basic credentials or none (anonymous), `POST /token` with
 //! `grant_type=password|refresh_token`, refresh tokens for `offline_token=true` /
-//! `access_type=offline`, and the JWKS at [`JWKS_PATH`].
+//! `access_type=offline`, and the JWKS at [`crate::route::JWKS_PATH`].
 //!
 //! The service is independent of Pingora: [`TokenService::handle`] takes the request's parts
 //! and returns a [`Reply`], so it is tested without a socket.
 
+mod accounts;
 pub mod jwt;
 pub mod keys;
 pub mod refresh;
@@ -19,20 +20,6 @@ use policy::SubjectKind;
 use refresh::{Redeemed, Session, Sessions};
 use serde_json::json;
 use std::sync::Arc;
-
-/// Where the token endpoint is.
-pub const TOKEN_PATH: &str = "/token";
-/// Where the public keys are published.
-pub const JWKS_PATH: &str = "/auth/jwks.json";
-/// RFC 7009 revocation of a refresh or access token by whoever holds it (`POST`, form
-/// `token=`).
-pub const REVOKE_PATH: &str = "/auth/revoke";
-/// Administrators revoke access tokens: one (`DELETE /auth/tokens/<jti>`, the `token.jti` of
-/// its audit event) or all of a subject's (`DELETE /auth/tokens?user=<name>[&kind=robot|ci]`).
-pub const TOKENS_PATH: &str = "/auth/tokens";
-/// A user's sessions (`GET`), one revoked (`DELETE /auth/sessions/<id>`); admins see and
-/// revoke everyone's (`?user=<name>` or `?user=*`).
-pub const SESSIONS_PATH: &str = "/auth/sessions";
 
 pub use crate::reply::Reply;
 
@@ -150,262 +137,6 @@ impl TokenService {
         ))
     }
 
-    /// RFC 7009: revokes the refresh or access token in the form; always 200, whether it
-    /// existed or not. An access token goes on the shared revocation list until it expires.
-    pub async fn revoke(&self, body: &[u8]) -> Reply {
-        let Some(token) = form_urlencoded::parse(body)
-            .find(|(k, _)| k == "token")
-            .map(|(_, v)| v.into_owned())
-        else {
-            return Reply::oauth_error(400, "invalid_request", "token is required");
-        };
-        if let (Some(revocations), Ok(claims)) =
-            (self.tokens.revocations(), self.tokens.verify(&token))
-        {
-            // Anyone gets an anonymous token for the asking: revoking one protects nothing,
-            // and storing it would let anonymous clients fill the revocation list.
-            if claims.subject.kind == jwt::kind_name(SubjectKind::Anonymous) {
-                return Reply::json(200, json!({}));
-            }
-            return match revocations
-                .revoke_token(&claims.jti, Some(claims.exp))
-                .await
-            {
-                Ok(()) => {
-                    tracing::info!(subject = %claims.sub, jti = %claims.jti, "access token revoked by its holder");
-                    crate::audit::record(
-                        "token-revoke",
-                        "success",
-                        json!({"user.name": claims.sub, "identity.kind": claims.subject.kind,
-                               "token.jti": claims.jti, "revoked_by": "holder (RFC 7009)"}),
-                    );
-                    Reply::json(200, json!({}))
-                }
-                Err(e) => store_unavailable(&e),
-            };
-        }
-        match self.sessions.revoke(&token).await {
-            Ok(existed) => {
-                if existed {
-                    tracing::info!("refresh token revoked by its holder");
-                    crate::audit::record(
-                        "session-revoke",
-                        "success",
-                        json!({"revoked_by": "holder (RFC 7009)"}),
-                    );
-                }
-                Reply::json(200, json!({}))
-            }
-            Err(e) => store_unavailable(&e),
-        }
-    }
-
-    /// The identity of a request with Basic credentials (the admin APIs on the TLS listener),
-    /// or the answer refusing it.
-    async fn basic_login(&self, req: &Request<'_>) -> Result<Identity, Reply> {
-        let Some((user, password)) = req.authorization.and_then(parse_basic) else {
-            return Err(unauthorized());
-        };
-        self.login(&user, &password, req.source).await
-    }
-
-    /// [`TOKENS_PATH`]: administrators revoke access tokens, authenticated with Basic
-    /// credentials like the token endpoint.
-    pub async fn tokens_api(&self, req: &Request<'_>, path: &str) -> Reply {
-        let id = match self.basic_login(req).await {
-            Ok(id) => id,
-            Err(r) => return r,
-        };
-        if !self.policy.current().is_admin(&id.to_subject()) {
-            crate::audit::record(
-                "token-revoke",
-                "failure",
-                json!({"user.name": id.subject, "event.reason": "not an administrator"}),
-            );
-            return Reply::oauth_error(
-                403,
-                "access_denied",
-                "only registry administrators revoke access tokens",
-            );
-        }
-        let Some(revocations) = self.tokens.revocations() else {
-            return Reply::oauth_error(404, "not_found", "token revocation is not configured");
-        };
-        let jti = path[TOKENS_PATH.len()..].trim_start_matches('/');
-        let query: std::collections::HashMap<String, String> =
-            form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
-                .into_owned()
-                .collect();
-        let (result, revoked) = match (req.method, jti, query.get("user")) {
-            ("DELETE", jti, None) if valid_jti(jti) => (
-                revocations.revoke_token(jti, None).await,
-                json!({"token.jti": jti}),
-            ),
-            ("DELETE", "", Some(name)) if !name.is_empty() && name.len() <= 256 => {
-                let kind = query.get("kind").map_or("user", String::as_str);
-                if !matches!(kind, "user" | "robot" | "ci") {
-                    return Reply::oauth_error(
-                        400,
-                        "invalid_request",
-                        "kind must be user, robot or ci",
-                    );
-                }
-                (
-                    revocations.revoke_subject(kind, name).await,
-                    json!({"revoked.user": name, "revoked.kind": kind}),
-                )
-            }
-            ("DELETE", _, _) => {
-                return Reply::oauth_error(
-                    400,
-                    "invalid_request",
-                    "DELETE /auth/tokens/<jti> (letters, digits, - and _) or DELETE /auth/tokens?user=<name>[&kind=user|robot|ci]",
-                );
-            }
-            _ => {
-                return Reply::oauth_error(
-                    405,
-                    "invalid_request",
-                    "DELETE /auth/tokens/<jti> or DELETE /auth/tokens?user=<name>",
-                );
-            }
-        };
-        match result {
-            Ok(()) => {
-                let mut event = revoked.clone();
-                event["user.name"] = json!(id.subject);
-                event["revoked_by"] = json!("admin");
-                tracing::info!(by = %id.subject, what = %revoked, "access tokens revoked");
-                crate::audit::record("token-revoke", "success", event);
-                Reply::json(200, json!({ "revoked": revoked }))
-            }
-            Err(e) => store_unavailable(&e),
-        }
-    }
-
-    /// [`SESSIONS_PATH`]: list (`GET`) or revoke (`DELETE …/<id>`) sessions, authenticated
-    /// with Basic credentials like the token endpoint.
-    pub async fn sessions_api(&self, req: &Request<'_>, path: &str) -> Reply {
-        let id = match self.basic_login(req).await {
-            Ok(id) => id,
-            Err(r) => return r,
-        };
-        let admin = self.policy.current().is_admin(&id.to_subject());
-        let rest = path[SESSIONS_PATH.len()..].trim_start_matches('/');
-        match (req.method, rest) {
-            ("GET", "") => {
-                let asked = form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
-                    .find(|(k, _)| k == "user")
-                    .map(|(_, v)| v.into_owned());
-                let filter = match asked.as_deref() {
-                    None => Some(id.subject.as_str()),
-                    Some(u) if u == id.subject => Some(u),
-                    Some(_) if !admin => {
-                        return Reply::oauth_error(
-                            403,
-                            "access_denied",
-                            "only registry administrators see other users' sessions",
-                        );
-                    }
-                    Some("*") => None,
-                    Some(u) => Some(u),
-                };
-                match self.sessions.list(filter).await {
-                    Ok(list) => Reply::json(200, json!({ "sessions": list })),
-                    Err(e) => store_unavailable(&e),
-                }
-            }
-            ("DELETE", sid) if !sid.is_empty() => {
-                let owner = (!admin).then_some(id.subject.as_str());
-                match self.sessions.revoke_id(sid, owner).await {
-                    Ok(true) => {
-                        tracing::info!(by = %id.subject, admin, session = %sid, "session revoked");
-                        crate::audit::record(
-                            "session-revoke",
-                            "success",
-                            json!({"user.name": id.subject, "session": sid, "admin": admin}),
-                        );
-                        Reply::json(200, json!({ "revoked": sid }))
-                    }
-                    Ok(false) => {
-                        crate::audit::record(
-                            "session-revoke",
-                            "failure",
-                            json!({"user.name": id.subject, "admin": admin,
-                                   "session": sid.chars().take(64).collect::<String>(),
-                                   "event.reason": "no such session among the ones this user may revoke"}),
-                        );
-                        Reply::oauth_error(
-                            404,
-                            "not_found",
-                            "no such session (among the ones you may revoke)",
-                        )
-                    }
-                    Err(e) => store_unavailable(&e),
-                }
-            }
-            _ => Reply::oauth_error(
-                405,
-                "invalid_request",
-                "GET /auth/sessions or DELETE /auth/sessions/<id>",
-            ),
-        }
-    }
-
-    /// [`crate::auth::robots::ROBOTS_PATH`]: the robot accounts' admin API, authenticated with the
-    /// admin token (`Bearer`) or Basic credentials (administrators; robots that may create
-    /// robots).
-    pub async fn robots_api(&self, req: &Request<'_>, path: &str) -> Reply {
-        use crate::auth::robots::{Caller, ROBOTS_PATH};
-        let Some(robots) = &self.robots else {
-            return Reply::oauth_error(404, "not_found", "robot accounts are not configured");
-        };
-        let auth = req.authorization.unwrap_or("");
-        let caller = match auth.split_once(' ') {
-            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => {
-                if !robots.is_admin_token(t.trim()) {
-                    crate::audit::record(
-                        "robot-admin",
-                        "failure",
-                        json!({"event.reason": "wrong admin token"}),
-                    );
-                    return Reply {
-                        www_authenticate: Some("Bearer realm=\"portcullis-admin\"".into()),
-                        ..Reply::oauth_error(401, "invalid_token", "wrong admin token")
-                    };
-                }
-                Caller::Token
-            }
-            _ => {
-                let Some((user, password)) = parse_basic(auth) else {
-                    return unauthorized();
-                };
-                match self.login(&user, &password, req.source).await {
-                    Ok(id) if self.policy.current().is_admin(&id.to_subject()) => {
-                        Caller::Admin(id.subject)
-                    }
-                    Ok(id) => Caller::Other(id),
-                    Err(r) => return r,
-                }
-            }
-        };
-        let reply = robots
-            .api(req.method, &path[ROBOTS_PATH.len()..], req.body, &caller)
-            .await;
-        // A deleted robot's access tokens die with it, on every replica.
-        if req.method == "DELETE" && reply.status == 200 {
-            let deleted = serde_json::from_str::<serde_json::Value>(&reply.body)
-                .ok()
-                .and_then(|v| v["deleted"].as_str().map(str::to_owned));
-            if let (Some(name), Some(revocations)) = (deleted, self.tokens.revocations())
-                && let Err(e) = revocations.revoke_subject("robot", &name).await
-            {
-                tracing::warn!(error = %e, robot = %name, "the deleted robot's access tokens could not be revoked; they expire by themselves");
-            }
-        }
-        reply
-    }
-
     /// The identity a refresh token stands for, its groups read again from the IdP when the
     /// session came from single sign-on and they are older than `groups_refresh_seconds`.
     /// `Ok(None)`: invalid, expired, revoked, or refused by the IdP.
@@ -516,14 +247,12 @@ impl TokenService {
             None => (anonymous(), None),
             Some(h) => match parse_basic(h) {
                 None => {
-                    return Reply {
-                        www_authenticate: Some("Basic realm=\"portcullis\"".into()),
-                        ..Reply::oauth_error(
-                            401,
-                            "invalid_client",
-                            "the Authorization header must be Basic credentials",
-                        )
-                    };
+                    return Reply::oauth_error(
+                        401,
+                        "invalid_client",
+                        "the Authorization header must be Basic credentials",
+                    )
+                    .with_header("www-authenticate", "Basic realm=\"portcullis\"");
                 }
                 Some((user, password)) => match self.login(&user, &password, req.source).await {
                     Ok(id) => (id, (user == IDENTITY_TOKEN_USER).then_some(password)),
@@ -937,21 +666,13 @@ fn store_unavailable(e: &crate::state::StateError) -> Reply {
 
 /// A 401 that says why (a CI token refused: expired, wrong audience…).
 fn refused(why: &str) -> Reply {
-    Reply {
-        status: 401,
-        body: json!({"errors": [{"code": "UNAUTHORIZED", "message": why}]}).to_string(),
-        www_authenticate: Some("Basic realm=\"portcullis\"".into()),
-        retry_after: None,
-    }
+    Reply::json(
+        401,
+        json!({"errors": [{"code": "UNAUTHORIZED", "message": why}]}),
+    )
+    .with_header("www-authenticate", "Basic realm=\"portcullis\"")
 }
 
 fn unauthorized() -> Reply {
-    Reply {
-        status: 401,
-        body:
-            json!({"errors": [{"code": "UNAUTHORIZED", "message": "invalid username or password"}]})
-                .to_string(),
-        www_authenticate: Some("Basic realm=\"portcullis\"".into()),
-        retry_after: None,
-    }
+    refused("invalid username or password")
 }

@@ -1,0 +1,169 @@
+//! The gateway's own endpoints — every [`Route`] but `/v2/`: the token service and its
+//! account APIs, the robots' admin API, the single sign-on flows and the JWKS. Pure over an
+//! [`Incoming`] request (read by the proxy, body included), answering a [`Reply`]; nothing
+//! here knows Pingora.
+
+use crate::auth::oidc::{self, Oidc, Outcome};
+use crate::metrics::Metrics;
+use crate::reply::{Failure, Kind, Protocol, Reply};
+use crate::route::Route;
+use crate::token::{self, TokenService};
+use std::sync::Arc;
+
+/// What an endpoint reads of a request.
+#[derive(Debug, Default)]
+pub struct Incoming {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub authorization: Option<String>,
+    pub cookies: Option<String>,
+    /// The `Host` the client used (for URLs shown back to it).
+    pub host: String,
+    /// The client's address (lockouts, rate limits).
+    pub source: Option<String>,
+    /// The body, when the route reads one ([`Route::reads_body`]).
+    pub body: Vec<u8>,
+}
+
+impl Incoming {
+    fn token_request(&self) -> token::Request<'_> {
+        token::Request {
+            method: &self.method,
+            query: self.query.as_deref(),
+            authorization: self.authorization.as_deref(),
+            body: &self.body,
+            source: self.source.as_deref(),
+        }
+    }
+
+    fn query(&self) -> &str {
+        self.query.as_deref().unwrap_or("")
+    }
+}
+
+const IDP_UNAVAILABLE: &str = "the identity provider is unavailable, try again later";
+const SSO_NOT_CONFIGURED: &str = "single sign-on is not configured on this registry";
+
+pub struct Endpoints {
+    pub tokens: Arc<TokenService>,
+    /// OIDC sign-in, when configured.
+    pub oidc: Option<Arc<Oidc>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Endpoints {
+    pub async fn answer(&self, route: Route, req: &Incoming) -> Reply {
+        let tokens = &self.tokens;
+        match route {
+            Route::Token => {
+                let reply = tokens.handle(&req.token_request()).await;
+                self.metrics
+                    .token_requests
+                    .with_label_values(&[&reply.status.to_string()])
+                    .inc();
+                reply
+            }
+            Route::Revoke => tokens.revoke(&req.body).await,
+            Route::Sessions => tokens.sessions_api(&req.token_request(), &req.path).await,
+            Route::Tokens => tokens.tokens_api(&req.token_request(), &req.path).await,
+            Route::Robots => tokens.robots_api(&req.token_request(), &req.path).await,
+            Route::Jwks => Reply::json(200, tokens.tokens.jwks()),
+            Route::Device => self.device(req).await,
+            Route::Login | Route::Callback | Route::Verify => match &self.oidc {
+                None => {
+                    Failure::new(404, Kind::NotConfigured, SSO_NOT_CONFIGURED).reply(Protocol::Page)
+                }
+                Some(oidc) => self.sign_in(oidc, route, req).await,
+            },
+            Route::Registry | Route::Unknown => {
+                Failure::new(404, Kind::Unsupported, "no such endpoint").reply(route.protocol())
+            }
+        }
+    }
+
+    /// `POST /auth/oidc/device`: RFC 8628 device authorization, backed by the IdP's.
+    async fn device(&self, req: &Incoming) -> Reply {
+        let oauth = |f: Failure| f.reply(Protocol::OAuth);
+        if req.method != "POST" {
+            return oauth(Failure::new(405, Kind::Unsupported, "use POST"));
+        }
+        let Some(oidc) = &self.oidc else {
+            return oauth(Failure::new(404, Kind::NotConfigured, SSO_NOT_CONFIGURED));
+        };
+        let field = |k: &str| {
+            form_urlencoded::parse(&req.body)
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.into_owned())
+        };
+        let device = field("device")
+            .or_else(|| field("client_id"))
+            .unwrap_or_default();
+        match oidc.device_start(&req.host, &device).await {
+            Ok(v) => Reply::json(200, v),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "starting a device flow failed");
+                oauth(Failure::new(503, Kind::Unavailable, IDP_UNAVAILABLE))
+            }
+        }
+    }
+
+    /// The browser's side of single sign-on: `/auth/oidc/login`, `/auth/oidc/callback` and
+    /// `/auth/oidc/device/verify`.
+    async fn sign_in(&self, oidc: &Oidc, route: Route, req: &Incoming) -> Reply {
+        let page = |f: Failure| f.reply(Protocol::Page);
+        let cookies = req.cookies.as_deref();
+        match route {
+            Route::Login => {
+                let device = form_urlencoded::parse(req.query().as_bytes())
+                    .find(|(k, _)| k == "device")
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default();
+                match oidc.start(&req.host, &device).await {
+                    Ok((location, cookie)) => Reply::html(302, String::new())
+                        .with_header("location", location)
+                        .with_header("set-cookie", cookie)
+                        .with_header("cache-control", "no-store"),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "starting an OIDC login failed");
+                        page(Failure::new(503, Kind::Unavailable, IDP_UNAVAILABLE))
+                    }
+                }
+            }
+            Route::Verify => {
+                oidc.verify_page(&req.host, &req.method, req.query(), &req.body, cookies)
+                    .await
+            }
+            _ => match oidc.finish(req.query(), cookies).await {
+                Outcome::DeviceApproved(device) => {
+                    no_store_page(oidc::device_approved_page(&device))
+                }
+                Outcome::LoggedIn(signed_in, device) => {
+                    let id = signed_in.identity;
+                    let mut s =
+                        token::refresh::Session::new(&id, "oidc", &device, token::unix_now());
+                    s.idp_refresh = signed_in.idp_refresh;
+                    match self.tokens.open_session(&s).await {
+                        Ok(refresh) => {
+                            no_store_page(oidc::success_page(&req.host, &id, &device, &refresh))
+                        }
+                        Err(r) => r,
+                    }
+                }
+                Outcome::Refused(status, msg) => {
+                    tracing::info!(reason = %msg, "OIDC login refused");
+                    page(Failure::new(status, Kind::Denied, msg))
+                }
+                Outcome::Unavailable(e) => {
+                    tracing::warn!(error = %e, "OIDC login failed: the identity provider is unavailable");
+                    page(Failure::new(503, Kind::Unavailable, IDP_UNAVAILABLE))
+                }
+            },
+        }
+    }
+}
+
+/// A 200 HTML page that must not be cached (it may hold a token).
+fn no_store_page(body: String) -> Reply {
+    Reply::html(200, body).with_header("cache-control", "no-store")
+}
