@@ -1,10 +1,17 @@
-//! Gateway configuration (`conf/gateway.toml`). Secrets come from files or the environment,
-//! never from this file.
+//! Gateway configuration (`conf/gateway.toml`): each feature owns its table's type (next to
+//! its code); [`Config`] assembles them and checks what spans several. Secrets come from
+//! files or the environment, never from this file.
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+
+pub use crate::auth::config::AuthConfig;
+pub use crate::edge::tls::TlsConfig;
+pub use crate::live_policy::PolicyConfig;
+pub use crate::registry::upstream::UpstreamConfig;
+pub use crate::token::config::TokenConfig;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,110 +49,6 @@ pub struct Config {
     /// (`[proxy_protocol]`).
     #[serde(default)]
     pub proxy_protocol: Option<crate::edge::proxy_protocol::ProxyProtocolConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    /// A connection must send its first byte (the TLS hello, or a PROXY header) within this
-    /// time or it is closed (`edge`).
-    #[serde(default = "default_hello_ms")]
-    pub hello_timeout_ms: u64,
-    /// A connection between requests (HTTP/1.1 keep-alive, HTTP/2 with no stream open) is
-    /// closed after this long; whatever the client asks in `Keep-Alive: timeout=`.
-    #[serde(default = "default_client_idle_s")]
-    pub idle_timeout_seconds: u64,
-}
-
-fn default_hello_ms() -> u64 {
-    10_000
-}
-fn default_client_idle_s() -> u64 {
-    60
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenConfig {
-    /// `iss` of issued tokens, and the only issuer accepted.
-    pub issuer: String,
-    /// `service` clients name in token requests; the `aud` of issued tokens.
-    pub service: String,
-    /// The token endpoint URL sent in `WWW-Authenticate`. Unset: `https://<Host>/token`.
-    #[serde(default)]
-    pub realm: Option<String>,
-    /// Lifetime of access tokens.
-    #[serde(default = "default_expires")]
-    pub expires_in_seconds: u64,
-    /// PEM files of EC P-256 private keys (PKCS#8). The first signs; all verify, so keys
-    /// rotate by adding the new key first and removing the old one after `expires_in_seconds`.
-    pub signing_keys: Vec<PathBuf>,
-    /// Absolute lifetime of refresh tokens.
-    #[serde(default = "default_refresh_absolute")]
-    pub refresh_absolute_hours: u64,
-    /// A refresh token unused for this long expires.
-    #[serde(default = "default_refresh_idle")]
-    pub refresh_idle_hours: u64,
-    /// How often each gateway reloads the shared list of revoked access tokens: a token
-    /// revoked on another replica is refused here within this time.
-    #[serde(default = "default_revocation_sync")]
-    pub revocation_sync_ms: u64,
-}
-
-fn default_expires() -> u64 {
-    300
-}
-fn default_refresh_absolute() -> u64 {
-    24 * 30
-}
-fn default_revocation_sync() -> u64 {
-    1000
-}
-fn default_refresh_idle() -> u64 {
-    24 * 7
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// Storage nodes, `host:port`.
-    pub nodes: Vec<String>,
-    /// Active health check (`GET /healthz`) interval.
-    #[serde(default = "default_health_ms")]
-    pub health_check_interval_ms: u64,
-    /// Idle timeout of upstream reads and writes (not a total timeout: big blobs stream on).
-    #[serde(default = "default_idle_s")]
-    pub idle_timeout_seconds: u64,
-    /// File with the internal secret; `PORTCULLIS_INTERNAL_SECRET` when unset.
-    #[serde(default)]
-    pub secret_file: Option<PathBuf>,
-}
-
-fn default_health_ms() -> u64 {
-    1000
-}
-fn default_idle_s() -> u64 {
-    60
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// bcrypt htpasswd file of static users (asked first when LDAP is configured too).
-    pub htpasswd_file: Option<PathBuf>,
-    /// Groups of static users: group name → user names.
-    #[serde(default)]
-    pub groups: std::collections::BTreeMap<String, Vec<String>>,
-    /// LDAP / Active Directory users (asked after the static users).
-    pub ldap: Option<crate::auth::ldap::LdapConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyConfig {
-    pub file: PathBuf,
 }
 
 /// Name of the environment variable with the internal secret.

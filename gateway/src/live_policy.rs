@@ -7,8 +7,15 @@
 //! expire (`[token] expires_in_seconds`; revoke them to cut that short, docs/ha.md).
 
 use policy::Policy;
+use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub file: PathBuf,
+}
 
 pub struct LivePolicy {
     current: RwLock<Arc<Policy>>,

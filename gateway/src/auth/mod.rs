@@ -2,6 +2,7 @@
 //! static users, LDAP), asked in a documented order by [`Chain`]. OIDC single sign-on makes
 //! identities too, through its own flows (`crate::auth::oidc`).
 
+pub mod config;
 pub mod federation;
 pub mod htpasswd;
 pub mod jws;

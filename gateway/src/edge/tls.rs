@@ -11,7 +11,30 @@ use openssl::x509::extension::{
     BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName, SubjectKeyIdentifier,
 };
 use openssl::x509::{X509, X509NameBuilder};
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// A connection must send its first byte (the TLS hello, or a PROXY header) within this
+    /// time or it is closed (`edge`).
+    #[serde(default = "default_hello_ms")]
+    pub hello_timeout_ms: u64,
+    /// A connection between requests (HTTP/1.1 keep-alive, HTTP/2 with no stream open) is
+    /// closed after this long; whatever the client asks in `Keep-Alive: timeout=`.
+    #[serde(default = "default_client_idle_s")]
+    pub idle_timeout_seconds: u64,
+}
+
+fn default_hello_ms() -> u64 {
+    10_000
+}
+fn default_client_idle_s() -> u64 {
+    60
+}
 
 fn key() -> anyhow::Result<PKey<Private>> {
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;

@@ -7,11 +7,36 @@
 
 use pingora::lb::Backend;
 use pingora::lb::discovery::ServiceDiscovery;
+use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
 use std::net::ToSocketAddrs;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Storage nodes, `host:port`.
+    pub nodes: Vec<String>,
+    /// Active health check (`GET /healthz`) interval.
+    #[serde(default = "default_health_ms")]
+    pub health_check_interval_ms: u64,
+    /// Idle timeout of upstream reads and writes (not a total timeout: big blobs stream on).
+    #[serde(default = "default_idle_s")]
+    pub idle_timeout_seconds: u64,
+    /// File with the internal secret; `PORTCULLIS_INTERNAL_SECRET` when unset.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+fn default_health_ms() -> u64 {
+    1000
+}
+fn default_idle_s() -> u64 {
+    60
+}
 
 /// How often node names are resolved again.
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);

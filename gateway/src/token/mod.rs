@@ -7,6 +7,7 @@
 //! and returns a [`Reply`], so it is tested without a socket.
 
 mod accounts;
+pub mod config;
 pub mod jwt;
 pub mod keys;
 pub mod refresh;
@@ -444,7 +445,7 @@ impl TokenService {
                     }
                 }
             }
-            Some(crate::auth::oidc::DEVICE_GRANT) => {
+            Some(crate::auth::oidc::device::DEVICE_GRANT) => {
                 let Some(code) = field("device_code") else {
                     return Reply::oauth_error(400, "invalid_request", "device_code is required");
                 };
@@ -464,7 +465,7 @@ impl TokenService {
 
     /// RFC 8628 §3.4: one poll of a device code.
     async fn device_grant(&self, code: &str, scopes: &[Scope]) -> Reply {
-        use crate::auth::oidc::DevicePoll;
+        use crate::auth::oidc::device::DevicePoll;
         let Some(oidc) = &self.oidc else {
             return Reply::oauth_error(
                 400,
