@@ -15,6 +15,7 @@
 //! sees the events in sequence order. Never pass a password, token or secret.
 
 pub mod sink;
+mod spool;
 
 use serde::Deserialize;
 use sha2::Digest;
