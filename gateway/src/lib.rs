@@ -1,13 +1,20 @@
-//! Portcullis gateway: the Pingora TLS edge.
+//! Portcullis gateway: the Pingora TLS edge. Its rooms, from the request's way in:
 //!
-//! - [`token`]: the Docker token service (`/token`, JWKS) and registry JWTs.
-//! - [`auth`]: the [`auth::Authenticator`] trait, static users (bcrypt htpasswd), LDAP, and
-//!   the [`auth::Chain`] that asks them in order.
-//! - [`state`]: the shared state store (in memory, or Redis for several gateways).
-//! - [`authz`]: the bearer check of `/v2/` requests and tag immutability.
-//! - [`proxy`]: the `ProxyHttp` that calls them and streams to a storage node.
+//! - [`edge`]: what a connection meets before HTTP (connection caps, first-byte deadline,
+//!   PROXY protocol, the TLS certificate).
+//! - [`proxy`]: the thin `ProxyHttp` phases; [`route`] parses every path once, [`reply`] is
+//!   every answer of the gateway's own (errors in the path's protocol).
+//! - [`endpoints`]: everything answered here — the token service ([`token`]), the account
+//!   APIs, the sign-in flows.
+//! - [`registry`]: the `/v2/` path — the bearer check and immutability, the request storage
+//!   gets, the storage nodes.
+//! - [`auth`]: every identity source (htpasswd, LDAP, OIDC, robots, CI federation) behind the
+//!   [`auth::Authenticator`] chain.
+//! - [`state`]: the shared state store (in memory, or Redis for several gateways);
+//!   [`limits`]: lockouts and rate limits; [`live_policy`]: the policy in force.
 //! - [`audit`]: the request context and registry events of the audit trail (the trail itself
-//!   is `service::audit`, shared with storage).
+//!   is `service::audit`, shared with storage); [`metrics`]; [`admin`]: the admin listener.
+//! - [`client`]: the client side (credential helper, `gateway robots`).
 //! - [`dev`]: the embedded default (`gateway dev`), with storage in the same process — the
 //!   only user of the `storage_backend` crate.
 //!

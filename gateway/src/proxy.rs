@@ -1,6 +1,6 @@
 //! The Pingora `ProxyHttp`: thin phases over the gateway's parts. `request_filter` gives the
 //! request its id and audit context, parses its [`Route`] once, and either answers it here
-//! ([`Endpoints`], a [`Reply`] written by [`send`]) or admits it to storage
+//! ([`Endpoints`], a [`Reply`] written by `send`) or admits it to storage
 //! ([`Registry::admit`]); the upstream phases rewrite it as admitted
 //! ([`crate::registry::forward`]) and pick a storage node. Per-request state lives in
 //! [`RequestCtx`].

@@ -215,7 +215,7 @@ impl TokenService {
         }
     }
 
-    /// [`crate::auth::robots::ROBOTS_PATH`]: the robot accounts' admin API, authenticated with the
+    /// [`crate::route::ROBOTS_PATH`]: the robot accounts' admin API, authenticated with the
     /// admin token (`Bearer`) or Basic credentials (administrators; robots that may create
     /// robots).
     pub async fn robots_api(&self, req: &Request<'_>, path: &str) -> Reply {

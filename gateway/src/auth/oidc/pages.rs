@@ -1,4 +1,4 @@
-//! The HTML pages of the sign-in flows: everything shown is escaped ([`esc`]), and a page is
+//! The HTML pages of the sign-in flows: everything shown is escaped (`esc`), and a page is
 //! never cached (it may hold a token).
 
 use crate::auth::Identity;
