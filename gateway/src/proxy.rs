@@ -347,15 +347,10 @@ impl ProxyHttp for Gateway {
             },
         };
         if code > 0 {
-            let msg = match code {
-                502 | 503 => "storage is unavailable, try again",
-                400 => "bad request",
-                _ => "internal error",
-            };
-            let kind = match code {
-                502 | 503 => Kind::Unavailable,
-                400 => Kind::Invalid(oci::ErrorCode::Unknown),
-                _ => Kind::Internal,
+            let (kind, msg) = match code {
+                502 | 503 => (Kind::Unavailable, "storage is unavailable, try again"),
+                400 => (Kind::Invalid(oci::ErrorCode::Unknown), "bad request"),
+                _ => (Kind::Internal, "internal error"),
             };
             let _ = send(
                 session,

@@ -1,0 +1,472 @@
+//! Online garbage collection: mark and sweep over the store while pushes and pulls go on, on
+//! any driver, with several storage nodes on one store.
+//!
+//! **What is live.** Per repository: every tagged manifest; every other manifest revision
+//! unless `delete_untagged` is set and its link is older than `untagged_grace`; the children
+//! of a live index and the referrers of a live manifest, transitively. A live manifest keeps
+//! its own blob, its config and layers, and the repository's links to them. A layer link
+//! younger than `grace` keeps its blob (a push in progress: blobs come before their
+//! manifest). A blob whose data is younger than `grace` is never deleted. Upload sessions are
+//! not blobs; those started more than `upload_max_age` ago are purged.
+//!
+//! **Fencing against concurrent pushes.** A run:
+//!
+//! 1. takes the GC lease (one object in the store, `_gc/lease`, created if absent or taken
+//!    over by compare-and-swap when expired, renewed by compare-and-swap): one GC at a time
+//!    across every node on the store;
+//! 2. marks (scan 1) and computes the candidates: unreferenced old blobs, unreferenced old
+//!    layer links, untagged old revisions;
+//! 3. sets the lease's phase to `sweep`, then writes a marker `condemned <run>` next to each
+//!    candidate (`…/gc`);
+//! 4. waits `fence`;
+//! 5. marks again (scan 2) and keeps only candidates still unreferenced;
+//! 6. deletes each remaining candidate only after winning a compare-and-swap of its marker
+//!    from `condemned <run>` to `deleting <run>`: the object, then the marker, then the
+//!    directory if it is empty.
+//!
+//! A push that makes a new reference to existing content (a manifest PUT, an upload of a blob
+//! the store already has, a mount) first reads the lease; while a run sweeps, it swaps the
+//! markers of everything it references from `condemned <run>` to `rescued <run>` before it
+//! writes anything, and fails as if the content were unknown if one says `deleting <run>`
+//! (the client uploads it again). Either the push's swap or the GC's wins, never both. A push
+//! that read the lease before step 3 commits within `fence` (requests take seconds, the fence
+//! is 30 s by default), so scan 2 sees what it wrote. Markers of another run (a GC that died)
+//! are inert: only the live run's markers count, and a dead run's lease expires.
+//!
+//! A link or manifest that cannot be read or parsed is reported and skipped; a scan that could
+//! not read a whole repository is incomplete, and an incomplete run deletes no blob.
+
+mod lease;
+mod options;
+mod refs;
+mod scan;
+
+pub use options::GcOptions;
+pub(super) use options::RetentionDeletion;
+
+use super::{Registry, Result};
+use crate::layout::{Key, gc_marker};
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use lease::Lease;
+use oci::media_type;
+use oci::{Digest, RepositoryName};
+use options::RepoRetention;
+use scan::RepoScan;
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Markers written and candidates swept at once (each a few store requests; on the
+/// filesystem each an `fsync`).
+const PARALLEL: usize = 16;
+
+/// A deleted (or, in a dry run, deletable) blob.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SweptBlob {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// What a run did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GcReport {
+    pub run: String,
+    pub holder: String,
+    pub dry_run: bool,
+    /// Another node's run held the lease: nothing was done.
+    pub busy: Option<String>,
+    pub started: String,
+    pub finished: String,
+    /// The same, in milliseconds since the epoch.
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub duration_seconds: f64,
+    pub repositories: usize,
+    pub manifests_marked: usize,
+    pub blobs_marked: usize,
+    pub blobs_seen: usize,
+    pub blobs_deleted: Vec<SweptBlob>,
+    pub bytes_reclaimed: u64,
+    /// `<repository>@<digest>`.
+    pub layer_links_deleted: Vec<String>,
+    /// `<repository>@<digest>`.
+    pub manifests_deleted: Vec<String>,
+    /// `<repository>/<session id>`.
+    pub uploads_purged: Vec<String>,
+    /// What retention deleted (or, in a dry run, would delete), and why.
+    pub retention: Vec<RetentionDeletion>,
+    /// Candidates a push referenced again before they were deleted.
+    pub rescued: usize,
+    /// Unreadable or corrupt objects, and failures that did not stop the run.
+    pub errors: Vec<String>,
+    /// Every repository was read: blobs could be swept.
+    pub complete: bool,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Registry {
+    /// Deletes a candidate (the object, then its marker, then their directory if nothing
+    /// else came into it) if it is still dead (`dead`, from scan 2) and this run wins its
+    /// marker; `false` if it was rescued, and then its marker goes.
+    ///
+    /// The order matters: while the marker says `deleting`, a push that references the
+    /// object waits; once the marker is gone it may store the object again, into the same
+    /// place. So nothing here may delete anything after the marker but an empty directory.
+    async fn sweep_one(&self, object: &str, run: &str, dead: bool) -> Result<bool> {
+        let marker = gc_marker(object);
+        let condemned = Bytes::from(format!("condemned {run}"));
+        let deleting = Bytes::from(format!("deleting {run}"));
+        if !dead
+            || !self
+                .driver
+                .put_if_current(&marker, deleting, Some(condemned))
+                .await?
+        {
+            let _ = self.driver.delete(&marker).await;
+            return Ok(false);
+        }
+        self.driver.delete(object).await?;
+        self.driver.delete(&marker).await?;
+        let dir = object.rsplit_once('/').map_or(object, |(d, _)| d);
+        self.driver.remove_if_empty(dir).await?;
+        Ok(true)
+    }
+
+    /// [`Registry::sweep_one`] over many candidates at once: which were deleted.
+    async fn sweep_all(&self, run: &str, candidates: Vec<(String, bool)>) -> Result<Vec<bool>> {
+        futures_util::stream::iter(candidates)
+            .map(|(object, dead)| async move { self.sweep_one(&object, run, dead).await })
+            .buffered(PARALLEL)
+            .try_collect()
+            .await
+    }
+
+    /// Runs garbage collection once (see the module docs).
+    pub async fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        let t0 = SystemTime::now();
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let mut report = GcReport {
+            run: run.clone(),
+            holder: opts.holder.clone(),
+            dry_run: opts.dry_run,
+            started: service::time::rfc3339(t0),
+            started_ms: unix_ms(t0),
+            ..Default::default()
+        };
+        let mut lease = if opts.dry_run {
+            None
+        } else {
+            match self.acquire_lease(&run, opts).await? {
+                Ok(l) => Some(l),
+                Err(holder) => {
+                    report.busy = Some(holder);
+                    report.finished = service::time::rfc3339(SystemTime::now());
+                    report.finished_ms = unix_ms(SystemTime::now());
+                    return Ok(report);
+                }
+            }
+        };
+        // The run's times are those it held the lease (runs of two nodes never overlap).
+        let t0 = SystemTime::now();
+        report.started = service::time::rfc3339(t0);
+        report.started_ms = unix_ms(t0);
+        let result = self
+            .gc_held(opts, t0, &run, lease.as_mut(), &mut report)
+            .await;
+        let finished = SystemTime::now();
+        if let Some(l) = &lease {
+            self.release_lease(l).await;
+        }
+        result?;
+        report.finished = service::time::rfc3339(finished);
+        report.finished_ms = unix_ms(finished);
+        report.duration_seconds = t0.elapsed().unwrap_or_default().as_secs_f64();
+        report.blobs_deleted.sort();
+        report.layer_links_deleted.sort();
+        report.manifests_deleted.sort();
+        report.uploads_purged.sort();
+        report.retention.sort();
+        Ok(report)
+    }
+
+    async fn gc_held(
+        &self,
+        opts: &GcOptions,
+        t0: SystemTime,
+        run: &str,
+        mut lease: Option<&mut Lease>,
+        report: &mut GcReport,
+    ) -> Result<()> {
+        let first = self.scan(t0, opts, lease.as_deref_mut(), None).await?;
+        report.repositories = first.repos.len();
+        report.manifests_marked = first.manifests_marked;
+        report.blobs_marked = first.live_blobs.len();
+        report.errors = first.errors.clone();
+        report.complete = first.complete;
+        let blobs = self.all_blobs().await?;
+        report.blobs_seen = blobs.len();
+        let cutoff = t0.checked_sub(opts.grace).unwrap_or(UNIX_EPOCH);
+        let dead_blobs: Vec<(Digest, u64)> = if first.complete {
+            blobs
+                .into_iter()
+                .filter(|(d, _, modified)| !first.live_blobs.contains(d) && *modified < cutoff)
+                .map(|(d, size, _)| (d, size))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let link_path = |repo: &str, d: &Digest, kind: &str| {
+            format!(
+                "{}/{repo}/{kind}/{}/{}/link",
+                Key::Repositories.path(),
+                d.algorithm(),
+                d.hex()
+            )
+        };
+        // Retention's tag deletions: swapped to a tombstone (a tag moved meanwhile stays).
+        for r in &first.repos {
+            let Some(plan) = &r.retention else { continue };
+            for (tag, d, reason) in &plan.tags {
+                if !opts.dry_run {
+                    let link = format!(
+                        "{}/{}/_manifests/tags/{tag}/current/link",
+                        Key::Repositories.path(),
+                        r.name
+                    );
+                    let tombstone = Bytes::from(format!("{}{d}", super::TAG_TOMBSTONE));
+                    if !self
+                        .driver
+                        .put_if_current(&link, tombstone, Some(Bytes::from(d.to_string())))
+                        .await?
+                    {
+                        continue;
+                    }
+                    audit_deletion(
+                        "retention-delete-tag",
+                        run,
+                        serde_json::json!({"repository": r.name.to_string(), "tag": tag,
+                            "digest": d.to_string(), "event.reason": reason}),
+                    );
+                }
+                report.retention.push(RetentionDeletion {
+                    repository: r.name.clone(),
+                    tag: Some(tag.clone()),
+                    digest: d.to_string(),
+                    reason: reason.clone(),
+                });
+            }
+            for (d, reason) in &plan.untagged {
+                report.retention.push(RetentionDeletion {
+                    repository: r.name.clone(),
+                    tag: None,
+                    digest: d.to_string(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        if opts.dry_run {
+            for r in &first.repos {
+                for d in &r.dead_revisions {
+                    report.manifests_deleted.push(format!("{}@{d}", r.name));
+                }
+                for d in &r.dead_links {
+                    report.layer_links_deleted.push(format!("{}@{d}", r.name));
+                }
+                for id in &r.stale_uploads {
+                    report.uploads_purged.push(format!("{}/{id}", r.name));
+                }
+            }
+            for (d, size) in dead_blobs {
+                report.bytes_reclaimed += size;
+                report.blobs_deleted.push(SweptBlob {
+                    digest: d.to_string(),
+                    size,
+                });
+            }
+            return Ok(());
+        }
+        let lease = lease.expect("a real run holds the lease");
+        // Abandoned upload sessions: nothing refers to them.
+        for r in &first.repos {
+            for id in &r.stale_uploads {
+                let dir = format!("{}/{}/_uploads/{id}", Key::Repositories.path(), r.name);
+                // One session that will not go (its client is writing to it again) is no
+                // reason to stop collecting: the next run takes it.
+                match self.driver.delete(&dir).await {
+                    Ok(_) => report.uploads_purged.push(format!("{}/{id}", r.name)),
+                    Err(e) => tracing::warn!(
+                        repository = %r.name, upload = %id, error = %e,
+                        "stale upload session not purged; the next run tries again"
+                    ),
+                }
+            }
+        }
+        // Condemn, under the sweep phase.
+        self.renew_lease(lease, opts, Some("sweep")).await?;
+        let condemned = Bytes::from(format!("condemned {run}"));
+        let mut objects: Vec<String> = Vec::new();
+        for r in &first.repos {
+            for d in &r.dead_revisions {
+                objects.push(link_path(&r.name, d, "_manifests/revisions"));
+            }
+            for d in &r.dead_links {
+                objects.push(link_path(&r.name, d, "_layers"));
+            }
+        }
+        for (d, _) in &dead_blobs {
+            objects.push(Key::Blob(d).path());
+        }
+        let markers: Vec<String> = objects.iter().map(|o| gc_marker(o)).collect();
+        futures_util::stream::iter(markers)
+            .map(|marker| {
+                let condemned = condemned.clone();
+                async move { self.driver.put(&marker, condemned).await }
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<()>>()
+            .await?;
+        tokio::time::sleep(opts.fence).await;
+        self.renew_lease(lease, opts, None).await?;
+        // Scan 2: what is still dead is deleted, if its marker is still ours.
+        let plans: HashMap<String, RepoRetention> = first
+            .repos
+            .iter()
+            .filter_map(|r| Some((r.name.clone(), r.retention.clone()?)))
+            .collect();
+        let second = self
+            .scan(
+                t0,
+                opts,
+                Some(&mut *lease),
+                opts.retention.as_ref().map(|_| &plans),
+            )
+            .await?;
+        report.errors.extend(second.errors.iter().cloned());
+        let still: HashMap<&str, &RepoScan> =
+            second.repos.iter().map(|r| (r.name.as_str(), r)).collect();
+        let still_dead = |repo: &str, d: &Digest, revision: bool| {
+            still.get(repo).is_some_and(|n| {
+                if revision {
+                    n.dead_revisions.contains(d)
+                } else {
+                    n.dead_links.contains(d)
+                }
+            })
+        };
+        // Manifests first (their referrer links need their content), then links, then blobs.
+        let mut revisions = Vec::new();
+        let mut links = Vec::new();
+        for r in &first.repos {
+            for d in &r.dead_revisions {
+                revisions.push((r.name.as_str(), d));
+            }
+            for d in &r.dead_links {
+                links.push((r.name.as_str(), d));
+            }
+        }
+        let done = self
+            .sweep_all(
+                run,
+                revisions
+                    .iter()
+                    .map(|(repo, d)| {
+                        let object = link_path(repo, d, "_manifests/revisions");
+                        (object, still_dead(repo, d, true))
+                    })
+                    .collect(),
+            )
+            .await?;
+        for ((repo, d), deleted) in revisions.iter().zip(done) {
+            if deleted {
+                self.drop_referrer_link(repo, d).await;
+                audit_deletion(
+                    "gc-delete-manifest",
+                    run,
+                    serde_json::json!({"repository": repo.to_string(), "digest": d.to_string()}),
+                );
+                report.manifests_deleted.push(format!("{repo}@{d}"));
+            } else {
+                report.rescued += 1;
+            }
+        }
+        let done = self
+            .sweep_all(
+                run,
+                links
+                    .iter()
+                    .map(|(repo, d)| (link_path(repo, d, "_layers"), still_dead(repo, d, false)))
+                    .collect(),
+            )
+            .await?;
+        for ((repo, d), deleted) in links.iter().zip(done) {
+            if deleted {
+                audit_deletion(
+                    "gc-delete-layer-link",
+                    run,
+                    serde_json::json!({"repository": repo.to_string(), "digest": d.to_string()}),
+                );
+                report.layer_links_deleted.push(format!("{repo}@{d}"));
+            } else {
+                report.rescued += 1;
+            }
+        }
+        let done = self
+            .sweep_all(
+                run,
+                dead_blobs
+                    .iter()
+                    .map(|(d, _)| {
+                        let dead = second.complete && !second.live_blobs.contains(d);
+                        (Key::Blob(d).path(), dead)
+                    })
+                    .collect(),
+            )
+            .await?;
+        for ((d, size), deleted) in dead_blobs.into_iter().zip(done) {
+            if deleted {
+                audit_deletion(
+                    "gc-delete-blob",
+                    run,
+                    serde_json::json!({"digest": d.to_string(), "file.size": size}),
+                );
+                report.bytes_reclaimed += size;
+                report.blobs_deleted.push(SweptBlob {
+                    digest: d.to_string(),
+                    size,
+                });
+            } else {
+                report.rescued += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// A deleted manifest's entry in its subject's referrers, if it had a subject.
+    async fn drop_referrer_link(&self, repo: &str, manifest: &Digest) {
+        let Ok(name) = RepositoryName::parse(repo) else {
+            return;
+        };
+        let Ok(Some(body)) = self.driver.get(&Key::Blob(manifest).path()).await else {
+            return;
+        };
+        if let Ok(p) = media_type::parse_manifest(None, &body)
+            && let Some(s) = p.subject
+        {
+            let link = Key::ReferrerLink(&name, &s.digest, manifest).path();
+            let _ = self.driver.delete(link.trim_end_matches("/link")).await;
+        }
+    }
+}
+
+/// Records one deletion by a GC run in the audit trail (`service::audit`; docs/audit.md):
+/// `event.category: storage`, `gc.run`, and what was deleted.
+fn audit_deletion(action: &str, run: &str, fields: serde_json::Value) {
+    let mut event = service::audit::event_fields(fields);
+    event.insert("event.category".into(), "storage".into());
+    event.insert("gc.run".into(), run.into());
+    service::audit::record(action, "success", serde_json::Value::Object(event));
+}
