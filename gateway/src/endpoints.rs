@@ -10,8 +10,9 @@ use crate::route::Route;
 use crate::token::{self, TokenService};
 use std::sync::Arc;
 
-/// What an endpoint reads of a request.
-#[derive(Debug, Default)]
+/// What an endpoint reads of a request. No `Debug`: it holds credentials, cookies and forms
+/// with passwords and tokens, which must never reach a log.
+#[derive(Default)]
 pub struct Incoming {
     pub method: String,
     pub path: String,

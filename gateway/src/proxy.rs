@@ -78,6 +78,11 @@ async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
         h.insert_header(REQUEST_ID_HEADER, id.clone())?;
     }
     for (k, v) in &reply.headers {
+        // Appended (a reply may set several cookies): the headers above are `send`'s alone.
+        debug_assert!(
+            !["content-type", "content-length", HSTS.0, REQUEST_ID_HEADER].contains(k),
+            "a reply sets {k} itself"
+        );
         h.append_header(*k, v.as_str())?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;

@@ -17,8 +17,8 @@
 //! | 10 | an unauthenticated mount | challenged for pull on the source too |
 //!
 //! Rows 3 and 6 also have store- and IdP-level tests where the real thing cannot be driven
-//! from here: `gateway::state` (200 000 anonymous entries), `tests/tests/ha.rs` (the same on
-//! Redis), `gateway::auth::oidc` (a name bound to its first (issuer, sub); `azp`).
+//! from here: `gateway::state` (200 000 anonymous entries), `tests/tests/ha/state_store.rs`
+//! (the same on Redis), `gateway::auth::oidc` (a name bound to its first (issuer, sub); `azp`).
 
 use portcullis_tests::client::{Client, OCI_INDEX, OCI_MANIFEST, expect_error, https, sha256};
 use portcullis_tests::deployment::{Deployment, SERVICE, user_client};

@@ -2,7 +2,7 @@
 //! must see — sessions (refresh tokens), OIDC flow state, robot accounts, the LDAP login cache,
 //! failed-login counters and rate-limit windows. [`MemoryStore`] is the embedded default (one
 //! gateway); [`redis::RedisStore`] is shared by several. Both pass the same suite
-//! (`tests/tests/ha.rs`), and the operations that race between replicas are single atomic
+//! (`tests/tests/ha/state_store.rs`), and the operations that race between replicas are single atomic
 //! steps in both: [`StateStore::take`], [`StateStore::replace`], [`StateStore::incr`].
 
 pub mod redis;

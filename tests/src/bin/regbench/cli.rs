@@ -1,0 +1,99 @@
+//! The command line: which mode to run (`--gateway`, `--ldap`, `--sso`, `--federation`,
+//! `--audit`, `--ha`, `--s3`, `--gc`, or the plain comparison) and the sizes of each workload.
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "Registry push/pull/manifest benchmark")]
+pub(crate) struct Args {
+    /// A registry to measure, `name=http://host:port` (repeatable). Default: start
+    /// storage-backend and distribution 2.8.2 and compare them.
+    #[arg(long)]
+    pub(crate) target: Vec<String>,
+    /// Number of small blobs.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) blobs: usize,
+    /// Size of each small blob, MiB.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) blob_mib: usize,
+    /// Concurrency for small blobs.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) concurrency: usize,
+    /// Size of the big blob, MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) big_mib: usize,
+    /// Manifest GETs.
+    #[arg(long, default_value_t = 20000)]
+    pub(crate) manifest_gets: usize,
+    /// Concurrency for manifest GETs.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) manifest_concurrency: usize,
+    /// Rounds of each measurement; the best is kept.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) rounds: usize,
+    /// Measure the gateway over TLS with tokens (`gateway serve` + storage-backend) against
+    /// nginx (blob pull) and distribution 2.8.2, then token issuance.
+    #[arg(long)]
+    pub(crate) gateway: bool,
+    /// `--gateway`: size of the blob pulled from the gateway and from nginx, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) pull_mib: usize,
+    /// `--gateway`: token requests per kind.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) tokens: usize,
+    /// `--gateway`: concurrency of token requests.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) token_concurrency: usize,
+    /// Measure LDAP logins at the token endpoint (a real slapd): cached and uncached token
+    /// issuance next to slapd's own bind rate, and a login with 50 groups.
+    #[arg(long)]
+    pub(crate) ldap: bool,
+    /// `--ldap`: cached token requests.
+    #[arg(long, default_value_t = 20000)]
+    pub(crate) ldap_cached: usize,
+    /// `--ldap`: uncached logins and raw binds.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) ldap_uncached: usize,
+    /// Measure `POST /token` with `grant_type=refresh_token` for a session made by single
+    /// sign-on (a real OpenID provider), against the gateway's JWKS GET as reference.
+    #[arg(long)]
+    pub(crate) sso: bool,
+    /// `--sso`: refresh grants (and reference requests) per measurement.
+    #[arg(long, default_value_t = 20000)]
+    pub(crate) sso_grants: usize,
+    /// Measure CI federation: a CI job's OIDC token (from a real OpenID provider) traded at
+    /// `POST /token` (jwt-bearer) and as a Basic password, with the issuer's keys cached,
+    /// against the gateway's JWKS GET as reference.
+    #[arg(long)]
+    pub(crate) federation: bool,
+    /// Measure the audit trail's cost: manifest GETs through a gateway with audit on (file
+    /// and syslog over TCP to a real rsyslogd) against one with audit off, same storage node.
+    #[arg(long)]
+    pub(crate) audit: bool,
+    /// Measure the load-balanced deployment: HAProxy in front of two gateways (state in a
+    /// real Redis) and two storage nodes on one root, against one gateway and one storage
+    /// node; then token issuance with the Redis store against the in-memory one.
+    #[arg(long)]
+    pub(crate) ha: bool,
+    /// Measure object storage: storage-backend on S3 (a real `moto_server`) against
+    /// storage-backend on the filesystem, and a plain S3 client against moto (moto's own
+    /// cost); `--blobs` small blobs and `--s3-big-blobs` × `--s3-big-mib` big ones.
+    #[arg(long)]
+    pub(crate) s3: bool,
+    #[arg(long, default_value_t = 4)]
+    pub(crate) s3_big_blobs: usize,
+    #[arg(long, default_value_t = 256)]
+    pub(crate) s3_big_mib: usize,
+    /// Measure garbage collection: a store of `--gc-repos` repositories with an image of
+    /// `--gc-layers` layers each (a fifth of them deleted), GC's duration, and pull
+    /// throughput with and without a GC running.
+    #[arg(long)]
+    pub(crate) gc: bool,
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) gc_repos: usize,
+    #[arg(long, default_value_t = 8)]
+    pub(crate) gc_layers: usize,
+    /// Pulls (manifest by tag + one layer) per measurement.
+    #[arg(long, default_value_t = 20000)]
+    pub(crate) gc_pulls: usize,
+}
