@@ -14,7 +14,9 @@
 //!   [`limits`]: lockouts and rate limits; [`live_policy`]: the policy in force.
 //! - [`audit`]: the request context and registry events of the audit trail (the trail itself
 //!   is `service::audit`, shared with storage); [`metrics`]; [`admin`]: the admin listener.
-//! - [`client`]: the client side (credential helper, `gateway robots`).
+//! - [`client`]: the client side (credential helper, `gateway robot`).
+//! - [`config`]: the config file, assembling the tables each feature owns; [`clock`] and
+//!   [`random`]: the clock and random tokens.
 //! - [`dev`]: the embedded default (`gateway dev`), with storage in the same process — the
 //!   only user of the `storage_backend` crate.
 //!

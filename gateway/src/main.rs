@@ -1,4 +1,6 @@
-//! `gateway dev | serve --config <file> | check-config --config <file> | robot … | hash-password`
+//! `gateway dev | serve --config <file> | check-config --config <file> | robot … | audit verify …
+//! | hash-password`. `from_config` builds every feature from the config file into the
+//! [`gateway::Settings`] that `gateway::run` serves (`gateway dev` builds its own in `dev.rs`).
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};

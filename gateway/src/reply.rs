@@ -1,8 +1,9 @@
 //! What the gateway answers itself — everything but a `/v2/` request forwarded to storage.
 //!
 //! - [`Reply`]: one answer (status, content type, body, extra headers). The features build
-//!   theirs in their own protocol: the token service OAuth 2 JSON, the robots API JSON, the
-//!   sign-in flow HTML pages.
+//!   theirs in their own protocol with its constructors: the token service and the account
+//!   APIs OAuth 2 errors naming the grant's problem (and the registry-format 401 and 429 that
+//!   Docker clients show), the robots API JSON, the sign-in flows HTML pages.
 //! - [`Failure`]: a refusal or failure the gateway decides before or instead of a feature (no
 //!   such endpoint, a body too large, a rate limit, the bearer check, storage unavailable).
 //!   [`Failure::reply`] is the one place that writes it in the protocol of the path it was

@@ -1,4 +1,7 @@
-//! A private CA and a server certificate for the embedded default.
+//! TLS on the client listener: `[tls]` ([`TlsConfig`]), the certificate and key in force
+//! ([`ServerCertificate`], read again on `SIGHUP` for new handshakes) and the listener's
+//! certificate callback ([`Presenter`]); and, for the embedded default and tests, a private CA
+//! and a server certificate it signs.
 
 use anyhow::Context;
 use openssl::asn1::Asn1Time;
