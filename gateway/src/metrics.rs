@@ -3,6 +3,21 @@
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// One request as the metrics count it.
+pub struct Served<'a> {
+    /// The `route` label.
+    pub route: &'a str,
+    pub method: &'a str,
+    /// The status written (0: none).
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// The repository of a `/v2/` request.
+    pub repository: Option<&'a str>,
+    pub elapsed: Duration,
+}
 
 /// How many repositories get their own `gateway_repository_bytes_total` series; the rest
 /// are counted under `repository="_other"`.
@@ -250,6 +265,25 @@ impl Metrics {
     }
 
     /// Counts body bytes of a request to `repository`.
+    /// Counts a finished request: requests, bytes each way (per repository too), duration.
+    pub fn served(&self, r: &Served<'_>) {
+        self.requests
+            .with_label_values(&[r.route, r.method, &r.status.to_string()])
+            .inc();
+        self.request_bytes
+            .with_label_values(&[r.route])
+            .inc_by(r.bytes_in);
+        self.response_bytes
+            .with_label_values(&[r.route])
+            .inc_by(r.bytes_out);
+        if let Some(repo) = r.repository {
+            self.repository_bytes(repo, r.bytes_in, r.bytes_out);
+        }
+        self.duration
+            .with_label_values(&[r.route])
+            .observe(r.elapsed.as_secs_f64());
+    }
+
     pub fn repository_bytes(&self, repository: &str, bytes_in: u64, bytes_out: u64) {
         let label = match self.repositories.lock() {
             Ok(mut seen) => {

@@ -7,7 +7,7 @@
 
 use crate::audit::request::{Operation, RequestInfo};
 use crate::endpoints::{Endpoints, Incoming};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Served};
 use crate::registry::authz::{Forward, Verdict};
 use crate::registry::{Registry, forward};
 use crate::reply::{Failure, Kind, Protocol, Reply};
@@ -161,6 +161,33 @@ impl Gateway {
             }
         }
     }
+}
+
+/// The status a request that could not be proxied ends with (0: the client went away, no
+/// answer).
+fn status_of(e: &Error) -> u16 {
+    match e.etype() {
+        ErrorType::HTTPStatus(c) => *c,
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            _ => 500,
+        },
+    }
+}
+
+/// What the client is told when its request could not be proxied (`None`: nobody to tell).
+fn proxy_failure(code: u16) -> Option<Failure> {
+    let (kind, msg) = match code {
+        0 => return None,
+        502 | 503 => (Kind::Unavailable, "storage is unavailable, try again"),
+        400 => (Kind::Invalid(oci::ErrorCode::Unknown), "bad request"),
+        _ => (Kind::Internal, "internal error"),
+    };
+    Some(Failure::new(code, kind, msg))
 }
 
 /// The client's address.
@@ -340,28 +367,9 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&[node, "proxy"])
                 .inc();
         }
-        let code = match e.etype() {
-            ErrorType::HTTPStatus(c) => *c,
-            _ => match e.esource() {
-                ErrorSource::Upstream => 502,
-                ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                    _ => 400,
-                },
-                _ => 500,
-            },
-        };
-        if code > 0 {
-            let (kind, msg) = match code {
-                502 | 503 => (Kind::Unavailable, "storage is unavailable, try again"),
-                400 => (Kind::Invalid(oci::ErrorCode::Unknown), "bad request"),
-                _ => (Kind::Internal, "internal error"),
-            };
-            let _ = send(
-                session,
-                Failure::new(code, kind, msg).reply(Protocol::Registry),
-            )
-            .await;
+        let code = status_of(e);
+        if let Some(failure) = proxy_failure(code) {
+            let _ = send(session, failure.reply(Protocol::Registry)).await;
         }
         FailToProxy {
             error_code: code,
@@ -371,29 +379,17 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let method = session.req_header().method.as_str().to_owned();
-        self.metrics
-            .requests
-            .with_label_values(&[ctx.route, &method, &status.to_string()])
-            .inc();
         let elapsed = ctx.started.elapsed();
-        let (bytes_in, bytes_out) = (ctx.op.bytes_in, ctx.op.bytes_out);
-        self.metrics
-            .request_bytes
-            .with_label_values(&[ctx.route])
-            .inc_by(bytes_in);
-        self.metrics
-            .response_bytes
-            .with_label_values(&[ctx.route])
-            .inc_by(bytes_out);
-        if let Some(repo) = ctx.op.endpoint.as_ref().and_then(|e| e.repository()) {
-            self.metrics
-                .repository_bytes(repo.as_str(), bytes_in, bytes_out);
-        }
-        self.metrics
-            .duration
-            .with_label_values(&[ctx.route])
-            .observe(elapsed.as_secs_f64());
+        let repository = ctx.op.endpoint.as_ref().and_then(|e| e.repository());
+        self.metrics.served(&Served {
+            route: ctx.route,
+            method: session.req_header().method.as_str(),
+            status,
+            bytes_in: ctx.op.bytes_in,
+            bytes_out: ctx.op.bytes_out,
+            repository: repository.map(|r| r.as_str()),
+            elapsed,
+        });
         ctx.op.finish(&ctx.info, status, elapsed);
         if let Some(e) = e {
             tracing::warn!(request_id = %ctx.info.request_id, route = ctx.route, status, error = %e, "request failed");
