@@ -177,6 +177,11 @@ pub enum RouteError {
     Digest(#[from] DigestError),
     #[error(transparent)]
     Reference(ReferenceError),
+    /// A `GET`/`HEAD` of a manifest by a reference that cannot name one: 404 as in
+    /// distribution (whose routes do not match it) and the OCI conformance suite; a `PUT`
+    /// with it is [`RouteError::Reference`], 400.
+    #[error("manifest unknown: {0}")]
+    UnknownReference(ReferenceError),
     #[error("upload id is invalid")]
     UploadId,
 }
@@ -194,6 +199,7 @@ impl From<RouteError> for OciError {
             RouteError::Reference(ReferenceError::BadTag(_)) => {
                 OciError::new(ErrorCode::TagInvalid, msg)
             }
+            RouteError::UnknownReference(_) => OciError::new(ErrorCode::ManifestUnknown, msg),
             RouteError::UploadId => OciError::new(ErrorCode::BlobUploadUnknown, msg),
         }
     }
@@ -279,7 +285,10 @@ pub fn parse_route(method: &str, path: &str) -> Result<Endpoint, RouteError> {
         },
         Shape::Manifest(n, r) => {
             let name = name(n)?;
-            let reference = Reference::parse(r).map_err(RouteError::Reference)?;
+            let reference = Reference::parse(r).map_err(|e| match method {
+                "GET" | "HEAD" => RouteError::UnknownReference(e),
+                _ => RouteError::Reference(e),
+            })?;
             match method {
                 "GET" | "HEAD" => Endpoint::GetManifest {
                     name,
@@ -529,11 +538,29 @@ mod tests {
             (
                 "GET",
                 "/v2/a/manifests/.bad".into(),
+                ErrorCode::ManifestUnknown,
+                404,
+            ),
+            (
+                "HEAD",
+                "/v2/a/manifests/.INVALID_MANIFEST_NAME".into(),
+                ErrorCode::ManifestUnknown,
+                404,
+            ),
+            (
+                "PUT",
+                "/v2/a/manifests/.bad".into(),
                 ErrorCode::TagInvalid,
                 400,
             ),
             (
                 "GET",
+                "/v2/a/manifests/sha256:123".into(),
+                ErrorCode::ManifestUnknown,
+                404,
+            ),
+            (
+                "DELETE",
                 "/v2/a/manifests/sha256:123".into(),
                 ErrorCode::DigestInvalid,
                 400,

@@ -10,6 +10,7 @@
 //! - [`ldap`]: a real slapd with a seeded directory.
 //! - [`oidc`]: a real OpenID provider and a headless browser login.
 //! - [`fsck`]: an offline consistency check of a storage root.
+//! - [`layout`]: a registry root written directly in distribution's layout (no pushes).
 //! - [`redis`]: a real redis-server, stopped and started again at will.
 //! - [`syslog`]: a real rsyslogd receiving RFC 5424 over UDP, TCP and TLS.
 //! - [`tools`]: running real clients (skopeo, podman, buildah) and distribution.
@@ -20,6 +21,7 @@ pub mod deployment;
 pub mod driver_contract;
 pub mod fsck;
 pub mod haproxy;
+pub mod layout;
 pub mod ldap;
 pub mod moto;
 pub mod oidc;

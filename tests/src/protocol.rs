@@ -1049,6 +1049,19 @@ async fn invalid_names_and_tags(c: Client, p: String) -> anyhow::Result<()> {
         let (s, code) = error_code(r).await.with_context(|| tag.to_string())?;
         ensure!(s == 400 && code == "TAG_INVALID", "{tag}: {s} {code}");
     }
+    // A GET or HEAD by a reference that cannot name a manifest is 404 MANIFEST_UNKNOWN, as
+    // in distribution and the OCI conformance suite (a PUT with it stays 400, above).
+    for reference in [".INVALID_MANIFEST_NAME", "-dash", "sha256:123"] {
+        let path = format!("/v2/{p}/manifests/{reference}");
+        let r = c.get(&path).await?;
+        let (s, code) = error_code(r).await.with_context(|| path.clone())?;
+        ensure!(
+            s == 404 && code == "MANIFEST_UNKNOWN",
+            "GET {path}: {s} {code}"
+        );
+        let r = c.req(Method::HEAD, &path).send().await?;
+        ensure!(r.status() == 404, "HEAD {path}: {}", r.status());
+    }
     Ok(())
 }
 

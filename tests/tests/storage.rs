@@ -681,3 +681,170 @@ fn distribution_and_storage_backend_read_each_others_roots() -> anyhow::Result<(
     same_files(&src, &out)?;
     Ok(())
 }
+
+/// `path?n=<n>&last=<last>` (the names and tags used here need no escaping in a query).
+fn page_path(path: &str, n: usize, last: Option<&str>) -> String {
+    match last {
+        None => format!("{path}?n={n}"),
+        Some(l) => format!("{path}?n={n}&last={l}"),
+    }
+}
+
+/// One page of a listing: its items (`repositories` or `tags`) and whether it links a next.
+async fn list_page(c: &Client, path: &str, field: &str) -> anyhow::Result<(Vec<String>, bool)> {
+    let r = c.get(path).await?;
+    ensure!(r.status() == 200, "{path}: {}", describe(r).await);
+    let more = r.headers().contains_key("link");
+    let v: serde_json::Value = r.json().await?;
+    let items = v[field]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((items, more))
+}
+
+/// The catalog page after `last` (none: the first), `n` at most, from storage-backend and
+/// from distribution on the same root: the same items; and a next link from us exactly when
+/// distribution has more (distribution also links a next page after a page that happens to
+/// be full when nothing follows, which we check it answers empty).
+async fn same_catalog_page(
+    ours: &Client,
+    theirs: &Client,
+    n: usize,
+    last: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    let path = page_path("/v2/_catalog", n, last);
+    let (our_items, our_more) = list_page(ours, &path, "repositories").await?;
+    let (their_items, their_more) = list_page(theirs, &path, "repositories").await?;
+    ensure!(
+        our_items == their_items,
+        "{path}: ours {our_items:?}, distribution {their_items:?}"
+    );
+    let really_more = if their_more && !their_items.is_empty() {
+        let next = page_path("/v2/_catalog", n, their_items.last().map(String::as_str));
+        !list_page(theirs, &next, "repositories").await?.0.is_empty()
+    } else {
+        their_more
+    };
+    ensure!(
+        our_more == really_more,
+        "{path}: our next link {our_more}, distribution has more: {really_more}"
+    );
+    Ok(our_items)
+}
+
+#[tokio::test]
+async fn catalog_and_tag_pages_match_distribution_on_one_layout() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let layout = portcullis_tests::layout::Layout::new(root.path())?;
+    let v1 = ["v1".to_string()];
+    // Names that sort differently across nesting levels: `a/b` < `a-b` < `a.b` as a walk
+    // meets them, not as plain strings.
+    let names = [
+        "a",
+        "a/b",
+        "a/b/c",
+        "a/b-c",
+        "a-b",
+        "a.b",
+        "a0",
+        "b/a",
+        "b/a/b",
+        "team/app",
+        "team/app/sub",
+        "team-x/y",
+        "z",
+    ];
+    for name in names {
+        layout.image(name, &v1)?;
+    }
+    // Only blobs, no manifest: distribution lists it; so do we.
+    layout.blobs_only("blobs/only")?;
+    let tags: Vec<String> = [
+        "1.0", "1.0-rc", "10", "2", "A", "a", "latest", "v1", "v1-0", "v1.0", "v1_0", "_x",
+    ]
+    .map(String::from)
+    .to_vec();
+    layout.image("tags/many", &tags)?;
+
+    let server = StorageServer::start(root.path())?;
+    let dist = Distribution::start(root.path())?;
+    let (ours, theirs) = (Client::new(&server.base), Client::new(&dist.base));
+
+    // Every page, for several page sizes, following the last item as a client does.
+    let mut all = Vec::new();
+    for n in [1, 2, 3, 5, 100] {
+        let mut seen = Vec::new();
+        let mut last: Option<String> = None;
+        loop {
+            let page = same_catalog_page(&ours, &theirs, n, last.as_deref()).await?;
+            let Some(l) = page.last().cloned() else { break };
+            seen.extend(page);
+            last = Some(l);
+        }
+        if n == 100 {
+            all = seen.clone();
+        }
+        ensure!(seen.len() == names.len() + 2, "n={n}: {seen:?}");
+    }
+    ensure!(all.contains(&"blobs/only".to_string()), "{all:?}");
+    // `last` on every name, between names, before and after all of them.
+    let mut lasts: Vec<String> = all.clone();
+    lasts.extend(["0", "a/", "a/b/", "a.", "a/a", "b", "team/", "zz", "~"].map(String::from));
+    for last in &lasts {
+        same_catalog_page(&ours, &theirs, 3, Some(last)).await?;
+    }
+    // Repositories deleted, created and re-created while a client pages.
+    let mut last = same_catalog_page(&ours, &theirs, 2, None).await?.pop();
+    layout.remove("a.b")?;
+    layout.image("a/a", &v1)?;
+    last = same_catalog_page(&ours, &theirs, 2, last.as_deref())
+        .await?
+        .pop()
+        .or(last);
+    layout.image("a.b", &v1)?;
+    layout.remove("team/app/sub")?;
+    while let Some(l) = last {
+        last = same_catalog_page(&ours, &theirs, 2, Some(&l)).await?.pop();
+    }
+
+    // Tags: the whole list as distribution has it, sorted; every page of ours is a run of it.
+    let (mut theirs_all, _) = list_page(&theirs, "/v2/tags/many/tags/list", "tags").await?;
+    theirs_all.sort();
+    let (ours_all, _) = list_page(&ours, "/v2/tags/many/tags/list", "tags").await?;
+    ensure!(
+        ours_all == theirs_all,
+        "ours {ours_all:?}, distribution {theirs_all:?}"
+    );
+    for n in 1..=4 {
+        let mut seen = Vec::new();
+        let mut path = format!("/v2/tags/many/tags/list?n={n}");
+        loop {
+            let (page, more) = list_page(&ours, &path, "tags").await?;
+            ensure!(page.len() <= n, "{path}: {page:?}");
+            seen.extend(page.iter().cloned());
+            if !more {
+                break;
+            }
+            path = page_path(
+                "/v2/tags/many/tags/list",
+                n,
+                page.last().map(String::as_str),
+            );
+        }
+        ensure!(seen == theirs_all, "n={n}: {seen:?}");
+    }
+    for (last, want) in [("1.0", "1.0-rc"), ("1", "1.0"), ("v1.0", "v1_0"), ("~", "")] {
+        let path = page_path("/v2/tags/many/tags/list", 1, Some(last));
+        let (page, _) = list_page(&ours, &path, "tags").await?;
+        ensure!(
+            page.first().map_or("", String::as_str) == want,
+            "{path}: {page:?}"
+        );
+    }
+    Ok(())
+}

@@ -3,6 +3,7 @@
 use super::{Registry, Result};
 use crate::layout::Key;
 use oci::{ErrorCode, RepositoryName, Tag};
+use std::cmp::Ordering;
 
 /// One page of a lexically sorted list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,33 +13,92 @@ pub struct Page {
     pub more: bool,
 }
 
-/// The items after `last`, at most `n` of them.
-pub fn paginate(mut all: Vec<String>, n: Option<usize>, last: Option<&str>) -> Page {
-    all.sort();
-    all.dedup();
-    let start = last.map_or(0, |l| all.partition_point(|x| x.as_str() <= l));
-    let rest = &all[start..];
-    let take = n.unwrap_or(rest.len()).min(rest.len());
-    Page {
-        items: rest[..take].to_vec(),
-        more: take < rest.len(),
-    }
+/// The catalog's order, distribution's: a depth-first walk with each directory's entries
+/// sorted, so a name comes before the names nested under it and `/` sorts before every other
+/// character (`a`, `a/b`, `a-b`, `a.b`).
+pub(super) fn catalog_order(a: &str, b: &str) -> Ordering {
+    let key = |s: &str| {
+        s.bytes()
+            .map(|c| if c == b'/' { 0 } else { c })
+            .collect::<Vec<u8>>()
+    };
+    key(a).cmp(&key(b))
+}
+
+/// Whether the repositories under `dir` (`dir` itself and `dir/…`) may hold a name after
+/// `last` in [`catalog_order`]: they are one contiguous run of that order.
+fn subtree_after(dir: &str, last: &str) -> bool {
+    catalog_order(dir, last) != Ordering::Less
+        || last
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 impl Registry {
-    /// Every tag of a repository (tags whose current link names a manifest), unsorted.
-    pub async fn tags(&self, name: &RepositoryName) -> Result<Vec<Tag>> {
-        let mut out = Vec::new();
-        for t in self.driver.list(&Key::Tags(name).path()).await? {
-            let Ok(tag) = Tag::parse(&t) else { continue };
-            if self.tag_target(name, &tag).await?.is_some() {
-                out.push(tag);
+    /// A directory of `repositories/`: whether it is a repository (it holds `_layers`, as
+    /// distribution's catalog decides — so a repository with only blobs is listed — or
+    /// `_manifests`), and the subdirectories that may hold names after `last`, sorted.
+    async fn catalog_dir(&self, rel: &str, last: Option<&str>) -> Result<(bool, Vec<String>)> {
+        let root = Key::Repositories.path();
+        let dir = if rel.is_empty() {
+            root
+        } else {
+            format!("{root}/{rel}")
+        };
+        let mut is_repo = false;
+        let mut subdirs = Vec::new();
+        for child in self.driver.list(&dir).await? {
+            if child.starts_with('_') {
+                is_repo |= child == "_layers" || child == "_manifests";
+                continue;
+            }
+            let path = if rel.is_empty() {
+                child
+            } else {
+                format!("{rel}/{child}")
+            };
+            if last.is_none_or(|l| subtree_after(&path, l)) {
+                subdirs.push(path);
             }
         }
-        Ok(out)
+        subdirs.sort_unstable_by(|a, b| catalog_order(a, b));
+        Ok((is_repo && !rel.is_empty(), subdirs))
     }
 
-    /// A page of the repository's tags; `NAME_UNKNOWN` if the repository does not exist.
+    /// A page of the repositories, in [`catalog_order`]: a walk that skips every directory
+    /// whose names all come before `last` and stops after `n` (one more, to know whether
+    /// there are more), so a page costs the directories on its way, not the store.
+    pub async fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page> {
+        let want = n.map(|n| n.saturating_add(1));
+        let mut items = Vec::new();
+        // Each level's directories still to visit, sorted and reversed (the next one last).
+        let (_, mut top) = self.catalog_dir("", last).await?;
+        top.reverse();
+        let mut stack = vec![top];
+        while want.is_none_or(|w| items.len() < w) {
+            let Some(level) = stack.last_mut() else { break };
+            let Some(rel) = level.pop() else {
+                stack.pop();
+                continue;
+            };
+            let (is_repo, mut below) = self.catalog_dir(&rel, last).await?;
+            let after = last.is_none_or(|l| catalog_order(&rel, l) == Ordering::Greater);
+            if is_repo && after && RepositoryName::parse(&rel).is_ok() {
+                items.push(rel);
+            }
+            below.reverse();
+            stack.push(below);
+        }
+        let more = want.is_some_and(|w| items.len() == w);
+        if more {
+            items.pop();
+        }
+        Ok(Page { items, more })
+    }
+
+    /// A page of the repository's tags (those whose current link names a manifest);
+    /// `NAME_UNKNOWN` if the repository does not exist. The tags' names are listed and
+    /// sorted; only the links of the page's tags (and the one after) are read.
     pub async fn list_tags(
         &self,
         name: &RepositoryName,
@@ -56,19 +116,38 @@ impl Registry {
                 format!("repository {name} is not known to the registry"),
             ));
         }
-        let tags = self
-            .tags(name)
-            .await?
-            .into_iter()
-            .map(|t| t.as_str().to_owned())
-            .collect();
-        Ok(paginate(tags, n, last))
+        let mut names = self.driver.list(&Key::Tags(name).path()).await?;
+        names.sort_unstable();
+        names.dedup();
+        let start = last.map_or(0, |l| names.partition_point(|x| x.as_str() <= l));
+        let want = n.map(|n| n.saturating_add(1));
+        let mut items = Vec::new();
+        for t in &names[start..] {
+            if want.is_some_and(|w| items.len() >= w) {
+                break;
+            }
+            let Ok(tag) = Tag::parse(t) else { continue };
+            if self.tag_target(name, &tag).await?.is_some() {
+                items.push(t.clone());
+            }
+        }
+        let more = want.is_some_and(|w| items.len() == w);
+        if more {
+            items.pop();
+        }
+        Ok(Page { items, more })
     }
 
-    /// A page of the repositories that hold manifests.
-    pub async fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page> {
-        let found = self.repository_names(true).await?;
-        Ok(paginate(found, n, last))
+    /// Every tag of a repository (tags whose current link names a manifest), unsorted.
+    pub async fn tags(&self, name: &RepositoryName) -> Result<Vec<Tag>> {
+        let mut out = Vec::new();
+        for t in self.driver.list(&Key::Tags(name).path()).await? {
+            let Ok(tag) = Tag::parse(&t) else { continue };
+            if self.tag_target(name, &tag).await?.is_some() {
+                out.push(tag);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -77,26 +156,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pagination_table() {
-        let all = || ["c", "a", "b", "d"].map(String::from).to_vec();
-        type Case<'a> = (Option<usize>, Option<&'a str>, &'a [&'a str], bool);
-        let cases: &[Case<'_>] = &[
-            (None, None, &["a", "b", "c", "d"], false),
-            (Some(2), None, &["a", "b"], true),
-            (Some(2), Some("b"), &["c", "d"], false),
-            (Some(4), None, &["a", "b", "c", "d"], false),
-            (Some(0), None, &[], true),
-            (None, Some("bb"), &["c", "d"], false),
-            (None, Some("z"), &[], false),
+    fn the_catalog_sorts_as_distribution_walks() {
+        let mut names = vec!["a.b", "a/b/c", "a-b", "b", "a", "a/b", "a/c", "a0", "a/b-c"];
+        names.sort_by(|a, b| catalog_order(a, b));
+        assert_eq!(
+            names,
+            ["a", "a/b", "a/b/c", "a/b-c", "a/c", "a-b", "a.b", "a0", "b"]
+        );
+    }
+
+    #[test]
+    fn a_subtree_is_skipped_only_when_all_of_it_comes_before_last() {
+        let cases = [
+            ("a", "a", true),     // a/… come after a
+            ("a", "a/b", true),   // a/c may come after a/b
+            ("a", "a-b", false),  // all of a/… comes before a-b
+            ("a/b", "a", true),   // after
+            ("a-b", "a/b", true), // after
+            ("a", "a/b/c", true),
+            ("a/b", "a/c", false),
+            ("ab", "a/z", true),
         ];
-        for (n, last, items, more) in cases {
-            let p = paginate(all(), *n, *last);
-            assert_eq!(
-                p.items,
-                items.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-                "{n:?} {last:?}"
-            );
-            assert_eq!(p.more, *more, "{n:?} {last:?}");
+        for (dir, last, may) in cases {
+            assert_eq!(subtree_after(dir, last), may, "{dir} after {last}");
         }
     }
 }

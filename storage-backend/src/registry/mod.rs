@@ -11,7 +11,7 @@ mod protect;
 mod referrers;
 mod uploads;
 
-pub use catalog::{Page, paginate};
+pub use catalog::Page;
 pub use gc::{GcOptions, GcReport, SweptBlob};
 pub use manifests::{ManifestPut, StoredManifest};
 pub use protect::{Overridden, Protected};
