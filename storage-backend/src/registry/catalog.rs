@@ -2,8 +2,13 @@
 
 use super::{Registry, Result};
 use crate::layout::Key;
+use futures_util::future::BoxFuture;
+use futures_util::{StreamExt, stream};
 use oci::{ErrorCode, RepositoryName, Tag};
 use std::cmp::Ordering;
+
+/// Directories listed (or tag links read) ahead of the one a listing looks at.
+const LISTED_AHEAD: usize = 16;
 
 /// One page of a lexically sorted list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,29 +76,48 @@ impl Registry {
     pub async fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page> {
         let want = n.map(|n| n.saturating_add(1));
         let mut items = Vec::new();
-        // Each level's directories still to visit, sorted and reversed (the next one last).
-        let (_, mut top) = self.catalog_dir("", last).await?;
-        top.reverse();
-        let mut stack = vec![top];
-        while want.is_none_or(|w| items.len() < w) {
-            let Some(level) = stack.last_mut() else { break };
-            let Some(rel) = level.pop() else {
-                stack.pop();
-                continue;
-            };
-            let (is_repo, mut below) = self.catalog_dir(&rel, last).await?;
-            let after = last.is_none_or(|l| catalog_order(&rel, l) == Ordering::Greater);
-            if is_repo && after && RepositoryName::parse(&rel).is_ok() {
-                items.push(rel);
-            }
-            below.reverse();
-            stack.push(below);
-        }
+        let (_, top) = self.catalog_dir("", last).await?;
+        self.catalog_walk(top, last, want, &mut items).await?;
         let more = want.is_some_and(|w| items.len() == w);
         if more {
             items.pop();
         }
         Ok(Page { items, more })
+    }
+
+    /// Walks `level` (sibling directories, sorted) and below, adding repositories after
+    /// `last` to `items` until it holds `want`. The next few siblings are listed while one is
+    /// looked at ([`LISTED_AHEAD`]), in order.
+    fn catalog_walk<'a>(
+        &'a self,
+        level: Vec<String>,
+        last: Option<&'a str>,
+        want: Option<usize>,
+        items: &'a mut Vec<String>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let full = |items: &Vec<String>| want.is_some_and(|w| items.len() >= w);
+            let mut listed = stream::iter(level)
+                .map(|rel| async move {
+                    let dir = self.catalog_dir(&rel, last).await;
+                    (rel, dir)
+                })
+                .buffered(LISTED_AHEAD);
+            while let Some((rel, dir)) = listed.next().await {
+                if full(items) {
+                    break;
+                }
+                let (is_repo, below) = dir?;
+                let after = last.is_none_or(|l| catalog_order(&rel, l) == Ordering::Greater);
+                if is_repo && after && RepositoryName::parse(&rel).is_ok() {
+                    items.push(rel);
+                }
+                if !below.is_empty() && !full(items) {
+                    self.catalog_walk(below, last, want, items).await?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// A page of the repository's tags (those whose current link names a manifest);
@@ -122,13 +146,23 @@ impl Registry {
         let start = last.map_or(0, |l| names.partition_point(|x| x.as_str() <= l));
         let want = n.map(|n| n.saturating_add(1));
         let mut items = Vec::new();
-        for t in &names[start..] {
+        // The links of the next few tags are read while one is looked at, in order.
+        let tags = names
+            .into_iter()
+            .skip(start)
+            .filter_map(|t| Tag::parse(&t).ok());
+        let mut read = stream::iter(tags)
+            .map(|tag| async move {
+                let target = self.tag_target(name, &tag).await;
+                (tag, target)
+            })
+            .buffered(LISTED_AHEAD);
+        while let Some((tag, target)) = read.next().await {
             if want.is_some_and(|w| items.len() >= w) {
                 break;
             }
-            let Ok(tag) = Tag::parse(t) else { continue };
-            if self.tag_target(name, &tag).await?.is_some() {
-                items.push(t.clone());
+            if target?.is_some() {
+                items.push(tag.as_str().to_owned());
             }
         }
         let more = want.is_some_and(|w| items.len() == w);

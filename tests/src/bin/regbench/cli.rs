@@ -1,5 +1,5 @@
 //! The command line: which mode to run (`--gateway`, `--ldap`, `--sso`, `--federation`,
-//! `--audit`, `--ha`, `--s3`, `--gc`, or the plain comparison) and the sizes of each workload.
+//! `--audit`, `--ha`, `--s3`, `--gc`, `--scale`, or the plain comparison) and the sizes of each workload.
 
 use clap::Parser;
 
@@ -96,4 +96,15 @@ pub(crate) struct Args {
     /// Pulls (manifest by tag + one layer) per measurement.
     #[arg(long, default_value_t = 20000)]
     pub(crate) gc_pulls: usize,
+    /// Measure listings at scale: a registry:2 root written directly at each of
+    /// `--scale-sizes` (that many repositories, and that many tags in one repository), served
+    /// by storage-backend and distribution 2.8.2 in turn: catalog and tag pages, a manifest
+    /// GET; the growth from the smallest size to each larger one.
+    #[arg(long)]
+    pub(crate) scale: bool,
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 100_000])]
+    pub(crate) scale_sizes: Vec<usize>,
+    /// `--scale`: sequential GETs per measurement (the median is kept).
+    #[arg(long, default_value_t = 25)]
+    pub(crate) scale_gets: usize,
 }

@@ -24,11 +24,12 @@
 //! two storage nodes behind HAProxy against one of each, and token issuance on Redis against
 //! the in-memory store; with `--s3`, storage-backend on S3 (moto) against the filesystem,
 //! with moto's own cost measured by a plain S3 client; with `--gc`, garbage collection of a
-//! store of 1,000 repositories and its effect on concurrent pulls.
+//! store of 1,000 repositories and its effect on concurrent pulls; with `--scale`, catalog
+//! and tag pages on registry:2 roots of growing size against distribution on the same root.
 //!
 //! One module per mode: [`cli`] (the arguments), [`measure`] (shared measurement helpers),
 //! [`workload`](mod@workload) (the push/pull/manifest comparison), [`gateway_suite`](mod@gateway_suite), [`ldap`],
-//! [`sso`], [`federation`], [`audit`], [`ha`], [`s3`] and [`gc`].
+//! [`sso`], [`federation`], [`audit`], [`ha`], [`s3`], [`gc`] and [`scale`].
 
 mod audit;
 mod cli;
@@ -39,6 +40,7 @@ mod ha;
 mod ldap;
 mod measure;
 mod s3;
+mod scale;
 mod sso;
 mod workload;
 
@@ -55,6 +57,7 @@ use portcullis_tests::client::Client;
 use portcullis_tests::server::StorageServer;
 use portcullis_tests::tools::Distribution;
 use s3::s3_suite;
+use scale::scale_suite;
 use sso::sso_suite;
 use workload::{measure_all, report, workload};
 
@@ -87,6 +90,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.gc {
         return gc_suite(&args, scratch.path()).await;
+    }
+    if args.scale {
+        return scale_suite(&args, scratch.path()).await;
     }
     // Keep the servers alive for the whole run.
     let mut _keep_storage = None;

@@ -1,0 +1,156 @@
+//! `--scale`: listings as the registry grows. At each of `--scale-sizes`, a registry:2 root
+//! is written directly (`portcullis_tests::layout`: that many repositories, `team-NN/app-NNNNNN`
+//! over 100 teams, and one repository with that many tags), then served by storage-backend and
+//! by distribution 2.8.2 in turn, on the very same directory; each measurement is the median of
+//! `--scale-gets` sequential GETs. Printed: the figures, each registry's growth from the
+//! smallest size, and storage-backend's ratio to distribution.
+
+use crate::cli::Args;
+use anyhow::{Context, ensure};
+use portcullis_tests::client::{Client, OCI_MANIFEST, describe};
+use portcullis_tests::layout::Layout;
+use portcullis_tests::server::StorageServer;
+use portcullis_tests::tools::Distribution;
+use reqwest::Method;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// What is measured, in the order printed.
+const MEASURES: [&str; 5] = [
+    "catalog first page (n=100)",
+    "catalog middle page (n=100&last=…)",
+    "tags first page (n=100)",
+    "tags middle page (n=100&last=…)",
+    "manifest GET by tag",
+];
+
+fn repo_name(i: usize) -> String {
+    format!("team-{:02}/app-{i:06}", i % 100)
+}
+
+fn tag_name(j: usize) -> String {
+    format!("t{j:06}")
+}
+
+/// The requests of each measure at `size`.
+fn paths(size: usize) -> [String; 5] {
+    // The middle name in the catalog's order: names sort by team, then by number.
+    let mut names: Vec<String> = (0..size).map(repo_name).collect();
+    names.sort();
+    let middle = &names[size / 2];
+    [
+        "/v2/_catalog?n=100".into(),
+        format!("/v2/_catalog?n=100&last={middle}"),
+        "/v2/big/tags/tags/list?n=100".into(),
+        format!("/v2/big/tags/tags/list?n=100&last={}", tag_name(size / 2)),
+        "/v2/team-00/app-000000/manifests/t000000".into(),
+    ]
+}
+
+/// Median of `gets` sequential GETs of `path` (each checked for 200).
+async fn median(c: &Client, path: &str, gets: usize) -> anyhow::Result<Duration> {
+    let mut times = Vec::with_capacity(gets);
+    for _ in 0..gets.max(1) {
+        let t = Instant::now();
+        // distribution answers an OCI manifest only to a client that accepts one.
+        let r = c
+            .req(Method::GET, path)
+            .header("accept", OCI_MANIFEST)
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "{path}: {}", describe(r).await);
+        r.bytes().await?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// Writes the root for `size`; how long it took.
+fn fill(root: &Path, size: usize) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let layout = Layout::new(root)?;
+    for i in 0..size {
+        let tag = [tag_name(0)];
+        layout.image(&repo_name(i), &tag)?;
+    }
+    let tags: Vec<String> = (0..size).map(tag_name).collect();
+    layout.image("big/tags", &tags)?;
+    Ok(t.elapsed())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
+    let mut sizes = args.scale_sizes.clone();
+    sizes.sort_unstable();
+    ensure!(!sizes.is_empty(), "--scale-sizes is empty");
+    println!(
+        "regbench --scale: sizes {sizes:?} (repositories, and tags in one repository), median of {} sequential GETs",
+        args.scale_gets
+    );
+    // results[size][registry][measure]
+    let mut results: Vec<[[Duration; 5]; 2]> = Vec::new();
+    for &size in &sizes {
+        let root = scratch.join(format!("scale-{size}"));
+        let took = fill(&root, size).context("writing the layout")?;
+        println!("{size}: layout written in {:.1} s", took.as_secs_f64());
+        let paths = paths(size);
+        let mut row = [[Duration::ZERO; 5]; 2];
+        {
+            let ours = StorageServer::start(&root)?;
+            let c = Client::new(&ours.base);
+            for (k, p) in paths.iter().enumerate() {
+                row[0][k] = median(&c, p, args.scale_gets).await?;
+            }
+        }
+        {
+            let dist = Distribution::start(&root)?;
+            let c = Client::new(&dist.base);
+            for (k, p) in paths.iter().enumerate() {
+                row[1][k] = median(&c, p, args.scale_gets).await?;
+            }
+        }
+        results.push(row);
+        std::fs::remove_dir_all(&root)?;
+    }
+    println!();
+    print!("{:<38}", "measure");
+    for size in &sizes {
+        print!(
+            " {:>14} {:>14}",
+            format!("ours@{size}"),
+            format!("dist@{size}")
+        );
+    }
+    println!(" {:>12} {:>12}", "ours growth", "dist growth");
+    for (k, name) in MEASURES.iter().enumerate() {
+        print!("{name:<38}");
+        for row in &results {
+            print!(" {:>11.2} ms {:>11.2} ms", ms(row[0][k]), ms(row[1][k]));
+        }
+        let (first, last) = (&results[0], &results[results.len() - 1]);
+        let growth = |r: usize| last[r][k].as_secs_f64() / first[r][k].as_secs_f64().max(1e-9);
+        println!(" {:>11.2}× {:>11.2}×", growth(0), growth(1));
+    }
+    println!();
+    for (i, size) in sizes.iter().enumerate() {
+        let ratios: Vec<String> = MEASURES
+            .iter()
+            .enumerate()
+            .map(|(k, _)| {
+                format!(
+                    "{:.2}×",
+                    results[i][1][k].as_secs_f64() / results[i][0][k].as_secs_f64().max(1e-9)
+                )
+            })
+            .collect();
+        println!(
+            "at {size}: storage-backend faster than distribution by {}",
+            ratios.join(" / ")
+        );
+    }
+    Ok(())
+}
