@@ -762,8 +762,18 @@ async fn catalog_and_tag_pages_match_distribution_on_one_layout() -> anyhow::Res
     for name in names {
         layout.image(name, &v1)?;
     }
+    // A level wider than the walk lists ahead (16).
+    let wide: Vec<String> = (0..20).map(|i| format!("wide/r{i:02}")).collect();
+    for name in &wide {
+        layout.image(name, &v1)?;
+    }
     // Only blobs, no manifest: distribution lists it; so do we.
     layout.blobs_only("blobs/only")?;
+    // A stray file among the repositories names none (distribution ignores it too).
+    std::fs::write(
+        root.path().join("docker/registry/v2/repositories/zfile"),
+        b"x",
+    )?;
     let tags: Vec<String> = [
         "1.0", "1.0-rc", "10", "2", "A", "a", "latest", "v1", "v1-0", "v1.0", "v1_0", "_x",
     ]
@@ -789,7 +799,10 @@ async fn catalog_and_tag_pages_match_distribution_on_one_layout() -> anyhow::Res
         if n == 100 {
             all = seen.clone();
         }
-        ensure!(seen.len() == names.len() + 2, "n={n}: {seen:?}");
+        ensure!(
+            seen.len() == names.len() + wide.len() + 2,
+            "n={n}: {seen:?}"
+        );
     }
     ensure!(all.contains(&"blobs/only".to_string()), "{all:?}");
     // `last` on every name, between names, before and after all of them.
@@ -811,6 +824,33 @@ async fn catalog_and_tag_pages_match_distribution_on_one_layout() -> anyhow::Res
     while let Some(l) = last {
         last = same_catalog_page(&ours, &theirs, 2, Some(&l)).await?.pop();
     }
+
+    // A nested name starting with a digit: distribution lists it before its parent (where
+    // `_layers` sorts among the parent's entries) and then skips the parent when paging; ours
+    // keeps a name before the names under it, on every page.
+    let other = tempfile::tempdir()?;
+    let digits = portcullis_tests::layout::Layout::new(other.path())?;
+    for name in ["a", "a/0", "a/1x/c", "a/b", "b"] {
+        digits.image(name, &v1)?;
+    }
+    let ours_digits = StorageServer::start(other.path())?;
+    let c = Client::new(&ours_digits.base);
+    let (all_digits, _) = list_page(&c, "/v2/_catalog?n=100", "repositories").await?;
+    ensure!(
+        all_digits == ["a", "a/0", "a/1x/c", "a/b", "b"],
+        "{all_digits:?}"
+    );
+    let mut paged = Vec::new();
+    let mut path = page_path("/v2/_catalog", 1, None);
+    loop {
+        let (page, more) = list_page(&c, &path, "repositories").await?;
+        paged.extend(page.iter().cloned());
+        if !more {
+            break;
+        }
+        path = page_path("/v2/_catalog", 1, page.last().map(String::as_str));
+    }
+    ensure!(paged == all_digits, "paged one at a time: {paged:?}");
 
     // Tags: the whole list as distribution has it, sorted; every page of ours is a run of it.
     let (mut theirs_all, _) = list_page(&theirs, "/v2/tags/many/tags/list", "tags").await?;

@@ -18,25 +18,30 @@ pub struct Page {
     pub more: bool,
 }
 
-/// The catalog's order, distribution's: a depth-first walk with each directory's entries
-/// sorted, so a name comes before the names nested under it and `/` sorts before every other
-/// character (`a`, `a/b`, `a-b`, `a.b`).
+/// The catalog's order: a depth-first walk with each directory's entries sorted, a name before
+/// the names nested under it, so `/` sorts before every other character (`a`, `a/b`, `a-b`,
+/// `a.b`). distribution walks the same way but lists a repository where its `_layers` entry
+/// sorts among its directory's entries, so a nested name starting with a digit comes before
+/// its parent there (`a/0`, `a`, `a/b`) — and its pages skip the parent; ours keep one order.
 pub(super) fn catalog_order(a: &str, b: &str) -> Ordering {
-    let key = |s: &str| {
-        s.bytes()
-            .map(|c| if c == b'/' { 0 } else { c })
-            .collect::<Vec<u8>>()
-    };
-    key(a).cmp(&key(b))
+    key(a).cmp(key(b))
+}
+
+/// A name's bytes as the catalog orders them (`/` as the smallest byte).
+fn key(s: &str) -> impl Iterator<Item = u8> + '_ {
+    s.bytes().map(|c| if c == b'/' { 0 } else { c })
 }
 
 /// Whether the repositories under `dir` (`dir` itself and `dir/…`) may hold a name after
 /// `last` in [`catalog_order`]: they are one contiguous run of that order.
 fn subtree_after(dir: &str, last: &str) -> bool {
-    catalog_order(dir, last) != Ordering::Less
-        || last
-            .strip_prefix(dir)
-            .is_some_and(|rest| rest.starts_with('/'))
+    if catalog_order(dir, last) != Ordering::Less {
+        return true;
+    }
+    // `last` inside the subtree: it starts with `dir` and the next byte orders as `/`.
+    last.len() > dir.len()
+        && key(last).take(dir.len()).eq(key(dir))
+        && key(last).nth(dir.len()) == Some(0)
 }
 
 impl Registry {
@@ -52,7 +57,13 @@ impl Registry {
         };
         let mut is_repo = false;
         let mut subdirs = Vec::new();
-        for child in self.driver.list(&dir).await? {
+        // A stray file where a directory was expected names no repository (as distribution
+        // ignores it), rather than failing the page.
+        let children = match self.driver.list(&dir).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Vec::new(),
+            listed => listed?,
+        };
+        for child in children {
             if child.starts_with('_') {
                 is_repo |= child == "_layers" || child == "_manifests";
                 continue;
@@ -210,6 +221,7 @@ mod tests {
             ("a", "a/b/c", true),
             ("a/b", "a/c", false),
             ("ab", "a/z", true),
+            ("a", "a\0b", true), // a NUL orders as `/` does
         ];
         for (dir, last, may) in cases {
             assert_eq!(subtree_after(dir, last), may, "{dir} after {last}");
