@@ -2,7 +2,8 @@
 //! on the filesystem, the in-memory store and S3; the base-URL protocol suite on S3 directly
 //! and through the gateway; uploads continued by another node on the same bucket with chunks
 //! of every size; a failed digest check that leaves nothing behind; racing pushes of
-//! immutable and mutable tags; the store going away; skopeo with a 64 MiB layer.
+//! immutable and mutable tags; the store going away; skopeo with a 64 MiB layer; catalog and
+//! tag pages on S3 the same as on the filesystem for one layout.
 //! `cargo test --release --test object_storage` runs exactly these.
 
 use portcullis_tests::azurite::Azurite;
@@ -568,4 +569,98 @@ fn skopeo_pushes_and_pulls_a_64_mib_layer_through_the_gateway_onto_two_s3_nodes(
         "an open multipart upload"
     );
     Ok(())
+}
+
+/// Every file under `dir`, as paths relative to it.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out
+}
+
+/// The items and next link of one listing page.
+async fn page_of(c: &Client, path: &str, field: &str) -> (Vec<String>, bool) {
+    let r = c.get(path).await.unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    let more = r.headers().contains_key("link");
+    let v: serde_json::Value = r.json().await.unwrap();
+    let items = v[field]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    (items, more)
+}
+
+#[tokio::test]
+async fn catalog_and_tag_pages_on_s3_are_those_of_the_same_layout_on_the_filesystem() {
+    let root = tempfile::tempdir().unwrap();
+    let layout = portcullis_tests::layout::Layout::new(root.path()).unwrap();
+    let v1 = ["v1".to_string()];
+    let mut names: Vec<String> = [
+        "a", "a/b", "a/b/c", "a/b-c", "a-b", "a.b", "a0", "b/a", "b/a/b", "team/app", "z",
+    ]
+    .map(String::from)
+    .to_vec();
+    names.extend((0..20).map(|i| format!("wide/r{i:02}")));
+    for name in &names {
+        layout.image(name, &v1).unwrap();
+    }
+    layout.blobs_only("blobs/only").unwrap();
+    let tags: Vec<String> = ["1.0", "1.0-rc", "10", "2", "latest", "v1", "v1.0", "v1_0"]
+        .map(String::from)
+        .to_vec();
+    layout.image("tags/many", &tags).unwrap();
+
+    // The same files as objects under the node's prefix.
+    let moto = Moto::start().unwrap();
+    moto.create_bucket("listing").unwrap();
+    for rel in files_under(root.path()) {
+        let data = std::fs::read(root.path().join(&rel)).unwrap();
+        let key = format!("/listing/pfx/{}", rel.display());
+        let (status, body) = moto.request("PUT", &key, &data).unwrap();
+        assert_eq!(status, 200, "PUT {key}: {body}");
+    }
+    let conf = tempfile::tempdir().unwrap();
+    let s3 = moto.storage_node(conf.path(), "listing", "pfx").unwrap();
+    let fs = StorageServer::start(root.path()).unwrap();
+    let (on_s3, on_fs) = (Client::new(&s3.base), Client::new(&fs.base));
+
+    let mut lasts: Vec<Option<String>> = vec![None];
+    lasts.extend(names.iter().map(|n| Some(n.clone())));
+    lasts.extend(["0", "a/", "a.", "b", "wide/r1", "~"].map(|s| Some(s.to_string())));
+    for n in [1, 2, 5, 100] {
+        for last in &lasts {
+            let path = match last {
+                None => format!("/v2/_catalog?n={n}"),
+                Some(l) => format!("/v2/_catalog?n={n}&last={l}"),
+            };
+            let s3_page = page_of(&on_s3, &path, "repositories").await;
+            let fs_page = page_of(&on_fs, &path, "repositories").await;
+            assert_eq!(s3_page, fs_page, "{path}");
+        }
+        for last in [None, Some("1.0"), Some("2"), Some("v1.0"), Some("~")] {
+            let path = match last {
+                None => format!("/v2/tags/many/tags/list?n={n}"),
+                Some(l) => format!("/v2/tags/many/tags/list?n={n}&last={l}"),
+            };
+            let s3_page = page_of(&on_s3, &path, "tags").await;
+            let fs_page = page_of(&on_fs, &path, "tags").await;
+            assert_eq!(s3_page, fs_page, "{path}");
+        }
+    }
+    let (all, _) = page_of(&on_s3, "/v2/_catalog?n=1000", "repositories").await;
+    assert_eq!(all.len(), names.len() + 2, "{all:?}");
+    assert!(all.contains(&"blobs/only".to_string()), "{all:?}");
 }
