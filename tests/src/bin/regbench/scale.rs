@@ -3,7 +3,9 @@
 //! over 100 teams, and one repository with that many tags), then served by storage-backend and
 //! by distribution 2.8.2 in turn, on the very same directory; each measurement is the median of
 //! `--scale-gets` sequential GETs. Printed: the figures, each registry's growth from the
-//! smallest size, and storage-backend's ratio to distribution.
+//! smallest size, and storage-backend's ratio to distribution; and storage-backend's check of a
+//! DELETE by digest against immutability in a repository of 10 000 tags (distribution has
+//! no such check).
 
 use crate::cli::Args;
 use anyhow::{Context, ensure};
@@ -66,8 +68,9 @@ async fn median(c: &Client, path: &str, gets: usize) -> anyhow::Result<Duration>
     Ok(times[times.len() / 2])
 }
 
-/// Writes the root for `size`; how long it took.
-fn fill(root: &Path, size: usize) -> anyhow::Result<Duration> {
+/// Writes the root for `size`: how long it took, and the digest of the manifest every
+/// repository has.
+fn fill(root: &Path, size: usize) -> anyhow::Result<(Duration, String)> {
     let t = Instant::now();
     let layout = Layout::new(root)?;
     for i in 0..size {
@@ -76,7 +79,36 @@ fn fill(root: &Path, size: usize) -> anyhow::Result<Duration> {
     }
     let tags: Vec<String> = (0..size).map(tag_name).collect();
     layout.image("big/tags", &tags)?;
-    Ok(t.elapsed())
+    let tags: Vec<String> = (0..DELETE_TAGS).map(tag_name).collect();
+    layout.image("delete/check", &tags)?;
+    Ok((t.elapsed(), layout.manifest().to_string()))
+}
+
+/// Tags of the repository where a DELETE by digest is checked against immutability.
+const DELETE_TAGS: usize = 10_000;
+
+/// Median of `gets` DELETEs by digest of the manifest every tag of `delete/check` points at,
+/// with immutability rules (as the gateway sends them) that protect only its last tag: storage
+/// must find which tags point at the digest, and refuses (403), so nothing changes.
+async fn delete_check(c: &Client, digest: &str, gets: usize) -> anyhow::Result<Duration> {
+    let protection = format!(
+        r#"{{"rules":[{{"line":1,"tags":[{{"glob":"{}"}}],"exclude":[]}}],"may_override":false}}"#,
+        tag_name(DELETE_TAGS - 1)
+    );
+    let path = format!("/v2/delete/check/manifests/{digest}");
+    let mut times = Vec::with_capacity(gets);
+    for _ in 0..gets.max(1) {
+        let t = Instant::now();
+        let r = c
+            .req(Method::DELETE, &path)
+            .header(service::hop::PROTECTION_HEADER, &protection)
+            .send()
+            .await?;
+        ensure!(r.status() == 403, "{path}: {}", describe(r).await);
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
 }
 
 fn ms(d: Duration) -> f64 {
@@ -95,7 +127,7 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
     let mut results: Vec<[[Duration; 5]; 2]> = Vec::new();
     for &size in &sizes {
         let root = scratch.join(format!("scale-{size}"));
-        let took = fill(&root, size).context("writing the layout")?;
+        let (took, digest) = fill(&root, size).context("writing the layout")?;
         println!("{size}: layout written in {:.1} s", took.as_secs_f64());
         let paths = paths(size);
         let mut row = [[Duration::ZERO; 5]; 2];
@@ -105,6 +137,11 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
             for (k, p) in paths.iter().enumerate() {
                 row[0][k] = median(&c, p, args.scale_gets).await?;
             }
+            let d = delete_check(&c, &digest, args.scale_gets).await?;
+            println!(
+                "{size}: DELETE by digest checked against {DELETE_TAGS} tags (storage-backend): {:.2} ms",
+                ms(d)
+            );
         }
         {
             let dist = Distribution::start(&root)?;
