@@ -88,12 +88,17 @@ fn fill(root: &Path, size: usize) -> anyhow::Result<(Duration, String)> {
 const DELETE_TAGS: usize = 10_000;
 
 /// Median of `gets` DELETEs by digest of the manifest every tag of `delete/check` points at,
-/// with immutability rules (as the gateway sends them) that protect only its last tag: storage
-/// must find which tags point at the digest, and refuses (403), so nothing changes.
-async fn delete_check(c: &Client, digest: &str, gets: usize) -> anyhow::Result<Duration> {
+/// with immutability rules (as the gateway sends them) that protect the tags matching `glob`:
+/// storage reads the links of those tags to find which point at the digest, and refuses (403),
+/// so nothing changes.
+async fn delete_check(
+    c: &Client,
+    digest: &str,
+    glob: &str,
+    gets: usize,
+) -> anyhow::Result<Duration> {
     let protection = format!(
-        r#"{{"rules":[{{"line":1,"tags":[{{"glob":"{}"}}],"exclude":[]}}],"may_override":false}}"#,
-        tag_name(DELETE_TAGS - 1)
+        r#"{{"rules":[{{"line":1,"tags":[{{"glob":"{glob}"}}],"exclude":[]}}],"may_override":false}}"#
     );
     let path = format!("/v2/delete/check/manifests/{digest}");
     let mut times = Vec::with_capacity(gets);
@@ -137,10 +142,13 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
             for (k, p) in paths.iter().enumerate() {
                 row[0][k] = median(&c, p, args.scale_gets).await?;
             }
-            let d = delete_check(&c, &digest, args.scale_gets).await?;
+            let one =
+                delete_check(&c, &digest, &tag_name(DELETE_TAGS - 1), args.scale_gets).await?;
+            let all = delete_check(&c, &digest, "t*", args.scale_gets).await?;
             println!(
-                "{size}: DELETE by digest checked against {DELETE_TAGS} tags (storage-backend): {:.2} ms",
-                ms(d)
+                "{size}: DELETE by digest in a repository of {DELETE_TAGS} tags, storage-backend: {:.2} ms with one tag immutable, {:.2} ms with every tag immutable",
+                ms(one),
+                ms(all)
             );
         }
         {
