@@ -121,10 +121,7 @@ impl Endpoints {
                     .map(|(_, v)| v.into_owned())
                     .unwrap_or_default();
                 match oidc.start(&req.host, &device).await {
-                    Ok((location, cookie)) => Reply::html(302, String::new())
-                        .with_header("location", location)
-                        .with_header("set-cookie", cookie)
-                        .with_header("cache-control", "no-store"),
+                    Ok((location, cookie)) => oidc::login_redirect(location, cookie),
                     Err(e) => {
                         tracing::warn!(error = %format!("{e:#}"), "starting an OIDC login failed");
                         page(Failure::new(503, Kind::Unavailable, IDP_UNAVAILABLE))
@@ -137,7 +134,7 @@ impl Endpoints {
             }
             _ => match oidc.finish(req.query(), cookies).await {
                 Outcome::DeviceApproved(device) => {
-                    no_store_page(oidc::device_approved_page(&device))
+                    Reply::html(200, oidc::device_approved_page(&device))
                 }
                 Outcome::LoggedIn(signed_in, device) => {
                     let id = signed_in.identity;
@@ -146,7 +143,7 @@ impl Endpoints {
                     s.idp_refresh = signed_in.idp_refresh;
                     match self.tokens.open_session(&s).await {
                         Ok(refresh) => {
-                            no_store_page(oidc::success_page(&req.host, &id, &device, &refresh))
+                            Reply::html(200, oidc::success_page(&req.host, &id, &device, &refresh))
                         }
                         Err(r) => r,
                     }
@@ -162,9 +159,4 @@ impl Endpoints {
             },
         }
     }
-}
-
-/// A 200 HTML page that must not be cached (it may hold a token).
-fn no_store_page(body: String) -> Reply {
-    Reply::html(200, body).with_header("cache-control", "no-store")
 }

@@ -64,23 +64,29 @@ pub struct RequestCtx {
 }
 
 /// Writes a reply of the gateway's own: the one place every such answer goes through. It
-/// gets the request's id, HSTS, and `Cache-Control: no-store` unless it says otherwise.
+/// gets the request's id, HSTS, and `Cache-Control: no-store` (tokens, sign-in pages and
+/// errors are never to be cached).
 async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
     let mut h = ResponseHeader::build(reply.status, Some(6 + reply.headers.len()))?;
     h.insert_header("content-type", reply.content_type)?;
     h.insert_header("content-length", reply.body.len().to_string())?;
     h.insert_header("docker-distribution-api-version", "registry/2.0")?;
     h.insert_header(HSTS.0, HSTS.1)?;
-    if reply.header("cache-control").is_none() {
-        h.insert_header("cache-control", "no-store")?;
-    }
+    h.insert_header("cache-control", "no-store")?;
     if let Some(id) = session.req_header().headers.get(REQUEST_ID_HEADER) {
         h.insert_header(REQUEST_ID_HEADER, id.clone())?;
     }
     for (k, v) in &reply.headers {
         // Appended (a reply may set several cookies): the headers above are `send`'s alone.
         debug_assert!(
-            !["content-type", "content-length", HSTS.0, REQUEST_ID_HEADER].contains(k),
+            ![
+                "content-type",
+                "content-length",
+                "cache-control",
+                HSTS.0,
+                REQUEST_ID_HEADER
+            ]
+            .contains(k),
             "a reply sets {k} itself"
         );
         h.append_header(*k, v.as_str())?;

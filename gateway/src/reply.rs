@@ -52,11 +52,9 @@ impl Reply {
 
     /// 429 with `Retry-After`, in the registry's error format (Docker clients show it).
     pub fn too_many(retry_after: u64, message: &str) -> Self {
-        Reply::json(
-            429,
-            json!({"errors": [{"code": "TOOMANYREQUESTS", "message": message}]}),
-        )
-        .with_header("retry-after", retry_after.max(1).to_string())
+        Failure::new(429, Kind::TooMany, message)
+            .with_header("retry-after", retry_after.max(1).to_string())
+            .reply(Protocol::Registry)
     }
 
     /// An OAuth 2 error (RFC 6749 §5.2).

@@ -23,6 +23,7 @@ use serde_json::json;
 use std::sync::Arc;
 
 pub use crate::reply::Reply;
+use crate::reply::{Failure, Kind, Protocol};
 
 /// The parts of a token request the service needs.
 pub struct Request<'a> {
@@ -667,11 +668,9 @@ fn store_unavailable(e: &crate::state::StateError) -> Reply {
 
 /// A 401 that says why (a CI token refused: expired, wrong audience…).
 fn refused(why: &str) -> Reply {
-    Reply::json(
-        401,
-        json!({"errors": [{"code": "UNAUTHORIZED", "message": why}]}),
-    )
-    .with_header("www-authenticate", "Basic realm=\"portcullis\"")
+    Failure::new(401, Kind::Unauthorized, why)
+        .with_header("www-authenticate", "Basic realm=\"portcullis\"")
+        .reply(Protocol::Registry)
 }
 
 fn unauthorized() -> Reply {

@@ -3,7 +3,7 @@
 //! has none: the user enters a code at [`VERIFY_PATH`]), and the device polls `POST /token`
 //! with [`DEVICE_GRANT`] until the user signed in.
 
-use super::pages::{esc, page, unavailable};
+use super::pages::{esc, login_redirect, page, unavailable};
 use super::{Oidc, Outcome, SignedIn, clean_device, cookie, sha256_b64};
 use crate::auth::Identity;
 use crate::reply::Reply;
@@ -313,16 +313,7 @@ impl Oidc {
                     Err(e) => return unavailable(&e),
                 };
                 match self.start_login(host, &flow.device, Some(key)).await {
-                    Ok((location, login_cookie)) => Reply {
-                        status: 302,
-                        content_type: crate::reply::HTML,
-                        body: String::new(),
-                        headers: vec![
-                            ("location", location),
-                            ("set-cookie", login_cookie),
-                            ("cache-control", "no-store".into()),
-                        ],
-                    },
+                    Ok((location, login_cookie)) => login_redirect(location, login_cookie),
                     Err(e) => unavailable(&e),
                 }
             }

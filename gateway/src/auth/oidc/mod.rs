@@ -26,7 +26,7 @@ use base64::Engine as _;
 pub use config::{CLIENT_SECRET_ENV, OidcConfig};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-pub use pages::{device_approved_page, success_page};
+pub use pages::{device_approved_page, login_redirect, success_page};
 use policy::SubjectKind;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

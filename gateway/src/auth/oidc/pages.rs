@@ -1,10 +1,10 @@
-//! The HTML pages of the sign-in flows: everything shown is escaped (`esc`), and a page is
-//! never cached (it may hold a token).
+//! The HTML pages of the sign-in flows: everything shown is escaped (`esc`). (None is cached:
+//! `proxy::send` says `no-store` on every answer of the gateway's own.)
 
 use crate::auth::Identity;
 use crate::reply::Reply;
 
-/// An HTML page for the browser, never cached.
+/// An HTML page for the browser.
 pub(super) fn page(status: u16, title: &str, body: &str) -> Reply {
     Reply::html(
         status,
@@ -13,7 +13,14 @@ pub(super) fn page(status: u16, title: &str, body: &str) -> Reply {
             esc(title)
         ),
     )
-    .with_header("cache-control", "no-store")
+}
+
+/// The browser sent to the identity provider's sign-in (`location`), holding the cookie that
+/// binds the flow to it.
+pub fn login_redirect(location: String, cookie: String) -> Reply {
+    Reply::html(302, String::new())
+        .with_header("location", location)
+        .with_header("set-cookie", cookie)
 }
 
 pub(super) fn esc(s: &str) -> String {
