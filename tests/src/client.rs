@@ -401,6 +401,24 @@ pub async fn error_code(r: Response) -> anyhow::Result<(StatusCode, String)> {
     Ok((status, code.to_string()))
 }
 
+/// One page of a listing (`/v2/_catalog` or `…/tags/list`): its items (the `field` array)
+/// and whether it links a next page.
+pub async fn list_page(c: &Client, path: &str, field: &str) -> anyhow::Result<(Vec<String>, bool)> {
+    let r = c.get(path).await?;
+    ensure!(r.status() == 200, "{path}: {}", describe(r).await);
+    let more = r.headers().contains_key("link");
+    let v: Value = r.json().await?;
+    let items = v[field]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((items, more))
+}
+
 /// Asserts a response is the expected OCI error.
 pub async fn expect_error(r: Response, status: u16, code: &str) -> anyhow::Result<()> {
     let (s, c) = error_code(r).await?;

@@ -29,6 +29,13 @@ fn hash_file(path: &Path, alg: oci::Algorithm) -> std::io::Result<Digest> {
     }
 }
 
+/// Every file under `dir` (its path), however deep.
+pub fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out
+}
+
 fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;

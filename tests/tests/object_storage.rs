@@ -571,36 +571,11 @@ fn skopeo_pushes_and_pulls_a_64_mib_layer_through_the_gateway_onto_two_s3_nodes(
     Ok(())
 }
 
-/// Every file under `dir`, as paths relative to it.
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
-            }
-        }
-    }
-    out
-}
-
 /// The items and next link of one listing page.
 async fn page_of(c: &Client, path: &str, field: &str) -> (Vec<String>, bool) {
-    let r = c.get(path).await.unwrap();
-    assert_eq!(r.status(), 200, "{path}");
-    let more = r.headers().contains_key("link");
-    let v: serde_json::Value = r.json().await.unwrap();
-    let items = v[field]
-        .as_array()
+    portcullis_tests::client::list_page(c, path, field)
+        .await
         .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap().to_string())
-        .collect();
-    (items, more)
 }
 
 #[tokio::test]
@@ -626,8 +601,9 @@ async fn catalog_and_tag_pages_on_s3_are_those_of_the_same_layout_on_the_filesys
     // The same files as objects under the node's prefix.
     let moto = Moto::start().unwrap();
     moto.create_bucket("listing").unwrap();
-    for rel in files_under(root.path()) {
-        let data = std::fs::read(root.path().join(&rel)).unwrap();
+    for file in portcullis_tests::fsck::files(root.path()) {
+        let data = std::fs::read(&file).unwrap();
+        let rel = file.strip_prefix(root.path()).unwrap();
         let key = format!("/listing/pfx/{}", rel.display());
         let (status, body) = moto.request("PUT", &key, &data).unwrap();
         assert_eq!(status, 200, "PUT {key}: {body}");

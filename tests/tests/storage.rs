@@ -4,7 +4,9 @@
 //! `cargo test --release --test storage` runs exactly these.
 
 use anyhow::{Context, ensure};
-use portcullis_tests::client::{Client, OCI_MANIFEST, describe, expect_error, sha256, with_query};
+use portcullis_tests::client::{
+    Client, OCI_MANIFEST, describe, expect_error, list_page, sha256, with_query,
+};
 use portcullis_tests::server::{StorageOptions, StorageServer, binary};
 use portcullis_tests::tools::{Containers, Distribution, dir_files};
 use portcullis_tests::{fsck, protocol};
@@ -688,23 +690,6 @@ fn page_path(path: &str, n: usize, last: Option<&str>) -> String {
         None => format!("{path}?n={n}"),
         Some(l) => format!("{path}?n={n}&last={l}"),
     }
-}
-
-/// One page of a listing: its items (`repositories` or `tags`) and whether it links a next.
-async fn list_page(c: &Client, path: &str, field: &str) -> anyhow::Result<(Vec<String>, bool)> {
-    let r = c.get(path).await?;
-    ensure!(r.status() == 200, "{path}: {}", describe(r).await);
-    let more = r.headers().contains_key("link");
-    let v: serde_json::Value = r.json().await?;
-    let items = v[field]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok((items, more))
 }
 
 /// The catalog page after `last` (none: the first), `n` at most, from storage-backend and

@@ -13,7 +13,7 @@ use portcullis_tests::client::{Client, OCI_MANIFEST, describe};
 use portcullis_tests::layout::Layout;
 use portcullis_tests::server::StorageServer;
 use portcullis_tests::tools::Distribution;
-use reqwest::Method;
+use reqwest::{Method, RequestBuilder};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -49,23 +49,33 @@ fn paths(size: usize) -> [String; 5] {
     ]
 }
 
-/// Median of `gets` sequential GETs of `path` (each checked for 200).
-async fn median(c: &Client, path: &str, gets: usize) -> anyhow::Result<Duration> {
+/// Median of `gets` sequential requests made by `request`, each answered `status` (body
+/// read).
+async fn median(
+    gets: usize,
+    status: u16,
+    request: impl Fn() -> RequestBuilder,
+) -> anyhow::Result<Duration> {
     let mut times = Vec::with_capacity(gets);
     for _ in 0..gets.max(1) {
         let t = Instant::now();
-        // distribution answers an OCI manifest only to a client that accepts one.
-        let r = c
-            .req(Method::GET, path)
-            .header("accept", OCI_MANIFEST)
-            .send()
-            .await?;
-        ensure!(r.status() == 200, "{path}: {}", describe(r).await);
+        let r = request().send().await?;
+        let what = format!("{} {}", r.url().path(), r.url().query().unwrap_or(""));
+        ensure!(r.status() == status, "{what}: {}", describe(r).await);
         r.bytes().await?;
         times.push(t.elapsed());
     }
     times.sort();
     Ok(times[times.len() / 2])
+}
+
+/// Median of `gets` GETs of `path`, answered 200. distribution answers an OCI manifest only
+/// to a client that accepts one.
+async fn median_get(c: &Client, path: &str, gets: usize) -> anyhow::Result<Duration> {
+    median(gets, 200, || {
+        c.req(Method::GET, path).header("accept", OCI_MANIFEST)
+    })
+    .await
 }
 
 /// Writes the root for `size`: how long it took, and the digest of the manifest every
@@ -101,19 +111,11 @@ async fn delete_check(
         r#"{{"rules":[{{"line":1,"tags":[{{"glob":"{glob}"}}],"exclude":[]}}],"may_override":false}}"#
     );
     let path = format!("/v2/delete/check/manifests/{digest}");
-    let mut times = Vec::with_capacity(gets);
-    for _ in 0..gets.max(1) {
-        let t = Instant::now();
-        let r = c
-            .req(Method::DELETE, &path)
+    median(gets, 403, || {
+        c.req(Method::DELETE, &path)
             .header(service::hop::PROTECTION_HEADER, &protection)
-            .send()
-            .await?;
-        ensure!(r.status() == 403, "{path}: {}", describe(r).await);
-        times.push(t.elapsed());
-    }
-    times.sort();
-    Ok(times[times.len() / 2])
+    })
+    .await
 }
 
 fn ms(d: Duration) -> f64 {
@@ -140,7 +142,7 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
             let ours = StorageServer::start(&root)?;
             let c = Client::new(&ours.base);
             for (k, p) in paths.iter().enumerate() {
-                row[0][k] = median(&c, p, args.scale_gets).await?;
+                row[0][k] = median_get(&c, p, args.scale_gets).await?;
             }
             let one =
                 delete_check(&c, &digest, &tag_name(DELETE_TAGS - 1), args.scale_gets).await?;
@@ -155,7 +157,7 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
             let dist = Distribution::start(&root)?;
             let c = Client::new(&dist.base);
             for (k, p) in paths.iter().enumerate() {
-                row[1][k] = median(&c, p, args.scale_gets).await?;
+                row[1][k] = median_get(&c, p, args.scale_gets).await?;
             }
         }
         results.push(row);
