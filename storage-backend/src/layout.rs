@@ -13,8 +13,11 @@
 //!     ├── _manifests/tags/<tag>/index/<alg>/<hex>/link    every digest the tag pointed to
 //!     ├── _uploads/<id>/data                              upload session content so far
 //!     ├── _uploads/<id>/startedat                         RFC 3339 start time
-//!     └── _referrers/<alg>/<subject-hex>/<alg>/<hex>/link our addition: manifests whose
-//!                                                         `subject` is <subject>
+//!     ├── _referrers/<alg>/<subject-hex>/<alg>/<hex>/link our addition: manifests whose
+//!     │                                                   `subject` is <subject>
+//!     ├── _manifests/_tagged/<alg>/<hex>/<tag>            our addition: the tag pointed to
+//!     │                                                   <hex> at some time (empty)
+//!     └── _manifests/_tagged/complete                     every tag has its marker
 //! ```
 //!
 //! Garbage collection adds `<root>/docker/registry/v2/_gc/lease` (one run at a time) and,
@@ -54,6 +57,12 @@ pub enum Key<'a> {
     /// Manifests referring to a subject (a prefix).
     Referrers(&'a RepositoryName, &'a Digest),
     ReferrerLink(&'a RepositoryName, &'a Digest, &'a Digest),
+    /// Markers of the tags that pointed to a manifest (a prefix whose children are tag
+    /// names): `registry::tagged`.
+    Tagged(&'a RepositoryName, &'a Digest),
+    TaggedMarker(&'a RepositoryName, &'a Digest, &'a Tag),
+    /// Present once every tag of the repository has its marker.
+    TaggedComplete(&'a RepositoryName),
     /// The garbage collector's lease: one run at a time across the nodes on a store.
     GcLease,
 }
@@ -104,6 +113,11 @@ impl Key<'_> {
             Key::ReferrerLink(n, s, r) => {
                 format!("{}/_referrers/{}/{}/link", repo(n), ah(s), ah(r))
             }
+            Key::Tagged(n, d) => format!("{}/_manifests/_tagged/{}", repo(n), ah(d)),
+            Key::TaggedMarker(n, d, t) => {
+                format!("{}/_manifests/_tagged/{}/{t}", repo(n), ah(d))
+            }
+            Key::TaggedComplete(n) => format!("{}/_manifests/_tagged/complete", repo(n)),
             Key::GcLease => format!("{V2}/_gc/lease"),
         }
     }
@@ -169,6 +183,18 @@ mod tests {
             (
                 Key::ReferrerLink(&n, &s, &d),
                 format!("{r}/_referrers/sha512/{sh}/sha256/{h}/link"),
+            ),
+            (
+                Key::Tagged(&n, &d),
+                format!("{r}/_manifests/_tagged/sha256/{h}"),
+            ),
+            (
+                Key::TaggedMarker(&n, &d, &t),
+                format!("{r}/_manifests/_tagged/sha256/{h}/v1"),
+            ),
+            (
+                Key::TaggedComplete(&n),
+                format!("{r}/_manifests/_tagged/complete"),
             ),
         ];
         for (key, want) in cases {

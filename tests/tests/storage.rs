@@ -873,3 +873,66 @@ async fn catalog_and_tag_pages_match_distribution_on_one_layout() -> anyhow::Res
     }
     Ok(())
 }
+
+/// A DELETE by digest with the gateway's immutability rules for tags matching `glob`.
+async fn delete_protected(
+    c: &Client,
+    repo: &str,
+    digest: &str,
+    glob: &str,
+) -> anyhow::Result<reqwest::StatusCode> {
+    let protection = format!(
+        r#"{{"rules":[{{"line":1,"tags":[{{"glob":"{glob}"}}],"exclude":[]}}],"may_override":false}}"#
+    );
+    let r = c
+        .req(Method::DELETE, &format!("/v2/{repo}/manifests/{digest}"))
+        .header(service::hop::PROTECTION_HEADER, protection)
+        .send()
+        .await?;
+    Ok(r.status())
+}
+
+/// Storage finds the tags of a manifest through its reverse index of tags: built from the
+/// tags of a registry:2 root written without it, kept by pushes, never fooled by a marker
+/// whose tag moved on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_by_digest_finds_every_tag_of_its_manifest_whoever_wrote_it() -> anyhow::Result<()>
+{
+    let root = tempfile::tempdir()?;
+    let layout = portcullis_tests::layout::Layout::new(root.path())?;
+    let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    layout.image("app", &tags(&["a", "b", "c"]))?;
+    layout.image("other", &tags(&["x", "y"]))?;
+    let m = layout.manifest().to_string();
+    let server = StorageServer::start(root.path())?;
+    let c = Client::new(&server.base);
+
+    // A tag written by the layout, not by a push, protects its manifest.
+    ensure!(delete_protected(&c, "other", &m, "y").await? == 403);
+    ensure!(delete_protected(&c, "other", &m, "z*").await? == 202);
+    for t in ["x", "y"] {
+        let r = c.get(&format!("/v2/other/manifests/{t}")).await?;
+        ensure!(r.status() == 404, "other:{t} outlived its manifest");
+    }
+
+    // A pushed manifest takes `c`, then `a` moves to it too: `a`'s marker on the layout's
+    // manifest is stale.
+    let (_, pushed) = c.push_image("app", "c", &[b"pushed layer"]).await?;
+    ensure!(delete_protected(&c, "app", &pushed.to_string(), "c").await? == 403);
+    let body = c
+        .get(&format!("/v2/app/manifests/{pushed}"))
+        .await?
+        .bytes()
+        .await?;
+    let r = c.put_manifest("app", "a", OCI_MANIFEST, &body).await?;
+    ensure!(r.status() == 201, "{}", describe(r).await);
+    ensure!(delete_protected(&c, "app", &pushed.to_string(), "a").await? == 403);
+    // `a` no longer points at the layout's manifest: a rule on `a` does not protect it, and
+    // the delete takes `b` (the only tag left on it) with it.
+    ensure!(delete_protected(&c, "app", &m, "a").await? == 202);
+    let (mut left, _) = list_page(&c, "/v2/app/tags/list", "tags").await?;
+    left.sort();
+    ensure!(left == ["a", "c"], "tags left: {left:?}");
+    assert_consistent(root.path());
+    Ok(())
+}

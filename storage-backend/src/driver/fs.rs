@@ -9,6 +9,7 @@
 //! one root cannot interleave chunks, and hash + write on a blocking thread fed by a small
 //! bounded channel, so memory stays flat whatever the blob size.
 
+use super::listing::{Listing, ListingCache};
 use super::{AppendError, AppendOptions, Appended, ByteStream, Driver, ObjectMeta};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -16,6 +17,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::task::spawn_blocking;
 
 /// Chunks in flight between the request body and the writer thread.
@@ -38,11 +40,15 @@ fn tokio_stream_from(rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>) -> Byte
 
 pub struct FsDriver {
     root: PathBuf,
+    listings: Arc<ListingCache>,
 }
 
 impl FsDriver {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        FsDriver { root: root.into() }
+        FsDriver {
+            root: root.into(),
+            listings: Arc::default(),
+        }
     }
 
     fn full(&self, path: &str) -> PathBuf {
@@ -491,6 +497,12 @@ impl Driver for FsDriver {
             }
             Ok(names)
         }))
+    }
+
+    fn list_sorted<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<Listing>> {
+        let dir = self.full(prefix);
+        let listings = self.listings.clone();
+        Box::pin(blocking(move || listings.list(&dir)))
     }
 
     fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<bool>> {

@@ -14,6 +14,7 @@
 //! - "Not found" is `Ok(None)` / `Ok(false)`, never an error.
 
 pub mod fs;
+pub mod listing;
 pub mod object;
 
 use bytes::Bytes;
@@ -133,6 +134,17 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Names of the direct children of a prefix, unsorted; empty if there is none.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<Vec<String>>>;
+
+    /// The same, sorted bytewise and without duplicates (what pages are cut from). The
+    /// filesystem driver keeps large directories' listings ([`listing::ListingCache`]).
+    fn list_sorted<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<listing::Listing>> {
+        Box::pin(async move {
+            let mut names = self.list(prefix).await?;
+            names.sort_unstable();
+            names.dedup();
+            Ok(names.into())
+        })
+    }
 
     /// Deletes an object or everything under a prefix; `Ok(false)` if there was nothing.
     fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<bool>>;

@@ -1,6 +1,7 @@
 //! Content discovery: tags of a repository and the catalog of repositories.
 
 use super::{Registry, Result};
+use crate::driver::listing::Listing;
 use crate::layout::Key;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, stream};
@@ -44,50 +45,83 @@ fn subtree_after(dir: &str, last: &str) -> bool {
         && key(last).nth(dir.len()) == Some(0)
 }
 
+/// A directory of `repositories/` as a catalog page sees it.
+struct CatalogDir {
+    /// Its name relative to `repositories/` (empty for `repositories/` itself).
+    rel: String,
+    /// Whether it is a repository: it holds `_layers` (as distribution's catalog decides, so
+    /// a repository with only blobs is listed) or `_manifests`.
+    is_repo: bool,
+    /// Its entries, sorted.
+    entries: Listing,
+    /// The first entry whose names may come after `last`: the entries before it are skipped.
+    start: usize,
+}
+
+impl CatalogDir {
+    fn path(&self, entry: &str) -> String {
+        if self.rel.is_empty() {
+            entry.to_owned()
+        } else {
+            format!("{}/{entry}", self.rel)
+        }
+    }
+
+    /// Its subdirectories that may hold names after `last`, in [`catalog_order`]: sorted
+    /// entries are in that order (no entry holds a `/`), each subtree a contiguous run.
+    fn subdirs(&self) -> impl Iterator<Item = String> + '_ {
+        self.entries[self.start..]
+            .iter()
+            .filter(|e| !e.starts_with('_'))
+            .map(|e| self.path(e))
+    }
+}
+
+/// A tag name as a tag (a name that is none is skipped). A function, not a closure: the page's
+/// future must be `Send` for every lifetime of the listing it borrows.
+fn parse_tag(name: &str) -> Option<Tag> {
+    Tag::parse(name).ok()
+}
+
 impl Registry {
-    /// A directory of `repositories/`: whether it is a repository (it holds `_layers`, as
-    /// distribution's catalog decides — so a repository with only blobs is listed — or
-    /// `_manifests`), and the subdirectories that may hold names after `last`, sorted.
-    async fn catalog_dir(&self, rel: &str, last: Option<&str>) -> Result<(bool, Vec<String>)> {
+    /// Lists a directory of `repositories/` for a catalog page after `last`.
+    async fn catalog_dir(&self, rel: String, last: Option<&str>) -> Result<CatalogDir> {
         let root = Key::Repositories.path();
-        let dir = if rel.is_empty() {
+        let path = if rel.is_empty() {
             root
         } else {
             format!("{root}/{rel}")
         };
-        let mut is_repo = false;
-        let mut subdirs = Vec::new();
         // A stray file where a directory was expected names no repository (as distribution
         // ignores it), rather than failing the page.
-        let children = match self.driver.list(&dir).await {
-            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Vec::new(),
+        let entries = match self.driver.list_sorted(&path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Listing::from([]),
             listed => listed?,
         };
-        for child in children {
-            if child.starts_with('_') {
-                is_repo |= child == "_layers" || child == "_manifests";
-                continue;
-            }
-            let path = if rel.is_empty() {
-                child
-            } else {
-                format!("{rel}/{child}")
-            };
-            if last.is_none_or(|l| subtree_after(&path, l)) {
-                subdirs.push(path);
-            }
+        let has = |name: &str| entries.binary_search_by(|e| e.as_str().cmp(name)).is_ok();
+        let is_repo = !rel.is_empty() && (has("_layers") || has("_manifests"));
+        let mut dir = CatalogDir {
+            rel,
+            is_repo,
+            entries,
+            start: 0,
+        };
+        if let Some(l) = last {
+            dir.start = dir
+                .entries
+                .partition_point(|e| !subtree_after(&dir.path(e), l));
         }
-        subdirs.sort_unstable_by(|a, b| catalog_order(a, b));
-        Ok((is_repo && !rel.is_empty(), subdirs))
+        Ok(dir)
     }
 
     /// A page of the repositories, in [`catalog_order`]: a walk that skips every directory
-    /// whose names all come before `last` and stops after `n` (one more, to know whether
-    /// there are more), so a page costs the directories on its way, not the store.
+    /// whose names all come before `last` (a binary search in each sorted listing) and stops
+    /// after `n` (one more, to know whether there are more), so a page costs the directories
+    /// on its way, not the store.
     pub async fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page> {
         let want = n.map(|n| n.saturating_add(1));
         let mut items = Vec::new();
-        let (_, top) = self.catalog_dir("", last).await?;
+        let top = self.catalog_dir(String::new(), last).await?;
         self.catalog_walk(top, last, want, &mut items).await?;
         let more = want.is_some_and(|w| items.len() == w);
         if more {
@@ -96,35 +130,32 @@ impl Registry {
         Ok(Page { items, more })
     }
 
-    /// Walks `level` (sibling directories, sorted) and below, adding repositories after
-    /// `last` to `items` until it holds `want`. The next few siblings are listed while one is
-    /// looked at ([`LISTED_AHEAD`]), in order.
+    /// Walks the subdirectories of `dir` and below, adding repositories after `last` to
+    /// `items` until it holds `want`. The next few siblings are listed while one is looked at
+    /// ([`LISTED_AHEAD`]), in order.
     fn catalog_walk<'a>(
         &'a self,
-        level: Vec<String>,
+        dir: CatalogDir,
         last: Option<&'a str>,
         want: Option<usize>,
         items: &'a mut Vec<String>,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let full = |items: &Vec<String>| want.is_some_and(|w| items.len() >= w);
-            let mut listed = stream::iter(level)
-                .map(|rel| async move {
-                    let dir = self.catalog_dir(&rel, last).await;
-                    (rel, dir)
-                })
+            let mut listed = stream::iter(dir.subdirs())
+                .map(|rel| self.catalog_dir(rel, last))
                 .buffered(LISTED_AHEAD);
-            while let Some((rel, dir)) = listed.next().await {
+            while let Some(sub) = listed.next().await {
                 if full(items) {
                     break;
                 }
-                let (is_repo, below) = dir?;
-                let after = last.is_none_or(|l| catalog_order(&rel, l) == Ordering::Greater);
-                if is_repo && after && RepositoryName::parse(&rel).is_ok() {
-                    items.push(rel);
+                let sub = sub?;
+                let after = last.is_none_or(|l| catalog_order(&sub.rel, l) == Ordering::Greater);
+                if sub.is_repo && after && RepositoryName::parse(&sub.rel).is_ok() {
+                    items.push(sub.rel.clone());
                 }
-                if !below.is_empty() && !full(items) {
-                    self.catalog_walk(below, last, want, items).await?;
+                if sub.start < sub.entries.len() && !full(items) {
+                    self.catalog_walk(sub, last, want, items).await?;
                 }
             }
             Ok(())
@@ -133,7 +164,8 @@ impl Registry {
 
     /// A page of the repository's tags (those whose current link names a manifest);
     /// `NAME_UNKNOWN` if the repository does not exist. The tags' names are listed and
-    /// sorted; only the links of the page's tags (and the one after) are read.
+    /// sorted (kept while unchanged, [`crate::driver::listing`]); only the links of the page's
+    /// tags (and the one after) are read.
     pub async fn list_tags(
         &self,
         name: &RepositoryName,
@@ -151,17 +183,15 @@ impl Registry {
                 format!("repository {name} is not known to the registry"),
             ));
         }
-        let mut names = self.driver.list(&Key::Tags(name).path()).await?;
-        names.sort_unstable();
-        names.dedup();
+        let names = self.driver.list_sorted(&Key::Tags(name).path()).await?;
         let start = last.map_or(0, |l| names.partition_point(|x| x.as_str() <= l));
         let want = n.map(|n| n.saturating_add(1));
         let mut items = Vec::new();
         // The links of the next few tags are read while one is looked at, in order.
-        let tags = names
-            .into_iter()
-            .skip(start)
-            .filter_map(|t| Tag::parse(&t).ok());
+        let tags = names[start..]
+            .iter()
+            .map(String::as_str)
+            .filter_map(parse_tag);
         let mut read = stream::iter(tags)
             .map(|tag| async move {
                 let target = self.tag_target(name, &tag).await;
@@ -181,18 +211,6 @@ impl Registry {
             items.pop();
         }
         Ok(Page { items, more })
-    }
-
-    /// Every tag of a repository (tags whose current link names a manifest), unsorted.
-    pub async fn tags(&self, name: &RepositoryName) -> Result<Vec<Tag>> {
-        let mut out = Vec::new();
-        for t in self.driver.list(&Key::Tags(name).path()).await? {
-            let Ok(tag) = Tag::parse(&t) else { continue };
-            if self.tag_target(name, &tag).await?.is_some() {
-                out.push(tag);
-            }
-        }
-        Ok(out)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Manifests: validated, stored as blobs, linked as revisions, tagged by links.
 //!
 //! Write order (each step atomic): content blob → revision link → referrer link → tag index
-//! link → tag current link. A crash between steps leaves at worst an untagged manifest, which
+//! link → tag marker (`tagged`) → tag current link. A crash between steps leaves at worst an untagged manifest, which
 //! is a consistent state (and garbage for GC).
 
 use super::{Error, Registry, Result};
@@ -111,6 +111,7 @@ impl Registry {
             Reference::Tag(tag) => {
                 self.write_link(Key::TagIndexLink(name, tag, &digest), &digest)
                     .await?;
+                self.mark_tagged(name, tag, &digest).await?;
                 self.point_tag(name, tag, &digest, create_tag_only).await?
             }
             Reference::Digest(_) => None,
@@ -217,12 +218,9 @@ impl Registry {
                 // Tags first: a crash half-way leaves a manifest with fewer tags, never a tag
                 // pointing to a deleted manifest. All are found before any goes, so an
                 // immutable one refuses the delete with nothing changed.
-                let mut tagged = Vec::new();
-                for tag in self.tags(name).await? {
-                    if self.tag_target(name, &tag).await?.as_ref() == Some(digest) {
-                        super::protect::refuse_tagged(protection, &tag, digest)?;
-                        tagged.push(tag);
-                    }
+                let tagged = self.tagged(name, digest, &|_| true, None).await?;
+                for tag in &tagged {
+                    super::protect::refuse_tagged(protection, tag, digest)?;
                 }
                 for tag in tagged {
                     self.driver.delete(&Key::Tag(name, &tag).path()).await?;

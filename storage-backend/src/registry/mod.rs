@@ -9,6 +9,7 @@ mod gc;
 mod manifests;
 mod protect;
 mod referrers;
+mod tagged;
 mod uploads;
 
 pub use catalog::Page;

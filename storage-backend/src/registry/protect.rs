@@ -91,27 +91,33 @@ pub(super) fn refuse_tagged(
 }
 
 impl Registry {
-    /// The repository's immutable tags and what they point to.
-    async fn immutable_tags(
+    /// The images the repository's immutable tags name: each manifest once, with the first
+    /// tag (in name order) that names it and its rule.
+    async fn immutable_images(
         &self,
         name: &RepositoryName,
         p: &CompiledProtection,
-    ) -> Result<Vec<(Tag, Digest, ImmutableBy)>> {
+    ) -> Result<Vec<(Digest, Tag, ImmutableBy)>> {
+        let names = self.driver.list_sorted(&Key::Tags(name).path()).await?;
+        let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for t in self.driver.list(&Key::Tags(name).path()).await? {
-            let Ok(tag) = Tag::parse(&t) else { continue };
+        for t in names.iter() {
+            let Ok(tag) = Tag::parse(t) else { continue };
             let Some(by) = p.immutable(tag.as_str()) else {
                 continue;
             };
-            if let Some(d) = self.tag_target(name, &tag).await? {
-                out.push((tag, d, by));
+            if let Some(d) = self.tag_target(name, &tag).await?
+                && seen.insert(d.clone())
+            {
+                out.push((d, tag, by));
             }
         }
         Ok(out)
     }
 
-    /// The immutable tag whose image `target` belongs to, if any: as the tagged manifest, a
-    /// child of a tagged index, or a config or layer of either.
+    /// The immutable tag whose image `target` belongs to, if any: as the tagged manifest
+    /// (found through the tags' reverse index, [`super::tagged`]), a child of a tagged index,
+    /// or a config or layer of either.
     async fn protecting(
         &self,
         name: &RepositoryName,
@@ -119,14 +125,19 @@ impl Registry {
         target: &Digest,
         kind: Target,
     ) -> Result<Option<Protected>> {
-        for (tag, digest, by) in self.immutable_tags(name, p).await? {
-            if kind == Target::Manifest && &digest == target {
+        if kind == Target::Manifest {
+            let immutable = |t: &Tag| p.immutable(t.as_str()).is_some();
+            if let Some(tag) = self.tagged(name, target, &immutable, Some(1)).await?.pop()
+                && let Some(by) = p.immutable(tag.as_str())
+            {
                 return Ok(Some(Protected {
                     tag,
                     by,
                     belongs: Belongs::Tagged,
                 }));
             }
+        }
+        for (digest, tag, by) in self.immutable_images(name, p).await? {
             let mut seen = HashSet::new();
             let mut next = vec![digest];
             while let Some(m) = next.pop() {

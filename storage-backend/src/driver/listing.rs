@@ -1,0 +1,236 @@
+//! Sorted listings of large directories kept in memory, so a catalog or tag page looks into a
+//! directory of 100 000 entries for the cost of one `stat` and a binary search rather than a
+//! `readdir` and a sort of all of it.
+//!
+//! A cached listing is used only while one `stat` of the directory says nothing was added or
+//! removed since it was read: creating, renaming or removing an entry changes the directory's
+//! modification time (and its change time), whichever process or node did it, so several
+//! storage nodes on one root see each other's changes on their next page. Timestamps have a
+//! granularity (a kernel tick, an NFS server's clock), so a change made in the same tick as
+//! the listing could leave the time as it was; a listing is therefore reused only if it was
+//! read at least [`SETTLED`] after the directory last changed — the rule git uses for its
+//! index. Clocks of nodes sharing a root must agree within that (NTP does).
+//!
+//! Nothing is written: the cache is rebuilt from the layout on demand, a crash loses nothing,
+//! and a registry:2 root served as it is lists the same with or without it.
+
+use std::collections::HashMap;
+use std::fs::{self, Metadata};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// Names of a directory's entries, sorted bytewise, without hidden (`.`) entries.
+pub type Listing = Arc<[String]>;
+
+/// Directories with fewer entries are read each time (a `readdir` of a few entries costs
+/// about what a `stat` does).
+const CACHED_FROM: usize = 128;
+/// Names kept across all cached listings (about 50 bytes each): the least recently used
+/// listings go first.
+const MAX_NAMES: usize = 2_000_000;
+/// How long after a directory's last change a listing read then may be trusted.
+const SETTLED: Duration = Duration::from_secs(2);
+
+/// What one `stat` says of a directory's entries: any entry added or removed changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Signature {
+    dev: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    size: u64,
+    nlink: u64,
+}
+
+impl Signature {
+    fn of(m: &Metadata) -> Self {
+        Signature {
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            size: m.size(),
+            nlink: m.nlink(),
+        }
+    }
+}
+
+struct Cached {
+    signature: Signature,
+    /// Whether the listing was read [`SETTLED`] after the directory's last change.
+    settled: bool,
+    names: Listing,
+    used: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    listings: HashMap<PathBuf, Cached>,
+    names: usize,
+    clock: u64,
+}
+
+/// The filesystem driver's cache of large directories' sorted listings.
+#[derive(Default)]
+pub struct ListingCache {
+    inner: Mutex<Inner>,
+}
+
+impl ListingCache {
+    /// The sorted listing of `dir` (empty if it does not exist); blocking.
+    pub fn list(&self, dir: &Path) -> io::Result<Listing> {
+        let meta = match fs::metadata(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::from([])),
+            m => m?,
+        };
+        let signature = Signature::of(&meta);
+        if let Some(names) = self.cached(dir, signature) {
+            return Ok(names);
+        }
+        let read_at = SystemTime::now();
+        let names = read_sorted(dir)?;
+        // Entries added or removed while it was read: the listing is not that of `signature`.
+        let unchanged = fs::metadata(dir).is_ok_and(|m| Signature::of(&m) == signature);
+        if unchanged && names.len() >= CACHED_FROM && names.len() <= MAX_NAMES {
+            let settled = meta
+                .modified()
+                .is_ok_and(|changed| read_at.duration_since(changed).is_ok_and(|d| d >= SETTLED));
+            self.keep(dir, signature, settled, names.clone());
+        }
+        Ok(names)
+    }
+
+    fn cached(&self, dir: &Path, signature: Signature) -> Option<Listing> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.clock += 1;
+        let now = inner.clock;
+        let c = inner.listings.get_mut(dir)?;
+        if c.signature != signature || !c.settled {
+            return None;
+        }
+        c.used = now;
+        Some(c.names.clone())
+    }
+
+    fn keep(&self, dir: &Path, signature: Signature, settled: bool, names: Listing) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = inner.listings.remove(dir) {
+            inner.names -= old.names.len();
+        }
+        while inner.names + names.len() > MAX_NAMES {
+            let Some(oldest) = inner
+                .listings
+                .iter()
+                .min_by_key(|(_, c)| c.used)
+                .map(|(p, _)| p.clone())
+            else {
+                break;
+            };
+            if let Some(old) = inner.listings.remove(&oldest) {
+                inner.names -= old.names.len();
+            }
+        }
+        inner.names += names.len();
+        let used = inner.clock;
+        inner.listings.insert(
+            dir.to_owned(),
+            Cached {
+                signature,
+                settled,
+                names,
+                used,
+            },
+        );
+    }
+}
+
+/// A directory's entries (not hidden ones), sorted.
+fn read_sorted(dir: &Path) -> io::Result<Listing> {
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::from([])),
+        r => r?,
+    };
+    let mut names = Vec::new();
+    for e in entries {
+        let e = e?;
+        if let Some(n) = e.file_name().to_str()
+            && !n.starts_with('.')
+        {
+            names.push(n.to_owned());
+        }
+    }
+    names.sort_unstable();
+    Ok(names.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(dir: &Path, n: usize) {
+        for i in 0..n {
+            fs::create_dir(dir.join(format!("e{i:05}"))).unwrap();
+        }
+    }
+
+    /// Makes the directory's last change look old enough for a listing to be kept.
+    fn settle(dir: &Path) {
+        let old = SystemTime::now() - Duration::from_secs(60);
+        fs::File::open(dir).unwrap().set_modified(old).unwrap();
+    }
+
+    #[test]
+    fn a_settled_listing_is_reused_until_an_entry_is_added_or_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        fill(dir, CACHED_FROM + 10);
+        settle(dir);
+        let cache = ListingCache::default();
+        let first = cache.list(dir).unwrap();
+        assert_eq!(first.len(), CACHED_FROM + 10);
+        assert!(first.windows(2).all(|w| w[0] < w[1]), "sorted");
+        assert!(Arc::ptr_eq(&first, &cache.list(dir).unwrap()), "reused");
+
+        fs::create_dir(dir.join("a-new-one")).unwrap();
+        let added = cache.list(dir).unwrap();
+        assert_eq!(added.len(), CACHED_FROM + 11);
+        assert_eq!(added[0], "a-new-one");
+
+        settle(dir);
+        cache.list(dir).unwrap();
+        fs::remove_dir(dir.join("e00003")).unwrap();
+        let removed = cache.list(dir).unwrap();
+        assert!(!removed.iter().any(|n| n == "e00003"));
+        assert_eq!(removed.len(), CACHED_FROM + 10);
+    }
+
+    #[test]
+    fn a_listing_read_just_after_a_change_is_not_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        fill(dir, CACHED_FROM + 1);
+        let cache = ListingCache::default();
+        let first = cache.list(dir).unwrap();
+        // The directory changed less than `SETTLED` ago: a change in the same tick would not
+        // show, so the next page reads it again.
+        assert!(!Arc::ptr_eq(&first, &cache.list(dir).unwrap()));
+    }
+
+    #[test]
+    fn hidden_entries_small_and_missing_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        fill(dir, 3);
+        fs::write(dir.join(".tmp-x"), b"").unwrap();
+        let cache = ListingCache::default();
+        assert_eq!(&*cache.list(dir).unwrap(), ["e00000", "e00001", "e00002"]);
+        assert!(cache.list(&dir.join("none")).unwrap().is_empty());
+        assert!(
+            cache.inner.lock().unwrap().listings.is_empty(),
+            "small: not kept"
+        );
+    }
+}
