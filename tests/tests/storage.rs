@@ -909,6 +909,10 @@ async fn a_delete_by_digest_finds_every_tag_of_its_manifest_whoever_wrote_it() -
 
     // A tag written by the layout, not by a push, protects its manifest.
     ensure!(delete_protected(&c, "other", &m, "y").await? == 403);
+    let complete = root
+        .path()
+        .join("docker/registry/v2/repositories/other/_manifests/_tagged/complete");
+    ensure!(complete.exists(), "the first lookup indexes the repository");
     ensure!(delete_protected(&c, "other", &m, "z*").await? == 202);
     for t in ["x", "y"] {
         let r = c.get(&format!("/v2/other/manifests/{t}")).await?;
@@ -934,5 +938,84 @@ async fn a_delete_by_digest_finds_every_tag_of_its_manifest_whoever_wrote_it() -
     left.sort();
     ensure!(left == ["a", "c"], "tags left: {left:?}");
     assert_consistent(root.path());
+    Ok(())
+}
+
+/// Makes a directory's last change look an hour old, so storage may keep its listing.
+fn settle(dir: &Path) -> anyhow::Result<()> {
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::open(dir)?.set_modified(old)?;
+    Ok(())
+}
+
+/// Large directories' listings are kept in memory by each storage node: their pages are
+/// distribution's, and what another node on the same root adds or removes shows on the next
+/// page all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kept_listing_pages_as_distribution_and_shows_what_another_node_changed()
+-> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let layout = portcullis_tests::layout::Layout::new(root.path())?;
+    let v1 = ["v1".to_string()];
+    // `big` is a repository itself, so `_layers` and `_manifests` sort among its 200
+    // children's names.
+    layout.image("big", &v1)?;
+    for i in 0..200 {
+        layout.image(&format!("big/r{i:03}"), &v1)?;
+    }
+    layout.image("zz", &v1)?;
+    let tags: Vec<String> = (0..300).map(|j| format!("t{j:03}")).collect();
+    layout.image("tags/many", &tags)?;
+    let v2 = root.path().join("docker/registry/v2/repositories");
+    settle(&v2.join("big"))?;
+    settle(&v2.join("tags/many/_manifests/tags"))?;
+    let a = StorageServer::start(root.path())?;
+    let b = StorageServer::start(root.path())?;
+    let dist = Distribution::start(root.path())?;
+    let (ca, cb, theirs) = (
+        Client::new(&a.base),
+        Client::new(&b.base),
+        Client::new(&dist.base),
+    );
+    // Every page, twice (the second from the kept listing), and a `last` among the `_`
+    // entries.
+    for _ in 0..2 {
+        let mut last = None;
+        while let Some(l) = same_catalog_page(&ca, &theirs, 7, last.as_deref())
+            .await?
+            .pop()
+        {
+            last = Some(l);
+        }
+        same_catalog_page(&ca, &theirs, 3, Some("big/_x")).await?;
+    }
+    let catalog = |last: &str| format!("/v2/_catalog?n=3&last={last}");
+    let tag_page = |last: &str| format!("/v2/tags/many/tags/list?n=3&last={last}");
+    for _ in 0..2 {
+        let (page, more) = list_page(&ca, &catalog("big/r100"), "repositories").await?;
+        ensure!(
+            page == ["big/r101", "big/r102", "big/r103"] && more,
+            "{page:?}"
+        );
+        let (page, _) = list_page(&ca, &tag_page("t100"), "tags").await?;
+        ensure!(page == ["t101", "t102", "t103"], "{page:?}");
+    }
+
+    // Node B pushes a repository and a tag, deletes a tag; a repository goes (as a delete of
+    // the directory by any node would take it).
+    cb.push_image("big/r100a", "v1", &[b"new repository"])
+        .await?;
+    cb.push_image("tags/many", "t100a", &[b"new tag"]).await?;
+    let r = cb
+        .req(Method::DELETE, "/v2/tags/many/manifests/t101")
+        .send()
+        .await?;
+    ensure!(r.status() == 202, "{}", describe(r).await);
+    layout.remove("big/r102")?;
+
+    let (page, _) = list_page(&ca, &catalog("big/r100"), "repositories").await?;
+    ensure!(page == ["big/r100a", "big/r101", "big/r103"], "{page:?}");
+    let (page, _) = list_page(&ca, &tag_page("t100"), "tags").await?;
+    ensure!(page == ["t100a", "t102", "t103"], "{page:?}");
     Ok(())
 }

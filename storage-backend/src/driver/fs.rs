@@ -9,7 +9,7 @@
 //! one root cannot interleave chunks, and hash + write on a blocking thread fed by a small
 //! bounded channel, so memory stays flat whatever the blob size.
 
-use super::listing::{Listing, ListingCache};
+use super::listing::{Listing, ListingCache, read_names};
 use super::{AppendError, AppendOptions, Appended, ByteStream, Driver, ObjectMeta};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -482,21 +482,7 @@ impl Driver for FsDriver {
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<Vec<String>>> {
         let dir = self.full(prefix);
-        Box::pin(blocking(move || {
-            let Some(entries) = not_found_as_none(fs::read_dir(&dir))? else {
-                return Ok(Vec::new());
-            };
-            let mut names = Vec::new();
-            for e in entries {
-                let e = e?;
-                if let Some(n) = e.file_name().to_str()
-                    && !n.starts_with('.')
-                {
-                    names.push(n.to_owned());
-                }
-            }
-            Ok(names)
-        }))
+        Box::pin(blocking(move || read_names(&dir)))
     }
 
     fn list_sorted<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<Listing>> {

@@ -7,9 +7,12 @@
 //! modification time (and its change time), whichever process or node did it, so several
 //! storage nodes on one root see each other's changes on their next page. Timestamps have a
 //! granularity (a kernel tick, an NFS server's clock), so a change made in the same tick as
-//! the listing could leave the time as it was; a listing is therefore reused only if it was
-//! read at least [`SETTLED`] after the directory last changed — the rule git uses for its
-//! index. Clocks of nodes sharing a root must agree within that (NTP does).
+//! the listing could leave the time as it was; a listing is therefore kept only if it was
+//! read at least [`SETTLED`] after the directory was last modified — the rule git uses for its
+//! index. Clocks of nodes sharing a root must agree within that (NTP does). On NFS, a
+//! client's cached attributes hide another client's change for as long as they are cached
+//! (`acdirmin`…`acdirmax`), from `readdir` as from this cache: mount a shared root with
+//! `actimeo=0` (or `noac`) for one node to see another's changes at once.
 //!
 //! Nothing is written: the cache is rebuilt from the layout on demand, a crash loses nothing,
 //! and a registry:2 root served as it is lists the same with or without it.
@@ -28,9 +31,9 @@ pub type Listing = Arc<[String]>;
 /// Directories with fewer entries are read each time (a `readdir` of a few entries costs
 /// about what a `stat` does).
 const CACHED_FROM: usize = 128;
-/// Names kept across all cached listings (about 50 bytes each): the least recently used
-/// listings go first.
-const MAX_NAMES: usize = 2_000_000;
+/// Memory all kept listings may take (names and their `String`s: ~40 bytes a name, so about
+/// 1 600 000 names); the least recently used listings go first.
+const MAX_BYTES: usize = 64 << 20;
 /// How long after a directory's last change a listing read then may be trusted.
 const SETTLED: Duration = Duration::from_secs(2);
 
@@ -46,6 +49,14 @@ struct Signature {
 }
 
 impl Signature {
+    /// When an entry was last added to or removed from the directory: its modification time
+    /// (its change time moves too, but also for a `chmod` or a `touch`, which change no entry).
+    fn modified(&self) -> SystemTime {
+        let (secs, nsecs) = self.mtime;
+        let since = Duration::new(secs.max(0) as u64, nsecs.clamp(0, 999_999_999) as u32);
+        SystemTime::UNIX_EPOCH + since
+    }
+
     fn of(m: &Metadata) -> Self {
         Signature {
             dev: m.dev(),
@@ -60,8 +71,6 @@ impl Signature {
 
 struct Cached {
     signature: Signature,
-    /// Whether the listing was read [`SETTLED`] after the directory's last change.
-    settled: bool,
     names: Listing,
     used: u64,
 }
@@ -69,17 +78,35 @@ struct Cached {
 #[derive(Default)]
 struct Inner {
     listings: HashMap<PathBuf, Cached>,
-    names: usize,
+    /// Memory the kept listings take ([`weight`]).
+    bytes: usize,
     clock: u64,
 }
 
 /// The filesystem driver's cache of large directories' sorted listings.
-#[derive(Default)]
 pub struct ListingCache {
     inner: Mutex<Inner>,
+    /// Directories with fewer entries are not kept.
+    cached_from: usize,
+    /// Memory all kept listings may take.
+    max_bytes: usize,
+}
+
+impl Default for ListingCache {
+    fn default() -> Self {
+        ListingCache::with_limits(CACHED_FROM, MAX_BYTES)
+    }
 }
 
 impl ListingCache {
+    fn with_limits(cached_from: usize, max_bytes: usize) -> Self {
+        ListingCache {
+            inner: Mutex::default(),
+            cached_from,
+            max_bytes,
+        }
+    }
+
     /// The sorted listing of `dir` (empty if it does not exist); blocking.
     pub fn list(&self, dir: &Path) -> io::Result<Listing> {
         let meta = match fs::metadata(dir) {
@@ -91,14 +118,20 @@ impl ListingCache {
             return Ok(names);
         }
         let read_at = SystemTime::now();
-        let names = read_sorted(dir)?;
+        let mut names = read_names(dir)?;
+        names.sort_unstable();
+        let names = Listing::from(names);
         // Entries added or removed while it was read: the listing is not that of `signature`.
         let unchanged = fs::metadata(dir).is_ok_and(|m| Signature::of(&m) == signature);
-        if unchanged && names.len() >= CACHED_FROM && names.len() <= MAX_NAMES {
-            let settled = meta
-                .modified()
-                .is_ok_and(|changed| read_at.duration_since(changed).is_ok_and(|d| d >= SETTLED));
-            self.keep(dir, signature, settled, names.clone());
+        let settled = read_at
+            .duration_since(signature.modified())
+            .is_ok_and(|d| d >= SETTLED);
+        if unchanged
+            && settled
+            && names.len() >= self.cached_from
+            && weight(&names) <= self.max_bytes
+        {
+            self.keep(dir, signature, names.clone());
         }
         Ok(names)
     }
@@ -108,19 +141,20 @@ impl ListingCache {
         inner.clock += 1;
         let now = inner.clock;
         let c = inner.listings.get_mut(dir)?;
-        if c.signature != signature || !c.settled {
+        if c.signature != signature {
             return None;
         }
         c.used = now;
         Some(c.names.clone())
     }
 
-    fn keep(&self, dir: &Path, signature: Signature, settled: bool, names: Listing) {
+    fn keep(&self, dir: &Path, signature: Signature, names: Listing) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = inner.listings.remove(dir) {
-            inner.names -= old.names.len();
+            inner.bytes -= weight(&old.names);
         }
-        while inner.names + names.len() > MAX_NAMES {
+        let bytes = weight(&names);
+        while inner.bytes + bytes > self.max_bytes {
             let Some(oldest) = inner
                 .listings
                 .iter()
@@ -130,16 +164,15 @@ impl ListingCache {
                 break;
             };
             if let Some(old) = inner.listings.remove(&oldest) {
-                inner.names -= old.names.len();
+                inner.bytes -= weight(&old.names);
             }
         }
-        inner.names += names.len();
+        inner.bytes += bytes;
         let used = inner.clock;
         inner.listings.insert(
             dir.to_owned(),
             Cached {
                 signature,
-                settled,
                 names,
                 used,
             },
@@ -147,10 +180,19 @@ impl ListingCache {
     }
 }
 
-/// A directory's entries (not hidden ones), sorted.
-fn read_sorted(dir: &Path) -> io::Result<Listing> {
+/// The memory a listing's names take.
+fn weight(names: &[String]) -> usize {
+    names
+        .iter()
+        .map(|n| n.len() + std::mem::size_of::<String>())
+        .sum()
+}
+
+/// A directory's entries, unsorted, without hidden ones (`.`: temp files being written);
+/// empty if it does not exist.
+pub(super) fn read_names(dir: &Path) -> io::Result<Vec<String>> {
     let entries = match fs::read_dir(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::from([])),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         r => r?,
     };
     let mut names = Vec::new();
@@ -162,8 +204,7 @@ fn read_sorted(dir: &Path) -> io::Result<Listing> {
             names.push(n.to_owned());
         }
     }
-    names.sort_unstable();
-    Ok(names.into())
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -217,6 +258,28 @@ mod tests {
         // The directory changed less than `SETTLED` ago: a change in the same tick would not
         // show, so the next page reads it again.
         assert!(!Arc::ptr_eq(&first, &cache.list(dir).unwrap()));
+    }
+
+    #[test]
+    fn the_least_recently_used_listing_goes_first_when_names_run_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("d{i}"))).collect();
+        for d in &dirs {
+            fs::create_dir(d).unwrap();
+            fill(d, 4);
+            settle(d);
+        }
+        // Room for two listings of four names.
+        let room = 2 * weight(&read_names(&dirs[0]).unwrap());
+        let cache = ListingCache::with_limits(2, room);
+        let kept = |c: &ListingCache, d: &Path| c.inner.lock().unwrap().listings.contains_key(d);
+        cache.list(&dirs[0]).unwrap();
+        cache.list(&dirs[1]).unwrap();
+        cache.list(&dirs[0]).unwrap(); // d1 is now the least recently used
+        cache.list(&dirs[2]).unwrap();
+        assert!(kept(&cache, &dirs[0]) && kept(&cache, &dirs[2]));
+        assert!(!kept(&cache, &dirs[1]));
+        assert_eq!(cache.inner.lock().unwrap().bytes, room);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use futures_util::{StreamExt, stream};
 use oci::{ErrorCode, RepositoryName, Tag};
 use std::cmp::Ordering;
 
-/// Directories listed (or tag links read) ahead of the one a listing looks at.
+/// Directories listed ahead of the one a catalog page looks at.
 const LISTED_AHEAD: usize = 16;
 
 /// One page of a lexically sorted list.
@@ -187,17 +187,11 @@ impl Registry {
         let start = last.map_or(0, |l| names.partition_point(|x| x.as_str() <= l));
         let want = n.map(|n| n.saturating_add(1));
         let mut items = Vec::new();
-        // The links of the next few tags are read while one is looked at, in order.
         let tags = names[start..]
             .iter()
             .map(String::as_str)
             .filter_map(parse_tag);
-        let mut read = stream::iter(tags)
-            .map(|tag| async move {
-                let target = self.tag_target(name, &tag).await;
-                (tag, target)
-            })
-            .buffered(LISTED_AHEAD);
+        let mut read = self.tag_targets(name, tags);
         while let Some((tag, target)) = read.next().await {
             if want.is_some_and(|w| items.len() >= w) {
                 break;

@@ -7,8 +7,12 @@
 use super::{Error, Registry, Result};
 use crate::layout::Key;
 use bytes::Bytes;
+use futures_util::{Stream, StreamExt, stream};
 use oci::media_type::{self, ParsedManifest};
 use oci::{Digest, ErrorCode, OciError, Reference, RepositoryName, Tag};
+
+/// Tag links read ahead by [`Registry::tag_targets`].
+const LINKS_AHEAD: usize = 16;
 
 /// Rounds of compare-and-swap a tag push tries before answering 503 (each round one of the
 /// racing pushes wins, so this many pushes to one tag at the same moment all get through).
@@ -159,6 +163,22 @@ impl Registry {
         self.read_link(Key::TagCurrentLink(name, tag)).await
     }
 
+    /// What each of `tags` points to, in order, the next [`LINKS_AHEAD`] read while one is
+    /// looked at (for the lookups that read many: tag pages, the tags' reverse index,
+    /// immutability checks).
+    pub(super) fn tag_targets<'a>(
+        &'a self,
+        name: &'a RepositoryName,
+        tags: impl IntoIterator<Item = Tag, IntoIter: Send + 'a>,
+    ) -> impl Stream<Item = (Tag, Result<Option<Digest>>)> + Send + 'a {
+        stream::iter(tags)
+            .map(move |tag| async move {
+                let target = self.tag_target(name, &tag).await;
+                (tag, target)
+            })
+            .buffered(LINKS_AHEAD)
+    }
+
     /// Resolves a reference to the digest of a manifest in the repository.
     pub async fn resolve(&self, name: &RepositoryName, reference: &Reference) -> Result<Digest> {
         let digest = match reference {
@@ -218,7 +238,7 @@ impl Registry {
                 // Tags first: a crash half-way leaves a manifest with fewer tags, never a tag
                 // pointing to a deleted manifest. All are found before any goes, so an
                 // immutable one refuses the delete with nothing changed.
-                let tagged = self.tagged(name, digest, &|_| true, None).await?;
+                let tagged = self.tags_pointing_at(name, digest, &|_| true, None).await?;
                 for tag in &tagged {
                     super::protect::refuse_tagged(protection, tag, digest)?;
                 }

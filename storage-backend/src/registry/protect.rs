@@ -12,6 +12,7 @@
 
 use super::{Registry, Result};
 use crate::layout::Key;
+use futures_util::{StreamExt, stream};
 use oci::media_type;
 use oci::{Digest, ErrorCode, OciError, RepositoryName, Tag};
 use policy::ImmutableBy;
@@ -92,21 +93,25 @@ pub(super) fn refuse_tagged(
 
 impl Registry {
     /// The images the repository's immutable tags name: each manifest once, with the first
-    /// tag (in name order) that names it and its rule.
+    /// tag (in name order) that names it and its rule. The tags are listed afresh (not from
+    /// the pages' listing cache) and every immutable tag's link is read: this decides.
     async fn immutable_images(
         &self,
         name: &RepositoryName,
         p: &CompiledProtection,
     ) -> Result<Vec<(Digest, Tag, ImmutableBy)>> {
-        let names = self.driver.list_sorted(&Key::Tags(name).path()).await?;
+        let mut names = self.driver.list(&Key::Tags(name).path()).await?;
+        names.sort_unstable();
+        let (tags, rules): (Vec<Tag>, Vec<ImmutableBy>) = names
+            .iter()
+            .filter_map(|t| Tag::parse(t).ok())
+            .filter_map(|t| p.immutable(t.as_str()).map(|by| (t, by)))
+            .unzip();
+        let mut read = self.tag_targets(name, tags).zip(stream::iter(rules));
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for t in names.iter() {
-            let Ok(tag) = Tag::parse(t) else { continue };
-            let Some(by) = p.immutable(tag.as_str()) else {
-                continue;
-            };
-            if let Some(d) = self.tag_target(name, &tag).await?
+        while let Some(((tag, target), by)) = read.next().await {
+            if let Some(d) = target?
                 && seen.insert(d.clone())
             {
                 out.push((d, tag, by));
@@ -115,9 +120,8 @@ impl Registry {
         Ok(out)
     }
 
-    /// The immutable tag whose image `target` belongs to, if any: as the tagged manifest
-    /// (found through the tags' reverse index, [`super::tagged`]), a child of a tagged index,
-    /// or a config or layer of either.
+    /// The immutable tag whose image `target` belongs to, if any: as the tagged manifest, a
+    /// child of a tagged index, or a config or layer of either.
     async fn protecting(
         &self,
         name: &RepositoryName,
@@ -125,9 +129,14 @@ impl Registry {
         target: &Digest,
         kind: Target,
     ) -> Result<Option<Protected>> {
+        // The reverse index finds an immutable tag on the manifest itself at once (the
+        // common refusal); the walk below decides without relying on it.
         if kind == Target::Manifest {
             let immutable = |t: &Tag| p.immutable(t.as_str()).is_some();
-            if let Some(tag) = self.tagged(name, target, &immutable, Some(1)).await?.pop()
+            if let Some(tag) = self
+                .tags_pointing_at(name, target, &immutable, Some(1))
+                .await?
+                .pop()
                 && let Some(by) = p.immutable(tag.as_str())
             {
                 return Ok(Some(Protected {
@@ -138,6 +147,13 @@ impl Registry {
             }
         }
         for (digest, tag, by) in self.immutable_images(name, p).await? {
+            if kind == Target::Manifest && &digest == target {
+                return Ok(Some(Protected {
+                    tag,
+                    by,
+                    belongs: Belongs::Tagged,
+                }));
+            }
             let mut seen = HashSet::new();
             let mut next = vec![digest];
             while let Some(m) = next.pop() {
