@@ -115,6 +115,11 @@ pub struct ParsedManifest {
 }
 
 impl ParsedManifest {
+    /// The digests of the manifests an index lists (none for an image manifest).
+    pub fn children(&self) -> Vec<Digest> {
+        self.manifests.iter().map(|m| m.digest.clone()).collect()
+    }
+
     /// Blobs the manifest references (config and layers), which must exist in the repository.
     pub fn blob_references(&self) -> impl Iterator<Item = &Descriptor> {
         self.config.iter().chain(self.layers.iter())

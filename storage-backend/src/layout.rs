@@ -17,7 +17,8 @@
 //!     │                                                   `subject` is <subject>
 //!     ├── _manifests/_tagged/<alg>/<hex>/<tag>            our addition: the tag pointed to
 //!     │                                                   <hex> at some time (empty)
-//!     └── _manifests/_tagged/complete                     every tag has its marker
+//!     └── _manifests/_parents/<alg>/<hex>/<alg>-<hex>     our addition: an index that
+//!                                                         lists <hex> (empty)
 //! ```
 //!
 //! Garbage collection adds `<root>/docker/registry/v2/_gc/lease` (one run at a time) and,
@@ -27,7 +28,7 @@
 //! Directories starting with `_` are never repository name components (the name grammar
 //! forbids a leading `_`), which is what lets names contain slashes.
 
-use oci::{Digest, RepositoryName, Tag};
+use oci::{Algorithm, Digest, RepositoryName, Tag};
 
 /// Every object the registry stores.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,12 +58,18 @@ pub enum Key<'a> {
     /// Manifests referring to a subject (a prefix).
     Referrers(&'a RepositoryName, &'a Digest),
     ReferrerLink(&'a RepositoryName, &'a Digest, &'a Digest),
+    /// A repository's manifest revisions of one algorithm (a prefix whose children are hex
+    /// digests).
+    Revisions(&'a RepositoryName, Algorithm),
     /// Markers of the tags that pointed to a manifest (a prefix whose children are tag
-    /// names): `registry::tagged`.
+    /// names): `registry::reverse`.
     Tagged(&'a RepositoryName, &'a Digest),
     TaggedMarker(&'a RepositoryName, &'a Digest, &'a Tag),
-    /// Present once every tag of the repository has its marker.
-    TaggedComplete(&'a RepositoryName),
+    /// Markers of the indexes that list a manifest (a prefix whose children are
+    /// `<alg>-<hex>`): `registry::reverse`.
+    Parents(&'a RepositoryName, &'a Digest),
+    /// The marker of `.2`, an index listing `.1`.
+    ParentMarker(&'a RepositoryName, &'a Digest, &'a Digest),
     /// The garbage collector's lease: one run at a time across the nodes on a store.
     GcLease,
 }
@@ -117,7 +124,15 @@ impl Key<'_> {
             Key::TaggedMarker(n, d, t) => {
                 format!("{}/_manifests/_tagged/{}/{t}", repo(n), ah(d))
             }
-            Key::TaggedComplete(n) => format!("{}/_manifests/_tagged/complete", repo(n)),
+            Key::Revisions(n, alg) => format!("{}/_manifests/revisions/{alg}", repo(n)),
+            Key::Parents(n, d) => format!("{}/_manifests/_parents/{}", repo(n), ah(d)),
+            Key::ParentMarker(n, d, p) => format!(
+                "{}/_manifests/_parents/{}/{}-{}",
+                repo(n),
+                ah(d),
+                p.algorithm(),
+                p.hex()
+            ),
             Key::GcLease => format!("{V2}/_gc/lease"),
         }
     }
@@ -193,8 +208,16 @@ mod tests {
                 format!("{r}/_manifests/_tagged/sha256/{h}/v1"),
             ),
             (
-                Key::TaggedComplete(&n),
-                format!("{r}/_manifests/_tagged/complete"),
+                Key::Revisions(&n, oci::Algorithm::Sha512),
+                format!("{r}/_manifests/revisions/sha512"),
+            ),
+            (
+                Key::Parents(&n, &s),
+                format!("{r}/_manifests/_parents/sha512/{sh}"),
+            ),
+            (
+                Key::ParentMarker(&n, &s, &d),
+                format!("{r}/_manifests/_parents/sha512/{sh}/sha256-{h}"),
             ),
         ];
         for (key, want) in cases {

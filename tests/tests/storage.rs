@@ -907,12 +907,16 @@ async fn a_delete_by_digest_finds_every_tag_of_its_manifest_whoever_wrote_it() -
     let server = StorageServer::start(root.path())?;
     let c = Client::new(&server.base);
 
-    // A tag written by the layout, not by a push, protects its manifest.
+    // A tag written by the layout, not by a push, protects its manifest; so does one the
+    // layout writes after storage checked the repository's tags.
     ensure!(delete_protected(&c, "other", &m, "y").await? == 403);
-    let complete = root
-        .path()
-        .join("docker/registry/v2/repositories/other/_manifests/_tagged/complete");
-    ensure!(complete.exists(), "the first lookup indexes the repository");
+    let marker = root.path().join(format!(
+        "docker/registry/v2/repositories/other/_manifests/_tagged/sha256/{}/x",
+        layout.manifest().hex()
+    ));
+    ensure!(marker.exists(), "the first lookup marks every tag");
+    layout.tag("other", "late")?;
+    ensure!(delete_protected(&c, "other", &m, "late").await? == 403);
     ensure!(delete_protected(&c, "other", &m, "z*").await? == 202);
     for t in ["x", "y"] {
         let r = c.get(&format!("/v2/other/manifests/{t}")).await?;
@@ -938,6 +942,32 @@ async fn a_delete_by_digest_finds_every_tag_of_its_manifest_whoever_wrote_it() -
     left.sort();
     ensure!(left == ["a", "c"], "tags left: {left:?}");
     assert_consistent(root.path());
+
+    // A child of an immutable index is protected; also when the index's markers are gone (as
+    // if distribution had written it) and a freshly started node checks the repository.
+    let (child, child_digest) = c.push_image("multi", "child", &[b"child layer"]).await?;
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": portcullis_tests::client::OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": child_digest.to_string(),
+                       "size": child.len(), "platform": {"architecture": "amd64", "os": "linux"}}],
+    }))?;
+    let r = c
+        .put_manifest("multi", "rel", portcullis_tests::client::OCI_INDEX, &index)
+        .await?;
+    ensure!(r.status() == 201, "{}", describe(r).await);
+    let child_digest = child_digest.to_string();
+    ensure!(delete_protected(&c, "multi", &child_digest, "rel").await? == 403);
+    drop(server);
+    std::fs::remove_dir_all(
+        root.path()
+            .join("docker/registry/v2/repositories/multi/_manifests/_parents"),
+    )?;
+    let server = StorageServer::start(root.path())?;
+    let c = Client::new(&server.base);
+    ensure!(delete_protected(&c, "multi", &child_digest, "rel").await? == 403);
+    ensure!(delete_protected(&c, "multi", &child_digest, "child").await? == 403);
+    ensure!(delete_protected(&c, "multi", &child_digest, "other").await? == 202);
     Ok(())
 }
 

@@ -35,7 +35,7 @@ const CACHED_FROM: usize = 128;
 /// 1 600 000 names); the least recently used listings go first.
 const MAX_BYTES: usize = 64 << 20;
 /// How long after a directory's last change a listing read then may be trusted.
-const SETTLED: Duration = Duration::from_secs(2);
+const SETTLED: Duration = Duration::from_secs(1);
 
 /// What one `stat` says of a directory's entries: any entry added or removed changes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +181,7 @@ impl ListingCache {
 }
 
 /// The memory a listing's names take.
-fn weight(names: &[String]) -> usize {
+pub(crate) fn weight(names: &[String]) -> usize {
     names
         .iter()
         .map(|n| n.len() + std::mem::size_of::<String>())

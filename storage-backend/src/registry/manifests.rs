@@ -1,7 +1,8 @@
 //! Manifests: validated, stored as blobs, linked as revisions, tagged by links.
 //!
-//! Write order (each step atomic): content blob → revision link → referrer link → tag index
-//! link → tag marker (`tagged`) → tag current link. A crash between steps leaves at worst an untagged manifest, which
+//! Write order (each step atomic): content blob → index children's markers (`reverse`) →
+//! revision link → referrer link → tag index link → tag marker (`reverse`) → tag current
+//! link. A crash between steps leaves at worst an untagged manifest, which
 //! is a consistent state (and garbage for GC).
 
 use super::{Error, Registry, Result};
@@ -105,6 +106,7 @@ impl Registry {
         if !self.blob_exists(&digest).await? {
             self.driver.put(&Key::Blob(&digest).path(), body).await?;
         }
+        self.mark_parent(name, &digest, &parsed.children()).await?;
         self.write_link(Key::RevisionLink(name, &digest), &digest)
             .await?;
         if let Some(subject) = &parsed.subject {
@@ -234,27 +236,41 @@ impl Registry {
                 self.driver.delete(&Key::Tag(name, tag).path()).await?;
             }
             Reference::Digest(digest) => {
-                let stored = self.get_manifest(name, reference).await?;
-                // Tags first: a crash half-way leaves a manifest with fewer tags, never a tag
-                // pointing to a deleted manifest. All are found before any goes, so an
-                // immutable one refuses the delete with nothing changed.
-                let tagged = self.tags_pointing_at(name, digest, &|_| true, None).await?;
-                for tag in &tagged {
-                    super::protect::refuse_tagged(protection, tag, digest)?;
-                }
-                for tag in tagged {
-                    self.driver.delete(&Key::Tag(name, &tag).path()).await?;
-                }
-                if let Ok(parsed) = media_type::parse_manifest(None, &stored.body)
-                    && let Some(subject) = parsed.subject
-                {
-                    let link = Key::ReferrerLink(name, &subject.digest, digest).path();
-                    self.driver.delete(link.trim_end_matches("/link")).await?;
-                }
-                let link = Key::RevisionLink(name, digest).path();
-                self.driver.delete(link.trim_end_matches("/link")).await?;
+                self.verify_tags(name).await?;
+                self.delete_by_digest(name, digest, protection).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Deletes a manifest and every tag pointing to it, found from the tags' markers (the
+    /// caller verified them: [`Registry::verify_tags`]).
+    pub(super) async fn delete_by_digest(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        protection: Option<&policy::immutability::CompiledProtection>,
+    ) -> Result<()> {
+        let reference = Reference::Digest(digest.clone());
+        let stored = self.get_manifest(name, &reference).await?;
+        // Tags first: a crash half-way leaves a manifest with fewer tags, never a tag pointing
+        // to a deleted manifest. All are found before any goes, so an immutable one refuses
+        // the delete with nothing changed.
+        let tagged = self.tags_marked(name, digest, &|_| true, None).await?;
+        for tag in &tagged {
+            super::protect::refuse_tagged(protection, tag, digest)?;
+        }
+        for tag in tagged {
+            self.driver.delete(&Key::Tag(name, &tag).path()).await?;
+        }
+        if let Ok(parsed) = media_type::parse_manifest(None, &stored.body)
+            && let Some(subject) = parsed.subject
+        {
+            let link = Key::ReferrerLink(name, &subject.digest, digest).path();
+            self.driver.delete(link.trim_end_matches("/link")).await?;
+        }
+        let link = Key::RevisionLink(name, digest).path();
+        self.driver.delete(link.trim_end_matches("/link")).await?;
         Ok(())
     }
 }

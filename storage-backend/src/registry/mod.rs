@@ -9,7 +9,7 @@ mod gc;
 mod manifests;
 mod protect;
 mod referrers;
-mod tagged;
+mod reverse;
 mod uploads;
 
 pub use catalog::Page;
@@ -75,6 +75,8 @@ pub struct Registry {
     /// Only a cache: when it is missing or behind (another process wrote a chunk), the
     /// content is hashed again from the store when the upload finishes.
     hashers: Mutex<HashMap<String, (u64, Verifier)>>,
+    /// What this node checked has its reverse-index markers ([`reverse`]).
+    verified: reverse::Verified,
 }
 
 impl Registry {
@@ -83,6 +85,7 @@ impl Registry {
             driver,
             options,
             hashers: Mutex::new(HashMap::new()),
+            verified: reverse::Verified::default(),
         }
     }
 

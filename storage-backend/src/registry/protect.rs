@@ -129,31 +129,23 @@ impl Registry {
         target: &Digest,
         kind: Target,
     ) -> Result<Option<Protected>> {
-        // The reverse index finds an immutable tag on the manifest itself at once (the
-        // common refusal); the walk below decides without relying on it.
+        // A manifest: its tags and the tags of the indexes that list it, from the reverse
+        // indexes (`reverse`), verified against the repository as it is now.
         if kind == Target::Manifest {
             let immutable = |t: &Tag| p.immutable(t.as_str()).is_some();
-            if let Some(tag) = self
-                .tags_pointing_at(name, target, &immutable, Some(1))
-                .await?
-                .pop()
-                && let Some(by) = p.immutable(tag.as_str())
-            {
-                return Ok(Some(Protected {
-                    tag,
-                    by,
-                    belongs: Belongs::Tagged,
-                }));
-            }
+            let found = self.tag_of_image(name, target, &immutable).await?;
+            return Ok(found.and_then(|(tag, itself)| {
+                let by = p.immutable(tag.as_str())?;
+                let belongs = if itself {
+                    Belongs::Tagged
+                } else {
+                    Belongs::IndexChild
+                };
+                Some(Protected { tag, by, belongs })
+            }));
         }
+        // A blob: the images every immutable tag names, each read.
         for (digest, tag, by) in self.immutable_images(name, p).await? {
-            if kind == Target::Manifest && &digest == target {
-                return Ok(Some(Protected {
-                    tag,
-                    by,
-                    belongs: Belongs::Tagged,
-                }));
-            }
             let mut seen = HashSet::new();
             let mut next = vec![digest];
             while let Some(m) = next.pop() {
@@ -166,17 +158,12 @@ impl Registry {
                 let Ok(parsed) = media_type::parse_manifest(None, &body) else {
                     continue;
                 };
-                let belongs = match kind {
-                    Target::Blob if parsed.blob_references().any(|b| &b.digest == target) => {
-                        Some(Belongs::Content)
-                    }
-                    Target::Manifest if parsed.manifests.iter().any(|c| &c.digest == target) => {
-                        Some(Belongs::IndexChild)
-                    }
-                    _ => None,
-                };
-                if let Some(belongs) = belongs {
-                    return Ok(Some(Protected { tag, by, belongs }));
+                if parsed.blob_references().any(|b| &b.digest == target) {
+                    return Ok(Some(Protected {
+                        tag,
+                        by,
+                        belongs: Belongs::Content,
+                    }));
                 }
                 next.extend(parsed.manifests.into_iter().map(|c| c.digest));
             }
@@ -233,11 +220,13 @@ impl Registry {
         digest: &Digest,
         p: Option<&CompiledProtection>,
     ) -> Result<Overridden> {
+        // Tags and indexes written without markers are marked first (`reverse`); the check,
+        // the delete and the re-check then read markers.
+        self.verify_markers(name).await?;
         let overridden = self
             .check_protection(name, p, digest, Target::Manifest)
             .await?;
-        self.delete_manifest(name, &oci::Reference::Digest(digest.clone()), p)
-            .await?;
+        self.delete_by_digest(name, digest, p).await?;
         self.recheck(
             name,
             p,

@@ -120,8 +120,8 @@ async fn delete_check(
 
 /// Median of `gets` DELETEs by digest that no immutable tag stops, in `delete/check` where
 /// every tag is immutable: a second manifest, pushed by digest before each DELETE. Storage
-/// reads every immutable tag's link to find what their images need, before and after it
-/// deletes.
+/// checks the repository's tags and revisions against its reverse indexes, then finds no tag
+/// and no index on the manifest, before and after it deletes.
 async fn allowed_delete(c: &Client, gets: usize) -> anyhow::Result<Duration> {
     let repo = "delete/check";
     let body = c
@@ -147,6 +147,36 @@ async fn allowed_delete(c: &Client, gets: usize) -> anyhow::Result<Duration> {
     Ok(times[times.len() / 2])
 }
 
+/// How long after a directory changed storage-backend keeps its listing, and a little more.
+const LISTING_SETTLES: Duration = Duration::from_millis(1100);
+
+/// Median of `gets` first tag pages of `big/tags`, each right after a push of a new tag
+/// there (the same manifest): the directory changed under a second ago, so storage reads it
+/// whole, as on a repository CI pushes to all the time.
+async fn page_after_push(c: &Client, gets: usize) -> anyhow::Result<Duration> {
+    let body = c
+        .req(Method::GET, "/v2/big/tags/manifests/t000000")
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    let mut times = Vec::with_capacity(gets);
+    for i in 0..gets.max(1) {
+        let r = c
+            .put_manifest("big/tags", &format!("pushed-{i}"), OCI_MANIFEST, &body)
+            .await?;
+        ensure!(r.status() == 201, "push: {}", describe(r).await);
+        let t = Instant::now();
+        let r = c.get("/v2/big/tags/tags/list?n=100").await?;
+        ensure!(r.status() == 200, "tags: {}", describe(r).await);
+        r.bytes().await?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -165,6 +195,9 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
         let root = scratch.join(format!("scale-{size}"));
         let (took, digest) = fill(&root, size).context("writing the layout")?;
         println!("{size}: layout written in {:.1} s", took.as_secs_f64());
+        // storage-backend keeps a large directory's listing only once it has not changed for
+        // a second (`driver::listing`); a registry is not read the instant it was written.
+        tokio::time::sleep(LISTING_SETTLES).await;
         let paths = paths(size);
         let mut row = [[Duration::ZERO; 5]; 2];
         {
@@ -174,8 +207,13 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
                 row[0][k] = median_get(&c, p, args.scale_gets).await?;
             }
             // The root was written without storage's reverse index of tags: the first
-            // lookup reads every tag once and writes it.
+            // lookup reads every tag once and marks it.
             let first = delete_check(&c, &digest, "t*", 1).await?;
+            let pushed = page_after_push(&c, args.scale_gets).await?;
+            println!(
+                "{size}: tags first page right after a tag push to that repository (its directory read whole): {:.2} ms",
+                ms(pushed)
+            );
             let one =
                 delete_check(&c, &digest, &tag_name(DELETE_TAGS - 1), args.scale_gets).await?;
             let all = delete_check(&c, &digest, "t*", args.scale_gets).await?;
