@@ -104,9 +104,15 @@ impl Registry {
         }
 
         if !self.blob_exists(&digest).await? {
-            self.driver.put(&Key::Blob(&digest).path(), body).await?;
+            self.driver.put(&Key::Blob(&digest).path(), body.clone()).await?;
         }
-        self.mark_parent(name, &digest, &parsed.children()).await?;
+        // The children as the body says too: a manifest is read back without its
+        // Content-Type, so one sent as an image but shaped as an index is an index then.
+        let mut children = parsed.children();
+        if let Ok(inferred) = media_type::parse_manifest(None, &body) {
+            children.extend(inferred.children());
+        }
+        self.mark_parent(name, &digest, &children).await?;
         self.write_link(Key::RevisionLink(name, &digest), &digest)
             .await?;
         if let Some(subject) = &parsed.subject {

@@ -19,10 +19,12 @@
 //! Portcullis writing to the same root — are found by each node's **verification**: before it
 //! answers from the markers, a node lists the repository's tags and revisions afresh and
 //! reads (and marks) every one it has not checked since it started; the first lookup in a
-//! repository checks all of them once, later ones only what is new. What verification cannot
-//! see is a tag *moved* by such a writer after this node checked it: immutable tags are never
-//! moved (only a subject allowed to override immutability may), so the immutability check
-//! holds; a delete by digest could leave such a moved mutable tag pointing at nothing.
+//! repository on a node checks all of them (again after the node's memory of checked names,
+//! 64 MiB, was full and cleared), later ones only what is new. What verification cannot see is
+//! a tag *moved* — or deleted and created again under its name — by such a writer after this
+//! node checked it: immutable tags are never moved or deleted (only a subject allowed to
+//! override immutability may), so the immutability check holds; a delete by digest could
+//! leave such a moved mutable tag pointing at nothing.
 //!
 //! Directories are listed without the pages' listing cache (`driver::listing`): what these
 //! indexes answer decides deletes and refusals.
@@ -139,7 +141,8 @@ impl Registry {
     }
 
     /// Makes sure every tag listed now has its marker: the tags this node has not checked
-    /// (all of them, the first time) have their links read and their markers written.
+    /// (all of them, the first time) have their links read and their markers written. A tag
+    /// with no link yet (a push in progress) is not counted as checked.
     pub(super) async fn verify_tags(&self, name: &RepositoryName) -> Result<()> {
         let names = sorted(self.driver.list(&Key::Tags(name).path()).await?);
         let known = self.verified.get(Checked::Tags, name);
@@ -147,17 +150,25 @@ impl Registry {
             .into_iter()
             .filter_map(|t| Tag::parse(t).ok())
             .collect();
-        self.tag_targets(name, new)
+        let unlinked: Vec<Option<Tag>> = self
+            .tag_targets(name, new)
             .map(|(tag, target)| async move {
-                if let Some(d) = target? {
-                    self.mark_tagged(name, &tag, &d).await?;
+                match target? {
+                    Some(d) => self.mark_tagged(name, &tag, &d).await.map(|()| None),
+                    // Being pushed (or deleted) right now: checked again next time.
+                    None => Ok(Some(tag)),
                 }
-                Ok::<_, super::Error>(())
             })
             .buffered(PARALLEL)
-            .try_collect::<()>()
+            .try_collect()
             .await?;
-        self.verified.set(Checked::Tags, name, names);
+        let unlinked: Vec<&str> = unlinked.iter().flatten().map(Tag::as_str).collect();
+        let checked: Vec<String> = names
+            .iter()
+            .filter(|n| !unlinked.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        self.verified.set(Checked::Tags, name, checked.into());
         Ok(())
     }
 
@@ -230,25 +241,18 @@ impl Registry {
         Ok(out)
     }
 
-    /// The indexes in the repository now that list `child`, from its markers.
+    /// The indexes that list `child`, from its markers — also one no longer linked in the
+    /// repository (its tags are looked up all the same: a middle index that lost its link
+    /// still carries the protection of the index above it).
     async fn parents_marked(&self, name: &RepositoryName, child: &Digest) -> Result<Vec<Digest>> {
-        let mut out = Vec::new();
-        for marker in sorted(self.driver.list(&Key::Parents(name, child).path()).await?).iter() {
-            let Some(parent) = marker
-                .split_once('-')
-                .and_then(|(alg, hex)| Digest::parse(&format!("{alg}:{hex}")).ok())
-            else {
-                continue;
-            };
-            if self
-                .read_link(Key::RevisionLink(name, &parent))
-                .await?
-                .is_some()
-            {
-                out.push(parent);
-            }
-        }
-        Ok(out)
+        let markers = sorted(self.driver.list(&Key::Parents(name, child).path()).await?);
+        Ok(markers
+            .iter()
+            .filter_map(|m| {
+                let (alg, hex) = m.split_once('-')?;
+                Digest::parse(&format!("{alg}:{hex}")).ok()
+            })
+            .collect())
     }
 
     /// The first tag `wanted` accepts (in name order) that points at `target` or at an index
