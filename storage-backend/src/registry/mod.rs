@@ -121,11 +121,7 @@ impl Registry {
     /// How many blobs the store holds and their bytes (a walk of `blobs/`, one `stat` per
     /// blob: for metrics, not for every request).
     pub async fn usage(&self) -> Result<(u64, u64)> {
-        let blobs = self.all_blobs().await?;
-        Ok((
-            blobs.len() as u64,
-            blobs.iter().map(|(_, size, _)| size).sum(),
-        ))
+        self.blob_totals().await
     }
 
     /// Whether the store answers at all (for readiness).

@@ -2,13 +2,15 @@
 //! push side of the fencing: a push reads the lease and, while a run sweeps, rescues the
 //! markers of everything it references.
 
+use super::compact::CompactDigest;
 use super::options::{GcOptions, unix};
+use super::refs::RefsCache;
 use crate::layout::{Key, gc_marker};
 use crate::registry::{Error, Registry, Result};
 use bytes::Bytes;
 use oci::media_type;
 use oci::{Digest, RepositoryName};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 /// The lease's content.
@@ -190,7 +192,7 @@ impl Registry {
         children: &[Digest],
     ) -> Result<Vec<String>> {
         let mut paths = Vec::new();
-        let mut cache = HashMap::new();
+        let mut cache = RefsCache::default();
         let mut errors = Vec::new();
         let mut blobs: Vec<Digest> = blobs.to_vec();
         let mut children: Vec<Digest> = children.to_vec();
@@ -201,9 +203,12 @@ impl Registry {
             }
             paths.push(Key::RevisionLink(name, &c).path());
             paths.push(Key::Blob(&c).path());
-            if let Some(r) = self.manifest_refs(&c, &mut cache, &mut errors).await? {
-                blobs.extend(r.blobs);
-                children.extend(r.children);
+            let refs = self
+                .manifest_refs(&CompactDigest::from(&c), &mut cache, &mut errors)
+                .await?;
+            if let Some(r) = refs {
+                blobs.extend(r.blobs.iter().map(CompactDigest::to_digest));
+                children.extend(r.children.iter().map(CompactDigest::to_digest));
             }
         }
         for b in &blobs {

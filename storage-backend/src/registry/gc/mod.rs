@@ -35,7 +35,13 @@
 //!
 //! A link or manifest that cannot be read or parsed is reported and skipped; a scan that could
 //! not read a whole repository is incomplete, and an incomplete run deletes no blob.
+//!
+//! **Memory** grows with the number of blobs only, as little as it can: the mark is a set of
+//! 32-byte binary digests (`compact`), the walk of `blobs/` keeps only the unreferenced ones,
+//! a scan keeps only the repositories it found something to delete in, and the manifests'
+//! references are cached in a bounded window (`refs`).
 
+mod compact;
 mod lease;
 mod options;
 mod refs;
@@ -47,6 +53,7 @@ pub(super) use options::RetentionDeletion;
 use super::{Registry, Result};
 use crate::layout::{Key, gc_marker};
 use bytes::Bytes;
+use compact::{CompactDigest, DigestSet};
 use futures_util::{StreamExt, TryStreamExt};
 use lease::Lease;
 use oci::media_type;
@@ -201,30 +208,22 @@ impl Registry {
         mut lease: Option<&mut Lease>,
         report: &mut GcReport,
     ) -> Result<()> {
-        let first = self.scan(t0, opts, lease.as_deref_mut(), None).await?;
-        report.repositories = first.repos.len();
+        let mut first = self.scan(t0, opts, lease.as_deref_mut(), None).await?;
+        report.repositories = first.repositories;
         report.manifests_marked = first.manifests_marked;
         report.blobs_marked = first.live_blobs.len();
         report.errors = first.errors.clone();
         report.complete = first.complete;
-        let blobs = self.all_blobs().await?;
-        report.blobs_seen = blobs.len();
         let cutoff = t0.checked_sub(opts.grace).unwrap_or(UNIX_EPOCH);
-        let dead_blobs: Vec<(Digest, u64)> = if first.complete {
-            blobs
-                .into_iter()
-                .filter(|(d, _, modified)| !first.live_blobs.contains(d) && *modified < cutoff)
-                .map(|(d, size, _)| (d, size))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let link_path = |repo: &str, d: &Digest, kind: &str| {
+        // The mark is done with once the candidates are known: scan 2 makes its own.
+        let live = std::mem::take(&mut first.live_blobs);
+        let (seen, dead_blobs) = self.dead_blobs(live, first.complete, cutoff).await?;
+        report.blobs_seen = seen;
+        let link_path = |repo: &str, d: &CompactDigest, kind: &str| {
             format!(
-                "{}/{repo}/{kind}/{}/{}/link",
+                "{}/{repo}/{kind}/{}/link",
                 Key::Repositories.path(),
-                d.algorithm(),
-                d.hex()
+                d.path()
             )
         };
         // Retention's tag deletions: swapped to a tombstone (a tag moved meanwhile stays).
@@ -318,7 +317,7 @@ impl Registry {
             }
         }
         for (d, _) in &dead_blobs {
-            objects.push(Key::Blob(d).path());
+            objects.push(Key::Blob(&d.to_digest()).path());
         }
         let markers: Vec<String> = objects.iter().map(|o| gc_marker(o)).collect();
         futures_util::stream::iter(markers)
@@ -348,14 +347,8 @@ impl Registry {
         report.errors.extend(second.errors.iter().cloned());
         let still: HashMap<&str, &RepoScan> =
             second.repos.iter().map(|r| (r.name.as_str(), r)).collect();
-        let still_dead = |repo: &str, d: &Digest, revision: bool| {
-            still.get(repo).is_some_and(|n| {
-                if revision {
-                    n.dead_revisions.contains(d)
-                } else {
-                    n.dead_links.contains(d)
-                }
-            })
+        let still_dead = |repo: &str, d: &CompactDigest, revision: bool| {
+            still.get(repo).is_some_and(|n| n.is_dead(d, revision))
         };
         // Manifests first (their referrer links need their content), then links, then blobs.
         let mut revisions = Vec::new();
@@ -382,7 +375,7 @@ impl Registry {
             .await?;
         for ((repo, d), deleted) in revisions.iter().zip(done) {
             if deleted {
-                self.drop_referrer_link(repo, d).await;
+                self.drop_referrer_link(repo, &d.to_digest()).await;
                 audit_deletion(
                     "gc-delete-manifest",
                     run,
@@ -421,7 +414,7 @@ impl Registry {
                     .iter()
                     .map(|(d, _)| {
                         let dead = second.complete && !second.live_blobs.contains(d);
-                        (Key::Blob(d).path(), dead)
+                        (Key::Blob(&d.to_digest()).path(), dead)
                     })
                     .collect(),
             )
@@ -443,6 +436,26 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Walks every blob: how many there are, and those neither in `live` nor younger than
+    /// `cutoff`, with their sizes (none if the mark is not `complete`).
+    async fn dead_blobs(
+        &self,
+        live: DigestSet,
+        complete: bool,
+        cutoff: SystemTime,
+    ) -> Result<(usize, Vec<(CompactDigest, u64)>)> {
+        let mut seen = 0;
+        let mut dead = Vec::new();
+        self.each_blob(|d, meta| {
+            seen += 1;
+            if complete && !live.contains(&d) && meta.modified < cutoff {
+                dead.push((d, meta.size));
+            }
+        })
+        .await?;
+        Ok((seen, dead))
     }
 
     /// A deleted manifest's entry in its subject's referrers, if it had a subject.

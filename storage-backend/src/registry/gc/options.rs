@@ -67,6 +67,13 @@ pub(super) struct RepoRetention {
     pub(super) manifests: HashSet<Digest>,
 }
 
+impl RepoRetention {
+    /// Nothing to delete: what a repository without a plan is taken to have.
+    pub(super) fn is_empty(&self) -> bool {
+        self.tags.is_empty() && self.untagged.is_empty() && self.manifests.is_empty()
+    }
+}
+
 pub(super) fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

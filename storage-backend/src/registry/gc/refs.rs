@@ -1,51 +1,88 @@
-//! What a manifest refers to: its blobs and its child manifests ([`Refs`]), read from its content.
+//! What a manifest refers to: its blobs and its child manifests ([`Refs`]), read from its
+//! content, and what a run remembers of them ([`RefsCache`]).
 
+use super::compact::{CompactDigest, DigestSet};
 use crate::layout::Key;
 use crate::registry::{Registry, Result};
-use oci::Digest;
 use oci::media_type;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// References a manifest makes: its blobs and its child manifests.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub(super) struct Refs {
-    pub(super) blobs: Vec<Digest>,
-    pub(super) children: Vec<Digest>,
+    pub(super) blobs: Vec<CompactDigest>,
+    pub(super) children: Vec<CompactDigest>,
 }
 
-pub(super) fn digest_of(alg: &str, hex: &str) -> Option<Digest> {
-    Digest::parse(&format!("{alg}:{hex}")).ok()
+/// Manifests whose references a run keeps at once.
+const CACHED: usize = 16_384;
+
+/// The references of the manifests read lately, so one shared by many repositories (the
+/// same image pushed to each) is read once per stretch of the walk rather than once per
+/// repository. Bounded: a cache of every manifest would grow with the store, with ten or so
+/// digests per manifest, as large as the mark itself. When full it starts again (the
+/// simplest eviction; a miss only costs a read). Manifests that could not be read are
+/// remembered for the whole run, so each is reported once, as before the bound.
+#[derive(Debug, Default)]
+pub(super) struct RefsCache {
+    refs: HashMap<CompactDigest, Arc<Refs>>,
+    unreadable: DigestSet,
 }
 
 impl Registry {
-    /// The references of a manifest blob (cached across repositories); `None` if it is
-    /// missing or not a manifest.
+    /// The references of a manifest blob; `None` if it is missing or not a manifest (then
+    /// reported in `errors`, once per cache).
     pub(super) async fn manifest_refs(
         &self,
-        digest: &Digest,
-        cache: &mut HashMap<Digest, Option<Refs>>,
+        digest: &CompactDigest,
+        cache: &mut RefsCache,
         errors: &mut Vec<String>,
-    ) -> Result<Option<Refs>> {
-        if let Some(r) = cache.get(digest) {
-            return Ok(r.clone());
+    ) -> Result<Option<Arc<Refs>>> {
+        if let Some(r) = cache.refs.get(digest) {
+            return Ok(Some(r.clone()));
         }
-        let refs = match self.driver.get(&Key::Blob(digest).path()).await? {
+        if cache.unreadable.contains(digest) {
+            return Ok(None);
+        }
+        let refs = match self
+            .driver
+            .get(&Key::Blob(&digest.to_digest()).path())
+            .await?
+        {
             None => {
                 errors.push(format!("manifest {digest}: content missing"));
                 None
             }
             Some(body) => match media_type::parse_manifest(None, &body) {
-                Ok(p) => Some(Refs {
-                    blobs: p.blob_references().map(|d| d.digest.clone()).collect(),
-                    children: p.manifests.iter().map(|d| d.digest.clone()).collect(),
-                }),
+                Ok(p) => Some(Arc::new(Refs {
+                    blobs: p
+                        .blob_references()
+                        .map(|d| CompactDigest::from(&d.digest))
+                        .collect(),
+                    children: p
+                        .manifests
+                        .iter()
+                        .map(|d| CompactDigest::from(&d.digest))
+                        .collect(),
+                })),
                 Err(e) => {
                     errors.push(format!("manifest {digest}: unreadable ({e})"));
                     None
                 }
             },
         };
-        cache.insert(digest.clone(), refs.clone());
+        match &refs {
+            Some(r) => {
+                if cache.refs.len() == CACHED {
+                    cache.refs.clear();
+                }
+                cache.refs.insert(digest.clone(), r.clone());
+            }
+            None => {
+                cache.unreadable.insert(digest.clone());
+            }
+        }
         Ok(refs)
     }
 }

@@ -1,11 +1,15 @@
 //! The mark phase: a scan of every repository in the store for what is live (and what is
 //! dead) in it, and the walk of every blob.
 
+use super::PARALLEL;
+use super::compact::{CompactDigest, DigestSet};
 use super::lease::Lease;
 use super::options::{GcOptions, RepoRetention, plan_retention};
-use super::refs::{Refs, digest_of};
+use super::refs::RefsCache;
+use crate::driver::ObjectMeta;
 use crate::layout::Key;
 use crate::registry::{Registry, Result, TAG_TOMBSTONE};
+use futures_util::StreamExt;
 use oci::{Digest, RepositoryName};
 use std::collections::{HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,17 +20,42 @@ pub(super) struct RepoScan {
     pub(super) name: String,
     /// Retention's decisions (with a retention policy).
     pub(super) retention: Option<RepoRetention>,
-    /// Layer links nothing live refers to, older than the grace window.
-    pub(super) dead_links: Vec<Digest>,
-    /// Untagged revisions to delete (only with `delete_untagged`).
-    pub(super) dead_revisions: Vec<Digest>,
+    /// Layer links nothing live refers to, older than the grace window (sorted).
+    pub(super) dead_links: Vec<CompactDigest>,
+    /// Untagged revisions to delete (only with `delete_untagged`; sorted).
+    pub(super) dead_revisions: Vec<CompactDigest>,
     /// Upload sessions older than `upload_max_age`.
     pub(super) stale_uploads: Vec<String>,
 }
 
+impl RepoScan {
+    /// Whether the run has anything to do in the repository (retention decided something,
+    /// or something is dead or stale).
+    fn has_work(&self) -> bool {
+        self.retention.as_ref().is_some_and(|r| !r.is_empty())
+            || !self.dead_links.is_empty()
+            || !self.dead_revisions.is_empty()
+            || !self.stale_uploads.is_empty()
+    }
+
+    /// Whether the scan found the layer link (or, with `revision`, the revision) of `d` dead.
+    pub(super) fn is_dead(&self, d: &CompactDigest, revision: bool) -> bool {
+        let dead = match revision {
+            true => &self.dead_revisions,
+            false => &self.dead_links,
+        };
+        dead.binary_search(d).is_ok()
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Scan {
-    pub(super) live_blobs: HashSet<Digest>,
+    /// Every blob something live refers to, or that a push in progress may be about to.
+    pub(super) live_blobs: DigestSet,
+    /// Repositories read whole.
+    pub(super) repositories: usize,
+    /// Those of them the run has work in; the others are not kept (at 100 000
+    /// repositories a scan of each would be a good part of a run's memory, for nothing).
     pub(super) repos: Vec<RepoScan>,
     pub(super) manifests_marked: usize,
     pub(super) errors: Vec<String>,
@@ -74,19 +103,25 @@ impl Registry {
         &self,
         prefix: &str,
         errors: &mut Vec<String>,
-    ) -> Result<Vec<(Digest, SystemTime)>> {
+    ) -> Result<Vec<(CompactDigest, SystemTime)>> {
         let mut out = Vec::new();
         for alg in self.driver.list(prefix).await? {
             for hex in self.driver.list(&format!("{prefix}/{alg}")).await? {
                 let link = format!("{prefix}/{alg}/{hex}/link");
-                let Some(digest) = digest_of(&alg, &hex) else {
+                let Some(digest) = CompactDigest::from_parts(&alg, &hex) else {
                     errors.push(format!("{link}: not a digest path"));
                     continue;
+                };
+                let names = |text: &[u8]| {
+                    std::str::from_utf8(text)
+                        .ok()
+                        .and_then(|t| CompactDigest::parse(t.trim()))
+                        .is_some_and(|d| d == digest)
                 };
                 match self.driver.get(&link).await? {
                     // A directory without its link: a half-deleted entry, nothing to keep.
                     None => {}
-                    Some(text) if String::from_utf8_lossy(&text).trim() != digest.to_string() => {
+                    Some(text) if !names(&text) => {
                         errors.push(format!("{link}: corrupt link (does not name {digest})"));
                     }
                     Some(_) => {
@@ -110,7 +145,7 @@ impl Registry {
         t0: SystemTime,
         opts: &GcOptions,
         scan: &mut Scan,
-        cache: &mut HashMap<Digest, Option<Refs>>,
+        cache: &mut RefsCache,
         fixed: Option<&RepoRetention>,
     ) -> Result<RepoScan> {
         let repo = format!("{}/{name}", Key::Repositories.path());
@@ -144,23 +179,33 @@ impl Registry {
             .await?;
         out.retention = match (fixed, &opts.retention) {
             (Some(r), _) => Some(r.clone()),
-            (None, Some(policy)) => Some(plan_retention(policy, name, &tagged, &revisions, t0)),
+            (None, Some(policy)) => {
+                let revisions: Vec<(Digest, SystemTime)> = revisions
+                    .iter()
+                    .map(|(d, at)| (d.to_digest(), *at))
+                    .collect();
+                Some(plan_retention(policy, name, &tagged, &revisions, t0))
+            }
             (None, None) => None,
         };
-        let dropped = out.retention.as_ref().map(|r| &r.manifests);
+        let dropped: Option<HashSet<CompactDigest>> = out
+            .retention
+            .as_ref()
+            .map(|r| r.manifests.iter().map(CompactDigest::from).collect());
+        let dropped = dropped.as_ref();
         let deleted_tag = |tag: &str, d: &Digest| {
             out.retention
                 .as_ref()
                 .is_some_and(|r| r.tags.iter().any(|(t, td, _)| t == tag && td == d))
         };
-        let mut kept: Vec<Digest> = tagged
+        let mut kept: Vec<CompactDigest> = tagged
             .iter()
             .filter(|(t, d, _)| !deleted_tag(t, d))
-            .map(|(_, d, _)| d.clone())
+            .map(|(_, d, _)| CompactDigest::from(d))
             .collect();
         let untagged_cutoff = t0.checked_sub(opts.untagged_grace).unwrap_or(UNIX_EPOCH);
         // Retention's manifests stop being roots, unless pushed again since the run began.
-        let retained = |d: &Digest, modified: &SystemTime| {
+        let retained = |d: &CompactDigest, modified: &SystemTime| {
             !(dropped.is_some_and(|m| m.contains(d)) && *modified <= t0)
         };
         for (d, modified) in &revisions {
@@ -169,21 +214,21 @@ impl Registry {
             }
         }
         // Closure over index children and referrers.
-        let mut live: HashSet<Digest> = HashSet::new();
-        let mut referenced: HashSet<Digest> = HashSet::new();
+        let mut live: HashSet<CompactDigest> = HashSet::new();
+        let mut referenced: HashSet<CompactDigest> = HashSet::new();
         while let Some(m) = kept.pop() {
             if !live.insert(m.clone()) {
                 continue;
             }
             scan.live_blobs.insert(m.clone());
             if let Some(refs) = self.manifest_refs(&m, cache, errors).await? {
-                for b in refs.blobs {
+                for b in &refs.blobs {
                     scan.live_blobs.insert(b.clone());
-                    referenced.insert(b);
+                    referenced.insert(b.clone());
                 }
-                kept.extend(refs.children);
+                kept.extend(refs.children.iter().cloned());
             }
-            let referrers = format!("{repo}/_referrers/{}/{}", m.algorithm(), m.hex());
+            let referrers = format!("{repo}/_referrers/{}", m.path());
             for (r, _) in self.links_under(&referrers, errors).await? {
                 kept.push(r);
             }
@@ -197,6 +242,7 @@ impl Registry {
             })
             .map(|(d, _)| d)
             .collect();
+        out.dead_revisions.sort_unstable();
         let cutoff = t0.checked_sub(opts.grace).unwrap_or(UNIX_EPOCH);
         for (d, modified) in self.links_under(&format!("{repo}/_layers"), errors).await? {
             if referenced.contains(&d) {
@@ -220,6 +266,7 @@ impl Registry {
                 out.stale_uploads.push(id);
             }
         }
+        out.dead_links.sort_unstable();
         Ok(out)
     }
 
@@ -249,7 +296,7 @@ impl Registry {
             complete: true,
             ..Default::default()
         };
-        let mut cache = HashMap::new();
+        let mut cache = RefsCache::default();
         let mut lease = lease;
         let mut renewed = SystemTime::now();
         for name in self.repository_names(false).await? {
@@ -258,7 +305,12 @@ impl Registry {
                 .scan_repo(&name, t0, opts, &mut scan, &mut cache, fixed.as_ref())
                 .await
             {
-                Ok(r) => scan.repos.push(r),
+                Ok(r) => {
+                    scan.repositories += 1;
+                    if r.has_work() {
+                        scan.repos.push(r);
+                    }
+                }
                 Err(e) => {
                     scan.errors.push(format!("repository {name}: {e}"));
                     scan.complete = false;
@@ -274,22 +326,44 @@ impl Registry {
         Ok(scan)
     }
 
-    /// Every blob: `(digest, size, modified)`.
-    pub(crate) async fn all_blobs(&self) -> Result<Vec<(Digest, u64, SystemTime)>> {
+    /// Visits every blob: its digest, size and modification time. Nothing is kept per blob
+    /// here: what the caller keeps is its business (GC keeps the dead ones). The `stat`s of
+    /// one `<alg>/<hex[0..2]>` directory go [`PARALLEL`] at a time: on an object store each is
+    /// a request.
+    pub(super) async fn each_blob(
+        &self,
+        mut visit: impl FnMut(CompactDigest, ObjectMeta),
+    ) -> Result<()> {
         let root = Key::Blobs.path();
-        let mut out = Vec::new();
         for alg in self.driver.list(&root).await? {
             for pre in self.driver.list(&format!("{root}/{alg}")).await? {
-                for hex in self.driver.list(&format!("{root}/{alg}/{pre}")).await? {
-                    let Some(d) = digest_of(&alg, &hex) else {
-                        continue;
-                    };
-                    if let Some(meta) = self.driver.stat(&Key::Blob(&d).path()).await? {
-                        out.push((d, meta.size, meta.modified));
+                let hexes = self.driver.list(&format!("{root}/{alg}/{pre}")).await?;
+                let blobs = hexes.into_iter().filter_map(|hex| {
+                    let d = CompactDigest::from_parts(&alg, &hex)?;
+                    // Where the blob belongs, whichever directory it was listed in.
+                    Some((d, format!("{root}/{alg}/{}/{hex}/data", &hex[..2])))
+                });
+                let mut stats = futures_util::stream::iter(blobs)
+                    .map(|(d, data)| async move { self.driver.stat(&data).await.map(|m| (d, m)) })
+                    .buffered(PARALLEL);
+                while let Some(stat) = stats.next().await {
+                    if let (d, Some(meta)) = stat? {
+                        visit(d, meta);
                     }
                 }
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// How many blobs the store holds and their bytes: a walk of every blob.
+    pub(crate) async fn blob_totals(&self) -> Result<(u64, u64)> {
+        let (mut blobs, mut bytes) = (0, 0);
+        self.each_blob(|_, meta| {
+            blobs += 1;
+            bytes += meta.size;
+        })
+        .await?;
+        Ok((blobs, bytes))
     }
 }
