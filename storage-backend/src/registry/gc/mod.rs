@@ -46,6 +46,8 @@ mod lease;
 mod options;
 mod refs;
 mod scan;
+#[cfg(test)]
+mod tests;
 
 pub use options::GcOptions;
 pub(super) use options::RetentionDeletion;
@@ -63,8 +65,10 @@ use scan::RepoScan;
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Markers written and candidates swept at once (each a few store requests; on the
-/// filesystem each an `fsync`).
+/// Markers written, candidates swept, upload sessions purged and referrer links dropped at
+/// once, whatever the driver (each a few store requests; on the filesystem each an `fsync`).
+/// The object-store driver's own fan-out under one call (the bulk delete of an upload
+/// session's parts) is bounded by `object_store`.
 const PARALLEL: usize = 16;
 
 /// A deleted (or, in a dry run, deletable) blob.
@@ -290,20 +294,7 @@ impl Registry {
         }
         let lease = lease.expect("a real run holds the lease");
         // Abandoned upload sessions: nothing refers to them.
-        for r in &first.repos {
-            for id in &r.stale_uploads {
-                let dir = format!("{}/{}/_uploads/{id}", Key::Repositories.path(), r.name);
-                // One session that will not go (its client is writing to it again) is no
-                // reason to stop collecting: the next run takes it.
-                match self.driver.delete(&dir).await {
-                    Ok(_) => report.uploads_purged.push(format!("{}/{id}", r.name)),
-                    Err(e) => tracing::warn!(
-                        repository = %r.name, upload = %id, error = %e,
-                        "stale upload session not purged; the next run tries again"
-                    ),
-                }
-            }
-        }
+        report.uploads_purged = self.purge_uploads(&first.repos).await;
         // Condemn, under the sweep phase.
         self.renew_lease(lease, opts, Some("sweep")).await?;
         let condemned = Bytes::from(format!("condemned {run}"));
@@ -373,9 +364,10 @@ impl Registry {
                     .collect(),
             )
             .await?;
+        let mut unreferring = Vec::new();
         for ((repo, d), deleted) in revisions.iter().zip(done) {
             if deleted {
-                self.drop_referrer_link(repo, &d.to_digest()).await;
+                unreferring.push((repo.to_string(), d.to_digest()));
                 audit_deletion(
                     "gc-delete-manifest",
                     run,
@@ -386,6 +378,11 @@ impl Registry {
                 report.rescued += 1;
             }
         }
+        futures_util::stream::iter(unreferring)
+            .for_each_concurrent(PARALLEL, |(repo, d)| async move {
+                self.drop_referrer_link(&repo, &d).await
+            })
+            .await;
         let done = self
             .sweep_all(
                 run,
@@ -436,6 +433,37 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Deletes the upload sessions the scan found stale, [`PARALLEL`] at a time; those
+    /// deleted, as `<repository>/<session id>`.
+    async fn purge_uploads(&self, repos: &[RepoScan]) -> Vec<String> {
+        let mut sessions: Vec<(String, String)> = Vec::new();
+        for r in repos {
+            for id in &r.stale_uploads {
+                sessions.push((r.name.clone(), id.clone()));
+            }
+        }
+        futures_util::stream::iter(sessions)
+            .map(|(repo, id)| async move {
+                let dir = format!("{}/{repo}/_uploads/{id}", Key::Repositories.path());
+                // One session that will not go (its client is writing to it again) is no
+                // reason to stop collecting: the next run takes it.
+                match self.driver.delete(&dir).await {
+                    Ok(_) => Some(format!("{repo}/{id}")),
+                    Err(e) => {
+                        tracing::warn!(
+                            repository = %repo, upload = %id, error = %e,
+                            "stale upload session not purged; the next run tries again"
+                        );
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .filter_map(|purged| async move { purged })
+            .collect()
+            .await
     }
 
     /// Walks every blob: how many there are, and those neither in `live` nor younger than
