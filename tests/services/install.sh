@@ -20,6 +20,7 @@ packages=(
   haproxy                       # the load balancer in front of several gateways (HA tests)
   docker-compose debootstrap    # tests/compose.sh: the compose stack, images from a local Debian base
   python3-venv                  # the venv of moto (the S3-compatible server of the object-storage tests)
+  time                          # regbench --scale: peak RSS of the GC dry runs (/usr/bin/time -v)
 )
 
 missing=()

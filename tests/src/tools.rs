@@ -124,24 +124,16 @@ impl Distribution {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let config = tempfile::tempdir()?;
-        let path = config.path().join("config.yml");
-        std::fs::write(
-            &path,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n",
-                root.display()
-            ),
-        )?;
-        // It reads every REGISTRY_* variable as an override: give it a clean environment.
-        let child = Command::new(distribution_binary())
-            .args(["serve", &path.display().to_string()])
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting docker-registry")?;
+        let path = Self::write_config(config.path(), root, &addr)?;
+        let child = Self::command(
+            &distribution_binary(),
+            &["serve", &path.display().to_string()],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting docker-registry")?;
         let base = format!("http://{addr}");
         let d = Distribution {
             child,
@@ -155,6 +147,28 @@ impl Distribution {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Writes `<dir>/config.yml`: the filesystem store at `root`, deletes enabled, upload
+    /// purging off, listening on `addr`.
+    pub fn write_config(dir: &Path, root: &Path, addr: &str) -> anyhow::Result<PathBuf> {
+        let path = dir.join("config.yml");
+        std::fs::write(
+            &path,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n",
+                root.display()
+            ),
+        )?;
+        Ok(path)
+    }
+
+    /// `program args…` (distribution, or a wrapper of it such as `/usr/bin/time`) in a clean
+    /// environment: distribution reads every REGISTRY_* variable as an override.
+    pub fn command(program: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(program);
+        c.args(args).env_clear().env("PATH", "/usr/bin:/bin");
+        c
     }
 }
 

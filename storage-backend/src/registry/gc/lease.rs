@@ -192,7 +192,7 @@ impl Registry {
         children: &[Digest],
     ) -> Result<Vec<String>> {
         let mut paths = Vec::new();
-        let mut cache = RefsCache::default();
+        let cache = std::sync::Mutex::new(RefsCache::default());
         let mut errors = Vec::new();
         let mut blobs: Vec<Digest> = blobs.to_vec();
         let mut children: Vec<Digest> = children.to_vec();
@@ -204,7 +204,7 @@ impl Registry {
             paths.push(Key::RevisionLink(name, &c).path());
             paths.push(Key::Blob(&c).path());
             let refs = self
-                .manifest_refs(&CompactDigest::from(&c), &mut cache, &mut errors)
+                .manifest_refs(&CompactDigest::from(&c), &cache, &mut errors)
                 .await?;
             if let Some(r) = refs {
                 blobs.extend(r.blobs.iter().map(CompactDigest::to_digest));

@@ -6,7 +6,7 @@ use crate::layout::Key;
 use crate::registry::{Registry, Result};
 use oci::media_type;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// References a manifest makes: its blobs and its child manifests.
 #[derive(Debug, Default)]
@@ -32,18 +32,22 @@ pub(super) struct RefsCache {
 
 impl Registry {
     /// The references of a manifest blob; `None` if it is missing or not a manifest (then
-    /// reported in `errors`, once per cache).
+    /// reported in `errors`, once per cache, unless two scans read it at once). The cache is
+    /// shared by the repositories scanned at once, and locked only to look or to add.
     pub(super) async fn manifest_refs(
         &self,
         digest: &CompactDigest,
-        cache: &mut RefsCache,
+        cache: &Mutex<RefsCache>,
         errors: &mut Vec<String>,
     ) -> Result<Option<Arc<Refs>>> {
-        if let Some(r) = cache.refs.get(digest) {
-            return Ok(Some(r.clone()));
-        }
-        if cache.unreadable.contains(digest) {
-            return Ok(None);
+        {
+            let cache = cache.lock().expect("manifest references");
+            if let Some(r) = cache.refs.get(digest) {
+                return Ok(Some(r.clone()));
+            }
+            if cache.unreadable.contains(digest) {
+                return Ok(None);
+            }
         }
         let refs = match self
             .driver
@@ -72,6 +76,7 @@ impl Registry {
                 }
             },
         };
+        let mut cache = cache.lock().expect("manifest references");
         match &refs {
             Some(r) => {
                 if cache.refs.len() == CACHED {

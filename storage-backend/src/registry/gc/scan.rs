@@ -1,5 +1,11 @@
 //! The mark phase: a scan of every repository in the store for what is live (and what is
 //! dead) in it, and the walk of every blob.
+//!
+//! Repositories are scanned [`PARALLEL`] at a time: on an object store every read is a
+//! request, and on the filesystem the directory listings go to the blocking pool while
+//! the reads go on. The modification time of a link costs a `stat` (a request on an object
+//! store), so it is read only where it decides something: for layer links nothing live
+//! refers to (the grace window), and for revisions with `delete_untagged` or retention.
 
 use super::PARALLEL;
 use super::compact::{CompactDigest, DigestSet};
@@ -12,6 +18,7 @@ use crate::registry::{Registry, Result, TAG_TOMBSTONE};
 use futures_util::StreamExt;
 use oci::{Digest, RepositoryName};
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// One repository as a scan saw it.
@@ -48,6 +55,15 @@ impl RepoScan {
     }
 }
 
+/// What the scan of one repository found, for [`Registry::scan`] to merge into the [`Scan`].
+struct RepoMarks {
+    repo: RepoScan,
+    /// Manifests and blobs it found live (possibly more than once).
+    live: Vec<CompactDigest>,
+    manifests_marked: usize,
+    errors: Vec<String>,
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Scan {
     /// Every blob something live refers to, or that a push in progress may be about to.
@@ -60,6 +76,21 @@ pub(super) struct Scan {
     pub(super) manifests_marked: usize,
     pub(super) errors: Vec<String>,
     pub(super) complete: bool,
+}
+
+impl Scan {
+    /// Adds what one repository's scan found.
+    fn merge(&mut self, marks: RepoMarks) {
+        self.repositories += 1;
+        for d in marks.live {
+            self.live_blobs.insert(d);
+        }
+        self.manifests_marked += marks.manifests_marked;
+        self.errors.extend(marks.errors);
+        if marks.repo.has_work() {
+            self.repos.push(marks.repo);
+        }
+    }
 }
 
 impl Registry {
@@ -98,12 +129,13 @@ impl Registry {
         Ok(found)
     }
 
-    /// `(digest, link modification time)` of every `<alg>/<hex>/link` under `prefix`.
+    /// The digest of every `<alg>/<hex>/link` under `prefix` that names it (the others are
+    /// reported in `errors`).
     async fn links_under(
         &self,
         prefix: &str,
         errors: &mut Vec<String>,
-    ) -> Result<Vec<(CompactDigest, SystemTime)>> {
+    ) -> Result<Vec<CompactDigest>> {
         let mut out = Vec::new();
         for alg in self.driver.list(prefix).await? {
             for hex in self.driver.list(&format!("{prefix}/{alg}")).await? {
@@ -124,16 +156,34 @@ impl Registry {
                     Some(text) if !names(&text) => {
                         errors.push(format!("{link}: corrupt link (does not name {digest})"));
                     }
-                    Some(_) => {
-                        let modified = self
-                            .driver
-                            .stat(&link)
-                            .await?
-                            .map_or(SystemTime::now(), |m| m.modified);
-                        out.push((digest, modified));
-                    }
+                    Some(_) => out.push(digest),
                 }
             }
+        }
+        Ok(out)
+    }
+
+    /// When the link of `d` under `prefix` was last written; now if it went meanwhile (as
+    /// young as can be: nothing is deleted for it).
+    async fn link_modified(&self, prefix: &str, d: &CompactDigest) -> Result<SystemTime> {
+        let link = format!("{prefix}/{}/link", d.path());
+        Ok(self
+            .driver
+            .stat(&link)
+            .await?
+            .map_or(SystemTime::now(), |m| m.modified))
+    }
+
+    /// [`Registry::links_under`] with each link's modification time.
+    async fn links_with_times(
+        &self,
+        prefix: &str,
+        errors: &mut Vec<String>,
+    ) -> Result<Vec<(CompactDigest, SystemTime)>> {
+        let mut out = Vec::new();
+        for d in self.links_under(prefix, errors).await? {
+            let modified = self.link_modified(prefix, &d).await?;
+            out.push((d, modified));
         }
         Ok(out)
     }
@@ -144,16 +194,16 @@ impl Registry {
         name: &str,
         t0: SystemTime,
         opts: &GcOptions,
-        scan: &mut Scan,
-        cache: &mut RefsCache,
+        cache: &Mutex<RefsCache>,
         fixed: Option<&RepoRetention>,
-    ) -> Result<RepoScan> {
+    ) -> Result<RepoMarks> {
         let repo = format!("{}/{name}", Key::Repositories.path());
         let mut out = RepoScan {
             name: name.to_string(),
             ..Default::default()
         };
-        let errors = &mut scan.errors;
+        let mut errors = Vec::new();
+        let errors = &mut errors;
         // Roots: tagged manifests, and untagged ones unless they are to go.
         let mut tagged: Vec<(String, Digest, SystemTime)> = Vec::new();
         let tags = format!("{repo}/_manifests/tags");
@@ -174,9 +224,16 @@ impl Registry {
                 }
             }
         }
-        let revisions = self
-            .links_under(&format!("{repo}/_manifests/revisions"), errors)
-            .await?;
+        // A revision's time decides only with `delete_untagged` or retention; without, `t0`
+        // stands for it.
+        let revisions_dir = format!("{repo}/_manifests/revisions");
+        let revisions = match opts.delete_untagged || opts.retention.is_some() {
+            true => self.links_with_times(&revisions_dir, errors).await?,
+            false => {
+                let found = self.links_under(&revisions_dir, errors).await?;
+                found.into_iter().map(|d| (d, t0)).collect()
+            }
+        };
         out.retention = match (fixed, &opts.retention) {
             (Some(r), _) => Some(r.clone()),
             (None, Some(policy)) => {
@@ -220,20 +277,14 @@ impl Registry {
             if !live.insert(m.clone()) {
                 continue;
             }
-            scan.live_blobs.insert(m.clone());
             if let Some(refs) = self.manifest_refs(&m, cache, errors).await? {
-                for b in &refs.blobs {
-                    scan.live_blobs.insert(b.clone());
-                    referenced.insert(b.clone());
-                }
+                referenced.extend(refs.blobs.iter().cloned());
                 kept.extend(refs.children.iter().cloned());
             }
             let referrers = format!("{repo}/_referrers/{}", m.path());
-            for (r, _) in self.links_under(&referrers, errors).await? {
-                kept.push(r);
-            }
+            kept.extend(self.links_under(&referrers, errors).await?);
         }
-        scan.manifests_marked += live.len();
+        let manifests_marked = live.len();
         out.dead_revisions = revisions
             .into_iter()
             .filter(|(d, _)| {
@@ -244,13 +295,15 @@ impl Registry {
             .collect();
         out.dead_revisions.sort_unstable();
         let cutoff = t0.checked_sub(opts.grace).unwrap_or(UNIX_EPOCH);
-        for (d, modified) in self.links_under(&format!("{repo}/_layers"), errors).await? {
+        let mut young = Vec::new();
+        let layers = format!("{repo}/_layers");
+        for d in self.links_under(&layers, errors).await? {
             if referenced.contains(&d) {
                 continue;
             }
-            if modified > cutoff {
+            if self.link_modified(&layers, &d).await? > cutoff {
                 // A push in progress: its manifest has not come yet.
-                scan.live_blobs.insert(d);
+                young.push(d);
             } else {
                 out.dead_links.push(d);
             }
@@ -267,7 +320,14 @@ impl Registry {
             }
         }
         out.dead_links.sort_unstable();
-        Ok(out)
+        let mut live: Vec<CompactDigest> = live.into_iter().chain(referenced).collect();
+        live.extend(young);
+        Ok(RepoMarks {
+            repo: out,
+            live,
+            manifests_marked,
+            errors: std::mem::take(errors),
+        })
     }
 
     /// When an upload session (its directory, `session`) began: its `startedat`, else its
@@ -296,21 +356,23 @@ impl Registry {
             complete: true,
             ..Default::default()
         };
-        let mut cache = RefsCache::default();
+        let cache = Mutex::new(RefsCache::default());
         let mut lease = lease;
         let mut renewed = SystemTime::now();
-        for name in self.repository_names(false).await? {
-            let fixed = plans.map(|p| p.get(&name).cloned().unwrap_or_default());
-            match self
-                .scan_repo(&name, t0, opts, &mut scan, &mut cache, fixed.as_ref())
-                .await
-            {
-                Ok(r) => {
-                    scan.repositories += 1;
-                    if r.has_work() {
-                        scan.repos.push(r);
-                    }
+        let names = self.repository_names(false).await?;
+        let mut scans = futures_util::stream::iter(names)
+            .map(|name| {
+                let fixed = plans.map(|p| p.get(&name).cloned().unwrap_or_default());
+                let cache = &cache;
+                async move {
+                    let r = self.scan_repo(&name, t0, opts, cache, fixed.as_ref()).await;
+                    (name, r)
                 }
+            })
+            .buffer_unordered(PARALLEL);
+        while let Some((name, r)) = scans.next().await {
+            match r {
+                Ok(marks) => scan.merge(marks),
                 Err(e) => {
                     scan.errors.push(format!("repository {name}: {e}"));
                     scan.complete = false;

@@ -1,5 +1,6 @@
 //! The command line: which mode to run (`--gateway`, `--ldap`, `--sso`, `--federation`,
-//! `--audit`, `--ha`, `--s3`, `--gc`, `--scale`, or the plain comparison) and the sizes of each workload.
+//! `--audit`, `--ha`, `--s3`, `--gc`, `--scale`, `--scale-gc-blobs`, or the plain comparison)
+//! and the sizes of each workload.
 
 use clap::Parser;
 
@@ -107,4 +108,22 @@ pub(crate) struct Args {
     /// `--scale`: sequential GETs per measurement (the median is kept).
     #[arg(long, default_value_t = 25)]
     pub(crate) scale_gets: usize,
+    /// Measure a GC dry run at scale (with or without `--scale`): a registry:2 root of this
+    /// many distinct blobs in `--scale-gc-repos` repositories, `storage-backend gc --dry-run`
+    /// and distribution's `garbage-collect --dry-run` on it, their wall time and peak RSS.
+    /// 1 000 000 blobs make some 5 million files and directories: ~21 GB on ext4 with 4 KiB
+    /// blocks, ~2 GB with `inline_data` (see `--scratch`; docs/benchmarks.md).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) scale_gc_blobs: usize,
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) scale_gc_repos: usize,
+    /// `--scale-gc-blobs`: write the root here and keep it, or measure the one already
+    /// there (written by an earlier run with the same sizes): for profiling, or measuring
+    /// again without writing 5 million files.
+    #[arg(long)]
+    pub(crate) scale_gc_root: Option<std::path::PathBuf>,
+    /// Where the scratch directory (stores, layouts) is made; default: the workspace's
+    /// `target/`.
+    #[arg(long)]
+    pub(crate) scratch: Option<std::path::PathBuf>,
 }

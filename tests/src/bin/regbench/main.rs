@@ -25,11 +25,12 @@
 //! the in-memory store; with `--s3`, storage-backend on S3 (moto) against the filesystem,
 //! with moto's own cost measured by a plain S3 client; with `--gc`, garbage collection of a
 //! store of 1,000 repositories and its effect on concurrent pulls; with `--scale`, catalog
-//! and tag pages on registry:2 roots of growing size against distribution on the same root.
+//! and tag pages and a GC dry run on registry:2 roots of growing size against distribution
+//! on the same root; with `--scale-gc-blobs`, a GC dry run of a root of a million blobs.
 //!
 //! One module per mode: [`cli`] (the arguments), [`measure`] (shared measurement helpers),
 //! [`workload`](mod@workload) (the push/pull/manifest comparison), [`gateway_suite`](mod@gateway_suite), [`ldap`],
-//! [`sso`], [`federation`], [`audit`], [`ha`], [`s3`], [`gc`] and [`scale`].
+//! [`sso`], [`federation`], [`audit`], [`ha`], [`s3`], [`gc`], [`scale`] and [`scale_gc`].
 
 mod audit;
 mod cli;
@@ -41,6 +42,7 @@ mod ldap;
 mod measure;
 mod s3;
 mod scale;
+mod scale_gc;
 mod sso;
 mod workload;
 
@@ -64,9 +66,13 @@ use workload::{measure_all, report, workload};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let scratch_in = match &args.scratch {
+        Some(dir) => dir.clone(),
+        None => portcullis_tests::server::workspace_root().join("target"),
+    };
     let scratch = tempfile::Builder::new()
         .prefix("regbench-")
-        .tempdir_in(portcullis_tests::server::workspace_root().join("target"))?;
+        .tempdir_in(&scratch_in)?;
     if args.gateway {
         return gateway_suite(&args, scratch.path()).await;
     }
@@ -91,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
     if args.gc {
         return gc_suite(&args, scratch.path()).await;
     }
-    if args.scale {
+    if args.scale || args.scale_gc_blobs > 0 {
         return scale_suite(&args, scratch.path()).await;
     }
     // Keep the servers alive for the whole run.

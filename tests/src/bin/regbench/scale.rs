@@ -3,11 +3,14 @@
 //! over 100 teams, and one repository with that many tags), then served by storage-backend and
 //! by distribution 2.8.2 in turn, on the very same directory; each measurement is the median of
 //! `--scale-gets` sequential GETs. Printed: the figures, each registry's growth from the
-//! smallest size, and storage-backend's ratio to distribution; and storage-backend's check of a
+//! smallest size, and storage-backend's ratio to distribution; storage-backend's check of a
 //! DELETE by digest against immutability in a repository of 10 000 tags (distribution has
-//! no such check).
+//! no such check); and a GC dry run of each on the root, a process of its own
+//! ([`scale_gc`](crate::scale_gc)), with its peak RSS. `--scale-gc-blobs` measures the dry
+//! runs on a root of that many distinct blobs instead (or as well, with `--scale`).
 
 use crate::cli::Args;
+use crate::scale_gc::{self, DryRun};
 use anyhow::{Context, ensure};
 use portcullis_tests::client::{Client, OCI_MANIFEST, describe, image_config, sha256};
 use portcullis_tests::layout::Layout;
@@ -17,16 +20,20 @@ use reqwest::{Method, RequestBuilder};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// What is measured, in the order printed.
-const MEASURES: [&str; 5] = [
+/// What is measured, in the order printed: the GETs of [`paths`], then the GC dry run.
+const MEASURES: [&str; 6] = [
     "catalog first page (n=100)",
     "catalog middle page (n=100&last=…)",
     "tags first page (n=100)",
     "tags middle page (n=100&last=…)",
     "manifest GET by tag",
+    "GC dry run (process; fastest of --rounds)",
 ];
 
-fn repo_name(i: usize) -> String {
+/// Where the GC dry run is in [`MEASURES`].
+const GC: usize = 5;
+
+pub(crate) fn repo_name(i: usize) -> String {
     format!("team-{:02}/app-{i:06}", i % 100)
 }
 
@@ -181,7 +188,21 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// `--scale` and `--scale-gc-blobs`, either or both.
 pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
+    if args.scale {
+        listings(args, scratch).await?;
+    }
+    if args.scale_gc_blobs > 0 {
+        if args.scale {
+            println!();
+        }
+        scale_gc::gc_at_scale(args, scratch)?;
+    }
+    Ok(())
+}
+
+async fn listings(args: &Args, scratch: &Path) -> anyhow::Result<()> {
     let mut sizes = args.scale_sizes.clone();
     sizes.sort_unstable();
     ensure!(!sizes.is_empty(), "--scale-sizes is empty");
@@ -190,7 +211,9 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
         args.scale_gets
     );
     // results[size][registry][measure]
-    let mut results: Vec<[[Duration; 5]; 2]> = Vec::new();
+    let mut results: Vec<[[Duration; 6]; 2]> = Vec::new();
+    // dry_runs[size][registry]
+    let mut dry_runs: Vec<[DryRun; 2]> = Vec::new();
     for &size in &sizes {
         let root = scratch.join(format!("scale-{size}"));
         let (took, digest) = fill(&root, size).context("writing the layout")?;
@@ -199,7 +222,7 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
         // a second (`driver::listing`); a registry is not read the instant it was written.
         tokio::time::sleep(LISTING_SETTLES).await;
         let paths = paths(size);
-        let mut row = [[Duration::ZERO; 5]; 2];
+        let mut row = [[Duration::ZERO; 6]; 2];
         {
             let ours = StorageServer::start(&root)?;
             let c = Client::new(&ours.base);
@@ -233,7 +256,11 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
                 row[1][k] = median_get(&c, p, args.scale_gets).await?;
             }
         }
+        let gc = scale_gc::both(&root, scratch, args.rounds)?;
+        row[0][GC] = gc[0].wall;
+        row[1][GC] = gc[1].wall;
         results.push(row);
+        dry_runs.push(gc);
         std::fs::remove_dir_all(&root)?;
     }
     println!();
@@ -270,6 +297,18 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
         println!(
             "at {size}: storage-backend faster than distribution by {}",
             ratios.join(" / ")
+        );
+    }
+    println!();
+    for (size, [ours, dist]) in sizes.iter().zip(&dry_runs) {
+        println!(
+            "at {size}: GC dry run peak RSS {:.0} MiB (storage-backend), {:.0} MiB (distribution); blobs marked {} / {}, to delete {} / {}",
+            ours.peak_rss_mib,
+            dist.peak_rss_mib,
+            ours.marked,
+            dist.marked,
+            ours.deletable,
+            dist.deletable
         );
     }
     Ok(())
