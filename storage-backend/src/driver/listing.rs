@@ -180,6 +180,13 @@ impl ListingCache {
     }
 }
 
+/// Names as a listing: sorted, without duplicates.
+pub fn sorted(mut names: Vec<String>) -> Listing {
+    names.sort_unstable();
+    names.dedup();
+    names.into()
+}
+
 /// The memory a listing's names take.
 pub(crate) fn weight(names: &[String]) -> usize {
     names

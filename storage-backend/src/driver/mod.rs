@@ -138,12 +138,7 @@ pub trait Driver: Send + Sync + 'static {
     /// The same, sorted bytewise and without duplicates (what pages are cut from). The
     /// filesystem driver keeps large directories' listings ([`listing::ListingCache`]).
     fn list_sorted<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<listing::Listing>> {
-        Box::pin(async move {
-            let mut names = self.list(prefix).await?;
-            names.sort_unstable();
-            names.dedup();
-            Ok(names.into())
-        })
+        Box::pin(async move { Ok(listing::sorted(self.list(prefix).await?)) })
     }
 
     /// Deletes an object or everything under a prefix; `Ok(false)` if there was nothing.

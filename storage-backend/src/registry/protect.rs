@@ -100,8 +100,7 @@ impl Registry {
         name: &RepositoryName,
         p: &CompiledProtection,
     ) -> Result<Vec<(Digest, Tag, ImmutableBy)>> {
-        let mut names = self.driver.list(&Key::Tags(name).path()).await?;
-        names.sort_unstable();
+        let names = self.list_afresh(&Key::Tags(name).path()).await?;
         let (tags, rules): (Vec<Tag>, Vec<ImmutableBy>) = names
             .iter()
             .filter_map(|t| Tag::parse(t).ok())

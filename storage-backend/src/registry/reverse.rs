@@ -30,7 +30,7 @@
 //! indexes answer decides deletes and refusals.
 
 use super::{Registry, Result};
-use crate::driver::listing::{Listing, weight};
+use crate::driver::listing::{Listing, sorted, weight};
 use crate::layout::Key;
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt, stream};
@@ -98,14 +98,13 @@ fn unchecked<'a>(names: &'a [String], known: Option<&[String]>) -> Vec<&'a str> 
         .collect()
 }
 
-/// A listing, sorted, without duplicates.
-fn sorted(mut names: Vec<String>) -> Listing {
-    names.sort_unstable();
-    names.dedup();
-    names.into()
-}
-
 impl Registry {
+    /// The children of `prefix`, sorted, listed from the store now — never from the pages'
+    /// listing cache ([`crate::driver::listing`]): what is read through this decides.
+    pub(super) async fn list_afresh(&self, prefix: &str) -> Result<Listing> {
+        Ok(sorted(self.driver.list(prefix).await?))
+    }
+
     /// Writes a marker unless it is there (a tag pushed again to the same manifest).
     async fn mark(&self, marker: &str) -> Result<()> {
         if self.driver.stat(marker).await?.is_none() {
@@ -144,7 +143,7 @@ impl Registry {
     /// (all of them, the first time) have their links read and their markers written. A tag
     /// with no link yet (a push in progress) is not counted as checked.
     pub(super) async fn verify_tags(&self, name: &RepositoryName) -> Result<()> {
-        let names = sorted(self.driver.list(&Key::Tags(name).path()).await?);
+        let names = self.list_afresh(&Key::Tags(name).path()).await?;
         let known = self.verified.get(Checked::Tags, name);
         let new: Vec<Tag> = unchecked(&names, known.as_deref())
             .into_iter()
@@ -222,7 +221,7 @@ impl Registry {
         wanted: Wanted<'_>,
         limit: Option<usize>,
     ) -> Result<Vec<Tag>> {
-        let markers = sorted(self.driver.list(&Key::Tagged(name, digest).path()).await?);
+        let markers = self.list_afresh(&Key::Tagged(name, digest).path()).await?;
         let candidates: Vec<Tag> = markers
             .iter()
             .filter_map(|t| Tag::parse(t).ok())
@@ -245,7 +244,7 @@ impl Registry {
     /// repository (its tags are looked up all the same: a middle index that lost its link
     /// still carries the protection of the index above it).
     async fn parents_marked(&self, name: &RepositoryName, child: &Digest) -> Result<Vec<Digest>> {
-        let markers = sorted(self.driver.list(&Key::Parents(name, child).path()).await?);
+        let markers = self.list_afresh(&Key::Parents(name, child).path()).await?;
         Ok(markers
             .iter()
             .filter_map(|m| {
