@@ -40,6 +40,22 @@ pub async fn schedule_gc(state: Arc<http::AppState>) {
     }
 }
 
+/// Measures the store's usage once (a walk of every blob, in the background at start-up);
+/// the registry keeps it up to date after, and each GC run measures it again.
+pub async fn measure_usage(state: Arc<http::AppState>) {
+    let t = std::time::Instant::now();
+    match state.registry.measure_usage().await {
+        Ok(()) => tracing::info!(
+            seconds = t.elapsed().as_secs_f64(),
+            "storage usage measured"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "measuring storage usage failed; the next GC run measures it"
+        ),
+    }
+}
+
 /// Builds the shared state from a loaded configuration.
 pub fn build_state(
     config: &config::Config,

@@ -126,6 +126,7 @@ async fn run() -> anyhow::Result<()> {
     if config.gc.enabled {
         tokio::spawn(storage_backend::schedule_gc(state.clone()));
     }
+    tokio::spawn(storage_backend::measure_usage(state.clone()));
 
     let shutdown = shutdown_signal();
     let mut servers = tokio::task::JoinSet::new();

@@ -1,7 +1,8 @@
 //! Online garbage collection (`storage_backend::registry::gc`) against real storage nodes, on
 //! the filesystem and on S3 (a real `moto_server`): what it reclaims and keeps, dry run against
 //! the real run, GC in a loop while images are pushed, pulled and deleted, `kill -9` in the
-//! middle of a sweep, one run at a time across scheduled nodes, corrupt links.
+//! middle of a sweep, one run at a time across scheduled nodes, corrupt links; the storage
+//! usage gauges kept up to date by pushes and GC runs.
 //! `cargo test --release --test gc` runs exactly these.
 
 use futures_util::StreamExt;
@@ -949,4 +950,67 @@ async fn on_s3_retention_keeps_n_recent_and_matching_tags_and_never_an_immutable
     let policy_dir = tempfile::tempdir().unwrap();
     let store = Store::s3(1, &retention_config(policy_dir.path()));
     retention_applies_the_policy(store, Duration::from_millis(1100), None).await;
+}
+
+/// `storage_blobs` and `storage_blob_bytes` of a node, once its first walk of the store has
+/// ended (`storage_usage_measured_timestamp_seconds` set; the walk at start-up).
+async fn usage(node: &StorageServer) -> (f64, f64) {
+    use portcullis_tests::server::{metric_sample, metrics_text};
+    for _ in 0..200 {
+        let text = metrics_text(&node.base).await.unwrap();
+        if metric_sample(&text, "storage_usage_measured_timestamp_seconds").unwrap_or(0.0) > 0.0 {
+            return (
+                metric_sample(&text, "storage_blobs").unwrap(),
+                metric_sample(&text, "storage_blob_bytes").unwrap(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the node never measured the store's usage");
+}
+
+/// The bytes of the blobs an image manifest stores: its config's, its layers' and its own.
+fn image_bytes(manifest: &[u8]) -> f64 {
+    let m: Value = serde_json::from_slice(manifest).unwrap();
+    let sizes = std::iter::once(&m["config"]).chain(m["layers"].as_array().unwrap());
+    (sizes.map(|d| d["size"].as_u64().unwrap()).sum::<u64>() + manifest.len() as u64) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_usage_follows_pushes_at_once_without_a_walk_and_gc_runs_measure_it_afresh() {
+    let store = Store::filesystem(1, RECLAIM);
+    let node = &store.nodes[0];
+    let c = store.client(0);
+    assert_eq!(usage(node).await, (0.0, 0.0));
+    let (m, _) = c
+        .push_image("team-a/app", "v1", &[b"layer one", b"layer two"])
+        .await
+        .unwrap();
+    let pushed = (4.0, image_bytes(&m));
+    assert_eq!(usage(node).await, pushed, "after the push");
+    // The same layer again, in another repository: stored once, counted once.
+    c.push_blob("team-b/app", b"layer one".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(usage(node).await, pushed, "after a blob the store had");
+    // A blob put in the store behind the node's back (as another node would): no scrape
+    // walks the store to find it...
+    let stray = b"a blob from elsewhere";
+    let d = sha256(stray);
+    let dir = store.root().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{}",
+        &d.hex()[..2],
+        d.hex()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("data"), stray).unwrap();
+    assert_eq!(usage(node).await, pushed, "a scrape walked the store");
+    // ...a GC run's walk does (a dry run's too), and its sweep takes away what it deletes.
+    let with_stray = (pushed.0 + 1.0, pushed.1 + stray.len() as f64);
+    let dry = store.gc(0, true).await;
+    assert_eq!(set(&dry, "blobs_deleted"), [d.to_string()].into());
+    assert_eq!(usage(node).await, with_stray, "after the dry run");
+    let real = store.gc(0, false).await;
+    assert_eq!(set(&real, "blobs_deleted"), [d.to_string()].into());
+    assert_eq!(usage(node).await, pushed, "after the run");
 }

@@ -4,7 +4,6 @@ use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The endpoint a response answered, for metric labels.
 #[derive(Debug, Clone, Copy)]
@@ -19,10 +18,12 @@ pub struct Metrics {
     /// Upload sessions started here and not yet finished or cancelled here (sessions move
     /// between nodes: sum over the nodes).
     pub uploads_in_progress: IntGauge,
+    /// The store's blobs and their bytes as this node knows them (`registry::Usage`: its last
+    /// walk of the store and its own changes since), set on each scrape.
     pub blobs: IntGauge,
     pub blob_bytes: IntGauge,
-    /// When `blobs`/`blob_bytes` were last measured (ms since the epoch).
-    usage_at: AtomicU64,
+    /// When that walk began (seconds since the epoch).
+    pub usage_measured: Gauge,
     /// Garbage collection runs by outcome (`ok`, `dry_run`, `busy`, `error`).
     pub gc_runs: IntCounterVec,
     pub gc_running: IntGauge,
@@ -36,9 +37,6 @@ pub struct Metrics {
     pub gc_rescued: IntCounter,
     pub gc_errors: IntCounter,
 }
-
-/// How often a scrape may walk the store to measure its usage.
-const USAGE_EVERY_MS: u64 = 30_000;
 
 impl Metrics {
     /// The registry `/metrics` renders, for collectors kept elsewhere (the audit trail's).
@@ -105,12 +103,20 @@ impl Metrics {
         );
         let blobs = gauge(
             "storage_blobs",
-            "Blobs in the store (measured at most every 30 s)",
+            "Blobs in the store: this node's last walk of it (at start-up, by each GC run) plus its own changes since",
         );
         let blob_bytes = gauge(
             "storage_blob_bytes",
-            "Bytes of the blobs in the store (measured at most every 30 s)",
+            "Bytes of the blobs in the store: this node's last walk of it plus its own changes since",
         );
+        let usage_measured = Gauge::new(
+            "storage_usage_measured_timestamp_seconds",
+            "When this node's last walk of the store's blobs began (0: none has ended yet)",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(usage_measured.clone()))
+            .expect("unique metric");
         let gc_runs = IntCounterVec::new(
             Opts::new(
                 "storage_gc_runs_total",
@@ -179,7 +185,7 @@ impl Metrics {
             uploads_in_progress,
             blobs,
             blob_bytes,
-            usage_at: AtomicU64::new(0),
+            usage_measured,
             gc_runs,
             gc_running,
             gc_last_duration,
@@ -194,17 +200,16 @@ impl Metrics {
         }
     }
 
-    /// Whether the usage gauges are due for a new measurement (and claims it).
-    pub fn usage_due(&self) -> bool {
-        let now = std::time::SystemTime::now()
+    /// Sets the usage gauges (left as they are before the node's first walk ended).
+    pub fn set_usage(&self, usage: Option<crate::registry::UsageTotals>) {
+        let Some(u) = usage else { return };
+        self.blobs.set(u.blobs as i64);
+        self.blob_bytes.set(u.bytes as i64);
+        let at = u
+            .measured_at
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let last = self.usage_at.load(Ordering::Relaxed);
-        now.saturating_sub(last) >= USAGE_EVERY_MS
-            && self
-                .usage_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.usage_measured.set(at);
     }
 
     /// The text exposition format.

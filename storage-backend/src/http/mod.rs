@@ -97,15 +97,8 @@ async fn gc_history(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
-    if st.metrics.usage_due() {
-        match st.registry.usage().await {
-            Ok((blobs, bytes)) => {
-                st.metrics.blobs.set(blobs as i64);
-                st.metrics.blob_bytes.set(bytes as i64);
-            }
-            Err(e) => tracing::warn!(error = %e, "measuring storage usage failed"),
-        }
-    }
+    // Kept up to date as blobs come and go: a scrape costs no walk of the store.
+    st.metrics.set_usage(st.registry.usage());
     let mut resp = st.metrics.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

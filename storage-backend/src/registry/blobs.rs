@@ -3,6 +3,7 @@
 use super::{Error, Registry, Result};
 use crate::driver::{ByteStream, ObjectMeta};
 use crate::layout::Key;
+use bytes::Bytes;
 use oci::{Digest, ErrorCode, RepositoryName};
 
 impl Registry {
@@ -60,6 +61,16 @@ impl Registry {
             Err(Error::Protocol(e)) if e.code == ErrorCode::BlobUnknown => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Stores content the store does not hold yet (a manifest's, written whole; the caller
+    /// checked that it is absent and that `body` has digest `digest`), and counts it in the
+    /// store's usage.
+    pub(crate) async fn put_blob(&self, digest: &Digest, body: Bytes) -> Result<()> {
+        let size = body.len() as u64;
+        self.driver.put(&Key::Blob(digest).path(), body).await?;
+        self.usage.added(size);
+        Ok(())
     }
 
     /// Whether the blob content exists at all (any repository).

@@ -104,9 +104,7 @@ impl Registry {
         }
 
         if !self.blob_exists(&digest).await? {
-            self.driver
-                .put(&Key::Blob(&digest).path(), body.clone())
-                .await?;
+            self.put_blob(&digest, body.clone()).await?;
         }
         // The children as the body says too: a manifest is read back without its
         // Content-Type, so one sent as an image but shaped as an index is an index then.

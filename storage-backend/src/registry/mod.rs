@@ -11,12 +11,14 @@ mod protect;
 mod referrers;
 mod reverse;
 mod uploads;
+mod usage;
 
 pub use catalog::Page;
 pub use gc::{GcOptions, GcReport, SweptBlob};
 pub use manifests::{ManifestPut, StoredManifest};
 pub use protect::{Overridden, Protected};
 pub use uploads::UploadState;
+pub use usage::{Usage, UsageTotals};
 
 use crate::driver::Driver;
 use crate::layout::Key;
@@ -77,6 +79,8 @@ pub struct Registry {
     hashers: Mutex<HashMap<String, (u64, Verifier)>>,
     /// What this node checked has its reverse-index markers ([`reverse`]).
     verified: reverse::Verified,
+    /// The store's blobs and bytes as this node knows them (for the metrics).
+    usage: Usage,
 }
 
 impl Registry {
@@ -86,6 +90,7 @@ impl Registry {
             options,
             hashers: Mutex::new(HashMap::new()),
             verified: reverse::Verified::default(),
+            usage: Usage::default(),
         }
     }
 
@@ -118,10 +123,19 @@ impl Registry {
         Ok(())
     }
 
-    /// How many blobs the store holds and their bytes (a walk of `blobs/`, one `stat` per
-    /// blob: for metrics, not for every request).
-    pub async fn usage(&self) -> Result<(u64, u64)> {
-        self.blob_totals().await
+    /// How many blobs the store holds and their bytes as this node knows them: its last
+    /// walk of `blobs/` and its own changes since (`usage`); `None` before its first walk.
+    pub fn usage(&self) -> Option<UsageTotals> {
+        self.usage.totals()
+    }
+
+    /// Walks `blobs/` (one `stat` per blob) to measure the store's usage afresh: at start-up
+    /// (GC runs measure it on their way).
+    pub async fn measure_usage(&self) -> Result<()> {
+        let walk = self.usage.walk_begins();
+        let (blobs, bytes) = self.blob_totals().await?;
+        self.usage.walked(walk, blobs, bytes);
+        Ok(())
     }
 
     /// Whether the store answers at all (for readiness).

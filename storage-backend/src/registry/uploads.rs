@@ -196,7 +196,7 @@ impl Registry {
                 .promote(&Key::UploadData(name, id).path(), &Key::Blob(digest).path())
                 .await
             {
-                Ok(()) => {}
+                Ok(()) => self.usage.added(state.size),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(upload_unknown(id));
                 }

@@ -418,6 +418,7 @@ impl Registry {
             .await?;
         for ((d, size), deleted) in dead_blobs.into_iter().zip(done) {
             if deleted {
+                self.usage.removed(size);
                 audit_deletion(
                     "gc-delete-blob",
                     run,
@@ -467,22 +468,26 @@ impl Registry {
     }
 
     /// Walks every blob: how many there are, and those neither in `live` nor younger than
-    /// `cutoff`, with their sizes (none if the mark is not `complete`).
+    /// `cutoff`, with their sizes (none if the mark is not `complete`). The walk is also the
+    /// store's usage, measured afresh.
     async fn dead_blobs(
         &self,
         live: DigestSet,
         complete: bool,
         cutoff: SystemTime,
     ) -> Result<(usize, Vec<(CompactDigest, u64)>)> {
-        let mut seen = 0;
+        let (mut seen, mut bytes) = (0, 0);
         let mut dead = Vec::new();
+        let walk = self.usage.walk_begins();
         self.each_blob(|d, meta| {
             seen += 1;
+            bytes += meta.size;
             if complete && !live.contains(&d) && meta.modified < cutoff {
                 dead.push((d, meta.size));
             }
         })
         .await?;
+        self.usage.walked(walk, seen as u64, bytes);
         Ok((seen, dead))
     }
 

@@ -1,5 +1,5 @@
 //! A run over each driver, counting the store calls in flight: the sweep is parallel, and
-//! never more than [`PARALLEL`] at once.
+//! never more than [`PARALLEL`] at once; and the store's usage it leaves behind.
 
 use super::{GcOptions, PARALLEL};
 use crate::driver::fs::FsDriver;
@@ -149,6 +149,9 @@ async fn sweep_counting_calls(inner: Arc<dyn Driver>) {
         assert!(inner.stat(&Key::Blob(d).path()).await.unwrap().is_none());
     }
     assert_eq!(counting.most.load(Ordering::SeqCst), PARALLEL);
+    // The run's walk measured the store's usage; its sweep took away what it deleted.
+    let usage = registry.usage().expect("measured by the run");
+    assert_eq!((usage.blobs, usage.bytes), (0, 0));
 }
 
 #[tokio::test]
