@@ -49,6 +49,9 @@ pub struct Config {
     /// (`[proxy_protocol]`).
     #[serde(default)]
     pub proxy_protocol: Option<crate::edge::proxy_protocol::ProxyProtocolConfig>,
+    /// Pull-through caches of upstream registries (`[[proxy_cache]]`).
+    #[serde(default)]
+    pub proxy_cache: Vec<crate::cache::ProxyCacheConfig>,
 }
 
 /// Name of the environment variable with the internal secret.
@@ -79,6 +82,17 @@ impl Config {
         }
         if let Some(l) = &self.auth.ldap {
             l.validate()?;
+        }
+        crate::cache::config::validate_all(&self.proxy_cache)?;
+        for c in &self.proxy_cache {
+            if let Some(m) = c.mirror_listen
+                && (m.port() == self.listen.port() || m.port() == self.admin_listen.port())
+            {
+                bail!(
+                    "proxy_cache {}: mirror_listen {m} is on the port of another listener",
+                    c.prefix
+                );
+            }
         }
         Ok(())
     }

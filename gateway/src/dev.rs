@@ -27,16 +27,40 @@ pub struct DevOptions {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub data: PathBuf,
-    /// A TOML file with `[audit]` settings (syslog sinks, stdout…); the trail's file stays
-    /// `<data>/audit/audit.jsonl` unless it names another.
-    pub audit_config: Option<PathBuf>,
+    /// A TOML file merged over the embedded default ([`DevFile`]); `--audit-config` is the
+    /// same with only `[audit]`.
+    pub config: Option<PathBuf>,
 }
 
-/// The `[audit]` table of a dev `--audit-config` file.
-#[derive(serde::Deserialize)]
+/// What a `gateway dev --config` file may set over the embedded default: the tables of
+/// `conf/gateway.toml` that need no other service. Anything else is refused by name.
+#[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct AuditFile {
-    audit: crate::audit::AuditConfig,
+pub struct DevFile {
+    /// More audit sinks (syslog, stdout); the trail's file stays `<data>/audit/audit.jsonl`
+    /// unless it names another.
+    #[serde(default)]
+    pub audit: Option<crate::audit::AuditConfig>,
+    /// Pull-through caches (`[[proxy_cache]]`).
+    #[serde(default)]
+    pub proxy_cache: Vec<crate::cache::ProxyCacheConfig>,
+    /// A policy file instead of the shipped one (reloaded on SIGHUP).
+    #[serde(default)]
+    pub policy: Option<crate::config::PolicyConfig>,
+    /// Lockouts and rate limits.
+    #[serde(default)]
+    pub limits: Option<crate::limits::LimitsConfig>,
+}
+
+impl DevFile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let f: DevFile =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        crate::cache::config::validate_all(&f.proxy_cache)?;
+        Ok(f)
+    }
 }
 
 fn random_token(bytes: usize) -> anyhow::Result<String> {
@@ -82,9 +106,27 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     groups.insert("registry-admins".to_string(), vec!["admin".to_string()]);
     let users = Htpasswd::load(&htpasswd_path, &groups)?;
 
-    let policy = Arc::new(crate::live_policy::LivePolicy::fixed(
-        policy::Policy::compile("conf/policy.toml (built in)", SHIPPED_POLICY)?,
-    ));
+    let file = match &opts.config {
+        Some(f) => DevFile::load(f)?,
+        None => DevFile::default(),
+    };
+    for c in &file.proxy_cache {
+        if let Some(m) = c.mirror_listen
+            && (m.port() == opts.listen.port() || m.port() == opts.admin_listen.port())
+        {
+            anyhow::bail!(
+                "proxy_cache {}: mirror_listen {m} is on the port of another listener",
+                c.prefix
+            );
+        }
+    }
+    let policy = Arc::new(match &file.policy {
+        Some(p) => crate::live_policy::LivePolicy::from_file(p.file.clone())?,
+        None => crate::live_policy::LivePolicy::fixed(policy::Policy::compile(
+            "conf/policy.toml (built in)",
+            SHIPPED_POLICY,
+        )?),
+    });
     let service = "portcullis".to_string();
 
     // The storage service, in this process, on a loopback port, behind a fresh secret.
@@ -125,16 +167,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     });
 
     let audit_file = data.join("audit/audit.jsonl");
-    let mut audit = match &opts.audit_config {
-        Some(f) => {
-            let text =
-                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            toml::from_str::<AuditFile>(&text)
-                .with_context(|| format!("parsing {}", f.display()))?
-                .audit
-        }
-        None => crate::audit::AuditConfig::default(),
-    };
+    let mut audit = file.audit.clone().unwrap_or_default();
     let audit_file = audit.file.get_or_insert(audit_file).clone();
     crate::audit::install(
         &audit,
@@ -179,6 +212,18 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             println!("  admin user:   admin (password as set before, or from {ADMIN_PASSWORD_ENV})")
         }
     }
+    for c in &file.proxy_cache {
+        println!(
+            "  cache:        {}/{}/<name> pulls through {}",
+            opts.listen, c.prefix, c.url
+        );
+        if let Some(m) = c.mirror_listen {
+            println!(
+                "                mirror (names without {}/): https://{m}",
+                c.prefix
+            );
+        }
+    }
     println!("admin listening on {admin_addr}");
 
     Ok(Settings {
@@ -206,7 +251,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             expires_in_seconds: 300,
             robots: Some(robots),
             limits: Arc::new(crate::limits::Limits::new(
-                Default::default(),
+                file.limits.clone().unwrap_or_default(),
                 store.clone(),
             )),
             federation: None,
@@ -217,6 +262,11 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         proxy_protocol: None,
         hello_timeout: std::time::Duration::from_secs(10),
         client_idle_timeout: Duration::from_secs(60),
-        connections_per_source: crate::limits::LimitsConfig::default().connections_per_source,
+        connections_per_source: file
+            .limits
+            .clone()
+            .unwrap_or_default()
+            .connections_per_source,
+        proxy_caches: file.proxy_cache,
     })
 }

@@ -7,7 +7,8 @@
 //! - [`endpoints`]: everything answered here — the token service ([`token`]), the account
 //!   APIs, the sign-in flows.
 //! - [`registry`]: the `/v2/` path — the bearer check and immutability, the request storage
-//!   gets, the storage nodes.
+//!   gets, the storage nodes; [`cache`]: pull-through caches of upstream registries under a
+//!   prefix of `/v2/`.
 //! - [`auth`]: every identity source (htpasswd, LDAP, OIDC, robots, CI federation) behind the
 //!   [`auth::Authenticator`] chain.
 //! - [`state`]: the shared state store (in memory, or Redis for several gateways);
@@ -27,6 +28,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod cache;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -80,6 +82,8 @@ pub struct Settings {
     pub client_idle_timeout: Duration,
     /// Open connections allowed from one source (`0`: no cap).
     pub connections_per_source: usize,
+    /// Pull-through caches (`[[proxy_cache]]`).
+    pub proxy_caches: Vec<cache::ProxyCacheConfig>,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -118,6 +122,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         hello_timeout,
         client_idle_timeout,
         connections_per_source,
+        proxy_caches,
     } = settings;
     let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
@@ -148,8 +153,16 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         pingora::services::background::background_service("storage health check", upstreams);
     let upstreams: Arc<LoadBalancer<RoundRobin>> = health.task();
 
+    let caches = Arc::new(cache::ProxyCaches::new(
+        &proxy_caches,
+        upstreams.clone(),
+        secret.clone(),
+        store.clone(),
+        std::env::temp_dir(),
+    )?);
     let tokens = Arc::new(token);
     let gateway = proxy::Gateway {
+        caches,
         registry: registry::Registry {
             authz,
             limits: tokens.limits.clone(),
@@ -182,13 +195,20 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             )
         })?,
     );
-    let mut tls = pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(
-        edge::tls::Presenter(certificate.clone()),
-    ))
-    .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
-    tls.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))?;
-    tls.enable_h2();
-    service.add_tls_with_settings(&listen.to_string(), None, tls);
+    let tls_settings = || -> anyhow::Result<pingora::listeners::tls::TlsSettings> {
+        let mut tls = pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(
+            edge::tls::Presenter(certificate.clone()),
+        ))
+        .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+        tls.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))?;
+        tls.enable_h2();
+        Ok(tls)
+    };
+    service.add_tls_with_settings(&listen.to_string(), None, tls_settings()?);
+    // A pull-through cache's mirror listener: the same service, told apart by its port.
+    for mirror in proxy_caches.iter().filter_map(|c| c.mirror_listen) {
+        service.add_tls_with_settings(&mirror.to_string(), None, tls_settings()?);
+    }
     service
         .endpoints()
         .set_pre_tls_callback(Arc::new(edge::Edge {

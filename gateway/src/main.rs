@@ -38,8 +38,12 @@ enum Command {
         admin_listen: SocketAddr,
         #[arg(long, default_value = "./data")]
         data: PathBuf,
-        /// A TOML file with an `[audit]` table: more audit sinks (syslog, stdout).
+        /// A TOML file merged over the embedded default: `[audit]`, `[[proxy_cache]]`,
+        /// `[policy]`, `[limits]`.
         #[arg(long)]
+        config: Option<PathBuf>,
+        /// The same as `--config` (an older name, when the file had only `[audit]`).
+        #[arg(long, conflicts_with = "config")]
         audit_config: Option<PathBuf>,
     },
     /// Production: storage nodes, keys, users and policy from a config file.
@@ -140,6 +144,9 @@ fn authenticator(
 
 fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
     let c = config::Config::load(path)?;
+    for cache in &c.proxy_cache {
+        cache.check_files()?;
+    }
     let secret = c.secret()?;
     let keys = c
         .token
@@ -228,6 +235,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         },
         oidc,
         side_tasks: Vec::new(),
+        proxy_caches: c.proxy_cache.clone(),
         store,
         hello_timeout: std::time::Duration::from_millis(c.tls.hello_timeout_ms.max(1)),
         client_idle_timeout: std::time::Duration::from_secs(c.tls.idle_timeout_seconds),
@@ -247,13 +255,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             admin_listen,
             data,
+            config,
             audit_config,
         } => {
             let s = dev::settings(dev::DevOptions {
                 listen,
                 admin_listen,
                 data,
-                audit_config,
+                config: config.or(audit_config),
             })?;
             gateway::run(s)?;
             Ok(())

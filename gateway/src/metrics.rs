@@ -66,6 +66,59 @@ pub struct AuthMetrics {
     pub revocation_reloads: IntCounterVec,
 }
 
+/// Metrics of the pull-through caches (process-wide, like [`AuthMetrics`]).
+pub struct CacheMetrics {
+    /// Manifest and blob requests under a cache prefix, by prefix and result (`hit`: from
+    /// storage; `miss`: fetched from the upstream; `stale`: the cached copy served because the
+    /// upstream could not be asked; `error`: neither).
+    pub results: IntCounterVec,
+    /// Body bytes read from upstreams, by prefix.
+    pub upstream_bytes: IntCounterVec,
+    /// Time for an upstream's answer head, by prefix and request (`manifest`, `head`, `blob`).
+    pub upstream_seconds: HistogramVec,
+    /// Upstream failures, by prefix and kind (`unreachable`, `timeout`, `rate_limited`…).
+    pub upstream_errors: IntCounterVec,
+    /// Tags checked with the upstream after their TTL, by prefix and outcome (`same`,
+    /// `changed`, `failed`).
+    pub revalidations: IntCounterVec,
+}
+
+/// The process's [`CacheMetrics`].
+pub fn cache() -> &'static CacheMetrics {
+    static M: OnceLock<CacheMetrics> = OnceLock::new();
+    M.get_or_init(|| CacheMetrics {
+        results: counter(
+            "gateway_cache_requests_total",
+            "Manifest and blob requests under a pull-through cache prefix, by prefix and result (hit, miss, stale, error)",
+            &["prefix", "result"],
+        ),
+        upstream_bytes: counter(
+            "gateway_cache_upstream_bytes_total",
+            "Body bytes read from pull-through cache upstreams, by prefix",
+            &["prefix"],
+        ),
+        upstream_seconds: HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_cache_upstream_seconds",
+                "Time to an upstream's answer head, by prefix and request (manifest, head, blob)",
+            )
+            .buckets(vec![0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["prefix", "request"],
+        )
+        .expect("valid metric"),
+        upstream_errors: counter(
+            "gateway_cache_upstream_errors_total",
+            "Pull-through cache upstream failures, by prefix and kind",
+            &["prefix", "kind"],
+        ),
+        revalidations: counter(
+            "gateway_cache_revalidations_total",
+            "Cached tags checked with the upstream after their TTL, by prefix and outcome (same, changed, failed)",
+            &["prefix", "outcome"],
+        ),
+    })
+}
+
 /// A counter vector with `labels` (the names are this crate's own: valid).
 pub fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
@@ -215,7 +268,15 @@ impl Metrics {
             "Connections closed before their TLS handshake, by reason (per_source_cap, hello_timeout)",
             &["reason"],
         );
+        let cm = cache();
+        registry
+            .register(Box::new(cm.upstream_seconds.clone()))
+            .expect("unique");
         for c in [
+            &cm.results,
+            &cm.upstream_bytes,
+            &cm.upstream_errors,
+            &cm.revalidations,
             &connections_refused,
             &a.outcomes,
             &a.token_decisions,

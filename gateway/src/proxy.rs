@@ -6,6 +6,7 @@
 //! [`RequestCtx`].
 
 use crate::audit::request::{Operation, RequestInfo};
+use crate::cache::Answer;
 use crate::endpoints::{Endpoints, Incoming};
 use crate::metrics::{Metrics, Served};
 use crate::registry::authz::{Forward, Verdict};
@@ -33,6 +34,8 @@ const HSTS: (&str, &str) = ("strict-transport-security", "max-age=31536000");
 pub const MAX_BODY: usize = 64 * 1024;
 
 pub struct Gateway {
+    /// Pull-through caches: `/v2/` requests under their prefixes.
+    pub caches: Arc<crate::cache::ProxyCaches>,
     /// Everything answered here.
     pub endpoints: Endpoints,
     /// Everything sent on to storage.
@@ -139,12 +142,26 @@ impl Gateway {
     /// Everything `request_filter` does, inside the request's audit context and span:
     /// answered here (`Ok(true)`) or sent on to storage (`Ok(false)`).
     async fn route_request(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let mirror = match self.caches.is_empty() {
+            true => None,
+            false => self.to_mirror(session)?,
+        };
         let req = session.req_header();
         let route = Route::parse(req.method.as_str(), req.uri.path());
         ctx.route = route.label();
         if route != Route::Registry {
             let reply = match incoming(session, route).await? {
-                Some(req) => self.endpoints.answer(route, &req).await,
+                Some(mut req) => {
+                    // A token asked for on a mirror is for the names its requests become.
+                    if let (Some(prefix), Route::Token) = (&mirror, route) {
+                        req.query = req.query.map(|q| crate::cache::mirror_scopes(prefix, &q));
+                        if !req.body.is_empty() {
+                            let body = String::from_utf8_lossy(&req.body).into_owned();
+                            req.body = crate::cache::mirror_scopes(prefix, &body).into_bytes();
+                        }
+                    }
+                    self.endpoints.answer(route, &req).await
+                }
                 None => Failure::body_too_large().reply(route.protocol()),
             };
             return send(session, reply).await;
@@ -159,7 +176,10 @@ impl Gateway {
                 ctx.route = route;
                 ctx.op.break_glass = forward.override_immutable;
                 ctx.forward = forward;
-                Ok(false)
+                if self.caches.is_empty() {
+                    return Ok(false);
+                }
+                self.through_cache(session, ctx).await
             }
             Verdict::Respond { route, failure } => {
                 ctx.route = route;
@@ -167,6 +187,117 @@ impl Gateway {
             }
         }
     }
+}
+
+impl Gateway {
+    /// A request on a pull-through cache's mirror listener or host name names upstream
+    /// repositories without the cache's prefix: the prefix is put in front, before anything
+    /// reads the path (so the bearer check, the token's scope and the audit see the local
+    /// name). The mirror's prefix when the request came through one.
+    fn to_mirror(&self, session: &mut Session) -> Result<Option<String>> {
+        let req = session.req_header();
+        let port = session
+            .server_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.port());
+        let host = req
+            .headers
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()));
+        let Some(prefix) = self.caches.mirror_prefix(port, host).map(str::to_owned) else {
+            return Ok(None);
+        };
+        let Some(rest) = req.uri.path().strip_prefix("/v2/") else {
+            return Ok(Some(prefix));
+        };
+        if rest.is_empty() || rest.starts_with('_') {
+            return Ok(Some(prefix));
+        }
+        let mut uri = format!("/v2/{prefix}/{rest}");
+        if let Some(q) = req.uri.query() {
+            uri.push('?');
+            uri.push_str(q);
+        }
+        let uri = uri
+            .parse::<http::Uri>()
+            .map_err(|e| Error::explain(ErrorType::InvalidHTTPHeader, e.to_string()))?;
+        session.req_header_mut().set_uri(uri);
+        Ok(Some(prefix))
+    }
+
+    /// A request the bearer check admitted, under a cache prefix: answered here from the
+    /// upstream (`Ok(true)`), or forwarded to storage (`Ok(false)`).
+    async fn through_cache(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let Some(endpoint) = ctx.op.endpoint.clone() else {
+            return Ok(false);
+        };
+        let range = session
+            .req_header()
+            .headers
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let Some((answer, outcome)) = self.caches.answer(&endpoint, range.as_deref()).await else {
+            return Ok(false);
+        };
+        ctx.op.cache = Some(outcome.label());
+        match answer {
+            Answer::Forward => Ok(false),
+            Answer::Fail(failure) => {
+                ctx.op.reason = Some(failure.message.clone());
+                send(session, failure.reply(Protocol::Registry)).await
+            }
+            Answer::Head { digest, size } => {
+                let h = blob_head(session, 200, size, &digest)?;
+                session.write_response_header(Box::new(h), true).await?;
+                Ok(true)
+            }
+            Answer::Stream(mut s) => {
+                let (status, len) = match s.range {
+                    Some((a, b)) => (206, b - a + 1),
+                    None => (200, s.size),
+                };
+                let mut h = blob_head(session, status, len, &s.digest)?;
+                if let Some((a, b)) = s.range {
+                    h.insert_header("content-range", format!("bytes {a}-{b}/{}", s.size))?;
+                }
+                session.write_response_header(Box::new(h), len == 0).await?;
+                while let Some(chunk) = s.reader.next().await.map_err(|e| {
+                    Error::explain(
+                        ErrorType::HTTPStatus(502),
+                        format!("pull-through cache: {e}"),
+                    )
+                })? {
+                    ctx.op.bytes_out += chunk.len() as u64;
+                    session
+                        .write_response_body(Some(chunk), s.reader.finished())
+                        .await?;
+                }
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// The head of a blob answered by a pull-through cache.
+fn blob_head(
+    session: &Session,
+    status: u16,
+    len: u64,
+    digest: &oci::Digest,
+) -> Result<ResponseHeader> {
+    let mut h = ResponseHeader::build(status, Some(8))?;
+    h.insert_header("content-type", "application/octet-stream")?;
+    h.insert_header("content-length", len.to_string())?;
+    h.insert_header("docker-content-digest", digest.to_string())?;
+    h.insert_header("accept-ranges", "bytes")?;
+    h.insert_header("docker-distribution-api-version", "registry/2.0")?;
+    h.insert_header(HSTS.0, HSTS.1)?;
+    if let Some(id) = session.req_header().headers.get(REQUEST_ID_HEADER) {
+        h.insert_header(REQUEST_ID_HEADER, id.clone())?;
+    }
+    Ok(h)
 }
 
 /// The status a request that could not be proxied ends with (0: the client went away, no

@@ -12,3 +12,7 @@ pub const PROTECTION_HEADER: &str = "portcullis-protection";
 /// Response, on a delete that went ahead over an immutable tag (break-glass): which tag (for
 /// the gateway's audit event; the gateway strips it).
 pub const OVERRIDDEN_HEADER: &str = "portcullis-immutable-overridden";
+/// Request, on a manifest PUT: the manifest is a pull-through cache's copy of an upstream's,
+/// stored before the blobs and manifests it refers to (each fetched when a client asks for
+/// it), so storage does not require them to be present.
+pub const CACHED_COPY_HEADER: &str = "portcullis-cached-copy";

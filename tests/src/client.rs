@@ -221,19 +221,29 @@ impl Client {
         Ok(self.req(Method::GET, path).send().await?)
     }
 
-    /// Monolithic push (`POST ?digest=`); returns the digest.
+    /// Monolithic push (`POST ?digest=`); returns the digest. A registry that answers the
+    /// POST with a session instead (202, as distribution does) gets the body in a `PUT`.
     pub async fn push_blob(&self, repo: &str, data: impl Into<Bytes>) -> anyhow::Result<Digest> {
         let data = data.into();
         let d = sha256(&data);
-        let r = self
+        let mut r = self
             .req(
                 Method::POST,
                 &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
             )
             .header("content-type", "application/octet-stream")
-            .body(data)
+            .body(data.clone())
             .send()
             .await?;
+        if r.status() == StatusCode::ACCEPTED {
+            let at = with_query(&location(&r)?, &format!("digest={d}"));
+            r = self
+                .req(Method::PUT, &at)
+                .header("content-type", "application/octet-stream")
+                .body(data)
+                .send()
+                .await?;
+        }
         ensure!(
             r.status() == StatusCode::CREATED,
             "push blob: {}",

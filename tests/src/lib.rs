@@ -9,6 +9,7 @@
 //! - [`haproxy`]: a real HAProxy in front of several gateways.
 //! - [`ldap`]: a real slapd with a seeded directory.
 //! - [`oidc`]: a real OpenID provider and a headless browser login.
+//! - [`faulty`]: a TCP relay in front of a real server that misbehaves on cue (slow, cut, 429).
 //! - [`fsck`]: an offline consistency check of a storage root.
 //! - [`layout`]: a registry root written directly in distribution's layout (no pushes).
 //! - [`redis`]: a real redis-server, stopped and started again at will.
@@ -19,6 +20,7 @@ pub mod azurite;
 pub mod client;
 pub mod deployment;
 pub mod driver_contract;
+pub mod faulty;
 pub mod fsck;
 pub mod haproxy;
 pub mod layout;

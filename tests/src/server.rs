@@ -241,7 +241,9 @@ impl GatewayServer {
         let port = crate::tools::free_port()?;
         let mut cmd = Command::new(binary("gateway"));
         // Audit events also on stdout, kept for the leak check, unless the test sets its own.
-        let own = args.iter().any(|a| *a == "--audit-config");
+        let own = args
+            .iter()
+            .any(|a| *a == "--audit-config" || *a == "--config");
         let stdout_audit = data.join("test-audit-stdout.toml");
         if !own {
             std::fs::create_dir_all(data)?;

@@ -121,17 +121,52 @@ pub struct Distribution {
 
 impl Distribution {
     pub fn start(root: &Path) -> anyhow::Result<Self> {
+        Self::start_with(root, None, None)
+    }
+
+    /// With Basic auth from `users` (name, password) when given, and its log (access log
+    /// lines, one per request) written to `log`.
+    pub fn start_with(
+        root: &Path,
+        users: Option<&[(&str, &str)]>,
+        log: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let config = tempfile::tempdir()?;
         let path = Self::write_config(config.path(), root, &addr)?;
+        let mut yaml = std::fs::read_to_string(&path)?;
+        if let Some(users) = users {
+            let file = config.path().join("htpasswd");
+            let mut lines = String::new();
+            for (u, p) in users {
+                lines.push_str(&format!("{u}:{}\n", bcrypt::hash(p, 5)?));
+            }
+            std::fs::write(&file, lines)?;
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: upstream\n    path: {}\n",
+                file.display()
+            ));
+        }
+        if log.is_some() {
+            yaml = yaml.replace("level: error", "level: info");
+        }
+        std::fs::write(&path, yaml)?;
+        // Its access log goes to stdout, the rest to stderr.
+        let (stdout, stderr) = match log {
+            Some(f) => {
+                let file = std::fs::File::create(f)?;
+                (Stdio::from(file.try_clone()?), Stdio::from(file))
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
         let child = Self::command(
             &distribution_binary(),
             &["serve", &path.display().to_string()],
         )
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
         .spawn()
         .context("starting docker-registry")?;
         let base = format!("http://{addr}");
@@ -141,7 +176,19 @@ impl Distribution {
             addr,
             _config: config,
         };
-        crate::server::wait_healthy(&format!("{base}/v2/"))?;
+        // `/v2/` answers 401 with auth: wait for the port instead.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(&d.addr).is_err() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "docker-registry never listened on {}",
+                d.addr
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if users.is_none() {
+            crate::server::wait_healthy(&format!("{base}/v2/"))?;
+        }
         Ok(d)
     }
 
@@ -361,9 +408,15 @@ pub struct Dockerd {
 
 impl Dockerd {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// With more daemon arguments (e.g. `--registry-mirror <url>`).
+    pub fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let d = dir.path().display().to_string();
         let child = std::process::Command::new("dockerd")
+            .args(extra)
             .args([
                 "--data-root",
                 &format!("{d}/data"),

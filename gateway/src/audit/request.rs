@@ -79,6 +79,9 @@ pub struct Operation {
     pub digest: Option<String>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Under a pull-through cache prefix: how it was answered (`hit`, `miss`, `stale`,
+    /// `error`).
+    pub cache: Option<&'static str>,
 }
 
 fn query_value(query: Option<&str>, key: &str) -> Option<String> {
@@ -178,6 +181,9 @@ impl Operation {
                     .to_lowercase()
             });
             e.insert("event.reason".into(), reason.into());
+        }
+        if let Some(c) = self.cache {
+            e.insert("cache.result".into(), c.into());
         }
         if let Some(ep) = &self.endpoint {
             if let Some(name) = ep.repository() {

@@ -9,7 +9,8 @@ use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType, Result};
 use service::hop::{
-    INTERNAL_SECRET_HEADER, OVERRIDDEN_HEADER, PREVIOUS_DIGEST_HEADER, PROTECTION_HEADER,
+    CACHED_COPY_HEADER, INTERNAL_SECRET_HEADER, OVERRIDDEN_HEADER, PREVIOUS_DIGEST_HEADER,
+    PROTECTION_HEADER,
 };
 
 /// Rewrites the request storage gets. Reads `forward` without taking from it: Pingora runs
@@ -25,6 +26,7 @@ pub fn request(
     // Only the gateway speaks for policy: a client's copy never reaches storage. Nor does
     // the client's token: storage has no use for it.
     upstream.remove_header(PROTECTION_HEADER);
+    upstream.remove_header(CACHED_COPY_HEADER);
     upstream.remove_header("authorization");
     if let Some(p) = &forward.protection {
         upstream.insert_header(PROTECTION_HEADER, p.as_str())?;

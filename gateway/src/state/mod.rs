@@ -120,7 +120,8 @@ pub enum Class {
     Rates,
     /// Failed-login counters (`fail:`): oldest evicted first.
     Failures,
-    /// The LDAP login cache (`ldap:login:`), asked again when missing: oldest evicted first.
+    /// The LDAP login cache (`ldap:login:`) and when pull-through caches last checked a tag
+    /// with their upstream (`proxy:tag:`), asked again when missing: oldest evicted first.
     Cache,
     /// Sessions (`session:`): never evicted; refused when full.
     Sessions,
@@ -134,8 +135,9 @@ pub enum Class {
 impl Class {
     /// The class of `key`, by its prefix.
     pub fn of(key: &str) -> Class {
-        const PREFIXES: [(&str, Class); 6] = [
+        const PREFIXES: [(&str, Class); 7] = [
             ("oidc:", Class::Flows),
+            ("proxy:tag:", Class::Cache),
             ("rate:", Class::Rates),
             ("fail:", Class::Failures),
             ("ldap:login:", Class::Cache),

@@ -478,6 +478,7 @@ async fn put_manifest(
             content_type: h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()),
             body: bytes,
             create_tag_only,
+            cached_copy: h.contains_key(super::CACHED_COPY_HEADER),
         })
         .await?;
     let mut r = empty(StatusCode::CREATED);

@@ -27,6 +27,9 @@ pub struct ManifestPut<'a> {
     pub body: Bytes,
     /// `If-None-Match: *`: create the tag only if it does not exist (412 otherwise).
     pub create_tag_only: bool,
+    /// A pull-through cache's copy of an upstream manifest: what it refers to need not be
+    /// here yet (the gateway fetches each piece when a client asks for it).
+    pub cached_copy: bool,
 }
 
 /// A manifest as stored.
@@ -56,6 +59,7 @@ impl Registry {
             content_type,
             body,
             create_tag_only,
+            cached_copy,
         } = put;
         let parsed = media_type::parse_manifest(content_type, &body)
             .map_err(|e| Error::oci(ErrorCode::ManifestInvalid, e.to_string()))?;
@@ -83,12 +87,12 @@ impl Registry {
                 "content this manifest refers to is being garbage-collected: push it again",
             ));
         }
-        for blob in parsed.blob_references() {
+        for blob in parsed.blob_references().filter(|_| !cached_copy) {
             if self.blob_meta(name, &blob.digest).await.is_err() {
                 return Err(manifest_blob_unknown(&blob.digest, "blob"));
             }
         }
-        for child in &parsed.manifests {
+        for child in parsed.manifests.iter().filter(|_| !cached_copy) {
             if self
                 .read_link(Key::RevisionLink(name, &child.digest))
                 .await?

@@ -1,0 +1,169 @@
+//! `[[proxy_cache]]`: one upstream registry served under a local prefix (and, optionally,
+//! without it on a mirror listener or host name of its own).
+
+use anyhow::{Context, bail};
+use policy::pattern::RepoPattern;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyCacheConfig {
+    /// The local namespace: `hub` serves `<registry>/hub/library/alpine` from the upstream's
+    /// `library/alpine`. One path segment.
+    pub prefix: String,
+    /// The upstream registry's base URL (`https://registry-1.docker.io`).
+    pub url: String,
+    /// Credentials for the upstream (Basic, or for its token service); none: anonymous.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File with the upstream password (required with `username`).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM bundle of CAs the upstream's certificate may chain to (besides the system's).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How long a cached tag is served without asking the upstream.
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl_seconds: u64,
+    /// Upstream repositories that may be pulled through (policy patterns: `library/*`,
+    /// `bitnami/**`); empty: all.
+    #[serde(default)]
+    pub repositories: Vec<String>,
+    /// How long the upstream has to answer a request's head (a revalidation that takes
+    /// longer serves the cached copy); a body then streams as long as data keeps coming.
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u64,
+    /// A TLS listener of its own where names arrive without the prefix: docker's
+    /// `registry-mirrors`, containerd's `hosts.toml` (same certificate as `listen`).
+    #[serde(default)]
+    pub mirror_listen: Option<SocketAddr>,
+    /// Host names (as clients send them in `Host`, without the port) whose requests arrive
+    /// without the prefix, on the main listener.
+    #[serde(default)]
+    pub mirror_hosts: Vec<String>,
+}
+
+fn default_tag_ttl() -> u64 {
+    300
+}
+fn default_timeout() -> u64 {
+    10
+}
+
+impl ProxyCacheConfig {
+    /// Checks one table; `prefix` must be a single lowercase repository-name segment.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let p = &self.prefix;
+        if p.is_empty()
+            || p.contains('/')
+            || oci::RepositoryName::parse(p).is_err()
+            || p.starts_with('_')
+        {
+            bail!("proxy_cache.prefix {p:?} must be one repository name segment (e.g. \"hub\")");
+        }
+        let url: reqwest::Url = self
+            .url
+            .parse()
+            .with_context(|| format!("proxy_cache {p}: url {:?}", self.url))?;
+        if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+            bail!("proxy_cache {p}: url {:?} is not an http(s) URL", self.url);
+        }
+        if self.username.is_some() != self.password_file.is_some() {
+            bail!("proxy_cache {p}: username and password_file go together");
+        }
+        if self.timeout_seconds == 0 {
+            bail!("proxy_cache {p}: timeout_seconds must be positive");
+        }
+        for r in &self.repositories {
+            RepoPattern::compile(r)
+                .map_err(|e| anyhow::anyhow!("proxy_cache {p}: repositories {r:?}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Reads what the table names (password and CA files), as starting would.
+    pub fn check_files(&self) -> anyhow::Result<()> {
+        let p = &self.prefix;
+        if let Some(f) = &self.password_file
+            && service::secrets::read_secret_file(f)
+                .with_context(|| format!("proxy_cache {p}: password_file"))?
+                .is_empty()
+        {
+            bail!("proxy_cache {p}: {} is empty", f.display());
+        }
+        if let Some(f) = &self.ca_file {
+            let pem = std::fs::read(f)
+                .with_context(|| format!("proxy_cache {p}: reading {}", f.display()))?;
+            reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("proxy_cache {p}: parsing {}", f.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks every table and what spans them (prefixes and mirrors used once).
+pub fn validate_all(caches: &[ProxyCacheConfig]) -> anyhow::Result<()> {
+    let mut prefixes = std::collections::HashSet::new();
+    let mut listeners = std::collections::HashSet::new();
+    let mut hosts = std::collections::HashSet::new();
+    for c in caches {
+        c.validate()?;
+        if !prefixes.insert(c.prefix.as_str()) {
+            bail!("proxy_cache prefix {:?} is configured twice", c.prefix);
+        }
+        if let Some(l) = c.mirror_listen
+            && !listeners.insert(l)
+        {
+            bail!("proxy_cache mirror_listen {l} is configured twice");
+        }
+        for h in &c.mirror_hosts {
+            if !hosts.insert(h.to_ascii_lowercase()) {
+                bail!("proxy_cache mirror host {h:?} is configured twice");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(extra: &str) -> anyhow::Result<ProxyCacheConfig> {
+        let c: ProxyCacheConfig = toml::from_str(&format!(
+            "prefix = \"hub\"\nurl = \"https://registry-1.docker.io\"\n{extra}"
+        ))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn tables_are_checked() {
+        let c = table("").unwrap();
+        assert_eq!(c.tag_ttl_seconds, 300);
+        assert!(table("repositories = [\"library/*\"]").is_ok());
+        assert!(table("repositories = [\"Library/*\"]").is_err());
+        assert!(
+            table("username = \"u\"").is_err(),
+            "a user needs a password"
+        );
+        assert!(table("timeout_seconds = 0").is_err());
+        assert!(table("tag_ttl = 1").is_err(), "unknown keys are refused");
+        for bad in ["", "a/b", "_x", "Hub"] {
+            let c = ProxyCacheConfig {
+                prefix: bad.into(),
+                ..table("").unwrap()
+            };
+            assert!(c.validate().is_err(), "{bad:?}");
+        }
+        let c = ProxyCacheConfig {
+            url: "ftp://x".into(),
+            ..table("").unwrap()
+        };
+        assert!(c.validate().is_err());
+        let twice = [table("").unwrap(), table("").unwrap()];
+        assert!(validate_all(&twice).is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! The cache's own requests to storage (over the internal hop, like every forwarded one):
+//! is a manifest or blob already here, and storing what came from the upstream — a manifest
+//! as a cached copy, a blob as an upload whose digest storage checks before it is visible.
+
+use bytes::Bytes;
+use futures_util::Stream;
+use oci::Digest;
+use pingora::lb::LoadBalancer;
+use pingora::lb::selection::RoundRobin;
+use reqwest::{Method, StatusCode};
+use service::hop::{CACHED_COPY_HEADER, INTERNAL_SECRET_HEADER};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What storage holds under a manifest reference.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub digest: Digest,
+}
+
+pub struct Storage {
+    nodes: Arc<LoadBalancer<RoundRobin>>,
+    secret: zeroize::Zeroizing<String>,
+    http: reqwest::Client,
+}
+
+impl Storage {
+    pub fn new(
+        nodes: Arc<LoadBalancer<RoundRobin>>,
+        secret: zeroize::Zeroizing<String>,
+    ) -> anyhow::Result<Self> {
+        Ok(Storage {
+            nodes,
+            secret,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .read_timeout(Duration::from_secs(60))
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build()?,
+        })
+    }
+
+    fn url(&self, path: &str) -> anyhow::Result<String> {
+        let node = self
+            .nodes
+            .select(b"", 256)
+            .ok_or_else(|| anyhow::anyhow!("no healthy storage node"))?;
+        Ok(format!("http://{}{path}", node.addr))
+    }
+
+    fn request(&self, method: Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+        Ok(self
+            .http
+            .request(method, self.url(path)?)
+            .header(INTERNAL_SECRET_HEADER, self.secret.as_str()))
+    }
+
+    /// The manifest `repo:reference` holds, if any.
+    pub async fn manifest(&self, repo: &str, reference: &str) -> anyhow::Result<Option<Held>> {
+        let resp = self
+            .request(Method::HEAD, &format!("/v2/{repo}/manifests/{reference}"))?
+            .header("accept", super::upstream::MANIFEST_ACCEPT)
+            .send()
+            .await?;
+        match resp.status() {
+            StatusCode::OK => {
+                let digest = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| Digest::parse(v).ok())
+                    .ok_or_else(|| anyhow::anyhow!("storage sent a manifest without digest"))?;
+                Ok(Some(Held { digest }))
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            s => anyhow::bail!("storage answered {s} to a manifest HEAD"),
+        }
+    }
+
+    /// Whether `repo` has the blob.
+    pub async fn has_blob(&self, repo: &str, digest: &Digest) -> anyhow::Result<bool> {
+        let resp = self
+            .request(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}"))?
+            .send()
+            .await?;
+        match resp.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            s => anyhow::bail!("storage answered {s} to a blob HEAD"),
+        }
+    }
+
+    /// Stores an upstream manifest (checked against its digest already) under `reference`.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: Bytes,
+    ) -> anyhow::Result<()> {
+        let resp = self
+            .request(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))?
+            .header("content-type", media_type)
+            .header(CACHED_COPY_HEADER, "1")
+            .body(body)
+            .send()
+            .await?;
+        if resp.status() != StatusCode::CREATED {
+            anyhow::bail!(
+                "storage refused the cached manifest: {} {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Uploads a blob from `body` (exactly `size` bytes); storage makes it visible only if
+    /// its digest is `digest`. A stream that ends in an error stores nothing.
+    pub async fn put_blob<S>(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        size: u64,
+        body: S,
+    ) -> anyhow::Result<()>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+    {
+        let start = self
+            .request(Method::POST, &format!("/v2/{repo}/blobs/uploads/"))?
+            .header("content-length", "0")
+            .send()
+            .await?;
+        if start.status() != StatusCode::ACCEPTED {
+            anyhow::bail!("storage refused an upload: {}", start.status());
+        }
+        let location = start
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| anyhow::anyhow!("storage started an upload without Location"))?;
+        // Storage answers with a path; the session continues on any node.
+        let path = match location.find("/v2/") {
+            Some(i) => &location[i..],
+            None => anyhow::bail!("storage sent an odd upload Location"),
+        };
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let resp = self
+            .request(Method::PUT, &format!("{path}{sep}digest={digest}"))?
+            .header("content-length", size.to_string())
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await?;
+        if resp.status() != StatusCode::CREATED {
+            anyhow::bail!(
+                "storage refused the cached blob: {} {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}

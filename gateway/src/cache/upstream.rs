@@ -1,0 +1,333 @@
+//! The upstream registry of one cache, spoken to as a client: its own auth (the Docker token
+//! flow from its `WWW-Authenticate` challenge, or Basic), a deadline on every answer's head,
+//! and its answers sorted into what the cache does with them ([`UpstreamError`]).
+
+use super::config::ProxyCacheConfig;
+use anyhow::Context;
+use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Method, Response, StatusCode};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Every manifest type the cache stores (the upstream picks; storage keeps what it sent).
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// Why the upstream gave no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the upstream cannot be reached: {0}")]
+    Unreachable(String),
+    #[error("the upstream did not answer within {0} s")]
+    Timeout(u64),
+    #[error("the upstream has no such manifest or blob")]
+    NotFound,
+    #[error("the upstream is rate limiting this registry (429)")]
+    RateLimited(Option<u64>),
+    #[error("the upstream refused this registry's credentials ({0})")]
+    Denied(u16),
+    #[error("the upstream answered {0}")]
+    Status(u16),
+    #[error("the upstream sent a bad answer: {0}")]
+    Invalid(String),
+}
+
+impl UpstreamError {
+    /// The metrics' and audit trail's short name.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::Unreachable(_) => "unreachable",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::NotFound => "not_found",
+            UpstreamError::RateLimited(_) => "rate_limited",
+            UpstreamError::Denied(_) => "denied",
+            UpstreamError::Status(_) => "status",
+            UpstreamError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// How the upstream wants to be authenticated, as its last challenge said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+}
+
+#[derive(Default)]
+struct AuthState {
+    challenge: Option<Challenge>,
+    /// Bearer tokens by repository, with when they stop being used.
+    tokens: HashMap<String, (zeroize::Zeroizing<String>, Instant)>,
+}
+
+/// At most this many repositories' tokens are kept (the oldest go first).
+const TOKENS_KEPT: usize = 1024;
+
+pub struct Upstream {
+    base: String,
+    http: reqwest::Client,
+    credentials: Option<(String, zeroize::Zeroizing<String>)>,
+    timeout: Duration,
+    auth: Mutex<AuthState>,
+}
+
+impl Upstream {
+    pub fn new(cfg: &ProxyCacheConfig) -> anyhow::Result<Self> {
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(cfg.timeout_seconds))
+            // A body that stops coming for this long fails (a blob streams for as long as it
+            // keeps coming).
+            .read_timeout(Duration::from_secs(cfg.timeout_seconds.max(30)))
+            .user_agent(concat!("portcullis-cache/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(ca) = &cfg.ca_file {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            for c in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("parsing {}", ca.display()))?
+            {
+                b = b.add_root_certificate(c);
+            }
+        }
+        let credentials = match (&cfg.username, &cfg.password_file) {
+            (Some(u), Some(f)) => Some((
+                u.clone(),
+                zeroize::Zeroizing::new(service::secrets::read_secret_file(f)?),
+            )),
+            _ => None,
+        };
+        Ok(Upstream {
+            base: cfg.url.trim_end_matches('/').to_owned(),
+            http: b.build()?,
+            credentials,
+            timeout: Duration::from_secs(cfg.timeout_seconds),
+            auth: Mutex::new(AuthState::default()),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// `method /v2/<repo>/<tail>` with the upstream's auth; a 401 is answered once (a token
+    /// fetched, or Basic) and the request sent again. Only 200 and 206 come back as `Ok`.
+    pub async fn send(
+        &self,
+        method: Method,
+        repo: &str,
+        tail: &str,
+        accept: Option<&str>,
+    ) -> Result<Response, UpstreamError> {
+        let url = format!("{}/v2/{repo}/{tail}", self.base);
+        for attempt in 0..2 {
+            let mut rb = self.http.request(method.clone(), &url);
+            if let Some(a) = accept {
+                rb = rb.header(ACCEPT, a);
+            }
+            rb = self.authorize(rb, repo);
+            let resp = self.head_in_time(rb).await?;
+            if resp.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_challenge)
+                    .ok_or(UpstreamError::Denied(401))?;
+                self.learn(challenge, repo).await?;
+                continue;
+            }
+            return classify(resp);
+        }
+        Err(UpstreamError::Denied(401))
+    }
+
+    async fn head_in_time(&self, rb: reqwest::RequestBuilder) -> Result<Response, UpstreamError> {
+        match tokio::time::timeout(self.timeout, rb.send()).await {
+            Err(_) => Err(UpstreamError::Timeout(self.timeout.as_secs())),
+            Ok(Err(e)) => Err(UpstreamError::Unreachable(without_url(&e))),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    fn authorize(&self, rb: reqwest::RequestBuilder, repo: &str) -> reqwest::RequestBuilder {
+        let Ok(auth) = self.auth.lock() else {
+            return rb;
+        };
+        match &auth.challenge {
+            Some(Challenge::Basic) => match &self.credentials {
+                Some((u, p)) => rb.basic_auth(u, Some(p.as_str())),
+                None => rb,
+            },
+            Some(Challenge::Bearer { .. }) => match auth.tokens.get(repo) {
+                Some((t, until)) if *until > Instant::now() => {
+                    rb.header(AUTHORIZATION, format!("Bearer {}", t.as_str()))
+                }
+                _ => rb,
+            },
+            None => rb,
+        }
+    }
+
+    /// Takes a challenge in: Basic needs nothing more; Bearer gets a pull token for `repo`
+    /// from the realm (with the credentials, if any).
+    async fn learn(&self, challenge: Challenge, repo: &str) -> Result<(), UpstreamError> {
+        if let Challenge::Bearer { realm, service } = &challenge {
+            if realm.is_empty() {
+                return Err(UpstreamError::Invalid(
+                    "a Bearer challenge without realm".into(),
+                ));
+            }
+            let mut query = vec![("scope", format!("repository:{repo}:pull"))];
+            if let Some(s) = service {
+                query.push(("service", s.clone()));
+            }
+            let mut rb = self.http.get(realm).query(&query);
+            if let Some((u, p)) = &self.credentials {
+                rb = rb.basic_auth(u, Some(p.as_str()));
+            }
+            let resp = self.head_in_time(rb).await?;
+            if !resp.status().is_success() {
+                return Err(UpstreamError::Denied(resp.status().as_u16()));
+            }
+            #[derive(serde::Deserialize)]
+            struct TokenAnswer {
+                token: Option<String>,
+                access_token: Option<String>,
+                expires_in: Option<u64>,
+            }
+            let answer: TokenAnswer = tokio::time::timeout(self.timeout, resp.json())
+                .await
+                .map_err(|_| UpstreamError::Timeout(self.timeout.as_secs()))?
+                .map_err(|_| UpstreamError::Invalid("the token answer is not JSON".into()))?;
+            let token = answer
+                .token
+                .or(answer.access_token)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| UpstreamError::Invalid("the token answer has no token".into()))?;
+            // Used until 10 s before it expires (60 s when the answer does not say: the spec's
+            // default).
+            let life = answer.expires_in.unwrap_or(60).saturating_sub(10).max(1);
+            let until = Instant::now() + Duration::from_secs(life);
+            if let Ok(mut auth) = self.auth.lock() {
+                if auth.tokens.len() >= TOKENS_KEPT {
+                    let now = Instant::now();
+                    auth.tokens.retain(|_, (_, u)| *u > now);
+                    if auth.tokens.len() >= TOKENS_KEPT {
+                        auth.tokens.clear();
+                    }
+                }
+                auth.tokens
+                    .insert(repo.to_owned(), (zeroize::Zeroizing::new(token), until));
+            }
+        }
+        if let Ok(mut auth) = self.auth.lock() {
+            auth.challenge = Some(challenge);
+        }
+        Ok(())
+    }
+}
+
+/// A reqwest error's text without its URL (which could carry a query).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s.replace(u.as_str(), "<upstream>");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+fn classify(resp: Response) -> Result<Response, UpstreamError> {
+    match resp.status().as_u16() {
+        200 | 206 => Ok(resp),
+        404 => Err(UpstreamError::NotFound),
+        429 => Err(UpstreamError::RateLimited(
+            resp.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok()),
+        )),
+        s @ (401 | 403) => Err(UpstreamError::Denied(s)),
+        s => Err(UpstreamError::Status(s)),
+    }
+}
+
+/// A `WWW-Authenticate` challenge (RFC 7235): its scheme and, for Bearer, `realm` and
+/// `service`.
+fn parse_challenge(h: &str) -> Option<Challenge> {
+    let h = h.trim();
+    let (scheme, params) = h.split_once(' ').unwrap_or((h, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut realm = None;
+    let mut service = None;
+    let mut rest = params.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let key = key.trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, tail) = if let Some(q) = after.strip_prefix('"') {
+            let end = q.find('"')?;
+            (&q[..end], &q[end + 1..])
+        } else {
+            after.split_once(',').map_or((after, ""), |(v, t)| (v, t))
+        };
+        match key.as_str() {
+            "realm" => realm = Some(value.to_owned()),
+            "service" => service = Some(value.to_owned()),
+            _ => {}
+        }
+        rest = tail.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(Challenge::Bearer {
+        realm: realm?,
+        service,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_are_read() {
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into())
+            })
+        );
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(
+            parse_challenge("bearer realm=https://x/t, service=s"),
+            Some(Challenge::Bearer {
+                realm: "https://x/t".into(),
+                service: Some("s".into())
+            })
+        );
+        assert_eq!(parse_challenge("Bearer service=\"s\""), None, "no realm");
+        assert_eq!(parse_challenge("Negotiate abc"), None);
+        assert_eq!(parse_challenge("Bearer realm=\"unterminated"), None);
+    }
+}

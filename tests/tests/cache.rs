@@ -1,0 +1,613 @@
+//! Pull-through caches (`[[proxy_cache]]`): real upstreams (distribution 2.8.2 with htpasswd,
+//! a second Portcullis with token auth), real clients (skopeo, podman, docker through a
+//! mirror listener), and the faults a cache must survive, produced by a relay in front of the
+//! real upstream (`faulty`): a cut transfer, a slow link, 429s, an upstream gone.
+
+use anyhow::{Context, ensure};
+use base64::Engine;
+use oci::Digest;
+use portcullis_tests::client::{Client, TokenAuth, describe, expect_error, sha256};
+use portcullis_tests::deployment::{self, SERVICE};
+use portcullis_tests::faulty::{Faulty, Mode};
+use portcullis_tests::server::{
+    GatewayServer, StorageServer, metric_sample, metrics_text, workspace_root,
+};
+use portcullis_tests::tools::{
+    Containers, Distribution, DockerTrust, Dockerd, cert_dir, dir_files, free_port,
+};
+use reqwest::Method;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+/// The cache's account at the upstream.
+const UPSTREAM_USER: (&str, &str) = ("mirror", "upstream-password-27");
+const ALICE: (&str, &str) = ("alice", "alice-cache-password");
+const ADMIN_PASSWORD: &str = "cache-admin-password";
+
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// The shipped policy plus anonymous pulls of the cache (docker's mirror pulls anonymously).
+fn write_policy(path: &Path) -> anyhow::Result<()> {
+    let shipped = std::fs::read_to_string(workspace_root().join("conf/policy.toml"))?;
+    std::fs::write(
+        path,
+        format!("{shipped}\n[[anonymous]]\nrepositories = [\"hub/**\"]\nrole = \"reader\"\n"),
+    )?;
+    Ok(())
+}
+
+/// A `[[proxy_cache]]` table for `url` signing in as `user`, its password in `dir`.
+fn cache_table(dir: &Path, url: &str, user: (&str, &str), more: &str) -> anyhow::Result<String> {
+    let pw = dir.join("upstream-password");
+    gateway::edge::tls::write_private(&pw, user.1.as_bytes())?;
+    Ok(format!(
+        "[[proxy_cache]]\nprefix = \"hub\"\nurl = \"{url}\"\nusername = \"{}\"\npassword_file = \"{}\"\n{more}\n",
+        user.0,
+        pw.display()
+    ))
+}
+
+/// A client of the distribution upstream, with the cache's Basic credentials.
+fn upstream_client(d: &Distribution) -> Client {
+    let mut c = Client::new(&d.base);
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{}", UPSTREAM_USER.0, UPSTREAM_USER.1));
+    c.headers
+        .push(("authorization".into(), format!("Basic {basic}")));
+    c
+}
+
+/// A gateway in production shape with one storage node and a cache of `url`.
+struct Cached {
+    _dir: tempfile::TempDir,
+    storage: StorageServer,
+    gateway: GatewayServer,
+}
+
+impl Cached {
+    fn start(url: &str, user: (&str, &str), more: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let storage_root = dir.path().join("storage");
+        std::fs::create_dir_all(&storage_root)?;
+        let storage = deployment::storage_node(&storage_root)?;
+        let gw = dir.path().join("gw");
+        std::fs::create_dir_all(&gw)?;
+        write_policy(&gw.join("policy.toml"))?;
+        let table = cache_table(&gw, url, user, more)?;
+        let gateway = deployment::start_gateway_with(&gw, &[&storage], &[ALICE], 4, &table, &[])?;
+        Ok(Cached {
+            _dir: dir,
+            storage,
+            gateway,
+        })
+    }
+
+    fn client(&self) -> Client {
+        let mut c = Client::with_ca(&self.gateway.base, &self.gateway.ca_pem);
+        c.auth = Some(TokenAuth::new(
+            &format!("{}/token", self.gateway.base),
+            SERVICE,
+            Some(ALICE),
+        ));
+        c
+    }
+
+    /// Whether storage itself has the blob in `repo` (asked directly, not through the cache).
+    async fn stored(&self, repo: &str, digest: &Digest) -> anyhow::Result<bool> {
+        let mut c = Client::new(&self.storage.base);
+        c.headers.push((
+            "portcullis-internal-secret".into(),
+            deployment::SECRET.into(),
+        ));
+        let r = c
+            .req(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}"))
+            .send()
+            .await?;
+        Ok(r.status() == 200)
+    }
+}
+
+/// Pushes a two-layer image `repo:tag` to the upstream; its manifest digest and blobs.
+async fn push_upstream(
+    c: &Client,
+    repo: &str,
+    tag: &str,
+    layers: &[&[u8]],
+) -> anyhow::Result<(Digest, Vec<(Digest, usize)>)> {
+    let (manifest, digest) = c.push_image(repo, tag, layers).await?;
+    let m: Value = serde_json::from_slice(&manifest)?;
+    let mut blobs = vec![(
+        Digest::parse(m["config"]["digest"].as_str().context("config")?)?,
+        m["config"]["size"].as_u64().context("size")? as usize,
+    )];
+    for l in m["layers"].as_array().context("layers")? {
+        blobs.push((
+            Digest::parse(l["digest"].as_str().context("digest")?)?,
+            l["size"].as_u64().context("size")? as usize,
+        ));
+    }
+    Ok((digest, blobs))
+}
+
+/// Pulls `repo:tag` blob by blob, checking every digest; the manifest's digest.
+async fn pull_verified(c: &Client, repo: &str, tag: &str) -> anyhow::Result<Digest> {
+    let r = c
+        .req(Method::GET, &format!("/v2/{repo}/manifests/{tag}"))
+        .header("accept", ACCEPT)
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "manifest: {}", describe(r).await);
+    let body = r.bytes().await?;
+    let m: Value = serde_json::from_slice(&body)?;
+    let mut digests = vec![m["config"]["digest"].as_str().context("config")?.to_owned()];
+    for l in m["layers"].as_array().context("layers")? {
+        digests.push(l["digest"].as_str().context("layer")?.to_owned());
+    }
+    for d in digests {
+        let r = c.get(&format!("/v2/{repo}/blobs/{d}")).await?;
+        ensure!(r.status() == 200, "blob {d}: {}", describe(r).await);
+        let got = r.bytes().await?;
+        ensure!(sha256(&got).to_string() == d, "blob {d} arrived corrupted");
+    }
+    Ok(sha256(&body))
+}
+
+/// Lines of distribution's access log for `GET <path>` answered 200.
+fn upstream_gets(log: &Path, path: &str) -> anyhow::Result<usize> {
+    let text = std::fs::read_to_string(log)?;
+    let needle = format!("\"GET {path} HTTP/1.1\" 200");
+    Ok(text.lines().filter(|l| l.contains(&needle)).count())
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The host's platform as image indexes name it.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+#[test]
+fn skopeo_podman_and_docker_pull_multi_platform_images_through_the_cache_as_the_upstream_has_them()
+-> anyhow::Result<()> {
+    let up_root = tempfile::tempdir()?;
+    let upstream = Distribution::start_with(up_root.path(), Some(&[UPSTREAM_USER]), None)?;
+    let ctr = Containers::new()?;
+    // A two-platform image at the upstream (busybox, labelled amd64 and arm64).
+    let other_arch = if host_arch() == "amd64" {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    for arch in [host_arch(), other_arch] {
+        let c = ctr.run("buildah", &["from", "scratch"])?.trim().to_string();
+        ctr.run("buildah", &["copy", &c, "/bin/busybox", "/bin/busybox"])?;
+        ctr.run(
+            "buildah",
+            &[
+                "config",
+                "--arch",
+                arch,
+                "--os",
+                "linux",
+                "--cmd",
+                "/bin/busybox",
+                &c,
+            ],
+        )?;
+        ctr.run("buildah", &["commit", "-q", &c, &format!("multi-{arch}")])?;
+        ctr.run("buildah", &["rm", &c])?;
+    }
+    ctr.run("buildah", &["manifest", "create", "multi-list"])?;
+    for arch in [host_arch(), other_arch] {
+        ctr.run(
+            "buildah",
+            &[
+                "manifest",
+                "add",
+                "multi-list",
+                &format!("containers-storage:localhost/multi-{arch}"),
+            ],
+        )?;
+    }
+    let creds = format!("{}:{}", UPSTREAM_USER.0, UPSTREAM_USER.1);
+    ctr.run(
+        "buildah",
+        &[
+            "manifest",
+            "push",
+            "-q",
+            "--all",
+            "--tls-verify=false",
+            "--creds",
+            &creds,
+            "multi-list",
+            &format!("docker://{}/library/multi:1", upstream.addr),
+        ],
+    )?;
+
+    // `gateway dev --config`: the cache over the embedded default, with a mirror listener.
+    let data = tempfile::tempdir()?;
+    let mirror_port = free_port()?;
+    write_policy(&data.path().join("policy.toml"))?;
+    let config = data.path().join("dev.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nstdout = true\n[policy]\nfile = \"{}\"\n{}",
+            data.path().join("policy.toml").display(),
+            cache_table(
+                data.path(),
+                &upstream.base,
+                UPSTREAM_USER,
+                &format!("mirror_listen = \"127.0.0.1:{mirror_port}\"")
+            )?
+        ),
+    )?;
+    let g = GatewayServer::start_dev_with(
+        data.path(),
+        Some(ADMIN_PASSWORD),
+        &[std::ffi::OsStr::new("--config"), config.as_os_str()],
+    )?;
+    ensure!(
+        g.banner.contains("pulls through"),
+        "the banner names the cache:\n{}",
+        g.banner
+    );
+    let certs = cert_dir(&ctr, &g.ca_pem)?;
+    let h = &g.host;
+    let admin = format!("admin:{ADMIN_PASSWORD}");
+
+    // skopeo, every platform, through the cache and straight from the upstream: same bytes.
+    let via = ctr.dir.path().join("via-cache");
+    let direct = ctr.dir.path().join("direct");
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--all",
+            "--src-cert-dir",
+            &certs,
+            "--src-creds",
+            &admin,
+            &format!("docker://{h}/hub/library/multi:1"),
+            &format!("oci:{}", via.display()),
+        ],
+    )?;
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--all",
+            "--src-tls-verify=false",
+            "--src-creds",
+            &creds,
+            &format!("docker://{}/library/multi:1", upstream.addr),
+            &format!("oci:{}", direct.display()),
+        ],
+    )?;
+    let (a, b) = (
+        dir_files(&via.join("blobs/sha256"))?,
+        dir_files(&direct.join("blobs/sha256"))?,
+    );
+    ensure!(
+        a.len() >= 6,
+        "an index, two manifests, configs and layers: {}",
+        a.len()
+    );
+    ensure!(a == b, "the cache's copy differs from the upstream's");
+
+    // podman: only the host's platform.
+    ctr.run(
+        "podman",
+        &[
+            "pull",
+            "-q",
+            "--cert-dir",
+            &certs,
+            "--creds",
+            &admin,
+            &format!("{h}/hub/library/multi:1"),
+        ],
+    )?;
+    let arch = ctr.run(
+        "podman",
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Architecture}}",
+            &format!("{h}/hub/library/multi:1"),
+        ],
+    )?;
+    ensure!(arch.trim() == host_arch(), "podman pulled {arch}");
+
+    // Pushes into the cache are refused.
+    let pushed = ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--dest-cert-dir",
+            &certs,
+            "--dest-creds",
+            &admin,
+            &format!("oci:{}", via.display()),
+            &format!("docker://{h}/hub/library/mine:1"),
+        ],
+    );
+    let why = format!(
+        "{:#}",
+        pushed.err().context("a push into the cache went through")?
+    );
+    ensure!(why.contains("denied") || why.contains("403"), "{why}");
+
+    // docker with the mirror listener as `registry-mirrors`: names without the prefix,
+    // anonymous (docker sends no credentials to a mirror).
+    let mirror = format!("127.0.0.1:{mirror_port}");
+    let _trust = DockerTrust::install(&mirror, &g.ca_pem)?;
+    let dk = Dockerd::start_with(&["--registry-mirror", &format!("https://{mirror}")])?;
+    dk.run(&["pull", "-q", "multi:1"])?;
+    let arch = dk.run(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Architecture}}",
+        "multi:1",
+    ])?;
+    ensure!(arch.trim() == host_arch(), "docker pulled {arch}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_portcullis_upstream_with_token_auth_is_pulled_through_and_served_when_it_is_gone()
+-> anyhow::Result<()> {
+    // The upstream: a Portcullis deployment (token auth); the cache signs in there as its
+    // `alice`, with a password of its own.
+    let up_alice = ("alice", "upstream-alice-password");
+    let up = tempfile::tempdir()?;
+    let up_storage_root = up.path().join("storage");
+    std::fs::create_dir_all(&up_storage_root)?;
+    let up_storage = deployment::storage_node(&up_storage_root)?;
+    let up_gw = up.path().join("gw");
+    std::fs::create_dir_all(&up_gw)?;
+    let upstream = deployment::start_gateway(&up_gw, &[&up_storage], &[up_alice], 4)?;
+    let mut pusher = Client::with_ca(&upstream.base, &upstream.ca_pem);
+    pusher.auth = Some(TokenAuth::new(
+        &format!("{}/token", upstream.base),
+        SERVICE,
+        Some(up_alice),
+    ));
+    let (digest, blobs) = push_upstream(
+        &pusher,
+        "vendor/tool",
+        "2.0",
+        &[&random(300_000, 1), &random(70_000, 2)],
+    )
+    .await?;
+
+    let ca = tempfile::NamedTempFile::new()?;
+    std::fs::write(ca.path(), &upstream.ca_pem)?;
+    let cached = Cached::start(
+        &upstream.base,
+        up_alice,
+        &format!("ca_file = \"{}\"\ntag_ttl_seconds = 1", ca.path().display()),
+    )?;
+    let c = cached.client();
+    ensure!(pull_verified(&c, "hub/vendor/tool", "2.0").await? == digest);
+    for (d, _) in &blobs {
+        ensure!(cached.stored("hub/vendor/tool", d).await?, "{d} was cached");
+    }
+    // By digest too, and the same bytes as the upstream's.
+    let r = c
+        .req(
+            Method::GET,
+            &format!("/v2/hub/vendor/tool/manifests/{digest}"),
+        )
+        .header("accept", ACCEPT)
+        .send()
+        .await?;
+    ensure!(r.status() == 200 && sha256(&r.bytes().await?) == digest);
+
+    // The upstream goes away: tags (past their TTL) and digests are served from the cache.
+    drop(upstream);
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // the tag's TTL of 1 s runs out
+    ensure!(pull_verified(&c, "hub/vendor/tool", "2.0").await? == digest);
+    let r = c
+        .req(
+            Method::HEAD,
+            &format!("/v2/hub/vendor/tool/manifests/{digest}"),
+        )
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", describe(r).await);
+    // What the cache never held is an error naming the upstream, not a hang.
+    let r = c.get("/v2/hub/vendor/tool/manifests/3.0").await?;
+    ensure!(r.status() == 502, "{}", describe(r).await);
+    let m = metrics_text(&cached.gateway.admin).await?;
+    let stale = metric_sample(
+        &m,
+        "gateway_cache_requests_total{prefix=\"hub\",result=\"stale\"}",
+    )
+    .unwrap_or(0.0);
+    ensure!(stale >= 1.0, "a stale serve is counted:\n{m}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_cold_pulls_fetch_each_blob_once_and_a_cut_transfer_stores_nothing()
+-> anyhow::Result<()> {
+    let up_root = tempfile::tempdir()?;
+    let log = up_root.path().join("access.log");
+    let up_data = up_root.path().join("data");
+    let upstream = Distribution::start_with(&up_data, Some(&[UPSTREAM_USER]), Some(&log))?;
+    let relay = Faulty::start(&upstream.addr).await?;
+    let cached = Cached::start(
+        &format!("http://{}", relay.addr),
+        UPSTREAM_USER,
+        "tag_ttl_seconds = 1",
+    )?;
+    let (digest, blobs) = push_upstream(
+        &upstream_client(&upstream),
+        "library/app",
+        "1",
+        &[&random(4 << 20, 3), &random(1 << 20, 4), &random(10_000, 5)],
+    )
+    .await?;
+
+    // 16 clients at once, cold.
+    let c = cached.client();
+    let pulls: Vec<_> = (0..16)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { pull_verified(&c, "hub/library/app", "1").await })
+        })
+        .collect();
+    for p in pulls {
+        ensure!(p.await?? == digest);
+    }
+    for (d, _) in &blobs {
+        let n = upstream_gets(&log, &format!("/v2/library/app/blobs/{d}"))?;
+        ensure!(n == 1, "blob {d} was fetched {n} times from the upstream");
+        ensure!(cached.stored("hub/library/app", d).await?);
+    }
+    let n = upstream_gets(&log, &format!("/v2/library/app/manifests/{digest}"))?;
+    ensure!(n == 1, "the manifest was fetched {n} times");
+
+    // The upstream dies in the middle of a blob: that pull fails, nothing is stored under the
+    // digest, and the next pull (upstream back) succeeds.
+    let big = random(6 << 20, 6);
+    let big_digest = upstream_client(&upstream)
+        .push_blob("library/app", big.clone())
+        .await?;
+    relay.set(Mode::CutAfter(2 << 20));
+    let r = c
+        .get(&format!("/v2/hub/library/app/blobs/{big_digest}"))
+        .await?;
+    let got = r.bytes().await;
+    ensure!(
+        got.as_ref().map_or(true, |b| b.len() < big.len()),
+        "a cut transfer ended as if it were whole"
+    );
+    ensure!(!cached.stored("hub/library/app", &big_digest).await?);
+    relay.set(Mode::Pass);
+    let r = c
+        .get(&format!("/v2/hub/library/app/blobs/{big_digest}"))
+        .await?;
+    ensure!(r.status() == 200, "{}", describe(r).await);
+    ensure!(sha256(&r.bytes().await?) == big_digest);
+    // Storage has it once the fetch handed it over (a moment after the last byte).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cached.stored("hub/library/app", &big_digest).await? {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the blob was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 429 from the upstream: the cached tag is served (its TTL of 1 s ran out first).
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    relay.set(Mode::TooMany);
+    ensure!(pull_verified(&c, "hub/library/app", "1").await? == digest);
+    // A tag it never held: the upstream's 429, with Retry-After.
+    let r = c.get("/v2/hub/library/app/manifests/2").await?;
+    ensure!(r.headers().contains_key("retry-after"));
+    expect_error(r, 429, "TOOMANYREQUESTS").await?;
+    // Upstream gone: by tag and by digest still.
+    relay.set(Mode::Down);
+    drop(upstream);
+    ensure!(pull_verified(&c, "hub/library/app", "1").await? == digest);
+    ensure!(pull_verified(&c, "hub/library/app", &digest.to_string()).await? == digest);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_256_mib_blob_streams_before_the_upstream_is_done_and_ranges_work_in_flight()
+-> anyhow::Result<()> {
+    let up_root = tempfile::tempdir()?;
+    let upstream = Distribution::start_with(up_root.path(), Some(&[UPSTREAM_USER]), None)?;
+    let relay = Faulty::start(&upstream.addr).await?;
+    let cached = Cached::start(&format!("http://{}", relay.addr), UPSTREAM_USER, "")?;
+    let size = 256usize << 20;
+    let blob = random(size, 7);
+    let digest = upstream_client(&upstream)
+        .push_blob("library/big", blob.clone())
+        .await?;
+    // About 4 s for the whole transfer.
+    relay.set(Mode::Throttle(64 << 20));
+    let c = cached.client();
+    let path = format!("/v2/hub/library/big/blobs/{digest}");
+    let mut r = c.get(&path).await?;
+    ensure!(r.status() == 200, "{}", describe(r).await);
+    ensure!(r.content_length() == Some(size as u64));
+    let first = r.chunk().await?.context("no first chunk")?;
+    let relayed = relay.from_server();
+    ensure!(
+        relayed < size as u64,
+        "the first byte came only after the upstream sent everything ({relayed} bytes)"
+    );
+    // A range of the blob while it is in flight.
+    let ranged = c
+        .req(Method::GET, &path)
+        .header("range", "bytes=1000-1999")
+        .send()
+        .await?;
+    ensure!(ranged.status() == 206, "{}", describe(ranged).await);
+    ensure!(ranged.headers()["content-range"] == format!("bytes 1000-1999/{size}").as_str());
+    ensure!(ranged.bytes().await? == blob[1000..2000]);
+    let mut got = first.to_vec();
+    while let Some(chunk) = r.chunk().await? {
+        got.extend_from_slice(&chunk);
+    }
+    ensure!(
+        got.len() == size && sha256(&got) == digest,
+        "the streamed blob differs"
+    );
+    // Once cached, ranges are storage's.
+    relay.set(Mode::Down);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !cached.stored("hub/library/big", &digest).await? {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the blob was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ranged = c
+        .req(Method::GET, &path)
+        .header("range", "bytes=0-9")
+        .send()
+        .await?;
+    ensure!(ranged.status() == 206 && ranged.bytes().await? == blob[..10]);
+    // The audit trail says how each pull was answered.
+    let m = metrics_text(&cached.gateway.admin).await?;
+    ensure!(
+        metric_sample(
+            &m,
+            "gateway_cache_requests_total{prefix=\"hub\",result=\"miss\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
+    Ok(())
+}
