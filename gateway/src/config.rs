@@ -83,17 +83,10 @@ impl Config {
         if let Some(l) = &self.auth.ldap {
             l.validate()?;
         }
-        crate::cache::config::validate_all(&self.proxy_cache)?;
-        for c in &self.proxy_cache {
-            if let Some(m) = c.mirror_listen
-                && (m.port() == self.listen.port() || m.port() == self.admin_listen.port())
-            {
-                bail!(
-                    "proxy_cache {}: mirror_listen {m} is on the port of another listener",
-                    c.prefix
-                );
-            }
-        }
+        crate::cache::config::validate_all(
+            &self.proxy_cache,
+            &[self.listen.port(), self.admin_listen.port()],
+        )?;
         Ok(())
     }
 

@@ -58,7 +58,9 @@ impl DevFile {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let f: DevFile =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        crate::cache::config::validate_all(&f.proxy_cache)?;
+        for c in &f.proxy_cache {
+            c.check_files()?;
+        }
         Ok(f)
     }
 }
@@ -110,16 +112,10 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         Some(f) => DevFile::load(f)?,
         None => DevFile::default(),
     };
-    for c in &file.proxy_cache {
-        if let Some(m) = c.mirror_listen
-            && (m.port() == opts.listen.port() || m.port() == opts.admin_listen.port())
-        {
-            anyhow::bail!(
-                "proxy_cache {}: mirror_listen {m} is on the port of another listener",
-                c.prefix
-            );
-        }
-    }
+    crate::cache::config::validate_all(
+        &file.proxy_cache,
+        &[opts.listen.port(), opts.admin_listen.port()],
+    )?;
     let policy = Arc::new(match &file.policy {
         Some(p) => crate::live_policy::LivePolicy::from_file(p.file.clone())?,
         None => crate::live_policy::LivePolicy::fixed(policy::Policy::compile(

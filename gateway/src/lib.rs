@@ -158,7 +158,6 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         upstreams.clone(),
         secret.clone(),
         store.clone(),
-        std::env::temp_dir(),
     )?);
     let tokens = Arc::new(token);
     let gateway = proxy::Gateway {

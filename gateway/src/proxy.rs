@@ -7,6 +7,7 @@
 
 use crate::audit::request::{Operation, RequestInfo};
 use crate::cache::Answer;
+use crate::cache::mirror::{mirror_challenge, mirror_scopes};
 use crate::endpoints::{Endpoints, Incoming};
 use crate::metrics::{Metrics, Served};
 use crate::registry::authz::{Forward, Verdict};
@@ -154,10 +155,10 @@ impl Gateway {
                 Some(mut req) => {
                     // A token asked for on a mirror is for the names its requests become.
                     if let (Some(prefix), Route::Token) = (&mirror, route) {
-                        req.query = req.query.map(|q| crate::cache::mirror_scopes(prefix, &q));
+                        req.query = req.query.map(|q| mirror_scopes(prefix, &q));
                         if !req.body.is_empty() {
                             let body = String::from_utf8_lossy(&req.body).into_owned();
-                            req.body = crate::cache::mirror_scopes(prefix, &body).into_bytes();
+                            req.body = mirror_scopes(prefix, &body).into_bytes();
                         }
                     }
                     self.endpoints.answer(route, &req).await
@@ -181,8 +182,24 @@ impl Gateway {
                 }
                 self.through_cache(session, ctx).await
             }
-            Verdict::Respond { route, failure } => {
+            Verdict::Respond { route, mut failure } => {
                 ctx.route = route;
+                // On a mirror, the client is sent to the mirror's token service, for the
+                // names it asked for.
+                if let Some(prefix) = &mirror {
+                    let host = session
+                        .req_header()
+                        .headers
+                        .get("host")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("localhost")
+                        .to_owned();
+                    for (k, v) in failure.headers.iter_mut() {
+                        if *k == "www-authenticate" {
+                            *v = mirror_challenge(prefix, &host, v);
+                        }
+                    }
+                }
                 send(session, failure.reply(Protocol::Registry)).await
             }
         }
@@ -205,7 +222,7 @@ impl Gateway {
             .get("host")
             .and_then(|v| v.to_str().ok())
             .or_else(|| req.uri.authority().map(|a| a.as_str()));
-        let Some(prefix) = self.caches.mirror_prefix(port, host).map(str::to_owned) else {
+        let Some(prefix) = self.caches.mirrors.prefix(port, host).map(str::to_owned) else {
             return Ok(None);
         };
         let Some(rest) = req.uri.path().strip_prefix("/v2/") else {
@@ -263,12 +280,22 @@ impl Gateway {
                     h.insert_header("content-range", format!("bytes {a}-{b}/{}", s.size))?;
                 }
                 session.write_response_header(Box::new(h), len == 0).await?;
-                while let Some(chunk) = s.reader.next().await.map_err(|e| {
-                    Error::explain(
-                        ErrorType::HTTPStatus(502),
-                        format!("pull-through cache: {e}"),
-                    )
-                })? {
+                loop {
+                    let chunk = match s.reader.next().await {
+                        Ok(Some(chunk)) => chunk,
+                        Ok(None) => break,
+                        Err(e) => {
+                            // The head went out: the body must not end as if it were whole
+                            // (`fail_to_proxy` writes nothing more).
+                            ctx.op.aborted = true;
+                            ctx.op.cache = Some(crate::cache::Outcome::Error.label());
+                            ctx.op.reason = Some(format!("pull-through cache: {e}"));
+                            return Err(Error::explain(
+                                ErrorType::HTTPStatus(502),
+                                format!("pull-through cache: {e}"),
+                            ));
+                        }
+                    };
                     ctx.op.bytes_out += chunk.len() as u64;
                     session
                         .write_response_body(Some(chunk), s.reader.finished())
@@ -505,7 +532,10 @@ impl ProxyHttp for Gateway {
                 .inc();
         }
         let code = status_of(e);
-        if let Some(failure) = proxy_failure(code) {
+        // Once a head was written, anything more would be read as the rest of its body.
+        if session.response_written().is_none()
+            && let Some(failure) = proxy_failure(code)
+        {
             let _ = send(session, failure.reply(Protocol::Registry)).await;
         }
         FailToProxy {

@@ -82,6 +82,9 @@ pub struct Operation {
     /// Under a pull-through cache prefix: how it was answered (`hit`, `miss`, `stale`,
     /// `error`).
     pub cache: Option<&'static str>,
+    /// The answer's head went out but its body was cut short (a failed upstream fetch): a
+    /// failure whatever the status says.
+    pub aborted: bool,
 }
 
 fn query_value(query: Option<&str>, key: &str) -> Option<String> {
@@ -153,7 +156,11 @@ impl Operation {
         duration: Duration,
     ) -> Option<(&'static str, &'static str, Value)> {
         let action = self.action(status)?;
-        let outcome = if status < 400 { "success" } else { "failure" };
+        let outcome = if status < 400 && !self.aborted {
+            "success"
+        } else {
+            "failure"
+        };
         let mut e = Map::new();
         info.add_to(&mut e);
         e.insert("event.category".into(), "registry".into());
@@ -172,7 +179,7 @@ impl Operation {
                 e.insert("identity.kind".into(), "none".into());
             }
         }
-        if status >= 400 {
+        if status >= 400 || self.aborted {
             let reason = self.reason.clone().unwrap_or_else(|| {
                 http::StatusCode::from_u16(status)
                     .ok()

@@ -43,6 +43,24 @@ pub struct ProxyCacheConfig {
     /// without the prefix, on the main listener.
     #[serde(default)]
     pub mirror_hosts: Vec<String>,
+    /// Hosts of the upstream's token service, when not the upstream's own host, that may be
+    /// sent the credentials (Docker Hub: `auth.docker.io`).
+    #[serde(default)]
+    pub token_realm_hosts: Vec<String>,
+    /// Blobs fetched at once from this upstream; a cold pull beyond it gets 503 (try again).
+    #[serde(default = "default_max_fetches")]
+    pub max_fetches: usize,
+    /// Largest blob fetched (by the upstream's `Content-Length`); 0: no limit.
+    #[serde(default)]
+    pub max_blob_bytes: u64,
+    /// Where blobs in flight are spilled (unnamed files, gone when the fetch ends); default
+    /// `$TMPDIR`. Needs room for `max_fetches` blobs.
+    #[serde(default)]
+    pub spill_dir: Option<PathBuf>,
+}
+
+fn default_max_fetches() -> usize {
+    64
 }
 
 fn default_tag_ttl() -> u64 {
@@ -69,6 +87,25 @@ impl ProxyCacheConfig {
             .with_context(|| format!("proxy_cache {p}: url {:?}", self.url))?;
         if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
             bail!("proxy_cache {p}: url {:?} is not an http(s) URL", self.url);
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            bail!("proxy_cache {p}: credentials go in username and password_file, not in url");
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            bail!(
+                "proxy_cache {p}: url {:?} has a query or fragment",
+                self.url
+            );
+        }
+        // Longer would overflow the state store's clock arithmetic, and means "never ask".
+        if self.tag_ttl_seconds > 366 * 86_400 {
+            bail!("proxy_cache {p}: tag_ttl_seconds is at most a year");
+        }
+        if self.max_fetches == 0 {
+            bail!("proxy_cache {p}: max_fetches must be positive");
+        }
+        if self.mirror_listen.is_some_and(|m| m.port() == 0) {
+            bail!("proxy_cache {p}: mirror_listen needs a port (not 0)");
         }
         if self.username.is_some() != self.password_file.is_some() {
             bail!("proxy_cache {p}: username and password_file go together");
@@ -103,8 +140,9 @@ impl ProxyCacheConfig {
     }
 }
 
-/// Checks every table and what spans them (prefixes and mirrors used once).
-pub fn validate_all(caches: &[ProxyCacheConfig]) -> anyhow::Result<()> {
+/// Checks every table and what spans them: prefixes and mirrors used once, mirror ports not
+/// those of the gateway's `own_ports` (a mirror is told apart by its port).
+pub fn validate_all(caches: &[ProxyCacheConfig], own_ports: &[u16]) -> anyhow::Result<()> {
     let mut prefixes = std::collections::HashSet::new();
     let mut listeners = std::collections::HashSet::new();
     let mut hosts = std::collections::HashSet::new();
@@ -114,9 +152,12 @@ pub fn validate_all(caches: &[ProxyCacheConfig]) -> anyhow::Result<()> {
             bail!("proxy_cache prefix {:?} is configured twice", c.prefix);
         }
         if let Some(l) = c.mirror_listen
-            && !listeners.insert(l)
+            && (!listeners.insert(l.port()) || own_ports.contains(&l.port()))
         {
-            bail!("proxy_cache mirror_listen {l} is configured twice");
+            bail!(
+                "proxy_cache {}: mirror_listen {l}: its port is used by another listener",
+                c.prefix
+            );
         }
         for h in &c.mirror_hosts {
             if !hosts.insert(h.to_ascii_lowercase()) {
@@ -164,6 +205,25 @@ mod tests {
         };
         assert!(c.validate().is_err());
         let twice = [table("").unwrap(), table("").unwrap()];
-        assert!(validate_all(&twice).is_err());
+        assert!(validate_all(&twice, &[]).is_err());
+        let c = ProxyCacheConfig {
+            url: "https://user:pw@registry.example".into(),
+            ..table("").unwrap()
+        };
+        assert!(c.validate().is_err(), "credentials in the url");
+        assert!(table("tag_ttl_seconds = 99999999999").is_err());
+        assert!(table("mirror_listen = \"127.0.0.1:0\"").is_err());
+        let m = table("mirror_listen = \"127.0.0.1:5001\"").unwrap();
+        assert!(validate_all(std::slice::from_ref(&m), &[5001]).is_err());
+        assert!(validate_all(std::slice::from_ref(&m), &[5000]).is_ok());
+        let other = ProxyCacheConfig {
+            prefix: "ghcr".into(),
+            mirror_listen: Some("10.0.0.2:5001".parse().unwrap()),
+            ..m.clone()
+        };
+        assert!(
+            validate_all(&[m, other], &[]).is_err(),
+            "two mirrors on one port"
+        );
     }
 }

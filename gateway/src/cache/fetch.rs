@@ -4,20 +4,23 @@
 //!
 //! A fetch writes what arrives to an unnamed spill file (gone when the last reader lets go)
 //! and to a storage upload; readers read the spill file at their own pace, so a slow client
-//! slows nobody. The last byte reaches a client only after the whole body matched its digest:
-//! no client ever gets a complete copy of wrong content, and storage (which checks the digest
-//! again) stores nothing for a wrong or truncated body.
+//! slows nobody. The last byte of whatever a reader asked for (the blob, or a range of it)
+//! reaches it only after the whole blob matched its digest: no client ever gets a complete
+//! answer of wrong content, and storage (which checks the digest again) stores nothing for a
+//! wrong or truncated body.
 
+use super::upstream::UpstreamError;
 use bytes::Bytes;
 use oci::{Digest, Verifier};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How far a fetch is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Progress {
     /// Asking the upstream.
     Starting,
@@ -25,8 +28,8 @@ pub enum Progress {
     Running { size: u64, written: u64 },
     /// All `size` bytes, digest checked.
     Done { size: u64 },
-    /// It failed: readers fail too.
-    Failed(String),
+    /// It failed: readers fail too, with the upstream's answer.
+    Failed(Arc<UpstreamError>),
 }
 
 /// One blob being fetched.
@@ -37,21 +40,32 @@ pub struct Fetch {
 
 /// Bytes a reader reads from the spill file at a time.
 const READ_CHUNK: u64 = 256 * 1024;
+/// How long a fetch that ended with the blob in storage is remembered: a client that found it
+/// missing in storage just before is sent there instead of fetching it again.
+const REMEMBER_STORED: Duration = Duration::from_secs(30);
+
+fn stopped() -> Arc<UpstreamError> {
+    Arc::new(UpstreamError::Invalid("the fetch stopped".into()))
+}
 
 impl Fetch {
-    /// The blob's size, once the upstream said it (an error if the fetch failed first).
-    pub async fn size(&self) -> Result<u64, String> {
+    /// The blob's size, once the upstream said it (the upstream's answer if it failed first).
+    pub async fn size(&self) -> Result<u64, Arc<UpstreamError>> {
         let mut progress = self.progress.clone();
         let state = progress
-            .wait_for(|p| *p != Progress::Starting)
+            .wait_for(|p| !matches!(p, Progress::Starting))
             .await
-            .map_err(|_| "the fetch stopped".to_string())?
+            .map_err(|_| stopped())?
             .clone();
         match state {
             Progress::Running { size, .. } | Progress::Done { size } => Ok(size),
             Progress::Failed(why) => Err(why),
-            Progress::Starting => Err("the fetch stopped".into()),
+            Progress::Starting => Err(stopped()),
         }
+    }
+
+    fn failed(&self) -> bool {
+        matches!(*self.progress.borrow(), Progress::Failed(_))
     }
 
     /// A reader of `start..end` (within the size, from [`Fetch::size`]), which gets the
@@ -75,37 +89,35 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// The next piece, waiting for it to arrive; `None` after the last. Fails if the fetch
-    /// fails (then the client must not see its body end normally).
-    pub async fn next(&mut self) -> Result<Option<Bytes>, String> {
+    /// The next piece, waiting for it to arrive; `None` after the last, which comes only once
+    /// the blob's digest matched. Fails if the fetch fails (then the client must not see its
+    /// body end normally).
+    pub async fn next(&mut self) -> Result<Option<Bytes>, Arc<UpstreamError>> {
         loop {
-            if self.pos >= self.end {
-                return Ok(None);
-            }
             let state = self.progress.borrow_and_update().clone();
-            // The last byte waits for the digest check.
             let available = match state {
-                Progress::Starting => 0,
-                Progress::Running { size, written } => written.min(size.saturating_sub(1)),
-                Progress::Done { size } => size,
                 Progress::Failed(why) => return Err(why),
+                Progress::Done { .. } if self.pos >= self.end => return Ok(None),
+                Progress::Done { .. } => self.end,
+                // This reader's last byte waits for the digest check.
+                Progress::Running { written, .. } => written.min(self.end.saturating_sub(1)),
+                Progress::Starting => 0,
             };
-            if self.pos < available.min(self.end) {
-                let len = (available.min(self.end) - self.pos).min(READ_CHUNK);
+            if self.pos < available {
+                let len = (available - self.pos).min(READ_CHUNK);
                 let chunk = read_at(self.fetch.spill.clone(), self.pos, len).await?;
                 self.pos += len;
                 return Ok(Some(chunk));
             }
-            if self.progress.changed().await.is_err() {
-                // The fetch is over: its last word is in the channel.
+            if self.progress.changed().await.is_err()
+                && !matches!(*self.progress.borrow(), Progress::Done { .. })
+            {
+                // The fetch is over without saying so (its task ended).
                 let last = self.progress.borrow().clone();
-                match last {
-                    Progress::Failed(why) => return Err(why),
-                    Progress::Done { .. } => {}
-                    Progress::Starting | Progress::Running { .. } => {
-                        return Err("the fetch stopped".into());
-                    }
-                }
+                return Err(match last {
+                    Progress::Failed(why) => why,
+                    _ => stopped(),
+                });
             }
         }
     }
@@ -116,15 +128,22 @@ impl Reader {
     }
 }
 
-async fn read_at(file: Arc<std::fs::File>, pos: u64, len: u64) -> Result<Bytes, String> {
-    tokio::task::spawn_blocking(move || {
+async fn read_at(
+    file: Arc<std::fs::File>,
+    pos: u64,
+    len: u64,
+) -> Result<Bytes, Arc<UpstreamError>> {
+    let read = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, pos)?;
         Ok::<_, std::io::Error>(Bytes::from(buf))
     })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("reading the spill file: {e}"))
+    .await;
+    match read {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => Err(Arc::new(UpstreamError::Spill(e.to_string()))),
+        Err(e) => Err(Arc::new(UpstreamError::Spill(e.to_string()))),
+    }
 }
 
 /// Where a fetch's bytes go besides its readers.
@@ -146,18 +165,18 @@ impl Sink {
     }
 
     /// Appends one piece of the body.
-    pub async fn write(&mut self, chunk: &Bytes) -> Result<(), String> {
+    pub async fn write(&mut self, chunk: &Bytes) -> Result<(), UpstreamError> {
         if self.written + chunk.len() as u64 > self.size {
-            return Err(format!(
-                "the upstream sent more than the {} bytes it announced",
+            return Err(UpstreamError::Invalid(format!(
+                "the blob is longer than the {} bytes announced",
                 self.size
-            ));
+            )));
         }
         let (file, pos, data) = (self.spill.clone(), self.written, chunk.clone());
         tokio::task::spawn_blocking(move || file.write_all_at(&data, pos))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("writing the spill file: {e}"))?;
+            .map_err(|e| UpstreamError::Spill(e.to_string()))?
+            .map_err(|e| UpstreamError::Spill(e.to_string()))?;
         self.verifier.update(chunk);
         self.written += chunk.len() as u64;
         self.progress.send_replace(Progress::Running {
@@ -167,38 +186,50 @@ impl Sink {
         Ok(())
     }
 
-    /// The body ended: checks its length and digest.
-    pub fn finish(self) -> Result<(), String> {
-        let result = if self.written != self.size {
-            Err(format!(
-                "the upstream body ended after {} of {} bytes",
+    /// The body ended: checks its length and digest; readers get their last bytes, or fail.
+    pub fn finish(self) -> Result<(), UpstreamError> {
+        if self.written != self.size {
+            let e = UpstreamError::Invalid(format!(
+                "the blob ended after {} of {} bytes",
                 self.written, self.size
-            ))
-        } else if !self.verifier.verify(&self.digest) {
-            Err(format!(
-                "the upstream's content does not match its digest {}",
-                self.digest
-            ))
-        } else {
-            Ok(())
-        };
-        self.progress.send_replace(match &result {
-            Ok(()) => Progress::Done { size: self.size },
-            Err(e) => Progress::Failed(e.clone()),
-        });
-        result
+            ));
+            self.fail(e.clone());
+            return Err(e);
+        }
+        let Sink {
+            digest,
+            size,
+            progress,
+            verifier,
+            ..
+        } = self;
+        if !verifier.verify(&digest) {
+            let e = UpstreamError::Invalid(format!("the blob does not match its digest {digest}"));
+            progress.send_replace(Progress::Failed(Arc::new(e.clone())));
+            return Err(e);
+        }
+        progress.send_replace(Progress::Done { size });
+        Ok(())
     }
 
     /// The fetch failed before its end.
-    pub fn fail(self, why: String) {
-        self.progress.send_replace(Progress::Failed(why));
+    pub fn fail(&self, why: UpstreamError) {
+        self.progress.send_replace(Progress::Failed(Arc::new(why)));
     }
+}
+
+enum Entry {
+    Running(Arc<Fetch>),
+    /// Ended with the blob in storage, at this time.
+    Stored(Instant),
 }
 
 /// A cache's fetches in flight, by repository and digest.
 pub struct Fetches {
     spill_dir: PathBuf,
-    running: tokio::sync::Mutex<HashMap<(String, Digest), Arc<Fetch>>>,
+    /// At most this many fetches at once.
+    limit: usize,
+    running: std::sync::Mutex<HashMap<(String, Digest), Entry>>,
 }
 
 /// What [`Fetches::join`] found.
@@ -209,23 +240,37 @@ pub enum Joined {
     Stored,
     /// Nobody fetches it and storage does not have it (when not asked to start).
     Absent,
+    /// As many fetches as allowed run already.
+    Busy,
     /// Nobody was: the caller fetches it now, into the sink (and calls [`Fetches::done`]
     /// when storage has it or the fetch failed).
     Start(Arc<Fetch>, Box<Sink>),
 }
 
 impl Fetches {
-    pub fn new(spill_dir: PathBuf) -> Self {
+    pub fn new(spill_dir: PathBuf, limit: usize) -> Self {
         Fetches {
             spill_dir,
-            running: tokio::sync::Mutex::new(HashMap::new()),
+            limit,
+            running: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
-    /// The fetch of `digest` into `repo` if one runs; otherwise whether storage has it now
-    /// (`stored`, asked under the lock: a fetch is taken off only after storage has its
-    /// blob, so a caller either reads along or finds it stored, and a blob is fetched once);
-    /// otherwise, with `start`, a new fetch registered for the caller to run.
+    /// What the map says of a key: a fetch to read along, or a recent one that stored it.
+    fn look(&self, key: &(String, Digest)) -> Option<Joined> {
+        let running = self.running.lock().ok()?;
+        match running.get(key)? {
+            Entry::Running(f) if !f.failed() => Some(Joined::Running(f.clone())),
+            Entry::Stored(at) if at.elapsed() < REMEMBER_STORED => Some(Joined::Stored),
+            _ => None,
+        }
+    }
+
+    /// The fetch of `digest` into `repo` if one runs; otherwise whether storage has it
+    /// (`stored`, asked without holding the map: a fetch that stored its blob is remembered
+    /// for a while, so a caller that found storage without it just before reads along or goes
+    /// to storage, and a blob is fetched once); otherwise, with `start`, a new fetch
+    /// registered for the caller to run.
     pub async fn join<F, Fut>(
         &self,
         repo: &str,
@@ -237,16 +282,37 @@ impl Fetches {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<bool, String>>,
     {
-        let mut running = self.running.lock().await;
         let key = (repo.to_owned(), digest.clone());
-        if let Some(f) = running.get(&key) {
-            return Ok(Joined::Running(f.clone()));
+        if let Some(j) = self.look(&key) {
+            return Ok(j);
         }
         if stored().await? {
             return Ok(Joined::Stored);
         }
+        let mut running = self
+            .running
+            .lock()
+            .map_err(|_| "the fetches' lock is poisoned".to_string())?;
+        match running.get(&key) {
+            Some(Entry::Running(f)) if !f.failed() => return Ok(Joined::Running(f.clone())),
+            Some(Entry::Stored(at)) if at.elapsed() < REMEMBER_STORED => {
+                return Ok(Joined::Stored);
+            }
+            _ => {}
+        }
         if !start {
             return Ok(Joined::Absent);
+        }
+        running.retain(|_, e| match e {
+            Entry::Running(f) => !f.failed(),
+            Entry::Stored(at) => at.elapsed() < REMEMBER_STORED,
+        });
+        let in_flight = running
+            .values()
+            .filter(|e| matches!(e, Entry::Running(_)))
+            .count();
+        if in_flight >= self.limit {
+            return Ok(Joined::Busy);
         }
         let spill = Arc::new(
             tempfile::tempfile_in(&self.spill_dir)
@@ -257,7 +323,7 @@ impl Fetches {
             spill: spill.clone(),
             progress: rx,
         });
-        running.insert(key, fetch.clone());
+        running.insert(key, Entry::Running(fetch.clone()));
         let sink = Sink {
             digest: digest.clone(),
             size: 0,
@@ -269,17 +335,29 @@ impl Fetches {
         Ok(Joined::Start(fetch, Box::new(sink)))
     }
 
-    /// Takes a finished fetch off (after storage has its blob, or gave up on it).
-    pub async fn done(&self, repo: &str, digest: &Digest) {
-        self.running
-            .lock()
-            .await
-            .remove(&(repo.to_owned(), digest.clone()));
+    /// Takes a finished fetch off: remembered as stored if storage has its blob now.
+    pub fn done(&self, repo: &str, digest: &Digest, fetch: &Arc<Fetch>, stored: bool) {
+        let Ok(mut running) = self.running.lock() else {
+            return;
+        };
+        let key = (repo.to_owned(), digest.clone());
+        // Only this fetch's entry: a failed one may have been replaced by a newer fetch.
+        if matches!(running.get(&key), Some(Entry::Running(f)) if Arc::ptr_eq(f, fetch)) {
+            if stored {
+                running.insert(key, Entry::Stored(Instant::now()));
+            } else {
+                running.remove(&key);
+            }
+        }
     }
 
     /// How many fetches run now.
-    pub async fn running(&self) -> usize {
-        self.running.lock().await.len()
+    pub fn running(&self) -> usize {
+        self.running.lock().map_or(0, |r| {
+            r.values()
+                .filter(|e| matches!(e, Entry::Running(_)))
+                .count()
+        })
     }
 }
 
@@ -305,7 +383,7 @@ mod tests {
     async fn collect(f: &Arc<Fetch>, start: u64, end: u64) -> Result<Vec<u8>, String> {
         let mut got = Vec::new();
         let mut r = f.reader(start, end);
-        while let Some(b) = r.next().await? {
+        while let Some(b) = r.next().await.map_err(|e| e.to_string())? {
             got.extend_from_slice(&b);
         }
         assert!(r.finished());
@@ -313,10 +391,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn readers_get_what_arrives_and_the_last_byte_only_once_it_is_verified() {
+    async fn readers_get_what_arrives_and_their_last_byte_only_once_it_is_verified() {
         let body: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
         let d = digest_of(&body);
-        let fetches = Fetches::new(std::env::temp_dir());
+        let fetches = Fetches::new(std::env::temp_dir(), 8);
         let (fetch, mut sink) = start(&fetches, &d).await;
         assert!(
             matches!(
@@ -335,33 +413,42 @@ mod tests {
         // A reader of the whole body gets the first part now, and waits.
         let early = fetch.clone();
         let reader = tokio::spawn(async move { collect(&early, 0, 600_000).await });
+        // A range that has arrived still waits for the check with its last byte.
         let ranged = fetch.clone();
         let range = tokio::spawn(async move { collect(&ranged, 100, 200).await });
-        assert_eq!(range.await.unwrap().unwrap(), &body[100..200]);
+        tokio::task::yield_now().await;
+        assert!(!range.is_finished());
         sink.write(&Bytes::copy_from_slice(&body[300_000..]))
             .await
             .unwrap();
-        // Everything is written but not yet checked: the last byte is held back.
         let held = fetch.clone();
         let tail = tokio::spawn(async move { collect(&held, 599_999, 600_000).await });
         tokio::task::yield_now().await;
         assert!(!tail.is_finished());
         sink.finish().unwrap();
+        assert_eq!(range.await.unwrap().unwrap(), &body[100..200]);
         assert_eq!(tail.await.unwrap().unwrap(), &body[599_999..]);
         assert_eq!(reader.await.unwrap().unwrap(), body);
-        fetches.done("r", &d).await;
-        assert_eq!(fetches.running().await, 0);
+        fetches.done("r", &d, &fetch, true);
+        assert_eq!(fetches.running(), 0);
+        assert!(
+            matches!(
+                fetches.join("r", &d, true, absent).await.unwrap(),
+                Joined::Stored
+            ),
+            "a fetch that stored its blob sends callers to storage"
+        );
         assert!(matches!(
-            fetches.join("r", &d, false, absent).await.unwrap(),
+            fetches.join("r2", &d, false, absent).await.unwrap(),
             Joined::Absent
         ));
     }
 
     #[tokio::test]
-    async fn a_wrong_or_short_body_fails_every_reader() {
+    async fn a_wrong_short_or_empty_body_fails_every_reader_and_a_new_caller_starts_again() {
         let body = b"the real content".to_vec();
         let d = digest_of(&body);
-        let fetches = Fetches::new(std::env::temp_dir());
+        let fetches = Fetches::new(std::env::temp_dir(), 8);
         let (fetch, mut sink) = start(&fetches, &d).await;
         sink.start(body.len() as u64);
         sink.write(&Bytes::from_static(b"the fake content"))
@@ -369,22 +456,59 @@ mod tests {
             .unwrap();
         let r = fetch.clone();
         let reader = tokio::spawn(async move { collect(&r, 0, 16).await });
-        assert!(sink.finish().unwrap_err().contains("does not match"));
+        let r = fetch.clone();
+        let range = tokio::spawn(async move { collect(&r, 0, 4).await });
+        assert!(
+            sink.finish()
+                .unwrap_err()
+                .to_string()
+                .contains("does not match")
+        );
         assert!(reader.await.unwrap().is_err());
+        assert!(range.await.unwrap().is_err(), "not even a range of it");
+        // Not yet taken off, but failed: a new caller starts a new fetch.
+        let (again, _) = start(&fetches, &d).await;
+        fetches.done("r", &d, &fetch, false);
+        assert_eq!(
+            fetches.running(),
+            1,
+            "the old fetch's end leaves the new one"
+        );
+        drop(again);
 
-        let (fetch, mut sink) = start(&Fetches::new(std::env::temp_dir()), &d).await;
+        let fetches = Fetches::new(std::env::temp_dir(), 8);
+        let (fetch, mut sink) = start(&fetches, &d).await;
         sink.start(body.len() as u64);
         sink.write(&Bytes::from_static(b"the real")).await.unwrap();
-        assert!(sink.finish().unwrap_err().contains("ended after 8 of 16"));
-        assert!(collect(&fetch, 0, 16).await.is_err());
         assert!(
-            collect(&fetch, 0, 4).await.is_err(),
-            "a failed fetch serves nobody"
+            sink.finish()
+                .unwrap_err()
+                .to_string()
+                .contains("ended after 8 of 16")
         );
+        assert!(collect(&fetch, 0, 16).await.is_err());
 
-        let fetches = Fetches::new(std::env::temp_dir());
-        let (_, mut sink) = start(&fetches, &d).await;
+        // An empty blob that is not the empty blob: the empty answer waits for the check.
+        let fetches = Fetches::new(std::env::temp_dir(), 8);
+        let (fetch, mut sink) = start(&fetches, &d).await;
+        sink.start(0);
+        let r = fetch.clone();
+        let empty = tokio::spawn(async move { collect(&r, 0, 0).await });
+        tokio::task::yield_now().await;
+        assert!(!empty.is_finished());
+        assert!(sink.finish().is_err());
+        assert!(empty.await.unwrap().is_err());
+
+        let fetches = Fetches::new(std::env::temp_dir(), 1);
+        let (_f, mut sink) = start(&fetches, &d).await;
         sink.start(4);
         assert!(sink.write(&Bytes::from_static(b"too long")).await.is_err());
+        assert!(
+            matches!(
+                fetches.join("other", &d, true, absent).await.unwrap(),
+                Joined::Busy
+            ),
+            "one fetch at a time"
+        );
     }
 }

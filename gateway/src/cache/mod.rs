@@ -8,9 +8,10 @@
 //! - Pushes into a prefix are refused.
 //! - A manifest by digest or a blob that storage has is forwarded as any other request.
 //! - A tag is forwarded while it is fresh (checked with the upstream less than
-//!   `tag_ttl_seconds` ago, in the shared state store); after that one upstream `HEAD`
-//!   revalidates it, and a changed tag is fetched and stored first. When the upstream cannot
-//!   be asked (unreachable, slow, 429, 5xx) the cached copy is served (stale).
+//!   `tag_ttl_seconds` ago, in the shared state store, and storage still has what it was);
+//!   after that one upstream `HEAD` revalidates it, and a changed tag is fetched and stored
+//!   first. When the upstream gives no usable answer the cached copy is served (stale), and
+//!   the upstream is not asked again about that tag for a little while.
 //! - A cold manifest is fetched, checked against its digest and stored as a cached copy (its
 //!   blobs and an index's children are fetched when asked for: only the platform pulled).
 //! - A cold blob is fetched once however many clients ask ([`fetch`]): every client reads it
@@ -18,10 +19,12 @@
 //!   digest matched.
 //!
 //! Rooms: [`config`] (the table), [`upstream`] (the upstream registry as a client, its auth),
-//! [`storage`] (the cache's own requests to storage), [`fetch`] (blobs in flight).
+//! [`storage`] (the cache's own requests to storage), [`fetch`] (blobs in flight),
+//! [`mirror`] (names without the prefix).
 
 pub mod config;
 pub mod fetch;
+pub mod mirror;
 pub mod storage;
 pub mod upstream;
 
@@ -35,12 +38,10 @@ use pingora::lb::LoadBalancer;
 use pingora::lb::selection::RoundRobin;
 use policy::pattern::RepoPattern;
 use reqwest::Method;
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::Storage;
-use upstream::{MANIFEST_ACCEPT, Upstream, UpstreamError};
+use upstream::{MANIFEST_ACCEPT, Upstream, UpstreamError, read_capped};
 
 pub use config::ProxyCacheConfig;
 
@@ -48,6 +49,9 @@ pub use config::ProxyCacheConfig;
 const MAX_MANIFEST: usize = 4 << 20;
 /// Locks that serialise cold fetches of one tag or manifest (by hash of its name).
 const LOCKS: usize = 64;
+/// After a failed revalidation the cached tag is served without asking the upstream for at
+/// most this long (or the upstream's `Retry-After`, if shorter).
+const STALE_FOR: Duration = Duration::from_secs(30);
 
 /// One `[[proxy_cache]]`.
 pub struct Cache {
@@ -56,14 +60,16 @@ pub struct Cache {
     tag_ttl: Duration,
     repositories: Vec<RepoPattern>,
     fetches: Fetches,
+    max_blob_bytes: u64,
     locks: Vec<tokio::sync::Mutex<()>>,
+    /// Keys the lock hash (so names cannot be picked to share a lock).
+    lock_seed: std::collections::hash_map::RandomState,
 }
 
 /// Every cache of the gateway, and where mirror requests arrive.
 pub struct ProxyCaches {
     caches: Vec<Arc<Cache>>,
-    by_port: HashMap<u16, usize>,
-    by_host: HashMap<String, usize>,
+    pub mirrors: mirror::Mirrors,
     storage: Arc<Storage>,
     state: Arc<dyn StateStore>,
 }
@@ -72,7 +78,7 @@ pub struct ProxyCaches {
 pub enum Answer {
     /// Storage has it: forward the request as authorized.
     Forward,
-    /// This error.
+    /// Refused, or the upstream gave nothing for content the cache does not hold.
     Fail(Failure),
     /// A blob that is being fetched: its head, then its body as it arrives.
     Stream(Streamed),
@@ -88,6 +94,18 @@ pub struct Streamed {
     /// `Some((start, end))` (inclusive) for a 206.
     pub range: Option<(u64, u64)>,
     pub reader: Reader,
+}
+
+/// What the upstream says a tag is, against what storage holds.
+enum TagNow {
+    /// What storage holds.
+    Same(Digest),
+    /// Another manifest, fetched and checked.
+    New {
+        body: Bytes,
+        media_type: String,
+        digest: Digest,
+    },
 }
 
 /// How the answer came about, for the audit event and the metrics.
@@ -115,12 +133,16 @@ fn fail_storage(e: impl std::fmt::Display) -> Failure {
     Failure::new(503, Kind::Unavailable, "storage is unavailable, try again")
 }
 
+/// The freshness record of a cached tag: the digest it was, and until when the upstream is not
+/// asked about it.
+fn tag_key(repo: &str, tag: &str) -> String {
+    format!("proxy:tag:{repo}:{tag}")
+}
+
 impl Cache {
     fn lock(&self, key: &str) -> &tokio::sync::Mutex<()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        &self.locks[(h.finish() as usize) % LOCKS]
+        use std::hash::BuildHasher;
+        &self.locks[(self.lock_seed.hash_one(key) as usize) % LOCKS]
     }
 
     fn observe(&self, request: &str, started: Instant) {
@@ -137,25 +159,29 @@ impl Cache {
             .inc();
     }
 
-    /// What a client is told when the upstream gave nothing and we hold nothing.
+    /// What a client is told when the upstream gave nothing and we hold nothing (the
+    /// upstream's address and error text are logged, not sent).
     fn failure(&self, e: &UpstreamError, unknown: ErrorCode) -> Failure {
-        let url = self.upstream.url();
+        let prefix = &self.prefix;
         match e {
             UpstreamError::NotFound => Failure::new(
                 404,
                 Kind::Invalid(unknown),
-                format!("not in this cache, and the upstream {url} has no such content"),
+                format!("not in the {prefix} cache, and its upstream has no such content"),
             ),
             UpstreamError::RateLimited(after) => Failure::new(
                 429,
                 Kind::TooMany,
-                format!("the upstream {url} is rate limiting this cache; try again later"),
+                format!("the upstream of the {prefix} cache is rate limiting it; try again later"),
             )
             .with_header("retry-after", after.unwrap_or(60).to_string()),
             _ => Failure::new(
                 502,
                 Kind::Unavailable,
-                format!("not in this cache, and the upstream {url} failed: {e}"),
+                format!(
+                    "not in the {prefix} cache, and its upstream failed ({})",
+                    e.label()
+                ),
             ),
         }
     }
@@ -180,7 +206,7 @@ impl Cache {
             )
             .await;
         self.observe("manifest", started);
-        let mut resp = resp?;
+        let resp = resp?;
         let said = resp
             .headers()
             .get("docker-content-digest")
@@ -191,17 +217,9 @@ impl Cache {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
+        let body = tokio::time::timeout(Duration::from_secs(60), read_capped(resp, MAX_MANIFEST))
             .await
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?
-        {
-            if body.len() + chunk.len() > MAX_MANIFEST {
-                return Err(UpstreamError::Invalid("a manifest over 4 MiB".into()));
-            }
-            body.extend_from_slice(&chunk);
-        }
+            .map_err(|_| UpstreamError::Timeout(60))??;
         crate::metrics::cache()
             .upstream_bytes
             .with_label_values(&[&self.prefix])
@@ -236,13 +254,11 @@ impl ProxyCaches {
         nodes: Arc<LoadBalancer<RoundRobin>>,
         secret: zeroize::Zeroizing<String>,
         state: Arc<dyn StateStore>,
-        spill_dir: PathBuf,
     ) -> anyhow::Result<Self> {
-        config::validate_all(configs)?;
         let mut caches = Vec::new();
-        let mut by_port = HashMap::new();
-        let mut by_host = HashMap::new();
-        for (i, c) in configs.iter().enumerate() {
+        let mut mirrors = mirror::Mirrors::default();
+        for c in configs {
+            c.validate()?;
             caches.push(Arc::new(Cache {
                 prefix: c.prefix.clone(),
                 upstream: Upstream::new(c)?,
@@ -253,20 +269,24 @@ impl ProxyCaches {
                     .map(|r| RepoPattern::compile(r))
                     .collect::<Result<_, _>>()
                     .map_err(|e| anyhow::anyhow!("{e}"))?,
-                fetches: Fetches::new(spill_dir.clone()),
+                fetches: Fetches::new(
+                    c.spill_dir.clone().unwrap_or_else(std::env::temp_dir),
+                    c.max_fetches,
+                ),
+                max_blob_bytes: c.max_blob_bytes,
                 locks: (0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+                lock_seed: Default::default(),
             }));
             if let Some(l) = c.mirror_listen {
-                by_port.insert(l.port(), i);
+                mirrors.add_port(l.port(), &c.prefix);
             }
             for h in &c.mirror_hosts {
-                by_host.insert(h.to_ascii_lowercase(), i);
+                mirrors.add_host(h, &c.prefix);
             }
         }
         Ok(ProxyCaches {
             caches,
-            by_port,
-            by_host,
+            mirrors,
             storage: Arc::new(Storage::new(nodes, secret)?),
             state,
         })
@@ -276,25 +296,8 @@ impl ProxyCaches {
         self.caches.is_empty()
     }
 
-    /// The prefix requests arriving on local `port` or for `host` get (a mirror's).
-    pub fn mirror_prefix(&self, port: Option<u16>, host: Option<&str>) -> Option<&str> {
-        let by_port = port.and_then(|p| self.by_port.get(&p));
-        let by_host = || {
-            let host = host?;
-            // `Host: name:port` or `[v6]:port`.
-            let name = match host.rsplit_once(':') {
-                Some((n, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !n.ends_with(':') => n,
-                _ => host,
-            };
-            self.by_host.get(&name.to_ascii_lowercase())
-        };
-        by_port
-            .or_else(by_host)
-            .map(|&i| self.caches[i].prefix.as_str())
-    }
-
     /// The cache `repo` is under, and the upstream's name for it.
-    fn of<'a>(&self, repo: &'a str) -> Option<(&Arc<Cache>, &'a str)> {
+    fn cache_for<'a>(&self, repo: &'a str) -> Option<(&Arc<Cache>, &'a str)> {
         let (first, rest) = repo.split_once('/')?;
         let cache = self.caches.iter().find(|c| c.prefix == first)?;
         Some((cache, rest))
@@ -336,7 +339,7 @@ impl ProxyCaches {
                 ));
             }
         }
-        let Some((cache, name)) = self.of(repo) else {
+        let Some((cache, name)) = self.cache_for(repo) else {
             // The prefix itself: nothing upstream; storage answers (404).
             return Some((Answer::Forward, Outcome::Hit));
         };
@@ -355,8 +358,8 @@ impl ProxyCaches {
             Endpoint::GetBlob { digest, head, .. } => {
                 self.blob(cache, repo, name, digest, *head, range).await
             }
-            // Listings, referrers and deletes (eviction): what storage holds.
-            _ => (Answer::Forward, Outcome::Hit),
+            // Listings, referrers and deletes (eviction): what storage holds, not counted.
+            _ => return Some((Answer::Forward, Outcome::Hit)),
         };
         crate::metrics::cache()
             .results
@@ -365,20 +368,17 @@ impl ProxyCaches {
         Some((answer, outcome))
     }
 
-    fn tag_key(repo: &str, tag: &str) -> String {
-        format!("proxy:tag:{repo}:{tag}")
+    /// The digest the tag was when last checked with the upstream, if within its TTL (or a
+    /// failed check's short grace). A store that cannot answer: none, ask again.
+    async fn fresh(&self, key: &str) -> Option<Digest> {
+        let v = self.state.get(key).await.ok()??;
+        Digest::parse(std::str::from_utf8(&v).ok()?).ok()
     }
 
-    /// Whether the tag was checked with the upstream within its TTL (a store that cannot
-    /// answer: no, ask again).
-    async fn fresh(&self, key: &str) -> bool {
-        matches!(self.state.get(key).await, Ok(Some(_)))
-    }
-
-    async fn mark_fresh(&self, cache: &Cache, key: &str, digest: &Digest) {
+    async fn mark_fresh(&self, key: &str, digest: &Digest, ttl: Duration) {
         if let Err(e) = self
             .state
-            .set(key, digest.to_string().into_bytes(), cache.tag_ttl)
+            .set(key, digest.to_string().into_bytes(), ttl)
             .await
         {
             tracing::warn!(error = %e, "pull-through cache: cannot record a tag's check");
@@ -453,27 +453,87 @@ impl ProxyCaches {
         name: &str,
         tag: &str,
     ) -> (Answer, Outcome) {
-        let key = Self::tag_key(repo, tag);
-        if self.fresh(&key).await {
+        let key = tag_key(repo, tag);
+        // Fresh, and storage still has what it was (a delete or retention since makes it
+        // ask the upstream again).
+        let fresh_and_held = || async {
+            let digest = self.fresh(&key).await?;
+            let held = self.storage.manifest(repo, tag).await.ok()??;
+            (held.digest == digest).then_some(())
+        };
+        if fresh_and_held().await.is_some() {
             return (Answer::Forward, Outcome::Hit);
         }
         let _one = cache.lock(&key).lock().await;
-        if self.fresh(&key).await {
+        if fresh_and_held().await.is_some() {
             return (Answer::Forward, Outcome::Hit);
         }
         let held = match self.storage.manifest(repo, tag).await {
-            Ok(h) => h,
+            Ok(h) => h.map(|h| h.digest),
             Err(e) => return (Answer::Fail(fail_storage(e)), Outcome::Error),
         };
-        let metrics = crate::metrics::cache();
         let revalidated = |outcome: &str| {
             if held.is_some() {
-                metrics
+                crate::metrics::cache()
                     .revalidations
                     .with_label_values(&[&cache.prefix, outcome])
                     .inc();
             }
         };
+        match self.ask_upstream(cache, name, tag, held.as_ref()).await {
+            Ok(TagNow::Same(d)) => {
+                revalidated("same");
+                self.mark_fresh(&key, &d, cache.tag_ttl).await;
+                (Answer::Forward, Outcome::Hit)
+            }
+            Ok(TagNow::New {
+                body,
+                media_type,
+                digest,
+            }) => {
+                revalidated("changed");
+                if let Err(e) = self
+                    .storage
+                    .put_manifest(repo, tag, &media_type, body)
+                    .await
+                {
+                    return (Answer::Fail(fail_storage(e)), Outcome::Error);
+                }
+                self.mark_fresh(&key, &digest, cache.tag_ttl).await;
+                (Answer::Forward, Outcome::Miss)
+            }
+            Err(e) => {
+                cache.upstream_failed(&e);
+                revalidated("failed");
+                tracing::warn!(cache = %cache.prefix, repository = %repo, tag, error = %e, stale = held.is_some(), "pull-through cache: upstream failed");
+                let Some(d) = held else {
+                    return (
+                        Answer::Fail(cache.failure(&e, ErrorCode::ManifestUnknown)),
+                        Outcome::Error,
+                    );
+                };
+                // Served stale; the next requests do not each wait for the upstream again.
+                let grace = match e {
+                    UpstreamError::RateLimited(Some(after)) => Duration::from_secs(after),
+                    _ => STALE_FOR,
+                };
+                self.mark_fresh(&key, &d, grace.min(STALE_FOR).min(cache.tag_ttl))
+                    .await;
+                (Answer::Forward, Outcome::Stale)
+            }
+        }
+    }
+
+    /// What the upstream says `tag` is now: the digest storage `held` (then nothing is
+    /// fetched), or a new manifest, fetched by the digest its `HEAD` named and checked against
+    /// it.
+    async fn ask_upstream(
+        &self,
+        cache: &Cache,
+        name: &str,
+        tag: &str,
+        held: Option<&Digest>,
+    ) -> Result<TagNow, UpstreamError> {
         let started = Instant::now();
         let head = cache
             .upstream
@@ -485,62 +545,29 @@ impl ProxyCaches {
             )
             .await;
         cache.observe("head", started);
-        let stale = |e: UpstreamError| {
-            cache.upstream_failed(&e);
-            revalidated("failed");
-            if held.is_some() {
-                tracing::warn!(cache = %cache.prefix, repository = %repo, tag, error = %e, "pull-through cache: upstream failed; serving the cached tag");
-                (Answer::Forward, Outcome::Stale)
-            } else {
-                tracing::warn!(cache = %cache.prefix, repository = %repo, tag, error = %e, "pull-through cache: upstream failed");
-                (
-                    Answer::Fail(cache.failure(&e, ErrorCode::ManifestUnknown)),
-                    Outcome::Error,
-                )
-            }
-        };
-        let upstream_digest = match head {
-            Ok(resp) => resp
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| Digest::parse(v).ok()),
-            Err(e) => return stale(e),
-        };
-        if let (Some(h), Some(d)) = (&held, &upstream_digest)
-            && &h.digest == d
+        let said = head?
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        if let (Some(h), Some(d)) = (held, &said)
+            && h == d
         {
-            revalidated("same");
-            self.mark_fresh(cache, &key, d).await;
-            return (Answer::Forward, Outcome::Hit);
+            return Ok(TagNow::Same(d.clone()));
         }
-        // New or moved (or the upstream's HEAD named no digest): fetch it, by digest when
-        // known so the body is checked against what the HEAD said.
-        let reference = upstream_digest
-            .as_ref()
-            .map_or(tag.to_owned(), |d| d.to_string());
-        let (body, media_type, digest) = match cache
-            .fetch_manifest(name, &reference, upstream_digest.as_ref())
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => return stale(e),
-        };
-        if held.as_ref().is_some_and(|h| h.digest == digest) {
-            revalidated("same");
-            self.mark_fresh(cache, &key, &digest).await;
-            return (Answer::Forward, Outcome::Hit);
+        // New or moved (or the HEAD named no digest): by digest when known.
+        let reference = said.as_ref().map_or(tag.to_owned(), |d| d.to_string());
+        let (body, media_type, digest) = cache
+            .fetch_manifest(name, &reference, said.as_ref())
+            .await?;
+        if held == Some(&digest) {
+            return Ok(TagNow::Same(digest));
         }
-        revalidated("changed");
-        if let Err(e) = self
-            .storage
-            .put_manifest(repo, tag, &media_type, body)
-            .await
-        {
-            return (Answer::Fail(fail_storage(e)), Outcome::Error);
-        }
-        self.mark_fresh(cache, &key, &digest).await;
-        (Answer::Forward, Outcome::Miss)
+        Ok(TagNow::New {
+            body,
+            media_type,
+            digest,
+        })
     }
 
     async fn blob(
@@ -558,12 +585,6 @@ impl ProxyCaches {
                 .await
                 .map_err(|e| e.to_string())
         };
-        // The warm path asks storage without the fetches' lock.
-        match stored().await {
-            Ok(true) => return (Answer::Forward, Outcome::Hit),
-            Ok(false) => {}
-            Err(e) => return (Answer::Fail(fail_storage(e)), Outcome::Error),
-        }
         let joined = match cache.fetches.join(repo, digest, !head, stored).await {
             Ok(j) => j,
             Err(e) => return (Answer::Fail(fail_storage(e)), Outcome::Error),
@@ -572,8 +593,24 @@ impl ProxyCaches {
             Joined::Stored => return (Answer::Forward, Outcome::Hit),
             Joined::Running(f) => f,
             Joined::Absent => return self.head_upstream(cache, name, digest).await,
+            Joined::Busy => {
+                return (
+                    Answer::Fail(
+                        Failure::new(
+                            503,
+                            Kind::Unavailable,
+                            format!(
+                                "the {} cache is fetching as many blobs as it may; try again",
+                                cache.prefix
+                            ),
+                        )
+                        .with_header("retry-after", "5"),
+                    ),
+                    Outcome::Error,
+                );
+            }
             Joined::Start(f, sink) => {
-                self.start_fetch(cache, repo, name, digest, *sink);
+                self.start_fetch(cache, repo, name, digest, &f, *sink);
                 f
             }
         };
@@ -581,11 +618,7 @@ impl ProxyCaches {
             Ok(s) => s,
             Err(e) => {
                 return (
-                    Answer::Fail(Failure::new(
-                        502,
-                        Kind::Unavailable,
-                        format!("the upstream {} failed: {e}", cache.upstream.url()),
-                    )),
+                    Answer::Fail(cache.failure(&e, ErrorCode::BlobUnknown)),
                     Outcome::Error,
                 );
             }
@@ -662,43 +695,39 @@ impl ProxyCaches {
 
     /// Runs a blob's fetch on its own: it goes on when the client that started it leaves
     /// (others may be reading, and the cache wants it).
-    fn start_fetch(&self, cache: &Arc<Cache>, repo: &str, name: &str, digest: &Digest, sink: Sink) {
-        let (cache, storage) = (cache.clone(), self.storage.clone());
+    fn start_fetch(
+        &self,
+        cache: &Arc<Cache>,
+        repo: &str,
+        name: &str,
+        digest: &Digest,
+        fetch: &Arc<fetch::Fetch>,
+        sink: Sink,
+    ) {
+        let (cache, storage, fetch) = (cache.clone(), self.storage.clone(), fetch.clone());
         let (repo, name, digest) = (repo.to_owned(), name.to_owned(), digest.clone());
         tokio::spawn(async move {
             let result = fetch_blob(&cache, &storage, &repo, &name, &digest, sink).await;
             if let Err(e) = &result {
                 tracing::warn!(cache = %cache.prefix, repository = %repo, %digest, error = %e, "pull-through cache: blob not cached");
             }
-            cache.fetches.done(&repo, &digest).await;
+            cache.fetches.done(&repo, &digest, &fetch, result.is_ok());
         });
     }
 }
 
-/// A token request's form (`GET /token?…` or a `POST` body) as it arrived on a mirror: each
-/// `repository:<name>:<actions>` scope names `<prefix>/<name>`, the repository the mirror's
-/// requests are rewritten to (docker asks for scopes of the names it pulls, not those of the
-/// challenge). Other parameters and scopes stay as they are.
-pub fn mirror_scopes(prefix: &str, form: &str) -> String {
-    let mut out = form_urlencoded::Serializer::new(String::new());
-    for (k, v) in form_urlencoded::parse(form.as_bytes()) {
-        if k != "scope" {
-            out.append_pair(&k, &v);
-            continue;
-        }
-        let scopes: Vec<String> = v
-            .split(' ')
-            .map(|scope| match scope.strip_prefix("repository:") {
-                Some(rest) if !rest.is_empty() => format!("repository:{prefix}/{rest}"),
-                _ => scope.to_owned(),
-            })
-            .collect();
-        out.append_pair("scope", &scopes.join(" "));
-    }
-    out.finish()
+/// Why a blob was not cached.
+#[derive(Debug, thiserror::Error)]
+enum NotCached {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("storing it failed: {0:#}")]
+    Storage(anyhow::Error),
 }
 
-/// One blob from the upstream into the spill file (for readers) and into storage.
+/// One blob from the upstream into the spill file (for readers) and into storage. Every
+/// failure of the upstream's goes to the readers (the sink) and to storage (the upload's
+/// body ends in an error, so nothing is stored).
 async fn fetch_blob(
     cache: &Cache,
     storage: &Storage,
@@ -706,26 +735,31 @@ async fn fetch_blob(
     name: &str,
     digest: &Digest,
     mut sink: Sink,
-) -> Result<(), String> {
+) -> Result<(), NotCached> {
     let started = Instant::now();
     let resp = cache
         .upstream
         .send(Method::GET, name, &format!("blobs/{digest}"), None)
         .await;
     cache.observe("blob", started);
-    let mut resp = match resp {
-        Ok(r) => r,
+    let size = resp.as_ref().ok().and_then(|r| r.content_length());
+    let checked = match (resp, size) {
+        (Err(e), _) => Err(e),
+        (Ok(_), None) => Err(UpstreamError::Invalid(
+            "a blob without Content-Length".into(),
+        )),
+        (Ok(_), Some(n)) if cache.max_blob_bytes > 0 && n > cache.max_blob_bytes => Err(
+            UpstreamError::Invalid(format!("a blob of {n} bytes, over max_blob_bytes")),
+        ),
+        (Ok(r), Some(n)) => Ok((r, n)),
+    };
+    let (mut resp, size) = match checked {
+        Ok(ok) => ok,
         Err(e) => {
             cache.upstream_failed(&e);
-            let why = e.to_string();
-            sink.fail(why.clone());
-            return Err(why);
+            sink.fail(e.clone());
+            return Err(e.into());
         }
-    };
-    let Some(size) = resp.content_length() else {
-        let why = "the upstream sent a blob without Content-Length".to_string();
-        sink.fail(why.clone());
-        return Err(why);
     };
     sink.start(size);
     // To storage at the same time, through a small queue: storage's pace bounds the fetch's
@@ -736,42 +770,58 @@ async fn fetch_blob(
         let metrics = crate::metrics::cache();
         let mut to_storage = Some(tx);
         loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    metrics
-                        .upstream_bytes
-                        .with_label_values(&[&cache.prefix])
-                        .inc_by(chunk.len() as u64);
-                    sink.write(&chunk).await?;
-                    if let Some(tx) = &to_storage
-                        && tx.send(Ok(chunk)).await.is_err()
-                    {
-                        // Storage gave up; the readers still get their bytes.
-                        to_storage = None;
-                    }
-                }
+            let chunk = match resp.chunk().await {
+                Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
                 Err(e) => {
-                    let why = format!("the upstream body failed: {e}");
-                    if let Some(tx) = &to_storage {
-                        let _ = tx.send(Err(std::io::Error::other(why.clone()))).await;
-                    }
-                    sink.fail(why.clone());
-                    return Err(why);
+                    let e = UpstreamError::Unreachable(upstream::without_url(&e));
+                    sink.fail(e.clone());
+                    return Err(abandon(cache, to_storage, e));
                 }
+            };
+            metrics
+                .upstream_bytes
+                .with_label_values(&[&cache.prefix])
+                .inc_by(chunk.len() as u64);
+            if let Err(e) = sink.write(&chunk).await {
+                sink.fail(e.clone());
+                return Err(abandon(cache, to_storage, e));
+            }
+            if let Some(tx) = &to_storage
+                && tx.send(Ok(chunk)).await.is_err()
+            {
+                // Storage gave up; the readers still get their bytes.
+                to_storage = None;
             }
         }
-        if let Err(why) = sink.finish() {
-            if let Some(tx) = &to_storage {
-                let _ = tx.send(Err(std::io::Error::other(why.clone()))).await;
-            }
-            return Err(why);
+        // Checked before the upload's body ends: a wrong blob ends it in an error.
+        match sink.finish() {
+            Ok(()) => Ok(()),
+            Err(e) => Err(abandon(cache, to_storage, e)),
         }
-        Ok(())
     };
     let (pumped, uploaded) = tokio::join!(pump, upload);
     pumped?;
-    uploaded.map_err(|e| format!("storing the blob: {e:#}"))
+    uploaded.map_err(NotCached::Storage)
+}
+
+/// A fetch that failed: counted, and the storage upload's body ended in an error (so storage
+/// keeps nothing of it).
+fn abandon(
+    cache: &Cache,
+    to_storage: Option<tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>>,
+    e: UpstreamError,
+) -> UpstreamError {
+    cache.upstream_failed(&e);
+    if let Some(tx) = to_storage {
+        // The queue may be full of good bytes; the error waits its turn (or storage is gone).
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Err(std::io::Error::other("the upstream fetch failed")))
+                .await;
+        });
+    }
+    e
 }
 
 /// The receiving end of the queue to storage, as the body stream of its upload.
@@ -785,29 +835,5 @@ impl futures_util::Stream for Queue {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         self.0.poll_recv(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mirror_token_requests_ask_for_the_prefixed_repositories() {
-        assert_eq!(
-            mirror_scopes(
-                "hub",
-                "service=portcullis&scope=repository%3Alibrary%2Falpine%3Apull&scope=registry%3Acatalog%3A*"
-            ),
-            "service=portcullis&scope=repository%3Ahub%2Flibrary%2Falpine%3Apull&scope=registry%3Acatalog%3A*"
-        );
-        assert_eq!(
-            mirror_scopes("hub", "scope=repository:a:pull+repository:b:pull"),
-            "scope=repository%3Ahub%2Fa%3Apull+repository%3Ahub%2Fb%3Apull"
-        );
-        assert_eq!(
-            mirror_scopes("hub", "grant_type=password"),
-            "grant_type=password"
-        );
     }
 }

@@ -21,7 +21,11 @@ pub struct Held {
 pub struct Storage {
     nodes: Arc<LoadBalancer<RoundRobin>>,
     secret: zeroize::Zeroizing<String>,
+    /// For small requests: an answer within a minute.
     http: reqwest::Client,
+    /// For a blob's upload, which lasts as long as its upstream fetch: reqwest's read
+    /// timeout would run from the start of the request, body included.
+    uploads: reqwest::Client,
 }
 
 impl Storage {
@@ -37,6 +41,10 @@ impl Storage {
                 .read_timeout(Duration::from_secs(60))
                 .pool_idle_timeout(Duration::from_secs(60))
                 .build()?,
+            uploads: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build()?,
         })
     }
 
@@ -49,8 +57,16 @@ impl Storage {
     }
 
     fn request(&self, method: Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
-        Ok(self
-            .http
+        self.request_with(&self.http, method, path)
+    }
+
+    fn request_with(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        path: &str,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
+        Ok(client
             .request(method, self.url(path)?)
             .header(INTERNAL_SECRET_HEADER, self.secret.as_str()))
     }
@@ -147,7 +163,11 @@ impl Storage {
         };
         let sep = if path.contains('?') { '&' } else { '?' };
         let resp = self
-            .request(Method::PUT, &format!("{path}{sep}digest={digest}"))?
+            .request_with(
+                &self.uploads,
+                Method::PUT,
+                &format!("{path}{sep}digest={digest}"),
+            )?
             .header("content-length", size.to_string())
             .header("content-type", "application/octet-stream")
             .body(reqwest::Body::wrap_stream(body))

@@ -17,7 +17,7 @@ application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
 /// Why the upstream gave no usable answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("the upstream cannot be reached: {0}")]
     Unreachable(String),
@@ -33,6 +33,8 @@ pub enum UpstreamError {
     Status(u16),
     #[error("the upstream sent a bad answer: {0}")]
     Invalid(String),
+    #[error("the cache's spill file failed: {0}")]
+    Spill(String),
 }
 
 impl UpstreamError {
@@ -46,6 +48,7 @@ impl UpstreamError {
             UpstreamError::Denied(_) => "denied",
             UpstreamError::Status(_) => "status",
             UpstreamError::Invalid(_) => "invalid",
+            UpstreamError::Spill(_) => "spill",
         }
     }
 }
@@ -71,16 +74,36 @@ struct AuthState {
 const TOKENS_KEPT: usize = 1024;
 
 pub struct Upstream {
-    base: String,
+    base: reqwest::Url,
     http: reqwest::Client,
     credentials: Option<(String, zeroize::Zeroizing<String>)>,
+    /// Token services (by host) the credentials may be sent to besides the upstream's own.
+    realm_hosts: Vec<String>,
     timeout: Duration,
     auth: Mutex<AuthState>,
 }
 
+/// Largest token answer read.
+const MAX_TOKEN_ANSWER: usize = 64 * 1024;
+/// Redirects followed (registries send blobs to a CDN).
+const MAX_REDIRECTS: usize = 5;
+
 impl Upstream {
     pub fn new(cfg: &ProxyCacheConfig) -> anyhow::Result<Self> {
+        let base: reqwest::Url = cfg.url.trim_end_matches('/').parse()?;
+        let https = base.scheme() == "https";
+        // A redirect never goes from https to plain http, nor on for ever.
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                attempt.error("too many redirects")
+            } else if https && attempt.url().scheme() != "https" {
+                attempt.error("a redirect from https to plain http")
+            } else {
+                attempt.follow()
+            }
+        });
         let mut b = reqwest::Client::builder()
+            .redirect(redirects)
             .connect_timeout(Duration::from_secs(cfg.timeout_seconds))
             // A body that stops coming for this long fails (a blob streams for as long as it
             // keeps coming).
@@ -103,16 +126,17 @@ impl Upstream {
             _ => None,
         };
         Ok(Upstream {
-            base: cfg.url.trim_end_matches('/').to_owned(),
+            base,
             http: b.build()?,
             credentials,
+            realm_hosts: cfg.token_realm_hosts.clone(),
             timeout: Duration::from_secs(cfg.timeout_seconds),
             auth: Mutex::new(AuthState::default()),
         })
     }
 
     pub fn url(&self) -> &str {
-        &self.base
+        self.base.as_str().trim_end_matches('/')
     }
 
     /// `method /v2/<repo>/<tail>` with the upstream's auth; a 401 is answered once (a token
@@ -124,7 +148,7 @@ impl Upstream {
         tail: &str,
         accept: Option<&str>,
     ) -> Result<Response, UpstreamError> {
-        let url = format!("{}/v2/{repo}/{tail}", self.base);
+        let url = format!("{}/v2/{repo}/{tail}", self.url());
         for attempt in 0..2 {
             let mut rb = self.http.request(method.clone(), &url);
             if let Some(a) = accept {
@@ -178,16 +202,12 @@ impl Upstream {
     /// from the realm (with the credentials, if any).
     async fn learn(&self, challenge: Challenge, repo: &str) -> Result<(), UpstreamError> {
         if let Challenge::Bearer { realm, service } = &challenge {
-            if realm.is_empty() {
-                return Err(UpstreamError::Invalid(
-                    "a Bearer challenge without realm".into(),
-                ));
-            }
+            let realm_url = self.check_realm(realm)?;
             let mut query = vec![("scope", format!("repository:{repo}:pull"))];
             if let Some(s) = service {
                 query.push(("service", s.clone()));
             }
-            let mut rb = self.http.get(realm).query(&query);
+            let mut rb = self.http.get(realm_url).query(&query);
             if let Some((u, p)) = &self.credentials {
                 rb = rb.basic_auth(u, Some(p.as_str()));
             }
@@ -201,9 +221,10 @@ impl Upstream {
                 access_token: Option<String>,
                 expires_in: Option<u64>,
             }
-            let answer: TokenAnswer = tokio::time::timeout(self.timeout, resp.json())
+            let body = tokio::time::timeout(self.timeout, read_capped(resp, MAX_TOKEN_ANSWER))
                 .await
-                .map_err(|_| UpstreamError::Timeout(self.timeout.as_secs()))?
+                .map_err(|_| UpstreamError::Timeout(self.timeout.as_secs()))??;
+            let answer: TokenAnswer = serde_json::from_slice(&body)
                 .map_err(|_| UpstreamError::Invalid("the token answer is not JSON".into()))?;
             let token = answer
                 .token
@@ -219,7 +240,12 @@ impl Upstream {
                     let now = Instant::now();
                     auth.tokens.retain(|_, (_, u)| *u > now);
                     if auth.tokens.len() >= TOKENS_KEPT {
-                        auth.tokens.clear();
+                        // The ones that expire first go.
+                        let mut untils: Vec<Instant> =
+                            auth.tokens.values().map(|(_, u)| *u).collect();
+                        untils.sort_unstable();
+                        let cut = untils[untils.len() / 2];
+                        auth.tokens.retain(|_, (_, u)| *u > cut);
                     }
                 }
                 auth.tokens
@@ -233,8 +259,61 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// Where a Bearer challenge sends us for a token. Never from https to plain http; with
+    /// credentials, only to the upstream's own host or a configured `token_realm_hosts` one
+    /// (a hostile upstream must not collect the password, nor point it at an internal host).
+    fn check_realm(&self, realm: &str) -> Result<reqwest::Url, UpstreamError> {
+        let url: reqwest::Url = realm.parse().map_err(|_| {
+            UpstreamError::Invalid("a Bearer challenge without a usable realm".into())
+        })?;
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        if !matches!(url.scheme(), "https" | "http") || host.is_empty() {
+            return Err(UpstreamError::Invalid(
+                "a token realm that is not an http(s) URL".into(),
+            ));
+        }
+        if self.base.scheme() == "https" && url.scheme() != "https" {
+            return Err(UpstreamError::Invalid(
+                "a plain-http token realm for an https upstream".into(),
+            ));
+        }
+        let own = self
+            .base
+            .host_str()
+            .is_some_and(|h| h.eq_ignore_ascii_case(&host));
+        let listed = self
+            .realm_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&host));
+        if self.credentials.is_some() && !own && !listed {
+            tracing::warn!(realm_host = %host, "pull-through cache: the upstream's token service is on another host; add it to token_realm_hosts to send it the credentials");
+            return Err(UpstreamError::Denied(401));
+        }
+        Ok(url)
+    }
+}
+
+/// A response's body, at most `max` bytes.
+pub async fn read_capped(mut resp: Response, max: usize) -> Result<Vec<u8>, UpstreamError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| UpstreamError::Unreachable(without_url(&e)))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(UpstreamError::Invalid(format!(
+                "an answer over {max} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// A reqwest error's text without its URL (which could carry a query).
-fn without_url(e: &reqwest::Error) -> String {
+pub fn without_url(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     if let Some(u) = e.url() {
         s = s.replace(u.as_str(), "<upstream>");

@@ -204,7 +204,7 @@ impl Registry {
             paths.push(Key::RevisionLink(name, &c).path());
             paths.push(Key::Blob(&c).path());
             let refs = self
-                .manifest_refs(&CompactDigest::from(&c), &cache, &mut errors)
+                .manifest_refs(&CompactDigest::from(&c), &cache, &mut errors, true)
                 .await?;
             if let Some(r) = refs {
                 blobs.extend(r.blobs.iter().map(CompactDigest::to_digest));

@@ -32,13 +32,15 @@ pub(super) struct RefsCache {
 
 impl Registry {
     /// The references of a manifest blob; `None` if it is missing or not a manifest (then
-    /// reported in `errors`, once per cache, unless two scans read it at once). The cache is
-    /// shared by the repositories scanned at once, and locked only to look or to add.
+    /// reported in `errors`, once per cache, unless two scans read it at once; a missing one
+    /// only with `report_missing`). The cache is shared by the repositories scanned at once,
+    /// and locked only to look or to add.
     pub(super) async fn manifest_refs(
         &self,
         digest: &CompactDigest,
         cache: &Mutex<RefsCache>,
         errors: &mut Vec<String>,
+        report_missing: bool,
     ) -> Result<Option<Arc<Refs>>> {
         {
             let cache = cache.lock().expect("manifest references");
@@ -54,6 +56,7 @@ impl Registry {
             .get(&Key::Blob(&digest.to_digest()).path())
             .await?
         {
+            None if !report_missing => return Ok(None),
             None => {
                 errors.push(format!("manifest {digest}: content missing"));
                 None

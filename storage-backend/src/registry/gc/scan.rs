@@ -270,16 +270,25 @@ impl Registry {
                 kept.push(d.clone());
             }
         }
-        // Closure over index children and referrers.
+        // Closure over index children and referrers. A child that is not here is no error: a
+        // pull-through cache keeps an index before (or without) the platforms nobody pulled.
         let mut live: HashSet<CompactDigest> = HashSet::new();
         let mut referenced: HashSet<CompactDigest> = HashSet::new();
-        while let Some(m) = kept.pop() {
+        let mut children: Vec<CompactDigest> = Vec::new();
+        loop {
+            let (m, child) = match kept.pop() {
+                Some(m) => (m, false),
+                None => match children.pop() {
+                    Some(c) => (c, true),
+                    None => break,
+                },
+            };
             if !live.insert(m.clone()) {
                 continue;
             }
-            if let Some(refs) = self.manifest_refs(&m, cache, errors).await? {
+            if let Some(refs) = self.manifest_refs(&m, cache, errors, !child).await? {
                 referenced.extend(refs.blobs.iter().cloned());
-                kept.extend(refs.children.iter().cloned());
+                children.extend(refs.children.iter().cloned());
             }
             let referrers = format!("{repo}/_referrers/{}", m.path());
             kept.extend(self.links_under(&referrers, errors).await?);

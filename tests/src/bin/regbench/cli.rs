@@ -1,5 +1,6 @@
 //! The command line: which mode to run (`--gateway`, `--ldap`, `--sso`, `--federation`,
-//! `--audit`, `--ha`, `--s3`, `--gc`, `--scale`, `--scale-gc-blobs`, or the plain comparison)
+//! `--audit`, `--ha`, `--s3`, `--gc`, `--scale`, `--scale-gc-blobs`, `--cache`, or the plain
+//! comparison)
 //! and the sizes of each workload.
 
 use clap::Parser;
@@ -103,6 +104,12 @@ pub(crate) struct Args {
     /// GET; the growth from the smallest size to each larger one.
     #[arg(long)]
     pub(crate) scale: bool,
+    /// Measure a pull-through cache (`[[proxy_cache]]` of distribution 2.8.2): a warm pull
+    /// through the cache against the same blob pulled from an ordinary repository of the same
+    /// gateway and storage, and a cold pull against pulling straight from the upstream
+    /// (`--pull-mib` blobs, `--rounds` rounds).
+    #[arg(long)]
+    pub(crate) cache: bool,
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 100_000])]
     pub(crate) scale_sizes: Vec<usize>,
     /// `--scale`: sequential GETs per measurement (the median is kept).

@@ -26,13 +26,16 @@
 //! with moto's own cost measured by a plain S3 client; with `--gc`, garbage collection of a
 //! store of 1,000 repositories and its effect on concurrent pulls; with `--scale`, catalog
 //! and tag pages and a GC dry run on registry:2 roots of growing size against distribution
-//! on the same root; with `--scale-gc-blobs`, a GC dry run of a root of a million blobs.
+//! on the same root; with `--scale-gc-blobs`, a GC dry run of a root of a million blobs; with
+//! `--cache`, a pull-through cache's warm and cold pulls.
 //!
 //! One module per mode: [`cli`] (the arguments), [`measure`] (shared measurement helpers),
 //! [`workload`](mod@workload) (the push/pull/manifest comparison), [`gateway_suite`](mod@gateway_suite), [`ldap`],
-//! [`sso`], [`federation`], [`audit`], [`ha`], [`s3`], [`gc`], [`scale`] and [`scale_gc`].
+//! [`sso`], [`federation`], [`audit`], [`ha`], [`s3`], [`gc`], [`scale`], [`scale_gc`] and
+//! [`cache`].
 
 mod audit;
+mod cache;
 mod cli;
 mod federation;
 mod gateway_suite;
@@ -96,6 +99,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.gc {
         return gc_suite(&args, scratch.path()).await;
+    }
+    if args.cache {
+        return cache::cache_suite(&args, scratch.path()).await;
     }
     if args.scale || args.scale_gc_blobs > 0 {
         return scale_suite(&args, scratch.path()).await;
