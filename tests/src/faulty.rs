@@ -142,10 +142,18 @@ async fn relay(mut client: TcpStream, target: &str, s: Arc<Shared>) -> std::io::
                     return Ok(());
                 }
                 if let Mode::Throttle(rate) = mode {
+                    let rate = rate.max(1) as f64;
                     let (start, sent) =
                         throttled.get_or_insert_with(|| (std::time::Instant::now(), 0));
+                    // A connection that was idle (kept alive between requests) starts again:
+                    // idle time is no credit for a burst.
+                    let behind = start.elapsed().as_secs_f64() - *sent as f64 / rate;
+                    if behind > 0.05 {
+                        *start = std::time::Instant::now();
+                        *sent = 0;
+                    }
                     *sent += n;
-                    let due = std::time::Duration::from_secs_f64(*sent as f64 / rate.max(1) as f64);
+                    let due = std::time::Duration::from_secs_f64(*sent as f64 / rate);
                     if let Some(wait) = due.checked_sub(start.elapsed()) {
                         tokio::time::sleep(wait).await;
                     }

@@ -553,6 +553,35 @@ async fn a_portcullis_upstream_with_token_auth_is_pulled_through_and_served_when
         ],
     )?;
 
+    // docker, with the prefix, signed in at the cache.
+    let _trust = DockerTrust::install(g, &cached.gateway.ca_pem)?;
+    let dk = Dockerd::start()?;
+    let login = dk
+        .cmd()
+        .args(["login", g, "-u", ALICE.0, "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .map(|mut i| i.write_all(ALICE.1.as_bytes()))
+                .transpose()?;
+            child.wait_with_output()
+        })?;
+    ensure!(
+        login.status.success(),
+        "docker login: {}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    let image = format!("{g}/hub/vendor/multi:1");
+    dk.run(&["pull", "-q", &image])?;
+    let arch = dk.run(&["image", "inspect", "--format", "{{.Architecture}}", &image])?;
+    ensure!(arch.trim() == host_arch(), "docker pulled {arch}");
+
     // The upstream goes away: tags (past their TTL) and digests are served from the cache.
     drop(upstream);
     tokio::time::sleep(Duration::from_millis(1_100)).await; // the tag's TTL of 1 s runs out

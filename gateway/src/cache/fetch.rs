@@ -128,22 +128,17 @@ impl Reader {
     }
 }
 
+/// Reads what was just written (in the page cache: a copy, not a disk wait, so on the task
+/// itself — handing each piece to a blocking thread cost more than the copy).
 async fn read_at(
     file: Arc<std::fs::File>,
     pos: u64,
     len: u64,
 ) -> Result<Bytes, Arc<UpstreamError>> {
-    let read = tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, pos)?;
-        Ok::<_, std::io::Error>(Bytes::from(buf))
-    })
-    .await;
-    match read {
-        Ok(Ok(b)) => Ok(b),
-        Ok(Err(e)) => Err(Arc::new(UpstreamError::Spill(e.to_string()))),
-        Err(e) => Err(Arc::new(UpstreamError::Spill(e.to_string()))),
-    }
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, pos)
+        .map_err(|e| Arc::new(UpstreamError::Spill(e.to_string())))?;
+    Ok(Bytes::from(buf))
 }
 
 /// Where a fetch's bytes go besides its readers.
@@ -164,6 +159,11 @@ impl Sink {
             .send_replace(Progress::Running { size, written: 0 });
     }
 
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
     /// Appends one piece of the body.
     pub async fn write(&mut self, chunk: &Bytes) -> Result<(), UpstreamError> {
         if self.written + chunk.len() as u64 > self.size {
@@ -172,10 +172,9 @@ impl Sink {
                 self.size
             )));
         }
-        let (file, pos, data) = (self.spill.clone(), self.written, chunk.clone());
-        tokio::task::spawn_blocking(move || file.write_all_at(&data, pos))
-            .await
-            .map_err(|e| UpstreamError::Spill(e.to_string()))?
+        // Into the page cache, on the task itself (as `read_at`).
+        self.spill
+            .write_all_at(chunk, self.written)
             .map_err(|e| UpstreamError::Spill(e.to_string()))?;
         self.verifier.update(chunk);
         self.written += chunk.len() as u64;

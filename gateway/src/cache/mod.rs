@@ -49,6 +49,8 @@ pub use config::ProxyCacheConfig;
 const MAX_MANIFEST: usize = 4 << 20;
 /// Locks that serialise cold fetches of one tag or manifest (by hash of its name).
 const LOCKS: usize = 64;
+/// A cold blob goes to readers and to storage in pieces of this size.
+const BATCH: usize = 256 * 1024;
 /// After a failed revalidation the cached tag is served without asking the upstream for at
 /// most this long (or the upstream's `Retry-After`, if shorter).
 const STALE_FOR: Duration = Duration::from_secs(30);
@@ -769,9 +771,20 @@ async fn fetch_blob(
     let pump = async {
         let metrics = crate::metrics::cache();
         let mut to_storage = Some(tx);
+        // The upstream's pieces are small (16 KiB and less): they go on in batches, so readers
+        // and the upload wake up once per batch, not per piece.
+        let mut batch = bytes::BytesMut::new();
         loop {
             let chunk = match resp.chunk().await {
-                Ok(Some(chunk)) => chunk,
+                Ok(Some(chunk)) => {
+                    batch.extend_from_slice(&chunk);
+                    let left = size.saturating_sub(sink.written());
+                    if batch.len() < BATCH && (batch.len() as u64) < left {
+                        continue;
+                    }
+                    batch.split().freeze()
+                }
+                Ok(None) if !batch.is_empty() => batch.split().freeze(),
                 Ok(None) => break,
                 Err(e) => {
                     let e = UpstreamError::Unreachable(upstream::without_url(&e));

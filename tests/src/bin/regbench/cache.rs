@@ -11,6 +11,7 @@ use crate::measure::{BigBlob, fetch, mib_s, push};
 use anyhow::{Context, ensure};
 use portcullis_tests::client::Client;
 use portcullis_tests::deployment::{Deployment, SECRET, user_client};
+use portcullis_tests::faulty::{Faulty, Mode};
 use portcullis_tests::tools::Distribution;
 use reqwest::Method;
 use std::path::Path;
@@ -60,33 +61,73 @@ pub(crate) async fn cache_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
         best_cached = best_cached.max(mib_s(len, t.elapsed()));
     }
     println!(
-        "warm pull   ordinary repository {best_plain:>6.0} MiB/s   through the cache {best_cached:>6.0} MiB/s   ratio {:.2}×",
+        "{:<26} ordinary repository    {best_plain:>6.0} MiB/s   through the cache {best_cached:>6.0} MiB/s   ratio {:.2}×",
+        "warm pull",
         best_cached / best_plain
     );
 
-    // Cold: a new blob each round, straight from the upstream first (so both reads find it in
-    // the page cache), then through the cache, which has never seen it.
+    // Cold, on loopback (CPU-bound: the cache hashes, spills, uploads and encrypts what the
+    // upstream only reads from disk), then with the upstream behind a paced link.
+    cold(args, &dist, &gw, &storage, None, "cold pull, loopback").await?;
+    let link = Faulty::start(&dist.addr).await?;
+    link.set(Mode::Throttle(args.cache_link_mib << 20));
+    let linked = Deployment::start_in_with(
+        scratch,
+        &[(USER, PASSWORD)],
+        gateway::dev::BCRYPT_COST,
+        &format!(
+            "[[proxy_cache]]\nprefix = \"hub\"\nurl = \"http://{}\"\n",
+            link.addr
+        ),
+    )?;
+    let gw2 = user_client(&linked.gateway, USER, PASSWORD);
+    let mut storage2 = Client::new(&linked.storage.base);
+    storage2
+        .headers
+        .push(("portcullis-internal-secret".into(), SECRET.into()));
+    let what = format!("cold pull, {} MiB/s link", args.cache_link_mib);
+    cold(args, &dist, &gw2, &storage2, Some(&link.addr), &what).await?;
+    Ok(())
+}
+
+/// A new blob each round, straight from the upstream (through `via`, the paced link, when
+/// given) first, then through the cache, which has never seen it.
+async fn cold(
+    args: &Args,
+    dist: &Distribution,
+    gw: &Client,
+    storage: &Client,
+    via: Option<&str>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let len = (args.pull_mib as u64) << 20;
+    let upstream = Client::new(&dist.base);
+    let direct_client = match via {
+        Some(addr) => Client::new(&format!("http://{addr}")),
+        None => upstream.clone(),
+    };
     let (mut best_direct, mut best_cold) = (0f64, 0f64);
     for round in 0..args.rounds {
-        let blob = BigBlob::new(args.pull_mib, 9000 + round as u64);
-        let repo = format!("library/cold{round}");
+        let seed = 9000 + round as u64 + if via.is_some() { 100 } else { 0 };
+        let blob = BigBlob::new(args.pull_mib, seed);
+        let repo = format!("library/cold{seed}");
         push(&upstream, &repo, blob.body(), len, &blob.digest).await?;
         let direct = format!("/v2/{repo}/blobs/{}", blob.digest);
         let t = Instant::now();
-        fetch(&upstream, &direct, &blob.digest).await?;
+        fetch(&direct_client, &direct, &blob.digest).await?;
         best_direct = best_direct.max(mib_s(len, t.elapsed()));
         let t = Instant::now();
         fetch(
-            &gw,
+            gw,
             &format!("/v2/hub/{repo}/blobs/{}", blob.digest),
             &blob.digest,
         )
         .await?;
         best_cold = best_cold.max(mib_s(len, t.elapsed()));
-        stored(&storage, &format!("hub/{repo}"), &blob).await?;
+        stored(storage, &format!("hub/{repo}"), &blob).await?;
     }
     println!(
-        "cold pull   straight from upstream {best_direct:>6.0} MiB/s   through the cache {best_cold:>6.0} MiB/s   ratio {:.2}×",
+        "{what:<26} straight from upstream {best_direct:>6.0} MiB/s   through the cache {best_cold:>6.0} MiB/s   ratio {:.2}×",
         best_cold / best_direct
     );
     Ok(())

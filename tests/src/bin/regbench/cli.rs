@@ -110,6 +110,10 @@ pub(crate) struct Args {
     /// (`--pull-mib` blobs, `--rounds` rounds).
     #[arg(long)]
     pub(crate) cache: bool,
+    /// `--cache`: the cold pull is measured again with the upstream behind a link of this
+    /// many MiB/s (a relay that paces it), as a registry on the internet is.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) cache_link_mib: u64,
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 100_000])]
     pub(crate) scale_sizes: Vec<usize>,
     /// `--scale`: sequential GETs per measurement (the median is kept).
