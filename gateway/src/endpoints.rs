@@ -10,22 +10,7 @@ use crate::route::Route;
 use crate::token::{self, TokenService};
 use std::sync::Arc;
 
-/// What an endpoint reads of a request. No `Debug`: it holds credentials, cookies and forms
-/// with passwords and tokens, which must never reach a log.
-#[derive(Default)]
-pub struct Incoming {
-    pub method: String,
-    pub path: String,
-    pub query: Option<String>,
-    pub authorization: Option<String>,
-    pub cookies: Option<String>,
-    /// The `Host` the client used (for URLs shown back to it).
-    pub host: String,
-    /// The client's address (lockouts, rate limits).
-    pub source: Option<String>,
-    /// The body, when the route reads one ([`Route::reads_body`]).
-    pub body: Vec<u8>,
-}
+pub use crate::incoming::Incoming;
 
 impl Incoming {
     fn token_request(&self) -> token::Request<'_> {
@@ -48,6 +33,8 @@ const SSO_NOT_CONFIGURED: &str = "single sign-on is not configured on this regis
 
 pub struct Endpoints {
     pub tokens: Arc<TokenService>,
+    /// The web console (`/ui/`).
+    pub console: Arc<crate::console::Console>,
     /// OIDC sign-in, when configured.
     pub oidc: Option<Arc<Oidc>>,
     pub metrics: Arc<Metrics>,
@@ -77,6 +64,7 @@ impl Endpoints {
                 }
                 Some(oidc) => self.sign_in(oidc, route, req).await,
             },
+            Route::Console => self.console.answer(req).await,
             Route::Registry | Route::Unknown => {
                 Failure::new(404, Kind::Unsupported, "no such endpoint").reply(route.protocol())
             }

@@ -5,7 +5,8 @@
 //! - [`proxy`]: the thin `ProxyHttp` phases; [`route`] parses every path once, [`reply`] is
 //!   every answer of the gateway's own (errors in the path's protocol).
 //! - [`endpoints`]: everything answered here — the token service ([`token`]), the account
-//!   APIs, the sign-in flows.
+//!   APIs, the sign-in flows, the web console ([`console`]); [`incoming`] is the request they
+//!   read.
 //! - [`registry`]: the `/v2/` path — the bearer check and immutability, the request storage
 //!   gets, the storage nodes; [`cache`]: pull-through caches of upstream registries under a
 //!   prefix of `/v2/`.
@@ -32,9 +33,11 @@ pub mod cache;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod dev;
 pub mod edge;
 pub mod endpoints;
+pub mod incoming;
 pub mod limits;
 pub mod live_policy;
 pub mod metrics;
@@ -167,6 +170,11 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             limits: tokens.limits.clone(),
         },
         endpoints: endpoints::Endpoints {
+            console: Arc::new(console::Console {
+                tokens: tokens.clone(),
+                data: console::data::Data::new(upstreams.clone(), secret.clone())?,
+                sso: oidc.is_some(),
+            }),
             tokens,
             oidc,
             metrics: metrics.clone(),

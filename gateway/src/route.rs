@@ -28,6 +28,8 @@ pub const CALLBACK_PATH: &str = "/auth/oidc/callback";
 pub const DEVICE_PATH: &str = "/auth/oidc/device";
 /// Where the user enters a device's code when the IdP has no device flow of its own.
 pub const VERIFY_PATH: &str = "/auth/oidc/device/verify";
+/// The web console and everything under it.
+pub const CONSOLE_PATH: &str = "/ui";
 
 /// What a request on the TLS listener is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +56,8 @@ pub enum Route {
     Callback,
     /// [`VERIFY_PATH`].
     Verify,
+    /// [`CONSOLE_PATH`] and below.
+    Console,
     /// Anything else: 404.
     Unknown,
 }
@@ -79,6 +83,7 @@ impl Route {
             p if at_or_under(p, SESSIONS_PATH) => Route::Sessions,
             p if at_or_under(p, TOKENS_PATH) => Route::Tokens,
             p if at_or_under(p, ROBOTS_PATH) => Route::Robots,
+            p if at_or_under(p, CONSOLE_PATH) => Route::Console,
             _ => Route::Unknown,
         }
     }
@@ -94,6 +99,7 @@ impl Route {
             Route::Tokens => "tokens",
             Route::Robots => "robots",
             Route::Device | Route::Login | Route::Callback | Route::Verify => "oidc",
+            Route::Console => "console",
             Route::Unknown => "unknown",
         }
     }
@@ -109,7 +115,7 @@ impl Route {
             | Route::Tokens
             | Route::Robots
             | Route::Device => Protocol::OAuth,
-            Route::Login | Route::Callback | Route::Verify => Protocol::Page,
+            Route::Login | Route::Callback | Route::Verify | Route::Console => Protocol::Page,
         }
     }
 
@@ -121,6 +127,7 @@ impl Route {
             Route::Token | Route::Verify => method == "POST",
             Route::Revoke | Route::Device => true,
             Route::Robots => matches!(method, "POST" | "PATCH"),
+            Route::Console => method == "POST",
             _ => false,
         }
     }
@@ -154,6 +161,9 @@ mod tests {
             ("GET", "/auth/oidc/login", Route::Login),
             ("GET", "/auth/oidc/callback", Route::Callback),
             ("GET", "/", Route::Unknown),
+            ("GET", "/ui", Route::Console),
+            ("POST", "/ui/login", Route::Console),
+            ("GET", "/uix", Route::Unknown),
         ];
         for (method, path, want) in cases {
             assert_eq!(Route::parse(method, path), want, "{method} {path}");

@@ -21,6 +21,7 @@ packages=(
   docker-compose debootstrap    # tests/compose.sh: the compose stack, images from a local Debian base
   python3-venv                  # the venv of moto (the S3-compatible server of the object-storage tests)
   time                          # regbench --scale: peak RSS of the GC dry runs (/usr/bin/time -v)
+  chromium chromium-driver      # the web console's browser tests (WebDriver)
 )
 
 missing=()

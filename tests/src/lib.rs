@@ -15,8 +15,10 @@
 //! - [`redis`]: a real redis-server, stopped and started again at will.
 //! - [`syslog`]: a real rsyslogd receiving RFC 5424 over UDP, TCP and TLS.
 //! - [`tools`]: running real clients (skopeo, podman, buildah) and distribution.
+//! - [`browser`]: a real headless Chromium over WebDriver (the web console's tests).
 
 pub mod azurite;
+pub mod browser;
 pub mod client;
 pub mod deployment;
 pub mod driver_contract;

@@ -269,7 +269,9 @@ impl TokenService {
         self.issue(&identity, &scopes, refresh, false).await
     }
 
-    async fn login(
+    /// A password login (the console's too): the authenticators, lockouts, rate limits and
+    /// audit of the token endpoint's; an error is the reply the token endpoint would give.
+    pub async fn login(
         &self,
         user: &str,
         password: &str,

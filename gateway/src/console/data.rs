@@ -1,0 +1,173 @@
+//! What the console reads from storage (over the internal hop, as the gateway forwards
+//! requests): catalog and tag pages, manifests and referrers; and the one thing it changes,
+//! a tag deleted. Every call comes after the console's own policy decision.
+
+use bytes::Bytes;
+use oci::Digest;
+use pingora::lb::LoadBalancer;
+use pingora::lb::selection::RoundRobin;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use service::hop::INTERNAL_SECRET_HEADER;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Every manifest type storage keeps.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// A manifest as storage holds it.
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub body: Bytes,
+}
+
+/// `n=<n>&last=<last>`.
+fn page_query(n: usize, last: Option<&str>) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    q.append_pair("n", &n.to_string());
+    if let Some(l) = last {
+        q.append_pair("last", l);
+    }
+    q.finish()
+}
+
+pub struct Data {
+    nodes: Arc<LoadBalancer<RoundRobin>>,
+    secret: zeroize::Zeroizing<String>,
+    http: reqwest::Client,
+}
+
+impl Data {
+    pub fn new(
+        nodes: Arc<LoadBalancer<RoundRobin>>,
+        secret: zeroize::Zeroizing<String>,
+    ) -> anyhow::Result<Self> {
+        Ok(Data {
+            nodes,
+            secret,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(20))
+                .build()?,
+        })
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
+        let node = self
+            .nodes
+            .select(b"", 256)
+            .ok_or_else(|| anyhow::anyhow!("no healthy storage node"))?;
+        Ok(self
+            .http
+            .request(method, format!("http://{}{path_and_query}", node.addr))
+            .header(INTERNAL_SECRET_HEADER, self.secret.as_str()))
+    }
+
+    /// Up to `n` repository names after `last`, and whether more follow.
+    pub async fn catalog(
+        &self,
+        n: usize,
+        last: Option<&str>,
+    ) -> anyhow::Result<(Vec<String>, bool)> {
+        let q = page_query(n, last);
+        self.list(&format!("/v2/_catalog?{q}"), "repositories")
+            .await
+    }
+
+    /// Up to `n` tags of `repo` after `last`, and whether more follow.
+    pub async fn tags(
+        &self,
+        repo: &str,
+        n: usize,
+        last: Option<&str>,
+    ) -> anyhow::Result<(Vec<String>, bool)> {
+        let q = page_query(n, last);
+        self.list(&format!("/v2/{repo}/tags/list?{q}"), "tags")
+            .await
+    }
+
+    async fn list(&self, path: &str, field: &str) -> anyhow::Result<(Vec<String>, bool)> {
+        let r = self.request(Method::GET, path)?.send().await?;
+        match r.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok((Vec::new(), false)),
+            s => anyhow::bail!("storage answered {s} to a listing"),
+        }
+        let more = r.headers().contains_key("link");
+        let v: Value = r.json().await?;
+        let items = v[field]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((items, more))
+    }
+
+    /// The manifest `repo:reference`, if storage has it.
+    pub async fn manifest(&self, repo: &str, reference: &str) -> anyhow::Result<Option<Manifest>> {
+        let r = self
+            .request(Method::GET, &format!("/v2/{repo}/manifests/{reference}"))?
+            .header("accept", MANIFEST_ACCEPT)
+            .send()
+            .await?;
+        match r.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => anyhow::bail!("storage answered {s} to a manifest GET"),
+        }
+        let digest = r
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok())
+            .ok_or_else(|| anyhow::anyhow!("storage sent a manifest without digest"))?;
+        let media_type = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        Ok(Some(Manifest {
+            digest,
+            media_type,
+            body: r.bytes().await?,
+        }))
+    }
+
+    /// The referrers index of `digest` in `repo` (its `manifests`).
+    pub async fn referrers(&self, repo: &str, digest: &Digest) -> anyhow::Result<Vec<Value>> {
+        let r = self
+            .request(Method::GET, &format!("/v2/{repo}/referrers/{digest}"))?
+            .send()
+            .await?;
+        if r.status() != StatusCode::OK {
+            return Ok(Vec::new());
+        }
+        let v: Value = r.json().await?;
+        Ok(v["manifests"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Deletes the tag `repo:tag`; whether it was there.
+    pub async fn delete_tag(&self, repo: &str, tag: &str) -> anyhow::Result<bool> {
+        let r = self
+            .request(Method::DELETE, &format!("/v2/{repo}/manifests/{tag}"))?
+            .send()
+            .await?;
+        match r.status() {
+            StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            s => anyhow::bail!("storage answered {s} to a tag delete"),
+        }
+    }
+}

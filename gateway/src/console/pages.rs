@@ -1,0 +1,352 @@
+//! The console's pages, as compiled templates (maud escapes everything it interpolates:
+//! repository names, tags, annotations and digests come from pushers). No script anywhere;
+//! forms post with the session's CSRF token.
+
+use maud::{DOCTYPE, Markup, html};
+use serde_json::Value;
+
+/// The signed-in person, as pages show them.
+pub struct Who<'a> {
+    pub name: &'a str,
+    pub csrf: &'a str,
+}
+
+/// Every page: head, header (with sign-out when signed in), main.
+pub fn layout(title: &str, who: Option<&Who<'_>>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Portcullis" }
+                link rel="stylesheet" href="/ui/static/style.css";
+            }
+            body {
+                header {
+                    a.brand href="/ui/" { "Portcullis" }
+                    @if let Some(w) = who {
+                        nav {
+                            a href="/ui/" { "Repositories" }
+                            span.user { (w.name) }
+                            form method="post" action="/ui/logout" {
+                                input type="hidden" name="csrf" value=(w.csrf);
+                                button type="submit" { "Sign out" }
+                            }
+                        }
+                    }
+                }
+                main { (body) }
+            }
+        }
+    }
+}
+
+pub fn login(csrf: &str, error: Option<&str>, sso: bool) -> Markup {
+    layout(
+        "Sign in",
+        None,
+        html! {
+            section.card.narrow {
+                h1 { "Sign in" }
+                @if let Some(e) = error {
+                    p.error role="alert" { (e) }
+                }
+                form method="post" action="/ui/login" {
+                    input type="hidden" name="csrf" value=(csrf);
+                    label for="username" { "User name" }
+                    input #username type="text" name="username" autocomplete="username" required;
+                    label for="password" { "Password" }
+                    input #password type="password" name="password" autocomplete="current-password" required;
+                    button #sign-in type="submit" { "Sign in" }
+                }
+                @if sso {
+                    p { a href="/auth/oidc/login" { "Sign in with single sign-on" } }
+                }
+            }
+        },
+    )
+}
+
+/// One repository row of the list.
+pub fn repositories(who: &Who<'_>, q: &str, names: &[String], next: Option<&str>) -> Markup {
+    layout(
+        "Repositories",
+        Some(who),
+        html! {
+            h1 { "Repositories" }
+            form.search method="get" action="/ui/" role="search" {
+                label for="q" { "Name starts with" }
+                input #q type="search" name="q" value=(q);
+                button type="submit" { "Search" }
+            }
+            @if names.is_empty() {
+                p.empty { "No repositories you may pull" @if !q.is_empty() { " starting with " code { (q) } } "." }
+            } @else {
+                ul.list #repositories {
+                    @for n in names {
+                        li { a href={ "/ui/repo?name=" (enc(n)) } { (n) } }
+                    }
+                }
+            }
+            @if let Some(last) = next {
+                p.more { a href={ "/ui/?q=" (enc(q)) "&last=" (enc(last)) } { "More" } }
+            }
+        },
+    )
+}
+
+/// A tag of the repository page.
+pub struct TagRow {
+    pub tag: String,
+    pub digest: String,
+    pub media_type: String,
+    pub size: usize,
+    /// The immutability rule that holds it, if any.
+    pub immutable: Option<String>,
+}
+
+pub fn repository(
+    who: &Who<'_>,
+    host: &str,
+    repo: &str,
+    tags: &[TagRow],
+    next: Option<&str>,
+    may_delete: bool,
+    notice: Option<&str>,
+) -> Markup {
+    layout(
+        repo,
+        Some(who),
+        html! {
+            h1 { (repo) }
+            @if let Some(n) = notice {
+                p.notice role="status" { (n) }
+            }
+            p { "Pull: " code.copy { "docker pull " (host) "/" (repo) ":<tag>" } }
+            @if tags.is_empty() {
+                p.empty { "No tags." }
+            } @else {
+                table #tags {
+                    thead { tr { th { "Tag" } th { "Digest" } th { "Type" } th { "Manifest size" } th {} } }
+                    tbody {
+                        @for t in tags {
+                            tr {
+                                td {
+                                    a href={ "/ui/manifest?name=" (enc(repo)) "&ref=" (enc(&t.tag)) } { (t.tag) }
+                                    @if let Some(rule) = &t.immutable {
+                                        " " span.badge title=(rule) { "immutable" }
+                                    }
+                                }
+                                td { code { (short(&t.digest)) } }
+                                td { (kind(&t.media_type)) }
+                                td { (t.size) " B" }
+                                td {
+                                    @if may_delete {
+                                        form method="post" action="/ui/delete-tag" {
+                                            input type="hidden" name="csrf" value=(who.csrf);
+                                            input type="hidden" name="name" value=(repo);
+                                            input type="hidden" name="tag" value=(t.tag);
+                                            button.danger type="submit" aria-label={ "Delete tag " (t.tag) } { "Delete" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            @if let Some(last) = next {
+                p.more { a href={ "/ui/repo?name=" (enc(repo)) "&last=" (enc(last)) } { "More tags" } }
+            }
+        },
+    )
+}
+
+pub fn manifest(
+    who: &Who<'_>,
+    host: &str,
+    repo: &str,
+    reference: &str,
+    m: &super::data::Manifest,
+    referrers: &[Value],
+) -> Markup {
+    let v: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
+    let digest = m.digest.to_string();
+    html! {
+        (layout(
+            &format!("{repo}:{reference}"),
+            Some(who),
+            html! {
+                p.crumbs { a href={ "/ui/repo?name=" (enc(repo)) } { (repo) } " / " (reference) }
+                h1 { (repo) " " code { (reference) } }
+                dl.facts {
+                    dt { "Digest" } dd { code #digest { (digest) } }
+                    dt { "Media type" } dd { (m.media_type) }
+                    dt { "Pull" } dd { code.copy { "docker pull " (host) "/" (repo) "@" (digest) } }
+                }
+                @if let Some(children) = v["manifests"].as_array() {
+                    h2 { "Platforms" }
+                    table #platforms {
+                        thead { tr { th { "Platform" } th { "Manifest" } th { "Size" } } }
+                        tbody {
+                            @for c in children {
+                                @let d = c["digest"].as_str().unwrap_or("");
+                                tr {
+                                    td { (platform(c)) }
+                                    td { a href={ "/ui/manifest?name=" (enc(repo)) "&ref=" (enc(d)) } { code { (short(d)) } } }
+                                    td { (c["size"].as_u64().unwrap_or(0)) " B" }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if v["config"].is_object() {
+                    h2 { "Config" }
+                    p { code { (v["config"]["digest"].as_str().unwrap_or("")) } " · " (v["config"]["size"].as_u64().unwrap_or(0)) " B" }
+                }
+                @if let Some(layers) = v["layers"].as_array() {
+                    h2 { "Layers" }
+                    table #layers {
+                        thead { tr { th { "#" } th { "Digest" } th { "Type" } th { "Size" } } }
+                        tbody {
+                            @for (i, l) in layers.iter().enumerate() {
+                                tr {
+                                    td { (i + 1) }
+                                    td { code { (l["digest"].as_str().unwrap_or("")) } }
+                                    td { (l["mediaType"].as_str().unwrap_or("")) }
+                                    td { (size(l["size"].as_u64().unwrap_or(0))) }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if let Some(a) = v["annotations"].as_object() {
+                    h2 { "Annotations" }
+                    dl.facts #annotations {
+                        @for (k, val) in a {
+                            dt { (k) } dd { (val.as_str().map_or_else(|| val.to_string(), str::to_owned)) }
+                        }
+                    }
+                }
+                h2 { "Referrers" }
+                @if referrers.is_empty() {
+                    p.empty { "No signatures, SBOMs or attestations refer to it." }
+                } @else {
+                    table #referrers {
+                        thead { tr { th { "Artifact type" } th { "Manifest" } th { "Size" } } }
+                        tbody {
+                            @for r in referrers {
+                                @let d = r["digest"].as_str().unwrap_or("");
+                                tr {
+                                    td { (r["artifactType"].as_str().unwrap_or("(none)")) }
+                                    td { a href={ "/ui/manifest?name=" (enc(repo)) "&ref=" (enc(d)) } { code { (short(d)) } } }
+                                    td { (r["size"].as_u64().unwrap_or(0)) " B" }
+                                }
+                            }
+                        }
+                    }
+                }
+            },
+        ))
+    }
+}
+
+pub fn message(who: Option<&Who<'_>>, title: &str, text: &str) -> Markup {
+    layout(
+        title,
+        who,
+        html! {
+            section.card.narrow {
+                h1 { (title) }
+                p { (text) }
+                p { a href="/ui/" { "Back to the repositories" } }
+            }
+        },
+    )
+}
+
+/// A query-string value.
+fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// `sha256:0123456789ab…`.
+fn short(digest: &str) -> String {
+    match digest.split_once(':') {
+        Some((alg, hex)) if hex.len() > 12 => format!("{alg}:{}…", &hex[..12]),
+        _ => digest.to_owned(),
+    }
+}
+
+fn kind(media_type: &str) -> &'static str {
+    if media_type.contains("index") || media_type.contains("list") {
+        "index"
+    } else if media_type.is_empty() {
+        "?"
+    } else {
+        "image"
+    }
+}
+
+fn platform(c: &Value) -> String {
+    let p = &c["platform"];
+    let mut s = format!(
+        "{}/{}",
+        p["os"].as_str().unwrap_or("?"),
+        p["architecture"].as_str().unwrap_or("?")
+    );
+    if let Some(v) = p["variant"].as_str() {
+        s.push('/');
+        s.push_str(v);
+    }
+    s
+}
+
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_pushers_wrote_is_shown_inert() {
+        let who = Who {
+            name: "bob",
+            csrf: "c",
+        };
+        let evil = "<script>alert(1)</script>";
+        let page = repositories(&who, evil, &[format!("a/{evil}")], Some(evil)).into_string();
+        assert!(!page.contains("<script>"), "{page}");
+        assert!(page.contains("&lt;script&gt;"));
+        let m = super::super::data::Manifest {
+            digest: oci::Digest::of(oci::Algorithm::Sha256, b"x"),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            body: bytes::Bytes::from(
+                serde_json::json!({
+                    "schemaVersion": 2,
+                    "layers": [],
+                    "annotations": {"org.opencontainers.image.title": evil, evil: "x"}
+                })
+                .to_string(),
+            ),
+        };
+        let page = manifest(&who, "h", "r", evil, &m, &[]).into_string();
+        assert!(!page.contains("<script>"), "{page}");
+        assert_eq!(size(1536), "1.5 KiB");
+        assert_eq!(short("sha256:0123456789abcdef"), "sha256:0123456789ab…");
+    }
+}

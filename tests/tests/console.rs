@@ -1,0 +1,246 @@
+//! The web console (`/ui/`) in a real headless Chromium over WebDriver: sign in, find an
+//! image, read its layers, annotations and referrers, delete a mutable tag, be refused on an
+//! immutable one, sign out — against a production-shape deployment and `gateway dev`.
+//! Screenshots of each page go to `target/console-screenshots/` (docs/console.md shows them).
+
+use anyhow::{Context, ensure};
+use portcullis_tests::browser::Browser;
+use portcullis_tests::client::{Client, OCI_MANIFEST, TokenAuth, describe, image_config, sha256};
+use portcullis_tests::deployment::{self, SERVICE};
+use portcullis_tests::server::{GatewayServer, workspace_root};
+use reqwest::Method;
+use serde_json::json;
+use std::path::PathBuf;
+
+const ALICE: (&str, &str) = ("alice", "console-alice-pw");
+const BOB: (&str, &str) = ("bob", "console-bob-pw");
+const DAVE: (&str, &str) = ("dave", "console-dave-pw");
+/// What a pusher could write into an annotation, hoping a console runs it.
+const XSS: &str = "<img src=x onerror=\"window.pwned=true\"><script>window.pwned=true</script>";
+
+fn shots() -> PathBuf {
+    workspace_root().join("target/console-screenshots")
+}
+
+fn client_of(g: &GatewayServer, who: (&str, &str)) -> Client {
+    let mut c = Client::with_ca(&g.base, &g.ca_pem);
+    c.auth = Some(TokenAuth::new(
+        &format!("{}/token", g.base),
+        SERVICE,
+        Some(who),
+    ));
+    c
+}
+
+/// Pushes `repo:tag` with an annotation carrying the XSS payload; the manifest's digest.
+async fn push(c: &Client, repo: &str, tag: &str) -> anyhow::Result<oci::Digest> {
+    let config = image_config(tag);
+    let manifest = c
+        .image_manifest(
+            repo,
+            &config,
+            &[format!("layer of {repo}:{tag}").as_bytes()],
+            Some(json!({"annotations": {"org.opencontainers.image.description": XSS}})),
+        )
+        .await?;
+    let r = c.put_manifest(repo, tag, OCI_MANIFEST, &manifest).await?;
+    ensure!(
+        r.status() == 201,
+        "push {repo}:{tag}: {}",
+        describe(r).await
+    );
+    Ok(sha256(&manifest))
+}
+
+/// Pushes a signature-like artifact that refers to `subject` in `repo`.
+async fn push_referrer(
+    c: &Client,
+    repo: &str,
+    subject: &oci::Digest,
+    size: usize,
+) -> anyhow::Result<()> {
+    let blob = c.push_blob(repo, b"a signature".to_vec()).await?;
+    let empty = c.push_blob(repo, b"{}".to_vec()).await?;
+    let m = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.dev.cosign.simplesigning.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.to_string(), "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": blob.to_string(), "size": 11}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": subject.to_string(), "size": size}
+    });
+    let body = serde_json::to_vec(&m)?;
+    let d = sha256(&body);
+    let r = c
+        .put_manifest(repo, &d.to_string(), OCI_MANIFEST, &body)
+        .await?;
+    ensure!(r.status() == 201, "referrer: {}", describe(r).await);
+    Ok(())
+}
+
+async fn sign_in(b: &Browser, base: &str, who: (&str, &str)) -> anyhow::Result<()> {
+    b.open(&format!("{base}/ui/")).await?;
+    b.wait_for_url("/ui/login").await?;
+    b.fill("#username", who.0).await?;
+    b.fill("#password", who.1).await?;
+    b.click("#sign-in").await?;
+    b.wait_for_url("/ui/").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_developer_signs_in_reads_an_image_deletes_a_mutable_tag_and_sees_nothing_of_another_team()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    // team-a's maintainers are bob's group; team-b is dave's alone; release tags immutable.
+    std::fs::write(
+        gw.join("policy.toml"),
+        "admin_groups = [\"registry-admins\"]\n\
+         [[bindings]]\nrepositories = [\"team-a/**\"]\ngroups = [\"team-a\"]\nrole = \"maintainer\"\n\
+         [[bindings]]\nrepositories = [\"team-b/**\"]\nusers = [\"dave\"]\nrole = \"maintainer\"\n\
+         [[immutability]]\nrepositories = [\"**\"]\ntags = [\"v*.*.*\"]\n",
+    )?;
+    let g = deployment::start_gateway(&gw, &[&storage], &[ALICE, BOB, DAVE], 4)?;
+    let admin = client_of(&g, ALICE);
+    let release = push(&admin, "team-a/app", "v1.0.0").await?;
+    push(&admin, "team-a/app", "dev").await?;
+    let r = admin
+        .req(Method::GET, &format!("/v2/team-a/app/manifests/{release}"))
+        .send()
+        .await?;
+    let size = r.bytes().await?.len();
+    push_referrer(&admin, "team-a/app", &release, size).await?;
+    push(&admin, "team-b/secret-project", "v9.9.9").await?;
+
+    // The console's own headers, without a browser.
+    let http = portcullis_tests::client::https(&g.ca_pem, true);
+    let r = http.get(format!("{}/ui/login", g.base)).send().await?;
+    let csp = r
+        .headers()
+        .get("content-security-policy")
+        .context("no CSP")?
+        .to_str()?
+        .to_owned();
+    ensure!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"));
+    ensure!(r.headers()["x-frame-options"] == "DENY");
+
+    let b = Browser::start().await?;
+    b.open(&format!("{}/ui/", g.base)).await?;
+    b.screenshot(&shots().join("1-sign-in.png")).await?;
+    // A wrong password: refused, still on the sign-in page.
+    b.fill("#username", BOB.0).await?;
+    b.fill("#password", "wrong").await?;
+    b.click("#sign-in").await?;
+    ensure!(
+        b.text(".error")
+            .await?
+            .contains("Wrong user name or password")
+    );
+    sign_in(&b, &g.base, BOB).await?;
+    let page = b.source().await?;
+    ensure!(page.contains("team-a/app"), "{page}");
+    ensure!(!page.contains("team-b"), "team-b shows in bob's list");
+    b.screenshot(&shots().join("2-repositories.png")).await?;
+    // Searching for it, or opening it by name, shows no trace of it either.
+    b.open(&format!("{}/ui/?q=team-b", g.base)).await?;
+    ensure!(!b.source().await?.contains("secret-project"));
+    b.open(&format!("{}/ui/repo?name=team-b/secret-project", g.base))
+        .await?;
+    let page = b.source().await?;
+    ensure!(
+        !page.contains("v9.9.9") && page.contains("Not found"),
+        "{page}"
+    );
+    b.open(&format!(
+        "{}/ui/manifest?name=team-b/secret-project&ref=v9.9.9",
+        g.base
+    ))
+    .await?;
+    ensure!(!b.source().await?.contains("Layers"));
+
+    // The repository: both tags, the release marked immutable.
+    b.open(&format!("{}/ui/repo?name=team-a/app", g.base))
+        .await?;
+    let tags = b.text("#tags").await?;
+    ensure!(
+        tags.contains("v1.0.0") && tags.contains("dev") && tags.contains("immutable"),
+        "{tags}"
+    );
+    b.screenshot(&shots().join("3-repository.png")).await?;
+    // The release: layers, the annotation shown as text (never run), its signature.
+    b.open(&format!(
+        "{}/ui/manifest?name=team-a/app&ref=v1.0.0",
+        g.base
+    ))
+    .await?;
+    ensure!(b.text("#digest").await? == release.to_string());
+    ensure!(b.text("#layers").await?.contains("sha256:"));
+    ensure!(
+        b.text("#annotations")
+            .await?
+            .contains("<script>window.pwned=true</script>")
+    );
+    ensure!(
+        !b.script_ran("pwned").await?,
+        "the annotation ran as script"
+    );
+    ensure!(b.text("#referrers").await?.contains("cosign"));
+    b.screenshot(&shots().join("4-manifest.png")).await?;
+
+    // Delete the mutable tag; the immutable one is refused, with the rule.
+    b.open(&format!("{}/ui/repo?name=team-a/app", g.base))
+        .await?;
+    b.click("button[aria-label=\"Delete tag dev\"]").await?;
+    b.wait_for_text(".notice", "Tag dev deleted").await?;
+    let r = admin.get("/v2/team-a/app/manifests/dev").await?;
+    ensure!(r.status() == 404, "dev was not deleted: {}", r.status());
+    b.click("button[aria-label=\"Delete tag v1.0.0\"]").await?;
+    let notice = b.text(".notice").await?;
+    ensure!(
+        notice.contains("immutable") && notice.contains("line"),
+        "{notice}"
+    );
+    b.screenshot(&shots().join("5-refused.png")).await?;
+    let r = admin.get("/v2/team-a/app/manifests/v1.0.0").await?;
+    ensure!(r.status() == 200);
+
+    // A form post without the session's CSRF token is refused.
+    let cookie = b.cookie("portcullis_ui").await?;
+    let r = http
+        .post(format!("{}/ui/delete-tag", g.base))
+        .header("cookie", format!("portcullis_ui={cookie}"))
+        .form(&[("name", "team-a/app"), ("tag", "v1.0.0")])
+        .send()
+        .await?;
+    ensure!(r.status() == 403);
+
+    // Signing out ends the session: the cookie no longer opens a page.
+    b.click("header button").await?;
+    b.wait_for_url("/ui/login").await?;
+    let r = http
+        .get(format!("{}/ui/", g.base))
+        .header("cookie", format!("portcullis_ui={cookie}"))
+        .send()
+        .await?;
+    ensure!(r.status() == 303, "a signed-out session still opens pages");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_default_serves_the_console() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let g = GatewayServer::start_dev(data.path(), Some("console-dev-admin"))?;
+    let mut c = client_of(&g, ("admin", "console-dev-admin"));
+    c.auth = Some(TokenAuth::new(
+        &format!("{}/token", g.base),
+        "portcullis",
+        Some(("admin", "console-dev-admin")),
+    ));
+    push(&c, "team-a/dev-app", "1").await?;
+    let b = Browser::start().await?;
+    sign_in(&b, &g.base, ("admin", "console-dev-admin")).await?;
+    ensure!(b.source().await?.contains("team-a/dev-app"));
+    Ok(())
+}
