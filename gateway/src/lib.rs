@@ -170,11 +170,12 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             limits: tokens.limits.clone(),
         },
         endpoints: endpoints::Endpoints {
-            console: Arc::new(console::Console {
-                tokens: tokens.clone(),
-                data: console::data::Data::new(upstreams.clone(), secret.clone())?,
-                sso: oidc.is_some(),
-            }),
+            console: Arc::new(console::Console::new(
+                tokens.clone(),
+                console::data::Data::new(upstreams.clone(), secret.clone())?,
+                oidc.is_some(),
+                &secret,
+            )),
             tokens,
             oidc,
             metrics: metrics.clone(),

@@ -22,8 +22,8 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// Starts chromedriver and a headless Chromium that trusts nothing but accepts the test
-    /// CA's certificates (`acceptInsecureCerts`: the tests' gateways use a generated CA).
+    /// Starts chromedriver and a headless Chromium that accepts any certificate
+    /// (`acceptInsecureCerts`: the tests' gateways use a generated CA).
     pub async fn start() -> anyhow::Result<Self> {
         let port = crate::tools::free_port()?;
         let driver = Command::new("chromedriver")
@@ -34,10 +34,20 @@ impl Browser {
             .spawn()
             .context("starting chromedriver (Debian's chromium-driver)")?;
         let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
+        // A stuck browser fails the test instead of hanging it.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        // Made before waiting, so a driver that never answers is stopped too.
+        let mut b = Browser {
+            driver,
+            base,
+            session: String::new(),
+            http,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = http.get(format!("{base}/status")).send().await
+            if let Ok(r) = b.http.get(format!("{}/status", b.base)).send().await
                 && r.status().is_success()
             {
                 break;
@@ -45,12 +55,6 @@ impl Browser {
             ensure!(Instant::now() < deadline, "chromedriver never answered");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut b = Browser {
-            driver,
-            base,
-            session: String::new(),
-            http,
-        };
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "acceptInsecureCerts": true,
@@ -250,6 +254,11 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         // The session's browser first (chromedriver stops it), then the driver.
+        if self.session.is_empty() {
+            let _ = self.driver.kill();
+            let _ = self.driver.wait();
+            return;
+        }
         let addr = self.base.trim_start_matches("http://").to_owned();
         if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
             use std::io::{Read, Write};

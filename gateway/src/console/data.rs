@@ -16,7 +16,15 @@ use std::time::Duration;
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
+application/vnd.oci.artifact.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
+
+/// What a manifest `HEAD` says.
+pub struct ManifestHead {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: usize,
+}
 
 /// A manifest as storage holds it.
 pub struct Manifest {
@@ -52,6 +60,8 @@ impl Data {
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(20))
+                // The internal secret goes to storage nodes only.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()?,
         })
     }
@@ -78,27 +88,30 @@ impl Data {
         last: Option<&str>,
     ) -> anyhow::Result<(Vec<String>, bool)> {
         let q = page_query(n, last);
-        self.list(&format!("/v2/_catalog?{q}"), "repositories")
-            .await
+        Ok(self
+            .list(&format!("/v2/_catalog?{q}"), "repositories")
+            .await?
+            .unwrap_or_default())
     }
 
-    /// Up to `n` tags of `repo` after `last`, and whether more follow.
+    /// Up to `n` tags of `repo` after `last`, and whether more follow; `None` when there
+    /// is no such repository.
     pub async fn tags(
         &self,
         repo: &str,
         n: usize,
         last: Option<&str>,
-    ) -> anyhow::Result<(Vec<String>, bool)> {
+    ) -> anyhow::Result<Option<(Vec<String>, bool)>> {
         let q = page_query(n, last);
         self.list(&format!("/v2/{repo}/tags/list?{q}"), "tags")
             .await
     }
 
-    async fn list(&self, path: &str, field: &str) -> anyhow::Result<(Vec<String>, bool)> {
+    async fn list(&self, path: &str, field: &str) -> anyhow::Result<Option<(Vec<String>, bool)>> {
         let r = self.request(Method::GET, path)?.send().await?;
         match r.status() {
             StatusCode::OK => {}
-            StatusCode::NOT_FOUND => return Ok((Vec::new(), false)),
+            StatusCode::NOT_FOUND => return Ok(None),
             s => anyhow::bail!("storage answered {s} to a listing"),
         }
         let more = r.headers().contains_key("link");
@@ -111,7 +124,36 @@ impl Data {
                     .collect()
             })
             .unwrap_or_default();
-        Ok((items, more))
+        Ok(Some((items, more)))
+    }
+
+    /// What storage says of the manifest `repo:reference` (no body), if it has it.
+    pub async fn manifest_head(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> anyhow::Result<Option<ManifestHead>> {
+        let r = self
+            .request(Method::HEAD, &format!("/v2/{repo}/manifests/{reference}"))?
+            .header("accept", MANIFEST_ACCEPT)
+            .send()
+            .await?;
+        match r.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => anyhow::bail!("storage answered {s} to a manifest HEAD"),
+        }
+        let h = r.headers();
+        let text = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
+        Ok(Some(ManifestHead {
+            digest: text("docker-content-digest")
+                .and_then(|v| Digest::parse(v).ok())
+                .ok_or_else(|| anyhow::anyhow!("storage sent a manifest without digest"))?,
+            media_type: text("content-type").unwrap_or("").to_owned(),
+            size: text("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        }))
     }
 
     /// The manifest `repo:reference`, if storage has it.
@@ -151,8 +193,10 @@ impl Data {
             .request(Method::GET, &format!("/v2/{repo}/referrers/{digest}"))?
             .send()
             .await?;
-        if r.status() != StatusCode::OK {
-            return Ok(Vec::new());
+        match r.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(Vec::new()),
+            s => anyhow::bail!("storage answered {s} to a referrers GET"),
         }
         let v: Value = r.json().await?;
         Ok(v["manifests"].as_array().cloned().unwrap_or_default())

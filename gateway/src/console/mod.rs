@@ -1,17 +1,20 @@
 //! The web console at `/ui/`: what people see of their registry in a browser.
 //!
-//! - Sign-in with a password goes through the token service's own login (the same
-//!   authenticators, lockouts and audit as `docker login`) and opens an ordinary session
-//!   (`source: console`, listed and revoked at `/auth/sessions` like any other); its refresh
-//!   token is the cookie (`Secure`, `HttpOnly`, `SameSite=Strict`, path `/ui`), redeemed on
-//!   every request, so a revoked or expired session signs the browser out at once.
+//! - Sign-in with a person's password goes through the token service's own login (the same
+//!   authenticators, lockouts, rate limits and failure audit as `docker login`) and opens an
+//!   ordinary session (`source: console`, listed and revoked at `/auth/sessions` like any
+//!   other); its refresh token is the cookie (`__Host-`, `Secure`, `HttpOnly`,
+//!   `SameSite=Strict`), redeemed on every request, so a revoked or expired session signs the
+//!   browser out at once. Robots, CI tokens and registry refresh tokens cannot sign in: a
+//!   session would outlive what they were given for.
 //! - Every page and action is decided by the policy in force for the session's identity,
 //!   as the registry decides: a repository the person may not pull is not listed and its
 //!   pages answer as if it did not exist; delete buttons only where policy allows a delete,
 //!   and a delete of an immutable tag is refused with the rule that holds it.
 //! - Every state change is a form post carrying the session's CSRF token (derived from the
-//!   session token); pages carry a strict `Content-Security-Policy` (no script at all), deny
-//!   framing, and escape everything they show ([`pages`]).
+//!   session token), answered with a redirect (a reload does not post again); pages carry a
+//!   strict `Content-Security-Policy` (no script at all), deny framing, and escape everything
+//!   they show ([`pages`]). `proxy::send` adds `Cache-Control: no-store` to every answer.
 //!
 //! Rooms: [`pages`] (templates), [`data`] (what it reads from storage).
 
@@ -19,35 +22,72 @@ pub mod data;
 pub mod pages;
 
 use crate::incoming::Incoming;
-use crate::reply::{HTML, Reply};
+use crate::reply::Reply;
 use crate::token::TokenService;
 use crate::token::refresh::Session;
 use data::Data;
 use pages::{TagRow, Who};
 use policy::Action;
+use std::collections::HashMap;
 use std::sync::Arc;
 
-/// The session cookie.
-const COOKIE: &str = "portcullis_ui";
+/// The session cookie (`__Host-`: set by this host only, on `/`, over TLS; a sibling
+/// subdomain cannot plant one).
+const COOKIE: &str = "__Host-portcullis_ui";
 /// The sign-in form's CSRF cookie (before there is a session).
-const LOGIN_COOKIE: &str = "portcullis_ui_login";
+const LOGIN_COOKIE: &str = "__Host-portcullis_ui_login";
 /// Repositories per page, tags per page.
 const PAGE: usize = 50;
 /// Catalog names looked at for one page of repositories a person may see, at most.
 const SCAN: usize = 5_000;
 const STYLE: &str = include_str!("style.css");
 
+/// What a request under `/ui` asks for, parsed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Page {
+    Style,
+    LoginForm,
+    SignIn,
+    Repositories,
+    Repository,
+    Manifest,
+    DeleteTag,
+    SignOut,
+    Unknown,
+}
+
+impl Page {
+    fn parse(method: &str, path: &str) -> Page {
+        match (method, path.trim_end_matches('/')) {
+            ("GET", "/ui/static/style.css") => Page::Style,
+            ("GET", "/ui/login") => Page::LoginForm,
+            ("POST", "/ui/login") => Page::SignIn,
+            ("GET", "/ui") => Page::Repositories,
+            ("GET", "/ui/repo") => Page::Repository,
+            ("GET", "/ui/manifest") => Page::Manifest,
+            ("POST", "/ui/delete-tag") => Page::DeleteTag,
+            ("POST", "/ui/logout") => Page::SignOut,
+            _ => Page::Unknown,
+        }
+    }
+}
+
 pub struct Console {
-    pub tokens: Arc<TokenService>,
-    pub data: Data,
+    tokens: Arc<TokenService>,
+    data: Data,
     /// Whether single sign-on is configured (the sign-in page links it).
-    pub sso: bool,
+    sso: bool,
+    /// Seals the repository list's "More" cursors (one may name a repository the person may
+    /// not see): derived from the internal secret, so any gateway of a deployment opens
+    /// another's.
+    cursor_key: zeroize::Zeroizing<[u8; 32]>,
 }
 
 /// A signed-in request.
 struct Signed {
     session: Session,
     token: String,
+    csrf: String,
 }
 
 impl Signed {
@@ -59,12 +99,11 @@ impl Signed {
         }
     }
 
-    fn csrf(&self) -> String {
-        csrf_of(&self.token)
-    }
-
-    fn who(&self, csrf: &str) -> (String, String) {
-        (self.session.subject.clone(), csrf.to_owned())
+    fn who(&self) -> Who<'_> {
+        Who {
+            name: &self.session.subject,
+            csrf: &self.csrf,
+        }
     }
 }
 
@@ -75,99 +114,154 @@ fn csrf_of(token: &str) -> String {
     hex::encode(&sha2::Sha256::digest(format!("portcullis-ui-csrf:{token}").as_bytes())[..16])
 }
 
+/// A session's public id (as `/auth/sessions` lists it).
+fn session_id(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))[..crate::token::refresh::ID_LEN].to_owned()
+}
+
+/// The value of the cookie `name`; none when there is none or more than one (a planted
+/// second one is not picked over ours).
 fn cookie<'a>(cookies: Option<&'a str>, name: &str) -> Option<&'a str> {
-    cookies?.split(';').find_map(|c| {
+    let mut found = cookies?.split(';').filter_map(|c| {
         let (k, v) = c.trim().split_once('=')?;
         (k == name).then_some(v)
-    })
+    });
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
-fn form(body: &[u8]) -> std::collections::HashMap<String, String> {
-    form_urlencoded::parse(body).into_owned().collect()
+/// Equal secrets, compared in constant time (lengths first: `memcmp::eq` wants equal ones).
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && openssl::memcmp::eq(a.as_bytes(), b.as_bytes())
 }
 
-fn query(q: Option<&str>) -> std::collections::HashMap<String, String> {
-    form_urlencoded::parse(q.unwrap_or("").as_bytes())
-        .into_owned()
-        .collect()
+/// A form body or a query string.
+fn pairs(s: &[u8]) -> HashMap<String, String> {
+    form_urlencoded::parse(s).into_owned().collect()
+}
+
+fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// A page with the console's headers: no script, no framing, no sniffing.
 fn page(status: u16, markup: maud::Markup) -> Reply {
-    Reply {
-        status,
-        content_type: HTML,
-        body: markup.into_string(),
-        headers: Vec::new(),
-    }
-    .with_header(
-        "content-security-policy",
-        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    )
-    .with_header("x-frame-options", "DENY")
-    .with_header("x-content-type-options", "nosniff")
-    .with_header("referrer-policy", "same-origin")
+    Reply::html(status, markup.into_string())
+        .with_header(
+            "content-security-policy",
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        )
+        .with_header("x-frame-options", "DENY")
+        .with_header("x-content-type-options", "nosniff")
+        .with_header("referrer-policy", "same-origin")
 }
 
 fn redirect(to: &str) -> Reply {
-    Reply {
-        status: 303,
-        content_type: HTML,
-        body: String::new(),
-        headers: Vec::new(),
-    }
-    .with_header("location", to.to_owned())
+    Reply::html(303, String::new()).with_header("location", to.to_owned())
+}
+
+fn set_cookie(name: &str, value: &str, max_age: i64) -> String {
+    format!("{name}={value}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age}")
 }
 
 fn now() -> i64 {
     crate::clock::unix_now()
 }
 
+/// What a tag delete came to; the repository page says it (a closed set: nothing the
+/// client wrote is shown as the notice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Done {
+    Deleted,
+    Immutable,
+    Missing,
+    Denied,
+    Refused,
+}
+
+impl Done {
+    fn code(self) -> &'static str {
+        match self {
+            Done::Deleted => "deleted",
+            Done::Immutable => "immutable",
+            Done::Missing => "missing",
+            Done::Denied => "denied",
+            Done::Refused => "refused",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Done> {
+        [
+            Done::Deleted,
+            Done::Immutable,
+            Done::Missing,
+            Done::Denied,
+            Done::Refused,
+        ]
+        .into_iter()
+        .find(|d| d.code() == s)
+    }
+}
+
 impl Console {
+    pub fn new(tokens: Arc<TokenService>, data: Data, sso: bool, secret: &str) -> Self {
+        use sha2::Digest;
+        let key: [u8; 32] =
+            sha2::Sha256::digest(format!("portcullis-console-cursor:{secret}").as_bytes()).into();
+        Console {
+            tokens,
+            data,
+            sso,
+            cursor_key: zeroize::Zeroizing::new(key),
+        }
+    }
+
     /// Answers a request under `/ui`.
     pub async fn answer(&self, req: &Incoming) -> Reply {
-        let path = req.path.trim_end_matches('/');
-        match (req.method.as_str(), path) {
-            ("GET", "/ui/static/style.css") => Reply {
-                status: 200,
-                content_type: "text/css; charset=utf-8",
-                body: STYLE.to_owned(),
-                headers: Vec::new(),
-            },
-            ("GET", "/ui/login") => self.login_page(None),
-            ("POST", "/ui/login") => self.sign_in(req).await,
-            (method, _) => {
-                let Some(signed) = self.signed(req).await else {
-                    return match method {
-                        "GET" => redirect("/ui/login"),
-                        _ => page(
-                            403,
-                            pages::message(None, "Signed out", "Sign in again, then retry."),
-                        ),
-                    };
+        let which = Page::parse(&req.method, &req.path);
+        match which {
+            Page::Style => {
+                return Reply {
+                    status: 200,
+                    content_type: "text/css; charset=utf-8",
+                    body: STYLE.to_owned(),
+                    headers: Vec::new(),
                 };
-                // Every post carries the session's CSRF token.
-                if method == "POST" {
-                    let f = form(&req.body);
-                    let ok = f.get("csrf").is_some_and(|c| {
-                        openssl::memcmp::eq(c.as_bytes(), signed.csrf().as_bytes())
-                    });
-                    if !ok {
-                        return page(
-                            403,
-                            pages::message(None, "Refused", "This form is stale; reload the page."),
-                        );
-                    }
-                }
-                match (method, path) {
-                    ("GET", "/ui") => self.repositories(req, &signed).await,
-                    ("GET", "/ui/repo") => self.repository(req, &signed, None).await,
-                    ("GET", "/ui/manifest") => self.manifest(req, &signed).await,
-                    ("POST", "/ui/delete-tag") => self.delete_tag(req, &signed).await,
-                    ("POST", "/ui/logout") => self.sign_out(&signed).await,
-                    _ => not_found(&signed),
-                }
             }
+            Page::LoginForm => return self.login_page(None),
+            Page::SignIn => return self.sign_in(req).await,
+            _ => {}
+        }
+        let Some(signed) = self.signed(req).await else {
+            return match req.method.as_str() {
+                "GET" => redirect("/ui/login"),
+                _ => page(
+                    403,
+                    pages::message(None, "Signed out", "Sign in again, then retry."),
+                ),
+            };
+        };
+        let form = pairs(&req.body);
+        // Every post carries the session's CSRF token.
+        if req.method == "POST" && !form.get("csrf").is_some_and(|c| same(c, &signed.csrf)) {
+            return page(
+                403,
+                pages::message(
+                    Some(&signed.who()),
+                    "Refused",
+                    "This form is stale; reload the page.",
+                ),
+            );
+        }
+        let query = pairs(req.query.as_deref().unwrap_or("").as_bytes());
+        match which {
+            Page::Repositories => self.repositories(&query, &signed).await,
+            Page::Repository => self.repository(&query, &req.host, &signed).await,
+            Page::Manifest => self.manifest(&query, &req.host, &signed).await,
+            Page::DeleteTag => self.delete_tag(&form, &signed).await,
+            Page::SignOut => self.sign_out(&signed).await,
+            _ => not_found(&signed),
         }
     }
 
@@ -177,77 +271,103 @@ impl Console {
             if error.is_some() { 401 } else { 200 },
             pages::login(&csrf, error, self.sso),
         )
-        .with_header(
-            "set-cookie",
-            format!(
-                "{LOGIN_COOKIE}={csrf}; Path=/ui; Secure; HttpOnly; SameSite=Strict; Max-Age=600"
-            ),
-        )
+        .with_header("set-cookie", set_cookie(LOGIN_COOKIE, &csrf, 600))
     }
 
     async fn sign_in(&self, req: &Incoming) -> Reply {
-        let f = form(&req.body);
-        let expected = cookie(req.cookies.as_deref(), LOGIN_COOKIE);
-        let sent = f.get("csrf").map(String::as_str);
-        if expected.is_none()
-            || sent.is_none()
-            || !openssl::memcmp::eq(
-                expected.unwrap_or_default().as_bytes(),
-                sent.unwrap_or_default().as_bytes(),
-            )
-            || expected.is_some_and(str::is_empty)
-        {
+        const WRONG: &str = "Wrong user name or password.";
+        const LATER: &str = "Signing in is not possible right now; try again later.";
+        let f = pairs(&req.body);
+        let expected = cookie(req.cookies.as_deref(), LOGIN_COOKIE).unwrap_or("");
+        let sent = f.get("csrf").map(String::as_str).unwrap_or("");
+        if expected.is_empty() || !same(expected, sent) {
             return self.login_page(Some("The sign-in form expired; try again."));
         }
-        let (user, password) = (
-            f.get("username").map(String::as_str).unwrap_or(""),
-            f.get("password").map(String::as_str).unwrap_or(""),
-        );
+        let user = f.get("username").map(String::as_str).unwrap_or("");
+        let password = f.get("password").map(String::as_str).unwrap_or("");
+        let refused = |why: &str| {
+            crate::audit::record(
+                "console-sign-in",
+                "failure",
+                serde_json::json!({"user.name": user, "event.reason": why}),
+            );
+        };
+        // A person's password only: a robot's secret, a CI token or a registry refresh token
+        // would become a session outliving what it was given for.
+        if user == crate::token::IDENTITY_TOKEN_USER || user.starts_with("robot$") {
+            refused("not a person's password");
+            return self.login_page(Some(WRONG));
+        }
+        if self
+            .tokens
+            .limits
+            .over_rate(
+                crate::limits::Endpoint::Token,
+                req.source.as_deref(),
+                Some(user),
+            )
+            .await
+            .is_some()
+        {
+            refused("rate limited");
+            return self.login_page(Some(LATER));
+        }
         let identity = match self
             .tokens
             .login(user, password, req.source.as_deref())
             .await
         {
-            Ok(id) => id,
-            Err(reply) if reply.status == 429 || reply.status == 503 => {
-                return self.login_page(Some(
-                    "Signing in is not possible right now; try again later.",
-                ));
+            Ok(id) if id.kind == policy::SubjectKind::User && id.machine.is_none() => id,
+            Ok(_) => {
+                refused("not a person's password");
+                return self.login_page(Some(WRONG));
             }
-            Err(_) => return self.login_page(Some("Wrong user name or password.")),
+            Err(reply) if reply.status == 429 || reply.status == 503 => {
+                return self.login_page(Some(LATER));
+            }
+            Err(_) => return self.login_page(Some(WRONG)),
         };
         let session = Session::new(&identity, "console", "web console", now());
-        let token = match self.tokens.open_session(&session).await {
-            Ok(t) => t,
-            Err(_) => {
-                return self.login_page(Some(
-                    "Signing in is not possible right now; try again later.",
-                ));
-            }
+        let Ok(token) = self.tokens.open_session(&session).await else {
+            refused("the session store is unavailable");
+            return self.login_page(Some(LATER));
         };
-        let max_age = self.tokens.sessions.idle_seconds();
+        crate::audit::record(
+            "console-sign-in",
+            "success",
+            serde_json::json!({
+                "user.name": identity.subject,
+                "user.roles": identity.groups,
+                "session.id": session_id(&token),
+            }),
+        );
+        // The session ends itself (idle or absolute lifetime): the cookie may outlive it.
+        let max_age = self.tokens.sessions.absolute_seconds();
         redirect("/ui/")
-            .with_header(
-                "set-cookie",
-                format!("{COOKIE}={token}; Path=/ui; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age}"),
-            )
-            .with_header(
-                "set-cookie",
-                format!("{LOGIN_COOKIE}=; Path=/ui; Secure; HttpOnly; SameSite=Strict; Max-Age=0"),
-            )
+            .with_header("set-cookie", set_cookie(COOKIE, &token, max_age))
+            .with_header("set-cookie", set_cookie(LOGIN_COOKIE, "", 0))
     }
 
     async fn sign_out(&self, signed: &Signed) -> Reply {
-        let _ = self.tokens.sessions.revoke(&signed.token).await;
-        crate::audit::record(
-            "console-sign-out",
-            "success",
-            serde_json::json!({"user.name": signed.session.subject}),
-        );
-        redirect("/ui/login").with_header(
-            "set-cookie",
-            format!("{COOKIE}=; Path=/ui; Secure; HttpOnly; SameSite=Strict; Max-Age=0"),
-        )
+        let mut fields = serde_json::json!({
+            "user.name": signed.session.subject,
+            "session.id": session_id(&signed.token),
+        });
+        // A session the store could not end is not called ended.
+        if let Err(e) = self.tokens.sessions.revoke(&signed.token).await {
+            fields["event.reason"] = e.to_string().into();
+            crate::audit::record("console-sign-out", "failure", fields);
+            return page(
+                503,
+                pages::message(
+                    Some(&signed.who()),
+                    "Not signed out",
+                    "The session store is unavailable; try again.",
+                ),
+            );
+        }
+        crate::audit::record("console-sign-out", "success", fields);
+        redirect("/ui/login").with_header("set-cookie", set_cookie(COOKIE, "", 0))
     }
 
     /// The session of the request's cookie, if it is one that is still open.
@@ -257,10 +377,10 @@ impl Console {
             return None;
         }
         let redeemed = self.tokens.sessions.redeem(token, now()).await.ok()??;
-        let _ = self.tokens.sessions.update(&redeemed, now()).await;
         Some(Signed {
             session: redeemed.session,
             token: token.to_owned(),
+            csrf: csrf_of(token),
         })
     }
 
@@ -272,45 +392,105 @@ impl Console {
             .allowed
     }
 
-    async fn repositories(&self, req: &Incoming, signed: &Signed) -> Reply {
-        let q = query(req.query.as_deref());
+    /// `name`, encrypted and authenticated (AES-256-GCM), base64url.
+    fn seal(&self, name: &str) -> Option<String> {
+        use base64::Engine;
+        let mut nonce = [0u8; 12];
+        openssl::rand::rand_bytes(&mut nonce).ok()?;
+        let mut tag = [0u8; 16];
+        let ct = openssl::symm::encrypt_aead(
+            openssl::symm::Cipher::aes_256_gcm(),
+            &self.cursor_key[..],
+            Some(&nonce),
+            b"portcullis-console-cursor",
+            name.as_bytes(),
+            &mut tag,
+        )
+        .ok()?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        out.extend_from_slice(&tag);
+        Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out))
+    }
+
+    /// What [`Console::seal`] sealed; `None` for anything else.
+    fn open(&self, sealed: &str) -> Option<String> {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sealed)
+            .ok()?;
+        if raw.len() < 28 || raw.len() > 1024 {
+            return None;
+        }
+        let (nonce, rest) = raw.split_at(12);
+        let (ct, tag) = rest.split_at(rest.len() - 16);
+        let plain = openssl::symm::decrypt_aead(
+            openssl::symm::Cipher::aes_256_gcm(),
+            &self.cursor_key[..],
+            Some(nonce),
+            b"portcullis-console-cursor",
+            ct,
+            tag,
+        )
+        .ok()?;
+        String::from_utf8(plain).ok()
+    }
+
+    async fn repositories(&self, q: &HashMap<String, String>, signed: &Signed) -> Reply {
         let prefix = q.get("q").map(String::as_str).unwrap_or("").trim();
         // Names that start with the prefix all sort after it without its last character.
+        let floor = prefix
+            .char_indices()
+            .last()
+            .map_or("", |(i, _)| &prefix[..i])
+            .to_owned();
+        let searchable = prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b));
         let mut last: Option<String> = match q.get("last") {
-            Some(l) => Some(l.clone()),
-            None if !prefix.is_empty() => {
-                let mut p = prefix.to_owned();
-                p.pop();
-                (!p.is_empty()).then_some(p)
-            }
-            None => None,
+            // The cursor of a "More" link: sealed, so it names nothing the person may not see.
+            Some(c) => match self.open(c) {
+                Some(name) => Some(name.max(floor.clone())),
+                None => {
+                    return page(
+                        400,
+                        pages::message(
+                            Some(&signed.who()),
+                            "Stale link",
+                            "This link expired; search again.",
+                        ),
+                    );
+                }
+            },
+            None => (!floor.is_empty()).then_some(floor),
         };
         let mut shown = Vec::new();
         let mut scanned = 0;
         let mut next = None;
         'pages: loop {
+            if !searchable {
+                break;
+            }
             let (names, more) = match self.data.catalog(1000, last.as_deref()).await {
                 Ok(p) => p,
                 Err(e) => return unavailable(signed, e),
             };
-            for n in names {
+            let count = names.len();
+            for (i, n) in names.into_iter().enumerate() {
                 scanned += 1;
                 last = Some(n.clone());
-                if !n.starts_with(prefix) {
-                    if n.as_str() > prefix {
-                        break 'pages;
+                if n.starts_with(prefix) {
+                    if self.may(signed, Action::Pull, &n) {
+                        shown.push(n);
                     }
-                    continue;
+                } else if n.as_str() > prefix {
+                    // Past the prefix (in byte order; storage's order differs only around
+                    // `/`, which costs a longer scan, never a name).
+                    break 'pages;
                 }
-                if self.may(signed, Action::Pull, &n) {
-                    shown.push(n);
-                    if shown.len() == PAGE {
-                        next = last.clone();
-                        break 'pages;
-                    }
-                }
-                if scanned >= SCAN {
-                    next = last.clone();
+                let at_end = !more && i + 1 == count;
+                if (shown.len() == PAGE || scanned >= SCAN) && !at_end {
+                    next = last.as_deref().and_then(|l| self.seal(l));
                     break 'pages;
                 }
             }
@@ -318,33 +498,31 @@ impl Console {
                 break;
             }
         }
-        let csrf = signed.csrf();
-        let (name, csrf) = signed.who(&csrf);
-        let who = Who {
-            name: &name,
-            csrf: &csrf,
-        };
         page(
             200,
-            pages::repositories(&who, prefix, &shown, next.as_deref()),
+            pages::repositories(&signed.who(), prefix, &shown, next.as_deref()),
         )
     }
 
-    async fn repository(&self, req: &Incoming, signed: &Signed, notice: Option<&str>) -> Reply {
-        let q = query(req.query.as_deref());
+    async fn repository(&self, q: &HashMap<String, String>, host: &str, signed: &Signed) -> Reply {
         let repo = q.get("name").map(String::as_str).unwrap_or("");
         if oci::RepositoryName::parse(repo).is_err() || !self.may(signed, Action::Pull, repo) {
             return not_found(signed);
         }
-        let last = q.get("last").map(String::as_str);
+        let last = q
+            .get("last")
+            .map(String::as_str)
+            .filter(|l| oci::Tag::parse(l).is_ok());
         let (tags, more) = match self.data.tags(repo, PAGE, last).await {
-            Ok(t) => t,
+            Ok(Some(t)) => t,
+            // No such repository: as for one the person may not see.
+            Ok(None) => return not_found(signed),
             Err(e) => return unavailable(signed, e),
         };
         let policy = self.tokens.policy.current();
         let mut rows = Vec::new();
         for t in &tags {
-            let m = match self.data.manifest(repo, t).await {
+            let m = match self.data.manifest_head(repo, t).await {
                 Ok(Some(m)) => m,
                 Ok(None) => continue,
                 Err(e) => return unavailable(signed, e),
@@ -352,37 +530,50 @@ impl Console {
             rows.push(TagRow {
                 tag: t.clone(),
                 digest: m.digest.to_string(),
-                media_type: m.media_type.clone(),
-                size: m.body.len(),
+                media_type: m.media_type,
+                size: m.size,
                 immutable: policy.immutable(repo, t).map(|by| {
                     format!("immutable by the rule at line {} ({})", by.line, by.pattern)
                 }),
             });
         }
+        let notice = q
+            .get("done")
+            .and_then(|d| Done::parse(d))
+            .zip(q.get("tag").filter(|t| oci::Tag::parse(t).is_ok()))
+            .map(|(done, tag)| match done {
+                Done::Deleted => format!("Tag {tag} deleted."),
+                Done::Missing => format!("There is no tag {tag}."),
+                Done::Denied => format!("You may not delete tags in {repo}."),
+                Done::Refused => {
+                    "The audit trail cannot be delivered; changes are refused until it recovers."
+                        .to_owned()
+                }
+                Done::Immutable => match policy.immutable(repo, tag) {
+                    Some(by) => format!(
+                        "Tag {tag} is immutable (policy rule at line {}: {}): it cannot be deleted.",
+                        by.line, by.pattern
+                    ),
+                    None => format!("Tag {tag} is immutable: it cannot be deleted."),
+                },
+            });
         let may_delete = self.may(signed, Action::Delete, repo);
-        let csrf = signed.csrf();
-        let (name, csrf) = signed.who(&csrf);
-        let who = Who {
-            name: &name,
-            csrf: &csrf,
-        };
         let next = more.then(|| tags.last().cloned()).flatten();
         page(
             200,
             pages::repository(
-                &who,
-                &req.host,
+                &signed.who(),
+                host,
                 repo,
                 &rows,
                 next.as_deref(),
                 may_delete,
-                notice,
+                notice.as_deref(),
             ),
         )
     }
 
-    async fn manifest(&self, req: &Incoming, signed: &Signed) -> Reply {
-        let q = query(req.query.as_deref());
+    async fn manifest(&self, q: &HashMap<String, String>, host: &str, signed: &Signed) -> Reply {
         let repo = q.get("name").map(String::as_str).unwrap_or("");
         let reference = q.get("ref").map(String::as_str).unwrap_or("");
         if oci::RepositoryName::parse(repo).is_err()
@@ -396,25 +587,19 @@ impl Console {
             Ok(None) => return not_found(signed),
             Err(e) => return unavailable(signed, e),
         };
-        let referrers = self
-            .data
-            .referrers(repo, &m.digest)
-            .await
-            .unwrap_or_default();
-        let csrf = signed.csrf();
-        let (name, csrf) = signed.who(&csrf);
-        let who = Who {
-            name: &name,
-            csrf: &csrf,
+        let referrers = match self.data.referrers(repo, &m.digest).await {
+            Ok(r) => r,
+            Err(e) => return unavailable(signed, e),
         };
         page(
             200,
-            pages::manifest(&who, &req.host, repo, reference, &m, &referrers),
+            pages::manifest(&signed.who(), host, repo, reference, &m, &referrers),
         )
     }
 
-    async fn delete_tag(&self, req: &Incoming, signed: &Signed) -> Reply {
-        let f = form(&req.body);
+    /// Deletes a tag where policy allows, then back to the repository page (a redirect: a
+    /// reload does not post again), which says what came of it.
+    async fn delete_tag(&self, f: &HashMap<String, String>, signed: &Signed) -> Reply {
         let repo = f.get("name").map(String::as_str).unwrap_or("");
         let tag = f.get("tag").map(String::as_str).unwrap_or("");
         if oci::RepositoryName::parse(repo).is_err()
@@ -423,80 +608,57 @@ impl Console {
         {
             return not_found(signed);
         }
-        let fields = serde_json::json!({
+        let mut fields = serde_json::json!({
+            "event.category": "registry",
             "user.name": signed.session.subject,
+            "user.roles": signed.session.groups,
+            "identity.kind": signed.session.kind,
             "repository": repo,
             "tag": tag,
             "via": "console",
         });
-        let back = Incoming {
-            method: "GET".into(),
-            path: "/ui/repo".into(),
-            query: Some(format!(
-                "name={}",
-                form_urlencoded::byte_serialize(repo.as_bytes()).collect::<String>()
-            )),
-            host: req.host.clone(),
-            ..Default::default()
-        };
-        if !self.may(signed, Action::Delete, repo) {
-            let mut e = fields.clone();
-            e["event.reason"] = "policy does not allow delete".into();
-            crate::audit::record("tag-delete", "failure", e);
-            let r = self
-                .repository(
-                    &back,
-                    signed,
-                    Some(&format!("You may not delete tags in {repo}.")),
-                )
-                .await;
-            return Reply { status: 403, ..r };
-        }
-        if let Some(by) = self.tokens.policy.current().immutable(repo, tag) {
-            let why = format!(
-                "Tag {tag} is immutable (policy rule at line {}: {}): it cannot be deleted.",
-                by.line, by.pattern
-            );
-            let mut e = fields.clone();
-            e["event.reason"] = format!("tag {tag} is immutable").into();
-            crate::audit::record("tag-delete", "failure", e);
-            let r = self.repository(&back, signed, Some(&why)).await;
-            return Reply { status: 403, ..r };
-        }
-        if crate::audit::refusing_writes() {
-            let r = self
-                .repository(
-                    &back,
-                    signed,
-                    Some("The audit trail cannot be delivered; changes are refused until it recovers."),
-                )
-                .await;
-            return Reply { status: 503, ..r };
-        }
-        match self.data.delete_tag(repo, tag).await {
-            Ok(_) => {
-                crate::audit::record("tag-delete", "success", fields);
-                self.repository(&back, signed, Some(&format!("Tag {tag} deleted.")))
-                    .await
+        let done = if !self.may(signed, Action::Delete, repo) {
+            Done::Denied
+        } else if self.tokens.policy.current().immutable(repo, tag).is_some() {
+            Done::Immutable
+        } else if crate::audit::refusing_writes() {
+            Done::Refused
+        } else {
+            match self.data.delete_tag(repo, tag).await {
+                Ok(true) => Done::Deleted,
+                Ok(false) => Done::Missing,
+                Err(e) => return unavailable(signed, e),
             }
-            Err(e) => unavailable(signed, e),
+        };
+        let outcome = if done == Done::Deleted {
+            "success"
+        } else {
+            fields["event.reason"] = match done {
+                Done::Denied => "policy does not allow delete".to_owned(),
+                Done::Immutable => format!("tag {tag} is immutable"),
+                Done::Missing => "no such tag".to_owned(),
+                _ => "the audit trail cannot be delivered".to_owned(),
+            }
+            .into();
+            "failure"
+        };
+        if done != Done::Refused {
+            crate::audit::record("tag-delete", outcome, fields);
         }
+        redirect(&format!(
+            "/ui/repo?name={}&done={}&tag={}",
+            enc(repo),
+            done.code(),
+            enc(tag)
+        ))
     }
 }
 
-fn who_of(signed: &Signed) -> (String, String) {
-    (signed.session.subject.clone(), signed.csrf())
-}
-
 fn not_found(signed: &Signed) -> Reply {
-    let (name, csrf) = who_of(signed);
     page(
         404,
         pages::message(
-            Some(&Who {
-                name: &name,
-                csrf: &csrf,
-            }),
+            Some(&signed.who()),
             "Not found",
             "There is no such repository or manifest, or you may not see it.",
         ),
@@ -505,16 +667,62 @@ fn not_found(signed: &Signed) -> Reply {
 
 fn unavailable(signed: &Signed, e: anyhow::Error) -> Reply {
     tracing::warn!(error = %e, "console: storage failed");
-    let (name, csrf) = who_of(signed);
     page(
         503,
         pages::message(
-            Some(&Who {
-                name: &name,
-                csrf: &csrf,
-            }),
+            Some(&signed.who()),
             "Unavailable",
             "Storage is unavailable; try again.",
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_console_path_has_one_page() {
+        let cases = [
+            ("GET", "/ui", Page::Repositories),
+            ("GET", "/ui/", Page::Repositories),
+            ("GET", "/ui/login", Page::LoginForm),
+            ("POST", "/ui/login", Page::SignIn),
+            ("POST", "/ui/logout", Page::SignOut),
+            ("GET", "/ui/logout", Page::Unknown),
+            ("GET", "/ui/delete-tag", Page::Unknown),
+            ("POST", "/ui/delete-tag", Page::DeleteTag),
+            ("GET", "/ui/static/style.css", Page::Style),
+            ("GET", "/ui/repo", Page::Repository),
+            ("GET", "/ui/manifest", Page::Manifest),
+            ("GET", "/ui/other", Page::Unknown),
+        ];
+        for (m, p, want) in cases {
+            assert_eq!(Page::parse(m, p), want, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn cookies_secrets_and_outcomes() {
+        assert_eq!(cookie(Some("a=1; b=2"), "b"), Some("2"));
+        assert_eq!(cookie(Some("b=1; b=2"), "b"), None, "a planted second one");
+        assert_eq!(cookie(None, "b"), None);
+        assert!(same("abc", "abc"));
+        assert!(!same("abc", "abd"));
+        assert!(
+            !same("abc", "ab"),
+            "different lengths are unequal, not a panic"
+        );
+        for d in [
+            Done::Deleted,
+            Done::Immutable,
+            Done::Missing,
+            Done::Denied,
+            Done::Refused,
+        ] {
+            assert_eq!(Done::parse(d.code()), Some(d));
+        }
+        assert_eq!(Done::parse("<b>"), None);
+        assert_ne!(csrf_of("a"), csrf_of("b"));
+    }
 }

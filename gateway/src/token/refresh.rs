@@ -99,9 +99,9 @@ fn key_of(token: &str) -> String {
 }
 
 impl Sessions {
-    /// How long a session may go unused.
-    pub fn idle_seconds(&self) -> i64 {
-        self.idle_seconds
+    /// How long a session lasts at most, used or not.
+    pub fn absolute_seconds(&self) -> i64 {
+        self.absolute_seconds
     }
 
     pub fn new(store: Arc<dyn StateStore>, absolute_seconds: i64, idle_seconds: i64) -> Self {
