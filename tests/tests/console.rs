@@ -10,6 +10,7 @@ use portcullis_tests::deployment::{self, SERVICE};
 use portcullis_tests::server::{GatewayServer, workspace_root};
 use reqwest::Method;
 use serde_json::json;
+use sha2::Digest as _;
 use std::path::PathBuf;
 
 const ALICE: (&str, &str) = ("alice", "console-alice-pw");
@@ -238,6 +239,53 @@ async fn a_developer_signs_in_reads_an_image_deletes_a_mutable_tag_and_sees_noth
         r.status() == 401,
         "a refresh token signed in: {}",
         r.status()
+    );
+
+    // A device's docker login (a device token: a session's refresh token) works until the
+    // person revokes that session on the account page.
+    portcullis_tests::remember_secret(&cookie);
+    let device = http
+        .get(format!(
+            "{}/token?service={SERVICE}&offline_token=true&client_id=bob-laptop",
+            g.base
+        ))
+        .basic_auth(BOB.0, Some(BOB.1))
+        .send()
+        .await?
+        .json::<serde_json::Value>()
+        .await?["refresh_token"]
+        .as_str()
+        .context("no device token")?
+        .to_owned();
+    portcullis_tests::remember_secret(&device);
+    let docker_login = || async {
+        Ok::<_, anyhow::Error>(
+            http.get(format!(
+                "{}/token?service={SERVICE}&scope=repository:team-a/app:pull",
+                g.base
+            ))
+            .basic_auth("<token>", Some(&device))
+            .send()
+            .await?
+            .status(),
+        )
+    };
+    ensure!(docker_login().await? == 200);
+    b.open(&format!("{}/ui/account", g.base)).await?;
+    let sessions = b.text("#sessions").await?;
+    ensure!(
+        sessions.contains("bob-laptop") && sessions.contains("this browser"),
+        "{sessions}"
+    );
+    b.screenshot(&shots().join("6-account.png")).await?;
+    let id = hex::encode(sha2::Sha256::digest(device.as_bytes()))[..16].to_owned();
+    b.click(&format!("button[aria-label=\"Revoke session {id}\"]"))
+        .await?;
+    b.wait_for_text(".notice", "Session revoked").await?;
+    ensure!(!b.text("#sessions").await?.contains("bob-laptop"));
+    ensure!(
+        docker_login().await? == 401,
+        "the revoked device still logs in"
     );
 
     // Signing out ends the session: the cookie no longer opens a page.

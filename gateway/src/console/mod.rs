@@ -52,6 +52,8 @@ enum Page {
     Repository,
     Manifest,
     DeleteTag,
+    Account,
+    RevokeSession,
     SignOut,
     Unknown,
 }
@@ -66,6 +68,8 @@ impl Page {
             ("GET", "/ui/repo") => Page::Repository,
             ("GET", "/ui/manifest") => Page::Manifest,
             ("POST", "/ui/delete-tag") => Page::DeleteTag,
+            ("GET", "/ui/account") => Page::Account,
+            ("POST", "/ui/revoke-session") => Page::RevokeSession,
             ("POST", "/ui/logout") => Page::SignOut,
             _ => Page::Unknown,
         }
@@ -260,6 +264,8 @@ impl Console {
             Page::Repository => self.repository(&query, &req.host, &signed).await,
             Page::Manifest => self.manifest(&query, &req.host, &signed).await,
             Page::DeleteTag => self.delete_tag(&form, &signed).await,
+            Page::Account => self.account(&query, &req.host, &signed).await,
+            Page::RevokeSession => self.revoke_session(&form, &signed).await,
             Page::SignOut => self.sign_out(&signed).await,
             _ => not_found(&signed),
         }
@@ -597,6 +603,63 @@ impl Console {
         )
     }
 
+    /// The person's sessions and devices, and how to log in with docker.
+    async fn account(&self, q: &HashMap<String, String>, host: &str, signed: &Signed) -> Reply {
+        let mut sessions = match self
+            .tokens
+            .sessions
+            .list(Some(&signed.session.subject))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return unavailable(signed, anyhow::anyhow!("{e}")),
+        };
+        // Newest first; this browser's own marked.
+        sessions.reverse();
+        let current = session_id(&signed.token);
+        let notice = match q.get("done").map(String::as_str) {
+            Some("revoked") => Some("Session revoked: its device must sign in again."),
+            Some("missing") => Some("There is no such session of yours."),
+            _ => None,
+        };
+        page(
+            200,
+            pages::account(&signed.who(), host, &sessions, &current, notice),
+        )
+    }
+
+    /// Revokes one of the person's own sessions (any device's, this one's too).
+    async fn revoke_session(&self, f: &HashMap<String, String>, signed: &Signed) -> Reply {
+        let id = f.get("id").map(String::as_str).unwrap_or("");
+        let owner = signed.session.subject.as_str();
+        let revoked = match self.tokens.sessions.revoke_id(id, Some(owner)).await {
+            Ok(r) => r,
+            Err(e) => return unavailable(signed, anyhow::anyhow!("{e}")),
+        };
+        let mut fields = serde_json::json!({
+            "user.name": owner,
+            "session": id.chars().take(crate::token::refresh::ID_LEN).collect::<String>(),
+            "admin": false,
+            "via": "console",
+        });
+        if !revoked {
+            fields["event.reason"] = "no such session of the user's".into();
+        }
+        crate::audit::record(
+            "session-revoke",
+            if revoked { "success" } else { "failure" },
+            fields,
+        );
+        if revoked && id == session_id(&signed.token) {
+            return redirect("/ui/login").with_header("set-cookie", set_cookie(COOKIE, "", 0));
+        }
+        redirect(if revoked {
+            "/ui/account?done=revoked"
+        } else {
+            "/ui/account?done=missing"
+        })
+    }
+
     /// Deletes a tag where policy allows, then back to the repository page (a redirect: a
     /// reload does not post again), which says what came of it.
     async fn delete_tag(&self, f: &HashMap<String, String>, signed: &Signed) -> Reply {
@@ -696,6 +759,9 @@ mod tests {
             ("GET", "/ui/repo", Page::Repository),
             ("GET", "/ui/manifest", Page::Manifest),
             ("GET", "/ui/other", Page::Unknown),
+            ("GET", "/ui/account", Page::Account),
+            ("POST", "/ui/revoke-session", Page::RevokeSession),
+            ("GET", "/ui/revoke-session", Page::Unknown),
         ];
         for (m, p, want) in cases {
             assert_eq!(Page::parse(m, p), want, "{m} {p}");

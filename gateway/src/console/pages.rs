@@ -28,6 +28,7 @@ pub fn layout(title: &str, who: Option<&Who<'_>>, body: Markup) -> Markup {
                     @if let Some(w) = who {
                         nav {
                             a href="/ui/" { "Repositories" }
+                            a href="/ui/account" { "Account" }
                             span.user { (w.name) }
                             form method="post" action="/ui/logout" {
                                 input type="hidden" name="csrf" value=(w.csrf);
@@ -252,6 +253,63 @@ pub fn manifest(
     }
 }
 
+/// The person's sessions (this browser's marked) and how to log in with docker.
+pub fn account(
+    who: &Who<'_>,
+    host: &str,
+    sessions: &[crate::token::refresh::SessionInfo],
+    current: &str,
+    notice: Option<&str>,
+) -> Markup {
+    layout(
+        "Account",
+        Some(who),
+        html! {
+            h1 { "Account" }
+            @if let Some(n) = notice {
+                p.notice role="status" { (n) }
+            }
+            h2 { "Sessions and devices" }
+            p { "Every sign-in — docker and podman logins with a device token, single sign-on, this console — is a session. Revoke one and its device must sign in again." }
+            table #sessions {
+                thead { tr { th { "Device" } th { "How" } th { "Since" } th { "Last used" } th {} } }
+                tbody {
+                    @for s in sessions {
+                        tr {
+                            td { (s.device) @if s.id == current { " " span.badge { "this browser" } } }
+                            td { (s.source) }
+                            td { (when(s.created_at)) }
+                            td { (when(s.last_used_at)) }
+                            td {
+                                form method="post" action="/ui/revoke-session" {
+                                    input type="hidden" name="csrf" value=(who.csrf);
+                                    input type="hidden" name="id" value=(s.id);
+                                    button.danger type="submit" aria-label={ "Revoke session " (s.id) } { "Revoke" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "Logging in with docker" }
+            p {
+                "With single sign-on, the credential helper "
+                code { "docker-credential-portcullis" }
+                " signs you in from a terminal (set it in "
+                code { "credHelpers" }
+                " of " code { "~/.docker/config.json" } " for " code { (host) } "). "
+                "With a password: " code.copy { "docker login " (host) " -u " (who.name) }
+                "."
+            }
+        },
+    )
+}
+
+/// A Unix time as RFC 3339 UTC.
+fn when(t: i64) -> String {
+    service::time::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64))
+}
+
 pub fn message(who: Option<&Who<'_>>, title: &str, text: &str) -> Markup {
     layout(
         title,
@@ -347,6 +405,7 @@ mod tests {
         let page = manifest(&who, "h", "r", evil, &m, &[]).into_string();
         assert!(!page.contains("<script>"), "{page}");
         assert_eq!(size(1536), "1.5 KiB");
+        assert!(when(0).starts_with("1970-01-01T00:00:00"));
         assert_eq!(short("sha256:0123456789abcdef"), "sha256:0123456789ab…");
     }
 }
