@@ -283,6 +283,16 @@ async fn child_of(c: &Client, repo: &str, tag: &str, arch: &str) -> anyhow::Resu
         .context("no such platform")
 }
 
+/// The value of a gateway metric series (0 when it has none yet).
+async fn metric(admin: &str, series: String) -> anyhow::Result<f64> {
+    Ok(metric_sample(&metrics_text(admin).await?, &series).unwrap_or(0.0))
+}
+
+/// `gateway_cache_requests_total` of the `hub` cache with this result.
+fn results(result: &str) -> String {
+    format!("gateway_cache_requests_total{{prefix=\"hub\",result=\"{result}\"}}")
+}
+
 /// Polls until `f` holds (what a cache does after a client's last byte: storage's commit, an
 /// upstream's access log line), for at most 20 s.
 async fn eventually<F, Fut>(what: &str, mut f: F) -> anyhow::Result<()>
@@ -352,16 +362,7 @@ async fn skopeo_podman_and_docker_pull_multi_platform_images_through_the_cache_a
     let certs = cert_dir(&ctr, &g.ca_pem)?;
     let h = &g.host;
     let admin = format!("admin:{ADMIN_PASSWORD}");
-    let misses = || async {
-        let m = metrics_text(&g.admin).await?;
-        Ok::<_, anyhow::Error>(
-            metric_sample(
-                &m,
-                "gateway_cache_requests_total{prefix=\"hub\",result=\"miss\"}",
-            )
-            .unwrap_or(0.0),
-        )
-    };
+    let misses = || metric(&g.admin, results("miss"));
 
     // docker with the mirror listener as `registry-mirrors`, cold: names without the prefix,
     // anonymous (docker sends no credentials to a mirror).
@@ -597,13 +598,8 @@ async fn a_portcullis_upstream_with_token_auth_is_pulled_through_and_served_when
     // What the cache never held is an error, not a hang.
     let r = c.get("/v2/hub/vendor/tool/manifests/3.0").await?;
     ensure!(r.status() == 502, "{}", describe(r).await);
-    let m = metrics_text(&cached.gateway.admin).await?;
-    let stale = metric_sample(
-        &m,
-        "gateway_cache_requests_total{prefix=\"hub\",result=\"stale\"}",
-    )
-    .unwrap_or(0.0);
-    ensure!(stale >= 1.0, "a stale serve is counted:\n{m}");
+    let stale = metric(&cached.gateway.admin, results("stale")).await?;
+    ensure!(stale >= 1.0, "a stale serve is counted");
     Ok(())
 }
 
@@ -679,14 +675,10 @@ async fn sixteen_cold_pulls_fetch_each_blob_once_and_a_cut_transfer_stores_nothi
     let mut bad = small.clone();
     *bad.last_mut().context("empty")? ^= 0xff;
     std::fs::write(&data, &bad)?;
-    let errors = || async {
-        let m = metrics_text(&cached.gateway.admin).await?;
-        Ok::<_, anyhow::Error>(
-            metric_sample(
-                &m,
-                "gateway_cache_upstream_errors_total{kind=\"invalid\",prefix=\"hub\"}",
-            )
-            .unwrap_or(0.0),
+    let errors = || {
+        metric(
+            &cached.gateway.admin,
+            "gateway_cache_upstream_errors_total{kind=\"invalid\",prefix=\"hub\"}".into(),
         )
     };
     for http1 in [true, false] {
@@ -741,16 +733,7 @@ async fn sixteen_cold_pulls_fetch_each_blob_once_and_a_cut_transfer_stores_nothi
     // 429 from the upstream: the cached tag is served (its TTL of 1 s ran out first).
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     relay.set(Mode::TooMany);
-    let stale = || async {
-        let m = metrics_text(&cached.gateway.admin).await?;
-        Ok::<_, anyhow::Error>(
-            metric_sample(
-                &m,
-                "gateway_cache_requests_total{prefix=\"hub\",result=\"stale\"}",
-            )
-            .unwrap_or(0.0),
-        )
-    };
+    let stale = || metric(&cached.gateway.admin, results("stale"));
     let before = stale().await?;
     ensure!(pull_verified(&c, "hub/library/app", "1").await? == digest);
     ensure!(stale().await? == before + 1.0, "the tag was served stale");
@@ -821,15 +804,6 @@ async fn a_cold_256_mib_blob_streams_before_the_upstream_is_done_and_ranges_work
         .await?;
     ensure!(ranged.status() == 206 && ranged.bytes().await? == blob[..10]);
     // The metrics say how the pulls were answered.
-    let m = metrics_text(&cached.gateway.admin).await?;
-    ensure!(
-        metric_sample(
-            &m,
-            "gateway_cache_requests_total{prefix=\"hub\",result=\"miss\"}"
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
-        "{m}"
-    );
+    ensure!(metric(&cached.gateway.admin, results("miss")).await? >= 1.0);
     Ok(())
 }
