@@ -148,17 +148,22 @@ impl Browser {
         Ok(())
     }
 
-    /// The text of `selector` as shown.
+    /// The text of `selector` as shown. An element the page replaced between finding and
+    /// reading it (the next page loading) is found again.
     pub async fn text(&self, selector: &str) -> anyhow::Result<String> {
-        let e = self.find(selector).await?;
-        let v = self
-            .call(
-                reqwest::Method::GET,
-                &self.at(&format!("/element/{e}/text")),
-                None,
-            )
-            .await?;
-        Ok(v.as_str().unwrap_or("").to_owned())
+        let mut tries = 0;
+        loop {
+            let e = self.find(selector).await?;
+            let path = self.at(&format!("/element/{e}/text"));
+            match self.call(reqwest::Method::GET, &path, None).await {
+                Ok(v) => return Ok(v.as_str().unwrap_or("").to_owned()),
+                Err(err) if tries < 20 && err.to_string().contains("stale element") => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// Waits (up to 10 s) until the text of `selector` contains `needle` (the next page after

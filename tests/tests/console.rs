@@ -135,11 +135,8 @@ async fn a_developer_signs_in_reads_an_image_deletes_a_mutable_tag_and_sees_noth
     b.fill("#username", BOB.0).await?;
     b.fill("#password", "wrong").await?;
     b.click("#sign-in").await?;
-    ensure!(
-        b.text(".error")
-            .await?
-            .contains("Wrong user name or password")
-    );
+    b.wait_for_text(".error", "Wrong user name or password")
+        .await?;
     sign_in(&b, &g.base, BOB).await?;
     let page = b.source().await?;
     ensure!(page.contains("team-a/app"), "{page}");
@@ -198,7 +195,7 @@ async fn a_developer_signs_in_reads_an_image_deletes_a_mutable_tag_and_sees_noth
     let r = admin.get("/v2/team-a/app/manifests/dev").await?;
     ensure!(r.status() == 404, "dev was not deleted: {}", r.status());
     b.click("button[aria-label=\"Delete tag v1.0.0\"]").await?;
-    let notice = b.text(".notice").await?;
+    let notice = b.wait_for_text(".notice", "immutable").await?;
     ensure!(
         notice.contains("immutable") && notice.contains("line"),
         "{notice}"
@@ -314,5 +311,90 @@ async fn the_embedded_default_serves_the_console() -> anyhow::Result<()> {
     let b = Browser::start().await?;
     sign_in(&b, &g.base, ("admin", "console-dev-admin")).await?;
     ensure!(b.source().await?.contains("team-a/dev-app"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
+-> anyhow::Result<()> {
+    use portcullis_tests::tools::{Containers, cert_dir};
+    let dir = tempfile::tempdir()?;
+    let storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    let g = deployment::start_gateway(&gw, &[&storage], &[ALICE, BOB], 4)?;
+    let admin = client_of(&g, ALICE);
+    push(&admin, "team-a/app", "v1.0.0").await?;
+
+    // bob (no administrator) has no robots page.
+    let b = Browser::start().await?;
+    sign_in(&b, &g.base, BOB).await?;
+    ensure!(!b.source().await?.contains("/ui/admin/robots"));
+    b.open(&format!("{}/ui/admin/robots", g.base)).await?;
+    ensure!(b.source().await?.contains("Not found"));
+    b.click("header button").await?;
+    b.wait_for_url("/ui/login").await?;
+
+    sign_in(&b, &g.base, ALICE).await?;
+    b.open(&format!("{}/ui/admin/robots", g.base)).await?;
+    b.fill("#project", "team-a").await?;
+    b.fill("#robot-name", "ci").await?;
+    b.fill("#repositories", "team-a/**").await?;
+    b.click("#push").await?;
+    b.click("#create-robot").await?;
+    b.wait_for_text("#secret", "Secret of").await?;
+    let secret = b.text("#robot-secret").await?;
+    ensure!(secret.len() >= 32, "no secret shown: {secret:?}");
+    portcullis_tests::remember_secret(&secret);
+    b.screenshot(&shots().join("7-robots.png")).await?;
+    ensure!(b.text("#robots").await?.contains("robot$team-a+ci"));
+    // Shown once: the list page does not show it again.
+    b.open(&format!("{}/ui/admin/robots", g.base)).await?;
+    ensure!(!b.source().await?.contains(&secret));
+
+    let ctr = Containers::new()?;
+    let certs = cert_dir(&ctr, &g.ca_pem)?;
+    let copy = |secret: &str, to: &str| {
+        let creds = format!("robot$team-a+ci:{secret}");
+        ctr.run(
+            "skopeo",
+            &[
+                "copy",
+                "-q",
+                "--src-cert-dir",
+                &certs,
+                "--dest-cert-dir",
+                &certs,
+                "--src-creds",
+                &creds,
+                "--dest-creds",
+                &creds,
+                &format!("docker://{}/team-a/app:v1.0.0", g.host),
+                &format!("docker://{}/team-a/{to}", g.host),
+            ],
+        )
+    };
+    copy(&secret, "by-robot:1")?;
+    // Rotated: the new secret works too.
+    b.click("button[aria-label=\"Rotate robot$team-a+ci\"]")
+        .await?;
+    // The list page has no secret: wait for the next page's.
+    b.wait_for_text("#secret", "Secret of").await?;
+    let rotated = b.text("#robot-secret").await?;
+    portcullis_tests::remember_secret(&rotated);
+    ensure!(
+        rotated != secret && rotated.len() >= 32,
+        "no new secret: {}",
+        b.source().await?
+    );
+    copy(&rotated, "by-robot:2")?;
+    // Deleted: it pushes no more.
+    b.click("button[aria-label=\"Delete robot$team-a+ci\"]")
+        .await?;
+    b.wait_for_text(".notice", "Robot deleted").await?;
+    ensure!(
+        copy(&rotated, "by-robot:3").is_err(),
+        "a deleted robot still pushes"
+    );
     Ok(())
 }

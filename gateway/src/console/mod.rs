@@ -54,6 +54,10 @@ enum Page {
     DeleteTag,
     Account,
     RevokeSession,
+    Robots,
+    CreateRobot,
+    RotateRobot,
+    DeleteRobot,
     SignOut,
     Unknown,
 }
@@ -70,6 +74,10 @@ impl Page {
             ("POST", "/ui/delete-tag") => Page::DeleteTag,
             ("GET", "/ui/account") => Page::Account,
             ("POST", "/ui/revoke-session") => Page::RevokeSession,
+            ("GET", "/ui/admin/robots") => Page::Robots,
+            ("POST", "/ui/admin/robots/create") => Page::CreateRobot,
+            ("POST", "/ui/admin/robots/rotate") => Page::RotateRobot,
+            ("POST", "/ui/admin/robots/delete") => Page::DeleteRobot,
             ("POST", "/ui/logout") => Page::SignOut,
             _ => Page::Unknown,
         }
@@ -92,6 +100,8 @@ struct Signed {
     session: Session,
     token: String,
     csrf: String,
+    /// A registry administrator (sees the administration pages).
+    admin: bool,
 }
 
 impl Signed {
@@ -107,6 +117,7 @@ impl Signed {
         Who {
             name: &self.session.subject,
             csrf: &self.csrf,
+            admin: self.admin,
         }
     }
 }
@@ -266,6 +277,9 @@ impl Console {
             Page::DeleteTag => self.delete_tag(&form, &signed).await,
             Page::Account => self.account(&query, &req.host, &signed).await,
             Page::RevokeSession => self.revoke_session(&form, &signed).await,
+            Page::Robots | Page::CreateRobot | Page::RotateRobot | Page::DeleteRobot => {
+                self.robots(which, &query, &form, &signed).await
+            }
             Page::SignOut => self.sign_out(&signed).await,
             _ => not_found(&signed),
         }
@@ -383,11 +397,14 @@ impl Console {
             return None;
         }
         let redeemed = self.tokens.sessions.redeem(token, now()).await.ok()??;
-        Some(Signed {
+        let mut signed = Signed {
             session: redeemed.session,
             token: token.to_owned(),
             csrf: csrf_of(token),
-        })
+            admin: false,
+        };
+        signed.admin = self.tokens.policy.current().is_admin(&signed.subject());
+        Some(signed)
     }
 
     fn may(&self, signed: &Signed, action: Action, repo: &str) -> bool {
@@ -660,6 +677,88 @@ impl Console {
         })
     }
 
+    /// Robot accounts, for registry administrators only (anyone else: as if there were no
+    /// such page). Every action is the robots' admin API's own, called as this administrator.
+    async fn robots(
+        &self,
+        which: Page,
+        q: &HashMap<String, String>,
+        f: &HashMap<String, String>,
+        signed: &Signed,
+    ) -> Reply {
+        use crate::auth::robots::Caller;
+        let Some(robots) = &self.tokens.robots else {
+            return not_found(signed);
+        };
+        if !self.tokens.policy.current().is_admin(&signed.subject()) {
+            return not_found(signed);
+        }
+        let caller = Caller::Admin(signed.session.subject.clone());
+        let call = |method: &'static str, rest: String, body: Vec<u8>| {
+            let caller = &caller;
+            async move {
+                self.tokens
+                    .robots_call(robots, method, &rest, &body, caller)
+                    .await
+            }
+        };
+        let name = f.get("robot").map(String::as_str).unwrap_or("");
+        let (status, secret, notice) = match which {
+            Page::CreateRobot => {
+                let actions: Vec<&str> = ["pull", "push", "delete"]
+                    .into_iter()
+                    .filter(|a| f.contains_key(*a))
+                    .collect();
+                let repositories: Vec<&str> = f
+                    .get("repositories")
+                    .map(String::as_str)
+                    .unwrap_or("")
+                    .split([',', ' ', '\n'])
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .collect();
+                let days: u64 = f
+                    .get("expires_days")
+                    .and_then(|d| d.trim().parse().ok())
+                    .unwrap_or(90);
+                let body = serde_json::json!({
+                    "project": f.get("project").map(String::as_str).unwrap_or("").trim(),
+                    "name": f.get("name").map(String::as_str).unwrap_or("").trim(),
+                    "description": f.get("description").map(String::as_str).unwrap_or(""),
+                    "scope": [{"repositories": repositories, "actions": actions}],
+                    "expires_in_seconds": days.clamp(1, 3650) * 86_400,
+                });
+                let r = call("POST", String::new(), body.to_string().into_bytes()).await;
+                robot_outcome(&r, "created")
+            }
+            Page::RotateRobot => {
+                let r = call("POST", format!("{}/rotate", enc(name)), Vec::new()).await;
+                robot_outcome(&r, "rotated")
+            }
+            Page::DeleteRobot => {
+                let r = call("DELETE", enc(name), Vec::new()).await;
+                robot_outcome(&r, "deleted")
+            }
+            _ => (
+                200,
+                None,
+                q.get("done")
+                    .filter(|d| d.as_str() == "deleted")
+                    .map(|_| "Robot deleted; its tokens are revoked.".to_owned()),
+            ),
+        };
+        if which == Page::DeleteRobot && status == 200 {
+            return redirect("/ui/admin/robots?done=deleted");
+        }
+        let list = call("GET", String::new(), Vec::new()).await;
+        let listed: serde_json::Value = serde_json::from_str(&list.body).unwrap_or_default();
+        let rows = listed["robots"].as_array().cloned().unwrap_or_default();
+        page(
+            status,
+            pages::robots(&signed.who(), &rows, secret.as_ref(), notice.as_deref()),
+        )
+    }
+
     /// Deletes a tag where policy allows, then back to the repository page (a redirect: a
     /// reload does not post again), which says what came of it.
     async fn delete_tag(&self, f: &HashMap<String, String>, signed: &Signed) -> Reply {
@@ -717,6 +816,24 @@ impl Console {
     }
 }
 
+/// What a robots' admin API answer comes to on the page: its status, the robot and secret
+/// to show once (create, rotate), or the API's own words when it refused.
+fn robot_outcome(r: &Reply, what: &str) -> (u16, Option<(String, String)>, Option<String>) {
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+    if r.status >= 400 {
+        let why = v["error_description"]
+            .as_str()
+            .unwrap_or("the request was refused")
+            .to_owned();
+        return (r.status, None, Some(why));
+    }
+    let shown = v["secret"]
+        .as_str()
+        .zip(v["name"].as_str())
+        .map(|(s, n)| (n.to_owned(), s.to_owned()));
+    (200, shown, Some(format!("Robot {what}.")))
+}
+
 fn not_found(signed: &Signed) -> Reply {
     page(
         404,
@@ -762,6 +879,9 @@ mod tests {
             ("GET", "/ui/account", Page::Account),
             ("POST", "/ui/revoke-session", Page::RevokeSession),
             ("GET", "/ui/revoke-session", Page::Unknown),
+            ("GET", "/ui/admin/robots", Page::Robots),
+            ("POST", "/ui/admin/robots/create", Page::CreateRobot),
+            ("GET", "/ui/admin/robots/create", Page::Unknown),
         ];
         for (m, p, want) in cases {
             assert_eq!(Page::parse(m, p), want, "{m} {p}");

@@ -9,6 +9,8 @@ use serde_json::Value;
 pub struct Who<'a> {
     pub name: &'a str,
     pub csrf: &'a str,
+    /// A registry administrator (the header links the administration pages).
+    pub admin: bool,
 }
 
 /// Every page: head, header (with sign-out when signed in), main.
@@ -29,6 +31,9 @@ pub fn layout(title: &str, who: Option<&Who<'_>>, body: Markup) -> Markup {
                         nav {
                             a href="/ui/" { "Repositories" }
                             a href="/ui/account" { "Account" }
+                            @if w.admin {
+                                a href="/ui/admin/robots" { "Robots" }
+                            }
                             span.user { (w.name) }
                             form method="post" action="/ui/logout" {
                                 input type="hidden" name="csrf" value=(w.csrf);
@@ -305,6 +310,95 @@ pub fn account(
     )
 }
 
+/// The robot accounts (administrators), a new or rotated secret shown once.
+pub fn robots(
+    who: &Who<'_>,
+    robots: &[Value],
+    secret: Option<&(String, String)>,
+    notice: Option<&str>,
+) -> Markup {
+    layout(
+        "Robots",
+        Some(who),
+        html! {
+            h1 { "Robot accounts" }
+            @if let Some(n) = notice {
+                p.notice role="status" { (n) }
+            }
+            @if let Some((name, s)) = secret {
+                section.card #secret {
+                    h2 { "Secret of " code { (name) } }
+                    p { "Shown this once: copy it now. " code.copy #robot-secret { (s) } }
+                    p { "Use it as " code { "docker login -u '" (name) "'" } " with this secret as the password." }
+                }
+            }
+            @if robots.is_empty() {
+                p.empty { "No robot accounts." }
+            } @else {
+                table #robots {
+                    thead { tr { th { "Robot" } th { "Scope" } th { "Expires" } th { "Secrets" } th {} } }
+                    tbody {
+                        @for r in robots {
+                            @let name = r["name"].as_str().unwrap_or("");
+                            tr {
+                                td {
+                                    code { (name) }
+                                    @if r["disabled"].as_bool() == Some(true) { " " span.badge { "disabled" } }
+                                    @if r["expired"].as_bool() == Some(true) { " " span.badge { "expired" } }
+                                }
+                                td {
+                                    @for e in r["scope"].as_array().cloned().unwrap_or_default() {
+                                        div {
+                                            (e["repositories"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default())
+                                            ": "
+                                            (e["actions"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default())
+                                        }
+                                    }
+                                }
+                                td { (r["expires_at"].as_i64().map_or_else(|| "never".to_owned(), when)) }
+                                td { (r["secrets"].as_array().map_or(0, Vec::len)) }
+                                td.actions {
+                                    form method="post" action="/ui/admin/robots/rotate" {
+                                        input type="hidden" name="csrf" value=(who.csrf);
+                                        input type="hidden" name="robot" value=(name);
+                                        button type="submit" aria-label={ "Rotate " (name) } { "Rotate" }
+                                    }
+                                    form method="post" action="/ui/admin/robots/delete" {
+                                        input type="hidden" name="csrf" value=(who.csrf);
+                                        input type="hidden" name="robot" value=(name);
+                                        button.danger type="submit" aria-label={ "Delete " (name) } { "Delete" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "New robot" }
+            form.card #new-robot method="post" action="/ui/admin/robots/create" {
+                input type="hidden" name="csrf" value=(who.csrf);
+                label for="project" { "Project" }
+                input #project type="text" name="project" required;
+                label for="robot-name" { "Name" }
+                input #robot-name type="text" name="name" required;
+                label for="repositories" { "Repositories (patterns, comma-separated)" }
+                input #repositories type="text" name="repositories" required;
+                fieldset {
+                    legend { "Actions" }
+                    label { input #pull type="checkbox" name="pull" checked; " pull" }
+                    label { input #push type="checkbox" name="push"; " push" }
+                    label { input #delete type="checkbox" name="delete"; " delete" }
+                }
+                label for="expires_days" { "Expires in (days)" }
+                input #expires_days type="text" name="expires_days" value="90";
+                label for="description" { "Description" }
+                input #description type="text" name="description";
+                button #create-robot type="submit" { "Create" }
+            }
+        },
+    )
+}
+
 /// A Unix time as RFC 3339 UTC.
 fn when(t: i64) -> String {
     service::time::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64))
@@ -385,6 +479,7 @@ mod tests {
         let who = Who {
             name: "bob",
             csrf: "c",
+            admin: false,
         };
         let evil = "<script>alert(1)</script>";
         let page = repositories(&who, evil, &[format!("a/{evil}")], Some(evil)).into_string();

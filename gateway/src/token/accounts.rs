@@ -251,11 +251,29 @@ impl TokenService {
                 }
             }
         };
-        let reply = robots
-            .api(req.method, &path[ROBOTS_PATH.len()..], req.body, &caller)
-            .await;
+        self.robots_call(
+            robots,
+            req.method,
+            &path[ROBOTS_PATH.len()..],
+            req.body,
+            &caller,
+        )
+        .await
+    }
+
+    /// One call of the robots' admin API for `caller` (who the API and the console
+    /// established), and what follows a delete: the robot's access tokens revoked.
+    pub async fn robots_call(
+        &self,
+        robots: &crate::auth::robots::Robots,
+        method: &str,
+        rest: &str,
+        body: &[u8],
+        caller: &crate::auth::robots::Caller,
+    ) -> Reply {
+        let reply = robots.api(method, rest, body, caller).await;
         // A deleted robot's access tokens die with it, on every replica.
-        if req.method == "DELETE" && reply.status == 200 {
+        if method == "DELETE" && reply.status == 200 {
             let deleted = serde_json::from_str::<serde_json::Value>(&reply.body)
                 .ok()
                 .and_then(|v| v["deleted"].as_str().map(str::to_owned));
