@@ -264,5 +264,6 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             .unwrap_or_default()
             .connections_per_source,
         proxy_caches: file.proxy_cache,
+        audit_file: Some(audit_file.clone()),
     })
 }

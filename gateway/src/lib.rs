@@ -87,6 +87,8 @@ pub struct Settings {
     pub connections_per_source: usize,
     /// Pull-through caches (`[[proxy_cache]]`).
     pub proxy_caches: Vec<cache::ProxyCacheConfig>,
+    /// The audit trail's file, which the console searches (`[audit] file`).
+    pub audit_file: Option<PathBuf>,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -126,6 +128,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         client_idle_timeout,
         connections_per_source,
         proxy_caches,
+        audit_file,
     } = settings;
     let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
@@ -175,6 +178,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                 console::data::Data::new(upstreams.clone(), secret.clone())?,
                 oidc.is_some(),
                 &secret,
+                audit_file,
             )),
             tokens,
             oidc,

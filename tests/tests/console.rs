@@ -322,15 +322,25 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
     let storage = deployment::storage_node(&dir.path().join("storage"))?;
     let gw = dir.path().join("gw");
     std::fs::create_dir_all(&gw)?;
-    let g = deployment::start_gateway(&gw, &[&storage], &[ALICE, BOB], 4)?;
+    let trail = gw.join("audit.jsonl");
+    let g = deployment::start_gateway_with(
+        &gw,
+        &[&storage],
+        &[ALICE, BOB],
+        4,
+        &format!("[audit]\nstdout = true\nfile = \"{}\"\n", trail.display()),
+        &[],
+    )?;
     let admin = client_of(&g, ALICE);
     push(&admin, "team-a/app", "v1.0.0").await?;
 
-    // bob (no administrator) has no robots page.
+    // bob (no administrator) has no robots or audit page.
     let b = Browser::start().await?;
     sign_in(&b, &g.base, BOB).await?;
     ensure!(!b.source().await?.contains("/ui/admin/robots"));
     b.open(&format!("{}/ui/admin/robots", g.base)).await?;
+    ensure!(b.source().await?.contains("Not found"));
+    b.open(&format!("{}/ui/admin/audit", g.base)).await?;
     ensure!(b.source().await?.contains("Not found"));
     b.click("header button").await?;
     b.wait_for_url("/ui/login").await?;
@@ -388,6 +398,18 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
         b.source().await?
     );
     copy(&rotated, "by-robot:2")?;
+    // The audit trail shows the robot's pushes.
+    b.open(&format!("{}/ui/admin/audit", g.base)).await?;
+    b.fill("#user", "robot$team-a+ci").await?;
+    b.fill("#action", "tag-create").await?;
+    b.click("#search").await?;
+    let events = b.wait_for_text("#events", "team-a/by-robot").await?;
+    ensure!(
+        events.contains("by-robot") && !events.contains("alice"),
+        "{events}"
+    );
+    b.screenshot(&shots().join("8-audit.png")).await?;
+    b.open(&format!("{}/ui/admin/robots", g.base)).await?;
     // Deleted: it pushes no more.
     b.click("button[aria-label=\"Delete robot$team-a+ci\"]")
         .await?;

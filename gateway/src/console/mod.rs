@@ -20,6 +20,7 @@
 
 pub mod data;
 pub mod pages;
+pub mod trail;
 
 use crate::incoming::Incoming;
 use crate::reply::Reply;
@@ -58,6 +59,7 @@ enum Page {
     CreateRobot,
     RotateRobot,
     DeleteRobot,
+    Audit,
     SignOut,
     Unknown,
 }
@@ -78,6 +80,7 @@ impl Page {
             ("POST", "/ui/admin/robots/create") => Page::CreateRobot,
             ("POST", "/ui/admin/robots/rotate") => Page::RotateRobot,
             ("POST", "/ui/admin/robots/delete") => Page::DeleteRobot,
+            ("GET", "/ui/admin/audit") => Page::Audit,
             ("POST", "/ui/logout") => Page::SignOut,
             _ => Page::Unknown,
         }
@@ -93,6 +96,8 @@ pub struct Console {
     /// not see): derived from the internal secret, so any gateway of a deployment opens
     /// another's.
     cursor_key: zeroize::Zeroizing<[u8; 32]>,
+    /// The gateway's audit trail file (administrators search it), if it writes one.
+    audit_file: Option<std::path::PathBuf>,
 }
 
 /// A signed-in request.
@@ -220,7 +225,13 @@ impl Done {
 }
 
 impl Console {
-    pub fn new(tokens: Arc<TokenService>, data: Data, sso: bool, secret: &str) -> Self {
+    pub fn new(
+        tokens: Arc<TokenService>,
+        data: Data,
+        sso: bool,
+        secret: &str,
+        audit_file: Option<std::path::PathBuf>,
+    ) -> Self {
         use sha2::Digest;
         let key: [u8; 32] =
             sha2::Sha256::digest(format!("portcullis-console-cursor:{secret}").as_bytes()).into();
@@ -229,6 +240,7 @@ impl Console {
             data,
             sso,
             cursor_key: zeroize::Zeroizing::new(key),
+            audit_file,
         }
     }
 
@@ -280,6 +292,7 @@ impl Console {
             Page::Robots | Page::CreateRobot | Page::RotateRobot | Page::DeleteRobot => {
                 self.robots(which, &query, &form, &signed).await
             }
+            Page::Audit => self.audit(&query, &signed).await,
             Page::SignOut => self.sign_out(&signed).await,
             _ => not_found(&signed),
         }
@@ -677,6 +690,34 @@ impl Console {
         })
     }
 
+    /// The audit trail searched by user, repository, action and time, for registry
+    /// administrators only (anyone else: as if there were no such page).
+    async fn audit(&self, q: &HashMap<String, String>, signed: &Signed) -> Reply {
+        if !signed.admin {
+            return not_found(signed);
+        }
+        let field = |k: &str| q.get(k).map(|v| v.trim().to_owned()).unwrap_or_default();
+        let search = trail::Search {
+            user: field("user"),
+            repository: field("repository"),
+            action: field("action"),
+            since: field("since"),
+            until: field("until"),
+        };
+        let found = match &self.audit_file {
+            None => Err("This gateway writes no audit trail file ([audit] file).".to_owned()),
+            Some(file) => {
+                let (file, s) = (file.clone(), search.clone());
+                match tokio::task::spawn_blocking(move || trail::search(&file, &s)).await {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(e)) => Err(format!("The audit trail cannot be read: {e}")),
+                    Err(e) => Err(format!("The audit trail cannot be read: {e}")),
+                }
+            }
+        };
+        page(200, pages::audit(&signed.who(), &search, found))
+    }
+
     /// Robot accounts, for registry administrators only (anyone else: as if there were no
     /// such page). Every action is the robots' admin API's own, called as this administrator.
     async fn robots(
@@ -882,6 +923,7 @@ mod tests {
             ("GET", "/ui/admin/robots", Page::Robots),
             ("POST", "/ui/admin/robots/create", Page::CreateRobot),
             ("GET", "/ui/admin/robots/create", Page::Unknown),
+            ("GET", "/ui/admin/audit", Page::Audit),
         ];
         for (m, p, want) in cases {
             assert_eq!(Page::parse(m, p), want, "{m} {p}");

@@ -33,6 +33,7 @@ pub fn layout(title: &str, who: Option<&Who<'_>>, body: Markup) -> Markup {
                             a href="/ui/account" { "Account" }
                             @if w.admin {
                                 a href="/ui/admin/robots" { "Robots" }
+                                a href="/ui/admin/audit" { "Audit" }
                             }
                             span.user { (w.name) }
                             form method="post" action="/ui/logout" {
@@ -394,6 +395,64 @@ pub fn robots(
                 label for="description" { "Description" }
                 input #description type="text" name="description";
                 button #create-robot type="submit" { "Create" }
+            }
+        },
+    )
+}
+
+/// The audit trail search (administrators): the form, then the newest matching events.
+pub fn audit(
+    who: &Who<'_>,
+    s: &super::trail::Search,
+    found: Result<(Vec<Value>, bool), String>,
+) -> Markup {
+    let field = |e: &Value, k: &str| e[k].as_str().unwrap_or("").to_owned();
+    layout(
+        "Audit trail",
+        Some(who),
+        html! {
+            h1 { "Audit trail" }
+            form.search #audit-search method="get" action="/ui/admin/audit" {
+                label for="user" { "User" }
+                input #user type="text" name="user" value=(s.user);
+                label for="repository" { "Repository (or namespace)" }
+                input #repository type="text" name="repository" value=(s.repository);
+                label for="action" { "Action (e.g. manifest-push, tag-delete, login)" }
+                input #action type="text" name="action" value=(s.action);
+                label for="since" { "Since (RFC 3339 or a date)" }
+                input #since type="text" name="since" value=(s.since);
+                label for="until" { "Until" }
+                input #until type="text" name="until" value=(s.until);
+                button #search type="submit" { "Search" }
+            }
+            @match found {
+                Err(why) => p.error role="alert" { (why) },
+                Ok((events, partial)) => {
+                    @if events.is_empty() {
+                        p.empty { "No events match." }
+                    } @else {
+                        table #events {
+                            thead { tr { th { "Time" } th { "Action" } th { "Outcome" } th { "User" } th { "Repository" } th { "Tag / digest" } th { "Source" } th { "Reason" } } }
+                            tbody {
+                                @for e in &events {
+                                    tr {
+                                        td { (field(e, "@timestamp")) }
+                                        td { (field(e, "event.action")) }
+                                        td { (field(e, "event.outcome")) }
+                                        td { (field(e, "user.name")) }
+                                        td { (field(e, "repository")) }
+                                        td { code { (field(e, "tag")) " " (field(e, "digest")) } }
+                                        td { (field(e, "source.ip")) }
+                                        td { (field(e, "event.reason")) }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    @if partial {
+                        p.more { "Older events are beyond what the console reads (the trail's last 32 MiB); search them where the trail is ingested." }
+                    }
+                }
             }
         },
     )
