@@ -159,10 +159,14 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         pingora::services::background::background_service("storage health check", upstreams);
     let upstreams: Arc<LoadBalancer<RoundRobin>> = health.task();
 
-    let caches = Arc::new(cache::ProxyCaches::new(
-        &proxy_caches,
+    // The gateway's own requests to storage (the cache's, the console's).
+    let internal = Arc::new(registry::internal::Internal::new(
         upstreams.clone(),
         secret.clone(),
+    )?);
+    let caches = Arc::new(cache::ProxyCaches::new(
+        &proxy_caches,
+        internal.clone(),
         store.clone(),
     )?);
     let tokens = Arc::new(token);
@@ -175,7 +179,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         endpoints: endpoints::Endpoints {
             console: Arc::new(console::Console::new(
                 tokens.clone(),
-                console::data::Data::new(upstreams.clone(), secret.clone())?,
+                console::data::Data::new(internal),
                 oidc.is_some(),
                 &secret,
                 audit_file,

@@ -403,6 +403,8 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
     b.fill("#user", "robot$team-a+ci").await?;
     b.fill("#action", "tag-create").await?;
     b.click("#search").await?;
+    // The unfiltered page shows them too: wait for the search's own page.
+    b.wait_for_url("&until=").await?;
     let events = b.wait_for_text("#events", "team-a/by-robot").await?;
     ensure!(
         events.contains("by-robot") && !events.contains("alice"),

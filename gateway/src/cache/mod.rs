@@ -34,8 +34,6 @@ use bytes::Bytes;
 use fetch::{Fetches, Joined, Reader, Sink};
 use oci::route::Endpoint;
 use oci::{Digest, ErrorCode, Reference};
-use pingora::lb::LoadBalancer;
-use pingora::lb::selection::RoundRobin;
 use policy::pattern::RepoPattern;
 use reqwest::Method;
 use std::sync::Arc;
@@ -253,8 +251,7 @@ impl Cache {
 impl ProxyCaches {
     pub fn new(
         configs: &[ProxyCacheConfig],
-        nodes: Arc<LoadBalancer<RoundRobin>>,
-        secret: zeroize::Zeroizing<String>,
+        internal: Arc<crate::registry::internal::Internal>,
         state: Arc<dyn StateStore>,
     ) -> anyhow::Result<Self> {
         let mut caches = Vec::new();
@@ -289,7 +286,7 @@ impl ProxyCaches {
         Ok(ProxyCaches {
             caches,
             mirrors,
-            storage: Arc::new(Storage::new(nodes, secret)?),
+            storage: Arc::new(Storage::new(internal)),
             state,
         })
     }

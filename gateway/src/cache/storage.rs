@@ -2,15 +2,13 @@
 //! is a manifest or blob already here, and storing what came from the upstream — a manifest
 //! as a cached copy, a blob as an upload whose digest storage checks before it is visible.
 
+use crate::registry::internal::Internal;
 use bytes::Bytes;
 use futures_util::Stream;
 use oci::Digest;
-use pingora::lb::LoadBalancer;
-use pingora::lb::selection::RoundRobin;
 use reqwest::{Method, StatusCode};
-use service::hop::{CACHED_COPY_HEADER, INTERNAL_SECRET_HEADER};
+use service::hop::CACHED_COPY_HEADER;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// What storage holds under a manifest reference.
 #[derive(Debug, Clone)]
@@ -19,56 +17,16 @@ pub struct Held {
 }
 
 pub struct Storage {
-    nodes: Arc<LoadBalancer<RoundRobin>>,
-    secret: zeroize::Zeroizing<String>,
-    /// For small requests: an answer within a minute.
-    http: reqwest::Client,
-    /// For a blob's upload, which lasts as long as its upstream fetch: reqwest's read
-    /// timeout would run from the start of the request, body included.
-    uploads: reqwest::Client,
+    internal: Arc<Internal>,
 }
 
 impl Storage {
-    pub fn new(
-        nodes: Arc<LoadBalancer<RoundRobin>>,
-        secret: zeroize::Zeroizing<String>,
-    ) -> anyhow::Result<Self> {
-        Ok(Storage {
-            nodes,
-            secret,
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .read_timeout(Duration::from_secs(60))
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build()?,
-            uploads: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build()?,
-        })
-    }
-
-    fn url(&self, path: &str) -> anyhow::Result<String> {
-        let node = self
-            .nodes
-            .select(b"", 256)
-            .ok_or_else(|| anyhow::anyhow!("no healthy storage node"))?;
-        Ok(format!("http://{}{path}", node.addr))
+    pub fn new(internal: Arc<Internal>) -> Self {
+        Storage { internal }
     }
 
     fn request(&self, method: Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
-        self.request_with(&self.http, method, path)
-    }
-
-    fn request_with(
-        &self,
-        client: &reqwest::Client,
-        method: Method,
-        path: &str,
-    ) -> anyhow::Result<reqwest::RequestBuilder> {
-        Ok(client
-            .request(method, self.url(path)?)
-            .header(INTERNAL_SECRET_HEADER, self.secret.as_str()))
+        self.internal.request(method, path)
     }
 
     /// The manifest `repo:reference` holds, if any.
@@ -163,11 +121,8 @@ impl Storage {
         };
         let sep = if path.contains('?') { '&' } else { '?' };
         let resp = self
-            .request_with(
-                &self.uploads,
-                Method::PUT,
-                &format!("{path}{sep}digest={digest}"),
-            )?
+            .internal
+            .upload(Method::PUT, &format!("{path}{sep}digest={digest}"))?
             .header("content-length", size.to_string())
             .header("content-type", "application/octet-stream")
             .body(reqwest::Body::wrap_stream(body))

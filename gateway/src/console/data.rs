@@ -2,15 +2,12 @@
 //! requests): catalog and tag pages, manifests and referrers; and the one thing it changes,
 //! a tag deleted. Every call comes after the console's own policy decision.
 
+use crate::registry::internal::Internal;
 use bytes::Bytes;
 use oci::Digest;
-use pingora::lb::LoadBalancer;
-use pingora::lb::selection::RoundRobin;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
-use service::hop::INTERNAL_SECRET_HEADER;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Every manifest type storage keeps.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -44,26 +41,12 @@ fn page_query(n: usize, last: Option<&str>) -> String {
 }
 
 pub struct Data {
-    nodes: Arc<LoadBalancer<RoundRobin>>,
-    secret: zeroize::Zeroizing<String>,
-    http: reqwest::Client,
+    internal: Arc<Internal>,
 }
 
 impl Data {
-    pub fn new(
-        nodes: Arc<LoadBalancer<RoundRobin>>,
-        secret: zeroize::Zeroizing<String>,
-    ) -> anyhow::Result<Self> {
-        Ok(Data {
-            nodes,
-            secret,
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(20))
-                // The internal secret goes to storage nodes only.
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?,
-        })
+    pub fn new(internal: Arc<Internal>) -> Self {
+        Data { internal }
     }
 
     fn request(
@@ -71,14 +54,7 @@ impl Data {
         method: Method,
         path_and_query: &str,
     ) -> anyhow::Result<reqwest::RequestBuilder> {
-        let node = self
-            .nodes
-            .select(b"", 256)
-            .ok_or_else(|| anyhow::anyhow!("no healthy storage node"))?;
-        Ok(self
-            .http
-            .request(method, format!("http://{}{path_and_query}", node.addr))
-            .header(INTERNAL_SECRET_HEADER, self.secret.as_str()))
+        self.internal.request(method, path_and_query)
     }
 
     /// Up to `n` repository names after `last`, and whether more follow.

@@ -1,9 +1,11 @@
 //! The `/v2/` path: whether a request goes to storage ([`Registry::admit`]: the audit
 //! trail's health, the bearer check of [`authz`], the rate limits), how it and its answer
-//! are rewritten on the way ([`forward`]), and the storage nodes it goes to ([`upstream`]).
+//! are rewritten on the way ([`forward`]), and the storage nodes it goes to ([`upstream`]);
+//! [`internal`] is the gateway's own requests to them.
 
 pub mod authz;
 pub mod forward;
+pub mod internal;
 pub mod upstream;
 
 use crate::audit::request::Operation;

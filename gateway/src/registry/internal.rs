@@ -1,0 +1,66 @@
+//! The gateway's own requests to storage nodes, over the internal hop as every forwarded
+//! request (a node picked by the load balancer, the internal secret): what the pull-through
+//! cache and the web console ask and store. No redirects are followed (the secret goes to
+//! storage nodes only).
+
+use pingora::lb::LoadBalancer;
+use pingora::lb::selection::RoundRobin;
+use reqwest::Method;
+use service::hop::INTERNAL_SECRET_HEADER;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Internal {
+    nodes: Arc<LoadBalancer<RoundRobin>>,
+    secret: zeroize::Zeroizing<String>,
+    /// For small requests: an answer within a minute.
+    http: reqwest::Client,
+    /// For uploads, which last as long as their body comes: reqwest's read timeout would run
+    /// from the start of the request, body included.
+    uploads: reqwest::Client,
+}
+
+impl Internal {
+    pub fn new(
+        nodes: Arc<LoadBalancer<RoundRobin>>,
+        secret: zeroize::Zeroizing<String>,
+    ) -> anyhow::Result<Self> {
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .pool_idle_timeout(Duration::from_secs(60))
+                .redirect(reqwest::redirect::Policy::none())
+        };
+        Ok(Internal {
+            nodes,
+            secret,
+            http: builder().read_timeout(Duration::from_secs(60)).build()?,
+            uploads: builder().build()?,
+        })
+    }
+
+    /// `method path_and_query` to a healthy storage node.
+    pub fn request(&self, method: Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+        self.on(&self.http, method, path)
+    }
+
+    /// The same, for a request whose body streams for as long as it takes.
+    pub fn upload(&self, method: Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+        self.on(&self.uploads, method, path)
+    }
+
+    fn on(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        path: &str,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
+        let node = self
+            .nodes
+            .select(b"", 256)
+            .ok_or_else(|| anyhow::anyhow!("no healthy storage node"))?;
+        Ok(client
+            .request(method, format!("http://{}{path}", node.addr))
+            .header(INTERNAL_SECRET_HEADER, self.secret.as_str()))
+    }
+}
