@@ -39,6 +39,8 @@ const COOKIE: &str = "__Host-portcullis_ui";
 const LOGIN_COOKIE: &str = "__Host-portcullis_ui_login";
 /// Repositories per page, tags per page.
 const PAGE: usize = 50;
+/// How recent a sign-in must be for the administration pages (seconds).
+const ADMIN_FRESH: i64 = 12 * 3600;
 /// Catalog names looked at for one page of repositories a person may see, at most.
 const SCAN: usize = 5_000;
 const STYLE: &str = include_str!("style.css");
@@ -416,7 +418,10 @@ impl Console {
             csrf: csrf_of(token),
             admin: false,
         };
-        signed.admin = self.tokens.policy.current().is_admin(&signed.subject());
+        // Groups are those of the sign-in: administration wants a recent one, so someone
+        // taken out of the admin groups keeps no console powers for the session's lifetime.
+        signed.admin = now() - signed.session.created_at <= ADMIN_FRESH
+            && self.tokens.policy.current().is_admin(&signed.subject());
         Some(signed)
     }
 
@@ -731,7 +736,7 @@ impl Console {
         let Some(robots) = &self.tokens.robots else {
             return not_found(signed);
         };
-        if !self.tokens.policy.current().is_admin(&signed.subject()) {
+        if !signed.admin {
             return not_found(signed);
         }
         let caller = Caller::Admin(signed.session.subject.clone());
@@ -792,6 +797,18 @@ impl Console {
             return redirect("/ui/admin/robots?done=deleted");
         }
         let list = call("GET", String::new(), Vec::new()).await;
+        if list.status != 200 {
+            let (_, _, why) = robot_outcome(&list, "listed");
+            return page(
+                list.status,
+                pages::message(
+                    Some(&signed.who()),
+                    "Unavailable",
+                    why.as_deref()
+                        .unwrap_or("The robot accounts cannot be listed; try again."),
+                ),
+            );
+        }
         let listed: serde_json::Value = serde_json::from_str(&list.body).unwrap_or_default();
         let rows = listed["robots"].as_array().cloned().unwrap_or_default();
         page(

@@ -55,16 +55,20 @@ pub fn search(file: &Path, s: &Search) -> std::io::Result<(Vec<Value>, bool)> {
     let len = f.metadata()?.len();
     let start = len.saturating_sub(WINDOW);
     f.seek(SeekFrom::Start(start))?;
-    let mut text = String::new();
-    f.take(WINDOW).read_to_string(&mut text)?;
-    let mut lines: Vec<&str> = text.lines().collect();
-    // A window that starts mid-line: its first line is partial.
-    if start > 0 && !lines.is_empty() {
-        lines.remove(0);
-    }
+    let mut raw = Vec::new();
+    f.take(WINDOW).read_to_end(&mut raw)?;
+    // A window that starts mid-line (even mid-character): its first line is partial.
+    let body = if start > 0 {
+        raw.iter()
+            .position(|&b| b == b'\n')
+            .map_or(&raw[..0], |i| &raw[i + 1..])
+    } else {
+        &raw[..]
+    };
+    let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
     let mut out = Vec::new();
     for line in lines.iter().rev() {
-        let Ok(e) = serde_json::from_str::<Value>(line) else {
+        let Ok(e) = serde_json::from_slice::<Value>(line) else {
             continue;
         };
         if s.matches(&e) {
@@ -89,7 +93,7 @@ mod tests {
             r#"{"@timestamp":"2026-12-06T10:00:00.000Z","event.action":"manifest-push","user.name":"bob","repository":"team-a/app"}"#,
             r#"{"@timestamp":"2026-12-06T11:00:00.000Z","event.action":"manifest-pull","user.name":"bob","repository":"team-a/app"}"#,
             r#"{"@timestamp":"2026-12-07T09:00:00.000Z","event.action":"manifest-push","user.name":"carol","repository":"team-b/x"}"#,
-            "not json",
+            "not json \u{e9}",
         ];
         std::fs::write(&f, lines.join("\n")).unwrap();
         let found = |s: Search| {
