@@ -31,24 +31,11 @@ impl Storage {
 
     /// The manifest `repo:reference` holds, if any.
     pub async fn manifest(&self, repo: &str, reference: &str) -> anyhow::Result<Option<Held>> {
-        let resp = self
-            .request(Method::HEAD, &format!("/v2/{repo}/manifests/{reference}"))?
-            .header("accept", super::upstream::MANIFEST_ACCEPT)
-            .send()
+        let head = self
+            .internal
+            .manifest_head(repo, reference, super::upstream::MANIFEST_ACCEPT)
             .await?;
-        match resp.status() {
-            StatusCode::OK => {
-                let digest = resp
-                    .headers()
-                    .get("docker-content-digest")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| Digest::parse(v).ok())
-                    .ok_or_else(|| anyhow::anyhow!("storage sent a manifest without digest"))?;
-                Ok(Some(Held { digest }))
-            }
-            StatusCode::NOT_FOUND => Ok(None),
-            s => anyhow::bail!("storage answered {s} to a manifest HEAD"),
-        }
+        Ok(head.map(|h| Held { digest: h.digest }))
     }
 
     /// Whether `repo` has the blob.

@@ -2,7 +2,7 @@
 //! requests): catalog and tag pages, manifests and referrers; and the one thing it changes,
 //! a tag deleted. Every call comes after the console's own policy decision.
 
-use crate::registry::internal::Internal;
+use crate::registry::internal::{Internal, ManifestHead, digest_header};
 use bytes::Bytes;
 use oci::Digest;
 use reqwest::{Method, StatusCode};
@@ -15,13 +15,6 @@ application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.oci.artifact.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
-
-/// What a manifest `HEAD` says.
-pub struct ManifestHead {
-    pub digest: Digest,
-    pub media_type: String,
-    pub size: usize,
-}
 
 /// A manifest as storage holds it.
 pub struct Manifest {
@@ -109,27 +102,9 @@ impl Data {
         repo: &str,
         reference: &str,
     ) -> anyhow::Result<Option<ManifestHead>> {
-        let r = self
-            .request(Method::HEAD, &format!("/v2/{repo}/manifests/{reference}"))?
-            .header("accept", MANIFEST_ACCEPT)
-            .send()
-            .await?;
-        match r.status() {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => return Ok(None),
-            s => anyhow::bail!("storage answered {s} to a manifest HEAD"),
-        }
-        let h = r.headers();
-        let text = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
-        Ok(Some(ManifestHead {
-            digest: text("docker-content-digest")
-                .and_then(|v| Digest::parse(v).ok())
-                .ok_or_else(|| anyhow::anyhow!("storage sent a manifest without digest"))?,
-            media_type: text("content-type").unwrap_or("").to_owned(),
-            size: text("content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        }))
+        self.internal
+            .manifest_head(repo, reference, MANIFEST_ACCEPT)
+            .await
     }
 
     /// The manifest `repo:reference`, if storage has it.
@@ -144,12 +119,7 @@ impl Data {
             StatusCode::NOT_FOUND => return Ok(None),
             s => anyhow::bail!("storage answered {s} to a manifest GET"),
         }
-        let digest = r
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| Digest::parse(v).ok())
-            .ok_or_else(|| anyhow::anyhow!("storage sent a manifest without digest"))?;
+        let digest = digest_header(r.headers())?;
         let media_type = r
             .headers()
             .get("content-type")

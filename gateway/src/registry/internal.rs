@@ -3,12 +3,28 @@
 //! cache and the web console ask and store. No redirects are followed (the secret goes to
 //! storage nodes only).
 
+use oci::Digest;
 use pingora::lb::LoadBalancer;
 use pingora::lb::selection::RoundRobin;
-use reqwest::Method;
+use reqwest::{Method, StatusCode};
 use service::hop::INTERNAL_SECRET_HEADER;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// What storage's answer to a manifest `HEAD` says.
+pub struct ManifestHead {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: usize,
+}
+
+/// The `Docker-Content-Digest` storage sends with a manifest.
+pub fn digest_header(h: &reqwest::header::HeaderMap) -> anyhow::Result<Digest> {
+    h.get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok())
+        .ok_or_else(|| anyhow::anyhow!("storage sent a manifest without digest"))
+}
 
 pub struct Internal {
     nodes: Arc<LoadBalancer<RoundRobin>>,
@@ -47,6 +63,35 @@ impl Internal {
     /// The same, for a request whose body streams for as long as it takes.
     pub fn upload(&self, method: Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
         self.on(&self.uploads, method, path)
+    }
+
+    /// What storage holds under the manifest `repo:reference` (no body; `accept`: the
+    /// manifest types the caller takes), if anything.
+    pub async fn manifest_head(
+        &self,
+        repo: &str,
+        reference: &str,
+        accept: &str,
+    ) -> anyhow::Result<Option<ManifestHead>> {
+        let r = self
+            .request(Method::HEAD, &format!("/v2/{repo}/manifests/{reference}"))?
+            .header("accept", accept)
+            .send()
+            .await?;
+        match r.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => anyhow::bail!("storage answered {s} to a manifest HEAD"),
+        }
+        let h = r.headers();
+        let text = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
+        Ok(Some(ManifestHead {
+            digest: digest_header(h)?,
+            media_type: text("content-type").unwrap_or("").to_owned(),
+            size: text("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        }))
     }
 
     fn on(
