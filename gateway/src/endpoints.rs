@@ -136,6 +136,7 @@ impl Endpoints {
                         Err(r) => r,
                     }
                 }
+                Outcome::Console(signed_in) => self.console.sso_signed_in(signed_in).await,
                 Outcome::Refused(status, msg) => {
                     tracing::info!(reason = %msg, "OIDC login refused");
                     page(Failure::new(status, Kind::Denied, msg))

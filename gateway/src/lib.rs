@@ -180,7 +180,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             console: Arc::new(console::Console::new(
                 tokens.clone(),
                 console::data::Data::new(internal),
-                oidc.is_some(),
+                oidc.clone(),
                 &secret,
                 audit_file,
             )),

@@ -106,6 +106,17 @@ async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
     Ok(true)
 }
 
+/// The request's cookies as one `Cookie` value: an HTTP/2 browser sends each in a field of
+/// its own (RFC 9113 §8.2.3), to be joined with `; `.
+fn cookies(headers: &http::HeaderMap) -> Option<String> {
+    let all: Vec<&str> = headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!all.is_empty()).then(|| all.join("; "))
+}
+
 /// The request as an endpoint reads it, its body too when the route takes one; `None` when
 /// the body is over [`MAX_BODY`].
 async fn incoming(session: &mut Session, route: Route) -> Result<Option<Incoming>> {
@@ -121,7 +132,7 @@ async fn incoming(session: &mut Session, route: Route) -> Result<Option<Incoming
         path: req.uri.path().to_owned(),
         query: req.uri.query().map(str::to_owned),
         authorization: header("authorization"),
-        cookies: header("cookie"),
+        cookies: cookies(&req.headers),
         host: header("host")
             .or_else(|| req.uri.authority().map(|a| a.to_string()))
             .unwrap_or_else(|| "localhost".into()),
@@ -563,5 +574,17 @@ impl ProxyHttp for Gateway {
         } else {
             tracing::debug!(request_id = %ctx.info.request_id, route = ctx.route, status, "request");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cookies_sent_in_several_fields_are_all_read() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(super::cookies(&h), None);
+        h.append("cookie", "a=1".parse().unwrap());
+        h.append("cookie", "b=2; c=3".parse().unwrap());
+        assert_eq!(super::cookies(&h).as_deref(), Some("a=1; b=2; c=3"));
     }
 }

@@ -183,6 +183,19 @@ impl Browser {
         }
     }
 
+    /// Waits (up to 10 s) until the page has an element `selector` (the next page, after a
+    /// click that leaves this one).
+    pub async fn wait_for(&self, selector: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.find(selector).await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// The page's DOM as it is now.
     pub async fn source(&self) -> anyhow::Result<String> {
         let v = self

@@ -382,12 +382,29 @@ pub fn start_sso_with(
     crate::server::GatewayServer,
     Idp,
 )> {
+    start_sso_at(dir, extra_oidc, users, idp_env, "127.0.0.1")
+}
+
+/// [`start_sso_with`], the IdP's issuer on `idp_host` (a name of the loopback address). A
+/// browser keeps cookies by host, not port: an IdP on `localhost` keeps its cookies apart
+/// from the gateway's on `127.0.0.1`, as an IdP on a host of its own does.
+pub fn start_sso_at(
+    dir: &std::path::Path,
+    extra_oidc: &str,
+    users: &serde_json::Value,
+    idp_env: &[(&str, &str)],
+    idp_host: &str,
+) -> anyhow::Result<(
+    crate::server::StorageServer,
+    crate::server::GatewayServer,
+    Idp,
+)> {
     let storage = crate::deployment::storage_node(&dir.join("storage"))?;
     let idp_port = crate::tools::free_port()?;
     let table = format!(
         r#"
 [oidc]
-issuer = "http://127.0.0.1:{idp_port}"
+issuer = "http://{idp_host}:{idp_port}"
 client_id = "portcullis"
 scopes = ["openid", "profile", "groups", "offline_access"]
 groups_filter = "^(team-|registry-)"
@@ -413,7 +430,10 @@ groups_filter = "^(team-|registry-)"
         "grant_types": grants,
         "response_types": ["code"],
     }]);
-    let idp = Idp::start_with_env(idp_port, &clients, users, idp_env)?;
+    let issuer = format!("http://{idp_host}:{idp_port}");
+    let mut env = idp_env.to_vec();
+    env.push(("IDP_ISSUER", &issuer));
+    let idp = Idp::start_with_env(idp_port, &clients, users, &env)?;
     Ok((storage, gateway, idp))
 }
 

@@ -422,3 +422,67 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_signs_in_with_single_sign_on_and_the_idp_groups_decide() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let users = json!({
+        "bob": {"password": "bob-idp-pw", "groups": ["team-a"]},
+        "carol": {"password": "carol-idp-pw", "groups": []},
+    });
+    // The IdP on a host name of its own (a browser keeps cookies by host, not port).
+    let (_storage, g, idp) =
+        portcullis_tests::oidc::start_sso_at(dir.path(), "", &users, &[], "localhost")?;
+    // bob pushes with the refresh token a `docker login` through SSO gives.
+    let http = portcullis_tests::client::https(&g.ca_pem, false);
+    let refresh =
+        portcullis_tests::oidc::sign_in(&http, &g.base, &idp, "bob", "bob-idp-pw", "laptop")
+            .await?;
+    let mut bob = Client::with_ca(&g.base, &g.ca_pem);
+    bob.auth = Some(TokenAuth::new(
+        &format!("{}/token", g.base),
+        SERVICE,
+        Some(("<token>", &refresh)),
+    ));
+    push(&bob, "team-a/sso-app", "1").await?;
+
+    // Through the IdP's sign-in form, in a browser of the person's own.
+    let through_idp = |user: &'static str, pw: &'static str| {
+        let base = g.base.clone();
+        async move {
+            let b = Browser::start().await?;
+            b.open(&format!("{base}/ui/login")).await?;
+            b.click("#sso").await?;
+            // The IdP's own sign-in form.
+            const FORM: &str = "form[action*='/interaction/']";
+            b.wait_for(FORM).await?;
+            b.fill(&format!("{FORM} input[name=username]"), user)
+                .await?;
+            b.fill(&format!("{FORM} input[name=password]"), pw).await?;
+            b.click(&format!("{FORM} button")).await?;
+            // Back through the gateway's callback into the console (a same-site step: the
+            // `SameSite=Strict` cookie must be sent on it).
+            b.wait_for_url("/ui/").await?;
+            b.wait_for_text("header", user).await?;
+            anyhow::Ok(b)
+        }
+    };
+    let b = through_idp("bob", "bob-idp-pw").await?;
+    ensure!(b.text("main").await?.contains("team-a/sso-app"));
+    b.open(&format!("{}/ui/account", g.base)).await?;
+    let sessions = b.text("main").await?;
+    ensure!(
+        sessions.contains("console-sso") && sessions.contains("laptop"),
+        "{sessions}"
+    );
+    b.click("header button").await?;
+    b.wait_for_url("/ui/login").await?;
+
+    // carol's IdP account has no group: she signs in and sees nothing of team-a.
+    let b = through_idp("carol", "carol-idp-pw").await?;
+    ensure!(!b.source().await?.contains("team-a"));
+    b.open(&format!("{}/ui/repo?name=team-a%2Fsso-app", g.base))
+        .await?;
+    ensure!(b.text("main").await?.contains("Not found"));
+    Ok(())
+}

@@ -51,6 +51,7 @@ enum Page {
     Style,
     LoginForm,
     SignIn,
+    Sso,
     Repositories,
     Repository,
     Manifest,
@@ -72,6 +73,7 @@ impl Page {
             ("GET", "/ui/static/style.css") => Page::Style,
             ("GET", "/ui/login") => Page::LoginForm,
             ("POST", "/ui/login") => Page::SignIn,
+            ("GET", "/ui/sso") => Page::Sso,
             ("GET", "/ui") => Page::Repositories,
             ("GET", "/ui/repo") => Page::Repository,
             ("GET", "/ui/manifest") => Page::Manifest,
@@ -92,8 +94,8 @@ impl Page {
 pub struct Console {
     tokens: Arc<TokenService>,
     data: Data,
-    /// Whether single sign-on is configured (the sign-in page links it).
-    sso: bool,
+    /// Single sign-on, when configured (the sign-in page offers it).
+    oidc: Option<Arc<crate::auth::oidc::Oidc>>,
     /// Seals the repository list's "More" cursors (one may name a repository the person may
     /// not see): derived from the internal secret, so any gateway of a deployment opens
     /// another's.
@@ -230,7 +232,7 @@ impl Console {
     pub fn new(
         tokens: Arc<TokenService>,
         data: Data,
-        sso: bool,
+        oidc: Option<Arc<crate::auth::oidc::Oidc>>,
         secret: &str,
         audit_file: Option<std::path::PathBuf>,
     ) -> Self {
@@ -240,7 +242,7 @@ impl Console {
         Console {
             tokens,
             data,
-            sso,
+            oidc,
             cursor_key: zeroize::Zeroizing::new(key),
             audit_file,
         }
@@ -260,6 +262,7 @@ impl Console {
             }
             Page::LoginForm => return self.login_page(None),
             Page::SignIn => return self.sign_in(req).await,
+            Page::Sso => return self.start_sso(&req.host).await,
             _ => {}
         }
         let Some(signed) = self.signed(req).await else {
@@ -304,7 +307,7 @@ impl Console {
         let csrf = crate::random::random_token(16);
         page(
             if error.is_some() { 401 } else { 200 },
-            pages::login(&csrf, error, self.sso),
+            pages::login(&csrf, error, self.oidc.is_some()),
         )
         .with_header("set-cookie", set_cookie(LOGIN_COOKIE, &csrf, 600))
     }
@@ -383,6 +386,59 @@ impl Console {
             .with_header("set-cookie", set_cookie(LOGIN_COOKIE, "", 0))
     }
 
+    /// `GET /ui/sso`: off to the IdP; its callback (`/auth/oidc/callback`) comes back to
+    /// [`Console::sso_signed_in`].
+    async fn start_sso(&self, host: &str) -> Reply {
+        let Some(oidc) = &self.oidc else {
+            return self.login_page(Some("Single sign-on is not configured on this registry."));
+        };
+        match oidc.start_console(host).await {
+            Ok((location, cookie)) => crate::auth::oidc::login_redirect(location, cookie),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "starting a console SSO sign-in failed");
+                self.login_page(Some(
+                    "The identity provider is unavailable; try again later.",
+                ))
+            }
+        }
+    }
+
+    /// A single sign-on into the console finished at the IdP (the callback checked the
+    /// flow's browser binding): a console session, which reads its groups again from the IdP
+    /// as a `docker login`'s does.
+    pub async fn sso_signed_in(&self, signed_in: crate::auth::oidc::SignedIn) -> Reply {
+        let identity = signed_in.identity;
+        let mut session = Session::new(&identity, "console-sso", "web console", now());
+        session.idp_refresh = signed_in.idp_refresh;
+        let Ok(token) = self.tokens.open_session(&session).await else {
+            crate::audit::record(
+                "console-sign-in",
+                "failure",
+                serde_json::json!({"user.name": identity.subject, "via": "sso",
+                                   "event.reason": "the session store is unavailable"}),
+            );
+            return self.login_page(Some(
+                "Signing in is not possible right now; try again later.",
+            ));
+        };
+        crate::audit::record(
+            "console-sign-in",
+            "success",
+            serde_json::json!({
+                "user.name": identity.subject,
+                "user.roles": identity.groups,
+                "session.id": session_id(&token),
+                "via": "sso",
+            }),
+        );
+        // This answers a navigation from the IdP's site, where a browser sends no
+        // `SameSite=Strict` cookie, nor on a redirect that continues it: a page of ours moves
+        // on, a navigation this site starts.
+        let max_age = self.tokens.sessions.absolute_seconds();
+        page(200, pages::continue_to("/ui/", "Signed in", "Signed in."))
+            .with_header("set-cookie", set_cookie(COOKIE, &token, max_age))
+    }
+
     async fn sign_out(&self, signed: &Signed) -> Reply {
         let mut fields = serde_json::json!({
             "user.name": signed.session.subject,
@@ -411,9 +467,10 @@ impl Console {
         if token.is_empty() || token.len() > 256 {
             return None;
         }
-        let redeemed = self.tokens.sessions.redeem(token, now()).await.ok()??;
+        // The token service's redeem: a single sign-on's groups are read again from the IdP.
+        let session = self.tokens.redeem_session(token).await.ok()??;
         let mut signed = Signed {
-            session: redeemed.session,
+            session,
             token: token.to_owned(),
             csrf: csrf_of(token),
             admin: false,
@@ -926,6 +983,7 @@ mod tests {
             ("GET", "/ui/", Page::Repositories),
             ("GET", "/ui/login", Page::LoginForm),
             ("POST", "/ui/login", Page::SignIn),
+            ("GET", "/ui/sso", Page::Sso),
             ("POST", "/ui/logout", Page::SignOut),
             ("GET", "/ui/logout", Page::Unknown),
             ("GET", "/ui/delete-tag", Page::Unknown),

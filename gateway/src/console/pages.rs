@@ -68,11 +68,26 @@ pub fn login(csrf: &str, error: Option<&str>, sso: bool) -> Markup {
                     button #sign-in type="submit" { "Sign in" }
                 }
                 @if sso {
-                    p { a href="/auth/oidc/login" { "Sign in with single sign-on" } }
+                    p { a #sso href="/ui/sso" { "Sign in with single sign-on" } }
                 }
             }
         },
     )
+}
+
+/// A page that moves on to `to` by itself (and says where, for a browser that does not).
+pub fn continue_to(to: &str, title: &str, text: &str) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content={ "0; url=" (to) };
+                title { (title) " · Portcullis" }
+            }
+            body { p { (text) " " a href=(to) { "Continue" } } }
+        }
+    }
 }
 
 /// One repository row of the list.

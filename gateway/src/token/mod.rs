@@ -139,10 +139,15 @@ impl TokenService {
         ))
     }
 
-    /// The identity a refresh token stands for, its groups read again from the IdP when the
+    /// The identity a refresh token stands for ([`TokenService::redeem_session`]).
+    async fn redeem(&self, token: &str) -> Result<Option<Identity>, Reply> {
+        Ok(self.redeem_session(token).await?.map(|s| s.identity()))
+    }
+
+    /// The session a refresh token stands for, its groups read again from the IdP when the
     /// session came from single sign-on and they are older than `groups_refresh_seconds`.
     /// `Ok(None)`: invalid, expired, revoked, or refused by the IdP.
-    async fn redeem(&self, token: &str) -> Result<Option<Identity>, Reply> {
+    pub async fn redeem_session(&self, token: &str) -> Result<Option<Session>, Reply> {
         let now = unix_now();
         let redeem = || async {
             self.sessions
@@ -166,7 +171,7 @@ impl TokenService {
                 return self.reread(oidc, r, now).await;
             }
         }
-        Ok(Some(r.session.identity()))
+        Ok(Some(r.session))
     }
 
     async fn reread(
@@ -174,7 +179,7 @@ impl TokenService {
         oidc: &crate::auth::oidc::Oidc,
         mut r: Redeemed,
         now: i64,
-    ) -> Result<Option<Identity>, Reply> {
+    ) -> Result<Option<Session>, Reply> {
         let idp_refresh = r.session.idp_refresh.clone().unwrap_or_default();
         match oidc.reread(&idp_refresh, &r.session.subject).await {
             crate::auth::oidc::Reread::Fresh(s) => {
@@ -188,7 +193,7 @@ impl TokenService {
                     .update(&r, now)
                     .await
                     .map_err(|e| store_unavailable(&e))?;
-                Ok(Some(r.session.identity()))
+                Ok(Some(r.session))
             }
             crate::auth::oidc::Reread::Refused(why) if oidc.revoke_on_refresh_failure() => {
                 tracing::info!(subject = %r.session.subject, reason = %why, "the IdP refused the session's refresh: session ended");
@@ -202,7 +207,7 @@ impl TokenService {
             | crate::auth::oidc::Reread::Unavailable(why) => {
                 // Keep the groups last read; try again at the next refresh.
                 tracing::warn!(subject = %r.session.subject, reason = %why, "could not read groups again from the IdP");
-                Ok(Some(r.session.identity()))
+                Ok(Some(r.session))
             }
         }
     }

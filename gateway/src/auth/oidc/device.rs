@@ -312,7 +312,7 @@ impl Oidc {
                     Ok(None) => return unknown(),
                     Err(e) => return unavailable(&e),
                 };
-                match self.start_login(host, &flow.device, Some(key)).await {
+                match self.start_login(host, &flow.device, Some(key), false).await {
                     Ok((location, login_cookie)) => login_redirect(location, login_cookie),
                     Err(e) => unavailable(&e),
                 }

@@ -55,6 +55,9 @@ struct Flow {
     /// Set when this login approves a device flow of the gateway's own (key of its record).
     #[serde(default)]
     device_key: Option<String>,
+    /// A sign-in into the web console (the callback opens a console session).
+    #[serde(default)]
+    console: bool,
 }
 
 /// A verified sign-in at the IdP.
@@ -78,6 +81,8 @@ pub enum Outcome {
     DeviceApproved(String),
     /// The user, and the device name they asked for.
     LoggedIn(SignedIn, String),
+    /// A sign-in into the web console.
+    Console(SignedIn),
     /// A client mistake or a refused login: status and message for the page.
     Refused(u16, String),
     /// The IdP could not be reached.
@@ -187,7 +192,13 @@ impl Oidc {
     /// Starts a login: the IdP URL to send the browser to and the `Set-Cookie` value binding
     /// the flow to this browser.
     pub async fn start(&self, host: &str, device: &str) -> anyhow::Result<(String, String)> {
-        self.start_login(host, device, None).await
+        self.start_login(host, device, None, false).await
+    }
+
+    /// [`Oidc::start`] for a sign-in into the web console: the callback opens a console
+    /// session instead of showing a refresh token.
+    pub async fn start_console(&self, host: &str) -> anyhow::Result<(String, String)> {
+        self.start_login(host, "web console", None, true).await
     }
 
     /// [`Oidc::start`], approving the device flow under `device_key` when it succeeds.
@@ -196,6 +207,7 @@ impl Oidc {
         host: &str,
         device: &str,
         device_key: Option<String>,
+        console: bool,
     ) -> anyhow::Result<(String, String)> {
         let (d, _) = self.provider(false).await?;
         let (state, nonce, verifier, binding) = (
@@ -212,6 +224,7 @@ impl Oidc {
             redirect_uri: redirect_uri.clone(),
             device: clean_device(device),
             device_key,
+            console,
         };
         let ttl = Duration::from_secs(self.cfg.flow_ttl_seconds);
         self.state
@@ -296,6 +309,7 @@ impl Oidc {
                 )
                 .await
             }
+            Ok(Ok(signed_in)) if flow.console => Outcome::Console(signed_in),
             Ok(Ok(signed_in)) => Outcome::LoggedIn(signed_in, flow.device),
             Ok(Err(msg)) => Outcome::Refused(400, msg),
             Err(e) => Outcome::Unavailable(format!("{e:#}")),
