@@ -121,7 +121,8 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         None => crate::live_policy::LivePolicy::fixed(policy::Policy::compile(
             "conf/policy.toml (built in)",
             SHIPPED_POLICY,
-        )?),
+        )?)
+        .with_text(SHIPPED_POLICY),
     });
     let service = "portcullis".to_string();
 

@@ -19,6 +19,8 @@ pub struct PolicyConfig {
 
 pub struct LivePolicy {
     current: RwLock<Arc<Policy>>,
+    /// The text of the policy in force (the console's read-only view).
+    text: RwLock<Arc<str>>,
     /// Where it is read from (none: built in, never reloaded).
     file: Option<PathBuf>,
 }
@@ -28,25 +30,51 @@ impl LivePolicy {
     pub fn fixed(policy: Policy) -> Self {
         LivePolicy {
             current: RwLock::new(Arc::new(policy)),
+            text: RwLock::new(Arc::from("")),
             file: None,
         }
     }
 
+    /// [`LivePolicy::fixed`], with the text it was compiled from (shown, not compiled).
+    pub fn with_text(self, text: &str) -> Self {
+        self.set_text(text);
+        self
+    }
+
+    fn set_text(&self, text: &str) {
+        match self.text.write() {
+            Ok(mut t) => *t = Arc::from(text),
+            Err(poisoned) => *poisoned.into_inner() = Arc::from(text),
+        }
+    }
+
+    /// The text of the policy in force, and the file it came from (none: built in).
+    pub fn text(&self) -> (Arc<str>, Option<&std::path::Path>) {
+        let text = match self.text.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        (text, self.file.as_deref())
+    }
+
     /// The policy in `file`, which [`LivePolicy::reload`] reads again.
     pub fn from_file(file: PathBuf) -> anyhow::Result<Self> {
-        let (policy, _) = Self::compile(&file).map_err(anyhow::Error::msg)?;
+        let (policy, _, text) = Self::compile(&file).map_err(anyhow::Error::msg)?;
         Ok(LivePolicy {
             current: RwLock::new(Arc::new(policy)),
+            text: RwLock::new(Arc::from(text)),
             file: Some(file),
         })
     }
 
-    fn compile(file: &std::path::Path) -> Result<(Policy, String), String> {
+    /// The policy in `file`, the SHA-256 of its text, and the text.
+    fn compile(file: &std::path::Path) -> Result<(Policy, String, String), String> {
         let text = std::fs::read_to_string(file)
             .map_err(|e| format!("reading {}: {e}", file.display()))?;
         let policy =
             Policy::compile(&file.display().to_string(), &text).map_err(|e| format!("{e:#}"))?;
-        Ok((policy, crate::audit::sha256_hex(&text)))
+        let sha = crate::audit::sha256_hex(&text);
+        Ok((policy, sha, text))
     }
 
     /// The policy for one decision (a later reload does not change it under the caller).
@@ -64,11 +92,12 @@ impl LivePolicy {
             return Err("the built-in policy is not reloaded".into());
         };
         match Self::compile(file) {
-            Ok((policy, sha)) => {
+            Ok((policy, sha, text)) => {
                 match self.current.write() {
                     Ok(mut p) => *p = Arc::new(policy),
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
                 }
+                self.set_text(&text);
                 tracing::info!(file = %file.display(), sha256 = %sha, "policy reloaded");
                 crate::audit::record(
                     "policy-reload",

@@ -342,6 +342,10 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
     ensure!(b.source().await?.contains("Not found"));
     b.open(&format!("{}/ui/admin/audit", g.base)).await?;
     ensure!(b.source().await?.contains("Not found"));
+    for page in ["policy", "storage"] {
+        b.open(&format!("{}/ui/admin/{page}", g.base)).await?;
+        ensure!(b.source().await?.contains("Not found"), "bob sees {page}");
+    }
     b.click("header button").await?;
     b.wait_for_url("/ui/login").await?;
 
@@ -411,6 +415,44 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
         "{events}"
     );
     b.screenshot(&shots().join("8-audit.png")).await?;
+
+    // The policy in force, and its answer to "may bob push over a release tag".
+    b.open(&format!("{}/ui/admin/policy", g.base)).await?;
+    ensure!(b.text("#policy-text").await?.contains("admin_groups"));
+    b.fill("#user", "bob").await?;
+    b.fill("#groups", "team-a").await?;
+    b.click("#action option[value=push]").await?;
+    b.fill("#target", "team-a/app:v1.0.0").await?;
+    b.click("#ask").await?;
+    let verdict = b.wait_for_text("#verdict", "Allowed").await?;
+    ensure!(
+        verdict.contains("binding at") || verdict.contains("line"),
+        "{verdict}"
+    );
+    b.screenshot(&shots().join("9-policy.png")).await?;
+    b.open(&format!(
+        "{}/ui/admin/policy?user=carol&kind=user&action=push&target=team-a%2Fsecret",
+        g.base
+    ))
+    .await?;
+    b.wait_for_text("#verdict", "Denied").await?;
+
+    // Storage: the node healthy, its usage, and a GC dry run made just now.
+    let dry: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/gc?dry_run=true", storage.base))
+        .header("portcullis-internal-secret", deployment::SECRET)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(dry["dry_run"] == true, "{dry}");
+    b.open(&format!("{}/ui/admin/storage", g.base)).await?;
+    let shown = b.text("main").await?;
+    ensure!(
+        shown.contains("healthy") && shown.contains("dry run") && shown.contains("blobs"),
+        "{shown}"
+    );
+    b.screenshot(&shots().join("10-storage.png")).await?;
     b.open(&format!("{}/ui/admin/robots", g.base)).await?;
     // Deleted: it pushes no more.
     b.click("button[aria-label=\"Delete robot$team-a+ci\"]")

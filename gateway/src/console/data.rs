@@ -50,6 +50,11 @@ impl Data {
         self.internal.request(method, path_and_query)
     }
 
+    /// Every storage node: health, usage, recent GC runs.
+    pub async fn nodes(&self) -> Vec<crate::registry::internal::NodeStatus> {
+        self.internal.node_status().await
+    }
+
     /// Up to `n` repository names after `last`, and whether more follow.
     pub async fn catalog(
         &self,

@@ -63,6 +63,8 @@ enum Page {
     RotateRobot,
     DeleteRobot,
     Audit,
+    Policy,
+    Storage,
     SignOut,
     Unknown,
 }
@@ -85,6 +87,8 @@ impl Page {
             ("POST", "/ui/admin/robots/rotate") => Page::RotateRobot,
             ("POST", "/ui/admin/robots/delete") => Page::DeleteRobot,
             ("GET", "/ui/admin/audit") => Page::Audit,
+            ("GET", "/ui/admin/policy") => Page::Policy,
+            ("GET", "/ui/admin/storage") => Page::Storage,
             ("POST", "/ui/logout") => Page::SignOut,
             _ => Page::Unknown,
         }
@@ -298,6 +302,8 @@ impl Console {
                 self.robots(which, &query, &form, &signed).await
             }
             Page::Audit => self.audit(&query, &signed).await,
+            Page::Policy => self.policy(&query, &signed),
+            Page::Storage => self.storage(&signed).await,
             Page::SignOut => self.sign_out(&signed).await,
             _ => not_found(&signed),
         }
@@ -780,6 +786,81 @@ impl Console {
         page(200, pages::audit(&signed.who(), &search, found))
     }
 
+    /// The policy in force, read-only, and its answer to "may X do Y on Z" (administrators
+    /// only): the decision the registry would make now, and the rule that makes it.
+    fn policy(&self, q: &HashMap<String, String>, signed: &Signed) -> Reply {
+        if !signed.admin {
+            return not_found(signed);
+        }
+        let field = |k: &str| q.get(k).map(|v| v.trim().to_owned()).unwrap_or_default();
+        let ask = pages::Explain {
+            user: field("user"),
+            kind: field("kind"),
+            groups: field("groups"),
+            action: field("action"),
+            target: field("target"),
+        };
+        let answer = (!ask.user.is_empty() || !ask.target.is_empty()).then(|| self.explain(&ask));
+        let (text, file) = self.tokens.policy.text();
+        let source = file.map_or_else(|| "built in".to_owned(), |f| f.display().to_string());
+        page(
+            200,
+            pages::policy(&signed.who(), &text, &source, &ask, answer.as_ref()),
+        )
+    }
+
+    /// The policy's decision on one question: allowed, and why (or what is wrong with it).
+    fn explain(&self, ask: &pages::Explain) -> Result<(bool, String), String> {
+        let Some(action) = Action::parse(&ask.action) else {
+            return Err("Pick an action.".into());
+        };
+        let (repo, tag) = match ask.target.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => (r, Some(t)),
+            _ => (ask.target.as_str(), None),
+        };
+        if oci::RepositoryName::parse(repo).is_err() {
+            return Err(format!("{repo:?} is not a repository name."));
+        }
+        if tag.is_some_and(|t| oci::Tag::parse(t).is_err()) {
+            return Err("That is not a tag.".into());
+        }
+        let kind = crate::token::jwt::kind_from_name(&ask.kind);
+        let subject = policy::Subject {
+            name: ask.user.clone(),
+            kind,
+            groups: ask
+                .groups
+                .split([',', ' '])
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        };
+        let policy = self.tokens.policy.current();
+        let d = policy.authorize(&subject, action, repo, now());
+        let mut why = d.reason.to_string();
+        if let Some(t) = tag
+            && matches!(action, Action::Push | Action::Delete)
+            && let Some(by) = policy.immutable(repo, t)
+        {
+            why.push_str(&format!(
+                "; tag {t} is immutable (rule at line {}: {}): a push that moves it or a delete is refused without override-immutable",
+                by.line, by.pattern
+            ));
+        }
+        Ok((d.allowed, why))
+    }
+
+    /// The storage nodes (administrators only): health as the gateway sees it, usage, and
+    /// each node's recent GC runs.
+    async fn storage(&self, signed: &Signed) -> Reply {
+        if !signed.admin {
+            return not_found(signed);
+        }
+        let nodes = self.data.nodes().await;
+        page(200, pages::storage(&signed.who(), &nodes))
+    }
+
     /// Robot accounts, for registry administrators only (anyone else: as if there were no
     /// such page). Every action is the robots' admin API's own, called as this administrator.
     async fn robots(
@@ -999,6 +1080,9 @@ mod tests {
             ("POST", "/ui/admin/robots/create", Page::CreateRobot),
             ("GET", "/ui/admin/robots/create", Page::Unknown),
             ("GET", "/ui/admin/audit", Page::Audit),
+            ("GET", "/ui/admin/policy", Page::Policy),
+            ("GET", "/ui/admin/storage", Page::Storage),
+            ("POST", "/ui/admin/policy", Page::Unknown),
         ];
         for (m, p, want) in cases {
             assert_eq!(Page::parse(m, p), want, "{m} {p}");

@@ -34,6 +34,8 @@ pub fn layout(title: &str, who: Option<&Who<'_>>, body: Markup) -> Markup {
                             @if w.admin {
                                 a href="/ui/admin/robots" { "Robots" }
                                 a href="/ui/admin/audit" { "Audit" }
+                                a href="/ui/admin/policy" { "Policy" }
+                                a href="/ui/admin/storage" { "Storage" }
                             }
                             span.user { (w.name) }
                             form method="post" action="/ui/logout" {
@@ -466,6 +468,129 @@ pub fn audit(
                     }
                     @if partial {
                         p.more { "Older events are beyond what the console reads (the trail's last 32 MiB); search them where the trail is ingested." }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// A question to the policy: may `user` (of `kind`, in `groups`) do `action` on `target`
+/// (`repository` or `repository:tag`)?
+#[derive(Default)]
+pub struct Explain {
+    pub user: String,
+    pub kind: String,
+    pub groups: String,
+    pub action: String,
+    pub target: String,
+}
+
+/// The policy in force (administrators): the explain form and its answer, then the text.
+pub fn policy(
+    who: &Who<'_>,
+    text: &str,
+    source: &str,
+    ask: &Explain,
+    answer: Option<&Result<(bool, String), String>>,
+) -> Markup {
+    let kinds = ["user", "robot", "ci", "anonymous"];
+    let actions = ["pull", "push", "delete", "catalog", "override-immutable"];
+    layout(
+        "Policy",
+        Some(who),
+        html! {
+            h1 { "Policy" }
+            form.search #explain method="get" action="/ui/admin/policy" {
+                label for="user" { "Who (user, robot or CI identity)" }
+                input #user type="text" name="user" value=(ask.user);
+                label for="kind" { "Kind" }
+                select #kind name="kind" {
+                    @for k in kinds {
+                        option value=(k) selected[ask.kind == k] { (k) }
+                    }
+                }
+                label for="groups" { "Groups (comma-separated)" }
+                input #groups type="text" name="groups" value=(ask.groups);
+                label for="action" { "Action" }
+                select #action name="action" {
+                    @for a in actions {
+                        option value=(a) selected[ask.action == a] { (a) }
+                    }
+                }
+                label for="target" { "Repository (or repository:tag)" }
+                input #target type="text" name="target" value=(ask.target);
+                button #ask type="submit" { "Explain" }
+            }
+            @match answer {
+                None => {},
+                Some(Err(why)) => p.error role="alert" { (why) },
+                Some(Ok((allowed, why))) => {
+                    p #verdict .notice role="status" {
+                        strong { @if *allowed { "Allowed" } @else { "Denied" } }
+                        ": " (why)
+                    }
+                },
+            }
+            h2 { "In force" }
+            p { "From " code { (source) } " (reloaded on SIGHUP; edit the file, not this page)." }
+            pre #policy-text { (text) }
+        },
+    )
+}
+
+/// The storage nodes (administrators): health, usage, recent GC runs.
+pub fn storage(who: &Who<'_>, nodes: &[crate::registry::internal::NodeStatus]) -> Markup {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    layout(
+        "Storage",
+        Some(who),
+        html! {
+            h1 { "Storage" }
+            @if nodes.is_empty() {
+                p.empty { "This gateway knows no storage node." }
+            }
+            @for node in nodes {
+                section.card.node {
+                    h2 { code { (node.addr) } " "
+                        @if node.healthy { span.badge { "healthy" } } @else { span.badge.bad { "failing its health check" } }
+                    }
+                    @match &node.status {
+                        Err(why) => p.error { "No status: " (why) },
+                        Ok(st) => {
+                            @if st["ready"] != Value::Bool(true) {
+                                p.error { "Its store does not answer." }
+                            }
+                            @if st["usage"].is_object() {
+                                p { "Usage: " strong { (n(&st["usage"]["blobs"])) " blobs, " (size(n(&st["usage"]["bytes"]))) }
+                                    " (walked at " (when(n(&st["usage"]["measured_at"]) as i64)) ", kept up to date since)" }
+                            } @else {
+                                p { "Usage: not measured yet." }
+                            }
+                            @let runs = st["gc"].as_array().cloned().unwrap_or_default();
+                            @if runs.is_empty() {
+                                p.empty { "No garbage collection run on this node since it started." }
+                            } @else {
+                                table.gc {
+                                    thead { tr { th { "Finished" } th { "Kind" } th { "Blobs seen" } th { "Blobs deleted" } th { "Reclaimed" } th { "Manifests deleted" } th { "Errors" } } }
+                                    tbody {
+                                        @for r in &runs {
+                                            tr {
+                                                td { (r["finished"].as_str().unwrap_or("")) }
+                                                td { @if r["busy"].is_string() { "skipped (another node's run)" }
+                                                     @else if r["dry_run"] == Value::Bool(true) { "dry run" } @else { "run" }
+                                                     @if r["complete"] == Value::Bool(false) { " (incomplete)" } }
+                                                td { (n(&r["blobs_seen"])) }
+                                                td { (n(&r["blobs_deleted"])) }
+                                                td { (size(n(&r["bytes_reclaimed"]))) }
+                                                td { (n(&r["manifests_deleted"])) }
+                                                td { (n(&r["errors"])) }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        },
                     }
                 }
             }

@@ -26,6 +26,15 @@ pub fn digest_header(h: &reqwest::header::HeaderMap) -> anyhow::Result<Digest> {
         .ok_or_else(|| anyhow::anyhow!("storage sent a manifest without digest"))
 }
 
+/// One storage node as [`Internal::node_status`] found it.
+pub struct NodeStatus {
+    pub addr: String,
+    /// Passes the gateway's health check (gets requests).
+    pub healthy: bool,
+    /// Its own account (`ready`, `usage`, `gc`), or why there is none.
+    pub status: Result<serde_json::Value, String>,
+}
+
 pub struct Internal {
     nodes: Arc<LoadBalancer<RoundRobin>>,
     secret: zeroize::Zeroizing<String>,
@@ -92,6 +101,39 @@ impl Internal {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
         }))
+    }
+
+    /// Every storage node the gateway knows: its address, whether it passes the health
+    /// check, and what its `GET /internal/status` answered (usage, recent GC runs), asked of
+    /// all at once with a 5 s bound.
+    pub async fn node_status(&self) -> Vec<NodeStatus> {
+        let backends = self.nodes.backends();
+        let known = backends.get_backend();
+        let asks = known.iter().map(|b| {
+            let healthy = backends.ready(b);
+            let addr = b.addr.to_string();
+            async move {
+                let status = async {
+                    let r = self
+                        .http
+                        .get(format!("http://{addr}/internal/status"))
+                        .header(INTERNAL_SECRET_HEADER, self.secret.as_str())
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await?;
+                    anyhow::ensure!(r.status() == StatusCode::OK, "it answered {}", r.status());
+                    Ok(r.json::<serde_json::Value>().await?)
+                }
+                .await
+                .map_err(|e: anyhow::Error| format!("{e:#}"));
+                NodeStatus {
+                    addr,
+                    healthy,
+                    status,
+                }
+            }
+        });
+        futures_util::future::join_all(asks).await
     }
 
     fn on(

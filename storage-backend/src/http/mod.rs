@@ -55,7 +55,9 @@ pub fn router(state: Arc<AppState>, listener: Listener) -> Router {
             .route("/gc", get(gc_history).post(gc_run));
     }
     if listener != Listener::Admin {
-        r = r.fallback(handlers::dispatch);
+        r = r
+            .route("/internal/status", get(status))
+            .fallback(handlers::dispatch);
     }
     r.layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -90,6 +92,49 @@ async fn gc_run(State(st): State<Arc<AppState>>, uri: axum::http::Uri) -> Respon
         Ok(report) => json_response(&report),
         Err(e) => ApiError::from(e).into_response(),
     }
+}
+
+/// `GET /internal/status` (the gateway's, with the internal secret: the web console's storage
+/// page): whether the store answers, its usage as last known, and this node's recent GC runs
+/// (newest first, counts only: a run's lists of what it deleted stay in `GET /gc`).
+async fn status(State(st): State<Arc<AppState>>) -> Response {
+    let ready = st.registry.check().await;
+    let usage = st.registry.usage().map(|u| {
+        serde_json::json!({
+            "blobs": u.blobs,
+            "bytes": u.bytes,
+            "measured_at": u.measured_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })
+    });
+    let gc: Vec<serde_json::Value> = st
+        .gc
+        .history()
+        .iter()
+        .rev()
+        .take(10)
+        .map(|r| {
+            serde_json::json!({
+                "run": r.run,
+                "dry_run": r.dry_run,
+                "busy": r.busy,
+                "finished": r.finished,
+                "duration_seconds": r.duration_seconds,
+                "blobs_seen": r.blobs_seen,
+                "blobs_deleted": r.blobs_deleted.len(),
+                "bytes_reclaimed": r.bytes_reclaimed,
+                "manifests_deleted": r.manifests_deleted.len(),
+                "errors": r.errors.len(),
+                "complete": r.complete,
+            })
+        })
+        .collect();
+    json_response(&serde_json::json!({
+        "ready": ready.is_ok(),
+        "usage": usage,
+        "gc": gc,
+    }))
 }
 
 /// `GET /gc`: the reports of this node's recent runs, oldest first.
