@@ -402,6 +402,14 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
         b.source().await?
     );
     copy(&rotated, "by-robot:2")?;
+    // The tag list says who pushed what, from the trail.
+    b.open(&format!("{}/ui/repo?name=team-a%2Fby-robot", g.base))
+        .await?;
+    let tags = b.text("main").await?;
+    ensure!(
+        tags.matches("by robot$team-a+ci").count() == 2,
+        "pushed-by not shown: {tags}"
+    );
     // The audit trail shows the robot's pushes.
     b.open(&format!("{}/ui/admin/audit", g.base)).await?;
     b.fill("#user", "robot$team-a+ci").await?;

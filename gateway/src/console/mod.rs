@@ -639,7 +639,19 @@ impl Console {
                 immutable: policy.immutable(repo, t).map(|by| {
                     format!("immutable by the rule at line {} ({})", by.line, by.pattern)
                 }),
+                pushed: None,
             });
+        }
+        // Who pushed them, and when, from this gateway's trail (none: left blank).
+        if let Some(file) = self.audit_file.clone() {
+            let (name, listed) = (repo.to_owned(), tags.clone());
+            let found =
+                tokio::task::spawn_blocking(move || trail::pushed(&file, &name, &listed)).await;
+            if let Ok(Ok(mut found)) = found {
+                for row in &mut rows {
+                    row.pushed = found.remove(&row.tag);
+                }
+            }
         }
         let notice = q
             .get("done")

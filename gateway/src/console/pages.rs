@@ -128,6 +128,8 @@ pub struct TagRow {
     pub size: usize,
     /// The immutability rule that holds it, if any.
     pub immutable: Option<String>,
+    /// When and by whom it was last pushed, if the audit trail's window tells.
+    pub pushed: Option<(String, String)>,
 }
 
 pub fn repository(
@@ -152,7 +154,7 @@ pub fn repository(
                 p.empty { "No tags." }
             } @else {
                 table #tags {
-                    thead { tr { th { "Tag" } th { "Digest" } th { "Type" } th { "Manifest size" } th {} } }
+                    thead { tr { th { "Tag" } th { "Digest" } th { "Type" } th { "Manifest size" } th { "Pushed" } th {} } }
                     tbody {
                         @for t in tags {
                             tr {
@@ -165,6 +167,11 @@ pub fn repository(
                                 td { code { (short(&t.digest)) } }
                                 td { (kind(&t.media_type)) }
                                 td { (t.size) " B" }
+                                td.pushed {
+                                    @if let Some((at, by)) = &t.pushed {
+                                        (at.get(..16).unwrap_or(at).replace('T', " ")) " by " (by)
+                                    } @else { "—" }
+                                }
                                 td {
                                     @if may_delete {
                                         form method="post" action="/ui/delete-tag" {

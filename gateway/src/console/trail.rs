@@ -51,23 +51,9 @@ impl Search {
 /// The newest events of the trail at `file` that match, at most [`SHOWN`], newest first;
 /// and whether the search stopped at the window's start (older events were not looked at).
 pub fn search(file: &Path, s: &Search) -> std::io::Result<(Vec<Value>, bool)> {
-    let mut f = std::fs::File::open(file)?;
-    let len = f.metadata()?.len();
-    let start = len.saturating_sub(WINDOW);
-    f.seek(SeekFrom::Start(start))?;
-    let mut raw = Vec::new();
-    f.take(WINDOW).read_to_end(&mut raw)?;
-    // A window that starts mid-line (even mid-character): its first line is partial.
-    let body = if start > 0 {
-        raw.iter()
-            .position(|&b| b == b'\n')
-            .map_or(&raw[..0], |i| &raw[i + 1..])
-    } else {
-        &raw[..]
-    };
-    let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
+    let (raw, partial) = tail(file)?;
     let mut out = Vec::new();
-    for line in lines.iter().rev() {
+    for line in raw.split(|&b| b == b'\n').rev() {
         let Ok(e) = serde_json::from_slice::<Value>(line) else {
             continue;
         };
@@ -78,7 +64,72 @@ pub fn search(file: &Path, s: &Search) -> std::io::Result<(Vec<Value>, bool)> {
             }
         }
     }
-    Ok((out, start > 0))
+    Ok((out, partial))
+}
+
+/// Who last pushed each of `tags` of `repo`, and when (`@timestamp`), as far as the trail's
+/// window tells (tags not found there are left out): the newest successful `tag-create`,
+/// `tag-overwrite` or `manifest-push` naming the tag.
+pub fn pushed(
+    file: &Path,
+    repo: &str,
+    tags: &[String],
+) -> std::io::Result<std::collections::HashMap<String, (String, String)>> {
+    let mut found = std::collections::HashMap::new();
+    if tags.is_empty() {
+        return Ok(found);
+    }
+    let (raw, _) = tail(file)?;
+    // Only lines that name the repository are parsed (names need no JSON escaping).
+    let needle = format!("\"repository\":\"{repo}\"");
+    let finder = memchr::memmem::Finder::new(needle.as_bytes());
+    for line in raw.split(|&b| b == b'\n').rev() {
+        if finder.find(line).is_none() {
+            continue;
+        }
+        let Ok(e) = serde_json::from_slice::<Value>(line) else {
+            continue;
+        };
+        let field = |k: &str| e[k].as_str().unwrap_or("");
+        let pushed = matches!(
+            field("event.action"),
+            "tag-create" | "tag-overwrite" | "manifest-push"
+        ) && field("event.outcome") == "success"
+            && field("repository") == repo;
+        let tag = field("tag");
+        if pushed && tags.iter().any(|t| t == tag) && !found.contains_key(tag) {
+            found.insert(
+                tag.to_owned(),
+                (
+                    field("@timestamp").to_owned(),
+                    field("user.name").to_owned(),
+                ),
+            );
+            if found.len() == tags.len() {
+                break;
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The trail's last [`WINDOW`] bytes, whole lines only; and whether that is not all of it.
+fn tail(file: &Path) -> std::io::Result<(Vec<u8>, bool)> {
+    let mut f = std::fs::File::open(file)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(WINDOW);
+    f.seek(SeekFrom::Start(start))?;
+    let mut raw = Vec::new();
+    f.take(WINDOW).read_to_end(&mut raw)?;
+    // A window that starts mid-line (even mid-character): its first line is partial.
+    if start > 0 {
+        let first = raw
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(raw.len(), |i| i + 1);
+        raw.drain(..first);
+    }
+    Ok((raw, start > 0))
 }
 
 #[cfg(test)]
@@ -132,5 +183,32 @@ mod tests {
             }),
             ["09"]
         );
+    }
+
+    #[test]
+    fn the_last_push_of_each_tag_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let lines = [
+            r#"{"@timestamp":"2026-12-06T10:00:00.000Z","event.action":"tag-create","event.outcome":"success","user.name":"bob","repository":"team-a/app","tag":"v1"}"#,
+            r#"{"@timestamp":"2026-12-06T11:00:00.000Z","event.action":"tag-overwrite","event.outcome":"success","user.name":"carol","repository":"team-a/app","tag":"v1"}"#,
+            r#"{"@timestamp":"2026-12-06T12:00:00.000Z","event.action":"tag-overwrite","event.outcome":"failure","user.name":"eve","repository":"team-a/app","tag":"v1"}"#,
+            r#"{"@timestamp":"2026-12-06T12:30:00.000Z","event.action":"tag-create","event.outcome":"success","user.name":"dave","repository":"team-a/app2","tag":"v2"}"#,
+            r#"{"@timestamp":"2026-12-06T13:00:00.000Z","event.action":"manifest-pull","event.outcome":"success","user.name":"zed","repository":"team-a/app","tag":"v2"}"#,
+            r#"{"@timestamp":"2026-12-06T14:00:00.000Z","event.action":"manifest-push","event.outcome":"success","user.name":"bob","repository":"team-a/app","tag":"v2"}"#,
+        ];
+        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+        let tags = ["v1".to_owned(), "v2".to_owned(), "v3".to_owned()];
+        let found = pushed(&file, "team-a/app", &tags).unwrap();
+        assert_eq!(
+            found["v1"],
+            ("2026-12-06T11:00:00.000Z".into(), "carol".into()),
+            "the newest successful push; a refused one is not one"
+        );
+        assert_eq!(
+            found["v2"].1, "bob",
+            "pulls and other repositories do not count"
+        );
+        assert!(!found.contains_key("v3"));
     }
 }
