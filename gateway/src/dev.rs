@@ -118,11 +118,10 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     )?;
     let policy = Arc::new(match &file.policy {
         Some(p) => crate::live_policy::LivePolicy::from_file(p.file.clone())?,
-        None => crate::live_policy::LivePolicy::fixed(policy::Policy::compile(
-            "conf/policy.toml (built in)",
+        None => crate::live_policy::LivePolicy::fixed(
+            policy::Policy::compile("conf/policy.toml (built in)", SHIPPED_POLICY)?,
             SHIPPED_POLICY,
-        )?)
-        .with_text(SHIPPED_POLICY),
+        ),
     });
     let service = "portcullis".to_string();
 

@@ -125,10 +125,13 @@ impl Endpoints {
                     Reply::html(200, oidc::device_approved_page(&device))
                 }
                 Outcome::LoggedIn(signed_in, device) => {
-                    let id = signed_in.identity;
-                    let mut s =
-                        token::refresh::Session::new(&id, "oidc", &device, token::unix_now());
-                    s.idp_refresh = signed_in.idp_refresh;
+                    let id = signed_in.identity.clone();
+                    let s = token::refresh::Session::from_sso(
+                        signed_in,
+                        "oidc",
+                        &device,
+                        token::unix_now(),
+                    );
                     match self.tokens.open_session(&s).await {
                         Ok(refresh) => {
                             Reply::html(200, oidc::success_page(&req.host, &id, &device, &refresh))

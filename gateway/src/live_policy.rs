@@ -18,51 +18,39 @@ pub struct PolicyConfig {
 }
 
 pub struct LivePolicy {
-    current: RwLock<Arc<Policy>>,
-    /// The text of the policy in force (the console's read-only view).
-    text: RwLock<Arc<str>>,
+    /// The policy in force and the text it was compiled from (the console's read-only view),
+    /// replaced together.
+    current: RwLock<(Arc<Policy>, Arc<str>)>,
     /// Where it is read from (none: built in, never reloaded).
     file: Option<PathBuf>,
 }
 
 impl LivePolicy {
-    /// A policy that never changes (the embedded default's built-in one).
-    pub fn fixed(policy: Policy) -> Self {
+    /// A policy that never changes (the embedded default's built-in one), and its text.
+    pub fn fixed(policy: Policy, text: &str) -> Self {
         LivePolicy {
-            current: RwLock::new(Arc::new(policy)),
-            text: RwLock::new(Arc::from("")),
+            current: RwLock::new((Arc::new(policy), Arc::from(text))),
             file: None,
         }
     }
 
-    /// [`LivePolicy::fixed`], with the text it was compiled from (shown, not compiled).
-    pub fn with_text(self, text: &str) -> Self {
-        self.set_text(text);
-        self
-    }
-
-    fn set_text(&self, text: &str) {
-        match self.text.write() {
-            Ok(mut t) => *t = Arc::from(text),
-            Err(poisoned) => *poisoned.into_inner() = Arc::from(text),
+    fn in_force(&self) -> (Arc<Policy>, Arc<str>) {
+        match self.current.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
     /// The text of the policy in force, and the file it came from (none: built in).
     pub fn text(&self) -> (Arc<str>, Option<&std::path::Path>) {
-        let text = match self.text.read() {
-            Ok(t) => t.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        (text, self.file.as_deref())
+        (self.in_force().1, self.file.as_deref())
     }
 
     /// The policy in `file`, which [`LivePolicy::reload`] reads again.
     pub fn from_file(file: PathBuf) -> anyhow::Result<Self> {
         let (policy, _, text) = Self::compile(&file).map_err(anyhow::Error::msg)?;
         Ok(LivePolicy {
-            current: RwLock::new(Arc::new(policy)),
-            text: RwLock::new(Arc::from(text)),
+            current: RwLock::new((Arc::new(policy), Arc::from(text))),
             file: Some(file),
         })
     }
@@ -79,10 +67,7 @@ impl LivePolicy {
 
     /// The policy for one decision (a later reload does not change it under the caller).
     pub fn current(&self) -> Arc<Policy> {
-        match self.current.read() {
-            Ok(p) => p.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.in_force().0
     }
 
     /// Reads the file again and puts the new policy in force if it compiles; audited either
@@ -93,11 +78,11 @@ impl LivePolicy {
         };
         match Self::compile(file) {
             Ok((policy, sha, text)) => {
+                let new = (Arc::new(policy), Arc::from(text));
                 match self.current.write() {
-                    Ok(mut p) => *p = Arc::new(policy),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
+                    Ok(mut p) => *p = new,
+                    Err(poisoned) => *poisoned.into_inner() = new,
                 }
-                self.set_text(&text);
                 tracing::info!(file = %file.display(), sha256 = %sha, "policy reloaded");
                 crate::audit::record(
                     "policy-reload",
@@ -144,12 +129,15 @@ mod tests {
         std::fs::write(&file, "this is [not a policy").unwrap();
         assert!(live.reload().is_err());
         assert!(Arc::ptr_eq(&before, &live.current()), "kept");
-        std::fs::write(&file, include_str!("../../conf/policy.toml")).unwrap();
+        assert!(live.text().0.contains("admin_groups"), "its text kept too");
+        let edited = format!("# edited\n{}", include_str!("../../conf/policy.toml"));
+        std::fs::write(&file, &edited).unwrap();
         live.reload().unwrap();
         assert!(!Arc::ptr_eq(&before, &live.current()), "replaced");
-        let fixed = LivePolicy::fixed(
-            Policy::compile("x", include_str!("../../conf/policy.toml")).unwrap(),
-        );
+        assert_eq!(&*live.text().0, edited.as_str(), "with its text");
+        let shipped = include_str!("../../conf/policy.toml");
+        let fixed = LivePolicy::fixed(Policy::compile("x", shipped).unwrap(), shipped);
         assert!(fixed.reload().is_err());
+        assert!(fixed.text().1.is_none(), "built in");
     }
 }

@@ -105,6 +105,26 @@ impl TagChange {
     pub fn is_allowed(&self) -> bool {
         !matches!(self, TagChange::Denied(_))
     }
+
+    /// What it means for `tag`, in words (`portcullis-policy check`, the console's policy
+    /// page).
+    pub fn describe(&self, tag: &str) -> String {
+        match self {
+            TagChange::Allowed => format!("tag {tag}: mutable"),
+            TagChange::CreateOnly(by) => format!(
+                "tag {tag}: immutable (rule at line {}, pattern {}): may be created, never moved",
+                by.line, by.pattern
+            ),
+            TagChange::Override(by) => format!(
+                "tag {tag}: immutable (rule at line {}, pattern {}): allowed by override-immutable, audited",
+                by.line, by.pattern
+            ),
+            TagChange::Denied(by) => format!(
+                "DENY tag {tag}: immutable (rule at line {}, pattern {})",
+                by.line, by.pattern
+            ),
+        }
+    }
 }
 
 /// Whether a rule's tag patterns (minus its exclusions) take `tag`: the one matching rule,

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 
 pub struct Idp {
     child: Child,
-    /// `http://127.0.0.1:<port>`: the issuer.
+    /// `http://127.0.0.1:<port>` (or another name of the loopback address): the issuer.
     pub issuer: String,
     /// How it was started, for [`Idp::restart`].
     port: u16,
@@ -401,10 +401,11 @@ pub fn start_sso_at(
 )> {
     let storage = crate::deployment::storage_node(&dir.join("storage"))?;
     let idp_port = crate::tools::free_port()?;
+    let issuer = format!("http://{idp_host}:{idp_port}");
     let table = format!(
         r#"
 [oidc]
-issuer = "http://{idp_host}:{idp_port}"
+issuer = "{issuer}"
 client_id = "portcullis"
 scopes = ["openid", "profile", "groups", "offline_access"]
 groups_filter = "^(team-|registry-)"
@@ -430,7 +431,6 @@ groups_filter = "^(team-|registry-)"
         "grant_types": grants,
         "response_types": ["code"],
     }]);
-    let issuer = format!("http://{idp_host}:{idp_port}");
     let mut env = idp_env.to_vec();
     env.push(("IDP_ISSUER", &issuer));
     let idp = Idp::start_with_env(idp_port, &clients, users, &env)?;

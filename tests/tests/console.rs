@@ -432,12 +432,22 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
     b.click("#action option[value=push]").await?;
     b.fill("#target", "team-a/app:v1.0.0").await?;
     b.click("#ask").await?;
-    let verdict = b.wait_for_text("#verdict", "Allowed").await?;
+    // It exists and is immutable: bob may push to team-a, but not move it.
+    let verdict = b.wait_for_text("#verdict", "Denied").await?;
     ensure!(
-        verdict.contains("binding at") || verdict.contains("line"),
+        verdict.contains("developer")
+            && verdict.contains("DENY tag v1.0.0: immutable (rule at line"),
         "{verdict}"
     );
     b.screenshot(&shots().join("9-policy.png")).await?;
+    // A release tag that does not exist yet may be created.
+    b.open(&format!(
+        "{}/ui/admin/policy?user=bob&kind=user&groups=team-a&action=push&target=team-a%2Fapp%3Av9.9.9",
+        g.base
+    ))
+    .await?;
+    let verdict = b.wait_for_text("#verdict", "Allowed").await?;
+    ensure!(verdict.contains("may be created, never moved"), "{verdict}");
     b.open(&format!(
         "{}/ui/admin/policy?user=carol&kind=user&action=push&target=team-a%2Fsecret",
         g.base
@@ -481,8 +491,13 @@ async fn a_person_signs_in_with_single_sign_on_and_the_idp_groups_decide() -> an
         "carol": {"password": "carol-idp-pw", "groups": []},
     });
     // The IdP on a host name of its own (a browser keeps cookies by host, not port).
-    let (_storage, g, idp) =
-        portcullis_tests::oidc::start_sso_at(dir.path(), "", &users, &[], "localhost")?;
+    let (_storage, g, idp) = portcullis_tests::oidc::start_sso_at(
+        dir.path(),
+        "groups_refresh_seconds = 1",
+        &users,
+        &[],
+        "localhost",
+    )?;
     // bob pushes with the refresh token a `docker login` through SSO gives.
     let http = portcullis_tests::client::https(&g.ca_pem, false);
     let refresh =
@@ -525,6 +540,23 @@ async fn a_person_signs_in_with_single_sign_on_and_the_idp_groups_decide() -> an
         sessions.contains("console-sso") && sessions.contains("laptop"),
         "{sessions}"
     );
+    // Taken out of team-a at the IdP: the session's groups are read again, team-a is gone.
+    idp.set_users(&json!({"bob": {"password": "bob-idp-pw", "groups": []}}))
+        .await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        b.open(&format!("{}/ui/", g.base)).await?;
+        let page = b.source().await?;
+        ensure!(page.contains("Sign out"), "signed out instead: {page}");
+        if !page.contains("team-a/sso-app") {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the IdP's groups were never read again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
     b.click("header button").await?;
     b.wait_for_url("/ui/login").await?;
 

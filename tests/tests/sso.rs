@@ -312,7 +312,10 @@ async fn replayed_forged_and_unbound_callbacks_are_refused() {
     let forged = login.callback.replace("state=", "state=forged");
     for (url, cookie) in [
         (forged.as_str(), login.gateway_cookies.header()),
-        (login.callback.as_str(), "portcullis_oidc=wrong".to_string()),
+        (
+            login.callback.as_str(),
+            "__Host-portcullis_oidc=wrong".to_string(),
+        ),
         (
             &format!("{}/auth/oidc/callback?error=access_denied&state=s", g.base)[..],
             login.gateway_cookies.header(),

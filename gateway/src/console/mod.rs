@@ -16,13 +16,19 @@
 //!   strict `Content-Security-Policy` (no script at all), deny framing, and escape everything
 //!   they show ([`pages`]). `proxy::send` adds `Cache-Control: no-store` to every answer.
 //!
-//! Rooms: [`pages`] (templates), [`data`] (what it reads from storage).
+//! - Single sign-on (`/ui/sso`) is the gateway's OIDC flow marked as a console sign-in: its
+//!   callback opens a `console-sso` session whose groups are read again from the IdP.
+//! - Administration (registry administrators signed in within 12 h): robots, the audit trail
+//!   search, the policy in force with its answer to "may X do Y on Z", the storage nodes.
+//!
+//! Rooms: [`pages`] (templates), [`data`] (what it reads from storage), [`trail`] (what it
+//! reads of the audit trail file: searches, who pushed a tag).
 
 pub mod data;
 pub mod pages;
 pub mod trail;
 
-use crate::incoming::Incoming;
+use crate::incoming::{Incoming, cookie};
 use crate::reply::Reply;
 use crate::token::TokenService;
 use crate::token::refresh::Session;
@@ -37,6 +43,8 @@ use std::sync::Arc;
 const COOKIE: &str = "__Host-portcullis_ui";
 /// The sign-in form's CSRF cookie (before there is a session).
 const LOGIN_COOKIE: &str = "__Host-portcullis_ui_login";
+/// The device name of console sessions (as `/auth/sessions` and the account page list them).
+pub const DEVICE: &str = "web console";
 /// Repositories per page, tags per page.
 const PAGE: usize = 50;
 /// How recent a sign-in must be for the administration pages (seconds).
@@ -106,6 +114,8 @@ pub struct Console {
     cursor_key: zeroize::Zeroizing<[u8; 32]>,
     /// The gateway's audit trail file (administrators search it), if it writes one.
     audit_file: Option<std::path::PathBuf>,
+    /// Reads of the trail file at once, at most (each reads up to [`trail::WINDOW`]).
+    trail_reads: Arc<tokio::sync::Semaphore>,
 }
 
 /// A signed-in request.
@@ -146,17 +156,6 @@ fn csrf_of(token: &str) -> String {
 fn session_id(token: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(token.as_bytes()))[..crate::token::refresh::ID_LEN].to_owned()
-}
-
-/// The value of the cookie `name`; none when there is none or more than one (a planted
-/// second one is not picked over ours).
-fn cookie<'a>(cookies: Option<&'a str>, name: &str) -> Option<&'a str> {
-    let mut found = cookies?.split(';').filter_map(|c| {
-        let (k, v) = c.trim().split_once('=')?;
-        (k == name).then_some(v)
-    });
-    let first = found.next()?;
-    found.next().is_none().then_some(first)
 }
 
 /// Equal secrets, compared in constant time (lengths first: `memcmp::eq` wants equal ones).
@@ -249,6 +248,7 @@ impl Console {
             oidc,
             cursor_key: zeroize::Zeroizing::new(key),
             audit_file,
+            trail_reads: Arc::new(tokio::sync::Semaphore::new(2)),
         }
     }
 
@@ -302,7 +302,7 @@ impl Console {
                 self.robots(which, &query, &form, &signed).await
             }
             Page::Audit => self.audit(&query, &signed).await,
-            Page::Policy => self.policy(&query, &signed),
+            Page::Policy => self.policy(&query, &signed).await,
             Page::Storage => self.storage(&signed).await,
             Page::SignOut => self.sign_out(&signed).await,
             _ => not_found(&signed),
@@ -371,7 +371,7 @@ impl Console {
             }
             Err(_) => return self.login_page(Some(WRONG)),
         };
-        let session = Session::new(&identity, "console", "web console", now());
+        let session = Session::new(&identity, "console", DEVICE, now());
         let Ok(token) = self.tokens.open_session(&session).await else {
             refused("the session store is unavailable");
             return self.login_page(Some(LATER));
@@ -413,9 +413,8 @@ impl Console {
     /// flow's browser binding): a console session, which reads its groups again from the IdP
     /// as a `docker login`'s does.
     pub async fn sso_signed_in(&self, signed_in: crate::auth::oidc::SignedIn) -> Reply {
-        let identity = signed_in.identity;
-        let mut session = Session::new(&identity, "console-sso", "web console", now());
-        session.idp_refresh = signed_in.idp_refresh;
+        let identity = signed_in.identity.clone();
+        let session = Session::from_sso(signed_in, "console-sso", DEVICE, now());
         let Ok(token) = self.tokens.open_session(&session).await else {
             crate::audit::record(
                 "console-sign-in",
@@ -481,8 +480,9 @@ impl Console {
             csrf: csrf_of(token),
             admin: false,
         };
-        // Groups are those of the sign-in: administration wants a recent one, so someone
-        // taken out of the admin groups keeps no console powers for the session's lifetime.
+        // A password sign-in's groups are those it was given (a single sign-on's are read
+        // again from the IdP): administration wants a recent sign-in, so someone taken out of
+        // the admin groups keeps no console powers for the session's lifetime.
         signed.admin = now() - signed.session.created_at <= ADMIN_FRESH
             && self.tokens.policy.current().is_admin(&signed.subject());
         Some(signed)
@@ -642,15 +642,32 @@ impl Console {
                 pushed: None,
             });
         }
-        // Who pushed them, and when, from this gateway's trail (none: left blank).
-        if let Some(file) = self.audit_file.clone() {
-            let (name, listed) = (repo.to_owned(), tags.clone());
-            let found =
-                tokio::task::spawn_blocking(move || trail::pushed(&file, &name, &listed)).await;
-            if let Ok(Ok(mut found)) = found {
-                for row in &mut rows {
-                    row.pushed = found.remove(&row.tag);
+        // Who pushed them, and when, from this gateway's trail (none, or the trail busy with
+        // other readers: left blank).
+        if let (Some(file), Ok(permit)) = (
+            self.audit_file.clone(),
+            self.trail_reads.clone().try_acquire_owned(),
+        ) {
+            let name = repo.to_owned();
+            let listed: Vec<(String, String)> = rows
+                .iter()
+                .map(|r| (r.tag.clone(), r.digest.clone()))
+                .collect();
+            let found = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                trail::pushed(&file, &name, &listed)
+            })
+            .await;
+            match found {
+                Ok(Ok(mut found)) => {
+                    for row in &mut rows {
+                        row.pushed = found.remove(&row.tag);
+                    }
                 }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "console: the audit trail cannot be read")
+                }
+                Err(e) => tracing::debug!(error = %e, "console: the audit trail read failed"),
             }
         }
         let notice = q
@@ -788,7 +805,15 @@ impl Console {
             None => Err("This gateway writes no audit trail file ([audit] file).".to_owned()),
             Some(file) => {
                 let (file, s) = (file.clone(), search.clone());
-                match tokio::task::spawn_blocking(move || trail::search(&file, &s)).await {
+                let Ok(permit) = self.trail_reads.clone().acquire_owned().await else {
+                    return unavailable(signed, anyhow::anyhow!("the trail readers are closed"));
+                };
+                match tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    trail::search(&file, &s)
+                })
+                .await
+                {
                     Ok(Ok(r)) => Ok(r),
                     Ok(Err(e)) => Err(format!("The audit trail cannot be read: {e}")),
                     Err(e) => Err(format!("The audit trail cannot be read: {e}")),
@@ -800,7 +825,7 @@ impl Console {
 
     /// The policy in force, read-only, and its answer to "may X do Y on Z" (administrators
     /// only): the decision the registry would make now, and the rule that makes it.
-    fn policy(&self, q: &HashMap<String, String>, signed: &Signed) -> Reply {
+    async fn policy(&self, q: &HashMap<String, String>, signed: &Signed) -> Reply {
         if !signed.admin {
             return not_found(signed);
         }
@@ -812,7 +837,11 @@ impl Console {
             action: field("action"),
             target: field("target"),
         };
-        let answer = (!ask.user.is_empty() || !ask.target.is_empty()).then(|| self.explain(&ask));
+        let answer = if ask.user.is_empty() && ask.target.is_empty() {
+            None
+        } else {
+            Some(self.explain(&ask).await)
+        };
         let (text, file) = self.tokens.policy.text();
         let source = file.map_or_else(|| "built in".to_owned(), |f| f.display().to_string());
         page(
@@ -821,10 +850,20 @@ impl Console {
         )
     }
 
-    /// The policy's decision on one question: allowed, and why (or what is wrong with it).
-    fn explain(&self, ask: &pages::Explain) -> Result<(bool, String), String> {
+    /// The policy's decision on one question: allowed, and why (or what is wrong with the
+    /// question). A tag is checked against immutability as the registry would check it now
+    /// (whether it exists is asked of storage), as `portcullis-policy check` explains.
+    async fn explain(&self, ask: &pages::Explain) -> Result<(bool, String), String> {
+        use policy::SubjectKind;
         let Some(action) = Action::parse(&ask.action) else {
             return Err("Pick an action.".into());
+        };
+        let kind = match ask.kind.as_str() {
+            "user" => SubjectKind::User,
+            "robot" => SubjectKind::Robot,
+            "ci" => SubjectKind::Ci,
+            "anonymous" => SubjectKind::Anonymous,
+            _ => return Err("Pick a kind of identity.".into()),
         };
         let (repo, tag) = match ask.target.rsplit_once(':') {
             Some((r, t)) if !t.contains('/') => (r, Some(t)),
@@ -836,7 +875,6 @@ impl Console {
         if tag.is_some_and(|t| oci::Tag::parse(t).is_err()) {
             return Err("That is not a tag.".into());
         }
-        let kind = crate::token::jwt::kind_from_name(&ask.kind);
         let subject = policy::Subject {
             name: ask.user.clone(),
             kind,
@@ -849,18 +887,29 @@ impl Console {
                 .collect(),
         };
         let policy = self.tokens.policy.current();
-        let d = policy.authorize(&subject, action, repo, now());
+        let now = now();
+        let d = policy.authorize(&subject, action, repo, now);
         let mut why = d.reason.to_string();
-        if let Some(t) = tag
-            && matches!(action, Action::Push | Action::Delete)
-            && let Some(by) = policy.immutable(repo, t)
-        {
-            why.push_str(&format!(
-                "; tag {t} is immutable (rule at line {}: {}): a push that moves it or a delete is refused without override-immutable",
-                by.line, by.pattern
-            ));
+        let mut allowed = d.allowed;
+        if let (true, Some(t)) = (d.allowed, tag) {
+            let change = match action {
+                Action::Push => {
+                    let state = match self.data.manifest_head(repo, t).await {
+                        Ok(Some(_)) => policy::TagState::Present,
+                        Ok(None) => policy::TagState::Absent,
+                        Err(_) => policy::TagState::Unknown,
+                    };
+                    Some(policy.check_tag_write(&subject, repo, t, state, now))
+                }
+                Action::Delete => Some(policy.check_tag_delete(&subject, repo, t, now)),
+                _ => None,
+            };
+            if let Some(change) = change {
+                allowed = change.is_allowed();
+                why = format!("{why}; {}", change.describe(t));
+            }
         }
-        Ok((d.allowed, why))
+        Ok((allowed, why))
     }
 
     /// The storage nodes (administrators only): health as the gateway sees it, usage, and

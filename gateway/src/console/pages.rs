@@ -484,7 +484,6 @@ pub fn audit(
 
 /// A question to the policy: may `user` (of `kind`, in `groups`) do `action` on `target`
 /// (`repository` or `repository:tag`)?
-#[derive(Default)]
 pub struct Explain {
     pub user: String,
     pub kind: String,
@@ -540,7 +539,11 @@ pub fn policy(
                 },
             }
             h2 { "In force" }
-            p { "From " code { (source) } " (reloaded on SIGHUP; edit the file, not this page)." }
+            @if source == "built in" {
+                p { "The embedded default's built-in policy (give " code { "[policy] file" } " to change it)." }
+            } @else {
+                p { "From " code { (source) } " (reloaded on SIGHUP; edit the file, not this page)." }
+            }
             pre #policy-text { (text) }
         },
     )

@@ -67,15 +67,18 @@ pub fn search(file: &Path, s: &Search) -> std::io::Result<(Vec<Value>, bool)> {
     Ok((out, partial))
 }
 
-/// Who last pushed each of `tags` of `repo`, and when (`@timestamp`), as far as the trail's
-/// window tells (tags not found there are left out): the newest successful `tag-create`,
-/// `tag-overwrite` or `manifest-push` naming the tag.
+/// Who pushed each `(tag, digest)` of `repo`, and when (`@timestamp`), as far as the
+/// trail's window tells: the newest successful `tag-create`, `tag-overwrite` or
+/// `manifest-push` naming the tag, if it put that digest there (a tag moved through another
+/// gateway, whose trail this is not, is left out rather than credited to whoever moved it
+/// before).
 pub fn pushed(
     file: &Path,
     repo: &str,
-    tags: &[String],
+    tags: &[(String, String)],
 ) -> std::io::Result<std::collections::HashMap<String, (String, String)>> {
     let mut found = std::collections::HashMap::new();
+    let mut settled = std::collections::HashSet::new();
     if tags.is_empty() {
         return Ok(found);
     }
@@ -97,15 +100,20 @@ pub fn pushed(
         ) && field("event.outcome") == "success"
             && field("repository") == repo;
         let tag = field("tag");
-        if pushed && tags.iter().any(|t| t == tag) && !found.contains_key(tag) {
-            found.insert(
-                tag.to_owned(),
-                (
-                    field("@timestamp").to_owned(),
-                    field("user.name").to_owned(),
-                ),
-            );
-            if found.len() == tags.len() {
+        let Some((_, digest)) = tags.iter().find(|(t, _)| t == tag) else {
+            continue;
+        };
+        if pushed && settled.insert(tag.to_owned()) {
+            if field("digest") == digest {
+                found.insert(
+                    tag.to_owned(),
+                    (
+                        field("@timestamp").to_owned(),
+                        field("user.name").to_owned(),
+                    ),
+                );
+            }
+            if settled.len() == tags.len() {
                 break;
             }
         }
@@ -190,15 +198,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("audit.jsonl");
         let lines = [
-            r#"{"@timestamp":"2026-12-06T10:00:00.000Z","event.action":"tag-create","event.outcome":"success","user.name":"bob","repository":"team-a/app","tag":"v1"}"#,
-            r#"{"@timestamp":"2026-12-06T11:00:00.000Z","event.action":"tag-overwrite","event.outcome":"success","user.name":"carol","repository":"team-a/app","tag":"v1"}"#,
-            r#"{"@timestamp":"2026-12-06T12:00:00.000Z","event.action":"tag-overwrite","event.outcome":"failure","user.name":"eve","repository":"team-a/app","tag":"v1"}"#,
-            r#"{"@timestamp":"2026-12-06T12:30:00.000Z","event.action":"tag-create","event.outcome":"success","user.name":"dave","repository":"team-a/app2","tag":"v2"}"#,
-            r#"{"@timestamp":"2026-12-06T13:00:00.000Z","event.action":"manifest-pull","event.outcome":"success","user.name":"zed","repository":"team-a/app","tag":"v2"}"#,
-            r#"{"@timestamp":"2026-12-06T14:00:00.000Z","event.action":"manifest-push","event.outcome":"success","user.name":"bob","repository":"team-a/app","tag":"v2"}"#,
+            r#"{"@timestamp":"2026-12-06T10:00:00.000Z","event.action":"tag-create","event.outcome":"success","user.name":"bob","repository":"team-a/app","tag":"v1","digest":"sha256:10"}"#,
+            r#"{"@timestamp":"2026-12-06T11:00:00.000Z","event.action":"tag-overwrite","event.outcome":"success","user.name":"carol","repository":"team-a/app","tag":"v1","digest":"sha256:11"}"#,
+            r#"{"@timestamp":"2026-12-06T12:00:00.000Z","event.action":"tag-overwrite","event.outcome":"failure","user.name":"eve","repository":"team-a/app","tag":"v1","digest":"sha256:ee"}"#,
+            r#"{"@timestamp":"2026-12-06T13:00:00.000Z","event.action":"tag-create","event.outcome":"success","user.name":"mallory","repository":"team-a/app","tag":"v4","digest":"sha256:40"}"#,
+            r#"{"@timestamp":"2026-12-06T14:00:00.000Z","event.action":"manifest-push","event.outcome":"success","user.name":"bob","repository":"team-a/app","tag":"v2","digest":"sha256:22"}"#,
+            r#"{"@timestamp":"2026-12-06T14:30:00.000Z","event.action":"tag-create","event.outcome":"success","user.name":"dave","repository":"team-a/app2","tag":"v2","digest":"sha256:22"}"#,
+            r#"{"@timestamp":"2026-12-06T15:00:00.000Z","event.action":"manifest-pull","event.outcome":"success","user.name":"zed","repository":"team-a/app","tag":"v2","digest":"sha256:22"}"#,
         ];
         std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-        let tags = ["v1".to_owned(), "v2".to_owned(), "v3".to_owned()];
+        let tags = [
+            ("v1".to_owned(), "sha256:11".to_owned()),
+            ("v2".to_owned(), "sha256:22".to_owned()),
+            ("v3".to_owned(), "sha256:33".to_owned()),
+            ("v4".to_owned(), "sha256:44".to_owned()),
+        ];
         let found = pushed(&file, "team-a/app", &tags).unwrap();
         assert_eq!(
             found["v1"],
@@ -210,5 +224,9 @@ mod tests {
             "pulls and other repositories do not count"
         );
         assert!(!found.contains_key("v3"));
+        assert!(
+            !found.contains_key("v4"),
+            "its last push here put another digest: moved elsewhere since"
+        );
     }
 }

@@ -403,7 +403,7 @@ mod tests {
         let jwt = tokens.sign(&claims).unwrap();
         let authz = Authz {
             tokens,
-            policy: Arc::new(crate::live_policy::LivePolicy::fixed(policy)),
+            policy: Arc::new(crate::live_policy::LivePolicy::fixed(policy, "")),
             service: "svc".into(),
             realm: Some("https://registry/token".into()),
         };

@@ -115,9 +115,7 @@ impl Internal {
             async move {
                 let status = async {
                     let r = self
-                        .http
-                        .get(format!("http://{addr}/internal/status"))
-                        .header(INTERNAL_SECRET_HEADER, self.secret.as_str())
+                        .to(&self.http, &addr, Method::GET, "/internal/status")
                         .timeout(Duration::from_secs(5))
                         .send()
                         .await?;
@@ -146,8 +144,19 @@ impl Internal {
             .nodes
             .select(b"", 256)
             .ok_or_else(|| anyhow::anyhow!("no healthy storage node"))?;
-        Ok(client
-            .request(method, format!("http://{}{path}", node.addr))
-            .header(INTERNAL_SECRET_HEADER, self.secret.as_str()))
+        Ok(self.to(client, &node.addr.to_string(), method, path))
+    }
+
+    /// `method path` to the storage node at `addr`, with the internal secret.
+    fn to(
+        &self,
+        client: &reqwest::Client,
+        addr: &str,
+        method: Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        client
+            .request(method, format!("http://{addr}{path}"))
+            .header(INTERNAL_SECRET_HEADER, self.secret.as_str())
     }
 }

@@ -56,6 +56,19 @@ impl Session {
         }
     }
 
+    /// A session of a single sign-on: it keeps the IdP's refresh token, to read the groups
+    /// again.
+    pub fn from_sso(
+        signed_in: crate::auth::oidc::SignedIn,
+        source: &str,
+        device: &str,
+        now: i64,
+    ) -> Self {
+        let mut s = Session::new(&signed_in.identity, source, device, now);
+        s.idp_refresh = signed_in.idp_refresh;
+        s
+    }
+
     pub fn identity(&self) -> Identity {
         Identity {
             subject: self.subject.clone(),

@@ -12,7 +12,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use policy::{Action, ManifestRecord, Policy, Subject, SubjectKind, TagChange, TagState};
+use policy::{Action, ManifestRecord, Policy, Subject, SubjectKind, TagState};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -162,24 +162,9 @@ fn run() -> anyhow::Result<ExitCode> {
                     Action::Delete => Some(p.check_tag_delete(&subject, &repo, &tag, now)),
                     _ => None,
                 };
-                match change {
-                    Some(TagChange::Allowed) => println!("tag {tag}: mutable"),
-                    Some(TagChange::CreateOnly(by)) => println!(
-                        "tag {tag}: immutable (rule at line {}, pattern {}): may be created, never moved",
-                        by.line, by.pattern
-                    ),
-                    Some(TagChange::Override(by)) => println!(
-                        "tag {tag}: immutable (rule at line {}, pattern {}): allowed by override-immutable, audited",
-                        by.line, by.pattern
-                    ),
-                    Some(TagChange::Denied(by)) => {
-                        allowed = false;
-                        println!(
-                            "DENY tag {tag}: immutable (rule at line {}, pattern {})",
-                            by.line, by.pattern
-                        );
-                    }
-                    None => {}
+                if let Some(change) = change {
+                    allowed = change.is_allowed();
+                    println!("{}", change.describe(&tag));
                 }
             }
             Ok(if allowed {

@@ -1,5 +1,6 @@
-//! The HTTP API: `/v2/*` (every endpoint of the distribution spec), `/healthz`, `/readyz`,
-//! `/metrics`. [`router`] builds it without a socket, so handler tests need no listener.
+//! The HTTP API: `/v2/*` (every endpoint of the distribution spec) and `/internal/status` (the
+//! gateway's: usage and recent GC runs, for the console); on the admin listener (or the one
+//! combined listener) `/healthz`, `/readyz`, `/metrics` and `/gc`. [`router`] builds it without a socket, so handler tests need no listener.
 
 mod error;
 mod handlers;
@@ -39,7 +40,7 @@ pub struct AppState {
 pub enum Listener {
     /// `/v2/*` and the admin routes.
     Combined,
-    /// `/v2/*` only.
+    /// `/v2/*` and `/internal/status` only.
     Api,
     /// `/metrics`, `/healthz`, `/readyz` only.
     Admin,

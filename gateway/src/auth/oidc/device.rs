@@ -77,7 +77,7 @@ pub(super) fn normalize_user_code(s: &str) -> String {
         .collect()
 }
 
-const DEVICE_COOKIE: &str = "portcullis_device";
+const DEVICE_COOKIE: &str = "__Host-portcullis_device";
 
 /// What polling a device code produced (RFC 8628 §3.5).
 pub enum DevicePoll {
@@ -282,7 +282,7 @@ impl Oidc {
                 page.headers.push((
                     "set-cookie",
                     format!(
-                        "{DEVICE_COOKIE}={csrf}; Path={VERIFY_PATH}; Max-Age={}; HttpOnly; Secure; SameSite=Strict",
+                        "{DEVICE_COOKIE}={csrf}; Path=/; Max-Age={}; HttpOnly; Secure; SameSite=Strict",
                         self.cfg.flow_ttl_seconds
                     ),
                 ));

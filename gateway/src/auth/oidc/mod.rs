@@ -32,7 +32,9 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
-const COOKIE: &str = "portcullis_oidc";
+/// Binds a sign-in to the browser that started it (`__Host-`: set by this host only, on `/`,
+/// over TLS; a sibling subdomain cannot plant one).
+const COOKIE: &str = "__Host-portcullis_oidc";
 
 #[derive(Debug, Clone, Deserialize)]
 struct Discovery {
@@ -113,14 +115,7 @@ fn clean_device(device: &str) -> String {
         .collect()
 }
 
-/// The value of cookie `name` in a `Cookie` header.
-pub fn cookie<'a>(header: Option<&'a str>, name: &str) -> Option<&'a str> {
-    header?
-        .split(';')
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
+pub use crate::incoming::cookie;
 
 impl Oidc {
     pub fn new(cfg: OidcConfig, state: Arc<dyn StateStore>) -> anyhow::Result<Self> {
@@ -198,10 +193,12 @@ impl Oidc {
     /// [`Oidc::start`] for a sign-in into the web console: the callback opens a console
     /// session instead of showing a refresh token.
     pub async fn start_console(&self, host: &str) -> anyhow::Result<(String, String)> {
-        self.start_login(host, "web console", None, true).await
+        self.start_login(host, crate::console::DEVICE, None, true)
+            .await
     }
 
-    /// [`Oidc::start`], approving the device flow under `device_key` when it succeeds.
+    /// [`Oidc::start`], approving the device flow under `device_key` when it succeeds, or, with
+    /// `console`, a sign-in into the web console ([`Outcome::Console`]).
     async fn start_login(
         &self,
         host: &str,
@@ -255,7 +252,7 @@ impl Oidc {
             '?'
         };
         let cookie = format!(
-            "{COOKIE}={binding}; Path=/auth/oidc; Max-Age={}; HttpOnly; Secure; SameSite=Lax",
+            "{COOKIE}={binding}; Path=/; Max-Age={}; HttpOnly; Secure; SameSite=Lax",
             self.cfg.flow_ttl_seconds
         );
         Ok((format!("{}{sep}{query}", d.authorization_endpoint), cookie))

@@ -15,9 +15,11 @@ fn user_codes_are_eight_letters_without_vowels() {
 
 #[test]
 fn cookies_are_found_by_name() {
-    let h = Some("a=1; portcullis_oidc=xyz; b=2");
+    let h = Some("a=1; __Host-portcullis_oidc=xyz; b=2");
     assert_eq!(cookie(h, COOKIE), Some("xyz"));
-    assert_eq!(cookie(Some("portcullis_oidcx=1"), COOKIE), None);
+    assert_eq!(cookie(Some("__Host-portcullis_oidcx=1"), COOKIE), None);
+    let planted = Some("__Host-portcullis_oidc=mine; __Host-portcullis_oidc=xyz");
+    assert_eq!(cookie(planted, COOKIE), None, "two are none");
     assert_eq!(cookie(None, COOKIE), None);
 }
 

@@ -1,5 +1,5 @@
 //! The command line: which mode to run (`--gateway`, `--ldap`, `--sso`, `--federation`,
-//! `--audit`, `--ha`, `--s3`, `--gc`, `--scale`, `--scale-gc-blobs`, `--cache`, or the plain
+//! `--audit`, `--ha`, `--s3`, `--gc`, `--scale`, `--scale-gc-blobs`, `--cache`, `--console`, or the plain
 //! comparison)
 //! and the sizes of each workload.
 
@@ -114,6 +114,12 @@ pub(crate) struct Args {
     /// many MiB/s (a relay that paces it), as a registry on the internet is.
     #[arg(long, default_value_t = 100)]
     pub(crate) cache_link_mib: u64,
+    /// Measure the web console's pages at each of `--scale-sizes` repositories (a registry:2
+    /// root written directly, `gateway serve` in front of one storage node): the repositories
+    /// list, its next page and search, a tag page, a manifest page, for an administrator, a
+    /// team member and a person who may see one repository.
+    #[arg(long)]
+    pub(crate) console: bool,
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 100_000])]
     pub(crate) scale_sizes: Vec<usize>,
     /// `--scale`: sequential GETs per measurement (the median is kept).

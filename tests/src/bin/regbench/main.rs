@@ -27,16 +27,18 @@
 //! store of 1,000 repositories and its effect on concurrent pulls; with `--scale`, catalog
 //! and tag pages and a GC dry run on registry:2 roots of growing size against distribution
 //! on the same root; with `--scale-gc-blobs`, a GC dry run of a root of a million blobs; with
-//! `--cache`, a pull-through cache's warm and cold pulls.
+//! `--cache`, a pull-through cache's warm and cold pulls; with `--console`, the web console's
+//! pages at 100 000 repositories.
 //!
 //! One module per mode: [`cli`] (the arguments), [`measure`] (shared measurement helpers),
 //! [`workload`](mod@workload) (the push/pull/manifest comparison), [`gateway_suite`](mod@gateway_suite), [`ldap`],
-//! [`sso`], [`federation`], [`audit`], [`ha`], [`s3`], [`gc`], [`scale`], [`scale_gc`] and
-//! [`cache`].
+//! [`sso`], [`federation`], [`audit`], [`ha`], [`s3`], [`gc`], [`scale`], [`scale_gc`],
+//! [`cache`] and [`console`](mod@console).
 
 mod audit;
 mod cache;
 mod cli;
+mod console;
 mod federation;
 mod gateway_suite;
 mod gc;
@@ -99,6 +101,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.gc {
         return gc_suite(&args, scratch.path()).await;
+    }
+    if args.console {
+        return console::console_suite(&args, scratch.path()).await;
     }
     if args.cache {
         return cache::cache_suite(&args, scratch.path()).await;

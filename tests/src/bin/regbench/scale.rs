@@ -37,7 +37,7 @@ pub(crate) fn repo_name(i: usize) -> String {
     format!("team-{:02}/app-{i:06}", i % 100)
 }
 
-fn tag_name(j: usize) -> String {
+pub(crate) fn tag_name(j: usize) -> String {
     format!("t{j:06}")
 }
 
@@ -87,7 +87,7 @@ async fn median_get(c: &Client, path: &str, gets: usize) -> anyhow::Result<Durat
 
 /// Writes the root for `size`: how long it took, and the digest of the manifest every
 /// repository has.
-fn fill(root: &Path, size: usize) -> anyhow::Result<(Duration, String)> {
+pub(crate) fn fill(root: &Path, size: usize) -> anyhow::Result<(Duration, String)> {
     let t = Instant::now();
     let layout = Layout::new(root)?;
     for i in 0..size {
