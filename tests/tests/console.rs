@@ -402,6 +402,18 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
         b.source().await?
     );
     copy(&rotated, "by-robot:2")?;
+    // Disabled: it pushes no more until enabled again.
+    b.open(&format!("{}/ui/admin/robots", g.base)).await?;
+    b.click("button[aria-label=\"Disable robot$team-a+ci\"]")
+        .await?;
+    b.wait_for_text(".notice", "Robot disabled").await?;
+    ensure!(
+        copy(&rotated, "by-robot:disabled").is_err(),
+        "a disabled robot still pushes"
+    );
+    b.click("button[aria-label=\"Enable robot$team-a+ci\"]")
+        .await?;
+    b.wait_for_text(".notice", "Robot enabled").await?;
     // The tag list says who pushed what, from the trail.
     b.open(&format!("{}/ui/repo?name=team-a%2Fby-robot", g.base))
         .await?;

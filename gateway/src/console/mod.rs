@@ -69,6 +69,7 @@ enum Page {
     Robots,
     CreateRobot,
     RotateRobot,
+    DisableRobot,
     DeleteRobot,
     Audit,
     Policy,
@@ -94,6 +95,7 @@ impl Page {
             ("POST", "/ui/admin/robots/create") => Page::CreateRobot,
             ("POST", "/ui/admin/robots/rotate") => Page::RotateRobot,
             ("POST", "/ui/admin/robots/delete") => Page::DeleteRobot,
+            ("POST", "/ui/admin/robots/disable") => Page::DisableRobot,
             ("GET", "/ui/admin/audit") => Page::Audit,
             ("GET", "/ui/admin/policy") => Page::Policy,
             ("GET", "/ui/admin/storage") => Page::Storage,
@@ -298,9 +300,11 @@ impl Console {
             Page::DeleteTag => self.delete_tag(&form, &signed).await,
             Page::Account => self.account(&query, &req.host, &signed).await,
             Page::RevokeSession => self.revoke_session(&form, &signed).await,
-            Page::Robots | Page::CreateRobot | Page::RotateRobot | Page::DeleteRobot => {
-                self.robots(which, &query, &form, &signed).await
-            }
+            Page::Robots
+            | Page::CreateRobot
+            | Page::RotateRobot
+            | Page::DisableRobot
+            | Page::DeleteRobot => self.robots(which, &query, &form, &signed).await,
             Page::Audit => self.audit(&query, &signed).await,
             Page::Policy => self.policy(&query, &signed).await,
             Page::Storage => self.storage(&signed).await,
@@ -984,16 +988,35 @@ impl Console {
                 let r = call("DELETE", enc(name), Vec::new()).await;
                 robot_outcome(&r, "deleted")
             }
+            Page::DisableRobot => {
+                let disable = f.get("disabled").is_some_and(|d| d == "true");
+                let body = serde_json::json!({ "disabled": disable }).to_string();
+                let r = call("PATCH", enc(name), body.into_bytes()).await;
+                robot_outcome(&r, if disable { "disabled" } else { "enabled" })
+            }
             _ => (
                 200,
                 None,
-                q.get("done")
-                    .filter(|d| d.as_str() == "deleted")
-                    .map(|_| "Robot deleted; its tokens are revoked.".to_owned()),
+                q.get("done").and_then(|d| match d.as_str() {
+                    "deleted" => Some("Robot deleted; its tokens are revoked.".to_owned()),
+                    "disabled" => {
+                        Some("Robot disabled: it gets no tokens until enabled.".to_owned())
+                    }
+                    "enabled" => Some("Robot enabled.".to_owned()),
+                    _ => None,
+                }),
             ),
         };
-        if which == Page::DeleteRobot && status == 200 {
-            return redirect("/ui/admin/robots?done=deleted");
+        // Nothing to show once: back to the list (a reload does not post again).
+        if status == 200 {
+            match which {
+                Page::DeleteRobot => return redirect("/ui/admin/robots?done=deleted"),
+                Page::DisableRobot if f.get("disabled").is_some_and(|d| d == "true") => {
+                    return redirect("/ui/admin/robots?done=disabled");
+                }
+                Page::DisableRobot => return redirect("/ui/admin/robots?done=enabled"),
+                _ => {}
+            }
         }
         let list = call("GET", String::new(), Vec::new()).await;
         if list.status != 200 {
@@ -1139,6 +1162,7 @@ mod tests {
             ("GET", "/ui/revoke-session", Page::Unknown),
             ("GET", "/ui/admin/robots", Page::Robots),
             ("POST", "/ui/admin/robots/create", Page::CreateRobot),
+            ("POST", "/ui/admin/robots/disable", Page::DisableRobot),
             ("GET", "/ui/admin/robots/create", Page::Unknown),
             ("GET", "/ui/admin/audit", Page::Audit),
             ("GET", "/ui/admin/policy", Page::Policy),

@@ -388,6 +388,17 @@ pub fn robots(
                                         input type="hidden" name="robot" value=(name);
                                         button type="submit" aria-label={ "Rotate " (name) } { "Rotate" }
                                     }
+                                    @let disabled = r["disabled"].as_bool() == Some(true);
+                                    form method="post" action="/ui/admin/robots/disable" {
+                                        input type="hidden" name="csrf" value=(who.csrf);
+                                        input type="hidden" name="robot" value=(name);
+                                        input type="hidden" name="disabled" value=(if disabled { "false" } else { "true" });
+                                        @if disabled {
+                                            button type="submit" aria-label={ "Enable " (name) } { "Enable" }
+                                        } @else {
+                                            button type="submit" aria-label={ "Disable " (name) } { "Disable" }
+                                        }
+                                    }
                                     form method="post" action="/ui/admin/robots/delete" {
                                         input type="hidden" name="csrf" value=(who.csrf);
                                         input type="hidden" name="robot" value=(name);
