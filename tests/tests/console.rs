@@ -167,6 +167,7 @@ async fn a_developer_signs_in_reads_an_image_deletes_a_mutable_tag_and_sees_noth
         tags.contains("v1.0.0") && tags.contains("dev") && tags.contains("immutable"),
         "{tags}"
     );
+    ensure!(tags.contains("1 layer"), "no contents: {tags}");
     b.screenshot(&shots().join("3-repository.png")).await?;
     // The release: layers, the annotation shown as text (never run), its signature.
     b.open(&format!(
@@ -221,6 +222,22 @@ async fn a_developer_signs_in_reads_an_image_deletes_a_mutable_tag_and_sees_noth
         ensure!(r.status() == 403, "csrf {csrf:?}: {}", r.status());
     }
     ensure!(admin.get("/v2/team-a/app/manifests/dev2").await?.status() == 200);
+
+    // A manifest deleted by digest; the release's is refused (an immutable tag is on it).
+    b.open(&format!("{}/ui/manifest?name=team-a/app&ref=dev2", g.base))
+        .await?;
+    b.click("#delete-manifest button").await?;
+    b.wait_for_text(".notice", "deleted").await?;
+    ensure!(admin.get("/v2/team-a/app/manifests/dev2").await?.status() == 404);
+    b.open(&format!(
+        "{}/ui/manifest?name=team-a/app&ref=v1.0.0",
+        g.base
+    ))
+    .await?;
+    b.click("#delete-manifest button").await?;
+    b.wait_for_text(".notice", "what an immutable tag points at")
+        .await?;
+    ensure!(admin.get("/v2/team-a/app/manifests/v1.0.0").await?.status() == 200);
     // A robot's secret or a refresh token does not open a console session.
     let r = http
         .post(format!("{}/ui/login", g.base))

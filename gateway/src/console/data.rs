@@ -16,6 +16,15 @@ application/vnd.oci.image.manifest.v1+json, \
 application/vnd.oci.artifact.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
+/// What a manifest delete came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestDelete {
+    Deleted,
+    Missing,
+    /// An immutable tag points at it.
+    Immutable,
+}
+
 /// A manifest as storage holds it.
 pub struct Manifest {
     pub digest: Digest,
@@ -154,6 +163,30 @@ impl Data {
     }
 
     /// Deletes the tag `repo:tag`; whether it was there.
+    /// Deletes the manifest `digest` of `repo` under the immutability rules `protection` (as
+    /// the gateway sends them with a DELETE by digest): storage refuses it while an immutable
+    /// tag points at it. Whether it was there.
+    pub async fn delete_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        protection: Option<String>,
+    ) -> anyhow::Result<ManifestDelete> {
+        let mut req = self.request(Method::DELETE, &format!("/v2/{repo}/manifests/{digest}"))?;
+        if let Some(p) = protection {
+            req = req.header(service::hop::PROTECTION_HEADER, p);
+        }
+        let r = req.send().await?;
+        Ok(match r.status() {
+            StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => {
+                ManifestDelete::Deleted
+            }
+            StatusCode::NOT_FOUND => ManifestDelete::Missing,
+            StatusCode::FORBIDDEN => ManifestDelete::Immutable,
+            s => anyhow::bail!("storage answered {s} to a manifest delete"),
+        })
+    }
+
     pub async fn delete_tag(&self, repo: &str, tag: &str) -> anyhow::Result<bool> {
         let r = self
             .request(Method::DELETE, &format!("/v2/{repo}/manifests/{tag}"))?

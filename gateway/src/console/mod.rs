@@ -64,6 +64,7 @@ enum Page {
     Repository,
     Manifest,
     DeleteTag,
+    DeleteManifest,
     Account,
     RevokeSession,
     Robots,
@@ -89,6 +90,7 @@ impl Page {
             ("GET", "/ui/repo") => Page::Repository,
             ("GET", "/ui/manifest") => Page::Manifest,
             ("POST", "/ui/delete-tag") => Page::DeleteTag,
+            ("POST", "/ui/delete-manifest") => Page::DeleteManifest,
             ("GET", "/ui/account") => Page::Account,
             ("POST", "/ui/revoke-session") => Page::RevokeSession,
             ("GET", "/ui/admin/robots") => Page::Robots,
@@ -298,6 +300,7 @@ impl Console {
             Page::Repository => self.repository(&query, &req.host, &signed).await,
             Page::Manifest => self.manifest(&query, &req.host, &signed).await,
             Page::DeleteTag => self.delete_tag(&form, &signed).await,
+            Page::DeleteManifest => self.delete_manifest(&form, &signed).await,
             Page::Account => self.account(&query, &req.host, &signed).await,
             Page::RevokeSession => self.revoke_session(&form, &signed).await,
             Page::Robots
@@ -629,8 +632,16 @@ impl Console {
         };
         let policy = self.tokens.policy.current();
         let mut rows = Vec::new();
-        for t in &tags {
-            let m = match self.data.manifest_head(repo, t).await {
+        // Each tag's manifest (what it is, its platforms or size), eight at a time.
+        let mut fetched = Vec::with_capacity(tags.len());
+        for some in tags.chunks(8) {
+            let got =
+                futures_util::future::join_all(some.iter().map(|t| self.data.manifest(repo, t)))
+                    .await;
+            fetched.extend(got);
+        }
+        for (t, m) in tags.iter().zip(fetched) {
+            let m = match m {
                 Ok(Some(m)) => m,
                 Ok(None) => continue,
                 Err(e) => return unavailable(signed, e),
@@ -638,8 +649,9 @@ impl Console {
             rows.push(TagRow {
                 tag: t.clone(),
                 digest: m.digest.to_string(),
+                contents: pages::contents(&m.body),
                 media_type: m.media_type,
-                size: m.size,
+                size: m.body.len(),
                 immutable: policy.immutable(repo, t).map(|by| {
                     format!("immutable by the rule at line {} ({})", by.line, by.pattern)
                 }),
@@ -674,26 +686,32 @@ impl Console {
                 Err(e) => tracing::debug!(error = %e, "console: the audit trail read failed"),
             }
         }
-        let notice = q
-            .get("done")
-            .and_then(|d| Done::parse(d))
-            .zip(q.get("tag").filter(|t| oci::Tag::parse(t).is_ok()))
-            .map(|(done, tag)| match done {
-                Done::Deleted => format!("Tag {tag} deleted."),
-                Done::Missing => format!("There is no tag {tag}."),
-                Done::Denied => format!("You may not delete tags in {repo}."),
-                Done::Refused => {
-                    "The audit trail cannot be delivered; changes are refused until it recovers."
-                        .to_owned()
-                }
-                Done::Immutable => match policy.immutable(repo, tag) {
+        let done = q.get("done").and_then(|d| Done::parse(d));
+        let tag = q.get("tag").filter(|t| oci::Tag::parse(t).is_ok());
+        let digest = q.get("digest").filter(|d| oci::Digest::parse(d).is_ok());
+        let notice = done.and_then(|done| {
+            let refused =
+                "The audit trail cannot be delivered; changes are refused until it recovers.";
+            Some(match (done, tag, digest) {
+                (Done::Denied, _, _) => format!("You may not delete in {repo}."),
+                (Done::Refused, _, _) => refused.to_owned(),
+                (Done::Deleted, Some(tag), _) => format!("Tag {tag} deleted."),
+                (Done::Missing, Some(tag), _) => format!("There is no tag {tag}."),
+                (Done::Immutable, Some(tag), _) => match policy.immutable(repo, tag) {
                     Some(by) => format!(
                         "Tag {tag} is immutable (policy rule at line {}: {}): it cannot be deleted.",
                         by.line, by.pattern
                     ),
                     None => format!("Tag {tag} is immutable: it cannot be deleted."),
                 },
-            });
+                (Done::Deleted, None, Some(d)) => format!("Manifest {d} deleted."),
+                (Done::Missing, None, Some(d)) => format!("There is no manifest {d}."),
+                (Done::Immutable, None, Some(d)) => format!(
+                    "Manifest {d} is what an immutable tag points at: it cannot be deleted."
+                ),
+                _ => return None,
+            })
+        });
         let may_delete = self.may(signed, Action::Delete, repo);
         let next = more.then(|| tags.last().cloned()).flatten();
         page(
@@ -730,7 +748,15 @@ impl Console {
         };
         page(
             200,
-            pages::manifest(&signed.who(), host, repo, reference, &m, &referrers),
+            pages::manifest(
+                &signed.who(),
+                host,
+                repo,
+                reference,
+                &m,
+                &referrers,
+                self.may(signed, Action::Delete, repo),
+            ),
         )
     }
 
@@ -1039,6 +1065,79 @@ impl Console {
         )
     }
 
+    /// Deletes a manifest by digest where policy allows, then back to the repository page.
+    /// Storage refuses it while an immutable tag points at it (the rules sent as the registry
+    /// sends them, without `override-immutable`: the console never breaks the glass).
+    async fn delete_manifest(&self, f: &HashMap<String, String>, signed: &Signed) -> Reply {
+        use data::ManifestDelete;
+        let repo = f.get("name").map(String::as_str).unwrap_or("");
+        let Ok(digest) = oci::Digest::parse(f.get("digest").map(String::as_str).unwrap_or(""))
+        else {
+            return not_found(signed);
+        };
+        if oci::RepositoryName::parse(repo).is_err() || !self.may(signed, Action::Pull, repo) {
+            return not_found(signed);
+        }
+        let mut fields = serde_json::json!({
+            "event.category": "registry",
+            "user.name": signed.session.subject,
+            "user.roles": signed.session.groups,
+            "identity.kind": signed.session.kind,
+            "repository": repo,
+            "digest": digest.to_string(),
+            "via": "console",
+        });
+        let done = if !self.may(signed, Action::Delete, repo) {
+            Done::Denied
+        } else if crate::audit::refusing_writes() {
+            Done::Refused
+        } else {
+            let protection = self
+                .tokens
+                .policy
+                .current()
+                .protection(&signed.subject(), repo, now())
+                .map(|mut p| {
+                    p.may_override = false;
+                    serde_json::to_string(&p)
+                });
+            let protection = match protection.transpose() {
+                Ok(p) => p,
+                // Never sent unprotected.
+                Err(e) => return unavailable(signed, e.into()),
+            };
+            match self.data.delete_manifest(repo, &digest, protection).await {
+                Ok(ManifestDelete::Deleted) => Done::Deleted,
+                Ok(ManifestDelete::Missing) => Done::Missing,
+                Ok(ManifestDelete::Immutable) => Done::Immutable,
+                Err(e) => return unavailable(signed, e),
+            }
+        };
+        if done != Done::Deleted {
+            fields["event.reason"] = match done {
+                Done::Denied => "policy does not allow delete",
+                Done::Immutable => "an immutable tag points at it",
+                Done::Missing => "no such manifest",
+                _ => "the audit trail cannot be delivered",
+            }
+            .into();
+        }
+        if done != Done::Refused {
+            let outcome = if done == Done::Deleted {
+                "success"
+            } else {
+                "failure"
+            };
+            crate::audit::record("manifest-delete", outcome, fields);
+        }
+        redirect(&format!(
+            "/ui/repo?name={}&done={}&digest={}",
+            enc(repo),
+            done.code(),
+            enc(&digest.to_string())
+        ))
+    }
+
     /// Deletes a tag where policy allows, then back to the repository page (a redirect: a
     /// reload does not post again), which says what came of it.
     async fn delete_tag(&self, f: &HashMap<String, String>, signed: &Signed) -> Reply {
@@ -1153,6 +1252,7 @@ mod tests {
             ("GET", "/ui/logout", Page::Unknown),
             ("GET", "/ui/delete-tag", Page::Unknown),
             ("POST", "/ui/delete-tag", Page::DeleteTag),
+            ("POST", "/ui/delete-manifest", Page::DeleteManifest),
             ("GET", "/ui/static/style.css", Page::Style),
             ("GET", "/ui/repo", Page::Repository),
             ("GET", "/ui/manifest", Page::Manifest),

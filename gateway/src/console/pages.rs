@@ -126,6 +126,8 @@ pub struct TagRow {
     pub digest: String,
     pub media_type: String,
     pub size: usize,
+    /// What it holds: an image's size, an index's platforms ([`contents`]).
+    pub contents: String,
     /// The immutability rule that holds it, if any.
     pub immutable: Option<String>,
     /// When and by whom it was last pushed, if the audit trail's window tells.
@@ -154,7 +156,7 @@ pub fn repository(
                 p.empty { "No tags." }
             } @else {
                 table #tags {
-                    thead { tr { th { "Tag" } th { "Digest" } th { "Type" } th { "Manifest size" } th { "Pushed" } th {} } }
+                    thead { tr { th { "Tag" } th { "Digest" } th { "Type" } th { "Contents" } th { "Pushed" } th {} } }
                     tbody {
                         @for t in tags {
                             tr {
@@ -166,7 +168,7 @@ pub fn repository(
                                 }
                                 td { code { (short(&t.digest)) } }
                                 td { (kind(&t.media_type)) }
-                                td { (t.size) " B" }
+                                td title={ "manifest: " (t.size) " B" } { (t.contents) }
                                 td.pushed {
                                     @if let Some((at, by)) = &t.pushed {
                                         (at.get(..16).unwrap_or(at).replace('T', " ")) " by " (by)
@@ -201,6 +203,7 @@ pub fn manifest(
     reference: &str,
     m: &super::data::Manifest,
     referrers: &[Value],
+    may_delete: bool,
 ) -> Markup {
     let v: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
     let digest = m.digest.to_string();
@@ -215,6 +218,14 @@ pub fn manifest(
                     dt { "Digest" } dd { code #digest { (digest) } }
                     dt { "Media type" } dd { (m.media_type) }
                     dt { "Pull" } dd { code.copy { "docker pull " (host) "/" (repo) "@" (digest) } }
+                }
+                @if may_delete {
+                    form #delete-manifest method="post" action="/ui/delete-manifest" {
+                        input type="hidden" name="csrf" value=(who.csrf);
+                        input type="hidden" name="name" value=(repo);
+                        input type="hidden" name="digest" value=(digest);
+                        button.danger type="submit" aria-label="Delete this manifest" { "Delete manifest (every tag on it)" }
+                    }
                 }
                 @if let Some(children) = v["manifests"].as_array() {
                     h2 { "Platforms" }
@@ -661,6 +672,43 @@ fn kind(media_type: &str) -> &'static str {
     }
 }
 
+/// What a manifest holds, in a few words: an index's platforms (attestations left out), an
+/// image's total size (config and layers), an artifact's type.
+pub fn contents(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    if let Some(children) = v["manifests"].as_array() {
+        let platforms: Vec<String> = children
+            .iter()
+            .filter(|c| {
+                c["platform"]["os"]
+                    .as_str()
+                    .is_some_and(|os| os != "unknown")
+            })
+            .map(platform)
+            .collect();
+        return if platforms.is_empty() {
+            format!("index of {}", children.len())
+        } else {
+            platforms.join(", ")
+        };
+    }
+    let layers = v["layers"].as_array().cloned().unwrap_or_default();
+    let total = v["config"]["size"].as_u64().unwrap_or(0)
+        + layers
+            .iter()
+            .filter_map(|l| l["size"].as_u64())
+            .sum::<u64>();
+    match v["artifactType"].as_str() {
+        Some(t) => format!("{t}, {}", size(total)),
+        None => format!(
+            "{}, {} layer{}",
+            size(total),
+            layers.len(),
+            if layers.len() == 1 { "" } else { "s" }
+        ),
+    }
+}
+
 fn platform(c: &Value) -> String {
     let p = &c["platform"];
     let mut s = format!(
@@ -717,7 +765,7 @@ mod tests {
                 .to_string(),
             ),
         };
-        let page = manifest(&who, "h", "r", evil, &m, &[]).into_string();
+        let page = manifest(&who, "h", "r", evil, &m, &[], true).into_string();
         assert!(!page.contains("<script>"), "{page}");
         assert_eq!(size(1536), "1.5 KiB");
         assert!(when(0).starts_with("1970-01-01T00:00:00"));
