@@ -52,6 +52,9 @@ pub struct Config {
     /// Pull-through caches of upstream registries (`[[proxy_cache]]`).
     #[serde(default)]
     pub proxy_cache: Vec<crate::cache::ProxyCacheConfig>,
+    /// Endpoints that receive registry events (`[[webhooks]]`).
+    #[serde(default)]
+    pub webhooks: Vec<crate::events::webhooks::WebhookConfig>,
 }
 
 /// Name of the environment variable with the internal secret.
@@ -87,6 +90,7 @@ impl Config {
             &self.proxy_cache,
             &[self.listen.port(), self.admin_listen.port()],
         )?;
+        crate::events::webhooks::WebhookConfig::validate_all(&self.webhooks)?;
         Ok(())
     }
 

@@ -50,6 +50,9 @@ pub struct DevFile {
     /// Lockouts and rate limits.
     #[serde(default)]
     pub limits: Option<crate::limits::LimitsConfig>,
+    /// Endpoints that receive registry events (`[[webhooks]]`).
+    #[serde(default)]
+    pub webhooks: Vec<crate::events::webhooks::WebhookConfig>,
 }
 
 impl DevFile {
@@ -264,6 +267,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             .unwrap_or_default()
             .connections_per_source,
         proxy_caches: file.proxy_cache,
+        webhooks: file.webhooks,
         audit_file: Some(audit_file.clone()),
     })
 }

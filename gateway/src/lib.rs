@@ -14,6 +14,8 @@
 //!   [`auth::Authenticator`] chain.
 //! - [`state`]: the shared state store (in memory, or Redis for several gateways);
 //!   [`limits`]: lockouts and rate limits; [`live_policy`]: the policy in force.
+//! - [`events`]: registry events, their durable outbox and the `[[webhooks]]` that receive
+//!   them.
 //! - [`audit`]: the request context and registry events of the audit trail (the trail itself
 //!   is `service::audit`, shared with storage); [`metrics`]; [`admin`]: the admin listener.
 //! - [`client`]: the client side (credential helper, `gateway robot`).
@@ -37,6 +39,7 @@ pub mod console;
 pub mod dev;
 pub mod edge;
 pub mod endpoints;
+pub mod events;
 pub mod incoming;
 pub mod limits;
 pub mod live_policy;
@@ -89,6 +92,8 @@ pub struct Settings {
     pub proxy_caches: Vec<cache::ProxyCacheConfig>,
     /// The audit trail's file, which the console searches (`[audit] file`).
     pub audit_file: Option<PathBuf>,
+    /// Endpoints that receive registry events (`[[webhooks]]`).
+    pub webhooks: Vec<events::webhooks::WebhookConfig>,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -129,6 +134,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         connections_per_source,
         proxy_caches,
         audit_file,
+        webhooks,
     } = settings;
     let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
@@ -170,8 +176,18 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         store.clone(),
     )?);
     let tokens = Arc::new(token);
+    // Registry events, recorded and delivered when there are webhooks to deliver them to.
+    let events = if webhooks.is_empty() {
+        None
+    } else {
+        Some(Arc::new(events::webhooks::Events::new(
+            store.clone(),
+            &webhooks,
+        )?))
+    };
     let gateway = proxy::Gateway {
         caches,
+        events: events.clone(),
         registry: registry::Registry {
             authz,
             limits: tokens.limits.clone(),
@@ -183,6 +199,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                 oidc.clone(),
                 &secret,
                 audit_file,
+                events.clone(),
             )),
             tokens,
             oidc,
@@ -245,6 +262,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         metrics,
         upstreams,
         store,
+        events: events.clone(),
     });
     std::thread::Builder::new()
         .name("portcullis-side".into())
@@ -269,6 +287,11 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                 tokio::spawn(live_policy.reload_on_sighup());
                 if let Some(r) = revocations {
                     tokio::spawn(r.run());
+                }
+                if let Some(ev) = &events {
+                    for i in 0..ev.hooks.len() {
+                        tokio::spawn(ev.clone().run(i));
+                    }
                 }
                 if let Err(e) = admin::serve(admin, admin_state).await {
                     eprintln!("gateway: admin listener failed: {e:#}");

@@ -83,6 +83,41 @@ pub struct CacheMetrics {
     pub revalidations: IntCounterVec,
 }
 
+/// Metrics of registry events and webhooks (process-wide, like [`AuthMetrics`]).
+pub struct EventMetrics {
+    /// Events recorded, by outcome (`ok`, `error`).
+    pub recorded: IntCounterVec,
+    /// Delivery attempts, by webhook and outcome (`delivered`, `failed`, `dead`).
+    pub deliveries: IntCounterVec,
+    /// Events in the outbox the webhook has not taken yet (as its delivering node saw).
+    pub pending: IntGaugeVec,
+}
+
+/// The process's [`EventMetrics`].
+pub fn events() -> &'static EventMetrics {
+    static M: OnceLock<EventMetrics> = OnceLock::new();
+    M.get_or_init(|| EventMetrics {
+        recorded: counter(
+            "gateway_events_recorded_total",
+            "Registry events written to the outbox, by outcome (ok, error)",
+            &["outcome"],
+        ),
+        deliveries: counter(
+            "gateway_webhook_deliveries_total",
+            "Webhook delivery attempts, by webhook and outcome (delivered, failed, dead)",
+            &["webhook", "outcome"],
+        ),
+        pending: IntGaugeVec::new(
+            Opts::new(
+                "gateway_webhook_pending",
+                "Events in the outbox a webhook has not taken yet, as its delivering node last saw",
+            ),
+            &["webhook"],
+        )
+        .expect("valid metric"),
+    })
+}
+
 /// The process's [`CacheMetrics`].
 pub fn cache() -> &'static CacheMetrics {
     static M: OnceLock<CacheMetrics> = OnceLock::new();
@@ -272,11 +307,17 @@ impl Metrics {
         registry
             .register(Box::new(cm.upstream_seconds.clone()))
             .expect("unique");
+        let em = events();
+        registry
+            .register(Box::new(em.pending.clone()))
+            .expect("unique");
         for c in [
             &cm.results,
             &cm.upstream_bytes,
             &cm.upstream_errors,
             &cm.revalidations,
+            &em.recorded,
+            &em.deliveries,
             &connections_refused,
             &a.outcomes,
             &a.token_decisions,

@@ -37,6 +37,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub struct Gateway {
     /// Pull-through caches: `/v2/` requests under their prefixes.
     pub caches: Arc<crate::cache::ProxyCaches>,
+    /// Registry events (with `[[webhooks]]`): each change recorded before it is answered.
+    pub events: Option<Arc<crate::events::webhooks::Events>>,
     /// Everything answered here.
     pub endpoints: Endpoints,
     /// Everything sent on to storage.
@@ -104,6 +106,58 @@ async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
         session.write_response_body(Some(body), true).await?;
     }
     Ok(true)
+}
+
+impl Gateway {
+    /// Records the event of a change storage made (a manifest pushed, a tag moved or
+    /// deleted) before the client hears of it. If it cannot be recorded, the client is
+    /// answered 503 instead, and retries: the change is then recorded with the retry (an event
+    /// lost with a change the client believes done would be a change no webhook hears of).
+    async fn record_event(
+        &self,
+        events: &crate::events::webhooks::Events,
+        session: &Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let req = session.req_header();
+        let header = |k: &str| req.headers.get(k).and_then(|v| v.to_str().ok());
+        let Some(event) = crate::events::Event::of(
+            &ctx.op,
+            &ctx.info,
+            resp.status.as_u16(),
+            header("content-type"),
+            header("content-length").and_then(|v| v.parse().ok()),
+            header("host").or_else(|| req.uri.authority().map(|a| a.as_str())),
+        ) else {
+            return Ok(());
+        };
+        // Nothing of the session is held across the write.
+        let Err(e) = events.record(&event).await else {
+            return Ok(());
+        };
+        tracing::error!(request_id = %ctx.info.request_id, error = %e, "a registry event cannot be recorded; the change is answered 503");
+        crate::audit::record(
+            "event-record",
+            "failure",
+            serde_json::json!({"repository": event.repository, "event.reason": e.to_string()}),
+        );
+        // Storage's 201 or 202 has no body, and the proxy writes none after an empty head: the
+        // 503 has none either (a body would never be sent).
+        resp.set_status(503)?;
+        for h in [
+            "docker-content-digest",
+            "location",
+            "oci-subject",
+            "content-type",
+        ] {
+            resp.remove_header(h);
+        }
+        resp.insert_header("content-length", "0")?;
+        resp.insert_header("retry-after", "1")?;
+        ctx.replace_body = None;
+        Ok(())
+    }
 }
 
 /// The request's cookies as one `Cookie` value: an HTTP/2 browser sends each in a field of
@@ -470,11 +524,14 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.replace_body = forward::response(&ctx.forward, resp, &mut ctx.op)?;
+        if let Some(events) = &self.events {
+            self.record_event(events, session, resp, ctx).await?;
+        }
         resp.insert_header(REQUEST_ID_HEADER, ctx.info.request_id.as_str())?;
         resp.insert_header(HSTS.0, HSTS.1)?;
         Ok(())

@@ -16,6 +16,7 @@
 //! - [`syslog`]: a real rsyslogd receiving RFC 5424 over UDP, TCP and TLS.
 //! - [`tools`]: running real clients (skopeo, podman, buildah) and distribution.
 //! - [`browser`]: a real headless Chromium over WebDriver (the web console's tests).
+//! - [`receiver`]: a webhook receiver that keeps what it got and can be down for a while.
 
 pub mod azurite;
 pub mod browser;
@@ -30,6 +31,7 @@ pub mod ldap;
 pub mod moto;
 pub mod oidc;
 pub mod protocol;
+pub mod receiver;
 pub mod redis;
 pub mod server;
 pub mod syslog;

@@ -120,6 +120,8 @@ pub struct Console {
     audit_file: Option<std::path::PathBuf>,
     /// Reads of the trail file at once, at most (each reads up to [`trail::WINDOW`]).
     trail_reads: Arc<tokio::sync::Semaphore>,
+    /// Registry events (with `[[webhooks]]`): the console's deletes make them too.
+    events: Option<Arc<crate::events::webhooks::Events>>,
 }
 
 /// A signed-in request.
@@ -242,6 +244,7 @@ impl Console {
         oidc: Option<Arc<crate::auth::oidc::Oidc>>,
         secret: &str,
         audit_file: Option<std::path::PathBuf>,
+        events: Option<Arc<crate::events::webhooks::Events>>,
     ) -> Self {
         use sha2::Digest;
         let key: [u8; 32] =
@@ -253,6 +256,7 @@ impl Console {
             cursor_key: zeroize::Zeroizing::new(key),
             audit_file,
             trail_reads: Arc::new(tokio::sync::Semaphore::new(2)),
+            events,
         }
     }
 
@@ -1107,7 +1111,18 @@ impl Console {
                 Err(e) => return unavailable(signed, e.into()),
             };
             match self.data.delete_manifest(repo, &digest, protection).await {
-                Ok(ManifestDelete::Deleted) => Done::Deleted,
+                Ok(ManifestDelete::Deleted) => {
+                    let d = digest.to_string();
+                    self.announce(
+                        signed,
+                        crate::events::Kind::ManifestDeleted,
+                        repo,
+                        None,
+                        Some(&d),
+                    )
+                    .await;
+                    Done::Deleted
+                }
                 Ok(ManifestDelete::Missing) => Done::Missing,
                 Ok(ManifestDelete::Immutable) => Done::Immutable,
                 Err(e) => return unavailable(signed, e),
@@ -1138,6 +1153,34 @@ impl Console {
         ))
     }
 
+    /// Records the event of a delete made here (when there are webhooks). The change is
+    /// made: an event that cannot be recorded is said in the log and the audit trail.
+    async fn announce(
+        &self,
+        signed: &Signed,
+        kind: crate::events::Kind,
+        repo: &str,
+        tag: Option<&str>,
+        digest: Option<&str>,
+    ) {
+        let Some(events) = &self.events else {
+            return;
+        };
+        let actor = crate::events::Actor {
+            name: signed.session.subject.clone(),
+            kind: signed.session.kind.clone(),
+        };
+        let event = crate::events::Event::made_here(kind, actor, repo, tag, digest);
+        if let Err(e) = events.record(&event).await {
+            tracing::error!(error = %e, repository = %repo, "console: a registry event cannot be recorded");
+            crate::audit::record(
+                "event-record",
+                "failure",
+                serde_json::json!({"repository": repo, "via": "console", "event.reason": e.to_string()}),
+            );
+        }
+    }
+
     /// Deletes a tag where policy allows, then back to the repository page (a redirect: a
     /// reload does not post again), which says what came of it.
     async fn delete_tag(&self, f: &HashMap<String, String>, signed: &Signed) -> Reply {
@@ -1166,7 +1209,17 @@ impl Console {
             Done::Refused
         } else {
             match self.data.delete_tag(repo, tag).await {
-                Ok(true) => Done::Deleted,
+                Ok(true) => {
+                    self.announce(
+                        signed,
+                        crate::events::Kind::TagDeleted,
+                        repo,
+                        Some(tag),
+                        None,
+                    )
+                    .await;
+                    Done::Deleted
+                }
                 Ok(false) => Done::Missing,
                 Err(e) => return unavailable(signed, e),
             }

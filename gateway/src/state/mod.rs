@@ -39,6 +39,11 @@ pub trait StateStore: Send + Sync {
     async fn incr(&self, key: &str, ttl: Duration) -> Result<u64, StateError>;
     /// Whether the store answers now (readiness).
     async fn ping(&self) -> Result<(), StateError>;
+    /// Appends `value` to the log under `prefix`, in one atomic step: stored as by
+    /// [`StateStore::put`] under `<prefix><n>`, `n` (20 digits) one more than the log's last
+    /// (kept under `<prefix>seq`). Entries become visible in the order of their numbers, with
+    /// no gap. Returns `n`.
+    async fn append(&self, prefix: &str, value: Vec<u8>) -> Result<u64, StateError>;
     /// The values under `keys`, in order (one round trip where the store can).
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
         let mut out = Vec::with_capacity(keys.len());
@@ -408,6 +413,28 @@ impl StateStore for MemoryStore {
         } else {
             Err(full(class.class))
         }
+    }
+
+    async fn append(&self, prefix: &str, value: Vec<u8>) -> Result<u64, StateError> {
+        let seq_key = format!("{prefix}seq");
+        let mut durable = self.durable()?;
+        let n = durable
+            .get(&seq_key)
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            + 1;
+        let key = format!("{prefix}{n:020}");
+        let old_seq = durable.insert(seq_key.clone(), n.to_string().into_bytes());
+        durable.insert(key.clone(), value);
+        self.save(&durable).inspect_err(|_| {
+            // Not saved: not stored either.
+            durable.remove(&key);
+            match old_seq {
+                Some(v) => durable.insert(seq_key.clone(), v),
+                None => durable.remove(&seq_key),
+            };
+        })?;
+        Ok(n)
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StateError> {

@@ -81,6 +81,13 @@ if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n
 ";
 
+/// [`StateStore::append`]: the log's counter and its new entry, in one step.
+const APPEND_SCRIPT: &str = r"
+local n = redis.call('INCR', KEYS[1])
+redis.call('SET', ARGV[1] .. string.format('%020d', n), ARGV[2])
+return n
+";
+
 /// How often, at most, the sentinels are asked for the master.
 pub const RESOLVE_EVERY: Duration = Duration::from_millis(200);
 
@@ -104,6 +111,7 @@ pub struct RedisStore {
     timeout: Duration,
     prefix: String,
     incr: redis::Script,
+    append: redis::Script,
     /// Whether Redis's eviction policy was looked at (once, at the first good `PING`).
     policy_checked: std::sync::atomic::AtomicBool,
     /// Where connection managers are made and sentinels asked (the manager spawns a task when
@@ -214,6 +222,7 @@ impl RedisStore {
             timeout,
             prefix: cfg.prefix.clone(),
             incr: redis::Script::new(INCR_SCRIPT),
+            append: redis::Script::new(APPEND_SCRIPT),
             policy_checked: Default::default(),
             runtime: Some(runtime),
         })
@@ -463,6 +472,24 @@ impl StateStore for RedisStore {
         self.exec(|mut c| {
             let (script, key) = (script.clone(), key.clone());
             async move { script.key(key).arg(ms).invoke_async::<u64>(&mut c).await }
+        })
+        .await
+    }
+
+    async fn append(&self, prefix: &str, value: Vec<u8>) -> Result<u64, StateError> {
+        let script = self.append.clone();
+        let (seq, log) = (self.key(&format!("{prefix}seq")), self.key(prefix));
+        self.exec(|mut c| {
+            let (script, seq, log, value) =
+                (script.clone(), seq.clone(), log.clone(), value.clone());
+            async move {
+                script
+                    .key(seq)
+                    .arg(log)
+                    .arg(value)
+                    .invoke_async::<u64>(&mut c)
+                    .await
+            }
         })
         .await
     }

@@ -110,6 +110,36 @@ async fn state_store_suite(s: Arc<dyn StateStore>, name: &str) {
     })
     .await;
     assert_eq!(s.incr("window", Duration::from_secs(60)).await.unwrap(), 1);
+
+    // A log appended to at once from many tasks: every number once, no gap, each entry
+    // stored under its number.
+    let appends: Vec<_> = (0..50)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.append("log:", format!("v{i}").into_bytes())
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut numbers = Vec::new();
+    for a in appends {
+        numbers.push(a.await.unwrap());
+    }
+    numbers.sort();
+    assert_eq!(numbers, (1..=50).collect::<Vec<u64>>(), "{name}");
+    let keys: Vec<String> = (1..=50).map(|n| format!("log:{n:020}")).collect();
+    let values = s.get_many(&keys).await.unwrap();
+    assert!(
+        values.iter().all(Option::is_some),
+        "{name}: a numbered entry is missing"
+    );
+    assert_eq!(
+        s.get("log:seq").await.unwrap().as_deref(),
+        Some(&b"50"[..]),
+        "{name}"
+    );
 }
 
 /// 200 000 entries of the kinds unauthenticated clients make (OIDC login flows, rate windows),

@@ -1,0 +1,323 @@
+//! Registry events and webhooks end to end: a real gateway in front of a real storage node,
+//! a webhook receiver started here. Every push, tag move and delete of a scripted session
+//! reaches the receiver with its actor, exactly once per event id, in order per repository —
+//! across a `kill -9` of the gateway and of the storage node in the middle of the session,
+//! and across the receiver being down for a minute; an endpoint that never answers gets
+//! dead letters, which the admin listener lists and replays.
+
+use anyhow::{Context, ensure};
+use portcullis_tests::client::{Client, OCI_MANIFEST, TokenAuth, describe, image_config, sha256};
+use portcullis_tests::deployment::{self, SERVICE};
+use portcullis_tests::receiver::{Delivery, Receiver};
+use portcullis_tests::server::GatewayServer;
+use reqwest::Method;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const ALICE: (&str, &str) = ("alice", "events-alice-pw");
+const HOOK_KEY: &str = "webhook-signing-key";
+
+fn client_of(g: &GatewayServer) -> Client {
+    let mut c = Client::with_ca(&g.base, &g.ca_pem);
+    c.auth = Some(TokenAuth::new(
+        &format!("{}/token", g.base),
+        SERVICE,
+        Some(ALICE),
+    ));
+    c
+}
+
+/// Pushes an image of its own under `reference` (a tag or its digest): its digest.
+async fn push(
+    c: &Client,
+    repo: &str,
+    reference: Option<&str>,
+    label: &str,
+) -> anyhow::Result<String> {
+    let body = c
+        .image_manifest(repo, &image_config(label), &[label.as_bytes()], None)
+        .await?;
+    let digest = sha256(&body).to_string();
+    let r = c
+        .put_manifest(repo, reference.unwrap_or(&digest), OCI_MANIFEST, &body)
+        .await?;
+    ensure!(r.status() == 201, "push {repo}: {}", describe(r).await);
+    Ok(digest)
+}
+
+async fn delete(c: &Client, repo: &str, reference: &str) -> anyhow::Result<()> {
+    let r = c
+        .req(Method::DELETE, &format!("/v2/{repo}/manifests/{reference}"))
+        .send()
+        .await?;
+    ensure!(
+        r.status() == 202,
+        "delete {repo}:{reference}: {}",
+        describe(r).await
+    );
+    Ok(())
+}
+
+/// A gateway in `dir` whose state (the outbox too) is kept in a file, with `webhooks`.
+fn gateway(
+    dir: &Path,
+    storage: &portcullis_tests::server::StorageServer,
+    webhooks: &str,
+) -> anyhow::Result<GatewayServer> {
+    let extra = format!(
+        "[state]\nfile = \"{}\"\n{webhooks}",
+        dir.join("state.json").display()
+    );
+    deployment::start_gateway_with(dir, &[storage], &[ALICE], 4, &extra, &[])
+}
+
+/// The deliveries, one per event id (the first of each), waiting up to `within` for `n`.
+async fn distinct(r: &Receiver, n: usize, within: Duration) -> anyhow::Result<Vec<Delivery>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut seen = std::collections::HashSet::new();
+        let firsts: Vec<Delivery> = r
+            .deliveries()
+            .into_iter()
+            .filter(|d| {
+                seen.insert(
+                    d.headers
+                        .get("portcullis-event-id")
+                        .cloned()
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        if firsts.len() >= n {
+            return Ok(firsts);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} of {n} events arrived: {:?}",
+            firsts.len(),
+            firsts.iter().map(Delivery::json).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The signature a delivery should carry: HMAC-SHA256 of `<timestamp>.<body>`.
+fn signature(d: &Delivery) -> String {
+    let at = d
+        .headers
+        .get("portcullis-timestamp")
+        .cloned()
+        .unwrap_or_default();
+    format!(
+        "sha256={}",
+        hmac_hex(&[at.as_bytes(), b".", &d.body].concat())
+    )
+}
+
+fn hmac_hex(body: &[u8]) -> String {
+    let key = openssl::pkey::PKey::hmac(HOOK_KEY.as_bytes()).unwrap();
+    let mut s = openssl::sign::Signer::new(openssl::hash::MessageDigest::sha256(), &key).unwrap();
+    s.update(body).unwrap();
+    hex::encode(s.sign_to_vec().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_change_reaches_the_webhook_once_per_id_in_order_across_kill_9() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let mut storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    std::fs::write(gw.join("hook.key"), HOOK_KEY)?;
+    // The receiver is down while the gateway and the storage node are killed: what they
+    // recorded waits in the outbox and comes after.
+    let mut ce = Receiver::start().await?;
+    ce.stop().await;
+    let dist = Receiver::start().await?;
+    let hooks = format!(
+        "[[webhooks]]\nname = \"all\"\nurl = \"{}\"\nsecret_file = \"{}\"\nmax_backoff_seconds = 2\n\
+         [[webhooks]]\nname = \"team-a-pushes\"\nurl = \"{}\"\nformat = \"distribution\"\n\
+         repositories = [\"team-a/**\"]\nactions = [\"push\", \"tag-move\"]\n",
+        ce.url(),
+        gw.join("hook.key").display(),
+        dist.url(),
+    );
+    let g = gateway(&gw, &storage, &hooks)?;
+    let c = client_of(&g);
+    // (kind, repository, tag) as the session makes them.
+    let mut expected: Vec<(&str, &str, Option<&str>)> = Vec::new();
+    push(&c, "team-a/app", Some("v1"), "a").await?;
+    expected.push(("push", "team-a/app", Some("v1")));
+    push(&c, "team-a/app", Some("v1"), "b").await?;
+    expected.push(("tag-move", "team-a/app", Some("v1")));
+    let by_digest = push(&c, "team-a/app", None, "c").await?;
+    expected.push(("push", "team-a/app", None));
+    delete(&c, "team-a/app", "v1").await?;
+    expected.push(("tag-delete", "team-a/app", Some("v1")));
+
+    // kill -9 of the gateway: what it recorded is delivered by the next one.
+    drop(g);
+    let g = gateway(&gw, &storage, &hooks)?;
+    let c = client_of(&g);
+    push(&c, "team-b/tool", Some("1"), "d").await?;
+    expected.push(("push", "team-b/tool", Some("1")));
+    // kill -9 of the storage node; the gateway sees it back within its health check.
+    storage.crash_and_restart()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = push(&c, "team-a/app", Some("v2"), "e").await {
+        ensure!(
+            Instant::now() < deadline,
+            "no push after the storage node came back: {e:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    expected.push(("push", "team-a/app", Some("v2")));
+    delete(&c, "team-a/app", &by_digest).await?;
+    expected.push(("delete", "team-a/app", None));
+
+    ce.listen().await?;
+    // A lease window (30 s) may pass before the restarted gateway delivers.
+    let got = distinct(&ce, expected.len(), Duration::from_secs(90)).await?;
+    ensure!(
+        got.len() == expected.len(),
+        "more events than changes: {}",
+        got.len()
+    );
+    let mut per_repo: HashMap<String, Vec<(String, Option<String>)>> = HashMap::new();
+    for d in &got {
+        let e = d.json();
+        ensure!(e["specversion"] == "1.0", "{e}");
+        ensure!(e["data"]["actor"]["name"] == "alice", "no actor: {e}");
+        ensure!(e["id"].as_str() == d.headers.get("portcullis-event-id").map(String::as_str));
+        let sig = d.headers.get("portcullis-signature").context("unsigned")?;
+        ensure!(*sig == signature(d), "bad signature");
+        per_repo
+            .entry(e["data"]["repository"].as_str().unwrap_or("").to_owned())
+            .or_default()
+            .push((
+                e["type"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_start_matches("io.portcullis.registry.")
+                    .to_owned(),
+                e["data"]["tag"].as_str().map(str::to_owned),
+            ));
+    }
+    for repo in ["team-a/app", "team-b/tool"] {
+        let want: Vec<(String, Option<String>)> = expected
+            .iter()
+            .filter(|(_, r, _)| *r == repo)
+            .map(|(k, _, t)| (k.to_string(), t.map(str::to_owned)))
+            .collect();
+        ensure!(
+            per_repo.get(repo) == Some(&want),
+            "{repo}: got {:?}, want {want:?}",
+            per_repo.get(repo)
+        );
+    }
+    // Each id's deliveries (retries included) carry the same event.
+    let mut bodies: HashMap<String, Vec<u8>> = HashMap::new();
+    for d in ce.deliveries() {
+        let id = d
+            .headers
+            .get("portcullis-event-id")
+            .cloned()
+            .unwrap_or_default();
+        let first = bodies.entry(id).or_insert_with(|| d.body.clone());
+        ensure!(*first == d.body, "one id, two events");
+    }
+
+    // The filtered webhook: team-a's pushes and moves only, in distribution's envelope.
+    let want = expected
+        .iter()
+        .filter(|(k, r, _)| r.starts_with("team-a/") && matches!(*k, "push" | "tag-move"))
+        .count();
+    let got = distinct(&dist, want, Duration::from_secs(60)).await?;
+    ensure!(got.len() == want);
+    for d in &got {
+        let e = &d.json()["events"][0];
+        ensure!(
+            e["action"] == "push" && e["actor"]["name"] == "alice",
+            "{e}"
+        );
+        ensure!(e["target"]["repository"] == "team-a/app", "{e}");
+        ensure!(
+            d.headers.get("content-type").map(String::as_str)
+                == Some("application/vnd.docker.distribution.events.v1+json")
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receiver_down_for_a_minute_misses_nothing_and_dead_letters_are_replayed()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    let mut down = Receiver::start().await?;
+    down.stop().await;
+    let mut never = Receiver::start().await?;
+    never.stop().await;
+    let hooks = format!(
+        "[[webhooks]]\nname = \"later\"\nurl = \"{}\"\n\
+         [[webhooks]]\nname = \"never\"\nurl = \"{}\"\nmax_attempts = 2\nmax_backoff_seconds = 1\n",
+        down.url(),
+        never.url(),
+    );
+    let g = gateway(&gw, &storage, &hooks)?;
+    let c = client_of(&g);
+    for i in 0..3 {
+        push(&c, "team-a/app", Some(&format!("t{i}")), &format!("x{i}")).await?;
+    }
+    // Down for a minute, then back.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    down.listen().await?;
+    let got = distinct(&down, 3, Duration::from_secs(60)).await?;
+    let tags: Vec<String> = got
+        .iter()
+        .map(|d| d.json()["data"]["tag"].as_str().unwrap_or("").to_owned())
+        .collect();
+    ensure!(tags == ["t0", "t1", "t2"], "{tags:?}");
+
+    // The endpoint that never answered: three dead letters, listed, then replayed.
+    let http = reqwest::Client::new();
+    let letters: serde_json::Value = http
+        .get(format!("{}/events/dead-letters", g.admin))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let letters = letters["dead_letters"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        letters.len() == 3 && letters.iter().all(|l| l["webhook"] == "never"),
+        "{letters:?}"
+    );
+    never.listen().await?;
+    for l in &letters {
+        let seq = l["seq"].as_u64().context("no seq")?.to_string();
+        let r = http
+            .post(format!("{}/events/replay", g.admin))
+            .query(&[("webhook", "never"), ("seq", seq.as_str())])
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "replay: {}", r.status());
+    }
+    ensure!(distinct(&never, 3, Duration::from_secs(5)).await?.len() == 3);
+    let left: serde_json::Value = http
+        .get(format!("{}/events/dead-letters", g.admin))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        left["dead_letters"].as_array().is_some_and(Vec::is_empty),
+        "{left}"
+    );
+    Ok(())
+}
