@@ -68,7 +68,12 @@ async fn replay(
     };
     match events.replay(webhook, seq).await {
         Ok(()) => (StatusCode::OK, "delivered\n").into_response(),
-        Err(why) => (StatusCode::BAD_GATEWAY, format!("{why}\n")).into_response(),
+        Err(crate::events::webhooks::Replay::NotFound(what)) => {
+            (StatusCode::NOT_FOUND, format!("{what}\n")).into_response()
+        }
+        Err(crate::events::webhooks::Replay::Failed(why)) => {
+            (StatusCode::BAD_GATEWAY, format!("{why}\n")).into_response()
+        }
     }
 }
 

@@ -150,6 +150,7 @@ impl Gateway {
             "location",
             "oci-subject",
             "content-type",
+            "transfer-encoding",
         ] {
             resp.remove_header(h);
         }

@@ -8,8 +8,7 @@
 //!   gateways recorded them in: two changes to one repository made at the same moment through
 //!   two gateways are in the order their events reached the store.
 //! - Each webhook's cursor, `events:cursor:<webhook>`, is the number of the last event it
-//!   took; a webhook without one starts at the log's end (it gets what is recorded after it
-//!   was configured).
+//!   took; a webhook without one starts with the oldest event the log still holds.
 //! - A dead letter, `events:dead:<webhook>:<n>`, is an event the webhook never took.
 //! - Entries every configured webhook has passed are deleted ([`Outbox::forget_through`]).
 
@@ -75,19 +74,36 @@ impl Outbox {
             .collect())
     }
 
+    /// The lowest cursor of every webhook in the store (none: no webhook took anything yet).
+    pub async fn oldest_cursor(&self) -> Result<Option<u64>, StateError> {
+        Ok(self
+            .store
+            .scan("events:cursor:")
+            .await?
+            .into_iter()
+            .filter_map(|(_, v)| number(Some(v)))
+            .min())
+    }
+
+    /// The number of the last entry deleted as passed (0: none).
+    pub async fn forgotten(&self) -> Result<u64, StateError> {
+        Ok(number(self.store.get(FORGOTTEN).await?).unwrap_or(0))
+    }
+
     fn cursor_key(webhook: &str) -> String {
         format!("events:cursor:{webhook}")
     }
 
-    /// The number of the last event `webhook` took; a webhook without a cursor gets one at
-    /// the log's end now.
+    /// The number of the last event `webhook` took; a webhook without a cursor gets one
+    /// before the oldest event the log still holds (a webhook configured later gets what was
+    /// not yet deleted as passed by the others).
     pub async fn cursor(&self, webhook: &str) -> Result<u64, StateError> {
         if let Some(n) = number(self.store.get(&Self::cursor_key(webhook)).await?) {
             return Ok(n);
         }
-        let head = self.head().await?;
-        self.advance(webhook, head).await?;
-        Ok(head)
+        let start = self.forgotten().await?;
+        self.advance(webhook, start).await?;
+        Ok(start)
     }
 
     /// `webhook` took the event numbered `n` (and every one before).
@@ -225,8 +241,8 @@ mod tests {
             "1..=3 deleted"
         );
         assert_eq!(outbox.after(3, 100).await.unwrap().len(), 2);
-        // A webhook configured now starts at the end.
-        assert_eq!(outbox.cursor("new").await.unwrap(), 5);
+        // A webhook configured now starts with what the log still holds.
+        assert_eq!(outbox.cursor("new").await.unwrap(), 3);
         // Another gateway's outbox on the same store continues the numbering.
         let other = Outbox::new(store);
         assert_eq!(other.record(&event("x")).await.unwrap(), 6);

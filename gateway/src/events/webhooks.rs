@@ -2,7 +2,8 @@
 //!
 //! Delivery: one `POST` per event, in the outbox's order, with the event's id in
 //! `Portcullis-Event-Id` (the same on every retry: the receiver's idempotency key) and, with a
-//! `secret_file`, `Portcullis-Signature: sha256=<hex HMAC-SHA256 of the body>`. A 2xx answer
+//! `secret_file`, `Portcullis-Timestamp` and `Portcullis-Signature: sha256=<hex HMAC-SHA256 of
+//! "<timestamp>.<body>">`. A 2xx answer
 //! takes the event; anything else (or no answer within `timeout_seconds`) is retried with a
 //! doubling back-off up to `max_backoff_seconds`, `max_attempts` times in all; then the event
 //! becomes a dead letter (audited, listed and replayed on the admin listener) and the next one
@@ -255,12 +256,24 @@ fn unix_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Why a replay did not deliver.
+#[derive(Debug)]
+pub enum Replay {
+    /// No such webhook or dead letter.
+    NotFound(&'static str),
+    /// The endpoint did not take it (or the store failed): why.
+    Failed(String),
+}
+
 /// Where a delivery of one event stands (kept across lease windows of this node).
 #[derive(Default)]
 struct Pending {
     seq: u64,
     attempts: u32,
     last_error: String,
+    /// The delivery of `seq` is settled (taken, or a dead letter kept); only writing the
+    /// cursor is left: a store that does not write makes no new attempt.
+    settled: bool,
 }
 
 /// Events asked of the outbox at a time.
@@ -300,6 +313,10 @@ impl Events {
         let mut pending = Pending::default();
         let mut holding: Option<u64> = None;
         let mut forgot = Instant::now();
+        // Its cursor exists from the start (the others' deleting waits for it).
+        if let Err(e) = self.outbox.cursor(&name).await {
+            tracing::debug!(webhook = %name, error = %e, "webhook: no cursor yet");
+        }
         loop {
             let now = unix_secs();
             let window = now / WINDOW.as_secs();
@@ -377,6 +394,9 @@ impl Events {
                 }
             };
             if entries.is_empty() {
+                if head > cursor {
+                    self.skip_forgotten(name, cursor).await;
+                }
                 tokio::time::sleep(POLL).await;
                 continue;
             }
@@ -392,8 +412,11 @@ impl Events {
                             None => return,
                         }
                     }
-                    // Not for this webhook, or unreadable: passed over.
-                    _ => true,
+                    Some(_) => true,
+                    None => {
+                        tracing::warn!(webhook = %name, seq, "webhook: an outbox entry is not an event; passed over");
+                        true
+                    }
                 };
                 let advanced = match taken {
                     true => self.outbox.advance(name, seq).await,
@@ -401,11 +424,18 @@ impl Events {
                         "a dead letter was not kept".into(),
                     )),
                 };
-                if let Err(e) = advanced {
-                    unavailable(e);
-                    // Not a tight loop on a store that reads but does not write.
-                    tokio::time::sleep(POLL).await;
-                    break;
+                match advanced {
+                    Ok(()) => {
+                        if pending.seq == seq {
+                            *pending = Pending::default();
+                        }
+                    }
+                    Err(e) => {
+                        unavailable(e);
+                        // Not a tight loop on a store that reads but does not write.
+                        tokio::time::sleep(POLL).await;
+                        break;
+                    }
                 }
             }
         }
@@ -430,6 +460,9 @@ impl Events {
                 ..Default::default()
             };
         }
+        if pending.settled {
+            return Some(true);
+        }
         loop {
             if Instant::now() >= stop {
                 return None;
@@ -438,7 +471,7 @@ impl Events {
             match hook.post(event, pending.attempts).await {
                 Ok(()) => {
                     m.deliveries.with_label_values(&[name, "delivered"]).inc();
-                    *pending = Pending::default();
+                    pending.settled = true;
                     return Some(true);
                 }
                 Err(why) => {
@@ -456,6 +489,8 @@ impl Events {
                     error: pending.last_error.clone(),
                 };
                 if let Err(e) = self.outbox.bury(&letter).await {
+                    // The next round writes the letter again, with no new attempt.
+                    pending.attempts -= 1;
                     tracing::warn!(webhook = %name, error = %e, "webhook: a dead letter cannot be written; retrying");
                     return Some(false);
                 }
@@ -471,7 +506,7 @@ impl Events {
                         "attempts": letter.attempts,
                     }),
                 );
-                *pending = Pending::default();
+                pending.settled = true;
                 return Some(true);
             }
             let pause = hook.backoff(pending.attempts);
@@ -482,38 +517,58 @@ impl Events {
         }
     }
 
-    /// Deletes the log's entries every webhook configured here has passed.
+    /// Deletes the log's entries every webhook has passed: every cursor in the store (a
+    /// webhook configured on another node only, during a rolling change, counts too).
     async fn forget(&self) {
-        let mut oldest = u64::MAX;
-        for h in &self.hooks {
-            match self.outbox.cursor(&h.cfg.name).await {
-                Ok(c) => oldest = oldest.min(c),
-                Err(_) => return,
+        let oldest = match self.outbox.oldest_cursor().await {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "webhook: delivered events not deleted yet");
+                return;
             }
-        }
-        if oldest != u64::MAX
-            && let Err(e) = self.outbox.forget_through(oldest).await
-        {
+        };
+        if let Err(e) = self.outbox.forget_through(oldest).await {
             tracing::debug!(error = %e, "webhook: delivered events not deleted yet");
+        }
+    }
+
+    /// The log has events after `cursor` but not the next one: they were deleted before this
+    /// webhook took them (a cursor left behind, e.g. a webhook removed and configured again).
+    /// It goes on after them, and says how many it never got.
+    async fn skip_forgotten(&self, name: &str, cursor: u64) {
+        let Ok(forgotten) = self.outbox.forgotten().await else {
+            return;
+        };
+        if forgotten <= cursor {
+            return;
+        }
+        tracing::error!(webhook = %name, lost = forgotten - cursor, "webhook: events were deleted before it took them; going on after them");
+        crate::metrics::events()
+            .deliveries
+            .with_label_values(&[name, "lost"])
+            .inc_by(forgotten - cursor);
+        if let Err(e) = self.outbox.advance(name, forgotten).await {
+            tracing::warn!(webhook = %name, error = %e, "webhook: the cursor cannot be written");
         }
     }
 
     /// Delivers a dead letter again, once, now: when the endpoint takes it, the letter goes;
     /// when not, it stays with the new error (it is deleted only after a delivery, so a crash
     /// in between keeps it).
-    pub async fn replay(&self, webhook: &str, seq: u64) -> Result<(), String> {
+    pub async fn replay(&self, webhook: &str, seq: u64) -> Result<(), Replay> {
         let hook = self
             .hooks
             .iter()
             .find(|h| h.cfg.name == webhook)
-            .ok_or_else(|| format!("no webhook {webhook:?}"))?;
+            .ok_or(Replay::NotFound("no such webhook"))?;
         let Some(mut letter) = self
             .outbox
             .dead_letter(webhook, seq)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| Replay::Failed(e.to_string()))?
         else {
-            return Err("no such dead letter".into());
+            return Err(Replay::NotFound("no such dead letter"));
         };
         letter.attempts += 1;
         let r = hook.post(&letter.event, letter.attempts).await;
@@ -527,15 +582,23 @@ impl Events {
                 "event.reason": r.as_ref().err(),
             }),
         );
-        match &r {
-            Ok(()) => self.outbox.unbury(webhook, seq).await,
+        match r {
+            Ok(()) => {
+                // Delivered: a letter that stays (the store failing now) is replayed once more
+                // at worst, with the same id.
+                if let Err(e) = self.outbox.unbury(webhook, seq).await {
+                    tracing::warn!(webhook = %webhook, error = %e, "webhook: a replayed dead letter was not deleted");
+                }
+                Ok(())
+            }
             Err(why) => {
                 letter.error = why.clone();
-                self.outbox.bury(&letter).await
+                if let Err(e) = self.outbox.bury(&letter).await {
+                    tracing::warn!(webhook = %webhook, error = %e, "webhook: a dead letter's new error was not kept");
+                }
+                Err(Replay::Failed(why))
             }
         }
-        .map_err(|e| e.to_string())?;
-        r
     }
 }
 

@@ -6,10 +6,12 @@
 //! security state), [`shared_state`] (sessions, robots, revocations, lockouts, device flows
 //! and rate limits shared by gateways on Redis), [`redis_outage`] (Redis going away, Sentinel
 //! failovers), [`behind_haproxy`] (client addresses through the PROXY protocol, storage
-//! nodes and gateways killed behind HAProxy); [`replicas`] starts the gateways and asks them
+//! nodes and gateways killed behind HAProxy), [`events`] (webhooks delivered by one gateway
+//! at a time, the other taking over); [`replicas`] starts the gateways and asks them
 //! for tokens.
 
 mod behind_haproxy;
+mod events;
 mod redis_outage;
 mod replicas;
 mod shared_state;
