@@ -102,6 +102,38 @@ async fn distinct(r: &Receiver, n: usize, within: Duration) -> anyhow::Result<Ve
     }
 }
 
+/// Signs alice into the web console (its password form): a client and the session's cookie.
+async fn console_sign_in(g: &GatewayServer) -> anyhow::Result<(reqwest::Client, String)> {
+    let ui = portcullis_tests::client::https(&g.ca_pem, false);
+    let cookie_of = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| {
+                v.strip_prefix(&format!("{name}="))?
+                    .split(';')
+                    .next()
+                    .map(str::to_owned)
+            })
+    };
+    let r = ui.get(format!("{}/ui/login", g.base)).send().await?;
+    let login = cookie_of(&r, "__Host-portcullis_ui_login").context("no login cookie")?;
+    let csrf = portcullis_tests::oidc::field_value(&r.text().await?, "csrf")?;
+    let r = ui
+        .post(format!("{}/ui/login", g.base))
+        .header("cookie", format!("__Host-portcullis_ui_login={login}"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("username", ALICE.0),
+            ("password", ALICE.1),
+        ])
+        .send()
+        .await?;
+    let session = cookie_of(&r, "__Host-portcullis_ui").context("not signed in")?;
+    Ok((ui, format!("__Host-portcullis_ui={session}")))
+}
+
 /// The signature a delivery should carry: HMAC-SHA256 of `<timestamp>.<body>`.
 fn signature(d: &Delivery) -> String {
     let at = d
@@ -299,7 +331,39 @@ async fn a_receiver_down_for_a_minute_misses_nothing_and_dead_letters_are_replay
         "{letters:?}"
     );
     never.listen().await?;
-    for l in &letters {
+    // An administrator sees them in the console and replays the first there.
+    let (ui, cookie) = console_sign_in(&g).await?;
+    let page = ui
+        .get(format!("{}/ui/admin/events", g.base))
+        .header("cookie", &cookie)
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        page.matches("aria-label=\"Replay never ").count() == 3,
+        "{page}"
+    );
+    let csrf = portcullis_tests::oidc::field_value(&page, "csrf")?;
+    let first = letters[0]["seq"].as_u64().context("no seq")?.to_string();
+    let r = ui
+        .post(format!("{}/ui/admin/events/replay", g.base))
+        .header("cookie", &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("webhook", "never"),
+            ("seq", first.as_str()),
+        ])
+        .send()
+        .await?;
+    ensure!(
+        r.headers().get("location").and_then(|l| l.to_str().ok())
+            == Some("/ui/admin/events?done=delivered"),
+        "console replay: {}",
+        r.status()
+    );
+    // The rest on the admin listener.
+    for l in &letters[1..] {
         let seq = l["seq"].as_u64().context("no seq")?.to_string();
         let r = http
             .post(format!("{}/events/replay", g.admin))

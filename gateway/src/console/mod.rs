@@ -75,6 +75,8 @@ enum Page {
     Audit,
     Policy,
     Storage,
+    Events,
+    ReplayEvent,
     SignOut,
     Unknown,
 }
@@ -101,6 +103,8 @@ impl Page {
             ("GET", "/ui/admin/audit") => Page::Audit,
             ("GET", "/ui/admin/policy") => Page::Policy,
             ("GET", "/ui/admin/storage") => Page::Storage,
+            ("GET", "/ui/admin/events") => Page::Events,
+            ("POST", "/ui/admin/events/replay") => Page::ReplayEvent,
             ("POST", "/ui/logout") => Page::SignOut,
             _ => Page::Unknown,
         }
@@ -315,6 +319,7 @@ impl Console {
             Page::Audit => self.audit(&query, &signed).await,
             Page::Policy => self.policy(&query, &signed).await,
             Page::Storage => self.storage(&signed).await,
+            Page::Events | Page::ReplayEvent => self.events(which, &query, &form, &signed).await,
             Page::SignOut => self.sign_out(&signed).await,
             _ => not_found(&signed),
         }
@@ -946,6 +951,68 @@ impl Console {
         Ok((allowed, why))
     }
 
+    /// Webhooks (administrators only): each one's cursor and what it has not taken yet, and
+    /// the dead letters, each replayable (one delivery now, as the admin listener's replay).
+    async fn events(
+        &self,
+        which: Page,
+        q: &HashMap<String, String>,
+        f: &HashMap<String, String>,
+        signed: &Signed,
+    ) -> Reply {
+        use crate::events::webhooks::Replay;
+        if !signed.admin {
+            return not_found(signed);
+        }
+        let Some(events) = &self.events else {
+            return page(
+                200,
+                pages::message(
+                    Some(&signed.who()),
+                    "Events",
+                    "No webhooks are configured ([[webhooks]] in the gateway's config).",
+                ),
+            );
+        };
+        if which == Page::ReplayEvent {
+            let webhook = f.get("webhook").map(String::as_str).unwrap_or("");
+            let seq = f
+                .get("seq")
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
+            let done = match events.replay(webhook, seq).await {
+                Ok(()) => "delivered",
+                Err(Replay::NotFound(_)) => "missing",
+                Err(Replay::Failed(_)) => "failed",
+            };
+            return redirect(&format!("/ui/admin/events?done={done}"));
+        }
+        let outbox = &events.outbox;
+        let head = outbox.head().await;
+        let mut hooks = Vec::new();
+        for h in &events.hooks {
+            let cursor = outbox.cursor(&h.cfg.name).await;
+            hooks.push((h.cfg.name.clone(), h.cfg.format, cursor.ok()));
+        }
+        let letters = match (head, outbox.dead_letters().await) {
+            (Ok(head), Ok(letters)) => Ok((head, letters)),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        let Ok((head, letters)) = letters else {
+            return unavailable(signed, anyhow::anyhow!("the state store is unavailable"));
+        };
+        let notice = match q.get("done").map(String::as_str) {
+            Some("delivered") => Some("Delivered: the dead letter is gone."),
+            Some("failed") => Some("Not delivered: the dead letter stays, with the new error."),
+            Some("missing") => Some("There is no such dead letter (replayed already?)."),
+            _ => None,
+        };
+        page(
+            200,
+            pages::events(&signed.who(), head, &hooks, &letters, notice),
+        )
+    }
+
     /// The storage nodes (administrators only): health as the gateway sees it, usage, and
     /// each node's recent GC runs.
     async fn storage(&self, signed: &Signed) -> Reply {
@@ -1320,6 +1387,8 @@ mod tests {
             ("GET", "/ui/admin/audit", Page::Audit),
             ("GET", "/ui/admin/policy", Page::Policy),
             ("GET", "/ui/admin/storage", Page::Storage),
+            ("GET", "/ui/admin/events", Page::Events),
+            ("POST", "/ui/admin/events/replay", Page::ReplayEvent),
             ("POST", "/ui/admin/policy", Page::Unknown),
         ];
         for (m, p, want) in cases {

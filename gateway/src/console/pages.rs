@@ -36,6 +36,7 @@ pub fn layout(title: &str, who: Option<&Who<'_>>, body: Markup) -> Markup {
                                 a href="/ui/admin/audit" { "Audit" }
                                 a href="/ui/admin/policy" { "Policy" }
                                 a href="/ui/admin/storage" { "Storage" }
+                                a href="/ui/admin/events" { "Events" }
                             }
                             span.user { (w.name) }
                             form method="post" action="/ui/logout" {
@@ -567,6 +568,68 @@ pub fn policy(
                 p { "From " code { (source) } " (reloaded on SIGHUP; edit the file, not this page)." }
             }
             pre #policy-text { (text) }
+        },
+    )
+}
+
+/// Webhooks and dead letters (administrators).
+pub fn events(
+    who: &Who<'_>,
+    head: u64,
+    hooks: &[(String, crate::events::webhooks::Format, Option<u64>)],
+    letters: &[crate::events::outbox::DeadLetter],
+    notice: Option<&str>,
+) -> Markup {
+    layout(
+        "Events",
+        Some(who),
+        html! {
+            h1 { "Events" }
+            @if let Some(n) = notice {
+                p.notice role="status" { (n) }
+            }
+            p { "Events recorded so far: " strong #head { (head) } " (numbered in the outbox)." }
+            table #webhooks {
+                thead { tr { th { "Webhook" } th { "Format" } th { "Took up to" } th { "Not taken yet" } } }
+                tbody {
+                    @for (name, format, cursor) in hooks {
+                        tr {
+                            td { code { (name) } }
+                            td { (format!("{format:?}").to_lowercase()) }
+                            td { @match cursor { Some(c) => (c), None => "—" } }
+                            td { @match cursor { Some(c) => (head.saturating_sub(*c)), None => "—" } }
+                        }
+                    }
+                }
+            }
+            h2 { "Dead letters" }
+            @if letters.is_empty() {
+                p.empty { "None: every webhook took every event it wanted." }
+            } @else {
+                table #dead-letters {
+                    thead { tr { th { "Webhook" } th { "Event" } th { "Repository" } th { "What" } th { "Attempts" } th { "Last error" } th {} } }
+                    tbody {
+                        @for l in letters {
+                            tr {
+                                td { code { (l.webhook) } }
+                                td { code { (l.seq) } " " (l.event.time) }
+                                td { (l.event.repository) }
+                                td { (l.event.kind.action()) " " (l.event.tag.as_deref().unwrap_or("")) " by " (l.event.actor.name) }
+                                td { (l.attempts) }
+                                td { (l.error) }
+                                td {
+                                    form method="post" action="/ui/admin/events/replay" {
+                                        input type="hidden" name="csrf" value=(who.csrf);
+                                        input type="hidden" name="webhook" value=(l.webhook);
+                                        input type="hidden" name="seq" value=(l.seq);
+                                        button type="submit" aria-label={ "Replay " (l.webhook) " " (l.seq) } { "Replay" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         },
     )
 }
