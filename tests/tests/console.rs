@@ -452,6 +452,10 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
         "{events}"
     );
     b.screenshot(&shots().join("8-audit.png")).await?;
+    // That search is on the trail too.
+    b.open(&format!("{}/ui/admin/audit?action=audit-search", g.base))
+        .await?;
+    b.wait_for_text("#events", "audit-search").await?;
 
     // The policy in force, and its answer to "may bob push over a release tag".
     b.open(&format!("{}/ui/admin/policy", g.base)).await?;

@@ -859,6 +859,23 @@ impl Console {
                 }
             }
         };
+        // Reading the trail is itself on the trail (who looked for whom), after the read: a
+        // search does not find itself.
+        if !search.is_empty() {
+            crate::audit::record(
+                "audit-search",
+                "success",
+                serde_json::json!({
+                    "user.name": signed.session.subject,
+                    "via": "console",
+                    "search.user": search.user,
+                    "search.repository": search.repository,
+                    "search.action": search.action,
+                    "search.since": search.since,
+                    "search.until": search.until,
+                }),
+            );
+        }
         page(200, pages::audit(&signed.who(), &search, found))
     }
 
@@ -991,8 +1008,8 @@ impl Console {
         let head = outbox.head().await;
         let mut hooks = Vec::new();
         for h in &events.hooks {
-            let cursor = outbox.cursor(&h.cfg.name).await;
-            hooks.push((h.cfg.name.clone(), h.cfg.format, cursor.ok()));
+            let cursor = outbox.cursor_if_any(&h.cfg.name).await;
+            hooks.push((h.cfg.name.clone(), h.cfg.format, cursor.ok().flatten()));
         }
         let letters = match (head, outbox.dead_letters().await) {
             (Ok(head), Ok(letters)) => Ok((head, letters)),

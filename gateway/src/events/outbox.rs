@@ -106,6 +106,12 @@ impl Outbox {
         Ok(start)
     }
 
+    /// The number of the last event `webhook` took, if it has a cursor yet (a look: nothing
+    /// is written).
+    pub async fn cursor_if_any(&self, webhook: &str) -> Result<Option<u64>, StateError> {
+        Ok(number(self.store.get(&Self::cursor_key(webhook)).await?))
+    }
+
     /// `webhook` took the event numbered `n` (and every one before).
     pub async fn advance(&self, webhook: &str, n: u64) -> Result<(), StateError> {
         self.store
