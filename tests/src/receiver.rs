@@ -1,6 +1,7 @@
-//! A webhook receiver for tests: a plain HTTP/1.1 server on a loopback port that answers
-//! every `POST` with `204` and keeps what it got (headers and body), in arrival order. It can
-//! be stopped and started again on the same port (a receiver that is down for a while).
+//! A webhook receiver for tests: an HTTP/1.1 server (plain, or over TLS with a certificate of
+//! a CA made for it) on a loopback port that answers every `POST` with `204` and keeps what it
+//! got (headers and body), in arrival order. It can be stopped and started again on the same
+//! port (a receiver that is down for a while).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,8 @@ impl Delivery {
 
 pub struct Receiver {
     pub port: u16,
+    /// Over TLS: the acceptor, and the CA that signed its certificate (PEM file).
+    tls: Option<(openssl::ssl::SslAcceptor, std::path::PathBuf)>,
     /// Everything received so far, across stops and starts.
     pub got: Arc<Mutex<Vec<Delivery>>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -32,6 +35,7 @@ impl Receiver {
     pub async fn start() -> anyhow::Result<Self> {
         let mut r = Receiver {
             port: crate::tools::free_port()?,
+            tls: None,
             got: Arc::default(),
             task: None,
         };
@@ -39,15 +43,39 @@ impl Receiver {
         Ok(r)
     }
 
+    /// A receiver over TLS, its certificate (for 127.0.0.1) signed by a CA made in `dir`.
+    pub async fn start_tls(dir: &std::path::Path) -> anyhow::Result<Self> {
+        use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
+        let files = gateway::edge::tls::ensure_dev_certificates(dir)?;
+        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
+        b.set_certificate_chain_file(&files.cert)?;
+        b.set_private_key_file(&files.key, SslFiletype::PEM)?;
+        let mut r = Receiver {
+            port: crate::tools::free_port()?,
+            tls: Some((b.build(), files.ca_cert)),
+            got: Arc::default(),
+            task: None,
+        };
+        r.listen().await?;
+        Ok(r)
+    }
+
+    /// The CA file that signed a TLS receiver's certificate.
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        self.tls.as_ref().map(|(_, ca)| ca.as_path())
+    }
+
     /// The URL to configure (`http://127.0.0.1:<port>/hook`).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/hook", self.port)
     }
 
     /// Starts listening (again) on its port.
     pub async fn listen(&mut self) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await?;
         let got = self.got.clone();
+        let tls = self.tls.as_ref().map(|(a, _)| a.context().to_owned());
         self.task = Some(tokio::spawn(async move {
             // Its connections go with it when it stops (a kept-alive one too).
             let mut conns = tokio::task::JoinSet::new();
@@ -55,9 +83,20 @@ impl Receiver {
                 let Ok((conn, _)) = listener.accept().await else {
                     return;
                 };
-                let got = got.clone();
+                let (got, tls) = (got.clone(), tls.clone());
                 conns.spawn(async move {
-                    let _ = serve(conn, got).await;
+                    let _ = match tls {
+                        None => serve(conn, got).await,
+                        Some(ctx) => {
+                            async {
+                                let ssl = openssl::ssl::Ssl::new(&ctx)?;
+                                let mut s = tokio_openssl::SslStream::new(ssl, conn)?;
+                                std::pin::Pin::new(&mut s).accept().await?;
+                                serve(s, got).await
+                            }
+                            .await
+                        }
+                    };
                 });
                 while conns.try_join_next().is_some() {}
             }
@@ -88,7 +127,10 @@ impl Drop for Receiver {
 }
 
 /// One connection: requests until the client closes (each answered `204`).
-async fn serve(conn: tokio::net::TcpStream, got: Arc<Mutex<Vec<Delivery>>>) -> anyhow::Result<()> {
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    conn: S,
+    got: Arc<Mutex<Vec<Delivery>>>,
+) -> anyhow::Result<()> {
     let mut conn = BufReader::new(conn);
     loop {
         let mut line = String::new();

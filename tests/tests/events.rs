@@ -3,7 +3,8 @@
 //! reaches the receiver with its actor, exactly once per event id, in order per repository —
 //! across a `kill -9` of the gateway and of the storage node in the middle of the session,
 //! and across the receiver being down for a minute; an endpoint that never answers gets
-//! dead letters, which the admin listener lists and replays.
+//! dead letters, which the admin listener lists and replays; an `https` endpoint is trusted
+//! through the webhook's `ca_file`, and refused without it.
 
 use anyhow::{Context, ensure};
 use portcullis_tests::client::{Client, OCI_MANIFEST, TokenAuth, describe, image_config, sha256};
@@ -382,6 +383,55 @@ async fn a_receiver_down_for_a_minute_misses_nothing_and_dead_letters_are_replay
     ensure!(
         left["dead_letters"].as_array().is_some_and(Vec::is_empty),
         "{left}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_endpoint_is_trusted_through_its_ca_file_only() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    let rx = Receiver::start_tls(&dir.path().join("hook-tls")).await?;
+    let ca = rx
+        .ca_file()
+        .context("a TLS receiver")?
+        .display()
+        .to_string();
+    let hooks = format!(
+        "[[webhooks]]\nname = \"trusted\"\nurl = \"{url}\"\nca_file = \"{ca}\"\n\
+         [[webhooks]]\nname = \"untrusted\"\nurl = \"{url}\"\nmax_attempts = 1\n",
+        url = rx.url(),
+    );
+    let g = gateway(&gw, &storage, &hooks)?;
+    push(&client_of(&g), "team-a/app", Some("v1"), "tls").await?;
+    // Without the CA the certificate is refused: a dead letter, nothing received.
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: serde_json::Value = http
+            .get(format!("{}/events/dead-letters", g.admin))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let letters = v["dead_letters"].as_array().cloned().unwrap_or_default();
+        if letters.iter().any(|l| l["webhook"] == "untrusted") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no dead letter for the untrusted webhook: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = distinct(&rx, 1, Duration::from_secs(30)).await?;
+    ensure!(got[0].json()["data"]["tag"] == "v1");
+    ensure!(
+        rx.deliveries().len() == 1,
+        "{} deliveries: the untrusted webhook got through",
+        rx.deliveries().len()
     );
     Ok(())
 }
