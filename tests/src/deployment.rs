@@ -188,3 +188,42 @@ pub fn user_client(g: &GatewayServer, user: &str, password: &str) -> Client {
     ));
     c
 }
+
+/// The value a response's `Set-Cookie` gives `name`.
+pub fn set_cookie(r: &reqwest::Response, name: &str) -> anyhow::Result<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| {
+            let (k, rest) = v.split_once('=')?;
+            (k == name).then(|| rest.split(';').next().unwrap_or("").to_owned())
+        })
+        .with_context(|| format!("no {name} cookie set"))
+}
+
+/// Signs `who` into the web console at `base` with its password form: a client (trusting
+/// `ca`) and the session cookie's value.
+pub async fn console_sign_in(
+    base: &str,
+    ca: &[u8],
+    who: (&str, &str),
+) -> anyhow::Result<(reqwest::Client, String)> {
+    let http = crate::client::https(ca, false);
+    let r = http.get(format!("{base}/ui/login")).send().await?;
+    let login = set_cookie(&r, "__Host-portcullis_ui_login")?;
+    let csrf = crate::oidc::field_value(&r.text().await?, "csrf")?;
+    let r = http
+        .post(format!("{base}/ui/login"))
+        .header("cookie", format!("__Host-portcullis_ui_login={login}"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("username", who.0),
+            ("password", who.1),
+        ])
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 303, "sign-in of {}: {}", who.0, r.status());
+    let session = set_cookie(&r, "__Host-portcullis_ui")?;
+    Ok((http, session))
+}

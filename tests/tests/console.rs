@@ -23,16 +23,6 @@ fn shots() -> PathBuf {
     workspace_root().join("target/console-screenshots")
 }
 
-fn client_of(g: &GatewayServer, who: (&str, &str)) -> Client {
-    let mut c = Client::with_ca(&g.base, &g.ca_pem);
-    c.auth = Some(TokenAuth::new(
-        &format!("{}/token", g.base),
-        SERVICE,
-        Some(who),
-    ));
-    c
-}
-
 /// Pushes `repo:tag` with an annotation carrying the XSS payload; the manifest's digest.
 async fn push(c: &Client, repo: &str, tag: &str) -> anyhow::Result<oci::Digest> {
     let config = image_config(tag);
@@ -104,7 +94,7 @@ async fn a_developer_signs_in_reads_an_image_deletes_a_mutable_tag_and_sees_noth
          [[immutability]]\nrepositories = [\"**\"]\ntags = [\"v*.*.*\"]\n",
     )?;
     let g = deployment::start_gateway(&gw, &[&storage], &[ALICE, BOB, DAVE], 4)?;
-    let admin = client_of(&g, ALICE);
+    let admin = deployment::user_client(&g, ALICE.0, ALICE.1);
     let release = push(&admin, "team-a/app", "v1.0.0").await?;
     push(&admin, "team-a/app", "dev").await?;
     push(&admin, "team-a/app", "dev2").await?;
@@ -318,7 +308,7 @@ async fn a_developer_signs_in_reads_an_image_deletes_a_mutable_tag_and_sees_noth
 async fn the_embedded_default_serves_the_console() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let g = GatewayServer::start_dev(data.path(), Some("console-dev-admin"))?;
-    let mut c = client_of(&g, ("admin", "console-dev-admin"));
+    let mut c = deployment::user_client(&g, "admin", "console-dev-admin");
     c.auth = Some(TokenAuth::new(
         &format!("{}/token", g.base),
         "portcullis",
@@ -348,7 +338,7 @@ async fn an_administrator_creates_and_rotates_a_robot_whose_secret_skopeo_uses()
         &format!("[audit]\nstdout = true\nfile = \"{}\"\n", trail.display()),
         &[],
     )?;
-    let admin = client_of(&g, ALICE);
+    let admin = deployment::user_client(&g, ALICE.0, ALICE.1);
     push(&admin, "team-a/app", "v1.0.0").await?;
 
     // bob (no administrator) has no robots or audit page.

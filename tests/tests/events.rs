@@ -7,8 +7,8 @@
 //! through the webhook's `ca_file`, and refused without it.
 
 use anyhow::{Context, ensure};
-use portcullis_tests::client::{Client, OCI_MANIFEST, TokenAuth, describe, image_config, sha256};
-use portcullis_tests::deployment::{self, SERVICE};
+use portcullis_tests::client::{Client, OCI_MANIFEST, describe, image_config, sha256};
+use portcullis_tests::deployment;
 use portcullis_tests::receiver::{Delivery, Receiver};
 use portcullis_tests::server::GatewayServer;
 use reqwest::Method;
@@ -20,13 +20,7 @@ const ALICE: (&str, &str) = ("alice", "events-alice-pw");
 const HOOK_KEY: &str = "webhook-signing-key";
 
 fn client_of(g: &GatewayServer) -> Client {
-    let mut c = Client::with_ca(&g.base, &g.ca_pem);
-    c.auth = Some(TokenAuth::new(
-        &format!("{}/token", g.base),
-        SERVICE,
-        Some(ALICE),
-    ));
-    c
+    deployment::user_client(g, ALICE.0, ALICE.1)
 }
 
 /// Pushes an image of its own under `reference` (a tag or its digest): its digest.
@@ -101,38 +95,6 @@ async fn distinct(r: &Receiver, n: usize, within: Duration) -> anyhow::Result<Ve
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Signs alice into the web console (its password form): a client and the session's cookie.
-async fn console_sign_in(g: &GatewayServer) -> anyhow::Result<(reqwest::Client, String)> {
-    let ui = portcullis_tests::client::https(&g.ca_pem, false);
-    let cookie_of = |r: &reqwest::Response, name: &str| {
-        r.headers()
-            .get_all("set-cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(|v| {
-                v.strip_prefix(&format!("{name}="))?
-                    .split(';')
-                    .next()
-                    .map(str::to_owned)
-            })
-    };
-    let r = ui.get(format!("{}/ui/login", g.base)).send().await?;
-    let login = cookie_of(&r, "__Host-portcullis_ui_login").context("no login cookie")?;
-    let csrf = portcullis_tests::oidc::field_value(&r.text().await?, "csrf")?;
-    let r = ui
-        .post(format!("{}/ui/login", g.base))
-        .header("cookie", format!("__Host-portcullis_ui_login={login}"))
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("username", ALICE.0),
-            ("password", ALICE.1),
-        ])
-        .send()
-        .await?;
-    let session = cookie_of(&r, "__Host-portcullis_ui").context("not signed in")?;
-    Ok((ui, format!("__Host-portcullis_ui={session}")))
 }
 
 /// The signature a delivery should carry: HMAC-SHA256 of `<timestamp>.<body>`.
@@ -333,7 +295,8 @@ async fn a_receiver_down_for_a_minute_misses_nothing_and_dead_letters_are_replay
     );
     never.listen().await?;
     // An administrator sees them in the console and replays the first there.
-    let (ui, cookie) = console_sign_in(&g).await?;
+    let (ui, session) = deployment::console_sign_in(&g.base, &g.ca_pem, ALICE).await?;
+    let cookie = format!("__Host-portcullis_ui={session}");
     let page = ui
         .get(format!("{}/ui/admin/events", g.base))
         .header("cookie", &cookie)

@@ -4,8 +4,7 @@
 
 use crate::ALICE;
 use crate::replicas::Replicas;
-use portcullis_tests::client::{Client, OCI_MANIFEST, TokenAuth, describe, image_config};
-use portcullis_tests::deployment::SERVICE;
+use portcullis_tests::client::{Client, OCI_MANIFEST, describe, image_config};
 use portcullis_tests::receiver::Receiver;
 use portcullis_tests::redis::Redis;
 use portcullis_tests::server::GatewayServer;
@@ -13,13 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 fn client_of(g: &GatewayServer) -> Client {
-    let mut c = Client::with_ca(&g.base, &g.ca_pem);
-    c.auth = Some(TokenAuth::new(
-        &format!("{}/token", g.base),
-        SERVICE,
-        Some(ALICE),
-    ));
-    c
+    portcullis_tests::deployment::user_client(g, ALICE.0, ALICE.1)
 }
 
 async fn push(c: &Client, tag: &str) {

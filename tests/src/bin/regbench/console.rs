@@ -28,25 +28,7 @@ struct Session {
 impl Session {
     /// Signs `user` in with the console's password form.
     async fn sign_in(base: &str, ca: &[u8], user: (&str, &str)) -> anyhow::Result<Self> {
-        let http = portcullis_tests::client::https(ca, false);
-        let r = http.get(format!("{base}/ui/login")).send().await?;
-        let login_cookie = set_cookie(&r, "__Host-portcullis_ui_login")?;
-        let csrf = portcullis_tests::oidc::field_value(&r.text().await?, "csrf")?;
-        let r = http
-            .post(format!("{base}/ui/login"))
-            .header(
-                "cookie",
-                format!("__Host-portcullis_ui_login={login_cookie}"),
-            )
-            .form(&[
-                ("csrf", csrf.as_str()),
-                ("username", user.0),
-                ("password", user.1),
-            ])
-            .send()
-            .await?;
-        ensure!(r.status() == 303, "sign-in of {}: {}", user.0, r.status());
-        let cookie = set_cookie(&r, "__Host-portcullis_ui")?;
+        let (http, cookie) = deployment::console_sign_in(base, ca, user).await?;
         Ok(Session {
             http,
             base: base.to_owned(),
@@ -82,19 +64,6 @@ impl Session {
         times.sort();
         Ok(times[times.len() / 2])
     }
-}
-
-/// The value a response's `Set-Cookie` gives `name`.
-fn set_cookie(r: &reqwest::Response, name: &str) -> anyhow::Result<String> {
-    r.headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| {
-            let (k, rest) = v.split_once('=')?;
-            (k == name).then(|| rest.split(';').next().unwrap_or("").to_owned())
-        })
-        .with_context(|| format!("no {name} cookie set"))
 }
 
 /// The "More" link of a repositories page.
