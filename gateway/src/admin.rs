@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` (plain HTTP, keep it internal).
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, the events' dead letters and the
+//! replication rules' status (plain HTTP, keep it internal).
 
 use crate::metrics::Metrics;
 use axum::Router;
@@ -14,8 +15,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub upstreams: Arc<LoadBalancer<RoundRobin>>,
     pub store: Arc<dyn crate::state::StateStore>,
-    /// Registry events, when there are webhooks: their dead letters.
-    pub events: Option<Arc<crate::events::webhooks::Events>>,
+    /// Registry events, when there are webhooks or replication rules.
+    pub events: Option<Arc<crate::events::delivery::Events>>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -25,6 +26,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/events/dead-letters", get(dead_letters))
         .route("/events/replay", axum::routing::post(replay))
+        .route("/replication", get(replication))
+        .route("/replication/reconcile", axum::routing::post(reconcile))
+        .route("/replication/drift", get(drift))
         .with_state(state)
 }
 
@@ -68,13 +72,114 @@ async fn replay(
     };
     match events.replay(webhook, seq).await {
         Ok(()) => (StatusCode::OK, "delivered\n").into_response(),
-        Err(crate::events::webhooks::Replay::NotFound(what)) => {
+        Err(crate::events::delivery::Replay::NotFound(what)) => {
             (StatusCode::NOT_FOUND, format!("{what}\n")).into_response()
         }
-        Err(crate::events::webhooks::Replay::Failed(why)) => {
+        Err(crate::events::delivery::Replay::Failed(why)) => {
             (StatusCode::BAD_GATEWAY, format!("{why}\n")).into_response()
         }
     }
+}
+
+fn json(v: serde_json::Value) -> axum::response::Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /replication`: every rule — its target, its status (last success, last error, the
+/// last reconciliation's figures) and its lag (events recorded it has not taken yet).
+async fn replication(State(st): State<Arc<AdminState>>) -> axum::response::Response {
+    let Some(events) = &st.events else {
+        return json(serde_json::json!({ "rules": [] }));
+    };
+    let head = match events.outbox.head().await {
+        Ok(h) => h,
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    };
+    let mut rules = Vec::new();
+    for r in &events.rules {
+        let (status, cursor) = match (
+            r.status().await,
+            events.outbox.cursor_if_any(&r.key()).await,
+        ) {
+            (Ok(s), Ok(c)) => (s, c),
+            (Err(e), _) | (_, Err(e)) => {
+                return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+            }
+        };
+        rules.push(serde_json::json!({
+            "name": r.cfg.name,
+            "target": r.cfg.url,
+            "deletes": r.cfg.deletes,
+            "lag_events": cursor.map(|c| head.saturating_sub(c)),
+            "status": status,
+        }));
+    }
+    json(serde_json::json!({ "rules": rules }))
+}
+
+fn rule_query(uri: &axum::http::Uri) -> Option<String> {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "rule")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// `POST /replication/reconcile?rule=<name>`: the rule's delivering node reconciles at its
+/// next idle moment (`202`, with the request's id: the status's `reconciliation.answered`
+/// is that id once it ran).
+async fn reconcile(
+    State(st): State<Arc<AdminState>>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    let Some(rule) = find_rule(&st, &uri) else {
+        return (StatusCode::NOT_FOUND, "no such replication rule\n").into_response();
+    };
+    match rule.request_reconciliation().await {
+        Ok(at) => {
+            crate::audit::record(
+                "replication-reconcile",
+                "success",
+                serde_json::json!({ "rule": rule.cfg.name }),
+            );
+            (
+                StatusCode::ACCEPTED,
+                json(serde_json::json!({ "requested": at })),
+            )
+                .into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `GET /replication/drift?rule=<name>`: compares every tag the rule covers here and at the
+/// target, now, changing nothing; the report (`drift` is the number of tags not as here).
+async fn drift(
+    State(st): State<Arc<AdminState>>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    let Some(rule) = find_rule(&st, &uri) else {
+        return (StatusCode::NOT_FOUND, "no such replication rule\n").into_response();
+    };
+    let report = rule.reconcile(false).await;
+    let mut v = serde_json::to_value(&report).unwrap_or_default();
+    v["drift"] = report.drift().into();
+    json(v)
+}
+
+fn find_rule(
+    st: &AdminState,
+    uri: &axum::http::Uri,
+) -> Option<Arc<crate::events::replication::Replicator>> {
+    let name = rule_query(uri)?;
+    st.events
+        .as_ref()?
+        .rules
+        .iter()
+        .find(|r| r.cfg.name == name)
+        .cloned()
 }
 
 async fn readyz(State(st): State<Arc<AdminState>>) -> impl IntoResponse {

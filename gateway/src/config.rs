@@ -55,6 +55,9 @@ pub struct Config {
     /// Endpoints that receive registry events (`[[webhooks]]`).
     #[serde(default)]
     pub webhooks: Vec<crate::events::webhooks::WebhookConfig>,
+    /// Rules that copy what this registry holds to another one (`[[replication]]`).
+    #[serde(default)]
+    pub replication: Vec<crate::events::replication::ReplicationConfig>,
 }
 
 /// Name of the environment variable with the internal secret.
@@ -91,6 +94,7 @@ impl Config {
             &[self.listen.port(), self.admin_listen.port()],
         )?;
         crate::events::webhooks::WebhookConfig::validate_all(&self.webhooks)?;
+        crate::events::replication::ReplicationConfig::validate_all(&self.replication)?;
         Ok(())
     }
 

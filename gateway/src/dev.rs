@@ -53,6 +53,9 @@ pub struct DevFile {
     /// Endpoints that receive registry events (`[[webhooks]]`).
     #[serde(default)]
     pub webhooks: Vec<crate::events::webhooks::WebhookConfig>,
+    /// Rules that copy what this registry holds to another one (`[[replication]]`).
+    #[serde(default)]
+    pub replication: Vec<crate::events::replication::ReplicationConfig>,
 }
 
 impl DevFile {
@@ -268,6 +271,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             .connections_per_source,
         proxy_caches: file.proxy_cache,
         webhooks: file.webhooks,
+        replication: file.replication,
         audit_file: Some(audit_file.clone()),
     })
 }

@@ -8,14 +8,16 @@
 //!   APIs, the sign-in flows, the web console ([`console`]); [`incoming`] is the request they
 //!   read.
 //! - [`registry`]: the `/v2/` path — the bearer check and immutability, the request storage
-//!   gets, the storage nodes; [`cache`]: pull-through caches of upstream registries under a
-//!   prefix of `/v2/`.
+//!   gets, the storage nodes, the gateway's own reads of storage; [`cache`]: pull-through
+//!   caches of upstream registries under a prefix of `/v2/`; [`remote`]: another registry
+//!   spoken to as a client (a cache's upstream, a replication target), with its auth.
 //! - [`auth`]: every identity source (htpasswd, LDAP, OIDC, robots, CI federation) behind the
 //!   [`auth::Authenticator`] chain.
 //! - [`state`]: the shared state store (in memory, or Redis for several gateways);
 //!   [`limits`]: lockouts and rate limits; [`live_policy`]: the policy in force.
-//! - [`events`]: registry events, their durable outbox and the `[[webhooks]]` that receive
-//!   them.
+//! - [`events`]: registry events, their durable outbox, and what consumes it: the
+//!   `[[webhooks]]` that receive them and the `[[replication]]` rules that copy changes to
+//!   another registry.
 //! - [`audit`]: the request context and registry events of the audit trail (the trail itself
 //!   is `service::audit`, shared with storage); [`metrics`]; [`admin`]: the admin listener.
 //! - [`client`]: the client side (credential helper, `gateway robot`).
@@ -47,6 +49,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod random;
 pub mod registry;
+pub mod remote;
 pub mod reply;
 pub mod route;
 pub mod state;
@@ -94,6 +97,8 @@ pub struct Settings {
     pub audit_file: Option<PathBuf>,
     /// Endpoints that receive registry events (`[[webhooks]]`).
     pub webhooks: Vec<events::webhooks::WebhookConfig>,
+    /// Rules that copy what this registry holds to another one (`[[replication]]`).
+    pub replication: Vec<events::replication::ReplicationConfig>,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -135,6 +140,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         proxy_caches,
         audit_file,
         webhooks,
+        replication,
     } = settings;
     let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
@@ -176,13 +182,17 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         store.clone(),
     )?);
     let tokens = Arc::new(token);
-    // Registry events, recorded and delivered when there are webhooks to deliver them to.
-    let events = if webhooks.is_empty() {
+    // Registry events, recorded and delivered when there are webhooks or replication rules
+    // to take them.
+    let events = if webhooks.is_empty() && replication.is_empty() {
         None
     } else {
-        Some(Arc::new(events::webhooks::Events::new(
+        Some(Arc::new(events::delivery::Events::new(
             store.clone(),
             &webhooks,
+            &replication,
+            Arc::new(registry::data::Data::new(internal.clone())),
+            live_policy.clone(),
         )?))
     };
     let gateway = proxy::Gateway {
@@ -195,7 +205,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         endpoints: endpoints::Endpoints {
             console: Arc::new(console::Console::new(
                 tokens.clone(),
-                console::data::Data::new(internal),
+                registry::data::Data::new(internal),
                 oidc.clone(),
                 &secret,
                 audit_file,
@@ -289,8 +299,8 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                     tokio::spawn(r.run());
                 }
                 if let Some(ev) = &events {
-                    for i in 0..ev.hooks.len() {
-                        tokio::spawn(ev.clone().run(i));
+                    for c in ev.consumers() {
+                        tokio::spawn(ev.clone().run(c));
                     }
                 }
                 if let Err(e) = admin::serve(admin, admin_state).await {

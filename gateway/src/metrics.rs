@@ -91,6 +91,15 @@ pub struct EventMetrics {
     pub deliveries: IntCounterVec,
     /// Events in the outbox the webhook has not taken yet (as its delivering node saw).
     pub pending: IntGaugeVec,
+    /// What replication copied, by rule and kind (`manifest`, `blob`, `blob-present`).
+    pub replication_copies: IntCounterVec,
+    /// Blob bytes replication uploaded, by rule.
+    pub replication_bytes: IntCounterVec,
+    /// Tags not as here at the last reconciliation, by rule and kind (`missing`,
+    /// `different`, `extra`, `conflict`).
+    pub replication_drift: IntGaugeVec,
+    /// When a rule last copied an event or reconciled without error (Unix seconds).
+    pub replication_last_success: IntGaugeVec,
 }
 
 /// The process's [`EventMetrics`].
@@ -113,6 +122,32 @@ pub fn events() -> &'static EventMetrics {
                 "Events in the outbox a webhook has not taken yet, as its delivering node last saw",
             ),
             &["webhook"],
+        )
+        .expect("valid metric"),
+        replication_copies: counter(
+            "gateway_replication_copies_total",
+            "What replication copied to its target, by rule and kind (manifest, blob, blob-present)",
+            &["rule", "kind"],
+        ),
+        replication_bytes: counter(
+            "gateway_replication_bytes_total",
+            "Blob bytes replication uploaded to its target, by rule",
+            &["rule"],
+        ),
+        replication_drift: IntGaugeVec::new(
+            Opts::new(
+                "gateway_replication_drift",
+                "Tags not as here at a rule's last reconciliation, by rule and kind (missing, different, extra, conflict)",
+            ),
+            &["rule", "kind"],
+        )
+        .expect("valid metric"),
+        replication_last_success: IntGaugeVec::new(
+            Opts::new(
+                "gateway_replication_last_success_timestamp_seconds",
+                "When a replication rule last copied an event or reconciled without error",
+            ),
+            &["rule"],
         )
         .expect("valid metric"),
     })
@@ -308,9 +343,13 @@ impl Metrics {
             .register(Box::new(cm.upstream_seconds.clone()))
             .expect("unique");
         let em = events();
-        registry
-            .register(Box::new(em.pending.clone()))
-            .expect("unique");
+        for g in [
+            &em.pending,
+            &em.replication_drift,
+            &em.replication_last_success,
+        ] {
+            registry.register(Box::new(g.clone())).expect("unique");
+        }
         for c in [
             &cm.results,
             &cm.upstream_bytes,
@@ -318,6 +357,8 @@ impl Metrics {
             &cm.revalidations,
             &em.recorded,
             &em.deliveries,
+            &em.replication_copies,
+            &em.replication_bytes,
             &connections_refused,
             &a.outcomes,
             &a.token_decisions,

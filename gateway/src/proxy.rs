@@ -38,7 +38,7 @@ pub struct Gateway {
     /// Pull-through caches: `/v2/` requests under their prefixes.
     pub caches: Arc<crate::cache::ProxyCaches>,
     /// Registry events (with `[[webhooks]]`): each change recorded before it is answered.
-    pub events: Option<Arc<crate::events::webhooks::Events>>,
+    pub events: Option<Arc<crate::events::delivery::Events>>,
     /// Everything answered here.
     pub endpoints: Endpoints,
     /// Everything sent on to storage.
@@ -115,7 +115,7 @@ impl Gateway {
     /// lost with a change the client believes done would be a change no webhook hears of).
     async fn record_event(
         &self,
-        events: &crate::events::webhooks::Events,
+        events: &crate::events::delivery::Events,
         session: &Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,

@@ -71,6 +71,20 @@ fn default_timeout() -> u64 {
 }
 
 impl ProxyCacheConfig {
+    /// How to reach the upstream.
+    pub fn remote(&self) -> crate::remote::RemoteSettings<'_> {
+        crate::remote::RemoteSettings {
+            url: &self.url,
+            username: self.username.as_deref(),
+            password_file: self.password_file.as_deref(),
+            ca_file: self.ca_file.as_deref(),
+            token_realm_hosts: &self.token_realm_hosts,
+            timeout_seconds: self.timeout_seconds,
+            actions: "pull",
+            user_agent: concat!("portcullis-cache/", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
     /// Checks one table; `prefix` must be a single lowercase repository-name segment.
     pub fn validate(&self) -> anyhow::Result<()> {
         let p = &self.prefix;

@@ -9,7 +9,7 @@
 //! answer of wrong content, and storage (which checks the digest again) stores nothing for a
 //! wrong or truncated body.
 
-use super::upstream::UpstreamError;
+use crate::remote::UpstreamError;
 use bytes::Bytes;
 use oci::{Digest, Verifier};
 use std::collections::HashMap;

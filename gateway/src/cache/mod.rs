@@ -18,7 +18,7 @@
 //!   as it arrives while it is uploaded to storage, which makes it visible only once the
 //!   digest matched.
 //!
-//! Rooms: [`config`] (the table), [`upstream`] (the upstream registry as a client, its auth),
+//! Rooms: [`config`] (the table), [`crate::remote`] (the upstream registry as a client, its auth),
 //! [`storage`] (the cache's own requests to storage), [`fetch`] (blobs in flight),
 //! [`mirror`] (names without the prefix).
 
@@ -26,8 +26,8 @@ pub mod config;
 pub mod fetch;
 pub mod mirror;
 pub mod storage;
-pub mod upstream;
 
+use crate::remote::{MANIFEST_ACCEPT, Upstream, UpstreamError, read_capped};
 use crate::reply::{Failure, Kind};
 use crate::state::StateStore;
 use bytes::Bytes;
@@ -39,7 +39,6 @@ use reqwest::Method;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::Storage;
-use upstream::{MANIFEST_ACCEPT, Upstream, UpstreamError, read_capped};
 
 pub use config::ProxyCacheConfig;
 
@@ -260,7 +259,7 @@ impl ProxyCaches {
             c.validate()?;
             caches.push(Arc::new(Cache {
                 prefix: c.prefix.clone(),
-                upstream: Upstream::new(c)?,
+                upstream: Upstream::new(&c.remote())?,
                 tag_ttl: Duration::from_secs(c.tag_ttl_seconds),
                 repositories: c
                     .repositories
@@ -784,7 +783,7 @@ async fn fetch_blob(
                 Ok(None) if !batch.is_empty() => batch.split().freeze(),
                 Ok(None) => break,
                 Err(e) => {
-                    let e = UpstreamError::Unreachable(upstream::without_url(&e));
+                    let e = UpstreamError::Unreachable(crate::remote::without_url(&e));
                     sink.fail(e.clone());
                     return Err(abandon(cache, to_storage, e));
                 }

@@ -24,15 +24,14 @@
 //! Rooms: [`pages`] (templates), [`data`] (what it reads from storage), [`trail`] (what it
 //! reads of the audit trail file: searches, who pushed a tag).
 
-pub mod data;
 pub mod pages;
 pub mod trail;
 
 use crate::incoming::{Incoming, cookie};
+use crate::registry::data::{self, Data};
 use crate::reply::Reply;
 use crate::token::TokenService;
 use crate::token::refresh::Session;
-use data::Data;
 use pages::{TagRow, Who};
 use policy::Action;
 use std::collections::HashMap;
@@ -125,7 +124,7 @@ pub struct Console {
     /// Reads of the trail file at once, at most (each reads up to [`trail::WINDOW`]).
     trail_reads: Arc<tokio::sync::Semaphore>,
     /// Registry events (with `[[webhooks]]`): the console's deletes make them too.
-    events: Option<Arc<crate::events::webhooks::Events>>,
+    events: Option<Arc<crate::events::delivery::Events>>,
 }
 
 /// A signed-in request.
@@ -248,7 +247,7 @@ impl Console {
         oidc: Option<Arc<crate::auth::oidc::Oidc>>,
         secret: &str,
         audit_file: Option<std::path::PathBuf>,
-        events: Option<Arc<crate::events::webhooks::Events>>,
+        events: Option<Arc<crate::events::delivery::Events>>,
     ) -> Self {
         use sha2::Digest;
         let key: [u8; 32] =
@@ -977,7 +976,7 @@ impl Console {
         f: &HashMap<String, String>,
         signed: &Signed,
     ) -> Reply {
-        use crate::events::webhooks::Replay;
+        use crate::events::delivery::Replay;
         if !signed.admin {
             return not_found(signed);
         }

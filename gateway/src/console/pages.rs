@@ -202,7 +202,7 @@ pub fn manifest(
     host: &str,
     repo: &str,
     reference: &str,
-    m: &super::data::Manifest,
+    m: &crate::registry::data::Manifest,
     referrers: &[Value],
     may_delete: bool,
 ) -> Markup {
@@ -816,7 +816,7 @@ mod tests {
         let page = repositories(&who, evil, &[format!("a/{evil}")], Some(evil)).into_string();
         assert!(!page.contains("<script>"), "{page}");
         assert!(page.contains("&lt;script&gt;"));
-        let m = super::super::data::Manifest {
+        let m = crate::registry::data::Manifest {
             digest: oci::Digest::of(oci::Algorithm::Sha256, b"x"),
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             body: bytes::Bytes::from(

@@ -2,14 +2,22 @@
 //! pushed, a tag moved, a manifest or tag deleted) becomes an [`Event`] with who made it, from
 //! where, and what changed. It is written to the [`outbox`] in the shared state store before
 //! the client gets its answer — a change whose event cannot be written is answered 503 (the
-//! client retries, and its retry is recorded) — and [`webhooks`] deliver the outbox to every
-//! `[[webhooks]]` endpoint at least once, in order, with the event's id for idempotency.
+//! client retries, and its retry is recorded) — and [`delivery`] takes the outbox to every
+//! consumer at least once, in order: each `[[webhooks]]` endpoint (with the event's id for
+//! idempotency) and each `[[replication]]` rule.
 //!
 //! - [`outbox`]: the durable, ordered log of events in the state store.
-//! - [`webhooks`]: the endpoints' configuration, the formats (CloudEvents, distribution's
-//!   notification envelope), and the one delivery loop per endpoint in a deployment.
+//! - [`delivery`]: the one delivery loop per consumer in a deployment (lease, retries, dead
+//!   letters, replays).
+//! - [`webhooks`]: the endpoints' configuration and the formats (CloudEvents,
+//!   distribution's notification envelope).
+//! - [`replication`]: the rules that keep another registry holding what this one holds
+//!   (per event, and by reconciliation); [`target`] is that registry as a client.
 
+pub mod delivery;
 pub mod outbox;
+pub mod replication;
+pub mod target;
 pub mod webhooks;
 
 use crate::audit::request::{Operation, RequestInfo};

@@ -7,27 +7,18 @@
 //! takes the event; anything else (or no answer within `timeout_seconds`) is retried with a
 //! doubling back-off up to `max_backoff_seconds`, `max_attempts` times in all; then the event
 //! becomes a dead letter (audited, listed and replayed on the admin listener) and the next one
-//! goes. Nothing after a failing event is sent before it: order per repository holds.
-//!
-//! One node of a deployment delivers for each webhook at a time: it holds the webhook's lease
-//! for a window of [`WINDOW`] (the first node to count the window's key in the state store),
-//! and claims the next window before this one ends, so it goes on without a gap; another node
-//! takes over at the next window when it stops. It starts no delivery it could not finish
-//! within its window.
+//! goes. Nothing after a failing event is sent before it: order per repository holds. The
+//! delivery loop, one node of a deployment at a time, is [`super::delivery`]'s.
 
 use super::Event;
-use super::outbox::{DeadLetter, Outbox};
 use anyhow::{Context, bail};
 use policy::pattern::RepoPattern;
 use serde::Deserialize;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// A webhook's lease window.
-pub const WINDOW: Duration = Duration::from_secs(30);
-/// How often the delivering node looks for new events when it has none.
-const POLL: Duration = Duration::from_millis(250);
+/// Longest `timeout_seconds`.
+const MAX_TIMEOUT: u64 = 9;
 
 /// The body's shape.
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
@@ -110,11 +101,8 @@ impl WebhookConfig {
             if let Some(a) = w.actions.iter().find(|a| !ACTIONS.contains(&a.as_str())) {
                 bail!("webhooks {n}: unknown action {a:?} (push, tag-move, delete, tag-delete)");
             }
-            if w.timeout_seconds == 0 || w.timeout_seconds >= WINDOW.as_secs() / 3 {
-                bail!(
-                    "webhooks {n}: timeout_seconds must be between 1 and {}",
-                    WINDOW.as_secs() / 3 - 1
-                );
+            if w.timeout_seconds == 0 || w.timeout_seconds > MAX_TIMEOUT {
+                bail!("webhooks {n}: timeout_seconds must be between 1 and {MAX_TIMEOUT}");
             }
             if w.max_attempts == 0 || w.max_backoff_seconds == 0 {
                 bail!("webhooks {n}: max_attempts and max_backoff_seconds must be positive");
@@ -228,7 +216,7 @@ impl Webhook {
     }
 
     /// The pause before attempt `attempt + 1`: 1 s, doubling, at most `max_backoff_seconds`.
-    fn backoff(&self, attempt: u32) -> Duration {
+    pub(super) fn backoff(&self, attempt: u32) -> Duration {
         let s = 1u64 << attempt.saturating_sub(1).min(16);
         Duration::from_secs(s.min(self.cfg.max_backoff_seconds))
     }
@@ -244,362 +232,10 @@ fn hmac(key: &[u8], body: &[u8]) -> Result<String, String> {
     ))
 }
 
-/// The outbox and the webhooks that drain it.
-pub struct Events {
-    pub outbox: Outbox,
-    pub hooks: Vec<Arc<Webhook>>,
-}
-
 fn unix_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Why a replay did not deliver.
-#[derive(Debug)]
-pub enum Replay {
-    /// No such webhook or dead letter.
-    NotFound(&'static str),
-    /// The endpoint did not take it (or the store failed): why.
-    Failed(String),
-}
-
-/// Where a delivery of one event stands (kept across lease windows of this node).
-#[derive(Default)]
-struct Pending {
-    seq: u64,
-    attempts: u32,
-    last_error: String,
-    /// The delivery of `seq` is settled (taken, or a dead letter kept); only writing the
-    /// cursor is left: a store that does not write makes no new attempt.
-    settled: bool,
-}
-
-/// Events asked of the outbox at a time.
-const BATCH: u64 = 100;
-/// How often, at most, the delivering node deletes what every webhook has passed.
-const FORGET_EVERY: Duration = Duration::from_secs(10);
-
-impl Events {
-    pub fn new(
-        store: Arc<dyn crate::state::StateStore>,
-        configs: &[WebhookConfig],
-    ) -> anyhow::Result<Self> {
-        WebhookConfig::validate_all(configs)?;
-        Ok(Events {
-            outbox: Outbox::new(store),
-            hooks: configs
-                .iter()
-                .map(|c| Webhook::new(c.clone()).map(Arc::new))
-                .collect::<anyhow::Result<_>>()?,
-        })
-    }
-
-    /// Records `event` for delivery.
-    pub async fn record(&self, event: &Event) -> Result<(), crate::state::StateError> {
-        let r = self.outbox.record(event).await.map(|_| ());
-        crate::metrics::events()
-            .recorded
-            .with_label_values(&[if r.is_ok() { "ok" } else { "error" }])
-            .inc();
-        r
-    }
-
-    /// Delivers for webhook `i` for ever (on the side runtime): leads when it holds the lease.
-    pub async fn run(self: Arc<Self>, i: usize) {
-        let hook = self.hooks[i].clone();
-        let name = hook.cfg.name.clone();
-        let mut pending = Pending::default();
-        let mut holding: Option<u64> = None;
-        let mut forgot = Instant::now();
-        // Its cursor exists from the start (the others' deleting waits for it).
-        if let Err(e) = self.outbox.cursor(&name).await {
-            tracing::debug!(webhook = %name, error = %e, "webhook: no cursor yet");
-        }
-        loop {
-            let now = unix_secs();
-            let window = now / WINDOW.as_secs();
-            let leads = match holding {
-                Some(w) if w == window => true,
-                _ => match self.outbox.lease(&name, window, WINDOW * 2).await {
-                    Ok(won) => won,
-                    Err(e) => {
-                        tracing::warn!(webhook = %name, error = %e, "webhook lease: the state store is unavailable");
-                        false
-                    }
-                },
-            };
-            if !leads {
-                holding = None;
-                // Wait for the next window (a little after its start: the holder, if alive,
-                // claims it first).
-                let next = (window + 1) * WINDOW.as_secs();
-                let wait = next.saturating_sub(unix_secs()) * 1000 + 500;
-                tokio::time::sleep(Duration::from_millis(wait)).await;
-                continue;
-            }
-            // Deliver until this window's end, less what one attempt may take.
-            let end = (window + 1) * WINDOW.as_secs();
-            let margin = hook.cfg.timeout_seconds + 2;
-            let stop = Instant::now()
-                + Duration::from_secs(end.saturating_sub(unix_secs()).saturating_sub(margin));
-            self.deliver_until(&hook, &mut pending, stop, &mut forgot)
-                .await;
-            // Claim the next window now, so the delivery goes on without a gap.
-            holding = match self.outbox.lease(&name, window + 1, WINDOW * 2).await {
-                Ok(true) => Some(window + 1),
-                _ => None,
-            };
-            let left = end.saturating_sub(unix_secs());
-            tokio::time::sleep(Duration::from_secs(left)).await;
-        }
-    }
-
-    /// Delivers what the outbox holds for `hook`, in order, until `stop`.
-    async fn deliver_until(
-        &self,
-        hook: &Webhook,
-        pending: &mut Pending,
-        stop: Instant,
-        forgot: &mut Instant,
-    ) {
-        let name = &hook.cfg.name;
-        let m = crate::metrics::events();
-        let unavailable = |e: crate::state::StateError| {
-            tracing::warn!(webhook = %name, error = %e, "webhook: the state store is unavailable");
-        };
-        while Instant::now() < stop {
-            if forgot.elapsed() >= FORGET_EVERY {
-                *forgot = Instant::now();
-                self.forget().await;
-            }
-            let (cursor, head) = match (self.outbox.cursor(name).await, self.outbox.head().await) {
-                (Ok(c), Ok(h)) => (c, h),
-                (Err(e), _) | (_, Err(e)) => {
-                    unavailable(e);
-                    tokio::time::sleep(POLL).await;
-                    continue;
-                }
-            };
-            m.pending
-                .with_label_values(&[name])
-                .set(head.saturating_sub(cursor) as i64);
-            let entries = match self.outbox.after(cursor, BATCH).await {
-                Ok(e) => e,
-                Err(e) => {
-                    unavailable(e);
-                    tokio::time::sleep(POLL).await;
-                    continue;
-                }
-            };
-            if entries.is_empty() {
-                if head > cursor {
-                    self.skip_forgotten(name, cursor).await;
-                }
-                tokio::time::sleep(POLL).await;
-                continue;
-            }
-            for (seq, event) in entries {
-                if Instant::now() >= stop {
-                    return;
-                }
-                let taken = match &event {
-                    Some(e) if hook.wants(e) => {
-                        match self.attempt(hook, pending, seq, e, stop).await {
-                            Some(taken) => taken,
-                            // The window ends before the next attempt may start.
-                            None => return,
-                        }
-                    }
-                    Some(_) => true,
-                    None => {
-                        tracing::warn!(webhook = %name, seq, "webhook: an outbox entry is not an event; passed over");
-                        true
-                    }
-                };
-                let advanced = match taken {
-                    true => self.outbox.advance(name, seq).await,
-                    false => Err(crate::state::StateError(
-                        "a dead letter was not kept".into(),
-                    )),
-                };
-                match advanced {
-                    Ok(()) => {
-                        if pending.seq == seq {
-                            *pending = Pending::default();
-                        }
-                    }
-                    Err(e) => {
-                        unavailable(e);
-                        // Not a tight loop on a store that reads but does not write.
-                        tokio::time::sleep(POLL).await;
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Delivers `event` (number `seq`) until it is taken or dead: `Some(true)` when the cursor
-    /// may pass it, `Some(false)` when it may not (its dead letter was not kept), `None` when
-    /// `stop` comes first.
-    async fn attempt(
-        &self,
-        hook: &Webhook,
-        pending: &mut Pending,
-        seq: u64,
-        event: &Event,
-        stop: Instant,
-    ) -> Option<bool> {
-        let name = &hook.cfg.name;
-        let m = crate::metrics::events();
-        if pending.seq != seq {
-            *pending = Pending {
-                seq,
-                ..Default::default()
-            };
-        }
-        if pending.settled {
-            return Some(true);
-        }
-        loop {
-            if Instant::now() >= stop {
-                return None;
-            }
-            pending.attempts += 1;
-            match hook.post(event, pending.attempts).await {
-                Ok(()) => {
-                    m.deliveries.with_label_values(&[name, "delivered"]).inc();
-                    pending.settled = true;
-                    return Some(true);
-                }
-                Err(why) => {
-                    m.deliveries.with_label_values(&[name, "failed"]).inc();
-                    tracing::info!(webhook = %name, event = %event.id, attempt = pending.attempts, error = %why, "webhook delivery failed");
-                    pending.last_error = why;
-                }
-            }
-            if pending.attempts >= hook.cfg.max_attempts {
-                let letter = DeadLetter {
-                    webhook: name.clone(),
-                    seq,
-                    event: event.clone(),
-                    attempts: pending.attempts,
-                    error: pending.last_error.clone(),
-                };
-                if let Err(e) = self.outbox.bury(&letter).await {
-                    // The next round writes the letter again, with no new attempt.
-                    pending.attempts -= 1;
-                    tracing::warn!(webhook = %name, error = %e, "webhook: a dead letter cannot be written; retrying");
-                    return Some(false);
-                }
-                m.deliveries.with_label_values(&[name, "dead"]).inc();
-                crate::audit::record(
-                    "webhook-dead-letter",
-                    "failure",
-                    serde_json::json!({
-                        "webhook": name,
-                        "event.id": event.id,
-                        "repository": event.repository,
-                        "event.reason": letter.error,
-                        "attempts": letter.attempts,
-                    }),
-                );
-                pending.settled = true;
-                return Some(true);
-            }
-            let pause = hook.backoff(pending.attempts);
-            if Instant::now() + pause >= stop {
-                return None;
-            }
-            tokio::time::sleep(pause).await;
-        }
-    }
-
-    /// Deletes the log's entries every webhook has passed: every cursor in the store (a
-    /// webhook configured on another node only, during a rolling change, counts too).
-    async fn forget(&self) {
-        let oldest = match self.outbox.oldest_cursor().await {
-            Ok(Some(c)) => c,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::debug!(error = %e, "webhook: delivered events not deleted yet");
-                return;
-            }
-        };
-        if let Err(e) = self.outbox.forget_through(oldest).await {
-            tracing::debug!(error = %e, "webhook: delivered events not deleted yet");
-        }
-    }
-
-    /// The log has events after `cursor` but not the next one: they were deleted before this
-    /// webhook took them (a cursor left behind, e.g. a webhook removed and configured again).
-    /// It goes on after them, and says how many it never got.
-    async fn skip_forgotten(&self, name: &str, cursor: u64) {
-        let Ok(forgotten) = self.outbox.forgotten().await else {
-            return;
-        };
-        if forgotten <= cursor {
-            return;
-        }
-        tracing::error!(webhook = %name, lost = forgotten - cursor, "webhook: events were deleted before it took them; going on after them");
-        crate::metrics::events()
-            .deliveries
-            .with_label_values(&[name, "lost"])
-            .inc_by(forgotten - cursor);
-        if let Err(e) = self.outbox.advance(name, forgotten).await {
-            tracing::warn!(webhook = %name, error = %e, "webhook: the cursor cannot be written");
-        }
-    }
-
-    /// Delivers a dead letter again, once, now: when the endpoint takes it, the letter goes;
-    /// when not, it stays with the new error (it is deleted only after a delivery, so a crash
-    /// in between keeps it).
-    pub async fn replay(&self, webhook: &str, seq: u64) -> Result<(), Replay> {
-        let hook = self
-            .hooks
-            .iter()
-            .find(|h| h.cfg.name == webhook)
-            .ok_or(Replay::NotFound("no such webhook"))?;
-        let Some(mut letter) = self
-            .outbox
-            .dead_letter(webhook, seq)
-            .await
-            .map_err(|e| Replay::Failed(e.to_string()))?
-        else {
-            return Err(Replay::NotFound("no such dead letter"));
-        };
-        letter.attempts += 1;
-        let r = hook.post(&letter.event, letter.attempts).await;
-        crate::audit::record(
-            "webhook-replay",
-            if r.is_ok() { "success" } else { "failure" },
-            serde_json::json!({
-                "webhook": webhook,
-                "event.id": letter.event.id,
-                "repository": letter.event.repository,
-                "event.reason": r.as_ref().err(),
-            }),
-        );
-        match r {
-            Ok(()) => {
-                // Delivered: a letter that stays (the store failing now) is replayed once more
-                // at worst, with the same id.
-                if let Err(e) = self.outbox.unbury(webhook, seq).await {
-                    tracing::warn!(webhook = %webhook, error = %e, "webhook: a replayed dead letter was not deleted");
-                }
-                Ok(())
-            }
-            Err(why) => {
-                letter.error = why.clone();
-                if let Err(e) = self.outbox.bury(&letter).await {
-                    tracing::warn!(webhook = %webhook, error = %e, "webhook: a dead letter's new error was not kept");
-                }
-                Err(Replay::Failed(why))
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! The `/v2/` path: whether a request goes to storage ([`Registry::admit`]: the audit
 //! trail's health, the bearer check of [`authz`], the rate limits), how it and its answer
 //! are rewritten on the way ([`forward`]), and the storage nodes it goes to ([`upstream`]);
-//! [`internal`] is the gateway's own requests to them.
+//! [`internal`] is the gateway's own requests to them, [`data`] what it reads with them.
 
 pub mod authz;
+pub mod data;
 pub mod forward;
 pub mod internal;
 pub mod upstream;

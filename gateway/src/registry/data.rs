@@ -1,6 +1,7 @@
-//! What the console reads from storage (over the internal hop, as the gateway forwards
-//! requests): catalog and tag pages, manifests and referrers; and the one thing it changes,
-//! a tag deleted. Every call comes after the console's own policy decision.
+//! What the gateway itself reads from storage (over the internal hop, as it forwards
+//! requests): catalog and tag pages, manifests, blobs and referrers; and the deletes the web
+//! console makes. The web console calls it after its own policy decision; replication reads
+//! what it copies to another registry.
 
 use crate::registry::internal::{Internal, ManifestHead, digest_header};
 use bytes::Bytes;
@@ -145,6 +146,55 @@ impl Data {
             media_type,
             body: r.bytes().await?,
         }))
+    }
+
+    /// The bytes `from..to` of the blob `digest` of `repo`, as a body that streams them
+    /// (storage's answer must be exactly that range).
+    pub async fn blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        from: u64,
+        to: u64,
+    ) -> anyhow::Result<reqwest::Body> {
+        anyhow::ensure!(from < to, "an empty range");
+        let r = self
+            .internal
+            .upload(Method::GET, &format!("/v2/{repo}/blobs/{digest}"))?
+            .header("range", format!("bytes={from}-{}", to - 1))
+            .send()
+            .await?;
+        // The range, or the whole blob when that is what was asked.
+        let whole = r.status() == StatusCode::OK && from == 0;
+        anyhow::ensure!(
+            r.status() == StatusCode::PARTIAL_CONTENT || whole,
+            "storage answered {} to a blob GET",
+            r.status()
+        );
+        anyhow::ensure!(
+            r.content_length() == Some(to - from),
+            "storage sent another length than asked"
+        );
+        Ok(reqwest::Body::wrap_stream(r.bytes_stream()))
+    }
+
+    /// The size of the blob `digest` of `repo`, if storage has it.
+    pub async fn blob_size(&self, repo: &str, digest: &Digest) -> anyhow::Result<Option<u64>> {
+        let r = self
+            .request(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}"))?
+            .send()
+            .await?;
+        match r.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => anyhow::bail!("storage answered {s} to a blob HEAD"),
+        }
+        r.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .map(Some)
+            .ok_or_else(|| anyhow::anyhow!("storage answered a blob HEAD without its length"))
     }
 
     /// The referrers index of `digest` in `repo` (its `manifests`).

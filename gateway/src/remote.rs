@@ -1,8 +1,8 @@
-//! The upstream registry of one cache, spoken to as a client: its own auth (the Docker token
-//! flow from its `WWW-Authenticate` challenge, or Basic), a deadline on every answer's head,
-//! and its answers sorted into what the cache does with them ([`UpstreamError`]).
+//! Another registry spoken to as a client — a pull-through cache's upstream, a replication
+//! rule's target: its own auth (the Docker token flow from its `WWW-Authenticate` challenge,
+//! or Basic), a deadline on every answer's head, and its answers sorted into what the caller
+//! does with them ([`UpstreamError`]).
 
-use super::config::ProxyCacheConfig;
 use anyhow::Context;
 use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
@@ -73,8 +73,29 @@ struct AuthState {
 /// At most this many repositories' tokens are kept (the oldest go first).
 const TOKENS_KEPT: usize = 1024;
 
+/// How to reach a registry: what a `[[proxy_cache]]` or `[[replication]]` table says.
+pub struct RemoteSettings<'a> {
+    /// Its base URL (`https://registry-1.docker.io`).
+    pub url: &'a str,
+    /// Credentials (Basic, or for its token service); none: anonymous.
+    pub username: Option<&'a str>,
+    pub password_file: Option<&'a std::path::Path>,
+    /// PEM bundle of CAs its certificate may chain to (besides the system's).
+    pub ca_file: Option<&'a std::path::Path>,
+    /// Hosts of its token service, when not its own host, that may be sent the credentials.
+    pub token_realm_hosts: &'a [String],
+    /// How long it has to answer a request's head.
+    pub timeout_seconds: u64,
+    /// The actions asked of its token service for a repository: `pull`, or `pull,push` and
+    /// `delete` for a replication target.
+    pub actions: &'static str,
+    pub user_agent: &'static str,
+}
+
 pub struct Upstream {
     base: reqwest::Url,
+    uploads: reqwest::Client,
+    actions: &'static str,
     http: reqwest::Client,
     credentials: Option<(String, zeroize::Zeroizing<String>)>,
     /// Token services (by host) the credentials may be sent to besides the upstream's own.
@@ -89,47 +110,58 @@ const MAX_TOKEN_ANSWER: usize = 64 * 1024;
 const MAX_REDIRECTS: usize = 5;
 
 impl Upstream {
-    pub fn new(cfg: &ProxyCacheConfig) -> anyhow::Result<Self> {
+    pub fn new(cfg: &RemoteSettings<'_>) -> anyhow::Result<Self> {
         let base: reqwest::Url = cfg.url.trim_end_matches('/').parse()?;
         let https = base.scheme() == "https";
-        // A redirect never goes from https to plain http, nor on for ever.
-        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= MAX_REDIRECTS {
-                attempt.error("too many redirects")
-            } else if https && attempt.url().scheme() != "https" {
-                attempt.error("a redirect from https to plain http")
-            } else {
-                attempt.follow()
+        let roots = match cfg.ca_file {
+            Some(ca) => {
+                let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .with_context(|| format!("parsing {}", ca.display()))?
             }
-        });
-        let mut b = reqwest::Client::builder()
-            .redirect(redirects)
-            .connect_timeout(Duration::from_secs(cfg.timeout_seconds))
-            // A body that stops coming for this long fails (a blob streams for as long as it
-            // keeps coming).
-            .read_timeout(Duration::from_secs(cfg.timeout_seconds.max(30)))
-            .user_agent(concat!("portcullis-cache/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60));
-        if let Some(ca) = &cfg.ca_file {
-            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-            for c in reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("parsing {}", ca.display()))?
-            {
-                b = b.add_root_certificate(c);
+            None => Vec::new(),
+        };
+        let client = |read_timeout: Option<Duration>| {
+            // A redirect never goes from https to plain http, nor on for ever.
+            let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    attempt.error("too many redirects")
+                } else if https && attempt.url().scheme() != "https" {
+                    attempt.error("a redirect from https to plain http")
+                } else {
+                    attempt.follow()
+                }
+            });
+            let mut b = reqwest::Client::builder()
+                .redirect(redirects)
+                .connect_timeout(Duration::from_secs(cfg.timeout_seconds))
+                .user_agent(cfg.user_agent)
+                .pool_idle_timeout(Duration::from_secs(60));
+            if let Some(t) = read_timeout {
+                b = b.read_timeout(t);
             }
-        }
-        let credentials = match (&cfg.username, &cfg.password_file) {
+            for c in &roots {
+                b = b.add_root_certificate(c.clone());
+            }
+            b.build()
+        };
+        let credentials = match (cfg.username, cfg.password_file) {
             (Some(u), Some(f)) => Some((
-                u.clone(),
+                u.to_owned(),
                 zeroize::Zeroizing::new(service::secrets::read_secret_file(f)?),
             )),
             _ => None,
         };
         Ok(Upstream {
             base,
-            http: b.build()?,
+            // A body that stops coming for this long fails (a blob streams for as long as it
+            // keeps coming).
+            http: client(Some(Duration::from_secs(cfg.timeout_seconds.max(30))))?,
+            // An upload's request: reqwest's read timeout would run while the body is sent.
+            uploads: client(None)?,
             credentials,
-            realm_hosts: cfg.token_realm_hosts.clone(),
+            realm_hosts: cfg.token_realm_hosts.to_vec(),
+            actions: cfg.actions,
             timeout: Duration::from_secs(cfg.timeout_seconds),
             auth: Mutex::new(AuthState::default()),
         })
@@ -149,12 +181,28 @@ impl Upstream {
         accept: Option<&str>,
     ) -> Result<Response, UpstreamError> {
         let url = format!("{}/v2/{repo}/{tail}", self.url());
+        let resp = self
+            .request(method, repo, &url, |rb| match accept {
+                Some(a) => rb.header(ACCEPT, a),
+                None => rb,
+            })
+            .await?;
+        classify(resp)
+    }
+
+    /// `method url` (a URL of this registry, for `repo`) as `build` makes it, with the
+    /// registry's auth; a 401 is answered once (a token fetched, or Basic) and `build` called
+    /// again. Any other answer comes back as it is.
+    pub async fn request(
+        &self,
+        method: Method,
+        repo: &str,
+        url: &str,
+        build: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<Response, UpstreamError> {
         for attempt in 0..2 {
-            let mut rb = self.http.request(method.clone(), &url);
-            if let Some(a) = accept {
-                rb = rb.header(ACCEPT, a);
-            }
-            rb = self.authorize(rb, repo);
+            let rb = build(self.http.request(method.clone(), url));
+            let rb = self.authorize(rb, repo);
             let resp = self.head_in_time(rb).await?;
             if resp.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenge = resp
@@ -166,9 +214,40 @@ impl Upstream {
                 self.learn(challenge, repo).await?;
                 continue;
             }
-            return classify(resp);
+            return Ok(resp);
         }
         Err(UpstreamError::Denied(401))
+    }
+
+    /// A `Location` the registry sent (an upload's), as a URL: relative ones against its base;
+    /// an absolute one only on its own scheme, host and port (the credentials go nowhere else).
+    pub fn location(&self, location: &str) -> Result<reqwest::Url, UpstreamError> {
+        let url = self
+            .base
+            .join(location)
+            .map_err(|_| UpstreamError::Invalid("an unusable Location".into()))?;
+        if url.origin() != self.base.origin() {
+            return Err(UpstreamError::Invalid(
+                "a Location on another host than the registry's".into(),
+            ));
+        }
+        Ok(url)
+    }
+
+    /// An upload's request with a streamed body, once (no body can be sent twice: the
+    /// caller asks something of `repo` first, so the auth is known): no deadline on the
+    /// answer, which comes when the registry has the whole body.
+    pub async fn upload(
+        &self,
+        method: Method,
+        repo: &str,
+        url: &str,
+        build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<Response, UpstreamError> {
+        let rb = self.authorize(build(self.uploads.request(method, url)), repo);
+        rb.send()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(without_url(&e)))
     }
 
     async fn head_in_time(&self, rb: reqwest::RequestBuilder) -> Result<Response, UpstreamError> {
@@ -203,7 +282,7 @@ impl Upstream {
     async fn learn(&self, challenge: Challenge, repo: &str) -> Result<(), UpstreamError> {
         if let Challenge::Bearer { realm, service } = &challenge {
             let realm_url = self.check_realm(realm)?;
-            let mut query = vec![("scope", format!("repository:{repo}:pull"))];
+            let mut query = vec![("scope", format!("repository:{repo}:{}", self.actions))];
             if let Some(s) = service {
                 query.push(("service", s.clone()));
             }
@@ -287,7 +366,7 @@ impl Upstream {
             .iter()
             .any(|h| h.eq_ignore_ascii_case(&host));
         if self.credentials.is_some() && !own && !listed {
-            tracing::warn!(realm_host = %host, "pull-through cache: the upstream's token service is on another host; add it to token_realm_hosts to send it the credentials");
+            tracing::warn!(realm_host = %host, "remote registry: its token service is on another host; add it to token_realm_hosts to send it the credentials");
             return Err(UpstreamError::Denied(401));
         }
         Ok(url)

@@ -1,0 +1,341 @@
+//! A replication rule's target registry, spoken to as a client ([`crate::remote::Upstream`]
+//! with push and delete rights): what a tag points at, its tags, and the writes replication
+//! makes — blobs (skipped when there; uploaded in chunks that resume where the target says
+//! it got to), manifests, and deletes.
+
+use crate::remote::{MANIFEST_ACCEPT, Upstream, UpstreamError, read_capped};
+use bytes::Bytes;
+use oci::Digest;
+use reqwest::{Method, Response, StatusCode};
+
+/// Largest tag page read from the target.
+const MAX_TAG_PAGE: usize = 4 << 20;
+/// Times a chunked upload continues after a chunk failed, in one copy.
+const RESUMES: u32 = 5;
+
+/// Why a write to the target did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    /// The target refused it for good (an immutable tag, a manifest it does not take).
+    #[error("the target refused it: {0}")]
+    Refused(String),
+    /// The target does not delete tags (distribution): delete the manifest by digest.
+    #[error("the target does not delete tags")]
+    NoTagDelete,
+    #[error("{0}")]
+    Source(String),
+}
+
+pub struct Target {
+    pub remote: Upstream,
+}
+
+/// The text of an answer that was not the one wanted (a little of its body, for the status).
+async fn refused(what: &str, r: Response) -> String {
+    let status = r.status();
+    let body = read_capped(r, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    format!(
+        "{what}: {status} {}",
+        text.chars().take(300).collect::<String>()
+    )
+}
+
+impl Target {
+    fn url(&self, repo: &str, tail: &str) -> String {
+        format!("{}/v2/{repo}/{tail}", self.remote.url())
+    }
+
+    /// The digest `repo:reference` is at on the target, if it has it.
+    pub async fn manifest_digest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<Option<Digest>, TargetError> {
+        let r = self
+            .remote
+            .request(
+                Method::HEAD,
+                repo,
+                &self.url(repo, &format!("manifests/{reference}")),
+                |rb| rb.header("accept", MANIFEST_ACCEPT),
+            )
+            .await?;
+        match r.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => return Err(UpstreamError::Status(s.as_u16()).into()),
+        }
+        match r
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok())
+        {
+            Some(d) => Ok(Some(d)),
+            None => Err(UpstreamError::Invalid("a manifest HEAD without its digest".into()).into()),
+        }
+    }
+
+    /// Every tag of `repo` on the target (none when it has no such repository).
+    pub async fn tags(&self, repo: &str) -> Result<Vec<String>, TargetError> {
+        let mut all: Vec<String> = Vec::new();
+        loop {
+            let query = {
+                let mut q = form_urlencoded::Serializer::new(String::new());
+                q.append_pair("n", "1000");
+                if let Some(l) = all.last() {
+                    q.append_pair("last", l);
+                }
+                q.finish()
+            };
+            let url = self.url(repo, &format!("tags/list?{query}"));
+            let r = self
+                .remote
+                .request(Method::GET, repo, &url, |rb| rb)
+                .await?;
+            match r.status() {
+                StatusCode::OK => {}
+                StatusCode::NOT_FOUND => return Ok(all),
+                s => return Err(UpstreamError::Status(s.as_u16()).into()),
+            }
+            let more = r.headers().contains_key("link");
+            #[derive(serde::Deserialize)]
+            struct Page {
+                tags: Option<Vec<String>>,
+            }
+            let body = read_capped(r, MAX_TAG_PAGE).await?;
+            let page: Page = serde_json::from_slice(&body)
+                .map_err(|_| UpstreamError::Invalid("a tag list that is not JSON".into()))?;
+            let page = page.tags.unwrap_or_default();
+            let got = page.len();
+            all.extend(page);
+            if !more || got == 0 {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Whether the target has the blob in `repo`.
+    pub async fn has_blob(&self, repo: &str, digest: &Digest) -> Result<bool, TargetError> {
+        let r = self
+            .remote
+            .request(
+                Method::HEAD,
+                repo,
+                &self.url(repo, &format!("blobs/{digest}")),
+                |rb| rb,
+            )
+            .await?;
+        match r.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            s => Err(UpstreamError::Status(s.as_u16()).into()),
+        }
+    }
+
+    /// Uploads the blob `digest` (`size` bytes) to `repo`; `read(from)` gives its bytes from
+    /// offset `from` to the end. Up to `chunk` bytes go in one request: a blob that fits is
+    /// one `PUT`; a bigger one goes in `PATCH`es, and after a failed one the upload goes on
+    /// from where the target says it got to. The target checks the digest before the blob is
+    /// visible; its answer must name the same digest.
+    pub async fn put_blob<F, Fut>(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        size: u64,
+        chunk: u64,
+        read: F,
+    ) -> Result<(), TargetError>
+    where
+        F: Fn(u64, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<reqwest::Body, String>>,
+    {
+        let start = self
+            .remote
+            .request(
+                Method::POST,
+                repo,
+                &self.url(repo, "blobs/uploads/"),
+                |rb| rb.header("content-length", "0"),
+            )
+            .await?;
+        if start.status() != StatusCode::ACCEPTED {
+            return Err(TargetError::Refused(
+                refused("starting an upload", start).await,
+            ));
+        }
+        let mut location = self.next_location(&start)?;
+        let mut offset = 0u64;
+        let mut resumes = 0;
+        while size > chunk && offset < size {
+            let end = (offset + chunk).min(size);
+            let body = read(offset, end).await.map_err(TargetError::Source)?;
+            let sent = self
+                .remote
+                .upload(Method::PATCH, repo, location.as_str(), |rb| {
+                    rb.header("content-type", "application/octet-stream")
+                        .header("content-length", (end - offset).to_string())
+                        .header("content-range", format!("{offset}-{}", end - 1))
+                        .body(body)
+                })
+                .await;
+            match sent {
+                Ok(r) if r.status() == StatusCode::ACCEPTED => {
+                    location = self.next_location(&r)?;
+                    offset = end;
+                }
+                failed => {
+                    resumes += 1;
+                    if resumes > RESUMES {
+                        return Err(match failed {
+                            Ok(r) => TargetError::Refused(refused("a chunk", r).await),
+                            Err(e) => e.into(),
+                        });
+                    }
+                    tracing::info!(repository = %repo, blob = %digest, offset, "replication: a chunk failed; resuming");
+                    (location, offset) = self.upload_status(repo, &location).await?;
+                }
+            }
+        }
+        let sep = if location.query().is_some() { '&' } else { '?' };
+        let done = format!("{location}{sep}digest={digest}");
+        let r = if size > chunk {
+            self.remote
+                .upload(Method::PUT, repo, &done, |rb| {
+                    rb.header("content-length", "0")
+                })
+                .await?
+        } else {
+            let body = read(0, size).await.map_err(TargetError::Source)?;
+            self.remote
+                .upload(Method::PUT, repo, &done, |rb| {
+                    rb.header("content-type", "application/octet-stream")
+                        .header("content-length", size.to_string())
+                        .body(body)
+                })
+                .await?
+        };
+        if r.status() != StatusCode::CREATED {
+            return Err(TargetError::Refused(
+                refused("completing an upload", r).await,
+            ));
+        }
+        let answered = r
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok());
+        if answered.is_some_and(|a| a != digest.to_string()) {
+            return Err(TargetError::Refused(format!(
+                "the target stored the blob {digest} as {}",
+                answered.unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Where an upload goes on: the answer's `Location`, on the target only.
+    fn next_location(&self, r: &Response) -> Result<reqwest::Url, TargetError> {
+        let l = r
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| UpstreamError::Invalid("an upload answer without Location".into()))?;
+        Ok(self.remote.location(l)?)
+    }
+
+    /// Where an upload got to, as the target says (`GET` on it: `Range: 0-<last>`).
+    async fn upload_status(
+        &self,
+        repo: &str,
+        location: &reqwest::Url,
+    ) -> Result<(reqwest::Url, u64), TargetError> {
+        let r = self
+            .remote
+            .request(Method::GET, repo, location.as_str(), |rb| rb)
+            .await?;
+        if r.status() != StatusCode::NO_CONTENT {
+            return Err(TargetError::Refused(
+                refused("asking where an upload got to", r).await,
+            ));
+        }
+        let got = r
+            .headers()
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once('-'))
+            .and_then(|(_, last)| last.trim().parse::<u64>().ok())
+            .map_or(0, |last| last + 1);
+        let next = match r.headers().get("location") {
+            Some(_) => self.next_location(&r)?,
+            None => location.clone(),
+        };
+        Ok((next, got))
+    }
+
+    /// Stores a manifest under `reference` (a tag, or its digest); the target's answer must
+    /// name `digest`.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        digest: &Digest,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<(), TargetError> {
+        let r = self
+            .remote
+            .request(
+                Method::PUT,
+                repo,
+                &self.url(repo, &format!("manifests/{reference}")),
+                |rb| rb.header("content-type", media_type).body(body.clone()),
+            )
+            .await?;
+        if r.status() != StatusCode::CREATED {
+            return Err(TargetError::Refused(
+                refused(&format!("the manifest {reference}"), r).await,
+            ));
+        }
+        let answered = r
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok());
+        if answered.is_some_and(|a| a != digest.to_string()) {
+            return Err(TargetError::Refused(format!(
+                "the target stored the manifest {digest} as {}",
+                answered.unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Deletes `repo:reference` (a tag, or a manifest by digest); `Ok` also when it was not
+    /// there.
+    pub async fn delete(&self, repo: &str, reference: &str) -> Result<(), TargetError> {
+        let r = self
+            .remote
+            .request(
+                Method::DELETE,
+                repo,
+                &self.url(repo, &format!("manifests/{reference}")),
+                |rb| rb,
+            )
+            .await?;
+        match r.status() {
+            StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(()),
+            StatusCode::NOT_FOUND => Ok(()),
+            // distribution deletes manifests by digest only.
+            StatusCode::BAD_REQUEST | StatusCode::METHOD_NOT_ALLOWED
+                if Digest::parse(reference).is_err() =>
+            {
+                Err(TargetError::NoTagDelete)
+            }
+            _ => Err(TargetError::Refused(
+                refused(&format!("deleting {reference}"), r).await,
+            )),
+        }
+    }
+}
