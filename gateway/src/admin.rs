@@ -32,10 +32,15 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-/// `GET /events/dead-letters`: the events a webhook never took, oldest first (JSON).
+/// `GET /events/dead-letters`: the events a consumer (a webhook, or `replication.<rule>`)
+/// never took, by consumer and number (JSON).
 async fn dead_letters(State(st): State<Arc<AdminState>>) -> axum::response::Response {
     let Some(events) = &st.events else {
-        return (StatusCode::NOT_FOUND, "no webhooks are configured\n").into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            "no webhooks or replication rules are configured\n",
+        )
+            .into_response();
     };
     match events.outbox.dead_letters().await {
         Ok(d) => (
@@ -54,7 +59,11 @@ async fn replay(
     uri: axum::http::Uri,
 ) -> axum::response::Response {
     let Some(events) = &st.events else {
-        return (StatusCode::NOT_FOUND, "no webhooks are configured\n").into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            "no webhooks or replication rules are configured\n",
+        )
+            .into_response();
     };
     let q: std::collections::HashMap<String, String> =
         form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
@@ -156,6 +165,7 @@ async fn reconcile(
 
 /// `GET /replication/drift?rule=<name>`: compares every tag the rule covers here and at the
 /// target, now, changing nothing; the report (`drift` is the number of tags not as here).
+/// One at a time per rule on a gateway (`409` meanwhile): it reads every tag on both sides.
 async fn drift(
     State(st): State<Arc<AdminState>>,
     uri: axum::http::Uri,
@@ -163,7 +173,13 @@ async fn drift(
     let Some(rule) = find_rule(&st, &uri) else {
         return (StatusCode::NOT_FOUND, "no such replication rule\n").into_response();
     };
-    let report = rule.reconcile(false).await;
+    let Some(report) = rule.check().await else {
+        return (
+            StatusCode::CONFLICT,
+            "a check of this rule is running on this gateway; ask again when it ends\n",
+        )
+            .into_response();
+    };
     let mut v = serde_json::to_value(&report).unwrap_or_default();
     v["drift"] = report.drift().into();
     json(v)

@@ -10,12 +10,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Every manifest type the cache stores (the upstream picks; storage keeps what it sent).
-pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json";
-
 /// Why the upstream gave no usable answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
@@ -90,6 +84,9 @@ pub struct RemoteSettings<'a> {
     /// `delete` for a replication target.
     pub actions: &'static str,
     pub user_agent: &'static str,
+    /// Follow redirects (to `https` only from `https`, at most 5): a cache's upstream sends
+    /// blobs to a CDN; a replication target, which is written to, is never redirected.
+    pub follow_redirects: bool,
 }
 
 pub struct Upstream {
@@ -113,6 +110,7 @@ impl Upstream {
     pub fn new(cfg: &RemoteSettings<'_>) -> anyhow::Result<Self> {
         let base: reqwest::Url = cfg.url.trim_end_matches('/').parse()?;
         let https = base.scheme() == "https";
+        let follow = cfg.follow_redirects;
         let roots = match cfg.ca_file {
             Some(ca) => {
                 let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
@@ -124,7 +122,9 @@ impl Upstream {
         let client = |read_timeout: Option<Duration>| {
             // A redirect never goes from https to plain http, nor on for ever.
             let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= MAX_REDIRECTS {
+                if !follow {
+                    attempt.stop()
+                } else if attempt.previous().len() >= MAX_REDIRECTS {
                     attempt.error("too many redirects")
                 } else if https && attempt.url().scheme() != "https" {
                     attempt.error("a redirect from https to plain http")
@@ -136,6 +136,7 @@ impl Upstream {
                 .redirect(redirects)
                 .connect_timeout(Duration::from_secs(cfg.timeout_seconds))
                 .user_agent(cfg.user_agent)
+                .tcp_keepalive(Duration::from_secs(30))
                 .pool_idle_timeout(Duration::from_secs(60));
             if let Some(t) = read_timeout {
                 b = b.read_timeout(t);
@@ -234,20 +235,32 @@ impl Upstream {
         Ok(url)
     }
 
-    /// An upload's request with a streamed body, once (no body can be sent twice: the
-    /// caller asks something of `repo` first, so the auth is known): no deadline on the
-    /// answer, which comes when the registry has the whole body.
+    /// An upload's request with a streamed body of `len` bytes, once (no body can be sent
+    /// twice: the caller asks something of `repo` first, so the auth is known). The answer
+    /// comes when the registry has the whole body: it must come within the head's deadline
+    /// plus a second per MiB (the body at 1 MiB/s at least).
     pub async fn upload(
         &self,
         method: Method,
         repo: &str,
         url: &str,
+        len: u64,
         build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
     ) -> Result<Response, UpstreamError> {
         let rb = self.authorize(build(self.uploads.request(method, url)), repo);
-        rb.send()
+        let deadline = self.timeout + Duration::from_secs(len >> 20);
+        match tokio::time::timeout(deadline, rb.send()).await {
+            Err(_) => Err(UpstreamError::Timeout(deadline.as_secs())),
+            Ok(Err(e)) => Err(UpstreamError::Unreachable(without_url(&e))),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    /// A body of the registry's, at most `max` bytes, within the head's deadline.
+    pub async fn body(&self, resp: Response, max: usize) -> Result<Vec<u8>, UpstreamError> {
+        tokio::time::timeout(self.timeout, read_capped(resp, max))
             .await
-            .map_err(|e| UpstreamError::Unreachable(without_url(&e)))
+            .map_err(|_| UpstreamError::Timeout(self.timeout.as_secs()))?
     }
 
     async fn head_in_time(&self, rb: reqwest::RequestBuilder) -> Result<Response, UpstreamError> {
@@ -357,10 +370,12 @@ impl Upstream {
                 "a plain-http token realm for an https upstream".into(),
             ));
         }
+        // Its own host means its own port too (another port may be another service).
         let own = self
             .base
             .host_str()
-            .is_some_and(|h| h.eq_ignore_ascii_case(&host));
+            .is_some_and(|h| h.eq_ignore_ascii_case(&host))
+            && self.base.port_or_known_default() == url.port_or_known_default();
         let listed = self
             .realm_hosts
             .iter()

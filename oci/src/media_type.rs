@@ -15,6 +15,12 @@ pub const OCI_ARTIFACT_MANIFEST: &str = "application/vnd.oci.artifact.manifest.v
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+/// An `Accept` header for every manifest type a registry may hold.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.oci.artifact.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
 
 /// The manifest schemas the registry stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -322,6 +322,20 @@ impl Client {
             .await?)
     }
 
+    /// Deletes the manifest `repo:reference` (a tag, or a digest); it must be answered 202.
+    pub async fn delete_manifest(&self, repo: &str, reference: &str) -> anyhow::Result<()> {
+        let r = self
+            .req(Method::DELETE, &format!("/v2/{repo}/manifests/{reference}"))
+            .send()
+            .await?;
+        ensure!(
+            r.status() == StatusCode::ACCEPTED,
+            "delete {repo}:{reference}: {}",
+            describe(r).await
+        );
+        Ok(())
+    }
+
     /// Pushes a config and layers, then an OCI manifest tagged `tag`; returns (manifest, digest).
     pub async fn push_image(
         &self,

@@ -189,6 +189,14 @@ pub fn user_client(g: &GatewayServer, user: &str, password: &str) -> Client {
     c
 }
 
+/// A client of the storage node `s` itself, with the internal secret (what a gateway sends).
+pub fn storage_client(s: &StorageServer) -> Client {
+    let mut c = Client::new(&s.base);
+    c.headers
+        .push(("portcullis-internal-secret".into(), SECRET.into()));
+    c
+}
+
 /// The value a response's `Set-Cookie` gives `name`.
 pub fn set_cookie(r: &reqwest::Response, name: &str) -> anyhow::Result<String> {
     r.headers()

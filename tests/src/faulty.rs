@@ -19,6 +19,10 @@ pub enum Mode {
     /// Relays until this many bytes came from the server in all (from when the mode was set),
     /// then cuts every connection.
     CutAfter(u64),
+    /// Relays until this many bytes came from the clients in all (from when the mode was
+    /// set), then cuts the connection that sent the last of them and goes back to `Pass`:
+    /// an upload cut once in the middle.
+    CutClientOnceAfter(u64),
     /// Answers every request with 429 and `Retry-After: 1`.
     TooMany,
     /// Refuses connections (closes them at once).
@@ -29,6 +33,8 @@ struct Shared {
     mode: Mutex<(Mode, u64)>,
     /// Bytes relayed from the server since the relay started.
     from_server: AtomicU64,
+    /// Bytes relayed from clients since the relay started.
+    from_client: AtomicU64,
 }
 
 /// The relay; stops when dropped.
@@ -47,6 +53,7 @@ impl Faulty {
         let shared = Arc::new(Shared {
             mode: Mutex::new((Mode::Pass, 0)),
             from_server: AtomicU64::new(0),
+            from_client: AtomicU64::new(0),
         });
         let (s, target) = (shared.clone(), target.to_string());
         let task = tokio::spawn(async move {
@@ -63,12 +70,21 @@ impl Faulty {
     /// Changes the mode, for open connections too (`Down` closes them).
     pub fn set(&self, mode: Mode) {
         let mut m = self.shared.mode.lock().expect("mode");
-        *m = (mode, self.from_server());
+        let since = match mode {
+            Mode::CutClientOnceAfter(_) => self.from_client(),
+            _ => self.from_server(),
+        };
+        *m = (mode, since);
     }
 
     /// Bytes relayed from the server so far.
     pub fn from_server(&self) -> u64 {
         self.shared.from_server.load(Ordering::SeqCst)
+    }
+
+    /// Bytes relayed from clients so far.
+    pub fn from_client(&self) -> u64 {
+        self.shared.from_client.load(Ordering::SeqCst)
     }
 }
 
@@ -115,7 +131,22 @@ async fn relay(mut client: TcpStream, target: &str, s: Arc<Shared>) -> std::io::
                         // The server's answer to an earlier request is not wanted any more.
                         server = None;
                     }
-                    (_, Some(server)) => server.write_all(&from_client[..n]).await?,
+                    (Mode::CutClientOnceAfter(limit), Some(server)) => {
+                        let sent = s.from_client.load(Ordering::SeqCst) - since;
+                        if sent + n as u64 >= limit {
+                            let rest = limit.saturating_sub(sent) as usize;
+                            server.write_all(&from_client[..rest]).await?;
+                            s.from_client.fetch_add(rest as u64, Ordering::SeqCst);
+                            *s.mode.lock().expect("mode") = (Mode::Pass, 0);
+                            return Ok(());
+                        }
+                        server.write_all(&from_client[..n]).await?;
+                        s.from_client.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                    (_, Some(server)) => {
+                        server.write_all(&from_client[..n]).await?;
+                        s.from_client.fetch_add(n as u64, Ordering::SeqCst);
+                    }
                 }
             }
             n = async {

@@ -196,6 +196,17 @@ impl Distribution {
         self.child.id()
     }
 
+    /// A client of it signing in as `user` (name, password) with Basic auth.
+    pub fn basic_client(&self, user: (&str, &str)) -> crate::client::Client {
+        use base64::Engine;
+        let mut c = crate::client::Client::new(&self.base);
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", user.0, user.1));
+        c.headers
+            .push(("authorization".into(), format!("Basic {basic}")));
+        c
+    }
+
     /// Writes `<dir>/config.yml`: the filesystem store at `root`, deletes enabled, upload
     /// purging off, listening on `addr`.
     pub fn write_config(dir: &Path, root: &Path, addr: &str) -> anyhow::Result<PathBuf> {

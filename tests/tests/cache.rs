@@ -4,7 +4,6 @@
 //! real upstream (`faulty`): a cut transfer, a slow link, 429s, an upstream gone.
 
 use anyhow::{Context, ensure};
-use base64::Engine;
 use oci::Digest;
 use portcullis_tests::client::{Client, TokenAuth, describe, expect_error, https, sha256};
 use portcullis_tests::deployment::{self, SERVICE};
@@ -50,12 +49,7 @@ fn cache_table(dir: &Path, url: &str, user: (&str, &str), more: &str) -> anyhow:
 
 /// A client of the distribution upstream, with the cache's Basic credentials.
 fn upstream_client(d: &Distribution) -> Client {
-    let mut c = Client::new(&d.base);
-    let basic = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", UPSTREAM_USER.0, UPSTREAM_USER.1));
-    c.headers
-        .push(("authorization".into(), format!("Basic {basic}")));
-    c
+    d.basic_client(UPSTREAM_USER)
 }
 
 /// A gateway in production shape with one storage node and a cache of `url`.
@@ -95,12 +89,7 @@ impl Cached {
 
     /// Whether storage itself has the blob in `repo` (asked directly, not through the cache).
     async fn stored(&self, repo: &str, digest: &Digest) -> anyhow::Result<bool> {
-        let mut c = Client::new(&self.storage.base);
-        c.headers.push((
-            "portcullis-internal-secret".into(),
-            deployment::SECRET.into(),
-        ));
-        let r = c
+        let r = deployment::storage_client(&self.storage)
             .req(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}"))
             .send()
             .await?;

@@ -11,7 +11,6 @@ use portcullis_tests::client::{Client, OCI_MANIFEST, describe, image_config, sha
 use portcullis_tests::deployment;
 use portcullis_tests::receiver::{Delivery, Receiver};
 use portcullis_tests::server::GatewayServer;
-use reqwest::Method;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -39,19 +38,6 @@ async fn push(
         .await?;
     ensure!(r.status() == 201, "push {repo}: {}", describe(r).await);
     Ok(digest)
-}
-
-async fn delete(c: &Client, repo: &str, reference: &str) -> anyhow::Result<()> {
-    let r = c
-        .req(Method::DELETE, &format!("/v2/{repo}/manifests/{reference}"))
-        .send()
-        .await?;
-    ensure!(
-        r.status() == 202,
-        "delete {repo}:{reference}: {}",
-        describe(r).await
-    );
-    Ok(())
 }
 
 /// A gateway in `dir` whose state (the outbox too) is kept in a file, with `webhooks`.
@@ -148,7 +134,7 @@ async fn every_change_reaches_the_webhook_once_per_id_in_order_across_kill_9() -
     expected.push(("tag-move", "team-a/app", Some("v1")));
     let by_digest = push(&c, "team-a/app", None, "c").await?;
     expected.push(("push", "team-a/app", None));
-    delete(&c, "team-a/app", "v1").await?;
+    c.delete_manifest("team-a/app", "v1").await?;
     expected.push(("tag-delete", "team-a/app", Some("v1")));
 
     // kill -9 of the gateway: what it recorded is delivered by the next one.
@@ -168,7 +154,7 @@ async fn every_change_reaches_the_webhook_once_per_id_in_order_across_kill_9() -
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     expected.push(("push", "team-a/app", Some("v2")));
-    delete(&c, "team-a/app", &by_digest).await?;
+    c.delete_manifest("team-a/app", &by_digest).await?;
     expected.push(("delete", "team-a/app", None));
 
     ce.listen().await?;

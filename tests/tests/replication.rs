@@ -4,13 +4,15 @@
 //! deletes with a `kill -9` of the source's gateway and of its storage node in the middle;
 //! then the reconciliation reports zero drift and every tag pulls byte-identical from both
 //! targets. An immutable tag is never overwritten at the target, a rule without `deletes`
-//! deletes nothing, and a backup (replication to an empty registry) restores a wiped
+//! deletes nothing, a big blob cut in the middle of its upload resumes where the target got
+//! to (a relay in front of the target cuts it: a fault the real target cannot be made to
+//! produce on cue), and a backup (replication to an empty registry) restores a wiped
 //! registry image by image.
 
 use anyhow::{Context, ensure};
-use base64::Engine;
 use portcullis_tests::client::{Client, OCI_MANIFEST, describe, image_config, list_page, sha256};
-use portcullis_tests::deployment::{self, SECRET};
+use portcullis_tests::deployment;
+use portcullis_tests::faulty::{Faulty, Mode};
 use portcullis_tests::server::{GatewayServer, StorageServer};
 use portcullis_tests::tools::Distribution;
 use reqwest::Method;
@@ -91,20 +93,7 @@ fn distribution_rule(
 }
 
 fn distribution_client(d: &Distribution) -> Client {
-    let mut c = Client::new(&d.base);
-    let basic = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", DIST_USER.0, DIST_USER.1));
-    c.headers
-        .push(("authorization".into(), format!("Basic {basic}")));
-    c
-}
-
-/// A client of storage itself (the internal secret): what the source holds.
-fn storage_client(s: &StorageServer) -> Client {
-    let mut c = Client::new(&s.base);
-    c.headers
-        .push(("portcullis-internal-secret".into(), SECRET.into()));
-    c
+    d.basic_client(DIST_USER)
 }
 
 /// The source: a gateway (state in a file) with `rules`, in `dir`.
@@ -164,19 +153,6 @@ async fn push_index(c: &Client, repo: &str, tag: &str, label: &str) -> anyhow::R
     Ok(())
 }
 
-async fn delete(c: &Client, repo: &str, reference: &str) -> anyhow::Result<()> {
-    let r = c
-        .req(Method::DELETE, &format!("/v2/{repo}/manifests/{reference}"))
-        .send()
-        .await?;
-    ensure!(
-        r.status() == 202,
-        "delete {repo}:{reference}: {}",
-        describe(r).await
-    );
-    Ok(())
-}
-
 /// Runs `op` until it succeeds (a node coming back), for at most 20 s.
 async fn retried<F, Fut, T>(what: &str, mut op: F) -> anyhow::Result<T>
 where
@@ -198,7 +174,7 @@ where
 
 /// Every tag of every repository of the source, with the manifest's bytes.
 async fn source_state(s: &StorageServer) -> anyhow::Result<BTreeMap<(String, String), Vec<u8>>> {
-    let c = storage_client(s);
+    let c = deployment::storage_client(s);
     let (repos, _) = list_page(&c, "/v2/_catalog?n=10000", "repositories").await?;
     let mut out = BTreeMap::new();
     for repo in repos {
@@ -387,7 +363,7 @@ async fn a_burst_with_kill_9_ends_with_zero_drift_and_identical_images_at_both_t
             // A tag deleted.
             8 if !tags.is_empty() => {
                 let t = tags.remove(i % tags.len());
-                retried("tag delete", || delete(&c, repo, &t)).await?;
+                retried("tag delete", || c.delete_manifest(repo, &t)).await?;
             }
             // A manifest pushed by digest, and one deleted by digest (with its tags).
             9 => {
@@ -395,7 +371,7 @@ async fn a_burst_with_kill_9_ends_with_zero_drift_and_identical_images_at_both_t
                 by_digest.push((repo, d));
                 if i % 20 == 19 {
                     let (r, d) = by_digest.remove(0);
-                    retried("delete by digest", || delete(&c, r, &d)).await?;
+                    retried("delete by digest", || c.delete_manifest(r, &d)).await?;
                 }
             }
             _ if i == 50 => {
@@ -485,7 +461,7 @@ async fn an_immutable_tag_is_never_overwritten_and_a_rule_without_deletes_delete
     push(&c, "team-a/app", Some("old"), "old", 50).await?;
     // Copied first (a rule copies what the source holds when it takes the event).
     caught_up(&g.admin, "keep", Duration::from_secs(90)).await?;
-    delete(&c, "team-a/app", "old").await?;
+    c.delete_manifest("team-a/app", "old").await?;
     caught_up(&g.admin, "keep", Duration::from_secs(90)).await?;
     let rep = reconciled(&g.admin, "keep", Duration::from_secs(90)).await?;
     ensure!(
@@ -582,5 +558,42 @@ async fn a_backup_restores_a_wiped_registry_image_by_image() -> anyhow::Result<(
     ensure!(after == before, "the restored registry differs");
     pulls_identical(&before, &deployment::user_client(&g, ALICE.0, ALICE.1)).await?;
     drop(backup.gateway);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_big_blob_cut_in_the_middle_resumes_where_the_target_got_to() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let target = Portcullis::start(REPLICATOR, "")?;
+    // The target behind a relay that cuts the upload once, in its third 1 MiB chunk (its
+    // token service stays where it is: on the same host, another port).
+    let relay = Faulty::start(&target.gateway.host).await?;
+    let storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    let rule = target
+        .rule(
+            &gw,
+            "cut",
+            "chunk_mebibytes = 1\nreconcile_minutes = 0\nmax_backoff_seconds = 1\ntoken_realm_hosts = [\"127.0.0.1\"]",
+        )?
+        .replace(&target.gateway.base, &format!("https://{}", relay.addr));
+    let g = source_gateway(&gw, &storage, &rule)?;
+    caught_up(&g.admin, "cut", Duration::from_secs(60)).await?;
+    let size = 5 << 20;
+    relay.set(Mode::CutClientOnceAfter(5 << 19));
+    let before = relay.from_client();
+    let c = deployment::user_client(&g, ALICE.0, ALICE.1);
+    push(&c, "team-a/big", Some("v5"), "big-layer", size).await?;
+    caught_up(&g.admin, "cut", Duration::from_secs(90)).await?;
+    let source = source_state(&storage).await?;
+    pulls_identical(&source, &target.client(REPLICATOR)).await?;
+    // Resumed: what was sent once is not sent again (starting over would send 2.5 MiB + 5 MiB).
+    let sent = relay.from_client() - before;
+    ensure!(
+        sent < size as u64 + (1 << 20),
+        "{sent} bytes sent for a {size}-byte layer"
+    );
+    ensure!(sent >= size as u64, "the layer was not sent ({sent} bytes)");
     Ok(())
 }

@@ -82,6 +82,7 @@ impl ProxyCacheConfig {
             timeout_seconds: self.timeout_seconds,
             actions: "pull",
             user_agent: concat!("portcullis-cache/", env!("CARGO_PKG_VERSION")),
+            follow_redirects: true,
         }
     }
 

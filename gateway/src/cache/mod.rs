@@ -27,11 +27,12 @@ pub mod fetch;
 pub mod mirror;
 pub mod storage;
 
-use crate::remote::{MANIFEST_ACCEPT, Upstream, UpstreamError, read_capped};
+use crate::remote::{Upstream, UpstreamError, read_capped};
 use crate::reply::{Failure, Kind};
 use crate::state::StateStore;
 use bytes::Bytes;
 use fetch::{Fetches, Joined, Reader, Sink};
+use oci::media_type::MANIFEST_ACCEPT;
 use oci::route::Endpoint;
 use oci::{Digest, ErrorCode, Reference};
 use policy::pattern::RepoPattern;

@@ -33,7 +33,7 @@ impl Storage {
     pub async fn manifest(&self, repo: &str, reference: &str) -> anyhow::Result<Option<Held>> {
         let head = self
             .internal
-            .manifest_head(repo, reference, crate::remote::MANIFEST_ACCEPT)
+            .manifest_head(repo, reference, oci::media_type::MANIFEST_ACCEPT)
             .await?;
         Ok(head.map(|h| Held { digest: h.digest }))
     }

@@ -21,8 +21,8 @@
 //! - Administration (registry administrators signed in within 12 h): robots, the audit trail
 //!   search, the policy in force with its answer to "may X do Y on Z", the storage nodes.
 //!
-//! Rooms: [`pages`] (templates), [`data`] (what it reads from storage), [`trail`] (what it
-//! reads of the audit trail file: searches, who pushed a tag).
+//! Rooms: [`pages`] (templates), [`trail`] (what it reads of the audit trail file: searches,
+//! who pushed a tag); what it reads from storage is [`crate::registry::data`].
 
 pub mod pages;
 pub mod trail;
@@ -986,7 +986,7 @@ impl Console {
                 pages::message(
                     Some(&signed.who()),
                     "Events",
-                    "No webhooks are configured ([[webhooks]] in the gateway's config).",
+                    "No webhooks or replication rules are configured ([[webhooks]], [[replication]] in the gateway's config).",
                 ),
             );
         };
@@ -1008,7 +1008,16 @@ impl Console {
         let mut hooks = Vec::new();
         for h in &events.hooks {
             let cursor = outbox.cursor_if_any(&h.cfg.name).await;
-            hooks.push((h.cfg.name.clone(), h.cfg.format, cursor.ok().flatten()));
+            let what = format!("webhook ({:?})", h.cfg.format).to_lowercase();
+            hooks.push((h.cfg.name.clone(), what, cursor.ok().flatten()));
+        }
+        for r in &events.rules {
+            let cursor = outbox.cursor_if_any(&r.key()).await;
+            hooks.push((
+                r.key(),
+                format!("replication to {}", r.cfg.url),
+                cursor.ok().flatten(),
+            ));
         }
         let letters = match (head, outbox.dead_letters().await) {
             (Ok(head), Ok(letters)) => Ok((head, letters)),

@@ -572,11 +572,12 @@ pub fn policy(
     )
 }
 
-/// Webhooks and dead letters (administrators).
+/// The outbox's consumers (webhooks, replication rules: key, what it is, cursor) and dead
+/// letters (administrators).
 pub fn events(
     who: &Who<'_>,
     head: u64,
-    hooks: &[(String, crate::events::webhooks::Format, Option<u64>)],
+    hooks: &[(String, String, Option<u64>)],
     letters: &[crate::events::outbox::DeadLetter],
     notice: Option<&str>,
 ) -> Markup {
@@ -590,12 +591,12 @@ pub fn events(
             }
             p { "Events recorded so far: " strong #head { (head) } " (numbered in the outbox)." }
             table #webhooks {
-                thead { tr { th { "Webhook" } th { "Format" } th { "Took up to" } th { "Not taken yet" } } }
+                thead { tr { th { "Consumer" } th { "What" } th { "Took up to" } th { "Not taken yet" } } }
                 tbody {
-                    @for (name, format, cursor) in hooks {
+                    @for (name, what, cursor) in hooks {
                         tr {
                             td { code { (name) } }
-                            td { (format!("{format:?}").to_lowercase()) }
+                            td { (what) }
                             td { @match cursor { Some(c) => (c), None => "—" } }
                             td { @match cursor { Some(c) => (head.saturating_sub(*c)), None => "—" } }
                         }
@@ -604,10 +605,10 @@ pub fn events(
             }
             h2 { "Dead letters" }
             @if letters.is_empty() {
-                p.empty { "None: every webhook took every event it wanted." }
+                p.empty { "None: every consumer took every event it wanted." }
             } @else {
                 table #dead-letters {
-                    thead { tr { th { "Webhook" } th { "Event" } th { "Repository" } th { "What" } th { "Attempts" } th { "Last error" } th {} } }
+                    thead { tr { th { "Consumer" } th { "Event" } th { "Repository" } th { "What" } th { "Attempts" } th { "Last error" } th {} } }
                     tbody {
                         @for l in letters {
                             tr {

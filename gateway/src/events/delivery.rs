@@ -4,8 +4,9 @@
 //! A consumer's node holds its lease for a window of [`WINDOW`] (the first node to count the
 //! window's key in the state store wins it) and, while it works, claims each next window a
 //! little before the current one ends, so it goes on without a gap however long one delivery
-//! takes (a big blob replicated); when a claim fails it stops at once, before another node can
-//! start at the next window. A failing event is retried with a doubling back-off,
+//! takes (a big blob replicated); when a claim fails or has no answer within 3 s it stops at
+//! once, before its window ends and so before another node can start at the next one (with
+//! clocks within 2 s of each other). A failing event is retried with a doubling back-off,
 //! `max_attempts` times, then becomes a dead letter (audited, listed and replayed on the admin
 //! listener) and the next one goes: nothing after an event is delivered before it.
 
@@ -20,6 +21,9 @@ use std::time::{Duration, Instant};
 pub const WINDOW: Duration = Duration::from_secs(30);
 /// How long before its window ends the leading node claims the next one.
 const CLAIM_AHEAD: Duration = Duration::from_secs(5);
+/// How long a claim may take: a node whose claim has no answer by then stops, 2 s before its
+/// window ends.
+const CLAIM_WITHIN: Duration = Duration::from_secs(3);
 /// How often the delivering node looks for new events when it has none.
 const POLL: Duration = Duration::from_millis(250);
 /// Events asked of the outbox at a time.
@@ -35,8 +39,9 @@ pub enum Consumer {
 }
 
 impl Consumer {
-    /// Its name in the outbox (cursor, lease, dead letters) and in the delivery metrics: a
-    /// webhook's name, `replication.<rule>` for a rule (a webhook's name has no dot).
+    /// Its name in the outbox (cursor, lease, dead letters), in the delivery metrics' and
+    /// audit events' `webhook` field: a webhook's name, `replication.<rule>` for a rule (a
+    /// webhook's name has no dot: [`super::consumer::check_name`]).
     pub fn key(&self) -> String {
         match self {
             Consumer::Webhook(w) => w.cfg.name.clone(),
@@ -67,8 +72,10 @@ impl Consumer {
 
     fn backoff(&self, attempt: u32) -> Duration {
         match self {
-            Consumer::Webhook(w) => w.backoff(attempt),
-            Consumer::Replication(r) => r.backoff(attempt),
+            Consumer::Webhook(w) => super::consumer::backoff(attempt, w.cfg.max_backoff_seconds),
+            Consumer::Replication(r) => {
+                super::consumer::backoff(attempt, r.cfg.max_backoff_seconds)
+            }
         }
     }
 
@@ -108,9 +115,7 @@ struct Pending {
 }
 
 fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::unix_now().max(0) as u64
 }
 
 /// Sleeps until the Unix time `at` (seconds) plus `extra`.
@@ -204,13 +209,15 @@ impl Events {
     }
 
     /// Claims each next window shortly before the current one (`held`) ends; returns when a
-    /// claim fails.
+    /// claim fails or does not answer within [`CLAIM_WITHIN`] (the delivery is then stopped
+    /// before the window ends, and another node starts only after it).
     async fn keep_lease(&self, key: &str, mut held: u64) {
         loop {
             let end = (held + 1) * WINDOW.as_secs();
             sleep_until_unix(end - CLAIM_AHEAD.as_secs(), Duration::ZERO).await;
-            match self.outbox.lease(key, held + 1, WINDOW * 2).await {
-                Ok(true) => held += 1,
+            let claim = self.outbox.lease(key, held + 1, WINDOW * 2);
+            match tokio::time::timeout(CLAIM_WITHIN, claim).await {
+                Ok(Ok(true)) => held += 1,
                 _ => return,
             }
         }

@@ -8,12 +8,13 @@
 //!
 //! - [`outbox`]: the durable, ordered log of events in the state store.
 //! - [`delivery`]: the one delivery loop per consumer in a deployment (lease, retries, dead
-//!   letters, replays).
+//!   letters, replays); [`consumer`]: what every consumer's table shares (its name, back-off).
 //! - [`webhooks`]: the endpoints' configuration and the formats (CloudEvents,
 //!   distribution's notification envelope).
 //! - [`replication`]: the rules that keep another registry holding what this one holds
 //!   (per event, and by reconciliation); [`target`] is that registry as a client.
 
+pub mod consumer;
 pub mod delivery;
 pub mod outbox;
 pub mod replication;

@@ -1,5 +1,7 @@
-//! The outbox: registry events kept in the shared state store, in order, until every webhook
-//! has taken them.
+//! The outbox: registry events kept in the shared state store, in order, until every consumer
+//! has taken them. A consumer is a webhook or a replication rule, named by its key
+//! (`delivery::Consumer::key`: a webhook's name, `replication.<rule>`); the parameters and
+//! fields called `webhook` here hold that key.
 //!
 //! - An event is one entry of the log `events:log:`, appended with [`StateStore::append`]:
 //!   the store numbers it (`events:log:<n>`, 20 digits) in the same atomic step that stores it

@@ -93,14 +93,7 @@ impl ReplicationConfig {
         let mut names = std::collections::HashSet::new();
         for r in all {
             let n = &r.name;
-            if n.is_empty()
-                || n.len() > 64
-                || !n
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                bail!("replication: name {n:?}: letters, digits, - and _ only (1–64)");
-            }
+            super::consumer::check_name("replication", n)?;
             if !names.insert(n.clone()) {
                 bail!("replication: name {n:?} is used twice");
             }
@@ -130,13 +123,42 @@ impl ReplicationConfig {
                     "replication {n}: timeout_seconds, max_attempts and max_backoff_seconds must be positive"
                 );
             }
-            if r.chunk_mebibytes == 0 {
-                bail!("replication {n}: chunk_mebibytes must be positive");
+            if r.chunk_mebibytes == 0 || r.chunk_mebibytes > MAX_CHUNK_MIB {
+                bail!("replication {n}: chunk_mebibytes must be between 1 and {MAX_CHUNK_MIB}");
             }
         }
         Ok(())
     }
 }
+
+impl ReplicationConfig {
+    /// How to reach the target: with the rights to push, and to delete when the rule
+    /// propagates deletes.
+    pub fn remote(&self) -> crate::remote::RemoteSettings<'_> {
+        crate::remote::RemoteSettings {
+            url: &self.url,
+            username: self.username.as_deref(),
+            password_file: self.password_file.as_deref(),
+            ca_file: self.ca_file.as_deref(),
+            token_realm_hosts: &self.token_realm_hosts,
+            timeout_seconds: self.timeout_seconds,
+            actions: if self.deletes {
+                "pull,push,delete"
+            } else {
+                "pull,push"
+            },
+            user_agent: concat!("portcullis-replication/", env!("CARGO_PKG_VERSION")),
+            follow_redirects: false,
+        }
+    }
+}
+
+/// Most levels of indexes one copy reads (an index of indexes of images is 3).
+const MAX_DEPTH: usize = 8;
+/// Most manifests one copy reads (an index and its children).
+const MAX_MANIFESTS: usize = 10_000;
+/// Largest `chunk_mebibytes`.
+const MAX_CHUNK_MIB: u64 = 4096;
 
 /// How one tag stood when compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,8 +171,51 @@ pub enum TagState {
     Different,
     /// The target has it, the source not.
     Extra,
-    /// Immutable here and different (or gone here) at the target: left alone.
+    /// Left alone though not as here: immutable here and different (or gone here) at the
+    /// target, or a tag gone here that a target deleting by digest only cannot delete alone.
     Conflict,
+}
+
+/// What to do about one tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fix {
+    Nothing,
+    /// Copy the source's manifest under the tag.
+    Copy,
+    /// Delete the tag at the target.
+    Delete,
+}
+
+/// How `repo:tag` stands and what to do, from the digests it has here and at the target,
+/// whether the source's policy makes it immutable, and whether the rule propagates deletes.
+fn decide(
+    here: Option<&Digest>,
+    there: Option<&Digest>,
+    immutable: bool,
+    deletes: bool,
+) -> (TagState, Fix) {
+    match (here, there) {
+        (Some(h), Some(t)) if h == t => (TagState::Same, Fix::Nothing),
+        (None, None) => (TagState::Same, Fix::Nothing),
+        // Never overwritten nor deleted at the target.
+        (_, Some(_)) if immutable => (TagState::Conflict, Fix::Nothing),
+        (Some(_), Some(_)) => (TagState::Different, Fix::Copy),
+        (Some(_), None) => (TagState::Missing, Fix::Copy),
+        (None, Some(_)) if deletes => (TagState::Extra, Fix::Delete),
+        (None, Some(_)) => (TagState::Extra, Fix::Nothing),
+    }
+}
+
+/// Whether a scheduled reconciliation is due on this node: `ran_ago` since it last started
+/// one (none yet), `any_before` whether the rule has a reconciliation's report at all, every
+/// `minutes` (0: never on a schedule).
+fn reconciliation_due(ran_ago: Option<Duration>, any_before: bool, minutes: u64) -> bool {
+    match ran_ago {
+        // A node's first idle moment as the rule's delivering node: the rule's first one,
+        // or a schedule that starts now.
+        None => !any_before || minutes > 0,
+        Some(ago) => minutes > 0 && ago >= Duration::from_secs(minutes * 60),
+    }
 }
 
 /// What a reconciliation found (and, unless it was a check, fixed).
@@ -206,8 +271,10 @@ pub struct Status {
     pub errors: u64,
     /// The last reconciliation that ran to its end.
     pub reconciliation: Option<Report>,
-    /// An administrator's last request for a reconciliation (its time and a random id): the
-    /// next idle moment runs it, and its report has it as `answered`.
+    /// An administrator's last request for a reconciliation (its time and a random id), as
+    /// kept under its own key (`replication:reconcile:<name>`: the status's writes never
+    /// lose it): the next idle moment runs it, and its report has it as `answered`.
+    #[serde(default)]
     pub requested: Option<String>,
 }
 
@@ -223,14 +290,16 @@ pub struct Replicator {
     /// When this node last started a scheduled reconciliation (it counts from the status's
     /// last one otherwise).
     last_run: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Held by the one check (`GET /replication/drift`) running on this node.
+    checking: tokio::sync::Mutex<()>,
 }
 
 fn now() -> String {
     service::time::rfc3339(SystemTime::now())
 }
 
-/// What can fail while copying: a message for the status.
-type Copy<T> = Result<T, String>;
+/// A step of a copy or comparison; what failed, as the status says it.
+type Step<T> = Result<T, String>;
 
 fn target_err(e: TargetError) -> String {
     e.to_string()
@@ -254,21 +323,8 @@ impl Replicator {
             .iter()
             .map(|t| TagPattern::glob(t).map_err(|e| anyhow::anyhow!("{t:?}: {e}")))
             .collect::<anyhow::Result<_>>()?;
-        let remote = crate::remote::Upstream::new(&crate::remote::RemoteSettings {
-            url: &cfg.url,
-            username: cfg.username.as_deref(),
-            password_file: cfg.password_file.as_deref(),
-            ca_file: cfg.ca_file.as_deref(),
-            token_realm_hosts: &cfg.token_realm_hosts,
-            timeout_seconds: cfg.timeout_seconds,
-            actions: if cfg.deletes {
-                "pull,push,delete"
-            } else {
-                "pull,push"
-            },
-            user_agent: concat!("portcullis-replication/", env!("CARGO_PKG_VERSION")),
-        })
-        .map_err(|e| anyhow::anyhow!("replication {n}: {e:#}"))?;
+        let remote = crate::remote::Upstream::new(&cfg.remote())
+            .map_err(|e| anyhow::anyhow!("replication {n}: {e:#}"))?;
         Ok(Replicator {
             repositories,
             tags,
@@ -277,11 +333,12 @@ impl Replicator {
             policy,
             store,
             last_run: std::sync::Mutex::new(None),
+            checking: tokio::sync::Mutex::new(()),
             cfg,
         })
     }
 
-    /// Its name in the outbox (cursor, lease, dead letters) and in the webhook metrics.
+    /// Its name in the outbox (cursor, lease, dead letters) and in the delivery metrics.
     pub fn key(&self) -> String {
         format!("replication.{}", self.cfg.name)
     }
@@ -302,14 +359,8 @@ impl Replicator {
             && (self.cfg.deletes || !matches!(event.kind, Kind::TagDeleted | Kind::ManifestDeleted))
     }
 
-    /// The pause before attempt `attempt + 1`: 1 s, doubling, at most `max_backoff_seconds`.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let s = 1u64 << attempt.saturating_sub(1).min(16);
-        Duration::from_secs(s.min(self.cfg.max_backoff_seconds))
-    }
-
     /// Makes the target hold what the source holds for what `event` changed.
-    pub async fn deliver(&self, event: &Event) -> Copy<()> {
+    pub async fn deliver(&self, event: &Event) -> Step<()> {
         let repo = &event.repository;
         let r = match (&event.tag, &event.digest) {
             (Some(tag), _) => self.sync_tag(repo, tag, true).await.map(|_| ()),
@@ -324,7 +375,7 @@ impl Replicator {
             Ok(()) => {
                 m.replication_last_success
                     .with_label_values(&[&self.cfg.name])
-                    .set(unix_now());
+                    .set(crate::clock::unix_now());
                 self.update_status(|s| {
                     s.last_success = Some(now());
                     s.last_event = Some(event.id.clone());
@@ -350,7 +401,7 @@ impl Replicator {
 
     /// Compares `repo:tag` on both sides and, with `fix`, makes the target hold what the
     /// source holds; how it stood.
-    pub async fn sync_tag(&self, repo: &str, tag: &str, fix: bool) -> Copy<TagState> {
+    pub async fn sync_tag(&self, repo: &str, tag: &str, fix: bool) -> Step<TagState> {
         let here = self
             .source
             .manifest_head(repo, tag)
@@ -361,37 +412,28 @@ impl Replicator {
             .manifest_digest(repo, tag)
             .await
             .map_err(|e| format!("reading {repo}:{tag} at the target: {e}"))?;
-        match (here, there) {
-            (Some(h), Some(t)) if h.digest == t => Ok(TagState::Same),
-            (Some(h), there) => {
-                if there.is_some() && self.immutable(repo, tag) {
+        let here = here.map(|h| h.digest);
+        let (state, todo) = decide(
+            here.as_ref(),
+            there.as_ref(),
+            self.immutable(repo, tag),
+            self.cfg.deletes,
+        );
+        if fix {
+            match (todo, here, there) {
+                (Fix::Copy, Some(h), _) => self.copy_manifest(repo, &h, Some(tag)).await?,
+                (Fix::Delete, _, Some(t)) if !self.delete_tag(repo, tag, &t).await? => {
                     return Ok(TagState::Conflict);
                 }
-                if fix {
-                    self.copy_manifest(repo, &h.digest, Some(tag)).await?;
-                }
-                Ok(if there.is_some() {
-                    TagState::Different
-                } else {
-                    TagState::Missing
-                })
+                _ => {}
             }
-            (None, Some(t)) => {
-                if self.immutable(repo, tag) {
-                    return Ok(TagState::Conflict);
-                }
-                if fix && self.cfg.deletes {
-                    self.delete_tag(repo, tag, &t).await?;
-                }
-                Ok(TagState::Extra)
-            }
-            (None, None) => Ok(TagState::Same),
         }
+        Ok(state)
     }
 
     /// A manifest pushed or deleted by digest: copied when the source has it, deleted at the
     /// target when not (and the rule propagates deletes).
-    async fn sync_digest(&self, repo: &str, digest: &Digest) -> Copy<()> {
+    async fn sync_digest(&self, repo: &str, digest: &Digest) -> Step<()> {
         let here = self
             .source
             .manifest_head(repo, &digest.to_string())
@@ -408,38 +450,48 @@ impl Replicator {
         }
     }
 
-    /// Deletes `repo:tag` (at `digest` there) at the target. A target that deletes manifests
-    /// by digest only (distribution) loses every tag on it: the source's other tags on that
-    /// manifest are copied again.
-    async fn delete_tag(&self, repo: &str, tag: &str, digest: &Digest) -> Copy<()> {
+    /// Deletes `repo:tag` (at `digest` there) at the target; whether it did. A target that
+    /// deletes manifests by digest only (distribution) would lose every tag on the manifest:
+    /// it is deleted only when no other tag there is on it (else the tag stays: a conflict).
+    async fn delete_tag(&self, repo: &str, tag: &str, digest: &Digest) -> Step<bool> {
         match self.target.delete(repo, tag).await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(true),
             Err(TargetError::NoTagDelete) => {
+                let tags = self
+                    .target
+                    .tags(repo)
+                    .await
+                    .map_err(|e| format!("listing the tags of {repo} at the target: {e}"))?;
+                for other in tags.iter().filter(|t| *t != tag) {
+                    let there = self
+                        .target
+                        .manifest_digest(repo, other)
+                        .await
+                        .map_err(target_err)?;
+                    if there.as_ref() == Some(digest) {
+                        tracing::info!(rule = %self.cfg.name, repository = %repo, tag = %tag, other = %other, "replication: the target deletes by digest only and another tag is on it; the tag stays");
+                        return Ok(false);
+                    }
+                }
                 self.target
                     .delete(repo, &digest.to_string())
                     .await
                     .map_err(target_err)?;
-                for other in self.source_tags(repo).await? {
-                    if other != tag && self.covers_tag(&other) {
-                        let here = self
-                            .source
-                            .manifest_head(repo, &other)
-                            .await
-                            .map_err(|e| format!("reading {repo}:{other} here: {e:#}"))?;
-                        if here.is_some_and(|h| &h.digest == digest) {
-                            self.copy_manifest(repo, digest, Some(&other)).await?;
-                        }
-                    }
-                }
-                Ok(())
+                Ok(true)
             }
             Err(e) => Err(target_err(e)),
         }
     }
 
-    /// Copies the manifest `digest` of `repo` — its blobs, an index's children — and stores
-    /// it at the target under `tag` (or its digest).
-    async fn copy_manifest(&self, repo: &str, digest: &Digest, tag: Option<&str>) -> Copy<()> {
+    /// The manifest `digest` of `repo` here, checked against its digest.
+    async fn read_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Step<(
+        crate::registry::data::Manifest,
+        oci::media_type::ParsedManifest,
+    )> {
         let m = self
             .source
             .manifest(repo, &digest.to_string())
@@ -451,33 +503,75 @@ impl Replicator {
         }
         let parsed = oci::media_type::parse_manifest(Some(&m.media_type), &m.body)
             .map_err(|e| format!("{repo}@{digest}: {e}"))?;
-        for child in parsed.children() {
-            let there = self
-                .target
-                .manifest_digest(repo, &child.to_string())
-                .await
-                .map_err(target_err)?;
-            if there.is_none() {
-                Box::pin(self.copy_manifest(repo, &child, None)).await?;
+        Ok((m, parsed))
+    }
+
+    /// Copies the manifest `digest` of `repo` and stores it at the target under `tag` (or its
+    /// digest): first what it references that the target lacks — an index's children, read
+    /// level by level (at most [`MAX_DEPTH`] levels, [`MAX_MANIFESTS`] manifests), then the
+    /// blobs of each — from the deepest level up, so every manifest arrives after all it
+    /// references.
+    async fn copy_manifest(&self, repo: &str, digest: &Digest, tag: Option<&str>) -> Step<()> {
+        let mut levels = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut next = vec![digest.clone()];
+        while !next.is_empty() {
+            if levels.len() >= MAX_DEPTH {
+                return Err(format!(
+                    "{repo}@{digest}: indexes nested deeper than {MAX_DEPTH} levels"
+                ));
+            }
+            let mut level = Vec::new();
+            let mut children = Vec::new();
+            for d in next {
+                if !seen.insert(d.clone()) {
+                    continue;
+                }
+                if seen.len() > MAX_MANIFESTS {
+                    return Err(format!(
+                        "{repo}@{digest}: more than {MAX_MANIFESTS} manifests under it"
+                    ));
+                }
+                let (m, parsed) = self.read_manifest(repo, &d).await?;
+                for child in parsed.children() {
+                    let there = self
+                        .target
+                        .manifest_digest(repo, &child.to_string())
+                        .await
+                        .map_err(target_err)?;
+                    if there.is_none() && !seen.contains(&child) {
+                        children.push(child);
+                    }
+                }
+                level.push((d, m, parsed));
+            }
+            levels.push(level);
+            next = children;
+        }
+        for level in levels.into_iter().rev() {
+            for (d, m, parsed) in level {
+                for blob in parsed.blob_references() {
+                    self.copy_blob(repo, &blob.digest).await?;
+                }
+                let reference = match tag {
+                    Some(t) if d == *digest => t.to_owned(),
+                    _ => d.to_string(),
+                };
+                self.target
+                    .put_manifest(repo, &reference, &d, &m.media_type, m.body)
+                    .await
+                    .map_err(target_err)?;
+                crate::metrics::events()
+                    .replication_copies
+                    .with_label_values(&[&self.cfg.name, "manifest"])
+                    .inc();
             }
         }
-        for blob in parsed.blob_references() {
-            self.copy_blob(repo, &blob.digest).await?;
-        }
-        let reference = tag.map_or_else(|| digest.to_string(), str::to_owned);
-        self.target
-            .put_manifest(repo, &reference, digest, &m.media_type, m.body)
-            .await
-            .map_err(target_err)?;
-        crate::metrics::events()
-            .replication_copies
-            .with_label_values(&[&self.cfg.name, "manifest"])
-            .inc();
         Ok(())
     }
 
     /// Copies the blob `digest` of `repo` unless the target has it.
-    async fn copy_blob(&self, repo: &str, digest: &Digest) -> Copy<()> {
+    async fn copy_blob(&self, repo: &str, digest: &Digest) -> Step<()> {
         let m = crate::metrics::events();
         if self
             .target
@@ -520,7 +614,7 @@ impl Replicator {
     }
 
     /// Every tag of `repo` here.
-    async fn source_tags(&self, repo: &str) -> Copy<Vec<String>> {
+    async fn source_tags(&self, repo: &str) -> Step<Vec<String>> {
         let mut all: Vec<String> = Vec::new();
         loop {
             let page = self
@@ -574,7 +668,7 @@ impl Replicator {
         report
     }
 
-    async fn reconcile_repository(&self, repo: &str, fix: bool, report: &mut Report) -> Copy<()> {
+    async fn reconcile_repository(&self, repo: &str, fix: bool, report: &mut Report) -> Step<()> {
         let mut tags = self.source_tags(repo).await?;
         tags.extend(
             self.target
@@ -596,6 +690,13 @@ impl Replicator {
         Ok(())
     }
 
+    /// A comparison of everything the rule covers, changing nothing; `None` while another
+    /// one runs on this node (one at a time: each reads every tag on both sides).
+    pub async fn check(&self) -> Option<Report> {
+        let _one = self.checking.try_lock().ok()?;
+        Some(self.reconcile(false).await)
+    }
+
     /// The work of an idle moment (no event waiting): a reconciliation when one was asked
     /// for, or is due.
     pub async fn idle(&self) {
@@ -603,16 +704,16 @@ impl Replicator {
         let last = status.reconciliation.as_ref();
         let asked =
             status.requested.is_some() && status.requested != last.and_then(|r| r.answered.clone());
+        let requested = status.requested.clone();
         let due = {
             let Ok(mut ran) = self.last_run.lock() else {
                 return;
             };
-            let every = Duration::from_secs(self.cfg.reconcile_minutes * 60);
-            let due = match *ran {
-                // This node runs the first one when the rule has none yet.
-                None => last.is_none() || self.cfg.reconcile_minutes > 0,
-                Some(at) => self.cfg.reconcile_minutes > 0 && at.elapsed() >= every,
-            };
+            let due = reconciliation_due(
+                ran.map(|at| at.elapsed()),
+                last.is_some(),
+                self.cfg.reconcile_minutes,
+            );
             if due || asked {
                 *ran = Some(std::time::Instant::now());
             }
@@ -623,7 +724,7 @@ impl Replicator {
         }
         tracing::info!(rule = %self.cfg.name, asked, "replication: reconciling");
         let mut report = self.reconcile(true).await;
-        report.answered = status.requested.filter(|_| asked);
+        report.answered = requested.filter(|_| asked);
         tracing::info!(rule = %self.cfg.name, drift = report.drift(), errors = report.errors, "replication: reconciled");
         let m = crate::metrics::events();
         for (kind, n) in [
@@ -639,7 +740,7 @@ impl Replicator {
         if report.errors == 0 {
             m.replication_last_success
                 .with_label_values(&[&self.cfg.name])
-                .set(unix_now());
+                .set(crate::clock::unix_now());
         }
         self.update_status(|s| {
             if report.errors == 0 {
@@ -657,14 +758,24 @@ impl Replicator {
         format!("replication:status:{}", self.cfg.name)
     }
 
-    /// The rule's status as the store has it.
+    fn request_key(&self) -> String {
+        format!("replication:reconcile:{}", self.cfg.name)
+    }
+
+    /// The rule's status as the store has it (with the last request for a reconciliation).
     pub async fn status(&self) -> Result<Status, crate::state::StateError> {
-        Ok(self
+        let mut s: Status = self
             .store
             .get(&self.status_key())
             .await?
             .and_then(|v| serde_json::from_slice(&v).ok())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        s.requested = self
+            .store
+            .get(&self.request_key())
+            .await?
+            .and_then(|v| String::from_utf8(v).ok());
+        Ok(s)
     }
 
     async fn update_status(&self, change: impl FnOnce(&mut Status)) {
@@ -676,6 +787,7 @@ impl Replicator {
             }
         };
         change(&mut s);
+        s.requested = None;
         let Ok(v) = serde_json::to_vec(&s) else {
             return;
         };
@@ -688,18 +800,11 @@ impl Replicator {
     /// request's id.
     pub async fn request_reconciliation(&self) -> Result<String, crate::state::StateError> {
         let at = format!("{} {}", now(), crate::random::random_token(8));
-        let mut s = self.status().await?;
-        s.requested = Some(at.clone());
-        let v = serde_json::to_vec(&s).map_err(|e| crate::state::StateError(e.to_string()))?;
-        self.store.put(&self.status_key(), v).await?;
+        self.store
+            .put(&self.request_key(), at.clone().into_bytes())
+            .await?;
         Ok(at)
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]
@@ -730,6 +835,55 @@ mod tests {
         assert!(bad_url("ftp://x/"));
         assert!(bad_url("https://user:pw@x/"), "credentials in the URL");
         assert!(!bad_url("http://127.0.0.1:5000"));
+    }
+
+    #[test]
+    fn each_tag_is_decided_by_both_digests_immutability_and_deletes() {
+        let a = Digest::of(oci::Algorithm::Sha256, b"a");
+        let b = Digest::of(oci::Algorithm::Sha256, b"b");
+        use Fix::*;
+        use TagState::*;
+        // (here, there, immutable, deletes) → (state, fix)
+        let table = [
+            (Some(&a), Some(&a), false, false, Same, Nothing),
+            (Some(&a), Some(&a), true, true, Same, Nothing),
+            (None, None, false, true, Same, Nothing),
+            (Some(&a), None, false, false, Missing, Copy),
+            (Some(&a), None, true, false, Missing, Copy),
+            (Some(&a), Some(&b), false, false, Different, Copy),
+            (Some(&a), Some(&b), true, true, Conflict, Nothing),
+            (None, Some(&b), false, true, Extra, Delete),
+            (None, Some(&b), false, false, Extra, Nothing),
+            (None, Some(&b), true, true, Conflict, Nothing),
+        ];
+        for (here, there, immutable, deletes, state, fix) in table {
+            assert_eq!(
+                decide(here, there, immutable, deletes),
+                (state, fix),
+                "{here:?} {there:?} immutable={immutable} deletes={deletes}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reconciliation_is_due_first_and_then_on_its_schedule() {
+        let min = |m: u64| Some(Duration::from_secs(m * 60));
+        // (since this node ran one, the rule has a report, reconcile_minutes) → due
+        let table = [
+            (None, false, 0, true),
+            (None, true, 0, false),
+            (None, true, 60, true),
+            (min(59), true, 60, false),
+            (min(60), true, 60, true),
+            (min(600), true, 0, false),
+        ];
+        for (ago, before, minutes, due) in table {
+            assert_eq!(
+                reconciliation_due(ago, before, minutes),
+                due,
+                "{ago:?} {before} {minutes}"
+            );
+        }
     }
 
     #[test]

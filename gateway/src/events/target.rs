@@ -3,13 +3,16 @@
 //! makes — blobs (skipped when there; uploaded in chunks that resume where the target says
 //! it got to), manifests, and deletes.
 
-use crate::remote::{MANIFEST_ACCEPT, Upstream, UpstreamError, read_capped};
+use crate::remote::{Upstream, UpstreamError, read_capped};
 use bytes::Bytes;
 use oci::Digest;
+use oci::media_type::MANIFEST_ACCEPT;
 use reqwest::{Method, Response, StatusCode};
 
 /// Largest tag page read from the target.
 const MAX_TAG_PAGE: usize = 4 << 20;
+/// Most tags read of one repository at the target.
+const MAX_TAGS: usize = 1_000_000;
 /// Times a chunked upload continues after a chunk failed, in one copy.
 const RESUMES: u32 = 5;
 
@@ -35,12 +38,30 @@ pub struct Target {
 /// The text of an answer that was not the one wanted (a little of its body, for the status).
 async fn refused(what: &str, r: Response) -> String {
     let status = r.status();
-    let body = read_capped(r, 4096).await.unwrap_or_default();
+    let body = tokio::time::timeout(std::time::Duration::from_secs(5), read_capped(r, 4096))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     let text = String::from_utf8_lossy(&body);
     format!(
         "{what}: {status} {}",
         text.chars().take(300).collect::<String>()
     )
+}
+
+/// The target's answer to a store names `digest` (when it names one).
+fn stored_as(r: &Response, what: &str, digest: &Digest) -> Result<(), TargetError> {
+    match r
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(a) if a != digest.to_string() => Err(TargetError::Refused(format!(
+            "the target stored the {what} {digest} as {a}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl Target {
@@ -79,7 +100,8 @@ impl Target {
         }
     }
 
-    /// Every tag of `repo` on the target (none when it has no such repository).
+    /// Every tag of `repo` on the target (none when it has no such repository); names that
+    /// are not tags are left out (they would name other paths).
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>, TargetError> {
         let mut all: Vec<String> = Vec::new();
         loop {
@@ -106,14 +128,30 @@ impl Target {
             struct Page {
                 tags: Option<Vec<String>>,
             }
-            let body = read_capped(r, MAX_TAG_PAGE).await?;
+            let body = self.remote.body(r, MAX_TAG_PAGE).await?;
             let page: Page = serde_json::from_slice(&body)
                 .map_err(|_| UpstreamError::Invalid("a tag list that is not JSON".into()))?;
-            let page = page.tags.unwrap_or_default();
-            let got = page.len();
-            all.extend(page);
-            if !more || got == 0 {
+            let mut page: Vec<String> = page
+                .tags
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| oci::Tag::parse(t).is_ok())
+                .collect();
+            page.sort_unstable();
+            // A page goes on after the last one (a target that ignores `last` ends here).
+            let before = all.last().cloned();
+            page.retain(|t| before.as_ref().is_none_or(|b| t > b));
+            if page.is_empty() {
                 return Ok(all);
+            }
+            all.extend(page);
+            if !more {
+                return Ok(all);
+            }
+            if all.len() > MAX_TAGS {
+                return Err(
+                    UpstreamError::Invalid(format!("more than {MAX_TAGS} tags in {repo}")).into(),
+                );
             }
         }
     }
@@ -153,21 +191,7 @@ impl Target {
         F: Fn(u64, u64) -> Fut,
         Fut: std::future::Future<Output = Result<reqwest::Body, String>>,
     {
-        let start = self
-            .remote
-            .request(
-                Method::POST,
-                repo,
-                &self.url(repo, "blobs/uploads/"),
-                |rb| rb.header("content-length", "0"),
-            )
-            .await?;
-        if start.status() != StatusCode::ACCEPTED {
-            return Err(TargetError::Refused(
-                refused("starting an upload", start).await,
-            ));
-        }
-        let mut location = self.next_location(&start)?;
+        let mut location = self.start_upload(repo).await?;
         let mut offset = 0u64;
         let mut resumes = 0;
         while size > chunk && offset < size {
@@ -175,7 +199,7 @@ impl Target {
             let body = read(offset, end).await.map_err(TargetError::Source)?;
             let sent = self
                 .remote
-                .upload(Method::PATCH, repo, location.as_str(), |rb| {
+                .upload(Method::PATCH, repo, location.as_str(), end - offset, |rb| {
                     rb.header("content-type", "application/octet-stream")
                         .header("content-length", (end - offset).to_string())
                         .header("content-range", format!("{offset}-{}", end - 1))
@@ -196,7 +220,12 @@ impl Target {
                         });
                     }
                     tracing::info!(repository = %repo, blob = %digest, offset, "replication: a chunk failed; resuming");
-                    (location, offset) = self.upload_status(repo, &location).await?;
+                    (location, offset) = match self.upload_status(repo, &location).await {
+                        Ok((l, got)) if got > 1 => (l, got.min(size)),
+                        // `0-0` says nothing or one byte; distribution forgets an upload cut
+                        // in the middle of a chunk: start again.
+                        _ => (self.start_upload(repo).await?, 0),
+                    };
                 }
             }
         }
@@ -204,14 +233,14 @@ impl Target {
         let done = format!("{location}{sep}digest={digest}");
         let r = if size > chunk {
             self.remote
-                .upload(Method::PUT, repo, &done, |rb| {
+                .upload(Method::PUT, repo, &done, 0, |rb| {
                     rb.header("content-length", "0")
                 })
                 .await?
         } else {
             let body = read(0, size).await.map_err(TargetError::Source)?;
             self.remote
-                .upload(Method::PUT, repo, &done, |rb| {
+                .upload(Method::PUT, repo, &done, size, |rb| {
                     rb.header("content-type", "application/octet-stream")
                         .header("content-length", size.to_string())
                         .body(body)
@@ -223,17 +252,26 @@ impl Target {
                 refused("completing an upload", r).await,
             ));
         }
-        let answered = r
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok());
-        if answered.is_some_and(|a| a != digest.to_string()) {
-            return Err(TargetError::Refused(format!(
-                "the target stored the blob {digest} as {}",
-                answered.unwrap_or_default()
-            )));
+        stored_as(&r, "blob", digest)
+    }
+
+    /// Starts an upload in `repo`: where it goes on.
+    async fn start_upload(&self, repo: &str) -> Result<reqwest::Url, TargetError> {
+        let start = self
+            .remote
+            .request(
+                Method::POST,
+                repo,
+                &self.url(repo, "blobs/uploads/"),
+                |rb| rb.header("content-length", "0"),
+            )
+            .await?;
+        if start.status() != StatusCode::ACCEPTED {
+            return Err(TargetError::Refused(
+                refused("starting an upload", start).await,
+            ));
         }
-        Ok(())
+        self.next_location(&start)
     }
 
     /// Where an upload goes on: the answer's `Location`, on the target only.
@@ -267,7 +305,7 @@ impl Target {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split_once('-'))
             .and_then(|(_, last)| last.trim().parse::<u64>().ok())
-            .map_or(0, |last| last + 1);
+            .map_or(0, |last| last.saturating_add(1));
         let next = match r.headers().get("location") {
             Some(_) => self.next_location(&r)?,
             None => location.clone(),
@@ -299,17 +337,7 @@ impl Target {
                 refused(&format!("the manifest {reference}"), r).await,
             ));
         }
-        let answered = r
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok());
-        if answered.is_some_and(|a| a != digest.to_string()) {
-            return Err(TargetError::Refused(format!(
-                "the target stored the manifest {digest} as {}",
-                answered.unwrap_or_default()
-            )));
-        }
-        Ok(())
+        stored_as(&r, "manifest", digest)
     }
 
     /// Deletes `repo:reference` (a tag, or a manifest by digest); `Ok` also when it was not

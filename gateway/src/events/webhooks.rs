@@ -78,14 +78,7 @@ impl WebhookConfig {
         let mut names = std::collections::HashSet::new();
         for w in all {
             let n = &w.name;
-            if n.is_empty()
-                || n.len() > 64
-                || !n
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                bail!("webhooks: name {n:?}: letters, digits, - and _ only (1–64)");
-            }
+            super::consumer::check_name("webhooks", n)?;
             if !names.insert(n.clone()) {
                 bail!("webhooks: name {n:?} is used twice");
             }
@@ -201,7 +194,7 @@ impl Webhook {
             .header("portcullis-delivery-attempt", attempt.to_string());
         if let Some(key) = &self.secret {
             // The time is signed with the body: a receiver refuses an old delivery replayed.
-            let at = unix_secs().to_string();
+            let at = crate::clock::unix_now().to_string();
             let signed = [at.as_bytes(), b".", &body].concat();
             req = req.header("portcullis-timestamp", &at).header(
                 "portcullis-signature",
@@ -214,12 +207,6 @@ impl Webhook {
             Err(e) => Err(format!("{}", e.without_url())),
         }
     }
-
-    /// The pause before attempt `attempt + 1`: 1 s, doubling, at most `max_backoff_seconds`.
-    pub(super) fn backoff(&self, attempt: u32) -> Duration {
-        let s = 1u64 << attempt.saturating_sub(1).min(16);
-        Duration::from_secs(s.min(self.cfg.max_backoff_seconds))
-    }
 }
 
 fn hmac(key: &[u8], body: &[u8]) -> Result<String, String> {
@@ -230,12 +217,6 @@ fn hmac(key: &[u8], body: &[u8]) -> Result<String, String> {
     Ok(hex::encode(
         signer.sign_to_vec().map_err(|e| e.to_string())?,
     ))
-}
-
-fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -279,7 +260,9 @@ mod tests {
             toml::from_str("name = \"a\"\nurl = \"http://127.0.0.1:9/\"\nmax_backoff_seconds = 8")
                 .unwrap();
         let w = Webhook::new(cfg).unwrap();
-        let b: Vec<u64> = (1..=6).map(|a| w.backoff(a).as_secs()).collect();
+        let b: Vec<u64> = (1..=6)
+            .map(|a| super::super::consumer::backoff(a, w.cfg.max_backoff_seconds).as_secs())
+            .collect();
         assert_eq!(b, [1, 2, 4, 8, 8, 8]);
         // RFC 4231 test case 2.
         assert_eq!(

@@ -6,16 +6,10 @@
 use crate::registry::internal::{Internal, ManifestHead, digest_header};
 use bytes::Bytes;
 use oci::Digest;
+use oci::media_type::MANIFEST_ACCEPT;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use std::sync::Arc;
-
-/// Every manifest type storage keeps.
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.oci.artifact.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json";
 
 /// What a manifest delete came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +152,7 @@ impl Data {
         to: u64,
     ) -> anyhow::Result<reqwest::Body> {
         anyhow::ensure!(from < to, "an empty range");
+        // The uploads' client: no read timeout over the whole transfer.
         let r = self
             .internal
             .upload(Method::GET, &format!("/v2/{repo}/blobs/{digest}"))?

@@ -10,7 +10,7 @@ use crate::gateway_suite::{PASSWORD, USER};
 use crate::measure::{BigBlob, fetch, mib_s, push};
 use anyhow::{Context, ensure};
 use portcullis_tests::client::Client;
-use portcullis_tests::deployment::{Deployment, SECRET, user_client};
+use portcullis_tests::deployment::{Deployment, storage_client, user_client};
 use portcullis_tests::faulty::{Faulty, Mode};
 use portcullis_tests::tools::Distribution;
 use reqwest::Method;
@@ -32,10 +32,7 @@ pub(crate) async fn cache_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
     .context("starting the gateway with a cache, and its storage node")?;
     let gw = user_client(&dep.gateway, USER, PASSWORD);
     let upstream = Client::new(&dist.base);
-    let mut storage = Client::new(&dep.storage.base);
-    storage
-        .headers
-        .push(("portcullis-internal-secret".into(), SECRET.into()));
+    let storage = storage_client(&dep.storage);
     let len = (args.pull_mib as u64) << 20;
     println!(
         "regbench --cache: {} MiB blobs, best of {} rounds; gateway over TLS (HTTP/2), upstream distribution 2.8.2 over plain HTTP",
@@ -81,10 +78,7 @@ pub(crate) async fn cache_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
         ),
     )?;
     let gw2 = user_client(&linked.gateway, USER, PASSWORD);
-    let mut storage2 = Client::new(&linked.storage.base);
-    storage2
-        .headers
-        .push(("portcullis-internal-secret".into(), SECRET.into()));
+    let storage2 = storage_client(&linked.storage);
     let what = format!("cold pull, {} MiB/s link", args.cache_link_mib);
     cold(args, &dist, &gw2, &storage2, Some(&link.addr), &what).await?;
     Ok(())
