@@ -58,6 +58,9 @@ pub struct Config {
     /// Rules that copy what this registry holds to another one (`[[replication]]`).
     #[serde(default)]
     pub replication: Vec<crate::events::replication::ReplicationConfig>,
+    /// Manifest reads answered from the gateway's memory (`[manifest_cache]`, on by default).
+    #[serde(default)]
+    pub manifest_cache: crate::registry::manifests::ManifestCacheConfig,
 }
 
 /// Name of the environment variable with the internal secret.

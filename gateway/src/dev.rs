@@ -56,6 +56,9 @@ pub struct DevFile {
     /// Rules that copy what this registry holds to another one (`[[replication]]`).
     #[serde(default)]
     pub replication: Vec<crate::events::replication::ReplicationConfig>,
+    /// Manifest reads answered from the gateway's memory (`[manifest_cache]`, on by default).
+    #[serde(default)]
+    pub manifest_cache: crate::registry::manifests::ManifestCacheConfig,
 }
 
 impl DevFile {
@@ -272,6 +275,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         proxy_caches: file.proxy_cache,
         webhooks: file.webhooks,
         replication: file.replication,
+        manifest_cache: file.manifest_cache,
         audit_file: Some(audit_file.clone()),
     })
 }

@@ -99,6 +99,8 @@ pub struct Settings {
     pub webhooks: Vec<events::webhooks::WebhookConfig>,
     /// Rules that copy what this registry holds to another one (`[[replication]]`).
     pub replication: Vec<events::replication::ReplicationConfig>,
+    /// Manifest reads answered from memory (`[manifest_cache]`).
+    pub manifest_cache: registry::manifests::ManifestCacheConfig,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -141,6 +143,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         audit_file,
         webhooks,
         replication,
+        manifest_cache,
     } = settings;
     let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
@@ -184,6 +187,13 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     let tokens = Arc::new(token);
     // Registry events, recorded and delivered when there are webhooks or replication rules
     // to take them.
+    // Manifest reads answered from memory while their repository has not changed.
+    let manifests = manifest_cache.enabled.then(|| {
+        Arc::new(registry::manifests::ManifestCache::new(
+            store.clone(),
+            &manifest_cache,
+        ))
+    });
     let events = if webhooks.is_empty() && replication.is_empty() {
         None
     } else {
@@ -196,6 +206,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         )?))
     };
     let gateway = proxy::Gateway {
+        manifests: manifests.clone(),
         caches,
         events: events.clone(),
         registry: registry::Registry {
@@ -205,7 +216,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         endpoints: endpoints::Endpoints {
             console: Arc::new(console::Console::new(
                 tokens.clone(),
-                registry::data::Data::new(internal),
+                registry::data::Data::new(internal).with_manifests(manifests.clone()),
                 oidc.clone(),
                 &secret,
                 audit_file,

@@ -238,6 +238,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         proxy_caches: c.proxy_cache.clone(),
         webhooks: c.webhooks.clone(),
         replication: c.replication.clone(),
+        manifest_cache: c.manifest_cache.clone(),
         audit_file: c.audit.file.clone(),
         store,
         hello_timeout: std::time::Duration::from_millis(c.tls.hello_timeout_ms.max(1)),

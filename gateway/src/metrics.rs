@@ -81,6 +81,10 @@ pub struct CacheMetrics {
     /// Tags checked with the upstream after their TTL, by prefix and outcome (`same`,
     /// `changed`, `failed`).
     pub revalidations: IntCounterVec,
+    /// Manifest reads outside cache prefixes, by result (`memory`: answered from the
+    /// gateway's memory; `storage`: asked of storage; `unavailable`: asked of storage, the
+    /// repository's generation unreadable).
+    pub manifest_reads: IntCounterVec,
 }
 
 /// Metrics of registry events and webhooks (process-wide, like [`AuthMetrics`]).
@@ -185,6 +189,11 @@ pub fn cache() -> &'static CacheMetrics {
             "gateway_cache_revalidations_total",
             "Cached tags checked with the upstream after their TTL, by prefix and outcome (same, changed, failed)",
             &["prefix", "outcome"],
+        ),
+        manifest_reads: counter(
+            "gateway_manifest_reads_total",
+            "Manifest reads outside cache prefixes, by result (memory, storage, unavailable)",
+            &["result"],
         ),
     })
 }
@@ -355,6 +364,7 @@ impl Metrics {
             &cm.upstream_bytes,
             &cm.upstream_errors,
             &cm.revalidations,
+            &cm.manifest_reads,
             &em.recorded,
             &em.deliveries,
             &em.replication_copies,

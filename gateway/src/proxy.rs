@@ -35,6 +35,8 @@ const HSTS: (&str, &str) = ("strict-transport-security", "max-age=31536000");
 pub const MAX_BODY: usize = 64 * 1024;
 
 pub struct Gateway {
+    /// Manifest reads answered from memory (`[manifest_cache]`), and told of every change.
+    pub manifests: Option<Arc<crate::registry::manifests::ManifestCache>>,
     /// Pull-through caches: `/v2/` requests under their prefixes.
     pub caches: Arc<crate::cache::ProxyCaches>,
     /// Registry events (with `[[webhooks]]`): each change recorded before it is answered.
@@ -67,6 +69,19 @@ pub struct RequestCtx {
     forward: Forward,
     /// A replacement body for the response (e.g. 412 → 403 for immutable tags).
     replace_body: Option<Bytes>,
+    /// A manifest read storage answers, to keep in memory.
+    keeping: Option<Keeping>,
+}
+
+/// Storage's answer to a manifest `GET`, being read to keep it.
+struct Keeping {
+    repo: String,
+    reference: String,
+    /// The repository's generation, read before storage was asked.
+    generation: crate::registry::manifests::Generation,
+    /// From the answer's head (none yet: not an answer to keep).
+    head: Option<(String, String)>,
+    body: Vec<u8>,
 }
 
 /// Writes a reply of the gateway's own: the one place every such answer goes through. It
@@ -142,23 +157,28 @@ impl Gateway {
             "failure",
             serde_json::json!({"repository": event.repository, "event.reason": e.to_string()}),
         );
-        // Storage's 201 or 202 has no body, and the proxy writes none after an empty head: the
-        // 503 has none either (a body would never be sent).
-        resp.set_status(503)?;
-        for h in [
-            "docker-content-digest",
-            "location",
-            "oci-subject",
-            "content-type",
-            "transfer-encoding",
-        ] {
-            resp.remove_header(h);
-        }
-        resp.insert_header("content-length", "0")?;
-        resp.insert_header("retry-after", "1")?;
-        ctx.replace_body = None;
-        Ok(())
+        answered_503(resp, ctx)
     }
+}
+
+/// Storage made a change the gateway cannot account for: the client gets 503 (and retries)
+/// instead of storage's 201 or 202. Those have no body, and the proxy writes none after an
+/// empty head: the 503 has none either (a body would never be sent).
+fn answered_503(resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    resp.set_status(503)?;
+    for h in [
+        "docker-content-digest",
+        "location",
+        "oci-subject",
+        "content-type",
+        "transfer-encoding",
+    ] {
+        resp.remove_header(h);
+    }
+    resp.insert_header("content-length", "0")?;
+    resp.insert_header("retry-after", "1")?;
+    ctx.replace_body = None;
+    Ok(())
 }
 
 /// The request's cookies as one `Cookie` value: an HTTP/2 browser sends each in a field of
@@ -243,6 +263,9 @@ impl Gateway {
                 ctx.route = route;
                 ctx.op.break_glass = forward.override_immutable;
                 ctx.forward = forward;
+                if self.answer_from_memory(session, ctx).await? {
+                    return Ok(true);
+                }
                 if self.caches.is_empty() {
                     return Ok(false);
                 }
@@ -273,6 +296,96 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// An admitted manifest read answered from memory (`Ok(true)`) when this gateway keeps
+    /// it under the repository's current generation; otherwise what storage answers is to be
+    /// kept (`ctx.keeping`).
+    async fn answer_from_memory(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        use crate::registry::manifests::{Lookup, accepts};
+        let Some(m) = &self.manifests else {
+            return Ok(false);
+        };
+        let Some(oci::Endpoint::GetManifest {
+            name,
+            reference,
+            head,
+        }) = &ctx.op.endpoint
+        else {
+            return Ok(false);
+        };
+        if self.caches.covers(name.as_str()) {
+            return Ok(false);
+        }
+        let (repo, reference, head) = (name.to_string(), reference.to_string(), *head);
+        let reads = &crate::metrics::cache().manifest_reads;
+        match m.lookup(&repo, &reference).await {
+            // A tag's manifest of a type the client does not take: storage says so.
+            Lookup::Hit(k)
+                if reference.contains(':')
+                    || accepts(&session.req_header().headers, &k.media_type) =>
+            {
+                reads.with_label_values(&["memory"]).inc();
+                let mut h = ResponseHeader::build(200, Some(8))?;
+                h.insert_header("content-type", k.media_type.as_str())?;
+                h.insert_header("content-length", k.body.len().to_string())?;
+                h.insert_header("docker-content-digest", k.digest.as_str())?;
+                h.insert_header("etag", format!("\"{}\"", k.digest))?;
+                h.insert_header("docker-distribution-api-version", "registry/2.0")?;
+                h.insert_header(REQUEST_ID_HEADER, ctx.info.request_id.as_str())?;
+                h.insert_header(HSTS.0, HSTS.1)?;
+                ctx.op.digest = Some(k.digest.clone());
+                session.write_response_header(Box::new(h), head).await?;
+                if !head {
+                    ctx.op.bytes_out += k.body.len() as u64;
+                    session.write_response_body(Some(k.body), true).await?;
+                }
+                Ok(true)
+            }
+            Lookup::Hit(_) => Ok(false),
+            Lookup::Miss(generation) => {
+                reads.with_label_values(&["storage"]).inc();
+                if !head {
+                    ctx.keeping = Some(Keeping {
+                        repo,
+                        reference,
+                        generation,
+                        head: None,
+                        body: Vec::new(),
+                    });
+                }
+                Ok(false)
+            }
+            Lookup::Unavailable => {
+                reads.with_label_values(&["unavailable"]).inc();
+                Ok(false)
+            }
+        }
+    }
+
+    /// A manifest pushed (201) or deleted (202): a new generation of its repository for every
+    /// gateway, before the client hears of it. If it cannot be written the client is answered
+    /// 503 and retries (another gateway would go on serving what was there before).
+    async fn note_change(
+        &self,
+        manifests: &crate::registry::manifests::ManifestCache,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let repo = match (&ctx.op.endpoint, resp.status.as_u16()) {
+            (Some(oci::Endpoint::PutManifest { name, .. }), 201)
+            | (Some(oci::Endpoint::DeleteManifest { name, .. }), 202) => name.to_string(),
+            _ => return Ok(()),
+        };
+        let Err(e) = manifests.changed(&repo).await else {
+            return Ok(());
+        };
+        tracing::error!(request_id = %ctx.info.request_id, error = %e, "a repository's manifest generation cannot be written; the change is answered 503");
+        answered_503(resp, ctx)
+    }
+
     /// A request on a pull-through cache's mirror listener or host name names upstream
     /// repositories without the cache's prefix: the prefix is put in front, before anything
     /// reads the path (so the bearer check, the token's scope and the audit see the local
@@ -476,6 +589,7 @@ impl ProxyHttp for Gateway {
             route: "other",
             forward: Forward::default(),
             replace_body: None,
+            keeping: None,
         }
     }
 
@@ -530,8 +644,29 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.replace_body = forward::response(&ctx.forward, resp, &mut ctx.op)?;
+        if let Some(m) = &self.manifests {
+            self.note_change(m, resp, ctx).await?;
+        }
         if let Some(events) = &self.events {
             self.record_event(events, session, resp, ctx).await?;
+        }
+        if let Some(k) = &mut ctx.keeping {
+            let header = |n: &str| resp.headers.get(n).and_then(|v| v.to_str().ok());
+            let len = header("content-length").and_then(|v| v.parse::<usize>().ok());
+            match (
+                resp.status.as_u16(),
+                len,
+                header("docker-content-digest"),
+                header("content-type"),
+            ) {
+                (200, Some(len), Some(d), Some(t))
+                    if len <= crate::registry::manifests::MAX_ENTRY =>
+                {
+                    k.head = Some((d.to_owned(), t.to_owned()));
+                    k.body.reserve_exact(len);
+                }
+                _ => ctx.keeping = None,
+            }
         }
         resp.insert_header(REQUEST_ID_HEADER, ctx.info.request_id.as_str())?;
         resp.insert_header(HSTS.0, HSTS.1)?;
@@ -568,6 +703,26 @@ impl ProxyHttp for Gateway {
             *body = end_of_stream.then(|| replacement.clone());
         }
         ctx.op.bytes_out += body.as_ref().map_or(0, |b| b.len() as u64);
+        if let Some(k) = &mut ctx.keeping {
+            if let Some(b) = body {
+                k.body.extend_from_slice(b);
+            }
+            if end_of_stream
+                && let (Some(m), Some(k)) = (&self.manifests, ctx.keeping.take())
+                && let Some((digest, media_type)) = k.head
+            {
+                m.keep(
+                    &k.repo,
+                    &k.reference,
+                    crate::registry::manifests::Kept {
+                        digest,
+                        media_type,
+                        body: Bytes::from(k.body),
+                    },
+                    k.generation,
+                );
+            }
+        }
         Ok(None)
     }
 

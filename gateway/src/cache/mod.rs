@@ -303,7 +303,7 @@ impl ProxyCaches {
     }
 
     /// Whether `repo` is a cache's (its prefix itself included).
-    fn covers(&self, repo: &str) -> bool {
+    pub fn covers(&self, repo: &str) -> bool {
         let first = repo.split('/').next().unwrap_or(repo);
         self.caches.iter().any(|c| c.prefix == first)
     }

@@ -39,11 +39,29 @@ fn page_query(n: usize, last: Option<&str>) -> String {
 
 pub struct Data {
     internal: Arc<Internal>,
+    /// Told of the deletes made here, when manifest reads are answered from memory.
+    manifests: Option<Arc<super::manifests::ManifestCache>>,
 }
 
 impl Data {
     pub fn new(internal: Arc<Internal>) -> Self {
-        Data { internal }
+        Data {
+            internal,
+            manifests: None,
+        }
+    }
+
+    /// The same, telling `manifests` of every delete made through it.
+    pub fn with_manifests(self, manifests: Option<Arc<super::manifests::ManifestCache>>) -> Self {
+        Data { manifests, ..self }
+    }
+
+    /// A delete in `repo` was made: every gateway's kept manifests of it go.
+    async fn changed(&self, repo: &str) -> anyhow::Result<()> {
+        if let Some(m) = &self.manifests {
+            m.changed(repo).await?;
+        }
+        Ok(())
     }
 
     fn request(
@@ -224,6 +242,7 @@ impl Data {
         let r = req.send().await?;
         Ok(match r.status() {
             StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => {
+                self.changed(repo).await?;
                 ManifestDelete::Deleted
             }
             StatusCode::NOT_FOUND => ManifestDelete::Missing,
@@ -238,7 +257,10 @@ impl Data {
             .send()
             .await?;
         match r.status() {
-            StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(true),
+            StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => {
+                self.changed(repo).await?;
+                Ok(true)
+            }
             StatusCode::NOT_FOUND => Ok(false),
             s => anyhow::bail!("storage answered {s} to a tag delete"),
         }

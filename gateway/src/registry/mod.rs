@@ -1,12 +1,14 @@
 //! The `/v2/` path: whether a request goes to storage ([`Registry::admit`]: the audit
 //! trail's health, the bearer check of [`authz`], the rate limits), how it and its answer
 //! are rewritten on the way ([`forward`]), and the storage nodes it goes to ([`upstream`]);
-//! [`internal`] is the gateway's own requests to them, [`data`] what it reads with them.
+//! [`internal`] is the gateway's own requests to them, [`data`] what it reads with them;
+//! [`manifests`] answers manifest reads from memory while the repository has not changed.
 
 pub mod authz;
 pub mod data;
 pub mod forward;
 pub mod internal;
+pub mod manifests;
 pub mod upstream;
 
 use crate::audit::request::Operation;

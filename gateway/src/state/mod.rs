@@ -125,8 +125,9 @@ pub enum Class {
     Rates,
     /// Failed-login counters (`fail:`): oldest evicted first.
     Failures,
-    /// The LDAP login cache (`ldap:login:`) and when pull-through caches last checked a tag
-    /// with their upstream (`proxy:tag:`), asked again when missing: oldest evicted first.
+    /// The LDAP login cache (`ldap:login:`), when pull-through caches last checked a tag
+    /// with their upstream (`proxy:tag:`) and the repositories' manifest generations
+    /// (`manifests:gen:`), asked again or made anew when missing: oldest evicted first.
     Cache,
     /// Sessions (`session:`): never evicted; refused when full.
     Sessions,
@@ -140,9 +141,11 @@ pub enum Class {
 impl Class {
     /// The class of `key`, by its prefix.
     pub fn of(key: &str) -> Class {
-        const PREFIXES: [(&str, Class); 7] = [
+        const PREFIXES: [(&str, Class); 8] = [
             ("oidc:", Class::Flows),
             ("proxy:tag:", Class::Cache),
+            // A generation evicted is made anew: what was kept under it is just not used.
+            ("manifests:gen:", Class::Cache),
             ("rate:", Class::Rates),
             ("fail:", Class::Failures),
             ("ldap:login:", Class::Cache),

@@ -7,11 +7,13 @@
 //! and rate limits shared by gateways on Redis), [`redis_outage`] (Redis going away, Sentinel
 //! failovers), [`behind_haproxy`] (client addresses through the PROXY protocol, storage
 //! nodes and gateways killed behind HAProxy), [`events`] (webhooks delivered by one gateway
-//! at a time, the other taking over); [`replicas`] starts the gateways and asks them
+//! at a time, the other taking over), [`manifests`] (manifests answered from a gateway's
+//! memory, read-after-write across gateways); [`replicas`] starts the gateways and asks them
 //! for tokens.
 
 mod behind_haproxy;
 mod events;
+mod manifests;
 mod redis_outage;
 mod replicas;
 mod shared_state;
