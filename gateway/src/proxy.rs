@@ -71,6 +71,8 @@ pub struct RequestCtx {
     replace_body: Option<Bytes>,
     /// A manifest read storage answers, to keep in memory.
     keeping: Option<Keeping>,
+    /// A repository read without a generation: one is made if storage has the manifest.
+    generation_for: Option<String>,
 }
 
 /// Storage's answer to a manifest `GET`, being read to keep it.
@@ -347,14 +349,18 @@ impl Gateway {
             Lookup::Hit(_) => Ok(false),
             Lookup::Miss(generation) => {
                 reads.with_label_values(&["storage"]).inc();
-                if !head {
-                    ctx.keeping = Some(Keeping {
-                        repo,
-                        reference,
-                        generation,
-                        head: None,
-                        body: Vec::new(),
-                    });
+                match generation {
+                    Some(generation) if !head => {
+                        ctx.keeping = Some(Keeping {
+                            repo,
+                            reference,
+                            generation,
+                            head: None,
+                            body: Vec::new(),
+                        });
+                    }
+                    Some(_) => {}
+                    None => ctx.generation_for = Some(repo),
                 }
                 Ok(false)
             }
@@ -371,12 +377,15 @@ impl Gateway {
     async fn note_change(
         &self,
         manifests: &crate::registry::manifests::ManifestCache,
+        status: u16,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let repo = match (&ctx.op.endpoint, resp.status.as_u16()) {
+        // A delete answered 404 may follow one whose generation was not written: cheap to
+        // write again.
+        let repo = match (&ctx.op.endpoint, status) {
             (Some(oci::Endpoint::PutManifest { name, .. }), 201)
-            | (Some(oci::Endpoint::DeleteManifest { name, .. }), 202) => name.to_string(),
+            | (Some(oci::Endpoint::DeleteManifest { name, .. }), 202 | 404) => name.to_string(),
             _ => return Ok(()),
         };
         let Err(e) = manifests.changed(&repo).await else {
@@ -590,6 +599,7 @@ impl ProxyHttp for Gateway {
             forward: Forward::default(),
             replace_body: None,
             keeping: None,
+            generation_for: None,
         }
     }
 
@@ -644,11 +654,19 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.replace_body = forward::response(&ctx.forward, resp, &mut ctx.op)?;
-        if let Some(m) = &self.manifests {
-            self.note_change(m, resp, ctx).await?;
-        }
+        // Both from storage's own answer: either failing makes it a 503, and neither is
+        // skipped because the other did.
+        let status = resp.status.as_u16();
         if let Some(events) = &self.events {
             self.record_event(events, session, resp, ctx).await?;
+        }
+        if let Some(m) = &self.manifests {
+            self.note_change(m, status, resp, ctx).await?;
+            if let Some(repo) = ctx.generation_for.take()
+                && status == 200
+            {
+                m.start(&repo).await;
+            }
         }
         if let Some(k) = &mut ctx.keeping {
             let header = |n: &str| resp.headers.get(n).and_then(|v| v.to_str().ok());
@@ -711,7 +729,7 @@ impl ProxyHttp for Gateway {
                 && let (Some(m), Some(k)) = (&self.manifests, ctx.keeping.take())
                 && let Some((digest, media_type)) = k.head
             {
-                m.keep(
+                m.remember(
                     &k.repo,
                     &k.reference,
                     crate::registry::manifests::Kept {

@@ -9,11 +9,18 @@
 //! deleted, a manifest deleted, the web console's deletes — writes a new one before the client
 //! hears of the change (a change whose new generation cannot be written is answered 503, and
 //! the client retries). So the next `GET` on any gateway sees the change. A generation that
-//! cannot be read (the store down) or is gone (evicted, expired) serves nothing from memory.
+//! cannot be read (the store down) serves nothing from memory; one that is gone (never made,
+//! evicted, expired) is made anew only after storage answered a read with a manifest (so
+//! reads of repositories that do not exist write nothing to the store), and what was kept
+//! before it is never served.
 //!
-//! What storage changes by itself (GC, retention deleting tags) writes no generation: entries
-//! are also kept at most `ttl_seconds`. Memory is bounded (`max_mebibytes` of manifest bodies,
-//! oldest out first); a manifest larger than 1 MiB is never kept.
+//! What writes no generation, and so is seen at the latest after `ttl_seconds` (the most an
+//! entry is served): what storage changes by itself (GC, retention deleting tags); a change
+//! whose gateway died between storage's answer and the generation write; a change whose new
+//! generation a failing store did not keep (Redis refusing writes, a Sentinel failover that
+//! lost it) while other gateways could still read the old one. Memory is bounded
+//! (`max_mebibytes`, keys and entries counted, oldest out first); a manifest larger than
+//! 1 MiB is never kept.
 
 use crate::state::StateStore;
 use bytes::Bytes;
@@ -45,8 +52,8 @@ impl Default for ManifestCacheConfig {
 
 /// Largest manifest kept.
 pub const MAX_ENTRY: usize = 1 << 20;
-/// Most tags kept (a tag is a small entry: its digest).
-const MAX_TAGS: usize = 100_000;
+/// Most entries kept (tags and manifests).
+const MAX_KEYS: usize = 200_000;
 /// How long a generation lives in the store without a change (then it is made anew, which
 /// only makes what was kept unusable).
 const GENERATION_TTL: Duration = Duration::from_secs(86_400);
@@ -66,24 +73,78 @@ struct Entry<T> {
     value: T,
     generation: Generation,
     at: Instant,
+    /// Its place in the order of keeping.
+    seq: u64,
+}
+
+/// What one kept entry costs besides its body (keys, digest, media type, generation, the
+/// maps' and queue's own).
+const ENTRY_OVERHEAD: usize = 256;
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// (repository, digest): a manifest.
+    Manifest(String, String),
+    /// (repository, tag): the digest it points at.
+    Tag(String, String),
 }
 
 #[derive(Default)]
 struct Inner {
-    /// By (repository, digest).
     manifests: HashMap<(String, String), Entry<Kept>>,
-    /// By (repository, tag): the digest.
     tags: HashMap<(String, String), Entry<String>>,
-    /// Manifests in the order they were kept (the oldest go first).
-    order: VecDeque<(String, String)>,
+    /// Every entry in the order it was kept (the oldest go first), with its `seq` (an entry
+    /// kept again since has another: the old place is passed over).
+    order: VecDeque<(Key, u64)>,
+    next: u64,
     bytes: usize,
+}
+
+impl Inner {
+    fn cost(key: &Key, body: usize) -> usize {
+        let (a, b) = match key {
+            Key::Manifest(a, b) | Key::Tag(a, b) => (a, b),
+        };
+        a.len() + b.len() + body + ENTRY_OVERHEAD
+    }
+
+    /// Removes the entry under `key` (only if it is the one kept at `seq`, when given).
+    fn remove(&mut self, key: &Key, seq: Option<u64>) {
+        let body = match key {
+            Key::Manifest(r, d) => {
+                let k = (r.clone(), d.clone());
+                match self.manifests.get(&k) {
+                    Some(e) if seq.is_none_or(|s| s == e.seq) => {
+                        self.manifests.remove(&k).map(|e| e.value.body.len())
+                    }
+                    _ => None,
+                }
+            }
+            Key::Tag(r, t) => {
+                let k = (r.clone(), t.clone());
+                match self.tags.get(&k) {
+                    Some(e) if seq.is_none_or(|s| s == e.seq) => self.tags.remove(&k).map(|_| 0),
+                    _ => None,
+                }
+            }
+        };
+        if let Some(body) = body {
+            self.bytes -= Self::cost(key, body);
+        }
+    }
+
+    fn seq(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
 }
 
 /// What a lookup found.
 pub enum Lookup {
     Hit(Kept),
-    /// Not here: what storage answers may be kept, stamped with this generation.
-    Miss(Generation),
+    /// Not here: what storage answers may be kept, stamped with this generation (none: the
+    /// repository has none yet; one is made once storage answered).
+    Miss(Option<Generation>),
     /// The generation could not be read: ask storage, keep nothing.
     Unavailable,
 }
@@ -99,6 +160,10 @@ fn generation_key(repo: &str) -> String {
     format!("manifests:gen:{repo}")
 }
 
+fn new_generation() -> Generation {
+    crate::random::random_token(12).into_bytes()
+}
+
 impl ManifestCache {
     pub fn new(store: Arc<dyn StateStore>, cfg: &ManifestCacheConfig) -> Self {
         ManifestCache {
@@ -109,26 +174,13 @@ impl ManifestCache {
         }
     }
 
-    /// The repository's generation; one is made when there is none (so an entry is never
-    /// stamped with "none", which a generation evicted later would seem to match).
-    async fn generation(&self, repo: &str) -> Option<Generation> {
-        let key = generation_key(repo);
-        match self.store.get(&key).await {
-            Ok(Some(g)) => Some(g),
-            Ok(None) => {
-                let g = crate::random::random_token(12).into_bytes();
-                self.store.set(&key, g.clone(), GENERATION_TTL).await.ok()?;
-                Some(g)
-            }
-            Err(_) => None,
-        }
-    }
-
     /// The manifest `repo:reference` (a tag or a digest) if kept under the repository's
     /// current generation.
     pub async fn lookup(&self, repo: &str, reference: &str) -> Lookup {
-        let Some(generation) = self.generation(repo).await else {
-            return Lookup::Unavailable;
+        let generation = match self.store.get(&generation_key(repo)).await {
+            Ok(Some(g)) => g,
+            Ok(None) => return Lookup::Miss(None),
+            Err(_) => return Lookup::Unavailable,
         };
         let Ok(inner) = self.inner.lock() else {
             return Lookup::Unavailable;
@@ -152,13 +204,33 @@ impl ManifestCache {
         });
         match hit {
             Some(k) => Lookup::Hit(k),
-            None => Lookup::Miss(generation),
+            None => Lookup::Miss(Some(generation)),
         }
+    }
+
+    /// Keeps storage's answer to `repo:reference`, read under `generation`; read when the
+    /// repository had no generation, one is made instead ([`ManifestCache::start`]).
+    #[cfg(test)]
+    async fn keep(&self, repo: &str, reference: &str, kept: Kept, generation: Option<Generation>) {
+        match generation {
+            Some(g) => self.remember(repo, reference, kept, g),
+            None => self.start(repo).await,
+        }
+    }
+
+    /// Storage answered a read of `repo`, which has no generation: one is made (the next
+    /// read keeps what it reads; this one is not kept). Only a repository storage has a
+    /// manifest in gets one: reads of names that do not exist write nothing.
+    pub async fn start(&self, repo: &str) {
+        let _ = self
+            .store
+            .set(&generation_key(repo), new_generation(), GENERATION_TTL)
+            .await;
     }
 
     /// Keeps storage's answer to `repo:reference`, read under `generation` (only when the
     /// body is the digest's).
-    pub fn keep(&self, repo: &str, reference: &str, kept: Kept, generation: Generation) {
+    pub fn remember(&self, repo: &str, reference: &str, kept: Kept, generation: Generation) {
         if kept.body.len() > MAX_ENTRY || kept.body.len() > self.max_bytes {
             return;
         }
@@ -171,68 +243,49 @@ impl ManifestCache {
         };
         let at = Instant::now();
         if !reference.contains(':') {
-            if inner.tags.len() >= MAX_TAGS {
-                inner.tags.clear();
-            }
+            let key = Key::Tag(repo.to_owned(), reference.to_owned());
+            inner.remove(&key, None);
+            let seq = inner.seq();
             inner.tags.insert(
                 (repo.to_owned(), reference.to_owned()),
                 Entry {
                     value: kept.digest.clone(),
                     generation: generation.clone(),
                     at,
+                    seq,
                 },
             );
+            inner.bytes += Inner::cost(&key, 0);
+            inner.order.push_back((key, seq));
         }
-        let key = (repo.to_owned(), kept.digest.clone());
-        let len = kept.body.len();
-        if let Some(old) = inner.manifests.insert(
-            key.clone(),
+        let key = Key::Manifest(repo.to_owned(), kept.digest.clone());
+        inner.remove(&key, None);
+        inner.bytes += Inner::cost(&key, kept.body.len());
+        let seq = inner.seq();
+        inner.manifests.insert(
+            (repo.to_owned(), kept.digest.clone()),
             Entry {
                 value: kept,
                 generation,
                 at,
+                seq,
             },
-        ) {
-            inner.bytes -= old.value.body.len();
-        } else {
-            inner.order.push_back(key);
-        }
-        inner.bytes += len;
-        while inner.bytes > self.max_bytes {
-            let Some(oldest) = inner.order.pop_front() else {
+        );
+        inner.order.push_back((key, seq));
+        while inner.bytes > self.max_bytes || inner.order.len() > MAX_KEYS {
+            let Some((oldest, seq)) = inner.order.pop_front() else {
                 break;
             };
-            if let Some(e) = inner.manifests.remove(&oldest) {
-                inner.bytes -= e.value.body.len();
-            }
+            inner.remove(&oldest, Some(seq));
         }
     }
 
     /// `repo` changed (a manifest pushed or deleted, a tag moved or deleted): a new
-    /// generation for every gateway, and nothing of it kept here.
+    /// generation for every gateway (what any of them kept before is never served again).
     pub async fn changed(&self, repo: &str) -> Result<(), crate::state::StateError> {
-        let g = crate::random::random_token(12).into_bytes();
         self.store
-            .set(&generation_key(repo), g, GENERATION_TTL)
-            .await?;
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.tags.retain(|(r, _), _| r != repo);
-            let gone: Vec<_> = inner
-                .manifests
-                .keys()
-                .filter(|(r, _)| r == repo)
-                .cloned()
-                .collect();
-            for k in gone {
-                if let Some(e) = inner.manifests.remove(&k) {
-                    inner.bytes -= e.value.body.len();
-                }
-            }
-            let manifests = std::mem::take(&mut inner.manifests);
-            inner.order.retain(|k| manifests.contains_key(k));
-            inner.manifests = manifests;
-        }
-        Ok(())
+            .set(&generation_key(repo), new_generation(), GENERATION_TTL)
+            .await
     }
 }
 
@@ -280,58 +333,85 @@ mod tests {
         )
     }
 
+    /// Reads `repo:reference` as the proxy does: a miss is answered by "storage" with `k`
+    /// and kept; whether it was a hit.
+    async fn read(c: &ManifestCache, repo: &str, reference: &str, k: &Kept) -> bool {
+        match c.lookup(repo, reference).await {
+            Lookup::Hit(h) => {
+                assert_eq!(h.digest, k.digest);
+                true
+            }
+            Lookup::Miss(g) => {
+                c.keep(repo, reference, k.clone(), g).await;
+                false
+            }
+            Lookup::Unavailable => panic!("the store is up"),
+        }
+    }
+
     #[tokio::test]
     async fn a_change_on_one_gateway_is_seen_by_the_next_lookup_on_another() {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
-        let (a, b) = (cache(store.clone(), 1), cache(store, 1));
-        let Lookup::Miss(g) = b.lookup("team-a/app", "v1").await else {
-            panic!("nothing kept yet")
-        };
+        let (a, b) = (cache(store.clone(), 1), cache(store.clone(), 1));
         let k = kept("{}");
         let d = k.digest.clone();
-        b.keep("team-a/app", "v1", k, g);
-        assert!(matches!(b.lookup("team-a/app", "v1").await, Lookup::Hit(k) if k.digest == d));
-        assert!(matches!(b.lookup("team-a/app", &d).await, Lookup::Hit(_)));
+        // The first read makes the repository's generation, the second keeps, the third hits.
+        assert!(!read(&b, "team-a/app", "v1", &k).await);
+        assert!(!read(&b, "team-a/app", "v1", &k).await);
+        assert!(read(&b, "team-a/app", "v1", &k).await);
+        assert!(read(&b, "team-a/app", &d, &k).await, "by digest too");
         assert!(
-            matches!(b.lookup("team-b/x", &d).await, Lookup::Miss(_)),
+            matches!(b.lookup("team-b/x", &d).await, Lookup::Miss(None)),
             "another repository"
         );
         // The tag moves through gateway a.
         a.changed("team-a/app").await.unwrap();
         assert!(matches!(
             b.lookup("team-a/app", "v1").await,
-            Lookup::Miss(_)
+            Lookup::Miss(Some(_))
         ));
-        assert!(matches!(b.lookup("team-a/app", &d).await, Lookup::Miss(_)));
+        assert!(matches!(
+            b.lookup("team-a/app", &d).await,
+            Lookup::Miss(Some(_))
+        ));
         // A body that is not its digest's is never kept.
-        let Lookup::Miss(g) = b.lookup("team-a/app", "v2").await else {
-            panic!()
-        };
         let mut bad = kept("{\"a\":1}");
         bad.body = Bytes::from_static(b"{}x");
-        b.keep("team-a/app", "v2", bad, g);
+        assert!(!read(&b, "team-a/app", "v2", &bad).await);
         assert!(matches!(
             b.lookup("team-a/app", "v2").await,
             Lookup::Miss(_)
         ));
+        // The generation evicted (or expired): made anew, nothing kept before is served.
+        store.delete("manifests:gen:team-a/app").await.unwrap();
+        assert!(!read(&b, "team-a/app", "v1", &k).await);
+        assert!(matches!(
+            b.lookup("team-a/app", "v1").await,
+            Lookup::Miss(Some(_))
+        ));
+        // Reads of a repository storage does not have write nothing.
+        assert!(matches!(
+            b.lookup("team-a/nothing", "v1").await,
+            Lookup::Miss(None)
+        ));
+        assert_eq!(
+            store.get("manifests:gen:team-a/nothing").await.unwrap(),
+            None
+        );
     }
 
     #[tokio::test]
     async fn memory_is_bounded_and_an_answer_read_before_a_change_is_not_served_after_it() {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
         let c = cache(store, 1);
+        c.changed("r").await.unwrap();
         for i in 0..5 {
-            let Lookup::Miss(g) = c.lookup("r", &format!("t{i}")).await else {
-                panic!()
-            };
             let big = format!("{i}").repeat(400 << 10);
-            c.keep("r", &format!("t{i}"), kept(&big), g);
+            assert!(!read(&c, "r", &format!("t{i}"), &kept(&big)).await);
         }
         assert!(c.inner.lock().unwrap().bytes <= 1 << 20);
-        assert!(
-            matches!(c.lookup("r", "t4").await, Lookup::Hit(_)),
-            "the newest stays"
-        );
+        let newest = kept(&"4".repeat(400 << 10));
+        assert!(read(&c, "r", "t4", &newest).await, "the newest stays");
         assert!(
             matches!(c.lookup("r", "t0").await, Lookup::Miss(_)),
             "the oldest went"
@@ -341,7 +421,7 @@ mod tests {
             panic!()
         };
         c.changed("r").await.unwrap();
-        c.keep("r", "late", kept("{}"), before);
+        c.keep("r", "late", kept("{}"), before).await;
         assert!(matches!(c.lookup("r", "late").await, Lookup::Miss(_)));
     }
 

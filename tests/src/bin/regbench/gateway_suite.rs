@@ -2,6 +2,7 @@
 //! distribution 2.8.2 (the push/pull/manifest workload), then token issuance.
 
 use crate::cli::Args;
+use crate::cpu::{cpu_seconds, per_gib};
 use crate::measure::{BigBlob, fetch, mib_s, peak_rss_mib, push, quantile_ms};
 use crate::workload::{measure_all, report, workload};
 use anyhow::{Context, ensure};
@@ -48,6 +49,15 @@ pub(crate) async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result
         "regbench --gateway: {} MiB blob pull vs nginx, best of {}",
         args.pull_mib, args.rounds
     );
+    // The gateway's side of a pull or push is the gateway and its storage node.
+    let ours: Vec<u32> = [g.pid(), dep.storage.pid()].into_iter().flatten().collect();
+    let nginx_pid = [nginx.pid()];
+    let ca_file = scratch.join("gateway-ca.pem");
+    std::fs::write(&ca_file, &g.ca_pem)?;
+    let token = gw
+        .token(&["repository:bench/pull:pull".to_string()])
+        .await?;
+    println!("(CPU: user + system seconds per GiB, the gateway and its storage node vs nginx)");
     for http1 in [false, true] {
         let proto = if http1 { "HTTP/1.1" } else { "HTTP/2" };
         let mut gwc = Client::with_http(&g.base, https(&g.ca_pem, http1));
@@ -56,22 +66,44 @@ pub(crate) async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result
         let gw_path = format!("/v2/bench/pull/blobs/{}", blob.digest);
         fetch(&gwc, &gw_path, &blob.digest).await?;
         fetch(&nc, "/blob", &blob.digest).await?;
-        let (mut best_gw, mut best_nginx) = (0f64, 0f64);
-        for _ in 0..args.rounds {
-            let t = Instant::now();
-            fetch(&nc, "/blob", &blob.digest).await?;
-            best_nginx = best_nginx.max(mib_s(len, t.elapsed()));
-            let t = Instant::now();
-            fetch(&gwc, &gw_path, &blob.digest).await?;
-            best_gw = best_gw.max(mib_s(len, t.elapsed()));
+        for via in ["reqwest", "curl"] {
+            let (mut nginx_run, mut gw_run) = (Pulls::default(), Pulls::default());
+            for _ in 0..args.rounds {
+                let (cpu, t) = (cpu_seconds(&nginx_pid), Instant::now());
+                match via {
+                    "curl" => {
+                        curl_pull(&format!("{}/blob", nginx.base), &ca_file, None, http1, len)?
+                    }
+                    _ => _ = fetch(&nc, "/blob", &blob.digest).await?,
+                }
+                nginx_run.add(len, t.elapsed(), cpu_seconds(&nginx_pid) - cpu);
+                let (cpu, t) = (cpu_seconds(&ours), Instant::now());
+                match via {
+                    "curl" => curl_pull(
+                        &format!("{}{gw_path}", g.base),
+                        &ca_file,
+                        Some(&token),
+                        http1,
+                        len,
+                    )?,
+                    _ => _ = fetch(&gwc, &gw_path, &blob.digest).await?,
+                }
+                gw_run.add(len, t.elapsed(), cpu_seconds(&ours) - cpu);
+            }
+            println!(
+                "pull {} MiB over TLS, {proto:<8} {via:<7}  nginx {:>6.0} MiB/s {:>5.2} CPU s/GiB   gateway {:>6.0} MiB/s {:>5.2} CPU s/GiB   ratio {:.2}×, CPU {:.2}×",
+                args.pull_mib,
+                nginx_run.best,
+                nginx_run.cpu_per_gib(),
+                gw_run.best,
+                gw_run.cpu_per_gib(),
+                gw_run.best / nginx_run.best,
+                gw_run.cpu_per_gib() / nginx_run.cpu_per_gib(),
+            );
         }
-        println!(
-            "pull {} MiB over TLS, {proto:<8}  nginx {best_nginx:>6.0} MiB/s   gateway {best_gw:>6.0} MiB/s   ratio {:.2}×",
-            args.pull_mib,
-            best_gw / best_nginx
-        );
     }
     drop(nginx);
+    push_cpu(&gw, &Client::new(&dist.base), &ours, dist.pid()).await?;
 
     println!(
         "\nregbench --gateway: {}; peak RSS is the gateway's",
@@ -91,6 +123,90 @@ pub(crate) async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result
     }
 
     token_issuance(g, args).await
+}
+
+/// Pulls of one kind: the best rate, and the CPU time per byte over all of them.
+#[derive(Default)]
+struct Pulls {
+    best: f64,
+    bytes: u64,
+    cpu: f64,
+}
+
+impl Pulls {
+    fn add(&mut self, bytes: u64, took: Duration, cpu: f64) {
+        self.best = self.best.max(mib_s(bytes, took));
+        self.bytes += bytes;
+        self.cpu += cpu;
+    }
+
+    fn cpu_per_gib(&self) -> f64 {
+        per_gib(self.cpu, self.bytes)
+    }
+}
+
+/// `curl` fetching `url` (HTTP/2 by ALPN, or HTTP/1.1) to nowhere; it must get `len` bytes.
+fn curl_pull(
+    url: &str,
+    ca: &Path,
+    token: Option<&str>,
+    http1: bool,
+    len: u64,
+) -> anyhow::Result<()> {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download} %{http_version}",
+    ])
+    .arg("--cacert")
+    .arg(ca)
+    .arg(if http1 { "--http1.1" } else { "--http2" });
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    }
+    let out = cmd.arg(url).output().context("running curl")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut it = text.split_whitespace();
+    let size: u64 = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let version = it.next().unwrap_or("");
+    ensure!(
+        out.status.success() && size == len,
+        "curl {url}: {size} of {len} bytes ({text}) {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        (version == "2") != http1,
+        "curl spoke HTTP/{version} to {url}"
+    );
+    Ok(())
+}
+
+/// A 1 GiB monolithic push to the gateway and to distribution, with the CPU time each side
+/// spent (the gateway and its storage node; distribution).
+async fn push_cpu(gw: &Client, dist: &Client, ours: &[u32], dist_pid: u32) -> anyhow::Result<()> {
+    let blob = BigBlob::new(1024, 777);
+    let len = 1u64 << 30;
+    let mut line = String::from("push 1 GiB, monolithic PUT:");
+    let mut per = Vec::new();
+    for (name, c, pids) in [
+        ("distribution (plain HTTP)", dist, vec![dist_pid]),
+        ("gateway (TLS)", gw, ours.to_vec()),
+    ] {
+        let (cpu, t) = (cpu_seconds(&pids), Instant::now());
+        push(c, "bench/cpu", blob.body(), len, &blob.digest).await?;
+        let (took, cpu) = (t.elapsed(), cpu_seconds(&pids) - cpu);
+        per.push(per_gib(cpu, len));
+        line.push_str(&format!(
+            "  {name} {:.0} MiB/s {:.2} CPU s/GiB",
+            mib_s(len, took),
+            per_gib(cpu, len)
+        ));
+    }
+    println!("{line}   CPU ratio {:.2}×", per[1] / per[0]);
+    Ok(())
 }
 
 /// Tokens per second at `GET /token` with Basic credentials (bcrypt at the shipped cost)

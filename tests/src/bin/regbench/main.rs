@@ -39,6 +39,7 @@ mod audit;
 mod cache;
 mod cli;
 mod console;
+mod cpu;
 mod federation;
 mod gateway_suite;
 mod gc;
