@@ -17,6 +17,8 @@ pub struct AdminState {
     pub store: Arc<dyn crate::state::StateStore>,
     /// Registry events, when there are webhooks or replication rules.
     pub events: Option<Arc<crate::events::delivery::Events>>,
+    /// Not ready while draining.
+    pub drain: Arc<crate::drain::Drain>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -201,6 +203,9 @@ fn find_rule(
 async fn readyz(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
     // Ready when a storage node passes its health check and the state store answers.
     let mut not = Vec::new();
+    if st.drain.draining() {
+        not.push("draining: finishing what is in flight".to_string());
+    }
     if st.upstreams.select(b"", 256).is_none() {
         not.push("no healthy storage node".to_string());
     }

@@ -20,6 +20,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin listener (plain HTTP): `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
+    /// On `SIGTERM`, how long the gateway goes on serving what is in flight (it exits as soon
+    /// as nothing is): long enough for a multi-GiB layer at LAN speed.
+    #[serde(default = "default_drain")]
+    pub drain_seconds: u64,
     pub tls: TlsConfig,
     pub token: TokenConfig,
     pub upstream: UpstreamConfig,
@@ -61,6 +65,10 @@ pub struct Config {
     /// Manifest reads answered from the gateway's memory (`[manifest_cache]`, on by default).
     #[serde(default)]
     pub manifest_cache: crate::registry::manifests::ManifestCacheConfig,
+}
+
+fn default_drain() -> u64 {
+    600
 }
 
 /// Name of the environment variable with the internal secret.

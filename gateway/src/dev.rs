@@ -276,6 +276,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         webhooks: file.webhooks,
         replication: file.replication,
         manifest_cache: file.manifest_cache,
+        drain: Duration::from_secs(600),
         audit_file: Some(audit_file.clone()),
     })
 }

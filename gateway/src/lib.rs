@@ -19,7 +19,8 @@
 //!   `[[webhooks]]` that receive them and the `[[replication]]` rules that copy changes to
 //!   another registry.
 //! - [`audit`]: the request context and registry events of the audit trail (the trail itself
-//!   is `service::audit`, shared with storage); [`metrics`]; [`admin`]: the admin listener.
+//!   is `service::audit`, shared with storage); [`metrics`]; [`admin`]: the admin listener;
+//!   [`drain`]: stopping on `SIGTERM` without failing a client.
 //! - [`client`]: the client side (credential helper, `gateway robot`).
 //! - [`config`]: the config file, assembling the tables each feature owns; [`clock`] and
 //!   [`random`]: the clock and random tokens.
@@ -39,6 +40,7 @@ pub mod clock;
 pub mod config;
 pub mod console;
 pub mod dev;
+pub mod drain;
 pub mod edge;
 pub mod endpoints;
 pub mod events;
@@ -101,6 +103,8 @@ pub struct Settings {
     pub replication: Vec<events::replication::ReplicationConfig>,
     /// Manifest reads answered from memory (`[manifest_cache]`).
     pub manifest_cache: registry::manifests::ManifestCacheConfig,
+    /// How long a draining gateway goes on serving what is in flight (`drain_seconds`).
+    pub drain: Duration,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -144,6 +148,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         webhooks,
         replication,
         manifest_cache,
+        drain,
     } = settings;
     let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
@@ -153,7 +158,9 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
 
     let conf = ServerConf {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        grace_period_seconds: Some(0),
+        // Draining: listeners closed at once, what is in flight served for up to this long
+        // (the process ends as soon as nothing is: `drain::Drain::exit_when_idle`).
+        grace_period_seconds: Some(drain.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()
     };
@@ -205,7 +212,9 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             live_policy.clone(),
         )?))
     };
+    let draining = Arc::new(drain::Drain::default());
     let gateway = proxy::Gateway {
+        drain: draining.clone(),
         manifests: manifests.clone(),
         caches,
         events: events.clone(),
@@ -284,7 +293,9 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         upstreams,
         store,
         events: events.clone(),
+        drain: draining.clone(),
     });
+    let idle = draining.clone();
     std::thread::Builder::new()
         .name("portcullis-side".into())
         .spawn(move || {
@@ -304,6 +315,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                     tokio::spawn(t);
                 }
                 tokio::spawn(audit::reopen_on_sighup());
+                tokio::spawn(idle.exit_when_idle(Duration::from_millis(500)));
                 tokio::spawn(certificate.reload_on_sighup());
                 tokio::spawn(live_policy.reload_on_sighup());
                 if let Some(r) = revocations {
@@ -320,7 +332,10 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                 }
             });
         })?;
-    server.run_forever()
+    server.run(pingora::server::RunArgs {
+        shutdown_signal: draining.watch(),
+    });
+    std::process::exit(0)
 }
 
 /// HTTP/2 settings for clients. h2's default receive window (64 KiB per stream and per

@@ -239,6 +239,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         webhooks: c.webhooks.clone(),
         replication: c.replication.clone(),
         manifest_cache: c.manifest_cache.clone(),
+        drain: std::time::Duration::from_secs(c.drain_seconds),
         audit_file: c.audit.file.clone(),
         store,
         hello_timeout: std::time::Duration::from_millis(c.tls.hello_timeout_ms.max(1)),

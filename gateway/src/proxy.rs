@@ -52,6 +52,8 @@ pub struct Gateway {
     /// Seconds a client connection may wait for its next request (HTTP/1.1 keep-alive).
     pub client_idle_seconds: u64,
     pub metrics: Arc<Metrics>,
+    /// Requests in flight, and whether the gateway drains.
+    pub drain: Arc<crate::drain::Drain>,
 }
 
 /// What a request carries from one phase to the next.
@@ -73,6 +75,8 @@ pub struct RequestCtx {
     keeping: Option<Keeping>,
     /// A repository read without a generation: one is made if storage has the manifest.
     generation_for: Option<String>,
+    /// Counts the request in flight while it lives (a draining gateway waits for it).
+    _in_flight: crate::drain::InFlight,
 }
 
 /// Storage's answer to a manifest `GET`, being read to keep it.
@@ -600,6 +604,7 @@ impl ProxyHttp for Gateway {
             replace_body: None,
             keeping: None,
             generation_for: None,
+            _in_flight: self.drain.request(),
         }
     }
 

@@ -1,0 +1,114 @@
+//! Operations: a gateway asked to drain (`SIGTERM`) says it is not ready, refuses new
+//! connections, finishes the 1 GiB push in flight, and exits by itself once nothing is left.
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use portcullis_tests::client::{describe, with_query};
+use portcullis_tests::deployment;
+use reqwest::Method;
+use sha2::Digest as _;
+use std::time::{Duration, Instant};
+
+const ALICE: (&str, &str) = ("alice", "operations-alice-pw");
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    let mut g = deployment::start_gateway_with(&gw, &[&storage], &[ALICE], 4, "", &[])?;
+    let c = deployment::user_client(&g, ALICE.0, ALICE.1);
+
+    // 1 GiB in 64 pieces of 16 MiB, sent a little slower than the wire (about 4 s).
+    let piece = Bytes::from(
+        (0..16u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let pieces = 64u64;
+    let len = pieces * piece.len() as u64;
+    let digest = {
+        let mut h = sha2::Sha256::new();
+        for _ in 0..pieces {
+            h.update(&piece);
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    };
+    let repo = "team-a/big";
+    let location = c.start_upload(repo).await?;
+    let body = futures_util::stream::iter(0..pieces).then(move |_| {
+        let p = piece.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            Ok::<_, std::io::Error>(p)
+        }
+    });
+    let put = c
+        .req(
+            Method::PUT,
+            &with_query(&location, &format!("digest={digest}")),
+        )
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len.to_string())
+        .body(reqwest::Body::wrap_stream(body));
+    let started = Instant::now();
+    let push = tokio::spawn(async move { put.send().await });
+
+    // A second in, the gateway is asked to drain.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    g.signal("TERM")?;
+    // Not ready (a load balancer stops sending) and no new connection is taken.
+    let admin = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = admin.get(format!("{}/readyz", g.admin)).send().await?;
+        if r.status() == 503 {
+            ensure!(r.text().await?.contains("draining"));
+            break;
+        }
+        ensure!(Instant::now() < deadline, "still ready while draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(&g.host).is_ok() {
+        ensure!(
+            Instant::now() < deadline,
+            "new connections are still taken while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The push in flight completes, whole.
+    let r = push.await??;
+    ensure!(
+        r.status() == 201,
+        "the push in flight: {}",
+        describe(r).await
+    );
+    ensure!(
+        started.elapsed() > Duration::from_secs(2),
+        "the push did not span the drain"
+    );
+    let stored = deployment::storage_client(&storage)
+        .req(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}"))
+        .send()
+        .await?;
+    ensure!(stored.status() == 200, "not stored: {}", stored.status());
+    let stored_len = stored
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    ensure!(
+        stored_len == Some(len),
+        "stored {stored_len:?} bytes of {len}"
+    );
+    // And the gateway ends by itself, long before drain_seconds.
+    let status = tokio::task::block_in_place(|| g.exited_within(Duration::from_secs(15)))
+        .context("the drained gateway did not exit")?;
+    ensure!(status.success(), "the gateway exited with {status}");
+    Ok(())
+}
