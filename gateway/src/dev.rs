@@ -2,7 +2,7 @@
 //! storage in one process, data under `./data`, a generated CA and server certificate, an
 //! `admin` user with a generated password, the shipped policy.
 
-use crate::auth::htpasswd::Htpasswd;
+use crate::auth::htpasswd::LiveHtpasswd;
 use crate::edge::tls;
 use crate::registry::authz;
 use crate::token::jwt::Tokens;
@@ -115,7 +115,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     let generated = ensure_admin(&htpasswd_path)?;
     let mut groups = BTreeMap::new();
     groups.insert("registry-admins".to_string(), vec!["admin".to_string()]);
-    let users = Htpasswd::load(&htpasswd_path, &groups)?;
+    let users = Arc::new(LiveHtpasswd::load(&htpasswd_path, &groups, false)?);
 
     let file = match &opts.config {
         Some(f) => DevFile::load(f)?,
@@ -248,7 +248,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         },
         token: token::TokenService {
             tokens,
-            auth: Arc::new(crate::auth::Chain(vec![robots.clone(), Arc::new(users)])),
+            auth: Arc::new(crate::auth::Chain(vec![robots.clone(), users.clone()])),
             policy,
             sessions: Sessions::new(store.clone(), 30 * 86_400, 7 * 86_400),
             oidc: None,
@@ -262,7 +262,12 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             federation: None,
         },
         oidc: None,
-        side_tasks: vec![storage_task],
+        side_tasks: {
+            let mut tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
+                vec![storage_task];
+            tasks.push(Box::pin(users.reload_on_sighup()));
+            tasks
+        },
         store,
         proxy_protocol: None,
         hello_timeout: std::time::Duration::from_secs(10),

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use gateway::auth::htpasswd::Htpasswd;
+use gateway::auth::htpasswd::LiveHtpasswd;
 use gateway::registry::authz;
 use gateway::token::jwt::Tokens;
 use gateway::token::keys::SigningKey;
@@ -115,19 +115,26 @@ fn main() -> std::process::ExitCode {
 
 /// Static users first, then LDAP (see [`gateway::auth::Chain`] for the order's rules).
 /// `pepper` (`[pepper]`, see [`gateway::auth::pepper`]) is mixed into cached password hashes.
+/// The identity chain, and the htpasswd users in it (read again on `SIGHUP`), if any.
+type Identities = (
+    Arc<dyn gateway::auth::Authenticator>,
+    Option<Arc<LiveHtpasswd>>,
+);
+
 /// CI tokens (JWT passwords) and robots (`robot$…` names) go first: each decides only
-/// what is its own.
+/// what is its own. The htpasswd users, when there are, are read again on `SIGHUP`.
 fn authenticator(
     c: &config::AuthConfig,
     pepper: &[u8],
     store: Arc<dyn gateway::state::StateStore>,
     machines: Vec<Arc<dyn gateway::auth::Authenticator>>,
-) -> anyhow::Result<Arc<dyn gateway::auth::Authenticator>> {
+) -> anyhow::Result<Identities> {
     let mut chain: Vec<Arc<dyn gateway::auth::Authenticator>> = machines;
+    let mut live = None;
     if let Some(f) = &c.htpasswd_file {
-        let mut users = Htpasswd::load(f, &c.groups)?;
-        users.fall_through = c.ldap.is_some();
-        chain.push(Arc::new(users));
+        let users = Arc::new(LiveHtpasswd::load(f, &c.groups, c.ldap.is_some())?);
+        chain.push(users.clone());
+        live = Some(users);
     }
     if let Some(l) = &c.ldap {
         chain.push(Arc::new(gateway::auth::ldap::LdapAuthenticator::new(
@@ -136,10 +143,11 @@ fn authenticator(
             pepper,
         )?));
     }
-    Ok(match chain.len() {
+    let auth: Arc<dyn gateway::auth::Authenticator> = match chain.len() {
         1 => chain.remove(0),
         _ => Arc::new(gateway::auth::Chain(chain)),
-    })
+    };
+    Ok((auth, live))
 }
 
 fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
@@ -177,7 +185,12 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         machines.push(f.clone());
     }
     machines.push(robots.clone());
-    let auth = authenticator(&c.auth, peppers.current(), store.clone(), machines)?;
+    let (auth, users) = authenticator(&c.auth, peppers.current(), store.clone(), machines)?;
+    let mut side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
+        Vec::new();
+    if let Some(u) = users {
+        side_tasks.push(Box::pin(u.reload_on_sighup()));
+    }
     let oidc = match &c.oidc {
         Some(o) => Some(Arc::new(gateway::auth::oidc::Oidc::new(
             o.clone(),
@@ -234,7 +247,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
             )),
         },
         oidc,
-        side_tasks: Vec::new(),
+        side_tasks,
         proxy_caches: c.proxy_cache.clone(),
         webhooks: c.webhooks.clone(),
         replication: c.replication.clone(),

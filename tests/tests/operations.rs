@@ -1,5 +1,7 @@
 //! Operations: a gateway asked to drain (`SIGTERM`) says it is not ready, refuses new
-//! connections, finishes the 1 GiB push in flight, and exits by itself once nothing is left.
+//! connections, finishes the 1 GiB push in flight, and exits by itself once nothing is left;
+//! `SIGHUP` puts a new htpasswd file's users in force (a broken file changes nothing), audited,
+//! while uploads go on.
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
@@ -110,5 +112,110 @@ async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -
     let status = tokio::task::block_in_place(|| g.exited_within(Duration::from_secs(15)))
         .context("the drained gateway did not exit")?;
     ensure!(status.success(), "the gateway exited with {status}");
+    Ok(())
+}
+
+/// `GET /token` with Basic credentials: its status.
+async fn login(
+    g: &portcullis_tests::server::GatewayServer,
+    user: (&str, &str),
+) -> anyhow::Result<u16> {
+    let r = portcullis_tests::client::https(&g.ca_pem, false)
+        .get(format!("{}/token", g.base))
+        .query(&[
+            ("service", deployment::SERVICE),
+            ("scope", "repository:team-a/app:pull"),
+        ])
+        .basic_auth(user.0, Some(user.1))
+        .send()
+        .await?;
+    Ok(r.status().as_u16())
+}
+
+/// The `users-reload` audit events in `file`, oldest first: their outcomes.
+fn reloads(file: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event.action"] == "users-reload")
+        .map(|e| e["event.outcome"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_users_and_a_broken_file_changes_nothing() -> anyhow::Result<()> {
+    const CAROL: (&str, &str) = ("carol", "carol-operations-pw");
+    const DAVE: (&str, &str) = ("dave", "dave-operations-pw");
+    let dir = tempfile::tempdir()?;
+    let storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    let trail = gw.join("audit.jsonl");
+    let g = deployment::start_gateway_with(
+        &gw,
+        &[&storage],
+        &[ALICE, CAROL],
+        4,
+        &format!("[audit]\nfile = \"{}\"\n", trail.display()),
+        &[],
+    )?;
+    ensure!(login(&g, CAROL).await? == 200 && login(&g, DAVE).await? == 401);
+    // A transfer open across the reloads: an upload session started now, finished after.
+    let c = deployment::user_client(&g, ALICE.0, ALICE.1);
+    let location = c.start_upload("team-a/app").await?;
+
+    // carol goes, dave comes.
+    let line = |u: (&str, &str)| format!("{}:{}\n", u.0, bcrypt::hash(u.1, 4).unwrap());
+    let htpasswd = gw.join("htpasswd");
+    gateway::edge::tls::write_private(&htpasswd, (line(ALICE) + &line(DAVE)).as_bytes())?;
+    g.signal("HUP")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reloads(&trail).is_empty() {
+        ensure!(Instant::now() < deadline, "no users-reload audited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(reloads(&trail) == ["success"], "{:?}", reloads(&trail));
+    ensure!(login(&g, DAVE).await? == 200, "the new user cannot log in");
+    ensure!(
+        login(&g, CAROL).await? == 401,
+        "the removed user still logs in"
+    );
+
+    // A broken file changes nothing, and says so in the trail.
+    gateway::edge::tls::write_private(&htpasswd, b"dave:not-a-bcrypt-hash\n")?;
+    g.signal("HUP")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reloads(&trail).len() < 2 {
+        ensure!(
+            Instant::now() < deadline,
+            "the failed reload was not audited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(
+        reloads(&trail) == ["success", "failure"],
+        "{:?}",
+        reloads(&trail)
+    );
+    ensure!(login(&g, DAVE).await? == 200 && login(&g, ALICE).await? == 200);
+    ensure!(
+        !std::fs::read_to_string(&trail)?.contains("$2"),
+        "a hash in the audit trail"
+    );
+
+    // The upload opened before the reloads completes.
+    let blob = b"a blob uploaded across two reloads".to_vec();
+    let digest = portcullis_tests::client::sha256(&blob);
+    let r = c
+        .req(
+            Method::PUT,
+            &with_query(&location, &format!("digest={digest}")),
+        )
+        .header("content-type", "application/octet-stream")
+        .body(blob)
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "the open upload: {}", describe(r).await);
     Ok(())
 }

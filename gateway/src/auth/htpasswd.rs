@@ -1,10 +1,13 @@
-//! Static users from a bcrypt htpasswd file (`htpasswd -B`), the embedded default.
+//! Static users from a bcrypt htpasswd file (`htpasswd -B`), the embedded default;
+//! [`LiveHtpasswd`] reads the file again on `SIGHUP` (a file that does not parse changes
+//! nothing), so users are added and removed without a restart.
 
 use super::{AuthError, Authenticator, Identity};
 use anyhow::{Context, bail};
 use policy::SubjectKind;
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 pub struct Htpasswd {
     users: HashMap<String, String>,
@@ -91,5 +94,133 @@ impl Authenticator for Htpasswd {
             kind: SubjectKind::User,
             machine: None,
         })
+    }
+}
+
+/// The users of an htpasswd file, read again on [`LiveHtpasswd::reload`]: the users in force
+/// are replaced only by a file that parses whole; a login in progress keeps the users it
+/// started with.
+pub struct LiveHtpasswd {
+    file: PathBuf,
+    groups: BTreeMap<String, Vec<String>>,
+    fall_through: bool,
+    current: RwLock<Arc<Htpasswd>>,
+}
+
+impl LiveHtpasswd {
+    /// The users of `file` (`fall_through`: another backend follows in the chain).
+    pub fn load(
+        file: &Path,
+        groups: &BTreeMap<String, Vec<String>>,
+        fall_through: bool,
+    ) -> anyhow::Result<Self> {
+        let mut users = Htpasswd::load(file, groups)?;
+        users.fall_through = fall_through;
+        Ok(LiveHtpasswd {
+            file: file.to_owned(),
+            groups: groups.clone(),
+            fall_through,
+            current: RwLock::new(Arc::new(users)),
+        })
+    }
+
+    fn in_force(&self) -> Arc<Htpasswd> {
+        match self.current.read() {
+            Ok(u) => u.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// How many users are in force.
+    pub fn count(&self) -> usize {
+        self.in_force().users.len()
+    }
+
+    /// Reads the file again and puts its users in force if it parses; audited either way
+    /// (`users-reload`, with the file's SHA-256 and the number of users, never a hash).
+    pub fn reload(&self) -> Result<usize, String> {
+        let loaded = std::fs::read_to_string(&self.file)
+            .map_err(|e| format!("reading {}: {e}", self.file.display()))
+            .and_then(|text| {
+                let sha = crate::audit::sha256_hex(&text);
+                Htpasswd::parse(&text, &self.groups)
+                    .map(|u| (u, sha))
+                    .map_err(|e| format!("{e:#}"))
+            });
+        let file = self.file.display().to_string();
+        match loaded {
+            Ok((mut users, sha)) => {
+                users.fall_through = self.fall_through;
+                let n = users.users.len();
+                let new = Arc::new(users);
+                match self.current.write() {
+                    Ok(mut u) => *u = new,
+                    Err(poisoned) => *poisoned.into_inner() = new,
+                }
+                tracing::info!(file = %file, users = n, "users reloaded");
+                crate::audit::record(
+                    "users-reload",
+                    "success",
+                    serde_json::json!({"users.file": file, "users.sha256": sha, "users.count": n}),
+                );
+                Ok(n)
+            }
+            Err(why) => {
+                tracing::error!(file = %file, error = %why, "users reload failed; the users in force stay");
+                crate::audit::record(
+                    "users-reload",
+                    "failure",
+                    serde_json::json!({"users.file": file, "event.reason": why}),
+                );
+                Err(why)
+            }
+        }
+    }
+
+    /// Reloads on every `SIGHUP`, forever (on the side runtime).
+    pub async fn reload_on_sighup(self: Arc<Self>) {
+        service::signal::on_sighup("users are never reloaded", || {
+            let _ = self.reload();
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl Authenticator for LiveHtpasswd {
+    fn name(&self) -> &'static str {
+        "htpasswd"
+    }
+
+    async fn authenticate(&self, username: &str, password: &str) -> Result<Identity, AuthError> {
+        self.in_force().authenticate(username, password).await
+    }
+}
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reload_adds_and_removes_users_and_a_broken_file_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("htpasswd");
+        let line = |u: &str, p: &str| format!("{u}:{}\n", bcrypt::hash(p, 4).unwrap());
+        std::fs::write(&file, line("old", "old-pw")).unwrap();
+        let live = LiveHtpasswd::load(&file, &BTreeMap::new(), false).unwrap();
+        assert!(live.authenticate("old", "old-pw").await.is_ok());
+        std::fs::write(&file, line("new", "new-pw")).unwrap();
+        assert_eq!(live.reload(), Ok(1));
+        assert!(live.authenticate("new", "new-pw").await.is_ok());
+        assert!(live.authenticate("old", "old-pw").await.is_err(), "removed");
+        std::fs::write(&file, "new:not-a-bcrypt-hash\n").unwrap();
+        assert!(live.reload().is_err());
+        assert!(live.authenticate("new", "new-pw").await.is_ok(), "kept");
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            live.reload().is_err(),
+            "a missing file changes nothing either"
+        );
+        assert_eq!(live.count(), 1);
     }
 }
