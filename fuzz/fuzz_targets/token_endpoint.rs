@@ -41,6 +41,7 @@ fn service() -> &'static (tokio::runtime::Runtime, TokenService) {
             auth: Arc::new(users),
             policy: Arc::new(gateway::live_policy::LivePolicy::fixed(policy)),
             sessions: gateway::token::refresh::Sessions::new(store.clone(), 86_400, 86_400),
+            users: None,
             expires_in_seconds: 300,
             oidc: None,
             reread_lock: Default::default(),

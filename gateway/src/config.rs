@@ -24,6 +24,10 @@ pub struct Config {
     /// as nothing is): long enough for a multi-GiB layer at LAN speed.
     #[serde(default = "default_drain")]
     pub drain_seconds: u64,
+    /// On `SIGTERM`, how long `/readyz` says not ready before the listeners close (load
+    /// balancers stop sending first).
+    #[serde(default = "default_drain_delay")]
+    pub drain_delay_seconds: u64,
     pub tls: TlsConfig,
     pub token: TokenConfig,
     pub upstream: UpstreamConfig,
@@ -67,8 +71,14 @@ pub struct Config {
     pub manifest_cache: crate::registry::manifests::ManifestCacheConfig,
 }
 
-fn default_drain() -> u64 {
+/// The default `drain_seconds`.
+pub fn default_drain() -> u64 {
     600
+}
+
+/// The default `drain_delay_seconds`.
+pub fn default_drain_delay() -> u64 {
+    5
 }
 
 /// Name of the environment variable with the internal secret.

@@ -253,6 +253,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             sessions: Sessions::new(store.clone(), 30 * 86_400, 7 * 86_400),
             oidc: None,
             reread_lock: Default::default(),
+            users: Some(users.clone()),
             expires_in_seconds: 300,
             robots: Some(robots),
             limits: Arc::new(crate::limits::Limits::new(
@@ -281,7 +282,8 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         webhooks: file.webhooks,
         replication: file.replication,
         manifest_cache: file.manifest_cache,
-        drain: Duration::from_secs(600),
+        drain: Duration::from_secs(crate::config::default_drain()),
+        drain_delay: Duration::from_secs(crate::config::default_drain_delay()),
         audit_file: Some(audit_file.clone()),
     })
 }

@@ -1,8 +1,9 @@
 //! Draining: how a gateway stops without failing a client. On `SIGTERM` (or `SIGQUIT`) it
-//! reports not ready on `/readyz` (a load balancer stops sending), closes its listeners (new
-//! connections are refused), and goes on serving what is in flight — an upload of a big
-//! layer too — until nothing is, or `drain_seconds` pass; then it exits. `SIGINT` stops at
-//! once.
+//! reports not ready on `/readyz` (a load balancer stops sending), after
+//! `drain_delay_seconds` closes its listeners (new connections are refused), and goes on
+//! serving what is in flight — an upload of a big layer too — until nothing is, or
+//! `drain_seconds` pass; then it exits (status 1 when requests were cut short). `SIGINT`
+//! stops at once, during a drain too.
 //!
 //! Pingora's graceful terminate does the listening side and bounds the whole by its grace
 //! period (`drain_seconds`); [`Drain`] counts the requests in flight ([`InFlight`], one per
@@ -18,6 +19,8 @@ use std::time::Duration;
 pub struct Drain {
     draining: AtomicBool,
     in_flight: AtomicUsize,
+    /// How long `/readyz` says not ready before the listeners close (`drain_delay_seconds`).
+    delay: Duration,
 }
 
 /// One request in flight: counted while it lives.
@@ -30,6 +33,14 @@ impl Drop for InFlight {
 }
 
 impl Drain {
+    /// A drain that keeps the listeners open `delay` after `/readyz` turns not ready.
+    pub fn new(delay: Duration) -> Self {
+        Drain {
+            delay,
+            ..Default::default()
+        }
+    }
+
     /// A request starts.
     pub fn request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -44,21 +55,59 @@ impl Drain {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Ends the process once draining and nothing is in flight (checked every 100 ms; at
-    /// least `settle` after the drain began, so a request accepted just before it is counted).
+    /// Ends the process once draining and nothing has been in flight for `settle` (an
+    /// HTTP/2 answer's last bytes leave after its request ended; audit events reach their
+    /// sinks); a `SIGINT` meanwhile ends it at once.
     pub async fn exit_when_idle(self: Arc<Self>, settle: Duration) {
         while !self.draining() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(settle).await;
+        tokio::spawn(async {
+            if let Ok(mut int) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            {
+                int.recv().await;
+                tracing::warn!("SIGINT while draining: stopping at once");
+                std::process::exit(1);
+            }
+        });
+        let mut idle_since: Option<std::time::Instant> = None;
         loop {
-            if self.in_flight() == 0 {
+            if self.in_flight() > 0 {
+                idle_since = None;
+            } else if idle_since
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed()
+                >= settle
+            {
                 tracing::info!("drained: nothing in flight; exiting");
                 crate::audit::record("gateway-stop", "success", serde_json::json!({}));
+                // The audit sinks' queues get a moment to send it.
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 std::process::exit(0);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The end of a drain that `drain_seconds` cut short: audited with what was still in
+    /// flight; the process's exit status says so.
+    pub fn timed_out(&self) -> i32 {
+        let left = self.in_flight();
+        if left == 0 {
+            return 0;
+        }
+        tracing::warn!(
+            in_flight = left,
+            "drain_seconds passed with requests in flight"
+        );
+        crate::audit::record(
+            "gateway-stop",
+            "failure",
+            serde_json::json!({"event.reason": format!("drain_seconds passed with {left} requests in flight")}),
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        1
     }
 
     /// The signal watch Pingora runs with: `SIGTERM` and `SIGQUIT` drain, `SIGINT` stops.
@@ -92,8 +141,11 @@ impl ShutdownSignalWatch for Signals {
         self.0.draining.store(true, Ordering::SeqCst);
         tracing::info!(
             in_flight = self.0.in_flight(),
-            "draining: not ready, no new connections, finishing what is in flight"
+            delay_seconds = self.0.delay.as_secs(),
+            "draining: not ready; the listeners close after the delay, then what is in flight is finished"
         );
+        // Load balancers see /readyz first; connections keep being taken meanwhile.
+        tokio::time::sleep(self.0.delay).await;
         ShutdownSignal::GracefulTerminate
     }
 }

@@ -105,6 +105,8 @@ pub struct Settings {
     pub manifest_cache: registry::manifests::ManifestCacheConfig,
     /// How long a draining gateway goes on serving what is in flight (`drain_seconds`).
     pub drain: Duration,
+    /// How long it says not ready before its listeners close (`drain_delay_seconds`).
+    pub drain_delay: Duration,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -149,6 +151,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         replication,
         manifest_cache,
         drain,
+        drain_delay,
     } = settings;
     let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
@@ -161,6 +164,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         // Draining: listeners closed at once, what is in flight served for up to this long
         // (the process ends as soon as nothing is: `drain::Drain::exit_when_idle`).
         grace_period_seconds: Some(drain.as_secs()),
+        // (the delay is spent in the signal watch, before the grace period)
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()
     };
@@ -192,8 +196,6 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         store.clone(),
     )?);
     let tokens = Arc::new(token);
-    // Registry events, recorded and delivered when there are webhooks or replication rules
-    // to take them.
     // Manifest reads answered from memory while their repository has not changed.
     let manifests = manifest_cache.enabled.then(|| {
         Arc::new(registry::manifests::ManifestCache::new(
@@ -201,6 +203,8 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             &manifest_cache,
         ))
     });
+    // Registry events, recorded and delivered when there are webhooks or replication rules
+    // to take them.
     let events = if webhooks.is_empty() && replication.is_empty() {
         None
     } else {
@@ -212,7 +216,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             live_policy.clone(),
         )?))
     };
-    let draining = Arc::new(drain::Drain::default());
+    let draining = Arc::new(drain::Drain::new(drain_delay));
     let gateway = proxy::Gateway {
         drain: draining.clone(),
         manifests: manifests.clone(),
@@ -335,7 +339,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     server.run(pingora::server::RunArgs {
         shutdown_signal: draining.watch(),
     });
-    std::process::exit(0)
+    std::process::exit(draining.timed_out())
 }
 
 /// HTTP/2 settings for clients. h2's default receive window (64 KiB per stream and per

@@ -113,14 +113,14 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Static users first, then LDAP (see [`gateway::auth::Chain`] for the order's rules).
-/// `pepper` (`[pepper]`, see [`gateway::auth::pepper`]) is mixed into cached password hashes.
 /// The identity chain, and the htpasswd users in it (read again on `SIGHUP`), if any.
 type Identities = (
     Arc<dyn gateway::auth::Authenticator>,
     Option<Arc<LiveHtpasswd>>,
 );
 
+/// Static users first, then LDAP (see [`gateway::auth::Chain`] for the order's rules).
+/// `pepper` (`[pepper]`, see [`gateway::auth::pepper`]) is mixed into cached password hashes.
 /// CI tokens (JWT passwords) and robots (`robot$…` names) go first: each decides only
 /// what is its own. The htpasswd users, when there are, are read again on `SIGHUP`.
 fn authenticator(
@@ -188,8 +188,8 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
     let (auth, users) = authenticator(&c.auth, peppers.current(), store.clone(), machines)?;
     let mut side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
         Vec::new();
-    if let Some(u) = users {
-        side_tasks.push(Box::pin(u.reload_on_sighup()));
+    if let Some(u) = &users {
+        side_tasks.push(Box::pin(u.clone().reload_on_sighup()));
     }
     let oidc = match &c.oidc {
         Some(o) => Some(Arc::new(gateway::auth::oidc::Oidc::new(
@@ -236,6 +236,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
                 (c.token.refresh_absolute_hours * 3600) as i64,
                 (c.token.refresh_idle_hours * 3600) as i64,
             ),
+            users,
             expires_in_seconds: c.token.expires_in_seconds,
             oidc: oidc.clone(),
             reread_lock: Default::default(),
@@ -253,6 +254,7 @@ fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
         replication: c.replication.clone(),
         manifest_cache: c.manifest_cache.clone(),
         drain: std::time::Duration::from_secs(c.drain_seconds),
+        drain_delay: std::time::Duration::from_secs(c.drain_delay_seconds),
         audit_file: c.audit.file.clone(),
         store,
         hello_timeout: std::time::Duration::from_millis(c.tls.hello_timeout_ms.max(1)),

@@ -27,6 +27,9 @@ pub struct Config {
     /// The audit trail of deletions by GC and retention (docs/audit.md); without a file,
     /// stdout or syslog sink they are logged on the `audit` target.
     pub audit: service::audit::AuditConfig,
+    /// On `SIGTERM`, how long requests in flight are finished (the listener is closed at
+    /// once: gateways' health checks take the node out); then the process exits.
+    pub drain_seconds: u64,
 }
 
 /// `[gc]`: online garbage collection (`registry::gc`), scheduled here or run by hand
@@ -137,6 +140,7 @@ impl Default for Config {
             log: LogConfig::default(),
             gc: GcConfig::default(),
             audit: service::audit::AuditConfig::default(),
+            drain_seconds: 600,
         }
     }
 }

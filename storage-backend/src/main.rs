@@ -6,6 +6,7 @@ use clap::Parser;
 use service::log::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use storage_backend::config::{Config, StorageConfig};
 use storage_backend::http::{Listener, router};
 use tokio::net::TcpListener;
@@ -145,12 +146,24 @@ async fn run() -> anyhow::Result<()> {
         servers.spawn(serve(l, router(state, Listener::Admin), stop_rx));
     }
     shutdown.await;
-    tracing::info!("shutting down: finishing in-flight requests");
+    tracing::info!(
+        drain_seconds = config.drain_seconds,
+        "shutting down: finishing in-flight requests"
+    );
     let _ = stop_tx.send(true);
-    while let Some(r) = servers.join_next().await {
-        r??;
+    let finished = async {
+        while let Some(r) = servers.join_next().await {
+            r??;
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(config.drain_seconds), finished).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("drain_seconds passed with requests still in flight; exiting");
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 async fn serve(

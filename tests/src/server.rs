@@ -152,6 +152,16 @@ impl StorageServer {
     }
 
     /// `kill -9` now.
+    /// Sends the process `signal` (`TERM`, `HUP`, …).
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        send_signal(self.pid(), signal)
+    }
+
+    /// How the process ended, if it did within `within`.
+    pub fn exited_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        exited_within(&mut self.child, within)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -353,32 +363,41 @@ impl GatewayServer {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Sends the process `signal` (`TERM`, `HUP`, …) with `kill`.
+    /// Sends the process `signal` (`TERM`, `HUP`, …).
     pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let pid = self.pid().context("the gateway is not running")?;
-        let ok = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()?
-            .success();
-        anyhow::ensure!(ok, "kill -{signal} {pid} failed");
-        Ok(())
+        send_signal(self.pid(), signal)
     }
 
     /// How the process ended, if it did within `within`.
     pub fn exited_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + within;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return Some(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        exited_within(&mut self.child, within)
+    }
+}
+
+/// `kill -<signal> <pid>`.
+fn send_signal(pid: Option<u32>, signal: &str) -> anyhow::Result<()> {
+    let pid = pid.context("the process is not running")?;
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "kill -{signal} {pid} failed");
+    Ok(())
+}
+
+/// How `child` ended, if it did within `within` (then it is no longer held).
+fn exited_within(child: &mut Option<Child>, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.as_mut()?.try_wait() {
+            *child = None;
+            return Some(status);
         }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

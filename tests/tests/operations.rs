@@ -1,7 +1,7 @@
 //! Operations: a gateway asked to drain (`SIGTERM`) says it is not ready, refuses new
 //! connections, finishes the 1 GiB push in flight, and exits by itself once nothing is left;
 //! `SIGHUP` puts a new htpasswd file's users in force (a broken file changes nothing), audited,
-//! while uploads go on.
+//! while uploads go on; a storage node asked to stop finishes the upload in flight.
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
@@ -24,7 +24,8 @@ async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -
     let mut g = deployment::start_gateway_with(&gw, &[&storage], &[ALICE], 4, "", &[])?;
     let c = deployment::user_client(&g, ALICE.0, ALICE.1);
 
-    // 1 GiB in 64 pieces of 16 MiB, sent a little slower than the wire (about 4 s).
+    // 1 GiB in 64 pieces of 16 MiB, sent slower than the wire (about 10 s: in flight when
+    // the listeners close, drain_delay_seconds after the signal).
     let piece = Bytes::from(
         (0..16u32 << 20)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
@@ -44,7 +45,7 @@ async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -
     let body = futures_util::stream::iter(0..pieces).then(move |_| {
         let p = piece.clone();
         async move {
-            tokio::time::sleep(Duration::from_millis(60)).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
             Ok::<_, std::io::Error>(p)
         }
     });
@@ -74,7 +75,7 @@ async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -
         ensure!(Instant::now() < deadline, "still ready while draining");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(&g.host).is_ok() {
         ensure!(
             Instant::now() < deadline,
@@ -91,8 +92,8 @@ async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -
         describe(r).await
     );
     ensure!(
-        started.elapsed() > Duration::from_secs(2),
-        "the push did not span the drain"
+        started.elapsed() > Duration::from_secs(7),
+        "the push did not span the listeners' close"
     );
     let stored = deployment::storage_client(&storage)
         .req(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}"))
@@ -161,6 +162,36 @@ async fn sighup_reloads_the_users_and_a_broken_file_changes_nothing() -> anyhow:
         &[],
     )?;
     ensure!(login(&g, CAROL).await? == 200 && login(&g, DAVE).await? == 401);
+    // carol's docker login keeps an identity token (a session opened with the password).
+    let http = portcullis_tests::client::https(&g.ca_pem, false);
+    let offline: serde_json::Value = http
+        .get(format!("{}/token", g.base))
+        .query(&[
+            ("service", deployment::SERVICE),
+            ("offline_token", "true"),
+            ("client_id", "operations-test"),
+        ])
+        .basic_auth(CAROL.0, Some(CAROL.1))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let refresh = offline["refresh_token"]
+        .as_str()
+        .context("no refresh token")?
+        .to_owned();
+    portcullis_tests::remember_secret(&refresh);
+    let redeem = || {
+        http.post(format!("{}/token", g.base))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh.as_str()),
+                ("client_id", "operations-test"),
+                ("service", deployment::SERVICE),
+            ])
+            .send()
+    };
+    ensure!(redeem().await?.status() == 200);
     // A transfer open across the reloads: an upload session started now, finished after.
     let c = deployment::user_client(&g, ALICE.0, ALICE.1);
     let location = c.start_upload("team-a/app").await?;
@@ -180,6 +211,12 @@ async fn sighup_reloads_the_users_and_a_broken_file_changes_nothing() -> anyhow:
     ensure!(
         login(&g, CAROL).await? == 401,
         "the removed user still logs in"
+    );
+    let r = redeem().await?;
+    ensure!(
+        r.status() == 400,
+        "the removed user's identity token still works: {}",
+        r.status()
     );
 
     // A broken file changes nothing, and says so in the trail.
@@ -217,5 +254,59 @@ async fn sighup_reloads_the_users_and_a_broken_file_changes_nothing() -> anyhow:
         .send()
         .await?;
     ensure!(r.status() == 201, "the open upload: {}", describe(r).await);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_storage_node_asked_to_stop_finishes_the_upload_in_flight_and_takes_no_new_one()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let c = deployment::storage_client(&storage);
+    let repo = "team-a/app";
+    let location = c.start_upload(repo).await?;
+    // 32 MiB in 32 pieces, about 3 s.
+    let piece = Bytes::from(vec![7u8; 1 << 20]);
+    let pieces = 32u64;
+    let digest = {
+        let mut h = sha2::Sha256::new();
+        for _ in 0..pieces {
+            h.update(&piece);
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    };
+    let body = futures_util::stream::iter(0..pieces).then(move |_| {
+        let p = piece.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(90)).await;
+            Ok::<_, std::io::Error>(p)
+        }
+    });
+    let put = c
+        .req(
+            Method::PUT,
+            &with_query(&location, &format!("digest={digest}")),
+        )
+        .header("content-type", "application/octet-stream")
+        .header("content-length", (pieces << 20).to_string())
+        .body(reqwest::Body::wrap_stream(body));
+    let push = tokio::spawn(async move { put.send().await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    storage.signal("TERM")?;
+    let addr = storage.base.trim_start_matches("http://").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        ensure!(Instant::now() < deadline, "new connections still taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = push.await??;
+    ensure!(
+        r.status() == 201,
+        "the upload in flight: {}",
+        describe(r).await
+    );
+    let status = tokio::task::block_in_place(|| storage.exited_within(Duration::from_secs(15)))
+        .context("the storage node did not exit")?;
+    ensure!(status.success(), "it exited with {status}");
     Ok(())
 }

@@ -105,6 +105,8 @@ pub struct LiveHtpasswd {
     groups: BTreeMap<String, Vec<String>>,
     fall_through: bool,
     current: RwLock<Arc<Htpasswd>>,
+    /// Users a reload removed (and none put back since).
+    removed: RwLock<std::collections::HashSet<String>>,
 }
 
 impl LiveHtpasswd {
@@ -121,7 +123,17 @@ impl LiveHtpasswd {
             groups: groups.clone(),
             fall_through,
             current: RwLock::new(Arc::new(users)),
+            removed: RwLock::default(),
         })
+    }
+
+    /// Whether `user` may no longer log in with a password here: not in the file, and no
+    /// other backend (LDAP) that could know them — or removed from the file by a reload.
+    pub fn gone(&self, user: &str) -> bool {
+        if self.in_force().users.contains_key(user) {
+            return false;
+        }
+        !self.fall_through || self.removed.read().map_or(true, |r| r.contains(user))
     }
 
     fn in_force(&self) -> Arc<Htpasswd> {
@@ -152,6 +164,16 @@ impl LiveHtpasswd {
             Ok((mut users, sha)) => {
                 users.fall_through = self.fall_through;
                 let n = users.users.len();
+                let old = self.in_force();
+                if let Ok(mut removed) = self.removed.write() {
+                    removed.extend(
+                        old.users
+                            .keys()
+                            .filter(|u| !users.users.contains_key(*u))
+                            .cloned(),
+                    );
+                    removed.retain(|u| !users.users.contains_key(u));
+                }
                 let new = Arc::new(users);
                 match self.current.write() {
                     Ok(mut u) => *u = new,
@@ -213,6 +235,7 @@ mod live_tests {
         assert_eq!(live.reload(), Ok(1));
         assert!(live.authenticate("new", "new-pw").await.is_ok());
         assert!(live.authenticate("old", "old-pw").await.is_err(), "removed");
+        assert!(live.gone("old") && !live.gone("new"));
         std::fs::write(&file, "new:not-a-bcrypt-hash\n").unwrap();
         assert!(live.reload().is_err());
         assert!(live.authenticate("new", "new-pw").await.is_ok(), "kept");

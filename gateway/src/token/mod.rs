@@ -40,6 +40,8 @@ pub struct TokenService {
     pub auth: Arc<dyn Authenticator>,
     pub policy: Arc<crate::live_policy::LivePolicy>,
     pub sessions: Sessions,
+    /// The htpasswd users, when there are: a password session of a user no longer there ends.
+    pub users: Option<Arc<crate::auth::htpasswd::LiveHtpasswd>>,
     pub expires_in_seconds: u64,
     /// Single sign-on: device grants, and groups read again for sessions it created.
     pub oidc: Option<Arc<crate::auth::oidc::Oidc>>,
@@ -158,6 +160,22 @@ impl TokenService {
         let Some(mut r) = redeem().await? else {
             return Ok(None);
         };
+        // A user removed from the htpasswd file (a reload) keeps no session opened with the
+        // password.
+        if r.session.source == "password"
+            && r.session.kind == "user"
+            && self
+                .users
+                .as_ref()
+                .is_some_and(|u| u.gone(&r.session.subject))
+        {
+            tracing::info!(subject = %r.session.subject, "the user is gone from the htpasswd file: session ended");
+            self.sessions
+                .end(&r)
+                .await
+                .map_err(|e| store_unavailable(&e))?;
+            return Ok(None);
+        }
         if let (Some(oidc), Some(_)) = (&self.oidc, &r.session.idp_refresh)
             && now - r.session.groups_checked_at >= oidc.groups_refresh_seconds()
         {
