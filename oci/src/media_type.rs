@@ -216,6 +216,25 @@ pub fn parse_manifest(
     Ok(parsed)
 }
 
+/// Whether the `Accept` header values `accept` admit `media_type` (a tag's manifest is
+/// answered only then): no `Accept`, `*/*` and `application/*` admit all.
+pub fn accepts<'a>(accept: impl IntoIterator<Item = &'a str>, media_type: &str) -> bool {
+    let mut any = false;
+    for v in accept {
+        for item in v.split(',') {
+            let essence = essence(item);
+            if essence.is_empty() {
+                continue;
+            }
+            any = true;
+            if essence == "*/*" || essence == "application/*" || essence == media_type {
+                return true;
+            }
+        }
+    }
+    !any
+}
+
 /// The media type to answer a stored manifest with: its `mediaType` field, else inferred from
 /// its shape (OCI manifests may omit the field).
 pub fn detect_media_type(body: &[u8]) -> String {

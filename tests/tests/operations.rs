@@ -14,6 +14,25 @@ use std::time::{Duration, Instant};
 
 const ALICE: (&str, &str) = ("alice", "operations-alice-pw");
 
+/// A blob of `pieces` copies of `piece`, sent one every `pause`: the body, its length and
+/// its digest.
+fn slow_blob(piece: Bytes, pieces: u64, pause: Duration) -> (reqwest::Body, u64, String) {
+    let len = pieces * piece.len() as u64;
+    let mut h = sha2::Sha256::new();
+    for _ in 0..pieces {
+        h.update(&piece);
+    }
+    let digest = format!("sha256:{}", hex::encode(h.finalize()));
+    let body = futures_util::stream::iter(0..pieces).then(move |_| {
+        let p = piece.clone();
+        async move {
+            tokio::time::sleep(pause).await;
+            Ok::<_, std::io::Error>(p)
+        }
+    });
+    (reqwest::Body::wrap_stream(body), len, digest)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -> anyhow::Result<()>
 {
@@ -31,24 +50,9 @@ async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
             .collect::<Vec<u8>>(),
     );
-    let pieces = 64u64;
-    let len = pieces * piece.len() as u64;
-    let digest = {
-        let mut h = sha2::Sha256::new();
-        for _ in 0..pieces {
-            h.update(&piece);
-        }
-        format!("sha256:{}", hex::encode(h.finalize()))
-    };
+    let (body, len, digest) = slow_blob(piece, 64, Duration::from_millis(150));
     let repo = "team-a/big";
     let location = c.start_upload(repo).await?;
-    let body = futures_util::stream::iter(0..pieces).then(move |_| {
-        let p = piece.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            Ok::<_, std::io::Error>(p)
-        }
-    });
     let put = c
         .req(
             Method::PUT,
@@ -56,7 +60,7 @@ async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -
         )
         .header("content-type", "application/octet-stream")
         .header("content-length", len.to_string())
-        .body(reqwest::Body::wrap_stream(body));
+        .body(body);
     let started = Instant::now();
     let push = tokio::spawn(async move { put.send().await });
 
@@ -266,30 +270,19 @@ async fn a_storage_node_asked_to_stop_finishes_the_upload_in_flight_and_takes_no
     let repo = "team-a/app";
     let location = c.start_upload(repo).await?;
     // 32 MiB in 32 pieces, about 3 s.
-    let piece = Bytes::from(vec![7u8; 1 << 20]);
-    let pieces = 32u64;
-    let digest = {
-        let mut h = sha2::Sha256::new();
-        for _ in 0..pieces {
-            h.update(&piece);
-        }
-        format!("sha256:{}", hex::encode(h.finalize()))
-    };
-    let body = futures_util::stream::iter(0..pieces).then(move |_| {
-        let p = piece.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(90)).await;
-            Ok::<_, std::io::Error>(p)
-        }
-    });
+    let (body, len, digest) = slow_blob(
+        Bytes::from(vec![7u8; 1 << 20]),
+        32,
+        Duration::from_millis(90),
+    );
     let put = c
         .req(
             Method::PUT,
             &with_query(&location, &format!("digest={digest}")),
         )
         .header("content-type", "application/octet-stream")
-        .header("content-length", (pieces << 20).to_string())
-        .body(reqwest::Body::wrap_stream(body));
+        .header("content-length", len.to_string())
+        .body(body);
     let push = tokio::spawn(async move { put.send().await });
     tokio::time::sleep(Duration::from_secs(1)).await;
     storage.signal("TERM")?;

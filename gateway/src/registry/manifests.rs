@@ -289,24 +289,11 @@ impl ManifestCache {
     }
 }
 
-/// Whether an `Accept` header admits `media_type` (as storage decides for a tag: no
-/// `Accept`, `*/*` and `application/*` admit all).
+/// Whether an `Accept` header admits `media_type`, as storage decides for a tag
+/// ([`oci::media_type::accepts`]).
 pub fn accepts(h: &http::HeaderMap, media_type: &str) -> bool {
-    let mut any = false;
-    for v in h.get_all(http::header::ACCEPT) {
-        let Ok(v) = v.to_str() else { continue };
-        for item in v.split(',') {
-            let essence = oci::media_type::essence(item);
-            if essence.is_empty() {
-                continue;
-            }
-            any = true;
-            if essence == "*/*" || essence == "application/*" || essence == media_type {
-                return true;
-            }
-        }
-    }
-    !any
+    let values = h.get_all(http::header::ACCEPT);
+    oci::media_type::accepts(values.iter().filter_map(|v| v.to_str().ok()), media_type)
 }
 
 #[cfg(test)]

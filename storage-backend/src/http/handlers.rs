@@ -376,23 +376,10 @@ async fn get_blob(
     Ok(r)
 }
 
-/// Whether `Accept` admits `media_type`. No `Accept`, `*/*` and `application/*` admit all.
+/// Whether `Accept` admits `media_type` ([`oci::media_type::accepts`]).
 fn accepts(h: &HeaderMap, media_type: &str) -> bool {
-    let mut any = false;
-    for v in h.get_all(header::ACCEPT) {
-        let Ok(v) = v.to_str() else { continue };
-        for item in v.split(',') {
-            let essence = oci::media_type::essence(item);
-            if essence.is_empty() {
-                continue;
-            }
-            any = true;
-            if essence == "*/*" || essence == "application/*" || essence == media_type {
-                return true;
-            }
-        }
-    }
-    !any
+    let values = h.get_all(header::ACCEPT);
+    oci::media_type::accepts(values.iter().filter_map(|v| v.to_str().ok()), media_type)
 }
 
 async fn get_manifest(
