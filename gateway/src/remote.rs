@@ -168,6 +168,11 @@ impl Upstream {
         })
     }
 
+    /// `<base>/v2/<repo>/<tail>`.
+    pub fn v2_url(&self, repo: &str, tail: &str) -> String {
+        format!("{}/v2/{repo}/{tail}", self.url())
+    }
+
     pub fn url(&self) -> &str {
         self.base.as_str().trim_end_matches('/')
     }
@@ -181,7 +186,7 @@ impl Upstream {
         tail: &str,
         accept: Option<&str>,
     ) -> Result<Response, UpstreamError> {
-        let url = format!("{}/v2/{repo}/{tail}", self.url());
+        let url = self.v2_url(repo, tail);
         let resp = self
             .request(method, repo, &url, |rb| match accept {
                 Some(a) => rb.header(ACCEPT, a),

@@ -21,11 +21,17 @@ pub struct Htpasswd {
 
 impl Htpasswd {
     pub fn load(path: &Path, groups: &BTreeMap<String, Vec<String>>) -> anyhow::Result<Self> {
+        Ok(Self::read(path, groups)?.0)
+    }
+
+    /// The users of the file at `path`, and the SHA-256 of its text.
+    fn read(path: &Path, groups: &BTreeMap<String, Vec<String>>) -> anyhow::Result<(Self, String)> {
         // Password hashes: as private as a secret.
         service::secrets::warn_if_exposed(path);
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::parse(&text, groups).with_context(|| format!("in {}", path.display()))
+        let users = Self::parse(&text, groups).with_context(|| format!("in {}", path.display()))?;
+        Ok((users, crate::audit::sha256_hex(&text)))
     }
 
     pub fn parse(text: &str, groups: &BTreeMap<String, Vec<String>>) -> anyhow::Result<Self> {
@@ -151,14 +157,7 @@ impl LiveHtpasswd {
     /// Reads the file again and puts its users in force if it parses; audited either way
     /// (`users-reload`, with the file's SHA-256 and the number of users, never a hash).
     pub fn reload(&self) -> Result<usize, String> {
-        let loaded = std::fs::read_to_string(&self.file)
-            .map_err(|e| format!("reading {}: {e}", self.file.display()))
-            .and_then(|text| {
-                let sha = crate::audit::sha256_hex(&text);
-                Htpasswd::parse(&text, &self.groups)
-                    .map(|u| (u, sha))
-                    .map_err(|e| format!("{e:#}"))
-            });
+        let loaded = Htpasswd::read(&self.file, &self.groups).map_err(|e| format!("{e:#}"));
         let file = self.file.display().to_string();
         match loaded {
             Ok((mut users, sha)) => {

@@ -1174,15 +1174,8 @@ impl Console {
         if oci::RepositoryName::parse(repo).is_err() || !self.may(signed, Action::Pull, repo) {
             return not_found(signed);
         }
-        let mut fields = serde_json::json!({
-            "event.category": "registry",
-            "user.name": signed.session.subject,
-            "user.roles": signed.session.groups,
-            "identity.kind": signed.session.kind,
-            "repository": repo,
-            "digest": digest.to_string(),
-            "via": "console",
-        });
+        let mut fields = delete_fields(signed, repo);
+        fields["digest"] = digest.to_string().into();
         let done = if !self.may(signed, Action::Delete, repo) {
             Done::Denied
         } else if crate::audit::refusing_writes() {
@@ -1220,23 +1213,15 @@ impl Console {
                 Err(e) => return unavailable(signed, e),
             }
         };
-        if done != Done::Deleted {
-            fields["event.reason"] = match done {
+        audit_delete("manifest-delete", done, fields, || {
+            match done {
                 Done::Denied => "policy does not allow delete",
                 Done::Immutable => "an immutable tag points at it",
                 Done::Missing => "no such manifest",
                 _ => "the audit trail cannot be delivered",
             }
-            .into();
-        }
-        if done != Done::Refused {
-            let outcome = if done == Done::Deleted {
-                "success"
-            } else {
-                "failure"
-            };
-            crate::audit::record("manifest-delete", outcome, fields);
-        }
+            .to_owned()
+        });
         redirect(&format!(
             "/ui/repo?name={}&done={}&digest={}",
             enc(repo),
@@ -1284,15 +1269,8 @@ impl Console {
         {
             return not_found(signed);
         }
-        let mut fields = serde_json::json!({
-            "event.category": "registry",
-            "user.name": signed.session.subject,
-            "user.roles": signed.session.groups,
-            "identity.kind": signed.session.kind,
-            "repository": repo,
-            "tag": tag,
-            "via": "console",
-        });
+        let mut fields = delete_fields(signed, repo);
+        fields["tag"] = tag.into();
         let done = if !self.may(signed, Action::Delete, repo) {
             Done::Denied
         } else if self.tokens.policy.current().immutable(repo, tag).is_some() {
@@ -1316,21 +1294,12 @@ impl Console {
                 Err(e) => return unavailable(signed, e),
             }
         };
-        let outcome = if done == Done::Deleted {
-            "success"
-        } else {
-            fields["event.reason"] = match done {
-                Done::Denied => "policy does not allow delete".to_owned(),
-                Done::Immutable => format!("tag {tag} is immutable"),
-                Done::Missing => "no such tag".to_owned(),
-                _ => "the audit trail cannot be delivered".to_owned(),
-            }
-            .into();
-            "failure"
-        };
-        if done != Done::Refused {
-            crate::audit::record("tag-delete", outcome, fields);
-        }
+        audit_delete("tag-delete", done, fields, || match done {
+            Done::Denied => "policy does not allow delete".to_owned(),
+            Done::Immutable => format!("tag {tag} is immutable"),
+            Done::Missing => "no such tag".to_owned(),
+            _ => "the audit trail cannot be delivered".to_owned(),
+        });
         redirect(&format!(
             "/ui/repo?name={}&done={}&tag={}",
             enc(repo),
@@ -1338,6 +1307,39 @@ impl Console {
             enc(tag)
         ))
     }
+}
+
+/// The audit fields of a delete made in the console: who, in which repository (the caller
+/// adds what was deleted).
+fn delete_fields(signed: &Signed, repo: &str) -> serde_json::Value {
+    serde_json::json!({
+        "event.category": "registry",
+        "user.name": signed.session.subject,
+        "user.roles": signed.session.groups,
+        "identity.kind": signed.session.kind,
+        "repository": repo,
+        "via": "console",
+    })
+}
+
+/// Audits what a delete in the console came to as `action` (`why_not`: the reason of one
+/// not made); nothing when the trail refuses writes (nothing was done, and it cannot say so).
+fn audit_delete(
+    action: &'static str,
+    done: Done,
+    mut fields: serde_json::Value,
+    why_not: impl FnOnce() -> String,
+) {
+    if done == Done::Refused {
+        return;
+    }
+    let outcome = if done == Done::Deleted {
+        "success"
+    } else {
+        fields["event.reason"] = why_not().into();
+        "failure"
+    };
+    crate::audit::record(action, outcome, fields);
 }
 
 /// What a robots' admin API answer comes to on the page: its status, the robot and secret

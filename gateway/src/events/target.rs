@@ -65,10 +65,6 @@ fn stored_as(r: &Response, what: &str, digest: &Digest) -> Result<(), TargetErro
 }
 
 impl Target {
-    fn url(&self, repo: &str, tail: &str) -> String {
-        format!("{}/v2/{repo}/{tail}", self.remote.url())
-    }
-
     /// The digest `repo:reference` is at on the target, if it has it.
     pub async fn manifest_digest(
         &self,
@@ -80,7 +76,7 @@ impl Target {
             .request(
                 Method::HEAD,
                 repo,
-                &self.url(repo, &format!("manifests/{reference}")),
+                &self.remote.v2_url(repo, &format!("manifests/{reference}")),
                 |rb| rb.header("accept", MANIFEST_ACCEPT),
             )
             .await?;
@@ -113,7 +109,7 @@ impl Target {
                 }
                 q.finish()
             };
-            let url = self.url(repo, &format!("tags/list?{query}"));
+            let url = self.remote.v2_url(repo, &format!("tags/list?{query}"));
             let r = self
                 .remote
                 .request(Method::GET, repo, &url, |rb| rb)
@@ -163,7 +159,7 @@ impl Target {
             .request(
                 Method::HEAD,
                 repo,
-                &self.url(repo, &format!("blobs/{digest}")),
+                &self.remote.v2_url(repo, &format!("blobs/{digest}")),
                 |rb| rb,
             )
             .await?;
@@ -262,7 +258,7 @@ impl Target {
             .request(
                 Method::POST,
                 repo,
-                &self.url(repo, "blobs/uploads/"),
+                &self.remote.v2_url(repo, "blobs/uploads/"),
                 |rb| rb.header("content-length", "0"),
             )
             .await?;
@@ -328,7 +324,7 @@ impl Target {
             .request(
                 Method::PUT,
                 repo,
-                &self.url(repo, &format!("manifests/{reference}")),
+                &self.remote.v2_url(repo, &format!("manifests/{reference}")),
                 |rb| rb.header("content-type", media_type).body(body.clone()),
             )
             .await?;
@@ -348,7 +344,7 @@ impl Target {
             .request(
                 Method::DELETE,
                 repo,
-                &self.url(repo, &format!("manifests/{reference}")),
+                &self.remote.v2_url(repo, &format!("manifests/{reference}")),
                 |rb| rb,
             )
             .await?;
