@@ -189,6 +189,21 @@ pub fn user_client(g: &GatewayServer, user: &str, password: &str) -> Client {
     c
 }
 
+/// [`start_gateway_with`] with bcrypt cost 4 and no environment of its own, its state
+/// store (the events' outbox too) kept in `d/state.json` across restarts, and `extra`.
+pub fn start_gateway_with_state(
+    d: &Path,
+    nodes: &[&StorageServer],
+    users: &[(&str, &str)],
+    extra: &str,
+) -> anyhow::Result<GatewayServer> {
+    let extra = format!(
+        "[state]\nfile = \"{}\"\n{extra}",
+        d.join("state.json").display()
+    );
+    start_gateway_with(d, nodes, users, 4, &extra, &[])
+}
+
 /// A client of the storage node `s` itself, with the internal secret (what a gateway sends).
 pub fn storage_client(s: &StorageServer) -> Client {
     let mut c = Client::new(&s.base);

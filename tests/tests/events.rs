@@ -46,11 +46,7 @@ fn gateway(
     storage: &portcullis_tests::server::StorageServer,
     webhooks: &str,
 ) -> anyhow::Result<GatewayServer> {
-    let extra = format!(
-        "[state]\nfile = \"{}\"\n{webhooks}",
-        dir.join("state.json").display()
-    );
-    deployment::start_gateway_with(dir, &[storage], &[ALICE], 4, &extra, &[])
+    deployment::start_gateway_with_state(dir, &[storage], &[ALICE], webhooks)
 }
 
 /// The deliveries, one per event id (the first of each), waiting up to `within` for `n`.

@@ -14,6 +14,19 @@ use std::time::{Duration, Instant};
 
 const ALICE: (&str, &str) = ("alice", "operations-alice-pw");
 
+/// Waits, up to `within`, for `addr` to refuse new connections.
+async fn refuses_connections(addr: &str, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(addr).is_ok() {
+        ensure!(
+            Instant::now() < deadline,
+            "{addr} still takes new connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// A blob of `pieces` copies of `piece`, sent one every `pause`: the body, its length and
 /// its digest.
 fn slow_blob(piece: Bytes, pieces: u64, pause: Duration) -> (reqwest::Body, u64, String) {
@@ -79,14 +92,7 @@ async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -
         ensure!(Instant::now() < deadline, "still ready while draining");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&g.host).is_ok() {
-        ensure!(
-            Instant::now() < deadline,
-            "new connections are still taken while draining"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    refuses_connections(&g.host, Duration::from_secs(20)).await?;
 
     // The push in flight completes, whole.
     let r = push.await??;
@@ -287,11 +293,7 @@ async fn a_storage_node_asked_to_stop_finishes_the_upload_in_flight_and_takes_no
     tokio::time::sleep(Duration::from_secs(1)).await;
     storage.signal("TERM")?;
     let addr = storage.base.trim_start_matches("http://").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(&addr).is_ok() {
-        ensure!(Instant::now() < deadline, "new connections still taken");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    refuses_connections(&addr, Duration::from_secs(5)).await?;
     let r = push.await??;
     ensure!(
         r.status() == 201,

@@ -43,11 +43,7 @@ impl Portcullis {
         let storage = deployment::storage_node(&dir.path().join("storage"))?;
         let gw = dir.path().join("gw");
         std::fs::create_dir_all(&gw)?;
-        let extra = format!(
-            "[state]\nfile = \"{}\"\n{extra}",
-            gw.join("state.json").display()
-        );
-        let gateway = deployment::start_gateway_with(&gw, &[&storage], &[user], 4, &extra, &[])?;
+        let gateway = deployment::start_gateway_with_state(&gw, &[&storage], &[user], extra)?;
         Ok(Portcullis {
             storage,
             gateway,
@@ -102,11 +98,7 @@ fn source_gateway(
     storage: &StorageServer,
     rules: &str,
 ) -> anyhow::Result<GatewayServer> {
-    let extra = format!(
-        "[state]\nfile = \"{}\"\n{rules}",
-        dir.join("state.json").display()
-    );
-    deployment::start_gateway_with(dir, &[storage], &[ALICE], 4, &extra, &[])
+    deployment::start_gateway_with_state(dir, &[storage], &[ALICE], rules)
 }
 
 /// An image of its own (one layer of `layer_size` bytes made from `label`), its blobs
@@ -540,16 +532,11 @@ async fn a_backup_restores_a_wiped_registry_image_by_image() -> anyhow::Result<(
     );
     let bdir = rdir.join("gw");
     std::fs::create_dir_all(&bdir)?;
-    let restorer = deployment::start_gateway_with(
+    let restorer = deployment::start_gateway_with_state(
         &bdir,
         &[&backup.storage],
         &[REPLICATOR],
-        4,
-        &format!(
-            "[state]\nfile = \"{}\"\n{restore_rule}",
-            bdir.join("state.json").display()
-        ),
-        &[],
+        &restore_rule,
     )?;
     let rep = reconciled(&restorer.admin, "restore", Duration::from_secs(120)).await?;
     ensure!(rep["errors"] == 0, "{rep}");
