@@ -235,7 +235,7 @@ pub async fn console_sign_in(
     let http = crate::client::https(ca, false);
     let r = http.get(format!("{base}/ui/login")).send().await?;
     let login = set_cookie(&r, "__Host-portcullis_ui_login")?;
-    let csrf = crate::oidc::field_value(&r.text().await?, "csrf")?;
+    let csrf = field_value(&r.text().await?, "csrf")?;
     let r = http
         .post(format!("{base}/ui/login"))
         .header("cookie", format!("__Host-portcullis_ui_login={login}"))
@@ -249,4 +249,15 @@ pub async fn console_sign_in(
     anyhow::ensure!(r.status() == 303, "sign-in of {}: {}", who.0, r.status());
     let session = set_cookie(&r, "__Host-portcullis_ui")?;
     Ok((http, session))
+}
+
+/// The value of the form field `name` (`name="…" value="…"`) on an HTML page.
+pub fn field_value(page: &str, name: &str) -> anyhow::Result<String> {
+    let needle = format!("name=\"{name}\" value=\"");
+    let at = page
+        .find(&needle)
+        .with_context(|| format!("no {name} field on the page"))?
+        + needle.len();
+    let end = at + page[at..].find('"').context("unterminated value")?;
+    Ok(page[at..end].to_string())
 }

@@ -292,16 +292,7 @@ impl Idp {
     }
 }
 
-/// The value of the form field `name` (`name="…" value="…"`) on an HTML page.
-pub fn field_value(page: &str, name: &str) -> anyhow::Result<String> {
-    let needle = format!("name=\"{name}\" value=\"");
-    let at = page
-        .find(&needle)
-        .with_context(|| format!("no {name} field on the page"))?
-        + needle.len();
-    let end = at + page[at..].find('"').context("unterminated value")?;
-    Ok(page[at..end].to_string())
-}
+pub use crate::deployment::field_value;
 
 /// The user's side of a device flow at the IdP, as a person at a browser does it: the
 /// code-entry page, the confirmation, the login form, and the resumed authorization.
