@@ -1,6 +1,8 @@
 //! Gateway configuration (`conf/gateway.toml`): each feature owns its table's type (next to
 //! its code); [`Config`] assembles them and checks what spans several. Secrets come from
-//! files or the environment, never from this file.
+//! files or the environment, never from this file. Every key can also be set in the
+//! environment, over the file or without one: `PORTCULLIS_<TABLE>_<KEY>` ([`SCHEMA`],
+//! [`service::env_config`]).
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -84,14 +86,44 @@ pub fn default_drain_delay() -> u64 {
 /// Name of the environment variable with the internal secret.
 pub const SECRET_ENV: &str = "PORTCULLIS_INTERNAL_SECRET";
 
+/// Where `PORTCULLIS_<…>` variables go: the top-level keys and the tables of [`Config`].
+pub const SCHEMA: service::env_config::Schema = service::env_config::Schema {
+    keys: &[
+        "listen",
+        "admin_listen",
+        "drain_seconds",
+        "drain_delay_seconds",
+        "proxy_cache",
+        "webhooks",
+        "replication",
+    ],
+    tables: &[
+        "tls",
+        "token",
+        "upstream",
+        "auth",
+        "auth.ldap",
+        "policy",
+        "oidc",
+        "robots",
+        "federation",
+        "state",
+        "state.redis",
+        "audit",
+        "limits",
+        "log",
+        "pepper",
+        "proxy_protocol",
+        "manifest_cache",
+    ],
+};
+
 impl Config {
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let c: Config =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        c.validate()?;
-        Ok(c)
+    /// The file (if any) with the environment's keys over it, checked.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<service::env_config::Loaded<Self>> {
+        let loaded: service::env_config::Loaded<Self> = service::env_config::load(path, &SCHEMA)?;
+        loaded.config.validate()?;
+        Ok(loaded)
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -167,6 +199,72 @@ mod tests {
             "https://token.actions.githubusercontent.com"
         );
         crate::auth::federation::Federation::new(f).expect("the example federation compiles");
+    }
+
+    /// Every key of the shipped example as a variable (`PORTCULLIS_TOKEN_ISSUER=…`, whole values
+    /// for what is not a table of [`SCHEMA`]).
+    fn as_variables(prefix: &str, t: &toml::Table, out: &mut Vec<(String, String)>) {
+        for (k, v) in t {
+            let dotted = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) if SCHEMA.tables.contains(&dotted.as_str()) => {
+                    as_variables(&dotted, inner, out)
+                }
+                v => out.push((
+                    format!("PORTCULLIS_{}", dotted.replace('.', "_").to_uppercase()),
+                    v.to_string(),
+                )),
+            }
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_set_from_the_environment_alone_is_the_same_config() {
+        let text = include_str!("../../conf/gateway.toml");
+        let table: toml::Table = toml::from_str(text).unwrap();
+        let mut vars = Vec::new();
+        as_variables("", &table, &mut vars);
+        assert!(vars.len() > 40, "{vars:?}");
+        let from_env: service::env_config::Loaded<Config> =
+            service::env_config::load_from(None, &SCHEMA, vars).unwrap();
+        let from_file: Config = toml::from_str(text).unwrap();
+        assert_eq!(format!("{:?}", from_env.config), format!("{from_file:?}"));
+        // Over a file, a variable wins; plain text needs no quotes.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("gateway.toml");
+        std::fs::write(&f, text).unwrap();
+        let over: service::env_config::Loaded<Config> = service::env_config::load_from(
+            Some(&f),
+            &SCHEMA,
+            [
+                (
+                    "PORTCULLIS_LISTEN".to_string(),
+                    "127.0.0.1:9443".to_string(),
+                ),
+                ("PORTCULLIS_TOKEN_EXPIRES_IN_SECONDS".into(), "60".into()),
+                ("PORTCULLIS_AUTH_LDAP_STARTTLS".into(), "false".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(over.config.listen.to_string(), "127.0.0.1:9443");
+        assert_eq!(over.config.token.expires_in_seconds, 60);
+        assert_eq!(over.from_env.len(), 3);
+        // A misspelt key is refused as it is in the file.
+        let e = service::env_config::load_from::<Config>(
+            Some(&f),
+            &SCHEMA,
+            [(
+                "PORTCULLIS_TOKEN_EXPIRES_IN_SECS".to_string(),
+                "60".to_string(),
+            )],
+        )
+        .err()
+        .unwrap();
+        assert!(format!("{e:#}").contains("expires_in_secs"), "{e:#}");
     }
 
     #[test]

@@ -46,15 +46,17 @@ enum Command {
         #[arg(long, conflicts_with = "config")]
         audit_config: Option<PathBuf>,
     },
-    /// Production: storage nodes, keys, users and policy from a config file.
+    /// Production: storage nodes, keys, users and policy from a config file and/or
+    /// `PORTCULLIS_<TABLE>_<KEY>` variables (which win).
     Serve {
         #[arg(long, env = "PORTCULLIS_GATEWAY_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
-    /// Load and check a config file (and everything it names) without starting.
+    /// Load and check the configuration (and everything it names) without starting; print it
+    /// as merged from the file and the environment, secrets masked.
     CheckConfig {
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, env = "PORTCULLIS_GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Manage robot accounts through a gateway's admin API.
     Robot(gateway::client::robots_cli::RobotArgs),
@@ -83,8 +85,8 @@ fn init_logging(cli: &Cli) {
         Some(f) => f == "json",
         None => match &cli.command {
             Command::Serve { config } | Command::CheckConfig { config } => {
-                config::Config::load(config)
-                    .is_ok_and(|c| c.log.format == service::log::LogFormat::Json)
+                config::Config::load(config.as_deref())
+                    .is_ok_and(|c| c.config.log.format == service::log::LogFormat::Json)
             }
             _ => false,
         },
@@ -150,8 +152,7 @@ fn authenticator(
     Ok((auth, live))
 }
 
-fn from_config(path: &std::path::Path) -> anyhow::Result<Settings> {
-    let c = config::Config::load(path)?;
+fn from_config(c: config::Config) -> anyhow::Result<Settings> {
     for cache in &c.proxy_cache {
         cache.check_files()?;
     }
@@ -288,12 +289,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => {
-            gateway::run(from_config(&config)?)?;
+            let loaded = config::Config::load(config.as_deref())?;
+            if !loaded.from_env.is_empty() {
+                tracing::info!(variables = ?loaded.from_env, "configuration keys from the environment");
+            }
+            gateway::run(from_config(loaded.config)?)?;
             Ok(())
         }
         Command::CheckConfig { config } => {
-            let s = from_config(&config)?;
-            drop(s);
+            let loaded = config::Config::load(config.as_deref())?;
+            let shown = toml::to_string(&service::env_config::masked(&loaded.merged))?;
+            drop(from_config(loaded.config)?);
+            println!("{shown}");
             println!("configuration is valid");
             Ok(())
         }

@@ -1,4 +1,5 @@
-//! Configuration: a TOML file (see `conf/storage-backend.toml`), overridden by flags.
+//! Configuration: a TOML file (see `conf/storage-backend.toml`) and/or `PORTCULLIS_<TABLE>_<KEY>`
+//! variables over it ([`SCHEMA`], [`service::env_config`]), overridden by flags.
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -195,12 +196,17 @@ pub struct InternalConfig {
 /// Name of the environment variable holding the internal secret.
 pub const SECRET_ENV: &str = "PORTCULLIS_INTERNAL_SECRET";
 
+/// Where `PORTCULLIS_<…>` variables go: the top-level keys and the tables of [`Config`]
+/// (`PORTCULLIS_STORAGE_TYPE=s3`, `PORTCULLIS_STORAGE_BUCKET=…`, `PORTCULLIS_GC_ENABLED=true`).
+pub const SCHEMA: service::env_config::Schema = service::env_config::Schema {
+    keys: &["listen", "admin_listen", "drain_seconds"],
+    tables: &["storage", "api", "internal", "log", "gc", "audit"],
+};
+
 impl Config {
-    /// Reads a config file.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    /// Reads the config file (if any) with the environment's keys over it.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<service::env_config::Loaded<Self>> {
+        service::env_config::load(path, &SCHEMA)
     }
 
     /// The internal secret, from `internal.secret_file` or the environment.
@@ -251,6 +257,36 @@ mod tests {
         let text = include_str!("../../conf/storage-backend.toml");
         let c: Config = toml::from_str(text).unwrap();
         c.validate(None).unwrap();
+    }
+
+    #[test]
+    fn every_key_can_come_from_the_environment() {
+        let vars = [
+            ("PORTCULLIS_LISTEN", "0.0.0.0:5000"),
+            ("PORTCULLIS_STORAGE_TYPE", "s3"),
+            ("PORTCULLIS_STORAGE_BUCKET", "registry"),
+            ("PORTCULLIS_STORAGE_PATH_STYLE", "true"),
+            ("PORTCULLIS_GC_ENABLED", "true"),
+            ("PORTCULLIS_GC_WINDOW", "02:00-05:00"),
+            ("PORTCULLIS_API_MAX_MANIFEST_BYTES", "1024"),
+            ("PORTCULLIS_AUDIT_STDOUT", "true"),
+            ("PORTCULLIS_DRAIN_SECONDS", "30"),
+            ("PORTCULLIS_STORAGE_CONFIG", "/etc/portcullis/storage.toml"),
+            ("PORTCULLIS_INTERNAL_SECRET", "s"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let l: service::env_config::Loaded<Config> =
+            service::env_config::load_from(None, &SCHEMA, vars).unwrap();
+        assert_eq!(l.from_env.len(), 9);
+        let c = l.config;
+        assert_eq!(c.listen.to_string(), "0.0.0.0:5000");
+        match &c.storage {
+            StorageConfig::S3(s3) => assert!(s3.bucket == "registry" && s3.path_style),
+            other => panic!("{other:?}"),
+        }
+        assert!(c.gc.enabled && c.audit.stdout);
+        assert_eq!(c.gc.window_minutes().unwrap(), Some((120, 300)));
+        assert_eq!((c.api.max_manifest_bytes, c.drain_seconds), (1024, 30));
     }
 
     #[test]

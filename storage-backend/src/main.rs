@@ -15,7 +15,8 @@ use tokio::net::TcpListener;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Config file (TOML); see conf/storage-backend.toml.
+    /// Config file (TOML); see conf/storage-backend.toml. `PORTCULLIS_<TABLE>_<KEY>` variables
+    /// set any key over it, or without one.
     #[arg(long, env = "PORTCULLIS_STORAGE_CONFIG")]
     config: Option<PathBuf>,
     /// Listen address, overriding the config (port 0 picks a free port, printed on stdout).
@@ -24,7 +25,8 @@ struct Args {
     /// Filesystem storage root, overriding the config.
     #[arg(long)]
     root: Option<PathBuf>,
-    /// Validate the configuration and exit.
+    /// Validate the configuration, print it (from the file and the environment, secrets
+    /// masked) and exit.
     #[arg(long)]
     check_config: bool,
     #[command(subcommand)]
@@ -73,10 +75,8 @@ async fn run() -> anyhow::Result<()> {
         println!("{}", service::audit::verify_file(file)?);
         return Ok(());
     }
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    let loaded = Config::load(args.config.as_deref())?;
+    let mut config = loaded.config;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
@@ -86,10 +86,17 @@ async fn run() -> anyhow::Result<()> {
     let secret = config.secret()?;
     config.validate(secret.as_ref())?;
     if args.check_config {
+        println!(
+            "{}",
+            toml::to_string(&service::env_config::masked(&loaded.merged))?
+        );
         println!("configuration is valid");
         return Ok(());
     }
     init_logging(config.log.format);
+    if !loaded.from_env.is_empty() {
+        tracing::info!(variables = ?loaded.from_env, "configuration keys from the environment");
+    }
 
     let store = match &config.storage {
         StorageConfig::Filesystem { root } => {

@@ -50,16 +50,17 @@ fn merge_tls_keys(config: &str, extra: &str) -> (String, String) {
     )
 }
 
-/// [`start_gateway`] with `extra` appended to the config (more tables, e.g. `[auth.ldap]`)
-/// and `env` added to the gateway's environment.
-pub fn start_gateway_with(
-    d: &Path,
-    nodes: &[&StorageServer],
-    users: &[(&str, &str)],
-    cost: u32,
-    extra: &str,
-    env: &[(&str, &str)],
-) -> anyhow::Result<GatewayServer> {
+/// The files a deployment's gateway reads, made in its directory.
+pub struct GatewayFiles {
+    pub tls: gateway::edge::tls::TlsFiles,
+    pub signing_key: std::path::PathBuf,
+    pub htpasswd: std::path::PathBuf,
+    pub policy: std::path::PathBuf,
+}
+
+/// Makes in `d` what [`start_gateway`] describes: certificates, the signing key (kept if
+/// there), the htpasswd file of `users`, the policy (kept if there).
+pub fn gateway_files(d: &Path, users: &[(&str, &str)], cost: u32) -> anyhow::Result<GatewayFiles> {
     let tls = gateway::edge::tls::ensure_dev_certificates(&d.join("tls"))?;
     // Replicas of one deployment share the signing key: one placed in `d` is kept.
     if !d.join("key.pem").exists() {
@@ -74,17 +75,49 @@ pub fn start_gateway_with(
     }
     // Secrets and password hashes: 0600, as the gateway expects (it warns otherwise).
     gateway::edge::tls::write_private(&d.join("htpasswd"), htpasswd.as_bytes())?;
-    let port = crate::tools::free_port()?;
-    // A fixed admin port (not 0), so a restarted gateway answers health checks where a load
-    // balancer expects it.
-    let admin_port = crate::tools::free_port()?;
     let policy = d.join("policy.toml");
     if !policy.exists() {
         std::fs::copy(workspace_root().join("conf/policy.toml"), &policy)?;
     }
-    let nodes: Vec<String> = nodes
+    Ok(GatewayFiles {
+        tls,
+        signing_key: d.join("key.pem"),
+        htpasswd: d.join("htpasswd"),
+        policy,
+    })
+}
+
+/// `host:port` of each node, as `[upstream] nodes` lists them.
+fn node_hosts(nodes: &[&StorageServer]) -> Vec<String> {
+    nodes
         .iter()
-        .map(|n| format!("\"{}\"", n.base.trim_start_matches("http://")))
+        .map(|n| n.base.trim_start_matches("http://").to_string())
+        .collect()
+}
+
+/// [`start_gateway`] with `extra` appended to the config (more tables, e.g. `[auth.ldap]`)
+/// and `env` added to the gateway's environment.
+pub fn start_gateway_with(
+    d: &Path,
+    nodes: &[&StorageServer],
+    users: &[(&str, &str)],
+    cost: u32,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<GatewayServer> {
+    let GatewayFiles {
+        tls,
+        signing_key,
+        htpasswd,
+        policy,
+    } = gateway_files(d, users, cost)?;
+    let port = crate::tools::free_port()?;
+    // A fixed admin port (not 0), so a restarted gateway answers health checks where a load
+    // balancer expects it.
+    let admin_port = crate::tools::free_port()?;
+    let nodes: Vec<String> = node_hosts(nodes)
+        .iter()
+        .map(|n| format!("\"{n}\""))
         .collect();
     let config = format!(
         r#"listen = "127.0.0.1:{port}"
@@ -95,12 +128,12 @@ key_file = "{key}"
 [token]
 issuer = "test-issuer"
 service = "{SERVICE}"
-signing_keys = ["{d}/key.pem"]
+signing_keys = ["{signing_key}"]
 [upstream]
 nodes = [{nodes}]
 health_check_interval_ms = 200
 [auth]
-htpasswd_file = "{d}/htpasswd"
+htpasswd_file = "{htpasswd}"
 [auth.groups]
 team-a = ["bob"]
 registry-admins = ["alice"]
@@ -109,7 +142,8 @@ file = "{policy}"
 "#,
         cert = tls.cert.display(),
         key = tls.key.display(),
-        d = d.display(),
+        signing_key = signing_key.display(),
+        htpasswd = htpasswd.display(),
         nodes = nodes.join(", "),
         policy = policy.display(),
     );
@@ -127,6 +161,52 @@ file = "{policy}"
     let mut env = env.to_vec();
     env.push(("PORTCULLIS_INTERNAL_SECRET", SECRET));
     GatewayServer::start_config(&conf, port, ca, &env)
+}
+
+/// A gateway configured by variables alone: its TLS port, its CA (PEM), the variables.
+pub type GatewayVariables = (u16, Vec<u8>, Vec<(String, String)>);
+
+/// The environment that configures [`start_gateway`]'s gateway with no config file (every key a
+/// `PORTCULLIS_<TABLE>_<KEY>` variable).
+pub fn gateway_variables(
+    d: &Path,
+    nodes: &[&StorageServer],
+    users: &[(&str, &str)],
+    cost: u32,
+) -> anyhow::Result<GatewayVariables> {
+    let f = gateway_files(d, users, cost)?;
+    let port = crate::tools::free_port()?;
+    let quoted = |list: Vec<String>| {
+        let items: Vec<String> = list.iter().map(|s| format!("{s:?}")).collect();
+        format!("[{}]", items.join(", "))
+    };
+    let vars = [
+        ("LISTEN", format!("127.0.0.1:{port}")),
+        ("ADMIN_LISTEN", "127.0.0.1:0".to_string()),
+        ("TLS_CERT_FILE", f.tls.cert.display().to_string()),
+        ("TLS_KEY_FILE", f.tls.key.display().to_string()),
+        ("TOKEN_ISSUER", "test-issuer".to_string()),
+        ("TOKEN_SERVICE", SERVICE.to_string()),
+        (
+            "TOKEN_SIGNING_KEYS",
+            quoted(vec![f.signing_key.display().to_string()]),
+        ),
+        ("UPSTREAM_NODES", quoted(node_hosts(nodes))),
+        ("UPSTREAM_HEALTH_CHECK_INTERVAL_MS", "200".to_string()),
+        ("AUTH_HTPASSWD_FILE", f.htpasswd.display().to_string()),
+        (
+            "AUTH_GROUPS",
+            r#"{ team-a = ["bob"], registry-admins = ["alice"] }"#.to_string(),
+        ),
+        ("POLICY_FILE", f.policy.display().to_string()),
+        ("AUDIT_STDOUT", "true".to_string()),
+        ("INTERNAL_SECRET", SECRET.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("PORTCULLIS_{k}"), v))
+    .collect();
+    let ca = std::fs::read(&f.tls.ca_cert).context("reading the generated CA")?;
+    Ok((port, ca, vars))
 }
 
 /// Readies `d` for one of several gateways of a deployment: the same certificate (and CA) as

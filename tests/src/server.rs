@@ -84,6 +84,8 @@ pub struct StorageOptions {
     pub listen: Option<String>,
     /// Do not pass `--root` (the config's `[storage]` is another medium, e.g. S3).
     pub no_root: bool,
+    /// Pass neither `--listen` nor `--root`: they come from `env` (`PORTCULLIS_LISTEN=…`).
+    pub bare: bool,
 }
 
 impl StorageServer {
@@ -97,7 +99,9 @@ impl StorageServer {
             "--listen".to_string(),
             opts.listen.unwrap_or_else(|| "127.0.0.1:0".into()),
         ];
-        if !opts.no_root {
+        if opts.bare {
+            args.clear();
+        } else if !opts.no_root {
             args.push("--root".into());
             args.push(root.display().to_string());
         }
@@ -278,6 +282,16 @@ impl GatewayServer {
         };
         let ca = data.join("tls/ca.crt");
         Self::spawn(cmd, port, move || std::fs::read(&ca).map_err(Into::into))
+    }
+
+    /// `gateway serve` with no config file: everything from `env`
+    /// (`PORTCULLIS_<TABLE>_<KEY>`); the TLS listener must be `127.0.0.1:<port>`.
+    pub fn start_env(port: u16, ca_pem: Vec<u8>, env: &[(String, String)]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(binary("gateway"));
+        cmd.arg("serve")
+            .env_remove("PORTCULLIS_GATEWAY_CONFIG")
+            .envs(env.iter().cloned());
+        Self::spawn(cmd, port, move || Ok(ca_pem.clone()))
     }
 
     /// `gateway serve --config <config>`; the TLS listener must be `127.0.0.1:<port>`.

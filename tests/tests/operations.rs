@@ -1,13 +1,17 @@
 //! Operations: a gateway asked to drain (`SIGTERM`) says it is not ready, refuses new
 //! connections, finishes the 1 GiB push in flight, and exits by itself once nothing is left;
 //! `SIGHUP` puts a new htpasswd file's users in force (a broken file changes nothing), audited,
-//! while uploads go on; a storage node asked to stop finishes the upload in flight.
+//! while uploads go on; a storage node asked to stop finishes the upload in flight; a gateway
+//! and a storage node configured by `PORTCULLIS_<TABLE>_<KEY>` variables alone (no file) serve
+//! the protocol suite.
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use portcullis_tests::client::{describe, with_query};
+use portcullis_tests::client::{Client, TokenAuth, describe, with_query};
 use portcullis_tests::deployment;
+use portcullis_tests::protocol;
+use portcullis_tests::server::{GatewayServer, StorageOptions, StorageServer};
 use reqwest::Method;
 use sha2::Digest as _;
 use std::time::{Duration, Instant};
@@ -303,5 +307,68 @@ async fn a_storage_node_asked_to_stop_finishes_the_upload_in_flight_and_takes_no
     let status = tokio::task::block_in_place(|| storage.exited_within(Duration::from_secs(15)))
         .context("the storage node did not exit")?;
     ensure!(status.success(), "it exited with {status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_and_a_storage_node_configured_by_the_environment_alone_serve_the_protocol_suite()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("storage");
+    let storage_env: Vec<(String, String)> = [
+        ("PORTCULLIS_LISTEN", "127.0.0.1:0".to_string()),
+        ("PORTCULLIS_STORAGE_TYPE", "filesystem".to_string()),
+        ("PORTCULLIS_STORAGE_ROOT", root.display().to_string()),
+        ("PORTCULLIS_API_MAX_MANIFEST_BYTES", "4194304".to_string()),
+        ("PORTCULLIS_INTERNAL_SECRET", deployment::SECRET.to_string()),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .to_vec();
+    let storage = StorageServer::start_with(
+        &root,
+        StorageOptions {
+            env: storage_env,
+            bare: true,
+            ..Default::default()
+        },
+    )?;
+    // Nothing was written elsewhere: the node serves the root the variables named.
+    ensure!(
+        root.exists(),
+        "the storage root from the environment was not used"
+    );
+
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    let (port, ca, vars) = deployment::gateway_variables(&gw, &[&storage], &[ALICE], 4)?;
+    // `check-config` shows the merged result, secrets masked.
+    let out = std::process::Command::new(portcullis_tests::server::binary("gateway"))
+        .arg("check-config")
+        .env_remove("PORTCULLIS_GATEWAY_CONFIG")
+        .envs(vars.iter().cloned())
+        .output()?;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && shown.contains("configuration is valid"),
+        "check-config: {shown}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        shown.contains(&format!("listen = \"127.0.0.1:{port}\""))
+            && shown.contains("registry-admins = [\"alice\"]"),
+        "check-config does not show the variables' keys:\n{shown}"
+    );
+    ensure!(
+        !shown.contains(deployment::SECRET),
+        "check-config printed the internal secret:\n{shown}"
+    );
+    let g = GatewayServer::start_env(port, ca, &vars)?;
+    let mut c = Client::with_ca(&g.base, &g.ca_pem);
+    c.auth = Some(TokenAuth::new(
+        &format!("{}/token", g.base),
+        deployment::SERVICE,
+        Some(ALICE),
+    ));
+    protocol::assert_all_pass(&c, "env", "configured by the environment alone").await;
     Ok(())
 }
