@@ -22,7 +22,8 @@
 //!   is `service::audit`, shared with storage); [`metrics`]; [`admin`]: the admin listener;
 //!   [`drain`]: stopping on `SIGTERM` without failing a client.
 //! - [`client`]: the client side (credential helper, `gateway robot`).
-//! - [`config`]: the config file, assembling the tables each feature owns; [`clock`] and
+//! - [`config`]: the config file, assembling the tables each feature owns; [`reload`]: what
+//!   `SIGHUP` puts in force of an edited configuration; [`clock`] and
 //!   [`random`]: the clock and random tokens.
 //! - [`dev`]: the embedded default (`gateway dev`), with storage in the same process — the
 //!   only user of the `storage_backend` crate.
@@ -51,6 +52,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod random;
 pub mod registry;
+pub mod reload;
 pub mod remote;
 pub mod reply;
 pub mod route;

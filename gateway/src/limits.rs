@@ -130,7 +130,8 @@ impl Endpoint {
 }
 
 pub struct Limits {
-    cfg: LimitsConfig,
+    /// In force; replaced by a configuration reload ([`Limits::set`]).
+    cfg: std::sync::RwLock<LimitsConfig>,
     store: Arc<dyn StateStore>,
 }
 
@@ -175,11 +176,26 @@ fn now() -> u64 {
 
 impl Limits {
     pub fn new(cfg: LimitsConfig, store: Arc<dyn StateStore>) -> Self {
-        Limits { cfg, store }
+        Limits {
+            cfg: std::sync::RwLock::new(cfg),
+            store,
+        }
     }
 
-    pub fn config(&self) -> &LimitsConfig {
-        &self.cfg
+    /// The limits in force.
+    pub fn config(&self) -> LimitsConfig {
+        match self.cfg.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts new limits in force (`SIGHUP`); lockouts and windows counted so far stay.
+    pub fn set(&self, cfg: LimitsConfig) {
+        match self.cfg.write() {
+            Ok(mut c) => *c = cfg,
+            Err(poisoned) => *poisoned.into_inner() = cfg,
+        }
     }
 
     fn subjects<'a>(user: &'a str, source: Option<&'a str>) -> Vec<(By, String)> {
@@ -232,12 +248,12 @@ impl Limits {
         user: &str,
         source: Option<&str>,
     ) -> Result<Option<Lockout>, StateError> {
-        let window = Duration::from_secs(self.cfg.failure_window_seconds.max(1));
+        let window = Duration::from_secs(self.config().failure_window_seconds.max(1));
         let mut started = None;
         for (by, who) in Self::subjects(user, source) {
             let limit = match by {
-                By::User => self.cfg.user_failures,
-                By::Source => self.cfg.source_failures,
+                By::User => self.config().user_failures,
+                By::Source => self.config().source_failures,
             };
             if limit == 0 {
                 continue;
@@ -256,11 +272,11 @@ impl Limits {
                 )
                 .await?;
             let seconds = self
-                .cfg
+                .config()
                 .lockout_seconds
                 .max(1)
                 .saturating_mul(1u64 << (k - 1).min(20))
-                .min(self.cfg.max_lockout_seconds.max(1));
+                .min(self.config().max_lockout_seconds.max(1));
             self.store
                 .set(
                     &format!("lock:{}:{who}", by.name()),
@@ -281,7 +297,7 @@ impl Limits {
     /// A good login: the name's failures start again from zero (`gate` from
     /// [`Limits::login_gate`]: nothing to clear, no write).
     pub async fn login_succeeded(&self, user: &str, gate: &Gate) -> Result<(), StateError> {
-        if self.cfg.user_failures == 0 || !gate.failures {
+        if self.config().user_failures == 0 || !gate.failures {
             return Ok(());
         }
         self.store
@@ -327,12 +343,12 @@ impl Limits {
     ) -> Result<Option<Limited>, StateError> {
         let (per_source, per_user) = match endpoint {
             Endpoint::Token => (
-                self.cfg.token_per_minute_per_source,
-                self.cfg.token_per_minute_per_user,
+                self.config().token_per_minute_per_source,
+                self.config().token_per_minute_per_user,
             ),
             Endpoint::Registry => (
-                self.cfg.registry_per_minute_per_source,
-                self.cfg.registry_per_minute_per_user,
+                self.config().registry_per_minute_per_source,
+                self.config().registry_per_minute_per_user,
             ),
         };
         let name = endpoint.name();

@@ -152,7 +152,9 @@ fn authenticator(
     Ok((auth, live))
 }
 
-fn from_config(c: config::Config) -> anyhow::Result<Settings> {
+/// The settings `c` describes; `path` (the config file, if any) is read again on `SIGHUP`
+/// ([`gateway::reload`]).
+fn from_config(c: config::Config, path: Option<PathBuf>) -> anyhow::Result<Settings> {
     for cache in &c.proxy_cache {
         cache.check_files()?;
     }
@@ -192,6 +194,16 @@ fn from_config(c: config::Config) -> anyhow::Result<Settings> {
     if let Some(u) = &users {
         side_tasks.push(Box::pin(u.clone().reload_on_sighup()));
     }
+    let limits = Arc::new(gateway::limits::Limits::new(
+        c.limits.clone(),
+        store.clone(),
+    ));
+    let live = Arc::new(gateway::reload::LiveConfig::new(
+        path,
+        c.clone(),
+        limits.clone(),
+    ));
+    side_tasks.push(Box::pin(live.reload_on_sighup()));
     let oidc = match &c.oidc {
         Some(o) => Some(Arc::new(gateway::auth::oidc::Oidc::new(
             o.clone(),
@@ -243,10 +255,7 @@ fn from_config(c: config::Config) -> anyhow::Result<Settings> {
             reread_lock: Default::default(),
             robots: Some(robots),
             federation,
-            limits: Arc::new(gateway::limits::Limits::new(
-                c.limits.clone(),
-                store.clone(),
-            )),
+            limits,
         },
         oidc,
         side_tasks,
@@ -293,13 +302,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !loaded.from_env.is_empty() {
                 tracing::info!(variables = ?loaded.from_env, "configuration keys from the environment");
             }
-            gateway::run(from_config(loaded.config)?)?;
+            gateway::run(from_config(loaded.config, config)?)?;
             Ok(())
         }
         Command::CheckConfig { config } => {
             let loaded = config::Config::load(config.as_deref())?;
             let shown = toml::to_string(&service::env_config::masked(&loaded.merged))?;
-            drop(from_config(loaded.config)?);
+            drop(from_config(loaded.config, config)?);
             println!("{shown}");
             println!("configuration is valid");
             Ok(())

@@ -65,6 +65,8 @@ pub struct RequestCtx {
     op: Operation,
     /// The storage node chosen for the request.
     node: Option<String>,
+    /// Storage nodes that failed this request (a retry goes to another one).
+    failed_nodes: Vec<String>,
     /// The metrics' `route` label.
     route: &'static str,
     /// Upstream modifications decided by the bearer check.
@@ -599,6 +601,7 @@ impl ProxyHttp for Gateway {
             info: Arc::default(),
             op: Operation::default(),
             node: None,
+            failed_nodes: Vec::new(),
             route: "other",
             forward: Forward::default(),
             replace_body: None,
@@ -615,6 +618,13 @@ impl ProxyHttp for Gateway {
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.client_idle_seconds));
         }
+        // A draining gateway closes each HTTP/1.1 connection after its answer
+        // (`Connection: close`): the client's next request opens a new one, which the load
+        // balancer sends to a gateway that is ready. (HTTP/2 connections get a GOAWAY when the
+        // listeners close.)
+        if self.drain.draining() {
+            session.set_keepalive(None);
+        }
         let info = start_request(session, ctx)?;
         let span = tracing::info_span!("request", id = %ctx.info.request_id);
         crate::audit::CONTEXT
@@ -628,10 +638,10 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let Some(backend) = self.upstreams.select(b"", 256) else {
+        let Some(backend) = self.pick_node(&ctx.failed_nodes) else {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),
-                "no healthy storage node",
+                "every storage node failed the request",
             ));
         };
         ctx.node = Some(backend.addr.to_string());
@@ -753,16 +763,49 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         peer: &HttpPeer,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        let node = peer._address.to_string();
         self.metrics
             .upstream_errors
-            .with_label_values(&[&peer._address.to_string(), "connect"])
+            .with_label_values(&[&node, "connect"])
             .inc();
+        ctx.failed_nodes.push(node);
         // Nothing was sent yet: another node can take the request (a dead node is skipped
         // by the next pick, and by every pick once its health check fails).
         e.set_retry(true);
+        e
+    }
+
+    /// A node that fails a request while it is being proxied (one going away, a pooled
+    /// connection it closed): the request goes to another node when that cannot do it twice —
+    /// a `GET` or `HEAD` whose answer has not started; another method only as Pingora allows
+    /// (an idempotent one whose body it still holds, on a pooled connection that failed before
+    /// storage could read it). Never once the client has part of an answer.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let method = &session.req_header().method;
+        let read_only = *method == http::Method::GET || *method == http::Method::HEAD;
+        if session.response_written().is_some() {
+            e.set_retry(false);
+        } else if read_only && e.esource() == &ErrorSource::Upstream {
+            e.set_retry(true);
+        } else if !method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        if e.retry() {
+            ctx.failed_nodes.push(peer._address.to_string());
+        }
         e
     }
 
@@ -810,6 +853,27 @@ impl ProxyHttp for Gateway {
         } else {
             tracing::debug!(request_id = %ctx.info.request_id, route = ctx.route, status, "request");
         }
+    }
+}
+
+impl Gateway {
+    /// A storage node for the request: a healthy one that has not failed it; else one the
+    /// health check has not passed (yet — a node back from a restart is up before the next
+    /// check says so) that has not failed it; none when every node has.
+    fn pick_node(&self, failed: &[String]) -> Option<pingora::lb::Backend> {
+        let untried = |b: &pingora::lb::Backend| !failed.contains(&b.addr.to_string());
+        let first = self.upstreams.select(b"", 256);
+        if failed.is_empty() && first.is_some() {
+            return first;
+        }
+        // Round robin: as many picks as there are nodes reach every healthy one (other
+        // requests' picks in between may repeat one; twice as many is plenty).
+        let all = self.upstreams.backends().get_backend();
+        first
+            .into_iter()
+            .chain((0..2 * all.len()).filter_map(|_| self.upstreams.select(b"", 256)))
+            .find(untried)
+            .or_else(|| all.iter().find(|b| untried(b)).cloned())
     }
 }
 

@@ -28,8 +28,11 @@ pub struct Config {
     /// The audit trail of deletions by GC and retention (docs/audit.md); without a file,
     /// stdout or syslog sink they are logged on the `audit` target.
     pub audit: service::audit::AuditConfig,
-    /// On `SIGTERM`, how long requests in flight are finished (the listener is closed at
-    /// once: gateways' health checks take the node out); then the process exits.
+    /// On `SIGTERM`, how long `/healthz` answers 503 `draining` (gateways' health checks take
+    /// the node out) while the node still serves, before its listeners and idle connections
+    /// close: longer than the gateways' `health_check_interval_ms`.
+    pub drain_delay_seconds: u64,
+    /// Then, how long requests in flight are finished; then the process exits.
     pub drain_seconds: u64,
 }
 
@@ -141,6 +144,7 @@ impl Default for Config {
             log: LogConfig::default(),
             gc: GcConfig::default(),
             audit: service::audit::AuditConfig::default(),
+            drain_delay_seconds: 2,
             drain_seconds: 600,
         }
     }
@@ -199,7 +203,12 @@ pub const SECRET_ENV: &str = "PORTCULLIS_INTERNAL_SECRET";
 /// Where `PORTCULLIS_<…>` variables go: the top-level keys and the tables of [`Config`]
 /// (`PORTCULLIS_STORAGE_TYPE=s3`, `PORTCULLIS_STORAGE_BUCKET=…`, `PORTCULLIS_GC_ENABLED=true`).
 pub const SCHEMA: service::env_config::Schema = service::env_config::Schema {
-    keys: &["listen", "admin_listen", "drain_seconds"],
+    keys: &[
+        "listen",
+        "admin_listen",
+        "drain_delay_seconds",
+        "drain_seconds",
+    ],
     tables: &["storage", "api", "internal", "log", "gc", "audit"],
 };
 

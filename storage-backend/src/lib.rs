@@ -80,5 +80,6 @@ pub fn build_state(
         delete_enabled: config.api.delete_enabled,
         secret,
         metrics: http::metrics::Metrics::new(),
+        draining: Default::default(),
     }))
 }

@@ -150,9 +150,21 @@ async fn run() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding admin {admin}"))?;
         println!("admin listening on {}", l.local_addr()?);
-        servers.spawn(serve(l, router(state, Listener::Admin), stop_rx));
+        servers.spawn(serve(l, router(state.clone(), Listener::Admin), stop_rx));
     }
-    shutdown.await;
+    let terminated = shutdown.await;
+    // Health checks fail first, so that gateways stop picking this node — and stop using
+    // their pooled connections to it — before those connections close.
+    state
+        .draining
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    if terminated {
+        tracing::info!(
+            drain_delay_seconds = config.drain_delay_seconds,
+            "draining: health checks answer 503"
+        );
+        tokio::time::sleep(Duration::from_secs(config.drain_delay_seconds)).await;
+    }
     tracing::info!(
         drain_seconds = config.drain_seconds,
         "shutting down: finishing in-flight requests"
@@ -192,19 +204,16 @@ async fn serve(
         .context("serving")
 }
 
-async fn shutdown_signal() {
+/// Waits for `SIGTERM` (true: drain, health checks failing first) or `SIGINT` (false: stop
+/// taking requests at once).
+async fn shutdown_signal() -> bool {
     let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => false,
+        _ = term.recv() => true,
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 fn init_logging(format: LogFormat) {

@@ -145,9 +145,14 @@ impl StorageServer {
         Ok(())
     }
 
-    /// `kill -9`, then start again on the same root (a new port).
+    /// `kill -9`, then start again on the same root and port.
     pub fn crash_and_restart(&mut self) -> anyhow::Result<()> {
         self.kill9();
+        self.start_again()
+    }
+
+    /// A fresh process on the same root and port, once this one has exited (a replacement).
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
         // Reuse the port we had so URLs stay valid.
         if let Some(i) = self.args.iter().position(|a| a == "--listen") {
             self.args[i + 1] = self.base.trim_start_matches("http://").to_string();

@@ -1,7 +1,8 @@
 //! Operations: a gateway asked to drain (`SIGTERM`) says it is not ready, refuses new
 //! connections, finishes the 1 GiB push in flight, and exits by itself once nothing is left;
-//! `SIGHUP` puts a new htpasswd file's users in force (a broken file changes nothing), audited,
-//! while uploads go on; a storage node asked to stop finishes the upload in flight; a gateway
+//! `SIGHUP` puts a new htpasswd file's users and the config file's `[limits]` in force (a broken
+//! file changes nothing), audited, while uploads go on; a storage node asked to stop fails its
+//! health check at once and finishes the upload in flight; a gateway
 //! and a storage node configured by `PORTCULLIS_<TABLE>_<KEY>` variables alone (no file) serve
 //! the protocol suite.
 
@@ -149,17 +150,42 @@ async fn login(
 
 /// The `users-reload` audit events in `file`, oldest first: their outcomes.
 fn reloads(file: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["event.action"] == "users-reload")
+    audit_events(file, "users-reload")
+        .iter()
         .map(|e| e["event.outcome"].as_str().unwrap_or("").to_owned())
         .collect()
 }
 
+/// The audit events of `action` in `file`, oldest first.
+fn audit_events(file: &std::path::Path, action: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event.action"] == action)
+        .collect()
+}
+
+/// Sends `SIGHUP` and waits for the `config-reload` event it causes.
+async fn reload_config(
+    g: &portcullis_tests::server::GatewayServer,
+    trail: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    let before = audit_events(trail, "config-reload").len();
+    g.signal("HUP")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(e) = audit_events(trail, "config-reload").get(before) {
+            return Ok(e.clone());
+        }
+        ensure!(Instant::now() < deadline, "no config-reload audited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn sighup_reloads_the_users_and_a_broken_file_changes_nothing() -> anyhow::Result<()> {
+async fn sighup_reloads_the_users_and_the_limits_and_a_broken_file_changes_nothing()
+-> anyhow::Result<()> {
     const CAROL: (&str, &str) = ("carol", "carol-operations-pw");
     const DAVE: (&str, &str) = ("dave", "dave-operations-pw");
     let dir = tempfile::tempdir()?;
@@ -268,6 +294,47 @@ async fn sighup_reloads_the_users_and_a_broken_file_changes_nothing() -> anyhow:
         .send()
         .await?;
     ensure!(r.status() == 201, "the open upload: {}", describe(r).await);
+
+    // The configuration read again: new limits are put in force, a change that needs a
+    // restart is named (not applied), a broken file changes nothing.
+    let conf = gw.join("gateway.toml");
+    let text = std::fs::read_to_string(&conf)?;
+    let edited = text.replace(
+        "health_check_interval_ms = 200",
+        "health_check_interval_ms = 300",
+    ) + "[limits]\ntoken_per_minute_per_user = 2\n";
+    std::fs::write(&conf, &edited)?;
+    let e = reload_config(&g, &trail).await?;
+    ensure!(
+        e["event.outcome"] == "success"
+            && e["config.applied"] == serde_json::json!(["limits"])
+            && e["config.restart_needed"] == serde_json::json!(["upstream"]),
+        "{e}"
+    );
+    // Two per calendar minute: five attempts span at most two minutes, so one is refused.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(login(&g, ALICE).await?);
+    }
+    ensure!(statuses.contains(&429), "the new limit: {statuses:?}");
+    std::fs::write(&conf, edited + "[limitz]\n")?;
+    let e = reload_config(&g, &trail).await?;
+    ensure!(
+        e["event.outcome"] == "failure"
+            && e["event.reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("limitz")),
+        "{e}"
+    );
+    // Right after a refusal, three attempts get at most two through (a new minute's two).
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(login(&g, ALICE).await?);
+    }
+    ensure!(
+        statuses.contains(&429),
+        "the limit in force went: {statuses:?}"
+    );
     Ok(())
 }
 
@@ -296,8 +363,16 @@ async fn a_storage_node_asked_to_stop_finishes_the_upload_in_flight_and_takes_no
     let push = tokio::spawn(async move { put.send().await });
     tokio::time::sleep(Duration::from_secs(1)).await;
     storage.signal("TERM")?;
+    // Health checks fail at once (gateways stop sending), the listener closes after
+    // drain_delay_seconds (2).
+    let health = format!("{}/healthz", storage.base);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while reqwest::get(&health).await?.status() != 503 {
+        ensure!(Instant::now() < deadline, "/healthz does not say draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let addr = storage.base.trim_start_matches("http://").to_owned();
-    refuses_connections(&addr, Duration::from_secs(5)).await?;
+    refuses_connections(&addr, Duration::from_secs(6)).await?;
     let r = push.await??;
     ensure!(
         r.status() == 201,

@@ -1,6 +1,7 @@
-//! The HTTP API: `/v2/*` (every endpoint of the distribution spec) and `/internal/status` (the
-//! gateway's: usage and recent GC runs, for the console); on the admin listener (or the one
-//! combined listener) `/healthz`, `/readyz`, `/metrics` and `/gc`. [`router`] builds it without a socket, so handler tests need no listener.
+//! The HTTP API: `/v2/*` (every endpoint of the distribution spec), `/internal/status` (the
+//! gateway's: usage and recent GC runs, for the console) and `/healthz` (the gateways' health
+//! check); on the admin listener (or the one combined listener) `/healthz`, `/readyz`,
+//! `/metrics` and `/gc`. [`router`] builds it without a socket, so handler tests need no listener.
 
 mod error;
 mod handlers;
@@ -33,6 +34,9 @@ pub struct AppState {
     pub delete_enabled: bool,
     pub secret: Option<Secret>,
     pub metrics: Metrics,
+    /// Set on `SIGTERM`: `/healthz` and `/readyz` answer 503 so that gateways stop sending
+    /// here while what is in flight finishes.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// Which routes a listener serves.
@@ -47,10 +51,9 @@ pub enum Listener {
 }
 
 pub fn router(state: Arc<AppState>, listener: Listener) -> Router {
-    let mut r = Router::new();
+    let mut r = Router::new().route("/healthz", get(healthz));
     if listener != Listener::Api {
         r = r
-            .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_text))
             .route("/gc", get(gc_history).post(gc_run));
@@ -64,7 +67,18 @@ pub fn router(state: Arc<AppState>, listener: Listener) -> Router {
         .with_state(state)
 }
 
+/// Alive and taking requests: 503 once draining.
+async fn healthz(State(st): State<Arc<AppState>>) -> Response {
+    if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    "ok\n".into_response()
+}
+
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
     match st.registry.check().await {
         Ok(()) => "ready\n".into_response(),
         Err(e) => {

@@ -475,3 +475,276 @@ async fn behind_haproxy_uploads_move_between_nodes_and_kill_9_loses_nothing() {
         push_failures.len()
     );
 }
+
+/// Pulls `repo:reference` with `c` and checks the manifest and every blob against their
+/// digests.
+async fn verify_image(c: &Client, repo: &str, reference: &str, digest: &str) -> Result<(), String> {
+    let fetch = |path: String, digest: String| async move {
+        let r = c
+            .req(reqwest::Method::GET, &path)
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .map_err(|e| format!("{path}: {e}"))?;
+        if r.status() != 200 {
+            return Err(format!("{path}: {}", r.status()));
+        }
+        let body = r.bytes().await.map_err(|e| format!("{path}: {e}"))?;
+        if format!("sha256:{}", sha256_hex(&body)) != digest {
+            return Err(format!("{path}: the content does not match its digest"));
+        }
+        Ok(body)
+    };
+    let body = fetch(
+        format!("/v2/{repo}/manifests/{reference}"),
+        digest.to_string(),
+    )
+    .await?;
+    let m: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let blobs = m["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once(&m["config"]));
+    for b in blobs {
+        let d = b["digest"].as_str().unwrap_or_default();
+        fetch(format!("/v2/{repo}/blobs/{d}"), d.to_string()).await?;
+    }
+    Ok(())
+}
+
+/// What the clients of the rolling replacement did: images acknowledged (repository, tag,
+/// manifest digest), operations done, failures with what was being replaced then.
+#[derive(Default)]
+struct Rolling {
+    acknowledged: Vec<(String, String, String)>,
+    done: usize,
+    failures: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_replacement_of_every_gateway_and_storage_node_fails_no_client_operation() {
+    // Each gateway says not ready for 2 s before its listeners close (HAProxy checks every
+    // 200 ms); the gateways check the storage nodes every 200 ms.
+    let mut r = Replicas::start_full(
+        2,
+        2,
+        Redis::start().unwrap(),
+        TRUST_PROXY,
+        &[("PORTCULLIS_DRAIN_DELAY_SECONDS", "2")],
+    );
+    let backends: Vec<Backend> = r.gateways.iter().map(|g| Backend::of(g).unwrap()).collect();
+    let lb = Haproxy::start(&backends, 200).unwrap();
+    let base = format!("https://{}", lb.host);
+    let ca = r.gateways[0].ca_pem.clone();
+    let state: Arc<std::sync::Mutex<Rolling>> = Default::default();
+    let now_doing: Arc<std::sync::Mutex<String>> = Arc::new(std::sync::Mutex::new("start".into()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
+    let record = {
+        let (state, now_doing) = (state.clone(), now_doing.clone());
+        move |what: String, res: Result<Option<(String, String, String)>, String>| {
+            let mut s = state.lock().unwrap();
+            s.done += 1;
+            match res {
+                Ok(Some(image)) => s.acknowledged.push(image),
+                Ok(None) => {}
+                Err(e) => {
+                    let during = now_doing.lock().unwrap().clone();
+                    s.failures.push(format!("{what} (during {during}): {e}"))
+                }
+            }
+        }
+    };
+
+    // 4 skopeo clients pushing images, each a process of its own (new connections).
+    let ctr = Arc::new(portcullis_tests::tools::Containers::new().unwrap());
+    let certs = portcullis_tests::tools::cert_dir(&ctr, &ca).unwrap();
+    ctr.login("skopeo", &certs, &lb.host, BOB.0, BOB.1).unwrap();
+    let mut threads = Vec::new();
+    for w in 0..4usize {
+        let (ctr, certs, host, record, stop) = (
+            ctr.clone(),
+            certs.clone(),
+            lb.host.clone(),
+            record.clone(),
+            stop.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            let mut k = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = 1000 * (w + 1) + k;
+                let src = ctr.dir.path().join(format!("roll{n}"));
+                let digest = dir_image(&src, n);
+                let repo = format!("team-a/roll-skopeo-{w}");
+                let tag = format!("v{k}");
+                let res = ctr
+                    .run(
+                        "skopeo",
+                        &[
+                            "copy",
+                            "-q",
+                            "--preserve-digests",
+                            "--retry-times",
+                            "0",
+                            "--dest-cert-dir",
+                            &certs,
+                            &format!("dir:{}", src.display()),
+                            &format!("docker://{host}/{repo}:{tag}"),
+                        ],
+                    )
+                    .map(|_| Some((repo.clone(), tag.clone(), digest)))
+                    .map_err(|e| e.to_string());
+                record(format!("skopeo push {repo}:{tag}"), res);
+                let _ = std::fs::remove_dir_all(&src);
+                k += 1;
+            }
+        }));
+    }
+
+    // 12 blob-level clients on kept-alive connections, half over HTTP/1.1 and half over
+    // HTTP/2: 6 push images (monolithic and chunked layers) and read each back, 6 pull what
+    // was acknowledged; every digest checked.
+    let client = |http1: bool| {
+        let mut c = Client::with_http(&base, portcullis_tests::client::https(&ca, http1));
+        c.auth = Some(TokenAuth::new(&format!("{base}/token"), SERVICE, Some(BOB)));
+        c
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..6usize {
+        let (c, record, stop) = (client(w % 2 == 0), record.clone(), stop.clone());
+        tasks.spawn(async move {
+            let repo = format!("team-a/roll-blobs-{w}");
+            let mut k = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let tag = format!("v{k}");
+                let mut layer = vec![0u8; 300 * 1024 + k];
+                for (i, b) in layer.iter_mut().enumerate() {
+                    *b = (i.wrapping_mul(131) ^ (w * 7 + k * 13)) as u8;
+                }
+                layer[..16].copy_from_slice(
+                    &[(w as u64).to_le_bytes(), (k as u64).to_le_bytes()].concat(),
+                );
+                let res = async {
+                    let manifest = if k.is_multiple_of(2) {
+                        c.push_image(&repo, &tag, &[&layer]).await?.1.to_string()
+                    } else {
+                        c.push_blob_chunked(&repo, &layer, 128 * 1024).await?;
+                        c.push_image(&repo, &tag, &[&layer]).await?.1.to_string()
+                    };
+                    verify_image(&c, &repo, &tag, &manifest)
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                    anyhow::Ok(Some((repo.clone(), tag.clone(), manifest)))
+                }
+                .await
+                .map_err(|e| format!("{e:#}"));
+                record(format!("push {repo}:{tag}"), res);
+                k += 1;
+            }
+        });
+    }
+    for w in 0..6usize {
+        let (c, record, stop, state) = (
+            client(w % 2 == 0),
+            record.clone(),
+            stop.clone(),
+            state.clone(),
+        );
+        tasks.spawn(async move {
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let image = {
+                    let s = state.lock().unwrap();
+                    (!s.acknowledged.is_empty())
+                        .then(|| s.acknowledged[i % s.acknowledged.len()].clone())
+                };
+                match image {
+                    Some((repo, tag, digest)) => {
+                        let res = verify_image(&c, &repo, &tag, &digest).await.map(|_| None);
+                        record(format!("pull {repo}:{tag}"), res);
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+                i += 7;
+            }
+        });
+    }
+
+    // Lets the clients get `n` more operations done.
+    let settle = |n: usize| {
+        let state = state.clone();
+        async move {
+            let target = state.lock().unwrap().done + n;
+            eventually(120, "client operations go on", || async {
+                state.lock().unwrap().done >= target
+            })
+            .await;
+        }
+    };
+    settle(40).await;
+    for i in 0..2 {
+        *now_doing.lock().unwrap() = format!("the replacement of gateway {i}");
+        r.gateways[i].signal("TERM").unwrap();
+        let status = r.gateways[i]
+            .exited_within(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("gateway {i} did not finish draining"));
+        assert!(status.success(), "gateway {i} drained with {status}");
+        r.start_gateway_again(i);
+        settle(40).await;
+    }
+    for i in 0..2 {
+        *now_doing.lock().unwrap() = format!("the replacement of storage node {i}");
+        r.storages[i].signal("TERM").unwrap();
+        let status = r.storages[i]
+            .exited_within(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("storage node {i} did not finish draining"));
+        assert!(status.success(), "storage node {i} drained with {status}");
+        r.storages[i].start_again().unwrap();
+        // As an operator does: the next node goes only once every gateway takes this one.
+        let node = r.storages[i].base.trim_start_matches("http://").to_string();
+        for g in &r.gateways {
+            let series = format!("gateway_upstream_healthy{{node=\"{node}\"}}");
+            eventually(
+                30,
+                "the gateways see the new storage node healthy",
+                || async {
+                    portcullis_tests::server::metrics_text(&g.admin)
+                        .await
+                        .is_ok_and(|t| {
+                            portcullis_tests::server::metric_sample(&t, &series) == Some(1.0)
+                        })
+                },
+            )
+            .await;
+        }
+        settle(40).await;
+    }
+    *now_doing.lock().unwrap() = "the end".into();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while tasks.join_next().await.is_some() {}
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = std::mem::take(&mut *state.lock().unwrap());
+    assert!(
+        s.failures.is_empty(),
+        "{} of {} client operations failed:\n{}",
+        s.failures.len(),
+        s.done,
+        s.failures.join("\n")
+    );
+    assert!(stopped());
+    // Every image acknowledged pulls identical at the end, through the load balancer.
+    let c = client(false);
+    for (repo, tag, digest) in &s.acknowledged {
+        verify_image(&c, repo, tag, digest)
+            .await
+            .unwrap_or_else(|e| panic!("{repo}:{tag}: {e}"));
+    }
+    println!(
+        "rolling replacement: {} client operations, none failed; {} images verified",
+        s.done,
+        s.acknowledged.len()
+    );
+}
