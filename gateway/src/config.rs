@@ -122,6 +122,12 @@ impl Config {
     /// The file (if any) with the environment's keys over it, checked.
     pub fn load(path: Option<&Path>) -> anyhow::Result<service::env_config::Loaded<Self>> {
         let loaded: service::env_config::Loaded<Self> = service::env_config::load(path, &SCHEMA)?;
+        if path.is_none() && loaded.from_env.is_empty() {
+            bail!(
+                "no configuration: give --config <file> (or PORTCULLIS_GATEWAY_CONFIG), or set \
+                 PORTCULLIS_<TABLE>_<KEY> variables (docs/operations.md)"
+            );
+        }
         loaded.config.validate()?;
         Ok(loaded)
     }
@@ -201,33 +207,11 @@ mod tests {
         crate::auth::federation::Federation::new(f).expect("the example federation compiles");
     }
 
-    /// Every key of the shipped example as a variable (`PORTCULLIS_TOKEN_ISSUER=…`, whole values
-    /// for what is not a table of [`SCHEMA`]).
-    fn as_variables(prefix: &str, t: &toml::Table, out: &mut Vec<(String, String)>) {
-        for (k, v) in t {
-            let dotted = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            match v {
-                toml::Value::Table(inner) if SCHEMA.tables.contains(&dotted.as_str()) => {
-                    as_variables(&dotted, inner, out)
-                }
-                v => out.push((
-                    format!("PORTCULLIS_{}", dotted.replace('.', "_").to_uppercase()),
-                    v.to_string(),
-                )),
-            }
-        }
-    }
-
     #[test]
     fn the_shipped_example_set_from_the_environment_alone_is_the_same_config() {
         let text = include_str!("../../conf/gateway.toml");
         let table: toml::Table = toml::from_str(text).unwrap();
-        let mut vars = Vec::new();
-        as_variables("", &table, &mut vars);
+        let vars = service::env_config::as_variables(&SCHEMA, &table);
         assert!(vars.len() > 40, "{vars:?}");
         let from_env: service::env_config::Loaded<Config> =
             service::env_config::load_from(None, &SCHEMA, vars).unwrap();

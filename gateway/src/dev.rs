@@ -272,6 +272,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         store,
         proxy_protocol: None,
         hello_timeout: std::time::Duration::from_secs(10),
+        head_timeout: std::time::Duration::from_secs(30),
         client_idle_timeout: Duration::from_secs(60),
         connections_per_source: file
             .limits

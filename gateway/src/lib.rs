@@ -22,7 +22,8 @@
 //!   is `service::audit`, shared with storage); [`metrics`]; [`admin`]: the admin listener;
 //!   [`drain`]: stopping on `SIGTERM` without failing a client.
 //! - [`client`]: the client side (credential helper, `gateway robot`).
-//! - [`config`]: the config file, assembling the tables each feature owns; [`reload`]: what
+//! - [`config`]: the configuration (the file and `PORTCULLIS_<TABLE>_<KEY>` variables over
+//!   it), assembling the tables each feature owns; [`reload`]: what
 //!   `SIGHUP` puts in force of an edited configuration; [`clock`] and
 //!   [`random`]: the clock and random tokens.
 //! - [`dev`]: the embedded default (`gateway dev`), with storage in the same process — the
@@ -90,6 +91,9 @@ pub struct Settings {
     pub proxy_protocol: Option<Arc<edge::proxy_protocol::ProxyProtocol>>,
     /// How long a new connection has to send its first byte.
     pub hello_timeout: Duration,
+    /// The TLS handshake and the first request's head must arrive within this
+    /// (`edge::head`).
+    pub head_timeout: Duration,
     /// How long a connection may wait between requests (whole seconds, at least one: HTTP/1
     /// keep-alive counts in seconds, and zero would mean for ever there).
     pub client_idle_timeout: Duration,
@@ -145,6 +149,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         store,
         proxy_protocol,
         hello_timeout,
+        head_timeout,
         client_idle_timeout,
         connections_per_source,
         proxy_caches,
@@ -219,8 +224,10 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         )?))
     };
     let draining = Arc::new(drain::Drain::new(drain_delay));
+    let heads = edge::head::HeadDeadlines::new(head_timeout, metrics.connections_refused.clone());
     let gateway = proxy::Gateway {
         drain: draining.clone(),
+        heads: heads.clone(),
         manifests: manifests.clone(),
         caches,
         events: events.clone(),
@@ -282,6 +289,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         .endpoints()
         .set_pre_tls_callback(Arc::new(edge::Edge {
             hello_timeout,
+            heads,
             proxy_protocol,
             slots: edge::ConnectionSlots::new(
                 connections_per_source,
@@ -355,4 +363,25 @@ fn h2_options() -> pingora::protocols::http::v2::server::H2Options {
     // Bigger DATA frames from clients: fewer, larger chunks to forward upstream.
     o.max_frame_size(256 << 10);
     o
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_variables_the_gateway_reads_itself_are_not_taken_for_keys() {
+        use service::env_config::{NOT_KEYS, PREFIX};
+        for name in [
+            crate::config::SECRET_ENV,
+            crate::dev::ADMIN_PASSWORD_ENV,
+            crate::auth::oidc::config::CLIENT_SECRET_ENV,
+            crate::auth::ldap::BIND_PASSWORD_ENV,
+            crate::auth::robots::ADMIN_TOKEN_ENV,
+            crate::auth::pepper::PEPPER_ENV,
+            crate::state::redis::PASSWORD_ENV,
+            crate::client::credential_helper::REGISTRIES_ENV,
+        ] {
+            let rest = name.strip_prefix(PREFIX).unwrap();
+            assert!(NOT_KEYS.contains(&rest), "{name} is missing from NOT_KEYS");
+        }
+    }
 }

@@ -248,12 +248,14 @@ impl Limits {
         user: &str,
         source: Option<&str>,
     ) -> Result<Option<Lockout>, StateError> {
-        let window = Duration::from_secs(self.config().failure_window_seconds.max(1));
+        // One snapshot for the whole count (a reload meanwhile applies to the next).
+        let cfg = self.config();
+        let window = Duration::from_secs(cfg.failure_window_seconds.max(1));
         let mut started = None;
         for (by, who) in Self::subjects(user, source) {
             let limit = match by {
-                By::User => self.config().user_failures,
-                By::Source => self.config().source_failures,
+                By::User => cfg.user_failures,
+                By::Source => cfg.source_failures,
             };
             if limit == 0 {
                 continue;
@@ -271,12 +273,11 @@ impl Limits {
                     Duration::from_secs(86_400),
                 )
                 .await?;
-            let seconds = self
-                .config()
+            let seconds = cfg
                 .lockout_seconds
                 .max(1)
                 .saturating_mul(1u64 << (k - 1).min(20))
-                .min(self.config().max_lockout_seconds.max(1));
+                .min(cfg.max_lockout_seconds.max(1));
             self.store
                 .set(
                     &format!("lock:{}:{who}", by.name()),
@@ -341,14 +342,15 @@ impl Limits {
         source: Option<&str>,
         user: Option<&str>,
     ) -> Result<Option<Limited>, StateError> {
+        let cfg = self.config();
         let (per_source, per_user) = match endpoint {
             Endpoint::Token => (
-                self.config().token_per_minute_per_source,
-                self.config().token_per_minute_per_user,
+                cfg.token_per_minute_per_source,
+                cfg.token_per_minute_per_user,
             ),
             Endpoint::Registry => (
-                self.config().registry_per_minute_per_source,
-                self.config().registry_per_minute_per_user,
+                cfg.registry_per_minute_per_source,
+                cfg.registry_per_minute_per_user,
             ),
         };
         let name = endpoint.name();

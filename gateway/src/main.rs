@@ -268,6 +268,7 @@ fn from_config(c: config::Config, path: Option<PathBuf>) -> anyhow::Result<Setti
         audit_file: c.audit.file.clone(),
         store,
         hello_timeout: std::time::Duration::from_millis(c.tls.hello_timeout_ms.max(1)),
+        head_timeout: std::time::Duration::from_secs(c.tls.head_timeout_seconds.max(1)),
         client_idle_timeout: std::time::Duration::from_secs(c.tls.idle_timeout_seconds),
         connections_per_source: c.limits.connections_per_source,
         proxy_protocol: match &c.proxy_protocol {
@@ -299,15 +300,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { config } => {
             let loaded = config::Config::load(config.as_deref())?;
-            if !loaded.from_env.is_empty() {
-                tracing::info!(variables = ?loaded.from_env, "configuration keys from the environment");
-            }
+            loaded.log_sources();
             gateway::run(from_config(loaded.config, config)?)?;
             Ok(())
         }
         Command::CheckConfig { config } => {
             let loaded = config::Config::load(config.as_deref())?;
-            let shown = toml::to_string(&service::env_config::masked(&loaded.merged))?;
+            let shown = loaded.describe()?;
             drop(from_config(loaded.config, config)?);
             println!("{shown}");
             println!("configuration is valid");

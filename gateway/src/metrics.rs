@@ -323,7 +323,7 @@ impl Metrics {
         );
         let upstream_errors = counter(
             "gateway_upstream_errors_total",
-            "Failures talking to a storage node, by node and kind (connect, proxy)",
+            "Failures talking to a storage node, by node and kind (connect, proxy: the request failed; retried: it went to a node again)",
             &["node", "kind"],
         );
         let upstream_healthy = IntGaugeVec::new(

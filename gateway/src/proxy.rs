@@ -54,6 +54,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Requests in flight, and whether the gateway drains.
     pub drain: Arc<crate::drain::Drain>,
+    /// Connections waiting for their first request head (`edge::head`).
+    pub heads: Arc<crate::edge::head::HeadDeadlines>,
 }
 
 /// What a request carries from one phase to the next.
@@ -612,6 +614,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
+            self.heads.arrived(*client);
+        }
         // Pingora waits for the next request on a keep-alive connection as long as the client
         // asks (`Keep-Alive: timeout=`), by default for ever; ours bounds it. A connection the
         // client (or HTTP/1.0) does not keep alive stays so.
@@ -772,17 +777,16 @@ impl ProxyHttp for Gateway {
             .with_label_values(&[&node, "connect"])
             .inc();
         ctx.failed_nodes.push(node);
-        // Nothing was sent yet: another node can take the request (a dead node is skipped
-        // by the next pick, and by every pick once its health check fails).
+        // Nothing was sent yet: another node can take the request (this one is not picked
+        // again for it — `failed_nodes` — nor for any once its health check fails).
         e.set_retry(true);
         e
     }
 
     /// A node that fails a request while it is being proxied (one going away, a pooled
-    /// connection it closed): the request goes to another node when that cannot do it twice —
-    /// a `GET` or `HEAD` whose answer has not started; another method only as Pingora allows
-    /// (an idempotent one whose body it still holds, on a pooled connection that failed before
-    /// storage could read it). Never once the client has part of an answer.
+    /// connection it closed): see [`may_retry`]. A node that failed on a fresh connection is
+    /// not picked again for the request; one that failed on a pooled connection may be, on a
+    /// fresh one (a stale connection to a healthy node, the only node of `gateway dev`).
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -792,19 +796,23 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let method = &session.req_header().method;
-        let read_only = *method == http::Method::GET || *method == http::Method::HEAD;
-        if session.response_written().is_some() {
-            e.set_retry(false);
-        } else if read_only && e.esource() == &ErrorSource::Upstream {
-            e.set_retry(true);
-        } else if !method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-        }
-        if e.retry() {
-            ctx.failed_nodes.push(peer._address.to_string());
+        let retry = may_retry(
+            &session.req_header().method,
+            session.response_written().is_some(),
+            session.as_ref().retry_buffer_truncated(),
+            e.esource(),
+            e.etype(),
+        );
+        e.set_retry(retry);
+        if retry {
+            let node = peer._address.to_string();
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[&node, "retried"])
+                .inc();
+            if !client_reused {
+                ctx.failed_nodes.push(node);
+            }
         }
         e
     }
@@ -856,6 +864,26 @@ impl ProxyHttp for Gateway {
     }
 }
 
+/// Whether a request that failed while proxied (after its connection to a node was made)
+/// goes to a node again: only a `GET` or `HEAD` (storage does nothing twice for them) whose
+/// answer has not started, whose body (if any) Pingora still holds whole, failed by the node
+/// — not by a timeout, which a retry would only repeat. Anything else may have been carried
+/// out: a `PUT`, `DELETE`, `POST` or `PATCH` is never sent twice (a second `DELETE` would
+/// answer 404 for a delete that happened, and lose its event).
+fn may_retry(
+    method: &http::Method,
+    answer_started: bool,
+    body_truncated: bool,
+    source: &ErrorSource,
+    kind: &ErrorType,
+) -> bool {
+    (*method == http::Method::GET || *method == http::Method::HEAD)
+        && !answer_started
+        && !body_truncated
+        && *source == ErrorSource::Upstream
+        && !matches!(kind, ErrorType::ReadTimedout | ErrorType::WriteTimedout)
+}
+
 impl Gateway {
     /// A storage node for the request: a healthy one that has not failed it; else one the
     /// health check has not passed (yet — a node back from a restart is up before the next
@@ -869,16 +897,65 @@ impl Gateway {
         // Round robin: as many picks as there are nodes reach every healthy one (other
         // requests' picks in between may repeat one; twice as many is plenty).
         let all = self.upstreams.backends().get_backend();
+        let spread = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize);
         first
             .into_iter()
             .chain((0..2 * all.len()).filter_map(|_| self.upstreams.select(b"", 256)))
             .find(untried)
-            .or_else(|| all.iter().find(|b| untried(b)).cloned())
+            .or_else(|| {
+                // Spread over the untried ones, not all on the first.
+                let left: Vec<_> = all.iter().filter(|b| untried(b)).collect();
+                (!left.is_empty()).then(|| left[spread % left.len()].clone())
+            })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use pingora::{ErrorSource, ErrorType};
+
+    #[test]
+    fn only_reads_whose_answer_has_not_started_are_retried() {
+        use http::Method;
+        let up = ErrorSource::Upstream;
+        let closed = ErrorType::ConnectionClosed;
+        assert!(super::may_retry(&Method::GET, false, false, &up, &closed));
+        assert!(super::may_retry(
+            &Method::HEAD,
+            false,
+            false,
+            &up,
+            &ErrorType::ReadError
+        ));
+        for m in [Method::PUT, Method::DELETE, Method::POST, Method::PATCH] {
+            assert!(!super::may_retry(&m, false, false, &up, &closed), "{m}");
+        }
+        assert!(
+            !super::may_retry(&Method::GET, true, false, &up, &closed),
+            "answer started"
+        );
+        assert!(
+            !super::may_retry(&Method::GET, false, true, &up, &closed),
+            "body lost"
+        );
+        assert!(!super::may_retry(
+            &Method::GET,
+            false,
+            false,
+            &ErrorSource::Downstream,
+            &closed
+        ));
+        assert!(!super::may_retry(
+            &Method::GET,
+            false,
+            false,
+            &up,
+            &ErrorType::ReadTimedout
+        ));
+    }
+
     #[test]
     fn cookies_sent_in_several_fields_are_all_read() {
         let mut h = http::HeaderMap::new();

@@ -1,4 +1,5 @@
-//! `SIGHUP` reads the configuration again — the file and the environment, as at start — and
+//! `SIGHUP` reads the config file again — with the environment's variables over it as at start
+//! (a process's environment does not change: a key set by a variable keeps its value) — and
 //! checks it whole first: a configuration that does not load changes nothing. What a running
 //! gateway can take is put in force: `[limits]` (lockouts and rate limits; the connections per
 //! source are counted by the listener and need a restart). A change anywhere else (listeners,
@@ -109,11 +110,36 @@ impl LiveConfig {
 
 /// The parts of the configuration, other than `[limits]`, that differ.
 fn changed(a: &Config, b: &Config) -> Vec<&'static str> {
+    // Every field named: a new one does not compile until it is decided here.
+    let Config {
+        listen,
+        admin_listen,
+        drain_seconds,
+        drain_delay_seconds,
+        tls,
+        token,
+        upstream,
+        auth,
+        policy,
+        oidc,
+        robots,
+        federation,
+        state,
+        audit,
+        limits: _,
+        log,
+        pepper,
+        proxy_protocol,
+        proxy_cache,
+        webhooks,
+        replication,
+        manifest_cache,
+    } = a;
     let mut out = Vec::new();
     macro_rules! compare {
         ($($field:ident),*) => {
             $(
-                if format!("{:?}", a.$field) != format!("{:?}", b.$field) {
+                if format!("{:?}", $field) != format!("{:?}", b.$field) {
                     out.push(stringify!($field));
                 }
             )*

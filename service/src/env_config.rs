@@ -1,5 +1,5 @@
 //! Every configuration key from the environment, as container platforms expect:
-//! `PORTCULLIS_<SECTION>_<KEY>` sets `<key>` of the table `[<section>]`
+//! `PORTCULLIS_<TABLE>_<KEY>` sets `<key>` of the table `[<table>]`
 //! (`PORTCULLIS_TOKEN_EXPIRES_IN_SECONDS=300`), `PORTCULLIS_<KEY>` a top-level key
 //! (`PORTCULLIS_LISTEN=0.0.0.0:8443`), over what the config file (if any) says.
 //!
@@ -11,6 +11,8 @@
 //! plain string otherwise, so `PORTCULLIS_LISTEN=0.0.0.0:8443` needs no quotes; quote a string
 //! that would read as something else (`PORTCULLIS_TOKEN_SERVICE='"2024"'`). A whole table or
 //! array of tables is one variable: `PORTCULLIS_WEBHOOKS='[{ name = "a", url = "…" }]'`.
+//! The process's environment does not change while it runs: a variable wins over the file at
+//! every (re)load.
 //!
 //! Not keys, and left alone: the variables the services read themselves ([`NOT_KEYS`]: secrets,
 //! the config file's path, the client tools' settings) and the service links Kubernetes adds to
@@ -45,6 +47,13 @@ pub const NOT_KEYS: &[&str] = &[
     "NO_DEVICE_FLOW",
     "PASSWORD",
     "URL",
+    // docker-compose.yml's own (images and published ports), exported in the shell that
+    // runs it.
+    "BASE_IMAGE",
+    "NODE_IMAGE",
+    "PORT",
+    "IDP_PORT",
+    "PROMETHEUS_PORT",
 ];
 
 /// The shape of one service's configuration, enough to place a variable.
@@ -63,6 +72,21 @@ pub struct Loaded<T> {
     pub merged: toml::Table,
     /// The variables that set a key, sorted.
     pub from_env: Vec<String>,
+}
+
+impl<T> Loaded<T> {
+    /// The merged configuration as TOML, secrets masked ([`masked`]): what `check-config`
+    /// prints.
+    pub fn describe(&self) -> anyhow::Result<String> {
+        Ok(toml::to_string(&masked(&self.merged))?)
+    }
+
+    /// Logs which variables set keys (their names, never their values).
+    pub fn log_sources(&self) {
+        if !self.from_env.is_empty() {
+            tracing::info!(variables = ?self.from_env, "configuration keys from the environment");
+        }
+    }
 }
 
 /// Reads `file` (none: an empty one), applies the process's environment over it and
@@ -109,6 +133,9 @@ pub fn load_from<T: DeserializeOwned>(
     } else {
         toml::Value::Table(merged.clone())
             .try_into()
+            // Names and types, not values: a secret put in the wrong variable stays out of
+            // logs and audit events.
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", without_values(&e.to_string())))
             .with_context(|| {
                 format!(
                     "parsing {} with {} from the environment",
@@ -122,6 +149,55 @@ pub fn load_from<T: DeserializeOwned>(
         merged,
         from_env,
     })
+}
+
+/// Every key of `table` as the variable that sets it (`PORTCULLIS_TOKEN_ISSUER=…`; one
+/// variable for what is not a table of `schema`), values as TOML: a config file turned into an
+/// environment.
+pub fn as_variables(schema: &Schema, table: &toml::Table) -> Vec<(String, String)> {
+    fn walk(schema: &Schema, prefix: &str, t: &toml::Table, out: &mut Vec<(String, String)>) {
+        for (k, v) in t {
+            let dotted = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) if schema.tables.contains(&dotted.as_str()) => {
+                    walk(schema, &dotted, inner, out)
+                }
+                v => out.push((
+                    format!("{PREFIX}{}", dotted.replace('.', "_").to_uppercase()),
+                    v.to_string(),
+                )),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(schema, "", table, &mut out);
+    out
+}
+
+/// `message` with each double-quoted value replaced by `"…"` (serde quotes values that way;
+/// field names come in backticks and stay).
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                quoted = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
 }
 
 /// Applies the variables that are configuration keys to `table`; returns their names, sorted.
@@ -228,12 +304,47 @@ pub fn value_of(text: &str) -> toml::Value {
 }
 
 /// `table` with what could be secret hidden: string values of keys that name a password,
-/// secret or token (not a `…_file`), and the password of a URL's user information.
+/// secret, token or pepper (not a `…_file`), the password of a URL's user information, and the
+/// path and query of webhook URLs (which often carry a token: Slack's, Teams').
 pub fn masked(table: &toml::Table) -> toml::Table {
     table
         .iter()
-        .map(|(k, v)| (k.clone(), mask_value(k, v)))
+        .map(|(k, v)| {
+            let v = mask_value(k, v);
+            if k != "webhooks" {
+                return (k.clone(), v);
+            }
+            let hooks = match v {
+                toml::Value::Array(a) => a
+                    .into_iter()
+                    .map(|h| match h {
+                        toml::Value::Table(mut t) => {
+                            if let Some(toml::Value::String(u)) = t.get("url") {
+                                let shown = mask_url_path(u);
+                                t.insert("url".into(), toml::Value::String(shown));
+                            }
+                            toml::Value::Table(t)
+                        }
+                        other => other,
+                    })
+                    .collect(),
+                other => return (k.clone(), other),
+            };
+            (k.clone(), toml::Value::Array(hooks))
+        })
         .collect()
+}
+
+/// `scheme://host/***` for a URL with a path or query (user information masked too).
+fn mask_url_path(s: &str) -> String {
+    let s = mask_url_password(s);
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return "***".into();
+    };
+    match rest.find(['/', '?', '#']) {
+        Some(i) => format!("{scheme}://{}/***", &rest[..i]),
+        None => s.clone(),
+    }
 }
 
 fn mask_value(key: &str, v: &toml::Value) -> toml::Value {
@@ -382,6 +493,34 @@ tokens = ["t1"]
             "{m}"
         );
         assert!(m.contains("https://h/a@b"), "{m}");
+        let hooks: toml::Table = toml::from_str(
+            "webhooks = [{ name = \"s\", url = \"https://hooks.example/T0/B0/XyZ?k=1\" }]",
+        )
+        .unwrap();
+        let m = toml::to_string(&masked(&hooks)).unwrap();
+        assert!(
+            m.contains("https://hooks.example/***") && !m.contains("XyZ"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn errors_name_keys_not_values() {
+        let e = load_from::<Small>(
+            None,
+            &SCHEMA,
+            vars(&[
+                ("PORTCULLIS_LISTEN", "127.0.0.1:1"),
+                ("PORTCULLIS_DRAIN_SECONDS", "hunter2-secret"),
+            ]),
+        )
+        .err()
+        .unwrap();
+        let text = format!("{e:#}");
+        assert!(
+            !text.contains("hunter2") && text.contains("drain_seconds"),
+            "{text}"
+        );
     }
 
     #[derive(serde::Deserialize, Debug)]

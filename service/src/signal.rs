@@ -1,5 +1,5 @@
 //! `SIGHUP`: what both services do again on it (reopen the audit file; in the gateway also
-//! read the TLS certificate and the policy again).
+//! read the TLS certificate, the policy, the htpasswd users and the config file again).
 
 /// Runs `then` on every `SIGHUP`, for ever (on a tokio runtime). If the signal cannot be
 /// listened for, says so once — `never` tells what then never happens — and returns.

@@ -269,6 +269,18 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_set_from_the_environment_alone_is_the_same_config() {
+        let text = include_str!("../../conf/storage-backend.toml");
+        let table: toml::Table = toml::from_str(text).unwrap();
+        let vars = service::env_config::as_variables(&SCHEMA, &table);
+        assert!(vars.len() > 10, "{vars:?}");
+        let from_env: service::env_config::Loaded<Config> =
+            service::env_config::load_from(None, &SCHEMA, vars).unwrap();
+        let from_file: Config = toml::from_str(text).unwrap();
+        assert_eq!(format!("{:?}", from_env.config), format!("{from_file:?}"));
+    }
+
+    #[test]
     fn every_key_can_come_from_the_environment() {
         let vars = [
             ("PORTCULLIS_LISTEN", "0.0.0.0:5000"),

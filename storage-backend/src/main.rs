@@ -1,5 +1,6 @@
 //! `storage-backend [--config <file>] [--listen <addr:port>] [--root <dir>]
-//! [gc [--dry-run] | audit verify <file>]`
+//! [gc [--dry-run] | audit verify <file>]`; every config key can also come from a
+//! `PORTCULLIS_<TABLE>_<KEY>` variable (flags over variables over the file).
 
 use anyhow::Context;
 use clap::Parser;
@@ -76,7 +77,7 @@ async fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     let loaded = Config::load(args.config.as_deref())?;
-    let mut config = loaded.config;
+    let mut config = loaded.config.clone();
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
@@ -86,17 +87,12 @@ async fn run() -> anyhow::Result<()> {
     let secret = config.secret()?;
     config.validate(secret.as_ref())?;
     if args.check_config {
-        println!(
-            "{}",
-            toml::to_string(&service::env_config::masked(&loaded.merged))?
-        );
+        println!("{}", loaded.describe()?);
         println!("configuration is valid");
         return Ok(());
     }
     init_logging(config.log.format);
-    if !loaded.from_env.is_empty() {
-        tracing::info!(variables = ?loaded.from_env, "configuration keys from the environment");
-    }
+    loaded.log_sources();
 
     let store = match &config.storage {
         StorageConfig::Filesystem { root } => {

@@ -151,7 +151,8 @@ impl StorageServer {
         self.start_again()
     }
 
-    /// A fresh process on the same root and port, once this one has exited (a replacement).
+    /// A fresh process on the same root and port, once this one has exited (a replacement;
+    /// a `bare` node started with `PORTCULLIS_LISTEN=…:0` gets a new port).
     pub fn start_again(&mut self) -> anyhow::Result<()> {
         // Reuse the port we had so URLs stay valid.
         if let Some(i) = self.args.iter().position(|a| a == "--listen") {

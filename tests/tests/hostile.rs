@@ -1,7 +1,8 @@
 //! Hostile clients at the gateway's TLS edge (issue 12), each against a running gateway in
 //! front of a storage node while a legitimate client keeps pulling an image — every pull must
 //! succeed while the attack runs: silent and half-open connections, very many connections,
-//! slowloris headers and bodies, oversized headers and URLs, request smuggling, path tricks,
+//! slowloris headers and bodies, a head trickled past its total deadline, oversized headers and
+//! URLs, request smuggling, path tricks,
 //! HTTP/2 rapid reset and stream floods. `cargo test --release --test hostile` runs exactly
 //! these. The attacks and what answers them: docs/security.md.
 
@@ -453,6 +454,67 @@ async fn slowloris_headers_and_bodies_do_not_starve_pulls_and_are_closed_when_id
     );
     pulls.wait_more(2, Duration::from_secs(30)).await?;
     pulls.finish().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_head_trickled_past_its_total_deadline_is_cut_off() -> anyhow::Result<()> {
+    let e = Arc::new(Edge::start_with("[tls]\nhead_timeout_seconds = 2\n").await?);
+    // A head that never ends, a byte every 200 ms: each read is in time, the whole is not.
+    let slow = {
+        let e = e.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
+            let mut s = e.tls()?;
+            let started = Instant::now();
+            s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")?;
+            s.get_ref()
+                .set_read_timeout(Some(Duration::from_millis(200)))?;
+            let mut buf = [0u8; 512];
+            loop {
+                ensure!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "still open after 20 s"
+                );
+                if s.write_all(b"a").is_err() {
+                    return Ok(started.elapsed());
+                }
+                match s.read(&mut buf) {
+                    Ok(0) => return Ok(started.elapsed()),
+                    Ok(n) => anyhow::bail!("answered: {}", String::from_utf8_lossy(&buf[..n])),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => return Ok(started.elapsed()),
+                }
+            }
+        })
+    };
+    // A connection whose head came in time stays open past the deadline (keep-alive).
+    let mut kept = e.tls()?;
+    kept.write_all(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    ensure!(read_answer(&mut kept)?.starts_with("HTTP/1.1 401"));
+    let closed_after = slow.await??;
+    ensure!(
+        closed_after >= Duration::from_millis(1500),
+        "closed before its deadline: {closed_after:?}"
+    );
+    kept.write_all(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    ensure!(
+        read_answer(&mut kept)?.starts_with("HTTP/1.1 401"),
+        "the connection with a head in time was closed"
+    );
+    ensure!(
+        metric(
+            &e,
+            "gateway_connections_refused_total{reason=\"head_timeout\"}"
+        )
+        .await?
+            >= 1.0
+    );
+    // Legitimate clients are served as before.
+    pull_once(&e.bob()).await?;
     Ok(())
 }
 

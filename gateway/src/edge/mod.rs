@@ -13,7 +13,10 @@
 //! 3. From a trusted load balancer, the PROXY header (`proxy_protocol`); the cap then counts
 //!    the client address it names. A trusted load balancer's own connections without one
 //!    (health checks, `LOCAL`) are not counted.
+//! 4. Then the TLS handshake and the first request's whole head must arrive within
+//!    `tls.head_timeout_seconds` ([`head`]).
 
+pub mod head;
 pub mod proxy_protocol;
 pub mod tls;
 
@@ -24,6 +27,7 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::upstreams::peer::{Tracer, Tracing};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +35,7 @@ use tokio::io::AsyncReadExt;
 
 pub struct Edge {
     pub hello_timeout: Duration,
+    pub heads: Arc<head::HeadDeadlines>,
     pub proxy_protocol: Option<Arc<ProxyProtocol>>,
     pub slots: Arc<ConnectionSlots>,
     pub refused: prometheus::IntCounterVec,
@@ -150,6 +155,42 @@ impl Tracing for Slot {
     }
 }
 
+impl Slot {
+    /// The same place, not given back when this copy drops.
+    fn shared(&self) -> Slot {
+        Slot {
+            held: self.held.clone(),
+            owner: false,
+        }
+    }
+}
+
+/// What rides on a connection as Pingora's connection [`Tracer`]: its place under the cap
+/// and its head deadline, both ended when the stream is dropped.
+#[derive(Debug)]
+struct OnClose {
+    slot: Option<Slot>,
+    head: Option<head::Guard>,
+}
+
+impl Tracing for OnClose {
+    fn on_connected(&self) {}
+    fn on_disconnected(&self) {
+        if let Some(s) = &self.slot {
+            s.on_disconnected();
+        }
+        if let Some(h) = &self.head {
+            h.end();
+        }
+    }
+    fn boxed_clone(&self) -> Box<dyn Tracing> {
+        Box::new(OnClose {
+            slot: self.slot.as_ref().map(Slot::shared),
+            head: self.head.clone(),
+        })
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.owner {
@@ -195,13 +236,10 @@ fn peer_ip(stream: &L4Stream) -> Option<IpAddr> {
 }
 
 impl Edge {
-    /// Takes a slot for `ip` on the stream, or refuses the connection.
-    fn admit(&self, stream: &mut L4Stream, ip: IpAddr) -> pingora::Result<()> {
+    /// Takes a slot for `ip`, or refuses the connection.
+    fn admit(&self, ip: IpAddr) -> pingora::Result<Slot> {
         match self.slots.take(ip) {
-            Some(slot) => {
-                stream.tracer = Some(Tracer(Box::new(slot)));
-                Ok(())
-            }
+            Some(slot) => Ok(slot),
             None => {
                 self.refused.with_label_values(&["per_source_cap"]).inc();
                 tracing::debug!(source = %source_of(ip), "connection refused: per-source cap");
@@ -252,23 +290,34 @@ impl PreTlsProcess for Edge {
             .proxy_protocol
             .as_ref()
             .filter(|p| peer.is_some_and(|ip| p.trusts(ip)));
-        match (balancer, peer) {
+        let slot = match (balancer, peer) {
             (Some(p), _) => {
                 // The client is known only once the PROXY header is read.
                 self.hello(stream).await?;
                 p.process(stream).await?;
                 match peer_ip(stream) {
-                    Some(client) if !p.trusts(client) => self.admit(stream, client),
-                    _ => Ok(()),
+                    Some(client) if !p.trusts(client) => Some(self.admit(client)?),
+                    _ => None,
                 }
             }
             (None, Some(ip)) => {
-                // Counted from accept on: silent connections hold their slot too.
-                self.admit(stream, ip)?;
-                self.hello(stream).await
+                // Counted from accept on: silent connections hold their slot too (given
+                // back when `slot` drops, if the hello does not come).
+                let slot = self.admit(ip)?;
+                self.hello(stream).await?;
+                Some(slot)
             }
-            (None, None) => self.hello(stream).await,
-        }
+            (None, None) => {
+                self.hello(stream).await?;
+                None
+            }
+        };
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
+        let head = client.map(|c| self.heads.watch(stream.as_raw_fd(), c));
+        stream.tracer = Some(Tracer(Box::new(OnClose { slot, head })));
+        Ok(())
     }
 }
 

@@ -26,6 +26,10 @@ pub struct TlsConfig {
     /// time or it is closed (`edge`).
     #[serde(default = "default_hello_ms")]
     pub hello_timeout_ms: u64,
+    /// The TLS handshake and the first request's whole head must arrive within this time
+    /// (slow headers) or the connection is closed (`edge::head`).
+    #[serde(default = "default_head_s")]
+    pub head_timeout_seconds: u64,
     /// A connection between requests (HTTP/1.1 keep-alive, HTTP/2 with no stream open) is
     /// closed after this long; whatever the client asks in `Keep-Alive: timeout=`.
     #[serde(default = "default_client_idle_s")]
@@ -34,6 +38,9 @@ pub struct TlsConfig {
 
 fn default_hello_ms() -> u64 {
     10_000
+}
+fn default_head_s() -> u64 {
+    30
 }
 fn default_client_idle_s() -> u64 {
     60

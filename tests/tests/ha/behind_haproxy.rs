@@ -1,6 +1,7 @@
-//! Behind HAProxy: the client's address comes from the PROXY protocol, and uploads move
-//! between storage nodes while a storage node and a gateway are killed with -9, losing
-//! nothing acknowledged.
+//! Behind HAProxy: the client's address comes from the PROXY protocol; uploads move between
+//! storage nodes while a storage node and a gateway are killed with -9, losing nothing
+//! acknowledged; and every gateway and storage node replaced in turn (drain, exit, start)
+//! fails no operation of 16 clients.
 
 use crate::replicas::{Replicas, basic_token};
 use crate::{ALICE, BOB, eventually};
@@ -45,7 +46,8 @@ fn dir_image(dir: &std::path::Path, n: usize) -> String {
     format!("sha256:{}", sha256_hex(&manifest))
 }
 
-/// Pulls `repo:v1` through `base` and checks every digest; `Err` says what went wrong.
+/// Pulls `repo:v1` through `base` with `token` and checks every digest ([`verify_image`]);
+/// `Err` says what went wrong.
 async fn pull_and_verify(
     http: &reqwest::Client,
     base: &str,
@@ -53,36 +55,9 @@ async fn pull_and_verify(
     repo: &str,
     digest: &str,
 ) -> Result<(), String> {
-    // GETs `path` and checks its body against `digest`.
-    let fetch = |path: String, digest: String| async move {
-        let r = http
-            .get(format!("{base}{path}"))
-            .header("accept", "application/vnd.oci.image.manifest.v1+json")
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if r.status() != 200 {
-            return Err(format!("{path}: {}", r.status()));
-        }
-        let body = r.bytes().await.map_err(|e| e.to_string())?;
-        if format!("sha256:{}", sha256_hex(&body)) != digest {
-            return Err(format!("{path}: the content does not match its digest"));
-        }
-        Ok(body)
-    };
-    let body = fetch(format!("/v2/{repo}/manifests/v1"), digest.to_string()).await?;
-    let m: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-    let blobs = m["layers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .chain(std::iter::once(&m["config"]));
-    for b in blobs {
-        let d = b["digest"].as_str().unwrap_or_default();
-        fetch(format!("/v2/{repo}/blobs/{d}"), d.to_string()).await?;
-    }
-    Ok(())
+    let mut c = Client::with_http(base, http.clone());
+    c.headers = vec![("authorization".into(), format!("Bearer {token}"))];
+    verify_image(&c, repo, "v1", digest).await
 }
 
 /// Requests with `method` counted by a storage node's metrics.

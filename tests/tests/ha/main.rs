@@ -6,7 +6,8 @@
 //! security state), [`shared_state`] (sessions, robots, revocations, lockouts, device flows
 //! and rate limits shared by gateways on Redis), [`redis_outage`] (Redis going away, Sentinel
 //! failovers), [`behind_haproxy`] (client addresses through the PROXY protocol, storage
-//! nodes and gateways killed behind HAProxy), [`events`] (webhooks delivered by one gateway
+//! nodes and gateways killed behind HAProxy, a rolling replacement of every process with no
+//! failed client operation), [`events`] (webhooks delivered by one gateway
 //! at a time, the other taking over), [`manifests`] (manifests answered from a gateway's
 //! memory, read-after-write across gateways); [`replicas`] starts the gateways and asks them
 //! for tokens.

@@ -1,0 +1,177 @@
+//! A total deadline for a connection's first request head (slow headers): from accept, the
+//! TLS handshake and the whole head of the first request must arrive within
+//! `tls.head_timeout_seconds`, or the connection is shut down
+//! (`gateway_connections_refused_total{reason="head_timeout"}`). Pingora bounds each read of
+//! a head, not the whole: one byte a minute would otherwise hold a connection for as long as
+//! a head may grow.
+//!
+//! A connection is known by its client's address (after the PROXY header, as requests see
+//! it). Its deadline ends when a request's head arrives ([`HeadDeadlines::arrived`]) or when
+//! the connection closes ([`Guard`], on the connection's tracer, runs before its descriptor
+//! is closed), so a deadline never shuts down a descriptor reused by another connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+pub struct HeadDeadlines {
+    timeout: Duration,
+    waiting: Mutex<HashMap<SocketAddr, Arc<Watch>>>,
+    refused: prometheus::IntCounterVec,
+}
+
+/// One connection waiting for its first head.
+#[derive(Debug)]
+struct Watch {
+    fd: RawFd,
+    /// Whether the deadline still applies (false once a head arrived or the connection
+    /// closed). Held while the descriptor is shut down.
+    open: Mutex<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl HeadDeadlines {
+    pub fn new(timeout: Duration, refused: prometheus::IntCounterVec) -> Arc<Self> {
+        Arc::new(HeadDeadlines {
+            timeout,
+            waiting: Mutex::new(HashMap::new()),
+            refused,
+        })
+    }
+
+    /// Starts the deadline of the connection on descriptor `fd` from `client` (on a Tokio
+    /// runtime); the guard goes on the connection.
+    pub fn watch(self: &Arc<Self>, fd: RawFd, client: SocketAddr) -> Guard {
+        let watch = Arc::new(Watch {
+            fd,
+            open: Mutex::new(true),
+        });
+        lock(&self.waiting).insert(client, watch.clone());
+        let (this, w) = (self.clone(), watch.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(this.timeout).await;
+            let mut open = lock(&w.open);
+            if *open {
+                *open = false;
+                // Reads and writes end: Pingora sees the connection closed and drops it.
+                let _ = nix::sys::socket::shutdown(w.fd, nix::sys::socket::Shutdown::Both);
+                this.refused.with_label_values(&["head_timeout"]).inc();
+                tracing::debug!(client = %client, "connection closed: no request head in time");
+            }
+            drop(open);
+            this.forget(client, &w);
+        });
+        Guard {
+            deadlines: self.clone(),
+            client,
+            watch,
+        }
+    }
+
+    /// A request's head arrived on the connection from `client`: its deadline ends.
+    pub fn arrived(&self, client: SocketAddr) {
+        let found = lock(&self.waiting).remove(&client);
+        if let Some(w) = found {
+            *lock(&w.open) = false;
+        }
+    }
+
+    /// Forgets `watch` (not another connection's that took the same address since).
+    fn forget(&self, client: SocketAddr, watch: &Arc<Watch>) {
+        let mut waiting = lock(&self.waiting);
+        if waiting.get(&client).is_some_and(|w| Arc::ptr_eq(w, watch)) {
+            waiting.remove(&client);
+        }
+    }
+}
+
+/// Ends a connection's deadline when the connection closes.
+#[derive(Clone)]
+pub struct Guard {
+    deadlines: Arc<HeadDeadlines>,
+    client: SocketAddr,
+    watch: Arc<Watch>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
+impl Guard {
+    /// The connection closes (its descriptor is still open).
+    pub fn end(&self) {
+        *lock(&self.watch.open) = false;
+        self.deadlines.forget(self.client, &self.watch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use tokio::io::AsyncReadExt;
+
+    fn counter() -> prometheus::IntCounterVec {
+        prometheus::IntCounterVec::new(prometheus::Opts::new("refused", "refused"), &["reason"])
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_a_head_in_time_is_shut_down_and_one_with_a_head_is_not() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refused = counter();
+        let deadlines = HeadDeadlines::new(Duration::from_millis(200), refused.clone());
+        let (mut slow, _) = (tokio::net::TcpStream::connect(addr).await.unwrap(), ());
+        let (server_slow, slow_addr) = listener.accept().await.unwrap();
+        let fast = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server_fast, fast_addr) = listener.accept().await.unwrap();
+        let _g1 = deadlines.watch(server_slow.as_raw_fd(), slow_addr);
+        let _g2 = deadlines.watch(server_fast.as_raw_fd(), fast_addr);
+        deadlines.arrived(fast_addr);
+        // The slow one is shut down: its client reads the end of the stream.
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+            .await
+            .expect("shut down in time")
+            .unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(refused.with_label_values(&["head_timeout"]).get(), 1);
+        // The one whose head arrived is not.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut fast = fast;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), fast.read(&mut buf))
+                .await
+                .is_err(),
+            "the connection with a head was closed"
+        );
+        assert!(lock(&deadlines.waiting).is_empty());
+        drop((server_slow, server_fast));
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_ends_its_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refused = counter();
+        let deadlines = HeadDeadlines::new(Duration::from_millis(100), refused.clone());
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let guard = deadlines.watch(server.as_raw_fd(), peer);
+        guard.end();
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(refused.with_label_values(&["head_timeout"]).get(), 0);
+        assert!(lock(&deadlines.waiting).is_empty());
+    }
+}
