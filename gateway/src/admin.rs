@@ -203,7 +203,8 @@ fn find_rule(
 async fn readyz(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
     // Ready when a storage node passes its health check and the state store answers.
     let mut not = Vec::new();
-    if st.drain.draining() {
+    // (An upgrade's old process stays ready: the port is served, by the new process.)
+    if st.drain.draining() && !st.drain.upgrading() {
         not.push("draining: finishing what is in flight".to_string());
     }
     if st.upstreams.select(b"", 256).is_none() {
@@ -234,6 +235,33 @@ async fn metrics(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
         [("content-type", "text/plain; version=0.0.4")],
         st.metrics.render(),
     )
+}
+
+/// Binds the admin listener. `shared` (in-place upgrades): with `SO_REUSEPORT`, so that the
+/// new process binds it while the old one still holds it (the kernel lets only processes of
+/// the same user share it).
+pub fn bind(addr: std::net::SocketAddr, shared: bool) -> anyhow::Result<std::net::TcpListener> {
+    use anyhow::Context;
+    if !shared {
+        return std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding the admin listener {addr}"));
+    }
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, setsockopt, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = nix::sys::socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .with_context(|| format!("binding the admin listener {addr}"))?;
+    nix::sys::socket::listen(&fd, Backlog::new(128)?)?;
+    Ok(std::net::TcpListener::from(fd))
 }
 
 pub async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) -> anyhow::Result<()> {

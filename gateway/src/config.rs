@@ -30,6 +30,11 @@ pub struct Config {
     /// balancers stop sending first).
     #[serde(default = "default_drain_delay")]
     pub drain_delay_seconds: u64,
+    /// In-place upgrades (`docs/operations.md`): a new binary started with
+    /// `gateway serve --upgrade` takes the listening sockets over through this Unix socket
+    /// when the running one gets `SIGQUIT`. Unset: `SIGQUIT` drains, as `SIGTERM` does.
+    #[serde(default)]
+    pub upgrade_socket: Option<std::path::PathBuf>,
     pub tls: TlsConfig,
     pub token: TokenConfig,
     pub upstream: UpstreamConfig,
@@ -93,6 +98,7 @@ pub const SCHEMA: service::env_config::Schema = service::env_config::Schema {
         "admin_listen",
         "drain_seconds",
         "drain_delay_seconds",
+        "upgrade_socket",
         "proxy_cache",
         "webhooks",
         "replication",
@@ -133,6 +139,15 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(s) = &self.upgrade_socket {
+            let dir = s.parent().filter(|d| !d.as_os_str().is_empty());
+            if !s.is_absolute() || !dir.is_some_and(|d| d.is_dir()) {
+                bail!(
+                    "upgrade_socket {} must be an absolute path in an existing directory",
+                    s.display()
+                );
+            }
+        }
         if self.upstream.nodes.is_empty() {
             bail!("upstream.nodes is empty");
         }

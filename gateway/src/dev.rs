@@ -285,6 +285,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         manifest_cache: file.manifest_cache,
         drain: Duration::from_secs(crate::config::default_drain()),
         drain_delay: Duration::from_secs(crate::config::default_drain_delay()),
+        upgrade: None,
         audit_file: Some(audit_file.clone()),
     })
 }

@@ -5,6 +5,11 @@
 //! `drain_seconds` pass; then it exits (status 1 when requests were cut short). `SIGINT`
 //! stops at once, during a drain too.
 //!
+//! With `upgrade_socket` set, `SIGQUIT` is an in-place upgrade instead: the listening sockets
+//! go to a new process started with `gateway serve --upgrade` (Pingora's graceful upgrade),
+//! which serves the same ports at once; this one stays ready, finishes what is in flight the
+//! same way, and exits.
+//!
 //! Pingora's graceful terminate does the listening side and bounds the whole by its grace
 //! period (`drain_seconds`); [`Drain`] counts the requests in flight ([`InFlight`], one per
 //! request, dropped with it) and ends the process as soon as none is left.
@@ -21,7 +26,15 @@ pub struct Drain {
     in_flight: AtomicUsize,
     /// How long `/readyz` says not ready before the listeners close (`drain_delay_seconds`).
     delay: Duration,
+    /// `SIGQUIT` hands the listening sockets to a new process (`upgrade_socket` is set).
+    upgrades: bool,
+    /// When it did: the drain of an upgrade (the new process serves; `/readyz` stays ready).
+    upgraded_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// After handing its sockets over, Pingora keeps accepting for 5 s (the new process starts
+/// taking connections); the old one ends no sooner than this after the signal.
+const HANDOVER: Duration = Duration::from_secs(6);
 
 /// One request in flight: counted while it lives.
 pub struct InFlight(Arc<Drain>);
@@ -33,12 +46,19 @@ impl Drop for InFlight {
 }
 
 impl Drain {
-    /// A drain that keeps the listeners open `delay` after `/readyz` turns not ready.
-    pub fn new(delay: Duration) -> Self {
+    /// A drain that keeps the listeners open `delay` after `/readyz` turns not ready;
+    /// `upgrades`: `SIGQUIT` hands the listening sockets to a new process instead.
+    pub fn new(delay: Duration, upgrades: bool) -> Self {
         Drain {
             delay,
+            upgrades,
             ..Default::default()
         }
+    }
+
+    /// Whether the sockets went to a new process (which is ready; this one finishes).
+    pub fn upgrading(&self) -> bool {
+        self.upgraded_at.lock().map(|t| t.is_some()).unwrap_or(true)
     }
 
     /// A request starts.
@@ -73,7 +93,13 @@ impl Drain {
         });
         let mut idle_since: Option<std::time::Instant> = None;
         loop {
-            if self.in_flight() > 0 {
+            let handing_over = self
+                .upgraded_at
+                .lock()
+                .ok()
+                .and_then(|t| *t)
+                .is_some_and(|t| t.elapsed() < HANDOVER);
+            if self.in_flight() > 0 || handing_over {
                 idle_since = None;
             } else if idle_since
                 .get_or_insert_with(std::time::Instant::now)
@@ -110,7 +136,8 @@ impl Drain {
         1
     }
 
-    /// The signal watch Pingora runs with: `SIGTERM` and `SIGQUIT` drain, `SIGINT` stops.
+    /// The signal watch Pingora runs with: `SIGTERM` drains, `SIGQUIT` upgrades (with an
+    /// `upgrade_socket`; else it drains), `SIGINT` stops.
     pub fn watch(self: &Arc<Self>) -> Box<dyn ShutdownSignalWatch> {
         Box::new(Signals(self.clone()))
     }
@@ -130,13 +157,24 @@ impl ShutdownSignalWatch for Signals {
             tracing::error!("cannot watch signals: the gateway stops at once on one");
             return std::future::pending().await;
         };
-        let fast = tokio::select! {
-            _ = term.recv() => false,
-            _ = quit.recv() => false,
-            _ = int.recv() => true,
+        let (fast, quit) = tokio::select! {
+            _ = term.recv() => (false, false),
+            _ = quit.recv() => (false, true),
+            _ = int.recv() => (true, false),
         };
         if fast {
             return ShutdownSignal::FastShutdown;
+        }
+        if quit && self.0.upgrades {
+            if let Ok(mut t) = self.0.upgraded_at.lock() {
+                *t = Some(std::time::Instant::now());
+            }
+            self.0.draining.store(true, Ordering::SeqCst);
+            tracing::info!(
+                in_flight = self.0.in_flight(),
+                "upgrade: handing the listening sockets to the new process, then finishing what is in flight"
+            );
+            return ShutdownSignal::GracefulUpgrade;
         }
         self.0.draining.store(true, Ordering::SeqCst);
         tracing::info!(

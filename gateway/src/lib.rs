@@ -113,6 +113,10 @@ pub struct Settings {
     pub drain: Duration,
     /// How long it says not ready before its listeners close (`drain_delay_seconds`).
     pub drain_delay: Duration,
+    /// In-place upgrades: the Unix socket the listening sockets go through
+    /// (`upgrade_socket`), and whether this process takes them over from a running one
+    /// (`gateway serve --upgrade`).
+    pub upgrade: Option<(PathBuf, bool)>,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -159,6 +163,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         manifest_cache,
         drain,
         drain_delay,
+        upgrade,
     } = settings;
     let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
@@ -173,9 +178,24 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         grace_period_seconds: Some(drain.as_secs()),
         // (the delay is spent in the signal watch, before the grace period)
         graceful_shutdown_timeout_seconds: Some(5),
+        upgrade_sock: match &upgrade {
+            Some((socket, _)) => socket.display().to_string(),
+            None => ServerConf::default().upgrade_sock,
+        },
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let take_over = upgrade.as_ref().is_some_and(|(_, t)| *t);
+    let opt = pingora::server::configuration::Opt {
+        upgrade: take_over,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    if take_over {
+        tracing::info!(
+            "taking the listening sockets over from the running gateway (send it SIGQUIT)"
+        );
+    }
+    // With --upgrade: waits (about 5 s) for the running gateway to hand its sockets over.
     server.bootstrap();
 
     let discovery = registry::upstream::Dns::new(&nodes)?;
@@ -223,7 +243,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             live_policy.clone(),
         )?))
     };
-    let draining = Arc::new(drain::Drain::new(drain_delay));
+    let draining = Arc::new(drain::Drain::new(drain_delay, upgrade.is_some()));
     let heads = edge::head::HeadDeadlines::new(head_timeout, metrics.connections_refused.clone());
     let gateway = proxy::Gateway {
         drain: draining.clone(),

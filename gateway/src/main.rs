@@ -2,7 +2,6 @@
 //! | hash-password`. `from_config` builds every feature from the config file into the
 //! [`gateway::Settings`] that `gateway::run` serves (`gateway dev` builds its own in `dev.rs`).
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gateway::auth::htpasswd::LiveHtpasswd;
 use gateway::registry::authz;
@@ -51,6 +50,10 @@ enum Command {
     Serve {
         #[arg(long, env = "PORTCULLIS_GATEWAY_CONFIG")]
         config: Option<PathBuf>,
+        /// Take the listening sockets over from the running gateway (in-place upgrade: start
+        /// this, then send the running one `SIGQUIT`; needs `upgrade_socket`).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Load and check the configuration (and everything it names) without starting; print it
     /// as merged from the file and the environment, secrets masked.
@@ -84,7 +87,7 @@ fn init_logging(cli: &Cli) {
     let json = match cli.log_format.as_deref() {
         Some(f) => f == "json",
         None => match &cli.command {
-            Command::Serve { config } | Command::CheckConfig { config } => {
+            Command::Serve { config, .. } | Command::CheckConfig { config } => {
                 config::Config::load(config.as_deref())
                     .is_ok_and(|c| c.config.log.format == service::log::LogFormat::Json)
             }
@@ -154,7 +157,15 @@ fn authenticator(
 
 /// The settings `c` describes; `path` (the config file, if any) is read again on `SIGHUP`
 /// ([`gateway::reload`]).
-fn from_config(c: config::Config, path: Option<PathBuf>) -> anyhow::Result<Settings> {
+fn from_config(
+    c: config::Config,
+    path: Option<PathBuf>,
+    take_over: bool,
+) -> anyhow::Result<Settings> {
+    anyhow::ensure!(
+        !take_over || c.upgrade_socket.is_some(),
+        "--upgrade needs upgrade_socket in the configuration (the running gateway's)"
+    );
     for cache in &c.proxy_cache {
         cache.check_files()?;
     }
@@ -222,8 +233,7 @@ fn from_config(c: config::Config, path: Option<PathBuf>) -> anyhow::Result<Setti
     let tokens = Arc::new(
         Tokens::new(keys, &c.token.issuer, &c.token.service).with_revocations(revocations),
     );
-    let admin = std::net::TcpListener::bind(c.admin_listen)
-        .with_context(|| format!("binding the admin listener {}", c.admin_listen))?;
+    let admin = gateway::admin::bind(c.admin_listen, c.upgrade_socket.is_some())?;
     println!("admin listening on {}", admin.local_addr()?);
     Ok(Settings {
         listen: c.listen,
@@ -265,6 +275,7 @@ fn from_config(c: config::Config, path: Option<PathBuf>) -> anyhow::Result<Setti
         manifest_cache: c.manifest_cache.clone(),
         drain: std::time::Duration::from_secs(c.drain_seconds),
         drain_delay: std::time::Duration::from_secs(c.drain_delay_seconds),
+        upgrade: c.upgrade_socket.clone().map(|s| (s, take_over)),
         audit_file: c.audit.file.clone(),
         store,
         hello_timeout: std::time::Duration::from_millis(c.tls.hello_timeout_ms.max(1)),
@@ -298,16 +309,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             gateway::run(s)?;
             Ok(())
         }
-        Command::Serve { config } => {
+        Command::Serve { config, upgrade } => {
             let loaded = config::Config::load(config.as_deref())?;
             loaded.log_sources();
-            gateway::run(from_config(loaded.config, config)?)?;
+            gateway::run(from_config(loaded.config, config, upgrade)?)?;
             Ok(())
         }
         Command::CheckConfig { config } => {
             let loaded = config::Config::load(config.as_deref())?;
             let shown = loaded.describe()?;
-            drop(from_config(loaded.config, config)?);
+            drop(from_config(loaded.config, config, false)?);
             println!("{shown}");
             println!("configuration is valid");
             Ok(())

@@ -300,6 +300,26 @@ impl GatewayServer {
         Self::spawn(cmd, port, move || Ok(ca_pem.clone()))
     }
 
+    /// `gateway serve --config <config> --upgrade`: takes the listening sockets over from the
+    /// gateway running with that configuration once it gets `SIGQUIT` (send it when the
+    /// configuration's `upgrade_socket` exists: the new process waits about 5 s for them).
+    pub fn start_upgrade(
+        config: &Path,
+        port: u16,
+        ca_pem: Vec<u8>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(binary("gateway"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(config)
+            .arg("--upgrade");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd, port, move || Ok(ca_pem.clone()))
+    }
+
     /// `gateway serve --config <config>`; the TLS listener must be `127.0.0.1:<port>`.
     pub fn start_config(
         config: &Path,

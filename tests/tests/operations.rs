@@ -15,6 +15,8 @@ use portcullis_tests::protocol;
 use portcullis_tests::server::{GatewayServer, StorageOptions, StorageServer};
 use reqwest::Method;
 use sha2::Digest as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const ALICE: (&str, &str) = ("alice", "operations-alice-pw");
@@ -445,5 +447,146 @@ async fn a_gateway_and_a_storage_node_configured_by_the_environment_alone_serve_
         Some(ALICE),
     ));
     protocol::assert_all_pass(&c, "env", "configured by the environment alone").await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_in_place_upgrade_hands_the_port_to_a_new_binary_and_no_client_notices()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    let socket = gw.join("upgrade.sock");
+    let socket_var = socket.display().to_string();
+    let env = [("PORTCULLIS_UPGRADE_SOCKET", socket_var.as_str())];
+    let mut old = deployment::start_gateway_with(&gw, &[&storage], &[ALICE], 4, "", &env)?;
+    let repo = "team-a/upgraded";
+    let layer: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let (_, digest) = deployment::user_client(&old, ALICE.0, ALICE.1)
+        .push_image(repo, "v1", &[&layer])
+        .await?;
+
+    // Clients for the whole test: one on kept-alive connections (HTTP/2), one on a new
+    // connection for every request (HTTP/1.1); each pull checked against its digest.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = tokio::task::JoinSet::new();
+    for fresh in [false, true] {
+        let (stop, digest) = (stop.clone(), digest.to_string());
+        let http = if fresh {
+            reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&old.ca_pem)?)
+                .http1_only()
+                .pool_max_idle_per_host(0)
+                .build()?
+        } else {
+            portcullis_tests::client::https(&old.ca_pem, false)
+        };
+        let mut c = Client::with_http(&old.base, http);
+        c.auth = Some(TokenAuth::new(
+            &format!("{}/token", old.base),
+            deployment::SERVICE,
+            Some(ALICE),
+        ));
+        clients.spawn(async move {
+            let (mut done, mut failures) = (0usize, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let r = async {
+                    let r = c.get(&format!("/v2/{repo}/manifests/v1")).await?;
+                    ensure!(r.status() == 200, "manifest: {}", r.status());
+                    let body = r.bytes().await?;
+                    ensure!(
+                        portcullis_tests::client::sha256(&body).to_string() == digest,
+                        "the manifest does not match its digest"
+                    );
+                    anyhow::Ok(())
+                }
+                .await;
+                match r {
+                    Ok(()) => done += 1,
+                    Err(e) => failures.push(format!("{e:#}")),
+                }
+            }
+            (done, failures)
+        });
+    }
+    // An upload in flight across the upgrade: 32 MiB over about 3 s.
+    let c = deployment::user_client(&old, ALICE.0, ALICE.1);
+    let location = c.start_upload(repo).await?;
+    let (body, len, blob) = slow_blob(
+        Bytes::from(vec![5u8; 1 << 20]),
+        32,
+        Duration::from_millis(90),
+    );
+    let put = c
+        .req(
+            Method::PUT,
+            &with_query(&location, &format!("digest={blob}")),
+        )
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len.to_string())
+        .body(body);
+    let upload = tokio::spawn(async move { put.send().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The new binary waits for the sockets; the old one gets SIGQUIT once it does.
+    let port: u16 = old.host.rsplit(':').next().context("no port")?.parse()?;
+    let (conf, ca) = (gw.join("gateway.toml"), old.ca_pem.clone());
+    let new_env: Vec<(String, String)> = vec![
+        ("PORTCULLIS_UPGRADE_SOCKET".into(), socket_var.clone()),
+        (
+            "PORTCULLIS_INTERNAL_SECRET".into(),
+            deployment::SECRET.into(),
+        ),
+    ];
+    let new = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = new_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        GatewayServer::start_upgrade(&conf, port, ca, &env)
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "the new gateway never waited for the sockets"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    old.signal("QUIT")?;
+    let new = new.await??;
+    let status = tokio::task::block_in_place(|| old.exited_within(Duration::from_secs(30)))
+        .context("the old gateway did not exit")?;
+    ensure!(status.success(), "the old gateway exited with {status}");
+    let r = upload.await??;
+    ensure!(
+        r.status() == 201,
+        "the upload across the upgrade: {}",
+        describe(r).await
+    );
+
+    // The port is the new process's now: clients go on, and nothing failed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut done = 0;
+    while let Some(r) = clients.join_next().await {
+        let (n, failures) = r?;
+        ensure!(
+            failures.is_empty(),
+            "{} pulls failed: {failures:?}",
+            failures.len()
+        );
+        done += n;
+    }
+    ensure!(done > 20, "only {done} pulls");
+    ensure!(
+        reqwest::get(format!("{}/readyz", new.admin))
+            .await?
+            .status()
+            == 200
+    );
+    let c = deployment::user_client(&new, ALICE.0, ALICE.1);
+    ensure!(c.get(&format!("/v2/{repo}/blobs/{blob}")).await?.status() == 200);
     Ok(())
 }
