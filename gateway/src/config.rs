@@ -78,6 +78,30 @@ pub struct Config {
     pub manifest_cache: crate::registry::manifests::ManifestCacheConfig,
 }
 
+/// `upgrade_socket` must be an absolute path (short enough for a Unix socket) in a directory
+/// of this process's user that no one else may write to: whoever can create the socket there
+/// first would be handed the listening sockets.
+fn check_upgrade_socket(s: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = s.display();
+    if !s.is_absolute() || s.as_os_str().len() >= 100 {
+        bail!("upgrade_socket {shown} must be an absolute path of fewer than 100 bytes");
+    }
+    let dir = s
+        .parent()
+        .with_context(|| format!("upgrade_socket {shown} has no directory"))?;
+    let m = std::fs::metadata(dir)
+        .with_context(|| format!("upgrade_socket's directory {}", dir.display()))?;
+    if !m.is_dir() || m.uid() != nix::unistd::geteuid().as_raw() || m.mode() & 0o022 != 0 {
+        bail!(
+            "upgrade_socket's directory {} must be a directory of the gateway's user that \
+             no one else can write to (e.g. mode 0700)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// The default `drain_seconds`.
 pub fn default_drain() -> u64 {
     600
@@ -140,13 +164,7 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         if let Some(s) = &self.upgrade_socket {
-            let dir = s.parent().filter(|d| !d.as_os_str().is_empty());
-            if !s.is_absolute() || !dir.is_some_and(|d| d.is_dir()) {
-                bail!(
-                    "upgrade_socket {} must be an absolute path in an existing directory",
-                    s.display()
-                );
-            }
+            check_upgrade_socket(s)?;
         }
         if self.upstream.nodes.is_empty() {
             bail!("upstream.nodes is empty");

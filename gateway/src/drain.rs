@@ -26,15 +26,17 @@ pub struct Drain {
     in_flight: AtomicUsize,
     /// How long `/readyz` says not ready before the listeners close (`drain_delay_seconds`).
     delay: Duration,
-    /// `SIGQUIT` hands the listening sockets to a new process (`upgrade_socket` is set).
-    upgrades: bool,
+    /// `SIGQUIT` hands the listening sockets to a new process through this Unix socket
+    /// (`upgrade_socket`).
+    upgrade_socket: Option<std::path::PathBuf>,
     /// When it did: the drain of an upgrade (the new process serves; `/readyz` stays ready).
     upgraded_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
-/// After handing its sockets over, Pingora keeps accepting for 5 s (the new process starts
-/// taking connections); the old one ends no sooner than this after the signal.
-const HANDOVER: Duration = Duration::from_secs(6);
+/// After the signal, Pingora may try for up to 5 s to reach the new process, then keeps
+/// accepting for 5 s (the new process starts taking connections); the old one ends no sooner
+/// than this after the signal.
+const HANDOVER: Duration = Duration::from_secs(12);
 
 /// One request in flight: counted while it lives.
 pub struct InFlight(Arc<Drain>);
@@ -47,11 +49,12 @@ impl Drop for InFlight {
 
 impl Drain {
     /// A drain that keeps the listeners open `delay` after `/readyz` turns not ready;
-    /// `upgrades`: `SIGQUIT` hands the listening sockets to a new process instead.
-    pub fn new(delay: Duration, upgrades: bool) -> Self {
+    /// `upgrade_socket`: `SIGQUIT` hands the listening sockets to a new process through it
+    /// instead.
+    pub fn new(delay: Duration, upgrade_socket: Option<std::path::PathBuf>) -> Self {
         Drain {
             delay,
-            upgrades,
+            upgrade_socket,
             ..Default::default()
         }
     }
@@ -157,15 +160,32 @@ impl ShutdownSignalWatch for Signals {
             tracing::error!("cannot watch signals: the gateway stops at once on one");
             return std::future::pending().await;
         };
-        let (fast, quit) = tokio::select! {
-            _ = term.recv() => (false, false),
-            _ = quit.recv() => (false, true),
-            _ = int.recv() => (true, false),
+        let (fast, quit) = loop {
+            let (fast, quit) = tokio::select! {
+                _ = term.recv() => (false, false),
+                _ = quit.recv() => (false, true),
+                _ = int.recv() => (true, false),
+            };
+            // An upgrade with no new process waiting would hand the sockets to no one: the
+            // gateway goes on serving instead.
+            if let (true, Some(s)) = (quit, &self.0.upgrade_socket)
+                && let Err(why) = waiting_process(s)
+            {
+                tracing::error!(socket = %s.display(), error = %why, "SIGQUIT: no new process waits for the sockets (start it with `gateway serve --upgrade` first); still serving");
+                crate::audit::record(
+                    "gateway-upgrade",
+                    "failure",
+                    serde_json::json!({"event.reason": why}),
+                );
+                continue;
+            }
+            break (fast, quit);
         };
         if fast {
             return ShutdownSignal::FastShutdown;
         }
-        if quit && self.0.upgrades {
+        if quit && self.0.upgrade_socket.is_some() {
+            crate::audit::record("gateway-upgrade", "success", serde_json::json!({}));
             if let Ok(mut t) = self.0.upgraded_at.lock() {
                 *t = Some(std::time::Instant::now());
             }
@@ -186,6 +206,20 @@ impl ShutdownSignalWatch for Signals {
         tokio::time::sleep(self.0.delay).await;
         ShutdownSignal::GracefulTerminate
     }
+}
+
+/// Whether a new process waits at `socket`: a Unix socket there, owned by this process's
+/// user (another user's would be handed the listening sockets).
+fn waiting_process(socket: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::symlink_metadata(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    if !m.file_type().is_socket() {
+        return Err(format!("{} is not a socket", socket.display()));
+    }
+    if m.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(format!("{} belongs to another user", socket.display()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -190,13 +190,6 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
-    if take_over {
-        tracing::info!(
-            "taking the listening sockets over from the running gateway (send it SIGQUIT)"
-        );
-    }
-    // With --upgrade: waits (about 5 s) for the running gateway to hand its sockets over.
-    server.bootstrap();
 
     let discovery = registry::upstream::Dns::new(&nodes)?;
     let mut upstreams =
@@ -243,7 +236,10 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             live_policy.clone(),
         )?))
     };
-    let draining = Arc::new(drain::Drain::new(drain_delay, upgrade.is_some()));
+    let draining = Arc::new(drain::Drain::new(
+        drain_delay,
+        upgrade.as_ref().map(|(s, _)| s.clone()),
+    ));
     let heads = edge::head::HeadDeadlines::new(head_timeout, metrics.connections_refused.clone());
     let gateway = proxy::Gateway {
         drain: draining.clone(),
@@ -366,6 +362,14 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                 }
             });
         })?;
+    if take_over {
+        tracing::info!(
+            "taking the listening sockets over from the running gateway (send it SIGQUIT)"
+        );
+    }
+    // With --upgrade: waits (about 5 s) for the running gateway to hand its sockets over —
+    // last, once everything that could fail to start has started.
+    server.bootstrap();
     server.run(pingora::server::RunArgs {
         shutdown_signal: draining.watch(),
     });

@@ -118,10 +118,12 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// The identity chain, and the htpasswd users in it (read again on `SIGHUP`), if any.
+/// The identity chain, and the htpasswd users (read again on `SIGHUP`) and the LDAP
+/// directory (replaced when a reload changes `[auth.ldap]`) in it, if any.
 type Identities = (
     Arc<dyn gateway::auth::Authenticator>,
     Option<Arc<LiveHtpasswd>>,
+    Option<Arc<gateway::auth::ldap::live::LiveLdap>>,
 );
 
 /// Static users first, then LDAP (see [`gateway::auth::Chain`] for the order's rules).
@@ -141,18 +143,21 @@ fn authenticator(
         chain.push(users.clone());
         live = Some(users);
     }
+    let mut ldap = None;
     if let Some(l) = &c.ldap {
-        chain.push(Arc::new(gateway::auth::ldap::LdapAuthenticator::new(
+        let live = Arc::new(gateway::auth::ldap::live::LiveLdap::new(
             l.clone(),
             store,
             pepper,
-        )?));
+        )?);
+        chain.push(live.clone());
+        ldap = Some(live);
     }
     let auth: Arc<dyn gateway::auth::Authenticator> = match chain.len() {
         1 => chain.remove(0),
         _ => Arc::new(gateway::auth::Chain(chain)),
     };
-    Ok((auth, live))
+    Ok((auth, live, ldap))
 }
 
 /// The settings `c` describes; `path` (the config file, if any) is read again on `SIGHUP`
@@ -199,7 +204,7 @@ fn from_config(
         machines.push(f.clone());
     }
     machines.push(robots.clone());
-    let (auth, users) = authenticator(&c.auth, peppers.current(), store.clone(), machines)?;
+    let (auth, users, ldap) = authenticator(&c.auth, peppers.current(), store.clone(), machines)?;
     let mut side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
         Vec::new();
     if let Some(u) = &users {
@@ -213,6 +218,8 @@ fn from_config(
         path,
         c.clone(),
         limits.clone(),
+        ldap,
+        Some(robots.clone()),
     ));
     side_tasks.push(Box::pin(live.reload_on_sighup()));
     let oidc = match &c.oidc {

@@ -614,8 +614,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            self.heads.arrived(*client);
+        if let Some(d) = session.digest().and_then(|d| d.socket_digest.as_ref()) {
+            self.heads.arrived(d);
         }
         // Pingora waits for the next request on a keep-alive connection as long as the client
         // asks (`Keep-Alive: timeout=`), by default for ever; ours bounds it. A connection the

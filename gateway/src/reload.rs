@@ -2,12 +2,17 @@
 //! (a process's environment does not change: a key set by a variable keeps its value) — and
 //! checks it whole first: a configuration that does not load changes nothing. What a running
 //! gateway can take is put in force: `[limits]` (lockouts and rate limits; the connections per
-//! source are counted by the listener and need a restart). A change anywhere else (listeners,
+//! source are counted by the listener and need a restart) and `[auth.ldap]` (a new directory
+//! client, built whole before it replaces the old one: the service account's password is read
+//! again; adding or removing the table needs a restart) and `[robots]` (lifetimes and
+//! overlaps from now on; the admin token read again, so a rotated token file takes effect). A change anywhere else (listeners,
 //! keys, storage nodes, identity providers, caches, webhooks, …) is named as needing a restart
 //! and not applied. Each reload is audited (`config-reload`: what was applied and what needs a
 //! restart, or why it failed). The files the configuration names are read again by their
 //! owners on the same signal: the TLS certificate, the policy, the htpasswd users.
 
+use crate::auth::ldap::live::LiveLdap;
+use crate::auth::robots::Robots;
 use crate::config::Config;
 use crate::limits::Limits;
 use std::path::PathBuf;
@@ -19,6 +24,9 @@ pub struct LiveConfig {
     /// What is in force: the start's configuration with each reload's limits.
     in_force: Mutex<Config>,
     limits: Arc<Limits>,
+    /// The directory, when `[auth.ldap]` was there at start.
+    ldap: Option<Arc<LiveLdap>>,
+    robots: Option<Arc<Robots>>,
 }
 
 /// What a reload did.
@@ -31,11 +39,19 @@ pub struct Reloaded {
 }
 
 impl LiveConfig {
-    pub fn new(path: Option<PathBuf>, config: Config, limits: Arc<Limits>) -> Self {
+    pub fn new(
+        path: Option<PathBuf>,
+        config: Config,
+        limits: Arc<Limits>,
+        ldap: Option<Arc<LiveLdap>>,
+        robots: Option<Arc<Robots>>,
+    ) -> Self {
         LiveConfig {
             path,
             in_force: Mutex::new(config),
             limits,
+            ldap,
+            robots,
         }
     }
 
@@ -46,7 +62,7 @@ impl LiveConfig {
             None => "the environment".to_string(),
         };
         let loaded = Config::load(self.path.as_deref()).map_err(|e| format!("{e:#}"));
-        let result = loaded.map(|l| self.apply(l.config));
+        let result = loaded.and_then(|l| self.apply(l.config));
         match &result {
             Ok(r) => {
                 if r.restart_needed.is_empty() {
@@ -76,13 +92,56 @@ impl LiveConfig {
         result
     }
 
-    fn apply(&self, new: Config) -> Reloaded {
+    /// Builds what changed, then puts all of it in force (or, when something does not
+    /// build, nothing).
+    fn apply(&self, new: Config) -> Result<Reloaded, String> {
         let mut old = match self.in_force.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
         let mut restart_needed = changed(&old, &new);
         let mut applied = Vec::new();
+        // Built on every reload (the service account's password may have been rotated in its
+        // file); put in force when the table or the password changed.
+        let ldap = match (&self.ldap, &new.auth.ldap) {
+            (Some(live), Some(cfg)) => {
+                let built = live
+                    .build(cfg.clone())
+                    .map_err(|e| format!("[auth.ldap]: {e:#}"))?;
+                live.differs(&built).then(|| (live, built, cfg.clone()))
+            }
+            _ => {
+                if format!("{:?}", old.auth.ldap) != format!("{:?}", new.auth.ldap) {
+                    restart_needed.push("auth.ldap");
+                }
+                None
+            }
+        };
+        let robots = match &self.robots {
+            Some(r) => {
+                let prepared =
+                    Robots::prepare(new.robots.clone()).map_err(|e| format!("[robots]: {e:#}"))?;
+                let differs = prepared.differs_from(&r.settings());
+                differs.then_some((r, prepared))
+            }
+            None => {
+                if format!("{:?}", old.robots) != format!("{:?}", new.robots) {
+                    restart_needed.push("robots");
+                }
+                None
+            }
+        };
+        // Everything built: now put in force.
+        if let Some((r, prepared)) = robots {
+            r.put(prepared);
+            old.robots = new.robots.clone();
+            applied.push("robots");
+        }
+        if let Some((live, built, cfg)) = ldap {
+            live.put(built);
+            old.auth.ldap = Some(cfg);
+            applied.push("auth.ldap");
+        }
         if old.limits.connections_per_source != new.limits.connections_per_source {
             restart_needed.push("limits.connections_per_source");
         }
@@ -93,10 +152,10 @@ impl LiveConfig {
             old.limits = limits;
             applied.push("limits");
         }
-        Reloaded {
+        Ok(Reloaded {
             applied,
             restart_needed,
-        }
+        })
     }
 
     /// Reloads on every `SIGHUP`, forever (on the side runtime).
@@ -108,7 +167,7 @@ impl LiveConfig {
     }
 }
 
-/// The parts of the configuration, other than `[limits]`, that differ.
+/// The parts of the configuration, other than `[limits]` and `[auth.ldap]`, that differ.
 fn changed(a: &Config, b: &Config) -> Vec<&'static str> {
     // Every field named: a new one does not compile until it is decided here.
     let Config {
@@ -120,10 +179,15 @@ fn changed(a: &Config, b: &Config) -> Vec<&'static str> {
         tls,
         token,
         upstream,
-        auth,
+        auth:
+            crate::config::AuthConfig {
+                htpasswd_file,
+                groups,
+                ldap: _,
+            },
         policy,
         oidc,
-        robots,
+        robots: _,
         federation,
         state,
         audit,
@@ -137,6 +201,12 @@ fn changed(a: &Config, b: &Config) -> Vec<&'static str> {
         manifest_cache,
     } = a;
     let mut out = Vec::new();
+    if format!("{htpasswd_file:?}") != format!("{:?}", b.auth.htpasswd_file) {
+        out.push("auth.htpasswd_file");
+    }
+    if format!("{groups:?}") != format!("{:?}", b.auth.groups) {
+        out.push("auth.groups");
+    }
     macro_rules! compare {
         ($($field:ident),*) => {
             $(
@@ -155,10 +225,8 @@ fn changed(a: &Config, b: &Config) -> Vec<&'static str> {
         tls,
         token,
         upstream,
-        auth,
         policy,
         oidc,
-        robots,
         federation,
         state,
         audit,
@@ -187,7 +255,7 @@ mod tests {
         ));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("gateway.toml");
-        let live = LiveConfig::new(Some(file.clone()), start, limits.clone());
+        let live = LiveConfig::new(Some(file.clone()), start, limits.clone(), None, None);
         let edited = text
             .replace("user_failures = 10", "user_failures = 3")
             .replace("expires_in_seconds = 300", "expires_in_seconds = 600");

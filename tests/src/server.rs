@@ -244,6 +244,8 @@ pub struct GatewayServer {
     pub ca_pem: Vec<u8>,
     /// Everything the process printed on stdout before it was ready.
     pub banner: String,
+    /// Where the audit events it prints on stdout are kept (test gateways have that sink).
+    stdout_audit: PathBuf,
 }
 
 impl GatewayServer {
@@ -365,6 +367,7 @@ impl GatewayServer {
         let kept = crate::leak_check_dir()
             .join("logs")
             .join(format!("gateway-{}.audit.jsonl", child.id()));
+        let stdout_audit = kept.clone();
         std::thread::spawn(move || {
             use std::io::Write;
             let _ = std::fs::create_dir_all(kept.parent().unwrap_or(Path::new(".")));
@@ -386,6 +389,7 @@ impl GatewayServer {
             admin,
             ca_pem: Vec::new(),
             banner,
+            stdout_audit,
         };
         wait_healthy(&format!("{}/readyz", g.admin))?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -411,6 +415,16 @@ impl GatewayServer {
     /// How the process ended, if it did within `within`.
     pub fn exited_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         exited_within(&mut self.child, within)
+    }
+
+    /// The audit events of `action` it printed on stdout so far, oldest first.
+    pub fn audit_events(&self, action: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.stdout_audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["event.action"] == action)
+            .collect()
     }
 }
 

@@ -491,10 +491,13 @@ async fn a_request_head_trickled_past_its_total_deadline_is_cut_off() -> anyhow:
             }
         })
     };
-    // A connection whose head came in time stays open past the deadline (keep-alive).
+    // A connection whose head came in time stays open past the deadline (keep-alive), over
+    // HTTP/1.1 and HTTP/2.
     let mut kept = e.tls()?;
     kept.write_all(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
     ensure!(read_answer(&mut kept)?.starts_with("HTTP/1.1 401"));
+    let h2 = h2_client(&e).await?;
+    ensure!(h2_status(&h2, "/v2/").await? == 401);
     let closed_after = slow.await??;
     ensure!(
         closed_after >= Duration::from_millis(1500),
@@ -504,6 +507,10 @@ async fn a_request_head_trickled_past_its_total_deadline_is_cut_off() -> anyhow:
     ensure!(
         read_answer(&mut kept)?.starts_with("HTTP/1.1 401"),
         "the connection with a head in time was closed"
+    );
+    ensure!(
+        h2_status(&h2, "/v2/").await? == 401,
+        "the HTTP/2 connection with a head in time was closed"
     );
     ensure!(
         metric(

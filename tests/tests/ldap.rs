@@ -416,3 +416,67 @@ fn podman_skopeo_and_docker_log_in_as_a_directory_user() -> anyhow::Result<()> {
     anyhow::ensure!(!ok, "docker logged in with a wrong password");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edited_ldap_table_is_put_in_force_on_sighup_and_a_broken_one_changes_nothing() {
+    let slapd = Slapd::start().unwrap();
+    let table = ldap_table(&slapd, &slapd.url, "cache_ttl_seconds = 300");
+    let s = start(&table);
+    let g = &s.gateway;
+    let pw = ldap::password("bob");
+    let scope = "repository:team-a/app:pull";
+    assert_eq!(token(g, "bob", &pw, scope).await.0, 200);
+    let conf = s._dir.path().join("gateway.toml");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    // Waits until bob's login answers `want`.
+    let until = |want: u16, what: &'static str| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if token(g, "bob", &ldap::password("bob"), scope).await.0 == want {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    // A filter that finds no one: bob is refused once the gateway reads it again.
+    let narrowed = text.replace(
+        "user_filter = \"(objectClass=inetOrgPerson)\"",
+        "user_filter = \"(&(objectClass=inetOrgPerson)(uid=nobody-at-all))\"",
+    );
+    assert_ne!(narrowed, text);
+    std::fs::write(&conf, &narrowed).unwrap();
+    g.signal("HUP").unwrap();
+    until(401, "the narrowed filter was never put in force").await;
+    // A table that does not build (its CA file is gone) changes nothing.
+    let broken = narrowed.replace(
+        &slapd.ca_file.display().to_string(),
+        "/nonexistent/ldap-ca.pem",
+    );
+    let reloads = g.audit_events("config-reload").len();
+    std::fs::write(&conf, &broken).unwrap();
+    g.signal("HUP").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let failed = loop {
+        if let Some(e) = g.audit_events("config-reload").get(reloads) {
+            break e.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no config-reload audited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(failed["event.outcome"], "failure", "{failed}");
+    // Still the narrowed filter (a directory client without its CA would answer 503).
+    assert_eq!(
+        token(g, "bob", &pw, scope).await.0,
+        401,
+        "the broken table changed something"
+    );
+    // The first table again: bob logs in; the local user never depended on the directory.
+    std::fs::write(&conf, &text).unwrap();
+    g.signal("HUP").unwrap();
+    until(200, "the first table was never put back").await;
+    assert_eq!(token(g, LOCAL.0, LOCAL.1, scope).await.0, 200);
+}

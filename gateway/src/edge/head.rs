@@ -5,30 +5,56 @@
 //! a head, not the whole: one byte a minute would otherwise hold a connection for as long as
 //! a head may grow.
 //!
-//! A connection is known by its client's address (after the PROXY header, as requests see
-//! it). Its deadline ends when a request's head arrives ([`HeadDeadlines::arrived`]) or when
-//! the connection closes ([`Guard`], on the connection's tracer, runs before its descriptor
-//! is closed), so a deadline never shuts down a descriptor reused by another connection.
+//! A connection is known by its socket digest (Pingora's, shared by the connection and every
+//! request on it, HTTP/2 streams too; held by its watch, so its address is not reused while
+//! the watch lives). Its deadline ends when a request's head arrives
+//! ([`HeadDeadlines::arrived`]) or when the connection closes ([`Guard`], on the connection's
+//! tracer, runs before its descriptor is closed), so a deadline never shuts down a descriptor
+//! reused by another connection; either ends the timer too.
+//!
+//! Only the first head has a total deadline: later ones on a kept-alive connection are bounded
+//! per read by `tls.idle_timeout_seconds` (and the per-source connection cap bounds how many
+//! connections one address may hold that way).
 
+use pingora::protocols::SocketDigest;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+/// A connection's identity: the address of its socket digest.
+type Key = usize;
+
+fn key(digest: &Arc<SocketDigest>) -> Key {
+    Arc::as_ptr(digest) as Key
+}
+
 pub struct HeadDeadlines {
     timeout: Duration,
-    waiting: Mutex<HashMap<SocketAddr, Arc<Watch>>>,
+    waiting: Mutex<HashMap<Key, Arc<Watch>>>,
     refused: prometheus::IntCounterVec,
 }
 
 /// One connection waiting for its first head.
-#[derive(Debug)]
 struct Watch {
     fd: RawFd,
+    /// Keeps the digest (and so the key) alive while the watch is.
+    _digest: Arc<SocketDigest>,
     /// Whether the deadline still applies (false once a head arrived or the connection
     /// closed). Held while the descriptor is shut down.
     open: Mutex<bool>,
+    /// The timer, stopped when the deadline ends early.
+    timer: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Watch {
+    /// The deadline no longer applies: the timer stops.
+    fn close(&self) {
+        *lock(&self.open) = false;
+        if let Some(t) = lock(&self.timer).take() {
+            t.abort();
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -44,16 +70,19 @@ impl HeadDeadlines {
         })
     }
 
-    /// Starts the deadline of the connection on descriptor `fd` from `client` (on a Tokio
-    /// runtime); the guard goes on the connection.
-    pub fn watch(self: &Arc<Self>, fd: RawFd, client: SocketAddr) -> Guard {
+    /// Starts the deadline of the connection on descriptor `fd` whose socket digest is
+    /// `digest` (on a Tokio runtime); the guard goes on the connection.
+    pub fn watch(self: &Arc<Self>, fd: RawFd, digest: Arc<SocketDigest>) -> Guard {
+        let k = key(&digest);
         let watch = Arc::new(Watch {
             fd,
+            _digest: digest,
             open: Mutex::new(true),
+            timer: Mutex::new(None),
         });
-        lock(&self.waiting).insert(client, watch.clone());
+        lock(&self.waiting).insert(k, watch.clone());
         let (this, w) = (self.clone(), watch.clone());
-        tokio::spawn(async move {
+        let timer = tokio::spawn(async move {
             tokio::time::sleep(this.timeout).await;
             let mut open = lock(&w.open);
             if *open {
@@ -61,31 +90,33 @@ impl HeadDeadlines {
                 // Reads and writes end: Pingora sees the connection closed and drops it.
                 let _ = nix::sys::socket::shutdown(w.fd, nix::sys::socket::Shutdown::Both);
                 this.refused.with_label_values(&["head_timeout"]).inc();
-                tracing::debug!(client = %client, "connection closed: no request head in time");
+                tracing::debug!("connection closed: no request head in time");
             }
             drop(open);
-            this.forget(client, &w);
+            this.forget(k, &w);
         });
+        *lock(&watch.timer) = Some(timer.abort_handle());
         Guard {
             deadlines: self.clone(),
-            client,
+            key: k,
             watch,
         }
     }
 
-    /// A request's head arrived on the connection from `client`: its deadline ends.
-    pub fn arrived(&self, client: SocketAddr) {
-        let found = lock(&self.waiting).remove(&client);
+    /// A request's head arrived on the connection whose socket digest is `digest`: its
+    /// deadline ends.
+    pub fn arrived(&self, digest: &Arc<SocketDigest>) {
+        let found = lock(&self.waiting).remove(&key(digest));
         if let Some(w) = found {
-            *lock(&w.open) = false;
+            w.close();
         }
     }
 
-    /// Forgets `watch` (not another connection's that took the same address since).
-    fn forget(&self, client: SocketAddr, watch: &Arc<Watch>) {
+    /// Forgets `watch` (not another's that took the same key since).
+    fn forget(&self, k: Key, watch: &Arc<Watch>) {
         let mut waiting = lock(&self.waiting);
-        if waiting.get(&client).is_some_and(|w| Arc::ptr_eq(w, watch)) {
-            waiting.remove(&client);
+        if waiting.get(&k).is_some_and(|w| Arc::ptr_eq(w, watch)) {
+            waiting.remove(&k);
         }
     }
 }
@@ -94,23 +125,21 @@ impl HeadDeadlines {
 #[derive(Clone)]
 pub struct Guard {
     deadlines: Arc<HeadDeadlines>,
-    client: SocketAddr,
+    key: Key,
     watch: Arc<Watch>,
 }
 
 impl std::fmt::Debug for Guard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Guard")
-            .field("client", &self.client)
-            .finish()
+        f.debug_struct("Guard").field("fd", &self.watch.fd).finish()
     }
 }
 
 impl Guard {
     /// The connection closes (its descriptor is still open).
     pub fn end(&self) {
-        *lock(&self.watch.open) = false;
-        self.deadlines.forget(self.client, &self.watch);
+        self.watch.close();
+        self.deadlines.forget(self.key, &self.watch);
     }
 }
 
@@ -131,13 +160,15 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let refused = counter();
         let deadlines = HeadDeadlines::new(Duration::from_millis(200), refused.clone());
-        let (mut slow, _) = (tokio::net::TcpStream::connect(addr).await.unwrap(), ());
-        let (server_slow, slow_addr) = listener.accept().await.unwrap();
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server_slow, _) = listener.accept().await.unwrap();
         let fast = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (server_fast, fast_addr) = listener.accept().await.unwrap();
-        let _g1 = deadlines.watch(server_slow.as_raw_fd(), slow_addr);
-        let _g2 = deadlines.watch(server_fast.as_raw_fd(), fast_addr);
-        deadlines.arrived(fast_addr);
+        let (server_fast, _) = listener.accept().await.unwrap();
+        let digest = |s: &tokio::net::TcpStream| Arc::new(SocketDigest::from_raw_fd(s.as_raw_fd()));
+        let _g1 = deadlines.watch(server_slow.as_raw_fd(), digest(&server_slow));
+        let fast_digest = digest(&server_fast);
+        let _g2 = deadlines.watch(server_fast.as_raw_fd(), fast_digest.clone());
+        deadlines.arrived(&fast_digest);
         // The slow one is shut down: its client reads the end of the stream.
         let mut buf = [0u8; 1];
         let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
@@ -166,8 +197,9 @@ mod tests {
         let refused = counter();
         let deadlines = HeadDeadlines::new(Duration::from_millis(100), refused.clone());
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (server, peer) = listener.accept().await.unwrap();
-        let guard = deadlines.watch(server.as_raw_fd(), peer);
+        let (server, _) = listener.accept().await.unwrap();
+        let d = Arc::new(SocketDigest::from_raw_fd(server.as_raw_fd()));
+        let guard = deadlines.watch(server.as_raw_fd(), d);
         guard.end();
         drop(server);
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -312,10 +312,9 @@ impl PreTlsProcess for Edge {
                 None
             }
         };
-        let client = stream
+        let head = stream
             .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
-        let head = client.map(|c| self.heads.watch(stream.as_raw_fd(), c));
+            .map(|d| self.heads.watch(stream.as_raw_fd(), d));
         stream.tracer = Some(Tracer(Box::new(OnClose { slot, head })));
         Ok(())
     }

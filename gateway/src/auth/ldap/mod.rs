@@ -14,6 +14,7 @@
 //!   "wrong password".
 
 pub mod config;
+pub mod live;
 
 use super::{AuthError, Authenticator, Identity};
 use crate::state::StateStore;
@@ -65,6 +66,10 @@ pub struct LdapAuthenticator {
     /// Mixed into cached password hashes: a cache dump alone cannot be brute-forced offline.
     /// Wiped from memory when dropped.
     pepper: zeroize::Zeroizing<Vec<u8>>,
+    /// Of the table this client was built from: part of the login cache's keys, so a reload
+    /// that changes the table (a narrower filter, other groups, another directory) does not
+    /// find logins cached under the old one.
+    generation: String,
 }
 
 /// An LDAP error as an [`AuthError`]: wrong credentials stay that, everything else means the
@@ -148,7 +153,9 @@ impl LdapAuthenticator {
             }
             None => None,
         };
+        let generation = hex::encode(&sha256(&[format!("{cfg:?}").as_bytes()])[..8]);
         Ok(LdapAuthenticator {
+            generation,
             cfg,
             bind_password,
             tls,
@@ -505,7 +512,11 @@ impl LdapAuthenticator {
     }
 
     fn cache_key(&self, username: &str) -> String {
-        format!("ldap:login:{}", hex::encode(sha256(&[username.as_bytes()])))
+        format!(
+            "ldap:login:{}:{}",
+            self.generation,
+            hex::encode(sha256(&[username.as_bytes()]))
+        )
     }
 
     fn password_hash(&self, salt: &[u8], password: &str) -> [u8; 32] {

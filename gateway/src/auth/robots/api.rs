@@ -159,7 +159,9 @@ impl Robots {
             Ok(s) => s,
             Err(e) => return error(400, "invalid_scope", &e),
         };
-        let max = (self.cfg.max_lifetime_days * 86_400) as i64;
+        // One snapshot of `[robots]` for the whole request (a reload applies to the next).
+        let settings = self.settings();
+        let max = (settings.cfg.max_lifetime_days * 86_400) as i64;
         let expires_at = match (req.never_expires, req.expires_in_seconds) {
             (true, Some(_)) => {
                 return error(
@@ -168,7 +170,7 @@ impl Robots {
                     "give expires_in_seconds or never_expires, not both",
                 );
             }
-            (true, None) if !self.cfg.allow_never_expire => {
+            (true, None) if !settings.cfg.allow_never_expire => {
                 return error(
                     400,
                     "invalid_request",
@@ -184,7 +186,7 @@ impl Robots {
                 );
             }
             (false, Some(s)) => Some(now + s as i64),
-            (false, None) => Some(now + (self.cfg.default_lifetime_days * 86_400) as i64),
+            (false, None) => Some(now + (settings.cfg.default_lifetime_days * 86_400) as i64),
         };
         if let Some((own, own_expiry)) = caller.delegating_robot() {
             let denied = |why: &str| {
@@ -321,10 +323,8 @@ impl Robots {
                 }
             }
         };
-        let overlap = req
-            .overlap_seconds
-            .unwrap_or(self.cfg.rotation_overlap_seconds)
-            .min(self.cfg.rotation_overlap_seconds) as i64;
+        let most = self.settings().cfg.rotation_overlap_seconds;
+        let overlap = req.overlap_seconds.unwrap_or(most).min(most) as i64;
         // Earlier secrets end at the overlap's end at the latest; ended ones go.
         for s in &mut robot.secrets {
             s.valid_until = Some(

@@ -162,8 +162,22 @@ impl Caller {
 pub struct Robots {
     store: Arc<dyn StateStore>,
     peppers: crate::auth::pepper::Peppers,
+    /// `[robots]` and the admin token read with it; replaced by a configuration reload.
+    in_force: std::sync::RwLock<Arc<RobotSettings>>,
+}
+
+/// `[robots]` checked, with the admin token it names read ([`Robots::prepare`]).
+pub struct RobotSettings {
     cfg: RobotsConfig,
-    admin_token: Option<String>,
+    admin_token: Option<zeroize::Zeroizing<String>>,
+}
+
+impl RobotSettings {
+    /// Whether these differ from `other` (the table, or the admin token's value).
+    pub fn differs_from(&self, other: &RobotSettings) -> bool {
+        format!("{:?}", self.cfg) != format!("{:?}", other.cfg)
+            || self.admin_token.as_deref() != other.admin_token.as_deref()
+    }
 }
 
 fn valid_part(s: &str) -> bool {
@@ -227,11 +241,22 @@ impl Robots {
         peppers: crate::auth::pepper::Peppers,
         cfg: RobotsConfig,
     ) -> anyhow::Result<Self> {
+        let settings = Self::prepare(cfg)?;
+        Ok(Robots {
+            store,
+            peppers,
+            in_force: std::sync::RwLock::new(Arc::new(settings)),
+        })
+    }
+
+    /// Checks `cfg` and reads the admin token it names (file, else `PORTCULLIS_ADMIN_TOKEN`).
+    pub fn prepare(cfg: RobotsConfig) -> anyhow::Result<RobotSettings> {
         let admin_token = match &cfg.admin_token_file {
             Some(f) => Some(service::secrets::read_secret_file(f)?),
             None => std::env::var(ADMIN_TOKEN_ENV).ok(),
         }
-        .filter(|t| !t.is_empty());
+        .filter(|t| !t.is_empty())
+        .map(zeroize::Zeroizing::new);
         if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             anyhow::bail!("the admin token is too short (16 characters at least)");
         }
@@ -239,17 +264,30 @@ impl Robots {
             cfg.default_lifetime_days <= cfg.max_lifetime_days,
             "robots.default_lifetime_days is above robots.max_lifetime_days"
         );
-        Ok(Robots {
-            store,
-            peppers,
-            cfg,
-            admin_token,
-        })
+        Ok(RobotSettings { cfg, admin_token })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<RobotSettings> {
+        match self.in_force.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts prepared settings in force (`SIGHUP`): lifetimes and overlaps for what is created
+    /// or rotated from now on, and the admin token (a rotated file takes effect).
+    pub fn put(&self, settings: RobotSettings) {
+        let next = Arc::new(settings);
+        match self.in_force.write() {
+            Ok(mut s) => *s = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
     }
 
     /// Whether `token` is the configured admin token (compared in constant time).
     pub fn is_admin_token(&self, token: &str) -> bool {
-        self.admin_token.as_ref().is_some_and(|t| {
+        self.settings().admin_token.as_ref().is_some_and(|t| {
             t.len() == token.len() && openssl::memcmp::eq(t.as_bytes(), token.as_bytes())
         })
     }
