@@ -311,15 +311,7 @@ impl GatewayServer {
         ca_pem: Vec<u8>,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(binary("gateway"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(config)
-            .arg("--upgrade");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Self::spawn(cmd, port, move || Ok(ca_pem.clone()))
+        Self::serve(config, &["--upgrade"], port, ca_pem, env)
     }
 
     /// `gateway serve --config <config>`; the TLS listener must be `127.0.0.1:<port>`.
@@ -329,8 +321,19 @@ impl GatewayServer {
         ca_pem: Vec<u8>,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::serve(config, &[], port, ca_pem, env)
+    }
+
+    /// `gateway serve --config <config> <args…>`.
+    fn serve(
+        config: &Path,
+        args: &[&str],
+        port: u16,
+        ca_pem: Vec<u8>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary("gateway"));
-        cmd.arg("serve").arg("--config").arg(config);
+        cmd.arg("serve").arg("--config").arg(config).args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -46,6 +46,32 @@ fn dir_image(dir: &std::path::Path, n: usize) -> String {
     format!("sha256:{}", sha256_hex(&manifest))
 }
 
+/// `skopeo copy` of the image in `src` (`dir:` format, digests kept) to `reference`
+/// (`host/repo:tag`), with no retries of its own: an `Err` is a failed client operation.
+fn skopeo_push(
+    ctr: &portcullis_tests::tools::Containers,
+    certs: &str,
+    src: &std::path::Path,
+    reference: &str,
+) -> Result<(), String> {
+    ctr.run(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            "--preserve-digests",
+            "--retry-times",
+            "0",
+            "--dest-cert-dir",
+            certs,
+            &format!("dir:{}", src.display()),
+            &format!("docker://{reference}"),
+        ],
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
 /// Pulls `repo:v1` through `base` with `token` and checks every digest ([`verify_image`]);
 /// `Err` says what went wrong.
 async fn pull_and_verify(
@@ -294,21 +320,7 @@ async fn behind_haproxy_uploads_move_between_nodes_and_kill_9_loses_nothing() {
             let src = ctr.dir.path().join(format!("img{n}"));
             let digest = dir_image(&src, n);
             let repo = format!("team-a/ha-{n}");
-            ctr.run(
-                "skopeo",
-                &[
-                    "copy",
-                    "-q",
-                    "--preserve-digests",
-                    "--retry-times",
-                    "0",
-                    "--dest-cert-dir",
-                    &certs,
-                    &format!("dir:{}", src.display()),
-                    &format!("docker://{host}/{repo}:v1"),
-                ],
-            )
-            .map_err(|e| e.to_string())?;
+            skopeo_push(&ctr, &certs, &src, &format!("{host}/{repo}:v1"))?;
             Ok((repo, digest))
         }
     };
@@ -553,23 +565,8 @@ async fn a_rolling_replacement_of_every_gateway_and_storage_node_fails_no_client
                 let digest = dir_image(&src, n);
                 let repo = format!("team-a/roll-skopeo-{w}");
                 let tag = format!("v{k}");
-                let res = ctr
-                    .run(
-                        "skopeo",
-                        &[
-                            "copy",
-                            "-q",
-                            "--preserve-digests",
-                            "--retry-times",
-                            "0",
-                            "--dest-cert-dir",
-                            &certs,
-                            &format!("dir:{}", src.display()),
-                            &format!("docker://{host}/{repo}:{tag}"),
-                        ],
-                    )
-                    .map(|_| Some((repo.clone(), tag.clone(), digest)))
-                    .map_err(|e| e.to_string());
+                let res = skopeo_push(&ctr, &certs, &src, &format!("{host}/{repo}:{tag}"))
+                    .map(|_| Some((repo.clone(), tag.clone(), digest)));
                 record(format!("skopeo push {repo}:{tag}"), res);
                 let _ = std::fs::remove_dir_all(&src);
                 k += 1;
