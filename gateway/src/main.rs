@@ -214,14 +214,6 @@ fn from_config(
         c.limits.clone(),
         store.clone(),
     ));
-    let live = Arc::new(gateway::reload::LiveConfig::new(
-        path,
-        c.clone(),
-        limits.clone(),
-        ldap,
-        Some(robots.clone()),
-    ));
-    side_tasks.push(Box::pin(live.reload_on_sighup()));
     let oidc = match &c.oidc {
         Some(o) => Some(Arc::new(gateway::auth::oidc::Oidc::new(
             o.clone(),
@@ -229,6 +221,15 @@ fn from_config(
         )?)),
         None => None,
     };
+    let live = Arc::new(gateway::reload::LiveConfig::new(
+        path,
+        c.clone(),
+        limits.clone(),
+        ldap,
+        Some(robots.clone()),
+        oidc.clone(),
+    ));
+    side_tasks.push(Box::pin(live.reload_on_sighup()));
     let policy = Arc::new(gateway::live_policy::LivePolicy::from_file(
         c.policy.file.clone(),
     )?);

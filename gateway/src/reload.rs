@@ -5,13 +5,16 @@
 //! source are counted by the listener and need a restart) and `[auth.ldap]` (a new directory
 //! client, built whole before it replaces the old one: the service account's password is read
 //! again; adding or removing the table needs a restart) and `[robots]` (lifetimes and
-//! overlaps from now on; the admin token read again, so a rotated token file takes effect). A change anywhere else (listeners,
+//! overlaps from now on; the admin token read again, so a rotated token file takes effect) and
+//! `[oidc]` (a new client, its secret read again; adding or removing the table needs a
+//! restart). A change anywhere else (listeners,
 //! keys, storage nodes, identity providers, caches, webhooks, …) is named as needing a restart
 //! and not applied. Each reload is audited (`config-reload`: what was applied and what needs a
 //! restart, or why it failed). The files the configuration names are read again by their
 //! owners on the same signal: the TLS certificate, the policy, the htpasswd users.
 
 use crate::auth::ldap::live::LiveLdap;
+use crate::auth::oidc::Oidc;
 use crate::auth::robots::Robots;
 use crate::config::Config;
 use crate::limits::Limits;
@@ -27,6 +30,8 @@ pub struct LiveConfig {
     /// The directory, when `[auth.ldap]` was there at start.
     ldap: Option<Arc<LiveLdap>>,
     robots: Option<Arc<Robots>>,
+    /// The single sign-on client, when `[oidc]` was there at start.
+    oidc: Option<Arc<Oidc>>,
 }
 
 /// What a reload did.
@@ -45,6 +50,7 @@ impl LiveConfig {
         limits: Arc<Limits>,
         ldap: Option<Arc<LiveLdap>>,
         robots: Option<Arc<Robots>>,
+        oidc: Option<Arc<Oidc>>,
     ) -> Self {
         LiveConfig {
             path,
@@ -52,6 +58,7 @@ impl LiveConfig {
             limits,
             ldap,
             robots,
+            oidc,
         }
     }
 
@@ -131,7 +138,26 @@ impl LiveConfig {
                 None
             }
         };
+        let oidc = match (&self.oidc, &new.oidc) {
+            (Some(live), Some(cfg)) => {
+                let built = live
+                    .build(cfg.clone())
+                    .map_err(|e| format!("[oidc]: {e:#}"))?;
+                live.differs(&built).then(|| (live, built, cfg.clone()))
+            }
+            _ => {
+                if format!("{:?}", old.oidc) != format!("{:?}", new.oidc) {
+                    restart_needed.push("oidc");
+                }
+                None
+            }
+        };
         // Everything built: now put in force.
+        if let Some((live, built, cfg)) = oidc {
+            live.put(built);
+            old.oidc = Some(cfg);
+            applied.push("oidc");
+        }
         if let Some((r, prepared)) = robots {
             r.put(prepared);
             old.robots = new.robots.clone();
@@ -186,7 +212,7 @@ fn changed(a: &Config, b: &Config) -> Vec<&'static str> {
                 ldap: _,
             },
         policy,
-        oidc,
+        oidc: _,
         robots: _,
         federation,
         state,
@@ -226,7 +252,6 @@ fn changed(a: &Config, b: &Config) -> Vec<&'static str> {
         token,
         upstream,
         policy,
-        oidc,
         federation,
         state,
         audit,
@@ -255,7 +280,7 @@ mod tests {
         ));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("gateway.toml");
-        let live = LiveConfig::new(Some(file.clone()), start, limits.clone(), None, None);
+        let live = LiveConfig::new(Some(file.clone()), start, limits.clone(), None, None, None);
         let edited = text
             .replace("user_failures = 10", "user_failures = 3")
             .replace("expires_in_seconds = 300", "expires_in_seconds = 600");

@@ -4,7 +4,7 @@
 //! with [`DEVICE_GRANT`] until the user signed in.
 
 use super::pages::{esc, login_redirect, page, unavailable};
-use super::{Oidc, Outcome, SignedIn, clean_device, cookie, sha256_b64};
+use super::{Outcome, Provider, SignedIn, clean_device, cookie, sha256_b64};
 use crate::auth::Identity;
 use crate::reply::Reply;
 use crate::route::VERIFY_PATH;
@@ -91,7 +91,7 @@ pub enum DevicePoll {
     Unavailable(String),
 }
 
-impl Oidc {
+impl Provider {
     /// Starts a device flow at the IdP's device authorization endpoint; the answer for the
     /// client (RFC 8628 §3.2) carries our own device code, so the IdP's never leaves the
     /// gateway. `Ok(None)`: the IdP has no device endpoint.

@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod device;
+mod live;
 pub mod pages;
 #[cfg(test)]
 mod tests;
@@ -26,6 +27,7 @@ use base64::Engine as _;
 pub use config::{CLIENT_SECRET_ENV, OidcConfig};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+pub use live::Oidc;
 pub use pages::{device_approved_page, login_redirect, success_page};
 use policy::SubjectKind;
 use serde::{Deserialize, Serialize};
@@ -91,7 +93,7 @@ pub enum Outcome {
     Unavailable(String),
 }
 
-pub struct Oidc {
+pub struct Provider {
     cfg: OidcConfig,
     secret: Option<String>,
     algorithms: Vec<Algorithm>,
@@ -117,7 +119,7 @@ fn clean_device(device: &str) -> String {
 
 pub use crate::incoming::cookie;
 
-impl Oidc {
+impl Provider {
     pub fn new(cfg: OidcConfig, state: Arc<dyn StateStore>) -> anyhow::Result<Self> {
         let secret = match &cfg.client_secret_file {
             Some(f) => Some(service::secrets::read_secret_file(f)?),
@@ -149,7 +151,7 @@ impl Oidc {
             .map(regex::Regex::new)
             .transpose()
             .context("oidc.groups_filter")?;
-        Ok(Oidc {
+        Ok(Provider {
             cfg,
             secret,
             algorithms,
@@ -190,14 +192,14 @@ impl Oidc {
         self.start_login(host, device, None, false).await
     }
 
-    /// [`Oidc::start`] for a sign-in into the web console: the callback opens a console
+    /// [`Provider::start`] for a sign-in into the web console: the callback opens a console
     /// session instead of showing a refresh token.
     pub async fn start_console(&self, host: &str) -> anyhow::Result<(String, String)> {
         self.start_login(host, crate::console::DEVICE, None, true)
             .await
     }
 
-    /// [`Oidc::start`], approving the device flow under `device_key` when it succeeds, or, with
+    /// [`Provider::start`], approving the device flow under `device_key` when it succeeds, or, with
     /// `console`, a sign-in into the web console ([`Outcome::Console`]).
     async fn start_login(
         &self,
