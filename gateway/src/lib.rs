@@ -24,7 +24,8 @@
 //! - [`client`]: the client side (credential helper, `gateway robot`).
 //! - [`config`]: the configuration (the file and `PORTCULLIS_<TABLE>_<KEY>` variables over
 //!   it), assembling the tables each feature owns; [`reload`]: what
-//!   `SIGHUP` puts in force of an edited configuration; [`clock`] and
+//!   `SIGHUP` puts in force of an edited configuration, [`in_force`]: a value a reload
+//!   replaces whole; [`clock`] and
 //!   [`random`]: the clock and random tokens.
 //! - [`dev`]: the embedded default (`gateway dev`), with storage in the same process — the
 //!   only user of the `storage_backend` crate.
@@ -46,6 +47,7 @@ pub mod drain;
 pub mod edge;
 pub mod endpoints;
 pub mod events;
+pub mod in_force;
 pub mod incoming;
 pub mod limits;
 pub mod live_policy;

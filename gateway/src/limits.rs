@@ -131,7 +131,7 @@ impl Endpoint {
 
 pub struct Limits {
     /// In force; replaced by a configuration reload ([`Limits::set`]).
-    cfg: std::sync::RwLock<LimitsConfig>,
+    cfg: crate::in_force::InForce<LimitsConfig>,
     store: Arc<dyn StateStore>,
 }
 
@@ -177,25 +177,19 @@ fn now() -> u64 {
 impl Limits {
     pub fn new(cfg: LimitsConfig, store: Arc<dyn StateStore>) -> Self {
         Limits {
-            cfg: std::sync::RwLock::new(cfg),
+            cfg: crate::in_force::InForce::new(cfg),
             store,
         }
     }
 
     /// The limits in force.
-    pub fn config(&self) -> LimitsConfig {
-        match self.cfg.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+    pub fn config(&self) -> Arc<LimitsConfig> {
+        self.cfg.get()
     }
 
     /// Puts new limits in force (`SIGHUP`); lockouts and windows counted so far stay.
     pub fn set(&self, cfg: LimitsConfig) {
-        match self.cfg.write() {
-            Ok(mut c) => *c = cfg,
-            Err(poisoned) => *poisoned.into_inner() = cfg,
-        }
+        self.cfg.put(cfg);
     }
 
     fn subjects<'a>(user: &'a str, source: Option<&'a str>) -> Vec<(By, String)> {

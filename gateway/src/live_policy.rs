@@ -9,7 +9,7 @@
 use policy::Policy;
 use serde::Deserialize;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,7 +20,7 @@ pub struct PolicyConfig {
 pub struct LivePolicy {
     /// The policy in force and the text it was compiled from (the console's read-only view),
     /// replaced together.
-    current: RwLock<(Arc<Policy>, Arc<str>)>,
+    current: crate::in_force::InForce<(Arc<Policy>, Arc<str>)>,
     /// Where it is read from (none: built in, never reloaded).
     file: Option<PathBuf>,
 }
@@ -29,16 +29,13 @@ impl LivePolicy {
     /// A policy that never changes (the embedded default's built-in one), and its text.
     pub fn fixed(policy: Policy, text: &str) -> Self {
         LivePolicy {
-            current: RwLock::new((Arc::new(policy), Arc::from(text))),
+            current: crate::in_force::InForce::new((Arc::new(policy), Arc::from(text))),
             file: None,
         }
     }
 
     fn in_force(&self) -> (Arc<Policy>, Arc<str>) {
-        match self.current.read() {
-            Ok(p) => p.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        (*self.current.get()).clone()
     }
 
     /// The text of the policy in force, and the file it came from (none: built in).
@@ -50,7 +47,7 @@ impl LivePolicy {
     pub fn from_file(file: PathBuf) -> anyhow::Result<Self> {
         let (policy, _, text) = Self::compile(&file).map_err(anyhow::Error::msg)?;
         Ok(LivePolicy {
-            current: RwLock::new((Arc::new(policy), Arc::from(text))),
+            current: crate::in_force::InForce::new((Arc::new(policy), Arc::from(text))),
             file: Some(file),
         })
     }
@@ -78,11 +75,7 @@ impl LivePolicy {
         };
         match Self::compile(file) {
             Ok((policy, sha, text)) => {
-                let new = (Arc::new(policy), Arc::from(text));
-                match self.current.write() {
-                    Ok(mut p) => *p = new,
-                    Err(poisoned) => *poisoned.into_inner() = new,
-                }
+                self.current.put((Arc::new(policy), Arc::from(text)));
                 tracing::info!(file = %file.display(), sha256 = %sha, "policy reloaded");
                 crate::audit::record(
                     "policy-reload",

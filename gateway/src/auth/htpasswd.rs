@@ -110,7 +110,7 @@ pub struct LiveHtpasswd {
     file: PathBuf,
     groups: BTreeMap<String, Vec<String>>,
     fall_through: bool,
-    current: RwLock<Arc<Htpasswd>>,
+    current: crate::in_force::InForce<Htpasswd>,
     /// Users a reload removed (and none put back since).
     removed: RwLock<std::collections::HashSet<String>>,
 }
@@ -128,7 +128,7 @@ impl LiveHtpasswd {
             file: file.to_owned(),
             groups: groups.clone(),
             fall_through,
-            current: RwLock::new(Arc::new(users)),
+            current: crate::in_force::InForce::new(users),
             removed: RwLock::default(),
         })
     }
@@ -143,10 +143,7 @@ impl LiveHtpasswd {
     }
 
     fn in_force(&self) -> Arc<Htpasswd> {
-        match self.current.read() {
-            Ok(u) => u.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.current.get()
     }
 
     /// How many users are in force.
@@ -173,11 +170,7 @@ impl LiveHtpasswd {
                     );
                     removed.retain(|u| !users.users.contains_key(u));
                 }
-                let new = Arc::new(users);
-                match self.current.write() {
-                    Ok(mut u) => *u = new,
-                    Err(poisoned) => *poisoned.into_inner() = new,
-                }
+                self.current.put(users);
                 tracing::info!(file = %file, users = n, "users reloaded");
                 crate::audit::record(
                     "users-reload",

@@ -5,11 +5,12 @@
 
 use super::{LdapAuthenticator, LdapConfig};
 use crate::auth::{AuthError, Authenticator, Identity};
+use crate::in_force::InForce;
 use crate::state::StateStore;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 pub struct LiveLdap {
-    current: RwLock<Arc<LdapAuthenticator>>,
+    current: InForce<LdapAuthenticator>,
     cache: Arc<dyn StateStore>,
     pepper: zeroize::Zeroizing<Vec<u8>>,
 }
@@ -18,7 +19,7 @@ impl LiveLdap {
     pub fn new(cfg: LdapConfig, cache: Arc<dyn StateStore>, pepper: &[u8]) -> anyhow::Result<Self> {
         let first = LdapAuthenticator::new(cfg, cache.clone(), pepper)?;
         Ok(LiveLdap {
-            current: RwLock::new(Arc::new(first)),
+            current: InForce::new(first),
             cache,
             pepper: zeroize::Zeroizing::new(pepper.to_vec()),
         })
@@ -38,18 +39,11 @@ impl LiveLdap {
     }
 
     pub fn put(&self, next: LdapAuthenticator) {
-        let next = Arc::new(next);
-        match self.current.write() {
-            Ok(mut c) => *c = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
-        }
+        self.current.put(next);
     }
 
     fn in_force(&self) -> Arc<LdapAuthenticator> {
-        match self.current.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.current.get()
     }
 }
 

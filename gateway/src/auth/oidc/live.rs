@@ -6,12 +6,13 @@
 use super::device::DevicePoll;
 use super::{OidcConfig, Outcome, Provider, Reread};
 use crate::auth::Identity;
+use crate::in_force::InForce;
 use crate::reply::Reply;
 use crate::state::StateStore;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 pub struct Oidc {
-    current: RwLock<Arc<Provider>>,
+    current: InForce<Provider>,
     state: Arc<dyn StateStore>,
 }
 
@@ -19,7 +20,7 @@ impl Oidc {
     pub fn new(cfg: OidcConfig, state: Arc<dyn StateStore>) -> anyhow::Result<Self> {
         let first = Provider::new(cfg, state.clone())?;
         Ok(Oidc {
-            current: RwLock::new(Arc::new(first)),
+            current: InForce::new(first),
             state,
         })
     }
@@ -36,18 +37,11 @@ impl Oidc {
     }
 
     pub fn put(&self, next: Provider) {
-        let next = Arc::new(next);
-        match self.current.write() {
-            Ok(mut c) => *c = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
-        }
+        self.current.put(next);
     }
 
     fn in_force(&self) -> Arc<Provider> {
-        match self.current.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.current.get()
     }
 
     /// [`Provider::start`].

@@ -163,7 +163,7 @@ pub struct Robots {
     store: Arc<dyn StateStore>,
     peppers: crate::auth::pepper::Peppers,
     /// `[robots]` and the admin token read with it; replaced by a configuration reload.
-    in_force: std::sync::RwLock<Arc<RobotSettings>>,
+    in_force: crate::in_force::InForce<RobotSettings>,
 }
 
 /// `[robots]` checked, with the admin token it names read ([`Robots::prepare`]).
@@ -245,7 +245,7 @@ impl Robots {
         Ok(Robots {
             store,
             peppers,
-            in_force: std::sync::RwLock::new(Arc::new(settings)),
+            in_force: crate::in_force::InForce::new(settings),
         })
     }
 
@@ -269,20 +269,13 @@ impl Robots {
 
     /// The settings in force.
     pub fn settings(&self) -> Arc<RobotSettings> {
-        match self.in_force.read() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.in_force.get()
     }
 
     /// Puts prepared settings in force (`SIGHUP`): lifetimes and overlaps for what is created
     /// or rotated from now on, and the admin token (a rotated file takes effect).
     pub fn put(&self, settings: RobotSettings) {
-        let next = Arc::new(settings);
-        match self.in_force.write() {
-            Ok(mut s) => *s = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
-        }
+        self.in_force.put(settings);
     }
 
     /// Whether `token` is the configured admin token (compared in constant time).
