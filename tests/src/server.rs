@@ -420,6 +420,21 @@ impl GatewayServer {
         exited_within(&mut self.child, within)
     }
 
+    /// Sends `SIGHUP` and waits (10 s at most) for the `config-reload` audit event it causes
+    /// (printed on stdout, as test gateways do).
+    pub async fn reload(&self) -> anyhow::Result<serde_json::Value> {
+        let before = self.audit_events("config-reload").len();
+        self.signal("HUP")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(e) = self.audit_events("config-reload").get(before) {
+                return Ok(e.clone());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no config-reload audited");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The audit events of `action` it printed on stdout so far, oldest first.
     pub fn audit_events(&self, action: &str) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.stdout_audit)

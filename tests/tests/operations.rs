@@ -34,9 +34,19 @@ async fn refuses_connections(addr: &str, within: Duration) -> anyhow::Result<()>
     Ok(())
 }
 
-/// A blob of `pieces` copies of `piece`, sent one every `pause`: the body, its length and
-/// its digest.
-fn slow_blob(piece: Bytes, pieces: u64, pause: Duration) -> (reqwest::Body, u64, String) {
+/// A push of a blob of `pieces` copies of `piece`, one sent every `pause`, into a new upload
+/// session of `repo` (`PUT ?digest=` with the whole body): the request, now in flight, and
+/// the blob's digest.
+async fn slow_upload(
+    c: &Client,
+    repo: &str,
+    piece: Bytes,
+    pieces: u64,
+    pause: Duration,
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+    String,
+)> {
     let len = pieces * piece.len() as u64;
     let mut h = sha2::Sha256::new();
     for _ in 0..pieces {
@@ -50,7 +60,16 @@ fn slow_blob(piece: Bytes, pieces: u64, pause: Duration) -> (reqwest::Body, u64,
             Ok::<_, std::io::Error>(p)
         }
     });
-    (reqwest::Body::wrap_stream(body), len, digest)
+    let location = c.start_upload(repo).await?;
+    let put = c
+        .req(
+            Method::PUT,
+            &with_query(&location, &format!("digest={digest}")),
+        )
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len.to_string())
+        .body(reqwest::Body::wrap_stream(body));
+    Ok((tokio::spawn(async move { put.send().await }), digest))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -70,19 +89,10 @@ async fn a_1_gib_push_in_flight_when_its_gateway_is_asked_to_drain_completes() -
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
             .collect::<Vec<u8>>(),
     );
-    let (body, len, digest) = slow_blob(piece, 64, Duration::from_millis(150));
     let repo = "team-a/big";
-    let location = c.start_upload(repo).await?;
-    let put = c
-        .req(
-            Method::PUT,
-            &with_query(&location, &format!("digest={digest}")),
-        )
-        .header("content-type", "application/octet-stream")
-        .header("content-length", len.to_string())
-        .body(body);
+    let len = 64 * piece.len() as u64;
+    let (push, digest) = slow_upload(&c, repo, piece, 64, Duration::from_millis(150)).await?;
     let started = Instant::now();
-    let push = tokio::spawn(async move { put.send().await });
 
     // A second in, the gateway is asked to drain.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -168,23 +178,6 @@ fn audit_events(file: &std::path::Path, action: &str) -> Vec<serde_json::Value> 
         .collect()
 }
 
-/// Sends `SIGHUP` and waits for the `config-reload` event it causes.
-async fn reload_config(
-    g: &portcullis_tests::server::GatewayServer,
-    trail: &std::path::Path,
-) -> anyhow::Result<serde_json::Value> {
-    let before = audit_events(trail, "config-reload").len();
-    g.signal("HUP")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(e) = audit_events(trail, "config-reload").get(before) {
-            return Ok(e.clone());
-        }
-        ensure!(Instant::now() < deadline, "no config-reload audited");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_the_users_and_the_limits_and_a_broken_file_changes_nothing()
 -> anyhow::Result<()> {
@@ -200,7 +193,7 @@ async fn sighup_reloads_the_users_and_the_limits_and_a_broken_file_changes_nothi
         &[&storage],
         &[ALICE, CAROL],
         4,
-        &format!("[audit]\nfile = \"{}\"\n", trail.display()),
+        &format!("[audit]\nfile = \"{}\"\nstdout = true\n", trail.display()),
         &[],
     )?;
     ensure!(login(&g, CAROL).await? == 200 && login(&g, DAVE).await? == 401);
@@ -306,7 +299,7 @@ async fn sighup_reloads_the_users_and_the_limits_and_a_broken_file_changes_nothi
         "health_check_interval_ms = 300",
     ) + "[limits]\ntoken_per_minute_per_user = 2\n";
     std::fs::write(&conf, &edited)?;
-    let e = reload_config(&g, &trail).await?;
+    let e = g.reload().await?;
     ensure!(
         e["event.outcome"] == "success"
             && e["config.applied"] == serde_json::json!(["limits"])
@@ -320,7 +313,7 @@ async fn sighup_reloads_the_users_and_the_limits_and_a_broken_file_changes_nothi
     }
     ensure!(statuses.contains(&429), "the new limit: {statuses:?}");
     std::fs::write(&conf, edited.clone() + "[limitz]\n")?;
-    let e = reload_config(&g, &trail).await?;
+    let e = g.reload().await?;
     ensure!(
         e["event.outcome"] == "failure"
             && e["event.reason"]
@@ -367,7 +360,7 @@ async fn sighup_reloads_the_users_and_the_limits_and_a_broken_file_changes_nothi
             token_file.display()
         ),
     )?;
-    let e = reload_config(&g, &trail).await?;
+    let e = g.reload().await?;
     ensure!(
         e["event.outcome"] == "success" && e["config.applied"] == serde_json::json!(["robots"]),
         "{e}"
@@ -377,7 +370,7 @@ async fn sighup_reloads_the_users_and_the_limits_and_a_broken_file_changes_nothi
         "the admin token from the reload"
     );
     gateway::edge::tls::write_private(&token_file, SECOND.as_bytes())?;
-    let e = reload_config(&g, &trail).await?;
+    let e = g.reload().await?;
     ensure!(e["config.applied"] == serde_json::json!(["robots"]), "{e}");
     ensure!(
         admin(SECOND).await? == 200 && admin(FIRST).await? == 401,
@@ -392,23 +385,15 @@ async fn a_storage_node_asked_to_stop_finishes_the_upload_in_flight_and_takes_no
     let dir = tempfile::tempdir()?;
     let mut storage = deployment::storage_node(&dir.path().join("storage"))?;
     let c = deployment::storage_client(&storage);
-    let repo = "team-a/app";
-    let location = c.start_upload(repo).await?;
     // 32 MiB in 32 pieces, about 3 s.
-    let (body, len, digest) = slow_blob(
+    let (push, _) = slow_upload(
+        &c,
+        "team-a/app",
         Bytes::from(vec![7u8; 1 << 20]),
         32,
         Duration::from_millis(90),
-    );
-    let put = c
-        .req(
-            Method::PUT,
-            &with_query(&location, &format!("digest={digest}")),
-        )
-        .header("content-type", "application/octet-stream")
-        .header("content-length", len.to_string())
-        .body(body);
-    let push = tokio::spawn(async move { put.send().await });
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     storage.signal("TERM")?;
     // Health checks fail at once (gateways stop sending), the listener closes after
@@ -583,21 +568,14 @@ async fn an_in_place_upgrade_hands_the_port_to_a_new_binary_and_no_client_notice
 
     // An upload in flight across the upgrade: 64 MiB over about 6 s.
     let c = deployment::user_client(&old, ALICE.0, ALICE.1);
-    let location = c.start_upload(repo).await?;
-    let (body, len, blob) = slow_blob(
+    let (upload, blob) = slow_upload(
+        &c,
+        repo,
         Bytes::from(vec![5u8; 1 << 20]),
         64,
         Duration::from_millis(90),
-    );
-    let put = c
-        .req(
-            Method::PUT,
-            &with_query(&location, &format!("digest={blob}")),
-        )
-        .header("content-type", "application/octet-stream")
-        .header("content-length", len.to_string())
-        .body(body);
-    let upload = tokio::spawn(async move { put.send().await });
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The new binary waits for the sockets; the old one gets SIGQUIT once it does.

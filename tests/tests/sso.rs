@@ -935,23 +935,6 @@ async fn without_a_device_flow_at_the_idp_the_gateway_runs_its_own_with_the_brow
     assert_eq!(r.status(), 400);
 }
 
-/// Sends `SIGHUP` and waits for the `config-reload` event it causes.
-async fn reload(g: &GatewayServer) -> Value {
-    let before = g.audit_events("config-reload").len();
-    g.signal("HUP").unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Some(e) = g.audit_events("config-reload").get(before) {
-            return e.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no config-reload audited"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 /// Where `/auth/oidc/login` sends the browser (the IdP's authorization URL).
 async fn login_redirect(g: &GatewayServer) -> String {
     let r = browser(g)
@@ -975,7 +958,7 @@ async fn an_edited_oidc_table_is_put_in_force_on_sighup_and_a_broken_one_changes
     let renamed = text.replace("client_id = \"portcullis\"", "client_id = \"renamed\"");
     assert_ne!(renamed, text);
     std::fs::write(&conf, &renamed).unwrap();
-    let e = reload(g).await;
+    let e = g.reload().await.unwrap();
     assert_eq!(e["event.outcome"], "success", "{e}");
     assert_eq!(e["config.applied"], json!(["oidc"]), "{e}");
     assert!(login_redirect(g).await.contains("client_id=renamed&"));
@@ -988,11 +971,11 @@ async fn an_edited_oidc_table_is_put_in_force_on_sighup_and_a_broken_one_changes
         ),
     )
     .unwrap();
-    let e = reload(g).await;
+    let e = g.reload().await.unwrap();
     assert_eq!(e["event.outcome"], "failure", "{e}");
     assert!(login_redirect(g).await.contains("client_id=renamed&"));
     // The first table again: a whole sign-in works as before.
     std::fs::write(&conf, &text).unwrap();
-    assert_eq!(reload(g).await["config.applied"], json!(["oidc"]));
+    assert_eq!(g.reload().await.unwrap()["config.applied"], json!(["oidc"]));
     sign_in(&s, "bob", "bob-idp-pw").await;
 }
