@@ -61,7 +61,7 @@ conf/compose/make-secrets.sh > /dev/null
 secrets="$root/conf/compose/secrets"
 port=$(free_port)
 export PORTCULLIS_PORT=$port PORTCULLIS_IDP_PORT=$(free_port) PORTCULLIS_PROMETHEUS_PORT=$(free_port)
-docker-compose -p "$project" build -q > "$work/build.log" 2>&1 || { tail -50 "$work/build.log"; exit 1; }
+docker-compose -p "$project" build -q > "$work/build.log" 2>&1 || { tail -50 "$work/build.log"; df -h "$work"; exit 1; }
 phase "images built"
 docker-compose -p "$project" up -d > "$work/up.log" 2>&1 || { cat "$work/up.log"; exit 1; }
 registry="localhost:$port"

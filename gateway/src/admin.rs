@@ -111,7 +111,7 @@ async fn replication(State(st): State<Arc<AdminState>>) -> axum::response::Respo
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     };
     let mut rules = Vec::new();
-    for r in &events.rules {
+    for r in &events.consumers().rules {
         let (status, cursor) = match (
             r.status().await,
             events.outbox.cursor_if_any(&r.key()).await,
@@ -194,6 +194,7 @@ fn find_rule(
     let name = rule_query(uri)?;
     st.events
         .as_ref()?
+        .consumers()
         .rules
         .iter()
         .find(|r| r.cfg.name == name)

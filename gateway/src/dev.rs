@@ -279,7 +279,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
             .clone()
             .unwrap_or_default()
             .connections_per_source,
-        proxy_caches: file.proxy_cache,
+        proxy_caches: Arc::new(crate::cache::LiveCaches::new(&file.proxy_cache)?),
         webhooks: file.webhooks,
         replication: file.replication,
         manifest_cache: file.manifest_cache,
@@ -287,5 +287,6 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         drain_delay: Duration::from_secs(crate::config::default_drain_delay()),
         upgrade: None,
         audit_file: Some(audit_file.clone()),
+        reload: None,
     })
 }

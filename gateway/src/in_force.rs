@@ -1,10 +1,55 @@
 //! A value in force that a reload replaces whole: the htpasswd users, the policy, the limits,
-//! the LDAP and OIDC clients, the robots' settings. Readers take the current one (an `Arc`,
+//! the LDAP and OIDC clients, the robots' settings, the pull-through caches, the webhooks and
+//! replication rules. Readers take the current one (an `Arc`,
 //! theirs for as long as they use it: a reload does not change it under them); a reload puts
 //! the next one in. A lock poisoned by a panic elsewhere does not stop either: the value is
-//! read or replaced all the same.
+//! read or replaced all the same. [`built_from`] and [`kept_or_built`] let a reload keep the
+//! parts of a set (caches, webhooks) that did not change.
 
+use sha2::Digest as _;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
+
+/// What a value was built from: a digest of its table (`Debug`) and of what the files it
+/// read hold (a rotated password, a new CA bundle). A reload keeps the value whose table and
+/// files are as they were — with whatever it holds in flight — and builds the others anew.
+pub fn built_from(
+    table: &impl std::fmt::Debug,
+    files: &[Option<&Path>],
+) -> anyhow::Result<[u8; 32]> {
+    let mut h = sha2::Sha256::new();
+    let text = format!("{table:?}");
+    h.update((text.len() as u64).to_be_bytes());
+    h.update(text.as_bytes());
+    for f in files {
+        match f {
+            Some(path) => {
+                // Passwords and keys among them: wiped when done.
+                let bytes = zeroize::Zeroizing::new(
+                    std::fs::read(path)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?,
+                );
+                h.update((bytes.len() as u64).to_be_bytes());
+                h.update(&*bytes);
+            }
+            None => h.update(u64::MAX.to_be_bytes()),
+        }
+    }
+    Ok(h.finalize().into())
+}
+
+/// `old` (what was in force, with what it was [`built_from`]) when it was built from `from`
+/// too, else what `build` makes.
+pub fn kept_or_built<T>(
+    old: Option<(&[u8; 32], &Arc<T>)>,
+    from: &[u8; 32],
+    build: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<Arc<T>> {
+    match old {
+        Some((was, value)) if was == from => Ok(value.clone()),
+        _ => Ok(Arc::new(build()?)),
+    }
+}
 
 pub struct InForce<T>(RwLock<Arc<T>>);
 

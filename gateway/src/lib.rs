@@ -101,8 +101,8 @@ pub struct Settings {
     pub client_idle_timeout: Duration,
     /// Open connections allowed from one source (`0`: no cap).
     pub connections_per_source: usize,
-    /// Pull-through caches (`[[proxy_cache]]`).
-    pub proxy_caches: Vec<cache::ProxyCacheConfig>,
+    /// Pull-through caches (`[[proxy_cache]]`), as a reload finds them.
+    pub proxy_caches: Arc<cache::LiveCaches>,
     /// The audit trail's file, which the console searches (`[audit] file`).
     pub audit_file: Option<PathBuf>,
     /// Endpoints that receive registry events (`[[webhooks]]`).
@@ -121,6 +121,8 @@ pub struct Settings {
     pub upgrade: Option<(PathBuf, bool)>,
     /// Work to run on the side runtime before serving (the embedded storage service).
     pub side_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// What `SIGHUP` reloads (`gateway serve`), told of the events' consumers once built.
+    pub reload: Option<Arc<reload::LiveConfig>>,
 }
 
 fn storage_health_check() -> Box<pingora::lb::health_check::HttpHealthCheck> {
@@ -166,6 +168,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         drain,
         drain_delay,
         upgrade,
+        reload,
     } = settings;
     let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
@@ -213,10 +216,10 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         secret.clone(),
     )?);
     let caches = Arc::new(cache::ProxyCaches::new(
-        &proxy_caches,
+        proxy_caches.clone(),
         internal.clone(),
         store.clone(),
-    )?);
+    ));
     let tokens = Arc::new(token);
     // Manifest reads answered from memory while their repository has not changed.
     let manifests = manifest_cache.enabled.then(|| {
@@ -238,6 +241,9 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
             live_policy.clone(),
         )?))
     };
+    if let (Some(live), Some(ev)) = (&reload, &events) {
+        live.set_events(ev.clone());
+    }
     let draining = Arc::new(drain::Drain::new(
         drain_delay,
         upgrade.as_ref().map(|(s, _)| s.clone()),
@@ -300,7 +306,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     };
     service.add_tls_with_settings(&listen.to_string(), None, tls_settings()?);
     // A pull-through cache's mirror listener: the same service, told apart by its port.
-    for mirror in proxy_caches.iter().filter_map(|c| c.mirror_listen) {
+    for mirror in proxy_caches.listeners() {
         service.add_tls_with_settings(&mirror.to_string(), None, tls_settings()?);
     }
     service
@@ -354,9 +360,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
                     tokio::spawn(r.run());
                 }
                 if let Some(ev) = &events {
-                    for c in ev.consumers() {
-                        tokio::spawn(ev.clone().run(c));
-                    }
+                    ev.start();
                 }
                 if let Err(e) = admin::serve(admin, admin_state).await {
                     eprintln!("gateway: admin listener failed: {e:#}");

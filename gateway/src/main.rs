@@ -171,9 +171,7 @@ fn from_config(
         !take_over || c.upgrade_socket.is_some(),
         "--upgrade needs upgrade_socket in the configuration (the running gateway's)"
     );
-    for cache in &c.proxy_cache {
-        cache.check_files()?;
-    }
+    let proxy_caches = Arc::new(gateway::cache::LiveCaches::new(&c.proxy_cache)?);
     let secret = c.secret()?;
     let keys = c
         .token
@@ -228,8 +226,9 @@ fn from_config(
         ldap,
         Some(robots.clone()),
         oidc.clone(),
+        proxy_caches.clone(),
     ));
-    side_tasks.push(Box::pin(live.reload_on_sighup()));
+    side_tasks.push(Box::pin(live.clone().reload_on_sighup()));
     let policy = Arc::new(gateway::live_policy::LivePolicy::from_file(
         c.policy.file.clone(),
     )?);
@@ -277,7 +276,8 @@ fn from_config(
         },
         oidc,
         side_tasks,
-        proxy_caches: c.proxy_cache.clone(),
+        proxy_caches,
+        reload: Some(live),
         webhooks: c.webhooks.clone(),
         replication: c.replication.clone(),
         manifest_cache: c.manifest_cache.clone(),

@@ -418,7 +418,7 @@ impl Gateway {
             .get("host")
             .and_then(|v| v.to_str().ok())
             .or_else(|| req.uri.authority().map(|a| a.as_str()));
-        let Some(prefix) = self.caches.mirrors.prefix(port, host).map(str::to_owned) else {
+        let Some(prefix) = self.caches.mirror_prefix(port, host) else {
             return Ok(None);
         };
         let Some(rest) = req.uri.path().strip_prefix("/v2/") else {

@@ -7,24 +7,30 @@
 //! again; adding or removing the table needs a restart) and `[robots]` (lifetimes and
 //! overlaps from now on; the admin token read again, so a rotated token file takes effect) and
 //! `[oidc]` (a new client, its secret read again; adding or removing the table needs a
-//! restart). A change anywhere else (listeners,
-//! keys, storage nodes, identity providers, caches, webhooks, …) is named as needing a restart
-//! and not applied. Each reload is audited (`config-reload`: what was applied and what needs a
+//! restart) and `[[proxy_cache]]` (caches added, removed or changed, the password and CA files
+//! read again; a cache whose table and files did not change goes on as it was, its fetches in
+//! flight shared; another set of `mirror_listen` listeners needs a restart, and then none of
+//! the tables' changes is applied) and `[[webhooks]]` and `[[replication]]` (consumers added,
+//! removed or changed, their secret, password and CA files read again; adding the first or
+//! removing the last needs a restart). A change anywhere else (listeners,
+//! keys, storage nodes, identity providers, …) is named as needing a restart and not applied. Each reload is audited (`config-reload`: what was applied and what needs a
 //! restart, or why it failed). The files the configuration names are read again by their
 //! owners on the same signal: the TLS certificate, the policy, the htpasswd users.
 
 use crate::auth::ldap::live::LiveLdap;
 use crate::auth::oidc::Oidc;
 use crate::auth::robots::Robots;
+use crate::cache::LiveCaches;
 use crate::config::Config;
+use crate::events::delivery::Events;
 use crate::limits::Limits;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub struct LiveConfig {
     /// The config file (none: the environment alone).
     path: Option<PathBuf>,
-    /// What is in force: the start's configuration with each reload's limits.
+    /// What is in force: the start's configuration with each reload's applied tables.
     in_force: Mutex<Config>,
     limits: Arc<Limits>,
     /// The directory, when `[auth.ldap]` was there at start.
@@ -32,6 +38,10 @@ pub struct LiveConfig {
     robots: Option<Arc<Robots>>,
     /// The single sign-on client, when `[oidc]` was there at start.
     oidc: Option<Arc<Oidc>>,
+    caches: Arc<LiveCaches>,
+    /// The webhooks and replication rules, when there were some at start (set once the
+    /// gateway built them: [`LiveConfig::set_events`]).
+    events: OnceLock<Arc<Events>>,
 }
 
 /// What a reload did.
@@ -51,6 +61,7 @@ impl LiveConfig {
         ldap: Option<Arc<LiveLdap>>,
         robots: Option<Arc<Robots>>,
         oidc: Option<Arc<Oidc>>,
+        caches: Arc<LiveCaches>,
     ) -> Self {
         LiveConfig {
             path,
@@ -59,7 +70,14 @@ impl LiveConfig {
             ldap,
             robots,
             oidc,
+            caches,
+            events: OnceLock::new(),
         }
+    }
+
+    /// The events' consumers (built after this) that a reload changes.
+    pub fn set_events(&self, events: Arc<Events>) {
+        let _ = self.events.set(events);
     }
 
     /// Loads the configuration again and puts in force what can be; audited either way.
@@ -118,7 +136,7 @@ impl LiveConfig {
                 live.differs(&built).then(|| (live, built, cfg.clone()))
             }
             _ => {
-                if format!("{:?}", old.auth.ldap) != format!("{:?}", new.auth.ldap) {
+                if differ(&old.auth.ldap, &new.auth.ldap) {
                     restart_needed.push("auth.ldap");
                 }
                 None
@@ -132,7 +150,7 @@ impl LiveConfig {
                 differs.then_some((r, prepared))
             }
             None => {
-                if format!("{:?}", old.robots) != format!("{:?}", new.robots) {
+                if differ(&old.robots, &new.robots) {
                     restart_needed.push("robots");
                 }
                 None
@@ -146,13 +164,61 @@ impl LiveConfig {
                 live.differs(&built).then(|| (live, built, cfg.clone()))
             }
             _ => {
-                if format!("{:?}", old.oidc) != format!("{:?}", new.oidc) {
+                if differ(&old.oidc, &new.oidc) {
                     restart_needed.push("oidc");
                 }
                 None
             }
         };
+        // Built (and so checked) even when it cannot be applied.
+        let table = self
+            .caches
+            .prepare(&new.proxy_cache)
+            .map_err(|e| format!("[[proxy_cache]]: {e:#}"))?;
+        let caches = match self.caches.listeners_differ(&new.proxy_cache) {
+            true => {
+                tracing::warn!(
+                    "[[proxy_cache]]: other mirror listeners; no change of the caches is applied before a restart"
+                );
+                restart_needed.push("proxy_cache.mirror_listen");
+                None
+            }
+            false => self.caches.differs(&table).then_some(table),
+        };
+        let consumers = match self.events.get() {
+            // Events are recorded only while there are consumers: the first one added, or the
+            // last removed, needs a restart.
+            Some(ev) if !new.webhooks.is_empty() || !new.replication.is_empty() => {
+                let next = ev
+                    .prepare(&new.webhooks, &new.replication)
+                    .map_err(|e| format!("[[webhooks]]/[[replication]]: {e:#}"))?;
+                let kinds = ev.changed(&next);
+                (!kinds.is_empty()).then_some((ev, next, kinds))
+            }
+            _ => {
+                for (kind, differs) in [
+                    ("webhooks", differ(&old.webhooks, &new.webhooks)),
+                    ("replication", differ(&old.replication, &new.replication)),
+                ] {
+                    if differs {
+                        restart_needed.push(kind);
+                    }
+                }
+                None
+            }
+        };
         // Everything built: now put in force.
+        if let Some((ev, next, kinds)) = consumers {
+            ev.put(next);
+            old.webhooks = new.webhooks.clone();
+            old.replication = new.replication.clone();
+            applied.extend(kinds);
+        }
+        if let Some(table) = caches {
+            self.caches.put(table);
+            old.proxy_cache = new.proxy_cache.clone();
+            applied.push("proxy_cache");
+        }
         if let Some((live, built, cfg)) = oidc {
             live.put(built);
             old.oidc = Some(cfg);
@@ -173,7 +239,7 @@ impl LiveConfig {
         }
         let mut limits = new.limits;
         limits.connections_per_source = old.limits.connections_per_source;
-        if format!("{limits:?}") != format!("{:?}", old.limits) {
+        if differ(&limits, &old.limits) {
             self.limits.set(limits.clone());
             old.limits = limits;
             applied.push("limits");
@@ -193,7 +259,12 @@ impl LiveConfig {
     }
 }
 
-/// The parts of the configuration, other than `[limits]` and `[auth.ldap]`, that differ.
+/// Whether two tables (or keys) differ, as their `Debug` shows them.
+fn differ(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) -> bool {
+    format!("{a:?}") != format!("{b:?}")
+}
+
+/// The parts of the configuration, other than those a reload may apply, that differ.
 fn changed(a: &Config, b: &Config) -> Vec<&'static str> {
     // Every field named: a new one does not compile until it is decided here.
     let Config {
@@ -221,22 +292,22 @@ fn changed(a: &Config, b: &Config) -> Vec<&'static str> {
         log,
         pepper,
         proxy_protocol,
-        proxy_cache,
-        webhooks,
-        replication,
+        proxy_cache: _,
+        webhooks: _,
+        replication: _,
         manifest_cache,
     } = a;
     let mut out = Vec::new();
-    if format!("{htpasswd_file:?}") != format!("{:?}", b.auth.htpasswd_file) {
+    if differ(&htpasswd_file, &b.auth.htpasswd_file) {
         out.push("auth.htpasswd_file");
     }
-    if format!("{groups:?}") != format!("{:?}", b.auth.groups) {
+    if differ(&groups, &b.auth.groups) {
         out.push("auth.groups");
     }
     macro_rules! compare {
         ($($field:ident),*) => {
             $(
-                if format!("{:?}", $field) != format!("{:?}", b.$field) {
+                if differ(&$field, &b.$field) {
                     out.push(stringify!($field));
                 }
             )*
@@ -258,9 +329,6 @@ fn changed(a: &Config, b: &Config) -> Vec<&'static str> {
         log,
         pepper,
         proxy_protocol,
-        proxy_cache,
-        webhooks,
-        replication,
         manifest_cache
     );
     out
@@ -280,7 +348,16 @@ mod tests {
         ));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("gateway.toml");
-        let live = LiveConfig::new(Some(file.clone()), start, limits.clone(), None, None, None);
+        let caches = Arc::new(LiveCaches::new(&start.proxy_cache).unwrap());
+        let live = LiveConfig::new(
+            Some(file.clone()),
+            start,
+            limits.clone(),
+            None,
+            None,
+            None,
+            caches,
+        );
         let edited = text
             .replace("user_failures = 10", "user_failures = 3")
             .replace("expires_in_seconds = 300", "expires_in_seconds = 600");

@@ -54,7 +54,7 @@ fn upstream_client(d: &Distribution) -> Client {
 
 /// A gateway in production shape with one storage node and a cache of `url`.
 struct Cached {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     storage: StorageServer,
     gateway: GatewayServer,
 }
@@ -71,10 +71,16 @@ impl Cached {
         let table = cache_table(&gw, url, user, more)?;
         let gateway = deployment::start_gateway_with(&gw, &[&storage], &[ALICE], 4, &table, &[])?;
         Ok(Cached {
-            _dir: dir,
+            dir,
             storage,
             gateway,
         })
+    }
+
+    /// The gateway's directory: its `gateway.toml` (the cache table last) and the upstream
+    /// password's file.
+    fn gw(&self) -> std::path::PathBuf {
+        self.dir.path().join("gw")
     }
 
     fn client(&self) -> Client {
@@ -794,5 +800,96 @@ async fn a_cold_256_mib_blob_streams_before_the_upstream_is_done_and_ranges_work
     ensure!(ranged.status() == 206 && ranged.bytes().await? == blob[..10]);
     // The metrics say how the pulls were answered.
     ensure!(metric(&cached.gateway.admin, results("miss")).await? >= 1.0);
+    Ok(())
+}
+
+/// `SIGHUP` puts `[[proxy_cache]]` changes in force: a rotated upstream password (the file read
+/// again), a narrowed list of repositories; a table that does not load changes nothing and is
+/// audited; another mirror listener is named as needing a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_puts_a_rotated_upstream_password_and_changed_tables_in_force()
+-> anyhow::Result<()> {
+    let up_root = tempfile::tempdir()?;
+    let upstream =
+        Distribution::start_with(&up_root.path().join("data"), Some(&[UPSTREAM_USER]), None)?;
+    let up = upstream_client(&upstream);
+    let (app, _) = push_upstream(&up, "library/app", "1", &[&random(50_000, 11)]).await?;
+    push_upstream(&up, "library/other", "1", &[&random(50_000, 12)]).await?;
+    // The cache starts with a password the upstream refuses.
+    let cached = Cached::start(&upstream.base, (UPSTREAM_USER.0, "an-old-password"), "")?;
+    let (g, c) = (&cached.gateway, cached.client());
+    let r = c.get("/v2/hub/library/app/manifests/1").await?;
+    let (status, text) = (r.status(), describe(r).await);
+    ensure!(
+        status == 502 && text.contains("upstream failed (denied)"),
+        "with a wrong upstream password: {text}"
+    );
+
+    // The password rotated in its file: the next reload uses it.
+    gateway::edge::tls::write_private(
+        &cached.gw().join("upstream-password"),
+        UPSTREAM_USER.1.as_bytes(),
+    )?;
+    let e = g.reload().await?;
+    ensure!(
+        e["event.outcome"] == "success"
+            && e["config.applied"] == serde_json::json!(["proxy_cache"]),
+        "{e}"
+    );
+    ensure!(pull_verified(&c, "hub/library/app", "1").await? == app);
+
+    // The table narrowed to one repository: another is refused, the first still served.
+    let conf = cached.gw().join("gateway.toml");
+    let text = std::fs::read_to_string(&conf)?;
+    std::fs::write(&conf, format!("{text}repositories = [\"library/app\"]\n"))?;
+    let e = g.reload().await?;
+    ensure!(
+        e["config.applied"] == serde_json::json!(["proxy_cache"]),
+        "{e}"
+    );
+    let refused = |what: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = c.get("/v2/hub/library/other/manifests/1").await?;
+            expect_error(r, 403, "DENIED").await.context(what)
+        }
+    };
+    refused("a repository the table no longer allows").await?;
+    ensure!(pull_verified(&c, "hub/library/app", "1").await? == app);
+
+    // A password file that is not there: nothing changes.
+    let narrowed = std::fs::read_to_string(&conf)?;
+    std::fs::write(
+        &conf,
+        narrowed.replace("upstream-password", "no-such-password-file"),
+    )?;
+    let e = g.reload().await?;
+    ensure!(
+        e["event.outcome"] == "failure"
+            && e["event.reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("proxy_cache")),
+        "{e}"
+    );
+    refused("after a broken reload").await?;
+    ensure!(pull_verified(&c, "hub/library/app", "1").await? == app);
+
+    // A new mirror listener needs a restart: the table's other change waits for it too.
+    std::fs::write(
+        &conf,
+        format!(
+            "{}mirror_listen = \"127.0.0.1:{}\"\n",
+            narrowed.replace("repositories = [\"library/app\"]\n", ""),
+            free_port()?
+        ),
+    )?;
+    let e = g.reload().await?;
+    ensure!(
+        e["event.outcome"] == "success"
+            && e["config.applied"] == serde_json::json!([])
+            && e["config.restart_needed"] == serde_json::json!(["proxy_cache.mirror_listen"]),
+        "{e}"
+    );
+    refused("with a change waiting for a restart").await?;
     Ok(())
 }

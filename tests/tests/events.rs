@@ -10,7 +10,7 @@ use anyhow::{Context, ensure};
 use portcullis_tests::client::{Client, OCI_MANIFEST, describe, image_config, sha256};
 use portcullis_tests::deployment;
 use portcullis_tests::receiver::{Delivery, Receiver};
-use portcullis_tests::server::GatewayServer;
+use portcullis_tests::server::{GatewayServer, metric_sample, metrics_text};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -93,7 +93,11 @@ fn signature(d: &Delivery) -> String {
 }
 
 fn hmac_hex(body: &[u8]) -> String {
-    let key = openssl::pkey::PKey::hmac(HOOK_KEY.as_bytes()).unwrap();
+    hmac_with(HOOK_KEY, body)
+}
+
+fn hmac_with(key: &str, body: &[u8]) -> String {
+    let key = openssl::pkey::PKey::hmac(key.as_bytes()).unwrap();
     let mut s = openssl::sign::Signer::new(openssl::hash::MessageDigest::sha256(), &key).unwrap();
     s.update(body).unwrap();
     hex::encode(s.sign_to_vec().unwrap())
@@ -378,5 +382,162 @@ async fn an_https_endpoint_is_trusted_through_its_ca_file_only() -> anyhow::Resu
         "{} deliveries: the untrusted webhook got through",
         rx.deliveries().len()
     );
+    Ok(())
+}
+
+/// The tags of the deliveries `r` got so far.
+fn tags(r: &Receiver) -> Vec<String> {
+    r.deliveries()
+        .iter()
+        .map(|d| d.json()["data"]["tag"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// Waits up to 30 s for `r` to get an event of `tag`; that delivery.
+async fn delivered(r: &Receiver, tag: &str) -> anyhow::Result<Delivery> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(d) = r
+            .deliveries()
+            .into_iter()
+            .find(|d| d.json()["data"]["tag"] == tag)
+        {
+            return Ok(d);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no event of {tag}: {:?}",
+            tags(r)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `SIGHUP` puts `[[webhooks]]` changes in force without losing an event: a URL fixed while
+/// its event is being retried (the next attempt goes to the new one), a webhook added (it gets
+/// what follows), a rotated signing key (read again from its file), a webhook removed; a
+/// table that does not load changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_fixes_a_webhook_url_adds_and_removes_webhooks_and_rotates_a_key()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let storage = deployment::storage_node(&dir.path().join("storage"))?;
+    let gw = dir.path().join("gw");
+    std::fs::create_dir_all(&gw)?;
+    let key_file = gw.join("hook-key");
+    gateway::edge::tls::write_private(&key_file, HOOK_KEY.as_bytes())?;
+    let mut wrong = Receiver::start().await?;
+    wrong.stop().await;
+    let (right, second) = (Receiver::start().await?, Receiver::start().await?);
+    let hook = |url: &str| {
+        format!(
+            "[[webhooks]]\nname = \"hook\"\nurl = \"{url}\"\nsecret_file = \"{}\"\n\
+             max_backoff_seconds = 1\nmax_attempts = 1000\n",
+            key_file.display()
+        )
+    };
+    let g = gateway(&gw, &storage, &hook(&wrong.url()))?;
+    let c = client_of(&g);
+    let conf = gw.join("gateway.toml");
+    let at_start = std::fs::read_to_string(&conf)?;
+    let with = |hooks: String| -> anyhow::Result<()> {
+        std::fs::write(&conf, at_start.replace(&hook(&wrong.url()), &hooks))?;
+        Ok(())
+    };
+    push(&c, "team-a/app", Some("v1"), "v1").await?;
+    // Its delivery fails, and is retried.
+    let failed = "gateway_webhook_deliveries_total{outcome=\"failed\",webhook=\"hook\"}";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric_sample(&metrics_text(&g.admin).await?, failed).unwrap_or(0.0) < 1.0 {
+        ensure!(
+            Instant::now() < deadline,
+            "no failed delivery to the wrong URL"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The URL fixed: the event being retried goes to the new one.
+    with(hook(&right.url()))?;
+    let e = g.reload().await?;
+    ensure!(
+        e["event.outcome"] == "success" && e["config.applied"] == serde_json::json!(["webhooks"]),
+        "{e}"
+    );
+    let d = delivered(&right, "v1").await?;
+    ensure!(d.headers.get("portcullis-signature") == Some(&signature(&d)));
+
+    // A second webhook: it gets what follows.
+    let both = format!(
+        "{}[[webhooks]]\nname = \"second\"\nurl = \"{}\"\n",
+        hook(&right.url()),
+        second.url()
+    );
+    with(both.clone())?;
+    ensure!(g.reload().await?["config.applied"] == serde_json::json!(["webhooks"]));
+    push(&c, "team-a/app", Some("v2"), "v2").await?;
+    delivered(&second, "v2").await?;
+    delivered(&right, "v2").await?;
+
+    // The signing key rotated in its file: the next event is signed with the new one.
+    let rotated = "a-rotated-webhook-signing-key";
+    gateway::edge::tls::write_private(&key_file, rotated.as_bytes())?;
+    ensure!(g.reload().await?["config.applied"] == serde_json::json!(["webhooks"]));
+    push(&c, "team-a/app", Some("v3"), "v3").await?;
+    let d = delivered(&right, "v3").await?;
+    let at = d
+        .headers
+        .get("portcullis-timestamp")
+        .cloned()
+        .unwrap_or_default();
+    let with_rotated = format!(
+        "sha256={}",
+        hmac_with(rotated, &[at.as_bytes(), b".", &d.body].concat())
+    );
+    ensure!(
+        d.headers.get("portcullis-signature") == Some(&with_rotated),
+        "v3 not signed with the rotated key"
+    );
+
+    // A table that does not load (a key file that is not there): nothing changes.
+    with(both.replace("hook-key", "no-such-key"))?;
+    let e = g.reload().await?;
+    ensure!(
+        e["event.outcome"] == "failure"
+            && e["event.reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("webhooks")),
+        "{e}"
+    );
+    push(&c, "team-a/app", Some("v4"), "v4").await?;
+    delivered(&second, "v4").await?;
+    delivered(&right, "v4").await?;
+
+    // The second removed: the first goes on, the second gets nothing more.
+    with(hook(&right.url()))?;
+    ensure!(g.reload().await?["config.applied"] == serde_json::json!(["webhooks"]));
+    push(&c, "team-a/app", Some("v5"), "v5").await?;
+    delivered(&right, "v5").await?;
+    // Had the second still been delivering, v5 would have reached it within a poll (¼ s) of
+    // reaching the first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        !tags(&second).contains(&"v5".to_owned()),
+        "a removed webhook got v5"
+    );
+
+    // The last webhook removed: a restart (events are recorded while there is a consumer).
+    with(String::new())?;
+    let e = g.reload().await?;
+    ensure!(
+        e["config.applied"] == serde_json::json!([])
+            && e["config.restart_needed"] == serde_json::json!(["webhooks"]),
+        "{e}"
+    );
+    push(&c, "team-a/app", Some("v6"), "v6").await?;
+    delivered(&right, "v6").await?;
+    // Every event reached the first, in order.
+    let mut seen = tags(&right);
+    seen.dedup();
+    ensure!(seen == ["v1", "v2", "v3", "v4", "v5", "v6"], "{seen:?}");
     Ok(())
 }

@@ -255,6 +255,11 @@ impl Fetches {
         }
     }
 
+    /// Where blobs in flight are spilled, and how many may be at once.
+    pub fn settings(&self) -> (&std::path::Path, usize) {
+        (&self.spill_dir, self.limit)
+    }
+
     /// What the map says of a key: a fetch to read along, or a recent one that stored it.
     fn look(&self, key: &(String, Digest)) -> Option<Joined> {
         let running = self.running.lock().ok()?;

@@ -18,6 +18,15 @@
 //!   as it arrives while it is uploaded to storage, which makes it visible only once the
 //!   digest matched.
 //!
+//! The tables are put in force whole ([`LiveCaches`]): a reload (`SIGHUP`) builds the new set
+//! first, keeping each cache whose table and files did not change (its blobs in flight go on
+//! being shared), and swaps it in. A cache that changed takes on its prefix's blobs in flight
+//! and locks (unless its `spill_dir` or `max_fetches` changed); its tags' freshness is kept
+//! per upstream URL. What a request gets ([`ProxyCaches::answer`]:
+//! refused, fetched or forwarded) is decided on one table; the steps before it (the mirror's
+//! rewrite, [`ProxyCaches::covers`]) each see the table of their moment, as if the reload had
+//! come before or after the request.
+//!
 //! Rooms: [`config`] (the table), [`crate::remote`] (the upstream registry as a client, its auth),
 //! [`storage`] (the cache's own requests to storage), [`fetch`] (blobs in flight),
 //! [`mirror`] (names without the prefix).
@@ -27,6 +36,7 @@ pub mod fetch;
 pub mod mirror;
 pub mod storage;
 
+use crate::in_force::InForce;
 use crate::remote::{Upstream, UpstreamError, read_capped};
 use crate::reply::{Failure, Kind};
 use crate::state::StateStore;
@@ -37,6 +47,7 @@ use oci::route::Endpoint;
 use oci::{Digest, ErrorCode, Reference};
 use policy::pattern::RepoPattern;
 use reqwest::Method;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::Storage;
@@ -55,21 +66,43 @@ const STALE_FOR: Duration = Duration::from_secs(30);
 
 /// One `[[proxy_cache]]`.
 pub struct Cache {
+    /// What it was built from ([`crate::in_force::built_from`]).
+    built_from: [u8; 32],
     prefix: String,
     upstream: Upstream,
     tag_ttl: Duration,
     repositories: Vec<RepoPattern>,
-    fetches: Fetches,
+    /// Blobs in flight: kept by a reload that changes the table (not its `spill_dir` or
+    /// `max_fetches`), so a fetch is still shared and the limit still holds across it.
+    fetches: Arc<Fetches>,
     max_blob_bytes: u64,
-    locks: Vec<tokio::sync::Mutex<()>>,
-    /// Keys the lock hash (so names cannot be picked to share a lock).
-    lock_seed: std::collections::hash_map::RandomState,
+    /// Kept by a reload too.
+    locks: Arc<Locks>,
 }
 
-/// Every cache of the gateway, and where mirror requests arrive.
-pub struct ProxyCaches {
+/// Locks that serialise cold fetches of one tag or manifest.
+struct Locks {
+    locks: Vec<tokio::sync::Mutex<()>>,
+    /// Keys the lock hash (so names cannot be picked to share a lock).
+    seed: std::collections::hash_map::RandomState,
+}
+
+/// The caches in force, and where mirror requests arrive.
+pub struct CacheTable {
     caches: Vec<Arc<Cache>>,
-    pub mirrors: mirror::Mirrors,
+    mirrors: mirror::Mirrors,
+}
+
+/// The `[[proxy_cache]]` tables in force, replaced whole by a reload.
+pub struct LiveCaches {
+    table: InForce<CacheTable>,
+    /// The mirror listeners opened at start (another set needs a restart).
+    listeners: Vec<SocketAddr>,
+}
+
+/// Every cache of the gateway, as they serve requests.
+pub struct ProxyCaches {
+    live: Arc<LiveCaches>,
     storage: Arc<Storage>,
     state: Arc<dyn StateStore>,
 }
@@ -133,16 +166,17 @@ fn fail_storage(e: impl std::fmt::Display) -> Failure {
     Failure::new(503, Kind::Unavailable, "storage is unavailable, try again")
 }
 
-/// The freshness record of a cached tag: the digest it was, and until when the upstream is not
-/// asked about it.
-fn tag_key(repo: &str, tag: &str) -> String {
-    format!("proxy:tag:{repo}:{tag}")
+/// The freshness record of a cached tag: the digest it was at the upstream `url`, and until
+/// when that upstream is not asked about it (another upstream, after a reload, is asked).
+fn tag_key(url: &str, repo: &str, tag: &str) -> String {
+    format!("proxy:tag:{repo}:{tag} {url}")
 }
 
 impl Cache {
     fn lock(&self, key: &str) -> &tokio::sync::Mutex<()> {
         use std::hash::BuildHasher;
-        &self.locks[(self.lock_seed.hash_one(key) as usize) % LOCKS]
+        let l = &self.locks;
+        &l.locks[(l.seed.hash_one(key) as usize) % LOCKS]
     }
 
     fn observe(&self, request: &str, started: Instant) {
@@ -248,34 +282,90 @@ impl Cache {
     }
 }
 
-impl ProxyCaches {
-    pub fn new(
-        configs: &[ProxyCacheConfig],
-        internal: Arc<crate::registry::internal::Internal>,
-        state: Arc<dyn StateStore>,
-    ) -> anyhow::Result<Self> {
+impl Cache {
+    /// The cache `c` describes, `built_from` that; `old` is the one of its prefix in force,
+    /// whose fetches in flight and locks it takes on.
+    fn build(
+        c: &ProxyCacheConfig,
+        built_from: [u8; 32],
+        old: Option<&Cache>,
+    ) -> anyhow::Result<Cache> {
+        c.validate()?;
+        let spill_dir = c.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let fetches = match old {
+            Some(o) if o.fetches.settings() == (spill_dir.as_path(), c.max_fetches) => {
+                o.fetches.clone()
+            }
+            _ => Arc::new(Fetches::new(spill_dir, c.max_fetches)),
+        };
+        let locks = match old {
+            Some(o) => o.locks.clone(),
+            None => Arc::new(Locks {
+                locks: (0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+                seed: Default::default(),
+            }),
+        };
+        Ok(Cache {
+            built_from,
+            prefix: c.prefix.clone(),
+            upstream: Upstream::new(&c.remote())?,
+            tag_ttl: Duration::from_secs(c.tag_ttl_seconds),
+            repositories: c
+                .repositories
+                .iter()
+                .map(|r| RepoPattern::compile(r))
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            fetches,
+            max_blob_bytes: c.max_blob_bytes,
+            locks,
+        })
+    }
+}
+
+impl LiveCaches {
+    /// The caches `configs` describe (checked with [`config::validate_all`] before).
+    pub fn new(configs: &[ProxyCacheConfig]) -> anyhow::Result<Self> {
+        let live = LiveCaches {
+            table: InForce::new(CacheTable {
+                caches: Vec::new(),
+                mirrors: mirror::Mirrors::default(),
+            }),
+            listeners: mirror_listeners(configs),
+        };
+        let table = live.prepare(configs)?;
+        live.table.put(table);
+        Ok(live)
+    }
+
+    /// The mirror listeners to open (those of the start).
+    pub fn listeners(&self) -> &[SocketAddr] {
+        &self.listeners
+    }
+
+    /// Whether `configs` name other mirror listeners than those open (a restart opens them).
+    pub fn listeners_differ(&self, configs: &[ProxyCacheConfig]) -> bool {
+        mirror_listeners(configs) != self.listeners
+    }
+
+    /// The caches `configs` describe, built whole (nothing in force changes): a cache whose
+    /// table and files are as they were is the same one, with its fetches in flight.
+    pub fn prepare(&self, configs: &[ProxyCacheConfig]) -> anyhow::Result<CacheTable> {
+        let now = self.table.get();
         let mut caches = Vec::new();
         let mut mirrors = mirror::Mirrors::default();
         for c in configs {
-            c.validate()?;
-            caches.push(Arc::new(Cache {
-                prefix: c.prefix.clone(),
-                upstream: Upstream::new(&c.remote())?,
-                tag_ttl: Duration::from_secs(c.tag_ttl_seconds),
-                repositories: c
-                    .repositories
-                    .iter()
-                    .map(|r| RepoPattern::compile(r))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-                fetches: Fetches::new(
-                    c.spill_dir.clone().unwrap_or_else(std::env::temp_dir),
-                    c.max_fetches,
-                ),
-                max_blob_bytes: c.max_blob_bytes,
-                locks: (0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
-                lock_seed: Default::default(),
-            }));
+            c.check_files()?;
+            let from = crate::in_force::built_from(
+                c,
+                &[c.password_file.as_deref(), c.ca_file.as_deref()],
+            )?;
+            let old = now.caches.iter().find(|k| k.prefix == c.prefix);
+            let cache =
+                crate::in_force::kept_or_built(old.map(|k| (&k.built_from, k)), &from, || {
+                    Cache::build(c, from, old.map(|k| &**k))
+                })?;
+            caches.push(cache);
             if let Some(l) = c.mirror_listen {
                 mirrors.add_port(l.port(), &c.prefix);
             }
@@ -283,29 +373,71 @@ impl ProxyCaches {
                 mirrors.add_host(h, &c.prefix);
             }
         }
-        Ok(ProxyCaches {
-            caches,
-            mirrors,
+        Ok(CacheTable { caches, mirrors })
+    }
+
+    /// Whether `table` is other than the caches in force (in any order; a table's
+    /// `mirror_hosts` are part of what it was built from).
+    pub fn differs(&self, table: &CacheTable) -> bool {
+        let sorted = |t: &CacheTable| {
+            let mut v: Vec<[u8; 32]> = t.caches.iter().map(|c| c.built_from).collect();
+            v.sort();
+            v
+        };
+        sorted(&self.table.get()) != sorted(table)
+    }
+
+    /// Puts `table` in force for the requests that start from now on.
+    pub fn put(&self, table: CacheTable) {
+        self.table.put(table);
+    }
+}
+
+/// The mirror listeners `configs` name, sorted.
+fn mirror_listeners(configs: &[ProxyCacheConfig]) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = configs.iter().filter_map(|c| c.mirror_listen).collect();
+    v.sort();
+    v
+}
+
+impl ProxyCaches {
+    pub fn new(
+        live: Arc<LiveCaches>,
+        internal: Arc<crate::registry::internal::Internal>,
+        state: Arc<dyn StateStore>,
+    ) -> Self {
+        ProxyCaches {
+            live,
             storage: Arc::new(Storage::new(internal)),
             state,
-        })
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.caches.is_empty()
+        self.live.table.get().caches.is_empty()
+    }
+
+    /// The prefix of the mirror requests arriving on local `port` or for `host` are for.
+    pub fn mirror_prefix(&self, port: Option<u16>, host: Option<&str>) -> Option<String> {
+        let table = self.live.table.get();
+        table.mirrors.prefix(port, host).map(str::to_owned)
     }
 
     /// The cache `repo` is under, and the upstream's name for it.
-    fn cache_for<'a>(&self, repo: &'a str) -> Option<(&Arc<Cache>, &'a str)> {
+    fn cache_for<'a>(table: &CacheTable, repo: &'a str) -> Option<(Arc<Cache>, &'a str)> {
         let (first, rest) = repo.split_once('/')?;
-        let cache = self.caches.iter().find(|c| c.prefix == first)?;
-        Some((cache, rest))
+        let cache = table.caches.iter().find(|c| c.prefix == first)?;
+        Some((cache.clone(), rest))
     }
 
     /// Whether `repo` is a cache's (its prefix itself included).
     pub fn covers(&self, repo: &str) -> bool {
+        Self::covered(&self.live.table.get(), repo)
+    }
+
+    fn covered(table: &CacheTable, repo: &str) -> bool {
         let first = repo.split('/').next().unwrap_or(repo);
-        self.caches.iter().any(|c| c.prefix == first)
+        table.caches.iter().any(|c| c.prefix == first)
     }
 
     /// What an admitted `/v2/` request under a cache prefix gets; `None` when it is not
@@ -316,7 +448,9 @@ impl ProxyCaches {
         range: Option<&str>,
     ) -> Option<(Answer, Outcome)> {
         let repo = endpoint.repository()?.as_str();
-        if !self.covers(repo) {
+        // One table for the whole request.
+        let table = self.live.table.get();
+        if !Self::covered(&table, repo) {
             return None;
         }
         let refused = |why: &str| {
@@ -338,7 +472,7 @@ impl ProxyCaches {
                 ));
             }
         }
-        let Some((cache, name)) = self.cache_for(repo) else {
+        let Some((cache, name)) = Self::cache_for(&table, repo) else {
             // The prefix itself: nothing upstream; storage answers (404).
             return Some((Answer::Forward, Outcome::Hit));
         };
@@ -352,10 +486,10 @@ impl ProxyCaches {
         }
         let (answer, outcome) = match endpoint {
             Endpoint::GetManifest { reference, .. } => {
-                self.manifest(cache, repo, name, reference).await
+                self.manifest(&cache, repo, name, reference).await
             }
             Endpoint::GetBlob { digest, head, .. } => {
-                self.blob(cache, repo, name, digest, *head, range).await
+                self.blob(&cache, repo, name, digest, *head, range).await
             }
             // Listings, referrers and deletes (eviction): what storage holds, not counted.
             _ => return Some((Answer::Forward, Outcome::Hit)),
@@ -452,7 +586,7 @@ impl ProxyCaches {
         name: &str,
         tag: &str,
     ) -> (Answer, Outcome) {
-        let key = tag_key(repo, tag);
+        let key = tag_key(cache.upstream.url(), repo, tag);
         // Fresh, and storage still has what it was (a delete or retention since makes it
         // ask the upstream again).
         let fresh_and_held = || async {

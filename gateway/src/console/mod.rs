@@ -1006,12 +1006,13 @@ impl Console {
         let outbox = &events.outbox;
         let head = outbox.head().await;
         let mut hooks = Vec::new();
-        for h in &events.hooks {
+        let consumers = events.consumers();
+        for h in &consumers.hooks {
             let cursor = outbox.cursor_if_any(&h.cfg.name).await;
             let what = format!("webhook ({:?})", h.cfg.format).to_lowercase();
             hooks.push((h.cfg.name.clone(), what, cursor.ok().flatten()));
         }
-        for r in &events.rules {
+        for r in &consumers.rules {
             let cursor = outbox.cursor_if_any(&r.key()).await;
             hooks.push((
                 r.key(),

@@ -9,12 +9,20 @@
 //! clocks within 2 s of each other). A failing event is retried with a doubling back-off,
 //! `max_attempts` times, then becomes a dead letter (audited, listed and replayed on the admin
 //! listener) and the next one goes: nothing after an event is delivered before it.
+//!
+//! The consumers are put in force whole ([`Events::prepare`], [`Events::put`]): a reload
+//! (`SIGHUP`) builds the new set, keeping each consumer whose table and files did not change;
+//! a delivery loop takes its consumer anew for each attempt (a fixed URL or a rotated secret
+//! is used from the next one), a consumer added gets a loop of its own, and the loop of one
+//! removed ends (its cursor stays in the store, for a node that still has it).
 
 use super::Event;
 use super::outbox::{DeadLetter, Outbox};
 use super::replication::{ReplicationConfig, Replicator};
 use super::webhooks::{Webhook, WebhookConfig};
-use std::sync::Arc;
+use crate::in_force::{InForce, built_from, kept_or_built};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A consumer's lease window.
@@ -46,6 +54,15 @@ impl Consumer {
         match self {
             Consumer::Webhook(w) => w.cfg.name.clone(),
             Consumer::Replication(r) => r.key(),
+        }
+    }
+
+    /// Whether `other` is this very consumer (not one built again).
+    fn same(&self, other: &Consumer) -> bool {
+        match (self, other) {
+            (Consumer::Webhook(a), Consumer::Webhook(b)) => Arc::ptr_eq(a, b),
+            (Consumer::Replication(a), Consumer::Replication(b)) => Arc::ptr_eq(a, b),
+            _ => false,
         }
     }
 
@@ -90,8 +107,40 @@ impl Consumer {
 /// The outbox and its consumers.
 pub struct Events {
     pub outbox: Outbox,
+    consumers: InForce<Consumers>,
+    /// Counts [`Events::put`]s (what [`Events::superseded`] waits on).
+    generation: tokio::sync::watch::Sender<u64>,
+    /// Keys of the consumers with a delivery loop on this node.
+    running: Mutex<HashSet<String>>,
+    /// What a replication rule is built with.
+    store: Arc<dyn crate::state::StateStore>,
+    source: Arc<crate::registry::data::Data>,
+    policy: Arc<crate::live_policy::LivePolicy>,
+}
+
+/// The consumers in force.
+#[derive(Default)]
+pub struct Consumers {
     pub hooks: Vec<Arc<Webhook>>,
     pub rules: Vec<Arc<Replicator>>,
+    /// What each was built from, by its key ([`built_from`]).
+    built_from: HashMap<String, [u8; 32]>,
+}
+
+impl Consumers {
+    /// Every consumer: the webhooks, then the replication rules.
+    pub fn all(&self) -> Vec<Consumer> {
+        self.hooks
+            .iter()
+            .cloned()
+            .map(Consumer::Webhook)
+            .chain(self.rules.iter().cloned().map(Consumer::Replication))
+            .collect()
+    }
+
+    fn find(&self, key: &str) -> Option<Consumer> {
+        self.all().into_iter().find(|c| c.key() == key)
+    }
 }
 
 /// Why a replay did not deliver.
@@ -103,6 +152,22 @@ pub enum Replay {
     Failed(String),
 }
 
+/// Marks a delivery loop that panics as ended, so that [`Events::start`] may start its
+/// consumer again (a loop that ends normally is marked by [`Events::still_wanted`]).
+struct Unwinding {
+    events: Arc<Events>,
+    key: String,
+}
+
+impl Drop for Unwinding {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            lock(&self.events.running).remove(&self.key);
+            tracing::error!(consumer = %self.key, "events: the delivery loop failed; a reload starts it again");
+        }
+    }
+}
+
 /// Where a delivery of one event stands (kept across leases of this node).
 #[derive(Default)]
 struct Pending {
@@ -112,6 +177,10 @@ struct Pending {
     /// The delivery of `seq` is settled (taken, or a dead letter kept); only writing the
     /// cursor is left: a store that does not write makes no new attempt.
     settled: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn unix_secs() -> u64 {
@@ -135,32 +204,146 @@ impl Events {
         source: Arc<crate::registry::data::Data>,
         policy: Arc<crate::live_policy::LivePolicy>,
     ) -> anyhow::Result<Self> {
-        WebhookConfig::validate_all(hooks)?;
-        ReplicationConfig::validate_all(rules)?;
-        Ok(Events {
+        let events = Events {
             outbox: Outbox::new(store.clone()),
-            hooks: hooks
-                .iter()
-                .map(|c| Webhook::new(c.clone()).map(Arc::new))
-                .collect::<anyhow::Result<_>>()?,
-            rules: rules
-                .iter()
-                .map(|c| {
-                    Replicator::new(c.clone(), source.clone(), policy.clone(), store.clone())
-                        .map(Arc::new)
-                })
-                .collect::<anyhow::Result<_>>()?,
-        })
+            consumers: InForce::new(Consumers::default()),
+            generation: tokio::sync::watch::Sender::new(0),
+            running: Mutex::new(HashSet::new()),
+            store,
+            source,
+            policy,
+        };
+        let consumers = events.prepare(hooks, rules)?;
+        events.consumers.put(consumers);
+        Ok(events)
     }
 
-    /// Every consumer: the webhooks, then the replication rules.
-    pub fn consumers(&self) -> Vec<Consumer> {
-        self.hooks
-            .iter()
-            .cloned()
-            .map(Consumer::Webhook)
-            .chain(self.rules.iter().cloned().map(Consumer::Replication))
-            .collect()
+    /// The consumers in force now.
+    pub fn consumers(&self) -> Arc<Consumers> {
+        self.consumers.get()
+    }
+
+    /// The consumers `hooks` and `rules` describe, built whole (nothing in force changes):
+    /// one whose table and files are as they were is the same one.
+    pub fn prepare(
+        &self,
+        hooks: &[WebhookConfig],
+        rules: &[ReplicationConfig],
+    ) -> anyhow::Result<Consumers> {
+        WebhookConfig::validate_all(hooks)?;
+        ReplicationConfig::validate_all(rules)?;
+        let now = self.consumers.get();
+        let mut next = Consumers::default();
+        for c in hooks {
+            let from = built_from(c, &[c.secret_file.as_deref(), c.ca_file.as_deref()])?;
+            let old = now.hooks.iter().find(|h| h.cfg.name == c.name);
+            let was = old.and_then(|h| Some((now.built_from.get(&c.name)?, h)));
+            let hook = kept_or_built(was, &from, || Webhook::new(c.clone()))?;
+            next.built_from.insert(c.name.clone(), from);
+            next.hooks.push(hook);
+        }
+        for c in rules {
+            let from = built_from(c, &[c.password_file.as_deref(), c.ca_file.as_deref()])?;
+            let old = now.rules.iter().find(|r| r.cfg.name == c.name);
+            let was = old.and_then(|r| Some((now.built_from.get(&r.key())?, r)));
+            let rule = kept_or_built(was, &from, || {
+                let rule = Replicator::new(
+                    c.clone(),
+                    self.source.clone(),
+                    self.policy.clone(),
+                    self.store.clone(),
+                )?;
+                // A changed rule keeps its schedule: no reconciliation at once.
+                if let Some(o) = old {
+                    rule.keep_schedule_of(o);
+                }
+                Ok(rule)
+            })?;
+            next.built_from.insert(rule.key(), from);
+            next.rules.push(rule);
+        }
+        Ok(next)
+    }
+
+    /// What kinds of consumer (`webhooks`, `replication`) differ in `next` from those in force.
+    pub fn changed(&self, next: &Consumers) -> Vec<&'static str> {
+        let now = self.consumers.get();
+        let of = |c: &Consumers, rules: bool| -> Vec<([u8; 32], String)> {
+            let mut v: Vec<_> = c
+                .built_from
+                .iter()
+                .filter(|(k, _)| k.starts_with("replication.") == rules)
+                .map(|(k, f)| (*f, k.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        let mut kinds = Vec::new();
+        if of(&now, false) != of(next, false) {
+            kinds.push("webhooks");
+        }
+        if of(&now, true) != of(next, true) {
+            kinds.push("replication");
+        }
+        kinds
+    }
+
+    /// Puts `next` in force, and starts the delivery of each consumer that has no loop on
+    /// this node (on the Tokio runtime this is called on). A consumer removed or changed stops
+    /// what it was doing (a delivery, a back-off, a reconciliation): [`Events::superseded`].
+    pub fn put(self: &Arc<Self>, next: Consumers) {
+        for key in self.consumers.get().built_from.keys() {
+            if !next.built_from.contains_key(key) {
+                tracing::warn!(consumer = %key, "events: removed; its cursor (events:cursor:{key}) stays in the state store and holds back deleting delivered events until it is deleted there");
+            }
+        }
+        self.consumers.put(next);
+        self.generation.send_modify(|g| *g += 1);
+        self.start();
+    }
+
+    /// Returns once the consumer `key` names is no longer `consumer` (removed, or changed by
+    /// a reload).
+    async fn superseded(&self, key: &str, consumer: &Consumer) {
+        let mut rx = self.generation.subscribe();
+        loop {
+            rx.borrow_and_update();
+            match self.consumers.get().find(key) {
+                Some(now) if now.same(consumer) => {}
+                _ => return,
+            }
+            if rx.changed().await.is_err() {
+                // Never (the sender lives as long as `self`): wait for ever, not return.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Starts a delivery loop for each consumer in force that has none on this node.
+    pub fn start(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!("events: no runtime to deliver on");
+            return;
+        };
+        let mut running = lock(&self.running);
+        for c in self.consumers.get().all() {
+            let key = c.key();
+            if running.insert(key.clone()) {
+                runtime.spawn(self.clone().run(key));
+            }
+        }
+    }
+
+    /// The consumer `key` names now; `None`, and its loop marked ended, when it is no longer
+    /// in force (one lock with [`Events::start`], so a consumer put back meanwhile gets a loop).
+    fn still_wanted(&self, key: &str) -> Option<Consumer> {
+        let mut running = lock(&self.running);
+        let found = self.consumers.get().find(key);
+        if found.is_none() {
+            running.remove(key);
+            tracing::info!(consumer = %key, "events: no longer configured; its delivery ends here");
+        }
+        found
     }
 
     /// Records `event` for delivery.
@@ -173,21 +356,26 @@ impl Events {
         r
     }
 
-    /// Delivers for `consumer` for ever (on the side runtime), while this node holds its
-    /// lease.
-    pub async fn run(self: Arc<Self>, consumer: Consumer) {
-        let key = consumer.key();
+    /// Delivers for the consumer `key` names (on the side runtime), while this node holds its
+    /// lease, for as long as it is in force.
+    async fn run(self: Arc<Self>, key: String) {
+        let _unwinding = Unwinding {
+            events: self.clone(),
+            key: key.clone(),
+        };
         let mut pending = Pending::default();
         // Its cursor exists from the start (the others' deleting waits for it).
-        if let Err(e) = self.outbox.cursor(&key).await {
+        if self.still_wanted(&key).is_some()
+            && let Err(e) = self.outbox.cursor(&key).await
+        {
             tracing::debug!(consumer = %key, error = %e, "events: no cursor yet");
         }
-        loop {
+        while self.still_wanted(&key).is_some() {
             let window = unix_secs() / WINDOW.as_secs();
             match self.outbox.lease(&key, window, WINDOW * 2).await {
                 Ok(true) => {
                     tokio::select! {
-                        () = self.lead(&consumer, &mut pending) => {}
+                        () = self.lead(&key, &mut pending) => {}
                         () = self.keep_lease(&key, window) => {
                             tracing::info!(consumer = %key, "events: the lease was not renewed; another node goes on");
                         }
@@ -223,20 +411,23 @@ impl Events {
         }
     }
 
-    /// Delivers what the outbox holds for `consumer`, in order, for ever.
-    async fn lead(&self, consumer: &Consumer, pending: &mut Pending) {
-        let key = consumer.key();
+    /// Delivers what the outbox holds for the consumer `key` names, in order, while it is in
+    /// force.
+    async fn lead(&self, key: &str, pending: &mut Pending) {
         let m = crate::metrics::events();
         let unavailable = |e: crate::state::StateError| {
             tracing::warn!(consumer = %key, error = %e, "events: the state store is unavailable");
         };
         let mut forgot = Instant::now();
         loop {
+            let Some(consumer) = self.consumers.get().find(key) else {
+                return;
+            };
             if forgot.elapsed() >= FORGET_EVERY {
                 forgot = Instant::now();
                 self.forget().await;
             }
-            let (cursor, head) = match (self.outbox.cursor(&key).await, self.outbox.head().await) {
+            let (cursor, head) = match (self.outbox.cursor(key).await, self.outbox.head().await) {
                 (Ok(c), Ok(h)) => (c, h),
                 (Err(e), _) | (_, Err(e)) => {
                     unavailable(e);
@@ -245,7 +436,7 @@ impl Events {
                 }
             };
             m.pending
-                .with_label_values(&[&key])
+                .with_label_values(&[key])
                 .set(head.saturating_sub(cursor) as i64);
             let entries = match self.outbox.after(cursor, BATCH).await {
                 Ok(e) => e,
@@ -257,16 +448,23 @@ impl Events {
             };
             if entries.is_empty() {
                 if head > cursor {
-                    self.skip_forgotten(&key, cursor).await;
+                    self.skip_forgotten(key, cursor).await;
                 }
-                consumer.idle().await;
+                tokio::select! {
+                    () = consumer.idle() => {}
+                    () = self.superseded(key, &consumer) => {}
+                }
                 tokio::time::sleep(POLL).await;
                 continue;
             }
             for (seq, event) in entries {
                 let taken = match &event {
                     Some(e) if consumer.wants(e) => {
-                        self.attempt(consumer, &key, pending, seq, e).await
+                        match self.attempt(key, pending, seq, e).await {
+                            Some(taken) => taken,
+                            // No longer in force: its loop ends.
+                            None => return,
+                        }
                     }
                     Some(_) => true,
                     None => {
@@ -275,7 +473,7 @@ impl Events {
                     }
                 };
                 let advanced = match taken {
-                    true => self.outbox.advance(&key, seq).await,
+                    true => self.outbox.advance(key, seq).await,
                     false => Err(crate::state::StateError(
                         "a dead letter was not kept".into(),
                     )),
@@ -298,15 +496,16 @@ impl Events {
     }
 
     /// Delivers `event` (number `seq`) until it is taken or dead: `true` when the cursor may
-    /// pass it, `false` when it may not (its dead letter was not kept).
+    /// pass it, `false` when it may not (its dead letter was not kept), `None` when the
+    /// consumer `key` names is no longer in force. Each attempt is the consumer's as it is
+    /// then.
     async fn attempt(
         &self,
-        consumer: &Consumer,
         key: &str,
         pending: &mut Pending,
         seq: u64,
         event: &Event,
-    ) -> bool {
+    ) -> Option<bool> {
         let m = crate::metrics::events();
         if pending.seq != seq {
             *pending = Pending {
@@ -315,15 +514,28 @@ impl Events {
             };
         }
         if pending.settled {
-            return true;
+            return Some(true);
         }
         loop {
+            let consumer = self.consumers.get().find(key)?;
+            // Changed by a reload since the event was read: its filter now.
+            if !consumer.wants(event) {
+                return Some(true);
+            }
             pending.attempts += 1;
-            match consumer.deliver(event, pending.attempts).await {
+            let delivered = tokio::select! {
+                r = consumer.deliver(event, pending.attempts) => r,
+                () = self.superseded(key, &consumer) => {
+                    // Stopped half-way: the consumer as it is now tries again.
+                    pending.attempts -= 1;
+                    continue;
+                }
+            };
+            match delivered {
                 Ok(()) => {
                     m.deliveries.with_label_values(&[key, "delivered"]).inc();
                     pending.settled = true;
-                    return true;
+                    return Some(true);
                 }
                 Err(why) => {
                     m.deliveries.with_label_values(&[key, "failed"]).inc();
@@ -343,7 +555,7 @@ impl Events {
                     // The next round writes the letter again, with no new attempt.
                     pending.attempts -= 1;
                     tracing::warn!(consumer = %key, error = %e, "events: a dead letter cannot be written; retrying");
-                    return false;
+                    return Some(false);
                 }
                 m.deliveries.with_label_values(&[key, "dead"]).inc();
                 crate::audit::record(
@@ -358,9 +570,12 @@ impl Events {
                     }),
                 );
                 pending.settled = true;
-                return true;
+                return Some(true);
             }
-            tokio::time::sleep(consumer.backoff(pending.attempts)).await;
+            tokio::select! {
+                () = tokio::time::sleep(consumer.backoff(pending.attempts)) => {}
+                () = self.superseded(key, &consumer) => {}
+            }
         }
     }
 
@@ -405,9 +620,9 @@ impl Events {
     /// after a delivery, so a crash in between keeps it).
     pub async fn replay(&self, key: &str, seq: u64) -> Result<(), Replay> {
         let consumer = self
-            .consumers()
-            .into_iter()
-            .find(|c| c.key() == key)
+            .consumers
+            .get()
+            .find(key)
             .ok_or(Replay::NotFound("no such webhook or replication rule"))?;
         let Some(mut letter) = self
             .outbox

@@ -338,6 +338,15 @@ impl Replicator {
         })
     }
 
+    /// Takes on when `old` (the rule before a reload changed it) last started a scheduled
+    /// reconciliation on this node.
+    pub fn keep_schedule_of(&self, old: &Replicator) {
+        let ran = old.last_run.lock().map(|r| *r).unwrap_or(None);
+        if let Ok(mut mine) = self.last_run.lock() {
+            *mine = ran;
+        }
+    }
+
     /// Its name in the outbox (cursor, lease, dead letters) and in the delivery metrics.
     pub fn key(&self) -> String {
         format!("replication.{}", self.cfg.name)
