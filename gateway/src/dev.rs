@@ -143,7 +143,9 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
     storage_listener.set_nonblocking(true)?;
     let storage_addr = storage_listener.local_addr()?;
     let storage_config = storage_backend::config::Config {
-        storage: storage_backend::config::StorageConfig::Filesystem { root: storage_root },
+        storage: storage_backend::config::StorageConfig::Filesystem {
+            root: storage_root.clone(),
+        },
         ..Default::default()
     };
     let state = storage_backend::build_state(
@@ -288,5 +290,7 @@ pub fn settings(opts: DevOptions) -> anyhow::Result<Settings> {
         upgrade: None,
         audit_file: Some(audit_file.clone()),
         reload: None,
+        // The embedded storage's files, read directly.
+        local_root: Some(storage_root),
     })
 }

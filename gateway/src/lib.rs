@@ -101,6 +101,9 @@ pub struct Settings {
     pub client_idle_timeout: Duration,
     /// Open connections allowed from one source (`0`: no cap).
     pub connections_per_source: usize,
+    /// The storage nodes' filesystem root when it is this machine's too
+    /// (`[upstream] local_root`): blob reads are answered from its files.
+    pub local_root: Option<PathBuf>,
     /// Pull-through caches (`[[proxy_cache]]`), as a reload finds them.
     pub proxy_caches: Arc<cache::LiveCaches>,
     /// The audit trail's file, which the console searches (`[audit] file`).
@@ -169,6 +172,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         drain_delay,
         upgrade,
         reload,
+        local_root,
     } = settings;
     let client_idle_timeout = Duration::from_secs(client_idle_timeout.as_secs().max(1));
     edge::raise_descriptor_limit(connections_per_source);
@@ -253,6 +257,17 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         drain: draining.clone(),
         heads: heads.clone(),
         manifests: manifests.clone(),
+        local: match local_root {
+            Some(root) => {
+                anyhow::ensure!(
+                    root.is_dir(),
+                    "upstream.local_root {} is not a directory",
+                    root.display()
+                );
+                Some(registry::local::LocalBlobs::new(root))
+            }
+            None => None,
+        },
         caches,
         events: events.clone(),
         registry: registry::Registry {

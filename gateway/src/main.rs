@@ -278,6 +278,7 @@ fn from_config(
         side_tasks,
         proxy_caches,
         reload: Some(live),
+        local_root: c.upstream.local_root.clone(),
         webhooks: c.webhooks.clone(),
         replication: c.replication.clone(),
         manifest_cache: c.manifest_cache.clone(),

@@ -85,6 +85,9 @@ pub struct CacheMetrics {
     /// gateway's memory; `storage`: asked of storage; `unavailable`: asked of storage, the
     /// repository's generation unreadable).
     pub manifest_reads: IntCounterVec,
+    /// Admitted blob reads (`GET`/`HEAD`) no pull-through cache answered itself, by where
+    /// they were answered from (`files`: a co-located store's files; `storage`: a node).
+    pub blob_reads: IntCounterVec,
 }
 
 /// Metrics of registry events and webhooks (process-wide, like [`AuthMetrics`]).
@@ -194,6 +197,11 @@ pub fn cache() -> &'static CacheMetrics {
             "gateway_manifest_reads_total",
             "Manifest reads outside cache prefixes, by result (memory, storage, unavailable)",
             &["result"],
+        ),
+        blob_reads: counter(
+            "gateway_blob_reads_total",
+            "Blob reads no pull-through cache answered itself, by where from (files, storage)",
+            &["from"],
         ),
     })
 }
@@ -365,6 +373,7 @@ impl Metrics {
             &cm.upstream_errors,
             &cm.revalidations,
             &cm.manifest_reads,
+            &cm.blob_reads,
             &em.recorded,
             &em.deliveries,
             &em.replication_copies,

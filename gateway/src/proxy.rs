@@ -41,6 +41,8 @@ pub struct Gateway {
     pub caches: Arc<crate::cache::ProxyCaches>,
     /// Registry events (with `[[webhooks]]`): each change recorded before it is answered.
     pub events: Option<Arc<crate::events::delivery::Events>>,
+    /// Blob reads answered from a co-located store's files (`[upstream] local_root`).
+    pub local: Option<crate::registry::local::LocalBlobs>,
     /// Everything answered here.
     pub endpoints: Endpoints,
     /// Everything sent on to storage.
@@ -276,10 +278,10 @@ impl Gateway {
                 if self.answer_from_memory(session, ctx).await? {
                     return Ok(true);
                 }
-                if self.caches.is_empty() {
-                    return Ok(false);
+                if !self.caches.is_empty() && self.through_cache(session, ctx).await? {
+                    return Ok(true);
                 }
-                self.through_cache(session, ctx).await
+                self.answer_from_files(session, ctx).await
             }
             Verdict::Respond { route, mut failure } => {
                 ctx.route = route;
@@ -437,6 +439,70 @@ impl Gateway {
             .map_err(|e| Error::explain(ErrorType::InvalidHTTPHeader, e.to_string()))?;
         session.req_header_mut().set_uri(uri);
         Ok(Some(prefix))
+    }
+
+    /// An admitted blob read answered from a co-located store's files (`Ok(true)`), or left
+    /// to storage (`Ok(false)`: no `local_root`, not a blob read, or nothing certain to
+    /// answer: [`crate::registry::local`]).
+    async fn answer_from_files(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let Some(oci::Endpoint::GetBlob { name, digest, head }) = &ctx.op.endpoint else {
+            return Ok(false);
+        };
+        let reads = &crate::metrics::cache().blob_reads;
+        let Some(local) = &self.local else {
+            reads.with_label_values(&["storage"]).inc();
+            return Ok(false);
+        };
+        let range = session
+            .req_header()
+            .headers
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let head = *head;
+        let Some(blob) = local.open(name, digest, range.as_deref(), head).await else {
+            reads.with_label_values(&["storage"]).inc();
+            return Ok(false);
+        };
+        reads.with_label_values(&["files"]).inc();
+        let len = blob.answered_len();
+        let status = if blob.range.is_some() { 206 } else { 200 };
+        let mut h = blob_head(session, status, len, &blob.digest)?;
+        h.insert_header("etag", format!("\"{}\"", blob.digest))?;
+        h.insert_header("cache-control", "max-age=31536000")?;
+        if let Some((a, b)) = blob.range {
+            h.insert_header("content-range", format!("bytes {a}-{b}/{}", blob.size))?;
+        }
+        let empty = head || len == 0;
+        session.write_response_header(Box::new(h), empty).await?;
+        if empty {
+            return Ok(true);
+        }
+        let mut body = blob.body();
+        let mut left = len;
+        while left > 0 {
+            let chunk = match body.next().await {
+                Some(Ok(chunk)) => chunk,
+                failed => {
+                    // The head went out: the body must not end as if it were whole.
+                    let why = match failed {
+                        Some(Err(e)) => format!("reading the blob's file: {e}"),
+                        _ => "the blob's file ended early".to_owned(),
+                    };
+                    ctx.op.aborted = true;
+                    ctx.op.reason = Some(why.clone());
+                    return Err(Error::explain(ErrorType::HTTPStatus(500), why));
+                }
+            };
+            let n = chunk.len() as u64;
+            left -= n;
+            if let Err(e) = session.write_response_body(Some(chunk), left == 0).await {
+                ctx.op.aborted = true;
+                return Err(e);
+            }
+            ctx.op.bytes_out += n;
+        }
+        Ok(true)
     }
 
     /// A request the bearer check admitted, under a cache prefix: answered here from the

@@ -980,3 +980,119 @@ fn docker_push_and_pull_through_the_gateway() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `[upstream] local_root`: a gateway beside its storage node answers blob reads from the
+/// node's files — the same status, headers and bytes as the hop to storage gives (whole,
+/// `HEAD`, ranges, over HTTP/2 and HTTP/1.1), only for a repository linked to the blob (a
+/// team member asking for another team's blob through their own repository gets 404, as
+/// from storage), and what it cannot answer for certain goes to storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blob_reads_from_the_storage_files_answer_as_storage_does_and_only_where_linked()
+-> anyhow::Result<()> {
+    use portcullis_tests::server::{metric_sample, metrics_text};
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("storage");
+    let storage = deployment::storage_node(&root)?;
+    let users = [("bob", "bob-pw"), ("alice", "alice-pw")];
+    let (hop_dir, local_dir) = (dir.path().join("hop"), dir.path().join("local"));
+    std::fs::create_dir_all(&hop_dir)?;
+    std::fs::create_dir_all(&local_dir)?;
+    let hop = deployment::start_gateway_with(&hop_dir, &[&storage], &users, 4, "", &[])?;
+    let root_text = root.display().to_string();
+    let local = deployment::start_gateway_with(
+        &local_dir,
+        &[&storage],
+        &users,
+        4,
+        "",
+        &[("PORTCULLIS_UPSTREAM_LOCAL_ROOT", &root_text)],
+    )?;
+    // bob's blob (3 MiB and a bit: several reads of the file), and alice's in team-b.
+    let blob: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let bob_hop = user_client(&hop, "bob", "bob-pw");
+    let digest = bob_hop.push_blob("team-a/app", blob.clone()).await?;
+    let theirs = user_client(&hop, "alice", "alice-pw")
+        .push_blob("team-b/app", &b"team-b's own layer"[..])
+        .await?;
+    let bob_local = user_client(&local, "bob", "bob-pw");
+    let read = |c: &Client, method: Method, path: String, range: Option<&'static str>| {
+        let mut r = c.req(method, &path);
+        if let Some(range) = range {
+            r = r.header("range", range);
+        }
+        async move {
+            let r = r.send().await?;
+            let mut head: Vec<(String, String)> = [
+                "content-length",
+                "content-type",
+                "docker-content-digest",
+                "etag",
+                "accept-ranges",
+                "content-range",
+                "cache-control",
+            ]
+            .iter()
+            .filter_map(|h| {
+                let v = r.headers().get(*h)?.to_str().ok()?;
+                Some((h.to_string(), v.to_owned()))
+            })
+            .collect();
+            head.insert(0, ("status".into(), r.status().as_u16().to_string()));
+            let body = r.bytes().await?;
+            anyhow::Ok((head, body))
+        }
+    };
+    let files = "gateway_blob_reads_total{from=\"files\"}";
+    let answered_locally = async || {
+        anyhow::Ok(metric_sample(&metrics_text(&local.admin).await?, files).unwrap_or(0.0))
+    };
+    let path = format!("/v2/team-a/app/blobs/{digest}");
+    let cases: [(Method, Option<&'static str>, bool); 6] = [
+        (Method::GET, None, true),
+        (Method::HEAD, None, true),
+        (Method::GET, Some("bytes=5-1048580"), true),
+        (Method::GET, Some("bytes=-100"), true),
+        (Method::GET, Some("bytes=1-2,5-6"), true),
+        // Past the end: storage's 416.
+        (Method::GET, Some("bytes=99999999-"), false),
+    ];
+    for (method, range, from_files) in cases {
+        let before = answered_locally().await?;
+        let want = read(&bob_hop, method.clone(), path.clone(), range).await?;
+        let got = read(&bob_local, method.clone(), path.clone(), range).await?;
+        ensure!(
+            got == want,
+            "{method} {range:?}: {:?} from the files, {:?} through storage",
+            got.0,
+            want.0
+        );
+        let counted = answered_locally().await? - before;
+        ensure!(
+            counted == if from_files { 1.0 } else { 0.0 },
+            "{method} {range:?}: {counted} answered from the files"
+        );
+    }
+    ensure!(read(&bob_local, Method::GET, path.clone(), None).await?.1 == blob);
+    // Over HTTP/1.1 too.
+    let mut h1 = bob_local.clone();
+    h1.http = portcullis_tests::client::https(&local.ca_pem, true);
+    ensure!(read(&h1, Method::GET, path.clone(), None).await?.1 == blob);
+
+    // alice's blob asked for through bob's repository: not linked there, 404 as storage says.
+    for c in [&bob_hop, &bob_local] {
+        let r = c.get(&format!("/v2/team-a/app/blobs/{theirs}")).await?;
+        expect_error(r, 404, "BLOB_UNKNOWN").await?;
+    }
+    // And through alice's repository: bob may not read it, whoever answers.
+    let r = bob_local
+        .get(&format!("/v2/team-b/app/blobs/{theirs}"))
+        .await?;
+    ensure!(
+        r.status() == 401 || r.status() == 403,
+        "bob read team-b's blob: {}",
+        r.status()
+    );
+    Ok(())
+}

@@ -2,12 +2,14 @@
 //! trail's health, the bearer check of [`authz`], the rate limits), how it and its answer
 //! are rewritten on the way ([`forward`]), and the storage nodes it goes to ([`upstream`]);
 //! [`internal`] is the gateway's own requests to them, [`data`] what it reads with them;
-//! [`manifests`] answers manifest reads from memory while the repository has not changed.
+//! [`manifests`] answers manifest reads from memory while the repository has not changed;
+//! [`local`] answers blob reads from a co-located filesystem store.
 
 pub mod authz;
 pub mod data;
 pub mod forward;
 pub mod internal;
+pub mod local;
 pub mod manifests;
 pub mod upstream;
 

@@ -29,6 +29,11 @@ pub struct UpstreamConfig {
     /// File with the internal secret; `PORTCULLIS_INTERNAL_SECRET` when unset.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+    /// The storage nodes' filesystem root (their `[storage] root`), when this gateway runs
+    /// beside them on that filesystem: blob reads are answered from its files, without the hop
+    /// ([`super::local`]).
+    #[serde(default)]
+    pub local_root: Option<PathBuf>,
 }
 
 fn default_health_ms() -> u64 {

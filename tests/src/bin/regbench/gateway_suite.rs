@@ -45,29 +45,54 @@ pub(crate) async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result
     }
     let tls = gateway::edge::tls::ensure_dev_certificates(&dep.dir.path().join("tls"))?;
     let nginx = Nginx::start(&scratch.join("nginx"), &www, &tls.cert, &tls.key)?;
+    // A second gateway in front of the same node, reading blobs from its files
+    // (`[upstream] local_root`).
+    let local_dir = dep.dir.path().join("gateway-local-root");
+    std::fs::create_dir_all(&local_dir)?;
+    let storage_root = dep.dir.path().join("storage").display().to_string();
+    let g2 = portcullis_tests::deployment::start_gateway_with(
+        &local_dir,
+        &[&dep.storage],
+        &[(USER, PASSWORD)],
+        gateway::dev::BCRYPT_COST,
+        "",
+        &[("PORTCULLIS_UPSTREAM_LOCAL_ROOT", &storage_root)],
+    )?;
     println!(
         "regbench --gateway: {} MiB blob pull vs nginx, best of {}",
         args.pull_mib, args.rounds
     );
     // The gateway's side of a pull or push is the gateway and its storage node.
     let ours: Vec<u32> = [g.pid(), dep.storage.pid()].into_iter().flatten().collect();
+    let ours_local: Vec<u32> = [g2.pid(), dep.storage.pid()]
+        .into_iter()
+        .flatten()
+        .collect();
     let nginx_pid = [nginx.pid()];
     let ca_file = scratch.join("gateway-ca.pem");
     std::fs::write(&ca_file, &g.ca_pem)?;
-    let token = gw
-        .token(&["repository:bench/pull:pull".to_string()])
-        .await?;
-    println!("(CPU: user + system seconds per GiB, the gateway and its storage node vs nginx)");
+    let ca_file2 = scratch.join("gateway-local-ca.pem");
+    std::fs::write(&ca_file2, &g2.ca_pem)?;
+    let scope = ["repository:bench/pull:pull".to_string()];
+    let gw2 = user_client(&g2, USER, PASSWORD);
+    let (token, token2) = (gw.token(&scope).await?, gw2.token(&scope).await?);
+    println!(
+        "(CPU: user + system seconds per GiB, the gateway and its storage node vs nginx; \
+         \"local\": the gateway reading the node's files, [upstream] local_root)"
+    );
+    let gw_path = format!("/v2/bench/pull/blobs/{}", blob.digest);
     for http1 in [false, true] {
         let proto = if http1 { "HTTP/1.1" } else { "HTTP/2" };
         let mut gwc = Client::with_http(&g.base, https(&g.ca_pem, http1));
         gwc.auth = gw.auth.clone();
+        let mut gwc2 = Client::with_http(&g2.base, https(&g2.ca_pem, http1));
+        gwc2.auth = gw2.auth.clone();
         let nc = Client::with_http(&nginx.base, https(&g.ca_pem, http1));
-        let gw_path = format!("/v2/bench/pull/blobs/{}", blob.digest);
         fetch(&gwc, &gw_path, &blob.digest).await?;
+        fetch(&gwc2, &gw_path, &blob.digest).await?;
         fetch(&nc, "/blob", &blob.digest).await?;
         for via in ["reqwest", "curl"] {
-            let (mut nginx_run, mut gw_run) = (Pulls::default(), Pulls::default());
+            let mut runs = [Pulls::default(), Pulls::default(), Pulls::default()];
             for _ in 0..args.rounds {
                 let (cpu, t) = (cpu_seconds(&nginx_pid), Instant::now());
                 match via {
@@ -76,22 +101,25 @@ pub(crate) async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result
                     }
                     _ => _ = fetch(&nc, "/blob", &blob.digest).await?,
                 }
-                nginx_run.add(len, t.elapsed(), cpu_seconds(&nginx_pid) - cpu);
-                let (cpu, t) = (cpu_seconds(&ours), Instant::now());
-                match via {
-                    "curl" => curl_pull(
-                        &format!("{}{gw_path}", g.base),
-                        &ca_file,
-                        Some(&token),
-                        http1,
-                        len,
-                    )?,
-                    _ => _ = fetch(&gwc, &gw_path, &blob.digest).await?,
+                runs[0].add(len, t.elapsed(), cpu_seconds(&nginx_pid) - cpu);
+                let gateways = [
+                    (g, &ca_file, &token, &gwc, &ours),
+                    (&g2, &ca_file2, &token2, &gwc2, &ours_local),
+                ];
+                for (i, (g, ca, token, c, pids)) in gateways.into_iter().enumerate() {
+                    let (cpu, t) = (cpu_seconds(pids), Instant::now());
+                    match via {
+                        "curl" => {
+                            curl_pull(&format!("{}{gw_path}", g.base), ca, Some(token), http1, len)?
+                        }
+                        _ => _ = fetch(c, &gw_path, &blob.digest).await?,
+                    }
+                    runs[i + 1].add(len, t.elapsed(), cpu_seconds(pids) - cpu);
                 }
-                gw_run.add(len, t.elapsed(), cpu_seconds(&ours) - cpu);
             }
+            let [nginx_run, gw_run, local_run] = &runs;
             println!(
-                "pull {} MiB over TLS, {proto:<8} {via:<7}  nginx {:>6.0} MiB/s {:>5.2} CPU s/GiB   gateway {:>6.0} MiB/s {:>5.2} CPU s/GiB   ratio {:.2}×, CPU {:.2}×",
+                "pull {} MiB over TLS, {proto:<8} {via:<7}  nginx {:>6.0} MiB/s {:>5.2} CPU s/GiB   gateway {:>6.0} MiB/s {:>5.2} CPU s/GiB (ratio {:.2}×, CPU {:.2}×)   local {:>6.0} MiB/s {:>5.2} CPU s/GiB (ratio {:.2}×, CPU {:.2}×)",
                 args.pull_mib,
                 nginx_run.best,
                 nginx_run.cpu_per_gib(),
@@ -99,9 +127,25 @@ pub(crate) async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result
                 gw_run.cpu_per_gib(),
                 gw_run.best / nginx_run.best,
                 gw_run.cpu_per_gib() / nginx_run.cpu_per_gib(),
+                local_run.best,
+                local_run.cpu_per_gib(),
+                local_run.best / nginx_run.best,
+                local_run.cpu_per_gib() / nginx_run.cpu_per_gib(),
             );
         }
     }
+    // Every pull of the second gateway was answered from the files (not the hop).
+    let from_files = portcullis_tests::server::metric_sample(
+        &portcullis_tests::server::metrics_text(&g2.admin).await?,
+        "gateway_blob_reads_total{from=\"files\"}",
+    )
+    .unwrap_or(0.0);
+    let pulls = 2 * (2 * args.rounds + 1);
+    ensure!(
+        from_files >= pulls as f64,
+        "the local_root gateway answered {from_files} of {pulls} pulls from the files"
+    );
+    drop(g2);
     drop(nginx);
     push_cpu(&gw, &Client::new(&dist.base), &ours, dist.pid()).await?;
 
