@@ -407,6 +407,9 @@ fn h2_options() -> pingora::protocols::http::v2::server::H2Options {
     o.initial_connection_window_size(4 << 20);
     // Bigger DATA frames from clients: fewer, larger chunks to forward upstream.
     o.max_frame_size(256 << 10);
+    // What a stream may queue for the client before its writer waits (h2's default, 400 KiB,
+    // is less than one of the 512 KiB chunks blobs are read in).
+    o.max_send_buffer_size(2 << 20);
     o
 }
 

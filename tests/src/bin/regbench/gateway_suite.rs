@@ -153,6 +153,19 @@ pub(crate) async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result
         "\nregbench --gateway: {}; peak RSS is the gateway's",
         workload(args)
     );
+    // The same gateway with its state on Redis: each manifest read from memory asks Redis for
+    // the repository's generation (docs/ha.md), where the in-memory store answers in-process.
+    let redis = portcullis_tests::redis::Redis::start()?;
+    let redis_dir = dep.dir.path().join("gateway-redis");
+    std::fs::create_dir_all(&redis_dir)?;
+    let g3 = portcullis_tests::deployment::start_gateway_with(
+        &redis_dir,
+        &[&dep.storage],
+        &[(USER, PASSWORD)],
+        gateway::dev::BCRYPT_COST,
+        &redis.state_table("bench:"),
+        &[],
+    )?;
     let targets = vec![
         (
             "distribution-2.8.2".to_string(),
@@ -160,6 +173,11 @@ pub(crate) async fn gateway_suite(args: &Args, scratch: &Path) -> anyhow::Result
             Some(dist.pid()),
         ),
         ("gateway-tls-token".to_string(), gw.clone(), g.pid()),
+        (
+            "gateway-redis-state".to_string(),
+            user_client(&g3, USER, PASSWORD),
+            g3.pid(),
+        ),
     ];
     report(&measure_all(&targets, args).await?);
     if let Some(rss) = peak_rss_mib(dep.storage.pid()) {
