@@ -453,12 +453,7 @@ impl Gateway {
             reads.with_label_values(&["storage"]).inc();
             return Ok(false);
         };
-        let range = session
-            .req_header()
-            .headers
-            .get("range")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let range = range_header(session);
         let head = *head;
         let Some(blob) = local.open(name, digest, range.as_deref(), head).await else {
             reads.with_label_values(&["storage"]).inc();
@@ -511,12 +506,7 @@ impl Gateway {
         let Some(endpoint) = ctx.op.endpoint.clone() else {
             return Ok(false);
         };
-        let range = session
-            .req_header()
-            .headers
-            .get("range")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let range = range_header(session);
         let Some((answer, outcome)) = self.caches.answer(&endpoint, range.as_deref()).await else {
             return Ok(false);
         };
@@ -569,7 +559,17 @@ impl Gateway {
     }
 }
 
-/// The head of a blob answered by a pull-through cache.
+/// The request's `Range` header, if it is text.
+fn range_header(session: &Session) -> Option<String> {
+    session
+        .req_header()
+        .headers
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// The head of a blob answered by a pull-through cache or from a store's files.
 fn blob_head(
     session: &Session,
     status: u16,
