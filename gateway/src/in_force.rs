@@ -8,7 +8,7 @@
 
 use sha2::Digest as _;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// What a value was built from: a digest of its table (`Debug`) and of what the files it
 /// read hold (a rotated password, a new CA bundle). A reload keeps the value whose table and
@@ -49,6 +49,13 @@ pub fn kept_or_built<T>(
         Some((was, value)) if was == from => Ok(value.clone()),
         _ => Ok(Arc::new(build()?)),
     }
+}
+
+/// `m` locked, whether or not a panic elsewhere poisoned it: what it guards (a timer, a
+/// delivery's state, the configuration in force) is whole between statements, so the next
+/// user goes on with it rather than failing too.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct InForce<T>(RwLock<Arc<T>>);

@@ -120,10 +120,7 @@ impl LiveConfig {
     /// Builds what changed, then puts all of it in force (or, when something does not
     /// build, nothing).
     fn apply(&self, new: Config) -> Result<Reloaded, String> {
-        let mut old = match self.in_force.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut old = crate::in_force::lock(&self.in_force);
         let mut restart_needed = changed(&old, &new);
         let mut applied = Vec::new();
         // Built on every reload (the service account's password may have been rotated in its

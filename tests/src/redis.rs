@@ -64,6 +64,8 @@ impl Redis {
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
             .args(["--save", ""])
+            // A replica's full sync starts at once (Redis 7 waits 5 s for more replicas).
+            .args(["--repl-diskless-sync-delay", "0"])
             .args(if self.persistent {
                 ["--appendonly", "yes", "--appendfsync", "always"]
             } else {

@@ -16,10 +16,11 @@
 //! per read by `tls.idle_timeout_seconds` (and the per-source connection cap bounds how many
 //! connections one address may hold that way).
 
+use crate::in_force::lock;
 use pingora::protocols::SocketDigest;
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A connection's identity: the address of its socket digest.
@@ -55,10 +56,6 @@ impl Watch {
             t.abort();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl HeadDeadlines {

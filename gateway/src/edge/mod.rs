@@ -76,7 +76,7 @@ impl ConnectionSlots {
     /// The slot is given back when the returned [`Slot`] is dropped or disconnected.
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
         let source = source_of(ip);
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = crate::in_force::lock(&self.open);
         let n = open.entry(source).or_insert(0);
         if self.cap > 0 && *n >= self.cap {
             return None;
@@ -95,12 +95,12 @@ impl ConnectionSlots {
 
     /// Open connections counted against `ip`'s source.
     pub fn open(&self, ip: IpAddr) -> usize {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let open = crate::in_force::lock(&self.open);
         open.get(&source_of(ip)).copied().unwrap_or(0)
     }
 
     fn give_back(&self, source: IpAddr) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = crate::in_force::lock(&self.open);
         if let Some(n) = open.get_mut(&source) {
             *n -= 1;
             if *n == 0 {

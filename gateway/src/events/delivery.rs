@@ -20,7 +20,7 @@ use super::Event;
 use super::outbox::{DeadLetter, Outbox};
 use super::replication::{ReplicationConfig, Replicator};
 use super::webhooks::{Webhook, WebhookConfig};
-use crate::in_force::{InForce, built_from, kept_or_built};
+use crate::in_force::{InForce, built_from, kept_or_built, lock};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -177,10 +177,6 @@ struct Pending {
     /// The delivery of `seq` is settled (taken, or a dead letter kept); only writing the
     /// cursor is left: a store that does not write makes no new attempt.
     settled: bool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn unix_secs() -> u64 {

@@ -214,7 +214,10 @@ async fn with_sentinel_the_gateways_follow_the_master_through_failovers() {
     // The old master comes back and is made a replica; then a manual failover makes it the
     // master again while the gateways hold connections to the other (READONLY or dropped).
     set.master.start_again().unwrap();
-    eventually(30, "the old master rejoins as a replica", || async {
+    // Sentinel asks a replica for INFO every 10 s, and turns an instance that reports itself
+    // master into a replica only 8 s after it saw the role and after the instance was last
+    // down: two INFO periods and a sync, about 20-25 s on a busy machine.
+    eventually(60, "the old master rejoins as a replica", || async {
         set.master.role().is_ok_and(|r| r == "slave")
             && set
                 .master
