@@ -192,6 +192,37 @@ impl Moto {
             .build()?)
     }
 
+    /// Puts every file under `root` into `bucket` (made if missing) at `<prefix>/<its path
+    /// under root>`, 32 at a time (a registry:2 root becomes the same layout on S3); how many.
+    pub async fn put_tree(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        root: &std::path::Path,
+    ) -> anyhow::Result<usize> {
+        use futures_util::{StreamExt, TryStreamExt};
+        use object_store::ObjectStoreExt;
+        let store = self.object_store(bucket)?;
+        let files = crate::fsck::files(root);
+        let n = files.len();
+        futures_util::stream::iter(files)
+            .map(|file| {
+                let store = &store;
+                async move {
+                    let data = std::fs::read(&file)?;
+                    let rel = file.strip_prefix(root)?;
+                    let key =
+                        object_store::path::Path::parse(format!("{prefix}/{}", rel.display()))?;
+                    store.put(&key, data.into()).await?;
+                    Ok::<_, anyhow::Error>(())
+                }
+            })
+            .buffer_unordered(32)
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(n)
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

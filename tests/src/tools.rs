@@ -153,20 +153,33 @@ impl Distribution {
         }
         std::fs::write(&path, yaml)?;
         // Its access log goes to stdout, the rest to stderr.
-        let (stdout, stderr) = match log {
+        let output = match log {
             Some(f) => {
                 let file = std::fs::File::create(f)?;
                 (Stdio::from(file.try_clone()?), Stdio::from(file))
             }
             None => (Stdio::null(), Stdio::null()),
         };
+        // `/v2/` answers 401 with auth: only the port is waited for then.
+        Self::serve(config, &path, addr, output, users.is_none())
+    }
+
+    /// Runs `serve` on the config file `path` (in `config`) listening on `addr`, its stdout
+    /// and stderr to `output`; waits until it listens (and, when `open`, answers `/v2/`).
+    fn serve(
+        config: tempfile::TempDir,
+        path: &Path,
+        addr: String,
+        output: (Stdio, Stdio),
+        open: bool,
+    ) -> anyhow::Result<Self> {
         let child = Self::command(
             &distribution_binary(),
             &["serve", &path.display().to_string()],
         )
         .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
+        .stdout(output.0)
+        .stderr(output.1)
         .spawn()
         .context("starting docker-registry")?;
         let base = format!("http://{addr}");
@@ -176,7 +189,6 @@ impl Distribution {
             addr,
             _config: config,
         };
-        // `/v2/` answers 401 with auth: wait for the port instead.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::net::TcpStream::connect(&d.addr).is_err() {
             anyhow::ensure!(
@@ -186,10 +198,26 @@ impl Distribution {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        if users.is_none() {
+        if open {
             crate::server::wait_healthy(&format!("{base}/v2/"))?;
         }
         Ok(d)
+    }
+
+    /// On an S3 bucket (moto at `endpoint`, any credentials) under `prefix`: distribution's
+    /// S3 driver, path-style since an endpoint is set.
+    pub fn start_on_s3(endpoint: &str, bucket: &str, prefix: &str) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let config = tempfile::tempdir()?;
+        let path = config.path().join("config.yml");
+        std::fs::write(
+            &path,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  s3:\n    accesskey: test\n    secretkey: test\n    region: us-east-1\n    regionendpoint: {endpoint}\n    bucket: {bucket}\n    rootdirectory: /{prefix}\n    secure: false\n    v4auth: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n"
+            ),
+        )?;
+        Self::serve(config, &path, addr, (Stdio::null(), Stdio::null()), true)
     }
 
     pub fn pid(&self) -> u32 {

@@ -571,6 +571,29 @@ fn skopeo_pushes_and_pulls_a_64_mib_layer_through_the_gateway_onto_two_s3_nodes(
     Ok(())
 }
 
+/// One registry:2 root served twice: from its directory, and as objects copied into a
+/// bucket under a node's prefix.
+struct BothWays {
+    on_s3: Client,
+    on_fs: Client,
+    _servers: (Moto, tempfile::TempDir, StorageServer, StorageServer),
+}
+
+impl BothWays {
+    async fn serve(root: &std::path::Path) -> Self {
+        let moto = Moto::start().unwrap();
+        moto.put_tree("layout", "pfx", root).await.unwrap();
+        let conf = tempfile::tempdir().unwrap();
+        let s3 = moto.storage_node(conf.path(), "layout", "pfx").unwrap();
+        let fs = StorageServer::start(root).unwrap();
+        BothWays {
+            on_s3: Client::new(&s3.base),
+            on_fs: Client::new(&fs.base),
+            _servers: (moto, conf, s3, fs),
+        }
+    }
+}
+
 /// The items and next link of one listing page.
 async fn page_of(c: &Client, path: &str, field: &str) -> (Vec<String>, bool) {
     portcullis_tests::client::list_page(c, path, field)
@@ -598,20 +621,8 @@ async fn catalog_and_tag_pages_on_s3_are_those_of_the_same_layout_on_the_filesys
         .to_vec();
     layout.image("tags/many", &tags).unwrap();
 
-    // The same files as objects under the node's prefix.
-    let moto = Moto::start().unwrap();
-    moto.create_bucket("listing").unwrap();
-    for file in portcullis_tests::fsck::files(root.path()) {
-        let data = std::fs::read(&file).unwrap();
-        let rel = file.strip_prefix(root.path()).unwrap();
-        let key = format!("/listing/pfx/{}", rel.display());
-        let (status, body) = moto.request("PUT", &key, &data).unwrap();
-        assert_eq!(status, 200, "PUT {key}: {body}");
-    }
-    let conf = tempfile::tempdir().unwrap();
-    let s3 = moto.storage_node(conf.path(), "listing", "pfx").unwrap();
-    let fs = StorageServer::start(root.path()).unwrap();
-    let (on_s3, on_fs) = (Client::new(&s3.base), Client::new(&fs.base));
+    let both = BothWays::serve(root.path()).await;
+    let (on_s3, on_fs) = (&both.on_s3, &both.on_fs);
 
     let mut lasts: Vec<Option<String>> = vec![None];
     lasts.extend(names.iter().map(|n| Some(n.clone())));
@@ -622,8 +633,8 @@ async fn catalog_and_tag_pages_on_s3_are_those_of_the_same_layout_on_the_filesys
                 None => format!("/v2/_catalog?n={n}"),
                 Some(l) => format!("/v2/_catalog?n={n}&last={l}"),
             };
-            let s3_page = page_of(&on_s3, &path, "repositories").await;
-            let fs_page = page_of(&on_fs, &path, "repositories").await;
+            let s3_page = page_of(on_s3, &path, "repositories").await;
+            let fs_page = page_of(on_fs, &path, "repositories").await;
             assert_eq!(s3_page, fs_page, "{path}");
         }
         for last in [None, Some("1.0"), Some("2"), Some("v1.0"), Some("~")] {
@@ -631,12 +642,59 @@ async fn catalog_and_tag_pages_on_s3_are_those_of_the_same_layout_on_the_filesys
                 None => format!("/v2/tags/many/tags/list?n={n}"),
                 Some(l) => format!("/v2/tags/many/tags/list?n={n}&last={l}"),
             };
-            let s3_page = page_of(&on_s3, &path, "tags").await;
-            let fs_page = page_of(&on_fs, &path, "tags").await;
+            let s3_page = page_of(on_s3, &path, "tags").await;
+            let fs_page = page_of(on_fs, &path, "tags").await;
             assert_eq!(s3_page, fs_page, "{path}");
         }
     }
-    let (all, _) = page_of(&on_s3, "/v2/_catalog?n=1000", "repositories").await;
+    let (all, _) = page_of(on_s3, "/v2/_catalog?n=1000", "repositories").await;
     assert_eq!(all.len(), names.len() + 2, "{all:?}");
     assert!(all.contains(&"blobs/only".to_string()), "{all:?}");
+}
+
+/// On S3 a tag page lists from `last` on (one request of 1 000 keys), not the whole
+/// repository; where a listing request ends between `b-1/` and `b/` (keys sort `-` and `.`
+/// before `/`), the names it has not reached but which sort before the ones it has (`b`) are
+/// still found. Every page is the filesystem's.
+#[tokio::test]
+async fn tag_pages_on_s3_list_from_last_and_keep_name_order_across_listing_requests() {
+    let root = tempfile::tempdir().unwrap();
+    let layout = portcullis_tests::layout::Layout::new(root.path()).unwrap();
+    // 999 tags, then names whose keys sort out of their names' order, at the end of the
+    // first listing request and in the second.
+    let mut tags: Vec<String> = (0..999).map(|i| format!("a{i:04}")).collect();
+    tags.extend(
+        [
+            "b", "b-1", "b.1", "b.1-x", "b.1.2", "b0", "c.d-e.f", "c.d", "c",
+        ]
+        .map(String::from),
+    );
+    layout.image("tags/many", &tags).unwrap();
+    let both = BothWays::serve(root.path()).await;
+    let (on_s3, on_fs) = (&both.on_s3, &both.on_fs);
+
+    let (all, more) = page_of(on_s3, "/v2/tags/many/tags/list", "tags").await;
+    let mut sorted = tags.clone();
+    sorted.sort();
+    assert_eq!(all, sorted, "every tag, in name order");
+    assert!(!more);
+    for (n, last) in [
+        (3, Some("a0997")),
+        (2, Some("b")),
+        (2, Some("b-1")),
+        (3, Some("b.1")),
+        (1, Some("b0")),
+        (2, Some("c")),
+        (1000, None),
+        (1000, Some("a0001")),
+        (5, Some("a0995")),
+    ] {
+        let path = match last {
+            None => format!("/v2/tags/many/tags/list?n={n}"),
+            Some(l) => format!("/v2/tags/many/tags/list?n={n}&last={l}"),
+        };
+        let s3_page = page_of(on_s3, &path, "tags").await;
+        let fs_page = page_of(on_fs, &path, "tags").await;
+        assert_eq!(s3_page, fs_page, "{path}");
+    }
 }

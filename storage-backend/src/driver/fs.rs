@@ -9,8 +9,8 @@
 //! one root cannot interleave chunks, and hash + write on a blocking thread fed by a small
 //! bounded channel, so memory stays flat whatever the blob size.
 
-use super::listing::{Listing, ListingCache, read_names};
-use super::{AppendError, AppendOptions, Appended, ByteStream, Driver, ObjectMeta};
+use super::listing::{self, Listing, ListingCache, Marked, read_names};
+use super::{AppendError, AppendOptions, Appended, ByteStream, Driver, ObjectMeta, Run};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
@@ -489,6 +489,24 @@ impl Driver for FsDriver {
         let dir = self.full(prefix);
         let listings = self.listings.clone();
         Box::pin(blocking(move || listings.list(&dir)))
+    }
+
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+    ) -> BoxFuture<'a, io::Result<Run>> {
+        let dir = self.full(prefix);
+        let listings = self.listings.clone();
+        Box::pin(async move {
+            let Marked { names, marks } = blocking(move || listings.list_marked(&dir)).await?;
+            Ok(Run::whole(names, marks, after))
+        })
+    }
+
+    fn touch<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<()>> {
+        let dir = self.full(prefix);
+        Box::pin(blocking(move || listing::touch(&dir)))
     }
 
     fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, io::Result<bool>> {

@@ -14,6 +14,12 @@
 //! (`acdirmin`…`acdirmax`), from `readdir` as from this cache: mount a shared root with
 //! `actimeo=0` (or `noac`) for one node to see another's changes at once.
 //!
+//! A kept listing carries a [`Marks`] flag per entry: what a reader learned of that entry which
+//! only a change of the directory undoes (a tag page: "this tag's link names a manifest", so
+//! the next pages need not read it again). Whatever makes such a fact false without adding or
+//! removing an entry (retention swapping a tag's link for a tombstone) touches the directory
+//! afterwards ([`touch`]), which drops the listing with its marks.
+//!
 //! Nothing is written: the cache is rebuilt from the layout on demand, a crash loses nothing,
 //! and a registry:2 root served as it is lists the same with or without it.
 
@@ -22,6 +28,7 @@ use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -31,8 +38,8 @@ pub type Listing = Arc<[String]>;
 /// Directories with fewer entries are read each time (a `readdir` of a few entries costs
 /// about what a `stat` does).
 const CACHED_FROM: usize = 128;
-/// Memory all kept listings may take (names and their `String`s: ~40 bytes a name, so about
-/// 1 600 000 names); the least recently used listings go first.
+/// Memory all kept listings may take (names, their `String`s and a mark bit each: ~40 bytes a
+/// name, so about 1 600 000 names); the least recently used listings go first.
 const MAX_BYTES: usize = 64 << 20;
 /// How long after a directory's last change a listing read then may be trusted.
 const SETTLED: Duration = Duration::from_secs(1);
@@ -49,8 +56,9 @@ struct Signature {
 }
 
 impl Signature {
-    /// When an entry was last added to or removed from the directory: its modification time
-    /// (its change time moves too, but also for a `chmod` or a `touch`, which change no entry).
+    /// When an entry was last added to or removed from the directory (or the directory was
+    /// [`touch`]ed): its modification time (its change time moves too, but also for a
+    /// `chmod`, which changes no entry).
     fn modified(&self) -> SystemTime {
         let (secs, nsecs) = self.mtime;
         let since = Duration::new(secs.max(0) as u64, nsecs.clamp(0, 999_999_999) as u32);
@@ -69,9 +77,43 @@ impl Signature {
     }
 }
 
+/// One flag per entry of a kept listing, all unset when it is read: set by a reader that
+/// learned something of the entry that holds until the directory changes.
+pub struct Marks(Box<[AtomicU64]>);
+
+impl Marks {
+    fn new(entries: usize) -> Self {
+        Marks(
+            (0..entries.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, entry: usize) -> bool {
+        self.0
+            .get(entry / 64)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (entry % 64)) != 0)
+    }
+
+    pub fn set(&self, entry: usize) {
+        if let Some(w) = self.0.get(entry / 64) {
+            w.fetch_or(1 << (entry % 64), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A sorted listing, with its marks when it is kept (a small or unsettled directory's listing,
+/// read for one use, has none).
+pub struct Marked {
+    pub names: Listing,
+    pub marks: Option<Arc<Marks>>,
+}
+
 struct Cached {
     signature: Signature,
     names: Listing,
+    marks: Arc<Marks>,
     used: u64,
 }
 
@@ -109,34 +151,44 @@ impl ListingCache {
 
     /// The sorted listing of `dir` (empty if it does not exist); blocking.
     pub fn list(&self, dir: &Path) -> io::Result<Listing> {
+        Ok(self.list_marked(dir)?.names)
+    }
+
+    /// The same, with its marks if it is kept.
+    pub fn list_marked(&self, dir: &Path) -> io::Result<Marked> {
         let meta = match fs::metadata(dir) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::from([])),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Marked {
+                    names: Listing::from([]),
+                    marks: None,
+                });
+            }
             m => m?,
         };
         let signature = Signature::of(&meta);
-        if let Some(names) = self.cached(dir, signature) {
-            return Ok(names);
+        if let Some(kept) = self.cached(dir, signature) {
+            return Ok(kept);
         }
         let read_at = SystemTime::now();
         let mut names = read_names(dir)?;
         names.sort_unstable();
         let names = Listing::from(names);
-        // Entries added or removed while it was read: the listing is not that of `signature`.
-        let unchanged = fs::metadata(dir).is_ok_and(|m| Signature::of(&m) == signature);
-        let settled = read_at
-            .duration_since(signature.modified())
-            .is_ok_and(|d| d >= SETTLED);
-        if unchanged
-            && settled
-            && names.len() >= self.cached_from
-            && weight(&names) <= self.max_bytes
-        {
-            self.keep(dir, signature, names.clone());
-        }
-        Ok(names)
+        let keepable = || {
+            let settled = read_at
+                .duration_since(signature.modified())
+                .is_ok_and(|d| d >= SETTLED);
+            // Entries added or removed while it was read: not the listing of `signature`.
+            let unchanged = || fs::metadata(dir).is_ok_and(|m| Signature::of(&m) == signature);
+            names.len() >= self.cached_from
+                && weight(&names) <= self.max_bytes
+                && settled
+                && unchanged()
+        };
+        let marks = keepable().then(|| self.keep(dir, signature, names.clone()));
+        Ok(Marked { names, marks })
     }
 
-    fn cached(&self, dir: &Path, signature: Signature) -> Option<Listing> {
+    fn cached(&self, dir: &Path, signature: Signature) -> Option<Marked> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.clock += 1;
         let now = inner.clock;
@@ -145,10 +197,13 @@ impl ListingCache {
             return None;
         }
         c.used = now;
-        Some(c.names.clone())
+        Some(Marked {
+            names: c.names.clone(),
+            marks: Some(c.marks.clone()),
+        })
     }
 
-    fn keep(&self, dir: &Path, signature: Signature, names: Listing) {
+    fn keep(&self, dir: &Path, signature: Signature, names: Listing) -> Arc<Marks> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = inner.listings.remove(dir) {
             inner.bytes -= weight(&old.names);
@@ -169,14 +224,17 @@ impl ListingCache {
         }
         inner.bytes += bytes;
         let used = inner.clock;
+        let marks = Arc::new(Marks::new(names.len()));
         inner.listings.insert(
             dir.to_owned(),
             Cached {
                 signature,
                 names,
+                marks: marks.clone(),
                 used,
             },
         );
+        marks
     }
 }
 
@@ -187,12 +245,31 @@ pub fn sorted(mut names: Vec<String>) -> Listing {
     names.into()
 }
 
-/// The memory a listing's names take.
+/// The memory a listing's names (and its marks, a bit each) take.
 pub(crate) fn weight(names: &[String]) -> usize {
     names
         .iter()
         .map(|n| n.len() + std::mem::size_of::<String>())
-        .sum()
+        .sum::<usize>()
+        + names.len().div_ceil(64) * std::mem::size_of::<AtomicU64>()
+}
+
+/// Tells every node's kept listing of `dir` that an entry changed in place (what its marks
+/// say may no longer hold): a hidden entry is made and removed, which moves the directory's
+/// modification time (with write permission alone, by the file server's clock on NFS) and
+/// drops the listing on the next page — here and on any node sharing the root (on NFS, once
+/// the attributes are read again: `actimeo=0`). A missing directory has nothing kept. Blocking.
+pub fn touch(dir: &Path) -> io::Result<()> {
+    let entry = dir.join(format!(".touch-{}", uuid::Uuid::new_v4().simple()));
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&entry)
+    {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        made => drop(made?),
+    }
+    fs::remove_file(&entry)
 }
 
 /// A directory's entries, unsorted, without hidden ones (`.`: temp files being written);
@@ -253,6 +330,30 @@ mod tests {
         let removed = cache.list(dir).unwrap();
         assert!(!removed.iter().any(|n| n == "e00003"));
         assert_eq!(removed.len(), CACHED_FROM + 10);
+    }
+
+    #[test]
+    fn marks_last_as_long_as_the_listing_and_a_touch_drops_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        fill(dir, CACHED_FROM + 1);
+        settle(dir);
+        let cache = ListingCache::default();
+        let marks = cache.list_marked(dir).unwrap().marks.expect("kept");
+        assert!(!marks.get(5), "unmarked when read");
+        marks.set(5);
+        marks.set(CACHED_FROM);
+        let again = cache.list_marked(dir).unwrap().marks.expect("kept");
+        assert!(again.get(5) && again.get(CACHED_FROM) && !again.get(6));
+        assert!(!again.get(CACHED_FROM + 64), "past the end: unset");
+
+        // Something changed in place under the directory: the listing and its marks go.
+        touch(dir).unwrap();
+        let touched = cache.list_marked(dir).unwrap();
+        assert!(touched.marks.is_none(), "just changed: read, not kept");
+        settle(dir);
+        let fresh = cache.list_marked(dir).unwrap().marks.expect("kept again");
+        assert!(!fresh.get(5), "a listing read anew starts unmarked");
     }
 
     #[test]

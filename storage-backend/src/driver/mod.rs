@@ -12,6 +12,8 @@
 //! - [`Driver::put_if_absent`] and [`Driver::put_if_current`] are race-free across
 //!   processes sharing the store: exactly one of several racers wins.
 //! - "Not found" is `Ok(None)` / `Ok(false)`, never an error.
+//! - [`Driver::list_after`] returns every child after `after` up to the last it returns, in
+//!   bytewise order; with `more` unset, none comes after.
 
 pub mod fs;
 pub mod listing;
@@ -22,10 +24,52 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use oci::Verifier;
 use std::io;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// A stream of bytes read from or written to a driver.
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
+
+/// A run of a prefix's children in name order ([`Driver::list_after`]).
+pub struct Run {
+    /// Sorted bytewise.
+    pub names: listing::Listing,
+    /// Where in `names` those after the `after` asked for begin.
+    pub from: usize,
+    /// The marks of a kept listing ([`listing::Marks`]), indexed as `names`.
+    pub marks: Option<Arc<listing::Marks>>,
+    /// Names after the last of `names` may exist: ask again with that one as `after`.
+    pub more: bool,
+}
+
+impl Run {
+    /// A whole sorted listing (and its marks, if kept), from the first name after `after`.
+    pub fn whole(
+        names: listing::Listing,
+        marks: Option<Arc<listing::Marks>>,
+        after: Option<&str>,
+    ) -> Self {
+        let from = after.map_or(0, |a| names.partition_point(|n| n.as_str() <= a));
+        Run {
+            names,
+            from,
+            marks,
+            more: false,
+        }
+    }
+
+    /// Whether the `i`th name is marked ([`listing::Marks`]).
+    pub fn is_marked(&self, i: usize) -> bool {
+        self.marks.as_ref().is_some_and(|m| m.get(i))
+    }
+
+    /// Marks the `i`th name, if the listing is kept.
+    pub fn mark(&self, i: usize) {
+        if let Some(m) = &self.marks {
+            m.set(i);
+        }
+    }
+}
 
 /// What [`Driver::stat`] knows of an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +183,26 @@ pub trait Driver: Send + Sync + 'static {
     /// filesystem driver keeps large directories' listings ([`listing::ListingCache`]).
     fn list_sorted<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<listing::Listing>> {
         Box::pin(async move { Ok(listing::sorted(self.list(prefix).await?)) })
+    }
+
+    /// The children of `prefix` that sort after `after` (bytewise), in order ([`Run`]): the
+    /// whole rest here and on the filesystem (with a kept listing's marks), one listing
+    /// request's worth on S3.
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+    ) -> BoxFuture<'a, io::Result<Run>> {
+        Box::pin(async move { Ok(Run::whole(self.list_sorted(prefix).await?, None, after)) })
+    }
+
+    /// Drops kept listings of `prefix` (and their marks) on every node: an entry under it
+    /// changed in place in a way a mark could have recorded ([`listing::touch`]). A driver
+    /// whose [`Driver::list_after`] returns marks must implement it; stores that keep no
+    /// listings have nothing to do.
+    fn touch<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<()>> {
+        let _ = prefix;
+        Box::pin(async { Ok(()) })
     }
 
     /// Deletes an object or everything under a prefix; `Ok(false)` if there was nothing.

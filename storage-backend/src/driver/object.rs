@@ -19,10 +19,11 @@
 //! blob's key with one multipart upload, which becomes visible only when it completes — an
 //! unverified or half-copied blob is never visible — then deletes the session's objects.
 
-use super::{AppendError, AppendOptions, Appended, ByteStream, Driver, ObjectMeta as Meta};
+use super::{AppendError, AppendOptions, Appended, ByteStream, Driver, ObjectMeta as Meta, Run};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path;
 use object_store::{
     ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
@@ -179,7 +180,45 @@ impl Parts {
 
 pub struct ObjectDriver {
     store: Arc<dyn ObjectStore>,
+    /// The same store's listing from a key on (S3's `start-after`), where it has one.
+    paged: Option<Arc<dyn PaginatedListStore>>,
     prefix: String,
+}
+
+/// Keys one listing request asks for (S3's most).
+const LIST_KEYS: usize = 1000;
+/// One-key listings of a tag page's cut names in flight at once ([`Driver::list_after`]).
+const CUTS_AT_ONCE: usize = 8;
+/// The longest `start-after` sent for a client's `last`: a tag's longest name.
+const START_AFTER_MAX: usize = 128;
+
+/// What of a client's `last` goes to S3 as `start-after` (within its prefix): its leading
+/// part made of name characters, at most [`START_AFTER_MAX`] bytes — never more than `last`,
+/// so the listing starts no later than it should (what it lists up to `last` is dropped).
+fn start_after(last: &str) -> &str {
+    let end = last
+        .bytes()
+        .take(START_AFTER_MAX)
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        .count();
+    &last[..end]
+}
+
+/// The name of a delimited listing's last key (in key order: a common prefix's key ends in
+/// `/`).
+fn last_name(listed: &object_store::ListResult) -> Option<String> {
+    let prefixes = listed
+        .common_prefixes
+        .iter()
+        .map(|p| (format!("{p}/"), p.filename()));
+    let objects = listed
+        .objects
+        .iter()
+        .map(|m| (m.location.to_string(), m.location.filename()));
+    prefixes
+        .chain(objects)
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .and_then(|(_, name)| name.map(str::to_owned))
 }
 
 fn io_err(e: object_store::Error) -> io::Error {
@@ -200,6 +239,16 @@ fn io_err(e: object_store::Error) -> io::Error {
             io::Error::new(kind, other)
         }
     }
+}
+
+/// The names of a delimited listing's children: its common prefixes and objects.
+fn child_names(listed: &object_store::ListResult) -> impl Iterator<Item = String> + '_ {
+    let name = |p: &Path| p.filename().map(str::to_owned);
+    listed
+        .common_prefixes
+        .iter()
+        .filter_map(name)
+        .chain(listed.objects.iter().filter_map(move |m| name(&m.location)))
 }
 
 fn not_found_as_none<T>(r: object_store::Result<T>) -> io::Result<Option<T>> {
@@ -237,8 +286,11 @@ impl ObjectDriver {
             (None, None) => {}
             _ => anyhow::bail!("storage s3: access_key_id and secret_access_key_file go together"),
         }
-        let store = b.build().map_err(|e| anyhow::anyhow!("storage s3: {e}"))?;
-        Ok(Self::with_store(Arc::new(store), &cfg.prefix))
+        let store = Arc::new(b.build().map_err(|e| anyhow::anyhow!("storage s3: {e}"))?);
+        Ok(ObjectDriver {
+            paged: Some(store.clone()),
+            ..Self::with_store(store, &cfg.prefix)
+        })
     }
 
     /// Credentials: the account key in `access_key_file` if set, else the environment as
@@ -269,6 +321,7 @@ impl ObjectDriver {
     pub fn with_store(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
         ObjectDriver {
             store,
+            paged: None,
             prefix: prefix.trim_matches('/').to_string(),
         }
     }
@@ -686,13 +739,91 @@ impl Driver for ObjectDriver {
                 .list_with_delimiter(Some(&key))
                 .await
                 .map_err(io_err)?;
-            let name = |p: &Path| p.filename().map(str::to_owned);
-            Ok(listed
-                .common_prefixes
-                .iter()
-                .filter_map(name)
-                .chain(listed.objects.iter().filter_map(|m| name(&m.location)))
-                .collect())
+            Ok(child_names(&listed).collect())
+        })
+    }
+
+    /// On S3, one listing request from the key of `after` on (`start-after`, up to
+    /// [`LIST_KEYS`] names; more while every name it returns sorts up to `after`), not the
+    /// whole prefix. S3 orders keys, in which a name's `/` sorts after `-` and `.`: `v1.2.3/`
+    /// comes before `v1.2/`. So when a request stops at `v1.2.3/`, the names it has not
+    /// reached but which sort before the ones it has are the cuts of that last name before
+    /// such a byte (`v1`, `v1.2`): each is looked for with a one-key listing, and the run holds
+    /// every name up to its last. Elsewhere (Azure) the prefix is listed whole.
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+    ) -> BoxFuture<'a, io::Result<Run>> {
+        Box::pin(async move {
+            let Some(paged) = &self.paged else {
+                return Ok(Run::whole(self.list_sorted(prefix).await?, None, after));
+            };
+            let dir = format!("{}/", self.key(prefix)?);
+            let list_page = |start: Option<String>, token: Option<String>, under: String| {
+                let opts = PaginatedListOptions {
+                    offset: start,
+                    page_token: token,
+                    delimiter: Some("/".into()),
+                    max_keys: Some(LIST_KEYS),
+                    ..Default::default()
+                };
+                async move { paged.list_paginated(Some(&under), opts).await }
+            };
+            let is_after = |n: &str| after.is_none_or(|a| n > a);
+            let start = after.map(|a| format!("{dir}{}", start_after(a)));
+            let mut names = std::collections::BTreeSet::new();
+            let mut token = None;
+            let (more, last) = loop {
+                let page = list_page(start.clone(), token.take(), dir.clone())
+                    .await
+                    .map_err(io_err)?;
+                names.extend(child_names(&page.result).filter(|n| is_after(n)));
+                match page.page_token {
+                    // Only names up to `after` so far (its own cuts, or a shortened
+                    // `start-after`): the next request.
+                    Some(t) if names.is_empty() => token = Some(t),
+                    more => break (more.is_some(), last_name(&page.result)),
+                }
+            };
+            if more && let Some(last) = last {
+                let cuts: Vec<String> = last
+                    .bytes()
+                    .enumerate()
+                    .filter(|&(i, b)| i > 0 && b < b'/')
+                    .map(|(i, _)| last[..i].to_owned())
+                    .filter(|cut| is_after(cut) && !names.contains(cut))
+                    .collect();
+                let found: Vec<String> = futures_util::stream::iter(cuts)
+                    .map(|cut: String| {
+                        let opts = PaginatedListOptions {
+                            delimiter: Some("/".into()),
+                            max_keys: Some(1),
+                            ..Default::default()
+                        };
+                        let under = format!("{dir}{cut}/");
+                        async move {
+                            let one = paged
+                                .list_paginated(Some(&under), opts)
+                                .await
+                                .map_err(io_err)?;
+                            let there = !one.result.common_prefixes.is_empty()
+                                || !one.result.objects.is_empty();
+                            Ok::<_, io::Error>(there.then_some(cut))
+                        }
+                    })
+                    .buffer_unordered(CUTS_AT_ONCE)
+                    .try_filter_map(|cut| async move { Ok(cut) })
+                    .try_collect()
+                    .await?;
+                names.extend(found);
+            }
+            Ok(Run {
+                names: names.into_iter().collect(),
+                from: 0,
+                marks: None,
+                more,
+            })
         })
     }
 

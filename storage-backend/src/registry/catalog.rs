@@ -1,5 +1,6 @@
 //! Content discovery: tags of a repository and the catalog of repositories.
 
+use super::manifests::LINKS_AHEAD;
 use super::{Registry, Result};
 use crate::driver::listing::Listing;
 use crate::layout::Key;
@@ -81,6 +82,11 @@ impl CatalogDir {
 /// future must be `Send` for every lifetime of the listing it borrows.
 fn parse_tag(name: &str) -> Option<Tag> {
     Tag::parse(name).ok()
+}
+
+/// The same, with the name's place in its listing.
+fn indexed_tag((i, name): (usize, &String)) -> Option<(usize, Tag)> {
+    Some((i, parse_tag(name)?))
 }
 
 impl Registry {
@@ -165,7 +171,8 @@ impl Registry {
     /// A page of the repository's tags (those whose current link names a manifest);
     /// `NAME_UNKNOWN` if the repository does not exist. The tags' names are listed and
     /// sorted (kept while unchanged, [`crate::driver::listing`]); only the links of the page's
-    /// tags (and the one after) are read.
+    /// tags (and the one after) are read, and of a kept listing only those no page found
+    /// naming a manifest before (its [`Marks`](crate::driver::listing::Marks)).
     pub async fn list_tags(
         &self,
         name: &RepositoryName,
@@ -183,21 +190,48 @@ impl Registry {
                 format!("repository {name} is not known to the registry"),
             ));
         }
-        let names = self.driver.list_sorted(&Key::Tags(name).path()).await?;
-        let start = last.map_or(0, |l| names.partition_point(|x| x.as_str() <= l));
         let want = n.map(|n| n.saturating_add(1));
+        let full = |items: &Vec<String>| want.is_some_and(|w| items.len() >= w);
         let mut items = Vec::new();
-        let tags = names[start..]
-            .iter()
-            .map(String::as_str)
-            .filter_map(parse_tag);
-        let mut read = self.tag_targets(name, tags);
-        while let Some((tag, target)) = read.next().await {
-            if want.is_some_and(|w| items.len() >= w) {
+        let tags_dir = Key::Tags(name).path();
+        let mut after = last.map(str::to_owned);
+        loop {
+            let run = self.driver.list_after(&tags_dir, after.as_deref()).await?;
+            let run = &run;
+            let tags = run
+                .names
+                .iter()
+                .enumerate()
+                .skip(run.from)
+                .filter_map(indexed_tag);
+            let mut read = stream::iter(tags)
+                .map(|(i, tag)| async move {
+                    if run.is_marked(i) {
+                        return (i, tag, Ok(true));
+                    }
+                    let target = self.tag_target(name, &tag).await;
+                    (i, tag, target.map(|t| t.is_some()))
+                })
+                .buffered(LINKS_AHEAD);
+            while let Some((i, tag, names_a_manifest)) = read.next().await {
+                if full(&items) {
+                    break;
+                }
+                if names_a_manifest? {
+                    run.mark(i);
+                    items.push(tag.as_str().to_owned());
+                }
+            }
+            if full(&items) {
                 break;
             }
-            if target?.is_some() {
-                items.push(tag.as_str().to_owned());
+            // The next run starts after this one's last name (the check that it moves on only
+            // guards against a driver breaking its contract: it would loop for ever).
+            match run.names.last() {
+                Some(l) if run.more && after.as_deref().is_none_or(|a| l.as_str() > a) => {
+                    after = Some(l.clone());
+                }
+                _ => break,
             }
         }
         let more = want.is_some_and(|w| items.len() == w);

@@ -12,8 +12,8 @@ use futures_util::{Stream, StreamExt, stream};
 use oci::media_type::{self, ParsedManifest};
 use oci::{Digest, ErrorCode, OciError, Reference, RepositoryName, Tag};
 
-/// Tag links read ahead by [`Registry::tag_targets`].
-const LINKS_AHEAD: usize = 16;
+/// Tag links read ahead by [`Registry::tag_targets`] and tag pages.
+pub(super) const LINKS_AHEAD: usize = 16;
 
 /// Rounds of compare-and-swap a tag push tries before answering 503 (each round one of the
 /// racing pushes wins, so this many pushes to one tag at the same moment all get through).
@@ -176,8 +176,8 @@ impl Registry {
     }
 
     /// What each of `tags` points to, in order, the next [`LINKS_AHEAD`] read while one is
-    /// looked at (for the lookups that read many: tag pages, the tags' reverse index,
-    /// immutability checks).
+    /// looked at (for the lookups that read many: the tags' reverse index, immutability
+    /// checks; tag pages read theirs the same way, skipping the tags a kept listing marks).
     pub(super) fn tag_targets<'a>(
         &'a self,
         name: &'a RepositoryName,
@@ -243,13 +243,27 @@ impl Registry {
                 if self.tag_target(name, tag).await?.is_none() {
                     return Err(manifest_unknown(tag));
                 }
-                self.driver.delete(&Key::Tag(name, tag).path()).await?;
+                self.remove_tag(name, tag).await?;
             }
             Reference::Digest(digest) => {
                 self.verify_tags(name).await?;
                 self.delete_by_digest(name, digest, protection).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Deletes a tag's directory. A delete that fails half-way may have taken the link and
+    /// left the directory, which a kept listing's marks would still list: the tags' directory
+    /// is touched then ([`crate::driver::Driver::touch`]).
+    async fn remove_tag(&self, name: &RepositoryName, tag: &Tag) -> Result<()> {
+        let removed = self.driver.delete(&Key::Tag(name, tag).path()).await;
+        if removed.is_err()
+            && let Err(e) = self.driver.touch(&Key::Tags(name).path()).await
+        {
+            tracing::warn!(repository = %name, %tag, error = %e, "a tag delete failed half-way and its listing could not be marked changed");
+        }
+        removed?;
         Ok(())
     }
 
@@ -271,7 +285,7 @@ impl Registry {
             super::protect::refuse_tagged(protection, tag, digest)?;
         }
         for tag in tagged {
-            self.driver.delete(&Key::Tag(name, &tag).path()).await?;
+            self.remove_tag(name, &tag).await?;
         }
         if let Ok(parsed) = media_type::parse_manifest(None, &stored.body)
             && let Some(subject) = parsed.subject

@@ -230,22 +230,29 @@ impl Registry {
                 d.path()
             )
         };
+        let tags_dir = |repo: &str| format!("{}/{repo}/_manifests/tags", Key::Repositories.path());
         // Retention's tag deletions: swapped to a tombstone (a tag moved meanwhile stays).
         for r in &first.repos {
             let Some(plan) = &r.retention else { continue };
             for (tag, d, reason) in &plan.tags {
                 if !opts.dry_run {
-                    let link = format!(
-                        "{}/{}/_manifests/tags/{tag}/current/link",
-                        Key::Repositories.path(),
-                        r.name
-                    );
+                    let link = format!("{}/{tag}/current/link", tags_dir(&r.name));
                     let tombstone = Bytes::from(format!("{}{d}", super::TAG_TOMBSTONE));
-                    if !self
+                    let swapped = self
                         .driver
                         .put_if_current(&link, tombstone, Some(Bytes::from(d.to_string())))
-                        .await?
+                        .await;
+                    // A tombstone leaves the tags' directory as it was: pages that kept its
+                    // listing, and marked the tag as naming a manifest, must read it again.
+                    // Touched after each swap, and after one that failed half-way.
+                    if !matches!(swapped, Ok(false))
+                        && let Err(e) = self.driver.touch(&tags_dir(&r.name)).await
                     {
+                        report
+                            .errors
+                            .push(format!("{}: telling tag pages of a tombstone: {e}", r.name));
+                    }
+                    if !swapped? {
                         continue;
                     }
                     audit_deletion(

@@ -139,6 +139,18 @@ pub(crate) struct Args {
     /// again without writing 5 million files.
     #[arg(long)]
     pub(crate) scale_gc_root: Option<std::path::PathBuf>,
+    /// `--scale-gc-blobs`: after the dry runs, a real GC run on the root by a storage node
+    /// serving pulls all along: its time and peak RSS, the pulls' rate and failures, then a
+    /// check of what is left. Deletes the root's garbage (a kept `--scale-gc-root` has none
+    /// left for the next run's dry runs).
+    #[arg(long)]
+    pub(crate) scale_gc_live: bool,
+    /// Tag pages on S3 (moto): a repository of each of `--scale-s3-tags` tags in a bucket,
+    /// served by storage-backend and by distribution on it.
+    #[arg(long)]
+    pub(crate) scale_s3: bool,
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 20_000])]
+    pub(crate) scale_s3_tags: Vec<usize>,
     /// Where the scratch directory (stores, layouts) is made; default: the workspace's
     /// `target/`.
     #[arg(long)]

@@ -12,6 +12,9 @@ use reqwest::Method;
 use std::path::Path;
 use std::time::Instant;
 
+/// Pulls in flight at once while GC runs (here and in `--scale-gc-live`).
+pub(crate) const PULLS_AT_ONCE: usize = 16;
+
 /// `--gc`: fills a filesystem store, then measures GC runs and pulls with and without GC.
 pub(crate) async fn gc_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> {
     use portcullis_tests::server::StorageOptions;
@@ -102,7 +105,7 @@ pub(crate) async fn gc_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> 
         let t = Instant::now();
         stream::iter(0..n)
             .map(pull)
-            .buffer_unordered(16)
+            .buffer_unordered(PULLS_AT_ONCE)
             .try_collect::<Vec<_>>()
             .await?;
         Ok::<_, anyhow::Error>(n as f64 / t.elapsed().as_secs_f64())
@@ -144,7 +147,7 @@ pub(crate) async fn gc_suite(args: &Args, scratch: &Path) -> anyhow::Result<()> 
         first["errors"].as_array().map_or(0, Vec::len)
     );
     println!("GC runs during the second pull measurement: {}", runs.len());
-    println!("\n| pulls (manifest + 4 KiB layer, concurrency 16) | per second |");
+    println!("\n| pulls (manifest + 4 KiB layer, concurrency {PULLS_AT_ONCE}) | per second |");
     println!("|---|---|");
     println!("| without GC | {alone:.0} |");
     println!("| with GC running back to back | {during:.0} |");

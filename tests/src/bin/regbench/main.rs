@@ -26,14 +26,16 @@
 //! with moto's own cost measured by a plain S3 client; with `--gc`, garbage collection of a
 //! store of 1,000 repositories and its effect on concurrent pulls; with `--scale`, catalog
 //! and tag pages and a GC dry run on registry:2 roots of growing size against distribution
-//! on the same root; with `--scale-gc-blobs`, a GC dry run of a root of a million blobs; with
+//! on the same root; with `--scale-gc-blobs`, a GC dry run of a root of a million blobs (and
+//! with `--scale-gc-live`, then a real run under pull load); with `--scale-s3`, tag pages on
+//! S3 against distribution's on the same bucket; with
 //! `--cache`, a pull-through cache's warm and cold pulls; with `--console`, the web console's
 //! pages at 100 000 repositories.
 //!
 //! One module per mode: [`cli`] (the arguments), [`measure`] (shared measurement helpers),
 //! [`workload`](mod@workload) (the push/pull/manifest comparison), [`gateway_suite`](mod@gateway_suite), [`ldap`],
 //! [`sso`], [`federation`], [`audit`], [`ha`], [`s3`], [`gc`], [`scale`], [`scale_gc`],
-//! [`cache`] and [`console`](mod@console).
+//! [`scale_gc_live`], [`scale_s3`], [`cache`] and [`console`](mod@console).
 
 mod audit;
 mod cache;
@@ -49,6 +51,8 @@ mod measure;
 mod s3;
 mod scale;
 mod scale_gc;
+mod scale_gc_live;
+mod scale_s3;
 mod sso;
 mod workload;
 
@@ -108,6 +112,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.cache {
         return cache::cache_suite(&args, scratch.path()).await;
+    }
+    if args.scale_s3 {
+        return scale_s3::scale_s3(&args, scratch.path()).await;
     }
     if args.scale || args.scale_gc_blobs > 0 {
         return scale_suite(&args, scratch.path()).await;

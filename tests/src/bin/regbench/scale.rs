@@ -1,8 +1,10 @@
-//! `--scale`: listings as the registry grows. At each of `--scale-sizes`, a registry:2 root
+//! `--scale`: listings as the registry grows. For each of `--scale-sizes`, a registry:2 root
 //! is written directly (`portcullis_tests::layout`: that many repositories, `team-NN/app-NNNNNN`
-//! over 100 teams, and one repository with that many tags), then served by storage-backend and
-//! by distribution 2.8.2 in turn, on the very same directory; each measurement is the median of
-//! `--scale-gets` sequential GETs. Printed: the figures, each registry's growth from the
+//! over 100 teams, and one repository with that many tags); once all are written, they are
+//! served by storage-backend, then by distribution 2.8.2, on the very same directories; each
+//! measurement is the median of `--scale-gets` sequential GETs, made to each size in turn
+//! (one GET at every size, then the next), so that the machine's state falls on all sizes
+//! alike. Printed: the figures, each registry's growth from the
 //! smallest size, and storage-backend's ratio to distribution; storage-backend's check of a
 //! DELETE by digest against immutability in a repository of 10 000 tags (distribution has
 //! no such check); and a GC dry run of each on the root, a process of its own
@@ -58,7 +60,7 @@ fn paths(size: usize) -> [String; 5] {
 
 /// Median of `gets` sequential requests made by `request`, each answered `status` (body
 /// read).
-async fn median(
+pub(crate) async fn median(
     gets: usize,
     status: u16,
     request: impl Fn() -> RequestBuilder,
@@ -76,13 +78,37 @@ async fn median(
     Ok(times[times.len() / 2])
 }
 
-/// Median of `gets` GETs of `path`, answered 200. distribution answers an OCI manifest only
-/// to a client that accepts one.
-async fn median_get(c: &Client, path: &str, gets: usize) -> anyhow::Result<Duration> {
-    median(gets, 200, || {
-        c.req(Method::GET, path).header("accept", OCI_MANIFEST)
-    })
-    .await
+/// For each size (a registry serving it in `clients`, its requests in `paths`), the median
+/// of `gets` GETs of each request, answered 200. The sizes are asked in turn — one GET at
+/// every size, then the next — so that what the machine does meanwhile falls on every size
+/// alike. distribution answers an OCI manifest only to a client that accepts one.
+async fn pages_in_turn(
+    clients: &[Client],
+    paths: &[[String; 5]],
+    gets: usize,
+) -> anyhow::Result<Vec<[Duration; 5]>> {
+    let mut medians = vec![[Duration::ZERO; 5]; clients.len()];
+    for k in 0..5 {
+        let mut times = vec![Vec::with_capacity(gets); clients.len()];
+        for _ in 0..gets.max(1) {
+            for ((c, p), times) in clients.iter().zip(paths).zip(&mut times) {
+                let t = Instant::now();
+                let r = c
+                    .req(Method::GET, &p[k])
+                    .header("accept", OCI_MANIFEST)
+                    .send()
+                    .await?;
+                ensure!(r.status() == 200, "{}: {}", p[k], describe(r).await);
+                r.bytes().await?;
+                times.push(t.elapsed());
+            }
+        }
+        for (m, mut t) in medians.iter_mut().zip(times) {
+            t.sort();
+            m[k] = t[t.len() / 2];
+        }
+    }
+    Ok(medians)
 }
 
 /// Writes the root for `size`: how long it took, and the digest of the manifest every
@@ -197,7 +223,7 @@ pub(crate) async fn scale_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
         if args.scale {
             println!();
         }
-        scale_gc::gc_at_scale(args, scratch)?;
+        scale_gc::gc_at_scale(args, scratch).await?;
     }
     Ok(())
 }
@@ -210,37 +236,45 @@ async fn listings(args: &Args, scratch: &Path) -> anyhow::Result<()> {
         "regbench --scale: sizes {sizes:?} (repositories, and tags in one repository), median of {} sequential GETs",
         args.scale_gets
     );
-    // results[size][registry][measure]
-    let mut results: Vec<[[Duration; 6]; 2]> = Vec::new();
-    // dry_runs[size][registry]
-    let mut dry_runs: Vec<[DryRun; 2]> = Vec::new();
+    // Every size's root is written before anything is measured, so that every size is
+    // measured on the machine as the writing left it (a 100 000-repository layout leaves the
+    // kernel reclaiming memory for minutes), and the GETs go to each size in turn.
+    let mut roots = Vec::new();
     for &size in &sizes {
         let root = scratch.join(format!("scale-{size}"));
         let (took, digest) = fill(&root, size).context("writing the layout")?;
         println!("{size}: layout written in {:.1} s", took.as_secs_f64());
-        // storage-backend keeps a large directory's listing only once it has not changed for
-        // a second (`driver::listing`); a registry is not read the instant it was written.
-        tokio::time::sleep(LISTING_SETTLES).await;
-        let paths = paths(size);
-        let mut row = [[Duration::ZERO; 6]; 2];
-        {
-            let ours = StorageServer::start(&root)?;
-            let c = Client::new(&ours.base);
-            for (k, p) in paths.iter().enumerate() {
-                row[0][k] = median_get(&c, p, args.scale_gets).await?;
-            }
+        roots.push((root, digest));
+    }
+    // storage-backend keeps a large directory's listing only once it has not changed for a
+    // second (`driver::listing`); a registry is not read the instant it was written.
+    tokio::time::sleep(LISTING_SETTLES).await;
+    let paths: Vec<[String; 5]> = sizes.iter().map(|&s| paths(s)).collect();
+    // results[size][registry][measure]
+    let mut results: Vec<[[Duration; 6]; 2]> = vec![[[Duration::ZERO; 6]; 2]; sizes.len()];
+    // Both registries serve the same roots; one at a time.
+    {
+        let ours = roots
+            .iter()
+            .map(|(root, _)| StorageServer::start(root))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let clients: Vec<Client> = ours.iter().map(|s| Client::new(&s.base)).collect();
+        let pages = pages_in_turn(&clients, &paths, args.scale_gets).await?;
+        for (row, got) in results.iter_mut().zip(pages) {
+            row[0][..got.len()].copy_from_slice(&got);
+        }
+        for ((&size, c), (_, digest)) in sizes.iter().zip(&clients).zip(&roots) {
             // The root was written without storage's reverse index of tags: the first
             // lookup reads every tag once and marks it.
-            let first = delete_check(&c, &digest, "t*", 1).await?;
-            let pushed = page_after_push(&c, args.scale_gets).await?;
+            let first = delete_check(c, digest, "t*", 1).await?;
+            let pushed = page_after_push(c, args.scale_gets).await?;
             println!(
                 "{size}: tags first page right after a tag push to that repository (its directory read whole): {:.2} ms",
                 ms(pushed)
             );
-            let one =
-                delete_check(&c, &digest, &tag_name(DELETE_TAGS - 1), args.scale_gets).await?;
-            let all = delete_check(&c, &digest, "t*", args.scale_gets).await?;
-            let allowed = allowed_delete(&c, args.scale_gets).await?;
+            let one = delete_check(c, digest, &tag_name(DELETE_TAGS - 1), args.scale_gets).await?;
+            let all = delete_check(c, digest, "t*", args.scale_gets).await?;
+            let allowed = allowed_delete(c, args.scale_gets).await?;
             println!(
                 "{size}: DELETE by digest in a repository of {DELETE_TAGS} tags, storage-backend: refused in {:.2} ms with one tag immutable, {:.2} ms with every tag immutable (the first, which indexes the tags: {:.0} ms); a DELETE no immutable tag stops, every tag immutable: {:.2} ms",
                 ms(one),
@@ -249,19 +283,26 @@ async fn listings(args: &Args, scratch: &Path) -> anyhow::Result<()> {
                 ms(allowed)
             );
         }
-        {
-            let dist = Distribution::start(&root)?;
-            let c = Client::new(&dist.base);
-            for (k, p) in paths.iter().enumerate() {
-                row[1][k] = median_get(&c, p, args.scale_gets).await?;
-            }
+    }
+    {
+        let theirs = roots
+            .iter()
+            .map(|(root, _)| Distribution::start(root))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let clients: Vec<Client> = theirs.iter().map(|d| Client::new(&d.base)).collect();
+        let pages = pages_in_turn(&clients, &paths, args.scale_gets).await?;
+        for (row, got) in results.iter_mut().zip(pages) {
+            row[1][..got.len()].copy_from_slice(&got);
         }
-        let gc = scale_gc::both(&root, scratch, args.rounds)?;
+    }
+    // dry_runs[size][registry]
+    let mut dry_runs: Vec<[DryRun; 2]> = Vec::new();
+    for ((root, _), row) in roots.iter().zip(&mut results) {
+        let gc = scale_gc::both(root, scratch, args.rounds)?;
         row[0][GC] = gc[0].wall;
         row[1][GC] = gc[1].wall;
-        results.push(row);
         dry_runs.push(gc);
-        std::fs::remove_dir_all(&root)?;
+        std::fs::remove_dir_all(root)?;
     }
     println!();
     print!("{:<38}", "measure");

@@ -168,7 +168,7 @@ fn fill(root: &Path, blobs: usize, repos: usize) -> anyhow::Result<Duration> {
                         if i >= repos {
                             return Ok(());
                         }
-                        let tag = (i % 10 != 9).then_some("v1");
+                        let tag = (!garbage(i)).then_some("v1");
                         layout.own_image(&repo_name(i), per - 2, tag)?;
                     }
                 })
@@ -179,6 +179,12 @@ fn fill(root: &Path, blobs: usize, repos: usize) -> anyhow::Result<Duration> {
             .try_for_each(|w| w.join().expect("a layout writer panicked"))
     })?;
     Ok(t.elapsed())
+}
+
+/// Whether the `i`th repository [`fill`] writes is garbage (its blobs only, no manifest):
+/// every tenth.
+pub(crate) fn garbage(i: usize) -> bool {
+    i % 10 == 9
 }
 
 fn line(who: &str, r: &DryRun) -> String {
@@ -211,8 +217,9 @@ pub(crate) fn both(root: &Path, scratch: &Path, rounds: usize) -> anyhow::Result
 }
 
 /// `--scale-gc-blobs`: the root written, both dry runs on it, the table, the ratios and the
-/// target.
-pub(crate) fn gc_at_scale(args: &Args, scratch: &Path) -> anyhow::Result<()> {
+/// target; with `--scale-gc-live`, then a real run under pull load
+/// ([`crate::scale_gc_live`]).
+pub(crate) async fn gc_at_scale(args: &Args, scratch: &Path) -> anyhow::Result<()> {
     let (blobs, repos) = (args.scale_gc_blobs, args.scale_gc_repos);
     let root = match &args.scale_gc_root {
         Some(r) => r.clone(),
@@ -221,14 +228,15 @@ pub(crate) fn gc_at_scale(args: &Args, scratch: &Path) -> anyhow::Result<()> {
     let written = if root.join("docker/registry/v2").exists() {
         "layout already there".to_string()
     } else {
-        let took = fill(&root, blobs, repos).context("writing the layout")?;
+        let took = tokio::task::block_in_place(|| fill(&root, blobs, repos))
+            .context("writing the layout")?;
         format!("layout written in {:.1} s", took.as_secs_f64())
     };
     println!(
         "regbench --scale-gc-blobs: {blobs} distinct blobs in {repos} repositories ({} each; one repository in ten holds only its blobs, garbage), {written}",
         blobs / repos
     );
-    let [ours, dist] = both(&root, scratch, args.rounds)?;
+    let [ours, dist] = tokio::task::block_in_place(|| both(&root, scratch, args.rounds))?;
     println!(
         "\n| GC dry run (fastest of {}) | wall | peak RSS | blobs marked | blobs to delete |",
         args.rounds
@@ -246,6 +254,15 @@ pub(crate) fn gc_at_scale(args: &Args, scratch: &Path) -> anyhow::Result<()> {
         "target (≤ {TARGET_SECONDS:.0} s and ≤ {TARGET_RSS_MIB:.0} MiB): {}",
         if met { "met" } else { "MISSED" }
     );
+    ensure!(
+        ours.deletable == dist.deletable,
+        "storage-backend would delete {} blobs, distribution {}",
+        ours.deletable,
+        dist.deletable
+    );
+    if args.scale_gc_live {
+        crate::scale_gc_live::live_run(args, &root, scratch, ours.marked, ours.deletable).await?;
+    }
     if args.scale_gc_root.is_none() {
         std::fs::remove_dir_all(&root)?;
     }
