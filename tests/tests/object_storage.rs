@@ -576,7 +576,8 @@ fn skopeo_pushes_and_pulls_a_64_mib_layer_through_the_gateway_onto_two_s3_nodes(
 struct BothWays {
     on_s3: Client,
     on_fs: Client,
-    _servers: (Moto, tempfile::TempDir, StorageServer, StorageServer),
+    moto: Moto,
+    _servers: (tempfile::TempDir, StorageServer, StorageServer),
 }
 
 impl BothWays {
@@ -589,7 +590,8 @@ impl BothWays {
         BothWays {
             on_s3: Client::new(&s3.base),
             on_fs: Client::new(&fs.base),
-            _servers: (moto, conf, s3, fs),
+            moto,
+            _servers: (conf, s3, fs),
         }
     }
 }
@@ -697,4 +699,79 @@ async fn tag_pages_on_s3_list_from_last_and_keep_name_order_across_listing_reque
         let fs_page = page_of(on_fs, &path, "tags").await;
         assert_eq!(s3_page, fs_page, "{path}");
     }
+}
+
+/// On S3 a catalog page lists each directory on its way from the entry `last` lies under
+/// (`start-after`), 1 000 keys a request, and lists on where a request stopped: across such a
+/// stop, in a directory of more than 1 000 repositories, pages are the filesystem's.
+#[tokio::test]
+async fn catalog_pages_on_s3_list_directories_from_last_across_listing_requests() {
+    let root = tempfile::tempdir().unwrap();
+    let layout = portcullis_tests::layout::Layout::new(root.path()).unwrap();
+    let v1 = ["v1".to_string()];
+    // 999 repositories, then `wide/s-1`: the first request of `wide/` stops at `s-1/`, before
+    // `s.1/` and `s/` (keys sort `-` and `.` before `/`), which sort around it by name.
+    let mut names: Vec<String> = (0..999).map(|i| format!("wide/r{i:04}")).collect();
+    names.extend(["wide/s-1", "wide/s.1", "wide/s", "wide/s/x", "a", "z"].map(String::from));
+    for name in &names {
+        layout.image(name, &v1).unwrap();
+    }
+    let both = BothWays::serve(root.path()).await;
+    let (on_s3, on_fs) = (&both.on_s3, &both.on_fs);
+
+    let (all, more) = page_of(on_s3, "/v2/_catalog", "repositories").await;
+    assert!(!more);
+    let mut expected = names.clone();
+    expected.sort_by_key(|n| n.replace('/', "\0"));
+    assert_eq!(all, expected, "every repository, in the catalog's order");
+    for (n, last) in [
+        (1000, None),
+        (3, Some("wide/r0997")),
+        (3, Some("wide/r0998")),
+        (2, Some("wide/s")),
+        (2, Some("wide/s/x")),
+        (2, Some("wide/s-1")),
+        (5, Some("wide/r0500/deeper")),
+        (2, Some("wide/s/_layers")),
+        (3, Some("..")),
+        (3, Some("wide/../a")),
+        (3, Some("wide/r0500~x")),
+        (3, Some("wide/~")),
+        (1000, Some("a")),
+    ] {
+        let path = match last {
+            None => format!("/v2/_catalog?n={n}"),
+            Some(l) => format!("/v2/_catalog?n={n}&last={l}"),
+        };
+        let s3_page = page_of(on_s3, &path, "repositories").await;
+        let fs_page = page_of(on_fs, &path, "repositories").await;
+        assert_eq!(s3_page, fs_page, "{path}");
+    }
+
+    // Repositories created and deleted in the bucket while a client pages.
+    use futures_util::TryStreamExt;
+    use object_store::{ObjectStore, ObjectStoreExt};
+    let page = |last: &'static str| async move {
+        let path = format!("/v2/_catalog?n=2&last={last}");
+        page_of(on_s3, &path, "repositories").await.0
+    };
+    assert_eq!(page("wide/r0997").await, ["wide/r0998", "wide/s"]);
+    on_s3
+        .push_image("wide/r0997a", "v1", &[b"a new repository"])
+        .await
+        .unwrap();
+    let store = both.moto.object_store("layout").unwrap();
+    let gone = object_store::path::Path::from("pfx/docker/registry/v2/repositories/wide/r0998");
+    let keys: Vec<_> = store
+        .list(Some(&gone))
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    for k in keys {
+        store.delete(&k).await.unwrap();
+    }
+    assert_eq!(page("wide/r0997").await, ["wide/r0997a", "wide/s"]);
+    assert_eq!(page("wide/r0997a").await, ["wide/s", "wide/s/x"]);
 }

@@ -793,6 +793,25 @@ async fn catalog_and_tag_pages_match_distribution_on_one_layout() -> anyhow::Res
     // `last` on every name, between names, before and after all of them.
     let mut lasts: Vec<String> = all.clone();
     lasts.extend(["0", "a/", "a/b/", "a.", "a/a", "b", "team/", "zz", "~"].map(String::from));
+    // Not names: nothing outside `repositories/` is walked, no error.
+    lasts.extend(
+        [
+            "..",
+            "../..",
+            "../../../../..",
+            ".",
+            "./a",
+            "a/..",
+            "a/./b",
+            "a//b",
+            "/",
+            "A/b",
+            "a/_layers",
+        ]
+        .map(String::from),
+    );
+    lasts.push("x".repeat(300));
+    lasts.push("a/".repeat(300));
     for last in &lasts {
         same_catalog_page(&ours, &theirs, 3, Some(last)).await?;
     }

@@ -193,15 +193,20 @@ const CUTS_AT_ONCE: usize = 8;
 const START_AFTER_MAX: usize = 128;
 
 /// What of a client's `last` goes to S3 as `start-after` (within its prefix): its leading
-/// part made of name characters, at most [`START_AFTER_MAX`] bytes — never more than `last`,
-/// so the listing starts no later than it should (what it lists up to `last` is dropped).
-fn start_after(last: &str) -> &str {
+/// part made of name characters, at most [`START_AFTER_MAX`] bytes, so the listing starts no
+/// later than a name after `last` (what it lists up to `last` is dropped). Where `last` goes
+/// on with a byte above every name character (`~`, `{`, non-ASCII), no name starting with
+/// that part comes after it: `~` is added, past them all.
+fn start_after(last: &str) -> std::borrow::Cow<'_, str> {
     let end = last
         .bytes()
         .take(START_AFTER_MAX)
         .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
         .count();
-    &last[..end]
+    match last.as_bytes().get(end) {
+        Some(&b) if b > b'z' => format!("{}~", &last[..end]).into(),
+        _ => last[..end].into(),
+    }
 }
 
 /// The name of a delimited listing's last key (in key order: a common prefix's key ends in

@@ -2,6 +2,7 @@
 
 use super::manifests::LINKS_AHEAD;
 use super::{Registry, Result};
+use crate::driver::Run;
 use crate::driver::listing::Listing;
 use crate::layout::Key;
 use futures_util::future::BoxFuture;
@@ -34,16 +35,19 @@ fn key(s: &str) -> impl Iterator<Item = u8> + '_ {
     s.bytes().map(|c| if c == b'/' { 0 } else { c })
 }
 
-/// Whether the repositories under `dir` (`dir` itself and `dir/…`) may hold a name after
-/// `last` in [`catalog_order`]: they are one contiguous run of that order.
-fn subtree_after(dir: &str, last: &str) -> bool {
-    if catalog_order(dir, last) != Ordering::Less {
-        return true;
-    }
-    // `last` inside the subtree: it starts with `dir` and the next byte orders as `/`.
-    last.len() > dir.len()
-        && key(last).take(dir.len()).eq(key(dir))
-        && key(last).nth(dir.len()) == Some(0)
+/// The entry of the directory `dir` (relative to `repositories/`, empty for itself) that
+/// `last` lies under — `c` for a `last` of `dir/c` or `dir/c/…` — if it lies under `dir`.
+/// Entries sort bytewise, which is [`catalog_order`] between whole subtrees (no entry holds a
+/// `/`): the subtrees of entries before `c` hold only names before `last`, those after it only
+/// names after it, and `c`'s both.
+fn entry_of_last<'a>(dir: &str, last: &'a str) -> Option<&'a str> {
+    let under = if dir.is_empty() {
+        last
+    } else {
+        last.strip_prefix(dir)?.strip_prefix('/')?
+    };
+    let entry = under.split('/').next()?;
+    (!entry.is_empty()).then_some(entry)
 }
 
 /// A directory of `repositories/` as a catalog page sees it.
@@ -53,28 +57,35 @@ struct CatalogDir {
     /// Whether it is a repository: it holds `_layers` (as distribution's catalog decides, so
     /// a repository with only blobs is listed) or `_manifests`.
     is_repo: bool,
-    /// Its entries, sorted.
-    entries: Listing,
-    /// The first entry whose names may come after `last`: the entries before it are skipped.
-    start: usize,
+    /// The entry `last` lies under ([`entry_of_last`]): walked first, the run after it.
+    first: Option<String>,
+    /// Its entries after `first` (or all of them), as far as listed.
+    run: Run,
+}
+
+/// The name (relative to `repositories/`) of `entry` of the directory `rel`.
+fn child(rel: &str, entry: &str) -> String {
+    if rel.is_empty() {
+        entry.to_owned()
+    } else {
+        format!("{rel}/{entry}")
+    }
+}
+
+/// The store's path of the directory `rel` of `repositories/`.
+fn dir_path(rel: &str) -> String {
+    let root = Key::Repositories.path();
+    if rel.is_empty() {
+        root
+    } else {
+        format!("{root}/{rel}")
+    }
 }
 
 impl CatalogDir {
-    fn path(&self, entry: &str) -> String {
-        if self.rel.is_empty() {
-            entry.to_owned()
-        } else {
-            format!("{}/{entry}", self.rel)
-        }
-    }
-
-    /// Its subdirectories that may hold names after `last`, in [`catalog_order`]: sorted
-    /// entries are in that order (no entry holds a `/`), each subtree a contiguous run.
-    fn subdirs(&self) -> impl Iterator<Item = String> + '_ {
-        self.entries[self.start..]
-            .iter()
-            .filter(|e| !e.starts_with('_'))
-            .map(|e| self.path(e))
+    /// Whether anything under it may come after `last`.
+    fn has_subdirs(&self) -> bool {
+        self.first.is_some() || self.run.from < self.run.names.len() || self.run.more
     }
 }
 
@@ -90,41 +101,50 @@ fn indexed_tag((i, name): (usize, &String)) -> Option<(usize, Tag)> {
 }
 
 impl Registry {
-    /// Lists a directory of `repositories/` for a catalog page after `last`.
+    /// Lists a directory of `repositories/` for a catalog page after `last`: from the entry
+    /// `last` lies under, if it does (on S3 a listing from that key on, `start-after`).
     async fn catalog_dir(&self, rel: String, last: Option<&str>) -> Result<CatalogDir> {
-        let root = Key::Repositories.path();
-        let path = if rel.is_empty() {
-            root
-        } else {
-            format!("{root}/{rel}")
-        };
+        let path = dir_path(&rel);
+        let first = last.and_then(|l| entry_of_last(&rel, l)).map(str::to_owned);
         // A stray file where a directory was expected names no repository (as distribution
         // ignores it), rather than failing the page.
-        let entries = match self.driver.list_sorted(&path).await {
-            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Listing::from([]),
+        let run = match self.driver.list_after(&path, first.as_deref()).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+                Run::whole(Listing::from([]), None, None)
+            }
             listed => listed?,
         };
-        let has = |name: &str| entries.binary_search_by(|e| e.as_str().cmp(name)).is_ok();
-        let is_repo = !rel.is_empty() && (has("_layers") || has("_manifests"));
-        let mut dir = CatalogDir {
+        // Only a directory after `last` is reported (one `last` lies under comes before it):
+        // its `_layers` and `_manifests` are in a run from the start, unless the run stopped
+        // before them (a store's listing request of entries that sort before `_`).
+        let is_repo = !rel.is_empty() && first.is_none() && {
+            let has =
+                |names: &[String], n: &str| names.binary_search_by(|e| e.as_str().cmp(n)).is_ok();
+            let covers =
+                |r: &Run| !r.more || r.names.last().is_some_and(|l| l.as_str() >= "_manifests");
+            if covers(&run) {
+                has(&run.names, "_layers") || has(&run.names, "_manifests")
+            } else {
+                let from_underscore = self.driver.list_after(&path, Some("_")).await?;
+                has(&from_underscore.names, "_layers") || has(&from_underscore.names, "_manifests")
+            }
+        };
+        Ok(CatalogDir {
             rel,
             is_repo,
-            entries,
-            start: 0,
-        };
-        if let Some(l) = last {
-            dir.start = dir
-                .entries
-                .partition_point(|e| !subtree_after(&dir.path(e), l));
-        }
-        Ok(dir)
+            first,
+            run,
+        })
     }
 
     /// A page of the repositories, in [`catalog_order`]: a walk that skips every directory
-    /// whose names all come before `last` (a binary search in each sorted listing) and stops
-    /// after `n` (one more, to know whether there are more), so a page costs the directories
-    /// on its way, not the store.
+    /// whose names all come before `last` (listing each from the entry `last` lies under)
+    /// and stops after `n` (one more, to know whether there are more), so a page costs the
+    /// directories on its way, not the store.
     pub async fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page> {
+        // A NUL orders as `/` does ([`catalog_order`]): read as one, it names the same place.
+        let last = last.map(|l| l.replace('\0', "/"));
+        let last = last.as_deref();
         let want = n.map(|n| n.saturating_add(1));
         let mut items = Vec::new();
         let top = self.catalog_dir(String::new(), last).await?;
@@ -138,7 +158,8 @@ impl Registry {
 
     /// Walks the subdirectories of `dir` and below, adding repositories after `last` to
     /// `items` until it holds `want`. The next few siblings are listed while one is looked at
-    /// ([`LISTED_AHEAD`]), in order.
+    /// ([`LISTED_AHEAD`]), in order; a directory listed in runs (S3) is listed on as the walk
+    /// reaches the end of a run.
     fn catalog_walk<'a>(
         &'a self,
         dir: CatalogDir,
@@ -148,23 +169,60 @@ impl Registry {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let full = |items: &Vec<String>| want.is_some_and(|w| items.len() >= w);
-            let mut listed = stream::iter(dir.subdirs())
-                .map(|rel| self.catalog_dir(rel, last))
-                .buffered(LISTED_AHEAD);
-            while let Some(sub) = listed.next().await {
+            let CatalogDir {
+                rel,
+                first,
+                mut run,
+                ..
+            } = dir;
+            // `first` comes from the client's `last`, not from a listing: walked only when it
+            // names a repository (`..`, `.`, `_layers`, a bad or too long name name no
+            // directory whose repositories could be listed — nor one outside `repositories/`).
+            let mut first = first
+                .map(|f| child(&rel, &f))
+                .filter(|f| RepositoryName::parse(f).is_ok());
+            loop {
+                let subdirs: Vec<String> = first
+                    .take()
+                    .into_iter()
+                    .chain(
+                        run.names[run.from..]
+                            .iter()
+                            .filter(|e| !e.starts_with('_'))
+                            .map(|e| child(&rel, e)),
+                    )
+                    .collect();
+                let mut listed = stream::iter(subdirs)
+                    .map(|rel| self.catalog_dir(rel, last))
+                    .buffered(LISTED_AHEAD);
+                while let Some(sub) = listed.next().await {
+                    if full(items) {
+                        break;
+                    }
+                    let sub = sub?;
+                    let after =
+                        last.is_none_or(|l| catalog_order(&sub.rel, l) == Ordering::Greater);
+                    if sub.is_repo && after && RepositoryName::parse(&sub.rel).is_ok() {
+                        items.push(sub.rel.clone());
+                    }
+                    if sub.has_subdirs() && !full(items) {
+                        self.catalog_walk(sub, last, want, items).await?;
+                    }
+                }
                 if full(items) {
-                    break;
+                    return Ok(());
                 }
-                let sub = sub?;
-                let after = last.is_none_or(|l| catalog_order(&sub.rel, l) == Ordering::Greater);
-                if sub.is_repo && after && RepositoryName::parse(&sub.rel).is_ok() {
-                    items.push(sub.rel.clone());
+                // The next run starts after this one's last name (and moves on).
+                let next = match run.names.last() {
+                    Some(l) if run.more => l.clone(),
+                    _ => return Ok(()),
+                };
+                let following = self.driver.list_after(&dir_path(&rel), Some(&next)).await?;
+                if following.names.last().is_some_and(|l| *l <= next) {
+                    return Ok(());
                 }
-                if sub.start < sub.entries.len() && !full(items) {
-                    self.catalog_walk(sub, last, want, items).await?;
-                }
+                run = following;
             }
-            Ok(())
         })
     }
 
@@ -257,20 +315,20 @@ mod tests {
     }
 
     #[test]
-    fn a_subtree_is_skipped_only_when_all_of_it_comes_before_last() {
+    fn the_entry_last_lies_under() {
         let cases = [
-            ("a", "a", true),     // a/… come after a
-            ("a", "a/b", true),   // a/c may come after a/b
-            ("a", "a-b", false),  // all of a/… comes before a-b
-            ("a/b", "a", true),   // after
-            ("a-b", "a/b", true), // after
-            ("a", "a/b/c", true),
-            ("a/b", "a/c", false),
-            ("ab", "a/z", true),
-            ("a", "a\0b", true), // a NUL orders as `/` does
+            ("", "a", Some("a")),
+            ("", "a/b/c", Some("a")),
+            ("a", "a/b", Some("b")),
+            ("a", "a/b/c", Some("b")),
+            ("a", "a", None),      // the directory itself: all of it comes after
+            ("a", "a-b", None),    // not under it
+            ("a", "a/", None),     // nothing named after the slash
+            ("a/b", "a/bc", None), // a sibling sharing a prefix
+            ("", "", None),
         ];
-        for (dir, last, may) in cases {
-            assert_eq!(subtree_after(dir, last), may, "{dir} after {last}");
+        for (dir, last, entry) in cases {
+            assert_eq!(entry_of_last(dir, last), entry, "{dir} / {last}");
         }
     }
 }
