@@ -594,6 +594,18 @@ impl BothWays {
             _servers: (conf, s3, fs),
         }
     }
+
+    /// The page of `list` (`/v2/_catalog` or a tag list) after `last`, `n` at most, from
+    /// S3 and from the filesystem: the same.
+    async fn same_page(&self, list: &str, field: &str, n: usize, last: Option<&str>) {
+        let path = match last {
+            None => format!("{list}?n={n}"),
+            Some(l) => format!("{list}?n={n}&last={l}"),
+        };
+        let s3_page = page_of(&self.on_s3, &path, field).await;
+        let fs_page = page_of(&self.on_fs, &path, field).await;
+        assert_eq!(s3_page, fs_page, "{path}");
+    }
 }
 
 /// The items and next link of one listing page.
@@ -624,29 +636,19 @@ async fn catalog_and_tag_pages_on_s3_are_those_of_the_same_layout_on_the_filesys
     layout.image("tags/many", &tags).unwrap();
 
     let both = BothWays::serve(root.path()).await;
-    let (on_s3, on_fs) = (&both.on_s3, &both.on_fs);
+    let on_s3 = &both.on_s3;
 
     let mut lasts: Vec<Option<String>> = vec![None];
     lasts.extend(names.iter().map(|n| Some(n.clone())));
     lasts.extend(["0", "a/", "a.", "b", "wide/r1", "~"].map(|s| Some(s.to_string())));
     for n in [1, 2, 5, 100] {
         for last in &lasts {
-            let path = match last {
-                None => format!("/v2/_catalog?n={n}"),
-                Some(l) => format!("/v2/_catalog?n={n}&last={l}"),
-            };
-            let s3_page = page_of(on_s3, &path, "repositories").await;
-            let fs_page = page_of(on_fs, &path, "repositories").await;
-            assert_eq!(s3_page, fs_page, "{path}");
+            both.same_page("/v2/_catalog", "repositories", n, last.as_deref())
+                .await;
         }
         for last in [None, Some("1.0"), Some("2"), Some("v1.0"), Some("~")] {
-            let path = match last {
-                None => format!("/v2/tags/many/tags/list?n={n}"),
-                Some(l) => format!("/v2/tags/many/tags/list?n={n}&last={l}"),
-            };
-            let s3_page = page_of(on_s3, &path, "tags").await;
-            let fs_page = page_of(on_fs, &path, "tags").await;
-            assert_eq!(s3_page, fs_page, "{path}");
+            both.same_page("/v2/tags/many/tags/list", "tags", n, last)
+                .await;
         }
     }
     let (all, _) = page_of(on_s3, "/v2/_catalog?n=1000", "repositories").await;
@@ -673,7 +675,7 @@ async fn tag_pages_on_s3_list_from_last_and_keep_name_order_across_listing_reque
     );
     layout.image("tags/many", &tags).unwrap();
     let both = BothWays::serve(root.path()).await;
-    let (on_s3, on_fs) = (&both.on_s3, &both.on_fs);
+    let on_s3 = &both.on_s3;
 
     let (all, more) = page_of(on_s3, "/v2/tags/many/tags/list", "tags").await;
     let mut sorted = tags.clone();
@@ -691,13 +693,8 @@ async fn tag_pages_on_s3_list_from_last_and_keep_name_order_across_listing_reque
         (1000, Some("a0001")),
         (5, Some("a0995")),
     ] {
-        let path = match last {
-            None => format!("/v2/tags/many/tags/list?n={n}"),
-            Some(l) => format!("/v2/tags/many/tags/list?n={n}&last={l}"),
-        };
-        let s3_page = page_of(on_s3, &path, "tags").await;
-        let fs_page = page_of(on_fs, &path, "tags").await;
-        assert_eq!(s3_page, fs_page, "{path}");
+        both.same_page("/v2/tags/many/tags/list", "tags", n, last)
+            .await;
     }
 }
 
@@ -717,7 +714,7 @@ async fn catalog_pages_on_s3_list_directories_from_last_across_listing_requests(
         layout.image(name, &v1).unwrap();
     }
     let both = BothWays::serve(root.path()).await;
-    let (on_s3, on_fs) = (&both.on_s3, &both.on_fs);
+    let on_s3 = &both.on_s3;
 
     let (all, more) = page_of(on_s3, "/v2/_catalog", "repositories").await;
     assert!(!more);
@@ -739,13 +736,8 @@ async fn catalog_pages_on_s3_list_directories_from_last_across_listing_requests(
         (3, Some("wide/~")),
         (1000, Some("a")),
     ] {
-        let path = match last {
-            None => format!("/v2/_catalog?n={n}"),
-            Some(l) => format!("/v2/_catalog?n={n}&last={l}"),
-        };
-        let s3_page = page_of(on_s3, &path, "repositories").await;
-        let fs_page = page_of(on_fs, &path, "repositories").await;
-        assert_eq!(s3_page, fs_page, "{path}");
+        both.same_page("/v2/_catalog", "repositories", n, last)
+            .await;
     }
 
     // Repositories created and deleted in the bucket while a client pages.
