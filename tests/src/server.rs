@@ -56,6 +56,19 @@ pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// A storage node's `storage_blobs` and `storage_blob_bytes` in its metrics `text`, once its
+/// first walk of the store has ended (`storage_usage_measured_timestamp_seconds` set).
+pub fn storage_usage(text: &str) -> Option<(f64, f64)> {
+    if metric_sample(text, "storage_usage_measured_timestamp_seconds")? > 0.0 {
+        Some((
+            metric_sample(text, "storage_blobs")?,
+            metric_sample(text, "storage_blob_bytes")?,
+        ))
+    } else {
+        None
+    }
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

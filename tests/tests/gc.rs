@@ -955,14 +955,11 @@ async fn on_s3_retention_keeps_n_recent_and_matching_tags_and_never_an_immutable
 /// `storage_blobs` and `storage_blob_bytes` of a node, once its first walk of the store has
 /// ended (`storage_usage_measured_timestamp_seconds` set; the walk at start-up).
 async fn usage(node: &StorageServer) -> (f64, f64) {
-    use portcullis_tests::server::{metric_sample, metrics_text};
+    use portcullis_tests::server::{metrics_text, storage_usage};
     for _ in 0..200 {
         let text = metrics_text(&node.base).await.unwrap();
-        if metric_sample(&text, "storage_usage_measured_timestamp_seconds").unwrap_or(0.0) > 0.0 {
-            return (
-                metric_sample(&text, "storage_blobs").unwrap(),
-                metric_sample(&text, "storage_blob_bytes").unwrap(),
-            );
+        if let Some(usage) = storage_usage(&text) {
+            return usage;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -63,6 +63,17 @@ impl Run {
         self.marks.as_ref().is_some_and(|m| m.get(i))
     }
 
+    /// Where the next run starts (its `after`): this one's last name, when the store has
+    /// more and this run holds a name after its own `after` — else there is no next run (one
+    /// that did not move on would be asked for again for ever).
+    pub fn next_after(&self) -> Option<&str> {
+        if self.more && self.from < self.names.len() {
+            self.names.last().map(String::as_str)
+        } else {
+            None
+        }
+    }
+
     /// Marks the `i`th name, if the listing is kept.
     pub fn mark(&self, i: usize) {
         if let Some(m) = &self.marks {

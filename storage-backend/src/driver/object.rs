@@ -765,24 +765,28 @@ impl Driver for ObjectDriver {
                 return Ok(Run::whole(self.list_sorted(prefix).await?, None, after));
             };
             let dir = format!("{}/", self.key(prefix)?);
-            let list_page = |start: Option<String>, token: Option<String>, under: String| {
-                let opts = PaginatedListOptions {
-                    offset: start,
-                    page_token: token,
-                    delimiter: Some("/".into()),
-                    max_keys: Some(LIST_KEYS),
-                    ..Default::default()
+            let list_page =
+                |start: Option<String>, token: Option<String>, under: String, keys: usize| {
+                    let opts = PaginatedListOptions {
+                        offset: start,
+                        page_token: token,
+                        delimiter: Some("/".into()),
+                        max_keys: Some(keys),
+                        ..Default::default()
+                    };
+                    async move {
+                        paged
+                            .list_paginated(Some(&under), opts)
+                            .await
+                            .map_err(io_err)
+                    }
                 };
-                async move { paged.list_paginated(Some(&under), opts).await }
-            };
             let is_after = |n: &str| after.is_none_or(|a| n > a);
             let start = after.map(|a| format!("{dir}{}", start_after(a)));
             let mut names = std::collections::BTreeSet::new();
             let mut token = None;
             let (more, last) = loop {
-                let page = list_page(start.clone(), token.take(), dir.clone())
-                    .await
-                    .map_err(io_err)?;
+                let page = list_page(start.clone(), token.take(), dir.clone(), LIST_KEYS).await?;
                 names.extend(child_names(&page.result).filter(|n| is_after(n)));
                 match page.page_token {
                     // Only names up to `after` so far (its own cuts, or a shortened
@@ -801,17 +805,9 @@ impl Driver for ObjectDriver {
                     .collect();
                 let found: Vec<String> = futures_util::stream::iter(cuts)
                     .map(|cut: String| {
-                        let opts = PaginatedListOptions {
-                            delimiter: Some("/".into()),
-                            max_keys: Some(1),
-                            ..Default::default()
-                        };
-                        let under = format!("{dir}{cut}/");
+                        let one = list_page(None, None, format!("{dir}{cut}/"), 1);
                         async move {
-                            let one = paged
-                                .list_paginated(Some(&under), opts)
-                                .await
-                                .map_err(io_err)?;
+                            let one = one.await?;
                             let there = !one.result.common_prefixes.is_empty()
                                 || !one.result.objects.is_empty();
                             Ok::<_, io::Error>(there.then_some(cut))

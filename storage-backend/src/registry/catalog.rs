@@ -89,15 +89,11 @@ impl CatalogDir {
     }
 }
 
-/// A tag name as a tag (a name that is none is skipped). A function, not a closure: the page's
-/// future must be `Send` for every lifetime of the listing it borrows.
-fn parse_tag(name: &str) -> Option<Tag> {
-    Tag::parse(name).ok()
-}
-
-/// The same, with the name's place in its listing.
+/// A listed name as a tag, with its place in its listing (a name that is none is skipped). A
+/// function, not a closure: the page's future must be `Send` for every lifetime of the
+/// listing it borrows.
 fn indexed_tag((i, name): (usize, &String)) -> Option<(usize, Tag)> {
-    Some((i, parse_tag(name)?))
+    Some((i, Tag::parse(name).ok()?))
 }
 
 impl Registry {
@@ -212,16 +208,10 @@ impl Registry {
                 if full(items) {
                     return Ok(());
                 }
-                // The next run starts after this one's last name (and moves on).
-                let next = match run.names.last() {
-                    Some(l) if run.more => l.clone(),
-                    _ => return Ok(()),
-                };
-                let following = self.driver.list_after(&dir_path(&rel), Some(&next)).await?;
-                if following.names.last().is_some_and(|l| *l <= next) {
+                let Some(next) = run.next_after() else {
                     return Ok(());
-                }
-                run = following;
+                };
+                run = self.driver.list_after(&dir_path(&rel), Some(next)).await?;
             }
         })
     }
@@ -283,13 +273,9 @@ impl Registry {
             if full(&items) {
                 break;
             }
-            // The next run starts after this one's last name (the check that it moves on only
-            // guards against a driver breaking its contract: it would loop for ever).
-            match run.names.last() {
-                Some(l) if run.more && after.as_deref().is_none_or(|a| l.as_str() > a) => {
-                    after = Some(l.clone());
-                }
-                _ => break,
+            match run.next_after() {
+                Some(next) => after = Some(next.to_owned()),
+                None => break,
             }
         }
         let more = want.is_some_and(|w| items.len() == w);

@@ -12,12 +12,13 @@ use crate::scale::repo_name;
 use crate::scale_gc::garbage;
 use anyhow::{Context, ensure};
 use futures_util::StreamExt;
-use oci::Digest;
+use oci::{Digest, RepositoryName, Tag};
 use portcullis_tests::client::{Client, OCI_MANIFEST};
-use portcullis_tests::server::{StorageOptions, StorageServer, metric_sample, metrics_text};
+use portcullis_tests::server::{StorageOptions, StorageServer, metrics_text, storage_usage};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use storage_backend::layout::Key;
 
 use crate::gc::PULLS_AT_ONCE as CONCURRENCY;
 /// How long the pulls are measured without GC.
@@ -87,11 +88,7 @@ async fn pulling(c: &Client, repos: usize, stop: &AtomicBool, pulls: &Pulls) {
 
 /// The node's `storage_blobs` gauge, once its walk of the store has ended.
 async fn blobs_gauge(base: &str) -> anyhow::Result<Option<f64>> {
-    let text = metrics_text(base).await?;
-    let walked = metric_sample(&text, "storage_usage_measured_timestamp_seconds").unwrap_or(0.0);
-    Ok((walked > 0.0)
-        .then(|| metric_sample(&text, "storage_blobs"))
-        .flatten())
+    Ok(storage_usage(&metrics_text(base).await?).map(|(blobs, _)| blobs))
 }
 
 /// `--scale-gc-live` on `root` (written by [`crate::scale_gc::gc_at_scale`]), whose dry run
@@ -216,10 +213,9 @@ pub(crate) async fn live_run(
 
     // What is left: every live image whole, no garbage, the node's count right.
     let t = Instant::now();
-    let v2 = root.join("docker/registry/v2");
     let on_disk = tokio::task::spawn_blocking({
-        let v2 = v2.clone();
-        move || check_store(&v2, repos)
+        let root = root.to_owned();
+        move || check_store(&root, repos)
     })
     .await??;
     ensure!(
@@ -241,24 +237,24 @@ pub(crate) async fn live_run(
 }
 
 /// Every live repository's manifest (its tag's target) and the blobs it names are on disk,
-/// every garbage repository has lost its layer links; the number of blobs in the store.
-fn check_store(v2: &Path, repos: usize) -> anyhow::Result<u64> {
-    let data = |d: &Digest| {
-        let hex = d.hex();
-        v2.join(format!("blobs/{}/{}/{hex}/data", d.algorithm(), &hex[..2]))
-    };
+/// every garbage repository has lost its layer links; the number of blobs in the store. Paths
+/// are the storage service's own ([`Key`]).
+fn check_store(root: &Path, repos: usize) -> anyhow::Result<u64> {
+    let on_disk = |key: Key| root.join(key.path());
+    let v1 = Tag::parse("v1")?;
     for i in 0..repos {
-        let repo = v2.join("repositories").join(repo_name(i));
+        let name = RepositoryName::parse(&repo_name(i))?;
         if garbage(i) {
-            let links = repo.join("_layers/sha256");
+            let links = on_disk(Key::Repository(&name)).join("_layers/sha256");
             let left = std::fs::read_dir(&links).map_or(0, |d| d.count());
             ensure!(left == 0, "{}: {left} layer links left", links.display());
             continue;
         }
-        let link = std::fs::read_to_string(repo.join("_manifests/tags/v1/current/link"))
-            .with_context(|| format!("{}: the tag's link", repo.display()))?;
+        let link = std::fs::read_to_string(on_disk(Key::TagCurrentLink(&name, &v1)))
+            .with_context(|| format!("{name}: the tag's link"))?;
         let m = Digest::parse(link.trim())?;
-        let body = std::fs::read(data(&m)).with_context(|| format!("manifest {m}"))?;
+        let body =
+            std::fs::read(on_disk(Key::Blob(&m))).with_context(|| format!("manifest {m}"))?;
         let v: serde_json::Value = serde_json::from_slice(&body)?;
         let blobs = v["layers"]
             .as_array()
@@ -267,11 +263,11 @@ fn check_store(v2: &Path, repos: usize) -> anyhow::Result<u64> {
             .chain(std::iter::once(&v["config"]));
         for b in blobs {
             let d = Digest::parse(b["digest"].as_str().unwrap_or(""))?;
-            ensure!(data(&d).is_file(), "{}: blob {d} is gone", repo_name(i));
+            ensure!(on_disk(Key::Blob(&d)).is_file(), "{name}: blob {d} is gone");
         }
     }
     let mut n = 0u64;
-    for alg in std::fs::read_dir(v2.join("blobs"))? {
+    for alg in std::fs::read_dir(on_disk(Key::Blobs))? {
         for prefix in std::fs::read_dir(alg?.path())? {
             for blob in std::fs::read_dir(prefix?.path())? {
                 if blob?.path().join("data").is_file() {
