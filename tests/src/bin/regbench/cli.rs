@@ -110,10 +110,10 @@ pub(crate) struct Args {
     /// (`--pull-mib` blobs, `--rounds` rounds).
     #[arg(long)]
     pub(crate) cache: bool,
-    /// `--cache`: the cold pull is measured again with the upstream behind a link of this
-    /// many MiB/s (a relay that paces it), as a registry on the internet is.
-    #[arg(long, default_value_t = 100)]
-    pub(crate) cache_link_mib: u64,
+    /// `--cache`: the cold pull is measured again with the upstream behind a link of each of
+    /// these many MiB/s (a relay that paces it), as a registry on the internet is.
+    #[arg(long, value_delimiter = ',', default_value = "100,400")]
+    pub(crate) cache_link_mib: Vec<u64>,
     /// Measure the web console's pages at each of `--scale-sizes` repositories (a registry:2
     /// root written directly, `gateway serve` in front of one storage node): the repositories
     /// list, its next page and search, a tag page, a manifest page, for an administrator, a
