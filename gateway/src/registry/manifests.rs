@@ -8,7 +8,9 @@
 //! that generation; every change through any gateway — a manifest pushed, a tag moved or
 //! deleted, a manifest deleted, the web console's deletes — writes a new one before the client
 //! hears of the change (a change whose new generation cannot be written is answered 503, and
-//! the client retries). So the next `GET` on any gateway sees the change. A generation that
+//! the client retries). So the next `GET` on any gateway sees the change (the generation it
+//! reads is read by a store request sent after it arrived; requests for one repository that
+//! arrive together share that request: [`SharedReads`]). A generation that
 //! cannot be read (the store down) serves nothing from memory; one that is gone (never made,
 //! evicted, expired) is made anew only after storage answered a read with a manifest (so
 //! reads of repositories that do not exist write nothing to the store), and what was kept
@@ -23,6 +25,7 @@
 //! 1 MiB is never kept.
 
 use crate::state::StateStore;
+use crate::state::shared_reads::SharedReads;
 use bytes::Bytes;
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
@@ -151,6 +154,8 @@ pub enum Lookup {
 
 pub struct ManifestCache {
     store: Arc<dyn StateStore>,
+    /// Generation reads of a repository many requests ask at once share round trips.
+    generations: SharedReads,
     inner: Mutex<Inner>,
     max_bytes: usize,
     ttl: Duration,
@@ -168,6 +173,7 @@ impl ManifestCache {
     pub fn new(store: Arc<dyn StateStore>, cfg: &ManifestCacheConfig) -> Self {
         ManifestCache {
             store,
+            generations: SharedReads::default(),
             inner: Mutex::new(Inner::default()),
             max_bytes: cfg.max_mebibytes << 20,
             ttl: Duration::from_secs(cfg.ttl_seconds),
@@ -177,7 +183,8 @@ impl ManifestCache {
     /// The manifest `repo:reference` (a tag or a digest) if kept under the repository's
     /// current generation.
     pub async fn lookup(&self, repo: &str, reference: &str) -> Lookup {
-        let generation = match self.store.get(&generation_key(repo)).await {
+        let key = generation_key(repo);
+        let generation = match self.generations.get(self.store.as_ref(), &key).await {
             Ok(Some(g)) => g,
             Ok(None) => return Lookup::Miss(None),
             Err(_) => return Lookup::Unavailable,

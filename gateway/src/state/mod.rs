@@ -6,6 +6,7 @@
 //! steps in both: [`StateStore::take`], [`StateStore::replace`], [`StateStore::incr`].
 
 pub mod redis;
+pub mod shared_reads;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
