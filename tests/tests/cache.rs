@@ -745,6 +745,116 @@ async fn sixteen_cold_pulls_fetch_each_blob_once_and_a_cut_transfer_stores_nothi
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_layer_upstream_images_share_is_fetched_once_and_never_linked_where_the_upstream_lacks_it()
+-> anyhow::Result<()> {
+    let up_root = tempfile::tempdir()?;
+    let log = up_root.path().join("access.log");
+    let up_data = up_root.path().join("data");
+    let upstream = Distribution::start_with(&up_data, Some(&[UPSTREAM_USER]), Some(&log))?;
+    let cached = Cached::start(&upstream.base, UPSTREAM_USER, "")?;
+    let up = upstream_client(&upstream);
+    // Three images on one base layer (and one config: the same tag's).
+    let base = random(2 << 20, 41);
+    let mut images = Vec::new();
+    for (i, name) in ["a", "b", "d"].into_iter().enumerate() {
+        let own = random(100_000, 42 + i as u64);
+        let repo = format!("library/{name}");
+        images.push(push_upstream(&up, &repo, "1", &[&base, &own]).await?);
+    }
+    let shared: Vec<Digest> = images[0].1[..2].iter().map(|(d, _)| d.clone()).collect();
+    ensure!(images[1].1[..2].iter().map(|(d, _)| d).eq(shared.iter()));
+    let gets =
+        |name: &str, d: &Digest| upstream_gets(&log, &format!("/v2/library/{name}/blobs/{d}"));
+    let c = cached.client();
+    let shares = || metric(&cached.gateway.admin, results("shared"));
+
+    ensure!(pull_verified(&c, "hub/library/a", "1").await? == images[0].0);
+    // A HEAD through another repository links each shared blob once its fetch is recorded
+    // (a HEAD never fetches: until then the upstream's HEAD answers it).
+    for d in &shared {
+        eventually("the shared blob is linked by a HEAD", || async {
+            let r = c
+                .req(Method::HEAD, &format!("/v2/hub/library/b/blobs/{d}"))
+                .send()
+                .await?;
+            ensure!(r.status() == 200, "HEAD {d}: {}", r.status());
+            cached.stored("hub/library/b", d).await
+        })
+        .await?;
+    }
+    ensure!(pull_verified(&c, "hub/library/b", "1").await? == images[1].0);
+    // By GET: the third image's shared blobs are linked, not fetched.
+    let before = shares().await?;
+    ensure!(pull_verified(&c, "hub/library/d", "1").await? == images[2].0);
+    ensure!(shares().await? == before + 2.0, "two blobs shared by GET");
+    for d in &shared {
+        ensure!(
+            gets("a", d)? == 1,
+            "{d} was fetched {} times",
+            gets("a", d)?
+        );
+        ensure!(
+            gets("b", d)? == 0 && gets("d", d)? == 0,
+            "{d} was fetched again"
+        );
+        ensure!(cached.stored("hub/library/d", d).await?);
+    }
+    // The own layers were fetched for their images.
+    eventually("the upstream logged the GET", || async {
+        Ok(gets("d", &images[2].1[2].0)? == 1)
+    })
+    .await?;
+
+    // Through a repository whose upstream image lacks a blob the cache holds: nothing is
+    // linked, the upstream's 404 (nor by HEAD); one the upstream does not know at all alike.
+    let a_only = &images[0].1[2].0;
+    for method in [Method::HEAD, Method::GET] {
+        let r = c
+            .req(method.clone(), &format!("/v2/hub/library/b/blobs/{a_only}"))
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 404,
+            "{method} {a_only} through b: {}",
+            r.status()
+        );
+        let r = c
+            .req(
+                method.clone(),
+                &format!("/v2/hub/library/none/blobs/{a_only}"),
+            )
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 404,
+            "{method} {a_only} through none: {}",
+            r.status()
+        );
+    }
+    ensure!(!cached.stored("hub/library/b", a_only).await?);
+    ensure!(!cached.stored("hub/library/none", a_only).await?);
+
+    // The repository the record names lost the blob (evicted by a delete): the next
+    // repository fetches it, as any cold blob.
+    let admin = deployment::storage_client(&cached.storage);
+    for repo in ["hub/library/a", "hub/library/b", "hub/library/d"] {
+        let r = admin
+            .req(Method::DELETE, &format!("/v2/{repo}/blobs/{}", shared[1]))
+            .send()
+            .await?;
+        ensure!(r.status() == 202, "delete from {repo}: {}", r.status());
+    }
+    let own = random(1000, 49);
+    let (e, _) = push_upstream(&up, "library/e", "1", &[&base, &own]).await?;
+    ensure!(pull_verified(&c, "hub/library/e", "1").await? == e);
+    eventually("the upstream logged the GET", || async {
+        Ok(gets("e", &shared[1])? == 1)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_cold_256_mib_blob_streams_before_the_upstream_is_done_and_ranges_work_in_flight()
 -> anyhow::Result<()> {
     let up_root = tempfile::tempdir()?;

@@ -17,6 +17,10 @@
 //! - A cold blob is fetched once however many clients ask ([`fetch`]): every client reads it
 //!   as it arrives while it is uploaded to storage, which makes it visible only once the
 //!   digest matched.
+//! - A cold blob the cache fetched before for another of its repositories (a base layer many
+//!   images share; where, in the shared state store) is linked into this one instead — once
+//!   the upstream answered a `HEAD` saying this repository's image has it, so nobody reads
+//!   through a repository what its upstream image does not hold.
 //!
 //! The tables are put in force whole ([`LiveCaches`]): a reload (`SIGHUP`) builds the new set
 //! first, keeping each cache whose table and files did not change (its blobs in flight go on
@@ -148,6 +152,9 @@ pub enum Outcome {
     Miss,
     Stale,
     Error,
+    /// A blob the cache fetched for another of its repositories, linked into this one once
+    /// the upstream confirmed it has the blob under this name: no second fetch.
+    Shared,
 }
 
 impl Outcome {
@@ -157,6 +164,7 @@ impl Outcome {
             Outcome::Miss => "miss",
             Outcome::Stale => "stale",
             Outcome::Error => "error",
+            Outcome::Shared => "shared",
         }
     }
 }
@@ -171,6 +179,16 @@ fn fail_storage(e: impl std::fmt::Display) -> Failure {
 fn tag_key(url: &str, repo: &str, tag: &str) -> String {
     format!("proxy:tag:{repo}:{tag} {url}")
 }
+
+/// Where the blob `digest` fetched from the upstream `url` was stored (a repository of the
+/// cache), so that another repository whose upstream image has it links it instead of
+/// fetching it again.
+fn blob_key(url: &str, digest: &Digest) -> String {
+    format!("proxy:blob:{digest} {url}")
+}
+
+/// How long a fetched blob's repository is remembered (each fetch or link renews it).
+const BLOB_RECORD_TTL: Duration = Duration::from_secs(7 * 86_400);
 
 impl Cache {
     fn lock(&self, key: &str) -> &tokio::sync::Mutex<()> {
@@ -712,17 +730,26 @@ impl ProxyCaches {
         head: bool,
         range: Option<&str>,
     ) -> (Answer, Outcome) {
+        let linked = std::sync::atomic::AtomicBool::new(false);
         let stored = || async {
-            self.storage
+            if self
+                .storage
                 .has_blob(repo, digest)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(true);
+            }
+            let shared = self.link_shared(cache, repo, name, digest).await;
+            linked.store(shared, std::sync::atomic::Ordering::Relaxed);
+            Ok(shared)
         };
         let joined = match cache.fetches.join(repo, digest, !head, stored).await {
             Ok(j) => j,
             Err(e) => return (Answer::Fail(fail_storage(e)), Outcome::Error),
         };
         let fetch = match joined {
+            Joined::Stored if linked.into_inner() => return (Answer::Forward, Outcome::Shared),
             Joined::Stored => return (Answer::Forward, Outcome::Hit),
             Joined::Running(f) => f,
             Joined::Absent => return self.head_upstream(cache, name, digest).await,
@@ -793,6 +820,43 @@ impl ProxyCaches {
         )
     }
 
+    /// Links into `repo` a blob the cache fetched from the same upstream for another of its
+    /// repositories, if the upstream says `name` has it (so nobody reads through `repo` what
+    /// its upstream image does not hold). Whether it is linked now; any failure (no record,
+    /// the upstream unsure, storage no longer holding it) is "no", and the blob is fetched.
+    async fn link_shared(&self, cache: &Cache, repo: &str, name: &str, digest: &Digest) -> bool {
+        let key = blob_key(cache.upstream.url(), digest);
+        let from = match self.state.get(&key).await {
+            Ok(Some(v)) => match String::from_utf8(v) {
+                Ok(from) if from != repo && from.starts_with(&format!("{}/", cache.prefix)) => from,
+                _ => return false,
+            },
+            _ => return false,
+        };
+        let started = Instant::now();
+        let head = cache
+            .upstream
+            .send(Method::HEAD, name, &format!("blobs/{digest}"), None)
+            .await;
+        cache.observe("head", started);
+        if let Err(e) = head {
+            // The fetch that follows asks again and answers the client.
+            tracing::debug!(cache = %cache.prefix, %digest, error = %e, "pull-through cache: no shared blob");
+            return false;
+        }
+        match self.storage.mount(repo, &from, digest).await {
+            Ok(true) => {
+                remember_blob(self.state.as_ref(), cache, repo, digest).await;
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(cache = %cache.prefix, %digest, error = %e, "pull-through cache: linking a shared blob failed");
+                false
+            }
+        }
+    }
+
     /// `HEAD` of a blob nobody fetches: the upstream's answer, nothing fetched.
     async fn head_upstream(&self, cache: &Cache, name: &str, digest: &Digest) -> (Answer, Outcome) {
         let started = Instant::now();
@@ -839,13 +903,26 @@ impl ProxyCaches {
     ) {
         let (cache, storage, fetch) = (cache.clone(), self.storage.clone(), fetch.clone());
         let (repo, name, digest) = (repo.to_owned(), name.to_owned(), digest.clone());
+        let state = self.state.clone();
         tokio::spawn(async move {
             let result = fetch_blob(&cache, &storage, &repo, &name, &digest, sink).await;
-            if let Err(e) = &result {
-                tracing::warn!(cache = %cache.prefix, repository = %repo, %digest, error = %e, "pull-through cache: blob not cached");
+            match &result {
+                Ok(()) => remember_blob(state.as_ref(), &cache, &repo, &digest).await,
+                Err(e) => {
+                    tracing::warn!(cache = %cache.prefix, repository = %repo, %digest, error = %e, "pull-through cache: blob not cached");
+                }
             }
             cache.fetches.done(&repo, &digest, &fetch, result.is_ok());
         });
+    }
+}
+
+/// Records that `repo` holds the blob the cache fetched from its upstream.
+async fn remember_blob(state: &dyn StateStore, cache: &Cache, repo: &str, digest: &Digest) {
+    let key = blob_key(cache.upstream.url(), digest);
+    let value = repo.as_bytes().to_vec();
+    if let Err(e) = state.set(&key, value, BLOB_RECORD_TTL).await {
+        tracing::warn!(error = %e, "pull-through cache: cannot record a fetched blob");
     }
 }
 

@@ -51,6 +51,29 @@ impl Storage {
         }
     }
 
+    /// Links the blob `from` holds into `repo` (a cross-repository mount); `false` if `from`
+    /// no longer holds it (then the upload session storage opened instead is cancelled).
+    pub async fn mount(&self, repo: &str, from: &str, digest: &Digest) -> anyhow::Result<bool> {
+        let resp = self
+            .request(
+                Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"),
+            )?
+            .header("content-length", "0")
+            .send()
+            .await?;
+        match resp.status() {
+            StatusCode::CREATED => Ok(true),
+            StatusCode::ACCEPTED => {
+                if let Some(path) = upload_path(&resp) {
+                    let _ = self.request(Method::DELETE, path)?.send().await;
+                }
+                Ok(false)
+            }
+            s => anyhow::bail!("storage answered {s} to a mount"),
+        }
+    }
+
     /// Stores an upstream manifest (checked against its digest already) under `reference`.
     pub async fn put_manifest(
         &self,
@@ -96,16 +119,8 @@ impl Storage {
         if start.status() != StatusCode::ACCEPTED {
             anyhow::bail!("storage refused an upload: {}", start.status());
         }
-        let location = start
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| anyhow::anyhow!("storage started an upload without Location"))?;
-        // Storage answers with a path; the session continues on any node.
-        let path = match location.find("/v2/") {
-            Some(i) => &location[i..],
-            None => anyhow::bail!("storage sent an odd upload Location"),
-        };
+        let path = upload_path(&start)
+            .ok_or_else(|| anyhow::anyhow!("storage started an upload without a Location"))?;
         let sep = if path.contains('?') { '&' } else { '?' };
         let resp = self
             .internal
@@ -124,4 +139,11 @@ impl Storage {
         }
         Ok(())
     }
+}
+
+/// The path of the upload session storage answered with (it answers with a path; the session
+/// continues on any node).
+fn upload_path(resp: &reqwest::Response) -> Option<&str> {
+    let location = resp.headers().get("location")?.to_str().ok()?;
+    location.find("/v2/").map(|i| &location[i..])
 }

@@ -184,7 +184,7 @@ impl ManifestCache {
     /// current generation.
     pub async fn lookup(&self, repo: &str, reference: &str) -> Lookup {
         let key = generation_key(repo);
-        let generation = match self.generations.get(self.store.as_ref(), &key).await {
+        let generation = match self.generations.get(&self.store, &key).await {
             Ok(Some(g)) => g,
             Ok(None) => return Lookup::Miss(None),
             Err(_) => return Lookup::Unavailable,

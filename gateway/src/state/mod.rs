@@ -127,7 +127,7 @@ pub enum Class {
     /// Failed-login counters (`fail:`): oldest evicted first.
     Failures,
     /// The LDAP login cache (`ldap:login:`), when pull-through caches last checked a tag
-    /// with their upstream (`proxy:tag:`) and the repositories' manifest generations
+    /// with their upstream (`proxy:tag:`), where they stored a blob (`proxy:blob:`) and the repositories' manifest generations
     /// (`manifests:gen:`), asked again or made anew when missing: oldest evicted first.
     Cache,
     /// Sessions (`session:`): never evicted; refused when full.
@@ -142,9 +142,10 @@ pub enum Class {
 impl Class {
     /// The class of `key`, by its prefix.
     pub fn of(key: &str) -> Class {
-        const PREFIXES: [(&str, Class); 8] = [
+        const PREFIXES: [(&str, Class); 9] = [
             ("oidc:", Class::Flows),
             ("proxy:tag:", Class::Cache),
+            ("proxy:blob:", Class::Cache),
             // A generation evicted is made anew: what was kept under it is just not used.
             ("manifests:gen:", Class::Cache),
             ("rate:", Class::Rates),

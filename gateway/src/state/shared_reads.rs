@@ -6,10 +6,11 @@
 //! way, the reads of that key that arrive meanwhile wait for it to come back and then share
 //! the next one. So a key asked for by many requests at once costs the store one round trip
 //! at a time, however many ask; a read that finds no `GET` of its key on the way sends its own
-//! at once and waits for nothing.
+//! at once and waits for nothing but its answer.
 //!
-//! The reader whose `GET` is on its way may be given up (its request cancelled): the others
-//! are woken and one of them sends the next.
+//! A `GET` runs on a task of its own: a request given up (its client gone) does not take the
+//! others' `GET` with it. A slot stays while a `GET` of its key is on the way, so a `GET`
+//! sent before a slot was made never answers that slot's reads.
 
 use super::{StateError, StateStore};
 use crate::in_force::lock;
@@ -20,10 +21,12 @@ use tokio::sync::Notify;
 /// A `GET`'s answer as every reader sharing it gets it (the store's error as its text).
 type Answer = Result<Option<Vec<u8>>, String>;
 
+type Slots = Arc<Mutex<HashMap<String, Slot>>>;
+
 /// The reads of every key in progress.
 #[derive(Default)]
 pub struct SharedReads {
-    keys: Mutex<HashMap<String, Slot>>,
+    keys: Slots,
 }
 
 /// One key's reads in progress.
@@ -35,10 +38,17 @@ struct Slot {
     flying: bool,
     /// The last answer, with the number of its `GET`.
     last: Option<(u64, Answer)>,
-    /// Reads of the key not yet answered (the slot goes when none is left).
+    /// Reads of the key not yet answered.
     readers: usize,
-    /// Woken when a `GET` comes back or is given up.
+    /// Woken when a `GET` comes back.
     landed: Arc<Notify>,
+}
+
+impl Slot {
+    /// Nothing waits on it and nothing will land in it.
+    fn idle(&self) -> bool {
+        self.readers == 0 && !self.flying
+    }
 }
 
 /// What a read does next.
@@ -47,23 +57,25 @@ enum Next {
     Answered(Answer),
     /// None is on its way: it sends `GET` number `n`.
     Send(u64),
-    /// One sent before it arrived is on its way: it waits for that to land (made while the
-    /// slot was locked, so a landing after that wakes it).
+    /// One is on its way: it waits for that to land (made while the slot was locked, so a
+    /// landing after that wakes it).
     Wait(tokio::sync::futures::OwnedNotified),
 }
 
 /// One read, counted in its slot until it ends (answered or given up).
 struct Reader<'a> {
-    reads: &'a SharedReads,
+    keys: &'a Slots,
     key: &'a str,
     /// The number of the first `GET` sent after this read arrived: what may answer it.
     needs: u64,
 }
 
-/// A `GET` on its way; given up (dropped before it landed), it lets another reader send one.
-struct Flight<'a> {
-    reads: &'a SharedReads,
-    key: &'a str,
+/// A `GET` on its way; if its task ends without an answer (a panic), the slot is freed for
+/// another.
+struct Flight {
+    keys: Slots,
+    key: String,
+    n: u64,
     landed: bool,
 }
 
@@ -71,22 +83,25 @@ impl SharedReads {
     /// The value under `key` in `store`, as a `GET` sent after this call began reads it.
     pub async fn get(
         &self,
-        store: &dyn StateStore,
+        store: &Arc<dyn StateStore>,
         key: &str,
     ) -> Result<Option<Vec<u8>>, StateError> {
-        let reader = Reader::arrive(self, key);
+        let reader = Reader::arrive(&self.keys, key);
         loop {
             match reader.next() {
                 Next::Answered(answer) => return answer.map_err(StateError),
                 Next::Send(n) => {
                     let mut flight = Flight {
-                        reads: self,
-                        key,
+                        keys: self.keys.clone(),
+                        key: key.to_owned(),
+                        n,
                         landed: false,
                     };
-                    let answer = store.get(key).await;
-                    flight.land(n, &answer);
-                    return answer;
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let answer = store.get(&flight.key).await;
+                        flight.land(answer.map_err(|e| e.0));
+                    });
                 }
                 Next::Wait(landed) => landed.await,
             }
@@ -101,22 +116,23 @@ impl SharedReads {
 }
 
 impl<'a> Reader<'a> {
-    fn arrive(reads: &'a SharedReads, key: &'a str) -> Self {
-        let mut keys = lock(&reads.keys);
-        let slot = keys.entry(key.to_owned()).or_default();
+    fn arrive(keys: &'a Slots, key: &'a str) -> Self {
+        let mut slots = lock(keys);
+        let slot = slots.entry(key.to_owned()).or_default();
         slot.readers += 1;
         Reader {
-            reads,
+            keys,
             key,
             needs: slot.sent + 1,
         }
     }
-}
 
-impl Reader<'_> {
     fn next(&self) -> Next {
-        let mut keys = lock(&self.reads.keys);
-        let slot = keys.entry(self.key.to_owned()).or_default();
+        let mut slots = lock(self.keys);
+        // A slot with readers is never removed; if it were, fail closed.
+        let Some(slot) = slots.get_mut(self.key) else {
+            return Next::Answered(Err("the read's slot is gone".into()));
+        };
         match &slot.last {
             Some((n, answer)) if *n >= self.needs => Next::Answered(answer.clone()),
             _ if slot.flying => Next::Wait(slot.landed.clone().notified_owned()),
@@ -131,37 +147,41 @@ impl Reader<'_> {
 
 impl Drop for Reader<'_> {
     fn drop(&mut self) {
-        let mut keys = lock(&self.reads.keys);
-        if let Some(slot) = keys.get_mut(self.key) {
-            slot.readers -= 1;
-            if slot.readers == 0 {
-                keys.remove(self.key);
+        let mut slots = lock(self.keys);
+        if let Some(slot) = slots.get_mut(self.key) {
+            slot.readers = slot.readers.saturating_sub(1);
+            if slot.idle() {
+                slots.remove(self.key);
             }
         }
     }
 }
 
-impl Flight<'_> {
-    fn land(&mut self, n: u64, answer: &Result<Option<Vec<u8>>, StateError>) {
+impl Flight {
+    fn land(&mut self, answer: Answer) {
         self.landed = true;
-        let mut keys = lock(&self.reads.keys);
-        if let Some(slot) = keys.get_mut(self.key) {
+        self.end(Some(answer));
+    }
+
+    fn end(&self, answer: Option<Answer>) {
+        let mut slots = lock(&self.keys);
+        if let Some(slot) = slots.get_mut(&self.key) {
             slot.flying = false;
-            slot.last = Some((n, answer.as_ref().map_err(|e| e.0.clone()).cloned()));
+            if let Some(answer) = answer {
+                slot.last = Some((self.n, answer));
+            }
             slot.landed.notify_waiters();
+            if slot.idle() {
+                slots.remove(&self.key);
+            }
         }
     }
 }
 
-impl Drop for Flight<'_> {
+impl Drop for Flight {
     fn drop(&mut self) {
-        if self.landed {
-            return;
-        }
-        let mut keys = lock(&self.reads.keys);
-        if let Some(slot) = keys.get_mut(self.key) {
-            slot.flying = false;
-            slot.landed.notify_waiters();
+        if !self.landed {
+            self.end(None);
         }
     }
 }
@@ -187,7 +207,11 @@ mod tests {
             self.gets.fetch_add(1, Ordering::SeqCst);
             let answer = self.inner.get(key).await;
             match self.gate.acquire().await {
-                Ok(_pass) => answer,
+                Ok(pass) => {
+                    // One permit lets one answer through.
+                    pass.forget();
+                    answer
+                }
                 Err(_) => Err(StateError("the store is down".into())),
             }
         }
@@ -235,79 +259,93 @@ mod tests {
         }
     }
 
+    /// A read of `k` on a task of its own.
+    fn read(
+        store: &Arc<Gated>,
+        reads: &Arc<SharedReads>,
+    ) -> tokio::task::JoinHandle<Result<Option<Vec<u8>>, String>> {
+        let store: Arc<dyn StateStore> = store.clone();
+        let reads = reads.clone();
+        tokio::spawn(async move { reads.get(&store, "k").await.map_err(|e| e.0) })
+    }
+
+    fn gets(store: &Gated) -> usize {
+        store.gets.load(Ordering::SeqCst)
+    }
+
+    async fn put(store: &Gated, value: &str) {
+        let ttl = Duration::from_secs(60);
+        store.set("k", value.into(), ttl).await.unwrap();
+    }
+
     #[tokio::test]
     async fn reads_arriving_while_a_get_flies_share_the_next_one_which_sees_a_write_made_meanwhile()
     {
-        let store = gated();
-        let reads = Arc::new(SharedReads::default());
-        store
-            .set("k", b"old".to_vec(), Duration::from_secs(60))
-            .await
-            .unwrap();
-        let read = |s: &Arc<Gated>, r: &Arc<SharedReads>| {
-            let (s, r) = (s.clone(), r.clone());
-            tokio::spawn(async move { r.get(s.as_ref(), "k").await.unwrap() })
-        };
+        let (store, reads) = (gated(), Arc::new(SharedReads::default()));
+        put(&store, "old").await;
         let first = read(&store, &reads);
         settle().await;
-        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
-        // A write lands while the first GET is on its way; reads after it must see it.
-        store
-            .set("k", b"new".to_vec(), Duration::from_secs(60))
-            .await
-            .unwrap();
+        assert_eq!(gets(&store), 1);
+        // A write lands while the first GET's answer is on its way; reads after it see it.
+        put(&store, "new").await;
         let later: Vec<_> = (0..16).map(|_| read(&store, &reads)).collect();
         settle().await;
-        assert_eq!(
-            store.gets.load(Ordering::SeqCst),
-            1,
-            "they wait for the GET on its way"
-        );
+        assert_eq!(gets(&store), 1, "they wait for the GET on its way");
         store.gate.add_permits(1);
-        assert_eq!(first.await.unwrap(), Some(b"old".to_vec()));
+        assert_eq!(first.await.unwrap(), Ok(Some(b"old".to_vec())));
         settle().await;
-        assert_eq!(
-            store.gets.load(Ordering::SeqCst),
-            2,
-            "one GET for all sixteen"
+        assert_eq!(gets(&store), 2, "one GET for all sixteen");
+        assert!(
+            later.iter().all(|r| !r.is_finished()),
+            "they wait for its answer"
         );
         store.gate.add_permits(1);
         for r in later {
-            assert_eq!(r.await.unwrap(), Some(b"new".to_vec()));
+            assert_eq!(r.await.unwrap(), Ok(Some(b"new".to_vec())));
         }
+        assert_eq!(gets(&store), 2);
         assert_eq!(reads.in_progress(), 0);
     }
 
     #[tokio::test]
-    async fn a_given_up_get_lets_a_waiting_reader_send_its_own_and_a_failed_one_fails_its_sharers()
-    {
-        let store = gated();
-        let reads = Arc::new(SharedReads::default());
-        let read = || {
-            let (s, r) = (store.clone(), reads.clone());
-            tokio::spawn(async move { r.get(s.as_ref(), "k").await.map_err(|e| e.0) })
-        };
-        let first = read();
+    async fn a_get_outlives_the_request_that_sent_it_and_a_failed_get_fails_all_who_share_it() {
+        let (store, reads) = (gated(), Arc::new(SharedReads::default()));
+        let first = read(&store, &reads);
         settle().await;
-        let second = read();
+        let second = read(&store, &reads);
         settle().await;
-        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
         first.abort();
         settle().await;
-        assert_eq!(
-            store.gets.load(Ordering::SeqCst),
-            2,
-            "the waiting reader sent its own"
-        );
-        let (a, b) = (read(), read());
+        assert_eq!(gets(&store), 1, "the GET goes on without its request");
+        store.gate.add_permits(1);
         settle().await;
-        assert_eq!(store.gets.load(Ordering::SeqCst), 2);
+        assert_eq!(gets(&store), 2, "the waiting read sent the next");
+        let (a, b) = (read(&store, &reads), read(&store, &reads));
+        settle().await;
+        assert_eq!(gets(&store), 2);
         // The store goes down: the GET on its way fails, and the one a and b share too.
         store.gate.close();
         for r in [second, a, b] {
             assert_eq!(r.await.unwrap(), Err("the store is down".to_string()));
         }
-        assert_eq!(store.gets.load(Ordering::SeqCst), 3);
+        assert_eq!(gets(&store), 3);
+        assert_eq!(reads.in_progress(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_get_whose_readers_all_left_never_answers_a_read_that_came_after_it() {
+        let (store, reads) = (gated(), Arc::new(SharedReads::default()));
+        put(&store, "old").await;
+        let first = read(&store, &reads);
+        settle().await;
+        first.abort();
+        settle().await;
+        assert_eq!(reads.in_progress(), 1, "the slot stays while its GET flies");
+        put(&store, "new").await;
+        let late = read(&store, &reads);
+        store.gate.add_permits(2);
+        assert_eq!(late.await.unwrap(), Ok(Some(b"new".to_vec())));
+        assert_eq!(gets(&store), 2);
         assert_eq!(reads.in_progress(), 0);
     }
 }
