@@ -69,8 +69,9 @@ pub struct AuthMetrics {
 /// Metrics of the pull-through caches (process-wide, like [`AuthMetrics`]).
 pub struct CacheMetrics {
     /// Manifest and blob requests under a cache prefix, by prefix and result (`hit`: from
-    /// storage; `miss`: fetched from the upstream; `stale`: the cached copy served because the
-    /// upstream could not be asked; `error`: neither).
+    /// storage; `miss`: fetched from the upstream; `shared`: a blob fetched for another of the
+    /// cache's repositories, linked; `stale`: the cached copy served because the upstream
+    /// could not be asked; `error`: neither).
     pub results: IntCounterVec,
     /// Body bytes read from upstreams, by prefix.
     pub upstream_bytes: IntCounterVec,
@@ -166,7 +167,7 @@ pub fn cache() -> &'static CacheMetrics {
     M.get_or_init(|| CacheMetrics {
         results: counter(
             "gateway_cache_requests_total",
-            "Manifest and blob requests under a pull-through cache prefix, by prefix and result (hit, miss, stale, error)",
+            "Manifest and blob requests under a pull-through cache prefix, by prefix and result (hit, miss, shared, stale, error)",
             &["prefix", "result"],
         ),
         upstream_bytes: counter(

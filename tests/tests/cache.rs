@@ -753,16 +753,26 @@ async fn a_layer_upstream_images_share_is_fetched_once_and_never_linked_where_th
     let upstream = Distribution::start_with(&up_data, Some(&[UPSTREAM_USER]), Some(&log))?;
     let cached = Cached::start(&upstream.base, UPSTREAM_USER, "")?;
     let up = upstream_client(&upstream);
-    // Three images on one base layer (and one config: the same tag's).
+    // Three images, library/{a,b,c}:1, on one base layer; their blobs are [config, base, own]
+    // (push_upstream's order), and the config is shared too (the same tag's).
+    let (config, base_layer, own_layer) = (0, 1, 2);
     let base = random(2 << 20, 41);
     let mut images = Vec::new();
-    for (i, name) in ["a", "b", "d"].into_iter().enumerate() {
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
         let own = random(100_000, 42 + i as u64);
         let repo = format!("library/{name}");
         images.push(push_upstream(&up, &repo, "1", &[&base, &own]).await?);
     }
-    let shared: Vec<Digest> = images[0].1[..2].iter().map(|(d, _)| d.clone()).collect();
-    ensure!(images[1].1[..2].iter().map(|(d, _)| d).eq(shared.iter()));
+    let shared: Vec<Digest> = images[0].1[config..=base_layer]
+        .iter()
+        .map(|(d, _)| d.clone())
+        .collect();
+    ensure!(
+        images[1].1[config..=base_layer]
+            .iter()
+            .map(|(d, _)| d)
+            .eq(shared.iter())
+    );
     let gets =
         |name: &str, d: &Digest| upstream_gets(&log, &format!("/v2/library/{name}/blobs/{d}"));
     let c = cached.client();
@@ -783,10 +793,16 @@ async fn a_layer_upstream_images_share_is_fetched_once_and_never_linked_where_th
         .await?;
     }
     ensure!(pull_verified(&c, "hub/library/b", "1").await? == images[1].0);
-    // By GET: the third image's shared blobs are linked, not fetched.
+    // By GET: the third image's shared blobs (config and base) are linked, not fetched.
     let before = shares().await?;
-    ensure!(pull_verified(&c, "hub/library/d", "1").await? == images[2].0);
+    ensure!(pull_verified(&c, "hub/library/c", "1").await? == images[2].0);
     ensure!(shares().await? == before + 2.0, "two blobs shared by GET");
+    // c's own layer was fetched, after its shared ones: once the log has that GET, it has
+    // every request before it.
+    eventually("the upstream logged the GET", || async {
+        Ok(gets("c", &images[2].1[own_layer].0)? == 1)
+    })
+    .await?;
     for d in &shared {
         ensure!(
             gets("a", d)? == 1,
@@ -794,20 +810,23 @@ async fn a_layer_upstream_images_share_is_fetched_once_and_never_linked_where_th
             gets("a", d)?
         );
         ensure!(
-            gets("b", d)? == 0 && gets("d", d)? == 0,
+            gets("b", d)? == 0 && gets("c", d)? == 0,
             "{d} was fetched again"
         );
-        ensure!(cached.stored("hub/library/d", d).await?);
+        ensure!(cached.stored("hub/library/c", d).await?);
     }
-    // The own layers were fetched for their images.
-    eventually("the upstream logged the GET", || async {
-        Ok(gets("d", &images[2].1[2].0)? == 1)
-    })
-    .await?;
 
     // Through a repository whose upstream image lacks a blob the cache holds: nothing is
     // linked, the upstream's 404 (nor by HEAD); one the upstream does not know at all alike.
-    let a_only = &images[0].1[2].0;
+    // The cache did ask (a GET asks the upstream for a HEAD only when it holds the blob).
+    let a_only = &images[0].1[own_layer].0;
+    let r = c.get(&format!("/v2/hub/library/b/blobs/{a_only}")).await?;
+    expect_error(r, 404, "BLOB_UNKNOWN").await?;
+    let asked = format!("\"HEAD /v2/library/b/blobs/{a_only} HTTP/1.1\" 404");
+    eventually("the upstream logged the HEAD", || async {
+        Ok(std::fs::read_to_string(&log)?.contains(&asked))
+    })
+    .await?;
     for method in [Method::HEAD, Method::GET] {
         let r = c
             .req(method.clone(), &format!("/v2/hub/library/b/blobs/{a_only}"))
@@ -834,21 +853,25 @@ async fn a_layer_upstream_images_share_is_fetched_once_and_never_linked_where_th
     ensure!(!cached.stored("hub/library/b", a_only).await?);
     ensure!(!cached.stored("hub/library/none", a_only).await?);
 
-    // The repository the record names lost the blob (evicted by a delete): the next
-    // repository fetches it, as any cold blob.
+    // The repository the record names (a: where it was fetched; links keep it) lost the blob,
+    // evicted by a delete, and so did the others: the next repository fetches it, as any
+    // cold blob, and the record is made anew.
     let admin = deployment::storage_client(&cached.storage);
-    for repo in ["hub/library/a", "hub/library/b", "hub/library/d"] {
+    for repo in ["hub/library/a", "hub/library/b", "hub/library/c"] {
         let r = admin
-            .req(Method::DELETE, &format!("/v2/{repo}/blobs/{}", shared[1]))
+            .req(
+                Method::DELETE,
+                &format!("/v2/{repo}/blobs/{}", shared[base_layer]),
+            )
             .send()
             .await?;
         ensure!(r.status() == 202, "delete from {repo}: {}", r.status());
     }
     let own = random(1000, 49);
-    let (e, _) = push_upstream(&up, "library/e", "1", &[&base, &own]).await?;
-    ensure!(pull_verified(&c, "hub/library/e", "1").await? == e);
+    let (d, _) = push_upstream(&up, "library/d", "1", &[&base, &own]).await?;
+    ensure!(pull_verified(&c, "hub/library/d", "1").await? == d);
     eventually("the upstream logged the GET", || async {
-        Ok(gets("e", &shared[1])? == 1)
+        Ok(gets("d", &shared[base_layer])? == 1)
     })
     .await?;
     Ok(())

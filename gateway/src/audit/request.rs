@@ -79,8 +79,8 @@ pub struct Operation {
     pub digest: Option<String>,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// Under a pull-through cache prefix: how it was answered (`hit`, `miss`, `stale`,
-    /// `error`).
+    /// Under a pull-through cache prefix: how it was answered (`hit`, `miss`, `shared`,
+    /// `stale`, `error`).
     pub cache: Option<&'static str>,
     /// The answer's head went out but its body was cut short (a failed upstream fetch): a
     /// failure whatever the status says.

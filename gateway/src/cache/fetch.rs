@@ -271,7 +271,8 @@ impl Fetches {
     }
 
     /// The fetch of `digest` into `repo` if one runs; otherwise whether storage has it
-    /// (`stored`, asked without holding the map: a fetch that stored its blob is remembered
+    /// (`stored`, which may take a few round trips — the cache may link the blob from another
+    /// repository first — asked without holding the map: a fetch that stored its blob is remembered
     /// for a while, so a caller that found storage without it just before reads along or goes
     /// to storage, and a blob is fetched once); otherwise, with `start`, a new fetch
     /// registered for the caller to run.

@@ -180,11 +180,11 @@ fn tag_key(url: &str, repo: &str, tag: &str) -> String {
     format!("proxy:tag:{repo}:{tag} {url}")
 }
 
-/// Where the blob `digest` fetched from the upstream `url` was stored (a repository of the
-/// cache), so that another repository whose upstream image has it links it instead of
-/// fetching it again.
-fn blob_key(url: &str, digest: &Digest) -> String {
-    format!("proxy:blob:{digest} {url}")
+/// Where the cache `prefix` stored the blob `digest` it fetched from the upstream `url` (one
+/// of its repositories), so that another repository whose upstream image has it links it
+/// instead of fetching it again.
+fn blob_key(prefix: &str, url: &str, digest: &Digest) -> String {
+    format!("proxy:blob:{prefix} {digest} {url}")
 }
 
 /// How long a fetched blob's repository is remembered (each fetch or link renews it).
@@ -730,6 +730,8 @@ impl ProxyCaches {
         head: bool,
         range: Option<&str>,
     ) -> (Answer, Outcome) {
+        // Whether storage has the blob in `repo` — or has it in another repository of the
+        // cache and linked it here (then the answer is `Shared`).
         let linked = std::sync::atomic::AtomicBool::new(false);
         let stored = || async {
             if self
@@ -822,34 +824,48 @@ impl ProxyCaches {
 
     /// Links into `repo` a blob the cache fetched from the same upstream for another of its
     /// repositories, if the upstream says `name` has it (so nobody reads through `repo` what
-    /// its upstream image does not hold). Whether it is linked now; any failure (no record,
-    /// the upstream unsure, storage no longer holding it) is "no", and the blob is fetched.
+    /// its upstream image does not hold: this trusts the upstream's `HEAD` of a blob to answer
+    /// for that repository, as registries do). Whether it is linked now; any failure (no
+    /// record, the upstream unsure, storage no longer holding it) is "no", and the blob is
+    /// fetched.
     async fn link_shared(&self, cache: &Cache, repo: &str, name: &str, digest: &Digest) -> bool {
-        let key = blob_key(cache.upstream.url(), digest);
+        let key = blob_key(&cache.prefix, cache.upstream.url(), digest);
         let from = match self.state.get(&key).await {
             Ok(Some(v)) => match String::from_utf8(v) {
-                Ok(from) if from != repo && from.starts_with(&format!("{}/", cache.prefix)) => from,
+                Ok(from)
+                    if from != repo
+                        && from.starts_with(&format!("{}/", cache.prefix))
+                        && oci::RepositoryName::parse(&from).is_ok() =>
+                {
+                    from
+                }
                 _ => return false,
             },
             _ => return false,
         };
-        let started = Instant::now();
-        let head = cache
-            .upstream
-            .send(Method::HEAD, name, &format!("blobs/{digest}"), None)
-            .await;
-        cache.observe("head", started);
-        if let Err(e) = head {
+        let named = match &upstream_blob_head(cache, name, digest).await {
+            Ok(r) => r
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .is_none_or(|d| d == digest.to_string()),
+            Err(_) => false,
+        };
+        if !named {
             // The fetch that follows asks again and answers the client.
-            tracing::debug!(cache = %cache.prefix, %digest, error = %e, "pull-through cache: no shared blob");
             return false;
         }
         match self.storage.mount(repo, &from, digest).await {
             Ok(true) => {
-                remember_blob(self.state.as_ref(), cache, repo, digest).await;
+                // Renewed with the repository that holds it from a fetch, not this link.
+                remember_blob(self.state.as_ref(), cache, &from, digest).await;
                 true
             }
-            Ok(false) => false,
+            Ok(false) => {
+                // Gone from there (deleted, collected): the next fetch records anew.
+                let _ = self.state.delete(&key).await;
+                false
+            }
             Err(e) => {
                 tracing::warn!(cache = %cache.prefix, %digest, error = %e, "pull-through cache: linking a shared blob failed");
                 false
@@ -857,14 +873,10 @@ impl ProxyCaches {
         }
     }
 
-    /// `HEAD` of a blob nobody fetches: the upstream's answer, nothing fetched.
+    /// `HEAD` of a blob nobody fetches and no other repository of the cache could lend
+    /// ([`ProxyCaches::link_shared`]): the upstream's answer, nothing fetched.
     async fn head_upstream(&self, cache: &Cache, name: &str, digest: &Digest) -> (Answer, Outcome) {
-        let started = Instant::now();
-        let head = cache
-            .upstream
-            .send(Method::HEAD, name, &format!("blobs/{digest}"), None)
-            .await;
-        cache.observe("head", started);
+        let head = upstream_blob_head(cache, name, digest).await;
         let size = head.and_then(|r| {
             r.headers()
                 .get("content-length")
@@ -917,9 +929,25 @@ impl ProxyCaches {
     }
 }
 
+/// The upstream's answer to a `HEAD` of the blob `digest` in its repository `name` (`Ok` only
+/// for a 200), timed.
+async fn upstream_blob_head(
+    cache: &Cache,
+    name: &str,
+    digest: &Digest,
+) -> Result<reqwest::Response, UpstreamError> {
+    let started = Instant::now();
+    let head = cache
+        .upstream
+        .send(Method::HEAD, name, &format!("blobs/{digest}"), None)
+        .await;
+    cache.observe("head", started);
+    head
+}
+
 /// Records that `repo` holds the blob the cache fetched from its upstream.
 async fn remember_blob(state: &dyn StateStore, cache: &Cache, repo: &str, digest: &Digest) {
-    let key = blob_key(cache.upstream.url(), digest);
+    let key = blob_key(&cache.prefix, cache.upstream.url(), digest);
     let value = repo.as_bytes().to_vec();
     if let Err(e) = state.set(&key, value, BLOB_RECORD_TTL).await {
         tracing::warn!(error = %e, "pull-through cache: cannot record a fetched blob");

@@ -54,11 +54,12 @@ impl Storage {
     /// Links the blob `from` holds into `repo` (a cross-repository mount); `false` if `from`
     /// no longer holds it (then the upload session storage opened instead is cancelled).
     pub async fn mount(&self, repo: &str, from: &str, digest: &Digest) -> anyhow::Result<bool> {
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("mount", &digest.to_string())
+            .append_pair("from", from)
+            .finish();
         let resp = self
-            .request(
-                Method::POST,
-                &format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"),
-            )?
+            .request(Method::POST, &format!("/v2/{repo}/blobs/uploads/?{query}"))?
             .header("content-length", "0")
             .send()
             .await?;

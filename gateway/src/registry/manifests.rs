@@ -8,9 +8,11 @@
 //! that generation; every change through any gateway — a manifest pushed, a tag moved or
 //! deleted, a manifest deleted, the web console's deletes — writes a new one before the client
 //! hears of the change (a change whose new generation cannot be written is answered 503, and
-//! the client retries). So the next `GET` on any gateway sees the change (the generation it
-//! reads is read by a store request sent after it arrived; requests for one repository that
-//! arrive together share that request: [`SharedReads`]). A generation that
+//! the client retries). So the next `GET` on any gateway sees the change: the generation a
+//! request goes by is read by a store `GET` sent after the request arrived. Requests for one
+//! repository that arrive while such a `GET` is on its way wait for it and share the next one
+//! ([`SharedReads`]: one `GET` at a time per repository, at most two round trips' wait). A
+//! generation that
 //! cannot be read (the store down) serves nothing from memory; one that is gone (never made,
 //! evicted, expired) is made anew only after storage answered a read with a manifest (so
 //! reads of repositories that do not exist write nothing to the store), and what was kept

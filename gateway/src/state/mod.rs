@@ -127,9 +127,13 @@ pub enum Class {
     /// Failed-login counters (`fail:`): oldest evicted first.
     Failures,
     /// The LDAP login cache (`ldap:login:`), when pull-through caches last checked a tag
-    /// with their upstream (`proxy:tag:`), where they stored a blob (`proxy:blob:`) and the repositories' manifest generations
+    /// with their upstream (`proxy:tag:`) and the repositories' manifest generations
     /// (`manifests:gen:`), asked again or made anew when missing: oldest evicted first.
     Cache,
+    /// Where pull-through caches stored the blobs they fetched (`proxy:blob:`), so other
+    /// repositories link them instead of fetching them again: many, and of their own class
+    /// so that a busy cache does not push out the LDAP login cache. Oldest evicted first.
+    Blobs,
     /// Sessions (`session:`): never evicted; refused when full.
     Sessions,
     /// Revocations (`revoked:`): never evicted; refused when full.
@@ -145,7 +149,7 @@ impl Class {
         const PREFIXES: [(&str, Class); 9] = [
             ("oidc:", Class::Flows),
             ("proxy:tag:", Class::Cache),
-            ("proxy:blob:", Class::Cache),
+            ("proxy:blob:", Class::Blobs),
             // A generation evicted is made anew: what was kept under it is just not used.
             ("manifests:gen:", Class::Cache),
             ("rate:", Class::Rates),
@@ -164,15 +168,16 @@ impl Class {
     fn evicts(self) -> bool {
         matches!(
             self,
-            Class::Flows | Class::Rates | Class::Failures | Class::Cache
+            Class::Flows | Class::Rates | Class::Failures | Class::Cache | Class::Blobs
         )
     }
 
-    const ALL: [Class; 7] = [
+    const ALL: [Class; 8] = [
         Class::Flows,
         Class::Rates,
         Class::Failures,
         Class::Cache,
+        Class::Blobs,
         Class::Sessions,
         Class::Revocations,
         Class::Protected,
@@ -273,7 +278,7 @@ type Entries = HashMap<String, (Vec<u8>, Instant, u64)>;
 /// [`StateStore::put`] without one are kept apart, never evicted, and written to the store's
 /// file (if any) on every change, so they survive a restart.
 pub struct MemoryStore {
-    classes: [Mutex<Bounded>; 7],
+    classes: [Mutex<Bounded>; 8],
     durable: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
     file: Option<std::path::PathBuf>,
 }

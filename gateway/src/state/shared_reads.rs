@@ -26,7 +26,7 @@ type Slots = Arc<Mutex<HashMap<String, Slot>>>;
 /// The reads of every key in progress.
 #[derive(Default)]
 pub struct SharedReads {
-    keys: Slots,
+    slots: Slots,
 }
 
 /// One key's reads in progress.
@@ -40,8 +40,8 @@ struct Slot {
     last: Option<(u64, Answer)>,
     /// Reads of the key not yet answered.
     readers: usize,
-    /// Woken when a `GET` comes back.
-    landed: Arc<Notify>,
+    /// Wakes the waiting reads when a `GET` comes back.
+    wake: Arc<Notify>,
 }
 
 impl Slot {
@@ -57,14 +57,14 @@ enum Next {
     Answered(Answer),
     /// None is on its way: it sends `GET` number `n`.
     Send(u64),
-    /// One is on its way: it waits for that to land (made while the slot was locked, so a
-    /// landing after that wakes it).
+    /// One is on its way: it waits for that to come back (made while the slot was locked, so
+    /// a landing after that wakes it).
     Wait(tokio::sync::futures::OwnedNotified),
 }
 
 /// One read, counted in its slot until it ends (answered or given up).
 struct Reader<'a> {
-    keys: &'a Slots,
+    slots: &'a Slots,
     key: &'a str,
     /// The number of the first `GET` sent after this read arrived: what may answer it.
     needs: u64,
@@ -73,7 +73,7 @@ struct Reader<'a> {
 /// A `GET` on its way; if its task ends without an answer (a panic), the slot is freed for
 /// another.
 struct Flight {
-    keys: Slots,
+    slots: Slots,
     key: String,
     n: u64,
     landed: bool,
@@ -86,13 +86,13 @@ impl SharedReads {
         store: &Arc<dyn StateStore>,
         key: &str,
     ) -> Result<Option<Vec<u8>>, StateError> {
-        let reader = Reader::arrive(&self.keys, key);
+        let reader = Reader::arrive(&self.slots, key);
         loop {
             match reader.next() {
                 Next::Answered(answer) => return answer.map_err(StateError),
                 Next::Send(n) => {
                     let mut flight = Flight {
-                        keys: self.keys.clone(),
+                        slots: self.slots.clone(),
                         key: key.to_owned(),
                         n,
                         landed: false,
@@ -102,8 +102,9 @@ impl SharedReads {
                         let answer = store.get(&flight.key).await;
                         flight.land(answer.map_err(|e| e.0));
                     });
+                    // Then it waits for its answer as the others do (the next turn).
                 }
-                Next::Wait(landed) => landed.await,
+                Next::Wait(woken) => woken.await,
             }
         }
     }
@@ -111,31 +112,31 @@ impl SharedReads {
     /// Keys with reads in progress (for tests: none is left behind).
     #[cfg(test)]
     fn in_progress(&self) -> usize {
-        lock(&self.keys).len()
+        lock(&self.slots).len()
     }
 }
 
 impl<'a> Reader<'a> {
-    fn arrive(keys: &'a Slots, key: &'a str) -> Self {
-        let mut slots = lock(keys);
-        let slot = slots.entry(key.to_owned()).or_default();
+    fn arrive(slots: &'a Slots, key: &'a str) -> Self {
+        let mut map = lock(slots);
+        let slot = map.entry(key.to_owned()).or_default();
         slot.readers += 1;
         Reader {
-            keys,
+            slots,
             key,
             needs: slot.sent + 1,
         }
     }
 
     fn next(&self) -> Next {
-        let mut slots = lock(self.keys);
+        let mut slots = lock(self.slots);
         // A slot with readers is never removed; if it were, fail closed.
         let Some(slot) = slots.get_mut(self.key) else {
             return Next::Answered(Err("the read's slot is gone".into()));
         };
         match &slot.last {
             Some((n, answer)) if *n >= self.needs => Next::Answered(answer.clone()),
-            _ if slot.flying => Next::Wait(slot.landed.clone().notified_owned()),
+            _ if slot.flying => Next::Wait(slot.wake.clone().notified_owned()),
             _ => {
                 slot.flying = true;
                 slot.sent += 1;
@@ -147,7 +148,7 @@ impl<'a> Reader<'a> {
 
 impl Drop for Reader<'_> {
     fn drop(&mut self) {
-        let mut slots = lock(self.keys);
+        let mut slots = lock(self.slots);
         if let Some(slot) = slots.get_mut(self.key) {
             slot.readers = slot.readers.saturating_sub(1);
             if slot.idle() {
@@ -164,13 +165,13 @@ impl Flight {
     }
 
     fn end(&self, answer: Option<Answer>) {
-        let mut slots = lock(&self.keys);
+        let mut slots = lock(&self.slots);
         if let Some(slot) = slots.get_mut(&self.key) {
             slot.flying = false;
             if let Some(answer) = answer {
                 slot.last = Some((self.n, answer));
             }
-            slot.landed.notify_waiters();
+            slot.wake.notify_waiters();
             if slot.idle() {
                 slots.remove(&self.key);
             }
@@ -252,9 +253,10 @@ mod tests {
         })
     }
 
-    /// Lets the task run until it waits (the test runtime has one thread).
+    /// Lets the spawned reads and `GET`s run until each waits (the test runtime has one
+    /// thread; each step of theirs takes a turn or two).
     async fn settle() {
-        for _ in 0..10 {
+        for _ in 0..100 {
             tokio::task::yield_now().await;
         }
     }

@@ -165,6 +165,7 @@ async fn cold(
             direct = (mib_s(len, took), per_gib(cpu, len));
         }
         let path = format!("/v2/hub/{repo}/blobs/{}", blob.digest);
+        // The client keeps the token for its scope: the pull below does not log in.
         gw.token(&scopes_for("GET", &path)).await?;
         let (cpu, t) = (cpu_seconds(&through_cache), Instant::now());
         fetch(gw, &path, &blob.digest).await?;
