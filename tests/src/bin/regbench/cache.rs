@@ -68,13 +68,7 @@ pub(crate) async fn cache_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
 
     // Cold, on loopback (CPU-bound: the cache hashes, spills, uploads and encrypts what the
     // upstream only reads from disk), then with the upstream behind paced links.
-    let serving = Serving {
-        upstream: dist.pid(),
-        cache: [dep.gateway.pid(), dep.storage.pid()]
-            .into_iter()
-            .flatten()
-            .collect(),
-    };
+    let serving = Serving::of(&dist, &dep);
     cold(
         args,
         &dist,
@@ -97,13 +91,7 @@ pub(crate) async fn cache_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
     )?;
     let gw2 = user_client(&linked.gateway, USER, PASSWORD);
     let storage2 = storage_client(&linked.storage);
-    let serving = Serving {
-        upstream: dist.pid(),
-        cache: [linked.gateway.pid(), linked.storage.pid()]
-            .into_iter()
-            .flatten()
-            .collect(),
-    };
+    let serving = Serving::of(&dist, &linked);
     for (i, &mib) in args.cache_link_mib.iter().enumerate() {
         link.set(Mode::Throttle(mib << 20));
         let what = format!("cold pull, {mib} MiB/s link");
@@ -121,6 +109,19 @@ pub(crate) async fn cache_suite(args: &Args, scratch: &Path) -> anyhow::Result<(
 struct Serving {
     upstream: u32,
     cache: Vec<u32>,
+}
+
+impl Serving {
+    /// `dist` as the upstream of the cache `dep` (its gateway and storage node).
+    fn of(dist: &Distribution, dep: &Deployment) -> Self {
+        Serving {
+            upstream: dist.pid(),
+            cache: [dep.gateway.pid(), dep.storage.pid()]
+                .into_iter()
+                .flatten()
+                .collect(),
+        }
+    }
 }
 
 /// A paced link to the upstream, and where its rounds' blob seeds start (each link speed
