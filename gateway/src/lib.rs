@@ -254,6 +254,7 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     ));
     let heads = edge::head::HeadDeadlines::new(head_timeout, metrics.connections_refused.clone());
     let gateway = proxy::Gateway {
+        pulls: registry::pulls::Pulls::new(internal.clone()),
         drain: draining.clone(),
         heads: heads.clone(),
         manifests: manifests.clone(),

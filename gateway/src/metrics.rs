@@ -89,6 +89,9 @@ pub struct CacheMetrics {
     /// Admitted blob reads (`GET`/`HEAD`) no pull-through cache answered itself, by where
     /// they were answered from (`files`: a co-located store's files; `storage`: a node).
     pub blob_reads: IntCounterVec,
+    /// Manifest pulls told to storage for retention (`registry::pulls`), by result (`told`,
+    /// `failed`: storage did not take them; `dropped`: the queue was full).
+    pub pulls_told: IntCounterVec,
 }
 
 /// Metrics of registry events and webhooks (process-wide, like [`AuthMetrics`]).
@@ -203,6 +206,11 @@ pub fn cache() -> &'static CacheMetrics {
             "gateway_blob_reads_total",
             "Blob reads no pull-through cache answered itself, by where from (files, storage)",
             &["from"],
+        ),
+        pulls_told: counter(
+            "gateway_pulls_told_total",
+            "Manifest pulls told to storage for retention, by result (told, failed, dropped)",
+            &["result"],
         ),
     })
 }
@@ -375,6 +383,7 @@ impl Metrics {
             &cm.revalidations,
             &cm.manifest_reads,
             &cm.blob_reads,
+            &cm.pulls_told,
             &em.recorded,
             &em.deliveries,
             &em.replication_copies,

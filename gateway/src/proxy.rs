@@ -41,6 +41,8 @@ pub struct Gateway {
     pub caches: Arc<crate::cache::ProxyCaches>,
     /// Registry events (with `[[webhooks]]`): each change recorded before it is answered.
     pub events: Option<Arc<crate::events::delivery::Events>>,
+    /// Manifest pulls told to storage (retention's `keep_pulled_days`).
+    pub pulls: Arc<crate::registry::pulls::Pulls>,
     /// Blob reads answered from a co-located store's files (`[upstream] local_root`).
     pub local: Option<crate::registry::local::LocalBlobs>,
     /// Everything answered here.
@@ -922,6 +924,11 @@ impl ProxyHttp for Gateway {
             elapsed,
         });
         ctx.op.finish(&ctx.info, status, elapsed);
+        if let (Some(oci::Endpoint::GetManifest { name, .. }), 200, false, Some(digest)) =
+            (&ctx.op.endpoint, status, ctx.op.aborted, &ctx.op.digest)
+        {
+            self.pulls.pulled(name.as_str(), digest);
+        }
         if let Some(e) = e {
             tracing::warn!(request_id = %ctx.info.request_id, route = ctx.route, status, error = %e, "request failed");
         } else {

@@ -106,6 +106,9 @@ pub struct RetentionConfig {
     /// Keep what was pushed within this many days (also the grace of untagged manifests).
     #[serde(default)]
     pub keep_days: Option<u64>,
+    /// Keep what was pulled (or, never pulled since, pushed) within this many days.
+    #[serde(default)]
+    pub keep_pulled_days: Option<u64>,
     /// Tags matching these globs are always kept.
     #[serde(default)]
     pub keep_tags: Vec<Spanned<String>>,

@@ -2,9 +2,12 @@
 //!
 //! The most specific rule whose pattern matches the repository applies (ties: the first in
 //! the file); with none, everything is kept. A tag is kept if it is immutable, matches a
-//! `keep_tags` glob, is among the `keep_last` most recently pushed, or was pushed within
-//! `keep_days`; with neither `keep_last` nor `keep_days` no tag is deleted. Untagged
-//! manifests are kept unless `untagged = "delete"`, and then still kept within `keep_days`.
+//! `keep_tags` glob, is among the `keep_last` most recently pushed, was pushed within
+//! `keep_days`, or was last used within `keep_pulled_days` (pulled — its manifest, by any tag
+//! or by digest — or else pushed: a tag nobody has pulled yet is kept that long after its
+//! push); with none of the three no tag is deleted. Untagged manifests are kept unless
+//! `untagged = "delete"`, and then still kept within `keep_days` of their push and within
+//! `keep_pulled_days` of their last use.
 //! [`Policy::retention`] is the dry run: executing it means deleting what it lists.
 
 use crate::config::{RetentionConfig, Untagged};
@@ -19,6 +22,7 @@ pub(crate) struct Rule {
     repositories: Vec<RepoPattern>,
     keep_last: Option<usize>,
     keep_days: Option<u64>,
+    keep_pulled_days: Option<u64>,
     keep_tags: Vec<TagPattern>,
     untagged: Untagged,
 }
@@ -34,11 +38,15 @@ pub(crate) fn compile(
         if c.repositories.is_empty() {
             return Err(lines.err(r, &field, "repositories is empty"));
         }
-        if c.keep_last.is_none() && c.keep_days.is_none() && c.untagged == Untagged::Keep {
+        if c.keep_last.is_none()
+            && c.keep_days.is_none()
+            && c.keep_pulled_days.is_none()
+            && c.untagged == Untagged::Keep
+        {
             return Err(lines.err(
                 r,
                 &field,
-                "keeps everything: set keep_last, keep_days or untagged = \"delete\"",
+                "keeps everything: set keep_last, keep_days, keep_pulled_days or untagged = \"delete\"",
             ));
         }
         out.push(Rule {
@@ -50,6 +58,7 @@ pub(crate) fn compile(
                 .collect::<Result<_, _>>()?,
             keep_last: c.keep_last,
             keep_days: c.keep_days,
+            keep_pulled_days: c.keep_pulled_days,
             keep_tags: c
                 .keep_tags
                 .iter()
@@ -68,6 +77,17 @@ pub struct ManifestRecord {
     pub digest: String,
     /// Unix seconds.
     pub pushed_at: i64,
+    /// When the manifest was last pulled, as far as storage was told (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulled_at: Option<i64>,
+}
+
+impl ManifestRecord {
+    /// The last use: the last pull, or the push if that is later (or nothing was pulled).
+    fn used_at(&self) -> i64 {
+        self.pulled_at
+            .map_or(self.pushed_at, |p| p.max(self.pushed_at))
+    }
 }
 
 /// A record and why it is kept or deleted.
@@ -126,6 +146,19 @@ impl Policy {
             rule.keep_days
                 .is_some_and(|d| now - r.pushed_at < (d as i64) * 86_400)
         };
+        let used = |r: &ManifestRecord| {
+            rule.keep_pulled_days
+                .is_some_and(|d| now - r.used_at() < (d as i64) * 86_400)
+        };
+        let used_reason = |r: &ManifestRecord| match r.pulled_at {
+            Some(p) if p >= r.pushed_at => {
+                format!("pulled within {} days", rule.keep_pulled_days.unwrap_or(0))
+            }
+            _ => format!(
+                "not pulled, but pushed within {} days",
+                rule.keep_pulled_days.unwrap_or(0)
+            ),
+        };
         let mut tagged: Vec<&ManifestRecord> = records.iter().filter(|r| r.tag.is_some()).collect();
         tagged.sort_by(|a, b| {
             b.pushed_at
@@ -151,7 +184,12 @@ impl Policy {
                     "pushed within {} days",
                     rule.keep_days.unwrap_or(0)
                 ))
-            } else if rule.keep_last.is_none() && rule.keep_days.is_none() {
+            } else if used(r) {
+                Some(used_reason(r))
+            } else if rule.keep_last.is_none()
+                && rule.keep_days.is_none()
+                && rule.keep_pulled_days.is_none()
+            {
                 Some("the rule sets no count or age limit for tags".into())
             } else {
                 None
@@ -162,16 +200,19 @@ impl Policy {
             };
             match keep_reason {
                 Some(reason) => plan.keep.push(verdict(reason)),
-                None => plan
-                    .delete
-                    .push(verdict(match (rule.keep_last, rule.keep_days) {
-                        (Some(n), Some(d)) => {
-                            format!("not among the {n} most recent and older than {d} days")
-                        }
-                        (Some(n), None) => format!("not among the {n} most recent"),
-                        (None, Some(d)) => format!("older than {d} days"),
-                        (None, None) => "not kept by any rule".into(),
-                    })),
+                None => plan.delete.push(verdict(
+                    [
+                        rule.keep_last
+                            .map(|n| format!("not among the {n} most recent")),
+                        rule.keep_days.map(|d| format!("older than {d} days")),
+                        rule.keep_pulled_days
+                            .map(|d| format!("neither pulled nor pushed within {d} days")),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+                )),
             }
         }
         for r in records.iter().filter(|r| r.tag.is_none()) {
@@ -187,6 +228,9 @@ impl Policy {
                     "untagged, but pushed within {} days",
                     rule.keep_days.unwrap_or(0)
                 ))),
+                Untagged::Delete if used(r) => plan
+                    .keep
+                    .push(verdict(format!("untagged, but {}", used_reason(r)))),
                 Untagged::Delete => plan.delete.push(verdict("untagged".into())),
             }
         }

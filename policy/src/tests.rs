@@ -427,6 +427,7 @@ fn rec(tag: Option<&str>, days_ago: i64) -> ManifestRecord {
         tag: tag.map(String::from),
         digest: format!("sha256:{:064x}", days_ago),
         pushed_at: NOW - days_ago * 86_400,
+        pulled_at: None,
     }
 }
 
@@ -470,6 +471,63 @@ fn retention_keeps_tags_younger_than_the_age_limit() {
     let plan = p.retention("r/app", &[rec(Some("new"), 1), rec(Some("old"), 10)], NOW);
     assert_eq!(deleted(&plan), ["old"]);
     assert!(plan.keep[0].reason.contains("within 4 days"));
+}
+
+/// A record pushed `days_ago` and last pulled `pulled_days_ago`.
+fn pulled(tag: Option<&str>, days_ago: i64, pulled_days_ago: i64) -> ManifestRecord {
+    ManifestRecord {
+        pulled_at: Some(NOW - pulled_days_ago * 86_400),
+        ..rec(tag, days_ago)
+    }
+}
+
+#[test]
+fn retention_keeps_what_was_pulled_or_pushed_within_keep_pulled_days() {
+    let p = retention_policy("keep_pulled_days = 30\nuntagged = \"delete\"");
+    let plan = p.retention(
+        "r/app",
+        &[
+            pulled(Some("pulled-lately"), 400, 2),
+            pulled(Some("pulled-long-ago"), 400, 31),
+            rec(Some("pushed-lately"), 3),
+            rec(Some("never-pulled"), 90),
+            // A pull time before the push (a digest pushed again): the push counts.
+            pulled(Some("pushed-again"), 5, 60),
+            pulled(None, 300, 1),
+            pulled(None, 301, 45),
+            // Immutable: kept however old.
+            pulled(Some("v1.0.0"), 900, 800),
+        ],
+        NOW,
+    );
+    assert_eq!(
+        deleted(&plan),
+        ["never-pulled", "pulled-long-ago", &rec(None, 301).digest]
+    );
+    let why = |tag: &str| {
+        plan.keep
+            .iter()
+            .chain(&plan.delete)
+            .find(|v| v.record.tag.as_deref() == Some(tag))
+            .map(|v| v.reason.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(why("pulled-lately"), "pulled within 30 days");
+    assert_eq!(
+        why("pushed-lately"),
+        "not pulled, but pushed within 30 days"
+    );
+    assert_eq!(why("pushed-again"), "not pulled, but pushed within 30 days");
+    assert_eq!(
+        why("never-pulled"),
+        "neither pulled nor pushed within 30 days"
+    );
+    assert!(
+        plan.keep
+            .iter()
+            .any(|v| v.record.tag.is_none() && v.reason == "untagged, but pulled within 30 days"),
+        "{plan:?}"
+    );
 }
 
 #[test]

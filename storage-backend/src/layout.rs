@@ -15,6 +15,8 @@
 //!     ├── _uploads/<id>/startedat                         RFC 3339 start time
 //!     ├── _referrers/<alg>/<subject-hex>/<alg>/<hex>/link our addition: manifests whose
 //!     │                                                   `subject` is <subject>
+//!     ├── _manifests/_pulled/<alg>/<hex>                  our addition: unix seconds of the
+//!     │                                                   manifest's last pull told
 //!     ├── _manifests/_tagged/<alg>/<hex>/<tag>            our addition: the tag pointed to
 //!     │                                                   <hex> at some time (empty)
 //!     └── _manifests/_parents/<alg>/<hex>/<alg>-<hex>     our addition: an index that
@@ -70,6 +72,8 @@ pub enum Key<'a> {
     Parents(&'a RepositoryName, &'a Digest),
     /// The marker of `.2`, an index listing `.1`.
     ParentMarker(&'a RepositoryName, &'a Digest, &'a Digest),
+    /// When a manifest was last pulled, as gateways tell it (`registry::pulls`).
+    PulledAt(&'a RepositoryName, &'a Digest),
     /// The garbage collector's lease: one run at a time across the nodes on a store.
     GcLease,
 }
@@ -133,6 +137,7 @@ impl Key<'_> {
                 p.algorithm(),
                 p.hex()
             ),
+            Key::PulledAt(n, d) => format!("{}/_manifests/_pulled/{}", repo(n), ah(d)),
             Key::GcLease => format!("{V2}/_gc/lease"),
         }
     }
@@ -218,6 +223,10 @@ mod tests {
             (
                 Key::ParentMarker(&n, &s, &d),
                 format!("{r}/_manifests/_parents/sha512/{sh}/sha256-{h}"),
+            ),
+            (
+                Key::PulledAt(&n, &d),
+                format!("{r}/_manifests/_pulled/sha256/{h}"),
             ),
         ];
         for (key, want) in cases {

@@ -9,7 +9,7 @@ use portcullis_tests::client::{Client, TokenAuth, describe, expect_error, https,
 use portcullis_tests::deployment::{self, SERVICE};
 use portcullis_tests::faulty::{Faulty, Mode};
 use portcullis_tests::server::{
-    GatewayServer, StorageServer, metric_sample, metrics_text, workspace_root,
+    GatewayServer, StorageOptions, StorageServer, metric_sample, metrics_text, workspace_root,
 };
 use portcullis_tests::tools::{
     Containers, Distribution, DockerTrust, Dockerd, cert_dir, dir_files, free_port,
@@ -65,11 +65,43 @@ impl Cached {
         let storage_root = dir.path().join("storage");
         std::fs::create_dir_all(&storage_root)?;
         let storage = deployment::storage_node(&storage_root)?;
-        let gw = dir.path().join("gw");
-        std::fs::create_dir_all(&gw)?;
-        write_policy(&gw.join("policy.toml"))?;
-        let table = cache_table(&gw, url, user, more)?;
-        let gateway = deployment::start_gateway_with(&gw, &[&storage], &[ALICE], 4, &table, &[])?;
+        Self::start_on(dir, storage, url, user, more)
+    }
+
+    /// The same, its storage node started with the config file `storage` (`[gc]`…).
+    fn start_with_storage(
+        url: &str,
+        user: (&str, &str),
+        more: &str,
+        storage: &str,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let storage_root = dir.path().join("storage");
+        std::fs::create_dir_all(&storage_root)?;
+        let conf = dir.path().join("storage.toml");
+        std::fs::write(&conf, storage)?;
+        let storage = StorageServer::start_with(
+            &storage_root,
+            StorageOptions {
+                config: Some(conf),
+                env: vec![(
+                    "PORTCULLIS_INTERNAL_SECRET".into(),
+                    deployment::SECRET.into(),
+                )],
+                ..Default::default()
+            },
+        )?;
+        Self::start_on(dir, storage, url, user, more)
+    }
+
+    fn start_on(
+        dir: tempfile::TempDir,
+        storage: StorageServer,
+        url: &str,
+        user: (&str, &str),
+        more: &str,
+    ) -> anyhow::Result<Self> {
+        let gateway = cache_gateway(&dir.path().join("gw"), &storage, url, user, more)?;
         Ok(Cached {
             dir,
             storage,
@@ -84,13 +116,7 @@ impl Cached {
     }
 
     fn client(&self) -> Client {
-        let mut c = Client::with_ca(&self.gateway.base, &self.gateway.ca_pem);
-        c.auth = Some(TokenAuth::new(
-            &format!("{}/token", self.gateway.base),
-            SERVICE,
-            Some(ALICE),
-        ));
-        c
+        alice(&self.gateway)
     }
 
     /// Whether storage itself has the blob in `repo` (asked directly, not through the cache).
@@ -101,6 +127,32 @@ impl Cached {
             .await?;
         Ok(r.status() == 200)
     }
+}
+
+/// A gateway in production shape in `gw` (made if missing) with a cache of `url` in front of
+/// `storage`.
+fn cache_gateway(
+    gw: &Path,
+    storage: &StorageServer,
+    url: &str,
+    user: (&str, &str),
+    more: &str,
+) -> anyhow::Result<GatewayServer> {
+    std::fs::create_dir_all(gw)?;
+    write_policy(&gw.join("policy.toml"))?;
+    let table = cache_table(gw, url, user, more)?;
+    deployment::start_gateway_with(gw, &[storage], &[ALICE], 4, &table, &[])
+}
+
+/// Alice's client of the gateway `g`.
+fn alice(g: &GatewayServer) -> Client {
+    let mut c = Client::with_ca(&g.base, &g.ca_pem);
+    c.auth = Some(TokenAuth::new(
+        &format!("{}/token", g.base),
+        SERVICE,
+        Some(ALICE),
+    ));
+    c
 }
 
 /// Pushes a two-layer image `repo:tag` to the upstream; its manifest digest and blobs.
@@ -1024,5 +1076,226 @@ async fn a_reload_puts_a_rotated_upstream_password_and_changed_tables_in_force()
         "{e}"
     );
     refused("with a change waiting for a restart").await?;
+    Ok(())
+}
+
+/// Makes everything of the repository `repo` in the storage root `root` look 10 days old: its
+/// files' times, and the times its pull markers hold.
+fn age_ten_days(root: &Path, repo: &str) -> anyhow::Result<()> {
+    fn walk(dir: &Path, then: std::time::SystemTime) -> anyhow::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            // Upload sessions are not retention's (and go as they finish).
+            if e.file_name() == "_uploads" {
+                continue;
+            }
+            if e.file_type()?.is_dir() {
+                walk(&e.path(), then)?;
+            } else {
+                std::fs::File::options()
+                    .write(true)
+                    .open(e.path())?
+                    .set_modified(then)?;
+            }
+        }
+        Ok(())
+    }
+    let then = std::time::SystemTime::now() - Duration::from_secs(10 * 86_400);
+    let dir = root.join("docker/registry/v2/repositories").join(repo);
+    walk(&dir, then)?;
+    let secs = then.duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    for marker in std::fs::read_dir(dir.join("_manifests/_pulled/sha256"))? {
+        std::fs::write(marker?.path(), secs.to_string())?;
+    }
+    Ok(())
+}
+
+/// The time storage holds for the last pull of `digest` in `repo` (none: never told).
+fn pulled_at(root: &Path, repo: &str, digest: &Digest) -> anyhow::Result<Option<u64>> {
+    let marker = root
+        .join("docker/registry/v2/repositories")
+        .join(repo)
+        .join("_manifests/_pulled/sha256")
+        .join(digest.hex());
+    match std::fs::read_to_string(marker) {
+        Ok(t) => Ok(Some(t.trim().parse()?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_keeps_the_cached_tags_pulled_lately_and_lets_the_rest_go() -> anyhow::Result<()>
+{
+    let up_root = tempfile::tempdir()?;
+    let upstream =
+        Distribution::start_with(&up_root.path().join("data"), Some(&[UPSTREAM_USER]), None)?;
+    let up = upstream_client(&upstream);
+    let policy = up_root.path().join("retention.toml");
+    std::fs::write(
+        &policy,
+        "[[retention]]\nrepositories = [\"hub/**\"]\nkeep_pulled_days = 7\n",
+    )?;
+    let cached = Cached::start_with_storage(
+        &upstream.base,
+        UPSTREAM_USER,
+        "",
+        &format!(
+            "[gc]\ngrace_seconds = 0\nfence_seconds = 0.2\nretention_policy = \"{}\"\n",
+            policy.display()
+        ),
+    )?;
+    let root = cached.dir.path().join("storage");
+    // Three images, each with a layer of its own, pulled through the cache: each pull is told
+    // to storage.
+    let mut images = std::collections::HashMap::new();
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+        let own = random(60_000, 70 + i as u64);
+        let (digest, blobs) = push_upstream(&up, &format!("library/{name}"), "1", &[&own]).await?;
+        let repo = format!("hub/library/{name}");
+        ensure!(pull_verified(&cached.client(), &repo, "1").await? == digest);
+        eventually("the pull is told to storage", || async {
+            Ok(pulled_at(&root, &repo, &digest)?.is_some())
+        })
+        .await?;
+        // The cache stores what it streamed once the client has it all: wait until it is done
+        // writing (and its upload sessions are gone).
+        for (d, _) in &blobs {
+            eventually("the blob is stored", || cached.stored(&repo, d)).await?;
+        }
+        images.insert(name, (repo, digest, blobs));
+    }
+    // Ten days later (as the store's times say), a gateway that has told nothing yet — a
+    // fresh one — is asked for a's manifest by tag and c's by a HEAD (a node checking the
+    // image it holds); nobody asks for b.
+    for (repo, _, _) in images.values() {
+        age_ten_days(&root, repo)?;
+    }
+    let second = cache_gateway(
+        &cached.dir.path().join("gw2"),
+        &cached.storage,
+        &upstream.base,
+        UPSTREAM_USER,
+        "",
+    )?;
+    let c2 = alice(&second);
+    let r = c2
+        .req(Method::GET, "/v2/hub/library/a/manifests/1")
+        .header("accept", ACCEPT)
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "a: {}", describe(r).await);
+    let (_, c_digest, _) = &images["c"];
+    let r = c2
+        .req(
+            Method::HEAD,
+            &format!("/v2/hub/library/c/manifests/{c_digest}"),
+        )
+        .header("accept", ACCEPT)
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "c: {}", r.status());
+    let recent = |name: &str| {
+        let (repo, digest, _) = &images[name];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok::<_, anyhow::Error>(pulled_at(&root, repo, digest)?.is_some_and(|t| t + 3600 > now))
+    };
+    for name in ["a", "c"] {
+        eventually("the second gateway tells the pull", || async {
+            recent(name)
+        })
+        .await?;
+    }
+    ensure!(!recent("b")?, "b was not pulled");
+
+    // Retention: only b goes, for not being pulled (nor pushed) within 7 days; then GC
+    // sweeps its manifest and its own layer.
+    let storage = deployment::storage_client(&cached.storage);
+    let gc = |dry_run: bool| {
+        let storage = &storage;
+        async move {
+            let path = if dry_run { "/gc?dry_run=true" } else { "/gc" };
+            let r = storage.req(Method::POST, path).send().await?;
+            ensure!(r.status() == 200, "POST {path}: {}", describe(r).await);
+            Ok::<Value, anyhow::Error>(r.json().await?)
+        }
+    };
+    let planned = gc(true).await?;
+    let deleted: Vec<(String, String)> = planned["retention"]
+        .as_array()
+        .context("retention")?
+        .iter()
+        .map(|d| {
+            (
+                format!("{}:{}", d["repository"], d["tag"]),
+                d["reason"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    ensure!(
+        deleted
+            == [(
+                "\"hub/library/b\":\"1\"".to_owned(),
+                "neither pulled nor pushed within 7 days".to_owned()
+            )],
+        "retention's plan: {planned:#}"
+    );
+    let report = gc(false).await?;
+    ensure!(report["retention"] == planned["retention"], "{report:#}");
+    let (_, b_digest, b_blobs) = &images["b"];
+    let b_own = &b_blobs[b_blobs.len() - 1].0;
+    let swept: Vec<&str> = report["blobs_deleted"]
+        .as_array()
+        .context("blobs_deleted")?
+        .iter()
+        .filter_map(|b| b["digest"].as_str())
+        .collect();
+    ensure!(
+        swept.contains(&b_digest.to_string().as_str())
+            && swept.contains(&b_own.to_string().as_str()),
+        "b's manifest and own layer swept: {report:#}"
+    );
+    ensure!(
+        pulled_at(&root, "hub/library/b", b_digest)?.is_none(),
+        "b's marker went with it"
+    );
+    // What is left is whole, and b, being a cache's, comes back from the upstream when asked.
+    for name in ["a", "c"] {
+        let (repo, digest, _) = &images[name];
+        ensure!(
+            pull_verified(&c2, repo, "1").await? == *digest,
+            "{name} after GC"
+        );
+    }
+    ensure!(pull_verified(&c2, "hub/library/b", "1").await? == *b_digest);
+
+    // Storage takes pull times from gateways only, for manifests the repository holds.
+    let tell = |client: Client, repository: &str, digest: String| {
+        let body = serde_json::json!({"pulls": [{"repository": repository, "digest": digest}]});
+        async move {
+            let r = client
+                .req(Method::POST, "/internal/pulled")
+                .json(&body)
+                .send()
+                .await?;
+            Ok::<_, anyhow::Error>((r.status().as_u16(), describe(r).await))
+        }
+    };
+    let (status, text) = tell(storage.clone(), "hub/library/zzz", b_digest.to_string()).await?;
+    ensure!(
+        status == 200 && text.contains("\"recorded\": 0"),
+        "{status} {text}"
+    );
+    ensure!(pulled_at(&root, "hub/library/zzz", b_digest)?.is_none());
+    let (status, text) = tell(storage.clone(), "hub/library/a", "sha256:nope".into()).await?;
+    ensure!(
+        status == 400 && text.contains("DIGEST_INVALID"),
+        "{status} {text}"
+    );
+    let anonymous = Client::new(&cached.storage.base);
+    let (status, _) = tell(anonymous, "hub/library/b", b_digest.to_string()).await?;
+    ensure!(status == 401, "without the internal secret: {status}");
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! are rewritten on the way ([`forward`]), and the storage nodes it goes to ([`upstream`]);
 //! [`internal`] is the gateway's own requests to them, [`data`] what it reads with them;
 //! [`manifests`] answers manifest reads from memory while the repository has not changed;
-//! [`local`] answers blob reads from a co-located filesystem store.
+//! [`local`] answers blob reads from a co-located filesystem store; [`pulls`] tells storage
+//! which manifests were pulled (for retention).
 
 pub mod authz;
 pub mod data;
@@ -11,6 +12,7 @@ pub mod forward;
 pub mod internal;
 pub mod local;
 pub mod manifests;
+pub mod pulls;
 pub mod upstream;
 
 use crate::audit::request::Operation;

@@ -8,7 +8,8 @@
 //!
 //! `check` exits 0 when allowed, 1 when denied; every command exits 2 on a bad policy or
 //! bad arguments. `tags.json` is a list of `{"tag": "v1" | null, "digest": "sha256:…",
-//! "pushed_at": <unix seconds> | "2026-01-31T12:00:00Z"}`.
+//! "pushed_at": <unix seconds> | "2026-01-31T12:00:00Z"}`, with an optional `"pulled_at"` of the
+//! same form (the last pull, for `keep_pulled_days`).
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -186,17 +187,22 @@ fn run() -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("parsing {}", tags.display()))?;
             let mut records = Vec::new();
             for (i, v) in raw.iter().enumerate() {
-                let pushed_at = match &v["pushed_at"] {
+                let time = |field: &str| match &v[field] {
                     serde_json::Value::Number(n) => n.as_i64(),
                     serde_json::Value::String(s) => s
                         .parse::<toml::value::Datetime>()
                         .ok()
                         .and_then(|d| policy::datetime_to_unix(&d)),
                     _ => None,
-                }
-                .with_context(|| {
-                    format!("entry {i}: pushed_at must be unix seconds or an RFC 3339 time")
-                })?;
+                };
+                let must_be = |field: &str| {
+                    format!("entry {i}: {field} must be unix seconds or an RFC 3339 time")
+                };
+                let pushed_at = time("pushed_at").with_context(|| must_be("pushed_at"))?;
+                let pulled_at = match v.get("pulled_at") {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(_) => Some(time("pulled_at").with_context(|| must_be("pulled_at"))?),
+                };
                 records.push(ManifestRecord {
                     tag: v["tag"].as_str().map(String::from),
                     digest: v["digest"]
@@ -204,6 +210,7 @@ fn run() -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("entry {i}: no digest"))?
                         .to_string(),
                     pushed_at,
+                    pulled_at,
                 });
             }
             let plan = p.retention(&repository, &records, now_or(now));

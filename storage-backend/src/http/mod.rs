@@ -1,5 +1,6 @@
 //! The HTTP API: `/v2/*` (every endpoint of the distribution spec), `/internal/status` (the
-//! gateway's: usage and recent GC runs, for the console) and `/healthz` (the gateways' health
+//! gateway's: usage and recent GC runs, for the console), `/internal/pulled` (the gateways
+//! telling which manifests were pulled: `registry::pulls`) and `/healthz` (the gateways' health
 //! check); on the admin listener (or the one combined listener) `/healthz`, `/readyz`,
 //! `/metrics` and `/gc`. [`router`] builds it without a socket, so handler tests need no listener.
 
@@ -16,7 +17,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics::{EndpointLabel, Metrics};
 use oci::{ErrorCode, OciError};
 use std::sync::Arc;
@@ -44,7 +45,7 @@ pub struct AppState {
 pub enum Listener {
     /// `/v2/*` and the admin routes.
     Combined,
-    /// `/v2/*` and `/internal/status` only.
+    /// `/v2/*` and `/internal/*` only.
     Api,
     /// `/metrics`, `/healthz`, `/readyz` only.
     Admin,
@@ -61,6 +62,7 @@ pub fn router(state: Arc<AppState>, listener: Listener) -> Router {
     if listener != Listener::Admin {
         r = r
             .route("/internal/status", get(status))
+            .route("/internal/pulled", post(pulled))
             .fallback(handlers::dispatch);
     }
     r.layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -150,6 +152,61 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
         "usage": usage,
         "gc": gc,
     }))
+}
+
+/// Most pulls one `POST /internal/pulled` may tell.
+const MAX_PULLS: usize = 10_000;
+
+#[derive(serde::Deserialize)]
+struct Pulled {
+    pulls: Vec<PulledManifest>,
+}
+
+#[derive(serde::Deserialize)]
+struct PulledManifest {
+    repository: String,
+    digest: String,
+}
+
+/// `POST /internal/pulled` (the gateways', with the internal secret): `{"pulls":
+/// [{"repository", "digest"}, …]}`, manifests pulled just now; each the repository holds gets
+/// its marker (`registry::pulls`). Answers `{"recorded": n}`.
+async fn pulled(State(st): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let bad =
+        |code: ErrorCode, why: String| ApiError::from(OciError::new(code, why)).into_response();
+    let told: Pulled = match serde_json::from_slice(&body) {
+        Ok(t) => t,
+        Err(e) => return bad(ErrorCode::Unsupported, format!("not a list of pulls: {e}")),
+    };
+    if told.pulls.len() > MAX_PULLS {
+        return bad(
+            ErrorCode::Unsupported,
+            format!("at most {MAX_PULLS} pulls at once"),
+        );
+    }
+    let mut pulls = Vec::with_capacity(told.pulls.len());
+    for p in told.pulls {
+        let Ok(name) = oci::RepositoryName::parse(&p.repository) else {
+            return bad(
+                ErrorCode::NameInvalid,
+                format!("invalid repository name {:?}", p.repository),
+            );
+        };
+        let Ok(digest) = oci::Digest::parse(&p.digest) else {
+            return bad(
+                ErrorCode::DigestInvalid,
+                format!("invalid digest {:?}", p.digest),
+            );
+        };
+        pulls.push((name, digest));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match st.registry.record_pulls(&pulls, now).await {
+        Ok(recorded) => json_response(&serde_json::json!({ "recorded": recorded })),
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 /// `GET /gc`: the reports of this node's recent runs, oldest first.

@@ -295,6 +295,7 @@ impl Registry {
         }
         let link = Key::RevisionLink(name, digest).path();
         self.driver.delete(link.trim_end_matches("/link")).await?;
+        self.forget_pulls(name, digest).await;
         Ok(())
     }
 }

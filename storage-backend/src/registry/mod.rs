@@ -8,6 +8,7 @@ mod catalog;
 mod gc;
 mod manifests;
 mod protect;
+mod pulls;
 mod referrers;
 mod reverse;
 mod uploads;

@@ -387,7 +387,10 @@ impl Registry {
         }
         futures_util::stream::iter(unreferring)
             .for_each_concurrent(PARALLEL, |(repo, d)| async move {
-                self.drop_referrer_link(&repo, &d).await
+                self.drop_referrer_link(&repo, &d).await;
+                if let Ok(name) = RepositoryName::parse(&repo) {
+                    self.forget_pulls(&name, &d).await;
+                }
             })
             .await;
         let done = self

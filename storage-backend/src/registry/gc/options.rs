@@ -3,7 +3,7 @@
 //! ([`RetentionDeletion`]); also [`unix`], the epoch seconds retention and the lease go by.
 
 use oci::Digest;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How a run is made.
@@ -79,12 +79,13 @@ pub(super) fn unix(t: SystemTime) -> u64 {
 }
 
 /// Retention's decisions for one repository: the policy's plan over its tags (pushed at their
-/// link's time) and untagged manifests.
+/// link's time) and untagged manifests, each last pulled as `pulls` says (unix seconds).
 pub(super) fn plan_retention(
     policy: &policy::Policy,
     repo: &str,
     tagged: &[(String, Digest, SystemTime)],
     revisions: &[(Digest, SystemTime)],
+    pulls: &HashMap<Digest, i64>,
     t0: SystemTime,
 ) -> RepoRetention {
     let tagged_digests: HashSet<&Digest> = tagged.iter().map(|(_, d, _)| d).collect();
@@ -95,6 +96,7 @@ pub(super) fn plan_retention(
             tag: Some(t.clone()),
             digest: d.to_string(),
             pushed_at: secs(at),
+            pulled_at: pulls.get(d).copied(),
         })
         .chain(
             revisions
@@ -104,6 +106,7 @@ pub(super) fn plan_retention(
                     tag: None,
                     digest: d.to_string(),
                     pushed_at: secs(at),
+                    pulled_at: pulls.get(d).copied(),
                 }),
         )
         .collect();

@@ -6,6 +6,7 @@
 //! the reads go on. The modification time of a link costs a `stat` (a request on an object
 //! store), so it is read only where it decides something: for layer links nothing live
 //! refers to (the grace window), and for revisions with `delete_untagged` or retention.
+//! Retention also reads the repository's pull markers (`registry::pulls`).
 
 use super::PARALLEL;
 use super::compact::{CompactDigest, DigestSet};
@@ -188,6 +189,25 @@ impl Registry {
         Ok(out)
     }
 
+    /// The last pull told of each manifest under `prefix` (`registry::pulls`), in unix
+    /// seconds; a marker that does not hold a time counts as none.
+    async fn pull_times(&self, prefix: &str) -> Result<HashMap<Digest, i64>> {
+        let mut out = HashMap::new();
+        for alg in self.driver.list(prefix).await? {
+            for hex in self.driver.list(&format!("{prefix}/{alg}")).await? {
+                let Some(d) = CompactDigest::from_parts(&alg, &hex) else {
+                    continue;
+                };
+                let at = self.driver.get(&format!("{prefix}/{alg}/{hex}")).await?;
+                if let Some(at) = at.and_then(|t| std::str::from_utf8(&t).ok()?.trim().parse().ok())
+                {
+                    out.insert(d.to_digest(), at);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// One repository: what is live in it and what is dead.
     async fn scan_repo(
         &self,
@@ -241,7 +261,12 @@ impl Registry {
                     .iter()
                     .map(|(d, at)| (d.to_digest(), *at))
                     .collect();
-                Some(plan_retention(policy, name, &tagged, &revisions, t0))
+                let pulls = self
+                    .pull_times(&format!("{repo}/_manifests/_pulled"))
+                    .await?;
+                Some(plan_retention(
+                    policy, name, &tagged, &revisions, &pulls, t0,
+                ))
             }
             (None, None) => None,
         };
