@@ -924,8 +924,9 @@ impl ProxyHttp for Gateway {
             elapsed,
         });
         ctx.op.finish(&ctx.info, status, elapsed);
-        if let (Some(oci::Endpoint::GetManifest { name, .. }), 200, false, Some(digest)) =
-            (&ctx.op.endpoint, status, ctx.op.aborted, &ctx.op.digest)
+        // A pull: a manifest read answered 200 whose answer went out whole.
+        if let (Some(oci::Endpoint::GetManifest { name, .. }), 200, false, None, Some(digest)) =
+            (&ctx.op.endpoint, status, ctx.op.aborted, e, &ctx.op.digest)
         {
             self.pulls.pulled(name.as_str(), digest);
         }

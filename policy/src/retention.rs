@@ -27,6 +27,14 @@ pub(crate) struct Rule {
     untagged: Untagged,
 }
 
+/// Longest age a rule may name, in days (a century).
+const MAX_DAYS: u64 = 36_500;
+
+/// `d` days in seconds.
+fn days(d: u64) -> i64 {
+    (d.min(MAX_DAYS) as i64) * 86_400
+}
+
 pub(crate) fn compile(
     rules: &[Spanned<RetentionConfig>],
     lines: &Lines<'_>,
@@ -47,6 +55,21 @@ pub(crate) fn compile(
                 r,
                 &field,
                 "keeps everything: set keep_last, keep_days, keep_pulled_days or untagged = \"delete\"",
+            ));
+        }
+        for (name, value) in [
+            ("keep_days", c.keep_days),
+            ("keep_pulled_days", c.keep_pulled_days),
+        ] {
+            if value.is_some_and(|d| d > MAX_DAYS) {
+                return Err(lines.err(r, &field, format!("{name} is over {MAX_DAYS} days")));
+            }
+        }
+        if c.keep_pulled_days == Some(0) {
+            return Err(lines.err(
+                r,
+                &field,
+                "keep_pulled_days = 0 keeps nothing by its pulls: leave it out or give a day or more",
             ));
         }
         out.push(Rule {
@@ -108,6 +131,13 @@ pub struct RetentionPlan {
 }
 
 impl Policy {
+    /// Whether the retention rule of `repository` goes by pulls (`keep_pulled_days`): only
+    /// then are its manifests' pull times worth reading.
+    pub fn retention_counts_pulls(&self, repository: &str) -> bool {
+        self.retention_rule(repository)
+            .is_some_and(|r| r.keep_pulled_days.is_some())
+    }
+
     /// What retention deletes in `repository` at `now` (unix seconds), and why.
     pub fn retention(
         &self,
@@ -115,23 +145,8 @@ impl Policy {
         records: &[ManifestRecord],
         now: i64,
     ) -> RetentionPlan {
-        let rule = self
-            .retention
-            .iter()
-            .filter(|r| r.repositories.iter().any(|p| p.matches(repository, None)))
-            .max_by(|a, b| {
-                let spec = |r: &Rule| {
-                    r.repositories
-                        .iter()
-                        .filter(|p| p.matches(repository, None))
-                        .map(|p| p.specificity())
-                        .max()
-                };
-                // Ties go to the first rule: max_by keeps the last maximum, so reverse lines.
-                spec(a).cmp(&spec(b)).then(b.line.cmp(&a.line))
-            });
         let mut plan = RetentionPlan::default();
-        let Some(rule) = rule else {
+        let Some(rule) = self.retention_rule(repository) else {
             plan.keep = records
                 .iter()
                 .map(|r| Verdict {
@@ -144,11 +159,11 @@ impl Policy {
         plan.rule_line = Some(rule.line);
         let young = |r: &ManifestRecord| {
             rule.keep_days
-                .is_some_and(|d| now - r.pushed_at < (d as i64) * 86_400)
+                .is_some_and(|d| now.saturating_sub(r.pushed_at) < days(d))
         };
         let used = |r: &ManifestRecord| {
             rule.keep_pulled_days
-                .is_some_and(|d| now - r.used_at() < (d as i64) * 86_400)
+                .is_some_and(|d| now.saturating_sub(r.used_at()) < days(d))
         };
         let used_reason = |r: &ManifestRecord| match r.pulled_at {
             Some(p) if p >= r.pushed_at => {
@@ -235,5 +250,24 @@ impl Policy {
             }
         }
         plan
+    }
+
+    /// The rule that applies to `repository`: the most specific match (ties: the first in the
+    /// file).
+    fn retention_rule(&self, repository: &str) -> Option<&Rule> {
+        self.retention
+            .iter()
+            .filter(|r| r.repositories.iter().any(|p| p.matches(repository, None)))
+            .max_by(|a, b| {
+                let spec = |r: &Rule| {
+                    r.repositories
+                        .iter()
+                        .filter(|p| p.matches(repository, None))
+                        .map(|p| p.specificity())
+                        .max()
+                };
+                // Ties go to the first rule: max_by keeps the last maximum, so reverse lines.
+                spec(a).cmp(&spec(b)).then(b.line.cmp(&a.line))
+            })
     }
 }

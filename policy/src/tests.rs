@@ -484,6 +484,9 @@ fn pulled(tag: Option<&str>, days_ago: i64, pulled_days_ago: i64) -> ManifestRec
 #[test]
 fn retention_keeps_what_was_pulled_or_pushed_within_keep_pulled_days() {
     let p = retention_policy("keep_pulled_days = 30\nuntagged = \"delete\"");
+    assert!(p.retention_counts_pulls("r/app"));
+    assert!(!p.retention_counts_pulls("s/app"), "no rule applies");
+    assert!(!retention_policy("keep_last = 2").retention_counts_pulls("r/app"));
     let plan = p.retention(
         "r/app",
         &[
@@ -703,6 +706,20 @@ fn invalid_configs_are_rejected_with_file_line_and_field() {
             1,
             "retention[0]",
             "keeps everything",
+        ),
+        (
+            "retention kept by no pull",
+            "[[retention]]\nrepositories = [\"a\"]\nkeep_pulled_days = 0\n",
+            1,
+            "retention[0]",
+            "keep_pulled_days = 0",
+        ),
+        (
+            "retention over a century",
+            "[[retention]]\nrepositories = [\"a\"]\nkeep_days = 99999999999999\n",
+            1,
+            "retention[0]",
+            "keep_days is over 36500 days",
         ),
         (
             "immutability without tags",

@@ -23,7 +23,9 @@
 //!                                                         lists <hex> (empty)
 //! ```
 //!
-//! Garbage collection adds `<root>/docker/registry/v2/_gc/lease` (one run at a time) and,
+//! The first pull a gateway tells of adds `<root>/docker/registry/v2/_pulls/since`
+//! (`registry::pulls`). Garbage collection adds `<root>/docker/registry/v2/_gc/lease` (one run
+//! at a time) and,
 //! while it sweeps, a marker `gc` next to the `data` or `link` of what it condemned
 //! (`registry::gc`); distribution ignores both.
 //!
@@ -74,6 +76,8 @@ pub enum Key<'a> {
     ParentMarker(&'a RepositoryName, &'a Digest, &'a Digest),
     /// When a manifest was last pulled, as gateways tell it (`registry::pulls`).
     PulledAt(&'a RepositoryName, &'a Digest),
+    /// When the store was first told of a pull (`registry::pulls`).
+    PullsSince,
     /// The garbage collector's lease: one run at a time across the nodes on a store.
     GcLease,
 }
@@ -139,6 +143,7 @@ impl Key<'_> {
             ),
             Key::PulledAt(n, d) => format!("{}/_manifests/_pulled/{}", repo(n), ah(d)),
             Key::GcLease => format!("{V2}/_gc/lease"),
+            Key::PullsSince => format!("{V2}/_pulls/since"),
         }
     }
 }
@@ -228,6 +233,7 @@ mod tests {
                 Key::PulledAt(&n, &d),
                 format!("{r}/_manifests/_pulled/sha256/{h}"),
             ),
+            (Key::PullsSince, "docker/registry/v2/_pulls/since".into()),
         ];
         for (key, want) in cases {
             assert_eq!(key.path(), want, "{key:?}");

@@ -15,9 +15,15 @@ pub const SERVICE: &str = "registry.test";
 
 /// A storage node on `root` that requires [`SECRET`].
 pub fn storage_node(root: &Path) -> anyhow::Result<StorageServer> {
+    storage_node_with(root, None)
+}
+
+/// The same, started with the config file `config` (`[gc]`…), if any.
+pub fn storage_node_with(root: &Path, config: Option<&Path>) -> anyhow::Result<StorageServer> {
     StorageServer::start_with(
         root,
         StorageOptions {
+            config: config.map(Path::to_path_buf),
             env: vec![("PORTCULLIS_INTERNAL_SECRET".into(), SECRET.into())],
             ..Default::default()
         },

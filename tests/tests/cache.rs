@@ -9,7 +9,7 @@ use portcullis_tests::client::{Client, TokenAuth, describe, expect_error, https,
 use portcullis_tests::deployment::{self, SERVICE};
 use portcullis_tests::faulty::{Faulty, Mode};
 use portcullis_tests::server::{
-    GatewayServer, StorageOptions, StorageServer, metric_sample, metrics_text, workspace_root,
+    GatewayServer, StorageServer, metric_sample, metrics_text, workspace_root,
 };
 use portcullis_tests::tools::{
     Containers, Distribution, DockerTrust, Dockerd, cert_dir, dir_files, free_port,
@@ -80,17 +80,7 @@ impl Cached {
         std::fs::create_dir_all(&storage_root)?;
         let conf = dir.path().join("storage.toml");
         std::fs::write(&conf, storage)?;
-        let storage = StorageServer::start_with(
-            &storage_root,
-            StorageOptions {
-                config: Some(conf),
-                env: vec![(
-                    "PORTCULLIS_INTERNAL_SECRET".into(),
-                    deployment::SECRET.into(),
-                )],
-                ..Default::default()
-            },
-        )?;
+        let storage = deployment::storage_node_with(&storage_root, Some(&conf))?;
         Self::start_on(dir, storage, url, user, more)
     }
 
@@ -155,7 +145,8 @@ fn alice(g: &GatewayServer) -> Client {
     c
 }
 
-/// Pushes a two-layer image `repo:tag` to the upstream; its manifest digest and blobs.
+/// Pushes an image of `layers` (and a config) `repo:tag` to the upstream; its manifest digest
+/// and blobs (the config first, then the layers).
 async fn push_upstream(
     c: &Client,
     repo: &str,
@@ -1165,12 +1156,32 @@ async fn retention_keeps_the_cached_tags_pulled_lately_and_lets_the_rest_go() ->
         }
         images.insert(name, (repo, digest, blobs));
     }
-    // Ten days later (as the store's times say), a gateway that has told nothing yet — a
-    // fresh one — is asked for a's manifest by tag and c's by a HEAD (a node checking the
-    // image it holds); nobody asks for b.
+    // Ten days later, as the store's times say.
     for (repo, _, _) in images.values() {
         age_ten_days(&root, repo)?;
     }
+    // Storage was first told of a pull just now: until keep_pulled_days after that, nothing
+    // is deleted for want of pulls (they were not told before).
+    let storage = deployment::storage_client(&cached.storage);
+    let gc = |dry_run: bool| {
+        let storage = &storage;
+        async move {
+            let path = if dry_run { "/gc?dry_run=true" } else { "/gc" };
+            let r = storage.req(Method::POST, path).send().await?;
+            ensure!(r.status() == 200, "POST {path}: {}", describe(r).await);
+            Ok::<Value, anyhow::Error>(r.json().await?)
+        }
+    };
+    let planned = gc(true).await?;
+    ensure!(
+        planned["retention"].as_array().is_some_and(Vec::is_empty),
+        "pulls are told since just now: {planned:#}"
+    );
+    let since = root.join("docker/registry/v2/_pulls/since");
+    let told_since: u64 = std::fs::read_to_string(&since)?.trim().parse()?;
+    std::fs::write(&since, (told_since - 10 * 86_400).to_string())?;
+    // A gateway that has told nothing yet — a fresh one — is asked for a's manifest by tag
+    // and c's by a HEAD (a node checking the image it holds); nobody asks for b.
     let second = cache_gateway(
         &cached.dir.path().join("gw2"),
         &cached.storage,
@@ -1212,16 +1223,6 @@ async fn retention_keeps_the_cached_tags_pulled_lately_and_lets_the_rest_go() ->
 
     // Retention: only b goes, for not being pulled (nor pushed) within 7 days; then GC
     // sweeps its manifest and its own layer.
-    let storage = deployment::storage_client(&cached.storage);
-    let gc = |dry_run: bool| {
-        let storage = &storage;
-        async move {
-            let path = if dry_run { "/gc?dry_run=true" } else { "/gc" };
-            let r = storage.req(Method::POST, path).send().await?;
-            ensure!(r.status() == 200, "POST {path}: {}", describe(r).await);
-            Ok::<Value, anyhow::Error>(r.json().await?)
-        }
-    };
     let planned = gc(true).await?;
     let deleted: Vec<(String, String)> = planned["retention"]
         .as_array()
@@ -1229,7 +1230,11 @@ async fn retention_keeps_the_cached_tags_pulled_lately_and_lets_the_rest_go() ->
         .iter()
         .map(|d| {
             (
-                format!("{}:{}", d["repository"], d["tag"]),
+                format!(
+                    "{}:{}",
+                    d["repository"].as_str().unwrap_or("?"),
+                    d["tag"].as_str().unwrap_or("?")
+                ),
                 d["reason"].as_str().unwrap_or("").to_owned(),
             )
         })
@@ -1237,7 +1242,7 @@ async fn retention_keeps_the_cached_tags_pulled_lately_and_lets_the_rest_go() ->
     ensure!(
         deleted
             == [(
-                "\"hub/library/b\":\"1\"".to_owned(),
+                "hub/library/b:1".to_owned(),
                 "neither pulled nor pushed within 7 days".to_owned()
             )],
         "retention's plan: {planned:#}"
@@ -1280,12 +1285,23 @@ async fn retention_keeps_the_cached_tags_pulled_lately_and_lets_the_rest_go() ->
                 .json(&body)
                 .send()
                 .await?;
-            Ok::<_, anyhow::Error>((r.status().as_u16(), describe(r).await))
+            Ok::<_, anyhow::Error>((r.status().as_u16(), r.text().await?))
         }
     };
+    let recorded = |text: &str| {
+        serde_json::from_str::<Value>(text)
+            .ok()
+            .and_then(|v| v["recorded"].as_u64())
+    };
+    let (a_repo, a_digest, _) = &images["a"];
+    let (status, text) = tell(storage.clone(), a_repo, a_digest.to_string()).await?;
+    ensure!(
+        status == 200 && recorded(&text) == Some(1),
+        "{status} {text}"
+    );
     let (status, text) = tell(storage.clone(), "hub/library/zzz", b_digest.to_string()).await?;
     ensure!(
-        status == 200 && text.contains("\"recorded\": 0"),
+        status == 200 && recorded(&text) == Some(0),
         "{status} {text}"
     );
     ensure!(pulled_at(&root, "hub/library/zzz", b_digest)?.is_none());

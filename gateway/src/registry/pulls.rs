@@ -5,11 +5,12 @@
 //! at most once an hour per repository and manifest by this gateway: storage's time of a pull
 //! is as fresh as an hour, what a rule counted in days needs.
 //!
-//! Telling never holds a pull up and is best effort: a pull that finds the queue full, and a
-//! batch storage did not take, are forgotten here, so the next pull of the same manifest
-//! tells it again. The memory of what was told is bounded (`MAX_TOLD` entries; when full,
-//! what is older than an hour goes, and everything if that is not enough: at worst a few
-//! manifests are told twice in the hour).
+//! Telling never holds a pull up and is best effort: a batch storage did not take is sent
+//! again (three more times, 1, 4 and 16 s later); a pull that finds the queue full, and a
+//! batch still not taken, are forgotten here, so the next pull of the same manifest tells it
+//! again. The memory of what was told is two maps, the current hour's and the one before
+//! (each at most `MAX_TOLD` entries; a full one starts the next hour early): bounded, and
+//! nothing is ever scanned.
 
 use super::internal::Internal;
 use reqwest::{Method, StatusCode};
@@ -20,19 +21,50 @@ use tokio::sync::mpsc;
 
 /// How long a manifest's pull, once told, is not told again.
 const TELL_EVERY: Duration = Duration::from_secs(3600);
-/// Most (repository, manifest) pairs remembered as told.
+/// Most (repository, manifest) pairs remembered as told in an hour (twice that in all).
 const MAX_TOLD: usize = 100_000;
 /// Pulls waiting to be told.
 const QUEUE: usize = 10_000;
-/// Most pulls in one request to storage (storage takes up to 10 000).
+/// Most pulls in one request to storage (storage takes up to 2 000).
 const BATCH: usize = 1_000;
+
+/// How long a batch storage did not take waits before each next try.
+const RETRY_AFTER: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(4),
+    Duration::from_secs(16),
+];
 
 /// A repository and the digest of a manifest pulled from it.
 type Pull = (String, String);
 
+/// What this gateway told, and when.
+struct Told {
+    /// Since `since`.
+    current: HashMap<Pull, Instant>,
+    /// The hour before.
+    previous: HashMap<Pull, Instant>,
+    since: Instant,
+}
+
+impl Told {
+    /// Whether `pull` was told within `TELL_EVERY` of `now`.
+    fn recent(&self, pull: &Pull, now: Instant) -> bool {
+        [&self.current, &self.previous].into_iter().any(|m| {
+            m.get(pull)
+                .is_some_and(|at| now.duration_since(*at) < TELL_EVERY)
+        })
+    }
+
+    fn forget(&mut self, pull: &Pull) {
+        self.current.remove(pull);
+        self.previous.remove(pull);
+    }
+}
+
 pub struct Pulls {
     internal: Arc<Internal>,
-    told: Mutex<HashMap<Pull, Instant>>,
+    told: Mutex<Told>,
     /// The queue to the task that tells storage, started with the first pull (on the
     /// runtime that serves requests).
     queue: OnceLock<mpsc::Sender<Pull>>,
@@ -42,7 +74,11 @@ impl Pulls {
     pub fn new(internal: Arc<Internal>) -> Arc<Self> {
         Arc::new(Pulls {
             internal,
-            told: Mutex::new(HashMap::new()),
+            told: Mutex::new(Told {
+                current: HashMap::new(),
+                previous: HashMap::new(),
+                since: Instant::now(),
+            }),
             queue: OnceLock::new(),
         })
     }
@@ -53,19 +89,14 @@ impl Pulls {
         let now = Instant::now();
         {
             let mut told = self.lock();
-            if told
-                .get(&pull)
-                .is_some_and(|at| now.duration_since(*at) < TELL_EVERY)
-            {
+            if told.recent(&pull, now) {
                 return;
             }
-            if told.len() >= MAX_TOLD {
-                told.retain(|_, at| now.duration_since(*at) < TELL_EVERY);
-                if told.len() >= MAX_TOLD {
-                    told.clear();
-                }
+            if now.duration_since(told.since) >= TELL_EVERY || told.current.len() >= MAX_TOLD {
+                told.previous = std::mem::take(&mut told.current);
+                told.since = now;
             }
-            told.insert(pull.clone(), now);
+            told.current.insert(pull.clone(), now);
         }
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
@@ -74,11 +105,11 @@ impl Pulls {
         });
         if queue.try_send(pull.clone()).is_err() {
             told_metric("dropped", 1);
-            self.lock().remove(&pull);
+            self.lock().forget(&pull);
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Pull, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Told> {
         self.told.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -94,7 +125,7 @@ impl Pulls {
                     })
                     .collect::<Vec<_>>(),
             });
-            let sent = async {
+            let send = || async {
                 let r = self
                     .internal
                     .request(Method::POST, "/internal/pulled")?
@@ -107,8 +138,15 @@ impl Pulls {
                     r.status()
                 );
                 Ok(())
+            };
+            let mut sent = send().await;
+            for wait in RETRY_AFTER {
+                if sent.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                sent = send().await;
             }
-            .await;
             match sent {
                 Ok(()) => told_metric("told", batch.len()),
                 Err(e) => {
@@ -116,7 +154,7 @@ impl Pulls {
                     told_metric("failed", batch.len());
                     let mut told = self.lock();
                     for pull in &batch {
-                        told.remove(pull);
+                        told.forget(pull);
                     }
                 }
             }

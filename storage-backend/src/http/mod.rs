@@ -154,8 +154,9 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
     }))
 }
 
-/// Most pulls one `POST /internal/pulled` may tell.
-const MAX_PULLS: usize = 10_000;
+/// Most pulls one `POST /internal/pulled` may tell (within axum's 2 MiB body limit even
+/// with the longest names; a gateway sends at most 1 000).
+const MAX_PULLS: usize = 2_000;
 
 #[derive(serde::Deserialize)]
 struct Pulled {
@@ -170,7 +171,8 @@ struct PulledManifest {
 
 /// `POST /internal/pulled` (the gateways', with the internal secret): `{"pulls":
 /// [{"repository", "digest"}, …]}`, manifests pulled just now; each the repository holds gets
-/// its marker (`registry::pulls`). Answers `{"recorded": n}`.
+/// its marker (`registry::pulls`). Answers `{"recorded", "skipped", "failed"}` (counts: a
+/// write that failed fails that pull alone).
 async fn pulled(State(st): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
     let bad =
         |code: ErrorCode, why: String| ApiError::from(OciError::new(code, why)).into_response();
@@ -204,7 +206,11 @@ async fn pulled(State(st): State<Arc<AppState>>, body: axum::body::Bytes) -> Res
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     match st.registry.record_pulls(&pulls, now).await {
-        Ok(recorded) => json_response(&serde_json::json!({ "recorded": recorded })),
+        Ok(r) => json_response(&serde_json::json!({
+            "recorded": r.recorded,
+            "skipped": r.skipped,
+            "failed": r.failed,
+        })),
         Err(e) => ApiError::from(e).into_response(),
     }
 }

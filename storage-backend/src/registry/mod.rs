@@ -18,6 +18,7 @@ pub use catalog::Page;
 pub use gc::{GcOptions, GcReport, SweptBlob};
 pub use manifests::{ManifestPut, StoredManifest};
 pub use protect::{Overridden, Protected};
+pub use pulls::Recorded;
 pub use uploads::UploadState;
 pub use usage::{Usage, UsageTotals};
 
@@ -82,6 +83,8 @@ pub struct Registry {
     verified: reverse::Verified,
     /// The store's blobs and bytes as this node knows them (for the metrics).
     usage: Usage,
+    /// The store has its `_pulls/since` ([`pulls`]): no need to write it again.
+    pulls_since_written: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -92,6 +95,7 @@ impl Registry {
             hashers: Mutex::new(HashMap::new()),
             verified: reverse::Verified::default(),
             usage: Usage::default(),
+            pulls_since_written: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

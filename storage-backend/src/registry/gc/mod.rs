@@ -231,6 +231,7 @@ impl Registry {
             )
         };
         let tags_dir = |repo: &str| format!("{}/{repo}/_manifests/tags", Key::Repositories.path());
+        self.rescue_pulled(opts, t0, &mut first.repos).await?;
         // Retention's tag deletions: swapped to a tombstone (a tag moved meanwhile stays).
         for r in &first.repos {
             let Some(plan) = &r.retention else { continue };
@@ -502,6 +503,46 @@ impl Registry {
     }
 
     /// A deleted manifest's entry in its subject's referrers, if it had a subject.
+    /// Takes out of retention's plans what was pulled since the run began (the scan of the
+    /// whole store may take long): a manifest pulled is kept, with its tags.
+    async fn rescue_pulled(
+        &self,
+        opts: &GcOptions,
+        t0: SystemTime,
+        repos: &mut [RepoScan],
+    ) -> Result<()> {
+        let Some(policy) = &opts.retention else {
+            return Ok(());
+        };
+        for r in repos {
+            let Some(plan) = &mut r.retention else {
+                continue;
+            };
+            if plan.is_empty() || !policy.retention_counts_pulls(&r.name) {
+                continue;
+            }
+            let Ok(name) = RepositoryName::parse(&r.name) else {
+                continue;
+            };
+            let mut planned: Vec<Digest> = plan.tags.iter().map(|(_, d, _)| d.clone()).collect();
+            planned.extend(plan.untagged.iter().map(|(d, _)| d.clone()));
+            planned.sort();
+            planned.dedup();
+            let rescued = self
+                .pulled_after(&name, &planned, options::unix(t0) as i64)
+                .await?;
+            if rescued.is_empty() {
+                continue;
+            }
+            plan.tags.retain(|(_, d, _)| !rescued.contains(d));
+            plan.untagged.retain(|(d, _)| !rescued.contains(d));
+            plan.manifests.retain(|d| !rescued.contains(d));
+            r.dead_revisions
+                .retain(|d| !rescued.contains(&d.to_digest()));
+        }
+        Ok(())
+    }
+
     async fn drop_referrer_link(&self, repo: &str, manifest: &Digest) {
         let Ok(name) = RepositoryName::parse(repo) else {
             return;

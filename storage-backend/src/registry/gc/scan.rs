@@ -16,6 +16,7 @@ use super::refs::RefsCache;
 use crate::driver::ObjectMeta;
 use crate::layout::Key;
 use crate::registry::{Registry, Result, TAG_TOMBSTONE};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use oci::{Digest, RepositoryName};
 use std::collections::{HashMap, HashSet};
@@ -189,20 +190,29 @@ impl Registry {
         Ok(out)
     }
 
-    /// The last pull told of each manifest under `prefix` (`registry::pulls`), in unix
-    /// seconds; a marker that does not hold a time counts as none.
-    async fn pull_times(&self, prefix: &str) -> Result<HashMap<Digest, i64>> {
+    /// The last pull told of each of `manifests` of the repository at `repo`
+    /// (`registry::pulls`), in unix seconds, read [`PARALLEL`] at a time; a manifest without
+    /// a time (never told, or a marker that holds none) is not in the map.
+    async fn pull_times(
+        &self,
+        repo: &str,
+        manifests: &[(CompactDigest, SystemTime)],
+    ) -> Result<HashMap<Digest, i64>> {
+        // By index: a stream of references would not be `Send` for every lifetime.
+        let times: Vec<std::io::Result<Option<Bytes>>> =
+            futures_util::stream::iter(0..manifests.len())
+                .map(|i| {
+                    let marker = format!("{repo}/_manifests/_pulled/{}", manifests[i].0.path());
+                    async move { self.driver.get(&marker).await }
+                })
+                .buffered(PARALLEL)
+                .collect()
+                .await;
         let mut out = HashMap::new();
-        for alg in self.driver.list(prefix).await? {
-            for hex in self.driver.list(&format!("{prefix}/{alg}")).await? {
-                let Some(d) = CompactDigest::from_parts(&alg, &hex) else {
-                    continue;
-                };
-                let at = self.driver.get(&format!("{prefix}/{alg}/{hex}")).await?;
-                if let Some(at) = at.and_then(|t| std::str::from_utf8(&t).ok()?.trim().parse().ok())
-                {
-                    out.insert(d.to_digest(), at);
-                }
+        for ((d, _), text) in manifests.iter().zip(times) {
+            let at = text?.and_then(|t| std::str::from_utf8(&t).ok()?.trim().parse().ok());
+            if let Some(at) = at {
+                out.insert(d.to_digest(), at);
             }
         }
         Ok(out)
@@ -216,6 +226,7 @@ impl Registry {
         opts: &GcOptions,
         cache: &Mutex<RefsCache>,
         fixed: Option<&RepoRetention>,
+        pulls_since: i64,
     ) -> Result<RepoMarks> {
         let repo = format!("{}/{name}", Key::Repositories.path());
         let mut out = RepoScan {
@@ -257,13 +268,27 @@ impl Registry {
         out.retention = match (fixed, &opts.retention) {
             (Some(r), _) => Some(r.clone()),
             (None, Some(policy)) => {
+                // Before the store was first told of a pull nothing is known of pulls: every
+                // manifest counts as pulled then (`registry::pulls`).
+                let pulls = match policy.retention_counts_pulls(name) {
+                    true => {
+                        let told = self.pull_times(&repo, &revisions).await?;
+                        revisions
+                            .iter()
+                            .map(|(d, _)| {
+                                let d = d.to_digest();
+                                let at =
+                                    told.get(&d).map_or(pulls_since, |t| (*t).max(pulls_since));
+                                (d, at)
+                            })
+                            .collect()
+                    }
+                    false => HashMap::new(),
+                };
                 let revisions: Vec<(Digest, SystemTime)> = revisions
                     .iter()
                     .map(|(d, at)| (d.to_digest(), *at))
                     .collect();
-                let pulls = self
-                    .pull_times(&format!("{repo}/_manifests/_pulled"))
-                    .await?;
                 Some(plan_retention(
                     policy, name, &tagged, &revisions, &pulls, t0,
                 ))
@@ -393,13 +418,21 @@ impl Registry {
         let cache = Mutex::new(RefsCache::default());
         let mut lease = lease;
         let mut renewed = SystemTime::now();
+        // Read once a run, where retention decides (scan 1): unknown, it is the run's start.
+        let pulls_since = match (plans, &opts.retention) {
+            (None, Some(_)) => self.pulls_since().await?,
+            _ => None,
+        }
+        .unwrap_or(super::options::unix(t0) as i64);
         let names = self.repository_names(false).await?;
         let mut scans = futures_util::stream::iter(names)
             .map(|name| {
                 let fixed = plans.map(|p| p.get(&name).cloned().unwrap_or_default());
                 let cache = &cache;
                 async move {
-                    let r = self.scan_repo(&name, t0, opts, cache, fixed.as_ref()).await;
+                    let r = self
+                        .scan_repo(&name, t0, opts, cache, fixed.as_ref(), pulls_since)
+                        .await;
                     (name, r)
                 }
             })
