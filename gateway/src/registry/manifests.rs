@@ -11,7 +11,8 @@
 //! the client retries). So the next `GET` on any gateway sees the change: the generation a
 //! request goes by is read by a store `GET` sent after the request arrived. Requests for one
 //! repository that arrive while such a `GET` is on its way wait for it and share the next one
-//! ([`SharedReads`]: one `GET` at a time per repository, at most two round trips' wait). A
+//! ([`SharedReads`]: one `GET` at a time per repository, at most two round trips' wait; the
+//! in-memory store of a single gateway is read directly, it has no round trip). A
 //! generation that
 //! cannot be read (the store down) serves nothing from memory; one that is gone (never made,
 //! evicted, expired) is made anew only after storage answered a read with a manifest (so
@@ -186,7 +187,13 @@ impl ManifestCache {
     /// current generation.
     pub async fn lookup(&self, repo: &str, reference: &str) -> Lookup {
         let key = generation_key(repo);
-        let generation = match self.generations.get(&self.store, &key).await {
+        // A local store's read is already what a shared one would be: one after the request
+        // arrived.
+        let read = match self.store.is_local() {
+            true => self.store.get(&key).await,
+            false => self.generations.get(&self.store, &key).await,
+        };
+        let generation = match read {
             Ok(Some(g)) => g,
             Ok(None) => return Lookup::Miss(None),
             Err(_) => return Lookup::Unavailable,

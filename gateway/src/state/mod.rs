@@ -19,6 +19,12 @@ pub struct StateError(pub String);
 
 #[async_trait::async_trait]
 pub trait StateStore: Send + Sync {
+    /// Whether the store answers in this process, without a round trip (the in-memory
+    /// store): sharing its reads among requests gains nothing.
+    fn is_local(&self) -> bool {
+        false
+    }
+
     /// The value under `key`, if present and not expired.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateError>;
     /// Stores `value` under `key` for `ttl`.
@@ -409,6 +415,10 @@ impl Default for MemoryStore {
 
 #[async_trait::async_trait]
 impl StateStore for MemoryStore {
+    fn is_local(&self) -> bool {
+        true
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
         if let Some(v) = self.durable()?.get(key) {
             return Ok(Some(v.clone()));
