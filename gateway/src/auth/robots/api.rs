@@ -186,7 +186,16 @@ impl Robots {
                 );
             }
             (false, Some(s)) => Some(now + s as i64),
-            (false, None) => Some(now + (settings.cfg.default_lifetime_days * 86_400) as i64),
+            // Asked for nothing: the default lifetime, but a delegating robot's robot no
+            // longer than the robot itself (else a default child made a second after its
+            // parent would outlive it, and be refused below).
+            (false, None) => {
+                let default = now + (settings.cfg.default_lifetime_days * 86_400) as i64;
+                match caller.delegating_robot() {
+                    Some((_, Some(limit))) => Some(default.min(limit)),
+                    _ => Some(default),
+                }
+            }
         };
         if let Some((own, own_expiry)) = caller.delegating_robot() {
             let denied = |why: &str| {
@@ -352,5 +361,69 @@ impl Robots {
         let mut view = robot.view(now);
         view["secret"] = json!(secret);
         Reply::json(200, view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Identity, Machine};
+    use crate::state::StateStore;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_delegating_robots_child_made_with_the_default_lifetime_expires_with_it() {
+        let store: Arc<dyn StateStore> = Arc::new(crate::state::MemoryStore::default());
+        let robots = Robots::new(
+            store,
+            crate::auth::pepper::Peppers::one(b"pepper-for-robot-tests"),
+            crate::auth::robots::RobotsConfig::default(),
+        )
+        .unwrap();
+        let made = 1_800_000_000;
+        // The parent, made at `made` with the default lifetime.
+        let limit = made
+            + (crate::auth::robots::RobotsConfig::default().default_lifetime_days * 86_400) as i64;
+        let scope = Scope::compile(&[ScopeEntry {
+            repositories: vec!["team-a/**".into()],
+            actions: vec!["pull".into()],
+        }])
+        .unwrap();
+        let caller = Caller::Other(Identity {
+            subject: "robot$team-a+ci".into(),
+            groups: vec![],
+            kind: policy::SubjectKind::Robot,
+            machine: Some(Arc::new(Machine {
+                scope: Some(scope),
+                not_after: Some(limit),
+                may_create_robots: true,
+                ..Default::default()
+            })),
+        });
+        // A second later, a child asking for no lifetime: it gets the parent's end, not a
+        // refusal for outliving it.
+        let r = robots
+            .create(
+                br#"{"project":"team-a","name":"child","scope":[{"repositories":["team-a/app"],"actions":["pull"]}]}"#,
+                &caller,
+                made + 1,
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["expires_at"], limit, "{body}");
+        // One asking for longer than its parent has left is still refused.
+        let r = robots
+            .create(
+                format!(
+                    r#"{{"project":"team-a","name":"longer","expires_in_seconds":{},"scope":[{{"repositories":["team-a/app"],"actions":["pull"]}}]}}"#,
+                    limit - made
+                )
+                .as_bytes(),
+                &caller,
+                made + 1,
+            )
+            .await;
+        assert_eq!(r.status, 403, "{}", r.body);
     }
 }
