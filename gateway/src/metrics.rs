@@ -89,8 +89,9 @@ pub struct CacheMetrics {
     /// Admitted blob reads (`GET`/`HEAD`) no pull-through cache answered itself, by where
     /// they were answered from (`files`: a co-located store's files; `storage`: a node).
     pub blob_reads: IntCounterVec,
-    /// Manifest pulls told to storage for retention (`registry::pulls`), by result (`told`,
-    /// `failed`: storage did not take them; `dropped`: the queue was full).
+    /// Manifest pulls told to storage for retention (`registry::pulls`), by result (`told`:
+    /// recorded; `skipped`: the repository no longer holds the manifest; `failed`: storage
+    /// did not take them; `dropped`: the queue was full).
     pub pulls_told: IntCounterVec,
 }
 
@@ -209,7 +210,7 @@ pub fn cache() -> &'static CacheMetrics {
         ),
         pulls_told: counter(
             "gateway_pulls_told_total",
-            "Manifest pulls told to storage for retention, by result (told, failed, dropped)",
+            "Manifest pulls told to storage for retention, by result (told, skipped, failed, dropped)",
             &["result"],
         ),
     })

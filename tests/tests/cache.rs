@@ -1219,6 +1219,18 @@ async fn retention_keeps_the_cached_tags_pulled_lately_and_lets_the_rest_go() ->
         })
         .await?;
     }
+    let told = |result: &str| {
+        metric(
+            &second.admin,
+            format!("gateway_pulls_told_total{{result=\"{result}\"}}"),
+        )
+    };
+    eventually(
+        "the second gateway counts what storage recorded",
+        || async { Ok(told("told").await? == 2.0) },
+    )
+    .await?;
+    ensure!(told("skipped").await? == 0.0 && told("failed").await? == 0.0);
     ensure!(!recent("b")?, "b was not pulled");
 
     // Retention: only b goes, for not being pulled (nor pushed) within 7 days; then GC

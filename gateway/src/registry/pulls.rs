@@ -137,7 +137,7 @@ impl Pulls {
                     "storage answered {}",
                     r.status()
                 );
-                Ok(())
+                Ok(r.json::<serde_json::Value>().await.unwrap_or_default())
             };
             let mut sent = send().await;
             for wait in RETRY_AFTER {
@@ -148,7 +148,19 @@ impl Pulls {
                 sent = send().await;
             }
             match sent {
-                Ok(()) => told_metric("told", batch.len()),
+                Ok(counts) => {
+                    // What storage says of each pull: recorded, skipped (a manifest its
+                    // repository no longer holds) or failed (its write; told again in an hour).
+                    let count = |k: &str| counts[k].as_u64().map(|n| n as usize);
+                    match (count("recorded"), count("skipped"), count("failed")) {
+                        (Some(recorded), Some(skipped), Some(failed)) => {
+                            told_metric("told", recorded);
+                            told_metric("skipped", skipped);
+                            told_metric("failed", failed);
+                        }
+                        _ => told_metric("told", batch.len()),
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(pulls = batch.len(), error = %format!("{e:#}"), "pull times not told to storage; the next pulls tell them");
                     told_metric("failed", batch.len());
