@@ -23,8 +23,7 @@ use futures_util::{StreamExt, stream};
 use oci::{Digest, RepositoryName};
 use std::collections::HashSet;
 
-/// Markers written (or read) at once.
-const PARALLEL: usize = 16;
+use super::gc::PARALLEL;
 
 /// What a tell came to.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -95,8 +94,32 @@ impl Registry {
 
     /// When the store was first told of a pull (unix seconds), if ever.
     pub(super) async fn pulls_since(&self) -> Result<Option<i64>> {
-        let text = self.driver.get(&Key::PullsSince.path()).await?;
-        Ok(text.and_then(|t| std::str::from_utf8(&t).ok()?.trim().parse().ok()))
+        Ok(unix_seconds(
+            self.driver.get(&Key::PullsSince.path()).await?,
+        ))
+    }
+
+    /// The last pull told of each of `digests` in `name` (unix seconds), in their order,
+    /// read [`PARALLEL`] at a time.
+    pub(super) async fn pull_times(
+        &self,
+        name: &RepositoryName,
+        digests: &[Digest],
+    ) -> Result<Vec<Option<i64>>> {
+        // By index: a stream of references would not be `Send` for every lifetime.
+        let texts: Vec<std::io::Result<Option<Bytes>>> = stream::iter(0..digests.len())
+            .map(|i| {
+                let marker = Key::PulledAt(name, &digests[i]).path();
+                async move { self.driver.get(&marker).await }
+            })
+            .buffered(PARALLEL)
+            .collect()
+            .await;
+        let mut out = Vec::with_capacity(texts.len());
+        for text in texts {
+            out.push(unix_seconds(text?));
+        }
+        Ok(out)
     }
 
     /// Of `digests` in `name`, those pulled at or after `t` (unix seconds): what a retention
@@ -107,28 +130,13 @@ impl Registry {
         digests: &[Digest],
         t: i64,
     ) -> Result<HashSet<Digest>> {
-        let times: Vec<std::io::Result<Option<i64>>> = stream::iter(0..digests.len())
-            .map(|i| self.pull_time(name, &digests[i]))
-            .buffered(PARALLEL)
-            .collect()
-            .await;
-        let mut out = HashSet::new();
-        for (d, at) in digests.iter().zip(times) {
-            if at?.is_some_and(|at| at >= t) {
-                out.insert(d.clone());
-            }
-        }
-        Ok(out)
-    }
-
-    /// The last pull of `digest` in `name` told (unix seconds), if any.
-    pub(super) async fn pull_time(
-        &self,
-        name: &RepositoryName,
-        digest: &Digest,
-    ) -> std::io::Result<Option<i64>> {
-        let text = self.driver.get(&Key::PulledAt(name, digest).path()).await?;
-        Ok(text.and_then(|t| std::str::from_utf8(&t).ok()?.trim().parse().ok()))
+        let times = self.pull_times(name, digests).await?;
+        Ok(digests
+            .iter()
+            .zip(times)
+            .filter(|(_, at)| at.is_some_and(|at| at >= t))
+            .map(|(d, _)| d.clone())
+            .collect())
     }
 
     /// The marker of a manifest going out of `name` goes with it (best effort: see the module).
@@ -141,4 +149,9 @@ impl Registry {
             tracing::debug!(repository = %name, %digest, error = %e, "pull marker left behind");
         }
     }
+}
+
+/// The unix seconds a marker holds (none if it holds none).
+fn unix_seconds(text: Option<Bytes>) -> Option<i64> {
+    std::str::from_utf8(&text?).ok()?.trim().parse().ok()
 }

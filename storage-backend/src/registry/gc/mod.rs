@@ -69,7 +69,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// once, whatever the driver (each a few store requests; on the filesystem each an `fsync`).
 /// The object-store driver's own fan-out under one call (the bulk delete of an upload
 /// session's parts) is bounded by `object_store`.
-const PARALLEL: usize = 16;
+pub(super) const PARALLEL: usize = 16;
 
 /// A deleted (or, in a dry run, deletable) blob.
 #[derive(Debug, Clone, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]

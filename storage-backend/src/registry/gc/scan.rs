@@ -6,7 +6,8 @@
 //! the reads go on. The modification time of a link costs a `stat` (a request on an object
 //! store), so it is read only where it decides something: for layer links nothing live
 //! refers to (the grace window), and for revisions with `delete_untagged` or retention.
-//! Retention also reads the repository's pull markers (`registry::pulls`).
+//! Retention also reads the repository's pull markers (`registry::pulls`) where its rule
+//! counts pulls.
 
 use super::PARALLEL;
 use super::compact::{CompactDigest, DigestSet};
@@ -16,7 +17,6 @@ use super::refs::RefsCache;
 use crate::driver::ObjectMeta;
 use crate::layout::Key;
 use crate::registry::{Registry, Result, TAG_TOMBSTONE};
-use bytes::Bytes;
 use futures_util::StreamExt;
 use oci::{Digest, RepositoryName};
 use std::collections::{HashMap, HashSet};
@@ -190,34 +190,6 @@ impl Registry {
         Ok(out)
     }
 
-    /// The last pull told of each of `manifests` of the repository at `repo`
-    /// (`registry::pulls`), in unix seconds, read [`PARALLEL`] at a time; a manifest without
-    /// a time (never told, or a marker that holds none) is not in the map.
-    async fn pull_times(
-        &self,
-        repo: &str,
-        manifests: &[(CompactDigest, SystemTime)],
-    ) -> Result<HashMap<Digest, i64>> {
-        // By index: a stream of references would not be `Send` for every lifetime.
-        let times: Vec<std::io::Result<Option<Bytes>>> =
-            futures_util::stream::iter(0..manifests.len())
-                .map(|i| {
-                    let marker = format!("{repo}/_manifests/_pulled/{}", manifests[i].0.path());
-                    async move { self.driver.get(&marker).await }
-                })
-                .buffered(PARALLEL)
-                .collect()
-                .await;
-        let mut out = HashMap::new();
-        for ((d, _), text) in manifests.iter().zip(times) {
-            let at = text?.and_then(|t| std::str::from_utf8(&t).ok()?.trim().parse().ok());
-            if let Some(at) = at {
-                out.insert(d.to_digest(), at);
-            }
-        }
-        Ok(out)
-    }
-
     /// One repository: what is live in it and what is dead.
     async fn scan_repo(
         &self,
@@ -272,15 +244,16 @@ impl Registry {
                 // manifest counts as pulled then (`registry::pulls`).
                 let pulls = match policy.retention_counts_pulls(name) {
                     true => {
-                        let told = self.pull_times(&repo, &revisions).await?;
-                        revisions
-                            .iter()
-                            .map(|(d, _)| {
-                                let d = d.to_digest();
-                                let at =
-                                    told.get(&d).map_or(pulls_since, |t| (*t).max(pulls_since));
-                                (d, at)
-                            })
+                        let digests: Vec<Digest> =
+                            revisions.iter().map(|(d, _)| d.to_digest()).collect();
+                        let told = match RepositoryName::parse(name) {
+                            Ok(n) => self.pull_times(&n, &digests).await?,
+                            Err(_) => vec![None; digests.len()],
+                        };
+                        digests
+                            .into_iter()
+                            .zip(told)
+                            .map(|(d, t)| (d, t.map_or(pulls_since, |t| t.max(pulls_since))))
                             .collect()
                     }
                     false => HashMap::new(),
