@@ -320,10 +320,15 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         tls.enable_h2();
         Ok(tls)
     };
-    service.add_tls_with_settings(&listen.to_string(), None, tls_settings()?);
+    let listener = |addr: String| -> anyhow::Result<pingora::listeners::ListenerConfig> {
+        Ok(pingora::listeners::ListenerConfig::tcp(addr)
+            .tls(tls_settings()?)
+            .l4_buffer(l4_buffer()))
+    };
+    service.add_listener(listener(listen.to_string())?);
     // A pull-through cache's mirror listener: the same service, told apart by its port.
     for mirror in proxy_caches.listeners() {
-        service.add_tls_with_settings(&mirror.to_string(), None, tls_settings()?);
+        service.add_listener(listener(mirror.to_string())?);
     }
     service
         .endpoints()
@@ -402,6 +407,18 @@ pub fn run(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
 /// connection) makes a pushing client wait for a `WINDOW_UPDATE` every 64 KiB; docker and
 /// podman push over HTTP/2, so uploads get a 1 MiB stream and 4 MiB connection window.
 /// That is also what one connection may make the gateway hold before storage takes it.
+/// The client connection's socket buffers, beneath TLS. Pingora's default write buffer is one
+/// TCP segment (1 460 bytes), so each TLS record went to the socket in a `write` of its own —
+/// two per HTTP/2 DATA frame, as `h2` hands the TLS stream a frame's head with its first KiB,
+/// then the rest. A 64 KiB buffer gathers a blob's records into fewer, larger writes; what
+/// is written goes out when the protocol layer flushes, as before.
+fn l4_buffer() -> pingora::listeners::L4BufferSettings {
+    pingora::listeners::L4BufferSettings::new(
+        pingora::listeners::DEFAULT_L4_READ_BUFFER_SIZE,
+        64 << 10,
+    )
+}
+
 fn h2_options() -> pingora::protocols::http::v2::server::H2Options {
     let mut o = pingora::protocols::http::v2::server::default_h2_options();
     o.initial_window_size(1 << 20);
